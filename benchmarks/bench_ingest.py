@@ -1,0 +1,64 @@
+"""Ingest throughput (frames/s and images/s) on the default synthetic data set.
+
+    python benchmarks/bench_ingest.py [--persons 8] [--workdir data/bench]
+
+Generates the default synthetic capture root first if it is not there (timed
+separately), then ingests every person with --force, sequentially and with one
+process per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import report  # noqa: E402
+
+from jobs._parallel import map_persons  # noqa: E402
+from shards.ingest import IngestConfig, ingest_person  # noqa: E402
+from shards.synthetic import SyntheticConfig, generate  # noqa: E402
+
+
+def _ingest(person: str, captures: Path, out: Path):
+    return ingest_person(captures, person, out, IngestConfig(), force=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--persons", type=int, default=8)
+    ap.add_argument("--workdir", type=Path, default=Path("data/bench-ingest"))
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args()
+    import functools
+
+    cfg = replace(SyntheticConfig(), persons=a.persons)
+    captures, out = a.workdir / "captures", a.workdir / "zarr"
+    t = time.perf_counter()
+    persons = map_persons(functools.partial(_gen, cfg=cfg, root=captures), cfg.person_ids, a.workers, "synthetic")
+    gen_s = time.perf_counter() - t
+    rows = []
+    for workers in (1, a.workers):
+        t = time.perf_counter()
+        res = map_persons(functools.partial(_ingest, captures=captures, out=out), list(persons), workers, "ingest")
+        dt = time.perf_counter() - t
+        frames = sum(r.frames for r in res.values())
+        images = sum(r.images for r in res.values())
+        rows.append({"stage": "ingest", "workers": workers, "persons": len(res), "frames": frames, "images": images,
+                     "seconds": dt, "frames/s": frames / dt, "images/s": images / dt})
+    rows.append({"stage": "generate (incl. skip if present)", "workers": a.workers, "persons": len(persons),
+                 "seconds": gen_s})
+    report("ingest", rows, {"synthetic_config": cfg.__dict__})
+
+
+def _gen(person: str, cfg: SyntheticConfig, root: Path) -> str:
+    generate(cfg, root, [person])
+    return person
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Validate captures and write one zarr store per person."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+from jobs._parallel import default_workers, map_persons
+from shards.contract import DataError, list_persons
+from shards.ingest import IngestConfig, IngestResult, ingest_person
+
+
+@dataclass
+class IngestArgs:
+    captures: Path = Path("data/captures")
+    """Capture root (NeRSemble-like layout, see README 'Data contract')."""
+    out: Path = Path("data/zarr")
+    """Folder for the `<person>.zarr` stores."""
+    persons: str = "all"
+    """Comma-separated person ids, or 'all' for every person folder under the capture root."""
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    """Split and validation settings."""
+    workers: int = field(default_factory=default_workers)
+    """Persons ingested in parallel."""
+    force: bool = False
+    """Rebuild stores even when their fingerprint says they are up to date."""
+
+
+def resolve_persons(spec: str, root: Path) -> list[str]:
+    return list_persons(root) if spec == "all" else [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def _one(person: str, args: IngestArgs) -> IngestResult:
+    return ingest_person(args.captures, person, args.out, args.ingest, force=args.force)
+
+
+def main(args: IngestArgs) -> dict[str, IngestResult]:
+    persons = resolve_persons(args.persons, args.captures)
+    results = map_persons(functools.partial(_one, args=args), persons, args.workers, "ingest")
+    for r in results.values():
+        state = "up to date" if r.skipped else "written"
+        print(f"{r.person}: {r.frames} frames, {r.images} images -> {r.path} ({state})")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(IngestArgs))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,38 @@
+"""Generate the synthetic multi-view head capture root (the default data set)."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+from jobs._parallel import default_workers, map_persons
+from shards.synthetic import SyntheticConfig, generate
+
+
+@dataclass
+class MakeSyntheticArgs:
+    out: Path = Path("data/captures")
+    """Capture root to write (one folder per person)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """What to generate."""
+    workers: int = field(default_factory=default_workers)
+    """Persons generated in parallel (one process each)."""
+
+
+def _one(person: str, config: SyntheticConfig, out: Path) -> str:
+    generate(config, out, [person])
+    return person
+
+
+def main(args: MakeSyntheticArgs) -> list[str]:
+    persons = args.synthetic.person_ids
+    map_persons(functools.partial(_one, config=args.synthetic, out=args.out), persons, args.workers, "synthetic")
+    print(f"wrote {len(persons)} synthetic persons under {args.out}")
+    return persons
+
+
+if __name__ == "__main__":
+    main(tyro.cli(MakeSyntheticArgs))

@@ -1,0 +1,367 @@
+"""The capture-root data contract: what a person's multi-view capture looks like on disk.
+
+The layout follows NeRSemble (calibration + per-timestep image folders) plus one
+folder of fitted meshes per sequence, so a real NeRSemble download with NPHM /
+MonoNPHM / FLAME tracking maps onto it by moving files, not by converting them::
+
+    <root>/<person>/calibration/camera_params.json
+    <root>/<person>/sequences/<seq>/timesteps/frame_<t:05d>/images/cam_<serial>.png
+    <root>/<person>/sequences/<seq>/timesteps/frame_<t:05d>/alpha_map/cam_<serial>.png
+    <root>/<person>/tracking/meta.json
+    <root>/<person>/tracking/<seq>/frame_<t:05d>.npz
+
+Readers and writers for every file live here, so the synthetic generator, the
+ingest and the tests all agree on one definition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+#: Spatial canonical dimensions (x, y, z) every mesh carries.
+SPATIAL_DIMS = 3
+#: Canonical dimensions of an NPHM-style mesh: 3 spatial + 2 ambient (hyper) dims.
+NPHM_CANONICAL_DIMS = 5
+#: Mesh kinds the contract accepts and the canonical width each one declares.
+MESH_KINDS = {"nphm": NPHM_CANONICAL_DIMS, "flame": SPATIAL_DIMS}
+
+
+class DataError(ValueError):
+    """Invalid capture data; the message always names the offending file."""
+
+    def __init__(self, path: os.PathLike | str, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+# ----------------------------------------------------------------------------------------
+# Atomic file helpers: a reader never sees a half-written file.
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a sibling temporary file, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------
+# Cameras
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A pinhole camera in the OpenCV convention.
+
+    `world_to_cam` maps world points to camera coordinates with x right, y down and
+    z forward (the NeRSemble `world_2_cam` matrix). `K` maps camera coordinates to
+    pixels; the centre of the pixel in row `i`, column `j` is at (u, v) = (j, i).
+    """
+
+    serial: str
+    K: np.ndarray  # (3, 3) float64
+    world_to_cam: np.ndarray  # (4, 4) float64
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "K", np.asarray(self.K, dtype=np.float64).reshape(3, 3))
+        object.__setattr__(self, "world_to_cam", np.asarray(self.world_to_cam, dtype=np.float64).reshape(4, 4))
+
+    @property
+    def position(self) -> np.ndarray:
+        """Camera centre in world coordinates."""
+        R, t = self.world_to_cam[:3, :3], self.world_to_cam[:3, 3]
+        return -R.T @ t
+
+    def resized(self, width: int, height: int) -> "Camera":
+        """The same camera for an image resized to (width, height)."""
+        sx, sy = width / self.width, height / self.height
+        K = self.K.copy()
+        # Pixel centres sit at integer coordinates: scale about the -0.5 corner.
+        K[0, 0] *= sx
+        K[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
+        K[1, 1] *= sy
+        K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
+        return Camera(self.serial, K, self.world_to_cam, width, height)
+
+    def project(self, points: np.ndarray) -> np.ndarray:
+        """Project world points (N, 3) to pixel coordinates (N, 2)."""
+        cam = points @ self.world_to_cam[:3, :3].T + self.world_to_cam[:3, 3]
+        uvw = cam @ self.K.T
+        return uvw[:, :2] / uvw[:, 2:3]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """All cameras of one person's capture, keyed by serial, in a fixed order."""
+
+    cameras: dict[str, Camera]
+
+    @property
+    def serials(self) -> list[str]:
+        return list(self.cameras)
+
+    def to_json(self) -> dict:
+        return {
+            "world_2_cam": {s: c.world_to_cam.tolist() for s, c in self.cameras.items()},
+            "intrinsics": {s: c.K.tolist() for s, c in self.cameras.items()},
+            "image_size": {s: [c.width, c.height] for s, c in self.cameras.items()},
+        }
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, self.to_json())
+
+    @staticmethod
+    def load(path: Path, image_size: tuple[int, int] | None = None) -> "Calibration":
+        """Read `camera_params.json`.
+
+        NeRSemble stores one shared 3x3 `intrinsics` and no image size; this contract
+        also accepts per-serial intrinsics and an `image_size` map ([width, height]).
+        Without `image_size` in the file, `image_size` must be passed (the ingest reads
+        it off the first image).
+        """
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DataError(path, "camera calibration file is missing") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(path, f"unreadable camera calibration: {e}") from None
+        if not isinstance(raw, dict) or "world_2_cam" not in raw or "intrinsics" not in raw:
+            raise DataError(path, "expected keys 'world_2_cam' and 'intrinsics'")
+        w2c, intr = raw["world_2_cam"], raw["intrinsics"]
+        sizes = raw.get("image_size", {})
+        cameras: dict[str, Camera] = {}
+        for serial in sorted(w2c):
+            K = intr[serial] if isinstance(intr, dict) else intr
+            if isinstance(intr, dict) and serial not in intr:
+                raise DataError(path, f"camera {serial} has extrinsics but no intrinsics")
+            size = sizes.get(serial, image_size)
+            if size is None:
+                raise DataError(path, f"camera {serial}: no image_size in the file and none given")
+            try:
+                W = np.asarray(w2c[serial], dtype=np.float64)
+                Km = np.asarray(K, dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise DataError(path, f"camera {serial}: non-numeric matrix ({e})") from None
+            if W.shape != (4, 4) or Km.shape != (3, 3):
+                raise DataError(path, f"camera {serial}: world_2_cam must be 4x4 and intrinsics 3x3, got {W.shape} and {Km.shape}")
+            if not (np.isfinite(W).all() and np.isfinite(Km).all()):
+                raise DataError(path, f"camera {serial}: non-finite calibration values")
+            cameras[serial] = Camera(serial, Km, W, int(size[0]), int(size[1]))
+        if not cameras:
+            raise DataError(path, "no cameras in calibration")
+        return Calibration(cameras)
+
+
+# ----------------------------------------------------------------------------------------
+# Meshes and tracking
+
+
+@dataclass(frozen=True)
+class TrackingMeta:
+    """What the tracker declares about its meshes (tracking/meta.json)."""
+
+    expression_dim: int
+    mesh_kind: str = "nphm"  # "nphm": 3 spatial + 2 ambient canonical dims; "flame": 3 (template positions)
+
+    @property
+    def canonical_dim(self) -> int:
+        return MESH_KINDS[self.mesh_kind]
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, {"expression_dim": self.expression_dim, "mesh_kind": self.mesh_kind,
+                                 "canonical_dim": self.canonical_dim})
+
+    @staticmethod
+    def load(path: Path) -> "TrackingMeta":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DataError(path, "tracking meta file is missing") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(path, f"unreadable tracking meta: {e}") from None
+        kind = raw.get("mesh_kind", "nphm")
+        if kind not in MESH_KINDS:
+            raise DataError(path, f"mesh_kind must be one of {sorted(MESH_KINDS)}, got {kind!r}")
+        dim = raw.get("expression_dim")
+        if not isinstance(dim, int) or dim <= 0:
+            raise DataError(path, f"expression_dim must be a positive integer, got {dim!r}")
+        return TrackingMeta(expression_dim=dim, mesh_kind=kind)
+
+
+@dataclass
+class MeshFrame:
+    """One fitted mesh: world-space vertices, faces, canonical coords, expression code."""
+
+    vertices: np.ndarray  # (V, 3) float32, world space
+    faces: np.ndarray  # (F, 3) int32, indices into vertices
+    canonical: np.ndarray  # (V, canonical_dim) float32
+    expression: np.ndarray  # (expression_dim,) float32
+
+    def save(self, path: Path) -> None:
+        atomic_save_npz(path, vertices=self.vertices.astype(np.float32), faces=self.faces.astype(np.int32),
+                        canonical=self.canonical.astype(np.float32), expression=self.expression.astype(np.float32))
+
+    @staticmethod
+    def load(path: Path) -> "MeshFrame":
+        path = Path(path)
+        try:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in ("vertices", "faces", "canonical", "expression")}
+        except FileNotFoundError:
+            raise DataError(path, "mesh file is missing") from None
+        except KeyError as e:
+            raise DataError(path, f"mesh file lacks array {e}") from None
+        except Exception as e:  # zipfile / pickle / format errors all mean "unreadable"
+            raise DataError(path, f"unreadable mesh file: {e}") from None
+        return MeshFrame(**arrays)
+
+    def validate(self, path: Path, meta: TrackingMeta) -> None:
+        """Raise DataError naming `path` if this mesh breaks the contract."""
+        v, f, c, e = self.vertices, self.faces, self.canonical, self.expression
+        if v.ndim != 2 or v.shape[1] != 3 or len(v) == 0:
+            raise DataError(path, f"vertices must have shape (V, 3) with V > 0, got {v.shape}")
+        if not np.isfinite(v).all():
+            bad = int((~np.isfinite(v)).any(axis=1).sum())
+            raise DataError(path, f"{bad} vertices are NaN or inf")
+        if f.ndim != 2 or f.shape[1] != 3 or len(f) == 0:
+            raise DataError(path, f"faces must have shape (F, 3) with F > 0, got {f.shape}")
+        if not np.issubdtype(f.dtype, np.integer):
+            raise DataError(path, f"faces must be integer indices, got dtype {f.dtype}")
+        if f.min() < 0 or f.max() >= len(v):
+            raise DataError(path, f"face indices out of range [0, {len(v)}): min {f.min()}, max {f.max()}")
+        if c.shape != (len(v), meta.canonical_dim):
+            raise DataError(path, f"canonical coords must have shape ({len(v)}, {meta.canonical_dim}) for "
+                                  f"mesh_kind {meta.mesh_kind!r}, got {c.shape}")
+        if not np.isfinite(c).all():
+            raise DataError(path, "canonical coordinates contain NaN or inf")
+        if e.shape != (meta.expression_dim,):
+            raise DataError(path, f"expression code must have dimension {meta.expression_dim} (tracking/meta.json), "
+                                  f"got shape {e.shape}")
+        if not np.isfinite(e).all():
+            raise DataError(path, "expression code contains NaN or inf")
+
+
+# ----------------------------------------------------------------------------------------
+# Paths
+
+
+FRAME_FMT = "frame_{:05d}"
+
+
+@dataclass(frozen=True)
+class PersonCapture:
+    """Paths of one person's capture under a capture root."""
+
+    root: Path
+    person: str
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.person
+
+    @property
+    def calibration_path(self) -> Path:
+        return self.dir / "calibration" / "camera_params.json"
+
+    @property
+    def tracking_meta_path(self) -> Path:
+        return self.dir / "tracking" / "meta.json"
+
+    def sequences(self) -> list[str]:
+        seq_dir = self.dir / "sequences"
+        if not seq_dir.is_dir():
+            raise DataError(seq_dir, "sequences folder is missing")
+        return sorted(p.name for p in seq_dir.iterdir() if p.is_dir())
+
+    def timesteps_dir(self, seq: str) -> Path:
+        return self.dir / "sequences" / seq / "timesteps"
+
+    def timesteps(self, seq: str) -> list[int]:
+        d = self.timesteps_dir(seq)
+        if not d.is_dir():
+            raise DataError(d, "timesteps folder is missing")
+        out = []
+        for p in d.iterdir():
+            if p.is_dir() and p.name.startswith("frame_"):
+                try:
+                    out.append(int(p.name[len("frame_"):]))
+                except ValueError:
+                    raise DataError(p, "frame folder name must be frame_<5 digits>") from None
+        return sorted(out)
+
+    def image_path(self, seq: str, t: int, serial: str) -> Path:
+        return self.timesteps_dir(seq) / FRAME_FMT.format(t) / "images" / f"cam_{serial}.png"
+
+    def alpha_path(self, seq: str, t: int, serial: str) -> Path:
+        return self.timesteps_dir(seq) / FRAME_FMT.format(t) / "alpha_map" / f"cam_{serial}.png"
+
+    def mesh_dir(self, seq: str) -> Path:
+        return self.dir / "tracking" / seq
+
+    def mesh_path(self, seq: str, t: int) -> Path:
+        return self.mesh_dir(seq) / (FRAME_FMT.format(t) + ".npz")
+
+    def mesh_timesteps(self, seq: str) -> list[int]:
+        d = self.mesh_dir(seq)
+        if not d.is_dir():
+            return []
+        return sorted(int(p.stem[len("frame_"):]) for p in d.glob("frame_*.npz"))
+
+    def image_serials(self, seq: str, t: int) -> list[str]:
+        d = self.timesteps_dir(seq) / FRAME_FMT.format(t) / "images"
+        if not d.is_dir():
+            return []
+        return sorted(p.stem[len("cam_"):] for p in d.glob("cam_*.png"))
+
+
+def list_persons(root: Path) -> list[str]:
+    """Person folders under a capture root (those with a calibration file)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "capture root does not exist")
+    return sorted(p.name for p in root.iterdir() if (p / "calibration" / "camera_params.json").is_file())
+
+
+def iter_images(capture: PersonCapture, seq: str, serials: list[str]) -> Iterator[tuple[int, str, Path]]:
+    for t in capture.timesteps(seq):
+        for s in serials:
+            yield t, s, capture.image_path(seq, t, s)
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    """Which data is held out for evaluation (the paper's protocol)."""
+
+    held_out_sequences: tuple[str, ...] = field(default_factory=tuple)
+    held_out_camera: str = "222200037"  # NeRSemble's frontal camera

@@ -1,0 +1,236 @@
+"""Validate a person's capture and write it into one zarr store (see `shards.store`).
+
+The ingest reads every mesh and checks every image before it writes anything, so a
+broken capture fails with a `DataError` naming the file and the problem and leaves
+no store behind. The store is built under a temporary name and renamed into place.
+A fingerprint of the inputs (paths, sizes, mtimes) and of the split settings makes
+re-runs idempotent: an up-to-date store is left untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from PIL import Image
+
+from .contract import Calibration, DataError, MeshFrame, PersonCapture, TrackingMeta
+from .store import FORMAT_VERSION, STORED_CANONICAL_DIMS, PersonStore
+
+
+@dataclass
+class IngestConfig:
+    """How captures are split and checked."""
+
+    held_out_sequences: int = 2
+    """Number of sequences held out for evaluation: the last ones in sorted order (the paper holds out 2)."""
+    held_out_camera: str = "222200037"
+    """Serial of the camera held out for novel-view evaluation (NeRSemble's frontal camera)."""
+    io_threads: int = 4
+    """Threads that decode images while validating (PNG decoding releases the GIL)."""
+
+
+@dataclass
+class IngestResult:
+    person: str
+    path: Path
+    frames: int
+    images: int
+    skipped: bool  # True when an up-to-date store already existed
+
+
+def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": FORMAT_VERSION, "config": asdict(config)}, sort_keys=True).encode())
+    for sub in ("calibration", "tracking", "sequences"):
+        base = capture.dir / sub
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                st = p.stat()
+                h.update(f"{p.relative_to(capture.dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -> None:
+    """Decode an image and its alpha map fully; raise DataError on any problem."""
+    for p, what in ((path, "image"), (alpha_path, "alpha map")):
+        if not p.is_file():
+            raise DataError(p, f"{what} is missing")
+        try:
+            with Image.open(p) as im:
+                im.load()
+                size = im.size
+        except Exception as e:
+            raise DataError(p, f"unreadable {what}: {e}") from None
+        if size != expected_size:
+            raise DataError(p, f"{what} size {size[0]}x{size[1]} does not match the camera's "
+                               f"{expected_size[0]}x{expected_size[1]} (calibration or first image)")
+
+
+def _first_image_size(capture: PersonCapture, seq: str, t: int, serial: str) -> tuple[int, int]:
+    """Size of one image: the reference when the calibration does not state image sizes (NeRSemble)."""
+    p = capture.image_path(seq, t, serial)
+    try:
+        with Image.open(p) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DataError(p, "image is missing") from None
+    except Exception as e:
+        raise DataError(p, f"unreadable image: {e}") from None
+
+
+def validate_person(capture: PersonCapture, config: IngestConfig):
+    """Check the whole capture; returns (calibration, meta, sequences, frames, meshes)."""
+    meta = TrackingMeta.load(capture.tracking_meta_path)
+    sequences = capture.sequences()
+    if not sequences:
+        raise DataError(capture.dir / "sequences", "no sequences")
+    if config.held_out_sequences >= len(sequences):
+        raise DataError(capture.dir / "sequences", f"{len(sequences)} sequences cannot hold out "
+                                                   f"{config.held_out_sequences} and still leave training data")
+    try:
+        raw = json.loads(capture.calibration_path.read_text())
+    except (OSError, ValueError):
+        raw = {}  # Calibration.load below reports the problem with the file named
+    size_hint = None
+    if isinstance(raw, dict) and "image_size" not in raw and raw.get("world_2_cam"):
+        first_serial = sorted(raw["world_2_cam"])[0]
+        t0 = capture.timesteps(sequences[0])
+        if not t0:
+            raise DataError(capture.timesteps_dir(sequences[0]), "no frames")
+        size_hint = _first_image_size(capture, sequences[0], t0[0], first_serial)
+    calib = Calibration.load(capture.calibration_path, image_size=size_hint)
+    serials = calib.serials
+    if config.held_out_camera not in calib.cameras:
+        raise DataError(capture.calibration_path, f"held-out camera {config.held_out_camera} is not in the calibration "
+                                                  f"(cameras: {', '.join(serials)})")
+    frames: list[tuple[int, int]] = []  # (sequence index, timestep)
+    meshes: list[MeshFrame] = []
+    image_jobs = []
+    for si, seq in enumerate(sequences):
+        steps = capture.timesteps(seq)
+        if not steps:
+            raise DataError(capture.timesteps_dir(seq), "sequence has no frames")
+        mesh_steps = capture.mesh_timesteps(seq)
+        if mesh_steps != steps:
+            no_mesh = sorted(set(steps) - set(mesh_steps))
+            no_img = sorted(set(mesh_steps) - set(steps))
+            raise DataError(capture.mesh_dir(seq), f"mismatched frame counts: {len(mesh_steps)} meshes for {len(steps)} "
+                                                   f"image frames (frames without mesh: {no_mesh[:5]}, meshes without "
+                                                   f"frames: {no_img[:5]})")
+        for t in steps:
+            present = capture.image_serials(seq, t)
+            missing = sorted(set(serials) - set(present))
+            extra = sorted(set(present) - set(serials))
+            img_dir = capture.image_path(seq, t, "x").parent
+            if missing:
+                raise DataError(img_dir, f"missing cameras: {', '.join(missing)}")
+            if extra:
+                raise DataError(img_dir, f"extra cameras not in the calibration: {', '.join(extra)}")
+            mesh_path = capture.mesh_path(seq, t)
+            mesh = MeshFrame.load(mesh_path)
+            mesh.validate(mesh_path, meta)
+            meshes.append(mesh)
+            frames.append((si, t))
+            for s in serials:
+                cam = calib.cameras[s]
+                image_jobs.append((capture.image_path(seq, t, s), capture.alpha_path(seq, t, s), (cam.width, cam.height)))
+    with ThreadPoolExecutor(max(1, config.io_threads)) as pool:
+        # list() re-raises the first DataError in submission order.
+        list(pool.map(lambda job: _check_image(*job), image_jobs))
+    return calib, meta, sequences, frames, meshes, len(image_jobs)
+
+
+def _write_store(path: Path, attrs: dict, calib: Calibration, frames, meshes: list[MeshFrame], held_out: set[int]) -> None:
+    g = zarr.open_group(str(path), mode="w")
+    zstd = [zarr.codecs.ZstdCodec(level=3)]
+
+    def put(name: str, data: np.ndarray, rows: int = 65536) -> None:
+        chunks = (min(max(len(data), 1), rows),) + data.shape[1:]
+        g.create_array(name, data=data, chunks=chunks, compressors=zstd)
+
+    cams = list(calib.cameras.values())
+    put("cameras/world_2_cam", np.stack([c.world_to_cam for c in cams]))
+    put("cameras/intrinsics", np.stack([c.K for c in cams]))
+    put("frames/sequence", np.array([f[0] for f in frames], dtype=np.int32))
+    put("frames/timestep", np.array([f[1] for f in frames], dtype=np.int32))
+    put("frames/held_out", np.array([f[0] in held_out for f in frames], dtype=bool))
+    put("frames/expression", np.stack([m.expression for m in meshes]).astype(np.float32))
+    nv = np.array([0] + [len(m.vertices) for m in meshes], dtype=np.int64)
+    nf = np.array([0] + [len(m.faces) for m in meshes], dtype=np.int64)
+    put("meshes/vertex_offset", np.cumsum(nv))
+    put("meshes/face_offset", np.cumsum(nf))
+    put("meshes/vertices", np.concatenate([m.vertices for m in meshes]).astype(np.float32))
+    canon = np.zeros((int(nv.sum()), STORED_CANONICAL_DIMS), dtype=np.float32)
+    stacked = np.concatenate([m.canonical for m in meshes]).astype(np.float32)
+    canon[:, : stacked.shape[1]] = stacked
+    put("meshes/canonical", canon)
+    put("meshes/faces", np.concatenate([m.faces for m in meshes]).astype(np.int32))
+    g.attrs.update(attrs)  # written last: a store with attrs is complete
+
+
+def ingest_person(capture_root: Path, person: str, out_dir: Path, config: IngestConfig | None = None,
+                  force: bool = False) -> IngestResult:
+    """Validate `person` under `capture_root` and write `<out_dir>/<person>.zarr`."""
+    config = config or IngestConfig()
+    capture = PersonCapture(Path(capture_root).resolve(), person)
+    if not capture.dir.is_dir():
+        raise DataError(capture.dir, "person folder does not exist")
+    out_dir = Path(out_dir)
+    final = out_dir / f"{person}.zarr"
+    fingerprint = _fingerprint(capture, config)
+    if final.exists() and not force:
+        try:
+            existing = PersonStore(final)
+            if existing.attrs.get("fingerprint") == fingerprint:
+                return IngestResult(person, final, existing.num_frames, existing.num_frames * len(existing.serials), True)
+        except DataError:
+            pass  # stale or broken store: rebuild it
+    calib, meta, sequences, frames, meshes, n_images = validate_person(capture, config)
+    held_out = set(range(len(sequences) - config.held_out_sequences, len(sequences)))
+    spatial = np.concatenate([m.canonical[:, :3] for m in meshes])
+    first = next(iter(calib.cameras.values()))
+    attrs = {
+        "person": person,
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "source_root": str(capture.root),
+        "expression_dim": meta.expression_dim,
+        "canonical_dim": meta.canonical_dim,
+        "mesh_kind": meta.mesh_kind,
+        "image_size": [first.width, first.height],
+        "serials": calib.serials,
+        "sequences": sequences,
+        "held_out_sequences": [sequences[i] for i in sorted(held_out)],
+        "held_out_camera": config.held_out_camera,
+        "canonical_bounds": [spatial.min(0).tolist(), spatial.max(0).tolist()],
+    }
+    sizes = {(c.width, c.height) for c in calib.cameras.values()}
+    if len(sizes) != 1:
+        raise DataError(capture.calibration_path, f"cameras have different image sizes {sorted(sizes)}; "
+                                                  "resize the capture to one size first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{person}.zarr.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_store(tmp, attrs, calib, frames, meshes, held_out)
+        if final.exists():
+            old = out_dir / f".{person}.zarr.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return IngestResult(person, final, len(frames), n_images, False)

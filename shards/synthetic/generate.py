@@ -1,0 +1,223 @@
+"""Write a synthetic multi-view head capture root that follows the data contract.
+
+Each person gets a random identity, several sequences of smoothly varying
+expression codes, 16 cameras on a dome (NeRSemble serials, the frontal one
+222200037) and, per frame, a *fitted* mesh (smoothed + noisy, what a tracker would
+give) next to ground-truth images rendered from the *true* mesh. Everything is a
+pure function of (config, seed): the same config writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..contract import Calibration, Camera, MeshFrame, PersonCapture, TrackingMeta, atomic_write_bytes, atomic_write_json
+from ..raster import rasterize
+from . import head as H
+from .texture import albedo, background, shade
+
+#: NeRSemble's 16 camera serials; 222200037 is the frontal camera.
+NERSEMBLE_SERIALS = (
+    "220700191", "221501007", "222200036", "222200037", "222200038", "222200039", "222200040", "222200041",
+    "222200042", "222200043", "222200044", "222200045", "222200046", "222200047", "222200048", "222200049",
+)
+FRONTAL_SERIAL = "222200037"
+#: (azimuth, elevation) in degrees per camera, in serial order; the frontal one looks straight at the face.
+_DOME = ((-75, 0), (-50, 0), (-25, 0), (0, 0), (25, 0), (50, 0), (75, 0),
+         (-60, 20), (-30, 20), (0, 22), (30, 20), (60, 20),
+         (-45, -15), (-15, -15), (15, -15), (45, -15))
+SEQUENCE_NAMES = ("EXP-1-head", "EXP-2-eyes", "EXP-3-cheeks+nose", "EXP-4-lips", "EMO-1-shout+laugh",
+                  "EMO-2-surprise+fear", "EMO-3-angry+sad", "EMO-4-disgust+happy")
+#: Expression dims each sequence emphasises (others still move, at a third of the amplitude).
+_EMPHASIS = {
+    "EXP-1-head": (H.BROW, H.SMILE), "EXP-2-eyes": (H.GAZE_X, H.GAZE_Y, H.BLINK),
+    "EXP-3-cheeks+nose": (H.CHEEK, H.BROW), "EXP-4-lips": (H.JAW, H.SMILE, H.TONGUE),
+}
+
+
+@dataclass
+class SyntheticConfig:
+    """Size and randomness of a synthetic capture (defaults: the main job's data set)."""
+
+    persons: int = 8
+    """Number of persons; ids are zero-padded indices '000', '001', ..."""
+    sequences: int = 6
+    """Sequences per person (at most 8); the last two are the held-out ones by default."""
+    frames: int = 8
+    """Timesteps per sequence."""
+    cameras: int = 16
+    """Cameras per person (at most 16, always including the frontal camera 222200037)."""
+    image_size: int = 128
+    """Square image side in pixels."""
+    n_lat: int = 100
+    """Latitude rings of the head mesh; faces = 2 * n_lon * (n_lat - 1)."""
+    n_lon: int = 160
+    """Longitude segments of the head mesh."""
+    expression_dim: int = 16
+    """Declared expression code dimension (>= 8; dims past 8 are small geometric modes)."""
+    fit_smoothing: int = 3
+    """Laplacian smoothing iterations that make the fitted mesh lose fine geometry."""
+    fit_noise: float = 0.0004
+    """Std of the fitted mesh's per-vertex noise in metres (tracking error)."""
+    camera_distance: float = 1.0
+    """Distance of every camera from the head centre in metres."""
+    seed: int = 0
+    """Master seed: the whole data set is a function of the config including this."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sequences <= len(SEQUENCE_NAMES):
+            raise ValueError(f"sequences must be in [1, {len(SEQUENCE_NAMES)}], got {self.sequences}")
+        if not 1 <= self.cameras <= len(NERSEMBLE_SERIALS):
+            raise ValueError(f"cameras must be in [1, {len(NERSEMBLE_SERIALS)}], got {self.cameras}")
+        if self.expression_dim < H.N_NAMED_EXPRESSIONS:
+            raise ValueError(f"expression_dim must be >= {H.N_NAMED_EXPRESSIONS}, got {self.expression_dim}")
+        if self.persons < 1 or self.frames < 1 or self.image_size < 8:
+            raise ValueError("persons and frames must be >= 1 and image_size >= 8")
+
+    @property
+    def person_ids(self) -> list[str]:
+        return [f"{i:03d}" for i in range(self.persons)]
+
+    @property
+    def sequence_names(self) -> list[str]:
+        return list(SEQUENCE_NAMES[: self.sequences])
+
+    @property
+    def serials(self) -> list[str]:
+        """Camera serials used: the frontal one plus the next ones in dome order."""
+        order = [NERSEMBLE_SERIALS.index(FRONTAL_SERIAL)] + [i for i in range(16) if NERSEMBLE_SERIALS[i] != FRONTAL_SERIAL]
+        return sorted(NERSEMBLE_SERIALS[i] for i in order[: self.cameras])
+
+
+def dome_camera(serial: str, size: int, distance: float) -> Camera:
+    """An OpenCV camera on the dome looking at the head centre."""
+    az, el = np.deg2rad(_DOME[NERSEMBLE_SERIALS.index(serial)])
+    eye = distance * np.array([np.sin(az) * np.cos(el), np.sin(el), np.cos(az) * np.cos(el)])
+    forward = -eye / np.linalg.norm(eye)  # camera z
+    right = np.cross(forward, [0.0, 1.0, 0.0])
+    right /= np.linalg.norm(right)  # camera x
+    down = np.cross(forward, right)  # camera y (OpenCV: y down)
+    R = np.stack([right, down, forward])
+    w2c = np.eye(4)
+    w2c[:3, :3] = R
+    w2c[:3, 3] = -R @ eye
+    focal = size * 3.9 * distance  # the head (~0.22 m) fills ~85% of the frame
+    K = np.array([[focal, 0, (size - 1) / 2], [0, focal, (size - 1) / 2], [0, 0, 1]])
+    return Camera(serial, K, w2c, size, size)
+
+
+def expression_trajectory(rng: np.random.Generator, sequence: str, frames: int, dim: int) -> np.ndarray:
+    """Smooth expression codes (frames, dim) for one sequence."""
+    emphasis = _EMPHASIS.get(sequence, tuple(range(H.N_NAMED_EXPRESSIONS)))  # EMO sequences: everything
+    amp = np.full(dim, 0.35)
+    amp[list(emphasis)] = 1.0
+    t = np.arange(frames) / max(frames, 1)
+    freq = rng.uniform(0.5, 1.5, dim)
+    phase = rng.uniform(0, 2 * np.pi, dim)
+    codes = amp * np.sin(2 * np.pi * freq * t[:, None] + phase)
+    codes[:, H.JAW] = np.clip(codes[:, H.JAW] * 0.5 + 0.45 * amp[H.JAW], 0.0, 1.0)
+    codes[:, H.BLINK] = np.clip(codes[:, H.BLINK], 0.0, 1.0) ** 2
+    codes[:, H.TONGUE] *= 1.5
+    return codes.astype(np.float32)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    # compress_level fixed so the files are byte-identical across runs.
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+@dataclass
+class PersonModel:
+    """Everything needed to render one synthetic person."""
+
+    identity: H.Identity
+    dirs: np.ndarray
+    faces: np.ndarray
+    neutral: np.ndarray
+    cameras: dict[str, Camera] = field(default_factory=dict)
+
+    @staticmethod
+    def build(config: SyntheticConfig, person: str) -> "PersonModel":
+        rng = np.random.default_rng(_seed(config.seed, person, "identity"))
+        ident = H.Identity.sample(rng, config.expression_dim)
+        dirs, faces = H.sphere_mesh(config.n_lat, config.n_lon)
+        cams = {s: dome_camera(s, config.image_size, config.camera_distance) for s in config.serials}
+        return PersonModel(ident, dirs, faces, H.neutral_head(dirs, ident), cams)
+
+    def true_vertices(self, expr: np.ndarray) -> np.ndarray:
+        return self.neutral + H.expression_offsets(self.dirs, self.neutral, self.identity, expr)
+
+    def canonical(self, expr: np.ndarray) -> np.ndarray:
+        """(V, 5): neutral position / CANONICAL_SCALE (3) + ambient dims (2)."""
+        return np.concatenate([self.neutral / H.CANONICAL_SCALE, H.ambient_coords(self.dirs, expr)], 1)
+
+    def render(self, vertices: np.ndarray, expr: np.ndarray, camera: Camera, camera_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ground-truth RGB (H, W, 3) uint8 over the backdrop and alpha (H, W) uint8."""
+        attrs = np.concatenate([self.dirs, self.neutral / H.CANONICAL_SCALE], 1)
+        buf = rasterize(torch.from_numpy(vertices).float(), torch.from_numpy(self.faces).long(), camera,
+                        attributes=torch.from_numpy(attrs).float(), backend="cpu")
+        mask = buf.mask.numpy()
+        rgb = background(camera.height, camera.width, camera_index)
+        if mask.any():
+            a = buf.attributes.numpy()[mask].astype(np.float64)
+            n_cam = buf.normals.numpy()[mask].astype(np.float64)
+            n_world = n_cam @ camera.world_to_cam[:3, :3]  # R^T n, row-vector form
+            rgb[mask] = shade(albedo(a[:, :3], a[:, 3:], self.identity, expr), n_world)
+        return (np.round(rgb * 255)).astype(np.uint8), (mask * 255).astype(np.uint8)
+
+
+def generate_person(config: SyntheticConfig, root: Path, person: str) -> None:
+    """Write one person's capture (calibration, tracking meshes, images, alpha maps)."""
+    capture = PersonCapture(Path(root), person)
+    model = PersonModel.build(config, person)
+    Calibration(model.cameras).save(capture.calibration_path)
+    TrackingMeta(expression_dim=config.expression_dim, mesh_kind="nphm").save(capture.tracking_meta_path)
+    for seq in config.sequence_names:
+        rng = np.random.default_rng(_seed(config.seed, person, seq))
+        codes = expression_trajectory(rng, seq, config.frames, config.expression_dim)
+        for t, expr in enumerate(codes):
+            true_v = model.true_vertices(expr)
+            fit_rng = np.random.default_rng(_seed(config.seed, person, seq, t, "fit"))
+            fitted = H.smooth_and_perturb(true_v, model.faces, fit_rng, config.fit_smoothing, config.fit_noise)
+            MeshFrame(fitted.astype(np.float32), model.faces, model.canonical(expr).astype(np.float32),
+                      expr).save(capture.mesh_path(seq, t))
+            for ci, (serial, cam) in enumerate(model.cameras.items()):
+                rgb, alpha = model.render(true_v, expr, cam, ci)
+                atomic_write_bytes(capture.image_path(seq, t, serial), _png_bytes(rgb))
+                atomic_write_bytes(capture.alpha_path(seq, t, serial), _png_bytes(alpha))
+
+
+def generate(config: SyntheticConfig, root: Path, persons: list[str] | None = None) -> list[str]:
+    """Generate every person (or the given subset) under `root`; returns the person ids.
+
+    A person whose folder holds a `synthetic.json` with the same config is skipped, so
+    re-running is cheap and an interrupted run resumes with the unfinished persons.
+    """
+    root = Path(root)
+    done = []
+    for person in persons or config.person_ids:
+        marker = root / person / "synthetic.json"
+        spec = {"config": asdict(config), "person": person}
+        if marker.is_file():
+            import json
+
+            if json.loads(marker.read_text()) == spec:
+                done.append(person)
+                continue
+        generate_person(config, root, person)
+        atomic_write_json(marker, spec)  # written last: marks the person complete
+        done.append(person)
+    return done

@@ -1,0 +1,101 @@
+"""Appearance of the synthetic heads: a texture defined in canonical space plus simple shading.
+
+The texture is evaluated per pixel from two interpolated surface attributes: the
+unit-sphere material direction (for region masks: eyes, mouth, hair) and the
+canonical position (for the fine skin pattern). The fine pattern has a wavelength
+of a few pixels, so only features stored in canonical space (the TriPlanes) can
+reproduce it; the iris position and the mouth-interior colour depend on
+expression dims that do not move the mesh.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .head import BLINK, EYES, GAZE_X, GAZE_Y, JAW, MOUTH, TONGUE, CHEEKS, Identity
+
+#: World-space direction towards the key light.
+LIGHT_DIR = np.array([0.35, 0.55, 0.75]) / np.linalg.norm([0.35, 0.55, 0.75])
+AMBIENT_LIGHT = 0.35
+
+
+def _unit(v) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def _mix(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return a * (1.0 - w[:, None]) + b * w[:, None]
+
+
+def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
+    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def albedo(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.ndarray) -> np.ndarray:
+    """Surface colour (N, 3) in [0, 1] at N surface points.
+
+    dirs: (N, 3) unit material directions; canonical: (N, 3) canonical positions.
+    """
+    dirs = dirs / np.maximum(np.linalg.norm(dirs, axis=1, keepdims=True), 1e-8)
+    n = len(dirs)
+    col = np.tile(ident.skin, (n, 1))
+    # Low-frequency variation and blush.
+    col *= (1.0 + 0.08 * np.sin(3.0 * canonical[:, :1] + 1.0) * np.cos(2.5 * canonical[:, 1:2]))
+    blush = sum(np.exp(-(1.0 - dirs @ _unit(c)) / 0.02) for c in CHEEKS)
+    col = _mix(col, col * np.array([1.08, 0.82, 0.82]), 0.6 * blush)
+    # Fine pattern in canonical space: pores/freckles, wavelength ~0.1 canonical units.
+    f, p = ident.detail_freq, ident.detail_phase
+    pattern = np.sin(f[0] * canonical[:, 0] + p[0]) * np.sin(f[1] * canonical[:, 1] + p[1]) \
+        * np.sin(f[2] * canonical[:, 2] + p[2])
+    col *= (1.0 + 0.22 * pattern)[:, None]
+    # Hair: top and back of the head, with strands along the azimuth.
+    azimuth = np.arctan2(dirs[:, 0], dirs[:, 2])
+    hair_w = np.maximum(_smoothstep(ident.hairline, ident.hairline + 0.08, dirs[:, 1]),
+                        _smoothstep(-0.15, -0.35, dirs[:, 2]) * _smoothstep(-0.5, -0.3, dirs[:, 1]))
+    strands = ident.hair[None] * (1.0 + 0.35 * np.sin(90.0 * azimuth + 7.0 * dirs[:, 1]))[:, None]
+    col = _mix(col, strands, hair_w)
+    # Lips and the mouth interior (the interior colour is an expression dim, not geometry).
+    m = _unit(MOUTH)
+    dy = dirs[:, 1] - m[1]
+    lateral = np.abs(dirs[:, 0])
+    front = dirs[:, 2] > 0.5
+    lips = np.exp(-(dy / 0.07) ** 2) * np.exp(-(lateral / 0.3) ** 4) * front
+    col = _mix(col, np.array([0.72, 0.3, 0.32]), 0.8 * lips)
+    interior = np.exp(-(dy / 0.03) ** 2) * np.exp(-(lateral / 0.26) ** 4) * front
+    t = 1.0 / (1.0 + np.exp(-2.0 * float(expr[TONGUE])))
+    interior_col = _mix(np.array([[0.65, 0.12, 0.18]]), np.array([[0.2, 0.55, 0.35]]), np.array([t]))[0] * 0.8
+    col = _mix(col, np.tile(interior_col, (n, 1)), np.clip(1.4 * interior, 0, 1))
+    # Eyes: sclera, iris moved by gaze (appearance only), pupil, eyelid closed by blink.
+    gaze = np.array([float(expr[GAZE_X]), float(expr[GAZE_Y])]) * 0.035
+    blink = float(np.clip(expr[BLINK], 0.0, 1.0))
+    for e in EYES:
+        c = _unit(e)
+        d = dirs - c
+        r = np.linalg.norm(d, axis=1)
+        sclera = _smoothstep(0.075, 0.065, r)
+        col = _mix(col, np.array([0.93, 0.92, 0.9]), sclera)
+        di = d.copy()
+        di[:, 0] -= gaze[0]
+        di[:, 1] -= gaze[1]
+        ri = np.linalg.norm(di, axis=1)
+        iris = _smoothstep(0.04, 0.034, ri) * sclera
+        col = _mix(col, ident.iris[None] * (0.8 + 0.2 * np.cos(40 * np.arctan2(di[:, 1], di[:, 0])))[:, None], iris)
+        col = _mix(col, np.array([0.03, 0.03, 0.04]), _smoothstep(0.016, 0.012, ri) * sclera)
+        lid = _smoothstep(0.085 - 0.2 * blink - 0.005, 0.085 - 0.2 * blink + 0.005, -d[:, 1] + 0.075)
+        lid_w = lid * _smoothstep(0.1, 0.08, r) * (blink > 0.02)
+        col = _mix(col, ident.skin * 0.85, lid_w)
+    return np.clip(col, 0.0, 1.0)
+
+
+def shade(colour: np.ndarray, world_normals: np.ndarray) -> np.ndarray:
+    """Lambertian shading with one key light and ambient light."""
+    lam = np.clip(world_normals @ LIGHT_DIR, 0.0, 1.0)
+    return np.clip(colour * (AMBIENT_LIGHT + (1.0 - AMBIENT_LIGHT) * lam)[:, None], 0.0, 1.0)
+
+
+def background(height: int, width: int, camera_index: int) -> np.ndarray:
+    """A studio-like backdrop (H, W, 3): a vertical grey gradient that differs per camera."""
+    g = np.linspace(0.55, 0.35, height)[:, None, None] + 0.03 * (camera_index % 4)
+    return np.broadcast_to(np.clip(g, 0, 1) * np.array([1.0, 0.98, 0.95]), (height, width, 3)).copy()

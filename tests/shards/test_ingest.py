@@ -1,0 +1,221 @@
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards.contract import Calibration, DataError, MeshFrame, PersonCapture
+from shards.ingest import IngestConfig, ingest_person
+from shards.store import PersonStore
+
+
+CFG = IngestConfig(held_out_sequences=1, io_threads=2)
+
+
+def _assert_nothing_written(out: Path) -> None:
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_round_trip(tiny_captures, tmp_path, tiny_cfg):
+    res = ingest_person(tiny_captures, "001", tmp_path / "zarr", CFG)
+    assert not res.skipped and res.frames == tiny_cfg.sequences * tiny_cfg.frames
+    assert res.images == res.frames * tiny_cfg.cameras
+    store = PersonStore(res.path)
+    cap = PersonCapture(tiny_captures, "001")
+    calib = Calibration.load(cap.calibration_path)
+    assert store.serials == calib.serials and store.expression_dim == tiny_cfg.expression_dim
+    for cam in store.cameras:
+        np.testing.assert_allclose(cam.K, calib.cameras[cam.serial].K)
+        np.testing.assert_allclose(cam.world_to_cam, calib.cameras[cam.serial].world_to_cam)
+    seqs = cap.sequences()
+    assert store.sequences == seqs and store.attrs["held_out_sequences"] == seqs[-1:]
+    for i in range(store.num_frames):
+        seq = seqs[store.frames["sequence"][i]]
+        t = int(store.frames["timestep"][i])
+        want = MeshFrame.load(cap.mesh_path(seq, t))
+        got = store.mesh(i)
+        np.testing.assert_array_equal(got.vertices, want.vertices)
+        np.testing.assert_array_equal(got.faces, want.faces)
+        np.testing.assert_array_equal(got.canonical, want.canonical)
+        np.testing.assert_array_equal(got.expression, want.expression)
+        assert bool(store.frames["held_out"][i]) == (seq == seqs[-1])
+
+
+def test_splits(tiny_captures, tmp_path, tiny_cfg):
+    store = PersonStore(ingest_person(tiny_captures, "000", tmp_path, CFG).path)
+    samples = store.samples()
+    assert len(samples) == tiny_cfg.sequences * tiny_cfg.frames * tiny_cfg.cameras
+    held_seq = set(store.attrs["held_out_sequences"])
+    for s in samples:
+        if s.sequence in held_seq:
+            assert s.split == "test_seq"
+        elif s.serial == CFG.held_out_camera:
+            assert s.split == "test_cam"
+        else:
+            assert s.split == "train"
+    counts = {k: len(store.samples(k)) for k in ("train", "test_seq", "test_cam")}
+    assert counts == {"train": 2 * 2 * 2, "test_seq": 1 * 2 * 3, "test_cam": 2 * 2 * 1}
+    assert len({s.key for s in samples}) == len(samples)
+
+
+def test_rerun_is_idempotent_and_change_rebuilds(capture_copy, tmp_path):
+    out = tmp_path / "zarr"
+    first = ingest_person(capture_copy, "000", out, CFG)
+    stamp = (first.path / "zarr.json").stat().st_mtime_ns
+    again = ingest_person(capture_copy, "000", out, CFG)
+    assert again.skipped and (first.path / "zarr.json").stat().st_mtime_ns == stamp
+    # Touching an input (new mtime) makes the store stale.
+    mesh = PersonCapture(capture_copy, "000").mesh_path(PersonCapture(capture_copy, "000").sequences()[0], 0)
+    os.utime(mesh, ns=(mesh.stat().st_atime_ns, mesh.stat().st_mtime_ns + 10**9))
+    rebuilt = ingest_person(capture_copy, "000", out, CFG)
+    assert not rebuilt.skipped
+    assert sorted(p.name for p in out.iterdir()) == ["000.zarr"]  # no temp or old stores left
+
+
+def _cap(root: Path) -> PersonCapture:
+    return PersonCapture(root, "000")
+
+
+def _first(cap: PersonCapture) -> tuple[str, int, str]:
+    seq = cap.sequences()[0]
+    return seq, cap.timesteps(seq)[0], Calibration.load(cap.calibration_path).serials[0]
+
+
+def _rewrite_mesh(cap: PersonCapture, **changes) -> Path:
+    seq, t, _ = _first(cap)
+    p = cap.mesh_path(seq, t)
+    m = MeshFrame.load(p)
+    for k, v in changes.items():
+        setattr(m, k, v(getattr(m, k)))
+    m.save(p)
+    return p
+
+
+def _nan_vertices(v):
+    v = v.copy()
+    v[3, 1] = np.nan
+    return v
+
+
+def _bad_faces(f):
+    f = f.copy()
+    f[0, 0] = 10**6
+    return f
+
+
+BREAKERS = {
+    "missing camera": lambda cap: (cap.image_path(*_first(cap)).unlink(), cap.image_path(*_first(cap)).parent)[1],
+    "extra camera": lambda cap: _extra_camera(cap),
+    "nan vertices": lambda cap: _rewrite_mesh(cap, vertices=_nan_vertices),
+    "faces out of range": lambda cap: _rewrite_mesh(cap, faces=_bad_faces),
+    "mismatched frame counts": lambda cap: _drop_mesh(cap),
+    "wrong code dimension": lambda cap: _rewrite_mesh(cap, expression=lambda e: np.concatenate([e, [0.0]])),
+    "unreadable image": lambda cap: _garbage(cap.image_path(*_first(cap))),
+    "truncated image": lambda cap: _truncate(cap.image_path(*_first(cap))),
+    "mismatched image size": lambda cap: _resize(cap.image_path(*_first(cap))),
+    "mismatched alpha size": lambda cap: _resize(cap.alpha_path(*_first(cap))),
+    "broken calibration": lambda cap: _garbage(cap.calibration_path),
+}
+EXPECTED = {
+    "missing camera": "missing cameras",
+    "extra camera": "extra cameras not in the calibration: 999",
+    "nan vertices": "vertices are NaN or inf",
+    "faces out of range": "face indices out of range",
+    "mismatched frame counts": "mismatched frame counts",
+    "wrong code dimension": "expression code must have dimension 10",
+    "unreadable image": "unreadable image",
+    "truncated image": "unreadable image",
+    "mismatched image size": "image size 20x48 does not match",
+    "mismatched alpha size": "alpha map size 20x48 does not match",
+    "broken calibration": "unreadable camera calibration",
+}
+
+
+def _extra_camera(cap: PersonCapture) -> Path:
+    p = cap.image_path(*_first(cap))
+    extra = p.parent / "cam_999.png"
+    extra.write_bytes(p.read_bytes())
+    return p.parent
+
+
+def _drop_mesh(cap: PersonCapture) -> Path:
+    seq, t, _ = _first(cap)
+    cap.mesh_path(seq, t).unlink()
+    return cap.mesh_dir(seq)
+
+
+def _garbage(p: Path) -> Path:
+    p.write_bytes(b"this is not what you think it is")
+    return p
+
+
+def _truncate(p: Path) -> Path:
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    return p
+
+
+def _resize(p: Path) -> Path:
+    Image.new("L" if "alpha" in str(p) else "RGB", (20, 48)).save(p)
+    return p
+
+
+@pytest.mark.parametrize("problem", sorted(BREAKERS))
+def test_validation_errors_name_file_and_problem(problem, capture_copy, tmp_path):
+    cap = _cap(capture_copy)
+    culprit = BREAKERS[problem](cap)
+    out = tmp_path / "zarr"
+    with pytest.raises(DataError) as err:
+        ingest_person(capture_copy, "000", out, CFG)
+    assert err.value.path == culprit, str(err.value)
+    assert str(culprit) in str(err.value) and EXPECTED[problem] in str(err.value)
+    _assert_nothing_written(out)
+
+
+def test_failed_rebuild_keeps_previous_store(capture_copy, tmp_path, tiny_cfg):
+    out = tmp_path / "zarr"
+    good = ingest_person(capture_copy, "000", out, CFG)
+    _garbage(_cap(capture_copy).image_path(*_first(_cap(capture_copy))))
+    with pytest.raises(DataError):
+        ingest_person(capture_copy, "000", out, CFG)
+    assert PersonStore(good.path).num_frames == tiny_cfg.sequences * tiny_cfg.frames
+    assert sorted(p.name for p in out.iterdir()) == ["000.zarr"]
+
+
+def test_nersemble_shared_intrinsics_without_image_size(capture_copy, tmp_path, tiny_cfg):
+    cap = _cap(capture_copy)
+    raw = json.loads(cap.calibration_path.read_text())
+    raw["intrinsics"] = next(iter(raw["intrinsics"].values()))  # one shared 3x3, as NeRSemble ships it
+    del raw["image_size"]
+    cap.calibration_path.write_text(json.dumps(raw))
+    store = PersonStore(ingest_person(capture_copy, "000", tmp_path, CFG).path)
+    assert store.attrs["image_size"] == [tiny_cfg.image_size, tiny_cfg.image_size]
+
+
+def test_flame_meshes_get_zero_ambient(capture_copy, tmp_path):
+    cap = _cap(capture_copy)
+    meta = json.loads(cap.tracking_meta_path.read_text())
+    meta["mesh_kind"] = "flame"
+    cap.tracking_meta_path.write_text(json.dumps(meta))
+    for seq in cap.sequences():
+        for t in cap.mesh_timesteps(seq):
+            m = MeshFrame.load(cap.mesh_path(seq, t))
+            m.canonical = m.canonical[:, :3]
+            m.save(cap.mesh_path(seq, t))
+    store = PersonStore(ingest_person(capture_copy, "000", tmp_path, CFG).path)
+    assert store.attrs["canonical_dim"] == 3
+    assert np.all(store.mesh(0).canonical[:, 3:] == 0)
+
+
+def test_held_out_camera_must_exist(capture_copy, tmp_path):
+    with pytest.raises(DataError, match="held-out camera 123 is not in the calibration"):
+        ingest_person(capture_copy, "000", tmp_path, IngestConfig(held_out_sequences=1, held_out_camera="123"))
+
+
+def test_too_many_held_out_sequences(capture_copy, tmp_path):
+    with pytest.raises(DataError, match="cannot hold out 3"):
+        ingest_person(capture_copy, "000", tmp_path, IngestConfig(held_out_sequences=3))

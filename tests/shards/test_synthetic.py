@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shards.contract import Calibration, MeshFrame, PersonCapture, TrackingMeta
+from shards.synthetic import FRONTAL_SERIAL, SyntheticConfig, generate
+from shards.synthetic import head as H
+from shards.synthetic.generate import PersonModel
+
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_generator_is_deterministic(tiny_captures, tmp_path, tiny_cfg):
+    again = tmp_path / "again"
+    generate(tiny_cfg, again)
+    assert tree_digest(again) == tree_digest(tiny_captures)
+
+
+def test_seed_changes_data(tiny_captures, tmp_path, tiny_cfg):
+    other = tmp_path / "other"
+    generate(replace(tiny_cfg, persons=1, seed=8), other)
+    a, b = tree_digest(tiny_captures), tree_digest(other)
+    shared = [k for k in b if k in a and k.endswith(".png")]
+    assert shared and all(a[k] != b[k] for k in shared if "images" in k)
+
+
+def test_layout_follows_contract(tiny_captures, tiny_cfg):
+    cap = PersonCapture(tiny_captures, "000")
+    calib = Calibration.load(cap.calibration_path)
+    assert FRONTAL_SERIAL in calib.serials and len(calib.serials) == tiny_cfg.cameras
+    meta = TrackingMeta.load(cap.tracking_meta_path)
+    assert meta.expression_dim == tiny_cfg.expression_dim and meta.canonical_dim == 5
+    assert cap.sequences() == sorted(tiny_cfg.sequence_names)
+    for seq in cap.sequences():
+        assert cap.timesteps(seq) == list(range(tiny_cfg.frames)) == cap.mesh_timesteps(seq)
+        for t in cap.timesteps(seq):
+            assert cap.image_serials(seq, t) == calib.serials
+            mesh = MeshFrame.load(cap.mesh_path(seq, t))
+            mesh.validate(cap.mesh_path(seq, t), meta)
+            assert len(mesh.faces) == 2 * tiny_cfg.n_lon * (tiny_cfg.n_lat - 1)
+
+
+def test_frontal_camera_sees_the_face(tiny_cfg):
+    cfg = replace(tiny_cfg, image_size=64)
+    model = PersonModel.build(cfg, "000")
+    cam = model.cameras[FRONTAL_SERIAL]
+    nose_tip = model.neutral[np.argmax(model.neutral[:, 2])]
+    u, v = cam.project(nose_tip[None])[0]
+    assert abs(u - 31.5) < 2 and 31.5 < v < 48  # nose slightly below the image centre
+
+
+def test_default_mesh_has_tens_of_thousands_of_faces():
+    cfg = SyntheticConfig()
+    assert 2 * cfg.n_lon * (cfg.n_lat - 1) >= 20_000
+
+
+def _render(model: PersonModel, expr: np.ndarray, serial=FRONTAL_SERIAL):
+    rgb, alpha = model.render(model.true_vertices(expr), expr, model.cameras[serial], 0)
+    return rgb.astype(np.float64), alpha
+
+
+@pytest.mark.parametrize("dim", [H.TONGUE, H.GAZE_X, H.GAZE_Y])
+def test_appearance_only_dims_change_image_not_mesh(dim, tiny_cfg):
+    model = PersonModel.build(replace(tiny_cfg, image_size=96, n_lat=48, n_lon=64), "000")
+    base = np.zeros(tiny_cfg.expression_dim, np.float32)
+    base[H.JAW] = 0.8  # mouth open so the interior is visible
+    moved = base.copy()
+    moved[dim] = 1.5 if dim != H.TONGUE else -2.0
+    base[dim] = -1.0 if dim != H.TONGUE else 2.0
+    np.testing.assert_array_equal(model.true_vertices(base), model.true_vertices(moved))
+    np.testing.assert_array_equal(model.canonical(base), model.canonical(moved))
+    a, alpha_a = _render(model, base)
+    b, alpha_b = _render(model, moved)
+    np.testing.assert_array_equal(alpha_a, alpha_b)
+    assert np.abs(a - b).max() > 40  # a clearly visible colour change
+
+
+def test_jaw_moves_mesh_and_sets_ambient_near_mouth_only(tiny_cfg):
+    model = PersonModel.build(tiny_cfg, "000")
+    closed = np.zeros(tiny_cfg.expression_dim, np.float32)
+    opened = closed.copy()
+    opened[H.JAW] = 1.0
+    moved = np.linalg.norm(model.true_vertices(opened) - model.true_vertices(closed), axis=1)
+    assert moved.max() > 0.01  # centimetres
+    amb = model.canonical(opened)[:, 3:]
+    assert np.abs(model.canonical(closed)[:, 3:]).max() == 0
+    near_mouth = model.dirs @ (np.array(H.MOUTH) / np.linalg.norm(H.MOUTH)) > 0.97
+    back = model.dirs[:, 2] < -0.5
+    assert amb[near_mouth, 0].min() > 0.5 and np.abs(amb[back]).max() < 1e-3
+
+
+def test_fitted_mesh_differs_from_truth_slightly(tiny_captures, tiny_cfg):
+    cap = PersonCapture(tiny_captures, "000")
+    seq = cap.sequences()[0]
+    fitted = MeshFrame.load(cap.mesh_path(seq, 0))
+    model = PersonModel.build(tiny_cfg, "000")
+    true_v = model.true_vertices(fitted.expression)
+    err = np.linalg.norm(fitted.vertices - true_v, axis=1)
+    assert 1e-4 < err.mean() < 3e-3  # sub-millimetre to millimetres, not identical
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="expression_dim"):
+        SyntheticConfig(expression_dim=4)
+    with pytest.raises(ValueError, match="cameras"):
+        SyntheticConfig(cameras=17)
