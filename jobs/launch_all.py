@@ -1,7 +1,8 @@
 """The main job: data -> stores -> (shards -> training -> evaluation -> report) for every person.
 
 With no arguments it runs the embedded default: generate the synthetic capture root
-(if missing) and ingest every person. Later stages join this pipeline as they land.
+(if missing), ingest every person into zarr and write the training shards; every
+stage skips work that is already up to date.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import tyro
 
 from jobs import ingest as ingest_job
 from jobs import make_synthetic
+from jobs import preprocess as preprocess_job
 from jobs._parallel import default_workers
 from shards.contract import DataError
 from shards.ingest import IngestConfig
 from shards.synthetic import SyntheticConfig
+from shards.writer import ShardConfig
 
 
 @dataclass
@@ -33,6 +36,8 @@ class LaunchAllArgs:
     """Synthetic data set used when --captures is not given."""
     ingest: IngestConfig = field(default_factory=IngestConfig)
     """Split and validation settings of the ingest."""
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    """Rasterization and packing of the training shards."""
     workers: int = field(default_factory=default_workers)
     """Parallel processes for data preparation."""
 
@@ -45,6 +50,9 @@ def main(args: LaunchAllArgs) -> int:
         make_synthetic.main(make_synthetic.MakeSyntheticArgs(out=captures, synthetic=args.synthetic, workers=args.workers))
     ingest_job.main(ingest_job.IngestArgs(captures=captures, out=args.workdir / "zarr", persons=args.persons,
                                           ingest=args.ingest, workers=args.workers))
+    # Shards are rewritten only where the store or the shard config changed (manifest specs).
+    preprocess_job.main(preprocess_job.PreprocessArgs(stores=args.workdir / "zarr", out=args.workdir / "shards",
+                                                      persons=args.persons, shards=args.shards, workers=args.workers))
     print(f"pipeline finished in {time.time() - t0:.1f} s")
     return 0
 

@@ -5,19 +5,35 @@ from pathlib import Path
 
 import pytest
 
-from shards.synthetic import SyntheticConfig, generate
-
-#: Small enough to generate in about a second on one core, big enough to have every feature.
-TINY = SyntheticConfig(persons=2, sequences=3, frames=2, cameras=3, image_size=48, n_lat=24, n_lon=32,
-                       expression_dim=10, seed=7)
+from shards.synthetic import SyntheticConfig
+from shards.testing import TINY, build_tiny
 
 
 @pytest.fixture(scope="session")
-def tiny_captures(tmp_path_factory) -> Path:
-    """A tiny synthetic capture root shared (read-only) by the tests of this package."""
-    root = tmp_path_factory.mktemp("captures")
-    generate(TINY, root)
-    return root
+def tiny_data(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(captures, stores, shards) of the tiny data set, shared read-only by this package's tests."""
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_captures(tiny_data) -> Path:
+    return tiny_data[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_stores(tiny_data) -> Path:
+    return tiny_data[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_data) -> Path:
+    return tiny_data[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> SyntheticConfig:
+    """The tiny synthetic config the shared data was generated with."""
+    return TINY
 
 
 @pytest.fixture
@@ -26,9 +42,3 @@ def capture_copy(tiny_captures, tmp_path) -> Path:
     dst = tmp_path / "captures"
     shutil.copytree(tiny_captures, dst)
     return dst
-
-
-@pytest.fixture(scope="session")
-def tiny_cfg() -> SyntheticConfig:
-    """The tiny synthetic config the shared captures were generated with."""
-    return TINY

@@ -1,0 +1,248 @@
+"""Training batches from WebDataset tar shards, with random access and exact resume.
+
+The shards are plain WebDataset tars (the `webdataset` library reads them too), but
+training reads them through an index instead of streaming: opening a shard scans
+its tar headers once (no data is read) and records where each member's bytes are,
+then a sample is two or three `pread`s and a decode. That gives
+
+* a map-style dataset, so a seeded per-epoch permutation shuffles globally and
+  the training loop can resume at an exact sample position;
+* augmentation drawn from a generator seeded by (seed, epoch, index), so a
+  sample's crop does not depend on which worker loads it, or on restarts;
+* corrupt / truncated shards detected when indexed, with an error naming the shard.
+
+Augmentation (the paper's): a random square-aspect crop covering a fraction in
+[min_crop, 1] of each side, resized to the training size; the image and alpha are
+resized bilinearly, the geometry buffers with nearest neighbour so that no
+canonical coordinate is blended with the background's zeros.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from shards.codec import MEMBERS, DecodedSample, RawSample, decode_raw, decode_sample, dequantize_geometry
+from shards.contract import DataError
+
+
+class ShardError(DataError):
+    """A shard that cannot be read: truncated, corrupt or missing members."""
+
+
+@dataclass
+class LoaderConfig:
+    """How shards become batches."""
+
+    resolution: int = 64
+    """Training image size (square); the paper trains at 512."""
+    batch_size: int = 8
+    """Samples per batch (per process)."""
+    augment: bool = True
+    """Random crop + resize (training). False: the whole image resized (evaluation)."""
+    min_crop: float = 0.7
+    """Smallest crop side as a fraction of the image side (the paper's 0.7)."""
+    num_workers: int = 2
+    """DataLoader worker processes."""
+    seed: int = 0
+    """Seed of the shuffling permutation and the augmentation."""
+    shuffle: bool = True
+    """Shuffle samples (a new permutation each epoch)."""
+
+
+def _index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {member ext: (offset, size)})] of a shard, checking it is complete."""
+    try:
+        file_size = path.stat().st_size
+        with tarfile.open(path, mode="r:") as tar:
+            members = tar.getmembers()
+    except FileNotFoundError:
+        raise ShardError(path, "shard file is missing") from None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(path, f"corrupt or truncated shard: {e}") from None
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    for m in members:
+        if not m.isfile():
+            continue
+        if m.offset_data + m.size > file_size:
+            raise ShardError(path, f"truncated shard: member {m.name} ends past the end of the file")
+        base = os.path.basename(m.name)
+        stem, _, ext = base.partition(".")
+        key = os.path.join(os.path.dirname(m.name), stem)
+        samples.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    if not samples:
+        raise ShardError(path, "shard holds no samples (empty or truncated)")
+    for key, exts in samples.items():
+        missing = [e for e in MEMBERS if e not in exts]
+        if missing:
+            raise ShardError(path, f"corrupt or truncated shard: sample {key} lacks {', '.join(missing)}")
+    return list(samples.items())
+
+
+class ShardDataset(Dataset):
+    """Random-access samples of a list of shards (each item one training sample dict)."""
+
+    def __init__(self, shards: list[Path], config: LoaderConfig):
+        self._fds: dict[int, int] = {}
+        if not shards:
+            raise ValueError("no shards given")
+        self.config = config
+        self.shards = [Path(s) for s in shards]
+        self.index: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
+        for si, path in enumerate(self.shards):
+            self.index.extend((si, key, exts) for key, exts in _index_shard(path))
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        fd = self._fds.get(shard)
+        if fd is None:  # opened lazily per process: descriptors are not shared with workers
+            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ShardError(self.shards[shard], f"truncated shard: short read at offset {offset}")
+        return data
+
+    def _decode(self, i: int, decoder):
+        shard, key, exts = self.index[i]
+        members = {ext: self._read(shard, *exts[ext]) for ext in MEMBERS}
+        try:
+            return decoder(key, members)
+        except Exception as e:
+            raise ShardError(self.shards[shard], f"corrupt sample {key}: {e}") from None
+
+    def decoded(self, i: int) -> DecodedSample:
+        """Sample `i` as float arrays at the stored resolution (no augmentation)."""
+        return self._decode(i, decode_sample)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self._decode(i, decode_raw)
+        gen = torch.Generator().manual_seed(hash_seed(self.config.seed, self.epoch, i))
+        return to_training_sample(s, self.config, gen)
+
+    def __del__(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        return state
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes, unlike hash())."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = ((x ^ (p & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def crop_box(height: int, width: int, config: LoaderConfig, gen: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the crop: random in training, the whole image otherwise."""
+    if not config.augment:
+        return 0, 0, height, width
+    frac = config.min_crop + (1 - config.min_crop) * torch.rand((), generator=gen).item()
+    side = max(1, int(round(min(height, width) * frac)))
+    top = int(torch.randint(0, height - side + 1, (), generator=gen))
+    left = int(torch.randint(0, width - side + 1, (), generator=gen))
+    return top, left, side, side
+
+
+def _nearest_rows(start: int, length: int, out: int) -> np.ndarray:
+    """Source indices of a nearest-neighbour resize of [start, start + length) to `out` (like 'nearest-exact')."""
+    idx = ((np.arange(out) + 0.5) * (length / out)).astype(np.int64)
+    return start + np.minimum(idx, length - 1)
+
+
+def to_training_sample(s: RawSample, config: LoaderConfig, gen: torch.Generator) -> dict:
+    """Crop + resize one stored sample into the training batch contract (docs/CONTRACTS.md).
+
+    Geometry is resized by nearest-neighbour indexing on the quantised integers and
+    dequantised afterwards (cheap, and no canonical coordinate is ever blended);
+    the image and alpha are resized bilinearly (antialiased when shrinking).
+    """
+    h, w = s.geom.shape[-2:]
+    top, left, ch, cw = crop_box(h, w, config, gen)
+    r = config.resolution
+    rows, cols = _nearest_rows(top, ch, r)[:, None], _nearest_rows(left, cw, r)[None, :]
+    mask, depth, normals, canonical = dequantize_geometry(s.geom[:, rows, cols], s.nrm[:, rows, cols], s.meta)
+    smooth = np.concatenate([s.rgb, s.alpha])[:, top : top + ch, left : left + cw]
+    smooth = torch.from_numpy(np.ascontiguousarray(smooth))[None].float() / 255
+    if (ch, cw) != (r, r):
+        smooth = F.interpolate(smooth, size=(r, r), mode="bilinear", align_corners=False, antialias=ch > r or cw > r)
+    smooth = smooth[0]
+    return {
+        "image": smooth[:3].clamp(0, 1) * 2 - 1,
+        "alpha": smooth[3:4].clamp(0, 1),
+        "mask": torch.from_numpy(mask),
+        "depth": torch.from_numpy(depth),
+        "normals": torch.from_numpy(normals),
+        "canonical": torch.from_numpy(canonical),
+        "expression": torch.from_numpy(np.asarray(s.expression, np.float32).copy()),
+        "__key__": s.key,
+    }
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start at any position (exact resume).
+
+    With `num_replicas` > 1 each rank takes every num_replicas-th index of the same
+    permutation (padded by wrapping so all ranks see the same number of samples).
+    """
+
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True, rank: int = 0, num_replicas: int = 1):
+        self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.rank, self.num_replicas = rank, num_replicas
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch and skip its first `start` indices (of this rank)."""
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            perm = torch.randperm(self.length, generator=torch.Generator().manual_seed(hash_seed(self.seed, self.epoch)))
+            order = perm.tolist()
+        else:
+            order = list(range(self.length))
+        per_rank = -(-self.length // self.num_replicas)
+        order = (order * 2)[: per_rank * self.num_replicas]
+        return order[self.rank :: self.num_replicas]
+
+    def __len__(self) -> int:
+        return len(self.indices()) - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.start :])
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "__key__"}
+    out["__key__"] = [s["__key__"] for s in samples]
+    return out
+
+
+def make_loader(dataset: ShardDataset, sampler: ResumableSampler, config: LoaderConfig, drop_last: bool = True) -> DataLoader:
+    """A DataLoader over `dataset` in `sampler` order; workers only decode, order is the sampler's."""
+    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                      collate_fn=collate, drop_last=drop_last, persistent_workers=False,
+                      prefetch_factor=4 if config.num_workers > 0 else None)

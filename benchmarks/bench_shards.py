@@ -1,0 +1,164 @@
+"""Shard loader vs loose files: samples/s and bytes/sample at 256^2 and 512^2.
+
+    python benchmarks/bench_shards.py [--sizes 256 512] [--workers 2] [--passes 2]
+
+For each size it builds a one-person synthetic set (96 samples), writes it as
+(a) our WebDataset shards, (b) loose files per sample: rgb.png + alpha.png + all
+buffers as one float32 .npy (the obvious layout), and (c) the original
+implementation's per-buffer PNG layout (8-bit RGB/mask/normals, 16-bit
+depth and canonical channels). It reports bytes/sample of all three and the
+samples/s of a DataLoader (same workers, batch size, crop + resize to the stored
+size) over (a) and (b). Page caches are warmed by one pass before timing.
+Goals from issue 3: loader >= 1.5x loose files, >= 2x fewer bytes than float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import report  # noqa: E402
+
+from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, collate, make_loader  # noqa: E402
+from avatars.data.shard_dataset import _nearest_rows, crop_box, hash_seed  # noqa: E402
+from shards.ingest import IngestConfig, ingest_person  # noqa: E402
+from shards.synthetic import SyntheticConfig, generate  # noqa: E402
+from shards.writer import ShardConfig, shard_paths, write_shards  # noqa: E402
+
+
+def build(size: int, root: Path) -> tuple[Path, list[Path]]:
+    cfg = replace(SyntheticConfig(), persons=1, sequences=3, frames=2, image_size=size)
+    generate(cfg, root / "captures")
+    store = ingest_person(root / "captures", "000", root / "zarr", IngestConfig(held_out_sequences=1)).path
+    write_shards([store], root / "shards", ShardConfig(samples_per_shard=16), workers=2, progress=False)
+    paths = [p for split in ("train", "test_seq", "test_cam") for p in shard_paths(root / "shards", "000", split)]
+    return store, paths
+
+
+def _png(a: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_loose(ds: ShardDataset, out: Path) -> tuple[int, int]:
+    """Write (b) and (c) for every sample; returns their total bytes."""
+    loose = png_layout = 0
+    for i in range(len(ds)):
+        s = ds.decoded(i)
+        d = out / "loose" / f"{i:05d}"
+        d.mkdir(parents=True, exist_ok=True)
+        rgb8 = (s.rgb.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+        alpha8 = (s.alpha[0] * 255).round().astype(np.uint8)
+        files = {"rgb.png": _png(rgb8), "alpha.png": _png(alpha8), "expr.npy": _npy(s.expression),
+                 "buffers.npy": _npy(np.concatenate([s.mask, s.depth, s.normals, s.canonical]).astype(np.float32)),
+                 "meta.json": json.dumps(s.meta).encode()}
+        for name, data in files.items():
+            (d / name).write_bytes(data)
+        loose += sum(len(v) for v in files.values())
+        # (c) per-buffer PNGs: 16-bit depth and canonical channels, 8-bit normals and mask.
+        m = s.mask[0] > 0
+        lo, hi = s.meta["depth_range"]
+        depth16 = np.where(m, 1 + (s.depth[0] - lo) / max(hi - lo, 1e-9) * 65534, 0).round().astype(np.uint16)
+        canon16 = ((s.canonical + 1) / 2 * 65535).round().astype(np.uint16)
+        nrm8 = ((s.normals.transpose(1, 2, 0) + 1) / 2 * 255).round().astype(np.uint8)
+        pngs = [_png(rgb8), _png(alpha8), _png((m * 255).astype(np.uint8)), _png(depth16, "I;16"), _png(nrm8)]
+        pngs += [_png(canon16[c], "I;16") for c in range(5)]
+        png_layout += sum(map(len, pngs)) + len(files["expr.npy"]) + len(files["meta.json"])
+    return loose, png_layout
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+class LooseDataset(Dataset):
+    """Reads layout (b) with the same crop + resize as the shard loader."""
+
+    def __init__(self, root: Path, config: LoaderConfig):
+        self.dirs = sorted((root / "loose").iterdir())
+        self.config = config
+
+    def __len__(self) -> int:
+        return len(self.dirs)
+
+    def __getitem__(self, i: int) -> dict:
+        d = self.dirs[i]
+        rgb = np.asarray(Image.open(d / "rgb.png")).transpose(2, 0, 1)
+        alpha = np.asarray(Image.open(d / "alpha.png"))[None]
+        buffers = np.load(d / "buffers.npy")
+        json.loads((d / "meta.json").read_text())
+        gen = torch.Generator().manual_seed(hash_seed(self.config.seed, 0, i))
+        h, w = buffers.shape[-2:]
+        top, left, ch, cw = crop_box(h, w, self.config, gen)
+        r = self.config.resolution
+        rows, cols = _nearest_rows(top, ch, r)[:, None], _nearest_rows(left, cw, r)[None, :]
+        geo = torch.from_numpy(np.ascontiguousarray(buffers[:, rows, cols]))
+        smooth = torch.from_numpy(np.ascontiguousarray(np.concatenate([rgb, alpha])[:, top:top + ch, left:left + cw]))
+        smooth = F.interpolate(smooth[None].float() / 255, size=(r, r), mode="bilinear", align_corners=False,
+                               antialias=ch > r)[0]
+        return {"image": smooth[:3] * 2 - 1, "alpha": smooth[3:], "mask": geo[0:1], "depth": geo[1:2],
+                "normals": geo[2:5], "canonical": geo[5:10], "expression": torch.from_numpy(np.load(d / "expr.npy")),
+                "__key__": d.name}
+
+
+def throughput(loader: DataLoader, passes: int) -> float:
+    for _ in loader:  # warm-up pass: page cache and worker start-up
+        pass
+    n, t = 0, time.perf_counter()
+    for _ in range(passes):
+        for b in loader:
+            n += len(b["__key__"])
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=Path("data/bench-shards"))
+    a = ap.parse_args()
+    rows = []
+    for size in a.sizes:
+        root = a.workdir / str(size)
+        _, paths = build(size, root)
+        cfg = LoaderConfig(resolution=size, batch_size=8, num_workers=a.workers, seed=0)
+        ds = ShardDataset(paths, cfg)
+        shutil.rmtree(root / "loose", ignore_errors=True)
+        loose_bytes, png_bytes = write_loose(ds, root)
+        n = len(ds)
+        shard_bytes = sum(p.stat().st_size for p in paths)
+        shard_sps = throughput(make_loader(ds, ResumableSampler(n, seed=0), cfg, drop_last=False), a.passes)
+        loose_ds = LooseDataset(root, cfg)
+        loose_sps = throughput(DataLoader(loose_ds, batch_size=8, sampler=ResumableSampler(n, seed=0),
+                                          num_workers=a.workers, collate_fn=collate), a.passes)
+        rows.append({"size": size, "samples": n, "layout": "webdataset shards (ours)", "KB/sample": shard_bytes / n / 1e3,
+                     "samples/s": shard_sps, "vs loose speed": shard_sps / loose_sps,
+                     "bytes vs float32": loose_bytes / shard_bytes})
+        rows.append({"size": size, "samples": n, "layout": "loose files, float32 .npy buffers",
+                     "KB/sample": loose_bytes / n / 1e3, "samples/s": loose_sps, "vs loose speed": 1.0,
+                     "bytes vs float32": 1.0})
+        rows.append({"size": size, "samples": n, "layout": "original per-buffer PNGs (16-bit depth/canonical)",
+                     "KB/sample": png_bytes / n / 1e3, "bytes vs float32": loose_bytes / png_bytes})
+    report("shards", rows, {"workers": a.workers, "passes": a.passes})
+
+
+if __name__ == "__main__":
+    main()

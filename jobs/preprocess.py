@@ -1,0 +1,54 @@
+"""Rasterize every (frame, camera) of each person's zarr store into WebDataset shards."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+from jobs._parallel import default_workers
+from shards.contract import DataError
+from shards.writer import ShardConfig, ShardRunResult, write_shards
+
+
+@dataclass
+class PreprocessArgs:
+    stores: Path = Path("data/zarr")
+    """Folder of `<person>.zarr` stores written by jobs/ingest.py."""
+    out: Path = Path("data/shards")
+    """Shard root: `<out>/<person>/<split>-%06d.tar` + `manifest.json`."""
+    persons: str = "all"
+    """Comma-separated person ids, or 'all' for every store in --stores."""
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    """Rendering and packing settings."""
+    workers: int = field(default_factory=default_workers)
+    """Shards written in parallel (one process each)."""
+
+
+def store_paths(stores: Path, persons: str) -> list[Path]:
+    if persons == "all":
+        paths = sorted(p for p in Path(stores).glob("*.zarr") if p.is_dir())
+        if not paths:
+            raise DataError(stores, "no <person>.zarr stores found; run jobs/ingest.py first")
+        return paths
+    paths = [Path(stores) / f"{p.strip()}.zarr" for p in persons.split(",") if p.strip()]
+    for p in paths:
+        if not p.is_dir():
+            raise DataError(p, "zarr store is missing; run jobs/ingest.py for this person")
+    return paths
+
+
+def main(args: PreprocessArgs) -> ShardRunResult:
+    res = write_shards(store_paths(args.stores, args.persons), args.out, args.shards, workers=args.workers)
+    print(f"shards: {len(res.written)} written, {len(res.skipped)} up to date, under {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(PreprocessArgs))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

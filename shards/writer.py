@@ -1,0 +1,264 @@
+"""Turn a person's zarr store + images into WebDataset tar shards.
+
+Output per person::
+
+    <out>/<person>/<split>-000000.tar ...   one sample per (frame, camera), see shards.codec
+    <out>/<person>/manifest.json            per shard: split, sample count, bytes, sha256, keys digest
+
+Samples go to shards in the store's deterministic order (frame-major, camera-minor),
+so keys and shard contents are reproducible; tar headers carry no timestamps or
+owners, so the same inputs give byte-identical shards. Each shard is written to a
+temporary file and renamed; the manifest is rewritten (atomically) after every
+finished shard, so an interrupted run resumes by skipping shards that the manifest
+lists with the same spec and whose file has the listed size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .codec import MEMBERS, encode_sample, normalise_canonical
+from .contract import DataError, atomic_write_json
+from .raster import rasterize
+from .store import SPLITS, PersonStore, Sample
+
+MANIFEST = "manifest.json"
+SHARD_FMT = "{split}-{index:06d}.tar"
+
+
+@dataclass
+class ShardConfig:
+    """How samples are rendered into shards."""
+
+    samples_per_shard: int = 64
+    """Samples per tar file; use at least as many shards per split as loader workers."""
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """RGB in [0, 1] the target images are matted onto (with the capture's alpha map)."""
+    image_width: int | None = None
+    """Resize images (and cameras) to this width, keeping the aspect ratio; None keeps the capture size."""
+    raster_backend: str = "auto"
+    """Rasterizer backend: 'auto' (nvdiffrast when CUDA is available), 'cpu' or 'nvdiffrast'."""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to write."""
+
+    store: str
+    out_dir: str
+    split: str
+    index: int
+    sample_ids: tuple[int, ...]  # positions in store.samples()
+    spec: str  # digest of everything the shard's bytes depend on
+
+    @property
+    def name(self) -> str:
+        return SHARD_FMT.format(split=self.split, index=self.index)
+
+
+def _spec_digest(store: PersonStore, config: ShardConfig, keys: list[str]) -> str:
+    h = hashlib.sha256(json.dumps({"fingerprint": store.attrs["fingerprint"], "config": asdict(config)},
+                                  sort_keys=True).encode())
+    h.update("\n".join(keys).encode())
+    return h.hexdigest()
+
+
+def plan_person(store_path: Path, out_dir: Path, config: ShardConfig) -> list[ShardTask]:
+    """All shard tasks of one person, in deterministic order."""
+    store = PersonStore(store_path)
+    all_samples = store.samples()
+    tasks = []
+    for split in SPLITS:
+        ids = [i for i, s in enumerate(all_samples) if s.split == split]
+        for k in range(0, len(ids), config.samples_per_shard):
+            chunk = tuple(ids[k : k + config.samples_per_shard])
+            keys = [sample_key(store.person, all_samples[i]) for i in chunk]
+            tasks.append(ShardTask(str(store_path), str(out_dir / store.person), split,
+                                   k // config.samples_per_shard, chunk, _spec_digest(store, config, keys)))
+    return tasks
+
+
+def sample_key(person: str, sample: Sample) -> str:
+    return f"{person}/{sample.key}"
+
+
+def _read_rgb_alpha(paths: tuple[Path, Path], size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    img_path, alpha_path = paths
+    try:
+        with Image.open(img_path) as im:
+            rgb = im.convert("RGB")
+            if size and rgb.size != size:
+                rgb = rgb.resize(size, Image.BILINEAR)
+            rgb = np.asarray(rgb)
+        with Image.open(alpha_path) as im:
+            a = im.convert("L")
+            if size and a.size != size:
+                a = a.resize(size, Image.BILINEAR)
+            alpha = np.asarray(a)
+    except OSError as e:
+        raise DataError(img_path, f"unreadable image or alpha map while sharding: {e}") from None
+    return rgb, alpha
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(task: ShardTask, config: ShardConfig) -> dict:
+    """Render and write one shard; returns its manifest entry."""
+    store = PersonStore(Path(task.store))
+    samples = store.samples()
+    bounds = store.attrs["canonical_bounds"]
+    bg = np.asarray(config.background, np.float32)
+    out = Path(task.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{task.name}.", suffix=".tmp", dir=out)
+    keys = []
+    mesh_cache: dict[int, tuple] = {}
+    try:
+        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for sid in task.sample_ids:
+                s = samples[sid]
+                cam = store.cameras[s.camera]
+                if config.image_width and config.image_width != cam.width:
+                    cam = cam.resized(config.image_width, round(cam.height * config.image_width / cam.width))
+                if s.frame not in mesh_cache:
+                    mesh_cache.clear()
+                    m = store.mesh(s.frame)
+                    mesh_cache[s.frame] = (torch.from_numpy(m.vertices).float(), torch.from_numpy(m.faces).long(),
+                                           torch.from_numpy(normalise_canonical(m.canonical, bounds)), m.expression)
+                verts, faces, canon, expr = mesh_cache[s.frame]
+                dev = "cuda" if config.raster_backend != "cpu" and torch.cuda.is_available() else "cpu"
+                buf = rasterize(verts.to(dev), faces.to(dev), cam, attributes=canon.to(dev),
+                                backend=config.raster_backend).to("cpu")
+                rgb, alpha = _read_rgb_alpha(store.image_paths(s), (cam.width, cam.height))
+                a = alpha.astype(np.float32)[..., None] / 255
+                matted = np.round((rgb.astype(np.float32) / 255 * a + bg * (1 - a)) * 255).astype(np.uint8)
+                key = sample_key(store.person, s)
+                meta = {"person": store.person, "sequence": s.sequence, "timestep": s.timestep, "serial": s.serial,
+                        "split": s.split, "K": cam.K.tolist(), "world_to_cam": cam.world_to_cam.tolist(),
+                        "width": cam.width, "height": cam.height, "canonical_bounds": bounds,
+                        "background": list(config.background)}
+                members = encode_sample(matted, alpha, buf.mask.numpy(), buf.depth.numpy(), buf.attributes.numpy(),
+                                        buf.normals.numpy(), np.asarray(expr), meta)
+                for ext in MEMBERS:
+                    _tar_member(tar, f"{key}.{ext}", members[ext])
+                keys.append(key)
+        data_hash = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        size = Path(tmp).stat().st_size
+        os.replace(tmp, out / task.name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"split": task.split, "samples": len(keys), "bytes": size, "sha256": data_hash, "spec": task.spec,
+            "first_key": keys[0], "last_key": keys[-1]}
+
+
+def _load_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _is_complete(task: ShardTask, manifest: dict) -> bool:
+    entry = manifest.get("shards", {}).get(task.name)
+    shard = Path(task.out_dir) / task.name
+    return bool(entry) and entry.get("spec") == task.spec and shard.is_file() and shard.stat().st_size == entry["bytes"]
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+@dataclass
+class ShardRunResult:
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, workers: int = 1,
+                 progress: bool = True) -> ShardRunResult:
+    """Write the shards of every person (parallel over shards of all persons); resumable."""
+    out_dir = Path(out_dir)
+    tasks_by_person: dict[str, list[ShardTask]] = {}
+    for sp in store_paths:
+        tasks = plan_person(Path(sp), out_dir, config)
+        tasks_by_person[Path(tasks[0].out_dir).name if tasks else Path(sp).stem] = tasks
+    manifests = {p: _load_manifest(out_dir / p / MANIFEST) for p in tasks_by_person}
+    result = ShardRunResult()
+    todo = []
+    for person, tasks in tasks_by_person.items():
+        wanted = {t.name for t in tasks}
+        shards = {k: v for k, v in manifests[person].get("shards", {}).items() if k in wanted}
+        manifests[person] = {"person": person, "config": asdict(config), "shards": shards}
+        for t in tasks:
+            if _is_complete(t, manifests[person]):
+                result.skipped.append(f"{person}/{t.name}")
+            else:
+                todo.append((person, t))
+        # Shards left over from an earlier, larger plan would be read by a glob: remove them.
+        pdir = out_dir / person
+        if pdir.is_dir():
+            for old in pdir.glob("*.tar"):
+                if old.name not in wanted:
+                    old.unlink()
+        _write_manifest(out_dir, person, manifests[person], tasks)
+
+    def done(person: str, task: ShardTask, entry: dict) -> None:
+        manifests[person]["shards"][task.name] = entry
+        _write_manifest(out_dir, person, manifests[person], tasks_by_person[person])
+        result.written.append(f"{person}/{task.name}")
+
+    bar = tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress)
+    if workers <= 1:
+        for person, t in todo:
+            done(person, t, write_shard(t, config))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+            futures = {pool.submit(write_shard, t, config): (person, t) for person, t in todo}
+            for fut in as_completed(futures):
+                person, t = futures[fut]
+                done(person, t, fut.result())
+                bar.update()
+    bar.close()
+    return result
+
+
+def _write_manifest(out_dir: Path, person: str, manifest: dict, tasks: list[ShardTask]) -> None:
+    shards = manifest["shards"]
+    order = [t.name for t in tasks if t.name in shards]
+    manifest["shards"] = {k: shards[k] for k in order}
+    manifest["complete"] = len(order) == len(tasks)
+    manifest["counts"] = {s: sum(v["samples"] for v in manifest["shards"].values() if v["split"] == s) for s in SPLITS}
+    atomic_write_json(out_dir / person / MANIFEST, manifest)
+
+
+def shard_paths(shard_dir: Path, person: str, split: str) -> list[Path]:
+    """The shards of one person and split listed by its manifest (error if incomplete)."""
+    mpath = Path(shard_dir) / person / MANIFEST
+    manifest = _load_manifest(mpath)
+    if not manifest:
+        raise DataError(mpath, "shard manifest is missing or unreadable; run jobs/preprocess.py")
+    if not manifest.get("complete"):
+        raise DataError(mpath, "shards are incomplete (an interrupted preprocess?); re-run jobs/preprocess.py")
+    return [Path(shard_dir) / person / name for name, e in manifest["shards"].items() if e["split"] == split]

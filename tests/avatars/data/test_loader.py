@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, ShardError, make_loader
+from shards.writer import shard_paths
+
+CFG = LoaderConfig(resolution=32, batch_size=4, num_workers=0, seed=3)
+
+
+def _dataset(shards: Path, config: LoaderConfig = CFG, split: str = "train") -> ShardDataset:
+    return ShardDataset(shard_paths(shards, "000", split) + shard_paths(shards, "001", split), config)
+
+
+def test_batch_follows_the_contract(loader_shards):
+    ds = _dataset(loader_shards)
+    batch = next(iter(make_loader(ds, ResumableSampler(len(ds), seed=0), CFG)))
+    b, r = CFG.batch_size, CFG.resolution
+    shapes = {"image": (b, 3, r, r), "alpha": (b, 1, r, r), "mask": (b, 1, r, r), "depth": (b, 1, r, r),
+              "normals": (b, 3, r, r), "canonical": (b, 5, r, r), "expression": (b, 10)}
+    for k, shape in shapes.items():
+        assert batch[k].shape == shape and batch[k].dtype == torch.float32, k
+    assert len(batch["__key__"]) == b and all(k.startswith(("000/", "001/")) for k in batch["__key__"])
+    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+    assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+    outside = batch["mask"] == 0
+    for k in ("depth", "normals", "canonical"):
+        assert (batch[k] * outside).abs().max() == 0, k
+    inside = batch["mask"][:, 0] > 0
+    n = batch["normals"].permute(0, 2, 3, 1)[inside]
+    assert torch.allclose(n.norm(dim=-1), torch.ones(len(n)), atol=1e-3)
+
+
+def test_augmentation_is_identical_for_target_and_buffers(loader_shards):
+    ds = _dataset(loader_shards, replace(CFG, resolution=48))
+    plain = _dataset(loader_shards, replace(CFG, resolution=48, augment=False))
+    ious, plain_ious = [], []
+    for i in range(len(ds)):
+        for d, acc in ((ds, ious), (plain, plain_ious)):
+            s = d[i]
+            a, m = s["alpha"][0] > 0.5, s["mask"][0] > 0
+            acc.append(((a & m).sum() / (a | m).sum()).item())
+    # The fitted mesh silhouette matches the true alpha as well after cropping as before.
+    assert np.mean(ious) > 0.85 and abs(np.mean(ious) - np.mean(plain_ious)) < 0.03
+    # Crops really happen: some augmented sample differs from the uncropped one.
+    assert any(not torch.equal(ds[i]["mask"], plain[i]["mask"]) for i in range(len(ds)))
+
+
+def test_no_augmentation_is_the_resized_image(loader_shards):
+    ds = _dataset(loader_shards, replace(CFG, augment=False, resolution=48))
+    s, dec = ds[0], ds.decoded(0)
+    assert torch.allclose((s["image"] + 1) / 2, torch.from_numpy(dec.rgb), atol=1e-6)
+    assert torch.equal(s["canonical"], torch.from_numpy(dec.canonical))
+
+
+def test_samples_are_deterministic_across_workers(loader_shards):
+    ds = _dataset(loader_shards)
+    runs = []
+    for workers in (0, 2):
+        cfg = replace(CFG, num_workers=workers)
+        sampler = ResumableSampler(len(ds), seed=5)
+        runs.append([b for b in make_loader(ds, sampler, cfg)])
+    assert [b["__key__"] for b in runs[0]] == [b["__key__"] for b in runs[1]]
+    for b0, b1 in zip(*runs):
+        assert torch.equal(b0["image"], b1["image"]) and torch.equal(b0["canonical"], b1["canonical"])
+
+
+def test_sampler_shuffles_per_epoch_and_resumes_exactly():
+    s = ResumableSampler(50, seed=1)
+    e0 = list(s)
+    assert sorted(e0) == list(range(50)) and e0 != list(range(50))
+    s.set_epoch(1)
+    e1 = list(s)
+    assert e1 != e0 and sorted(e1) == list(range(50))
+    s.set_epoch(1, start=17)
+    assert list(s) == e1[17:] and len(s) == 33
+    ranks = [list(ResumableSampler(50, seed=1, rank=r, num_replicas=3)) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1 and set().union(*map(set, ranks)) == set(range(50))
+    assert list(ResumableSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def _copy_shards(src: Path, dst: Path) -> list[Path]:
+    out = []
+    for p in shard_paths(src, "000", "train"):
+        out.append(dst / p.name)
+        shutil.copy(p, out[-1])
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "drop_member", "missing"])
+def test_corrupt_shard_is_named(loader_shards, tmp_path, damage):
+    paths = _copy_shards(loader_shards, tmp_path)
+    victim = paths[1]
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        victim.write_bytes(b"\x00garbage" * 300)
+    elif damage == "drop_member":
+        import tarfile
+
+        with tarfile.open(fileobj=__import__("io").BytesIO(data)) as src, tarfile.open(victim, "w") as dst:
+            for m in src.getmembers():
+                if not m.name.endswith(".geom.npy.zst"):
+                    dst.addfile(m, src.extractfile(m))
+    else:
+        victim.unlink()
+    with pytest.raises(ShardError) as err:
+        ShardDataset(paths, CFG)
+    assert str(victim) in str(err.value)
+
+
+def test_corrupt_payload_is_named(loader_shards, tmp_path):
+    paths = _copy_shards(loader_shards, tmp_path)
+    ds = ShardDataset(paths, CFG)
+    shard, key, exts = ds.index[0]
+    off, size = exts["geom.npy.zst"]
+    with open(paths[shard], "r+b") as f:
+        f.seek(off)
+        f.write(b"\xff" * min(size, 64))
+    with pytest.raises(ShardError, match=f"{paths[shard]}.*corrupt sample {key}"):
+        ds[0]

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shards.codec import MEMBERS, decode_sample, normalise_canonical
+from shards.contract import DataError
+from shards.raster import rasterize
+from shards.store import PersonStore
+from shards.testing import TINY_SHARDS
+from shards.writer import MANIFEST, ShardConfig, shard_paths, write_shards
+
+
+def _digests(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.tar"))}
+
+
+def test_manifest_counts_match_store(tiny_stores, tiny_shards, tiny_cfg):
+    for person in tiny_cfg.person_ids:
+        store = PersonStore(tiny_stores / f"{person}.zarr")
+        manifest = json.loads((tiny_shards / person / MANIFEST).read_text())
+        assert manifest["complete"]
+        for split in ("train", "test_seq", "test_cam"):
+            assert manifest["counts"][split] == len(store.samples(split))
+        for name, entry in manifest["shards"].items():
+            path = tiny_shards / person / name
+            assert name.startswith(entry["split"] + "-") and name.endswith(".tar")
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+            assert path.stat().st_size == entry["bytes"]
+            assert entry["samples"] <= TINY_SHARDS.samples_per_shard
+
+
+def test_keys_are_deterministic_and_shards_byte_identical(tiny_stores, tiny_shards, tmp_path):
+    store = tiny_stores / "000.zarr"
+    write_shards([store], tmp_path, TINY_SHARDS, progress=False)
+    assert _digests(tmp_path / "000") == _digests(tiny_shards / "000")
+    with tarfile.open(tmp_path / "000" / "train-000000.tar") as tar:
+        names = tar.getnames()
+    assert names[0] == "000/EXP-1-head/frame_00000/cam_220700191.rgb.npy.zst"
+    assert [n.split(".", 1)[1] for n in names[: len(MEMBERS)]] == list(MEMBERS)
+
+
+def test_resume_skips_complete_shards(tiny_stores, tiny_shards, tmp_path):
+    shutil.copytree(tiny_shards / "000", tmp_path / "000")
+    victim = tmp_path / "000" / "train-000001.tar"
+    victim.unlink()
+    (tmp_path / "000" / ".train-000002.tar.junk.tmp").write_bytes(b"half")  # an interrupted write
+    res = write_shards([tiny_stores / "000.zarr"], tmp_path, TINY_SHARDS, progress=False)
+    assert res.written == ["000/train-000001.tar"]
+    assert len(res.skipped) == len(list((tiny_shards / "000").glob("*.tar"))) - 1
+    assert _digests(tmp_path / "000") == _digests(tiny_shards / "000")
+    # A config change invalidates every shard.
+    res = write_shards([tiny_stores / "000.zarr"], tmp_path, ShardConfig(samples_per_shard=4, raster_backend="cpu",
+                                                                        background=(0.0, 0.0, 0.0)), progress=False)
+    assert not res.skipped and res.written
+
+
+def test_webdataset_library_reads_the_shards(tiny_shards):
+    import webdataset as wds
+
+    urls = [str(p) for p in shard_paths(tiny_shards, "000", "train")]
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    keys = [s["__key__"] for s in ds]
+    assert keys and all(k.startswith("000/") for k in keys)
+    sample = next(iter(wds.WebDataset(urls[:1], shardshuffle=False, empty_check=False)))
+    assert set(MEMBERS) <= set(sample)
+
+
+def test_buffers_survive_quantisation(tiny_stores, tiny_shards):
+    store = PersonStore(tiny_stores / "001.zarr")
+    sample = store.samples("test_cam")[0]
+    path = shard_paths(tiny_shards, "001", "test_cam")[0]
+    with tarfile.open(path) as tar:
+        members = {}
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            if key.endswith(sample.key):
+                members[ext] = tar.extractfile(m).read()
+    dec = decode_sample(f"001/{sample.key}", members)
+    mesh = store.mesh(sample.frame)
+    buf = rasterize(torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces).long(), store.cameras[sample.camera],
+                    attributes=torch.from_numpy(normalise_canonical(mesh.canonical, store.attrs["canonical_bounds"])),
+                    backend="cpu")
+    m = buf.mask.numpy()
+    assert m.sum() > 100
+    np.testing.assert_array_equal(dec.mask[0] > 0, m)
+    np.testing.assert_allclose(dec.depth[0][m], buf.depth.numpy()[m], atol=2e-5 * (buf.depth[buf.mask].max().item()))
+    np.testing.assert_allclose(dec.canonical.transpose(1, 2, 0)[m], buf.attributes.numpy()[m], atol=2e-5)
+    cos = (dec.normals.transpose(1, 2, 0)[m] * buf.normals.numpy()[m]).sum(-1)
+    assert cos.min() > 0.999
+    np.testing.assert_array_equal(dec.expression, mesh.expression)
+    assert dec.meta["split"] == "test_cam" and dec.meta["serial"] == sample.serial
+    # Background pixels (alpha 0) are the background colour exactly.
+    bg = dec.alpha[0] == 0
+    assert bg.any() and np.all(dec.rgb[:, bg] == 1.0)
+
+
+def test_resize_option_scales_images_and_cameras(tiny_stores, tmp_path):
+    write_shards([tiny_stores / "000.zarr"], tmp_path, ShardConfig(samples_per_shard=64, image_width=32,
+                                                                  raster_backend="cpu"), progress=False)
+    path = shard_paths(tmp_path, "000", "train")[0]
+    with tarfile.open(path) as tar:
+        meta = json.loads(tar.extractfile([m for m in tar.getmembers() if m.name.endswith(".json")][0]).read())
+    assert meta["width"] == meta["height"] == 32 and abs(meta["K"][0][2] - 15.5) < 1e-9
+
+
+def test_incomplete_manifest_is_refused(tiny_shards, tmp_path):
+    shutil.copytree(tiny_shards / "000", tmp_path / "000")
+    mpath = tmp_path / "000" / MANIFEST
+    manifest = json.loads(mpath.read_text())
+    manifest["complete"] = False
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="incomplete"):
+        shard_paths(tmp_path, "000", "train")
+    with pytest.raises(DataError, match="manifest is missing"):
+        shard_paths(tmp_path, "nobody", "train")
