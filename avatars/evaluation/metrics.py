@@ -1,0 +1,244 @@
+"""PSNR, SSIM, LPIPS, JOD (+ optional AKD/CSIM) per frame and per video, masked and unmasked.
+
+Images are (T, H, W, 3) arrays, uint8 or float in [0, 1]; masks are (T, H, W) in [0, 1]
+(uint8 0..255 and bool are accepted). "Masked" follows the official DiffusionAvatars
+evaluation script: prediction and ground truth are both composited onto a white
+background with the ground-truth foreground mask and quantised to uint8 before any metric,
+i.e. ``masked = round(255 * (m * img + (1 - m) * background)) / 255``. The metrics are then
+computed over the full image (background pixels agree exactly, so they count as perfect).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from avatars.evaluation.face_models import FaceModelConfig, FaceModels
+from avatars.evaluation.lpips_weights import LpipsConfig, load_lpips
+from avatars.evaluation.metric_names import DEFAULT_METRICS, MASKABLE, METRIC_INFO  # noqa: F401 (re-exported)
+
+
+def to_float_frames(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(T, H, W, 3) uint8 or float in [0, 1] -> float32 tensor (T, 3, H, W) in [0, 1]."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim != 4 or t.shape[-1] != 3:
+        raise ValueError(f"expected frames of shape (T, H, W, 3), got {tuple(t.shape)}")
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+def to_float_mask(mask: np.ndarray | torch.Tensor, frames: int) -> torch.Tensor:
+    """(T, H, W[, 1]) bool / uint8 / float mask -> float32 tensor (T, 1, H, W) in [0, 1]."""
+    m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    if m.ndim == 4 and m.shape[-1] == 1:
+        m = m[..., 0]
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim != 3 or m.shape[0] != frames:
+        raise ValueError(f"expected a mask of shape (T={frames}, H, W), got {tuple(m.shape)}")
+    m = m.float() / 255.0 if m.dtype == torch.uint8 else m.float()
+    return m[:, None]
+
+
+def composite_on_background(
+    frames: torch.Tensor, mask: torch.Tensor, background: Sequence[float] = (1.0, 1.0, 1.0), quantize: bool = True
+) -> torch.Tensor:
+    """m * img + (1 - m) * background, optionally rounded to uint8 levels like the official script."""
+    bg = torch.tensor(background, dtype=frames.dtype, device=frames.device).view(1, 3, 1, 1)
+    out = mask * frames + (1.0 - mask) * bg
+    return torch.round(out * 255.0) / 255.0 if quantize else out
+
+
+def psnr(pred: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-frame PSNR in dB of (T, 3, H, W) tensors; identical frames give +inf."""
+    mse = ((pred.double() - gt.double()) ** 2).flatten(1).mean(1)
+    return (10.0 * torch.log10(data_range**2 / mse)).float()
+
+
+def _gaussian_window(size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return (g / g.sum()).to(dtype)
+
+
+def ssim(
+    pred: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0, win_size: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
+    """Per-frame SSIM (Wang et al. 2004): Gaussian window 11 / sigma 1.5, K1=0.01, K2=0.03.
+
+    Valid-region filtering (no padding) and the mean over channels, which equals
+    skimage's `structural_similarity(gaussian_weights=True, use_sample_covariance=False)`.
+    """
+    if min(pred.shape[-2:]) < win_size:
+        raise ValueError(f"SSIM needs frames of at least {win_size}x{win_size}, got {tuple(pred.shape[-2:])}")
+    x, y = pred.double(), gt.double()
+    c = x.shape[1]
+    g = _gaussian_window(win_size, sigma, x.dtype)
+    wh = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    wv = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, wh, groups=c), wv, groups=c)
+
+    mu_x, mu_y = blur(x), blur(y)
+    sxx = blur(x * x) - mu_x**2
+    syy = blur(y * y) - mu_y**2
+    sxy = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1).float()
+
+
+def _cvvdp(display: str, device: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import pycvvdp
+    except ImportError as e:
+        raise ImportError("JOD needs ColorVideoVDP: pip install cvvdp==0.5.7 (or drop 'jod' from the metrics)") from e
+    return pycvvdp.cvvdp(display_name=display, quiet=True, device=torch.device(device))
+
+
+def jod(
+    pred_u8: np.ndarray, gt_u8: np.ndarray, fps: float, display: str = "standard_fhd", device: str = "cpu", metric=None
+) -> float:
+    """ColorVideoVDP quality in JOD (10 = identical) of a whole uint8 video (T, H, W, 3).
+
+    JOD is a video-level score (it models temporal masking), so there is no per-frame value.
+    A single frame is evaluated as an image. `metric` reuses a loaded `pycvvdp.cvvdp`.
+    """
+    metric = metric if metric is not None else _cvvdp(display, device)
+    if pred_u8.shape[0] == 1:
+        q, _ = metric.predict(pred_u8[0], gt_u8[0], dim_order="HWC")
+    else:
+        q, _ = metric.predict(pred_u8, gt_u8, dim_order="FHWC", frames_per_second=fps)
+    return float(q)
+
+
+@dataclass
+class EvalConfig:
+    """What `Evaluator` computes and with which local model files.
+
+    metrics: subset of DEFAULT_METRICS; masked variants are added when a mask is given.
+    lpips: LPIPS weights config; required when "lpips" is requested.
+    face_models: optional user-provided landmark / face-identity TorchScript files (AKD / CSIM).
+    background: RGB in [0, 1] the masked variants composite onto (white, as the paper's script).
+    fps: frame rate for JOD (NeRSemble at 73 fps, every 3rd frame -> 24.33).
+    jod_display: ColorVideoVDP display model name.
+    device: torch device for LPIPS / JOD / face models.
+    """
+
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    lpips: LpipsConfig | None = None
+    face_models: FaceModelConfig = field(default_factory=FaceModelConfig)
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    fps: float = 73.0 / 3.0
+    jod_display: str = "standard_fhd"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.metrics) - set(DEFAULT_METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(DEFAULT_METRICS)}")
+        if "lpips" in self.metrics and self.lpips is None:
+            raise ValueError("'lpips' requested but no LpipsConfig(weights_path=...) given (--lpips-weights)")
+
+
+def _summary(values: torch.Tensor | list[float] | None, mean: float | None = None) -> dict:
+    if values is None:
+        return {"mean": mean, "per_frame": None}
+    per_frame = [float(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+    return {"mean": float(np.mean(per_frame)) if per_frame else None, "per_frame": per_frame}
+
+
+class Evaluator:
+    """Holds the loaded networks so one renderer process evaluates many videos cheaply."""
+
+    def __init__(self, config: EvalConfig):
+        self.config = config
+        self._lpips = load_lpips(config.lpips) if "lpips" in config.metrics and config.lpips else None
+        self._faces = FaceModels(config.face_models, device=config.device)
+        self._cvvdp = _cvvdp(config.jod_display, config.device) if "jod" in config.metrics else None
+
+    @torch.no_grad()
+    def lpips(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """Per-frame LPIPS (AlexNet, v0.1) of (T, 3, H, W) tensors in [0, 1]."""
+        assert self._lpips is not None and self.config.lpips is not None
+        out, bs, dev = [], self.config.lpips.batch_size, self.config.device
+        for i in range(0, pred.shape[0], bs):
+            d = self._lpips(pred[i : i + bs].to(dev), gt[i : i + bs].to(dev), normalize=True)
+            out.append(d.flatten().cpu())
+        return torch.cat(out)
+
+    def _image_metrics(self, pred: torch.Tensor, gt: torch.Tensor, suffix: str, result: dict) -> None:
+        metrics = self.config.metrics
+        if "psnr" in metrics:
+            result[f"psnr{suffix}"] = _summary(psnr(pred, gt))
+        if "ssim" in metrics:
+            result[f"ssim{suffix}"] = _summary(ssim(pred, gt))
+        if "lpips" in metrics:
+            result[f"lpips{suffix}"] = _summary(self.lpips(pred, gt))
+        if "jod" in metrics:
+            to_u8 = lambda t: (t.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()  # noqa: E731
+            q = jod(to_u8(pred), to_u8(gt), self.config.fps, metric=self._cvvdp)
+            result[f"jod{suffix}"] = _summary(None, q)
+
+    def evaluate_video(
+        self, gt: np.ndarray | torch.Tensor, pred: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None
+    ) -> dict:
+        """Evaluate one rendered video against its ground truth.
+
+        Returns ``{"frames": T, "metrics": {name: {"mean": float, "per_frame": [..] | None}},
+        "skipped": {name: reason}}`` with names like "psnr" and "psnr_masked".
+        """
+        g, p = to_float_frames(gt), to_float_frames(pred)
+        if g.shape != p.shape:
+            raise ValueError(f"ground truth {tuple(g.shape)} and prediction {tuple(p.shape)} differ in shape")
+        metrics: dict[str, dict] = {}
+        skipped: dict[str, str] = {}
+        self._image_metrics(p, g, "", metrics)
+        if mask is not None:
+            m = to_float_mask(mask, g.shape[0])
+            if m.shape[-2:] != g.shape[-2:]:
+                raise ValueError(f"mask {tuple(m.shape[-2:])} and frames {tuple(g.shape[-2:])} differ in size")
+            bg = self.config.background
+            self._image_metrics(composite_on_background(p, m, bg), composite_on_background(g, m, bg), "_masked", metrics)
+        else:
+            for name in self.config.metrics:
+                if name in MASKABLE:
+                    skipped[f"{name}_masked"] = f"{name.upper()} masked skipped: no foreground mask given"
+        if "akd" in self.config.metrics:
+            value = self._faces.akd(p, g)
+            if value is None:
+                skipped["akd"] = self._faces.akd_skip_reason
+            else:
+                metrics["akd"] = _summary(value)
+        if "csim" in self.config.metrics:
+            value = self._faces.csim(p, g)
+            if value is None:
+                skipped["csim"] = self._faces.csim_skip_reason
+            else:
+                metrics["csim"] = _summary(value)
+        return {"frames": int(g.shape[0]), "metrics": metrics, "skipped": skipped}
+
+
+def evaluate_video(
+    gt: np.ndarray | torch.Tensor,
+    pred: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor | None = None,
+    config: EvalConfig | None = None,
+    metrics: Sequence[str] | None = None,
+    lpips_weights: Path | str | None = None,
+) -> dict:
+    """One-shot convenience wrapper around `Evaluator(config).evaluate_video` (loads models each call)."""
+    if config is None:
+        chosen = tuple(metrics) if metrics is not None else DEFAULT_METRICS
+        config = EvalConfig(metrics=chosen, lpips=LpipsConfig(Path(lpips_weights)) if lpips_weights else None)
+    return Evaluator(config).evaluate_video(gt, pred, mask)

@@ -1,0 +1,128 @@
+"""Side-by-side comparison videos (ground truth | render | rasterized buffers) as H.264 mp4.
+
+Written with ffmpeg through imageio-ffmpeg (libx264, yuv420p so every browser plays it).
+yuv420p needs even width and height, so frames are padded (edge-replicated) by at most one
+pixel instead of being resized. The file is written to a temporary sibling and renamed, so
+the report never links a half-written video.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _to_u8(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x
+    return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _normalize_valid(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Min-max normalise per channel over the valid pixels; invalid pixels become 0."""
+    out = np.zeros_like(x, dtype=np.float32)
+    if valid.any():
+        v = x[valid]
+        lo, hi = v.min(axis=0), v.max(axis=0)
+        out[valid] = (v - lo) / np.maximum(hi - lo, 1e-8)
+    return out
+
+
+def buffers_to_rgb(
+    normals: np.ndarray | None = None,
+    depth: np.ndarray | None = None,
+    canonical: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Turn rasterizer buffers of one frame into uint8 RGB panels (H, W, 3), in the order given.
+
+    normals: (H, W, 3) unit vectors in [-1, 1] -> (n + 1) / 2.
+    depth: (H, W); near is bright, far dark, normalised over valid pixels (mask, or depth > 0 and finite).
+    canonical: (H, W, C>=3) canonical coordinates; first 3 dims min-max normalised over valid pixels.
+    mask: (H, W) foreground; pixels outside are black in every panel.
+    """
+    panels: list[np.ndarray] = []
+    ref = next((b for b in (normals, depth, canonical) if b is not None), None)
+    if ref is None:
+        return panels
+    h, w = ref.shape[:2]
+    m = np.ones((h, w), bool) if mask is None else np.asarray(mask).reshape(h, w) > 0.5
+    if normals is not None:
+        n = (np.asarray(normals, np.float32)[..., :3] + 1.0) / 2.0
+        panels.append(_to_u8(n * m[..., None]))
+    if depth is not None:
+        d = np.asarray(depth, np.float32).reshape(h, w)
+        valid = m & np.isfinite(d) & (d > 0)
+        dn = _normalize_valid(d[..., None], valid)[..., 0]
+        vis = np.where(valid, 1.0 - 0.8 * dn, 0.0)  # near = 1.0, far = 0.2, background = 0
+        panels.append(_to_u8(np.repeat(vis[..., None], 3, axis=-1)))
+    if canonical is not None:
+        c = np.asarray(canonical, np.float32)[..., :3]
+        valid = m & np.isfinite(c).all(-1)
+        panels.append(_to_u8(_normalize_valid(c, valid)))
+    return panels
+
+
+def _pad_even(frame: np.ndarray) -> np.ndarray:
+    h, w = frame.shape[:2]
+    return np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
+    """Concatenate (T, H, W, 3) panel videos horizontally into one (T, H, sum W, 3) uint8 video."""
+    vids = [_to_u8(p) for p in panels]
+    if not vids:
+        raise ValueError("side_by_side needs at least one panel")
+    t, h = vids[0].shape[0], vids[0].shape[1]
+    for i, v in enumerate(vids):
+        if v.ndim != 4 or v.shape[-1] != 3 or v.shape[0] != t or v.shape[1] != h:
+            raise ValueError(f"panel {i} has shape {v.shape}; all panels need (T={t}, H={h}, W, 3)")
+    return np.concatenate(vids, axis=2)
+
+
+def write_comparison_video(
+    path: Path | str, panels: Sequence[np.ndarray], fps: float = 73.0 / 3.0, quality: int = 8
+) -> Path:
+    """Write panels (e.g. [gt, render, *buffers], each (T, H, W, 3)) side by side as an H.264 mp4.
+
+    quality: imageio-ffmpeg's 0..10 scale (10 = best). Returns the final path.
+    """
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    video = side_by_side(panels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = imageio.get_writer(
+            tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+            quality=quality, macro_block_size=1, ffmpeg_log_level="error",
+        )
+        try:
+            for frame in video:
+                writer.append_data(_pad_even(frame))
+        finally:
+            writer.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report copies and serves these to others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_video(path: Path | str) -> np.ndarray:
+    """Decode an mp4 into (T, H, W, 3) uint8 frames (used by tests and the report thumbnails)."""
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(str(path), format="FFMPEG")
+    try:
+        return np.stack([np.asarray(f) for f in reader])
+    finally:
+        reader.close()

@@ -1,0 +1,15 @@
+"""Prometheus metrics for training and the renderer, and the HTTP exporter that serves them.
+
+Metric names are the contract with `monitoring/prometheus.yml` and
+`monitoring/grafana-dashboard.json`; change them in all three places together.
+"""
+
+from cluster.monitoring.metrics import (
+    DEFAULT_RENDERER_PORT,
+    DEFAULT_TRAINING_PORT,
+    RendererMetrics,
+    TrainingMetrics,
+    start_exporter,
+)
+
+__all__ = ["DEFAULT_RENDERER_PORT", "DEFAULT_TRAINING_PORT", "RendererMetrics", "TrainingMetrics", "start_exporter"]

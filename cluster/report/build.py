@@ -1,0 +1,183 @@
+"""Build the nightly report folder: index.html + report.json + videos/.
+
+Self-contained means the folder works when copied anywhere: CSS, plots and thumbnails are
+inlined (base64), and the mp4s are copied next to the HTML and linked relatively. Videos are
+not inlined as data URIs because a night's videos for many persons are hundreds of MB;
+base64 would add a third and make the page itself unloadable.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avatars.evaluation.metric_names import metric_label
+from cluster.report.aggregate import RunSummary, summarize
+from cluster.report.plots import trend_plot
+from cluster.report.schema import RunResults, list_runs, parse_run_date, run_dir
+from cluster.report.template import PAGE
+from shards.contract import DataError, atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger(__name__)
+REPORT_VERSION = 1
+SITE_DIR = "site"
+_DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4, "jod": 2, "akd": 2, "csim": 3}
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+
+@dataclass
+class ReportConfig:
+    """Inputs and options of one report build.
+
+    reports_root: folder holding `runs/<YYYY-MM-DD>/results.json` (see cluster.report.schema).
+    run_date: the run to report; None = the newest run.
+    out_dir: output folder; None = `<reports_root>/site/<run_date>`.
+    max_history: how many runs (up to and including run_date) the trend plots show.
+    copy_videos: copy the run's mp4s next to index.html (False = leave the page without videos).
+    """
+
+    reports_root: Path
+    run_date: str | None = None
+    out_dir: Path | None = None
+    max_history: int = 60
+    copy_videos: bool = True
+    extra_meta: dict[str, str] = field(default_factory=dict)
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None:
+        return "\u2014"
+    return f"{value:.{_DIGITS.get(metric.removesuffix('_masked'), 3)}f}"
+
+
+def _world_readable(path: Path) -> None:
+    """mkstemp creates 0600 files; the published site must be readable by the web server."""
+    os.chmod(path, 0o644)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        _world_readable(Path(tmp))
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _first_frame_png(video: Path) -> str | None:
+    """Thumbnail from the first video frame when the renderer wrote none (base64 PNG)."""
+    try:
+        import imageio.v2 as imageio
+
+        reader = imageio.get_reader(str(video), format="FFMPEG")
+        try:
+            frame = reader.get_data(0)
+        finally:
+            reader.close()
+        return base64.b64encode(imageio.imwrite("<bytes>", frame, format="png")).decode("ascii")
+    except Exception as e:  # a broken video must not kill the whole nightly page
+        log.warning("%s: cannot read a thumbnail frame: %s", video, e)
+        return None
+
+
+def load_history(reports_root: Path, until: str, max_history: int) -> tuple[list[RunResults], list[str]]:
+    """Valid runs up to `until` (oldest first) and the reasons past runs were ignored."""
+    runs, ignored = [], []
+    for path in list_runs(reports_root):
+        if path.parent.name > until:
+            continue
+        try:
+            runs.append(RunResults.load(path))
+        except DataError as e:
+            if path.parent.name == until:
+                raise
+            ignored.append(str(e))
+            log.warning("ignoring run: %s", e)
+    return runs[-max_history:], ignored
+
+
+def build_report(config: ReportConfig) -> Path:
+    """Write index.html, report.json and videos/ for one nightly run; returns the index.html path."""
+    root = Path(config.reports_root)
+    all_runs = list_runs(root)
+    if not all_runs:
+        raise DataError(root / "runs", "no nightly runs found (expected runs/<YYYY-MM-DD>/results.json)")
+    run_date = config.run_date or all_runs[-1].parent.name
+    parse_run_date(run_date)
+    current_path = run_dir(root, run_date) / "results.json"
+    if not current_path.is_file():
+        raise DataError(current_path, "results file of the requested run does not exist")
+    history, ignored = load_history(root, run_date, config.max_history)
+    current = history[-1]
+    summaries = [summarize(r) for r in history]
+    summary = summaries[-1]
+    out = Path(config.out_dir) if config.out_dir else root / SITE_DIR / run_date
+    out.mkdir(parents=True, exist_ok=True)
+
+    persons, skipped_all = [], {}
+    src_dir = run_dir(root, run_date)
+    for person, tasks in sorted(current.persons.items()):
+        entries, skipped = [], sorted({f"{t}: {reason}" for t, r in tasks.items() for reason in r.skipped.values()})
+        skipped_all[person] = {t: r.skipped for t, r in tasks.items()}
+        for task, r in sorted(tasks.items()):
+            entry = {"name": task, "frames": r.frames, "video": None, "thumbnail": None, "thumbnail_mime": "image/png"}
+            video_src = src_dir / r.video if r.video else None
+            if video_src is not None and not video_src.is_file():
+                skipped.append(f"{task}: video {video_src} is missing")
+                video_src = None
+            if r.thumbnail and (src_dir / r.thumbnail).is_file():
+                thumb = src_dir / r.thumbnail
+                entry["thumbnail"] = base64.b64encode(thumb.read_bytes()).decode("ascii")
+                entry["thumbnail_mime"] = _MIME.get(thumb.suffix.lower(), "image/png")
+            elif video_src is not None:
+                entry["thumbnail"] = _first_frame_png(video_src)
+            if video_src is not None and config.copy_videos:
+                rel = Path("videos") / person / f"{task}{video_src.suffix}"
+                _copy_atomic(video_src, out / rel)
+                entry["video"] = rel.as_posix()
+            entries.append(entry)
+        persons.append({"name": person, "tasks": entries, "skipped": skipped})
+
+    plot_metrics = [m for m in summary.metrics if any(s.overall.get(m) is not None for s in summaries)]
+    plots = [(m, trend_plot(m, summaries)) for m in plot_metrics]
+    generated_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+    report = {
+        "report_version": REPORT_VERSION,
+        "run_date": run_date,
+        "generated_at": generated_at,
+        "meta": {**current.meta, **config.extra_meta},
+        "current": summary.to_json(),
+        "skipped": skipped_all,
+        "per_frame": {p: {t: r.per_frame for t, r in ts.items()} for p, ts in current.persons.items()},
+        "history": [{"run_date": s.run_date, "overall": s.overall, "persons": s.person_average} for s in summaries],
+        "ignored_runs": ignored,
+    }
+    atomic_write_json(out / "report.json", report)
+    _world_readable(out / "report.json")
+    html = _render(summary, summaries, persons, plots, ignored, report["meta"], generated_at)
+    atomic_write_bytes(out / "index.html", html.encode("utf-8"))
+    _world_readable(out / "index.html")
+    return out / "index.html"
+
+
+def _render(summary: RunSummary, summaries: list[RunSummary], persons: list[dict], plots: list[tuple[str, str]],
+            ignored: list[str], meta: dict[str, str], generated_at: str) -> str:
+    import jinja2
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(PAGE).render(
+        run_date=summary.run_date, generated_at=generated_at, n_runs=len(summaries), meta=meta, ignored=ignored,
+        summary=summary, metrics=summary.metrics, labels={m: metric_label(m) for m in summary.metrics},
+        fmt=_fmt, plots=plots, persons=persons,
+    )

@@ -1,0 +1,43 @@
+"""Metric-over-nightly-runs plots as base64 PNG, so the HTML page needs no image files."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from avatars.evaluation.metric_names import higher_is_better, metric_label
+from cluster.report.aggregate import RunSummary
+
+
+def _png_base64(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def trend_plot(metric: str, history: list[RunSummary], dpi: int = 80) -> str:
+    """One metric over the runs: a thin line per person and the person-average in bold. Returns base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    dates = [h.run_date for h in history]
+    x = list(range(len(dates)))
+    fig, ax = plt.subplots(figsize=(5.2, 3.0), dpi=dpi)
+    try:
+        persons = sorted({p for h in history for p in h.person_average})
+        for p in persons:
+            ys = [h.person_average.get(p, {}).get(metric) for h in history]
+            ax.plot(x, [float("nan") if y is None else y for y in ys], marker="o", markersize=3, linewidth=1, alpha=0.7, label=p)
+        avg = [h.overall.get(metric) for h in history]
+        ax.plot(x, [float("nan") if y is None else y for y in avg], marker="s", color="black", linewidth=2.5, label="average")
+        arrow = "higher is better" if higher_is_better(metric) else "lower is better"
+        ax.set_title(f"{metric_label(metric)} ({arrow})", fontsize=10)
+        ax.set_xticks(x, dates, rotation=30, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="best", ncol=2)
+        return _png_base64(fig)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,220 @@
+"""The nightly evaluation results contract: what the renderer writes, what the report reads.
+
+Layout of one nightly run (paths inside results.json are relative to the run folder)::
+
+    <reports_root>/runs/<YYYY-MM-DD>/results.json
+    <reports_root>/runs/<YYYY-MM-DD>/videos/<person>/<task>.mp4        (optional)
+    <reports_root>/runs/<YYYY-MM-DD>/thumbnails/<person>/<task>.png    (optional)
+
+results.json (schema_version 1)::
+
+    {
+      "schema_version": 1,
+      "run_date": "2025-01-31",
+      "meta": {"checkpoint": "...", "git_commit": "..."},          # free-form strings
+      "persons": {
+        "<person>": {
+          "<task>": {                                               # e.g. "self_reenactment"
+            "frames": 120,
+            "metrics": {"psnr": 24.1, "psnr_masked": 27.3, "jod": 6.8, ...},   # means; null = n/a
+            "per_frame": {"psnr": [..], ...},                       # optional; JOD has none
+            "skipped": {"akd": "AKD skipped: no landmark model given (--landmark-model)"},
+            "video": "videos/<person>/<task>.mp4",                  # optional
+            "thumbnail": "thumbnails/<person>/<task>.png"           # optional
+          }
+        }
+      }
+    }
+
+Non-finite numbers (PSNR of identical frames) are stored as null because JSON has no inf.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from shards.contract import DataError, atomic_write_json
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+RUNS_DIR = "runs"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _check_name(name: str, what: str, source: Path | str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise DataError(source, f"{what} name {name!r} must match {_NAME.pattern} (it becomes a file name)")
+    return name
+
+
+def _check_relpath(p: Any, source: Path | str) -> str | None:
+    if p is None:
+        return None
+    pp = PurePosixPath(str(p))
+    if pp.is_absolute() or ".." in pp.parts:
+        raise DataError(source, f"path {p!r} must be relative to the run folder (no '..', not absolute)")
+    return str(pp)
+
+
+def parse_run_date(text: str, source: Path | str = "<run>") -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except (TypeError, ValueError) as e:
+        raise DataError(source, f"run date {text!r} is not YYYY-MM-DD") from e
+
+
+@dataclass
+class TaskResult:
+    """Metrics of one person on one task (one rendered video vs. its ground truth).
+
+    metrics: metric name ("psnr", "psnr_masked", ...) -> mean over frames (None = not finite).
+    per_frame: metric name -> per-frame values (optional; video-level metrics like JOD have none).
+    skipped: metric name -> human-readable reason it was not computed.
+    frames: number of evaluated frames.
+    video: comparison mp4 relative to the run folder, or None.
+    thumbnail: PNG/JPEG relative to the run folder, or None (the report then uses the video's first frame).
+    """
+
+    metrics: dict[str, float | None]
+    per_frame: dict[str, list[float | None]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    frames: int = 0
+    video: str | None = None
+    thumbnail: str | None = None
+
+    @classmethod
+    def from_evaluation(cls, evaluation: dict, video: str | None = None, thumbnail: str | None = None) -> "TaskResult":
+        """Build from `avatars.evaluation.Evaluator.evaluate_video` output."""
+        metrics = {k: _finite(v["mean"]) for k, v in evaluation["metrics"].items()}
+        per_frame = {k: [_finite(x) for x in v["per_frame"]] for k, v in evaluation["metrics"].items() if v["per_frame"] is not None}
+        return cls(metrics, per_frame, dict(evaluation.get("skipped", {})), int(evaluation["frames"]), video, thumbnail)
+
+    def to_json(self) -> dict:
+        return {
+            "frames": self.frames,
+            "metrics": {k: _finite(v) for k, v in self.metrics.items()},
+            "per_frame": {k: [_finite(x) for x in v] for k, v in self.per_frame.items()},
+            "skipped": dict(self.skipped),
+            "video": self.video,
+            "thumbnail": self.thumbnail,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict, source: Path | str) -> "TaskResult":
+        if not isinstance(obj, dict) or not isinstance(obj.get("metrics"), dict):
+            raise DataError(source, "each task needs a 'metrics' object")
+        try:
+            return cls(
+                metrics={str(k): _finite(v) for k, v in obj["metrics"].items()},
+                per_frame={str(k): [_finite(x) for x in v] for k, v in (obj.get("per_frame") or {}).items()},
+                skipped={str(k): str(v) for k, v in (obj.get("skipped") or {}).items()},
+                frames=int(obj.get("frames", 0)),
+                video=_check_relpath(obj.get("video"), source),
+                thumbnail=_check_relpath(obj.get("thumbnail"), source),
+            )
+        except (TypeError, ValueError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(source, f"bad task entry: {e}") from e
+
+
+@dataclass
+class RunResults:
+    """All persons' results of one nightly run; written by the renderer, read by the report.
+
+    run_date: the night's date "YYYY-MM-DD"; also the run folder's name.
+    persons: person -> task -> TaskResult.
+    meta: free-form strings shown in the report header (checkpoint, git commit, host, ...).
+    schema_version: SCHEMA_VERSION this file was written with.
+    """
+
+    run_date: str
+    persons: dict[str, dict[str, TaskResult]]
+    meta: dict[str, str] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "run_date": self.run_date,
+            "meta": dict(self.meta),
+            "persons": {p: {t: r.to_json() for t, r in tasks.items()} for p, tasks in self.persons.items()},
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, source: Path | str) -> "RunResults":
+        if not isinstance(obj, dict):
+            raise DataError(source, "results must be a JSON object")
+        version = obj.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise DataError(source, f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        run_date = str(obj.get("run_date", ""))
+        parse_run_date(run_date, source)
+        persons = obj.get("persons")
+        if not isinstance(persons, dict) or not persons:
+            raise DataError(source, "'persons' must be a non-empty object person -> task -> result")
+        parsed: dict[str, dict[str, TaskResult]] = {}
+        for person, tasks in persons.items():
+            _check_name(person, "person", source)
+            if not isinstance(tasks, dict) or not tasks:
+                raise DataError(source, f"person {person!r} has no tasks")
+            parsed[person] = {_check_name(t, "task", source): TaskResult.from_json(r, source) for t, r in tasks.items()}
+        meta = {str(k): str(v) for k, v in (obj.get("meta") or {}).items()}
+        return cls(run_date=run_date, persons=parsed, meta=meta, schema_version=version)
+
+    @classmethod
+    def load(cls, path: Path) -> "RunResults":
+        path = Path(path)
+        try:
+            obj = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise DataError(path, "results file does not exist") from e
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"not valid JSON: {e}") from e
+        results = cls.from_json(obj, path)
+        if path.parent.name != results.run_date:
+            raise DataError(path, f"run_date {results.run_date} does not match its folder name {path.parent.name}")
+        return results
+
+    def save(self, reports_root: Path) -> Path:
+        """Atomically write `<reports_root>/runs/<run_date>/results.json` and return its path."""
+        for person, tasks in self.persons.items():
+            _check_name(person, "person", "<RunResults>")
+            for task in tasks:
+                _check_name(task, "task", "<RunResults>")
+        path = run_dir(reports_root, self.run_date) / RESULTS_FILE
+        atomic_write_json(path, self.to_json())
+        return path
+
+
+def run_dir(reports_root: Path, run_date: str) -> Path:
+    """The folder of one nightly run; the renderer writes videos/ and thumbnails/ inside it."""
+    parse_run_date(run_date)
+    return Path(reports_root) / RUNS_DIR / run_date
+
+
+def list_runs(reports_root: Path) -> list[Path]:
+    """results.json files of all dated runs under `<reports_root>/runs`, oldest first."""
+    root = Path(reports_root) / RUNS_DIR
+    found = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            dt.date.fromisoformat(d.name)
+        except ValueError:
+            continue
+        if (d / RESULTS_FILE).is_file():
+            found.append(d / RESULTS_FILE)
+    return found

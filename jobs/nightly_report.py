@@ -1,0 +1,42 @@
+"""Nightly report CLI: `python -m jobs.nightly_report --reports-root /data/nightly`.
+
+Reads `<reports_root>/runs/<YYYY-MM-DD>/results.json` (written by the renderer) and writes
+`<reports_root>/site/<date>/index.html`, `report.json` and `videos/` (see cluster.report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cluster.report import ReportConfig, build_report
+from shards.contract import DataError
+
+
+def parse_args(argv: list[str] | None = None) -> ReportConfig:
+    p = argparse.ArgumentParser(description="Build the DiffusionAvatars nightly HTML report.")
+    p.add_argument("--reports-root", type=Path, required=True, help="folder with runs/<YYYY-MM-DD>/results.json")
+    p.add_argument("--date", default=None, help="run to report (YYYY-MM-DD); default: newest run")
+    p.add_argument("--out", type=Path, default=None, help="output folder; default <reports-root>/site/<date>")
+    p.add_argument("--max-history", type=int, default=60, help="runs shown in the trend plots")
+    p.add_argument("--no-videos", action="store_true", help="do not copy the mp4s next to the page")
+    a = p.parse_args(argv)
+    return ReportConfig(a.reports_root, a.date, a.out, a.max_history, copy_videos=not a.no_videos)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    config = parse_args(argv)
+    try:
+        index = build_report(config)
+    except DataError as e:
+        print(f"nightly_report: {e}", file=sys.stderr)
+        return 2
+    print(index)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

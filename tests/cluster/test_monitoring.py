@@ -1,0 +1,121 @@
+"""Exporter output, the shipped scrape config and dashboard, and a real Prometheus scrape."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from cluster.monitoring import RendererMetrics, TrainingMetrics, start_exporter
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+DASHBOARD = ROOT / "monitoring" / "grafana-dashboard.json"
+SCRAPE_CONFIG = ROOT / "monitoring" / "prometheus.yml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+@pytest.fixture()
+def exporter():
+    registry = CollectorRegistry()
+    train, render = TrainingMetrics(registry), RendererMetrics(registry)
+    train.observe_step("p1", step=1234, loss=0.25, samples_per_second=4.5,
+                       learning_rates={"controlnet": 1e-4, "triplanes": 1e-2}, memory_bytes={"cpu_rss": 2.0e9})
+    for _ in range(3):
+        render.observe_batch("p1", frames=8, seconds=2.0)
+        render.observe_request("p1", 0.7)
+    render.observe_batch("p2", frames=4, seconds=1.0)
+    render.set_queue_length("p1", 5)
+    exp = start_exporter(0, addr="127.0.0.1", registry=registry)
+    yield exp
+    exp.stop()
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] if p["type"] != "row" for t in p["targets"]]
+
+
+def test_exporter_serves_all_dashboard_metrics(exporter) -> None:
+    text = _get(f"http://127.0.0.1:{exporter.port}/metrics")
+    assert 'da_render_frames_total{person="p1"} 24.0' in text
+    assert 'da_render_frames_per_second{person="p1"} 4.0' in text
+    assert 'da_render_batch_size_bucket{le="8.0",person="p1"} 3.0' in text
+    assert 'da_train_learning_rate{group="triplanes",person="p1"} 0.01' in text
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] and dash["schemaVersion"] >= 30 and len(dash["panels"]) >= 10
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for expr in _dashboard_exprs():  # every metric the dashboard uses is exported
+        names = {w for w in expr.replace("(", " ").replace("{", " ").split() if w.startswith("da_")}
+        for name in names:
+            base = name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+            assert f"\n{base}" in text or f"\n{name}" in text, name
+
+
+@pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="prometheus binary missing: apt-get install -y prometheus")
+def test_real_prometheus_scrapes_exporter(exporter, tmp_path: Path) -> None:
+    # Derive the test config from the shipped one: same jobs, targets pointed at the test exporter.
+    config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+    config["global"]["scrape_interval"] = "1s"
+    for job in config["scrape_configs"]:
+        job["scrape_interval"] = "1s"
+    config["scrape_configs"] = [j for j in config["scrape_configs"] if j["job_name"].endswith("renderer")]
+    config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{exporter.port}"]
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle"],
+        stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"),
+    )
+    api = f"http://127.0.0.1:{port}/api/v1/query?query="
+    try:
+        deadline, result = time.monotonic() + 30, []
+        while time.monotonic() < deadline:
+            try:
+                body = json.loads(_get(api + urllib.parse.quote('da_render_frames_total{person="p1"}')))
+                result = body["data"]["result"]
+                if result:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+            time.sleep(0.5)
+        assert result, "no sample scraped within 30 s:\n" + (tmp_path / "prometheus.log").read_text()
+        assert float(result[0]["value"][1]) == 24.0
+        assert result[0]["metric"]["component"] == "renderer" and result[0]["metric"]["job"] == "diffusion-avatars-renderer"
+        # The dashboard's PromQL is valid for this Prometheus and returns data where it must.
+        for expr in _dashboard_exprs():
+            q = expr.replace("$person", ".*").replace("$__rate_interval", "10s").replace("$__range", "1m")
+            body = json.loads(_get(api + urllib.parse.quote(q)))
+            assert body["status"] == "success", (q, body)
+        body = json.loads(_get(api + urllib.parse.quote('da_train_step{person=~".*"}')))
+        assert float(body["data"]["result"][0]["value"][1]) == 1234.0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,87 @@
+"""results.json contract, averages and the report folder (HTML content is checked in Chromium elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.report import ReportConfig, RunResults, TaskResult, build_report
+from cluster.report.aggregate import summarize
+from shards.contract import DataError
+
+sys.path.insert(0, str(Path(__file__).parent))  # report_data.py lives beside this file
+from report_data import DATES, PERSONS, TASKS, make_runs  # noqa: E402
+
+
+def test_results_roundtrip_and_validation(tmp_path: Path) -> None:
+    res = TaskResult.from_evaluation(
+        {"frames": 2, "metrics": {"psnr": {"mean": math.inf, "per_frame": [math.inf, math.inf]},
+                                  "jod": {"mean": 9.5, "per_frame": None}}, "skipped": {"akd": "AKD skipped"}},
+        video="videos/a/t.mp4",
+    )
+    run = RunResults("2025-02-01", {"a": {"t": res}})
+    path = run.save(tmp_path)
+    assert path == tmp_path / "runs/2025-02-01/results.json"
+    raw = json.loads(path.read_text())
+    assert raw["schema_version"] == 1 and raw["persons"]["a"]["t"]["metrics"] == {"psnr": None, "jod": 9.5}
+    assert RunResults.load(path).to_json() == raw
+    raw["schema_version"] = 99
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="schema_version 99"):
+        RunResults.load(path)
+    raw["schema_version"] = 1
+    raw["persons"]["a"]["t"]["video"] = "../../etc/passwd"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="relative to the run folder") as e:
+        RunResults.load(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(DataError, match="person name"):
+        RunResults("2025-02-01", {"../x": {"t": res}}).save(tmp_path)
+
+
+def test_summary_averages_match_numpy(tmp_path: Path) -> None:
+    runs = make_runs(tmp_path, with_video=False)
+    s = summarize(runs[-1])
+    assert s.metrics == ["psnr", "ssim", "psnr_masked", "ssim_masked"]
+    for p in PERSONS:
+        expected = np.mean([runs[-1].persons[p][t].metrics["psnr"] for t in TASKS])
+        assert s.person_average[p]["psnr"] == pytest.approx(expected)
+    assert s.overall["ssim"] == pytest.approx(np.mean([s.person_average[p]["ssim"] for p in PERSONS]))
+    assert s.task_average["novel_view"]["psnr"] == pytest.approx(np.mean([runs[-1].persons[p]["novel_view"].metrics["psnr"] for p in PERSONS]))
+    # less noise each night -> PSNR improves over the runs
+    overall = [summarize(r).overall["psnr"] for r in runs]
+    assert overall[0] < overall[1] < overall[2]
+
+
+def test_build_report_folder(tmp_path: Path) -> None:
+    make_runs(tmp_path)
+    (tmp_path / "runs/2025-01-28").mkdir()
+    (tmp_path / "runs/2025-01-28/results.json").write_text("{broken")
+    index = build_report(ReportConfig(tmp_path))
+    out = index.parent
+    assert out == tmp_path / "site" / DATES[-1]
+    report = json.loads((out / "report.json").read_text())
+    assert [h["run_date"] for h in report["history"]] == list(DATES)
+    assert len(report["ignored_runs"]) == 1 and "2025-01-28" in report["ignored_runs"][0]
+    assert report["skipped"]["p017"]["novel_view"]["akd"].startswith("AKD skipped: no landmark model")
+    assert set(report["current"]["persons"]) == set(PERSONS)
+    for p in PERSONS:
+        assert (out / "videos" / p / "self_reenactment.mp4").stat().st_size > 1000
+    for f in (index, out / "report.json", out / "videos/p017/self_reenactment.mp4"):
+        assert f.stat().st_mode & 0o444 == 0o444, f  # readable by a web server user
+    html = index.read_text()
+    assert 'src="videos/p017/self_reenactment.mp4"' in html and "data:image/png;base64," in html
+    assert html.count('class="plot"') >= 2 * 4  # figure + img per metric
+    # an older date reports that run with only its own history
+    older = build_report(ReportConfig(tmp_path, run_date=DATES[0], out_dir=tmp_path / "old"))
+    assert [h["run_date"] for h in json.loads((older.parent / "report.json").read_text())["history"]] == [DATES[0]]
+
+
+def test_missing_runs_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no nightly runs found"):
+        build_report(ReportConfig(tmp_path))
