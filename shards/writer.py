@@ -95,6 +95,29 @@ def sample_key(person: str, sample: Sample) -> str:
     return f"{person}/{sample.key}"
 
 
+@dataclass
+class MeshTensors:
+    """One fitted mesh ready to rasterize: the canonical coords already normalised to [-1, 1]."""
+
+    vertices: torch.Tensor  # (V, 3)
+    faces: torch.Tensor  # (F, 3) int64
+    canonical: torch.Tensor  # (V, 5)
+    expression: np.ndarray  # (D,)
+
+    @staticmethod
+    def from_store(store: PersonStore, frame: int) -> "MeshTensors":
+        m = store.mesh(frame)
+        canon = normalise_canonical(m.canonical, store.attrs["canonical_bounds"])
+        return MeshTensors(torch.from_numpy(m.vertices).float(), torch.from_numpy(m.faces).long(),
+                           torch.from_numpy(canon), np.asarray(m.expression))
+
+    def rasterize(self, camera, backend: str = "auto"):
+        """RasterBuffers (on CPU) of this mesh seen by `camera`: what a shard sample stores."""
+        dev = "cuda" if backend != "cpu" and torch.cuda.is_available() else "cpu"
+        return rasterize(self.vertices.to(dev), self.faces.to(dev), camera, attributes=self.canonical.to(dev),
+                         backend=backend).to("cpu")
+
+
 def _read_rgb_alpha(paths: tuple[Path, Path], size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
     img_path, alpha_path = paths
     try:
@@ -132,7 +155,7 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{task.name}.", suffix=".tmp", dir=out)
     keys = []
-    mesh_cache: dict[int, tuple] = {}
+    mesh_cache: dict[int, MeshTensors] = {}
     try:
         with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for sid in task.sample_ids:
@@ -142,13 +165,9 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
                     cam = cam.resized(config.image_width, round(cam.height * config.image_width / cam.width))
                 if s.frame not in mesh_cache:
                     mesh_cache.clear()
-                    m = store.mesh(s.frame)
-                    mesh_cache[s.frame] = (torch.from_numpy(m.vertices).float(), torch.from_numpy(m.faces).long(),
-                                           torch.from_numpy(normalise_canonical(m.canonical, bounds)), m.expression)
-                verts, faces, canon, expr = mesh_cache[s.frame]
-                dev = "cuda" if config.raster_backend != "cpu" and torch.cuda.is_available() else "cpu"
-                buf = rasterize(verts.to(dev), faces.to(dev), cam, attributes=canon.to(dev),
-                                backend=config.raster_backend).to("cpu")
+                    mesh_cache[s.frame] = MeshTensors.from_store(store, s.frame)
+                buf = mesh_cache[s.frame].rasterize(cam, config.raster_backend)
+                expr = mesh_cache[s.frame].expression
                 rgb, alpha = _read_rgb_alpha(store.image_paths(s), (cam.width, cam.height))
                 a = alpha.astype(np.float32)[..., None] / 255
                 matted = np.round((rgb.astype(np.float32) / 255 * a + bg * (1 - a)) * 255).astype(np.uint8)

@@ -1,0 +1,120 @@
+"""Resumable checkpoints: DeepSpeed engine state + data position + every RNG.
+
+A checkpoint is `<run>/checkpoints/step_<N:07d>/`: DeepSpeed's own files (trainable
+weights, optimizer state; frozen weights are excluded) plus `trainer_state.pt`
+(data-loader epoch and position, torch / numpy / python RNG states, the diffusion
+noise generator). DeepSpeed writes into the folder directly, so completeness is
+marked separately: `complete.json` is written (atomically, by rank 0, after every
+rank has finished saving) last, and only folders with it count. The newest `keep_last`
+complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from shards.contract import atomic_write_bytes, atomic_write_json
+
+MARKER = "complete.json"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainerState:
+    """Where training stands, beyond the weights and optimizer."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data epoch in progress
+    position: int = 0  # samples of this epoch already consumed (by this rank)
+    elapsed_s: float = 0.0  # training wall time before this process
+
+
+def tag(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rng_state(noise: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "noise": noise.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict, noise: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    noise.set_state(state["noise"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.glob("step_*") if (p / MARKER).is_file())
+
+
+def save(engine, ckpt_dir: Path, state: TrainerState, noise: torch.Generator, keep_last: int) -> Path:
+    """Save a checkpoint of `engine` + `state` (collective: every rank calls it)."""
+    ckpt_dir = Path(ckpt_dir)
+    name = tag(state.step)
+    engine.save_checkpoint(str(ckpt_dir), tag=name, save_latest=False, exclude_frozen_parameters=True)
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"state": asdict(state), "rng": rng_state(noise)}, buf)
+    atomic_write_bytes(ckpt_dir / name / f"rank{_rank():03d}_{STATE_FILE}", buf.getvalue())
+    _barrier()
+    if _rank() == 0:
+        atomic_write_json(ckpt_dir / name / MARKER, {"step": state.step})
+        for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return ckpt_dir / name
+
+
+def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState | None:
+    """Restore the newest complete checkpoint into `engine` and the RNGs; None if there is none.
+
+    Incomplete folders (a run killed while saving) are removed by rank 0.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    done = complete_checkpoints(ckpt_dir)
+    if _rank() == 0 and ckpt_dir.is_dir():
+        newest = done[-1].name if done else ""
+        for p in ckpt_dir.glob("step_*"):
+            if not (p / MARKER).is_file() and p.name > newest:
+                shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    if not done:
+        return None
+    latest = done[-1]
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=latest.name, load_module_strict=False)
+    if path is None:
+        raise RuntimeError(f"{latest}: DeepSpeed could not load this checkpoint")
+    saved = torch.load(latest / f"rank{_rank():03d}_{STATE_FILE}", weights_only=False)
+    set_rng_state(saved["rng"], noise)
+    return TrainerState(**saved["state"])
+
+
+def describe(ckpt_dir: Path) -> str:
+    done = complete_checkpoints(Path(ckpt_dir))
+    return json.dumps([p.name for p in done])
