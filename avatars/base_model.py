@@ -1,0 +1,111 @@
+"""Loading the pretrained base model (a local diffusers directory, e.g. Stable Diffusion 2.1)
+and the stored empty-prompt embedding.
+
+The text encoder is only needed once: :func:`compute_empty_prompt_embedding` encodes "" to a
+(1, 77, cross_attention_dim) tensor, which the model stores with its checkpoint.
+
+CLI: ``python -m avatars.base_model --base-model PATH [--out FILE]`` writes the embedding to
+``FILE`` (default ``PATH/empty_prompt_embedding.safetensors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+EMPTY_PROMPT_FILE = "empty_prompt_embedding.safetensors"
+EMPTY_PROMPT_KEY = "empty_prompt_embedding"
+
+
+def check_base_model_dir(path: str | os.PathLike, need: tuple[str, ...] = ("unet", "vae")) -> Path:
+    """Checks that ``path`` is a local diffusers directory holding the subfolders ``need``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"base model directory {root} does not exist; pass --base-model PATH pointing to a local "
+            "diffusers directory (e.g. Stable Diffusion 2.1 saved with save_pretrained)"
+        )
+    for sub in need:
+        if not (root / sub / "config.json").is_file():
+            raise FileNotFoundError(f"base model directory {root} lacks {sub}/config.json (not a diffusers layout?)")
+    return root
+
+
+def load_unet_and_vae(path: str | os.PathLike):
+    """Loads the UNet and the VAE (float32) from a local diffusers directory."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    root = check_base_model_dir(path)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
+    return unet, vae
+
+
+@torch.no_grad()
+def compute_empty_prompt_embedding(path: str | os.PathLike) -> torch.Tensor:
+    """Encodes the empty prompt with the base model's tokenizer + text encoder -> (1, L, D)."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    root = check_base_model_dir(path, need=("text_encoder",))
+    if not (root / "tokenizer").is_dir():
+        raise FileNotFoundError(f"base model directory {root} lacks tokenizer/")
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True).eval()
+    ids = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return encoder(ids)[0].float().contiguous()
+
+
+def save_tensor_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Writes a safetensors file to a temporary name in the same folder, then renames it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_empty_prompt_embedding(file: str | os.PathLike) -> torch.Tensor:
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"empty-prompt embedding {file} not found")
+    data = load_file(str(file))
+    if EMPTY_PROMPT_KEY not in data:
+        raise KeyError(f"{file} has no tensor {EMPTY_PROMPT_KEY!r}")
+    return data[EMPTY_PROMPT_KEY]
+
+
+def empty_prompt_embedding_for(path: str | os.PathLike) -> torch.Tensor:
+    """The cached embedding ``PATH/empty_prompt_embedding.safetensors`` if present, else computed
+    with the text encoder (not written into the base model directory)."""
+    cached = Path(path) / EMPTY_PROMPT_FILE
+    if cached.is_file():
+        return load_empty_prompt_embedding(cached)
+    return compute_empty_prompt_embedding(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-model", required=True, help="local diffusers directory (SD 2.1)")
+    parser.add_argument("--out", help=f"output file (default BASE/{EMPTY_PROMPT_FILE})")
+    args = parser.parse_args(argv)
+    embedding = compute_empty_prompt_embedding(args.base_model)
+    out = Path(args.out) if args.out else Path(args.base_model) / EMPTY_PROMPT_FILE
+    save_tensor_atomic({EMPTY_PROMPT_KEY: embedding}, out)
+    print(f"wrote {out} {tuple(embedding.shape)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Configuration dataclasses and presets for the DiffusionAvatars model.
+
+One dataclass per component. Presets are factories: :func:`paper_config` (Stable Diffusion 2.1
+layout, 512x512, needs a local pretrained base model) and :func:`tiny_config` (random weights,
+64x64, for CPU tests). Ablations of the paper's Table 3 are switches on :class:`DiffusionAvatarsConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+#: Rasterized channels fed to the ControlNet: depth 1 + canonical xyz 3 + normals 3 + ambient 2.
+RASTER_CHANNELS = 1 + 3 + 3 + 2
+
+FeatureMapping = Literal["triplane", "spherical", "none"]
+
+
+@dataclass
+class UNetConfig:
+    """Layout of the denoising UNet (used to build it when no base model is loaded).
+
+    When a pretrained base model is loaded, its own UNet config is used and the fields checked
+    by :meth:`DiffusionAvatarsModel` (``cross_attention_dim``, ``latent_channels`` via the VAE)
+    must agree with this one.
+    """
+
+    #: Output channels of each down block (SD2.1: 320, 640, 1280, 1280).
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    #: diffusers down block types, one per entry of ``block_out_channels``.
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    #: diffusers up block types, one per entry of ``block_out_channels``.
+    up_block_types: tuple[str, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
+    #: ResNet layers per down block (up blocks have one more).
+    layers_per_block: int = 2
+    #: Number of attention heads per block (SD2.1: 5, 10, 20, 20). Passed to diffusers as its
+    #: legacy ``attention_head_dim`` argument, which UNet2DConditionModel treats as head count.
+    attention_heads: tuple[int, ...] = (5, 10, 20, 20)
+    #: Width of the cross-attention context (SD2.1 / OpenCLIP-H: 1024). The expression tokens
+    #: have this width too, because the expression layers start as copies of each block's attn2.
+    cross_attention_dim: int = 1024
+    #: Linear (instead of 1x1 conv) projection in the transformer blocks (SD2.1: True).
+    use_linear_projection: bool = True
+    #: Group-norm groups.
+    norm_num_groups: int = 32
+
+
+@dataclass
+class VAEConfig:
+    """Layout of the frozen AutoencoderKL (used when no base model is loaded)."""
+
+    #: Encoder/decoder block widths; the spatial factor is ``2 ** (len - 1)`` (SD: 8).
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    #: ResNet layers per block.
+    layers_per_block: int = 2
+    #: Latent channels (SD: 4).
+    latent_channels: int = 4
+    #: Latents are multiplied by this after encoding (SD: 0.18215).
+    scaling_factor: float = 0.18215
+    #: Group-norm groups.
+    norm_num_groups: int = 32
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class FeatureConfig:
+    """Learned spatial feature planes sampled at the rasterized canonical coordinates.
+
+    ``mapping`` selects the variant:
+
+    * ``"triplane"`` (paper): three planes (xy, xz, yz) of ``channels`` channels each, sampled
+      with the canonical xyz, plus an ambient map of ``channels`` channels sampled with the two
+      ambient coordinates. Yields ``4 * channels`` conditioning channels (64 for 16).
+    * ``"spherical"`` (ablation "spherical UV"): one 2-D map of ``3 * channels`` channels sampled
+      at (azimuth, elevation) of the canonical xyz (same texel memory and conditioning width as
+      the TriPlane, only the parametrisation differs), plus the ambient map. ``4 * channels``.
+    * ``"none"`` (ablation "w/o spatial features"): no learned maps. 0 channels.
+
+    Coordinates are used directly as ``grid_sample`` coordinates (canonical space is roughly
+    [-1, 1]), bilinear, ``align_corners=False``, zero padding; samples are multiplied by the mask.
+    """
+
+    mapping: FeatureMapping = "triplane"
+    #: Resolution of every plane / map (paper: 512).
+    resolution: int = 512
+    #: Channels per TriPlane plane and of the ambient map (paper: 16).
+    channels: int = 16
+    #: Standard deviation of the normal initialisation of the maps.
+    init_std: float = 0.1
+
+    @property
+    def num_output_channels(self) -> int:
+        if self.mapping == "none":
+            return 0
+        return 4 * self.channels
+
+
+@dataclass
+class SchedulerConfig:
+    """Noise schedule shared by training and sampling (v-prediction, zero terminal SNR)."""
+
+    #: Training timesteps.
+    num_train_timesteps: int = 1000
+    #: Beta range of SD's ``scaled_linear`` schedule (before rescaling to zero terminal SNR).
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+
+@dataclass
+class DiffusionAvatarsConfig:
+    """Full model configuration (saved as ``config.json`` next to the trainable weights)."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    #: Training / rendering resolution (square images; height = width).
+    resolution: int = 512
+    #: Dimension of the per-frame expression code (declared by the data; NPHM 206, MonoNPHM 100).
+    expression_dim: int = 100
+    #: Number of expression tokens (paper: 4), each of width ``unet.cross_attention_dim``.
+    expression_tokens: int = 4
+    #: Channels of ControlNet's conditioning embedding (paper/diffusers: 16, 32, 96, 256). Its
+    #: length must be ``log2(vae.downsample_factor) + 1`` so it downsamples like the VAE.
+    conditioning_embedding_channels: tuple[int, ...] = (16, 32, 96, 256)
+    #: Depth normalisation: (depth - depth_center) / depth_scale inside the mask, 0 outside.
+    depth_center: float = 1.0
+    depth_scale: float = 0.3
+    #: Ablation "w/o expression conditioning": no expression tokens and no expression layers.
+    use_expression: bool = True
+    #: Ablation "w/o diffusion": one forward pass (zero latent input, last timestep) predicting
+    #: the clean latent directly, trained with MSE to the target latent (like DNR).
+    use_diffusion: bool = True
+    #: Ablation "w/o LDM prior": a trainable UNet from random init, conditioned directly by
+    #: concatenating a conditioning embedding to the latent input; no ControlNet.
+    use_ldm_prior: bool = True
+    #: The pretrained base model is mandatory (paper preset); with False random weights are fine.
+    requires_pretrained_base: bool = True
+    #: Seed of every random initialisation (frozen random base, feature maps, new layers), so
+    #: a model without pretrained base is rebuilt identically by ``from_pretrained``.
+    init_seed: int = 0
+
+    @property
+    def conditioning_channels(self) -> int:
+        """Channels of the conditioning image: rasterized buffers + sampled features."""
+        return RASTER_CHANNELS + self.features.num_output_channels
+
+    def validate(self) -> None:
+        n = len(self.unet.block_out_channels)
+        if not (len(self.unet.down_block_types) == len(self.unet.up_block_types) == len(self.unet.attention_heads) == n):
+            raise ValueError("unet: block_out_channels, down/up_block_types and attention_heads need equal lengths")
+        factor = self.vae.downsample_factor
+        if 2 ** (len(self.conditioning_embedding_channels) - 1) != factor:
+            raise ValueError(
+                f"conditioning_embedding_channels {self.conditioning_embedding_channels} downsample by "
+                f"{2 ** (len(self.conditioning_embedding_channels) - 1)}, but the VAE downsamples by {factor}"
+            )
+        multiple = factor * 2 ** (n - 1)
+        if self.resolution % multiple:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of {multiple}")
+        if self.features.mapping not in ("triplane", "spherical", "none"):
+            raise ValueError(f"features.mapping must be triplane|spherical|none, got {self.features.mapping!r}")
+        if self.expression_dim <= 0 or self.expression_tokens <= 0:
+            raise ValueError("expression_dim and expression_tokens must be positive")
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DiffusionAvatarsConfig":
+        sub = {"unet": UNetConfig, "vae": VAEConfig, "features": FeatureConfig, "scheduler": SchedulerConfig}
+        kwargs: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown DiffusionAvatarsConfig fields: {sorted(unknown)}")
+        for key, value in data.items():
+            if key in sub:
+                sub_fields = {f.name for f in dataclasses.fields(sub[key])}
+                bad = set(value) - sub_fields
+                if bad:
+                    raise ValueError(f"unknown {key} config fields: {sorted(bad)}")
+                value = sub[key](**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[key] = value
+        return cls(**kwargs)
+
+
+def paper_config(expression_dim: int = 100, **overrides: Any) -> DiffusionAvatarsConfig:
+    """The paper's setting: SD2.1 layout, 512x512, TriPlanes 512x512x16, 73 input channels."""
+    config = DiffusionAvatarsConfig(expression_dim=expression_dim, **overrides)
+    config.validate()
+    return config
+
+
+def tiny_config(expression_dim: int = 16, **overrides: Any) -> DiffusionAvatarsConfig:
+    """CPU test preset: 64x64 images, VAE factor 4, UNet with ~1 M parameters, random weights."""
+    config = DiffusionAvatarsConfig(
+        unet=UNetConfig(
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            layers_per_block=1,
+            attention_heads=(2, 4),
+            cross_attention_dim=32,
+            use_linear_projection=True,
+            norm_num_groups=8,
+        ),
+        vae=VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8),
+        features=FeatureConfig(mapping="triplane", resolution=32, channels=4),
+        resolution=64,
+        expression_dim=expression_dim,
+        conditioning_embedding_channels=(8, 16, 32),
+        requires_pretrained_base=False,
+    )
+    config = dataclasses.replace(config, **overrides) if overrides else config
+    config.validate()
+    return config

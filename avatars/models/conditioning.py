@@ -1,0 +1,46 @@
+"""Builds the ControlNet conditioning image from a training batch (docs/CONTRACTS.md).
+
+Channel order: normalised depth (1), canonical xyz (3), camera-space normals (3),
+ambient coordinates (2), then the sampled feature maps (``FeatureConfig.num_output_channels``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from avatars.configs import RASTER_CHANNELS, DiffusionAvatarsConfig
+from avatars.models.feature_planes import FeaturePlanes
+
+REQUIRED_KEYS = ("mask", "depth", "normals", "canonical")
+
+
+def rasterized_channels(batch: dict, depth_center: float, depth_scale: float) -> torch.Tensor:
+    """(B, 9, H, W): depth normalised inside the mask, canonical xyz, normals, ambient."""
+    missing = [k for k in REQUIRED_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"training batch lacks keys {missing} (see docs/CONTRACTS.md 'Training batch')")
+    mask = batch["mask"]
+    canonical = batch["canonical"]
+    if canonical.shape[1] != 5:
+        raise ValueError(f"batch['canonical'] must have 5 channels (xyz + ambient), got {canonical.shape[1]}")
+    depth = (batch["depth"] - depth_center) / depth_scale * mask
+    out = torch.cat([depth, canonical[:, 0:3], batch["normals"], canonical[:, 3:5]], dim=1)
+    assert out.shape[1] == RASTER_CHANNELS
+    return out
+
+
+class ConditioningBuilder(nn.Module):
+    """Rasterized channels + learned feature maps -> conditioning image."""
+
+    def __init__(self, config: DiffusionAvatarsConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.depth_center = config.depth_center
+        self.depth_scale = config.depth_scale
+        self.features = FeaturePlanes(config.features, generator=generator)
+        self.out_channels = config.conditioning_channels
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        raster = rasterized_channels(batch, self.depth_center, self.depth_scale)
+        feats = self.features(batch["canonical"], batch["mask"])
+        return torch.cat([raster, feats.to(raster.dtype)], dim=1)

@@ -1,0 +1,377 @@
+"""DiffusionAvatars: a frozen latent-diffusion UNet steered by a ControlNet that sees rasterized
+buffers of the fitted head mesh plus learned feature maps, with expression cross-attention.
+
+Trainable: ControlNet, expression token map + expression attention layers, feature maps (and,
+in the "w/o LDM prior" ablation, the from-scratch UNet and its conditioning embedding).
+Frozen: the base UNet and the VAE. Checkpoints (``save_pretrained``) hold only the trainable
+weights, the config and the empty-prompt embedding; the frozen weights come from the base model
+directory (or, without one, from the seeded random initialisation ``config.init_seed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+from safetensors.torch import load_file
+
+from avatars.base_model import (
+    EMPTY_PROMPT_FILE,
+    EMPTY_PROMPT_KEY,
+    empty_prompt_embedding_for,
+    load_empty_prompt_embedding,
+    load_unet_and_vae,
+    save_tensor_atomic,
+)
+from avatars.configs import DiffusionAvatarsConfig, UNetConfig, VAEConfig
+from avatars.models.conditioning import ConditioningBuilder
+from avatars.models.expression_attention import ExpressionAttentionLayers, ExpressionTokens
+from avatars.schedulers import training_scheduler
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "trainable.safetensors"
+#: Token count of the stored empty-prompt embedding for random bases (CLIP's max length).
+EMPTY_PROMPT_TOKENS = 77
+
+
+def build_unet(config: UNetConfig, in_channels: int, out_channels: int, sample_size: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=tuple(config.down_block_types),
+        up_block_types=tuple(config.up_block_types),
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        attention_head_dim=tuple(config.attention_heads),  # diffusers' legacy name for head count
+        cross_attention_dim=config.cross_attention_dim,
+        use_linear_projection=config.use_linear_projection,
+        norm_num_groups=config.norm_num_groups,
+    )
+
+
+def build_vae(config: VAEConfig, sample_size: int) -> AutoencoderKL:
+    n = len(config.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=sample_size,
+        scaling_factor=config.scaling_factor,
+    )
+
+
+def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    if generator is None:
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+
+
+class DiffusionAvatarsModel(nn.Module):
+    """The DiffusionAvatars model (see module docstring).
+
+    Args:
+        config: model configuration (validated here).
+        base_model: local diffusers directory with ``unet/`` and ``vae/`` (SD 2.1 for the paper).
+        empty_prompt_embedding: (1, L, cross_attention_dim) embedding of "". Default: read from
+            ``base_model/empty_prompt_embedding.safetensors`` or computed with its text encoder;
+            without a base model a seeded standard-normal tensor (1, 77, cross_attention_dim).
+        allow_random_base: build a random base even though ``config.requires_pretrained_base``
+            (FLOP counting and meta-device tests only).
+    """
+
+    def __init__(
+        self,
+        config: DiffusionAvatarsConfig,
+        base_model: str | os.PathLike | None = None,
+        empty_prompt_embedding: torch.Tensor | None = None,
+        allow_random_base: bool = False,
+    ):
+        super().__init__()
+        config.validate()
+        if base_model is None and config.requires_pretrained_base and not allow_random_base:
+            raise ValueError(
+                "this config needs pretrained weights: pass --base-model PATH (a local diffusers "
+                "directory of Stable Diffusion 2.1)"
+            )
+        self.config = config
+        self.base_model = str(base_model) if base_model is not None else None
+        latent = config.vae.latent_channels
+        cad = config.unet.cross_attention_dim
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.init_seed)
+            generator = torch.Generator(device="cpu").manual_seed(config.init_seed)
+            if base_model is not None:
+                unet, vae = load_unet_and_vae(base_model)
+                self._check_base(unet, vae)
+                if empty_prompt_embedding is None:
+                    empty_prompt_embedding = empty_prompt_embedding_for(base_model)
+            else:
+                unet = build_unet(config.unet, latent, latent, config.resolution // config.vae.downsample_factor)
+                vae = build_vae(config.vae, config.resolution)
+                if empty_prompt_embedding is None:
+                    empty_prompt_embedding = torch.randn(1, EMPTY_PROMPT_TOKENS, cad, generator=generator, device="cpu")
+            if empty_prompt_embedding.dim() != 3 or empty_prompt_embedding.shape[-1] != cad:
+                raise ValueError(
+                    f"empty-prompt embedding must be (1, L, {cad}), got {tuple(empty_prompt_embedding.shape)}"
+                )
+            self.vae = vae
+            self.conditioning = ConditioningBuilder(config, generator=generator)
+            if config.use_ldm_prior:
+                self.unet = unet
+                self.controlnet = ControlNetModel.from_unet(
+                    unet,
+                    conditioning_channels=config.conditioning_channels,
+                    conditioning_embedding_out_channels=tuple(config.conditioning_embedding_channels),
+                )
+                self.cond_embedding = None
+            else:
+                # "w/o LDM prior": random UNet, conditioning embedded to the latent grid and concatenated.
+                width = config.unet.block_out_channels[0]
+                self.unet = build_unet(
+                    config.unet, latent + width, latent, config.resolution // config.vae.downsample_factor
+                )
+                self.controlnet = None
+                self.cond_embedding = ControlNetConditioningEmbedding(
+                    conditioning_embedding_channels=width,
+                    conditioning_channels=config.conditioning_channels,
+                    block_out_channels=tuple(config.conditioning_embedding_channels),
+                )
+                # Nothing pretrained to protect here: a zero output layer would only block the
+                # gradient to the embedding at the start, so use the default initialisation.
+                self.cond_embedding.conv_out.reset_parameters()
+            if config.use_expression:
+                self.expression_tokens = ExpressionTokens(config.expression_dim, config.expression_tokens, cad)
+                self.expression_layers = ExpressionAttentionLayers(self.unet)
+                self.expression_layers.attach(self.unet)
+            else:
+                self.expression_tokens = None
+                self.expression_layers = None
+
+        self.register_buffer("empty_prompt_embedding", empty_prompt_embedding[:1].float(), persistent=False)
+        self.noise_scheduler = training_scheduler(config.scheduler)
+        self.requires_grad_(False)
+        for module in self.trainable_modules().values():
+            module.requires_grad_(True)
+        self.vae.eval()
+        if config.use_ldm_prior:
+            self.unet.eval()
+
+    # ---- structure ----------------------------------------------------------------------
+    def _check_base(self, unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
+        c = self.config
+        problems = []
+        if unet.config.cross_attention_dim != c.unet.cross_attention_dim:
+            problems.append(f"cross_attention_dim {unet.config.cross_attention_dim} != {c.unet.cross_attention_dim}")
+        if vae.config.latent_channels != c.vae.latent_channels or unet.config.in_channels != c.vae.latent_channels:
+            problems.append(f"latent channels {vae.config.latent_channels} != {c.vae.latent_channels}")
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if factor != c.vae.downsample_factor:
+            problems.append(f"VAE factor {factor} != {c.vae.downsample_factor}")
+        if abs(vae.config.scaling_factor - c.vae.scaling_factor) > 1e-8:
+            problems.append(f"VAE scaling_factor {vae.config.scaling_factor} != {c.vae.scaling_factor}")
+        if tuple(unet.config.block_out_channels) != tuple(c.unet.block_out_channels):
+            problems.append(f"UNet block_out_channels {unet.config.block_out_channels} != {c.unet.block_out_channels}")
+        if problems:
+            raise ValueError(f"base model {self.base_model} does not match the config: " + "; ".join(problems))
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Name -> module for every trained part (the feature maps under "conditioning")."""
+        modules: dict[str, nn.Module] = {"conditioning": self.conditioning}
+        if self.controlnet is not None:
+            modules["controlnet"] = self.controlnet
+        else:
+            modules["unet"] = self.unet
+            modules["cond_embedding"] = self.cond_embedding
+        if self.expression_layers is not None:
+            modules["expression_tokens"] = self.expression_tokens
+            modules["expression_layers"] = self.expression_layers
+        return modules
+
+    def parameter_groups(self, lr_networks: float = 1e-4, lr_features: float = 1e-2) -> list[dict]:
+        """Optimizer parameter groups: networks at ``lr_networks``, feature maps at ``lr_features``."""
+        features = [p for p in self.conditioning.features.parameters() if p.requires_grad]
+        feature_ids = {id(p) for p in features}
+        networks = [p for p in self.parameters() if p.requires_grad and id(p) not in feature_ids]
+        groups = [{"params": networks, "lr": lr_networks, "name": "networks"}]
+        if features:
+            groups.append({"params": features, "lr": lr_features, "name": "features"})
+        return groups
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable weights only, keyed by their names in this module."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise KeyError(
+                f"{source} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        with torch.no_grad():
+            for name, param in expected.items():
+                value = state[name]
+                if value.shape != param.shape:
+                    raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, model {tuple(param.shape)}")
+                param.copy_(value.to(param.dtype))
+
+    @property
+    def num_expression_layers(self) -> int:
+        return 0 if self.expression_layers is None else len(self.expression_layers)
+
+    @property
+    def latent_factor(self) -> int:
+        return self.config.vae.downsample_factor
+
+    # ---- forward pieces -------------------------------------------------------------------
+    def expression_context(self, expression: torch.Tensor | None):
+        """Context manager feeding the expression tokens to the expression layers."""
+        if self.expression_layers is None:
+            return _nullcontext()
+        if expression is None:
+            raise KeyError("batch lacks 'expression' but the model uses expression conditioning")
+        return self.expression_layers.conditioned(self.expression_tokens(expression))
+
+    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Network output for noisy ``latents`` (call inside :meth:`expression_context`)."""
+        batch = latents.shape[0]
+        context = self.empty_prompt_embedding.to(latents.dtype).expand(batch, -1, -1)
+        expected = (latents.shape[2] * self.latent_factor, latents.shape[3] * self.latent_factor)
+        if tuple(cond.shape[2:]) != expected:
+            raise ValueError(f"conditioning is {tuple(cond.shape[2:])}, expected {expected} for latents {tuple(latents.shape)}")
+        if self.controlnet is not None:
+            down, mid = self.controlnet(
+                latents, timesteps, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False
+            )
+            return self.unet(
+                latents,
+                timesteps,
+                encoder_hidden_states=context,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                return_dict=False,
+            )[0]
+        embedded = self.cond_embedding(cond)
+        return self.unet(torch.cat([latents, embedded], dim=1), timesteps, encoder_hidden_states=context, return_dict=False)[0]
+
+    def single_pass_timestep(self) -> int:
+        """Timestep used by the "w/o diffusion" ablation (the last, pure-noise one)."""
+        return self.config.scheduler.num_train_timesteps - 1
+
+    @torch.no_grad()
+    def encode_images(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled VAE latents (a posterior sample)."""
+        dist = self.vae.encode(image).latent_dist
+        return (dist.mean + dist.std * _randn(dist.mean.shape, generator, dist.mean)) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1]."""
+        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((image.float() + 1) / 2).clamp(0, 1)
+
+    def training_loss(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """MSE to the scheduler's velocity (or, w/o diffusion, to the clean latent). Key "loss"."""
+        image = batch["image"]
+        if image.shape[2] % (self.latent_factor * 2 ** (len(self.config.unet.block_out_channels) - 1)):
+            raise ValueError(f"image size {tuple(image.shape[2:])} is not divisible by the model's total downsampling")
+        cond = self.conditioning(batch)
+        latents = self.encode_images(image, generator)
+        batch_size = latents.shape[0]
+        with self.expression_context(batch.get("expression")):
+            if self.config.use_diffusion:
+                noise = _randn(latents.shape, generator, latents)
+                steps = self.noise_scheduler.config.num_train_timesteps
+                if generator is None:
+                    timesteps = torch.randint(0, steps, (batch_size,), device=latents.device)
+                else:
+                    timesteps = torch.randint(0, steps, (batch_size,), generator=generator, device=generator.device)
+                    timesteps = timesteps.to(latents.device)
+                noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+                target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+                pred = self.denoise(noisy, timesteps, cond)
+            else:
+                timesteps = torch.full((batch_size,), self.single_pass_timestep(), device=latents.device, dtype=torch.long)
+                pred = self.denoise(torch.zeros_like(latents), timesteps, cond)
+                target = latents
+        loss = F.mse_loss(pred.float(), target.float())
+        return {"loss": loss}
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Same as :meth:`training_loss` (so DDP / DeepSpeed engines can call the module)."""
+        return self.training_loss(batch, generator)
+
+    # ---- persistence --------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes config.json, trainable.safetensors and the empty-prompt embedding, atomically
+        (a temporary directory beside ``directory``, then renamed over it)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            meta = {"format": 1, "base_model": self.base_model, "config": self.config.to_dict()}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            save_tensor_atomic(self.trainable_state_dict(), tmp / WEIGHTS_FILE)
+            save_tensor_atomic({EMPTY_PROMPT_KEY: self.empty_prompt_embedding}, tmp / EMPTY_PROMPT_FILE)
+            old = None
+            if directory.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+                os.replace(directory, old / "previous")
+            os.replace(tmp, directory)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, base_model: str | os.PathLike | None = None
+    ) -> "DiffusionAvatarsModel":
+        """Loads a checkpoint written by :meth:`save_pretrained`. ``base_model`` defaults to the
+        directory recorded at save time; the text encoder is not needed."""
+        directory = Path(directory)
+        config_file = directory / CONFIG_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{config_file} not found: not a DiffusionAvatars checkpoint directory")
+        meta = json.loads(config_file.read_text())
+        if meta.get("format") != 1:
+            raise ValueError(f"{config_file}: unsupported checkpoint format {meta.get('format')!r}")
+        config = DiffusionAvatarsConfig.from_dict(meta["config"])
+        if base_model is None:
+            base_model = meta.get("base_model")
+        if base_model is None and config.requires_pretrained_base:
+            raise ValueError(f"{directory} was trained on a pretrained base model: pass base_model / --base-model PATH")
+        embedding = load_empty_prompt_embedding(directory / EMPTY_PROMPT_FILE)
+        model = cls(config, base_model=base_model, empty_prompt_embedding=embedding)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found")
+        model.load_trainable_state_dict(load_file(str(weights)), source=str(weights))
+        return model
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+
+from avatars import base_model
+from avatars.configs import tiny_config
+from avatars.models import DiffusionAvatarsModel
+from avatars.models.diffusion_avatars import build_unet, build_vae
+
+
+def _tiny_diffusers_dir(root, with_text_encoder: bool):
+    config = tiny_config()
+    torch.manual_seed(7)
+    build_unet(config.unet, 4, 4, 16).save_pretrained(root / "unet")
+    build_vae(config.vae, 64).save_pretrained(root / "vae")
+    if with_text_encoder:
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        (root / "tok_src").mkdir()
+        (root / "tok_src" / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2}))
+        (root / "tok_src" / "merges.txt").write_text("#version: 0.2\n")
+        CLIPTokenizer(str(root / "tok_src" / "vocab.json"), str(root / "tok_src" / "merges.txt"),
+                      model_max_length=77).save_pretrained(root / "tokenizer")
+        CLIPTextModel(CLIPTextConfig(vocab_size=3, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
+                                     eos_token_id=1, pad_token_id=1)).save_pretrained(root / "text_encoder")
+    return config
+
+
+def test_missing_base_model_gives_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--base-model"):
+        DiffusionAvatarsModel(tiny_config(), base_model=tmp_path / "nope")
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(FileNotFoundError, match="unet/config.json"):
+        base_model.check_base_model_dir(tmp_path)
+
+
+def test_load_local_base_and_empty_prompt(tmp_path):
+    config = _tiny_diffusers_dir(tmp_path, with_text_encoder=True)
+    embedding = base_model.compute_empty_prompt_embedding(tmp_path)
+    assert embedding.shape == (1, 77, 32)
+    base_model.main(["--base-model", str(tmp_path)])  # CLI caches it beside the base model
+    cached = tmp_path / base_model.EMPTY_PROMPT_FILE
+    torch.testing.assert_close(base_model.load_empty_prompt_embedding(cached), embedding)
+
+    model = DiffusionAvatarsModel(config, base_model=tmp_path)
+    from diffusers import UNet2DConditionModel
+
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    for name, p in loaded.state_dict().items():
+        torch.testing.assert_close(model.unet.state_dict()[name], p, rtol=0, atol=0)
+    torch.testing.assert_close(model.empty_prompt_embedding, embedding)
+
+    # checkpoints remember the base model; the text encoder is not needed to load them
+    model.save_pretrained(tmp_path / "ckpt")
+    for sub in ("text_encoder", "tokenizer"):
+        for f in sorted((tmp_path / sub).rglob("*"), reverse=True):
+            f.unlink() if f.is_file() else f.rmdir()
+        (tmp_path / sub).rmdir()
+    cached.unlink()
+    again = DiffusionAvatarsModel.from_pretrained(tmp_path / "ckpt")
+    assert again.base_model == str(tmp_path)
+    torch.testing.assert_close(again.empty_prompt_embedding, embedding)
+
+
+def test_base_model_must_match_config(tmp_path):
+    _tiny_diffusers_dir(tmp_path, with_text_encoder=False)
+    bad = tiny_config()
+    bad.unet.cross_attention_dim = 64
+    emb = torch.zeros(1, 77, 64)
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        DiffusionAvatarsModel(bad, base_model=tmp_path, empty_prompt_embedding=emb)

@@ -1,0 +1,236 @@
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from avatars.configs import FeatureConfig, tiny_config
+from avatars.models import DiffusionAvatarsModel
+from avatars.models.expression_attention import expression_target_blocks
+from avatars.testing import synthetic_batch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny models are too small for intra-op threads; on the shared 2-core machine two
+    threads per process oversubscribe the CPU (measured: 40 train steps 5.8 s vs 85 s under load)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _perturb_zero_layers(model: DiffusionAvatarsModel, scale: float = 0.05) -> None:
+    """Gives the zero-initialised output layers small random values (as after a few steps)."""
+    g = torch.Generator().manual_seed(1)
+    zero_layers = list(model.controlnet.controlnet_down_blocks) + [
+        model.controlnet.controlnet_mid_block,
+        model.controlnet.controlnet_cond_embedding.conv_out,
+    ]
+    zero_layers += list(model.expression_layers.output_projections())
+    with torch.no_grad():
+        for layer in zero_layers:
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _raw_base_output(model, latents, t, cond):
+    """Frozen UNet + ControlNet called directly through diffusers, expression hooks removed."""
+    context = model.empty_prompt_embedding.expand(latents.shape[0], -1, -1)
+    model.expression_layers.detach()
+    try:
+        down, mid = model.controlnet(latents, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
+        out = model.unet(latents, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+        plain = model.unet(latents, t, encoder_hidden_states=context).sample
+    finally:
+        model.expression_layers.attach(model.unet)
+    return out, plain
+
+
+@torch.no_grad()
+def test_zero_init_output_equals_base_model():
+    model = DiffusionAvatarsModel(tiny_config())
+    batch = synthetic_batch(2)
+    cond = model.conditioning(batch)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    with model.expression_context(batch["expression"]):
+        ours = model.denoise(latents, t, cond)
+    base, plain = _raw_base_output(model, latents, t, cond)
+    torch.testing.assert_close(ours, base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)  # ControlNet zero convolutions
+    # the comparison can fail: once the zero layers move, the output differs
+    _perturb_zero_layers(model)
+    with model.expression_context(batch["expression"]):
+        moved = model.denoise(latents, t, cond)
+    base_moved, _ = _raw_base_output(model, latents, t, cond)
+    assert (moved - base_moved).abs().max() > 1e-4  # expression layers act
+    assert (base_moved - plain).abs().max() > 1e-4  # ControlNet acts
+
+
+def test_gradients_reach_exactly_the_trainable_parts():
+    model = DiffusionAvatarsModel(tiny_config())
+    _perturb_zero_layers(model)
+    loss = model.training_loss(synthetic_batch(2), generator=torch.Generator().manual_seed(0))["loss"]
+    loss.backward()
+    trainable_prefixes = ("controlnet.", "expression_tokens.", "expression_layers.", "conditioning.features.")
+    names = set()
+    for name, p in model.named_parameters():
+        if name.startswith(trainable_prefixes):
+            assert p.requires_grad, name
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+            names.add(name.split(".")[0])
+        else:
+            assert name.startswith(("unet.", "vae.")), name
+            assert not p.requires_grad and p.grad is None, f"frozen {name} got a gradient"
+    assert names == {"controlnet", "expression_tokens", "expression_layers", "conditioning"}
+    assert set(model.trainable_state_dict()) == {n for n, p in model.named_parameters() if p.requires_grad}
+    groups = model.parameter_groups(lr_networks=1e-4, lr_features=1e-2)
+    assert [g["lr"] for g in groups] == [1e-4, 1e-2]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.conditioning.features.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(model.trainable_state_dict())
+
+
+def _overfit(config, steps: int = 40) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = DiffusionAvatarsModel(config)
+    batch = synthetic_batch(2, expression_dim=config.expression_dim)
+    optimizer = torch.optim.Adam(model.parameter_groups(lr_networks=1e-3, lr_features=1e-2))
+    losses = []
+    for _ in range(steps):
+        loss = model.training_loss(batch, generator=torch.Generator().manual_seed(0))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def test_tiny_model_overfits_one_batch():
+    first, last = _overfit(tiny_config())
+    assert last < 0.5 * first, (first, last)
+
+
+def test_without_diffusion_ablation_overfits():
+    first, last = _overfit(tiny_config(use_diffusion=False), steps=25)
+    assert last < 0.5 * first, (first, last)
+
+
+def test_training_loss_is_mse_to_velocity():
+    model = DiffusionAvatarsModel(tiny_config())
+    batch = synthetic_batch(2)
+    g = torch.Generator().manual_seed(3)
+    loss = model.training_loss(batch, generator=g)["loss"]
+    # recompute with the same random stream
+    g = torch.Generator().manual_seed(3)
+    latents = model.encode_images(batch["image"], g)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    s = model.noise_scheduler
+    assert s.config.prediction_type == "v_prediction" and float(s.alphas_cumprod[-1]) == 0.0
+    velocity = s.alphas_cumprod[t].sqrt()[:, None, None, None] * noise - (1 - s.alphas_cumprod[t]).sqrt()[:, None, None, None] * latents
+    with torch.no_grad(), model.expression_context(batch["expression"]):
+        pred = model.denoise(s.add_noise(latents, noise, t), t, model.conditioning(batch))
+    torch.testing.assert_close(loss, torch.mean((pred - velocity) ** 2), rtol=1e-5, atol=1e-6)
+
+
+def test_ablation_switches():
+    base = tiny_config()
+    no_expr = DiffusionAvatarsModel(tiny_config(use_expression=False))
+    assert no_expr.num_expression_layers == 0 and no_expr.expression_tokens is None
+    batch = synthetic_batch(2)
+    del batch["expression"]
+    assert torch.isfinite(no_expr.training_loss(batch)["loss"])
+    with pytest.raises(KeyError, match="expression"):
+        DiffusionAvatarsModel(base).training_loss(batch)
+
+    no_feat = DiffusionAvatarsModel(dataclasses.replace(base, features=FeatureConfig(mapping="none")))
+    assert no_feat.controlnet.config.conditioning_channels == 9
+    assert len(no_feat.parameter_groups()) == 1
+    sph = DiffusionAvatarsModel(dataclasses.replace(base, features=FeatureConfig(mapping="spherical", resolution=32, channels=4)))
+    assert sph.controlnet.config.conditioning_channels == base.conditioning_channels == 25
+
+    scratch = DiffusionAvatarsModel(tiny_config(use_ldm_prior=False))
+    assert scratch.controlnet is None
+    assert all(p.requires_grad for p in scratch.unet.parameters())
+    assert scratch.unet.config.in_channels == 4 + base.unet.block_out_channels[0]
+    assert not any(p.requires_grad for p in scratch.vae.parameters())
+    loss = scratch.training_loss(synthetic_batch(2))["loss"]
+    loss.backward()
+    assert scratch.cond_embedding.conv_in.weight.grad.abs().sum() > 0
+    for model in (no_feat, sph):
+        assert torch.isfinite(model.training_loss(synthetic_batch(2))["loss"])
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model = DiffusionAvatarsModel(tiny_config())
+    _perturb_zero_layers(model)
+    with torch.no_grad():
+        model.conditioning.features.spatial.add_(1.0)
+    out = tmp_path / "ckpt"
+    model.save_pretrained(out)
+    model.save_pretrained(out)  # overwriting keeps a valid directory
+    assert sorted(os.listdir(out)) == ["config.json", "empty_prompt_embedding.safetensors", "trainable.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary leftovers
+    size = os.path.getsize(out / "trainable.safetensors")
+    n_trainable = sum(p.numel() for p in model.trainable_state_dict().values())
+    assert size < 4 * n_trainable + 100_000  # frozen weights are not stored
+    loaded = DiffusionAvatarsModel.from_pretrained(out)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], p, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(loaded.empty_prompt_embedding, model.empty_prompt_embedding)
+    batch = synthetic_batch(2)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        assert model.training_loss(batch, g1)["loss"] == loaded.training_loss(batch, g2)["loss"]
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        DiffusionAvatarsModel.from_pretrained(tmp_path / "missing")
+    model = DiffusionAvatarsModel(tiny_config())
+    model.save_pretrained(tmp_path / "a")
+    other = DiffusionAvatarsModel(tiny_config(use_expression=False))
+    from safetensors.torch import load_file
+
+    with pytest.raises(KeyError, match="missing"):
+        other.load_trainable_state_dict(load_file(str(tmp_path / "a" / "trainable.safetensors")))
+
+
+def test_forward_is_training_loss_and_checks_expression_dim():
+    model = DiffusionAvatarsModel(tiny_config())
+    batch = synthetic_batch(2)
+    with torch.no_grad():
+        a = model(batch, torch.Generator().manual_seed(0))["loss"]
+        b = model.training_loss(batch, torch.Generator().manual_seed(0))["loss"]
+    assert a == b
+    with pytest.raises(ValueError, match=r"\(B, 16\)"):
+        model.training_loss(synthetic_batch(2, expression_dim=8))
+    bad = dict(batch)
+    del bad["canonical"]
+    with pytest.raises(KeyError, match="canonical"):
+        model.training_loss(bad)
+
+
+@torch.no_grad()
+def test_deepcopy_keeps_expression_hooks_with_the_copy():
+    import copy
+
+    model = DiffusionAvatarsModel(tiny_config())
+    clone = copy.deepcopy(model)
+    _perturb_zero_layers(clone)  # only the clone's expression layers / ControlNet move
+    batch = synthetic_batch(2)
+    cond = model.conditioning(batch)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 900])
+    with model.expression_context(batch["expression"]):
+        original = model.denoise(latents, t, cond)
+    base, _ = _raw_base_output(model, latents, t, cond)
+    torch.testing.assert_close(original, base, rtol=0, atol=1e-6)
+    with clone.expression_context(batch["expression"]):
+        moved = clone.denoise(latents, t, cond)
+    clone_base, _ = _raw_base_output(clone, latents, t, cond)
+    assert (moved - clone_base).abs().max() > 1e-4
+    n_hooks = sum(len(b.attn2._forward_hooks) for _, b in expression_target_blocks(clone.unet))
+    assert n_hooks == clone.num_expression_layers  # detach/attach did not duplicate hooks
