@@ -13,15 +13,9 @@ Preset = Literal["tiny", "paper"]
 
 
 @dataclass
-class TrainConfig:
-    """Everything one per-person training run needs. Fields left None take the preset's value."""
+class TrainOptions:
+    """How to train (the same for every person of a launch). Fields left None take the preset's value."""
 
-    person: str = "000"
-    """Person id: trains on `<shards>/<person>/train-*.tar`, validates on its held-out splits."""
-    shards: Path = Path("data/shards")
-    """Shard root written by jobs/preprocess.py."""
-    out: Path = Path("data/runs")
-    """Run root: `<out>/<person>/{checkpoints,val,model}`, `metrics.jsonl`, `result.json`."""
     preset: Preset = "tiny"
     """'tiny': CPU-sized model at 64x64; 'paper': SD2.1 layout at 512x512 (needs --base-model)."""
     base_model: Path | None = None
@@ -46,7 +40,7 @@ class TrainConfig:
     """Save a resumable checkpoint every N optimizer steps (and at the end)."""
     keep_last: int = 2
     """Checkpoints kept; older ones are deleted after a new one is complete."""
-    resume: str = "auto"
+    resume: Literal["auto", "never"] = "auto"
     """'auto': continue from the newest complete checkpoint if any; 'never': start over (deletes old checkpoints)."""
     validate_every: int = 200
     """Render held-out samples every N steps (and at the end); 0 disables intermediate validation."""
@@ -64,6 +58,18 @@ class TrainConfig:
     """Serve Prometheus metrics on this port (None: no exporter)."""
     lpips_weights: Path = Path("weights/lpips_alex.safetensors")
     """LPIPS AlexNet weights for validation (written by setup.sh); validation reports PSNR only if absent."""
+
+
+@dataclass
+class TrainConfig(TrainOptions):
+    """One person's training run: what to train on and where to write, plus the options."""
+
+    person: str = "000"
+    """Person id: trains on `<shards>/<person>/train-*.tar`, validates on its held-out splits."""
+    shards: Path = Path("data/shards")
+    """Shard root written by jobs/preprocess.py."""
+    out: Path = Path("data/runs")
+    """Run root: `<out>/<person>/{checkpoints,val,model}`, `metrics.jsonl`, `result.json`."""
 
     def resolved(self) -> "TrainConfig":
         """A copy with every preset default filled in."""

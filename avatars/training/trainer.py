@@ -117,10 +117,9 @@ def train_person(config: TrainConfig) -> dict:
 
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             jsonl.unlink(missing_ok=True)
-    elif cfg.resume not in ("auto", "never"):
-        raise ValueError(f"resume must be 'auto' or 'never', got {cfg.resume!r}")
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 has cleaned up before anyone reads checkpoints
 
-    model_probe = None
     train_paths = shard_paths(cfg.shards, cfg.person, "train")
     loader_cfg = LoaderConfig(resolution=0, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed)
     # The model config needs the expression dim, the loader config the model's resolution.
@@ -129,7 +128,6 @@ def train_person(config: TrainConfig) -> dict:
     model_config = cfg.model_config(expression_dim)
     loader_cfg.resolution = model_config.resolution
     dataset = ShardDataset(train_paths, loader_cfg)
-    del probe, model_probe
 
     model = DiffusionAvatarsModel(model_config, base_model=cfg.base_model)
     use_cuda = torch.cuda.is_available()

@@ -56,3 +56,26 @@ def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_
     ckpts = sorted(p.name for p in (tmp_path / "000" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_0000002", "step_0000004"]
     assert (tmp_path / "000" / "model" / "trainable.safetensors").is_file()
+
+
+def test_two_processes_data_parallel(train_shards, tmp_path):
+    """torchrun with 2 CPU processes (gloo): both ranks step, checkpoint collectively and resume."""
+    repo = Path(__file__).resolve().parents[3]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+            str(repo / "jobs" / "train_person.py"), "--person", "000", "--shards", str(train_shards), "--out",
+            str(tmp_path), "--batch-size", "2", "--checkpoint-every", "2", "--validate-every", "0", "--log-every", "1",
+            "--num-workers", "0", "--val-samples", "1", "--val-inference-steps", "1", "--lpips-weights",
+            str(tmp_path / "none")]
+    for steps in ("2", "4"):  # the second run resumes from the first one's checkpoint
+        proc = subprocess.run(base + ["--steps", steps], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "000"
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 4 and result["resumed_from"] == 2
+    ckpt = run / "checkpoints" / "step_0000004"
+    assert (ckpt / "rank000_trainer_state.pt").is_file() and (ckpt / "rank001_trainer_state.pt").is_file()
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert all(r["samples_per_s"] > 0 for r in lines)

@@ -1,0 +1,42 @@
+"""Show every person's training state, step and ETA (from the status files of a launch).
+
+    python jobs/status.py [--workdir data] [--watch 5]
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from cluster.status import format_status_table, read_status
+
+
+@dataclass
+class StatusArgs:
+    workdir: Path = Path("data")
+    """The launch's work directory; status files live in <workdir>/status/."""
+    watch: float = 0.0
+    """Refresh every N seconds until interrupted (0: print once)."""
+
+
+def render(args: StatusArgs) -> str:
+    statuses = read_status(args.workdir / "status")
+    if not statuses:
+        return f"no status files under {args.workdir / 'status'} (nothing launched yet?)"
+    return format_status_table(statuses)
+
+
+def main(args: StatusArgs) -> None:
+    while True:
+        print(render(args), flush=True)
+        if args.watch <= 0:
+            return
+        time.sleep(args.watch)
+        print("\033[2J\033[H", end="")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(StatusArgs))
