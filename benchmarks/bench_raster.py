@@ -1,0 +1,201 @@
+"""Frames/s of the CPU rasterizer on a ~50k-face mesh, next to a naive reference.
+
+The reference ("naive per-triangle bounding-box loop in numpy") is the textbook
+implementation: a Python loop over triangles, numpy edge functions over each
+triangle's pixel bounding box, perspective-correct depth, and a depth buffer
+updated where the triangle is nearer. It writes the same buffers (mask, depth,
+triangle id, barycentrics; normals/attributes interpolated afterwards), so both
+implementations do the same job; the script checks that their masks and depths agree.
+
+    .venv/bin/python benchmarks/bench_raster.py            # ~30-60 s on the 2-core machine
+    .venv/bin/python benchmarks/bench_raster.py --frames 40 --naive-frames 3
+
+Prints a table and writes benchmarks/results/raster.json (via benchmarks/common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import report  # noqa: E402
+from shards.contract import Camera  # noqa: E402
+from shards.raster import RasterBuffers, rasterize, vertex_normals  # noqa: E402
+
+def uv_sphere(n_lat: int, n_lon: int) -> tuple[np.ndarray, np.ndarray]:
+    """Closed unit UV sphere with outward winding, with bumps so that it self-occludes."""
+    th = np.linspace(0, np.pi, n_lat + 1)[1:-1]
+    ph = np.arange(n_lon) * 2 * np.pi / n_lon
+    T, P = np.meshgrid(th, ph, indexing="ij")
+    ring = np.stack([np.sin(T) * np.cos(P), np.cos(T), np.sin(T) * np.sin(P)], -1).reshape(-1, 3)
+    v = np.concatenate([[[0, 1, 0]], ring, [[0, -1, 0]]])
+    v *= (1 + 0.08 * np.sin(6 * v[:, 0]) * np.cos(5 * v[:, 1]))[:, None]
+    last = len(v) - 1
+    j = np.arange(n_lon)
+    jn = (j + 1) % n_lon
+    faces = [np.stack([np.zeros(n_lon, int), 1 + jn, 1 + j], 1),
+             np.stack([np.full(n_lon, last), 1 + (n_lat - 2) * n_lon + j, 1 + (n_lat - 2) * n_lon + jn], 1)]
+    for r in range(n_lat - 2):
+        a, b = 1 + r * n_lon + j, 1 + r * n_lon + jn
+        faces += [np.stack([a, b, a + n_lon], 1), np.stack([b, b + n_lon, a + n_lon], 1)]
+    return v.astype(np.float32), np.concatenate(faces).astype(np.int64)
+
+
+def orbit_camera(size: int, frame: int) -> Camera:
+    """Camera 3 units from the origin, circling it, the mesh filling ~60% of the image."""
+    a = 0.15 * frame
+    eye = np.array([3 * math.sin(a), 0.4 * math.sin(0.7 * a), -3 * math.cos(a)])
+    z = -eye / np.linalg.norm(eye)
+    x = np.cross(z, [0.0, -1.0, 0.0])
+    x /= np.linalg.norm(x)
+    R = np.stack([x, np.cross(z, x), z])
+    M = np.eye(4)
+    M[:3, :3], M[:3, 3] = R, -R @ eye
+    K = np.array([[1.25 * size, 0, (size - 1) / 2], [0, 1.25 * size, (size - 1) / 2], [0, 0, 1]])
+    return Camera("bench", K, M, size, size)
+
+
+# ----------------------------------------------------------------------------------------
+# Naive reference
+
+
+def naive_rasterize(vertices: np.ndarray, faces: np.ndarray, cam: Camera, attributes: np.ndarray,
+                    near: float = 0.01) -> dict[str, np.ndarray]:
+    """Per-triangle Python loop over bounding boxes; same conventions as shards.raster."""
+    H, W = cam.height, cam.width
+    X = vertices.astype(np.float64) @ cam.world_to_cam[:3, :3].T + cam.world_to_cam[:3, 3]
+    uvw = X @ cam.K.T
+    uv = uvw[:, :2] / uvw[:, 2:]
+    depth = np.full((H, W), np.inf)
+    tri_id = np.full((H, W), -1, np.int64)
+    bary = np.zeros((H, W, 3))
+    for fi, (a, b, c) in enumerate(faces):
+        z = X[[a, b, c], 2]
+        if z.min() < near:
+            continue
+        p = uv[[a, b, c]]
+        area = (p[1, 0] - p[0, 0]) * (p[2, 1] - p[0, 1]) - (p[1, 1] - p[0, 1]) * (p[2, 0] - p[0, 0])
+        if area == 0:
+            continue
+        x0, y0 = max(math.ceil(p[:, 0].min()), 0), max(math.ceil(p[:, 1].min()), 0)
+        x1, y1 = min(math.floor(p[:, 0].max()), W - 1), min(math.floor(p[:, 1].max()), H - 1)
+        if x0 > x1 or y0 > y1:
+            continue
+        px, py = np.meshgrid(np.arange(x0, x1 + 1, dtype=np.float64), np.arange(y0, y1 + 1, dtype=np.float64))
+        e = np.stack([(p[(k + 2) % 3, 0] - p[(k + 1) % 3, 0]) * (py - p[(k + 1) % 3, 1])
+                      - (p[(k + 2) % 3, 1] - p[(k + 1) % 3, 1]) * (px - p[(k + 1) % 3, 0]) for k in range(3)])
+        e /= area
+        inside = (e >= 0).all(0)
+        if not inside.any():
+            continue
+        w = e / z[:, None, None]
+        zi = 1.0 / w.sum(0)
+        win = inside & (zi < depth[y0:y1 + 1, x0:x1 + 1])
+        depth[y0:y1 + 1, x0:x1 + 1][win] = zi[win]
+        tri_id[y0:y1 + 1, x0:x1 + 1][win] = fi
+        bary[y0:y1 + 1, x0:x1 + 1][win] = (w * zi).transpose(1, 2, 0)[win]
+    mask = tri_id >= 0
+    f = faces[tri_id[mask]]
+    b = bary[mask]
+    n = vertex_normals(torch.from_numpy(vertices), torch.from_numpy(faces)).double().numpy()
+    n = n @ np.linalg.inv(cam.world_to_cam[:3, :3])
+    normals = np.zeros((H, W, 3))
+    normals[mask] = (b[:, :, None] * n[f]).sum(1)
+    normals[mask] /= np.linalg.norm(normals[mask], axis=1, keepdims=True)
+    attr = np.zeros((H, W, attributes.shape[1]))
+    attr[mask] = (b[:, :, None] * attributes[f]).sum(1)
+    return {"mask": mask, "depth": np.where(mask, depth, 0), "triangle_id": tri_id, "barycentrics": bary,
+            "normals": normals, "attributes": attr}
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def time_frames(render, size: int, frames: int, warmup: int) -> tuple[list[float], list[float], object]:
+    """Wall and process-CPU seconds per frame over an orbit of cameras, and the first output.
+
+    CPU time is reported too because the machine is shared: wall time includes waiting
+    for a core, CPU time (all threads of this process) does not.
+    """
+    for i in range(warmup):
+        render(orbit_camera(size, i))
+    wall, cpu, first = [], [], None
+    for i in range(frames):
+        cam = orbit_camera(size, i)
+        t, c = time.perf_counter(), time.process_time()
+        out = render(cam)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+        first = out if i == 0 else first
+    return wall, cpu, first
+
+
+def row(impl: str, size: int, threads: int, wall: list[float], cpu: list[float]) -> dict:
+    return {"impl": impl, "size": size, "torch_threads": threads, "frames": len(wall),
+            "fps": len(wall) / sum(wall), "ms_median": 1e3 * statistics.median(wall), "ms_min": 1e3 * min(wall),
+            "cpu_ms_median": 1e3 * statistics.median(cpu)}
+
+
+def agreement(a: RasterBuffers, b: dict[str, np.ndarray]) -> dict[str, float]:
+    ma, mb = a.mask.numpy(), b["mask"]
+    both = ma & mb
+    return {"mask_differing_pixels": int((ma != mb).sum()), "covered_pixels": int(ma.sum()),
+            "max_depth_diff": float(np.abs(a.depth.numpy()[both] - b["depth"][both]).max()),
+            "max_normal_diff": float(np.abs(a.normals.numpy()[both] - b["normals"][both]).max())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="256,512")
+    ap.add_argument("--frames", type=int, default=30, help="timed frames per size for the CPU backend")
+    ap.add_argument("--naive-frames", type=int, default=2, help="timed frames per size for the naive loop")
+    ap.add_argument("--threads", default="1", help="torch thread counts to time, e.g. 1,2 (more threads only "
+                    "help on an otherwise idle machine: OpenMP threads spin-wait for descheduled peers)")
+    args = ap.parse_args()
+
+    v, f = uv_sphere(128, 200)
+    attrs = np.concatenate([v, np.linalg.norm(v, axis=1, keepdims=True)], 1).astype(np.float32)
+    vt, ft, at = torch.from_numpy(v), torch.from_numpy(f), torch.from_numpy(attrs)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    threads = sorted({int(t) for t in args.threads.split(",")})
+    rows, checks = [], []
+    for size in sizes:
+        for nt in threads:
+            torch.set_num_threads(nt)
+            wall, cpu, fast = time_frames(lambda c: rasterize(vt, ft, c, attributes=at, backend="cpu"), size,
+                                          args.frames, 3)
+            rows.append(row("shards.raster cpu backend", size, nt, wall, cpu))
+        torch.set_num_threads(1)
+        wall, cpu, slow = time_frames(lambda c: naive_rasterize(v, f, c, attrs), size, max(args.naive_frames, 1), 0)
+        rows.append(row("naive per-triangle bounding-box loop in numpy", size, 1, wall, cpu))
+        checks.append({"size": size, **agreement(fast, slow)})  # both: first frame of the orbit
+
+    print(f"mesh: bumpy UV sphere, {len(f)} faces, {len(v)} vertices; load average {os.getloadavg()[0]:.1f} "
+          "(the machine is shared: wall times include waiting for a core, cpu_ms_median does not)")
+    report("raster", rows, {
+        "mesh": {"kind": "bumpy UV sphere (128 x 200)", "faces": int(len(f)), "vertices": int(len(v)),
+                 "attributes": int(attrs.shape[1])},
+        "load_average": list(os.getloadavg()), "agreement": checks})
+    for size in sizes:
+        fast = min(r["cpu_ms_median"] for r in rows if r["size"] == size and r["impl"].startswith("shards"))
+        slow = next(r["cpu_ms_median"] for r in rows if r["size"] == size and r["impl"].startswith("naive"))
+        print(f"speed-up at {size}^2 (median CPU time per frame): {slow / fast:.0f}x")
+    for c in checks:
+        print(f"agreement at {c['size']}^2: {c['mask_differing_pixels']} of {c['covered_pixels']} covered pixels "
+              f"differ in mask, max |depth diff| {c['max_depth_diff']:.2e}, max |normal diff| "
+              f"{c['max_normal_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Triangle rasterizer with one output contract and two backends (docs/CONTRACTS.md).
+
+    buf = rasterize(vertices, faces, camera, attributes=canonical, backend="auto")
+
+"auto" is nvdiffrast (`nvdiff.py`) when CUDA is available, else the vectorised torch
+backend (`cpu.py` + `cpu_coverage.py`). Conventions shared by both:
+
+* Camera space is OpenCV: `camera.world_to_cam` maps world points to x right,
+  y down, z forward; depth is camera z; normals are unit vectors in this frame.
+* Pixels: the centre of the pixel in row i, column j projects to (u, v) = (j, i).
+  A pixel is covered when its centre is inside a projected triangle (one sample
+  per pixel, no anti-aliasing).
+* Ties: a centre exactly on a shared edge or vertex belongs to exactly one of the
+  triangles that meet there, so closed meshes are drawn without holes or double
+  coverage (cpu: exact rule in `cpu_coverage`; nvdiffrast: its own fill rule after
+  snapping vertices to 1/16 pixel). Equally deep surfaces: the cpu backend picks the
+  lower face index.
+* Near plane: a triangle with any vertex at camera z < NEAR (0.01) is dropped, not
+  clipped. There is no far plane and no back-face culling: the nearest surface wins
+  whatever its winding.
+* Interpolation is perspective-correct: barycentrics are the weights of the 3-D hit
+  point in face-vertex order, depth = 1 / sum(b_screen / z), normals are
+  area-weighted smooth vertex normals interpolated with them and renormalised.
+* Outside the mask every float buffer is 0 and triangle_id is -1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..contract import Camera
+from .buffers import RasterBuffers
+from .common import NEAR, vertex_normals
+from .cpu import rasterize_cpu
+from .nvdiff import rasterize_nvdiffrast
+
+__all__ = ["NEAR", "RasterBuffers", "available_backends", "rasterize", "vertex_normals"]
+
+BACKENDS = ("auto", "cpu", "nvdiffrast")
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here ("cpu" always; "nvdiffrast" with CUDA and the package)."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        try:
+            import nvdiffrast.torch  # noqa: F401
+        except ImportError:
+            return out
+        out.append("nvdiffrast")
+    return out
+
+
+def rasterize(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera,
+              attributes: torch.Tensor | None = None, backend: str = "auto") -> RasterBuffers:
+    """Rasterize a triangle mesh into per-pixel geometry buffers for `camera`.
+
+    "auto" uses nvdiffrast iff CUDA is available, else the CPU backend.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown rasterizer backend {backend!r}; expected one of {BACKENDS}")
+    _check_inputs(vertices, faces, attributes)
+    if backend == "auto":
+        backend = "nvdiffrast" if torch.cuda.is_available() else "cpu"
+    if backend == "nvdiffrast":
+        return rasterize_nvdiffrast(vertices, faces, camera, attributes)
+    return rasterize_cpu(vertices, faces, camera, attributes)
+
+
+def _check_inputs(vertices: torch.Tensor, faces: torch.Tensor, attributes: torch.Tensor | None) -> None:
+    if vertices.ndim != 2 or vertices.shape[1] != 3 or not vertices.is_floating_point():
+        raise ValueError(f"vertices must be a float (V, 3) tensor, got {tuple(vertices.shape)} {vertices.dtype}")
+    if faces.ndim != 2 or faces.shape[1] != 3 or faces.is_floating_point():
+        raise ValueError(f"faces must be an integer (F, 3) tensor, got {tuple(faces.shape)} {faces.dtype}")
+    if len(faces) and (int(faces.min()) < 0 or int(faces.max()) >= len(vertices)):
+        raise ValueError(f"face indices must lie in [0, {len(vertices)})")
+    if attributes is not None and (attributes.ndim != 2 or attributes.shape[0] != len(vertices)):
+        raise ValueError(f"attributes must have shape ({len(vertices)}, C), got {tuple(attributes.shape)}")
