@@ -1,0 +1,236 @@
+"""SLURM backend through submitit: one job per person or one job array for all persons.
+
+Every submitted callable is a :class:`PersonRunner`, a ``submitit.helpers.Checkpointable``.
+When SLURM signals the job (USR2, ``signal_delay_s`` before the time limit, or on
+preemption), submitit calls ``PersonRunner.checkpoint``, which records the restart in the
+status file and returns the *same call*; submitit pickles it and requeues the job. The
+target then starts again and continues from its own last checkpoint. Timeouts are requeued
+up to ``max_requeues`` times per attempt (submitit's ``slurm_max_num_timeout``; preemptions
+are requeued without limit).
+
+Failed attempts (the target raised, or the job died) are resubmitted as single jobs up to
+the person's ``max_retries``. Job resources (CPUs, GPUs, memory) come from each
+``PersonJob.resources``; persons with identical resources share one array.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster import status as _status
+from cluster.jobs import JobResult, PersonJob, Resources, check_jobs, run_attempt
+
+log = logging.getLogger(__name__)
+
+try:  # submitit is a hard dependency of the project; keep this module importable without it
+    from submitit.helpers import Checkpointable
+except ImportError:  # pragma: no cover
+    Checkpointable = object  # type: ignore[misc,assignment]
+
+
+@dataclass
+class SlurmConfig:
+    """Configuration of :class:`SlurmBackend` (cluster-side settings; per-job resources
+    come from ``PersonJob.resources``)."""
+
+    #: Directory of per-person status files (must be on a filesystem the nodes share).
+    #: None writes none.
+    status_dir: Path | None = None
+    #: submitit folder for sbatch scripts, pickles and logs (one subfolder per job id);
+    #: must be on a shared filesystem.
+    log_dir: Path = Path("runs/slurm")
+    #: SLURM partition (``--partition``); None uses the cluster's default partition.
+    partition: str | None = None
+    #: Time limit of one run in minutes (``--time``); longer trainings are requeued.
+    time_min: int = 60
+    #: True: submit all persons (with equal resources) as one job array; False: one job
+    #: per person, named ``<job_prefix><person>``.
+    array: bool = True
+    #: At most this many array tasks run at once (``--array=0-N%P``).
+    array_parallelism: int = 256
+    #: Timeout requeues allowed per attempt (submitit ``slurm_max_num_timeout``).
+    max_requeues: int = 3
+    #: SLURM sends USR2 this many seconds before the time limit (``--signal=USR2@N``);
+    #: the target must be able to stop within this margin. SLURM checks on a ~30 s grid.
+    signal_delay_s: int = 90
+    #: Shell lines run in the sbatch script before the job (e.g. ``source .venv/bin/activate``,
+    #: ``module load cuda``).
+    setup: list[str] = field(default_factory=list)
+    #: Extra ``#SBATCH`` options, e.g. ``{"account": "avatars", "qos": "high"}``.
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    #: Job name prefix (``--job-name``); array jobs are named ``<job_prefix>array``.
+    job_prefix: str = "train-"
+    #: Seconds between two polls of the jobs' state.
+    poll_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.time_min < 1:
+            raise ValueError(f"SlurmConfig.time_min must be >= 1 minute, got {self.time_min}")
+        if self.array_parallelism < 1:
+            raise ValueError("SlurmConfig.array_parallelism must be >= 1")
+        if self.max_requeues < 0:
+            raise ValueError("SlurmConfig.max_requeues must be >= 0")
+        if self.poll_interval_s <= 0:
+            raise ValueError("SlurmConfig.poll_interval_s must be > 0")
+
+
+class PersonRunner(Checkpointable):
+    """The callable submitit runs on the node: one attempt of one person's job, resumable."""
+
+    def __init__(self, job: PersonJob, attempt: int, status_dir: str | None):
+        self.job = job
+        self.attempt = attempt
+        self.status_dir = status_dir
+        #: Timeout/preemption requeues so far (carried in the pickle across requeues).
+        self.restarts = 0
+
+    def __call__(self) -> dict:
+        result = run_attempt(self.job, self.attempt, self.status_dir, restarts=self.restarts)
+        return {"result": result, "restarts": self.restarts}
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """Called by submitit on USR2: requeue this same call; the target resumes itself."""
+        from submitit.helpers import DelayedSubmission
+
+        self.restarts += 1
+        if self.status_dir is not None:
+            _status.write_state(self.status_dir, self.job.person, "queued", attempt=self.attempt,
+                                restarts=self.restarts,
+                                message=f"requeued after timeout/preemption (restart {self.restarts})")
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*)$")
+
+
+def _headline(text: str) -> str | None:
+    """The last ``SomeError: message`` line of a traceback text (submitit's FailedJobError)."""
+    found = None
+    for line in text.splitlines():
+        m = _EXC_LINE.match(line)
+        if m and not line.startswith("submitit."):
+            found = m.group(1)
+    return found
+
+
+def _resource_params(r: Resources) -> dict[str, Any]:
+    params: dict[str, Any] = {"cpus_per_task": max(1, math.ceil(r.cpus))}
+    if r.gpus > 0:
+        params["gpus_per_node"] = math.ceil(r.gpus)
+    if r.memory_gb is not None:
+        params["mem_gb"] = math.ceil(r.memory_gb)
+    return params
+
+
+class SlurmBackend:
+    """Submits persons to SLURM with submitit and waits for all of them."""
+
+    name = "slurm"
+
+    def __init__(self, config: SlurmConfig | None = None):
+        self.config = config or SlurmConfig()
+        #: SLURM job ids submitted so far, per person (all attempts), for logs and tests.
+        self.job_ids: dict[str, list[str]] = {}
+
+    def _executor(self, resources: Resources, name: str):
+        import submitit
+
+        c = self.config
+        ex = submitit.AutoExecutor(folder=Path(c.log_dir).resolve() / "%j", cluster="slurm",
+                                   slurm_max_num_timeout=c.max_requeues)
+        params: dict[str, Any] = dict(
+            name=name, timeout_min=c.time_min, nodes=1, tasks_per_node=1,
+            slurm_signal_delay_s=c.signal_delay_s, slurm_array_parallelism=c.array_parallelism,
+            slurm_setup=list(c.setup), **_resource_params(resources))
+        if c.partition is not None:
+            params["slurm_partition"] = c.partition
+        if c.additional_parameters:
+            params["slurm_additional_parameters"] = dict(c.additional_parameters)
+        ex.update_parameters(**params)
+        return ex
+
+    def _queued(self, sdir, job: PersonJob, attempt: int, sub) -> None:
+        self.job_ids.setdefault(job.person, []).append(sub.job_id)
+        if sdir is not None:
+            _status.write_state(sdir, job.person, "queued", attempt=attempt, restarts=0,
+                                message=f"SLURM job {sub.job_id}")
+
+    def _submit_one(self, job: PersonJob, attempt: int, sdir):
+        ex = self._executor(job.resources, f"{self.config.job_prefix}{job.person}")
+        sub = ex.submit(PersonRunner(job, attempt, sdir))
+        self._queued(sdir, job, attempt, sub)
+        return sub
+
+    def _submit_initial(self, jobs: list[PersonJob], sdir) -> list[tuple[PersonJob, Any]]:
+        if not self.config.array:
+            return [(job, self._submit_one(job, 1, sdir)) for job in jobs]
+        groups: dict[Resources, list[PersonJob]] = {}
+        for job in jobs:
+            groups.setdefault(job.resources, []).append(job)
+        out = []
+        for resources, group in groups.items():
+            ex = self._executor(resources, f"{self.config.job_prefix}array")
+            subs = []
+            with ex.batch():
+                for job in group:
+                    subs.append(ex.submit(PersonRunner(job, 1, sdir)))
+            for job, sub in zip(group, subs):
+                self._queued(sdir, job, 1, sub)
+                out.append((job, sub))
+        return out
+
+    def run_all(self, jobs: list[PersonJob]) -> list[JobResult]:
+        check_jobs(jobs)
+        sdir = str(Path(self.config.status_dir).resolve()) if self.config.status_dir is not None else None
+        t0 = time.time()
+        pending = [(job, 1, sub) for job, sub in self._submit_initial(jobs, sdir)]
+        results: dict[str, JobResult] = {}
+        try:
+            while pending:
+                still = []
+                for job, attempt, sub in pending:
+                    if not sub.done():
+                        still.append((job, attempt, sub))
+                        continue
+                    try:
+                        out = sub.result()
+                    except Exception as e:  # FailedJobError / UncompletedJobError
+                        err = f"{_headline(str(e)) or type(e).__name__} (SLURM job {sub.job_id})\n{e}"
+                        if attempt <= job.max_retries:
+                            log.warning("person %s attempt %d failed (job %s), retrying", job.person, attempt, sub.job_id)
+                            still.append((job, attempt + 1, self._submit_one(job, attempt + 1, sdir)))
+                            continue
+                        restarts = self._restarts_from_status(sdir, job.person)
+                        if sdir is not None:
+                            _status.write_state(sdir, job.person, "failed", attempt=attempt, message=err[:1500])
+                        results[job.person] = JobResult(job.person, False, attempt, error=err,
+                                                        duration_s=time.time() - t0, restarts=restarts)
+                        continue
+                    results[job.person] = JobResult(job.person, True, attempt, result=out["result"],
+                                                    duration_s=time.time() - t0, restarts=out["restarts"])
+                pending = still
+                if pending:
+                    time.sleep(self.config.poll_interval_s)
+        except BaseException:
+            for _, _, sub in pending:
+                try:
+                    sub.cancel(check=False)
+                except Exception:  # best effort while interrupted
+                    pass
+            raise
+        return [results[j.person] for j in jobs]
+
+    @staticmethod
+    def _restarts_from_status(sdir, person: str) -> int:
+        if sdir is None:
+            return 0
+        for s in _status.read_status(sdir):
+            if s.person == person:
+                return s.restarts
+        return 0

@@ -1,0 +1,316 @@
+"""Per-person status files: one small JSON file per person, written atomically.
+
+Protocol (``<status_dir>/<person>.json``)::
+
+    {"person": "017", "state": "running", "attempt": 1, "restarts": 0,
+     "step": 1200, "total_steps": 100000, "started_at": 1718000000.0,
+     "updated_at": 1718000420.5, "rate_step0": 1000, "rate_t0": 1718000010.0,
+     "message": "", "host": "node12", "pid": 4242}
+
+* ``state``: ``queued`` (submitted, waiting for resources, or requeued after a SLURM
+  timeout/preemption), ``running``, ``succeeded``, ``failed``.
+* ``attempt``: 1-based attempt number (retries after failures); ``restarts``: SLURM
+  requeues within the attempt.
+* ``step``/``total_steps``: the trainer's progress (``report_progress``); kept across
+  attempts so a resumed run shows where it stands. ``rate_step0``/``rate_t0``: the first
+  progress report of the current run, from which the step rate and ETA are computed (so a
+  resumed run's rate does not count steps done by earlier runs).
+* Times are UNIX seconds. Every write is a temp file + rename: readers never see half a file.
+
+The orchestrator (driver) writes ``queued`` and the final verdict; the process running the
+target writes ``running``, progress, and the outcome of its attempt. Training code only
+calls :func:`report_progress`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+from shards.contract import atomic_write_json
+
+STATES = ("queued", "running", "succeeded", "failed")
+
+#: Environment variables through which a target's child processes find their status file.
+ENV_STATUS_DIR = "DA_STATUS_DIR"
+ENV_PERSON = "DA_PERSON"
+ENV_ATTEMPT = "DA_ATTEMPT"
+ENV_RESTARTS = "DA_RESTARTS"
+
+#: Default minimum seconds between two progress writes (the last step is always written).
+DEFAULT_MIN_INTERVAL_S = 1.0
+
+
+def status_path(status_dir: Path | str, person: str) -> Path:
+    return Path(status_dir) / f"{person}.json"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_state(
+    status_dir: Path | str,
+    person: str,
+    state: str,
+    *,
+    attempt: int | None = None,
+    restarts: int | None = None,
+    message: str | None = None,
+) -> dict:
+    """Update ``state`` (and optionally attempt/restarts/message) of a person's file.
+
+    Progress fields already in the file are kept. Used by the orchestrator and by
+    :class:`StatusReporter`. Returns the written record.
+    """
+    if state not in STATES:
+        raise ValueError(f"unknown state {state!r}; expected one of {STATES}")
+    path = status_path(status_dir, person)
+    try:
+        rec = _read_json(path) or {}
+    except (OSError, ValueError):
+        rec = {}  # a corrupt file is replaced, not fatal
+    now = time.time()
+    rec.setdefault("person", person)
+    rec.setdefault("step", None)
+    rec.setdefault("total_steps", None)
+    rec.setdefault("started_at", None)
+    rec["state"] = state
+    rec["updated_at"] = now
+    if attempt is not None:
+        rec["attempt"] = attempt
+    rec.setdefault("attempt", 1)
+    if restarts is not None:
+        rec["restarts"] = restarts
+    rec.setdefault("restarts", 0)
+    if message is not None:
+        rec["message"] = message
+    rec.setdefault("message", "")
+    atomic_write_json(path, rec)
+    return rec
+
+
+class StatusReporter:
+    """Writes one person's status file from the process that runs the target."""
+
+    def __init__(
+        self,
+        status_dir: Path,
+        person: str,
+        attempt: int = 1,
+        restarts: int = 0,
+        min_interval_s: float = DEFAULT_MIN_INTERVAL_S,
+    ):
+        self.status_dir = Path(status_dir)
+        self.person = person
+        self.attempt = attempt
+        self.restarts = restarts
+        #: Progress writes closer together than this are skipped (except the last step).
+        self.min_interval_s = min_interval_s
+        self._last_write = 0.0
+
+    @property
+    def path(self) -> Path:
+        return status_path(self.status_dir, self.person)
+
+    def set_state(self, state: str, message: str = "") -> None:
+        rec = write_state(self.status_dir, self.person, state, attempt=self.attempt, restarts=self.restarts, message=message)
+        if state == "running":
+            # a new run: restart the rate clock, keep the step reached so far
+            rec["started_at"] = rec["updated_at"]
+            rec["host"] = socket.gethostname()
+            rec["pid"] = os.getpid()
+            rec["rate_step0"] = None
+            rec["rate_t0"] = None
+            atomic_write_json(self.path, rec)
+
+    def progress(self, step: int, total_steps: int | None = None, message: str | None = None) -> bool:
+        """Record ``step`` (of ``total_steps``); returns True when the file was written."""
+        now = time.monotonic()
+        final = total_steps is not None and step >= total_steps
+        if not final and self._last_write and now - self._last_write < self.min_interval_s:
+            return False
+        self._last_write = now
+        try:
+            rec = _read_json(self.path) or {}
+        except (OSError, ValueError):
+            rec = {}
+        t = time.time()
+        rec.update(person=self.person, state="running", attempt=self.attempt, restarts=self.restarts,
+                   step=int(step), updated_at=t)
+        if total_steps is not None:
+            rec["total_steps"] = int(total_steps)
+        if message is not None:
+            rec["message"] = message
+        rec.setdefault("message", "")
+        rec.setdefault("started_at", t)
+        if rec.get("rate_t0") is None:
+            rec["rate_step0"], rec["rate_t0"] = int(step), t
+        atomic_write_json(self.path, rec)
+        return True
+
+
+_ACTIVE: StatusReporter | None = None
+_FROM_ENV: StatusReporter | None = None
+
+
+@contextlib.contextmanager
+def active_reporter(reporter: StatusReporter | None) -> Iterator[None]:
+    """Make ``reporter`` the target of :func:`report_progress` in this process and export
+    its location through ``DA_*`` environment variables for child processes."""
+    global _ACTIVE
+    saved_env = {k: os.environ.get(k) for k in (ENV_STATUS_DIR, ENV_PERSON, ENV_ATTEMPT, ENV_RESTARTS)}
+    saved = _ACTIVE
+    _ACTIVE = reporter
+    if reporter is not None:
+        os.environ[ENV_STATUS_DIR] = str(reporter.status_dir.resolve())
+        os.environ[ENV_PERSON] = reporter.person
+        os.environ[ENV_ATTEMPT] = str(reporter.attempt)
+        os.environ[ENV_RESTARTS] = str(reporter.restarts)
+    try:
+        yield
+    finally:
+        _ACTIVE = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def report_progress(step: int, total_steps: int | None = None, message: str | None = None) -> bool:
+    """Called by training code after a step: records progress for the orchestrator.
+
+    Works in the process the orchestrator started and in its child processes (through the
+    ``DA_*`` environment variables). Outside an orchestrated run it does nothing and returns
+    False, so a trainer can call it unconditionally. Writes are rate-limited to one per
+    second; the final step (``step >= total_steps``) is always written.
+    """
+    global _FROM_ENV
+    reporter = _ACTIVE
+    if reporter is None:
+        sdir, person = os.environ.get(ENV_STATUS_DIR), os.environ.get(ENV_PERSON)
+        if not sdir or not person:
+            return False
+        if _FROM_ENV is None or (_FROM_ENV.status_dir, _FROM_ENV.person) != (Path(sdir), person):
+            _FROM_ENV = StatusReporter(Path(sdir), person, attempt=int(os.environ.get(ENV_ATTEMPT, "1")),
+                                       restarts=int(os.environ.get(ENV_RESTARTS, "0")))
+        reporter = _FROM_ENV
+    return reporter.progress(step, total_steps, message)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class PersonStatus:
+    """One person's status file, parsed. ``state == "invalid"`` when the file is unreadable."""
+
+    person: str
+    state: str
+    attempt: int = 1
+    restarts: int = 0
+    step: int | None = None
+    total_steps: int | None = None
+    started_at: float | None = None
+    updated_at: float | None = None
+    rate_step0: int | None = None
+    rate_t0: float | None = None
+    message: str = ""
+    host: str | None = None
+    pid: int | None = None
+
+    @property
+    def steps_per_s(self) -> float | None:
+        """Step rate of the current run, from its first progress report to the last one."""
+        if None in (self.step, self.rate_step0, self.rate_t0, self.updated_at):
+            return None
+        dt = self.updated_at - self.rate_t0
+        ds = self.step - self.rate_step0
+        if dt <= 0 or ds <= 0:
+            return None
+        return ds / dt
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until ``total_steps`` at the current rate (0 when done; None if unknown)."""
+        if self.state == "succeeded":
+            return 0.0
+        if self.state != "running" or self.total_steps is None or self.step is None:
+            return None
+        rate = self.steps_per_s
+        if rate is None:
+            return None
+        return max(0.0, (self.total_steps - self.step) / rate)
+
+
+def read_status(status_dir: Path | str) -> list[PersonStatus]:
+    """All persons' status files in ``status_dir``, sorted by person (empty if missing)."""
+    sdir = Path(status_dir)
+    if not sdir.is_dir():
+        return []
+    known = {f.name for f in fields(PersonStatus)}
+    out = []
+    for path in sorted(sdir.glob("*.json")):
+        if path.name.startswith("."):
+            continue  # temp file of an in-flight atomic write
+        person = path.stem
+        try:
+            rec = _read_json(path)
+        except (OSError, ValueError) as e:
+            out.append(PersonStatus(person=person, state="invalid", message=f"{path}: {e}"))
+            continue
+        if rec is None or rec.get("state") not in STATES:
+            out.append(PersonStatus(person=person, state="invalid", message=f"{path}: no valid 'state'"))
+            continue
+        out.append(PersonStatus(**{k: v for k, v in rec.items() if k in known}))
+    return out
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def format_status_table(statuses: list[PersonStatus], now: float | None = None, message_width: int = 50) -> str:
+    """A fixed-width table: person, state, attempt, step, %, rate, ETA, last update, message."""
+    now = time.time() if now is None else now
+    header = ("PERSON", "STATE", "ATTEMPT", "STEP", "%", "STEPS/S", "ETA", "UPDATED", "MESSAGE")
+    rows = []
+    for s in statuses:
+        step = "-" if s.step is None else (f"{s.step}/{s.total_steps}" if s.total_steps else str(s.step))
+        pct = "-" if not s.total_steps or s.step is None else f"{100.0 * s.step / s.total_steps:.0f}"
+        rate = s.steps_per_s
+        attempt = str(s.attempt) + (f"+{s.restarts}r" if s.restarts else "")
+        age = "-" if s.updated_at is None else format_duration(now - s.updated_at) + " ago"
+        msg = (s.message or "").strip().splitlines()
+        msg = msg[0] if msg else ""
+        if len(msg) > message_width:
+            msg = msg[: message_width - 3] + "..."
+        rows.append((s.person, s.state, attempt, step, pct, "-" if rate is None else f"{rate:.3g}",
+                     format_duration(s.eta_s), age, msg))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    counts = {st: sum(1 for s in statuses if s.state == st) for st in (*STATES, "invalid")}
+    lines.append("  ".join(f"{k}={v}" for k, v in counts.items() if v) or "no status files")
+    return "\n".join(lines)

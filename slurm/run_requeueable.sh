@@ -1,0 +1,25 @@
+#!/bin/bash
+# run_requeueable.sh CMD ARGS...: run CMD; when the batch shell receives USR2 (sbatch
+# --signal=B:USR2@N before the time limit, or a preemption notice), requeue this SLURM job
+# and stop CMD with SIGTERM. The requeued run starts CMD again, which resumes from its own
+# last checkpoint. Exit code: CMD's, or 0 after a requeue (SLURM restarts the job).
+set -uo pipefail
+requeued=0
+on_usr2() {
+  echo "[run_requeueable] USR2: requeueing job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0} -> next)"
+  requeued=1
+  job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+  scontrol requeue "${job:-$SLURM_JOB_ID}"
+  kill -TERM "$child" 2>/dev/null
+}
+trap on_usr2 USR2
+"$@" &
+child=$!
+while true; do
+  wait "$child"; rc=$?
+  # wait returns >128 when a trapped signal interrupted it; the child may still run
+  if kill -0 "$child" 2>/dev/null; then continue; fi
+  break
+done
+[ "$requeued" = 1 ] && exit 0
+exit "$rc"

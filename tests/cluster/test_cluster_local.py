@@ -1,0 +1,112 @@
+"""Local backend, job descriptions, status files and the summary (no daemons needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from workloads import expected_digest, read_runs, write_input
+
+from cluster.jobs import JobResult, PersonJob, Resources, resolve_target
+from cluster.local_backend import LocalBackend, LocalConfig
+from cluster.orchestrate import EXIT_SOME_FAILED, exit_code, format_summary, make_backend, run_all, write_summary_json
+from cluster.status import read_status, report_progress
+
+TARGET = "workloads:count_steps"
+
+
+def make_jobs(tmp_path, persons, corrupt=(), steps=3, max_retries=1, **kw):
+    for p in persons:
+        write_input(tmp_path / "data", p, corrupt=p in corrupt)
+    return [PersonJob(p, TARGET, dict(data_dir=str(tmp_path / "data"), work_dir=str(tmp_path / "work"),
+                                      steps=steps, **kw), max_retries=max_retries) for p in persons]
+
+
+def test_local_corrupt_person_fails_alone(tmp_path):
+    jobs = make_jobs(tmp_path, ["017", "018", "019"], corrupt={"018"}, steps=3, max_retries=2)
+    results = run_all(jobs, LocalConfig(status_dir=tmp_path / "status"))
+
+    assert [r.person for r in results] == ["017", "018", "019"]
+    ok = {r.person: r for r in results}
+    assert ok["017"].ok and ok["019"].ok and not ok["018"].ok
+    assert ok["017"].result["digest"] == expected_digest("017", 3)
+    assert ok["017"].attempts == 1
+    assert ok["018"].attempts == 3  # 1 + max_retries, then given up
+    assert "ValueError" in ok["018"].error and "018.json" in ok["018"].error
+    assert exit_code(results) == EXIT_SOME_FAILED != 0
+    summary = format_summary(results)
+    assert "FAILED: 018" in summary and "2/3 persons succeeded" in summary
+
+    st = {s.person: s for s in read_status(tmp_path / "status")}
+    assert st["017"].state == "succeeded" and st["017"].step == 3 and st["017"].total_steps == 3
+    assert st["018"].state == "failed" and st["018"].attempt == 3 and "corrupt" in st["018"].message
+
+
+def test_local_all_ok_exit_zero_and_resume(tmp_path):
+    jobs = make_jobs(tmp_path, ["a", "b"], steps=4, max_retries=0)
+    results = LocalBackend(LocalConfig(status_dir=None)).run_all(jobs)
+    assert exit_code(results) == 0 and "all 2 persons succeeded" in format_summary(results)
+    assert not (tmp_path / "status").exists()  # status_dir=None writes nothing
+    # a second launch resumes from the checkpoint instead of redoing the steps
+    results = run_all(jobs, LocalConfig())
+    assert all(r.ok for r in results)
+    assert [r["start_step"] for r in read_runs(tmp_path / "work", "a")] == [0, 4]
+    assert results[0].result["digest"] == expected_digest("a", 4)
+
+
+def test_retries_are_bounded_zero(tmp_path):
+    jobs = make_jobs(tmp_path, ["x"], corrupt={"x"}, max_retries=0)
+    (r,) = run_all(jobs, LocalConfig(status_dir=tmp_path / "s"))
+    assert not r.ok and r.attempts == 1
+
+
+def test_target_must_return_dict(tmp_path):
+    job = PersonJob("p", "workloads:returns_list", max_retries=0)
+    (r,) = run_all([job], LocalConfig(status_dir=tmp_path))
+    assert not r.ok and "expected a dict" in r.error
+
+
+def test_report_progress_from_child_process(tmp_path):
+    job = PersonJob("p", "workloads:report_from_child", dict(step=3, total_steps=10), max_retries=0)
+    (r,) = run_all([job], LocalConfig(status_dir=tmp_path))
+    assert r.ok
+    (s,) = read_status(tmp_path)
+    assert (s.state, s.step, s.total_steps) == ("succeeded", 3, 10)
+    # outside an orchestrated run the helper is a no-op and the env is restored
+    assert "DA_STATUS_DIR" not in os.environ
+    assert report_progress(1, 2) is False
+
+
+def test_job_validation():
+    with pytest.raises(ValueError, match="package.module:function"):
+        PersonJob("p", "no_colon")
+    with pytest.raises(ValueError, match="invalid person id"):
+        PersonJob("../etc", "m:f")
+    with pytest.raises(ValueError, match="max_retries"):
+        PersonJob("p", "m:f", max_retries=-1)
+    with pytest.raises(ValueError, match="cpus"):
+        Resources(cpus=0)
+    with pytest.raises(ValueError, match="gpus"):
+        Resources(gpus=-1)
+    with pytest.raises(ValueError, match="memory_gb"):
+        Resources(memory_gb=0)
+    with pytest.raises(ValueError, match="twice"):
+        LocalBackend().run_all([PersonJob("p", "m:f"), PersonJob("p", "m:f")])
+    with pytest.raises(ValueError, match="no jobs"):
+        run_all([], LocalConfig())
+    with pytest.raises(ImportError, match="no_such_module"):
+        resolve_target("no_such_module:f")
+    with pytest.raises(AttributeError, match="no function 'nope'"):
+        resolve_target("workloads:nope")
+    with pytest.raises(TypeError, match="unknown backend config"):
+        make_backend(object())
+
+
+def test_summary_json(tmp_path):
+    results = [JobResult("a", True, 1, result={"x": 1}, duration_s=2.0), JobResult("b", False, 2, error="boom")]
+    write_summary_json(results, tmp_path / "summary.json")
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["exit_code"] == 1
+    assert [r["person"] for r in data["results"]] == ["a", "b"] and data["results"][1]["error"] == "boom"
+    assert exit_code([]) != 0  # nothing ran is not success

@@ -1,0 +1,194 @@
+"""SLURM backend against a real single-node SLURM started by the test suite
+(slurm/local/start-slurm.sh): a job array, retries, requeue after a signal and after a
+real time-limit timeout, resuming from the workload's checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+from workloads import expected_digest, read_runs, write_input
+
+from cluster.jobs import PersonJob, Resources
+from cluster.orchestrate import exit_code, format_summary
+from cluster.slurm_backend import SlurmBackend, SlurmConfig
+from cluster.status import read_status
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+
+
+def _jobs(tmp_path, persons, corrupt=(), steps=4, step_seconds=0.2, resources=Resources(cpus=1), max_retries=1):
+    for p in persons:
+        write_input(tmp_path / "data", p, corrupt=p in corrupt)
+    return [PersonJob(p, "workloads:count_steps",
+                      dict(data_dir=str(tmp_path / "data"), work_dir=str(tmp_path / "work"), steps=steps,
+                           step_seconds=step_seconds),
+                      resources, max_retries=max_retries) for p in persons]
+
+
+def _sbatch_scripts(log_dir) -> list[str]:
+    """The sbatch scripts submitit wrote (an array's lies beside the per-task folders)."""
+    return [p.read_text() for p in sorted(log_dir.rglob("*_submission.sh"))]
+
+
+def test_slurm_array_corrupt_person_fails_alone(tmp_path, slurm_cluster, workload_env, monkeypatch):
+    monkeypatch.setenv("DA_TEST_MARK", "from-env")
+    jobs = _jobs(tmp_path, ["a", "b", "c"], corrupt={"b"}, resources=Resources(cpus=1, gpus=1, memory_gb=1))
+    cfg = SlurmConfig(status_dir=tmp_path / "status", log_dir=tmp_path / "logs", partition="debug", time_min=5,
+                      array=True, array_parallelism=2, setup=["export DA_TEST_MARK=from-setup"],
+                      additional_parameters={"comment": "da-test"}, job_prefix="da-", poll_interval_s=0.5)
+    backend = SlurmBackend(cfg)
+    results = backend.run_all(jobs)
+
+    r = {x.person: x for x in results}
+    assert r["a"].ok and r["c"].ok and not r["b"].ok
+    assert r["a"].result["digest"] == expected_digest("a", 4) and r["c"].result["digest"] == expected_digest("c", 4)
+    assert r["b"].attempts == 2 and "ValueError" in r["b"].error.splitlines()[0] and "corrupt" in r["b"].error
+    assert exit_code(results) == 1 and "FAILED: b" in format_summary(results)
+
+    # one array for the first attempt, a single job for b's retry
+    array_id = backend.job_ids["a"][0].split("_")[0]
+    assert [backend.job_ids[p][0] for p in "abc"] == [f"{array_id}_{i}" for i in range(3)]
+    assert len(backend.job_ids["b"]) == 2 and "_" not in backend.job_ids["b"][1]
+    (script,) = [t for t in _sbatch_scripts(tmp_path / "logs") if "--array" in t]
+    for opt in ("--array=0-2%2", "--partition=debug", "--time=5", "--gpus-per-node=1", "--cpus-per-task=1",
+                "--mem=1GB", "--comment=da-test", "--job-name=da-array", "--signal=USR2@90",
+                "export DA_TEST_MARK=from-setup"):
+        assert opt in script, opt
+    assert read_runs(tmp_path / "work", "a")[0]["mark"] == "from-setup"  # setup lines ran in the job
+    # each task got one (fake) GPU from the GRES: SLURM exported its index
+    assert read_runs(tmp_path / "work", "a")[0]["cuda_visible_devices"] in {"0", "1"}
+    # SLURM's accounting agrees on the array tasks' outcomes (slurmdbd is updated asynchronously)
+    deadline = time.time() + 30
+    while True:
+        sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", array_id, "-o", "JobID,State"],
+                               capture_output=True, text=True, check=True).stdout
+        if (sacct.count("COMPLETED"), sacct.count("FAILED")) == (2, 1) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert sacct.count("COMPLETED") == 2 and sacct.count("FAILED") == 1, sacct
+
+    st = {s.person: s for s in read_status(tmp_path / "status")}
+    assert st["a"].state == "succeeded" and st["a"].step == 4 and st["b"].state == "failed"
+
+
+def _run_in_thread(backend, jobs):
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.setdefault("results", backend.run_all(jobs)), daemon=True)
+    th.start()
+    return th, out
+
+
+def _wait_step(status_dir, person, step, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = {s.person: s for s in read_status(status_dir)}
+        if person in st and st[person].state == "running" and (st[person].step or 0) >= step:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{person} never reached step {step}")
+
+
+def test_slurm_requeue_after_signal_resumes(tmp_path, slurm_cluster, workload_env):
+    # USR2 is what SLURM sends before the time limit or on preemption: submitit calls
+    # PersonRunner.checkpoint, requeues the same call, and the workload resumes.
+    # "keep" may be requeued (max_requeues=2); "drop" may not (max_requeues=0) and fails.
+    keep = _jobs(tmp_path, ["keep"], steps=14, step_seconds=0.4, max_retries=0)
+    drop = _jobs(tmp_path, ["drop"], steps=14, step_seconds=0.4, max_retries=0)
+    common = dict(status_dir=tmp_path / "status", log_dir=tmp_path / "logs", time_min=5, array=False,
+                  poll_interval_s=0.5)
+    b_keep = SlurmBackend(SlurmConfig(max_requeues=2, **common))
+    b_drop = SlurmBackend(SlurmConfig(max_requeues=0, **common))
+    th1, out1 = _run_in_thread(b_keep, keep)
+    th2, out2 = _run_in_thread(b_drop, drop)
+    for person, backend in (("keep", b_keep), ("drop", b_drop)):
+        _wait_step(tmp_path / "status", person, 3)
+        subprocess.run(["scancel", "--signal=USR2", backend.job_ids[person][0]], check=True)
+    th1.join(150)
+    th2.join(150)
+    (rk,), (rd,) = out1["results"], out2["results"]
+
+    assert rk.ok and rk.attempts == 1 and rk.restarts == 1
+    runs = read_runs(tmp_path / "work", "keep")
+    assert len(runs) == 2 and runs[1]["start_step"] >= 3  # resumed, not redone from 0
+    assert runs[1]["restarts"] == "1"
+    assert rk.result["digest"] == expected_digest("keep", 14)
+    assert len(b_keep.job_ids["keep"]) == 1  # the same SLURM job was requeued, not resubmitted
+    scripts = _sbatch_scripts(tmp_path / "logs")
+    assert any("--job-name=train-keep" in t and "--array" not in t for t in scripts)
+
+    assert not rd.ok and "timed-out too many times" in rd.error
+    (s,) = [s for s in read_status(tmp_path / "status") if s.person == "drop"]
+    assert s.state == "failed"
+
+
+@pytest.mark.slow
+def test_slurm_requeue_after_real_timeout(tmp_path, slurm_cluster, workload_env):
+    # 1-minute limit, USR2 50 s before it (SLURM sends it on a ~30 s grid: 10-40 s into the
+    # run); the workload needs 45 s, so the first run is always cut short and requeued.
+    jobs = _jobs(tmp_path, ["slow"], steps=45, step_seconds=1.0, max_retries=0)
+    cfg = SlurmConfig(status_dir=tmp_path / "status", log_dir=tmp_path / "logs", time_min=1, signal_delay_s=50,
+                      max_requeues=3, array=False, poll_interval_s=1.0)
+    (r,) = SlurmBackend(cfg).run_all(jobs)
+    assert r.ok and r.restarts >= 1, r
+    runs = read_runs(tmp_path / "work", "slow")
+    assert len(runs) == r.restarts + 1
+    assert all(b["start_step"] > a["start_step"] for a, b in zip(runs, runs[1:]))  # never redone from 0
+    assert r.result["digest"] == expected_digest("slow", 45)
+
+
+def _template_env(tmp_path, **extra):
+    import json
+    import os
+    import sys
+
+    from conftest import REPO
+    kwargs = dict(data_dir=str(tmp_path / "data"), work_dir=str(tmp_path / "work"), steps=extra.pop("steps", 4),
+                  step_seconds=extra.pop("step_seconds", 0.2))
+    return {**os.environ, "REPO": str(REPO), "PYTHON": sys.executable, "TARGET": "workloads:count_steps",
+            "KWARGS_JSON": json.dumps(kwargs), "STATUS_DIR": str(tmp_path / "status"), **extra}
+
+
+SMALL = ["--cpus-per-task=1", "--gpus-per-node=1", "--mem=1G", "--time=5"]
+
+
+def test_sbatch_array_template(tmp_path, slurm_cluster, workload_env):
+    from conftest import REPO
+    for p, bad in (("t1", False), ("t2", True), ("t3", False)):
+        write_input(tmp_path / "data", p, corrupt=bad)
+    (tmp_path / "persons.txt").write_text("t1\nt2\n\nt3\n")  # blank lines are ignored
+    env = _template_env(tmp_path, PERSONS_FILE=str(tmp_path / "persons.txt"))
+    proc = subprocess.run(["sbatch", "--wait", "--parsable", "--array=0-2", *SMALL, f"--chdir={tmp_path}",
+                           str(REPO / "slurm/train_array.sbatch")], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0  # --wait reports the failed array task
+    st = {s.person: s for s in read_status(tmp_path / "status")}
+    assert st["t1"].state == "succeeded" and st["t3"].state == "succeeded" and st["t1"].step == 4
+    assert st["t2"].state == "failed" and "corrupt" in st["t2"].message
+
+
+def test_sbatch_person_template_requeues_on_usr2(tmp_path, slurm_cluster, workload_env):
+    from conftest import REPO
+    write_input(tmp_path / "data", "tp")
+    env = _template_env(tmp_path, PERSON="tp", steps=14, step_seconds=0.4)
+    job_id = subprocess.run(["sbatch", "--parsable", *SMALL, f"--chdir={tmp_path}",
+                             str(REPO / "slurm/train_person.sbatch")],
+                            env=env, capture_output=True, text=True, check=True).stdout.strip()
+    _wait_step(tmp_path / "status", "tp", 3)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True)  # what --signal=B:USR2@90 sends
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        (s,) = read_status(tmp_path / "status")
+        if s.state in ("succeeded", "failed") and s.restarts >= 1:
+            break
+        time.sleep(0.5)
+    assert s.state == "succeeded" and s.restarts == 1 and s.step == 14, s
+    runs = read_runs(tmp_path / "work", "tp")
+    assert len(runs) == 2 and runs[1]["start_step"] >= 3
+    assert json_result(tmp_path, "tp") == expected_digest("tp", 14)
+
+
+def json_result(tmp_path, person):
+    import json
+    return json.loads((tmp_path / "work" / person / "ckpt.json").read_text())["digest"]

@@ -1,0 +1,69 @@
+"""The per-person status-file protocol and the status table."""
+
+from __future__ import annotations
+
+import json
+
+from cluster.status import (PersonStatus, StatusReporter, active_reporter, format_duration, format_status_table,
+                            read_status, report_progress, write_state)
+
+
+def test_progress_rate_eta_and_throttle(tmp_path, monkeypatch):
+    clock = {"t": 1000.0}
+    monkeypatch.setattr("cluster.status.time.time", lambda: clock["t"])
+    monkeypatch.setattr("cluster.status.time.monotonic", lambda: clock["t"])
+    rep = StatusReporter(tmp_path, "017", attempt=2, min_interval_s=5.0)
+    rep.set_state("running")
+    with active_reporter(rep):
+        assert report_progress(100, 1100)      # first report: rate origin (resumed at step 100)
+        clock["t"] += 1.0
+        assert not report_progress(110, 1100)  # within min_interval_s: skipped
+        clock["t"] += 9.0
+        assert report_progress(200, 1100)      # 100 steps in 10 s
+    (s,) = read_status(tmp_path)
+    assert (s.state, s.attempt, s.step, s.total_steps) == ("running", 2, 200, 1100)
+    assert abs(s.steps_per_s - 10.0) < 1e-9
+    assert abs(s.eta_s - 90.0) < 1e-9
+    table = format_status_table([s], now=clock["t"] + 3)
+    assert "017" in table and "200/1100" in table and "1m30s" in table and "3s ago" in table
+    # the final step is always written, even inside the throttle window
+    clock["t"] += 0.5
+    assert rep.progress(1100, 1100)
+    rep.set_state("succeeded")
+    (s,) = read_status(tmp_path)
+    assert s.state == "succeeded" and s.eta_s == 0.0 and s.step == 1100
+
+
+def test_new_run_restarts_rate_clock_keeps_step(tmp_path):
+    rep = StatusReporter(tmp_path, "p", min_interval_s=0.0)
+    rep.set_state("running")
+    rep.progress(5, 10)
+    rep2 = StatusReporter(tmp_path, "p", attempt=1, restarts=1, min_interval_s=0.0)
+    rep2.set_state("running")
+    (s,) = read_status(tmp_path)
+    assert s.step == 5 and s.rate_t0 is None and s.restarts == 1 and s.eta_s is None
+
+
+def test_read_status_handles_bad_files(tmp_path):
+    write_state(tmp_path, "ok", "queued")
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "nostate.json").write_text(json.dumps({"person": "nostate"}))
+    (tmp_path / ".ok.json.123.tmp").write_text("partial")
+    st = {s.person: s for s in read_status(tmp_path)}
+    assert set(st) == {"ok", "broken", "nostate"}
+    assert st["ok"].state == "queued"
+    assert st["broken"].state == "invalid" and "broken.json" in st["broken"].message
+    assert st["nostate"].state == "invalid"
+    assert "invalid=2" in format_status_table(list(st.values()))
+    assert read_status(tmp_path / "missing") == []
+
+
+def test_write_state_rejects_unknown_state(tmp_path):
+    import pytest
+    with pytest.raises(ValueError, match="unknown state"):
+        write_state(tmp_path, "p", "done")
+
+
+def test_format_duration():
+    assert [format_duration(x) for x in (None, 5, 65, 3700, 90000)] == ["-", "5s", "1m05s", "1h01m", "1d01h"]
+    assert PersonStatus("p", "queued").eta_s is None
