@@ -1,0 +1,362 @@
+"""Nightly evaluation driver: render every person's evaluation set on the Serve renderer,
+compute the metrics, write comparison videos, results.json and the HTML report.
+
+    summary = run_evaluation(EvalDriverConfig(runs=..., shards=..., stores=..., reports_root=...))
+
+Per person (a thread each, `parallel_persons` at a time): build the task frames (driver side,
+see `tasks`), deploy the person's renderer application, send every frame as one request
+(all in flight at once, so the replicas batch them), delete the application, then evaluate and
+write `<reports_root>/runs/<date>/videos/<person>/<task>.mp4`. A person without a trained model,
+or whose data or rendering fails, is recorded as failed in results.json with the reason; the
+others go on. At the end results.json is written atomically and the report is built.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from avatars.evaluation.metric_names import DEFAULT_METRICS
+from cluster.eval_driver.tasks import TASKS, Clip, TaskFrames, TaskSkipped, cross_reenactment, novel_view, open_store, \
+    self_reenactment
+from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
+from cluster.serve.renderer import RendererConfig, RenderRequest
+from shards.contract import DataError
+
+log = logging.getLogger(__name__)
+MODEL_DIR = "model"
+
+
+@dataclass
+class EvalDriverConfig:
+    """Inputs, outputs and options of one nightly evaluation."""
+
+    runs: Path
+    """Training runs root: `<runs>/<person>/model/` (DiffusionAvatarsModel.save_pretrained)."""
+    shards: Path
+    """Shard root `<shards>/<person>/{test_seq,test_cam}-*.tar` (conditioning + ground truth)."""
+    stores: Path
+    """Zarr store root `<stores>/<person>.zarr` (held-out camera, cameras, canonical bounds)."""
+    reports_root: Path
+    """Where `runs/<date>/results.json`, the videos and `site/<date>/index.html` go."""
+    persons: tuple[str, ...] = ()
+    """Persons to evaluate; empty: every person folder under `runs`."""
+    run_date: str | None = None
+    """Night of the run (YYYY-MM-DD); None: today (local time)."""
+    tasks: tuple[str, ...] = TASKS
+    """Subset of self_reenactment, novel_view, cross_reenactment."""
+    renderer: RendererConfig = field(default_factory=RendererConfig)
+    """Renderer service (sampling steps, batching, replicas and their resources)."""
+    seed: int = 0
+    """Noise seed of every video (the same fixed noise for all frames, as in the paper)."""
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    """Metrics to compute (psnr, ssim, lpips, jod, akd, csim); masked variants are added."""
+    lpips_weights: Path = Path("weights/lpips_alex.safetensors")
+    """LPIPS AlexNet weights (see avatars.evaluation.lpips_weights)."""
+    landmark_model: Path | None = None
+    """TorchScript landmark detector for AKD; None: AKD is skipped with the reason."""
+    face_id_model: Path | None = None
+    """TorchScript face-identity network for CSIM; None: CSIM is skipped with the reason."""
+    fps: float = 73.0 / 3.0
+    """Frame rate of the videos and of JOD (NeRSemble 73 fps, every 3rd frame)."""
+    parallel_persons: int = 1
+    """Persons rendered at the same time (each has its own Serve application)."""
+    eval_device: str = "cpu"
+    """Torch device of the metric networks (LPIPS, JOD, face models) in the driver."""
+    ray_address: str | None = None
+    """Ray cluster to join ('auto' or host:port); None: start an embedded Ray in this process."""
+    ray_num_cpus: int | None = None
+    """Embedded Ray only: CPUs it offers (None: all)."""
+    ray_object_store_mb: int = 512
+    """Embedded Ray only: object store size in MiB."""
+    build_report: bool = True
+    """Build `<reports_root>/site/<date>/index.html` after writing results.json."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {list(TASKS)}")
+        if self.parallel_persons < 1:
+            raise ValueError("parallel_persons must be >= 1")
+
+
+@dataclass
+class EvalSummary:
+    """What one evaluation run produced."""
+
+    run_date: str
+    results_path: Path
+    report_index: Path | None
+    persons: list[str]
+    failed: dict[str, str]
+    """person -> reason (no model, missing data, render error)."""
+    frames_rendered: int
+    seconds: float
+    person_seconds: dict[str, float]
+
+
+# ---- driver side helpers ----------------------------------------------------------------------
+
+
+def list_persons(config: EvalDriverConfig) -> list[str]:
+    if config.persons:
+        return list(config.persons)
+    runs = Path(config.runs)
+    if not runs.is_dir():
+        raise DataError(runs, "runs folder does not exist (expected <runs>/<person>/model)")
+    persons = sorted(p.name for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not persons:
+        raise DataError(runs, "no person folders found (expected <runs>/<person>/model)")
+    return persons
+
+
+def model_problem(runs: Path, person: str) -> str | None:
+    """Why `person` has no usable trained model, or None."""
+    cfg = Path(runs) / person / MODEL_DIR / "config.json"
+    if not cfg.is_file():
+        return f"no trained model: {cfg} does not exist (training failed or has not finished)"
+    return None
+
+
+def cross_drivers(persons: list[str], stores: Path) -> dict[str, str | None]:
+    """Whose codes drive each person in cross-reenactment: the next person of the list (cyclic)
+    that has a zarr store, never the person itself (None when there is no other)."""
+    with_data = [p for p in persons if (Path(stores) / f"{p}.zarr").exists()]
+    out: dict[str, str | None] = {}
+    for p in persons:
+        others = [q for q in with_data if q != p]
+        if not others:
+            out[p] = None
+            continue
+        after = [q for q in others if persons.index(q) > persons.index(p)]
+        out[p] = (after or others)[0]
+    return out
+
+
+def merge_evaluations(evals: list[dict]) -> dict:
+    """Combine per-clip `Evaluator.evaluate_video` outputs into one task result.
+
+    Per-frame metrics: frames concatenated, mean over all frames. Video-level metrics (JOD):
+    mean over clips (each clip is one video)."""
+    names = list(dict.fromkeys(n for e in evals for n in e["metrics"]))
+    metrics = {}
+    for n in names:
+        parts = [e["metrics"][n] for e in evals if n in e["metrics"]]
+        if all(p["per_frame"] is not None for p in parts):
+            per_frame = [v for p in parts for v in p["per_frame"]]
+            metrics[n] = {"mean": float(np.mean(per_frame)) if per_frame else None, "per_frame": per_frame}
+        else:
+            means = [p["mean"] for p in parts if p["mean"] is not None]
+            metrics[n] = {"mean": float(np.mean(means)) if means else None, "per_frame": None}
+    skipped = {k: v for e in evals for k, v in e.get("skipped", {}).items()}
+    return {"frames": sum(e["frames"] for e in evals), "metrics": metrics, "skipped": skipped}
+
+
+def comparison_panels(clips: list[Clip], renders: list[np.ndarray]) -> list[np.ndarray]:
+    """[reference, render, normals, depth, canonical] videos (T, H, W, 3) over all clips."""
+    from avatars.evaluation.video import buffers_to_rgb
+
+    reference = np.concatenate([c.reference for c in clips])
+    buffers = []
+    for c in clips:
+        for cond in c.conditioning:
+            buffers.append(buffers_to_rgb(normals=cond["normals"].transpose(1, 2, 0), depth=cond["depth"][0],
+                                          canonical=cond["canonical"].transpose(1, 2, 0), mask=cond["mask"][0]))
+    return [reference, np.stack(renders)] + [np.stack([b[i] for b in buffers]) for i in range(len(buffers[0]))]
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _failed_tasks(tasks: tuple[str, ...], reason: str) -> dict[str, TaskResult]:
+    return {t: TaskResult(metrics={}, skipped={"task": f"failed: {reason}"}) for t in tasks}
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, config: EvalDriverConfig, run_folder: Path):
+        from avatars.evaluation.face_models import FaceModelConfig
+        from avatars.evaluation.lpips_weights import LpipsConfig
+        from avatars.evaluation.metrics import EvalConfig, Evaluator
+
+        self.config = config
+        self.folder = run_folder
+        lpips = LpipsConfig(Path(config.lpips_weights), device=config.eval_device) if "lpips" in config.metrics else None
+        if lpips is not None and not lpips.weights_path.is_file():
+            raise DataError(lpips.weights_path, "LPIPS weights are missing (see avatars.evaluation.lpips_weights) "
+                                                "or drop 'lpips' from --metrics")
+        eval_config = EvalConfig(metrics=tuple(config.metrics), lpips=lpips, fps=config.fps, device=config.eval_device,
+                                 face_models=FaceModelConfig(config.landmark_model, config.face_id_model))
+        # the metric networks load (seconds) while Ray starts and the first renderer deploys
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="eval-load")
+        self._evaluator = self._loader.submit(Evaluator, eval_config)
+        self.eval_lock = threading.Lock()  # the metric networks are shared by the person threads
+        self.frames_rendered = 0
+        self._stores: dict[str, object] = {}
+        self._self_clips: dict[tuple[str, int], list[Clip]] = {}
+        self._data_lock = threading.Lock()
+
+    def store(self, person: str):
+        with self._data_lock:
+            if person not in self._stores:
+                self._stores[person] = open_store(self.config.stores, person)
+            return self._stores[person]
+
+    def task_frames(self, person: str, task: str, driver: str | None, resolution: int) -> TaskFrames:
+        store, shards = self.store(person), self.config.shards
+        if task == "self_reenactment":
+            return self_reenactment(store, shards, resolution)
+        if task == "novel_view":
+            return novel_view(store, shards, resolution)
+        if driver is None:
+            raise TaskSkipped(f"cross-reenactment of {person} needs a second person to drive it; only {person} is evaluated")
+        return cross_reenactment(store, self.store(driver), shards, resolution)
+
+    def person(self, person: str, driver: str | None) -> dict[str, TaskResult]:
+        from cluster.serve.deployment import delete_renderer, deploy_renderer
+
+        cfg = self.config
+        model_dir = Path(cfg.runs) / person / MODEL_DIR
+        try:
+            handle = deploy_renderer(person, model_dir, cfg.renderer)
+            info = handle.info.remote().result()
+            results: dict[str, TaskResult] = {}
+            jobs: list[tuple[TaskFrames, list]] = []
+            for task in cfg.tasks:
+                try:
+                    frames = self.task_frames(person, task, driver, info["resolution"])
+                except TaskSkipped as e:
+                    results[task] = TaskResult(metrics={}, skipped={"task": str(e)})
+                    continue
+                except (DataError, FileNotFoundError, ValueError) as e:
+                    results[task] = TaskResult(metrics={}, skipped={"task": f"failed: {e}"})
+                    log.error("%s/%s: %s", person, task, e)
+                    continue
+                # every frame in flight at once: the replicas batch them
+                responses = [handle.remote(RenderRequest(**c, seed=cfg.seed, key=k))
+                             for clip in frames.clips for k, c in zip(clip.keys, clip.conditioning)]
+                jobs.append((frames, responses))
+            rendered = [(frames, [r.result().image for r in responses]) for frames, responses in jobs]
+        finally:
+            delete_renderer(person)
+        for frames, images in rendered:
+            with self.eval_lock:
+                self.frames_rendered += len(images)
+            results[frames.task] = self.evaluate(frames, images)
+        return {t: results[t] for t in cfg.tasks if t in results}
+
+    def evaluate(self, frames: TaskFrames, images: list[np.ndarray]) -> TaskResult:
+        from avatars.evaluation.video import write_comparison_video
+
+        rel = Path("videos") / frames.person / f"{frames.task}.mp4"
+        write_comparison_video(self.folder / rel, comparison_panels(frames.clips, images), fps=self.config.fps)
+        if not frames.has_ground_truth:
+            reason = (f"no ground truth: {frames.person}'s avatar driven by {frames.driver}'s expression codes "
+                      "(the left video panel is the driving frame); video only")
+            return TaskResult(metrics={}, skipped={"metrics": reason}, frames=frames.frames, video=rel.as_posix())
+        evals, start = [], 0
+        evaluator = self._evaluator.result()
+        with self.eval_lock:
+            for clip in frames.clips:
+                pred = np.stack(images[start:start + clip.frames])
+                evals.append(evaluator.evaluate_video(clip.reference, pred, clip.alpha))
+                start += clip.frames
+        return TaskResult.from_evaluation(merge_evaluations(evals), video=rel.as_posix())
+
+
+def connect_ray(config: EvalDriverConfig) -> bool:
+    """ray.init unless already connected; returns whether this call started/joined Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if config.ray_address is not None:
+        ray.init(address=config.ray_address, log_to_driver=False)
+    else:
+        # a single-node Ray bound to loopback (Ray ignores the loopback IP without this variable)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(num_cpus=config.ray_num_cpus, object_store_memory=config.ray_object_store_mb * 2**20,
+                 include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    return True
+
+
+def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
+    """Render + evaluate every person, write results.json (and the report); see module docstring."""
+    t0 = time.time()
+    run_date = config.run_date or dt.date.today().isoformat()
+    folder = run_dir(config.reports_root, run_date)
+    persons = list_persons(config)
+    failed = {p: r for p in persons if (r := model_problem(config.runs, p))}
+    for p, r in failed.items():
+        log.error("%s: %s", p, r)
+    results: dict[str, dict[str, TaskResult]] = {p: _failed_tasks(config.tasks, r) for p, r in failed.items()}
+    drivers = cross_drivers(persons, config.stores)
+    todo = [p for p in persons if p not in failed]
+    person_seconds: dict[str, float] = {}
+    run = _Run(config, folder)
+    started = connect_ray(config) if todo else False
+    if todo:
+        from cluster.serve.deployment import ensure_serve
+
+        ensure_serve()  # once, before the person threads deploy their applications
+
+    def one(person: str) -> tuple[str, dict[str, TaskResult] | None, str | None]:
+        t = time.time()
+        try:
+            out = run.person(person, drivers[person])
+            return person, out, None
+        except Exception as e:  # one person's failure must not stop the night
+            log.error("%s failed:\n%s", person, traceback.format_exc())
+            return person, None, f"{type(e).__name__}: {e}"
+        finally:
+            person_seconds[person] = time.time() - t
+
+    try:
+        with ThreadPoolExecutor(config.parallel_persons, thread_name_prefix="eval") as pool:
+            for person, out, error in pool.map(one, todo):
+                if error is not None:
+                    failed[person] = error
+                    results[person] = _failed_tasks(config.tasks, error)
+                else:
+                    results[person] = out
+                    log.info("%s done in %.1f s", person, person_seconds[person])
+    finally:
+        if started:
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+
+    r = config.renderer
+    meta = {
+        "runs": str(config.runs), "git_commit": _git_commit(), "host": socket.gethostname(),
+        "sampler": f"{r.sampler}, {r.num_inference_steps} steps, seed {config.seed}",
+        "renderer": f"max_batch_size {r.max_batch_size}, {r.num_replicas} replica(s) x {r.num_cpus:g} CPU "
+                    f"{r.num_gpus:g} GPU",
+        "failed_persons": ", ".join(sorted(failed)) or "none",
+        "cross_reenactment": ", ".join(f"{p} by {d}" for p, d in drivers.items() if d) or "n/a",
+    }
+    path = RunResults(run_date, {p: results[p] for p in persons}, meta).save(config.reports_root)
+    index = build_report(ReportConfig(config.reports_root, run_date)) if config.build_report else None
+    return EvalSummary(run_date, path, index, persons, failed, run.frames_rendered, time.time() - t0, person_seconds)

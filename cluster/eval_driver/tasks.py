@@ -1,0 +1,220 @@
+"""The frames of each evaluation task (data only: no Ray, no model).
+
+* ``self_reenactment``: the person's held-out sequences seen from the held-out (frontal)
+  camera; conditioning and ground truth straight from the person's ``test_seq`` shards.
+* ``novel_view``: the training sequences seen from the held-out camera (``test_cam`` shards).
+* ``cross_reenactment``: person A's avatar driven by person B's expression codes on B's
+  held-out sequences, seen from A's held-out camera. The driving meshes (A's face making B's
+  expressions) exist only for synthetic captures: A's generator (``synthetic.json`` in A's
+  capture folder) gives A's true mesh for any code, then the same smoothing + noise as the
+  capture's "fitted" meshes; the canonical coordinates are normalised with A's bounds like
+  the store does, and the buffers are rasterized at A's held-out camera and resized to the
+  model resolution exactly like the shard loader does. There is no ground truth; the left
+  video panel shows B's driving frame instead.
+
+Every task is a list of clips (one per sequence, frames in time order); one clip is one
+video for the metrics (JOD is a per-video score), and the clips are concatenated in the mp4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avatars.data import LoaderConfig, ShardDataset
+from shards.codec import normalise_canonical
+from shards.contract import DataError
+from shards.raster import rasterize
+from shards.store import PersonStore
+from shards.writer import MANIFEST, shard_paths
+
+TASKS = ("self_reenactment", "novel_view", "cross_reenactment")
+_KEY = re.compile(r"^(?P<person>[^/]+)/(?P<seq>.+)/frame_(?P<t>\d+)/cam_(?P<serial>[^/]+)$")
+CONDITIONING = ("mask", "depth", "normals", "canonical", "expression")
+
+
+class TaskSkipped(Exception):
+    """A task that cannot run for this person (the message says why); not a failure of the person."""
+
+
+@dataclass
+class Clip:
+    """One continuous sequence: per-frame conditioning (channel-first float32) and reference frames.
+
+    reference: (T, H, W, 3) float32 in [0, 1]: ground truth, or B's driving frames (cross-reenactment).
+    alpha: (T, H, W) ground-truth foreground (masked metrics), None without ground truth.
+    """
+
+    sequence: str
+    keys: list[str]
+    conditioning: list[dict[str, np.ndarray]]
+    reference: np.ndarray
+    alpha: np.ndarray | None
+
+    @property
+    def frames(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class TaskFrames:
+    """Everything needed to render and evaluate one person on one task."""
+
+    person: str
+    task: str
+    clips: list[Clip]
+    has_ground_truth: bool
+    driver: str | None = None
+    """Whose expression codes drive the avatar (cross-reenactment)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def frames(self) -> int:
+        return sum(c.frames for c in self.clips)
+
+
+def parse_key(key: str) -> tuple[str, str, int, str]:
+    """'<person>/<seq>/frame_<t>/cam_<serial>' -> (person, seq, t, serial)."""
+    m = _KEY.match(key)
+    if not m:
+        raise ValueError(f"sample key {key!r} does not look like <person>/<seq>/frame_<t>/cam_<serial>")
+    return m["person"], m["seq"], int(m["t"]), m["serial"]
+
+
+def open_store(stores: Path, person: str) -> PersonStore:
+    path = Path(stores) / f"{person}.zarr"
+    if not path.exists():
+        raise DataError(path, f"zarr store of person {person} is missing; run jobs/ingest.py")
+    return PersonStore(path)
+
+
+def shard_clips(shards: Path, person: str, split: str, resolution: int, serial: str | None,
+                sequence_order: list[str]) -> list[Clip]:
+    """Clips (one per sequence) of a person's shard split, optionally only one camera."""
+    paths = shard_paths(shards, person, split)
+    if not paths:
+        raise DataError(Path(shards) / person / MANIFEST, f"no '{split}' shards for person {person}")
+    ds = ShardDataset(paths, LoaderConfig(resolution=resolution, augment=False, num_workers=0, shuffle=False))
+    picked: dict[str, list[tuple[int, int]]] = {}
+    for i, (_, key, _) in enumerate(ds.index):
+        _, seq, t, cam = parse_key(key)
+        if serial is None or cam == serial:
+            picked.setdefault(seq, []).append((t, i))
+    order = {s: k for k, s in enumerate(sequence_order)}
+    clips = []
+    for seq in sorted(picked, key=lambda s: (order.get(s, len(order)), s)):
+        items = [ds[i] for _, i in sorted(picked[seq])]
+        clips.append(Clip(
+            sequence=seq,
+            keys=[s["__key__"] for s in items],
+            conditioning=[{k: s[k].numpy().astype(np.float32, copy=False) for k in CONDITIONING} for s in items],
+            reference=np.stack([((s["image"] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy() for s in items]),
+            alpha=np.stack([s["alpha"][0].numpy() for s in items]),
+        ))
+    return clips
+
+
+def self_reenactment(store: PersonStore, shards: Path, resolution: int) -> TaskFrames:
+    camera = store.attrs["held_out_camera"]
+    clips = shard_clips(shards, store.person, "test_seq", resolution, camera, store.sequences)
+    if not clips:
+        raise DataError(Path(shards) / store.person / MANIFEST,
+                        f"no held-out sequence frames from the held-out camera {camera} in the test_seq shards")
+    return TaskFrames(store.person, "self_reenactment", clips, True,
+                      notes=[f"held-out sequences {', '.join(c.sequence for c in clips)} from camera {camera}"])
+
+
+def novel_view(store: PersonStore, shards: Path, resolution: int) -> TaskFrames:
+    clips = shard_clips(shards, store.person, "test_cam", resolution, None, store.sequences)
+    if not clips:
+        raise DataError(Path(shards) / store.person / MANIFEST, "the test_cam shards hold no frames")
+    return TaskFrames(store.person, "novel_view", clips, True,
+                      notes=[f"training sequences from the held-out camera {store.attrs['held_out_camera']}"])
+
+
+def synthetic_config(store: PersonStore):
+    """The SyntheticConfig a synthetic capture was generated with, or None for a real capture."""
+    from shards.synthetic import SyntheticConfig
+
+    marker = Path(store.attrs["source_root"]) / store.person / "synthetic.json"
+    if not marker.is_file():
+        return None
+    try:
+        spec = json.loads(marker.read_text())
+        return SyntheticConfig(**spec["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(marker, f"unreadable synthetic capture spec: {e}") from None
+
+
+def nearest_resize(x: np.ndarray, size: int) -> np.ndarray:
+    """(C, H, W) -> (C, size, size) nearest neighbour, the shard loader's sampling grid."""
+    _, h, w = x.shape
+    rows = np.minimum(((np.arange(size) + 0.5) * (h / size)).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * (w / size)).astype(np.int64), w - 1)
+    return x[:, rows[:, None], cols[None, :]]
+
+
+def _seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def driven_conditioning(store: PersonStore, person_model, synth, expression: np.ndarray, camera, resolution: int,
+                        fit_seed: int) -> dict[str, np.ndarray]:
+    """Conditioning buffers of `store.person`'s fitted mesh under `expression`, seen by `camera`."""
+    from shards.synthetic import head as H
+
+    true_v = person_model.true_vertices(expression)
+    fitted = H.smooth_and_perturb(true_v, person_model.faces, np.random.default_rng(fit_seed), synth.fit_smoothing,
+                                  synth.fit_noise).astype(np.float32)
+    canonical = normalise_canonical(person_model.canonical(expression).astype(np.float32), store.attrs["canonical_bounds"])
+    buf = rasterize(torch.from_numpy(fitted), torch.from_numpy(person_model.faces).long(), camera,
+                    attributes=torch.from_numpy(canonical), backend="cpu")
+    mask = buf.mask.numpy()
+    chans = {
+        "mask": mask[None].astype(np.float32),
+        "depth": buf.depth.numpy()[None],
+        "normals": buf.normals.numpy().transpose(2, 0, 1),
+        "canonical": buf.attributes.numpy().transpose(2, 0, 1),
+    }
+    out = {k: np.ascontiguousarray(nearest_resize(v, resolution), dtype=np.float32) for k, v in chans.items()}
+    out["expression"] = np.asarray(expression, np.float32)
+    return out
+
+
+def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Path, resolution: int,
+                      driver_clips: list[Clip] | None = None) -> TaskFrames:
+    """`store.person`'s avatar driven by `driver_store.person`'s held-out expression codes."""
+    from shards.synthetic.generate import PersonModel
+
+    a, b = store.person, driver_store.person
+    synth = synthetic_config(store)
+    if synth is None:
+        raise TaskSkipped(f"cross-reenactment of {a} needs driving meshes (the fitted mesh of {a} under {b}'s "
+                          f"expression codes); {a} is not a synthetic capture (no "
+                          f"{Path(store.attrs['source_root']) / a / 'synthetic.json'}), so it is skipped")
+    if driver_store.expression_dim != store.expression_dim:
+        raise TaskSkipped(f"cross-reenactment of {a} by {b}: expression codes differ in size "
+                          f"({driver_store.expression_dim} vs {store.expression_dim})")
+    if driver_clips is None:
+        driver_clips = self_reenactment(driver_store, shards, resolution).clips
+    person_model = PersonModel.build(synth, a)
+    held = store.attrs["held_out_camera"]
+    camera = next((c for c in store.cameras if c.serial == held), None)
+    if camera is None:
+        raise DataError(store.path, f"held-out camera {held} is not among the store's cameras")
+    clips = []
+    for clip in driver_clips:
+        cond = []
+        for key, c in zip(clip.keys, clip.conditioning):
+            _, seq, t, _ = parse_key(key)
+            cond.append(driven_conditioning(store, person_model, synth, c["expression"], camera, resolution,
+                                            _seed(synth.seed, a, "driven-by", b, seq, t, "fit")))
+        clips.append(Clip(f"{b}:{clip.sequence}", [f"{a}<-{k}" for k in clip.keys], cond, clip.reference, None))
+    return TaskFrames(a, "cross_reenactment", clips, False, driver=b,
+                      notes=[f"{a}'s avatar driven by {b}'s held-out sequences, camera {held}"])

@@ -1,0 +1,22 @@
+"""Renderer service: a Ray Serve deployment per person that renders frames in batches.
+
+`renderer` (no Ray): RendererConfig, RenderRequest, RenderResult, FrameRenderer.
+`deployment` (Ray Serve): AvatarRenderer, deploy_renderer, delete_renderer, app_name.
+Ray is imported only when a deployment name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest, RenderResult
+
+_LAZY = {"AvatarRenderer", "deploy_renderer", "delete_renderer", "app_name", "ensure_serve"}
+__all__ = sorted({"FrameRenderer", "RendererConfig", "RenderRequest", "RenderResult", *_LAZY})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("cluster.serve.deployment"), name)
+    raise AttributeError(f"module 'cluster.serve' has no attribute {name!r}")

@@ -1,0 +1,191 @@
+"""Frame rendering for the Serve deployment, without any Ray: requests in, RGB frames out.
+
+A request carries one frame's conditioning buffers (already rasterized by the caller), its
+expression code and the seed of the video it belongs to. :class:`FrameRenderer` stacks the
+requests of a batch and runs :class:`avatars.pipelines.AvatarPipeline` once. Each frame gets
+the initial latent noise ``pipeline.fixed_noise(H, W, seed)`` and a per-step DDPM generator
+seeded with ``seed``: exactly what the pipeline uses for a frame rendered alone, so a frame's
+result does not depend on the batch it lands in (up to floating-point batch-size effects of
+the convolution kernels, ~1e-6 on CPU; bf16 autocast on CUDA makes it ~1e-3).
+
+Why the caller rasterizes (the driver, not the deployment): the evaluation frames already
+have their buffers in the shards (written by the same rasterizer), ground truth and buffers
+must come from the same sample for the comparison videos, and a replica then holds only the
+model, so GPU replicas do no mesh I/O and need no access to the zarr stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: Conditioning buffers of a request: name -> channels (the batch contract of docs/CONTRACTS.md).
+BUFFER_CHANNELS = {"mask": 1, "depth": 1, "normals": 3, "canonical": 5}
+
+
+@dataclass
+class RendererConfig:
+    """One person's renderer service: sampling, batching and the resources of each replica."""
+
+    num_inference_steps: int = 20
+    """DDPM (or DDIM) steps per frame; the paper renders with 20."""
+    sampler: str = "ddpm"
+    """Sampler name (see avatars.schedulers.SAMPLERS)."""
+    max_batch_size: int = 8
+    """Most requests `@serve.batch` stacks into one pipeline call."""
+    batch_wait_timeout_s: float = 0.05
+    """How long a replica waits for a batch to fill before rendering a partial one."""
+    max_ongoing_requests: int = 64
+    """Requests one replica accepts at a time; must be well above max_batch_size or Serve's
+    router starves the batcher (its default of 5 caps batches at 5)."""
+    num_replicas: int = 1
+    """Replicas of the person's deployment (each loads the model)."""
+    num_cpus: float = 1.0
+    """CPUs Ray reserves per replica; on CPU also the torch threads of the replica."""
+    num_gpus: float = 0.0
+    """GPUs Ray reserves per replica (fractions let several persons share one GPU)."""
+    device: str = "auto"
+    """Torch device of the model: 'auto' (CUDA when the replica has a GPU), 'cpu', 'cuda', ..."""
+    base_model: Path | None = None
+    """Local diffusers directory of the base model; None: the one recorded in the checkpoint."""
+    metrics_port: int | None = None
+    """First port of a replica's Prometheus exporter (the next free one of 64 is taken); None: no
+    exporter (the metrics stay readable through the deployment's `metrics_text`)."""
+
+    def __post_init__(self) -> None:
+        if self.num_inference_steps < 1:
+            raise ValueError("num_inference_steps must be >= 1")
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}) or batches can never fill")
+        if self.num_replicas < 1:
+            raise ValueError("num_replicas must be >= 1")
+
+    def replace(self, **changes) -> "RendererConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class RenderRequest:
+    """One frame to render: channel-first float32 buffers at the model's resolution.
+
+    mask (1, H, W), depth (1, H, W), normals (3, H, W), canonical (5, H, W), expression (D,);
+    seed: the video's noise seed (every frame of a video uses the same one); key: caller's id.
+    """
+
+    mask: np.ndarray
+    depth: np.ndarray
+    normals: np.ndarray
+    canonical: np.ndarray
+    expression: np.ndarray
+    seed: int = 0
+    key: str = ""
+
+    @staticmethod
+    def from_sample(sample: dict, seed: int = 0) -> "RenderRequest":
+        """From one batch-contract sample dict (e.g. ``ShardDataset[i]``, tensors without batch dim)."""
+        def arr(k):
+            v = sample[k]
+            return (v.numpy() if torch.is_tensor(v) else np.asarray(v)).astype(np.float32, copy=False)
+
+        return RenderRequest(arr("mask"), arr("depth"), arr("normals"), arr("canonical"), arr("expression"),
+                             seed, str(sample.get("__key__", "")))
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.mask.shape[-2]), int(self.mask.shape[-1])
+
+    def check(self, expression_dim: int, resolution: int | None = None) -> None:
+        """Raise ValueError naming the request when shapes break the batch contract."""
+        h, w = self.size
+        for name, channels in BUFFER_CHANNELS.items():
+            a = getattr(self, name)
+            if a.shape != (channels, h, w):
+                raise ValueError(f"request {self.key!r}: {name} must be ({channels}, {h}, {w}), got {tuple(a.shape)}")
+        if self.expression.shape != (expression_dim,):
+            raise ValueError(f"request {self.key!r}: expression must be ({expression_dim},) for this avatar, "
+                             f"got {tuple(self.expression.shape)}")
+        if resolution is not None and (h, w) != (resolution, resolution):
+            raise ValueError(f"request {self.key!r}: buffers are {h}x{w} but the avatar renders "
+                             f"{resolution}x{resolution}")
+
+
+@dataclass
+class RenderResult:
+    """A rendered frame: image (H, W, 3) float32 in [0, 1], and how it was rendered."""
+
+    image: np.ndarray
+    key: str
+    batch_size: int
+    """Frames of the pipeline call that rendered this one (1 = rendered alone)."""
+    render_seconds: float
+    """Compute time of that whole pipeline call."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class FrameRenderer:
+    """A loaded avatar that renders lists of requests (one pipeline call per buffer size)."""
+
+    def __init__(self, model_dir: Path, config: RendererConfig):
+        from avatars.models import DiffusionAvatarsModel
+        from avatars.pipelines import AvatarPipeline
+
+        self.model_dir = Path(model_dir)
+        self.config = config
+        if not (self.model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.model_dir}: no trained avatar here (config.json missing; did training finish?)")
+        self.device = resolve_device(config.device)
+        model = DiffusionAvatarsModel.from_pretrained(self.model_dir, base_model=config.base_model)
+        self.model = model.to(self.device).eval()
+        self.pipeline = AvatarPipeline(self.model)
+        self.expression_dim = int(self.model.config.expression_dim)
+        self.resolution = int(self.model.config.resolution)
+        self._noise: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def _fixed_noise(self, h: int, w: int, seed: int) -> torch.Tensor:
+        key = (h, w, seed)
+        if key not in self._noise:
+            self._noise[key] = self.pipeline.fixed_noise(h, w, seed)
+        return self._noise[key]
+
+    def check(self, request: RenderRequest) -> None:
+        request.check(self.expression_dim, self.resolution)
+
+    def render(self, requests: list[RenderRequest]) -> list[RenderResult]:
+        """Render the requests (grouped by buffer size, one pipeline call per group), in order."""
+        out: list[RenderResult | None] = [None] * len(requests)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(requests):
+            self.check(r)
+            groups.setdefault(r.size, []).append(i)
+        for (h, w), idx in groups.items():
+            reqs = [requests[i] for i in idx]
+            t0 = time.perf_counter()
+            images = self.render_tensor(reqs)
+            seconds = time.perf_counter() - t0
+            for i, r, img in zip(idx, reqs, images):
+                out[i] = RenderResult(img, r.key, len(reqs), seconds)
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def render_tensor(self, requests: list[RenderRequest]) -> list[np.ndarray]:
+        """One pipeline call for requests of equal size -> (H, W, 3) float32 images."""
+        batch = {k: torch.from_numpy(np.stack([getattr(r, k) for r in requests])) for k in (*BUFFER_CHANNELS, "expression")}
+        h, w = requests[0].size
+        noise = torch.cat([self._fixed_noise(h, w, r.seed) for r in requests])
+        generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
+        images = self.pipeline(batch, num_inference_steps=self.config.num_inference_steps, sampler=self.config.sampler,
+                               noise=noise, generator=generators)
+        return list(images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())

@@ -1,0 +1,161 @@
+"""Evaluation driver: task frames from the tiny data set, and the end-to-end nightly run
+(Serve renderer on an embedded Ray, metrics, videos, results.json, report)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from avatars.configs import tiny_config
+from avatars.models import DiffusionAvatarsModel
+from cluster.eval_driver import EvalDriverConfig, merge_evaluations, run_evaluation
+from cluster.eval_driver.driver import cross_drivers
+from cluster.eval_driver.tasks import TaskSkipped, cross_reenactment, novel_view, open_store, parse_key, \
+    self_reenactment
+from cluster.report import RunResults
+from cluster.serve.renderer import RendererConfig
+from shards.testing import TINY, build_tiny
+
+R = 64  # tiny model resolution (the tiny shards are 48 px: resized like the training loader)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny"))  # (captures, stores, shards)
+
+
+def test_self_reenactment_and_novel_view_frames(tiny_data):
+    _, stores, shards = tiny_data
+    store = open_store(stores, "000")
+    held_cam, held_seqs = store.attrs["held_out_camera"], set(store.attrs["held_out_sequences"])
+
+    sr = self_reenactment(store, shards, R)
+    assert sr.has_ground_truth and {c.sequence for c in sr.clips} == held_seqs
+    assert sr.frames == len(held_seqs) * TINY.frames  # one camera only: the held-out one
+    for clip in sr.clips:
+        keys = [parse_key(k) for k in clip.keys]
+        assert {k[3] for k in keys} == {held_cam} and [k[2] for k in keys] == sorted(k[2] for k in keys)
+        assert clip.reference.shape == (clip.frames, R, R, 3) and clip.alpha.shape == (clip.frames, R, R)
+        assert clip.conditioning[0]["canonical"].shape == (5, R, R)
+        assert clip.conditioning[0]["expression"].shape == (TINY.expression_dim,)
+
+    nv = novel_view(store, shards, R)
+    train_seqs = set(store.sequences) - held_seqs
+    assert {c.sequence for c in nv.clips} == train_seqs and nv.frames == len(train_seqs) * TINY.frames
+    assert all(parse_key(k)[3] == held_cam for c in nv.clips for k in c.keys)
+
+
+def test_cross_reenactment_meshes_follow_the_driving_codes(tiny_data):
+    _, stores, shards = tiny_data
+    a, b = open_store(stores, "000"), open_store(stores, "001")
+    # driven by its own codes, A's generated fitted mesh must reproduce A's own shard buffers
+    own = self_reenactment(a, shards, R)
+    same = cross_reenactment(a, a, shards, R, driver_clips=own.clips)
+    for c_gen, c_ref in zip(same.clips, own.clips):
+        for g, r in zip(c_gen.conditioning, c_ref.conditioning):
+            m_g, m_r = g["mask"] > 0.5, r["mask"] > 0.5
+            iou = (m_g & m_r).sum() / (m_g | m_r).sum()
+            assert iou > 0.97, iou
+            both = m_g & m_r
+            assert np.abs(g["canonical"][:, both[0]] - r["canonical"][:, both[0]]).mean() < 0.02
+            np.testing.assert_array_equal(g["expression"], r["expression"])
+
+    cross = cross_reenactment(a, b, shards, R)
+    assert not cross.has_ground_truth and cross.driver == "001"
+    drive = self_reenactment(b, shards, R)
+    assert cross.frames == drive.frames
+    np.testing.assert_array_equal(cross.clips[0].conditioning[0]["expression"], drive.clips[0].conditioning[0]["expression"])
+    np.testing.assert_array_equal(cross.clips[0].reference, drive.clips[0].reference)  # left panel: B's frame
+    # A's geometry, not B's: the masks differ from B's own frames
+    diff = [np.abs(c["mask"] - d["mask"]).sum() for c, d in zip(cross.clips[0].conditioning, drive.clips[0].conditioning)]
+    assert max(diff) > 0
+
+
+def test_cross_reenactment_needs_a_synthetic_capture(tiny_data):
+    captures, stores, shards = tiny_data
+    marker = captures / "000" / "synthetic.json"
+    hidden = marker.with_name("synthetic.json.hidden")
+    os.replace(marker, hidden)
+    try:
+        with pytest.raises(TaskSkipped, match="needs driving meshes.*not a synthetic capture"):
+            cross_reenactment(open_store(stores, "000"), open_store(stores, "001"), shards, R)
+    finally:
+        os.replace(hidden, marker)
+
+
+def test_merge_evaluations_and_drivers():
+    e1 = {"frames": 2, "metrics": {"psnr": {"mean": 20.0, "per_frame": [19.0, 21.0]}, "jod": {"mean": 8.0, "per_frame": None}},
+          "skipped": {"akd": "no model"}}
+    e2 = {"frames": 1, "metrics": {"psnr": {"mean": 26.0, "per_frame": [26.0]}, "jod": {"mean": 6.0, "per_frame": None}},
+          "skipped": {}}
+    m = merge_evaluations([e1, e2])
+    assert m["frames"] == 3 and m["metrics"]["psnr"] == {"mean": 22.0, "per_frame": [19.0, 21.0, 26.0]}
+    assert m["metrics"]["jod"] == {"mean": 7.0, "per_frame": None} and m["skipped"] == {"akd": "no model"}
+
+
+def test_cross_drivers_skip_persons_without_data(tmp_path):
+    for p in ("a", "c"):
+        (tmp_path / f"{p}.zarr").mkdir()
+    assert cross_drivers(["a", "b", "c"], tmp_path) == {"a": "c", "b": "c", "c": "a"}
+    assert cross_drivers(["a"], tmp_path) == {"a": None}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    _, stores, shards = tiny_data
+    runs = tmp_path / "runs"
+    for i, p in enumerate(TINY.person_ids):
+        DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim, init_seed=i)).save_pretrained(runs / p / "model")
+    (runs / "zz9").mkdir()  # a person whose training never produced a model
+    reports = tmp_path / "nightly"
+    config = EvalDriverConfig(
+        runs=runs, shards=shards, stores=stores, reports_root=reports, run_date="2025-03-01",
+        renderer=RendererConfig(num_inference_steps=2, max_batch_size=8, batch_wait_timeout_s=0.2, num_cpus=1,
+                                device="cpu"),
+        metrics=("psnr", "ssim", "lpips"), parallel_persons=2, ray_num_cpus=2, ray_object_store_mb=200)
+    summary = run_evaluation(config)
+
+    import ray
+    assert not ray.is_initialized()  # the driver started its own Ray and shut it down
+    assert summary.persons == ["000", "001", "zz9"] and set(summary.failed) == {"zz9"}
+    assert "no trained model" in summary.failed["zz9"] and "zz9/model/config.json" in summary.failed["zz9"]
+    results = RunResults.load(summary.results_path)
+    assert summary.results_path == reports / "runs" / "2025-03-01" / "results.json"
+    run = summary.results_path.parent
+    from avatars.evaluation.video import read_video
+
+    frames_total = 0
+    for p in ("000", "001"):
+        tasks = results.persons[p]
+        assert set(tasks) == {"self_reenactment", "novel_view", "cross_reenactment"}
+        for name in ("self_reenactment", "novel_view"):
+            r = tasks[name]
+            assert r.frames > 0 and len(r.per_frame["psnr"]) == r.frames
+            assert {"psnr", "ssim", "lpips", "psnr_masked", "ssim_masked", "lpips_masked"} <= set(r.metrics)
+            assert all(v is not None and np.isfinite(v) for v in r.metrics.values())
+            assert 0 < r.metrics["ssim"] <= 1 and r.metrics["psnr_masked"] > 0
+        cross = tasks["cross_reenactment"]
+        assert cross.metrics == {} and "no ground truth" in cross.skipped["metrics"] and cross.frames > 0
+        for name, r in tasks.items():
+            video = read_video(run / r.video)
+            # ground truth (or driving frame) | render | normals | depth | canonical
+            assert video.shape == (r.frames, R, 5 * R, 3), (name, video.shape)
+            frames_total += r.frames
+    assert summary.frames_rendered == frames_total
+    failed = results.persons["zz9"]
+    assert set(failed) == {"self_reenactment", "novel_view", "cross_reenactment"}
+    assert all("no trained model" in r.skipped["task"] for r in failed.values())
+    assert results.meta["failed_persons"] == "zz9" and "000 by 001" in results.meta["cross_reenactment"]
+
+    html = summary.report_index.read_text()
+    assert summary.report_index == reports / "site" / "2025-03-01" / "index.html"
+    assert 'id="person-000"' in html and 'id="person-001"' in html and "no trained model" in html
+    assert (summary.report_index.parent / "videos" / "000" / "self_reenactment.mp4").is_file()
+    report = json.loads((summary.report_index.parent / "report.json").read_text())
+    assert report["current"]["average"]["overall"]["psnr"] is not None

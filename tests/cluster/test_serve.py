@@ -1,0 +1,145 @@
+"""The renderer service: FrameRenderer (no Ray) and the Ray Serve deployment on an embedded Ray."""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from avatars.configs import tiny_config
+from avatars.models import DiffusionAvatarsModel
+from avatars.pipelines import AvatarPipeline
+from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest
+
+EXPR_DIM = 10
+STEPS = 2
+
+
+def make_model_dir(path, expression_dim=EXPR_DIM, init_seed=0):
+    DiffusionAvatarsModel(tiny_config(expression_dim=expression_dim, init_seed=init_seed)).save_pretrained(path)
+    return path
+
+
+def make_requests(n, seed_of=lambda i: 0, size=64, dim=EXPR_DIM, rng_seed=0):
+    rng = np.random.default_rng(rng_seed)
+    out = []
+    for i in range(n):
+        yy, xx = np.mgrid[:size, :size] / size
+        mask = (((yy - 0.5) ** 2 + (xx - 0.5) ** 2) < (0.3 + 0.05 * rng.random()) ** 2).astype(np.float32)[None]
+        normals = rng.standard_normal((3, size, size)).astype(np.float32)
+        normals /= np.linalg.norm(normals, axis=0, keepdims=True)
+        out.append(RenderRequest(
+            mask=mask, depth=(1.0 + 0.1 * rng.random((1, size, size), dtype=np.float32)) * mask,
+            normals=normals * mask, canonical=rng.uniform(-1, 1, (5, size, size)).astype(np.float32) * mask,
+            expression=rng.standard_normal(dim).astype(np.float32), seed=seed_of(i), key=f"frame{i}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return make_model_dir(tmp_path_factory.mktemp("avatar") / "model")
+
+
+def test_frame_renderer_batch_equals_alone_and_pipeline(model_dir):
+    renderer = FrameRenderer(model_dir, RendererConfig(num_inference_steps=STEPS, device="cpu"))
+    reqs = make_requests(5, seed_of=lambda i: i % 2)
+    batched = renderer.render(reqs)
+    assert [r.batch_size for r in batched] == [5] * 5 and [r.key for r in batched] == [q.key for q in reqs]
+    for q, b in zip(reqs, batched):
+        alone = renderer.render([q])[0]
+        assert alone.batch_size == 1 and alone.image.shape == (64, 64, 3)
+        np.testing.assert_allclose(alone.image, b.image, atol=1e-4)
+    # the same as the pipeline's own default noise for that seed (fixed noise per video) ...
+    q = reqs[3]
+    batch = {k: torch.from_numpy(getattr(q, k))[None] for k in ("mask", "depth", "normals", "canonical", "expression")}
+    ref = AvatarPipeline(renderer.model)(batch, num_inference_steps=STEPS, seed=q.seed)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(ref, batched[3].image, atol=1e-4)
+    # ... and the seed matters (so the equality above is not trivially true)
+    other = renderer.render([RenderRequest(**{**q.__dict__, "seed": 7})])[0]
+    assert np.abs(other.image - batched[3].image).max() > 1e-2
+
+
+def test_frame_renderer_rejects_bad_requests(model_dir, tmp_path):
+    renderer = FrameRenderer(model_dir, RendererConfig(num_inference_steps=STEPS, device="cpu"))
+    with pytest.raises(ValueError, match=r"expression must be \(10,\)"):
+        renderer.render(make_requests(1, dim=7))
+    with pytest.raises(ValueError, match="buffers are 32x32 but the avatar renders 64x64"):
+        renderer.render(make_requests(1, size=32))
+    with pytest.raises(FileNotFoundError, match="no trained avatar"):
+        FrameRenderer(tmp_path / "missing", RendererConfig())
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        RendererConfig(max_batch_size=16, max_ongoing_requests=5)
+
+
+@pytest.fixture(scope="module")
+def serve_ray():
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(num_cpus=2, num_gpus=0, object_store_memory=200 * 2**20, include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _metric(text: str, name: str, person: str) -> float:
+    m = re.search(rf'^{re.escape(name)}\{{person="{person}"\}} ([0-9.e+-]+)$', text, re.M)
+    assert m, f"{name} missing in:\n{text}"
+    return float(m.group(1))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_serve_batches_concurrent_requests(serve_ray, model_dir):
+    from cluster.serve import delete_renderer, deploy_renderer
+
+    config = RendererConfig(num_inference_steps=STEPS, max_batch_size=8, batch_wait_timeout_s=0.5,
+                            num_cpus=1, device="cpu", metrics_port=19500)
+    handle = deploy_renderer("p0", model_dir, config)
+    try:
+        info = handle.info.remote().result()
+        assert info == {**info, "person": "p0", "resolution": 64, "expression_dim": EXPR_DIM}
+        reqs = make_requests(8, seed_of=lambda i: 3)
+        responses = [handle.remote(q) for q in reqs]  # concurrent: all in flight before any result
+        batched = [r.result(timeout_s=120) for r in responses]
+        assert [r.key for r in batched] == [q.key for q in reqs]
+        assert max(r.batch_size for r in batched) > 1, [r.batch_size for r in batched]
+
+        # one at a time: each frame alone, identical to its batched render (fixed noise per video)
+        alone = [handle.remote(q).result(timeout_s=60) for q in reqs[:3]]
+        assert [r.batch_size for r in alone] == [1, 1, 1]
+        for a, b in zip(alone, batched):
+            np.testing.assert_allclose(a.image, b.image, atol=1e-4)
+
+        # Prometheus metrics of the replica: frames, batch sizes, latency histogram, queue drained
+        text = handle.metrics_text.remote().result()
+        assert _metric(text, "da_render_frames_total", "p0") == 11
+        assert _metric(text, "da_render_batch_size_sum", "p0") == 11
+        assert _metric(text, "da_render_batch_size_count", "p0") < 11  # fewer batches than frames
+        assert _metric(text, "da_render_request_latency_seconds_count", "p0") == 11
+        assert _metric(text, "da_render_queue_length", "p0") == 0
+        assert _metric(text, "da_render_frames_per_second", "p0") > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10) as resp:
+            assert 'da_render_frames_total{person="p0"} 11.0' in resp.read().decode()
+
+        # a malformed request fails alone with a clear error
+        with pytest.raises(Exception, match=r"expression must be \(10,\)"):
+            handle.remote(make_requests(1, dim=4)[0]).result(timeout_s=60)
+    finally:
+        delete_renderer("p0")
