@@ -9,7 +9,7 @@ from pathlib import Path
 
 import tyro
 
-from jobs._parallel import default_workers, map_persons
+from jobs._parallel import default_workers, map_persons_tolerant
 from shards.contract import DataError, list_persons
 from shards.ingest import IngestConfig, IngestResult, ingest_person
 
@@ -38,18 +38,22 @@ def _one(person: str, args: IngestArgs) -> IngestResult:
     return ingest_person(args.captures, person, args.out, args.ingest, force=args.force)
 
 
-def main(args: IngestArgs) -> dict[str, IngestResult]:
+def main(args: IngestArgs) -> tuple[dict[str, IngestResult], dict[str, Exception]]:
+    """Ingest every person; a broken person is reported and skipped, the others are written."""
     persons = resolve_persons(args.persons, args.captures)
-    results = map_persons(functools.partial(_one, args=args), persons, args.workers, "ingest")
+    results, errors = map_persons_tolerant(functools.partial(_one, args=args), persons, args.workers, "ingest")
     for r in results.values():
         state = "up to date" if r.skipped else "written"
         print(f"{r.person}: {r.frames} frames, {r.images} images -> {r.path} ({state})")
-    return results
+    for person, e in errors.items():
+        print(f"{person}: FAILED: {e}", file=sys.stderr)
+    return results, errors
 
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(IngestArgs))
+        _, failed = main(tyro.cli(IngestArgs))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(2 if failed else 0)

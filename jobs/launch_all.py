@@ -1,16 +1,30 @@
-"""The main job: data -> stores -> (shards -> training -> evaluation -> report) for every person.
+"""The main job: data -> shards -> one training job per person in parallel -> evaluation -> report.
 
-With no arguments it runs the embedded default: generate the synthetic capture root
-(if missing), ingest every person into zarr and write the training shards; every
-stage skips work that is already up to date.
+    python jobs/launch_all.py --persons all                      # embedded local Ray, synthetic data, tiny preset
+    python jobs/launch_all.py --persons 017,018 --captures /data/nersemble --train.preset paper \\
+        --train.base-model /models/sd21 --backend slurm --slurm.partition gpu --job-gpus 1
+
+Stages, each skipping work that is already up to date:
+1. data: generate the synthetic capture root when no --captures is given, ingest every
+   person into zarr, write the training shards (local worker processes);
+2. tiny preset without --train.base-model: pretrain the tiny frozen base once (the
+   CPU-sized stand-in for Stable Diffusion 2.1, see avatars/base_pretraining.py);
+3. training: one job per person on the chosen backend (ray | slurm | local), each with
+   its reserved CPUs/GPUs, bounded retries, resume from the last checkpoint;
+4. evaluation: the Ray Serve renderer renders every trained person's evaluation set,
+   computes the metrics and writes results.json, the videos and the nightly report.
+Exit code 0 only when every person trained and was evaluated; a summary table names
+the failed persons.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import tyro
 
@@ -23,13 +37,16 @@ from shards.ingest import IngestConfig
 from shards.synthetic import SyntheticConfig
 from shards.writer import ShardConfig
 
+from avatars.training import TrainOptions
+from cluster.slurm_backend import SlurmConfig
+
 
 @dataclass
 class LaunchAllArgs:
     persons: str = "all"
     """'all' or comma-separated person ids (e.g. 017,018)."""
     workdir: Path = Path("data")
-    """Root for everything the pipeline writes (captures/ when synthetic, zarr/, ...)."""
+    """Root for everything the pipeline writes: captures/ (synthetic), zarr/, shards/, base/, runs/, status/, reports/."""
     captures: Path | None = None
     """Existing capture root (NeRSemble-like layout). None: generate the synthetic data set into <workdir>/captures."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -40,21 +57,133 @@ class LaunchAllArgs:
     """Rasterization and packing of the training shards."""
     workers: int = field(default_factory=default_workers)
     """Parallel processes for data preparation."""
+    train: TrainOptions = field(default_factory=TrainOptions)
+    """Training options shared by every person (preset, steps, base model, ...)."""
+    backend: Literal["ray", "slurm", "local"] = "ray"
+    """Where the per-person jobs run: Ray (embedded or --ray-address), SLURM via submitit, or sequentially here."""
+    ray_address: str | None = None
+    """Ray cluster to join ('auto' or host:port); None starts an embedded local Ray."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """SLURM settings (partition, time limit, array, requeues); status_dir/log_dir default into --workdir."""
+    job_cpus: float = 1.0
+    """CPUs each person's training reserves (Ray num_cpus / SLURM cpus-per-task)."""
+    job_gpus: float | None = None
+    """GPUs each training reserves; None: 1 when this machine has CUDA, else 0."""
+    job_memory_gb: float | None = None
+    """Host memory each training reserves (GiB); None: no reservation."""
+    max_retries: int = 1
+    """Retries of a failed person's training before it is reported as failed."""
+    evaluate: bool = True
+    """Render the evaluation set of every trained person and write the nightly report."""
+    eval_inference_steps: int = 20
+    """Sampling steps of the evaluation renders (DDPM; the paper's 20)."""
 
 
-def main(args: LaunchAllArgs) -> int:
-    t0 = time.time()
+def _data(args: LaunchAllArgs) -> tuple[list[str], dict[str, str]]:
+    """Prepare every person's shards; returns (ready persons, {failed person: reason})."""
     captures = args.captures
     if captures is None:
         captures = args.workdir / "captures"
-        make_synthetic.main(make_synthetic.MakeSyntheticArgs(out=captures, synthetic=args.synthetic, workers=args.workers))
-    ingest_job.main(ingest_job.IngestArgs(captures=captures, out=args.workdir / "zarr", persons=args.persons,
-                                          ingest=args.ingest, workers=args.workers))
-    # Shards are rewritten only where the store or the shard config changed (manifest specs).
-    preprocess_job.main(preprocess_job.PreprocessArgs(stores=args.workdir / "zarr", out=args.workdir / "shards",
-                                                      persons=args.persons, shards=args.shards, workers=args.workers))
-    print(f"pipeline finished in {time.time() - t0:.1f} s")
-    return 0
+        make_synthetic.main(make_synthetic.MakeSyntheticArgs(out=captures, synthetic=args.synthetic,
+                                                             workers=args.workers))
+    ingested, errors = ingest_job.main(ingest_job.IngestArgs(captures=captures, out=args.workdir / "zarr",
+                                                             persons=args.persons, ingest=args.ingest,
+                                                             workers=args.workers))
+    failed = {p: f"ingest: {e}" for p, e in errors.items()}
+    if not ingested:
+        return [], failed
+    shards = preprocess_job.main(preprocess_job.PreprocessArgs(
+        stores=args.workdir / "zarr", out=args.workdir / "shards", persons=",".join(ingested),
+        shards=args.shards, workers=args.workers))
+    failed.update({p: f"preprocess: {e}" for p, e in shards.failed.items()})
+    return [p for p in ingested if p not in failed], failed
+
+
+def _base_model(args: LaunchAllArgs) -> Path | None:
+    if args.train.base_model is not None or args.train.preset != "tiny":
+        return args.train.base_model
+    from avatars.base_pretraining import BasePretrainConfig, pretrain_base
+
+    out = args.workdir / "base" / "tiny"
+    pretrain_base(BasePretrainConfig(shard_root=args.workdir / "shards", persons=args.persons, output=out,
+                                     num_workers=min(2, args.workers)))
+    return out
+
+
+def _backend_config(args: LaunchAllArgs, status_dir: Path):
+    if args.backend == "local":
+        from cluster.local_backend import LocalConfig
+
+        return LocalConfig(status_dir=status_dir)
+    if args.backend == "ray":
+        from cluster.ray_backend import RayConfig
+
+        return RayConfig(status_dir=status_dir.resolve(), address=args.ray_address)
+    slurm = args.slurm
+    return dataclasses.replace(slurm, status_dir=slurm.status_dir or status_dir.resolve(),
+                               log_dir=slurm.log_dir if slurm.log_dir != SlurmConfig().log_dir
+                               else (args.workdir / "slurm").resolve())
+
+
+def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None):
+    import torch
+
+    from cluster.jobs import PersonJob, Resources
+    from cluster.orchestrate import run_all
+
+    gpus = args.job_gpus if args.job_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
+    options = dataclasses.asdict(args.train)
+    options.update(base_model=str(base_model.resolve()) if base_model else None,
+                   lpips_weights=str(Path(args.train.lpips_weights).resolve()))
+    kwargs = {**options, "shards": str((args.workdir / "shards").resolve()),
+              "out": str((args.workdir / "runs").resolve())}
+    jobs = [PersonJob(person=p, target="jobs.train_person:run", kwargs=kwargs,
+                      resources=Resources(cpus=args.job_cpus, gpus=gpus, memory_gb=args.job_memory_gb),
+                      max_retries=args.max_retries) for p in persons]
+    return run_all(jobs, _backend_config(args, args.workdir / "status"))
+
+
+def _evaluate(args: LaunchAllArgs, persons: list[str]):
+    from cluster.eval_driver.driver import EvalDriverConfig, run_evaluation
+    from cluster.serve.renderer import RendererConfig
+
+    config = EvalDriverConfig(runs=args.workdir / "runs", shards=args.workdir / "shards",
+                              stores=args.workdir / "zarr", reports_root=args.workdir / "reports",
+                              persons=tuple(persons), ray_address=args.ray_address,
+                              renderer=RendererConfig(num_inference_steps=args.eval_inference_steps),
+                              lpips_weights=Path(args.train.lpips_weights))
+    return run_evaluation(config)
+
+
+def main(args: LaunchAllArgs) -> int:
+    from cluster.orchestrate import exit_code, format_summary, write_summary_json
+
+    from cluster.jobs import JobResult
+
+    t0 = time.time()
+    persons, data_failed = _data(args)
+    results = []
+    if persons:
+        base_model = _base_model(args)
+        results = _train(args, persons, base_model)
+    # Persons whose data could not be prepared fail alone, listed with the others.
+    results += [JobResult(person=p, ok=False, attempts=0, error=reason) for p, reason in data_failed.items()]
+    print(format_summary(results))
+    write_summary_json(results, args.workdir / "runs" / "summary.json")
+    code = exit_code(results)
+    trained = [r.person for r in results if r.ok]
+    if args.evaluate and trained:
+        summary = _evaluate(args, trained)
+        for person, reason in summary.failed.items():
+            print(f"evaluation of {person} failed: {reason}")
+        if summary.failed:
+            code = code or 1
+        print(f"evaluation: {len(summary.persons)} persons, {summary.frames_rendered} frames in "
+              f"{summary.seconds:.0f} s -> {summary.results_path}")
+        if summary.report_index:
+            print(f"report: {summary.report_index}")
+    print(f"pipeline finished in {time.time() - t0:.1f} s (exit code {code})")
+    return code
 
 
 if __name__ == "__main__":

@@ -33,22 +33,22 @@ def store_paths(stores: Path, persons: str) -> list[Path]:
         if not paths:
             raise DataError(stores, "no <person>.zarr stores found; run jobs/ingest.py first")
         return paths
-    paths = [Path(stores) / f"{p.strip()}.zarr" for p in persons.split(",") if p.strip()]
-    for p in paths:
-        if not p.is_dir():
-            raise DataError(p, "zarr store is missing; run jobs/ingest.py for this person")
-    return paths
+    # A missing store fails that person alone (write_shards records it), not the whole run.
+    return [Path(stores) / f"{p.strip()}.zarr" for p in persons.split(",") if p.strip()]
 
 
 def main(args: PreprocessArgs) -> ShardRunResult:
     res = write_shards(store_paths(args.stores, args.persons), args.out, args.shards, workers=args.workers)
     print(f"shards: {len(res.written)} written, {len(res.skipped)} up to date, under {args.out}")
+    for person, error in res.failed.items():
+        print(f"{person}: FAILED: {error}", file=sys.stderr)
     return res
 
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(PreprocessArgs))
+        result = main(tyro.cli(PreprocessArgs))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(2 if result.failed else 0)

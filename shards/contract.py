@@ -41,6 +41,10 @@ class DataError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        # Rebuilt from (path, problem), so it crosses process boundaries (worker pools, Ray).
+        return type(self), (self.path, self.problem)
+
 
 # ----------------------------------------------------------------------------------------
 # Atomic file helpers: a reader never sees a half-written file.

@@ -212,18 +212,26 @@ def _init_worker() -> None:
 class ShardRunResult:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # person -> error (its other shards may exist)
 
 
 def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, workers: int = 1,
                  progress: bool = True) -> ShardRunResult:
-    """Write the shards of every person (parallel over shards of all persons); resumable."""
+    """Write the shards of every person (parallel over shards of all persons); resumable.
+
+    A person whose store or images are broken is recorded in `result.failed` (its
+    manifest stays incomplete, so training refuses it) and the others are finished.
+    """
     out_dir = Path(out_dir)
+    result = ShardRunResult()
     tasks_by_person: dict[str, list[ShardTask]] = {}
     for sp in store_paths:
-        tasks = plan_person(Path(sp), out_dir, config)
-        tasks_by_person[Path(tasks[0].out_dir).name if tasks else Path(sp).stem] = tasks
+        person = Path(sp).name[: -len(".zarr")] if Path(sp).name.endswith(".zarr") else Path(sp).stem
+        try:
+            tasks_by_person[person] = plan_person(Path(sp), out_dir, config)
+        except DataError as e:
+            result.failed[person] = str(e)
     manifests = {p: _load_manifest(out_dir / p / MANIFEST) for p in tasks_by_person}
-    result = ShardRunResult()
     todo = []
     for person, tasks in tasks_by_person.items():
         wanted = {t.name for t in tasks}
@@ -247,17 +255,26 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
         _write_manifest(out_dir, person, manifests[person], tasks_by_person[person])
         result.written.append(f"{person}/{task.name}")
 
+    def failed(person: str, error: Exception) -> None:
+        result.failed.setdefault(person, f"{type(error).__name__}: {error}")
+
     bar = tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress)
     if workers <= 1:
         for person, t in todo:
-            done(person, t, write_shard(t, config))
+            try:
+                done(person, t, write_shard(t, config))
+            except Exception as e:
+                failed(person, e)
             bar.update()
     else:
         with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
             futures = {pool.submit(write_shard, t, config): (person, t) for person, t in todo}
             for fut in as_completed(futures):
                 person, t = futures[fut]
-                done(person, t, fut.result())
+                try:
+                    done(person, t, fut.result())
+                except Exception as e:  # one person's broken input must not stop the others
+                    failed(person, e)
                 bar.update()
     bar.close()
     return result

@@ -219,3 +219,13 @@ def test_held_out_camera_must_exist(capture_copy, tmp_path):
 def test_too_many_held_out_sequences(capture_copy, tmp_path):
     with pytest.raises(DataError, match="cannot hold out 3"):
         ingest_person(capture_copy, "000", tmp_path, IngestConfig(held_out_sequences=3))
+
+
+def test_data_errors_survive_pickling():
+    import pickle
+
+    from avatars.data import ShardError
+
+    for err in (DataError("/x/y.png", "unreadable image: boom"), ShardError("/s.tar", "truncated")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and back.path == err.path and str(back) == str(err)

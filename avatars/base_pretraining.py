@@ -1,0 +1,436 @@
+"""Pretraining a tiny base model (VAE + unconditional UNet) on the synthetic images.
+
+The paper freezes a pretrained Stable Diffusion 2.1. The ``tiny`` preset has the same structure
+at toy size, but with random frozen weights its VAE cannot reproduce images, so avatars trained on
+it cannot learn. This module builds the honest miniature of "a pretrained SD": a tiny diffusers
+base directory, pretrained on the training images of the shards, that loads like SD 2.1 does
+(``--base-model PATH``):
+
+* stage 1 trains the AutoencoderKL of the tiny preset (``build_vae``) as an autoencoder
+  (L1 + MSE reconstruction + a small KL term), then measures the standard deviation of the
+  latents (posterior means) and makes ``scaling_factor * latent`` unit-variance;
+* stage 2 trains the UNet of the preset (``build_unet``) as an unconditional v-prediction
+  diffusion model on the scaled latents, with the model's zero-terminal-SNR training scheduler and
+  a fixed seeded empty-prompt embedding as context (the stand-in for CLIP's encoding of "");
+* the result is written atomically as ``unet/``, ``vae/``, ``empty_prompt_embedding.safetensors``
+  and ``pretrain_info.json``.
+
+Scaling factor: :meth:`DiffusionAvatarsModel._check_base` requires the base VAE's
+``scaling_factor`` to equal ``config.vae.scaling_factor`` (0.18215 in every preset). With
+``fold_scaling=True`` (default) the measured factor is folded into the VAE's ``quant_conv`` /
+``post_quant_conv`` (an exact reparametrisation of the latent space: the decoder output is
+unchanged) so that the config's factor yields unit-variance latents, and the directory loads with
+the unmodified tiny config. With ``fold_scaling=False`` the measured factor is registered in
+``vae/config.json`` instead; the avatar config must then carry the same value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from avatars.base_model import EMPTY_PROMPT_FILE, EMPTY_PROMPT_KEY, save_tensor_atomic
+from avatars.configs import DiffusionAvatarsConfig, tiny_config
+from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
+from avatars.models.diffusion_avatars import EMPTY_PROMPT_TOKENS, build_unet, build_vae
+from avatars.schedulers import training_scheduler
+from shards.contract import _umask, atomic_write_json
+from shards.writer import MANIFEST, shard_paths
+
+INFO_FILE = "pretrain_info.json"
+INFO_FORMAT = 1
+
+
+@dataclass
+class BasePretrainConfig:
+    """Pretraining of the tiny base model (VAE, then UNet) on the shards' training images."""
+
+    shard_root: Path = Path("data/shards")
+    """Folder of per-person shard folders (each with a manifest.json), as written by jobs/preprocess.py."""
+    persons: str = "all"
+    """'all' (every subfolder of shard_root with a manifest.json) or a comma-separated list of person ids."""
+    output: Path = Path("data/base/tiny")
+    """Output diffusers directory (unet/, vae/, empty_prompt_embedding.safetensors, pretrain_info.json)."""
+    expression_dim: int = 16
+    """Passed to ``avatars.configs.tiny_config`` (irrelevant to the base model; only its UNet, VAE,
+    scheduler and resolution are used)."""
+    vae_steps: int = 800
+    """Optimizer steps of stage 1 (autoencoder)."""
+    unet_steps: int = 1000
+    """Optimizer steps of stage 2 (unconditional v-prediction diffusion on the latents)."""
+    vae_batch_size: int = 16
+    """Images per VAE step."""
+    unet_batch_size: int = 32
+    """Latents per UNet step."""
+    latent_passes: int = 1
+    """Augmented passes over the training images encoded once (posterior mean and std cached) for
+    stage 2; each UNet step draws fresh posterior samples from the cache instead of re-encoding."""
+    vae_lr: float = 1e-3
+    """Peak AdamW learning rate of the VAE (linear warm-up, cosine decay to 10%)."""
+    unet_lr: float = 1e-3
+    """Peak AdamW learning rate of the UNet (linear warm-up, cosine decay to 10%)."""
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up steps of each stage."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term (summed over latent elements, averaged over the batch) in the VAE loss."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping of both stages."""
+    scale_batches: int = 8
+    """Batches (of vae_batch_size) over which the latent standard deviation is measured."""
+    fold_scaling: bool = True
+    """True: fold the measured 1/std into quant_conv/post_quant_conv so that the config's
+    ``vae.scaling_factor`` (0.18215) gives unit-variance latents (loads with the unmodified tiny
+    config). False: register 1/std as ``scaling_factor`` in vae/config.json instead."""
+    eval_images: int = 256
+    """Held-out images (test_seq split, no augmentation, spread over the persons) for the VAE PSNR."""
+    seed: int = 0
+    """Seed of the initialisation, the data order / augmentation, the noise and the empty-prompt embedding."""
+    num_workers: int = 1
+    """DataLoader worker processes (do not change the result)."""
+    log_every: int = 100
+    """Print the running losses every this many steps (0: never)."""
+    force: bool = False
+    """Retrain even if ``output`` already holds a base pretrained with the same settings."""
+
+    def model_config(self) -> DiffusionAvatarsConfig:
+        return tiny_config(expression_dim=self.expression_dim)
+
+    def fingerprint(self) -> dict:
+        """The settings that determine the result (what idempotence compares)."""
+        d = dataclasses.asdict(self)
+        for k in ("output", "num_workers", "log_every", "force"):
+            d.pop(k)
+        d["shard_root"] = str(Path(self.shard_root).resolve())
+        return d
+
+
+# ---- data ------------------------------------------------------------------------------------
+def resolve_persons(shard_root: Path, persons: str) -> list[str]:
+    """Person ids: the subfolders of ``shard_root`` that have a manifest.json, or the given list."""
+    root = Path(shard_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"shard root {root} does not exist; run jobs/preprocess.py first")
+    if persons.strip() == "all":
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+        if not found:
+            raise FileNotFoundError(f"shard root {root} has no person folder with a {MANIFEST}")
+        return found
+    chosen = [p.strip() for p in persons.split(",") if p.strip()]
+    if not chosen:
+        raise ValueError(f"persons {persons!r} names no person")
+    for p in chosen:
+        if not (root / p / MANIFEST).is_file():
+            raise FileNotFoundError(f"{root / p / MANIFEST} not found (person {p!r} has no shards)")
+    return chosen
+
+
+def _split_shards(shard_root: Path, persons: list[str], split: str) -> list[Path]:
+    paths = [s for p in persons for s in shard_paths(Path(shard_root), p, split)]
+    if not paths:
+        raise FileNotFoundError(f"no {split!r} shards for persons {persons} under {shard_root}")
+    return paths
+
+
+def _manifest_digest(shard_root: Path, persons: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in persons:
+        h.update(p.encode() + b"\0" + (Path(shard_root) / p / MANIFEST).read_bytes())
+    return h.hexdigest()
+
+
+def image_batches(dataset: ShardDataset, loader_config: LoaderConfig) -> Iterator[torch.Tensor]:
+    """Endless (B, 3, H, W) image batches in [-1, 1]; a new seeded permutation each epoch."""
+    sampler = ResumableSampler(len(dataset), seed=loader_config.seed, shuffle=loader_config.shuffle)
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        n = 0
+        for batch in make_loader(dataset, sampler, loader_config, drop_last=True):
+            n += 1
+            yield batch["image"]
+        if n == 0:
+            raise ValueError(f"{len(dataset)} training images are fewer than one batch of {loader_config.batch_size}")
+        epoch += 1
+
+
+def held_out_images(shard_root: Path, persons: list[str], count: int, resolution: int) -> torch.Tensor:
+    """Up to ``count`` test_seq images (whole frame resized, no augmentation), spread evenly over the split."""
+    dataset = ShardDataset(_split_shards(shard_root, persons, "test_seq"), LoaderConfig(
+        resolution=resolution, batch_size=1, augment=False, shuffle=False, num_workers=0))
+    n = min(count, len(dataset))
+    idx = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
+    return torch.stack([dataset[i]["image"] for i in idx])
+
+
+# ---- training helpers ------------------------------------------------------------------------
+def _lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def vae_loss(vae, images: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None):
+    """(total, reconstruction) loss of one batch: L1 + MSE of the decoded posterior sample + KL."""
+    posterior = vae.encode(images).latent_dist
+    z = posterior.sample(generator=generator)
+    recon = vae.decode(z).sample
+    rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    kl = posterior.kl().mean()
+    return rec + kl_weight * kl, rec
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, images: torch.Tensor, batch_size: int = 32) -> float:
+    """Mean per-image PSNR (dB, images mapped to [0, 1]) of decode(posterior mean)."""
+    psnrs = []
+    for chunk in images.split(batch_size):
+        recon = vae.decode(vae.encode(chunk).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((recon - chunk) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+        psnrs.append(-10 * torch.log10(mse))
+    return torch.cat(psnrs).mean().item()
+
+
+@torch.no_grad()
+def latent_std(vae, batches: Iterator[torch.Tensor], count: int) -> float:
+    """Standard deviation of the posterior means over ``count`` batches (unscaled latents)."""
+    means = [vae.encode(next(batches)).latent_dist.mode() for _ in range(count)]
+    return torch.cat(means).float().std().item()
+
+
+@torch.no_grad()
+def fold_latent_scale(vae, k: float) -> None:
+    """Reparametrise the latent space as z' = k * z: the posterior mean is multiplied by k, its
+    log-variance shifted by 2 log k, and post_quant_conv divides its input by k, so decode(z')
+    equals the old decode(z)."""
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("folding the latent scale needs a VAE with quant_conv and post_quant_conv")
+    c = vae.config.latent_channels
+    vae.quant_conv.weight[:c] *= k
+    vae.quant_conv.bias[:c] *= k
+    vae.quant_conv.bias[c:] += 2 * math.log(k)
+    vae.post_quant_conv.weight /= k
+
+
+def empty_prompt_embedding(cross_attention_dim: int, seed: int) -> torch.Tensor:
+    """The fixed stand-in for CLIP's encoding of "": seeded standard normal (1, 77, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, EMPTY_PROMPT_TOKENS, cross_attention_dim, generator=gen)
+
+
+def _log(msg: str) -> None:
+    print(f"[pretrain_base] {msg}", flush=True)
+
+
+def train_vae(config: BasePretrainConfig, model_config: DiffusionAvatarsConfig, batches: Iterator[torch.Tensor]):
+    """Stage 1: returns (vae in eval mode, final reconstruction loss (mean of the last 50 steps), first loss)."""
+    torch.manual_seed(config.seed)
+    vae = build_vae(model_config.vae, model_config.resolution)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.vae_steps, config.warmup_steps))
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    recent: list[float] = []
+    first = float("nan")
+    for step in range(config.vae_steps):
+        loss, rec = vae_loss(vae, next(batches), config.kl_weight, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        if step == 0:
+            first = rec.item()
+        recent = (recent + [rec.item()])[-50:]
+        if config.log_every and (step + 1) % config.log_every == 0:
+            _log(f"vae step {step + 1}/{config.vae_steps} recon {sum(recent) / len(recent):.4f}")
+    vae.eval().requires_grad_(False)
+    return vae, (sum(recent) / len(recent) if recent else float("nan")), first
+
+
+@torch.no_grad()
+def encode_latents(vae, dataset: ShardDataset, loader_config: LoaderConfig, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior (mean, std) of every training image, ``passes`` times with different augmentation
+    (epochs 0 .. passes-1 of the dataset), in the VAE's (possibly folded) latent space, unscaled."""
+    sampler = ResumableSampler(len(dataset), seed=loader_config.seed, shuffle=False)
+    means, stds = [], []
+    for epoch in range(passes):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        for batch in make_loader(dataset, sampler, loader_config, drop_last=False):
+            dist = vae.encode(batch["image"]).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(config: BasePretrainConfig, model_config: DiffusionAvatarsConfig, scaling_factor: float,
+               context: torch.Tensor, latent_mean: torch.Tensor, latent_std_: torch.Tensor):
+    """Stage 2 on cached posteriors: returns (unet in eval mode, final v-prediction loss (mean of
+    the last 50 steps), first loss)."""
+    factor = model_config.vae.downsample_factor
+    latent = model_config.vae.latent_channels
+    torch.manual_seed(config.seed + 2)
+    unet = build_unet(model_config.unet, latent, latent, model_config.resolution // factor)
+    unet.train()
+    scheduler = training_scheduler(model_config.scheduler)
+    opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.unet_steps, config.warmup_steps))
+    gen = torch.Generator().manual_seed(config.seed + 3)
+    n = latent_mean.shape[0]
+    recent: list[float] = []
+    first = float("nan")
+    for step in range(config.unet_steps):
+        idx = torch.randint(0, n, (config.unet_batch_size,), generator=gen)
+        mean, std = latent_mean[idx], latent_std_[idx]
+        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling_factor
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = scheduler.get_velocity(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=context.expand(latents.shape[0], -1, -1)).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        if step == 0:
+            first = loss.item()
+        recent = (recent + [loss.item()])[-50:]
+        if config.log_every and (step + 1) % config.log_every == 0:
+            _log(f"unet step {step + 1}/{config.unet_steps} v-loss {sum(recent) / len(recent):.4f}")
+    unet.eval().requires_grad_(False)
+    return unet, (sum(recent) / len(recent) if recent else float("nan")), first
+
+
+# ---- output ----------------------------------------------------------------------------------
+def read_info(output: Path) -> dict | None:
+    """The pretrain_info.json of a finished output directory, or None."""
+    path = Path(output) / INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); delete it or pass --force") from None
+
+
+def _install(tmp: Path, output: Path) -> None:
+    """Replace ``output`` by the finished directory ``tmp`` (renames only)."""
+    old = None
+    if output.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.rmdir(old)
+        os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        if old is not None:
+            os.replace(old, output)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def pretrain_base(config: BasePretrainConfig) -> dict:
+    """Pretrains (or reuses) the tiny base model; returns the contents of pretrain_info.json
+    plus ``"skipped"`` (True when an identical existing output was kept)."""
+    output = Path(config.output)
+    persons = resolve_persons(config.shard_root, config.persons)
+    fingerprint = config.fingerprint()
+    fingerprint["persons_resolved"] = persons
+    fingerprint["manifests_sha256"] = _manifest_digest(config.shard_root, persons)
+    if not config.force:
+        info = read_info(output)
+        if info is not None and info.get("format") == INFO_FORMAT and info.get("config") == fingerprint:
+            _log(f"{output} already holds this base model; skipping (--force retrains)")
+            return {**info, "skipped": True}
+    for name, value in (("vae_steps", config.vae_steps), ("unet_steps", config.unet_steps),
+                        ("vae_batch_size", config.vae_batch_size), ("unet_batch_size", config.unet_batch_size),
+                        ("scale_batches", config.scale_batches), ("eval_images", config.eval_images),
+                        ("latent_passes", config.latent_passes)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+    model_config = config.model_config()
+    started = time.perf_counter()
+    train = ShardDataset(_split_shards(config.shard_root, persons, "train"), LoaderConfig(
+        resolution=model_config.resolution, batch_size=config.vae_batch_size, augment=True,
+        num_workers=config.num_workers, seed=config.seed, shuffle=True))
+    held_out = held_out_images(config.shard_root, persons, config.eval_images, model_config.resolution)
+    _log(f"persons {','.join(persons)}: {len(train)} training images, {len(held_out)} held-out images")
+
+    # Stage 1: the VAE.
+    vae_batches = image_batches(train, train.config)
+    vae, vae_loss_final, vae_loss_first = train_vae(config, model_config, vae_batches)
+    psnr = reconstruction_psnr(vae, held_out)
+    std = latent_std(vae, vae_batches, config.scale_batches)
+    measured = 1.0 / std
+    if config.fold_scaling:
+        fold_latent_scale(vae, measured / model_config.vae.scaling_factor)
+        scaling_factor = model_config.vae.scaling_factor
+    else:
+        scaling_factor = measured
+    vae.register_to_config(scaling_factor=float(scaling_factor))
+    scaled_std = latent_std(vae, vae_batches, config.scale_batches) * scaling_factor
+    psnr_after = reconstruction_psnr(vae, held_out)
+    vae_seconds = time.perf_counter() - started
+    _log(f"vae done: recon loss {vae_loss_final:.4f}, held-out PSNR {psnr:.2f} dB, latent std {std:.4f}, "
+         f"scaled latent std {scaled_std:.3f} ({vae_seconds:.0f} s)")
+    del vae_batches
+
+    # Stage 2: the UNet.
+    context = empty_prompt_embedding(model_config.unet.cross_attention_dim, config.seed)
+    encode_data = dataclasses.replace(train.config, batch_size=32, seed=config.seed + 1)
+    mean, std_map = encode_latents(vae, ShardDataset(train.shards, encode_data), encode_data, config.latent_passes)
+    _log(f"encoded {mean.shape[0]} latents ({time.perf_counter() - started - vae_seconds:.0f} s)")
+    unet, unet_loss_final, unet_loss_first = train_unet(config, model_config, scaling_factor, context, mean, std_map)
+    seconds = time.perf_counter() - started
+    _log(f"unet done: v-loss {unet_loss_first:.4f} -> {unet_loss_final:.4f} ({seconds - vae_seconds:.0f} s)")
+
+    info = {
+        "format": INFO_FORMAT,
+        "config": fingerprint,
+        "model_config": {"unet": dataclasses.asdict(model_config.unet), "vae": dataclasses.asdict(model_config.vae),
+                         "scheduler": dataclasses.asdict(model_config.scheduler),
+                         "resolution": model_config.resolution},
+        "train_images": len(train),
+        "vae": {"steps": config.vae_steps, "first_recon_loss": vae_loss_first, "final_recon_loss": vae_loss_final,
+                "heldout_psnr_db": psnr, "heldout_psnr_db_after_scaling": psnr_after,
+                "heldout_images": len(held_out), "heldout_split": "test_seq",
+                "latent_std": std, "measured_scaling_factor": measured, "scaling_factor": scaling_factor,
+                "scaling_folded": config.fold_scaling, "scaled_latent_std": scaled_std},
+        "unet": {"steps": config.unet_steps, "cached_latents": int(mean.shape[0]), "first_v_loss": unet_loss_first, "final_v_loss": unet_loss_final},
+        "seconds": {"vae": vae_seconds, "unet": seconds - vae_seconds, "total": seconds},
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        unet.save_pretrained(tmp / "unet")
+        vae.save_pretrained(tmp / "vae")
+        save_tensor_atomic({EMPTY_PROMPT_KEY: context}, tmp / EMPTY_PROMPT_FILE)
+        atomic_write_json(tmp / INFO_FILE, info)
+        _install(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"wrote {output}")
+    return {**info, "skipped": False}

@@ -1,0 +1,69 @@
+"""End to end: jobs/launch_all.py on a real local Ray head, 3 persons train in parallel, 1 corrupt fails alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_DATA = ["--synthetic.persons", "4", "--synthetic.sequences", "3", "--synthetic.frames", "2",
+             "--synthetic.cameras", "3", "--synthetic.image-size", "48", "--synthetic.n-lat", "24",
+             "--synthetic.n-lon", "32", "--synthetic.expression-dim", "10", "--synthetic.seed", "3",
+             "--ingest.held-out-sequences", "1", "--shards.samples-per-shard", "8", "--workers", "2"]
+TINY_TRAIN = ["--train.steps", "3", "--train.batch-size", "4", "--train.checkpoint-every", "3",
+              "--train.validate-every", "0", "--train.val-samples", "1", "--train.val-inference-steps", "1",
+              "--train.num-workers", "0", "--eval-inference-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Data for 4 persons (person 003's capture then corrupted) and a quickly pretrained tiny base."""
+    from avatars.base_pretraining import BasePretrainConfig, pretrain_base
+    from jobs.launch_all import LaunchAllArgs, _data
+    from jobs.make_synthetic import MakeSyntheticArgs, main as make_synthetic
+    import tyro
+
+    work = tmp_path_factory.mktemp("launch")
+    args = tyro.cli(LaunchAllArgs, args=["--workdir", str(work), *TINY_DATA])
+    make_synthetic(MakeSyntheticArgs(out=work / "captures", synthetic=args.synthetic, workers=2))
+    bad = sorted((work / "captures" / "003" / "sequences").glob("*/timesteps/frame_00000/images/*.png"))[0]
+    bad.write_bytes(b"not a png")
+    ready, failed = _data(args)
+    assert ready == ["000", "001", "002"] and list(failed) == ["003"] and "unreadable image" in failed["003"]
+    base = work / "base"
+    pretrain_base(BasePretrainConfig(shard_root=work / "shards", persons="000,001,002", output=base,
+                                     vae_steps=5, unet_steps=5, vae_batch_size=4, unet_batch_size=4,
+                                     scale_batches=1, eval_images=4, num_workers=0, log_every=5))
+    return work, base
+
+
+@pytest.mark.ray
+def test_launch_all_on_ray_head(prepared, ray_head):
+    work, base = prepared
+    cmd = [sys.executable, str(REPO / "jobs" / "launch_all.py"), "--persons", "all", "--workdir", str(work),
+           *TINY_DATA, *TINY_TRAIN, "--train.base-model", str(base), "--ray-address", ray_head.address,
+           "--job-cpus", "1", "--max-retries", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]  # one person failed
+    summary_json = json.loads((work / "runs" / "summary.json").read_text())
+    assert summary_json["exit_code"] == 1
+    summary = {r["person"]: r for r in summary_json["results"]}
+    assert {p: r["ok"] for p, r in summary.items()} == {"000": True, "001": True, "002": True, "003": False}
+    assert "unreadable image" in summary["003"]["error"]
+    for p in ("000", "001", "002"):
+        assert (work / "runs" / p / "model" / "trainable.safetensors").is_file()
+        assert summary[p]["result"]["steps"] == 3
+        status = json.loads((work / "status" / f"{p}.json").read_text())
+        assert status["state"] == "succeeded" and status["step"] == 3
+    assert "003" in out and "FAILED" in out
+    results = sorted((work / "reports" / "runs").glob("*/results.json"))
+    assert results, out[-3000:]
+    data = json.loads(results[-1].read_text())
+    assert sorted(data["persons"]) == ["000", "001", "002"]
+    assert set(data["persons"]["000"]) >= {"self_reenactment", "novel_view", "cross_reenactment"}
+    assert list((work / "reports" / "site").glob("*/index.html"))
