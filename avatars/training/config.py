@@ -55,7 +55,7 @@ class TrainOptions:
     log_every: int = 10
     """Write a metrics.jsonl line (and Prometheus values) every N steps."""
     metrics_port: int | None = None
-    """Serve Prometheus metrics on this port (None: no exporter)."""
+    """Serve Prometheus metrics on the first free port from this one up (None: no exporter); the port is logged."""
     lpips_weights: Path = Path("weights/lpips_alex.safetensors")
     """LPIPS AlexNet weights for validation (written by setup.sh); validation reports PSNR only if absent."""
 

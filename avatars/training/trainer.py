@@ -158,11 +158,6 @@ def train_person(config: TrainConfig) -> dict:
     if rank == 0:
         validator = Validator(cfg.shards, cfg.person, model_config.resolution, cfg.val_samples, cfg.lpips_weights,
                               cfg.val_inference_steps)
-        if cfg.metrics_port is not None:
-            from cluster.monitoring import TrainingMetrics, start_exporter
-
-            metrics = TrainingMetrics()
-            start_exporter(cfg.metrics_port)
 
     def batches():
         while True:
@@ -176,6 +171,16 @@ def train_person(config: TrainConfig) -> dict:
         if rank == 0:
             with jsonl.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    if rank == 0 and cfg.metrics_port is not None:
+        from prometheus_client import CollectorRegistry
+
+        from cluster.monitoring import TrainingMetrics, start_exporter_in_range
+
+        # A registry per run: a Ray worker process may train several persons one after another.
+        registry = CollectorRegistry()
+        metrics = TrainingMetrics(registry)
+        log({"step": state.step, "metrics_port": start_exporter_in_range(cfg.metrics_port, registry).port})
 
     def validate(step: int) -> dict:
         out = validator.run(model, run / "val" / f"{ckpt.tag(step)}.png") if validator else {}

@@ -10,6 +10,7 @@ from cluster.monitoring.metrics import (
     RendererMetrics,
     TrainingMetrics,
     start_exporter,
+    start_exporter_in_range,
 )
 
-__all__ = ["DEFAULT_RENDERER_PORT", "DEFAULT_TRAINING_PORT", "RendererMetrics", "TrainingMetrics", "start_exporter"]
+__all__ = ["DEFAULT_RENDERER_PORT", "DEFAULT_TRAINING_PORT", "RendererMetrics", "TrainingMetrics", "start_exporter", "start_exporter_in_range"]

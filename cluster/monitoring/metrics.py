@@ -116,3 +116,20 @@ def start_exporter(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry
     except OSError as e:
         raise OSError(f"cannot start the Prometheus exporter on {addr}:{port}: {e}") from e
     return Exporter(server, thread)
+
+
+#: Ports tried from the first one: the processes of one node (several persons' trainers,
+#: several renderer replicas) each take the next free port of the range.
+PORT_RANGE = 64
+
+
+def start_exporter_in_range(first_port: int, registry: CollectorRegistry = REGISTRY,
+                            span: int = PORT_RANGE) -> Exporter:
+    """Start the exporter on the first free port of [first_port, first_port + span)."""
+    last_error: OSError | None = None
+    for port in range(first_port, first_port + span):
+        try:
+            return start_exporter(port, registry=registry)
+        except OSError as e:
+            last_error = e
+    raise OSError(f"no free Prometheus port in {first_port}..{first_port + span - 1}: {last_error}")

@@ -22,28 +22,13 @@ from pathlib import Path
 
 from ray import serve
 
+from cluster.monitoring import start_exporter_in_range
 from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest, RenderResult
 
 log = logging.getLogger(__name__)
 APP_PREFIX = "avatar-"
-#: Ports a replica tries after RendererConfig.metrics_port (replicas of one node share the range).
-METRICS_PORT_RANGE = 64
-
-
 def app_name(person: str) -> str:
     return f"{APP_PREFIX}{person}"
-
-
-def _start_exporter_in_range(first_port: int, registry):
-    from cluster.monitoring import start_exporter
-
-    last_error = None
-    for port in range(first_port, first_port + METRICS_PORT_RANGE):
-        try:
-            return start_exporter(port, registry=registry)
-        except OSError as e:
-            last_error = e
-    raise OSError(f"no free Prometheus port in {first_port}..{first_port + METRICS_PORT_RANGE - 1}: {last_error}")
 
 
 @serve.deployment(name="renderer")
@@ -64,7 +49,7 @@ class AvatarRenderer:
         self.registry = CollectorRegistry()
         self.metrics = RendererMetrics(self.registry)
         self.metrics.set_queue_length(person, 0)
-        self.exporter = _start_exporter_in_range(config.metrics_port, self.registry) if config.metrics_port else None
+        self.exporter = start_exporter_in_range(config.metrics_port, self.registry) if config.metrics_port else None
         self._waiting = 0
         self.render_batch.set_max_batch_size(config.max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
