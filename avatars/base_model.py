@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 EMPTY_PROMPT_FILE = "empty_prompt_embedding.safetensors"
 EMPTY_PROMPT_KEY = "empty_prompt_embedding"
@@ -64,17 +63,11 @@ def compute_empty_prompt_embedding(path: str | os.PathLike) -> torch.Tensor:
 
 def save_tensor_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Writes a safetensors file to a temporary name in the same folder, then renames it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from safetensors.torch import save
+
+    from shards.contract import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
 def load_empty_prompt_embedding(file: str | os.PathLike) -> torch.Tensor:

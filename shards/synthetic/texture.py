@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .head import BLINK, EYES, GAZE_X, GAZE_Y, JAW, MOUTH, TONGUE, CHEEKS, Identity
+from .head import BLINK, CHEEKS, EYES, GAZE_X, GAZE_Y, MOUTH, TONGUE, Identity
 
 #: World-space direction towards the key light.
 LIGHT_DIR = np.array([0.35, 0.55, 0.75]) / np.linalg.norm([0.35, 0.55, 0.75])

@@ -1,0 +1,139 @@
+"""Pretraining of the tiny base model on the tiny synthetic data set (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from avatars.base_model import EMPTY_PROMPT_FILE, EMPTY_PROMPT_KEY, load_unet_and_vae
+from avatars.base_pretraining import (
+    INFO_FILE,
+    BasePretrainConfig,
+    fold_latent_scale,
+    image_batches,
+    pretrain_base,
+    resolve_persons,
+    train_vae,
+    vae_loss,
+)
+from avatars.configs import tiny_config
+from avatars.data import LoaderConfig, ShardDataset
+from avatars.models import DiffusionAvatarsModel
+from avatars.models.diffusion_avatars import build_vae
+from jobs import pretrain_base as cli
+from shards.testing import build_tiny
+from shards.writer import shard_paths
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny-base"))[2]
+
+
+def _config(shard_root, output, **kw) -> BasePretrainConfig:
+    base = dict(shard_root=shard_root, output=output, vae_steps=3, unet_steps=3, vae_batch_size=4,
+                unet_batch_size=4, scale_batches=2, eval_images=4, num_workers=0, log_every=0, expression_dim=10)
+    return BasePretrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def pretrained(shard_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "tiny"
+    info = pretrain_base(_config(shard_root, out))
+    return out, info
+
+
+def test_output_is_a_loadable_diffusers_base(pretrained):
+    out, info = pretrained
+    assert not info["skipped"]
+    unet, vae = load_unet_and_vae(out)
+    assert unet.config.cross_attention_dim == 32 and vae.config.latent_channels == 4
+    emb = load_file(str(out / EMPTY_PROMPT_FILE))[EMPTY_PROMPT_KEY]
+    assert emb.shape == (1, 77, 32)
+    saved = json.loads((out / INFO_FILE).read_text())
+    assert saved["vae"]["steps"] == 3 and saved["unet"]["steps"] == 3
+    assert saved["vae"]["heldout_split"] == "test_seq" and saved["vae"]["heldout_images"] == 4
+    assert saved["vae"]["scaling_factor"] == pytest.approx(vae.config.scaling_factor)
+    # With folding, the config's factor makes the latents unit-variance (measured on training batches).
+    assert saved["vae"]["scaled_latent_std"] == pytest.approx(1.0, rel=0.35)
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_avatar_model_builds_on_the_base_with_its_frozen_weights(pretrained):
+    out, _ = pretrained
+    model = DiffusionAvatarsModel(tiny_config(expression_dim=10, requires_pretrained_base=True), base_model=out)
+    unet, vae = load_unet_and_vae(out)
+    unet_state = unet.state_dict()
+    for name, value in vae.state_dict().items():
+        assert torch.equal(model.vae.state_dict()[name], value), name
+    model_unet = model.unet.state_dict()
+    for name, value in unet_state.items():
+        assert torch.equal(model_unet[name], value), name
+    emb = load_file(str(out / EMPTY_PROMPT_FILE))[EMPTY_PROMPT_KEY]
+    assert torch.equal(model.empty_prompt_embedding, emb)
+    assert not any(p.requires_grad for p in model.vae.parameters())
+
+
+def test_vae_training_reduces_reconstruction_loss(shard_root):
+    persons = resolve_persons(shard_root, "all")
+    loader = LoaderConfig(resolution=64, batch_size=4, augment=False, num_workers=0, shuffle=False)
+    images = torch.cat([next(image_batches(ShardDataset(shard_paths(shard_root, p, "train"), loader), loader))
+                        for p in persons])
+    model_config = tiny_config(expression_dim=10)
+    torch.manual_seed(0)
+    before_vae = build_vae(model_config.vae, 64)
+    with torch.no_grad():
+        before = vae_loss(before_vae, images, 0.0)[1].item()
+    config = _config(shard_root, shard_root / "unused", vae_steps=40, vae_lr=2e-3, warmup_steps=5)
+    vae, final, first = train_vae(config, model_config, iter([images] * config.vae_steps))
+    with torch.no_grad():
+        after = vae_loss(vae, images, 0.0, torch.Generator().manual_seed(0))[1].item()
+    assert first == pytest.approx(before, rel=0.05)  # same seeded initialisation
+    assert after < 0.6 * before, (before, after)
+
+
+def test_fold_latent_scale_keeps_decoder_output():
+    torch.manual_seed(0)
+    vae = build_vae(tiny_config().vae, 64).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist
+        ref_mean, ref_std, ref_rec = z.mean.clone(), z.std.clone(), vae.decode(z.mean).sample
+        fold_latent_scale(vae, 3.0)
+        z2 = vae.encode(x).latent_dist
+        rec = vae.decode(z2.mean).sample
+    torch.testing.assert_close(z2.mean, 3.0 * ref_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(z2.std, 3.0 * ref_std, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rec, ref_rec, rtol=1e-4, atol=1e-4)
+
+
+def test_idempotent_and_force(shard_root, tmp_path):
+    out = tmp_path / "base"
+    args = ["--shard-root", str(shard_root), "--output", str(out), "--vae-steps", "2", "--unet-steps", "2",
+            "--vae-batch-size", "4", "--unet-batch-size", "4", "--scale-batches", "1", "--eval-images", "2",
+            "--num-workers", "0", "--log-every", "0"]
+    first = cli.main(args)
+    assert not first["skipped"]
+    stamp = (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    again = cli.main(args)
+    assert again["skipped"] and again["vae"] == first["vae"]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
+    changed = cli.main([a if a != "2" or args[i - 1] != "--vae-steps" else "3" for i, a in enumerate(args)])
+    assert not changed["skipped"] and changed["vae"]["steps"] == 3
+    forced = cli.main(args + ["--force"])
+    assert not forced["skipped"] and forced["vae"]["steps"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["base"]
+
+
+def test_clear_errors(tmp_path, shard_root):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_persons(tmp_path / "missing", "all")
+    with pytest.raises(FileNotFoundError, match="person 'zz'"):
+        resolve_persons(shard_root, "zz")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / INFO_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="pretrain_info.json is unreadable"):
+        pretrain_base(_config(shard_root, tmp_path / "base"))
