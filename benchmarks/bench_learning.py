@@ -1,0 +1,116 @@
+"""Does training learn? Held-out quality of a tiny avatar vs the untrained model and simple baselines.
+
+    python benchmarks/bench_learning.py [--person 000] [--steps 600] [--samples 32]
+
+Needs the default data (data/shards) and the tiny base (data/base/tiny), which the
+main job (jobs/launch_all.py) writes. Trains one person with the tiny preset
+(reusing an earlier run of the same length under --out), then renders fixed
+held-out samples (held-out sequences and the held-out frontal camera, evenly spread)
+with 20 DDPM steps and fixed noise, and compares with
+* the untrained model: the same frozen base with freshly initialised (zero-output)
+  ControlNet / expression layers / feature planes, i.e. what training starts from;
+* a mean-colour image: the mean RGB of all training targets, everywhere;
+* a silhouette + mean-colour image: the background colour outside the rasterized
+  mask, the mean foreground colour of the training targets inside (a baseline that
+  already knows the geometry the model is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import report  # noqa: E402
+
+from avatars.data import LoaderConfig, ShardDataset, collate  # noqa: E402
+from avatars.evaluation.lpips_weights import LpipsConfig, load_lpips  # noqa: E402
+from avatars.evaluation.metrics import psnr  # noqa: E402
+from avatars.models import DiffusionAvatarsModel  # noqa: E402
+from avatars.pipelines import AvatarPipeline  # noqa: E402
+from avatars.training import TrainConfig, train_person  # noqa: E402
+from shards.writer import shard_paths  # noqa: E402
+
+
+def held_out(shards: Path, person: str, resolution: int, count: int) -> dict:
+    paths = shard_paths(shards, person, "test_seq") + shard_paths(shards, person, "test_cam")
+    ds = ShardDataset(paths, LoaderConfig(resolution=resolution, augment=False, num_workers=0))
+    picks = np.linspace(0, len(ds) - 1, num=min(count, len(ds))).round().astype(int)
+    return collate([ds[int(i)] for i in picks])
+
+
+def training_colours(shards: Path, person: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean RGB of all training targets, mean RGB inside the rasterized mask), in [0, 1]."""
+    ds = ShardDataset(shard_paths(shards, person, "train"), LoaderConfig(resolution=resolution, augment=False,
+                                                                         num_workers=0))
+    total, fg, n_fg, n = torch.zeros(3), torch.zeros(3), 0.0, 0
+    for i in range(len(ds)):
+        s = ds[i]
+        img = (s["image"] + 1) / 2
+        total += img.mean((1, 2))
+        n += 1
+        fg += (img * s["mask"]).sum((1, 2))
+        n_fg += float(s["mask"].sum())
+    return total / n, fg / max(n_fg, 1.0)
+
+
+def render(model: DiffusionAvatarsModel, batch: dict, chunk: int = 8) -> torch.Tensor:
+    pipe = AvatarPipeline(model.eval())
+    keys = [k for k in batch if k != "__key__"]
+    out = [pipe({k: batch[k][i:i + chunk] for k in keys}, num_inference_steps=20, seed=0)
+           for i in range(0, len(batch["mask"]), chunk)]
+    return torch.cat(out).float()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shards", type=Path, default=Path("data/shards"))
+    ap.add_argument("--base-model", type=Path, default=Path("data/base/tiny"))
+    ap.add_argument("--person", default="000")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=Path("data/bench-learning"))
+    a = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = TrainConfig(person=a.person, shards=a.shards, out=a.out, base_model=a.base_model, steps=a.steps,
+                      validate_every=0, checkpoint_every=a.steps)
+    result_file = cfg.run_dir / "result.json"
+    if not (result_file.is_file() and json.loads(result_file.read_text()).get("steps") == a.steps):
+        train_person(cfg)
+    trained = DiffusionAvatarsModel.from_pretrained(cfg.run_dir / "model")
+    untrained = DiffusionAvatarsModel(trained.config, base_model=a.base_model)
+    res = trained.config.resolution
+    batch = held_out(a.shards, a.person, res, a.samples)
+    gt = (batch["image"] + 1) / 2
+    mean_rgb, fg_rgb = training_colours(a.shards, a.person, res)
+    background = torch.ones(3)  # the shards' fixed background (ShardConfig.background)
+    mask = batch["mask"]
+    preds = {
+        "trained avatar": render(trained, batch),
+        "untrained model (training start)": render(untrained, batch),
+        "mean colour": mean_rgb.view(1, 3, 1, 1).expand_as(gt),
+        "silhouette + mean colour": fg_rgb.view(1, 3, 1, 1) * mask + background.view(1, 3, 1, 1) * (1 - mask),
+    }
+    lpips = load_lpips(LpipsConfig(weights_path=Path("weights/lpips_alex.safetensors")))
+    alpha = batch["alpha"]
+    rows = []
+    for name, pred in preds.items():
+        pred = pred.clamp(0, 1)
+        # Masked: both composited onto the background with the ground-truth alpha (the official protocol).
+        pm, gm = pred * alpha + (1 - alpha), gt * alpha + (1 - alpha)
+        with torch.no_grad():
+            lp = float(lpips(pred * 2 - 1, gt * 2 - 1).mean())
+        rows.append({"model": name, "PSNR": float(psnr(pred, gt).mean()), "PSNR masked": float(psnr(pm, gm).mean()),
+                     "LPIPS": lp})
+    report("learning", rows, {"person": a.person, "steps": a.steps, "samples": len(gt),
+                              "base_model": str(a.base_model)})
+
+
+if __name__ == "__main__":
+    main()
