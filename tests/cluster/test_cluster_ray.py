@@ -3,8 +3,9 @@ against an embedded `ray.init`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from conftest import HERE
 from workloads import expected_digest, read_runs, write_input
 
 from cluster.jobs import PersonJob, Resources
@@ -12,6 +13,7 @@ from cluster.orchestrate import exit_code, format_summary, run_all
 from cluster.ray_backend import RayBackend, RayConfig
 from cluster.status import read_status
 
+HERE = Path(__file__).resolve().parent  # workloads.py lives here
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 RUNTIME_ENV = {"env_vars": {"PYTHONPATH": str(HERE)}}

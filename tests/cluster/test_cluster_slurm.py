@@ -8,6 +8,8 @@ import subprocess
 import threading
 import time
 
+from pathlib import Path
+
 import pytest
 from workloads import expected_digest, read_runs, write_input
 
@@ -15,6 +17,8 @@ from cluster.jobs import PersonJob, Resources
 from cluster.orchestrate import exit_code, format_summary
 from cluster.slurm_backend import SlurmBackend, SlurmConfig
 from cluster.status import read_status
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -144,7 +148,6 @@ def _template_env(tmp_path, **extra):
     import os
     import sys
 
-    from conftest import REPO
     kwargs = dict(data_dir=str(tmp_path / "data"), work_dir=str(tmp_path / "work"), steps=extra.pop("steps", 4),
                   step_seconds=extra.pop("step_seconds", 0.2))
     return {**os.environ, "REPO": str(REPO), "PYTHON": sys.executable, "TARGET": "workloads:count_steps",
@@ -155,7 +158,6 @@ SMALL = ["--cpus-per-task=1", "--gpus-per-node=1", "--mem=1G", "--time=5"]
 
 
 def test_sbatch_array_template(tmp_path, slurm_cluster, workload_env):
-    from conftest import REPO
     for p, bad in (("t1", False), ("t2", True), ("t3", False)):
         write_input(tmp_path / "data", p, corrupt=bad)
     (tmp_path / "persons.txt").write_text("t1\nt2\n\nt3\n")  # blank lines are ignored
@@ -169,7 +171,6 @@ def test_sbatch_array_template(tmp_path, slurm_cluster, workload_env):
 
 
 def test_sbatch_person_template_requeues_on_usr2(tmp_path, slurm_cluster, workload_env):
-    from conftest import REPO
     write_input(tmp_path / "data", "tp")
     env = _template_env(tmp_path, PERSON="tp", steps=14, step_seconds=0.4)
     job_id = subprocess.run(["sbatch", "--parsable", *SMALL, f"--chdir={tmp_path}",

@@ -67,3 +67,25 @@ def test_launch_all_on_ray_head(prepared, ray_head):
     assert sorted(data["persons"]) == ["000", "001", "002"]
     assert set(data["persons"]["000"]) >= {"self_reenactment", "novel_view", "cross_reenactment"}
     assert list((work / "reports" / "site").glob("*/index.html"))
+
+
+@pytest.mark.slurm
+def test_launch_all_on_slurm_array(prepared, slurm_cluster, tmp_path):
+    """The same pipeline with --backend slurm: the persons train as a real SLURM job array."""
+    work, base = prepared
+    cmd = [sys.executable, str(REPO / "jobs" / "launch_all.py"), "--persons", "000,001", "--workdir", str(work),
+           *TINY_DATA, *TINY_TRAIN, "--train.base-model", str(base)]
+    cmd += ["--backend", "slurm", "--slurm.time-min", "10", "--slurm.poll-interval-s", "1", "--slurm.log-dir",
+            str(tmp_path / "slurm"), "--slurm.status-dir", str(tmp_path / "status"), "--job-cpus", "1",
+            "--max-retries", "0", "--no-evaluate", "--train.steps", "4", "--train.checkpoint-every", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    summary = json.loads((work / "runs" / "summary.json").read_text())
+    assert summary["exit_code"] == 0
+    assert {r["person"]: (r["ok"], r["result"]["steps"]) for r in summary["results"]} == \
+        {"000": (True, 4), "001": (True, 4)}
+    for p in ("000", "001"):
+        status = json.loads((tmp_path / "status" / f"{p}.json").read_text())
+        assert status["state"] == "succeeded" and status["step"] == 4
+    assert list((tmp_path / "slurm").rglob("*_log.out"))  # submitit's logs of the array tasks
