@@ -32,24 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report  # noqa: E402
 from shards.contract import Camera  # noqa: E402
 from shards.raster import RasterBuffers, rasterize, vertex_normals  # noqa: E402
+from shards.synthetic.head import sphere_mesh  # noqa: E402
 
 def uv_sphere(n_lat: int, n_lon: int) -> tuple[np.ndarray, np.ndarray]:
     """Closed unit UV sphere with outward winding, with bumps so that it self-occludes."""
-    th = np.linspace(0, np.pi, n_lat + 1)[1:-1]
-    ph = np.arange(n_lon) * 2 * np.pi / n_lon
-    T, P = np.meshgrid(th, ph, indexing="ij")
-    ring = np.stack([np.sin(T) * np.cos(P), np.cos(T), np.sin(T) * np.sin(P)], -1).reshape(-1, 3)
-    v = np.concatenate([[[0, 1, 0]], ring, [[0, -1, 0]]])
-    v *= (1 + 0.08 * np.sin(6 * v[:, 0]) * np.cos(5 * v[:, 1]))[:, None]
-    last = len(v) - 1
-    j = np.arange(n_lon)
-    jn = (j + 1) % n_lon
-    faces = [np.stack([np.zeros(n_lon, int), 1 + jn, 1 + j], 1),
-             np.stack([np.full(n_lon, last), 1 + (n_lat - 2) * n_lon + j, 1 + (n_lat - 2) * n_lon + jn], 1)]
-    for r in range(n_lat - 2):
-        a, b = 1 + r * n_lon + j, 1 + r * n_lon + jn
-        faces += [np.stack([a, b, a + n_lon], 1), np.stack([b, b + n_lon, a + n_lon], 1)]
-    return v.astype(np.float32), np.concatenate(faces).astype(np.int64)
+    v, faces = sphere_mesh(n_lat, n_lon)
+    v = v * (1 + 0.08 * np.sin(6 * v[:, 0]) * np.cos(5 * v[:, 1]))[:, None]
+    return v.astype(np.float32), faces.astype(np.int64)
 
 
 def orbit_camera(size: int, frame: int) -> Camera:

@@ -15,6 +15,7 @@ import torch
 from shards.contract import Camera
 from shards.raster import RasterBuffers, available_backends, rasterize, vertex_normals
 from shards.raster.cpu import rasterize_cpu
+from shards.synthetic.head import sphere_mesh
 
 
 def pinhole(width: int, height: int, focal: float, cx: float | None = None, cy: float | None = None,
@@ -56,20 +57,9 @@ def to_cam(cam: Camera, points: np.ndarray) -> np.ndarray:
 
 def uv_sphere(n_lat: int, n_lon: int, radius: float, center) -> tuple[torch.Tensor, torch.Tensor]:
     """Closed UV sphere, outward winding (vertices on the sphere, faces inscribed)."""
-    th = np.linspace(0, np.pi, n_lat + 1)[1:-1]
-    ph = np.arange(n_lon) * 2 * np.pi / n_lon
-    T, P = np.meshgrid(th, ph, indexing="ij")
-    ring = np.stack([np.sin(T) * np.cos(P), np.cos(T), np.sin(T) * np.sin(P)], -1).reshape(-1, 3)
-    v = np.concatenate([[[0, 1, 0]], ring, [[0, -1, 0]]]) * radius + np.asarray(center)
-    last = len(v) - 1
-    j = np.arange(n_lon)
-    jn = (j + 1) % n_lon
-    faces = [np.stack([np.zeros(n_lon, int), 1 + jn, 1 + j], 1),
-             np.stack([np.full(n_lon, last), 1 + (n_lat - 2) * n_lon + j, 1 + (n_lat - 2) * n_lon + jn], 1)]
-    for r in range(n_lat - 2):
-        a, b = 1 + r * n_lon + j, 1 + r * n_lon + jn
-        faces += [np.stack([a, b, a + n_lon], 1), np.stack([b, b + n_lon, a + n_lon], 1)]
-    return torch.tensor(v, dtype=torch.float32), torch.tensor(np.concatenate(faces), dtype=torch.int64)
+    dirs, faces = sphere_mesh(n_lat, n_lon)
+    v = dirs * radius + np.asarray(center)
+    return torch.tensor(v, dtype=torch.float32), torch.tensor(faces, dtype=torch.int64)
 
 
 def assert_empty_outside(buf: RasterBuffers) -> None:
