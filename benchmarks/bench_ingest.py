@@ -4,7 +4,7 @@
 
 Generates the default synthetic capture root first if it is not there (timed
 separately), then ingests every person with --force, sequentially and with one
-process per core.
+process per core, after an untimed pass that warms the page cache.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main() -> None:
     t = time.perf_counter()
     persons = map_persons(functools.partial(_gen, cfg=cfg, root=captures), cfg.person_ids, a.workers, "synthetic")
     gen_s = time.perf_counter() - t
+    # Untimed pass: the page cache holds the images afterwards, so both timed runs see the same cache.
+    map_persons(functools.partial(_ingest, captures=captures, out=out), list(persons), a.workers, "warm-up")
     rows = []
     for workers in (1, a.workers):
         t = time.perf_counter()

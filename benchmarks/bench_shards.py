@@ -49,9 +49,10 @@ def build(size: int, root: Path) -> tuple[Path, list[Path]]:
     return store, paths
 
 
-def _png(a: np.ndarray, mode: str | None = None) -> bytes:
+def _png(a: np.ndarray) -> bytes:
+    """PNG bytes; uint16 2-D arrays become 16-bit grayscale PNGs."""
     buf = io.BytesIO()
-    Image.fromarray(a, mode=mode).save(buf, format="PNG")
+    Image.fromarray(a).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -76,8 +77,8 @@ def write_loose(ds: ShardDataset, out: Path) -> tuple[int, int]:
         depth16 = np.where(m, 1 + (s.depth[0] - lo) / max(hi - lo, 1e-9) * 65534, 0).round().astype(np.uint16)
         canon16 = ((s.canonical + 1) / 2 * 65535).round().astype(np.uint16)
         nrm8 = ((s.normals.transpose(1, 2, 0) + 1) / 2 * 255).round().astype(np.uint8)
-        pngs = [_png(rgb8), _png(alpha8), _png((m * 255).astype(np.uint8)), _png(depth16, "I;16"), _png(nrm8)]
-        pngs += [_png(canon16[c], "I;16") for c in range(5)]
+        pngs = [_png(rgb8), _png(alpha8), _png((m * 255).astype(np.uint8)), _png(depth16), _png(nrm8)]
+        pngs += [_png(canon16[c]) for c in range(5)]
         png_layout += sum(map(len, pngs)) + len(files["expr.npy"]) + len(files["meta.json"])
     return loose, png_layout
 

@@ -149,7 +149,7 @@ def train_person(config: TrainConfig) -> dict:
         _truncate_jsonl(jsonl, state.step)
 
     sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=rank, num_replicas=world)
-    loader = make_loader(dataset, sampler, loader_cfg)
+    loader = make_loader(dataset, sampler, loader_cfg, device=device)  # dequantised on the training device
     if len(sampler.indices()) < cfg.batch_size:
         raise ValueError(f"{len(dataset)} training samples cannot fill one batch of {cfg.batch_size} per rank")
 
