@@ -190,7 +190,7 @@ def to_compact_sample(s: RawSample, config: LoaderConfig, gen: torch.Generator) 
     h, w = s.geom.shape[-2:]
     top, left, ch, cw = crop_box(h, w, config, gen)
     r = config.resolution
-    rows, cols = _nearest_rows(top, ch, r)[:, None], _nearest_rows(left, cw, r)[None, :]
+    rows, cols = _nearest_rows(top, ch, r), _nearest_rows(left, cw, r)
     rgba = np.concatenate([s.rgb, s.alpha])[:, top : top + ch, left : left + cw]
     rgba = torch.from_numpy(np.ascontiguousarray(rgba))
     if (ch, cw) != (r, r):
@@ -199,8 +199,9 @@ def to_compact_sample(s: RawSample, config: LoaderConfig, gen: torch.Generator) 
         rgba = smooth.round_().clamp_(0, 255).to(torch.uint8)
     return {
         "rgba": rgba,
-        "geom": torch.from_numpy(np.ascontiguousarray(s.geom[:, rows, cols]).view(np.int16)),
-        "nrm": torch.from_numpy(np.ascontiguousarray(s.nrm[:, rows, cols])),
+        # Rows, then columns: two basic gathers are ~3x faster than one 2-D fancy index.
+        "geom": torch.from_numpy(np.ascontiguousarray(s.geom[:, rows][:, :, cols]).view(np.int16)),
+        "nrm": torch.from_numpy(np.ascontiguousarray(s.nrm[:, rows][:, :, cols])),
         "depth_range": torch.tensor(s.meta["depth_range"], dtype=torch.float32),
         "expression": torch.from_numpy(np.asarray(s.expression, np.float32).copy()),
         "__key__": s.key,
