@@ -238,6 +238,15 @@ def _log(msg: str) -> None:
     print(f"[pretrain_base] {msg}", flush=True)
 
 
+def _optimizer_step(loss: torch.Tensor, module: torch.nn.Module, opt, sched, grad_clip: float) -> None:
+    """Backward, clip, step, schedule: the update both pretraining stages share."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+
+
 def train_vae(config: BasePretrainConfig, model_config: DiffusionAvatarsConfig, batches: Iterator[torch.Tensor]):
     """Stage 1: returns (vae in eval mode, final reconstruction loss (mean of the last 50 steps), first loss)."""
     torch.manual_seed(config.seed)
@@ -250,11 +259,7 @@ def train_vae(config: BasePretrainConfig, model_config: DiffusionAvatarsConfig, 
     first = float("nan")
     for step in range(config.vae_steps):
         loss, rec = vae_loss(vae, next(batches), config.kl_weight, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, vae, opt, sched, config.grad_clip)
         if step == 0:
             first = rec.item()
         recent = (recent + [rec.item()])[-50:]
@@ -306,11 +311,7 @@ def train_unet(config: BasePretrainConfig, model_config: DiffusionAvatarsConfig,
         target = scheduler.get_velocity(latents, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=context.expand(latents.shape[0], -1, -1)).sample
         loss = F.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
+        _optimizer_step(loss, unet, opt, sched, config.grad_clip)
         if step == 0:
             first = loss.item()
         recent = (recent + [loss.item()])[-50:]

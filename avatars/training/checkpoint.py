@@ -11,7 +11,6 @@ complete checkpoints are kept.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -114,7 +113,3 @@ def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState 
     set_rng_state(saved["rng"], noise)
     return TrainerState(**saved["state"])
 
-
-def describe(ckpt_dir: Path) -> str:
-    done = complete_checkpoints(Path(ckpt_dir))
-    return json.dumps([p.name for p in done])

@@ -122,12 +122,11 @@ def train_person(config: TrainConfig) -> dict:
 
     train_paths = shard_paths(cfg.shards, cfg.person, "train")
     loader_cfg = LoaderConfig(resolution=0, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed)
-    # The model config needs the expression dim, the loader config the model's resolution.
-    probe = ShardDataset(train_paths[:1], loader_cfg)
-    expression_dim = int(probe.decoded(0).expression.shape[0])
-    model_config = cfg.model_config(expression_dim)
-    loader_cfg.resolution = model_config.resolution
+    # The model config needs the expression dim (read off a sample), the loader the model's
+    # resolution (only used when samples are cropped, so it can be set after indexing).
     dataset = ShardDataset(train_paths, loader_cfg)
+    model_config = cfg.model_config(int(dataset.decoded(0).expression.shape[0]))
+    loader_cfg.resolution = model_config.resolution
 
     model = DiffusionAvatarsModel(model_config, base_model=cfg.base_model)
     use_cuda = torch.cuda.is_available()

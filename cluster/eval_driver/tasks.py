@@ -18,7 +18,6 @@ video for the metrics (JOD is a per-video score), and the clips are concatenated
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -160,10 +159,6 @@ def nearest_resize(x: np.ndarray, size: int) -> np.ndarray:
     return x[:, rows[:, None], cols[None, :]]
 
 
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
-
-
 def driven_conditioning(store: PersonStore, person_model, synth, expression: np.ndarray, camera, resolution: int,
                         fit_seed: int) -> dict[str, np.ndarray]:
     """Conditioning buffers of `store.person`'s fitted mesh under `expression`, seen by `camera`."""
@@ -190,7 +185,7 @@ def driven_conditioning(store: PersonStore, person_model, synth, expression: np.
 def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Path, resolution: int,
                       driver_clips: list[Clip] | None = None) -> TaskFrames:
     """`store.person`'s avatar driven by `driver_store.person`'s held-out expression codes."""
-    from shards.synthetic.generate import PersonModel
+    from shards.synthetic.generate import PersonModel, stable_seed
 
     a, b = store.person, driver_store.person
     synth = synthetic_config(store)
@@ -214,7 +209,7 @@ def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Pat
         for key, c in zip(clip.keys, clip.conditioning):
             _, seq, t, _ = parse_key(key)
             cond.append(driven_conditioning(store, person_model, synth, c["expression"], camera, resolution,
-                                            _seed(synth.seed, a, "driven-by", b, seq, t, "fit")))
+                                            stable_seed(synth.seed, a, "driven-by", b, seq, t, "fit")))
         clips.append(Clip(f"{b}:{clip.sequence}", [f"{a}<-{k}" for k in clip.keys], cond, clip.reference, None))
     return TaskFrames(a, "cross_reenactment", clips, False, driver=b,
                       notes=[f"{a}'s avatar driven by {b}'s held-out sequences, camera {held}"])

@@ -135,7 +135,8 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _seed(*parts: object) -> int:
+def stable_seed(*parts: object) -> int:
+    """A 64-bit seed from any parts (stable across processes and runs, unlike hash())."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
@@ -151,7 +152,7 @@ class PersonModel:
 
     @staticmethod
     def build(config: SyntheticConfig, person: str) -> "PersonModel":
-        rng = np.random.default_rng(_seed(config.seed, person, "identity"))
+        rng = np.random.default_rng(stable_seed(config.seed, person, "identity"))
         ident = H.Identity.sample(rng, config.expression_dim)
         dirs, faces = H.sphere_mesh(config.n_lat, config.n_lon)
         cams = {s: dome_camera(s, config.image_size, config.camera_distance) for s in config.serials}
@@ -186,11 +187,11 @@ def generate_person(config: SyntheticConfig, root: Path, person: str) -> None:
     Calibration(model.cameras).save(capture.calibration_path)
     TrackingMeta(expression_dim=config.expression_dim, mesh_kind="nphm").save(capture.tracking_meta_path)
     for seq in config.sequence_names:
-        rng = np.random.default_rng(_seed(config.seed, person, seq))
+        rng = np.random.default_rng(stable_seed(config.seed, person, seq))
         codes = expression_trajectory(rng, seq, config.frames, config.expression_dim)
         for t, expr in enumerate(codes):
             true_v = model.true_vertices(expr)
-            fit_rng = np.random.default_rng(_seed(config.seed, person, seq, t, "fit"))
+            fit_rng = np.random.default_rng(stable_seed(config.seed, person, seq, t, "fit"))
             fitted = H.smooth_and_perturb(true_v, model.faces, fit_rng, config.fit_smoothing, config.fit_noise)
             MeshFrame(fitted.astype(np.float32), model.faces, model.canonical(expr).astype(np.float32),
                       expr).save(capture.mesh_path(seq, t))
