@@ -1,15 +1,21 @@
 """Shard loader vs loose files: samples/s and bytes/sample at 256^2 and 512^2.
 
-    python benchmarks/bench_shards.py [--sizes 256 512] [--workers 2] [--passes 2]
+    python benchmarks/bench_shards.py [--sizes 256 512] [--workers 2] [--passes 3]
 
 For each size it builds a one-person synthetic set (96 samples), writes it as
 (a) our WebDataset shards, (b) loose files per sample: rgb.png + alpha.png + all
 buffers as one float32 .npy (the obvious layout), and (c) the original
 implementation's per-buffer PNG layout (8-bit RGB/mask/normals, 16-bit
-depth and canonical channels). It reports bytes/sample of all three and the
-samples/s of a DataLoader (same workers, batch size, crop + resize to the stored
-size) over (a) and (b). Page caches are warmed by one pass before timing.
-Goals from issue 3: loader >= 1.5x loose files, >= 2x fewer bytes than float32.
+depth and canonical channels), and reports bytes/sample of all three.
+
+Throughput (samples/s, batch 8, random crop + resize to the stored size, the same
+fast resizes everywhere) is measured for our loader over (a) and for (b) read two
+ways: by a torch DataLoader with worker processes (the usual way, and the
+original's), and by our loader's own thread pool (so only the layout differs).
+Each with a warm page cache (one untimed pass first) and a cold one (the files
+dropped from the page cache before every pass, as when the data set is larger
+than memory). Goals from issue 3: loader >= 1.5x loose files, >= 2x fewer bytes
+than float32.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -25,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -34,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import report  # noqa: E402
 
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, collate, make_loader  # noqa: E402
-from avatars.data.shard_dataset import _nearest_rows, crop_box, hash_seed  # noqa: E402
+from avatars.data.shard_dataset import ShardLoader  # noqa: E402
+from avatars.data.shard_dataset import crop_box, hash_seed, nearest_crop_index, resize_smooth, take_pixels  # noqa: E402
 from shards.ingest import IngestConfig, ingest_person  # noqa: E402
 from shards.synthetic import SyntheticConfig, generate  # noqa: E402
 from shards.writer import ShardConfig, shard_paths, write_shards  # noqa: E402
@@ -107,36 +114,59 @@ class LooseDataset(Dataset):
         json.loads((d / "meta.json").read_text())
         gen = torch.Generator().manual_seed(hash_seed(self.config.seed, 0, i))
         h, w = buffers.shape[-2:]
-        top, left, ch, cw = crop_box(h, w, self.config, gen)
+        box = crop_box(h, w, self.config, gen)
         r = self.config.resolution
-        rows, cols = _nearest_rows(top, ch, r)[:, None], _nearest_rows(left, cw, r)[None, :]
-        geo = torch.from_numpy(np.ascontiguousarray(buffers[:, rows, cols]))
-        smooth = torch.from_numpy(np.ascontiguousarray(np.concatenate([rgb, alpha])[:, top:top + ch, left:left + cw]))
-        smooth = F.interpolate(smooth[None].float() / 255, size=(r, r), mode="bilinear", align_corners=False,
-                               antialias=ch > r)[0]
+        # The same fast resizes as the shard loader: flat-index gather, bilinear on the 8 bits.
+        geo = torch.from_numpy(take_pixels(buffers, nearest_crop_index(box, w, r), r))
+        smooth = resize_smooth(torch.from_numpy(np.concatenate([rgb, alpha])), box, r).float() / 255
         return {"image": smooth[:3] * 2 - 1, "alpha": smooth[3:], "mask": geo[0:1], "depth": geo[1:2],
                 "normals": geo[2:5], "canonical": geo[5:10], "expression": torch.from_numpy(np.load(d / "expr.npy")),
                 "__key__": d.name}
 
 
-def throughput(loader: DataLoader, passes: int) -> float:
-    for _ in loader:  # warm-up pass: page cache and worker start-up
-        pass
-    n, t = 0, time.perf_counter()
+class ThreadedLoose(ShardLoader):
+    """Loose files through the shard loader's own thread pool (so the loaders differ only in the data layout)."""
+
+    def _build(self, indices: list[int]) -> dict:
+        return collate([self.dataset[i] for i in indices])
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files from the page cache (as when the data set is larger than memory)."""
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def throughput(loader, passes: int, cold_files: list[Path] | None) -> float:
+    """Samples/s over `passes` passes; warm: after one untimed pass, cold: page cache dropped before each pass."""
+    if cold_files is None:
+        for _ in loader:
+            pass
+    n = elapsed = 0.0
     for _ in range(passes):
+        if cold_files is not None:
+            evict(cold_files)
+        t = time.perf_counter()
         for b in loader:
             n += len(b["__key__"])
-    return n / (time.perf_counter() - t)
+        elapsed += time.perf_counter() - t
+    return n / elapsed
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("data/bench-shards"))
     a = ap.parse_args()
-    rows = []
+    torch.set_num_threads(1)  # one thread per loader worker; the iterating thread only waits
+    sizes, speeds = [], []
     for size in a.sizes:
         root = a.workdir / str(size)
         _, paths = build(size, root)
@@ -146,19 +176,31 @@ def main() -> None:
         loose_bytes, png_bytes = write_loose(ds, root)
         n = len(ds)
         shard_bytes = sum(p.stat().st_size for p in paths)
-        shard_sps = throughput(make_loader(ds, ResumableSampler(n, seed=0), cfg, drop_last=False), a.passes)
+        sizes += [{"size": size, "layout": "webdataset shards (ours)", "KB/sample": shard_bytes / n / 1e3,
+                   "bytes vs float32": loose_bytes / shard_bytes},
+                  {"size": size, "layout": "loose files, float32 .npy buffers", "KB/sample": loose_bytes / n / 1e3,
+                   "bytes vs float32": 1.0},
+                  {"size": size, "layout": "original per-buffer PNGs (16-bit depth/canonical)",
+                   "KB/sample": png_bytes / n / 1e3, "bytes vs float32": loose_bytes / png_bytes}]
         loose_ds = LooseDataset(root, cfg)
-        loose_sps = throughput(DataLoader(loose_ds, batch_size=8, sampler=ResumableSampler(n, seed=0),
-                                          num_workers=a.workers, collate_fn=collate), a.passes)
-        rows.append({"size": size, "samples": n, "layout": "webdataset shards (ours)", "KB/sample": shard_bytes / n / 1e3,
-                     "samples/s": shard_sps, "vs loose speed": shard_sps / loose_sps,
-                     "bytes vs float32": loose_bytes / shard_bytes})
-        rows.append({"size": size, "samples": n, "layout": "loose files, float32 .npy buffers",
-                     "KB/sample": loose_bytes / n / 1e3, "samples/s": loose_sps, "vs loose speed": 1.0,
-                     "bytes vs float32": 1.0})
-        rows.append({"size": size, "samples": n, "layout": "original per-buffer PNGs (16-bit depth/canonical)",
-                     "KB/sample": png_bytes / n / 1e3, "bytes vs float32": loose_bytes / png_bytes})
-    report("shards", rows, {"workers": a.workers, "passes": a.passes})
+        loose_files = [f for d in loose_ds.dirs for f in d.iterdir()]
+        sampler = ResumableSampler(n, seed=0)
+        loaders = {
+            "ours": (make_loader(ds, sampler, cfg, drop_last=False), paths),
+            "loose, same threads": (ThreadedLoose(loose_ds, sampler, cfg, drop_last=False), loose_files),
+            "loose, DataLoader": (DataLoader(loose_ds, batch_size=8, sampler=sampler, num_workers=a.workers,
+                                             collate_fn=collate, persistent_workers=True), loose_files),
+        }
+        for cache in ("warm", "cold"):
+            got = {name: throughput(loader, a.passes, files if cache == "cold" else None)
+                   for name, (loader, files) in loaders.items()}
+            speeds.append({"size": size, "page cache": cache, **{f"{k} samples/s": v for k, v in got.items()},
+                           "ours vs loose DataLoader": got["ours"] / got["loose, DataLoader"],
+                           "ours vs loose same threads": got["ours"] / got["loose, same threads"]})
+    print("bytes per sample")
+    report("shards_bytes", sizes)
+    print(f"\nloader throughput ({a.workers} workers, batch 8, random crop + resize to the stored size)")
+    report("shards", speeds, {"workers": a.workers, "passes": a.passes, "bytes": sizes})
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def _load_npy(data: bytes) -> np.ndarray:
 
 
 def _load_npy_zst(data: bytes) -> np.ndarray:
-    return _load_npy(bytes(_ZSTD.decode(data)))
+    return _load_npy(_ZSTD.decode(data))  # np.load copies the (read-only) bytes: the arrays are writable
 
 
 @dataclass
@@ -129,29 +129,48 @@ def decode_raw(key: str, members: dict[str, bytes]) -> RawSample:
                      json.loads(members["json"]))
 
 
+def _as_unsigned(geom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor to compare with 0, tensor whose `copy_` into float gives the unsigned values).
+
+    16-bit input (uint16, or int16 holding the uint16 bit pattern) is compared as int16;
+    on CPU its bits are read as torch.uint16, which `copy_` converts in one pass (uint16
+    has few kernels, but copies); elsewhere it is widened to int32, which every backend has.
+    """
+    if geom.dtype not in (torch.int16, torch.uint16):
+        return geom, geom
+    bits = geom.view(torch.int16)
+    return bits, bits.view(torch.uint16) if geom.device.type == "cpu" else bits.to(torch.int32) & 0xFFFF
+
+
 def dequantize(geom: torch.Tensor, nrm: torch.Tensor, depth_range: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Batched inverse of the quantisation, in torch on any device.
 
     geom: (B, 6, H, W) uint16 values (any integer dtype; int16 is read as its uint16 bit
     pattern), nrm: (B, 3, H, W) uint8, depth_range: (B, 2). Returns float32 (mask
-    (B,1,H,W), depth (B,1,H,W), normals (B,3,H,W), canonical (B,5,H,W)), 0 outside the mask.
+    (B,1,H,W), depth (B,1,H,W), normals (B,3,H,W), canonical (B,5,H,W)), 0 outside the mask:
+    views of one (B, 10, H, W) tensor, filled in place (a few passes over memory instead
+    of a dozen temporaries: ~8x faster on CPU at 512^2).
     """
-    g = geom.to(torch.int32) & 0xFFFF
-    m = g[:, :1] > 0
+    b, _, h, w = geom.shape
+    out = torch.empty((b, 10, h, w), dtype=torch.float32, device=geom.device)
+    mask, depth, normals, canonical = out[:, 0:1], out[:, 1:2], out[:, 2:5], out[:, 5:10]
+    bits, g = _as_unsigned(geom)
+    mask.copy_(bits[:, :1] != 0)
     lo, hi = (depth_range[:, k].to(torch.float32).view(-1, 1, 1, 1) for k in (0, 1))
-    zero = torch.zeros((), device=g.device)
-    depth = torch.where(m, lo + (g[:, :1].to(torch.float32) - 1) / (U16 - 1) * (hi - lo), zero)
-    canonical = torch.where(m, g[:, 1:].to(torch.float32) / U16 * 2 - 1, zero)
-    n = nrm.to(torch.float32) / 255 * 2 - 1
-    # (n * n).sum rather than Tensor.norm(dim=1): the latter is ~20x slower on CPU over channels.
-    normals = torch.where(m, n * torch.rsqrt((n * n).sum(1, keepdim=True).clamp_min(1e-12)), zero)
-    return m.to(torch.float32), depth, normals, canonical
+    depth.copy_(g[:, :1]).sub_(1).mul_((hi - lo) / (U16 - 1)).add_(lo).mul_(mask)
+    canonical.copy_(g[:, 1:]).mul_(2 / U16).sub_(1).mul_(mask)
+    normals.copy_(nrm).mul_(2 / 255).sub_(1)
+    x, y, z = normals[:, 0:1], normals[:, 1:2], normals[:, 2:3]
+    # Explicit sum of squares: Tensor.norm(dim=1) over channels is ~20x slower on CPU.
+    inv = torch.addcmul(torch.addcmul(x * x, y, y), z, z).clamp_min_(1e-12).rsqrt_().mul_(mask)
+    normals.mul_(inv)
+    return mask, depth, normals, canonical
 
 
 def decode_sample(key: str, members: dict[str, bytes]) -> DecodedSample:
     """Inverse of `encode_sample` (up to quantisation), at full resolution."""
     raw = decode_raw(key, members)
-    geo = dequantize(torch.from_numpy(raw.geom.astype(np.int32))[None], torch.from_numpy(raw.nrm)[None],
+    geo = dequantize(torch.from_numpy(raw.geom.view(np.int16))[None], torch.from_numpy(raw.nrm)[None],
                      torch.tensor([raw.meta["depth_range"]]))
     mask, depth, normals, canonical = (t[0].numpy() for t in geo)
     return DecodedSample(key, raw.rgb.astype(np.float32) / 255, raw.alpha.astype(np.float32) / 255, mask, depth,

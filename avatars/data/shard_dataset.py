@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import os
 import tarfile
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from shards.codec import MEMBERS, DecodedSample, RawSample, decode_raw, decode_sample, dequantize
 from shards.contract import DataError
@@ -51,7 +54,7 @@ class LoaderConfig:
     min_crop: float = 0.7
     """Smallest crop side as a fraction of the image side (the paper's 0.7)."""
     num_workers: int = 2
-    """DataLoader worker processes."""
+    """Decoding threads (0: decode in the iterating thread)."""
     seed: int = 0
     """Seed of the shuffling permutation and the augmentation."""
     shuffle: bool = True
@@ -92,6 +95,7 @@ class ShardDataset(Dataset):
 
     def __init__(self, shards: list[Path], config: LoaderConfig):
         self._fds: dict[int, int] = {}
+        self._fd_lock = threading.Lock()
         if not shards:
             raise ValueError("no shards given")
         self.config = config
@@ -109,8 +113,11 @@ class ShardDataset(Dataset):
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         fd = self._fds.get(shard)
-        if fd is None:  # opened lazily per process: descriptors are not shared with workers
-            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        if fd is None:  # opened lazily, once per process (loader threads share it; pread has no file position)
+            with self._fd_lock:
+                fd = self._fds.get(shard)
+                if fd is None:
+                    fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
         data = os.pread(fd, size, offset)
         if len(data) != size:
             raise ShardError(self.shards[shard], f"truncated shard: short read at offset {offset}")
@@ -149,7 +156,12 @@ class ShardDataset(Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_fds"] = {}
+        del state["_fd_lock"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._fd_lock = threading.Lock()
 
 
 def hash_seed(*parts: int) -> int:
@@ -178,30 +190,50 @@ def _nearest_rows(start: int, length: int, out: int) -> np.ndarray:
     return start + np.minimum(idx, length - 1)
 
 
+def nearest_crop_index(box: tuple[int, int, int, int], width: int, out: int) -> np.ndarray:
+    """Flat pixel indices (out * out,) of a nearest-neighbour crop `box` (top, left, h, w) resized to out^2."""
+    top, left, ch, cw = box
+    return (_nearest_rows(top, ch, out)[:, None] * width + _nearest_rows(left, cw, out)[None, :]).ravel()
+
+
+def take_pixels(a: np.ndarray, index: np.ndarray, out: int) -> np.ndarray:
+    """(C, H, W) -> (C, out, out) by flat pixel index: one `np.take` per array, ~8x faster at
+    512^2 than indexing rows and then columns."""
+    return np.take(a.reshape(a.shape[0], -1), index, axis=1).reshape(a.shape[0], out, out)
+
+
+def resize_smooth(image: torch.Tensor, box: tuple[int, int, int, int], out: int) -> torch.Tensor:
+    """Crop `box` of a (C, H, W) uint8 image and resize it bilinearly (antialiased when shrinking) to out^2.
+
+    Runs on the 8-bit values (torch's uint8 kernels round to the nearest step), ~3x
+    faster than through float; an image stored channel-last (a permuted view) takes
+    torch's vectorised channels-last path. Returns a contiguous (C, out, out) tensor."""
+    top, left, ch, cw = box
+    crop = image[:, top : top + ch, left : left + cw]
+    if (ch, cw) != (out, out):
+        crop = F.interpolate(crop[None], size=(out, out), mode="bilinear", align_corners=False,
+                             antialias=ch > out or cw > out)[0]
+    return crop.contiguous()
+
+
 def to_compact_sample(s: RawSample, config: LoaderConfig, gen: torch.Generator) -> dict:
     """Crop + resize one stored sample, keeping the compact integer types.
 
     Geometry is resized by nearest-neighbour indexing on the quantised integers (a
-    canonical coordinate is never blended with the background); image + alpha are
-    resized bilinearly (antialiased when shrinking) and rounded back to 8 bits, as
-    they were stored. Workers ship these ~19 bytes/pixel instead of 52 as float32;
-    `expand_batch` dequantises a whole batch at once, on any device.
+    canonical coordinate is never blended with the background); the image and alpha
+    are resized bilinearly (antialiased when shrinking) on their 8 bits. A sample is
+    19 bytes/pixel instead of 52 as float32; `expand_batch` dequantises a whole batch
+    at once, on any device.
     """
     h, w = s.geom.shape[-2:]
-    top, left, ch, cw = crop_box(h, w, config, gen)
+    box = crop_box(h, w, config, gen)
     r = config.resolution
-    rows, cols = _nearest_rows(top, ch, r), _nearest_rows(left, cw, r)
-    rgba = np.concatenate([s.rgb, s.alpha])[:, top : top + ch, left : left + cw]
-    rgba = torch.from_numpy(np.ascontiguousarray(rgba))
-    if (ch, cw) != (r, r):
-        smooth = F.interpolate(rgba[None].float(), size=(r, r), mode="bilinear", align_corners=False,
-                               antialias=ch > r or cw > r)[0]
-        rgba = smooth.round_().clamp_(0, 255).to(torch.uint8)
+    index = nearest_crop_index(box, w, r)
     return {
-        "rgba": rgba,
-        # Rows, then columns: two basic gathers are ~3x faster than one 2-D fancy index.
-        "geom": torch.from_numpy(np.ascontiguousarray(s.geom[:, rows][:, :, cols]).view(np.int16)),
-        "nrm": torch.from_numpy(np.ascontiguousarray(s.nrm[:, rows][:, :, cols])),
+        "rgb": resize_smooth(torch.from_numpy(s.rgb), box, r),
+        "alpha": resize_smooth(torch.from_numpy(s.alpha), box, r),
+        "geom": torch.from_numpy(take_pixels(s.geom, index, r).view(np.int16)),
+        "nrm": torch.from_numpy(take_pixels(s.nrm, index, r)),
         "depth_range": torch.tensor(s.meta["depth_range"], dtype=torch.float32),
         "expression": torch.from_numpy(np.asarray(s.expression, np.float32).copy()),
         "__key__": s.key,
@@ -212,9 +244,10 @@ def expand_batch(compact: dict, device: torch.device | str | None = None) -> dic
     """A collated compact batch -> the training batch contract (float32, on `device`)."""
     c = {k: (v.to(device) if device is not None and torch.is_tensor(v) else v) for k, v in compact.items()}
     mask, depth, normals, canonical = dequantize(c["geom"], c["nrm"], c["depth_range"])
-    rgba = c["rgba"].to(torch.float32) / 255
-    return {"image": rgba[:, :3] * 2 - 1, "alpha": rgba[:, 3:4], "mask": mask, "depth": depth, "normals": normals,
-            "canonical": canonical, "expression": c["expression"], "__key__": c["__key__"]}
+    image = torch.empty(c["rgb"].shape, dtype=torch.float32, device=c["rgb"].device).copy_(c["rgb"])
+    alpha = torch.empty(c["alpha"].shape, dtype=torch.float32, device=c["alpha"].device).copy_(c["alpha"])
+    return {"image": image.mul_(2 / 255).sub_(1), "alpha": alpha.mul_(1 / 255), "mask": mask, "depth": depth,
+            "normals": normals, "canonical": canonical, "expression": c["expression"], "__key__": c["__key__"]}
 
 
 class ResumableSampler(Sampler[int]):
@@ -257,42 +290,61 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-class _CompactView(Dataset):
-    """The dataset as compact samples (what DataLoader workers produce and ship)."""
-
-    def __init__(self, dataset: ShardDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.dataset.compact(i)
-
-
 class ShardLoader:
-    """Iterates training batches (the contract) in `sampler` order.
+    """Iterates training batches (the contract) in `sampler` order, decoded by a pool of threads.
 
-    Workers decode, crop and collate compact batches; each batch is dequantised once
-    here (`device`: where to do it, e.g. the training GPU, so the host-to-device copy
-    is compact too).
+    Threads, not processes: every heavy step (zstd, `np.take`, torch resizes and the
+    dequantisation) releases the GIL, so threads decode in parallel, while shipping a
+    batch out of a worker process (pickling into new shared memory, faulting it in on
+    both sides) cost more than decoding it (`benchmarks/bench_shards.py`). Each thread
+    builds whole batches; at most `2 * num_workers` are decoded ahead. A batch is
+    dequantised in its thread, or, with a non-CPU `device`, here on that device so the
+    host-to-device copy stays compact (19 bytes/pixel instead of 52).
     """
 
-    def __init__(self, loader: DataLoader, device: torch.device | str | None = None):
-        self.loader, self.device = loader, device
+    def __init__(self, dataset: ShardDataset, sampler: Sampler[int], config: LoaderConfig, drop_last: bool = True,
+                 device: torch.device | str | None = None):
+        self.dataset, self.sampler, self.config, self.drop_last = dataset, sampler, config, drop_last
+        self.device = None if device is None else torch.device(device)
+        self._expand_here = self.device is not None and self.device.type != "cpu"
 
     def __len__(self) -> int:
-        return len(self.loader)
+        n, b = len(self.sampler), self.config.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def _batches(self) -> list[list[int]]:
+        order, b = list(self.sampler), self.config.batch_size
+        batches = [order[i : i + b] for i in range(0, len(order), b)]
+        if self.drop_last and batches and len(batches[-1]) < b:
+            batches.pop()
+        return batches
+
+    def _build(self, indices: list[int]) -> dict:
+        compact = collate([self.dataset.compact(i) for i in indices])
+        return compact if self._expand_here else expand_batch(compact)
 
     def __iter__(self) -> Iterator[dict]:
-        for compact in self.loader:
-            yield expand_batch(compact, self.device)
+        batches = self._batches()
+        finish = (lambda c: expand_batch(c, self.device)) if self._expand_here else (lambda c: c)
+        if self.config.num_workers == 0:
+            for indices in batches:
+                yield finish(self._build(indices))
+            return
+        pool = ThreadPoolExecutor(self.config.num_workers, thread_name_prefix="shard-loader",
+                                  initializer=torch.set_num_threads, initargs=(1,))
+        try:
+            ahead: deque[Future] = deque()
+            for indices in batches:
+                ahead.append(pool.submit(self._build, indices))
+                if len(ahead) > 2 * self.config.num_workers:
+                    yield finish(ahead.popleft().result())
+            while ahead:
+                yield finish(ahead.popleft().result())
+        finally:  # also when the consumer stops early: drop the batches not started yet
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def make_loader(dataset: ShardDataset, sampler: ResumableSampler, config: LoaderConfig, drop_last: bool = True,
                 device: torch.device | str | None = None) -> ShardLoader:
-    """Batches of `dataset` in `sampler` order; workers only decode, order is the sampler's."""
-    loader = DataLoader(_CompactView(dataset), batch_size=config.batch_size, sampler=sampler,
-                        num_workers=config.num_workers, collate_fn=collate, drop_last=drop_last,
-                        persistent_workers=False, prefetch_factor=4 if config.num_workers > 0 else None)
-    return ShardLoader(loader, device)
+    """Batches of `dataset` in `sampler` order (`ShardLoader`)."""
+    return ShardLoader(dataset, sampler, config, drop_last, device)

@@ -126,3 +126,52 @@ def test_corrupt_payload_is_named(loader_shards, tmp_path):
         f.write(b"\xff" * min(size, 64))
     with pytest.raises(ShardError, match=f"{paths[shard]}.*corrupt sample {key}"):
         ds[0]
+
+
+def test_dequantize_matches_the_reference_formula_for_every_input_type():
+    from shards.codec import U16, dequantize
+
+    gen = torch.Generator().manual_seed(0)
+    geom = torch.randint(0, U16 + 1, (2, 6, 5, 7), generator=gen, dtype=torch.int32)
+    geom[:, :, 0, 0] = 0  # no surface
+    geom[0, 1:, 1, 1] = U16  # the top of the 16-bit range (negative as int16)
+    nrm = torch.randint(0, 256, (2, 3, 5, 7), generator=gen, dtype=torch.uint8)
+    depth_range = torch.tensor([[1.0, 3.0], [0.5, 0.75]])
+    m = (geom[:, :1] > 0).float()
+    lo, hi = depth_range[:, :1, None, None], depth_range[:, 1:, None, None]
+    n = nrm.double() / 255 * 2 - 1
+    want = (m, (lo + (geom[:, :1] - 1) / (U16 - 1) * (hi - lo)) * m, n / n.norm(dim=1, keepdim=True) * m,
+            (geom[:, 1:] / U16 * 2 - 1) * m)
+    # int32 (the path of GPUs and other backends) and the int16 bit pattern (CPU's one-pass uint16 copy).
+    for g in (geom, geom.to(torch.int16), geom.to(torch.int16).view(torch.uint16)):
+        got = dequantize(g, nrm, depth_range)
+        for a, b, name in zip(got, want, ("mask", "depth", "normals", "canonical")):
+            assert a.dtype == torch.float32 and a.shape == b.shape, name
+            torch.testing.assert_close(a.double(), b.double(), atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_threaded_loader_counts_batches_and_stops_early(loader_shards):
+    import threading
+
+    ds = _dataset(loader_shards)
+    cfg = replace(CFG, num_workers=2)
+    full = make_loader(ds, ResumableSampler(len(ds), seed=0), cfg, drop_last=False)
+    assert len(full) == -(-len(ds) // cfg.batch_size) and len(list(full)) == len(full)
+    dropped = make_loader(ds, ResumableSampler(len(ds), seed=0), cfg, drop_last=True)
+    assert len(dropped) == len(ds) // cfg.batch_size == len(list(dropped))
+    it = iter(full)
+    next(it)
+    it.close()  # the consumer stops mid-epoch: no decoding thread is left behind
+    assert not [t for t in threading.enumerate() if t.name.startswith("shard-loader")]
+
+
+def test_error_in_a_loader_thread_names_the_shard(loader_shards, tmp_path):
+    paths = _copy_shards(loader_shards, tmp_path)
+    ds = ShardDataset(paths, replace(CFG, num_workers=2))
+    shard, key, exts = ds.index[-1]
+    off, size = exts["nrm.npy.zst"]
+    with open(paths[shard], "r+b") as f:
+        f.seek(off)
+        f.write(b"\x00" * min(size, 64))
+    with pytest.raises(ShardError, match=f"{paths[shard]}.*corrupt sample {key}"):
+        list(make_loader(ds, ResumableSampler(len(ds), seed=0), ds.config, drop_last=False))
