@@ -39,8 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import report  # noqa: E402
 
-from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, collate, make_loader  # noqa: E402
-from avatars.data.shard_dataset import ShardLoader  # noqa: E402
+from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, ShardLoader, collate, make_loader  # noqa: E402
 from avatars.data.shard_dataset import crop_box, hash_seed, nearest_crop_index, resize_smooth, take_pixels  # noqa: E402
 from shards.ingest import IngestConfig, ingest_person  # noqa: E402
 from shards.synthetic import SyntheticConfig, generate  # noqa: E402
