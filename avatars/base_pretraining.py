@@ -98,7 +98,7 @@ class BasePretrainConfig:
     seed: int = 0
     """Seed of the initialisation, the data order / augmentation, the noise and the empty-prompt embedding."""
     num_workers: int = 1
-    """DataLoader worker processes (do not change the result)."""
+    """Data-loader decoding threads (do not change the result)."""
     log_every: int = 100
     """Print the running losses every this many steps (0: never)."""
     force: bool = False
@@ -247,6 +247,26 @@ def _optimizer_step(loss: torch.Tensor, module: torch.nn.Module, opt, sched, gra
     sched.step()
 
 
+class _LossLog:
+    """A stage's loss: the first value, the mean of the last 50 (its summary), logged every `log_every` steps."""
+
+    def __init__(self, stage: str, name: str, steps: int, log_every: int):
+        self.stage, self.name, self.steps, self.log_every = stage, name, steps, log_every
+        self.first = float("nan")
+        self.recent: list[float] = []
+
+    def add(self, step: int, value: float) -> None:
+        if step == 0:
+            self.first = value
+        self.recent = (self.recent + [value])[-50:]
+        if self.log_every and (step + 1) % self.log_every == 0:
+            _log(f"{self.stage} step {step + 1}/{self.steps} {self.name} {self.mean:.4f}")
+
+    @property
+    def mean(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
+
+
 def train_vae(config: BasePretrainConfig, model_config: DiffusionAvatarsConfig, batches: Iterator[torch.Tensor]):
     """Stage 1: returns (vae in eval mode, final reconstruction loss (mean of the last 50 steps), first loss)."""
     torch.manual_seed(config.seed)
@@ -255,18 +275,13 @@ def train_vae(config: BasePretrainConfig, model_config: DiffusionAvatarsConfig, 
     opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.vae_steps, config.warmup_steps))
     gen = torch.Generator().manual_seed(config.seed + 1)
-    recent: list[float] = []
-    first = float("nan")
+    losses = _LossLog("vae", "recon", config.vae_steps, config.log_every)
     for step in range(config.vae_steps):
         loss, rec = vae_loss(vae, next(batches), config.kl_weight, gen)
         _optimizer_step(loss, vae, opt, sched, config.grad_clip)
-        if step == 0:
-            first = rec.item()
-        recent = (recent + [rec.item()])[-50:]
-        if config.log_every and (step + 1) % config.log_every == 0:
-            _log(f"vae step {step + 1}/{config.vae_steps} recon {sum(recent) / len(recent):.4f}")
+        losses.add(step, rec.item())
     vae.eval().requires_grad_(False)
-    return vae, (sum(recent) / len(recent) if recent else float("nan")), first
+    return vae, losses.mean, losses.first
 
 
 @torch.no_grad()
@@ -299,8 +314,7 @@ def train_unet(config: BasePretrainConfig, model_config: DiffusionAvatarsConfig,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.unet_steps, config.warmup_steps))
     gen = torch.Generator().manual_seed(config.seed + 3)
     n = latent_mean.shape[0]
-    recent: list[float] = []
-    first = float("nan")
+    losses = _LossLog("unet", "v-loss", config.unet_steps, config.log_every)
     for step in range(config.unet_steps):
         idx = torch.randint(0, n, (config.unet_batch_size,), generator=gen)
         mean, std = latent_mean[idx], latent_std_[idx]
@@ -312,13 +326,9 @@ def train_unet(config: BasePretrainConfig, model_config: DiffusionAvatarsConfig,
         pred = unet(noisy, t, encoder_hidden_states=context.expand(latents.shape[0], -1, -1)).sample
         loss = F.mse_loss(pred, target)
         _optimizer_step(loss, unet, opt, sched, config.grad_clip)
-        if step == 0:
-            first = loss.item()
-        recent = (recent + [loss.item()])[-50:]
-        if config.log_every and (step + 1) % config.log_every == 0:
-            _log(f"unet step {step + 1}/{config.unet_steps} v-loss {sum(recent) / len(recent):.4f}")
+        losses.add(step, loss.item())
     unet.eval().requires_grad_(False)
-    return unet, (sum(recent) / len(recent) if recent else float("nan")), first
+    return unet, losses.mean, losses.first
 
 
 # ---- output ----------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ class ShardConfig:
     """How samples are rendered into shards."""
 
     samples_per_shard: int = 64
-    """Samples per tar file; use at least as many shards per split as loader workers."""
+    """Samples per tar file (the loader reads by index, so shard size does not limit its parallelism;
+    smaller shards let an interrupted preprocess resume at a finer grain)."""
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     """RGB in [0, 1] the target images are matted onto (with the capture's alpha map)."""
     image_width: int | None = None

@@ -136,7 +136,7 @@ class ShardDataset(Dataset):
         return self._decode(i, decode_sample)
 
     def compact(self, i: int) -> dict:
-        """Sample `i` cropped and resized but still quantised (what loader workers ship)."""
+        """Sample `i` cropped and resized but still quantised (what loader threads batch)."""
         s = self._decode(i, decode_raw)
         gen = torch.Generator().manual_seed(hash_seed(self.config.seed, self.epoch, i))
         return to_compact_sample(s, self.config, gen)
@@ -244,8 +244,7 @@ def expand_batch(compact: dict, device: torch.device | str | None = None) -> dic
     """A collated compact batch -> the training batch contract (float32, on `device`)."""
     c = {k: (v.to(device) if device is not None and torch.is_tensor(v) else v) for k, v in compact.items()}
     mask, depth, normals, canonical = dequantize(c["geom"], c["nrm"], c["depth_range"])
-    image = torch.empty(c["rgb"].shape, dtype=torch.float32, device=c["rgb"].device).copy_(c["rgb"])
-    alpha = torch.empty(c["alpha"].shape, dtype=torch.float32, device=c["alpha"].device).copy_(c["alpha"])
+    image, alpha = c["rgb"].to(torch.float32), c["alpha"].to(torch.float32)
     return {"image": image.mul_(2 / 255).sub_(1), "alpha": alpha.mul_(1 / 255), "mask": mask, "depth": depth,
             "normals": normals, "canonical": canonical, "expression": c["expression"], "__key__": c["__key__"]}
 

@@ -49,7 +49,7 @@ class TrainOptions:
     val_inference_steps: int = 20
     """Sampling steps of the validation renders (DDPM, the paper's 20)."""
     num_workers: int = 2
-    """Data-loader worker processes."""
+    """Data-loader decoding threads (0: decode in the training loop)."""
     seed: int = 0
     """Seed of data order, augmentation, diffusion noise and model initialisation."""
     log_every: int = 10
