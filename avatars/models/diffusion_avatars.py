@@ -251,26 +251,37 @@ class DiffusionAvatarsModel(nn.Module):
         return self.expression_layers.conditioned(self.expression_tokens(expression))
 
     def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Network output for noisy ``latents`` (call inside :meth:`expression_context`)."""
+        """Network output for noisy ``latents`` (call inside :meth:`expression_context`).
+
+        Each network runs in the dtype of its own weights (inputs are cast to it), so a model whose
+        parts DeepSpeed or a renderer cast to bf16 works with float32 inputs, with or without
+        autocast. The output is in the UNet's dtype."""
         batch = latents.shape[0]
-        context = self.empty_prompt_embedding.to(latents.dtype).expand(batch, -1, -1)
         expected = (latents.shape[2] * self.latent_factor, latents.shape[3] * self.latent_factor)
         if tuple(cond.shape[2:]) != expected:
             raise ValueError(f"conditioning is {tuple(cond.shape[2:])}, expected {expected} for latents {tuple(latents.shape)}")
+        unet_dtype = _dtype_of(self.unet)
         if self.controlnet is not None:
+            dtype = _dtype_of(self.controlnet)
+            context = self.empty_prompt_embedding.to(dtype).expand(batch, -1, -1)
             down, mid = self.controlnet(
-                latents, timesteps, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False
+                latents.to(dtype), timesteps, encoder_hidden_states=context, controlnet_cond=cond.to(dtype),
+                return_dict=False,
             )
+            if dtype != unet_dtype:
+                down, mid = [d.to(unet_dtype) for d in down], mid.to(unet_dtype)
             return self.unet(
-                latents,
+                latents.to(unet_dtype),
                 timesteps,
-                encoder_hidden_states=context,
+                encoder_hidden_states=self.empty_prompt_embedding.to(unet_dtype).expand(batch, -1, -1),
                 down_block_additional_residuals=down,
                 mid_block_additional_residual=mid,
                 return_dict=False,
             )[0]
-        embedded = self.cond_embedding(cond)
-        return self.unet(torch.cat([latents, embedded], dim=1), timesteps, encoder_hidden_states=context, return_dict=False)[0]
+        embedded = self.cond_embedding(cond.to(_dtype_of(self.cond_embedding)))
+        context = self.empty_prompt_embedding.to(unet_dtype).expand(batch, -1, -1)
+        sample = torch.cat([latents.to(unet_dtype), embedded.to(unet_dtype)], dim=1)
+        return self.unet(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
 
     def single_pass_timestep(self) -> int:
         """Timestep used by the "w/o diffusion" ablation (the last, pure-noise one)."""
@@ -278,14 +289,18 @@ class DiffusionAvatarsModel(nn.Module):
 
     @torch.no_grad()
     def encode_images(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled VAE latents (a posterior sample)."""
-        dist = self.vae.encode(image).latent_dist
-        return (dist.mean + dist.std * _randn(dist.mean.shape, generator, dist.mean)) * self.vae.config.scaling_factor
+        """Images in [-1, 1] -> scaled VAE latents (a posterior sample), float32.
+
+        The VAE runs in the dtype of its weights (bf16 when DeepSpeed or a renderer cast it)."""
+        dist = self.vae.encode(image.to(_dtype_of(self.vae))).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        return (mean + std * _randn(mean.shape, generator, mean)) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [0, 1]."""
-        image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        """Scaled latents -> images in [0, 1], float32 (the VAE runs in its own dtype)."""
+        scaled = latents.float() / self.vae.config.scaling_factor
+        image = self.vae.decode(scaled.to(_dtype_of(self.vae))).sample
         return ((image.float() + 1) / 2).clamp(0, 1)
 
     def training_loss(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -367,6 +382,14 @@ class DiffusionAvatarsModel(nn.Module):
             raise FileNotFoundError(f"{weights} not found")
         model.load_trainable_state_dict(load_file(str(weights)), source=str(weights))
         return model
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    """dtype of a module's (first) floating-point parameter."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 class _nullcontext:

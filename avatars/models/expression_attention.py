@@ -45,7 +45,8 @@ class ExpressionTokens(nn.Module):
             raise ValueError(
                 f"expression code must be (B, {self.proj.in_features}), got {tuple(expression.shape)}"
             )
-        return self.proj(expression).view(expression.shape[0], self.num_tokens, self.width)
+        tokens = self.proj(expression.to(self.proj.weight.dtype))
+        return tokens.view(expression.shape[0], self.num_tokens, self.width)
 
 
 class ExpressionAttentionLayers(nn.Module):
@@ -128,4 +129,6 @@ class _ExpressionHook:
         batch = hidden.shape[0]
         if tokens.shape[0] != batch:  # e.g. a doubled batch; repeat the tokens
             tokens = tokens.repeat_interleave(batch // tokens.shape[0], dim=0)
-        return output + self.layer(hidden, encoder_hidden_states=tokens.to(hidden.dtype))
+        dtype = self.layer.to_q.weight.dtype  # the layer may be kept in another dtype than the UNet
+        extra = self.layer(hidden.to(dtype), encoder_hidden_states=tokens.to(dtype))
+        return output + extra.to(output.dtype)

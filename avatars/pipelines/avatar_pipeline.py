@@ -4,7 +4,8 @@ For temporal consistency every frame of a video uses the same initial latent noi
 (:meth:`AvatarPipeline.fixed_noise`) and, unless a generator is passed, the same per-step noise
 of the stochastic DDPM sampler: one CPU generator seeded with ``seed`` per frame, created anew on
 every call, so a frame renders identically whatever its batch or position in the batch. On CUDA the networks run under
-bf16 autocast; the VAE decode and the scheduler run in float32.
+bf16 autocast; every network and the VAE run in the dtype of their own weights (a bf16 model renders
+without autocast too), the scheduler in float32.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class AvatarPipeline:
                     latents = model.denoise(torch.zeros((size, *shape), device=device, dtype=cond.dtype), steps, cond)
                 else:
                     latents = self._sample(cond, size, shape, num_inference_steps, sampler, noise, generator, seed)
-        return model.decode_latents(latents.float())
+        return model.decode_latents(latents)
 
     def _sample(self, cond, size, shape, num_inference_steps, sampler, noise, generator, seed):
         model, device = self.model, self.device
