@@ -55,6 +55,10 @@ class UNetConfig:
     use_linear_projection: bool = True
     #: Group-norm groups.
     norm_num_groups: int = 32
+    #: Compute attention scores in float32 under half precision (SD2.1's UNet config sets it:
+    #: without it, fp16 attention overflows in the 768-pixel v-model). Numerically a no-op in
+    #: float32. The ControlNet and the expression layers inherit it from the UNet.
+    upcast_attention: bool = True
 
 
 @dataclass
@@ -225,6 +229,7 @@ def tiny_config(expression_dim: int = 16, **overrides: Any) -> DiffusionAvatarsC
             cross_attention_dim=32,
             use_linear_projection=True,
             norm_num_groups=8,
+            upcast_attention=False,
         ),
         vae=VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8),
         features=FeatureConfig(mapping="triplane", resolution=32, channels=4),

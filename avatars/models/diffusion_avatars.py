@@ -56,6 +56,7 @@ def build_unet(config: UNetConfig, in_channels: int, out_channels: int, sample_s
         cross_attention_dim=config.cross_attention_dim,
         use_linear_projection=config.use_linear_projection,
         norm_num_groups=config.norm_num_groups,
+        upcast_attention=config.upcast_attention,
     )
 
 
@@ -187,6 +188,8 @@ class DiffusionAvatarsModel(nn.Module):
             problems.append(f"VAE scaling_factor {vae.config.scaling_factor} != {c.vae.scaling_factor}")
         if tuple(unet.config.block_out_channels) != tuple(c.unet.block_out_channels):
             problems.append(f"UNet block_out_channels {unet.config.block_out_channels} != {c.unet.block_out_channels}")
+        if bool(unet.config.upcast_attention) != c.unet.upcast_attention:
+            problems.append(f"UNet upcast_attention {unet.config.upcast_attention} != {c.unet.upcast_attention}")
         if problems:
             raise ValueError(f"base model {self.base_model} does not match the config: " + "; ".join(problems))
 

@@ -71,3 +71,13 @@ def test_base_model_must_match_config(tmp_path):
     emb = torch.zeros(1, 77, 64)
     with pytest.raises(ValueError, match="cross_attention_dim"):
         DiffusionAvatarsModel(bad, base_model=tmp_path, empty_prompt_embedding=emb)
+
+
+def test_base_model_upcast_attention_must_match_config(tmp_path):
+    import dataclasses
+
+    _tiny_diffusers_dir(tmp_path, with_text_encoder=False)
+    config = tiny_config()
+    upcast = dataclasses.replace(config, unet=dataclasses.replace(config.unet, upcast_attention=True))
+    with pytest.raises(ValueError, match="upcast_attention"):
+        DiffusionAvatarsModel(upcast, base_model=tmp_path, empty_prompt_embedding=torch.zeros(1, 77, 32))

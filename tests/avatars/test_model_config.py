@@ -38,6 +38,27 @@ def test_sd21_layout_on_meta_device():
     assert not any(p.requires_grad for p in model.unet.parameters())
 
 
+#: The fields of Stable Diffusion 2.1's unet/config.json that shape the network.
+SD21_UNET_CONFIG = {
+    "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 1024,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "norm_eps": 1e-05,
+    "use_linear_projection": True, "upcast_attention": True, "flip_sin_to_cos": True, "freq_shift": 0,
+}
+
+
+def test_random_paper_unet_matches_the_sd21_config():
+    with torch.device("meta"):
+        model = DiffusionAvatarsModel(paper_config(), allow_random_base=True)
+    built = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.unet.config.items()}
+    assert {k: built[k] for k in SD21_UNET_CONFIG} == SD21_UNET_CONFIG
+    # the ControlNet and the expression layers inherit the float32 attention scores
+    assert model.controlnet.config.upcast_attention
+    assert all(layer.upcast_attention for layer in model.expression_layers.layers)
+    assert not tiny_config().unet.upcast_attention  # diffusers' default, what the tiny base is built with
+
+
 def test_paper_config_requires_base_model():
     with pytest.raises(ValueError, match="--base-model"):
         DiffusionAvatarsModel(paper_config())
