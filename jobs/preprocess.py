@@ -39,7 +39,10 @@ def store_paths(stores: Path, persons: str) -> list[Path]:
 
 def main(args: PreprocessArgs) -> ShardRunResult:
     res = write_shards(store_paths(args.stores, args.persons), args.out, args.shards, workers=args.workers)
-    print(f"shards: {len(res.written)} written, {len(res.skipped)} up to date, under {args.out}")
+    for name, reason in res.rebuilt.items():
+        print(f"{name}: rebuilt, the file on disk did not match the manifest: {reason}", file=sys.stderr)
+    print(f"shards: {len(res.written)} written ({len(res.rebuilt)} of them replacing damaged files), "
+          f"{len(res.skipped)} up to date (size and sha256 checked), under {args.out}")
     for person, error in res.failed.items():
         print(f"{person}: FAILED: {error}", file=sys.stderr)
     return res

@@ -13,7 +13,9 @@ Members of sample `<key>` (all little-endian):
 
 `.npy.zst` members are `.npy` files compressed with zstd (level 3): lossless,
 2-4x smaller than raw on these images, and decompressed at GB/s, where decoding a
-PNG of the same image costs ~10-30 ms at 512^2 and dominated loading.
+PNG of the same image costs ~10-30 ms at 512^2 and dominated loading. Each zstd
+frame carries its content checksum (xxhash64, checked on every decode), so a flipped
+byte in a compressed member fails loudly even where the shard's sha256 is not checked.
 
 Quantisation (like the original's 16-bit PNG buffers, but one array): depth 0
 means "no surface" (the rasterized mask), else 1 + round((z - lo) / (hi - lo) *
@@ -34,8 +36,11 @@ import torch
 from numcodecs import Zstd
 
 MEMBERS = ("rgb.npy.zst", "alpha.npy.zst", "geom.npy.zst", "nrm.npy.zst", "expr.npy", "json")
+#: Bumped whenever the bytes `encode_sample` writes change (part of the shard spec digest,
+#: so older shards are rebuilt). 2: zstd frames carry content checksums.
+CODEC_VERSION = 2
 U16 = 65535
-_ZSTD = Zstd(level=3)
+_ZSTD = Zstd(level=3, checksum=True)
 
 
 @dataclass

@@ -10,7 +10,8 @@ so keys and shard contents are reproducible; tar headers carry no timestamps or
 owners, so the same inputs give byte-identical shards. Each shard is written to a
 temporary file and renamed; the manifest is rewritten (atomically) after every
 finished shard, so an interrupted run resumes by skipping shards that the manifest
-lists with the same spec and whose file has the listed size.
+lists with the same spec and whose file has the listed size and sha256 (a shard
+whose bytes changed on disk is rebuilt, see `shards.integrity`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import os
 import tarfile
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,12 +31,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .codec import MEMBERS, encode_sample, normalise_canonical
+from .codec import CODEC_VERSION, MEMBERS, encode_sample, normalise_canonical
 from .contract import DataError, atomic_write_json
+from .integrity import MANIFEST, load_manifest, shard_problem
 from .raster import rasterize
 from .store import SPLITS, PersonStore, Sample
 
-MANIFEST = "manifest.json"
 SHARD_FMT = "{split}-{index:06d}.tar"
 
 
@@ -71,8 +72,8 @@ class ShardTask:
 
 
 def _spec_digest(store: PersonStore, config: ShardConfig, keys: list[str]) -> str:
-    h = hashlib.sha256(json.dumps({"fingerprint": store.attrs["fingerprint"], "config": asdict(config)},
-                                  sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"fingerprint": store.attrs["fingerprint"], "config": asdict(config),
+                                   "codec": CODEC_VERSION}, sort_keys=True).encode())
     h.update("\n".join(keys).encode())
     return h.hexdigest()
 
@@ -192,17 +193,19 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
             "first_key": keys[0], "last_key": keys[-1]}
 
 
-def _load_manifest(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+_NEW, _CHANGED = "not written yet", "inputs or settings changed"
 
 
-def _is_complete(task: ShardTask, manifest: dict) -> bool:
+def _stale_reason(task: ShardTask, manifest: dict) -> str | None:
+    """Why `task`'s shard must be (re)written: None when the manifest lists it with the same
+    spec and the file's size and sha256 match (the whole file is hashed: bit rot and
+    same-size corruption are caught, not just truncation)."""
     entry = manifest.get("shards", {}).get(task.name)
-    shard = Path(task.out_dir) / task.name
-    return bool(entry) and entry.get("spec") == task.spec and shard.is_file() and shard.stat().st_size == entry["bytes"]
+    if not entry:
+        return _NEW
+    if entry.get("spec") != task.spec:
+        return _CHANGED
+    return shard_problem(Path(task.out_dir) / task.name, entry)
 
 
 def _init_worker() -> None:
@@ -213,6 +216,7 @@ def _init_worker() -> None:
 class ShardRunResult:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    rebuilt: dict[str, str] = field(default_factory=dict)  # "<person>/<shard>" -> why the existing file was rejected
     failed: dict[str, str] = field(default_factory=dict)  # person -> error (its other shards may exist)
 
 
@@ -232,17 +236,26 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
             tasks_by_person[person] = plan_person(Path(sp), out_dir, config)
         except DataError as e:
             result.failed[person] = str(e)
-    manifests = {p: _load_manifest(out_dir / p / MANIFEST) for p in tasks_by_person}
+    manifests = {p: load_manifest(out_dir / p / MANIFEST) for p in tasks_by_person}
+    # Hash every listed shard (threads: hashlib releases the GIL) to decide what is up to date.
+    checks = [(person, t) for person, tasks in tasks_by_person.items() for t in tasks]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        stale = list(pool.map(lambda pt: _stale_reason(pt[1], manifests[pt[0]]), checks))
+    stale_by_task = {(p, t.name): r for (p, t), r in zip(checks, stale)}
     todo = []
     for person, tasks in tasks_by_person.items():
         wanted = {t.name for t in tasks}
-        shards = {k: v for k, v in manifests[person].get("shards", {}).items() if k in wanted}
+        shards = {k: v for k, v in manifests[person].get("shards", {}).items()
+                  if k in wanted and stale_by_task[(person, k)] is None}
         manifests[person] = {"person": person, "config": asdict(config), "shards": shards}
         for t in tasks:
-            if _is_complete(t, manifests[person]):
+            reason = stale_by_task[(person, t.name)]
+            if reason is None:
                 result.skipped.append(f"{person}/{t.name}")
-            else:
-                todo.append((person, t))
+                continue
+            if reason not in (_NEW, _CHANGED):  # the file on disk is damaged
+                result.rebuilt[f"{person}/{t.name}"] = reason
+            todo.append((person, t))
         # Shards left over from an earlier, larger plan would be read by a glob: remove them.
         pdir = out_dir / person
         if pdir.is_dir():
@@ -293,7 +306,7 @@ def _write_manifest(out_dir: Path, person: str, manifest: dict, tasks: list[Shar
 def shard_paths(shard_dir: Path, person: str, split: str) -> list[Path]:
     """The shards of one person and split listed by its manifest (error if incomplete)."""
     mpath = Path(shard_dir) / person / MANIFEST
-    manifest = _load_manifest(mpath)
+    manifest = load_manifest(mpath)
     if not manifest:
         raise DataError(mpath, "shard manifest is missing or unreadable; run jobs/preprocess.py")
     if not manifest.get("complete"):

@@ -9,7 +9,10 @@ then a sample is two or three `pread`s and a decode. That gives
   the training loop can resume at an exact sample position;
 * augmentation drawn from a generator seeded by (seed, epoch, index), so a
   sample's crop does not depend on which worker loads it, or on restarts;
-* corrupt / truncated shards detected when indexed, with an error naming the shard.
+* corrupt / truncated shards detected when opened, with an error naming the shard:
+  each shard is checked against the size and sha256 its folder's `manifest.json`
+  lists (`shards.integrity`), and every zstd member against its frame checksum when
+  decoded.
 
 Augmentation (the paper's): a random square-aspect crop covering a fraction in
 [min_crop, 1] of each side, resized to the training size; the image and alpha are
@@ -34,11 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from shards.codec import MEMBERS, DecodedSample, RawSample, decode_raw, decode_sample, dequantize
-from shards.contract import DataError
-
-
-class ShardError(DataError):
-    """A shard that cannot be read: truncated, corrupt or missing members."""
+from shards.integrity import ShardError, verify_against_manifests
 
 
 @dataclass
@@ -91,15 +90,21 @@ def _index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 
 
 class ShardDataset(Dataset):
-    """Random-access samples of a list of shards (each item one training sample dict)."""
+    """Random-access samples of a list of shards (each item one training sample dict).
 
-    def __init__(self, shards: list[Path], config: LoaderConfig):
+    Opening checks every shard whose folder has a `manifest.json` against the sha256
+    listed there (`verify=False` skips the hash, e.g. for a quick look at a huge set).
+    """
+
+    def __init__(self, shards: list[Path], config: LoaderConfig, verify: bool = True):
         self._fds: dict[int, int] = {}
         self._fd_lock = threading.Lock()
         if not shards:
             raise ValueError("no shards given")
         self.config = config
         self.shards = [Path(s) for s in shards]
+        if verify:
+            verify_against_manifests(self.shards, threads=max(2, config.num_workers))
         self.index: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
         for si, path in enumerate(self.shards):
             self.index.extend((si, key, exts) for key, exts in _index_shard(path))

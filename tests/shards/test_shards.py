@@ -121,3 +121,43 @@ def test_incomplete_manifest_is_refused(tiny_shards, tmp_path):
         shard_paths(tmp_path, "000", "train")
     with pytest.raises(DataError, match="manifest is missing"):
         shard_paths(tmp_path, "nobody", "train")
+
+
+def _flip_member_byte(shard: Path, suffix: str) -> None:
+    """Flip one byte in the middle of the first member ending in `suffix` (the file keeps its size)."""
+    with tarfile.open(shard) as tar:
+        m = next(m for m in tar.getmembers() if m.name.endswith(suffix))
+    with open(shard, "r+b") as f:
+        f.seek(m.offset_data + m.size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("member", ["rgb.npy.zst", "expr.npy"])
+def test_same_size_corruption_is_rebuilt(tiny_stores, tiny_shards, tmp_path, member):
+    """A shard whose bytes changed on disk (same size) is not 'up to date': preprocess rebuilds it."""
+    shutil.copytree(tiny_shards / "000", tmp_path / "000")
+    victim = tmp_path / "000" / "train-000001.tar"
+    size = victim.stat().st_size
+    _flip_member_byte(victim, member)
+    assert victim.stat().st_size == size and _digests(tmp_path / "000") != _digests(tiny_shards / "000")
+    res = write_shards([tiny_stores / "000.zarr"], tmp_path, TINY_SHARDS, progress=False)
+    assert res.written == ["000/train-000001.tar"]
+    assert "sha256" in res.rebuilt["000/train-000001.tar"]
+    assert _digests(tmp_path / "000") == _digests(tiny_shards / "000")
+
+
+def test_corrupt_shard_of_a_broken_store_leaves_the_manifest_incomplete(tiny_stores, tiny_shards, tmp_path):
+    """When the rebuild fails too, the person fails at the data stage and training refuses its shards."""
+    shutil.copytree(tiny_stores / "000.zarr", tmp_path / "zarr" / "000.zarr")
+    shutil.copytree(tiny_shards / "000", tmp_path / "shards" / "000")
+    _flip_member_byte(tmp_path / "shards" / "000" / "train-000000.tar", "geom.npy.zst")
+    meshes = tmp_path / "zarr" / "000.zarr" / "meshes"
+    for f in meshes.rglob("*"):
+        if f.is_file() and f.name != "zarr.json":
+            f.write_bytes(b"junk")
+    res = write_shards([tmp_path / "zarr" / "000.zarr"], tmp_path / "shards", TINY_SHARDS, progress=False)
+    assert "000" in res.failed and "000/train-000000.tar" in res.rebuilt
+    with pytest.raises(DataError, match="incomplete"):
+        shard_paths(tmp_path / "shards", "000", "train")

@@ -175,3 +175,36 @@ def test_error_in_a_loader_thread_names_the_shard(loader_shards, tmp_path):
         f.write(b"\x00" * min(size, 64))
     with pytest.raises(ShardError, match=f"{paths[shard]}.*corrupt sample {key}"):
         list(make_loader(ds, ResumableSampler(len(ds), seed=0), ds.config, drop_last=False))
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("member", ["expr.npy", "json", "geom.npy.zst"])
+def test_same_size_corruption_fails_when_the_shard_is_opened(loader_shards, tmp_path, member):
+    """One flipped byte anywhere (even in the uncompressed expression code) is caught by the
+    manifest's sha256 before anything is trained on, naming the shard."""
+    shutil.copytree(loader_shards / "000", tmp_path / "000")
+    paths = shard_paths(tmp_path, "000", "train")
+    ShardDataset(paths, CFG)  # intact: opens
+    _, _, exts = ShardDataset(paths, CFG, verify=False).index[0]
+    off, size = exts[member]
+    _flip_byte(paths[0], off + size // 2)
+    with pytest.raises(ShardError, match=f"{paths[0]}.*sha256.*preprocess"):
+        ShardDataset(paths, CFG)
+
+
+def test_zstd_checksums_catch_a_flipped_bit_without_a_manifest(loader_shards, tmp_path):
+    """Shards copied out of their folder (no manifest) still fail loudly on a flipped bit."""
+    paths = _copy_shards(loader_shards, tmp_path)
+    ds = ShardDataset(paths, CFG)
+    shard, key, exts = ds.index[0]
+    off, size = exts["rgb.npy.zst"]
+    _flip_byte(paths[shard], off + size // 2)
+    with pytest.raises(ShardError, match=f"corrupt sample {key}.*checksum"):
+        ds[0]
