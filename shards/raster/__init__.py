@@ -32,9 +32,9 @@ from ..contract import Camera
 from .buffers import RasterBuffers
 from .common import NEAR, vertex_normals
 from .cpu import rasterize_cpu
-from .nvdiff import rasterize_nvdiffrast
+from .nvdiff import nvdiffrast_torch, rasterize_nvdiffrast
 
-__all__ = ["NEAR", "RasterBuffers", "available_backends", "rasterize", "vertex_normals"]
+__all__ = ["NEAR", "RasterBuffers", "available_backends", "check_face_indices", "rasterize", "vertex_normals"]
 
 BACKENDS = ("auto", "cpu", "nvdiffrast")
 
@@ -44,8 +44,8 @@ def available_backends() -> list[str]:
     out = ["cpu"]
     if torch.cuda.is_available():
         try:
-            import nvdiffrast.torch  # noqa: F401
-        except ImportError:
+            nvdiffrast_torch()  # imports the package and builds / loads its CUDA plugin
+        except (ImportError, RuntimeError, OSError):
             return out
         out.append("nvdiffrast")
     return out
@@ -67,12 +67,24 @@ def rasterize(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera,
     return rasterize_cpu(vertices, faces, camera, attributes)
 
 
+def check_face_indices(faces: torch.Tensor, num_vertices: int) -> None:
+    """Face indices must lie in [0, num_vertices). On the CPU a ValueError; on a GPU an
+    asynchronous device assert with the same message (a host check would wait for the GPU)."""
+    if len(faces) == 0:
+        return
+    message = f"face indices must lie in [0, {num_vertices})"
+    if faces.device.type == "cpu":
+        if int(faces.min()) < 0 or int(faces.max()) >= num_vertices:
+            raise ValueError(message)
+        return
+    torch._assert_async(((faces >= 0) & (faces < num_vertices)).all(), message)
+
+
 def _check_inputs(vertices: torch.Tensor, faces: torch.Tensor, attributes: torch.Tensor | None) -> None:
     if vertices.ndim != 2 or vertices.shape[1] != 3 or not vertices.is_floating_point():
         raise ValueError(f"vertices must be a float (V, 3) tensor, got {tuple(vertices.shape)} {vertices.dtype}")
     if faces.ndim != 2 or faces.shape[1] != 3 or faces.is_floating_point():
         raise ValueError(f"faces must be an integer (F, 3) tensor, got {tuple(faces.shape)} {faces.dtype}")
-    if len(faces) and (int(faces.min()) < 0 or int(faces.max()) >= len(vertices)):
-        raise ValueError(f"face indices must lie in [0, {len(vertices)})")
+    check_face_indices(faces, len(vertices))
     if attributes is not None and (attributes.ndim != 2 or attributes.shape[0] != len(vertices)):
         raise ValueError(f"attributes must have shape ({len(vertices)}, C), got {tuple(attributes.shape)}")

@@ -12,12 +12,23 @@ NEAR = 0.01
 
 
 def camera_tensors(camera: Camera, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(K, R, t) as float64 tensors; K's last row must be (0, 0, 1) so that w == camera z."""
-    K = torch.as_tensor(camera.K, dtype=torch.float64, device=device)
-    if not torch.equal(K[2], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=device)):
+    """(K, R, t) as float64 tensors; K's last row must be (0, 0, 1) so that w == camera z.
+
+    Checked on the host arrays; on CUDA the matrices travel through pinned memory without
+    blocking, so nothing waits for the GPU."""
+    if not np.array_equal(camera.K[2], [0.0, 0.0, 1.0]):
         raise ValueError(f"camera {camera.serial}: intrinsics must have last row (0, 0, 1), got {camera.K[2].tolist()}")
-    w2c = torch.as_tensor(camera.world_to_cam, dtype=torch.float64, device=device)
+    K = host_to_device(camera.K, device)
+    w2c = host_to_device(camera.world_to_cam, device)
     return K, w2c[:3, :3], w2c[:3, 3]
+
+
+def host_to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A float64 copy of a small host array on `device` (CUDA: pinned, non-blocking)."""
+    host = torch.as_tensor(np.ascontiguousarray(array, dtype=np.float64))
+    if torch.device(device).type != "cuda":
+        return host.clone().to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -51,17 +62,23 @@ def unit_planar(n: torch.Tensor) -> torch.Tensor:
     return n.div_(torch.where(length > 0, length, torch.ones_like(length)))
 
 
-def normals_to_camera(normals_world: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """Rotate (3, V) world normals into the camera frame (inverse transpose, so a scaled
-    R also works); returns unit (3, V) normals."""
-    M = torch.linalg.inv(R).T.to(normals_world.dtype)
+def normals_to_camera(normals_world: torch.Tensor, camera: Camera) -> torch.Tensor:
+    """Rotate (3, V) world normals into the camera frame (inverse transpose, computed on the
+    host, so a scaled rotation also works and nothing waits for a GPU); returns unit (3, V) normals."""
+    R = camera.world_to_cam[:3, :3]
+    M = host_to_device(np.linalg.inv(R).T, normals_world.device).to(normals_world.dtype)
     return unit_planar(M @ normals_world)
+
+
+def visible_face_mask(cam_z: torch.Tensor, faces: torch.Tensor, near: float = NEAR) -> torch.Tensor:
+    """(F,) bool: the face's three vertices all lie at camera z >= near."""
+    corner_ok = (cam_z >= near).index_select(0, faces.reshape(-1).long()).view(-1, 3)
+    return corner_ok[:, 0] & corner_ok[:, 1] & corner_ok[:, 2]
 
 
 def visible_faces(cam_z: torch.Tensor, faces: torch.Tensor, near: float = NEAR) -> torch.Tensor:
     """Indices of faces whose three vertices all lie at camera z >= near."""
-    corner_ok = (cam_z >= near).index_select(0, faces.reshape(-1).long()).view(-1, 3)
-    return flat_nonzero(corner_ok[:, 0] & corner_ok[:, 1] & corner_ok[:, 2])
+    return flat_nonzero(visible_face_mask(cam_z, faces, near))
 
 
 def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:

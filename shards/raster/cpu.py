@@ -111,7 +111,7 @@ def rasterize_cpu(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera,
     pix, winner = _resolve(zbuf, H, W, row_stride)
 
     world_n = vertex_normals_planar(vertices.T.to(torch.float32).contiguous(), faces.long().T.contiguous())
-    normals = normals_to_camera(world_n, R)
+    normals = normals_to_camera(world_n, camera)
     attr = None if attributes is None else attributes.to(dev, torch.float32).T.contiguous()
     z = cam[2].contiguous()
     for c in range(0, len(pix), SHADE_CHUNK):  # bounded temporaries, reused between chunks

@@ -518,6 +518,61 @@ def test_cpu_and_nvdiffrast_agree(size):
     assert auto.mask.device.type == "cpu"
 
 
+def test_nvdiffrast_inputs_are_prepared_without_compaction():
+    """The GPU backend's preparation (no CUDA needed): a face crossing the near plane is pointed
+    at an extra vertex outside the frustum instead of being compacted away (that would need a
+    host sync), the far plane is just beyond the farthest kept vertex, and clip space projects
+    pixel centres where OpenCV does."""
+    from shards.raster.nvdiff import prepare
+
+    cam = pinhole(32, 24, focal=30.0)
+    v = torch.tensor([[-0.5, -0.5, 2.0], [0.5, -0.5, 2.0], [0.0, 0.5, 3.0],
+                      [-0.5, -0.5, 1.0], [0.5, -0.5, 0.005], [0.0, 0.5, 9.0]])
+    attrs = torch.arange(12, dtype=torch.float32).view(6, 2)
+    pos, tri, attr = prepare(v, torch.tensor([[3, 4, 5], [0, 1, 2]]), cam, attrs)
+    assert pos.shape == (1, 7, 4) and tri.dtype == torch.int32 and attr.shape == (1, 7, 1 + 3 + 2)
+    assert tri.tolist() == [[6, 6, 6], [0, 1, 2]]
+    outside = pos[0, 6, :3] / pos[0, 6, 3]
+    assert (outside.abs() > 1).all()
+    ndc = pos[0, :3, :3] / pos[0, :3, 3:]
+    uv = v[:3].double() @ torch.tensor(cam.K).T
+    uv = uv[:, :2] / uv[:, 2:]
+    torch.testing.assert_close(ndc[:, 0].double(), (2 * uv[:, 0] + 1) / cam.width - 1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ndc[:, 1].double(), (2 * uv[:, 1] + 1) / cam.height - 1, atol=1e-6, rtol=0)
+    # far = 1.5 x the farthest vertex of a kept face (3.0; vertex 5 at 9.0 belongs to the dropped face)
+    far_edge = torch.tensor([0.0, 0.0, 4.5, 1.0], dtype=torch.float64)
+    z = (pos[0, 2, 2] / pos[0, 2, 3]).item()
+    assert -1 < z < 1
+    torch.testing.assert_close(attr[0, :6, 0], v[:, 2])  # camera z (identity camera)
+    torch.testing.assert_close(attr[0, :6, 4:], attrs)
+    assert (attr[0, 6] == 0).all()
+    from shards.raster.nvdiff import clip_matrix
+
+    P = clip_matrix(torch.tensor(cam.K), cam.width, cam.height, 0.01, torch.tensor(4.5, dtype=torch.float64))
+    edge = P @ far_edge
+    assert abs(edge[2] / edge[3] - 1.0) < 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvdiffrast_input_checks_do_not_sync():
+    from shards.raster import check_face_indices
+    from shards.raster.nvdiff import prepare
+
+    v, f = bumpy_head(30, 60)
+    cam = pinhole(64, 64, focal=60.0, world_to_cam=look_at(np.array([0.3, -0.2, -3.2]), np.zeros(3)))
+    v, f = v.cuda(), f.cuda()
+    prepare(v, f, cam, v)  # warm-up: pinned memory pool, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        check_face_indices(f, len(v))
+        prepare(v, f, cam, v)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 def test_nvdiffrast_clip_space_puts_pixel_centres_where_opencv_does():
     # Pure math (no GPU): nvdiffrast samples column j at NDC x = (2j + 1) / W - 1 and
     # row i at NDC y = (2i + 1) / H - 1, so the clip matrix must map (u, v) to those.
