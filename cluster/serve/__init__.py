@@ -1,6 +1,7 @@
 """Renderer service: a Ray Serve deployment per person that renders frames in batches.
 
 `renderer` (no Ray): RendererConfig, RenderRequest, RenderResult, FrameRenderer.
+`validation` (no Ray): validate_request, InvalidRequest (each request checked before batching).
 `deployment` (Ray Serve): AvatarRenderer, deploy_renderer, delete_renderer, app_name.
 Ray is imported only when a deployment name is used.
 """
@@ -11,9 +12,11 @@ import importlib
 from typing import Any
 
 from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest, RenderResult
+from cluster.serve.validation import InvalidRequest, validate_request
 
 _LAZY = {"AvatarRenderer", "deploy_renderer", "delete_renderer", "app_name", "ensure_serve"}
-__all__ = sorted({"FrameRenderer", "RendererConfig", "RenderRequest", "RenderResult", *_LAZY})
+__all__ = sorted({"FrameRenderer", "InvalidRequest", "RendererConfig", "RenderRequest", "RenderResult",
+                  "validate_request", *_LAZY})
 
 
 def __getattr__(name: str) -> Any:

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-#: Conditioning buffers of a request: name -> channels (the batch contract of docs/CONTRACTS.md).
-BUFFER_CHANNELS = {"mask": 1, "depth": 1, "normals": 3, "canonical": 5}
+from cluster.serve.validation import BUFFER_CHANNELS, InvalidRequest, validate_request
 
 
 @dataclass
@@ -103,18 +102,9 @@ class RenderRequest:
         return int(self.mask.shape[-2]), int(self.mask.shape[-1])
 
     def check(self, expression_dim: int, resolution: int | None = None) -> None:
-        """Raise ValueError naming the request when shapes break the batch contract."""
-        h, w = self.size
-        for name, channels in BUFFER_CHANNELS.items():
-            a = getattr(self, name)
-            if a.shape != (channels, h, w):
-                raise ValueError(f"request {self.key!r}: {name} must be ({channels}, {h}, {w}), got {tuple(a.shape)}")
-        if self.expression.shape != (expression_dim,):
-            raise ValueError(f"request {self.key!r}: expression must be ({expression_dim},) for this avatar, "
-                             f"got {tuple(self.expression.shape)}")
-        if resolution is not None and (h, w) != (resolution, resolution):
-            raise ValueError(f"request {self.key!r}: buffers are {h}x{w} but the avatar renders "
-                             f"{resolution}x{resolution}")
+        """Raise InvalidRequest (a ValueError naming the request and the field) unless this request
+        can be rendered alone or in any batch (types, dtypes, shapes, finiteness, ranges, seed)."""
+        validate_request(self, expression_dim, resolution)
 
 
 @dataclass
@@ -161,6 +151,9 @@ class FrameRenderer:
         return self._noise[key]
 
     def check(self, request: RenderRequest) -> None:
+        if not isinstance(request, RenderRequest):
+            raise InvalidRequest(getattr(request, "key", ""), "request", f"must be a RenderRequest, got "
+                                                                       f"{type(request).__name__}")
         request.check(self.expression_dim, self.resolution)
 
     def render(self, requests: list[RenderRequest]) -> list[RenderResult]:

@@ -76,6 +76,43 @@ def test_frame_renderer_rejects_bad_requests(model_dir, tmp_path):
         RendererConfig(max_batch_size=16, max_ongoing_requests=5)
 
 
+def _bad(req: RenderRequest, **changes) -> RenderRequest:
+    return RenderRequest(**{**req.__dict__, **changes, "key": "bad:" + ",".join(changes)})
+
+
+def bad_requests(good: RenderRequest) -> list[tuple[RenderRequest, str]]:
+    """Requests that each break one rule, with the error each must get."""
+    nan_expr, inf_depth = good.expression.copy(), good.depth.copy()
+    nan_expr[3], inf_depth[0, 5, 5] = np.nan, np.inf
+    return [
+        (_bad(good, depth=good.depth.astype(np.float64)), "depth must be float32, got float64"),
+        (_bad(good, seed=2**64), r"seed must lie in \[0, 2\*\*64 - 1\]"),
+        (_bad(good, seed=-1), "seed must lie in"),
+        (_bad(good, seed=1.5), "seed must be an int, got float"),
+        (_bad(good, normals=None), "normals must be a numpy array, got NoneType"),
+        (_bad(good, canonical=good.canonical.tolist()), "canonical must be a numpy array, got list"),
+        (_bad(good, expression={"a": 1}), "expression must be a numpy array, got dict"),
+        (_bad(good, expression=nan_expr), "expression holds 1 NaN or inf values"),
+        (_bad(good, depth=inf_depth), "depth holds 1 NaN or inf values"),
+        (_bad(good, depth=-good.depth), r"depth values must lie in \[0, inf\]"),
+        (_bad(good, canonical=good.canonical * 3), r"canonical values must lie in \[-1.001, 1.001\]"),
+        (_bad(good, mask=good.mask * 0.5), "mask must hold only 0 and 1"),
+        (_bad(good, mask=good.mask[0]), r"mask must be \(1, H, W\)"),
+    ]
+
+
+def test_each_bad_request_gets_its_own_error(model_dir):
+    """Validation runs per request before batching: every rule names the request and the field."""
+    renderer = FrameRenderer(model_dir, RendererConfig(num_inference_steps=STEPS, device="cpu"))
+    good = make_requests(1)[0]
+    renderer.check(good)
+    for bad, message in bad_requests(good):
+        with pytest.raises(ValueError, match=rf"request 'bad:.*': {message}"):
+            renderer.check(bad)
+    with pytest.raises(ValueError, match="must be a RenderRequest, got dict"):
+        renderer.check({"mask": good.mask})
+
+
 @pytest.fixture(scope="module")
 def serve_ray():
     ray = pytest.importorskip("ray")
@@ -141,5 +178,16 @@ def test_serve_batches_concurrent_requests(serve_ray, model_dir):
         # a malformed request fails alone with a clear error
         with pytest.raises(Exception, match=r"expression must be \(10,\)"):
             handle.remote(make_requests(1, dim=4)[0]).result(timeout_s=60)
+
+        # bad requests sent concurrently with good ones: each bad one fails alone, the good ones
+        # render (in shared batches) exactly as before
+        bad = bad_requests(reqs[0])[:4]
+        mixed = [handle.remote(q) for pair in zip(reqs[:4], [b for b, _ in bad]) for q in pair]
+        for i, response in enumerate(mixed):
+            if i % 2 == 0:
+                np.testing.assert_allclose(response.result(timeout_s=60).image, batched[i // 2].image, atol=1e-4)
+            else:
+                with pytest.raises(Exception, match=bad[i // 2][1]):
+                    response.result(timeout_s=60)
     finally:
         delete_renderer("p0")
