@@ -10,7 +10,7 @@ from pathlib import Path
 import tyro
 
 from jobs._parallel import default_workers, map_persons_tolerant
-from shards.contract import DataError, list_persons
+from shards.contract import DataError, find_persons
 from shards.ingest import IngestConfig, IngestResult, ingest_person
 
 
@@ -31,7 +31,7 @@ class IngestArgs:
 
 
 def resolve_persons(spec: str, root: Path) -> list[str]:
-    return list_persons(root) if spec == "all" else [p.strip() for p in spec.split(",") if p.strip()]
+    return find_persons(root) if spec == "all" else [p.strip() for p in spec.split(",") if p.strip()]
 
 
 def _one(person: str, args: IngestArgs) -> IngestResult:

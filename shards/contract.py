@@ -87,6 +87,36 @@ def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
 # Cameras
 
 
+def _json_type(value: object) -> str:
+    """JSON's name for the type of a parsed value (for messages about the wrong kind of value)."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+#: Tolerance of the rigid-transform check of world_2_cam (calibrations are stored as floats).
+RIGID_TOL = 1e-3
+
+
+def _extrinsics_problem(W: np.ndarray) -> str | None:
+    """Why a 4x4 world_2_cam is not a rigid transform (rotation + translation), else None."""
+    if not np.allclose(W[3], [0, 0, 0, 1], atol=RIGID_TOL):
+        return f"world_2_cam's last row must be [0, 0, 0, 1], got {W[3].tolist()}"
+    R = W[:3, :3]
+    if not np.allclose(R @ R.T, np.eye(3), atol=RIGID_TOL) or np.linalg.det(R) < 0:
+        return ("world_2_cam's upper-left 3x3 is not a rotation (orthonormal, determinant +1; "
+                f"determinant {np.linalg.det(R):.4g})")
+    return None
+
+
+def _intrinsics_problem(K: np.ndarray) -> str | None:
+    """Why a 3x3 intrinsics matrix is not a pinhole camera matrix, else None."""
+    if not np.allclose(K[2], [0, 0, 1]) or K[1, 0] != 0:
+        return f"intrinsics must be [[fx, s, cx], [0, fy, cy], [0, 0, 1]], got {K.tolist()}"
+    if K[0, 0] <= 0 or K[1, 1] <= 0:
+        return f"focal lengths must be positive, got fx={K[0, 0]:g}, fy={K[1, 1]:g}"
+    return None
+
+
 @dataclass(frozen=True)
 class Camera:
     """A pinhole camera in the OpenCV convention.
@@ -166,10 +196,22 @@ class Calibration:
             raise DataError(path, "camera calibration file is missing") from None
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(path, f"unreadable camera calibration: {e}") from None
-        if not isinstance(raw, dict) or "world_2_cam" not in raw or "intrinsics" not in raw:
+        if not isinstance(raw, dict):
+            raise DataError(path, f"expected a JSON object with keys 'world_2_cam' and 'intrinsics', "
+                                  f"got a JSON {_json_type(raw)}")
+        if "world_2_cam" not in raw or "intrinsics" not in raw:
             raise DataError(path, "expected keys 'world_2_cam' and 'intrinsics'")
         w2c, intr = raw["world_2_cam"], raw["intrinsics"]
+        if not isinstance(w2c, dict):
+            raise DataError(path, f"world_2_cam must be an object mapping camera serial -> 4x4 matrix, "
+                                  f"got a JSON {_json_type(w2c)}")
+        if not isinstance(intr, (dict, list)):
+            raise DataError(path, f"intrinsics must be one 3x3 matrix or an object serial -> 3x3, "
+                                  f"got a JSON {_json_type(intr)}")
         sizes = raw.get("image_size", {})
+        if not isinstance(sizes, dict):
+            raise DataError(path, f"image_size must be an object mapping camera serial -> [width, height], "
+                                  f"got a JSON {_json_type(sizes)}")
         cameras: dict[str, Camera] = {}
         for serial in sorted(w2c):
             K = intr[serial] if isinstance(intr, dict) else intr
@@ -178,6 +220,10 @@ class Calibration:
             size = sizes.get(serial, image_size)
             if size is None:
                 raise DataError(path, f"camera {serial}: no image_size in the file and none given")
+            if (not isinstance(size, (list, tuple)) or len(size) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in size)):
+                raise DataError(path, f"image_size of camera {serial} must be [width, height] as two positive "
+                                      f"integers, got {size!r}")
             try:
                 W = np.asarray(w2c[serial], dtype=np.float64)
                 Km = np.asarray(K, dtype=np.float64)
@@ -187,6 +233,9 @@ class Calibration:
                 raise DataError(path, f"camera {serial}: world_2_cam must be 4x4 and intrinsics 3x3, got {W.shape} and {Km.shape}")
             if not (np.isfinite(W).all() and np.isfinite(Km).all()):
                 raise DataError(path, f"camera {serial}: non-finite calibration values")
+            problem = _extrinsics_problem(W) or _intrinsics_problem(Km)
+            if problem:
+                raise DataError(path, f"camera {serial}: {problem}")
             cameras[serial] = Camera(serial, Km, W, int(size[0]), int(size[1]))
         if not cameras:
             raise DataError(path, "no cameras in calibration")
@@ -221,11 +270,14 @@ class TrackingMeta:
             raise DataError(path, "tracking meta file is missing") from None
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(path, f"unreadable tracking meta: {e}") from None
+        if not isinstance(raw, dict):
+            raise DataError(path, f"expected a JSON object with 'expression_dim' and 'mesh_kind', "
+                                  f"got a JSON {_json_type(raw)}")
         kind = raw.get("mesh_kind", "nphm")
-        if kind not in MESH_KINDS:
+        if not isinstance(kind, str) or kind not in MESH_KINDS:
             raise DataError(path, f"mesh_kind must be one of {sorted(MESH_KINDS)}, got {kind!r}")
         dim = raw.get("expression_dim")
-        if not isinstance(dim, int) or dim <= 0:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
             raise DataError(path, f"expression_dim must be a positive integer, got {dim!r}")
         return TrackingMeta(expression_dim=dim, mesh_kind=kind)
 
@@ -290,6 +342,15 @@ class MeshFrame:
 FRAME_FMT = "frame_{:05d}"
 
 
+def parse_frame_name(name: str) -> int | None:
+    """The timestep of a `frame_<t:05d>` name, or None when `name` is not exactly that form."""
+    digits = name[len("frame_"):]
+    if not name.startswith("frame_") or not digits.isascii() or not digits.isdigit():
+        return None
+    t = int(digits)
+    return t if FRAME_FMT.format(t) == name else None
+
+
 @dataclass(frozen=True)
 class PersonCapture:
     """Paths of one person's capture under a capture root."""
@@ -319,16 +380,20 @@ class PersonCapture:
         return self.dir / "sequences" / seq / "timesteps"
 
     def timesteps(self, seq: str) -> list[int]:
+        """Timesteps of a sequence's frame folders; any other entry (a mis-named folder, a stray
+        file) is an error, since it would otherwise be ignored silently."""
         d = self.timesteps_dir(seq)
         if not d.is_dir():
             raise DataError(d, "timesteps folder is missing")
         out = []
         for p in d.iterdir():
-            if p.is_dir() and p.name.startswith("frame_"):
-                try:
-                    out.append(int(p.name[len("frame_"):]))
-                except ValueError:
-                    raise DataError(p, "frame folder name must be frame_<5 digits>") from None
+            if p.name.startswith("."):
+                continue
+            t = parse_frame_name(p.name)
+            if t is None or not p.is_dir():
+                raise DataError(p, "unexpected entry: the timesteps folder holds only frame folders named "
+                                   "frame_<timestep, 5+ digits> (e.g. frame_00042)")
+            out.append(t)
         return sorted(out)
 
     def image_path(self, seq: str, t: int, serial: str) -> Path:
@@ -347,7 +412,15 @@ class PersonCapture:
         d = self.mesh_dir(seq)
         if not d.is_dir():
             return []
-        return sorted(int(p.stem[len("frame_"):]) for p in d.glob("frame_*.npz"))
+        out = []
+        for p in d.iterdir():
+            if p.name.startswith(".") or not p.name.endswith(".npz"):
+                continue
+            t = parse_frame_name(p.stem)
+            if t is None:
+                raise DataError(p, "mesh file name must be frame_<timestep, 5+ digits>.npz (e.g. frame_00042.npz)")
+            out.append(t)
+        return sorted(out)
 
     def image_serials(self, seq: str, t: int) -> list[str]:
         d = self.timesteps_dir(seq) / FRAME_FMT.format(t) / "images"
@@ -362,6 +435,15 @@ def list_persons(root: Path) -> list[str]:
     if not root.is_dir():
         raise DataError(root, "capture root does not exist")
     return sorted(p.name for p in root.iterdir() if (p / "calibration" / "camera_params.json").is_file())
+
+
+def find_persons(root: Path) -> list[str]:
+    """`list_persons`, but finding none is an error: "nothing to do because nothing was found"
+    must not pass for success."""
+    persons = list_persons(root)
+    if not persons:
+        raise DataError(root, "no person folders (<person>/calibration/camera_params.json) under the capture root")
+    return persons
 
 
 def iter_images(capture: PersonCapture, seq: str, serials: list[str]) -> Iterator[tuple[int, str, Path]]:

@@ -48,17 +48,27 @@ class IngestResult:
 
 
 def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
+    """Digest of everything the store depends on: the store format, the split settings, the
+    (resolved) capture root the store's image paths point into, and the name, size and mtime of
+    every file and the name of every folder of the person's capture (an empty or mis-named
+    folder added later makes the store stale, so the re-run validates it)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT_VERSION, "config": asdict(config)}, sort_keys=True).encode())
+    h.update(json.dumps({"format": FORMAT_VERSION, "config": asdict(config), "root": str(capture.root)},
+                        sort_keys=True).encode())
     for sub in ("calibration", "tracking", "sequences"):
         base = capture.dir / sub
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames.sort()
+            h.update(f"{Path(dirpath).relative_to(capture.dir)}/\n".encode())
             for name in sorted(filenames):
                 p = Path(dirpath) / name
                 st = p.stat()
                 h.update(f"{p.relative_to(capture.dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+#: PIL modes the contract accepts: RGB images, 8-bit (or 1-bit) alpha maps.
+IMAGE_MODES = {"image": ("RGB",), "alpha map": ("L", "1")}
 
 
 def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -> None:
@@ -69,9 +79,13 @@ def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -
         try:
             with Image.open(p) as im:
                 im.load()
-                size = im.size
+                size, mode = im.size, im.mode
         except Exception as e:
             raise DataError(p, f"unreadable {what}: {e}") from None
+        if mode not in IMAGE_MODES[what]:
+            kind = "grayscale " if what == "image" and mode in ("L", "LA", "1", "I", "I;16", "F") else ""
+            raise DataError(p, f"{kind}{what} has PIL mode {mode}; the contract needs mode "
+                               f"{' or '.join(IMAGE_MODES[what])}")
         if size != expected_size:
             raise DataError(p, f"{what} size {size[0]}x{size[1]} does not match the camera's "
                                f"{expected_size[0]}x{expected_size[1]} (calibration or first image)")
@@ -103,7 +117,8 @@ def validate_person(capture: PersonCapture, config: IngestConfig):
     except (OSError, ValueError):
         raw = {}  # Calibration.load below reports the problem with the file named
     size_hint = None
-    if isinstance(raw, dict) and "image_size" not in raw and raw.get("world_2_cam"):
+    if isinstance(raw, dict) and "image_size" not in raw and isinstance(raw.get("world_2_cam"), dict) \
+            and raw["world_2_cam"]:
         first_serial = sorted(raw["world_2_cam"])[0]
         t0 = capture.timesteps(sequences[0])
         if not t0:

@@ -119,6 +119,20 @@ BREAKERS = {
     "mismatched image size": lambda cap: _resize(cap.image_path(*_first(cap))),
     "mismatched alpha size": lambda cap: _resize(cap.alpha_path(*_first(cap))),
     "broken calibration": lambda cap: _garbage(cap.calibration_path),
+    "calibration is a list": lambda cap: _write_json(cap.calibration_path, []),
+    "world_2_cam is a list": lambda cap: _edit_json(cap.calibration_path, world_2_cam=lambda w: list(w.values())),
+    "image_size is a string": lambda cap: _edit_json(cap.calibration_path, image_size=lambda s: "48x48"),
+    "image_size entry is a string": lambda cap: _edit_json(cap.calibration_path,
+                                                           image_size=lambda s: {k: "48x48" for k in s}),
+    "zero world_2_cam": lambda cap: _edit_json(cap.calibration_path, world_2_cam=lambda w: {
+        k: (np.zeros((4, 4)).tolist() if i == 0 else v) for i, (k, v) in enumerate(sorted(w.items()))}),
+    "tracking meta is a list": lambda cap: _write_json(cap.tracking_meta_path, [10, "nphm"]),
+    "expression_dim is a boolean": lambda cap: _edit_json(cap.tracking_meta_path, expression_dim=lambda d: True),
+    "non-numeric frame folder": lambda cap: _mkdir(cap.timesteps_dir(cap.sequences()[0]) / "frame_abcde"),
+    "mis-named frame folder": lambda cap: _mkdir(cap.timesteps_dir(cap.sequences()[0]) / "frame_7"),
+    "mis-named mesh file": lambda cap: _copy_to(cap.mesh_path(*_first(cap)[:2]),
+                                                cap.mesh_dir(cap.sequences()[0]) / "frame_x.npz"),
+    "grayscale image": lambda cap: _grayscale(cap.image_path(*_first(cap))),
 }
 EXPECTED = {
     "missing camera": "missing cameras",
@@ -132,7 +146,47 @@ EXPECTED = {
     "mismatched image size": "image size 20x48 does not match",
     "mismatched alpha size": "alpha map size 20x48 does not match",
     "broken calibration": "unreadable camera calibration",
+    "calibration is a list": "expected a JSON object with keys 'world_2_cam' and 'intrinsics', got a JSON array",
+    "world_2_cam is a list": "world_2_cam must be an object mapping camera serial -> 4x4 matrix, got a JSON array",
+    "image_size is a string": "image_size must be an object mapping camera serial -> [width, height], got a JSON "
+                              "string",
+    "image_size entry is a string": "must be [width, height] as two positive integers, got '48x48'",
+    "zero world_2_cam": "world_2_cam's last row must be [0, 0, 0, 1]",
+    "tracking meta is a list": "expected a JSON object with 'expression_dim' and 'mesh_kind', got a JSON array",
+    "expression_dim is a boolean": "expression_dim must be a positive integer, got True",
+    "non-numeric frame folder": "unexpected entry: the timesteps folder holds only frame folders",
+    "mis-named frame folder": "unexpected entry: the timesteps folder holds only frame folders",
+    "mis-named mesh file": "mesh file name must be frame_<timestep, 5+ digits>.npz",
+    "grayscale image": "grayscale image has PIL mode L; the contract needs mode RGB",
 }
+
+
+def _write_json(p: Path, obj) -> Path:
+    p.write_text(json.dumps(obj))
+    return p
+
+
+def _edit_json(p: Path, **changes) -> Path:
+    raw = json.loads(p.read_text())
+    for k, f in changes.items():
+        raw[k] = f(raw[k])
+    return _write_json(p, raw)
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir()
+    return p
+
+
+def _copy_to(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+def _grayscale(p: Path) -> Path:
+    with Image.open(p) as im:
+        im.convert("L").save(p)
+    return p
 
 
 def _extra_camera(cap: PersonCapture) -> Path:
@@ -229,3 +283,43 @@ def test_data_errors_survive_pickling():
     for err in (DataError("/x/y.png", "unreadable image: boom"), ShardError("/s.tar", "truncated")):
         back = pickle.loads(pickle.dumps(err))
         assert type(back) is type(err) and back.path == err.path and str(back) == str(err)
+
+
+def test_rotation_check_of_world_2_cam(capture_copy, tmp_path):
+    cap = _cap(capture_copy)
+    _edit_json(cap.calibration_path, world_2_cam=lambda w: {k: (np.diag([1.0, 1.0, -1.0, 1.0]).tolist() if i == 0
+                                                                else v) for i, (k, v) in enumerate(sorted(w.items()))})
+    with pytest.raises(DataError, match="is not a rotation"):
+        ingest_person(capture_copy, "000", tmp_path, CFG)
+
+
+@pytest.mark.parametrize("change", ["empty frame folder", "mis-named folder", "moved capture root"])
+def test_up_to_date_check_covers_folders_and_the_root(change, capture_copy, tmp_path):
+    """A store is only 'up to date' when nothing it depends on changed: folders added after the
+    first ingest (even empty ones) and the capture root the store's image paths point into."""
+    out = tmp_path / "zarr"
+    ingest_person(capture_copy, "000", out, CFG)
+    assert ingest_person(capture_copy, "000", out, CFG).skipped
+    cap = _cap(capture_copy)
+    timesteps = cap.timesteps_dir(cap.sequences()[0])
+    if change == "empty frame folder":
+        (timesteps / "frame_00099").mkdir()
+        with pytest.raises(DataError, match=r"frames without mesh: \[99\]"):
+            ingest_person(capture_copy, "000", out, CFG)
+    elif change == "mis-named folder":
+        (timesteps / "frame_00099 (copy)").mkdir()
+        with pytest.raises(DataError, match="unexpected entry"):
+            ingest_person(capture_copy, "000", out, CFG)
+    else:
+        moved = tmp_path / "moved"
+        os.replace(capture_copy, moved)
+        res = ingest_person(moved, "000", out, CFG)
+        assert not res.skipped and PersonStore(res.path).attrs["source_root"] == str(moved.resolve())
+
+
+def test_empty_capture_root_is_an_error(tmp_path):
+    from jobs.ingest import IngestArgs, main
+
+    (tmp_path / "captures" / "not-a-person").mkdir(parents=True)
+    with pytest.raises(DataError, match="no person folders"):
+        main(IngestArgs(captures=tmp_path / "captures", out=tmp_path / "zarr", persons="all", workers=1))
