@@ -63,7 +63,7 @@ def training_colours(shards: Path, person: str, resolution: int) -> tuple[torch.
 def render(model: DiffusionAvatarsModel, batch: dict, chunk: int = 8) -> torch.Tensor:
     pipe = AvatarPipeline(model.eval())
     keys = [k for k in batch if k != "__key__"]
-    out = [pipe({k: batch[k][i:i + chunk] for k in keys}, num_inference_steps=20, seed=0)
+    out = [pipe({k: batch[k][i:i + chunk] for k in keys}, num_inference_steps=20, seeds=0)
            for i in range(0, len(batch["mask"]), chunk)]
     return torch.cat(out).float()
 

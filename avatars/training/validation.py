@@ -37,7 +37,7 @@ class Validator:
         was_training = model.training
         model.eval()
         try:
-            pred = AvatarPipeline(model)(self.batch, num_inference_steps=self.inference_steps, seed=0).float().cpu()
+            pred = AvatarPipeline(model)(self.batch, num_inference_steps=self.inference_steps, seeds=0).float().cpu()
         finally:
             model.train(was_training)
         gt = (self.batch["image"] + 1) / 2

@@ -2,11 +2,11 @@
 
 A request carries one frame's conditioning buffers (already rasterized by the caller), its
 expression code and the seed of the video it belongs to. :class:`FrameRenderer` stacks the
-requests of a batch and runs :class:`avatars.pipelines.AvatarPipeline` once. Each frame gets
-the initial latent noise ``pipeline.fixed_noise(H, W, seed)`` and a per-step DDPM generator
-seeded with ``seed``: exactly what the pipeline uses for a frame rendered alone, so a frame's
-result does not depend on the batch it lands in (up to floating-point batch-size effects of
-the convolution kernels, ~1e-6 on CPU; bf16 autocast on CUDA makes it ~1e-3).
+requests of a batch and runs :class:`avatars.pipelines.AvatarPipeline` once, passing each
+frame's video seed: every frame of a video gets the same initial latent and per-step noise
+(:mod:`avatars.pipelines.noise`), exactly what the pipeline uses for a frame rendered alone, so
+a frame's result does not depend on the batch it lands in (up to floating-point batch-size
+effects of the kernels, ~1e-6 on CPU; bf16 autocast on CUDA makes it ~1e-3).
 
 Why the caller rasterizes (the driver, not the deployment): the evaluation frames already
 have their buffers in the shards (written by the same rasterizer), ground truth and buffers
@@ -142,13 +142,6 @@ class FrameRenderer:
         self.pipeline = AvatarPipeline(self.model)
         self.expression_dim = int(self.model.config.expression_dim)
         self.resolution = int(self.model.config.resolution)
-        self._noise: dict[tuple[int, int, int], torch.Tensor] = {}
-
-    def _fixed_noise(self, h: int, w: int, seed: int) -> torch.Tensor:
-        key = (h, w, seed)
-        if key not in self._noise:
-            self._noise[key] = self.pipeline.fixed_noise(h, w, seed)
-        return self._noise[key]
 
     def check(self, request: RenderRequest) -> None:
         if not isinstance(request, RenderRequest):
@@ -176,9 +169,6 @@ class FrameRenderer:
     def render_tensor(self, requests: list[RenderRequest]) -> list[np.ndarray]:
         """One pipeline call for requests of equal size -> (H, W, 3) float32 images."""
         batch = {k: torch.from_numpy(np.stack([getattr(r, k) for r in requests])) for k in (*BUFFER_CHANNELS, "expression")}
-        h, w = requests[0].size
-        noise = torch.cat([self._fixed_noise(h, w, r.seed) for r in requests])
-        generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
         images = self.pipeline(batch, num_inference_steps=self.config.num_inference_steps, sampler=self.config.sampler,
-                               noise=noise, generator=generators)
+                               seeds=[r.seed for r in requests])
         return list(images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())

@@ -57,7 +57,7 @@ def test_frame_renderer_batch_equals_alone_and_pipeline(model_dir):
     # the same as the pipeline's own default noise for that seed (fixed noise per video) ...
     q = reqs[3]
     batch = {k: torch.from_numpy(getattr(q, k))[None] for k in ("mask", "depth", "normals", "canonical", "expression")}
-    ref = AvatarPipeline(renderer.model)(batch, num_inference_steps=STEPS, seed=q.seed)[0].permute(1, 2, 0).numpy()
+    ref = AvatarPipeline(renderer.model)(batch, num_inference_steps=STEPS, seeds=q.seed)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(ref, batched[3].image, atol=1e-4)
     # ... and the seed matters (so the equality above is not trivially true)
     other = renderer.render([RenderRequest(**{**q.__dict__, "seed": 7})])[0]
