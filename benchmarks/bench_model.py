@@ -64,8 +64,8 @@ def count_denoise_flops(model: DiffusionAvatarsModel, batch: dict) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         cond = model.conditioning(batch)
         latents = torch.zeros(size, model.config.vae.latent_channels, h, h, device=cond.device)
-        with model.expression_context(batch.get("expression")):
-            model.denoise(latents, torch.full((size,), 500, device=cond.device), cond)
+        tokens = model.encode_expression(batch.get("expression"))
+        model.denoise(latents, torch.full((size,), 500, device=cond.device), cond, tokens)
     return counter.get_total_flops()
 
 

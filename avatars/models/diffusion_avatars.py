@@ -34,7 +34,7 @@ from avatars.base_model import (
 )
 from avatars.configs import DiffusionAvatarsConfig, UNetConfig, VAEConfig
 from avatars.models.conditioning import ConditioningBuilder
-from avatars.models.expression_attention import ExpressionAttentionLayers, ExpressionTokens
+from avatars.models.expression_attention import TOKENS_KWARG, ExpressionAttentionLayers, ExpressionTokens
 from avatars.schedulers import training_scheduler
 
 CONFIG_FILE = "config.json"
@@ -159,7 +159,7 @@ class DiffusionAvatarsModel(nn.Module):
             if config.use_expression:
                 self.expression_tokens = ExpressionTokens(config.expression_dim, config.expression_tokens, cad)
                 self.expression_layers = ExpressionAttentionLayers(self.unet)
-                self.expression_layers.attach(self.unet)
+                self.expression_layers.install(self.unet)
             else:
                 self.expression_tokens = None
                 self.expression_layers = None
@@ -245,16 +245,24 @@ class DiffusionAvatarsModel(nn.Module):
         return self.config.vae.downsample_factor
 
     # ---- forward pieces -------------------------------------------------------------------
-    def expression_context(self, expression: torch.Tensor | None):
-        """Context manager feeding the expression tokens to the expression layers."""
+    def encode_expression(self, expression: torch.Tensor | None) -> torch.Tensor | None:
+        """Expression code (B, D) -> tokens (B, T, cross_attention_dim) for :meth:`denoise`;
+        None for a model without expression conditioning."""
         if self.expression_layers is None:
-            return _nullcontext()
+            return None
         if expression is None:
             raise KeyError("batch lacks 'expression' but the model uses expression conditioning")
-        return self.expression_layers.conditioned(self.expression_tokens(expression))
+        return self.expression_tokens(expression)
 
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Network output for noisy ``latents`` (call inside :meth:`expression_context`).
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: torch.Tensor,
+        expression_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Network output for noisy ``latents``; ``expression_tokens`` from :meth:`encode_expression`
+        (None: the expression layers add nothing).
 
         Each network runs in the dtype of its own weights (inputs are cast to it), so a model whose
         parts DeepSpeed or a renderer cast to bf16 works with float32 inputs, with or without
@@ -264,6 +272,7 @@ class DiffusionAvatarsModel(nn.Module):
         if tuple(cond.shape[2:]) != expected:
             raise ValueError(f"conditioning is {tuple(cond.shape[2:])}, expected {expected} for latents {tuple(latents.shape)}")
         unet_dtype = _dtype_of(self.unet)
+        kwargs = None if expression_tokens is None else {TOKENS_KWARG: expression_tokens}
         if self.controlnet is not None:
             dtype = _dtype_of(self.controlnet)
             context = self.empty_prompt_embedding.to(dtype).expand(batch, -1, -1)
@@ -277,6 +286,7 @@ class DiffusionAvatarsModel(nn.Module):
                 latents.to(unet_dtype),
                 timesteps,
                 encoder_hidden_states=self.empty_prompt_embedding.to(unet_dtype).expand(batch, -1, -1),
+                cross_attention_kwargs=kwargs,
                 down_block_additional_residuals=down,
                 mid_block_additional_residual=mid,
                 return_dict=False,
@@ -284,7 +294,8 @@ class DiffusionAvatarsModel(nn.Module):
         embedded = self.cond_embedding(cond.to(_dtype_of(self.cond_embedding)))
         context = self.empty_prompt_embedding.to(unet_dtype).expand(batch, -1, -1)
         sample = torch.cat([latents.to(unet_dtype), embedded.to(unet_dtype)], dim=1)
-        return self.unet(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+        return self.unet(sample, timesteps, encoder_hidden_states=context, cross_attention_kwargs=kwargs,
+                         return_dict=False)[0]
 
     def single_pass_timestep(self) -> int:
         """Timestep used by the "w/o diffusion" ablation (the last, pure-noise one)."""
@@ -314,22 +325,22 @@ class DiffusionAvatarsModel(nn.Module):
         cond = self.conditioning(batch)
         latents = self.encode_images(image, generator)
         batch_size = latents.shape[0]
-        with self.expression_context(batch.get("expression")):
-            if self.config.use_diffusion:
-                noise = _randn(latents.shape, generator, latents)
-                steps = self.noise_scheduler.config.num_train_timesteps
-                if generator is None:
-                    timesteps = torch.randint(0, steps, (batch_size,), device=latents.device)
-                else:
-                    timesteps = torch.randint(0, steps, (batch_size,), generator=generator, device=generator.device)
-                    timesteps = timesteps.to(latents.device)
-                noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-                target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-                pred = self.denoise(noisy, timesteps, cond)
+        tokens = self.encode_expression(batch.get("expression"))
+        if self.config.use_diffusion:
+            noise = _randn(latents.shape, generator, latents)
+            steps = self.noise_scheduler.config.num_train_timesteps
+            if generator is None:
+                timesteps = torch.randint(0, steps, (batch_size,), device=latents.device)
             else:
-                timesteps = torch.full((batch_size,), self.single_pass_timestep(), device=latents.device, dtype=torch.long)
-                pred = self.denoise(torch.zeros_like(latents), timesteps, cond)
-                target = latents
+                timesteps = torch.randint(0, steps, (batch_size,), generator=generator, device=generator.device)
+                timesteps = timesteps.to(latents.device)
+            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+            pred = self.denoise(noisy, timesteps, cond, tokens)
+        else:
+            timesteps = torch.full((batch_size,), self.single_pass_timestep(), device=latents.device, dtype=torch.long)
+            pred = self.denoise(torch.zeros_like(latents), timesteps, cond, tokens)
+            target = latents
         loss = F.mse_loss(pred.float(), target.float())
         return {"loss": loss}
 
@@ -393,11 +404,3 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

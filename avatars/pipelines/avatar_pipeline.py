@@ -14,6 +14,7 @@ trained through it); :class:`avatars.pipelines.RenderPipeline` is the fast one f
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -22,7 +23,8 @@ from avatars.models.diffusion_avatars import DiffusionAvatarsModel
 from avatars.pipelines.noise import NoiseBank
 from avatars.schedulers import SAMPLERS, DeviceDDPM, sampling_scheduler
 
-#: (latents, timesteps (B,), cond) -> network output; the model's ``denoise`` or a faster stand-in.
+#: (latents, timesteps (B,), cond) -> network output; the model's ``denoise`` (with the batch's
+#: expression tokens bound) or a faster stand-in.
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -94,19 +96,19 @@ class AvatarPipeline:
         use_autocast = device.type == "cuda"
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
             cond = model.conditioning(batch)
-            with model.expression_context(batch.get("expression")):
-                if not model.config.use_diffusion:
-                    steps = torch.full((size,), model.single_pass_timestep(), device=device, dtype=torch.long)
-                    latents = model.denoise(torch.zeros((size, *shape), device=device, dtype=cond.dtype), steps, cond)
-                elif sampler == "ddpm":
-                    initial, step_noise = self.noise.batch(seeds, shape, num_inference_steps, device)
-                    latents = sample_ddpm(model.denoise, self.ddpm(num_inference_steps), cond, initial, step_noise)
-                else:
-                    initial, _ = self.noise.batch(seeds, shape, 0, device)
-                    latents = self._sample_diffusers(cond, initial, num_inference_steps, sampler)
+            denoise = partial(model.denoise, expression_tokens=model.encode_expression(batch.get("expression")))
+            if not model.config.use_diffusion:
+                steps = torch.full((size,), model.single_pass_timestep(), device=device, dtype=torch.long)
+                latents = denoise(torch.zeros((size, *shape), device=device, dtype=cond.dtype), steps, cond)
+            elif sampler == "ddpm":
+                initial, step_noise = self.noise.batch(seeds, shape, num_inference_steps, device)
+                latents = sample_ddpm(denoise, self.ddpm(num_inference_steps), cond, initial, step_noise)
+            else:
+                initial, _ = self.noise.batch(seeds, shape, 0, device)
+                latents = self._sample_diffusers(denoise, cond, initial, num_inference_steps, sampler)
         return model.decode_latents(latents)
 
-    def _sample_diffusers(self, cond, initial, num_inference_steps, sampler):
+    def _sample_diffusers(self, denoise: DenoiseFn, cond, initial, num_inference_steps, sampler):
         """DDIM / DPM-Solver++ through diffusers' schedulers (deterministic: no per-step noise)."""
         model, size = self.model, initial.shape[0]
         scheduler = sampling_scheduler(model.config.scheduler, sampler)
@@ -114,6 +116,6 @@ class AvatarPipeline:
         latents = initial * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(latents, t)
-            out = model.denoise(model_input, t.expand(size), cond)
+            out = denoise(model_input, t.expand(size), cond)
             latents = scheduler.step(out.float(), t, latents).prev_sample
         return latents

@@ -77,10 +77,10 @@ def test_ddpm_render_equals_a_diffusers_scheduler_loop(pipeline):
     latents = torch.randn((1, *pipeline.latent_shape(64, 64)), generator=generator)
     with torch.no_grad():
         cond = model.conditioning(batch)
-        with model.expression_context(batch["expression"]):
-            for t in scheduler.timesteps:
-                out = model.denoise(latents, t.expand(1), cond)
-                latents = scheduler.step(out.float(), t, latents, generator=generator).prev_sample
+        tokens = model.encode_expression(batch["expression"])
+        for t in scheduler.timesteps:
+            out = model.denoise(latents, t.expand(1), cond, tokens)
+            latents = scheduler.step(out.float(), t, latents, generator=generator).prev_sample
         reference = model.decode_latents(latents)
     torch.testing.assert_close(pipeline(batch, num_inference_steps=steps, seeds=seed), reference, rtol=0, atol=1e-6)
 

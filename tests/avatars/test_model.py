@@ -6,7 +6,7 @@ import torch
 
 from avatars.configs import FeatureConfig, tiny_config
 from avatars.models import DiffusionAvatarsModel
-from avatars.models.expression_attention import expression_target_blocks
+from avatars.models.expression_attention import ExpressionAttnProcessor, expression_target_blocks
 from avatars.testing import synthetic_batch
 
 
@@ -35,16 +35,17 @@ def _perturb_zero_layers(model: DiffusionAvatarsModel, scale: float = 0.05) -> N
 
 
 def _raw_base_output(model, latents, t, cond):
-    """Frozen UNet + ControlNet called directly through diffusers, expression hooks removed."""
+    """Frozen UNet + ControlNet called directly through diffusers, expression processors removed."""
     context = model.empty_prompt_embedding.expand(latents.shape[0], -1, -1)
-    model.expression_layers.detach()
+    model.expression_layers.uninstall(model.unet)
     try:
+        assert not any(isinstance(p, ExpressionAttnProcessor) for p in model.unet.attn_processors.values())
         down, mid = model.controlnet(latents, t, encoder_hidden_states=context, controlnet_cond=cond, return_dict=False)
         out = model.unet(latents, t, encoder_hidden_states=context, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
         plain = model.unet(latents, t, encoder_hidden_states=context).sample
     finally:
-        model.expression_layers.attach(model.unet)
+        model.expression_layers.install(model.unet)
     return out, plain
 
 
@@ -55,15 +56,13 @@ def test_zero_init_output_equals_base_model():
     cond = model.conditioning(batch)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([10, 700])
-    with model.expression_context(batch["expression"]):
-        ours = model.denoise(latents, t, cond)
+    ours = model.denoise(latents, t, cond, model.encode_expression(batch["expression"]))
     base, plain = _raw_base_output(model, latents, t, cond)
     torch.testing.assert_close(ours, base, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours, plain, rtol=0, atol=1e-6)  # ControlNet zero convolutions
     # the comparison can fail: once the zero layers move, the output differs
     _perturb_zero_layers(model)
-    with model.expression_context(batch["expression"]):
-        moved = model.denoise(latents, t, cond)
+    moved = model.denoise(latents, t, cond, model.encode_expression(batch["expression"]))
     base_moved, _ = _raw_base_output(model, latents, t, cond)
     assert (moved - base_moved).abs().max() > 1e-4  # expression layers act
     assert (base_moved - plain).abs().max() > 1e-4  # ControlNet acts
@@ -130,8 +129,9 @@ def test_training_loss_is_mse_to_velocity():
     s = model.noise_scheduler
     assert s.config.prediction_type == "v_prediction" and float(s.alphas_cumprod[-1]) == 0.0
     velocity = s.alphas_cumprod[t].sqrt()[:, None, None, None] * noise - (1 - s.alphas_cumprod[t]).sqrt()[:, None, None, None] * latents
-    with torch.no_grad(), model.expression_context(batch["expression"]):
-        pred = model.denoise(s.add_noise(latents, noise, t), t, model.conditioning(batch))
+    with torch.no_grad():
+        pred = model.denoise(s.add_noise(latents, noise, t), t, model.conditioning(batch),
+                             model.encode_expression(batch["expression"]))
     torch.testing.assert_close(loss, torch.mean((pred - velocity) ** 2), rtol=1e-5, atol=1e-6)
 
 
@@ -214,7 +214,7 @@ def test_forward_is_training_loss_and_checks_expression_dim():
 
 
 @torch.no_grad()
-def test_deepcopy_keeps_expression_hooks_with_the_copy():
+def test_deepcopy_keeps_expression_processors_with_the_copy():
     import copy
 
     model = DiffusionAvatarsModel(tiny_config())
@@ -224,13 +224,13 @@ def test_deepcopy_keeps_expression_hooks_with_the_copy():
     cond = model.conditioning(batch)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([100, 900])
-    with model.expression_context(batch["expression"]):
-        original = model.denoise(latents, t, cond)
+    original = model.denoise(latents, t, cond, model.encode_expression(batch["expression"]))
     base, _ = _raw_base_output(model, latents, t, cond)
     torch.testing.assert_close(original, base, rtol=0, atol=1e-6)
-    with clone.expression_context(batch["expression"]):
-        moved = clone.denoise(latents, t, cond)
+    moved = clone.denoise(latents, t, cond, clone.encode_expression(batch["expression"]))
     clone_base, _ = _raw_base_output(clone, latents, t, cond)
     assert (moved - clone_base).abs().max() > 1e-4
-    n_hooks = sum(len(b.attn2._forward_hooks) for _, b in expression_target_blocks(clone.unet))
-    assert n_hooks == clone.num_expression_layers  # detach/attach did not duplicate hooks
+    # the clone's processors point at the clone's layers, and uninstall/install did not nest wrappers
+    processors = [block.attn2.processor for _, block in expression_target_blocks(clone.unet)]
+    assert [p.expression for p in processors] == list(clone.expression_layers.layers)
+    assert not any(isinstance(p.base, ExpressionAttnProcessor) for p in clone.unet.attn_processors.values())

@@ -36,6 +36,12 @@ def test_sd21_layout_on_meta_device():
     # UNet 865.9 M parameters in SD2.1; the UNet stays frozen
     assert abs(sum(p.numel() for p in model.unet.parameters()) / 1e6 - 865.9) < 0.1
     assert not any(p.requires_grad for p in model.unet.parameters())
+    # parameter counts of the paper model (README, bench_model): expression tokens + 15 layers,
+    # all trainable parts, and the frozen UNet + VAE
+    expression = sum(p.numel() for part in (model.expression_tokens, model.expression_layers) for p in part.parameters())
+    assert expression == 44_866_496
+    assert sum(p.numel() for p in model.trainable_state_dict().values()) == 425_882_032
+    assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == 949_564_587
 
 
 #: The fields of Stable Diffusion 2.1's unet/config.json that shape the network.
