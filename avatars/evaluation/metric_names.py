@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 #: Metric name -> (display label, higher is better). Masked variants carry the suffix "_masked".
+#: "psnr" is the paper's protocol (squared error pooled over batches of 16 frames, averaged over
+#: the batches of a sequence, then over sequences); "psnr_frame" the mean of per-frame PSNRs.
+#: "jod" is the paper's JOD (FovVideoVDP), "cvvdp" ColorVideoVDP's JOD (a different metric).
+#: The "_face" metrics and "colour_error" look only inside the rasterized face mask.
 METRIC_INFO: dict[str, tuple[str, bool]] = {
     "psnr": ("PSNR", True),
+    "psnr_frame": ("PSNR per-frame mean", True),
     "ssim": ("SSIM", True),
     "lpips": ("LPIPS", False),
-    "jod": ("JOD", True),
+    "jod": ("JOD (FovVideoVDP)", True),
+    "cvvdp": ("JOD (ColorVideoVDP)", True),
+    "psnr_face": ("PSNR in face mask", True),
+    "lpips_face": ("LPIPS in face mask", False),
+    "colour_error": ("face colour error (ΔE)", False),
     "akd": ("AKD", False),
     "csim": ("CSIM", True),
 }
 DEFAULT_METRICS: tuple[str, ...] = tuple(METRIC_INFO)
-#: Metrics that have a masked variant (AKD/CSIM are identity/landmark measures on the full frame).
-MASKABLE: tuple[str, ...] = ("psnr", "ssim", "lpips", "jod")
+#: Metrics that have a masked variant (AKD/CSIM are identity/landmark measures on the full frame;
+#: the face metrics are restricted to the rasterized mask already).
+MASKABLE: tuple[str, ...] = ("psnr", "psnr_frame", "ssim", "lpips", "jod", "cvvdp")
+#: Metrics computed only inside the rasterized face mask (skipped without one).
+FACE_METRICS: tuple[str, ...] = ("psnr_face", "lpips_face", "colour_error")
 MASKED_SUFFIX = "_masked"
 
 

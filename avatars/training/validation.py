@@ -1,4 +1,6 @@
-"""Validation during training: render fixed held-out samples, save a PNG grid, log PSNR/LPIPS."""
+"""Validation during training: render fixed held-out samples, save a PNG grid, log PSNR/LPIPS over
+the frame and, where the person's appearance is, inside the rasterized face mask (PSNR and the
+mean-colour error)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from PIL import Image
 
 from avatars.data import LoaderConfig, ShardDataset, collate
 from avatars.evaluation.lpips_weights import LpipsConfig, load_lpips
-from avatars.evaluation.metrics import psnr
+from avatars.evaluation.metrics import masked_psnr, mean_colour_error, psnr
 from avatars.pipelines import AvatarPipeline
 from shards.contract import atomic_write_bytes
 from shards.writer import shard_paths
@@ -41,7 +43,9 @@ class Validator:
         finally:
             model.train(was_training)
         gt = (self.batch["image"] + 1) / 2
-        metrics = {"val_psnr": float(psnr(pred, gt).mean())}
+        face = self.batch["mask"]
+        metrics = {"val_psnr": float(psnr(pred, gt).mean()), "val_psnr_face": float(masked_psnr(pred, gt, face).nanmean()),
+                   "val_colour_error": float(mean_colour_error(pred, gt, face).nanmean())}
         if self.lpips is not None:
             metrics["val_lpips"] = float(self.lpips(pred * 2 - 1, gt * 2 - 1).mean())
         if out_png is not None:

@@ -32,7 +32,7 @@ from cluster.eval_driver.tasks import TASKS, Clip, TaskFrames, TaskSkipped, cros
     self_reenactment
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
 from cluster.serve.renderer import RendererConfig, RenderRequest
-from shards.contract import DataError
+from shards.contract import DataError, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 MODEL_DIR = "model"
@@ -61,15 +61,20 @@ class EvalDriverConfig:
     seed: int = 0
     """Noise seed of every video (the same fixed noise for all frames, as in the paper)."""
     metrics: tuple[str, ...] = DEFAULT_METRICS
-    """Metrics to compute (psnr, ssim, lpips, jod, akd, csim); masked variants are added."""
+    """Metrics to compute (see avatars.evaluation.metric_names); masked variants are added."""
     lpips_weights: Path = Path("weights/lpips_alex.safetensors")
     """LPIPS AlexNet weights (see avatars.evaluation.lpips_weights)."""
     landmark_model: Path | None = None
     """TorchScript landmark detector for AKD; None: AKD is skipped with the reason."""
     face_id_model: Path | None = None
     """TorchScript face-identity network for CSIM; None: CSIM is skipped with the reason."""
-    fps: float = 73.0 / 3.0
-    """Frame rate of the videos and of JOD (NeRSemble 73 fps, every 3rd frame)."""
+    fps: float = 24.0
+    """Frame rate JOD assumes (the official evaluator's 24; NeRSemble's 73 fps, every 3rd frame)."""
+    video_min_seconds: float = 6.0
+    """Comparison videos play at `fps` unless that makes them shorter than this: then slower (down
+    to `video_min_fps`), so the few frames of a short evaluation set can be watched."""
+    video_min_fps: float = 4.0
+    """Slowest frame rate of a comparison video."""
     parallel_persons: int = 1
     """Persons rendered at the same time (each has its own Serve application)."""
     eval_device: str = "cpu"
@@ -155,7 +160,8 @@ def merge_evaluations(evals: list[dict]) -> dict:
         parts = [e["metrics"][n] for e in evals if n in e["metrics"]]
         if all(p["per_frame"] is not None for p in parts):
             per_frame = [v for p in parts for v in p["per_frame"]]
-            metrics[n] = {"mean": float(np.mean(per_frame)) if per_frame else None, "per_frame": per_frame}
+            defined = [v for v in per_frame if v is not None and not np.isnan(v)]
+            metrics[n] = {"mean": float(np.mean(defined)) if defined else None, "per_frame": per_frame}
         else:
             means = [p["mean"] for p in parts if p["mean"] is not None]
             metrics[n] = {"mean": float(np.mean(means)) if means else None, "per_frame": None}
@@ -174,6 +180,29 @@ def comparison_panels(clips: list[Clip], renders: list[np.ndarray]) -> list[np.n
             buffers.append(buffers_to_rgb(normals=cond["normals"].transpose(1, 2, 0), depth=cond["depth"][0],
                                           canonical=cond["canonical"].transpose(1, 2, 0), mask=cond["mask"][0]))
     return [reference, np.stack(renders)] + [np.stack([b[i] for b in buffers]) for i in range(len(buffers[0]))]
+
+
+def video_fps(frames: int, fps: float, min_seconds: float, min_fps: float) -> float:
+    """`fps`, or slower (not below `min_fps`) so that `frames` last at least `min_seconds`."""
+    return max(min_fps, min(fps, frames / min_seconds)) if frames else fps
+
+
+def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int = 6, scale: int = 2) -> bytes:
+    """PNG of up to `columns` frames spread over the task: reference row over render row, each
+    frame enlarged `scale` times (nearest), so eyes and mouth are visible in the report."""
+    import io
+
+    from PIL import Image
+
+    reference = np.concatenate([c.reference for c in clips])
+    picks = np.linspace(0, len(renders) - 1, num=min(columns, len(renders))).round().astype(int)
+    to_u8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8) if x.dtype != np.uint8 else x  # noqa: E731
+    rows = [np.concatenate([to_u8(reference[i]) for i in picks], 1),
+            np.concatenate([to_u8(np.asarray(renders[i])) for i in picks], 1)]
+    grid = np.concatenate(rows, 0).repeat(scale, 0).repeat(scale, 1)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _git_commit() -> str:
@@ -267,20 +296,26 @@ class _Run:
     def evaluate(self, frames: TaskFrames, images: list[np.ndarray]) -> TaskResult:
         from avatars.evaluation.video import write_comparison_video
 
+        cfg = self.config
         rel = Path("videos") / frames.person / f"{frames.task}.mp4"
-        write_comparison_video(self.folder / rel, comparison_panels(frames.clips, images), fps=self.config.fps)
+        fps = video_fps(frames.frames, cfg.fps, cfg.video_min_seconds, cfg.video_min_fps)
+        write_comparison_video(self.folder / rel, comparison_panels(frames.clips, images), fps=fps)
+        thumb = Path("thumbnails") / frames.person / f"{frames.task}.png"
+        atomic_write_bytes(self.folder / thumb, comparison_strip(frames.clips, images))
         if not frames.has_ground_truth:
             reason = (f"no ground truth: {frames.person}'s avatar driven by {frames.driver}'s expression codes "
                       "(the left video panel is the driving frame); video only")
-            return TaskResult(metrics={}, skipped={"metrics": reason}, frames=frames.frames, video=rel.as_posix())
+            return TaskResult(metrics={}, skipped={"metrics": reason}, frames=frames.frames, video=rel.as_posix(),
+                              thumbnail=thumb.as_posix())
         evals, start = [], 0
         evaluator = self._evaluator.result()
         with self.eval_lock:
             for clip in frames.clips:
                 pred = np.stack(images[start:start + clip.frames])
-                evals.append(evaluator.evaluate_video(clip.reference, pred, clip.alpha))
+                face = np.stack([c["mask"][0] for c in clip.conditioning])
+                evals.append(evaluator.evaluate_video(clip.reference, pred, clip.alpha, face))
                 start += clip.frames
-        return TaskResult.from_evaluation(merge_evaluations(evals), video=rel.as_posix())
+        return TaskResult.from_evaluation(merge_evaluations(evals), video=rel.as_posix(), thumbnail=thumb.as_posix())
 
 
 def connect_ray(config: EvalDriverConfig) -> bool:

@@ -27,7 +27,8 @@ from shards.contract import DataError, atomic_write_bytes, atomic_write_json
 log = logging.getLogger(__name__)
 REPORT_VERSION = 1
 SITE_DIR = "site"
-_DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4, "jod": 2, "akd": 2, "csim": 3}
+_DIGITS = {"psnr": 2, "psnr_frame": 2, "psnr_face": 2, "ssim": 4, "lpips": 4, "lpips_face": 4, "jod": 2, "cvvdp": 2,
+           "colour_error": 1, "akd": 2, "csim": 3}
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 

@@ -12,7 +12,7 @@ import pytest
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
 from cluster.eval_driver import EvalDriverConfig, merge_evaluations, run_evaluation
-from cluster.eval_driver.driver import cross_drivers
+from cluster.eval_driver.driver import cross_drivers, video_fps
 from cluster.eval_driver.tasks import TaskSkipped, cross_reenactment, novel_view, open_store, parse_key, \
     self_reenactment
 from cluster.report import RunResults
@@ -94,6 +94,15 @@ def test_merge_evaluations_and_drivers():
     m = merge_evaluations([e1, e2])
     assert m["frames"] == 3 and m["metrics"]["psnr"] == {"mean": 22.0, "per_frame": [19.0, 21.0, 26.0]}
     assert m["metrics"]["jod"] == {"mean": 7.0, "per_frame": None} and m["skipped"] == {"akd": "no model"}
+    # the protocol PSNR is a per-sequence value: averaged over clips, not frames
+    e1["metrics"]["psnr"], e2["metrics"]["psnr"] = {"mean": 25.0, "per_frame": None}, {"mean": 27.0, "per_frame": None}
+    assert merge_evaluations([e1, e2])["metrics"]["psnr"] == {"mean": 26.0, "per_frame": None}
+
+
+def test_short_videos_play_slower():
+    assert video_fps(16, 24.0, 6.0, 4.0) == 4.0  # 16 frames would last 0.7 s at 24 fps
+    assert video_fps(48, 24.0, 6.0, 4.0) == 8.0
+    assert video_fps(400, 24.0, 6.0, 4.0) == 24.0
 
 
 def test_cross_drivers_skip_persons_without_data(tmp_path):
@@ -118,7 +127,8 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
         runs=runs, shards=shards, stores=stores, reports_root=reports, run_date="2025-03-01",
         renderer=RendererConfig(num_inference_steps=2, max_batch_size=8, batch_wait_timeout_s=0.2, num_cpus=1,
                                 device="cpu"),
-        metrics=("psnr", "ssim", "lpips"), parallel_persons=2, ray_num_cpus=2, ray_object_store_mb=200)
+        metrics=("psnr", "psnr_frame", "ssim", "lpips", "psnr_face", "colour_error"), parallel_persons=2,
+        ray_num_cpus=2, ray_object_store_mb=200)
     summary = run_evaluation(config)
 
     import ray
@@ -136,13 +146,18 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
         assert set(tasks) == {"self_reenactment", "novel_view", "cross_reenactment"}
         for name in ("self_reenactment", "novel_view"):
             r = tasks[name]
-            assert r.frames > 0 and len(r.per_frame["psnr"]) == r.frames
-            assert {"psnr", "ssim", "lpips", "psnr_masked", "ssim_masked", "lpips_masked"} <= set(r.metrics)
+            assert r.frames > 0 and len(r.per_frame["psnr_frame"]) == r.frames and "psnr" not in r.per_frame
+            assert {"psnr", "psnr_frame", "ssim", "lpips", "psnr_masked", "ssim_masked", "lpips_masked", "psnr_face",
+                    "colour_error"} <= set(r.metrics)
             assert all(v is not None and np.isfinite(v) for v in r.metrics.values())
             assert 0 < r.metrics["ssim"] <= 1 and r.metrics["psnr_masked"] > 0
         cross = tasks["cross_reenactment"]
         assert cross.metrics == {} and "no ground truth" in cross.skipped["metrics"] and cross.frames > 0
         for name, r in tasks.items():
+            from PIL import Image
+
+            thumb = np.asarray(Image.open(run / r.thumbnail))  # reference row over render row, 2x
+            assert thumb.shape[0] == 2 * 2 * R and thumb.shape[1] == 2 * R * min(6, r.frames)
             video = read_video(run / r.video)
             # ground truth (or driving frame) | render | normals | depth | canonical
             assert video.shape == (r.frames, R, 5 * R, 3), (name, video.shape)

