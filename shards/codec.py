@@ -20,8 +20,8 @@ byte in a compressed member fails loudly even where the shard's sha256 is not ch
 Quantisation (like the original's 16-bit PNG buffers, but one array): depth 0
 means "no surface" (the rasterized mask), else 1 + round((z - lo) / (hi - lo) *
 65534) with per-sample lo/hi stored in the JSON; canonical coordinates are mapped
-from [-1, 1] to [0, 65535] (spatial ones first normalised to [-1, 1] with the
-person's canonical bounds, ambient ones clipped). Normals get 8 bits. A 16-bit
+from [-1, 1] to [0, 65535] (first normalised to [-1, 1] with the person's
+ranges: spatial ones isotropically, each ambient one on its own; `normalise_canonical`). Normals get 8 bits. A 16-bit
 step is 3e-5 of the range: far below what a 512^2 feature plane can resolve.
 """
 
@@ -58,12 +58,25 @@ class DecodedSample:
     meta: dict
 
 
-def normalise_canonical(canonical: np.ndarray, bounds: list[list[float]], margin: float = 0.05) -> np.ndarray:
-    """Map spatial canonical coords into [-1, 1] with the person's bounds (+ margin); clip ambient."""
+def normalise_canonical(canonical: np.ndarray, bounds: list[list[float]],
+                        ambient_bounds: list[list[float]] | None = None, margin: float = 0.05) -> np.ndarray:
+    """Map canonical coords into [-1, 1] with the person's ranges (+ margin), then clip.
+
+    Spatial xyz: isotropically with ``bounds`` (the shape is kept). Ambient dims: each axis on
+    its own with ``ambient_bounds`` [[min a0, min a1], [max a0, max a1]], so the ambient map is
+    used over its whole extent (NPHM's ambient values span about [-0.2, 0.2]; the official code
+    maps that fixed range onto the map); an axis without spread (FLAME-style zeros) maps to 0.
+    Without ``ambient_bounds`` the ambient values are only clipped.
+    """
     lo, hi = np.asarray(bounds[0], np.float64), np.asarray(bounds[1], np.float64)
     centre, half = (lo + hi) / 2, (hi - lo).max() / 2 * (1 + margin)
     out = canonical.astype(np.float64).copy()
     out[..., :3] = (out[..., :3] - centre) / max(half, 1e-12)
+    if ambient_bounds is not None:
+        a_lo, a_hi = np.asarray(ambient_bounds[0], np.float64), np.asarray(ambient_bounds[1], np.float64)
+        a_centre, a_half = (a_lo + a_hi) / 2, (a_hi - a_lo) / 2 * (1 + margin)
+        flat = a_half <= 1e-12
+        out[..., 3:5] = np.where(flat, 0.0, (out[..., 3:5] - a_centre) / np.where(flat, 1.0, a_half))
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 

@@ -214,6 +214,7 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
     calib, meta, sequences, frames, meshes, n_images = validate_person(capture, config)
     held_out = set(range(len(sequences) - config.held_out_sequences, len(sequences)))
     spatial = np.concatenate([m.canonical[:, :3] for m in meshes])
+    ambient = np.concatenate([m.canonical[:, 3:5] for m in meshes])
     first = next(iter(calib.cameras.values()))
     attrs = {
         "person": person,
@@ -229,6 +230,7 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
         "held_out_sequences": [sequences[i] for i in sorted(held_out)],
         "held_out_camera": config.held_out_camera,
         "canonical_bounds": [spatial.min(0).tolist(), spatial.max(0).tolist()],
+        "ambient_bounds": [ambient.min(0).tolist(), ambient.max(0).tolist()],
     }
     sizes = {(c.width, c.height) for c in calib.cameras.values()}
     if len(sizes) != 1:

@@ -1,10 +1,11 @@
 """The per-person zarr store written by the ingest and read by the shard writer.
 
-Layout of `<person>.zarr` (format version 1)::
+Layout of `<person>.zarr` (format version 2)::
 
     attrs: person, format_version, fingerprint, source_root, expression_dim,
            canonical_dim, mesh_kind, image_size [W, H], serials, sequences,
-           held_out_sequences, held_out_camera, canonical_bounds [[min x,y,z], [max x,y,z]]
+           held_out_sequences, held_out_camera, canonical_bounds [[min x,y,z], [max x,y,z]],
+           ambient_bounds [[min a0, a1], [max a0, a1]] (both over all frames)
     cameras/world_2_cam   (C, 4, 4) float64   OpenCV world -> camera
     cameras/intrinsics    (C, 3, 3) float64
     frames/sequence       (T,) int32          index into attrs.sequences
@@ -32,7 +33,7 @@ import zarr
 
 from .contract import Calibration, Camera, DataError, MeshFrame, PersonCapture
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Canonical channels stored for every mesh kind (FLAME-style meshes get zero ambient dims).
 STORED_CANONICAL_DIMS = 5
 

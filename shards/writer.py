@@ -109,7 +109,7 @@ class MeshTensors:
     @staticmethod
     def from_store(store: PersonStore, frame: int) -> "MeshTensors":
         m = store.mesh(frame)
-        canon = normalise_canonical(m.canonical, store.attrs["canonical_bounds"])
+        canon = normalise_canonical(m.canonical, store.attrs["canonical_bounds"], store.attrs["ambient_bounds"])
         return MeshTensors(torch.from_numpy(m.vertices).float(), torch.from_numpy(m.faces).long(),
                            torch.from_numpy(canon), np.asarray(m.expression))
 
@@ -177,6 +177,7 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
                 meta = {"person": store.person, "sequence": s.sequence, "timestep": s.timestep, "serial": s.serial,
                         "split": s.split, "K": cam.K.tolist(), "world_to_cam": cam.world_to_cam.tolist(),
                         "width": cam.width, "height": cam.height, "canonical_bounds": bounds,
+                        "ambient_bounds": store.attrs["ambient_bounds"],
                         "background": list(config.background)}
                 members = encode_sample(matted, alpha, buf.mask.numpy(), buf.depth.numpy(), buf.attributes.numpy(),
                                         buf.normals.numpy(), np.asarray(expr), meta)

@@ -86,7 +86,8 @@ def test_buffers_survive_quantisation(tiny_stores, tiny_shards):
     dec = decode_sample(f"001/{sample.key}", members)
     mesh = store.mesh(sample.frame)
     buf = rasterize(torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces).long(), store.cameras[sample.camera],
-                    attributes=torch.from_numpy(normalise_canonical(mesh.canonical, store.attrs["canonical_bounds"])),
+                    attributes=torch.from_numpy(normalise_canonical(mesh.canonical, store.attrs["canonical_bounds"],
+                                                                    store.attrs["ambient_bounds"])),
                     backend="cpu")
     m = buf.mask.numpy()
     assert m.sum() > 100
@@ -100,6 +101,40 @@ def test_buffers_survive_quantisation(tiny_stores, tiny_shards):
     # Background pixels (alpha 0) are the background colour exactly.
     bg = dec.alpha[0] == 0
     assert bg.any() and np.all(dec.rgb[:, bg] == 1.0)
+
+
+def test_ambient_range_fills_the_ambient_map():
+    """NPHM's ambient values span about [-0.2, 0.2]: normalised per person and axis, they reach
+    the whole ambient map (clipping alone would use its central fifth); no spread maps to 0."""
+    rng = np.random.default_rng(0)
+    canonical = np.concatenate([rng.uniform(-0.1, 0.1, (5000, 3)), rng.uniform(-0.2, 0.2, (5000, 1)),
+                                rng.uniform(-0.05, 0.15, (5000, 1))], 1)
+    bounds = [canonical[:, :3].min(0).tolist(), canonical[:, :3].max(0).tolist()]
+    ambient = [canonical[:, 3:].min(0).tolist(), canonical[:, 3:].max(0).tolist()]
+    clipped = normalise_canonical(canonical, bounds)
+    assert np.abs(clipped[:, 3]).max() < 0.21  # without the ambient range: a fifth of the map
+    out = normalise_canonical(canonical, bounds, ambient)
+    for axis in (3, 4):
+        assert out[:, axis].min() < -0.94 and out[:, axis].max() > 0.94  # the whole map, less the margin
+        assert np.abs(out[:, axis]).max() <= 1 / 1.05 + 1e-6
+    texels = 64  # every texel column of a 64-wide ambient map is sampled
+    cols = np.floor((out[:, 3] + 1) / 2 * texels).astype(int)
+    assert len(np.unique(cols)) >= texels - 4
+    flat = normalise_canonical(np.concatenate([canonical[:, :3], np.zeros((5000, 2))], 1), bounds,
+                               [[0.0, 0.0], [0.0, 0.0]])
+    assert np.all(flat[:, 3:] == 0)  # FLAME-style meshes: zero ambient stays zero
+
+
+def test_stores_and_shards_carry_the_ambient_range(tiny_stores, tiny_shards):
+    store = PersonStore(tiny_stores / "000.zarr")
+    lo, hi = store.attrs["ambient_bounds"]
+    canon = np.concatenate([store.mesh(f).canonical[:, 3:5] for f in range(store.num_frames)])
+    np.testing.assert_allclose([lo, hi], [canon.min(0), canon.max(0)], rtol=1e-6)
+    assert max(hi) > 0  # the synthetic heads open their jaw and blink
+    path = shard_paths(tiny_shards, "000", "train")[0]
+    with tarfile.open(path) as tar:
+        meta = json.loads(tar.extractfile([m for m in tar.getmembers() if m.name.endswith(".json")][0]).read())
+    assert meta["ambient_bounds"] == store.attrs["ambient_bounds"]
 
 
 def test_resize_option_scales_images_and_cameras(tiny_stores, tmp_path):
