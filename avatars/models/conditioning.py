@@ -13,10 +13,17 @@ from avatars.configs import RASTER_CHANNELS, DiffusionAvatarsConfig
 from avatars.models.feature_planes import FeaturePlanes
 
 REQUIRED_KEYS = ("mask", "depth", "normals", "canonical")
+#: Value of every rasterized channel outside the mask (the official code's): no valid value
+#: reaches it (normalised canonical coordinates stay within +-1/1.05, unit normals cannot be
+#: (-1, -1, -1), depth is (z - 1) / 0.3 for heads about a metre away), while 0, the buffers'
+#: "nothing here", is the centre of every channel's valid range: the face's centre, a normal
+#: in the image plane, an object at depth_center.
+BACKGROUND = -1.0
 
 
 def rasterized_channels(batch: dict, depth_center: float, depth_scale: float) -> torch.Tensor:
-    """(B, 9, H, W): depth normalised inside the mask, canonical xyz, normals, ambient."""
+    """(B, 9, H, W): depth normalised inside the mask, canonical xyz, normals, ambient; every
+    channel is :data:`BACKGROUND` outside the mask."""
     missing = [k for k in REQUIRED_KEYS if k not in batch]
     if missing:
         raise KeyError(f"training batch lacks keys {missing} (see docs/CONTRACTS.md 'Training batch')")
@@ -24,10 +31,10 @@ def rasterized_channels(batch: dict, depth_center: float, depth_scale: float) ->
     canonical = batch["canonical"]
     if canonical.shape[1] != 5:
         raise ValueError(f"batch['canonical'] must have 5 channels (xyz + ambient), got {canonical.shape[1]}")
-    depth = (batch["depth"] - depth_center) / depth_scale * mask
+    depth = (batch["depth"] - depth_center) / depth_scale
     out = torch.cat([depth, canonical[:, 0:3], batch["normals"], canonical[:, 3:5]], dim=1)
     assert out.shape[1] == RASTER_CHANNELS
-    return out
+    return torch.where(mask > 0.5, out, torch.full_like(out, BACKGROUND))
 
 
 class ConditioningBuilder(nn.Module):
