@@ -14,8 +14,10 @@ then a sample is two or three `pread`s and a decode. That gives
   lists (`shards.integrity`), and every zstd member against its frame checksum when
   decoded.
 
-Augmentation (the paper's): a random square-aspect crop covering a fraction in
-[min_crop, 1] of each side, resized to the training size; the image and alpha are
+Augmentation (the paper's): a random square crop covering a fraction in
+[min_crop, 1] of the face window's side (the square of side min(H, W) centred on the
+rasterized head; the whole frame when it is square), resized to the training size;
+evaluation takes the face window itself; the image and alpha are
 resized bilinearly, the geometry buffers with nearest neighbour so that no
 canonical coordinate is blended with the background's zeros.
 """
@@ -49,7 +51,8 @@ class LoaderConfig:
     batch_size: int = 8
     """Samples per batch (per process)."""
     augment: bool = True
-    """Random crop + resize (training). False: the whole image resized (evaluation)."""
+    """Random crop + resize (training). False: the face window (the min(H, W) square centred on the
+    head; the whole frame when square) resized (evaluation)."""
     min_crop: float = 0.7
     """Smallest crop side as a fraction of the image side (the paper's 0.7)."""
     num_workers: int = 2
@@ -178,15 +181,38 @@ def hash_seed(*parts: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
-def crop_box(height: int, width: int, config: LoaderConfig, gen: torch.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of the crop: random in training, the whole image otherwise."""
+def face_window(height: int, width: int, centre: tuple[float, float] | None) -> tuple[int, int, int]:
+    """(top, left, side) of the square of side min(H, W) centred on ``centre`` (row, col; the
+    projected head), shifted to lie inside the frame: the whole frame when it is square."""
+    side = min(height, width)
+    if centre is None or height == width:
+        return (height - side) // 2, (width - side) // 2, side
+    top = int(round(centre[0] - side / 2))
+    left = int(round(centre[1] - side / 2))
+    return min(max(top, 0), height - side), min(max(left, 0), width - side), side
+
+
+def crop_box(height: int, width: int, config: LoaderConfig, gen: torch.Generator,
+             centre: tuple[float, float] | None = None) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the crop, always square, inside the face window (:func:`face_window`):
+    in training a random integer side in [min_crop, 1] of the window's side at a random place in
+    it (the official code's crop); in evaluation the window itself, so a portrait frame is cropped
+    around the head instead of being squeezed into a square."""
+    w_top, w_left, w_side = face_window(height, width, centre)
     if not config.augment:
-        return 0, 0, height, width
+        return w_top, w_left, w_side, w_side
     frac = config.min_crop + (1 - config.min_crop) * torch.rand((), generator=gen).item()
-    side = max(1, int(round(min(height, width) * frac)))
-    top = int(torch.randint(0, height - side + 1, (), generator=gen))
-    left = int(torch.randint(0, width - side + 1, (), generator=gen))
+    side = max(1, int(round(w_side * frac)))
+    top = w_top + int(torch.randint(0, w_side - side + 1, (), generator=gen))
+    left = w_left + int(torch.randint(0, w_side - side + 1, (), generator=gen))
     return top, left, side, side
+
+
+def mask_centre(geom: np.ndarray) -> tuple[float, float] | None:
+    """(row, col) centroid of the rasterized mask (depth code != 0) of a (6, H, W) geometry
+    array, or None when no pixel is covered."""
+    rows, cols = np.nonzero(geom[0])
+    return (float(rows.mean()), float(cols.mean())) if len(rows) else None
 
 
 def _nearest_rows(start: int, length: int, out: int) -> np.ndarray:
@@ -231,7 +257,7 @@ def to_compact_sample(s: RawSample, config: LoaderConfig, gen: torch.Generator) 
     at once, on any device.
     """
     h, w = s.geom.shape[-2:]
-    box = crop_box(h, w, config, gen)
+    box = crop_box(h, w, config, gen, mask_centre(s.geom) if h != w else None)
     r = config.resolution
     index = nearest_crop_index(box, w, r)
     return {

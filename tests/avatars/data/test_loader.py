@@ -208,3 +208,41 @@ def test_zstd_checksums_catch_a_flipped_bit_without_a_manifest(loader_shards, tm
     _flip_byte(paths[shard], off + size // 2)
     with pytest.raises(ShardError, match=f"corrupt sample {key}.*checksum"):
         ds[0]
+
+
+def _portrait_sample(height: int = 96, width: int = 64, head: tuple[int, int] = (55, 30), radius: int = 12):
+    """A non-square (portrait) raw sample whose rasterized head sits low and left of the centre."""
+    from shards.codec import RawSample
+
+    rows, cols = np.mgrid[0:height, 0:width]
+    disc = (rows - head[0]) ** 2 + (cols - head[1]) ** 2 <= radius**2
+    geom = np.zeros((6, height, width), np.uint16)
+    geom[:, disc] = 30000
+    rgb = np.zeros((3, height, width), np.uint8)
+    rgb[0] = rows.astype(np.uint8)  # red encodes the source row, green the source column
+    rgb[1] = cols.astype(np.uint8)
+    return RawSample("p/s/frame_00000/cam_0", rgb, disc[None].astype(np.uint8) * 255, geom,
+                     np.full((3, height, width), 128, np.uint8), np.zeros(4, np.float32), {"depth_range": [0.9, 1.1]})
+
+
+def test_portrait_frames_are_cropped_around_the_head_not_squeezed():
+    from avatars.data.shard_dataset import crop_box, face_window, mask_centre, to_compact_sample
+
+    s = _portrait_sample()
+    centre = mask_centre(s.geom)
+    assert centre == pytest.approx((55, 30), abs=0.5)
+    assert face_window(96, 64, centre) == (23, 0, 64)  # a 64x64 square around row 55
+    assert face_window(96, 64, (5.0, 30.0)) == (0, 0, 64)  # shifted into the frame
+    assert face_window(96, 64, (90.0, 30.0)) == (32, 0, 64)
+    assert face_window(64, 64, centre) == (0, 0, 64)  # square frames: the whole frame
+    evaluation = LoaderConfig(resolution=64, augment=False)
+    out = to_compact_sample(s, evaluation, torch.Generator().manual_seed(0))
+    rows = out["rgb"][0].float()
+    assert rows[0, 0] == 23 and rows[-1, 0] == 86  # rows 23..86, cropped 1:1 instead of squeezed
+    assert out["rgb"].shape == (3, 64, 64)
+    assert (out["geom"][0] != 0).sum() == (s.geom[0] != 0).sum()  # the whole head is in the crop
+    training = LoaderConfig(resolution=32, augment=True, min_crop=0.7)
+    for seed in range(50):
+        top, left, h, w = crop_box(96, 64, training, torch.Generator().manual_seed(seed), centre)
+        assert h == w and 0.7 * 64 - 1 <= h <= 64
+        assert 23 <= top and top + h <= 23 + 64 and 0 <= left and left + w <= 64  # inside the face window
