@@ -1,0 +1,41 @@
+"""Convert a NeRSemble download + NPHM / MonoNPHM / FLAME tracking into the capture layout.
+
+    python jobs/convert_nersemble.py --nersemble /data/nersemble --tracking /data/tracking \\
+        --out data/captures --persons 017,018
+
+What the tracking folder must hold is described in `shards/nersemble.py` and the README
+("From a real NeRSemble download"). Then: `python jobs/ingest.py --captures data/captures`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import tyro
+
+from shards.contract import DataError
+from shards.nersemble import ConvertConfig, convert_person, list_participants
+
+
+@dataclass
+class ConvertArgs:
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    """Inputs, output and conversion settings."""
+
+
+def main(args: ConvertArgs) -> dict[str, str]:
+    """Converts every participant; returns {id: 'converted' | 'skipped' | 'failed: <reason>'}."""
+    results: dict[str, str] = {}
+    for pid in list_participants(args.convert):
+        try:
+            results[pid] = convert_person(args.convert, pid)
+        except DataError as e:  # one broken participant does not stop the others
+            results[pid] = f"failed: {e}"
+        print(f"{pid}: {results[pid]}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    out = main(tyro.cli(ConvertArgs))
+    sys.exit(1 if any(v.startswith("failed") for v in out.values()) else 0)

@@ -1,0 +1,226 @@
+"""Convert a NeRSemble download plus per-frame tracking output into the project's capture layout.
+
+Inputs (what the user provides)::
+
+    <nersemble>/<id>/calibration/camera_params.json           NeRSemble's (shared intrinsics, world_2_cam)
+    <nersemble>/<id>/sequences/<SEQ>/timesteps/frame_XXXXX/<image_folder>/cam_<serial>.jpg|png
+    <nersemble>/<id>/sequences/<SEQ>/timesteps/frame_XXXXX/alpha_map/cam_<serial>.png
+    <tracking>/<id>/meta.json                                 {"mesh_kind": "nphm" | "flame", "expression_dim": D}
+    <tracking>/<id>/<SEQ>/frame_XXXXX.npz                     one fitted mesh per kept timestep
+
+A tracking ``.npz`` holds ``vertices`` (V, 3) posed, in the calibration's world frame, and
+``faces`` (F, 3) (or one ``<tracking>/<id>/faces.npy`` shared by every frame, as FLAME's fixed
+topology), plus
+
+* ``mesh_kind: nphm`` (NPHM / MonoNPHM): ``canonical`` (V, 5), the canonical point of each vertex
+  (3 spatial + 2 ambient dims, from the backward deformation), and ``expression`` (D,) (NPHM 200 +
+  6 eye parameters = 206, MonoNPHM 100);
+* ``mesh_kind: flame``: ``template_vertices`` (V, 3) (the canonical positions) and ``expression``
+  (the expression parameters), optionally ``jaw_pose`` (3) and ``eyes_pose`` (6), which are
+  appended to the code; D is the total length.
+
+Output: the capture layout of ``shards.contract`` (PNG images and alpha maps at the image size
+used, per-camera intrinsics scaled to it, tracking ``.npz`` files and ``meta.json``), every
+``frame_stride``-th timestep (NeRSemble records at 73 fps; the paper uses every 3rd). Everything
+is checked before a person is written (errors name the file and the field), files are written
+atomically, and a person whose output is complete for the same settings is skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .contract import (
+    Calibration,
+    Camera,
+    DataError,
+    MeshFrame,
+    PersonCapture,
+    TrackingMeta,
+    atomic_write_bytes,
+    atomic_write_json,
+    parse_frame_name,
+)
+
+DONE_MARKER = "nersemble_conversion.json"
+
+
+@dataclass
+class ConvertConfig:
+    """Where the download and the tracking are, and how to convert them."""
+
+    nersemble: Path = Path("nersemble")
+    """Root of the NeRSemble download (one folder per participant id)."""
+    tracking: Path = Path("tracking")
+    """Root of the tracking output: `<tracking>/<id>/meta.json` and `<tracking>/<id>/<SEQ>/frame_XXXXX.npz`."""
+    out: Path = Path("data/captures")
+    """Capture root to write (the input of jobs/ingest.py)."""
+    persons: str = "all"
+    """'all' (every id with tracking) or comma-separated participant ids."""
+    sequences: str = "all"
+    """'all' (every sequence with tracking) or comma-separated sequence names."""
+    image_folder: str = "images-2x"
+    """Image folder inside each timestep (NeRSemble: images-2x, half resolution JPEGs)."""
+    frame_stride: int = 3
+    """Keep timesteps whose number is a multiple of this (the paper: every 3rd of 73 fps)."""
+    intrinsics_size: tuple[int, int] = (2200, 3208)
+    """Image size (width, height) the calibration's intrinsics refer to (NeRSemble: the full
+    2200x3208 frames); they are scaled to the size of the images converted."""
+
+    def __post_init__(self) -> None:
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1, got {self.frame_stride}")
+
+
+def _names(spec: str) -> list[str] | None:
+    return None if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+
+
+def list_participants(config: ConvertConfig) -> list[str]:
+    """Participant ids to convert: those with a tracking folder (and a download)."""
+    wanted = _names(config.persons)
+    root = Path(config.tracking)
+    if not root.is_dir():
+        raise DataError(root, "tracking root does not exist")
+    ids = wanted if wanted is not None else sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file())
+    if not ids:
+        raise DataError(root, "no participant has tracking output (<tracking>/<id>/meta.json)")
+    return ids
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DataError(path, "image is missing") from None
+    except OSError as e:
+        raise DataError(path, f"unreadable image: {e}") from None
+
+
+def scaled_calibration(path: Path, image_size: tuple[int, int], intrinsics_size: tuple[int, int]) -> Calibration:
+    """NeRSemble's calibration with the intrinsics scaled from `intrinsics_size` to `image_size`."""
+    full = Calibration.load(path, image_size=intrinsics_size)
+    return Calibration({s: Camera(c.serial, c.K, c.world_to_cam, *intrinsics_size).resized(*image_size)
+                        for s, c in full.cameras.items()})
+
+
+def _load_tracking(path: Path, meta: TrackingMeta, shared_faces: np.ndarray | None) -> MeshFrame:
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise DataError(path, "tracking file is missing for a kept timestep") from None
+    except Exception as e:
+        raise DataError(path, f"unreadable tracking file: {e}") from None
+    faces = data.get("faces", shared_faces)
+    need = ["vertices", "expression"] + (["canonical"] if meta.mesh_kind == "nphm" else ["template_vertices"])
+    missing = [k for k in need if k not in data] + (["faces"] if faces is None else [])
+    if missing:
+        raise DataError(path, f"tracking file lacks {', '.join(missing)} (mesh_kind {meta.mesh_kind!r})")
+    if meta.mesh_kind == "nphm":
+        canonical, expression = data["canonical"], data["expression"].reshape(-1)
+    else:
+        canonical = data["template_vertices"]
+        expression = np.concatenate([data["expression"].reshape(-1)] +
+                                    [data[k].reshape(-1) for k in ("jaw_pose", "eyes_pose") if k in data])
+    frame = MeshFrame(np.asarray(data["vertices"], np.float32), np.asarray(faces), np.asarray(canonical, np.float32),
+                      np.asarray(expression, np.float32))
+    frame.validate(path, meta)
+    return frame
+
+
+@dataclass
+class _Frame:
+    sequence: str
+    timestep: int
+    images: dict[str, Path]
+    alphas: dict[str, Path]
+    tracking: Path
+
+
+def plan_person(config: ConvertConfig, pid: str) -> tuple[TrackingMeta, Calibration, list[_Frame]]:
+    """Reads and checks everything of one participant (nothing is written)."""
+    src = Path(config.nersemble) / pid
+    trk = Path(config.tracking) / pid
+    if not src.is_dir():
+        raise DataError(src, f"participant {pid} is not in the NeRSemble download")
+    meta = TrackingMeta.load(trk / "meta.json")
+    wanted = _names(config.sequences)
+    seqs = sorted(p.name for p in trk.iterdir() if p.is_dir()) if wanted is None else wanted
+    frames: list[_Frame] = []
+    serials: list[str] | None = None
+    for seq in seqs:
+        tdir = src / "sequences" / seq / "timesteps"
+        if not tdir.is_dir():
+            raise DataError(tdir, f"sequence {seq} has tracking but is not in the download")
+        steps = sorted(t for t in (parse_frame_name(p.name) for p in tdir.iterdir()) if t is not None)
+        for t in (t for t in steps if t % config.frame_stride == 0):
+            fdir = tdir / f"frame_{t:05d}"
+            images = {p.stem.removeprefix("cam_"): p for p in sorted((fdir / config.image_folder).glob("cam_*"))
+                      if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
+            if not images:
+                raise DataError(fdir / config.image_folder, "no cam_<serial>.jpg|png images")
+            if serials is None:
+                serials = sorted(images)
+            elif sorted(images) != serials:
+                raise DataError(fdir / config.image_folder, f"cameras {sorted(images)} differ from the first "
+                                                            f"timestep's {serials}")
+            alphas = {s: fdir / "alpha_map" / f"cam_{s}.png" for s in images}
+            for s, a in alphas.items():
+                if not a.is_file():
+                    raise DataError(a, f"alpha map of camera {s} is missing")
+            frames.append(_Frame(seq, t, images, alphas, trk / seq / f"frame_{t:05d}.npz"))
+    if not frames:
+        raise DataError(trk, f"no timestep (every {config.frame_stride}th) with tracking in sequences {seqs}")
+    size = _image_size(next(iter(frames[0].images.values())))
+    calibration = scaled_calibration(src / "calibration" / "camera_params.json", size, config.intrinsics_size)
+    missing = [s for s in serials if s not in calibration.cameras]
+    if missing:
+        raise DataError(src / "calibration" / "camera_params.json", f"no calibration for cameras {missing}")
+    calibration = Calibration({s: calibration.cameras[s] for s in serials})
+    return meta, calibration, frames
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def convert_person(config: ConvertConfig, pid: str, progress: bool = True) -> str:
+    """Converts one participant; returns 'converted' or 'skipped' (already complete)."""
+    from tqdm import tqdm
+
+    capture = PersonCapture(Path(config.out), pid)
+    spec = json.loads(json.dumps({"config": asdict(config), "person": pid}, default=str))
+    marker = capture.dir / DONE_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return "skipped"
+    meta, calibration, frames = plan_person(config, pid)
+    shared = Path(config.tracking) / pid / "faces.npy"
+    shared_faces = np.load(shared) if shared.is_file() else None
+    meshes = [_load_tracking(f.tracking, meta, shared_faces) for f in frames]  # all checked before writing
+    size = (next(iter(calibration.cameras.values())).width, next(iter(calibration.cameras.values())).height)
+    calibration.save(capture.calibration_path)
+    meta.save(capture.tracking_meta_path)
+    for f, mesh in tqdm(list(zip(frames, meshes)), desc=f"convert {pid}", unit="frame", disable=not progress):
+        for serial, path in f.images.items():
+            with Image.open(path) as im:
+                if im.size != size:
+                    raise DataError(path, f"image size {im.size} differs from the first image's {size}")
+                atomic_write_bytes(capture.image_path(f.sequence, f.timestep, serial), _png(im.convert("RGB")))
+            with Image.open(f.alphas[serial]) as a:
+                a = a.convert("L")
+                if a.size != size:  # alpha maps may come at another resolution
+                    a = a.resize(size, Image.BILINEAR)
+                atomic_write_bytes(capture.alpha_path(f.sequence, f.timestep, serial), _png(a))
+        mesh.save(capture.mesh_path(f.sequence, f.timestep))
+    atomic_write_json(marker, spec)  # last: marks the person complete
+    return "converted"

@@ -1,0 +1,110 @@
+"""jobs/convert_nersemble.py on a small fake NeRSemble download, then the ingest on its output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.convert_nersemble import ConvertArgs, main
+from shards.contract import Calibration, DataError, MeshFrame, PersonCapture
+from shards.nersemble import ConvertConfig, convert_person
+
+SERIALS = ("222200036", "222200037")
+FULL = (80, 120)  # (width, height) the intrinsics refer to
+HALF = (40, 60)  # the images-2x size
+
+
+def _fake_download(root: Path, kind: str = "nphm", timesteps: int = 7) -> tuple[Path, Path]:
+    """1 participant, 2 sequences, `timesteps` timesteps, 2 cameras; tracking for every 3rd."""
+    src, trk = root / "nersemble" / "017", root / "tracking" / "017"
+    K = [[100.0, 0, 39.5], [0, 100.0, 59.5], [0, 0, 1]]
+    w2c = {s: np.eye(4).tolist() for s in SERIALS}
+    for s in SERIALS:
+        w2c[s][2][3] = 1.0 + 0.1 * SERIALS.index(s)
+    (src / "calibration").mkdir(parents=True)
+    (src / "calibration" / "camera_params.json").write_text(json.dumps({"world_2_cam": w2c, "intrinsics": K}))
+    trk.mkdir(parents=True)
+    dim = 7 if kind == "nphm" else 5 + 3 + 6
+    (trk / "meta.json").write_text(json.dumps({"mesh_kind": kind, "expression_dim": dim}))
+    rng = np.random.default_rng(0)
+    verts = rng.normal(scale=0.05, size=(30, 3))
+    faces = rng.integers(0, 30, (40, 3))
+    for seq in ("EXP-1-head", "EMO-1-shout+laugh"):
+        for t in range(timesteps):
+            fdir = src / "sequences" / seq / "timesteps" / f"frame_{t:05d}"
+            for s in SERIALS:
+                (fdir / "images-2x").mkdir(parents=True, exist_ok=True)
+                (fdir / "alpha_map").mkdir(parents=True, exist_ok=True)
+                img = rng.integers(0, 256, (HALF[1], HALF[0], 3), dtype=np.uint8)
+                Image.fromarray(img).save(fdir / "images-2x" / f"cam_{s}.jpg", quality=95)
+                Image.fromarray(np.full(FULL[::-1], 255, np.uint8)).save(fdir / "alpha_map" / f"cam_{s}.png")
+            if t % 3 == 0:
+                (trk / seq).mkdir(exist_ok=True)
+                if kind == "nphm":
+                    np.savez(trk / seq / f"frame_{t:05d}.npz", vertices=verts + t, faces=faces,
+                             canonical=rng.normal(size=(30, 5)), expression=np.full(dim, t, np.float32))
+                else:
+                    np.savez(trk / seq / f"frame_{t:05d}.npz", vertices=verts + t, template_vertices=verts,
+                             expression=np.full(5, t, np.float32), jaw_pose=np.zeros(3), eyes_pose=np.ones(6))
+    if kind == "flame":
+        np.save(trk / "faces.npy", faces)
+    return root / "nersemble", root / "tracking"
+
+
+def test_converts_every_third_timestep_with_scaled_intrinsics(tmp_path):
+    nersemble, tracking = _fake_download(tmp_path)
+    out = tmp_path / "captures"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    assert main(ConvertArgs(config)) == {"017": "converted"}
+    capture = PersonCapture(out, "017")
+    assert capture.sequences() == ["EMO-1-shout+laugh", "EXP-1-head"]
+    assert capture.timesteps("EXP-1-head") == [0, 3, 6]  # every 3rd of the 73 fps capture
+    calib = Calibration.load(capture.calibration_path)
+    cam = calib.cameras["222200037"]
+    assert (cam.width, cam.height) == HALF
+    np.testing.assert_allclose(cam.K, [[50, 0, 19.5], [0, 50, 29.5], [0, 0, 1]])  # half size: the image centre stays the centre
+    img = Image.open(capture.image_path("EXP-1-head", 3, "222200037"))
+    alpha = Image.open(capture.alpha_path("EXP-1-head", 3, "222200037"))
+    assert img.format == "PNG" and img.mode == "RGB" and img.size == HALF and alpha.size == HALF and alpha.mode == "L"
+    mesh = MeshFrame.load(capture.mesh_path("EXP-1-head", 6))
+    assert mesh.canonical.shape == (30, 5) and np.all(mesh.expression == 6)
+    assert main(ConvertArgs(config)) == {"017": "skipped"}  # complete for the same settings
+
+    # the output is a valid capture: the ingest accepts it
+    from shards.ingest import IngestConfig, ingest_person
+
+    ingest_person(out, "017", tmp_path / "zarr", IngestConfig(held_out_sequences=1, held_out_camera="222200037"))
+    assert (tmp_path / "zarr" / "017.zarr").exists()
+
+
+def test_flame_tracking_uses_template_vertices_and_appends_poses(tmp_path):
+    nersemble, tracking = _fake_download(tmp_path, kind="flame", timesteps=4)
+    out = tmp_path / "captures"
+    assert convert_person(ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL), "017", progress=False) == "converted"
+    mesh = MeshFrame.load(PersonCapture(out, "017").mesh_path("EXP-1-head", 3))
+    assert mesh.canonical.shape == (30, 3) and mesh.expression.shape == (14,)
+    np.testing.assert_array_equal(mesh.expression, [3] * 5 + [0] * 3 + [1] * 6)
+
+
+def test_errors_name_the_file_and_nothing_is_written(tmp_path):
+    nersemble, tracking = _fake_download(tmp_path)
+    out = tmp_path / "captures"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    broken = tracking / "017" / "EXP-1-head" / "frame_00003.npz"
+    broken.unlink()
+    with pytest.raises(DataError, match="frame_00003.npz.*tracking file is missing"):
+        convert_person(config, "017", progress=False)
+    assert not out.exists()  # everything is checked before anything is written
+    np.savez(broken, vertices=np.zeros((30, 3)), faces=np.zeros((1, 3), int), expression=np.zeros(7))
+    with pytest.raises(DataError, match="lacks canonical"):
+        convert_person(config, "017", progress=False)
+    np.savez(broken, vertices=np.zeros((30, 3)), faces=np.zeros((1, 3), int), canonical=np.zeros((30, 5)),
+             expression=np.zeros(9))
+    with pytest.raises(DataError, match="expression code must have dimension 7"):
+        convert_person(config, "017", progress=False)
+    (nersemble / "017" / "calibration" / "camera_params.json").write_text("{")
+    assert main(ConvertArgs(config))["017"].startswith("failed: ")
