@@ -15,16 +15,19 @@ from torch import nn
 from avatars.configs import FeatureConfig
 
 
-def _sample(plane: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Bilinearly sample ``plane`` (C, R, R) at ``coords`` (B, 2, H, W) in [-1, 1] -> (B, C, H, W).
+def _sample(planes: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Bilinearly sample P planes (P, C, R, R) at coords (P, B, 2, H, W) in [-1, 1] -> (B, P * C, H, W),
+    plane by plane in channel order, with one ``grid_sample`` call in float32.
 
-    ``coords[:, 0]`` indexes the plane's width axis, ``coords[:, 1]`` its height axis
-    (``grid_sample`` convention), ``align_corners=False``, zeros outside [-1, 1].
+    ``coords[:, :, 0]`` indexes a plane's width axis, ``coords[:, :, 1]`` its height axis
+    (``grid_sample`` convention), ``align_corners=False``, zeros outside [-1, 1]. The frames of
+    the batch are stacked along the grid's height, so no plane is copied per frame. float32
+    whatever the planes' dtype: a bf16 coordinate is off by up to a texel of a 512 plane.
     """
-    batch = coords.shape[0]
-    grid = coords.permute(0, 2, 3, 1).to(plane.dtype)
-    planes = plane.unsqueeze(0).expand(batch, -1, -1, -1)
-    return F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    count, batch, _, height, width = coords.shape
+    grid = coords.float().permute(0, 1, 3, 4, 2).reshape(count, batch * height, width, 2)
+    out = F.grid_sample(planes.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.view(count, -1, batch, height, width).permute(2, 0, 1, 3, 4).reshape(batch, -1, height, width)
 
 
 def spherical_uv(xyz: torch.Tensor) -> torch.Tensor:
@@ -73,11 +76,12 @@ class FeaturePlanes(nn.Module):
         """canonical (B, 5, H, W) xyz + ambient, mask (B, 1, H, W) -> (B, out_channels, H, W)."""
         if self.spatial is None:
             return canonical.new_zeros(canonical.shape[0], 0, *canonical.shape[2:])
-        xyz, ambient = canonical[:, 0:3], canonical[:, 3:5]
+        ambient = canonical[:, 3:5]
         if self.config.mapping == "triplane":
-            pairs = ((0, 1), (0, 2), (1, 2))
-            feats = [_sample(self.spatial[i], xyz[:, list(p)]) for i, p in enumerate(pairs)]
+            # planes xy, xz, yz, ambient; slices, so no index tensor travels to the device
+            coords = torch.stack([canonical[:, 0:2], canonical[:, 0:3:2], canonical[:, 1:3], ambient])
+            feats = _sample(torch.cat([self.spatial, self.ambient.unsqueeze(0)]), coords)
         else:
-            feats = [_sample(self.spatial[0], spherical_uv(xyz))]
-        feats.append(_sample(self.ambient, ambient))
-        return torch.cat(feats, dim=1) * mask.to(feats[0].dtype)
+            feats = torch.cat([_sample(self.spatial, spherical_uv(canonical[:, 0:3]).unsqueeze(0)),
+                               _sample(self.ambient.unsqueeze(0), ambient.unsqueeze(0))], dim=1)
+        return feats * mask.to(feats.dtype)

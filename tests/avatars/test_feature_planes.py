@@ -44,3 +44,37 @@ def test_no_spatial_features_variant():
     planes = FeaturePlanes(FeatureConfig(mapping="none"))
     assert list(planes.parameters()) == []
     assert planes(torch.rand(2, 5, 4, 4), torch.ones(2, 1, 4, 4)).shape == (2, 0, 4, 4)
+
+
+def test_fused_lookup_equals_one_grid_sample_per_plane():
+    """One grid_sample over all planes (frames stacked along the grid) == the per-plane lookup."""
+    import torch.nn.functional as F
+
+    planes = FeaturePlanes(FeatureConfig(mapping="triplane", resolution=16, channels=3),
+                           generator=torch.Generator().manual_seed(0))
+    canonical = torch.rand(3, 5, 6, 7, generator=torch.Generator().manual_seed(1)) * 2.2 - 1.1
+    mask = (torch.rand(3, 1, 6, 7) > 0.3).float()
+
+    def one(plane, coords):
+        grid = coords.permute(0, 2, 3, 1)
+        return F.grid_sample(plane.unsqueeze(0).expand(3, -1, -1, -1), grid, align_corners=False)
+
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected = torch.cat([one(planes.spatial[i], canonical[:, list(p)]) for i, p in enumerate(pairs)]
+                         + [one(planes.ambient, canonical[:, 3:5])], dim=1) * mask
+    torch.testing.assert_close(planes(canonical, mask), expected, rtol=0, atol=1e-6)
+
+
+def test_bf16_planes_are_sampled_in_float32():
+    """The lookup coordinate stays float32: in bf16, 0.501 rounds to 0.5, an eighth of a texel
+    of a 256 plane; the plane values here (texel indices) are exact in bf16."""
+    planes = FeaturePlanes(FeatureConfig(mapping="triplane", resolution=256, channels=1))
+    with torch.no_grad():
+        planes.spatial[0, 0] = torch.arange(256.0)[None, :]  # value = texel column
+    coords = torch.zeros(1, 5, 1, 1)
+    coords[0, 0] = 0.501
+    expected = (0.501 + 1) / 2 * 256 - 0.5  # continuous texel position (align_corners=False)
+    planes.to(torch.bfloat16)
+    out = planes(coords, torch.ones(1, 1, 1, 1))
+    assert out.dtype == torch.float32
+    assert abs(out[0, 0, 0, 0].item() - expected) < 1e-3
