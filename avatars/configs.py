@@ -241,3 +241,50 @@ def tiny_config(expression_dim: int = 16, **overrides: Any) -> DiffusionAvatarsC
     config = dataclasses.replace(config, **overrides) if overrides else config
     config.validate()
     return config
+
+
+@dataclass
+class RenderOptions:
+    """How :class:`RenderPipeline` runs a model."""
+
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Weights of the networks and the VAE: "auto" = bf16 on CUDA, fp32 elsewhere (on the CPU bf16
+    renders single frames slower, see README)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the networks of a denoising step ("auto": on CUDA only; a CPU compile takes
+    minutes for little gain). On CUDA the "reduce-overhead" mode records CUDA graphs per bucket."""
+    batch_buckets: tuple[int, ...] = ()
+    """Batch sizes a call runs at (padded up to the smallest that holds it). Empty: powers of two
+    up to the renderer's max batch size, plus that size. One bucket: no batching effect at all."""
+    decode_chunk: int = 8
+    """Most frames the VAE decodes at once (memory: the float32 decode of 32 512x512 frames
+    reserved 74 GiB on an H100)."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
+        if any(int(b) < 1 for b in self.batch_buckets):
+            raise ValueError(f"batch buckets must be >= 1, got {self.batch_buckets}")
+        if self.decode_chunk < 1:
+            raise ValueError("decode_chunk must be >= 1")
+
+    def precision_on(self, device_type: str) -> str:
+        """"bf16" or "fp32" on a device of this type ("cuda", "cpu", ...)."""
+        if self.precision == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return self.precision
+
+    def compiles_on(self, device_type: str) -> bool:
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
+
+    def buckets(self, max_batch_size: int) -> tuple[int, ...]:
+        if self.batch_buckets:
+            return tuple(sorted({int(b) for b in self.batch_buckets}))
+        sizes = {max_batch_size}
+        size = 1
+        while size < max_batch_size:
+            sizes.add(size)
+            size *= 2
+        return tuple(sorted(sizes))

@@ -26,3 +26,20 @@ def synthetic_batch(batch_size: int = 2, size: int = 64, expression_dim: int = 1
         "expression": torch.randn(batch_size, expression_dim, generator=g),
         "__key__": [f"person/seq/frame_{i:05d}/cam_0" for i in range(batch_size)],
     }
+
+
+def activate_zero_layers(model, seed: int = 1, scale: float = 0.1):
+    """Give a fresh model's zero-initialised layers (ControlNet outputs, expression ``to_out``) small
+    random weights, so that conditioning and expression change its renders (tests, benchmarks)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    if model.controlnet is not None:
+        c = model.controlnet
+        layers += [*c.controlnet_down_blocks, c.controlnet_mid_block, c.controlnet_cond_embedding.conv_out]
+    if model.expression_layers is not None:
+        layers += list(model.expression_layers.output_projections())
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model

@@ -105,10 +105,10 @@ class AvatarPipeline:
                 latents = sample_ddpm(denoise, self.ddpm(num_inference_steps), cond, initial, step_noise)
             else:
                 initial, _ = self.noise.batch(seeds, shape, 0, device)
-                latents = self._sample_diffusers(denoise, cond, initial, num_inference_steps, sampler)
+                latents = self.sample_diffusers(denoise, cond, initial, num_inference_steps, sampler)
         return model.decode_latents(latents)
 
-    def _sample_diffusers(self, denoise: DenoiseFn, cond, initial, num_inference_steps, sampler):
+    def sample_diffusers(self, denoise: DenoiseFn, cond, initial, num_inference_steps, sampler):
         """DDIM / DPM-Solver++ through diffusers' schedulers (deterministic: no per-step noise)."""
         model, size = self.model, initial.shape[0]
         scheduler = sampling_scheduler(model.config.scheduler, sampler)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avatars.configs import RenderOptions
 from cluster.serve.validation import BUFFER_CHANNELS, InvalidRequest, validate_request
 
 
@@ -55,6 +56,9 @@ class RendererConfig:
     metrics_port: int | None = None
     """First port of a replica's Prometheus exporter (the next free one of 64 is taken); None: no
     exporter (the metrics stay readable through the deployment's `metrics_text`)."""
+    pipeline: RenderOptions = dataclasses.field(default_factory=RenderOptions)
+    """How each replica runs the model (precision, torch.compile, batch buckets, VAE decode chunk);
+    a replica warms every bucket up before it takes requests."""
 
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
@@ -130,7 +134,7 @@ class FrameRenderer:
 
     def __init__(self, model_dir: Path, config: RendererConfig):
         from avatars.models import DiffusionAvatarsModel
-        from avatars.pipelines import AvatarPipeline
+        from avatars.pipelines import RenderPipeline
 
         self.model_dir = Path(model_dir)
         self.config = config
@@ -138,10 +142,12 @@ class FrameRenderer:
             raise FileNotFoundError(f"{self.model_dir}: no trained avatar here (config.json missing; did training finish?)")
         self.device = resolve_device(config.device)
         model = DiffusionAvatarsModel.from_pretrained(self.model_dir, base_model=config.base_model)
-        self.model = model.to(self.device).eval()
-        self.pipeline = AvatarPipeline(self.model)
+        self.pipeline = RenderPipeline(model.to(self.device), config.pipeline, max_batch_size=config.max_batch_size)
+        self.model = self.pipeline.model
         self.expression_dim = int(self.model.config.expression_dim)
         self.resolution = int(self.model.config.resolution)
+        # compile / record every batch bucket now, so that no live request waits for it
+        self.pipeline.warm_up(self.resolution, self.resolution, config.num_inference_steps, config.sampler)
 
     def check(self, request: RenderRequest) -> None:
         if not isinstance(request, RenderRequest):

@@ -6,7 +6,7 @@ from avatars.models import DiffusionAvatarsModel
 from avatars.host_sync import count_host_reads
 from avatars.pipelines import AvatarPipeline
 from avatars.schedulers import sampling_scheduler
-from avatars.testing import synthetic_batch
+from avatars.testing import activate_zero_layers, synthetic_batch
 
 
 @pytest.fixture(autouse=True)
@@ -19,15 +19,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def pipeline():
-    model = DiffusionAvatarsModel(tiny_config())
-    # move the zero-initialised layers so that conditioning and expression change the output
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in [*model.controlnet.controlnet_down_blocks, model.controlnet.controlnet_mid_block,
-                      model.controlnet.controlnet_cond_embedding.conv_out, *model.expression_layers.output_projections()]:
-            for p in layer.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return AvatarPipeline(model)
+    # the zero-initialised layers moved, so that conditioning and expression change the output
+    return AvatarPipeline(activate_zero_layers(DiffusionAvatarsModel(tiny_config())))
 
 
 def _frames(n=2):

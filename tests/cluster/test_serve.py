@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from avatars.configs import tiny_config
+from avatars.configs import RenderOptions, tiny_config
 from avatars.models import DiffusionAvatarsModel
 from avatars.pipelines import AvatarPipeline
 from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest
@@ -62,6 +62,16 @@ def test_frame_renderer_batch_equals_alone_and_pipeline(model_dir):
     # ... and the seed matters (so the equality above is not trivially true)
     other = renderer.render([RenderRequest(**{**q.__dict__, "seed": 7})])[0]
     assert np.abs(other.image - batched[3].image).max() > 1e-2
+
+
+def test_frame_renderer_with_one_bucket_is_bit_for_bit_independent_of_batching(model_dir):
+    config = RendererConfig(num_inference_steps=STEPS, device="cpu", max_batch_size=4,
+                            pipeline=RenderOptions(batch_buckets=(4,)))
+    renderer = FrameRenderer(model_dir, config)
+    reqs = make_requests(3, seed_of=lambda i: i)
+    batched = renderer.render(reqs)
+    for q, b in zip(reqs, batched):
+        np.testing.assert_array_equal(renderer.render([q])[0].image, b.image)
 
 
 def test_frame_renderer_rejects_bad_requests(model_dir, tmp_path):

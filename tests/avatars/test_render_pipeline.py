@@ -1,0 +1,192 @@
+"""The fast render pipeline (Serve's): buckets and padding, precision, compile, fixed noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avatars.configs import tiny_config
+from avatars.host_sync import count_host_reads
+from avatars.models import DiffusionAvatarsModel
+from avatars.pipelines import AvatarPipeline, RenderOptions, RenderPipeline
+from avatars.pipelines.render_pipeline import bucket_for, pad_batch
+from avatars.testing import activate_zero_layers, synthetic_batch
+
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _model(**overrides):
+    return activate_zero_layers(DiffusionAvatarsModel(tiny_config(**overrides)))
+
+
+def _frames(n):
+    batch = synthetic_batch(n, seed=n)
+    return {k: batch[k] for k in ("mask", "depth", "normals", "canonical", "expression")}
+
+
+def _take(batch, index):
+    return {k: v[index] for k, v in batch.items()}
+
+
+def test_buckets_and_padding():
+    assert RenderOptions().buckets(8) == (1, 2, 4, 8)
+    assert RenderOptions().buckets(6) == (1, 2, 4, 6)
+    assert RenderOptions().buckets(1) == (1,)
+    assert RenderOptions(batch_buckets=(8, 3, 3)).buckets(16) == (3, 8)
+    assert [bucket_for(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    with pytest.raises(ValueError, match="largest bucket"):
+        bucket_for(9, (1, 2, 4, 8))
+    batch = _frames(3)
+    padded = pad_batch(batch, 5)
+    assert padded["mask"].shape[0] == 5
+    assert torch.equal(padded["canonical"][:3], batch["canonical"])
+    assert torch.equal(padded["expression"][3], batch["expression"][2])
+    assert torch.equal(padded["expression"][4], batch["expression"][2])
+    assert pad_batch(batch, 3) is batch
+    with pytest.raises(ValueError, match="pad"):
+        pad_batch(batch, 2)
+    for bad in (dict(precision="fp16"), dict(compile="yes"), dict(batch_buckets=(0,)), dict(decode_chunk=0)):
+        with pytest.raises(ValueError):
+            RenderOptions(**bad)
+
+
+def test_equals_the_plain_pipeline_on_the_padded_batch():
+    """fp32 on CPU: the render pipeline computes exactly what AvatarPipeline computes for the
+    padded batch (same conditioning, sampler, noise and decode)."""
+    model = _model()
+    plain = AvatarPipeline(model)
+    batch = _frames(3)
+    expected = plain(pad_batch(batch, 4), num_inference_steps=STEPS, seeds=[4, 5, 6, 6])
+    fast = RenderPipeline(model, RenderOptions(batch_buckets=(4,)))
+    assert fast.dtype == torch.float32 and not fast.compiled
+    out = fast(batch, num_inference_steps=STEPS, seeds=[4, 5, 6])
+    assert out.shape == (3, 3, 64, 64) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected[:3], rtol=0, atol=0)
+
+
+def test_a_frame_renders_bit_for_bit_alone_or_in_a_batch():
+    pipe = RenderPipeline(_model(), RenderOptions(batch_buckets=(4,)))
+    batch = _frames(4)
+    seeds = [3, 9, 3, 1]
+    together = pipe(batch, num_inference_steps=STEPS, seeds=seeds)
+    for i, seed in enumerate(seeds):
+        alone = pipe(_take(batch, slice(i, i + 1)), num_inference_steps=STEPS, seeds=seed)
+        torch.testing.assert_close(alone[0], together[i], rtol=0, atol=0)
+    # several buckets: a frame alone runs at bucket 1, in the batch at bucket 4 (kernel rounding only)
+    pipe.buckets = RenderOptions().buckets(4)
+    alone = pipe(_take(batch, slice(1, 2)), num_inference_steps=STEPS, seeds=9)
+    torch.testing.assert_close(alone[0], together[1], rtol=0, atol=1e-5)
+
+
+def test_large_calls_are_split_across_buckets():
+    pipe = RenderPipeline(_model(), RenderOptions(batch_buckets=(1, 2)))
+    batch = _frames(5)
+    out = pipe(batch, num_inference_steps=2, seeds=[0, 1, 2, 3, 4])
+    assert out.shape[0] == 5
+    second = pipe(_take(batch, slice(2, 4)), num_inference_steps=2, seeds=[2, 3])
+    torch.testing.assert_close(out[2:4], second, rtol=0, atol=0)
+
+
+def test_decode_chunks_and_samplers():
+    model = _model()
+    batch = _frames(4)
+    whole = RenderPipeline(model, RenderOptions(batch_buckets=(4,)))(batch, num_inference_steps=2)
+    chunked = RenderPipeline(model, RenderOptions(batch_buckets=(4,), decode_chunk=1))(batch, num_inference_steps=2)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    pipe = RenderPipeline(model, RenderOptions(batch_buckets=(1, 2)))
+    for sampler in ("ddim", "dpm"):
+        out = pipe(_take(batch, slice(0, 2)), num_inference_steps=3, sampler=sampler, seeds=[1, 1])
+        plain = AvatarPipeline(model)(_take(batch, slice(0, 2)), num_inference_steps=3, sampler=sampler, seeds=1)
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    with pytest.raises(KeyError, match="expression"):
+        pipe({k: v for k, v in batch.items() if k != "expression"})
+
+
+def test_bf16_weights_render_close_to_fp32():
+    batch = _frames(2)
+    reference = RenderPipeline(_model(), RenderOptions(batch_buckets=(2,)))(batch, num_inference_steps=STEPS)
+    pipe = RenderPipeline(_model(), RenderOptions(precision="bf16", batch_buckets=(2,)))
+    model = pipe.model
+    assert model.unet.dtype == model.controlnet.dtype == model.vae.dtype == torch.bfloat16
+    assert model.conditioning.features.spatial.dtype == torch.float32  # the lookup stays float32
+    out = pipe(batch, num_inference_steps=STEPS)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - reference).abs().mean() < 0.05
+
+
+def test_the_ddpm_render_reads_nothing_from_the_device():
+    pipe = RenderPipeline(_model(), RenderOptions(batch_buckets=(2,)))
+    batch = _frames(2)
+    pipe(batch, num_inference_steps=STEPS)  # noise drawn and cached
+    _, reads = count_host_reads(lambda: pipe(batch, num_inference_steps=STEPS))
+    assert reads == []
+
+
+def _compiled_matches_eager(backend: str, buckets: tuple[int, ...]):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _model()
+    eager = RenderPipeline(model, RenderOptions(batch_buckets=buckets))
+    batch = _frames(buckets[-1])
+    expected = {b: eager(_take(batch, slice(0, b)), num_inference_steps=2, seeds=list(range(b))) for b in buckets}
+    pipe = RenderPipeline(model, RenderOptions(compile="on", batch_buckets=buckets), compile_backend=backend)
+    assert pipe.compiled
+    pipe.warm_up(64, 64, num_inference_steps=2)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # warm_up compiled every bucket
+        for b in buckets:
+            out = pipe(_take(batch, slice(0, b)), num_inference_steps=2, seeds=list(range(b)))
+            torch.testing.assert_close(out, expected[b], rtol=0, atol=2e-5)
+        for b in buckets:  # a partial batch is padded to its bucket: still no compilation
+            if b > 1:
+                pipe(_take(batch, slice(0, b - 1)), num_inference_steps=2)
+    torch._dynamo.reset()
+
+
+def test_compiled_path_equals_eager_and_warm_up_covers_every_bucket():
+    """torch.compile's graph capture (the aot_eager backend: fast on CPU) of the denoising step,
+    including the expression tokens the attention hooks read, across buckets."""
+    _compiled_matches_eager("aot_eager", (1, 2, 4))
+
+
+@pytest.mark.slow
+def test_inductor_compiled_path_equals_eager():
+    """The real compiler (inductor: C++ kernels on the CPU, minutes to compile)."""
+    _compiled_matches_eager("inductor", (2,))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_render_is_bf16_compiled_and_never_syncs():
+    """On CUDA the defaults are bf16 weights and a compiled step with CUDA graphs; after warm-up a
+    render neither compiles nor waits for the GPU, and stays close to the float32 eager render."""
+    import torch._dynamo
+
+    from avatars.host_sync import count_host_syncs
+
+    torch._dynamo.reset()
+    reference = RenderPipeline(_model().cuda(), RenderOptions(precision="fp32", compile="off", batch_buckets=(1, 4)))
+    pipe = RenderPipeline(_model().cuda(), RenderOptions(batch_buckets=(1, 4)))
+    assert pipe.dtype == torch.bfloat16 and pipe.compiled
+    pipe.warm_up(64, 64, num_inference_steps=STEPS)
+    batch = {k: v.cuda() for k, v in _frames(4).items()}
+    seeds = [0, 1, 2, 3]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        pipe(batch, num_inference_steps=STEPS, seeds=seeds)  # draws the new seeds' noise
+        out, syncs = count_host_syncs(lambda: pipe(batch, num_inference_steps=STEPS, seeds=seeds), "cuda")
+        alone = pipe(_take(batch, slice(1, 2)), num_inference_steps=STEPS, seeds=1)
+        partial = pipe(_take(batch, slice(0, 3)), num_inference_steps=STEPS, seeds=seeds[:3])
+    assert syncs.count == 0, syncs.sites
+    expected = reference(batch, num_inference_steps=STEPS, seeds=seeds)
+    assert (out - expected).abs().mean() < 0.02
+    assert (alone[0] - out[1]).abs().mean() < 0.02
+    torch.testing.assert_close(partial, out[:3], rtol=0, atol=0)  # same bucket: bit-for-bit
+    torch._dynamo.reset()
