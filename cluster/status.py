@@ -16,6 +16,8 @@ Protocol (``<status_dir>/<person>.json``)::
   progress report of the current run, from which the step rate and ETA are computed (so a
   resumed run's rate does not count steps done by earlier runs).
 * Times are UNIX seconds. Every write is a temp file + rename: readers never see half a file.
+* Writes are best effort: a status file that cannot be written (full or read-only disk)
+  logs one warning per file and never fails the training or the driver that reports it.
 
 The orchestrator (driver) writes ``queued`` and the final verdict; the process running the
 target writes ``running``, progress, and the outcome of its attempt. Training code only
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
@@ -34,6 +37,24 @@ from pathlib import Path
 from typing import Iterator
 
 from shards.contract import atomic_write_json
+
+log = logging.getLogger(__name__)
+_WARNED: set[Path] = set()
+
+
+def _best_effort_write(path: Path, rec: dict) -> bool:
+    """Write a status record; on an I/O error log it (once per file) and go on: the status is
+    informational, and the job it describes must not die of a full disk here."""
+    try:
+        atomic_write_json(path, rec)
+    except OSError as e:
+        if path not in _WARNED:
+            _WARNED.add(path)
+            log.warning("cannot write status file %s (status updates for it are skipped): %s", path, e)
+        return False
+    _WARNED.discard(path)
+    return True
+
 
 STATES = ("queued", "running", "succeeded", "failed")
 
@@ -97,7 +118,7 @@ def write_state(
     if message is not None:
         rec["message"] = message
     rec.setdefault("message", "")
-    atomic_write_json(path, rec)
+    _best_effort_write(path, rec)
     return rec
 
 
@@ -133,7 +154,7 @@ class StatusReporter:
             rec["pid"] = os.getpid()
             rec["rate_step0"] = None
             rec["rate_t0"] = None
-            atomic_write_json(self.path, rec)
+            _best_effort_write(self.path, rec)
 
     def progress(self, step: int, total_steps: int | None = None, message: str | None = None) -> bool:
         """Record ``step`` (of ``total_steps``); returns True when the file was written."""
@@ -157,8 +178,7 @@ class StatusReporter:
         rec.setdefault("started_at", t)
         if rec.get("rate_t0") is None:
             rec["rate_step0"], rec["rate_t0"] = int(step), t
-        atomic_write_json(self.path, rec)
-        return True
+        return _best_effort_write(self.path, rec)
 
 
 _ACTIVE: StatusReporter | None = None

@@ -13,8 +13,9 @@ Stages, each skipping work that is already up to date:
    its reserved CPUs/GPUs, bounded retries, resume from the last checkpoint;
 4. evaluation: the Ray Serve renderer renders every trained person's evaluation set,
    computes the metrics and writes results.json, the videos and the nightly report.
-Exit code 0 only when every person trained and was evaluated; a summary table names
-the failed persons.
+Exit code 0 only when every person trained and was evaluated, 1 when some failed (a
+summary table names them), 2 when nothing could be run (bad input, an unusable work
+directory).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from jobs import ingest as ingest_job
 from jobs import make_synthetic
 from jobs import preprocess as preprocess_job
 from jobs._parallel import default_workers
-from shards.contract import DataError
+from shards.contract import DataError, find_persons
 from shards.ingest import IngestConfig
 from shards.synthetic import SyntheticConfig
 from shards.writer import ShardConfig
@@ -77,6 +78,8 @@ class LaunchAllArgs:
     """Render the evaluation set of every trained person and write the nightly report."""
     eval_inference_steps: int = 20
     """Sampling steps of the evaluation renders (DDPM; the paper's 20)."""
+    min_free_gb: float = 1.0
+    """Refuse to start (exit code 2) when the work directory has less free space than this (GiB)."""
 
 
 def _data(args: LaunchAllArgs) -> tuple[list[str], dict[str, str]]:
@@ -155,33 +158,66 @@ def _evaluate(args: LaunchAllArgs, persons: list[str]):
     return run_evaluation(config)
 
 
-def main(args: LaunchAllArgs) -> int:
-    from cluster.orchestrate import exit_code, format_summary, write_summary_json
+def requested_persons(args: LaunchAllArgs) -> list[str]:
+    """The persons this run is for (known before any data is written)."""
+    if args.persons != "all":
+        return [p.strip() for p in args.persons.split(",") if p.strip()]
+    if args.captures is None:
+        return list(args.synthetic.person_ids)
+    return find_persons(args.captures)
 
+
+def main(args: LaunchAllArgs) -> int:
+    """Run the whole pipeline; returns the exit code.
+
+    An I/O error (full or read-only disk) that stops a stage does not end in a traceback:
+    every person that had not finished is reported failed with the error (naming the path),
+    the summary is printed and written (to a fallback path when the work directory cannot
+    take it), and a re-run after freeing space continues where this one stopped.
+    """
     from cluster.jobs import JobResult
+    from cluster.orchestrate import check_workdir, exit_code, format_summary, write_summary_json
 
     t0 = time.time()
-    persons, data_failed = _data(args)
-    results = []
-    if persons:
-        base_model = _base_model(args)
-        results = _train(args, persons, base_model)
+    check_workdir(args.workdir, args.min_free_gb)
+    requested = requested_persons(args)
+    results: list[JobResult] = []
+    data_failed: dict[str, str] = {}
+    stage = "data"
+    try:
+        persons, data_failed = _data(args)
+        if persons:
+            stage = "base model"
+            base_model = _base_model(args)
+            stage = "training"
+            results = _train(args, persons, base_model)
+    except OSError as e:
+        print(f"error: the {stage} stage stopped on an I/O error: {e}", file=sys.stderr)
+        done = {r.person for r in results} | set(data_failed)
+        results += [JobResult(person=p, ok=False, attempts=0, error=f"{stage}: I/O error: {e}")
+                    for p in requested if p not in done]
     # Persons whose data could not be prepared fail alone, listed with the others.
     results += [JobResult(person=p, ok=False, attempts=0, error=reason) for p, reason in data_failed.items()]
     print(format_summary(results))
-    write_summary_json(results, args.workdir / "runs" / "summary.json")
+    written = write_summary_json(results, args.workdir / "runs" / "summary.json")
+    print(f"summary: {written}" if written else "summary: could not be written anywhere (see warnings)")
     code = exit_code(results)
     trained = [r.person for r in results if r.ok]
     if args.evaluate and trained:
-        summary = _evaluate(args, trained)
-        for person, reason in summary.failed.items():
-            print(f"evaluation of {person} failed: {reason}")
-        if summary.failed:
+        try:
+            summary = _evaluate(args, trained)
+        except OSError as e:
+            print(f"error: the evaluation stopped on an I/O error: {e}", file=sys.stderr)
             code = code or 1
-        print(f"evaluation: {len(summary.persons)} persons, {summary.frames_rendered} frames in "
-              f"{summary.seconds:.0f} s -> {summary.results_path}")
-        if summary.report_index:
-            print(f"report: {summary.report_index}")
+        else:
+            for person, reason in summary.failed.items():
+                print(f"evaluation of {person} failed: {reason}")
+            if summary.failed:
+                code = code or 1
+            print(f"evaluation: {len(summary.persons)} persons, {summary.frames_rendered} frames in "
+                  f"{summary.seconds:.0f} s -> {summary.results_path}")
+            if summary.report_index:
+                print(f"report: {summary.report_index}")
     print(f"pipeline finished in {time.time() - t0:.1f} s (exit code {code})")
     return code
 
@@ -189,6 +225,6 @@ def main(args: LaunchAllArgs) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(tyro.cli(LaunchAllArgs)))
-    except DataError as e:
+    except (DataError, OSError) as e:  # bad input or an unusable work directory: nothing was run
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

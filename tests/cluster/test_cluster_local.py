@@ -110,3 +110,35 @@ def test_summary_json(tmp_path):
     assert data["exit_code"] == 1
     assert [r["person"] for r in data["results"]] == ["a", "b"] and data["results"][1]["error"] == "boom"
     assert exit_code([]) != 0  # nothing ran is not success
+
+
+def test_summary_wraps_long_reasons_at_word_boundaries():
+    reason = ("ingest: /data/captures/017/sequences/EXP-2/timesteps/frame_00042/images/cam_222200037.png: "
+              "image size 20x48 does not match the camera's 48x48 (calibration or first image)")
+    table = format_summary([JobResult("017", False, 0, error=reason + "\nTraceback ..."),
+                            JobResult("018", True, 1)], error_width=60)
+    lines = table.splitlines()
+    start = lines[0].index("ERROR")
+    pieces = [ln[start:] for ln in lines[1:-2]]
+    assert " ".join(pieces) == reason  # every word, none cut
+    assert all(len(p) <= 60 or " " not in p for p in pieces) and len(pieces) > 2
+    assert lines[-2].startswith("018") and "FAILED: 017" in lines[-1]
+
+
+def test_status_and_summary_writes_survive_an_unwritable_directory(tmp_path, capsys, monkeypatch):
+    """A status or summary that cannot be written never fails the job or the driver: the status
+    update is skipped with a warning, the summary goes to the fallback folder."""
+    from cluster.status import StatusReporter, write_state
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where a folder should be")
+    write_state(blocker / "status", "017", "queued")  # no exception
+    rep = StatusReporter(blocker / "status", "017")
+    rep.set_state("running")
+    assert rep.progress(5, 10) is False
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    results = [JobResult("017", False, 1, error="boom")]
+    written = write_summary_json(results, blocker / "runs" / "summary.json")
+    assert written is not None and written.parent == tmp_path / "tmp" / "diffusion-avatars"
+    assert json.loads(written.read_text())["results"][0]["person"] == "017"
+    assert f"cannot write the run summary to {blocker / 'runs' / 'summary.json'}" in capsys.readouterr().err
