@@ -79,7 +79,15 @@ def build_vae(config: VAEConfig, sample_size: int) -> AutoencoderKL:
 def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
     if generator is None:
         return torch.randn(shape, device=like.device, dtype=like.dtype)
-    return torch.randn(shape, generator=generator, device=generator.device).to(like.device, like.dtype)
+    return _host_to(torch.randn(shape, generator=generator, device=generator.device), like.device).to(like.dtype)
+
+
+def _host_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor.to(device)``; from host to CUDA through pinned memory, asynchronously: a copy
+    from pageable memory would make the host wait for all queued GPU work."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class DiffusionAvatarsModel(nn.Module):
@@ -333,7 +341,7 @@ class DiffusionAvatarsModel(nn.Module):
                 timesteps = torch.randint(0, steps, (batch_size,), device=latents.device)
             else:
                 timesteps = torch.randint(0, steps, (batch_size,), generator=generator, device=generator.device)
-                timesteps = timesteps.to(latents.device)
+                timesteps = _host_to(timesteps, latents.device)
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
             pred = self.denoise(noisy, timesteps, cond, tokens)

@@ -35,7 +35,14 @@ class TrainOptions:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-2; the trainable part is small, so 0 or 1 is usually best)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """'auto': bf16 on GPU, fp32 on CPU (DeepSpeed refuses fp16 on CPU; the original trained in fp32)."""
+    """'bf16': frozen UNet/VAE stored in bf16, trainable parts fp32 under bf16 autocast; 'fp32': all
+    float32 (the original's setting); 'auto': bf16 on GPU, fp32 on CPU."""
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    """Layout of the networks' convolution weights and activations; 'auto': channels_last on GPU
+    (cuDNN's bf16 convolutions are NHWC), contiguous on CPU."""
+    compile: bool = False
+    """torch.compile the repeated ResNet / transformer blocks of the UNet, ControlNet and VAE
+    (regional compilation; each block shape compiles once, at the first steps)."""
     checkpoint_every: int = 100
     """Save a resumable checkpoint every N optimizer steps (and at the end)."""
     keep_last: int = 2

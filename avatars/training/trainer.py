@@ -12,6 +12,12 @@ Determinism: data order and augmentation are functions of (seed, epoch, index), 
 diffusion noise comes from one generator whose state is checkpointed, so a run
 killed at any step and resumed from its last checkpoint repeats the uninterrupted
 run's losses and weights exactly (same hardware and thread count).
+
+Speed (`avatars.training.performance`, `avatars.training.optim`): DeepSpeed runs as an fp32
+engine around a fused AdamW on the trainable fp32 masters; in bf16 the frozen base is stored
+in bf16 and the loss runs under autocast. The loop never waits for the device except to log
+(losses stay device tensors until then), clipping is sync-free, and the loader copies the next
+batch to the device while the current step runs.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
@@ -32,19 +37,10 @@ from shards.contract import atomic_write_json
 from shards.writer import shard_paths
 
 from . import checkpoint as ckpt
+from . import performance as perf
 from .config import TrainConfig
+from .engine import build_engine
 from .validation import Validator
-
-
-class LossModule(nn.Module):
-    """What DeepSpeed wraps: forward(batch) -> scalar loss of the avatar model."""
-
-    def __init__(self, model: DiffusionAvatarsModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        return self.model.training_loss(batch, generator)["loss"]
 
 
 def _free_port() -> int:
@@ -66,18 +62,6 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
 def _memory_bytes() -> dict[str, float]:
     import psutil
 
@@ -96,14 +80,13 @@ def _truncate_jsonl(path: Path, after_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    return {k: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """The loader already delivers on the training device; this only catches a CPU batch."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def train_person(config: TrainConfig) -> dict:
     """Train one person's avatar; returns the final numbers (also written to result.json)."""
-    import deepspeed
-
     from cluster.status import report_progress
 
     cfg = config.resolved()
@@ -129,14 +112,8 @@ def train_person(config: TrainConfig) -> dict:
     loader_cfg.resolution = model_config.resolution
 
     model = DiffusionAvatarsModel(model_config, base_model=cfg.base_model)
-    use_cuda = torch.cuda.is_available()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and use_cuda)
-    module = LossModule(model)
-    optimizer = torch.optim.AdamW(model.parameter_groups(cfg.lr_networks, cfg.lr_features), betas=(0.9, 0.999),
-                                  weight_decay=0.0)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg, bf16))
-    device = engine.device
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    trainer = build_engine(cfg, model, world)
+    engine, device, precision = trainer.engine, trainer.device, trainer.precision
     noise = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank)
 
     state = ckpt.TrainerState()
@@ -182,9 +159,13 @@ def train_person(config: TrainConfig) -> dict:
         log({"step": state.step, "metrics_port": start_exporter_in_range(cfg.metrics_port, registry).port})
 
     def validate(step: int) -> dict:
-        out = validator.run(model, run / "val" / f"{ckpt.tag(step)}.png") if validator else {}
+        if validator is None:
+            return {}
+        watch = perf.Stopwatch(device)
+        with precision.autocast(), perf.eager():  # validation shapes differ: never compile for them
+            out = validator.run(model, run / "val" / f"{ckpt.tag(step)}.png")
         if out:
-            log({"step": step, **out})
+            log({"step": step, **out, "val_s": watch.read()})
         return out
 
     start_time, start_step = time.time(), state.step
@@ -193,21 +174,24 @@ def train_person(config: TrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.person}", unit="step", disable=rank != 0)
     engine.train()
     last_val: dict = {}
+    first = perf.Stopwatch(device) if state.step < cfg.steps else None
     while state.step < cfg.steps:
         for _ in range(cfg.grad_accum):
-            batch = _to_device(next(data), device, dtype)
-            loss = engine(batch, noise)
-            engine.backward(loss)
-            engine.step()
-            window_losses.append(float(loss.detach()))
+            loss = trainer.micro_step(_to_device(next(data), device), noise)
+            window_losses.append(loss)  # read at logging time: no host sync per step
             window_samples += cfg.batch_size * world
         state.step += 1
         bar.update()
         report_progress(state.step, cfg.steps)
+        if first is not None:
+            # Start-up cost of this process's first step (compilation, cuDNN autotuning, allocator warm-up).
+            log({"step": state.step, "first_step_s": first.read(), "compiled": cfg.compile})
+            first = None
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            losses = [float(l) for l in window_losses]
             dt = max(time.time() - window_t, 1e-9)
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
-            rec = {"step": state.step, "loss": sum(window_losses) / len(window_losses),
+            rec = {"step": state.step, "loss": sum(losses) / len(losses),
                    "samples_per_s": window_samples / dt, "lr": lrs, "epoch": state.epoch}
             log(rec)
             if metrics is not None:

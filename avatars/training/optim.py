@@ -1,0 +1,36 @@
+"""The optimizer of a training run and its gradient clipping, in one place.
+
+AdamW over the model's parameter groups (``networks``: ControlNet + expression layers;
+``features``: TriPlanes + ambient map), on the fp32 master weights, with torch's fused kernel:
+one launch per parameter group and step instead of several per tensor, and its step counters
+live on the device (no host synchronisation).
+
+Clipping the global gradient norm is torch's foreach ``clip_grad_norm_``: the norm and the clip
+coefficient stay device tensors, so there is no per-parameter (or any) host synchronisation.
+The trainer calls :func:`clip_gradients` itself with ZeRO stage 0; ZeRO 1/2 partition the
+gradients, so there DeepSpeed's ZeRO optimizer clips (``gradient_clipping`` in its config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+def make_optimizer(model, lr_networks: float, lr_features: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.999, no weight decay) over ``model.parameter_groups``, fused."""
+    return torch.optim.AdamW(model.parameter_groups(lr_networks, lr_features), betas=(0.9, 0.999),
+                             weight_decay=0.0, fused=True)
+
+
+def clipped_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters whose joint gradient norm is clipped: every trainable one."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scales the gradients so that their joint L2 norm is at most ``max_norm``; returns the norm
+    before clipping as a device tensor (reading it is the caller's choice of host sync)."""
+    return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, foreach=True)
