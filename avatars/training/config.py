@@ -77,6 +77,9 @@ class TrainConfig(TrainOptions):
     """Shard root written by jobs/preprocess.py."""
     out: Path = Path("data/runs")
     """Run root: `<out>/<person>/{checkpoints,val,model}`, `metrics.jsonl`, `result.json`."""
+    random_base: bool = False
+    """Build the frozen base with random weights instead of loading --base-model (benchmarks of the
+    paper preset without SD2.1 weights; the avatar it trains is meaningless)."""
 
     def resolved(self) -> "TrainConfig":
         """A copy with every preset default filled in."""
@@ -95,8 +98,12 @@ class TrainConfig(TrainOptions):
     def model_config(self, expression_dim: int) -> DiffusionAvatarsConfig:
         factory = tiny_config if self.preset == "tiny" else paper_config
         config = factory(expression_dim=expression_dim)
+        if self.random_base and self.base_model is not None:
+            raise ValueError("random_base builds the base model from random weights: do not also pass base_model")
         if self.preset == "tiny" and self.base_model is not None:
             config = dataclasses.replace(config, requires_pretrained_base=True)
+        if self.random_base:
+            config = dataclasses.replace(config, requires_pretrained_base=False)
         return dataclasses.replace(config, init_seed=self.seed)
 
 

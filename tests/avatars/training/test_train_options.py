@@ -80,3 +80,23 @@ def test_two_processes_data_parallel(train_shards, tmp_path):
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "loss" in l]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     assert all(r["samples_per_s"] > 0 for r in lines)
+
+
+def test_random_base_builds_the_paper_preset_without_weights(tmp_path):
+    """bench_gpu.py trains the paper preset with random weights: no SD2.1 needed, and the saved
+    avatar records that its base is the seeded random one (from_pretrained rebuilds it)."""
+    import torch
+
+    from avatars.models import DiffusionAvatarsModel
+    from avatars.training import TrainConfig
+
+    with pytest.raises(ValueError, match="base-model"):
+        with torch.device("meta"):
+            DiffusionAvatarsModel(TrainConfig(preset="paper").resolved().model_config(100))
+    config = TrainConfig(preset="paper", random_base=True).resolved().model_config(100)
+    assert not config.requires_pretrained_base and config.resolution == 512
+    with torch.device("meta"):
+        model = DiffusionAvatarsModel(config)
+    assert model.config.unet.block_out_channels == (320, 640, 1280, 1280)
+    with pytest.raises(ValueError, match="random_base"):
+        TrainConfig(preset="paper", random_base=True, base_model=tmp_path).model_config(100)
