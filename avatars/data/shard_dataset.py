@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from .device_feed import DeviceFeeder, one_ahead
 from shards.codec import MEMBERS, DecodedSample, RawSample, decode_raw, decode_sample, dequantize
 from shards.integrity import ShardError, verify_against_manifests
 
@@ -314,8 +315,19 @@ class ResumableSampler(Sampler[int]):
         return iter(self.indices()[self.start :])
 
 
-def collate(samples: list[dict]) -> dict:
-    out = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k != "__key__"}
+def collate(samples: list[dict], pin_memory: bool = False) -> dict:
+    """Stack samples into a batch; with `pin_memory`, straight into page-locked memory (what an
+    asynchronous copy to a GPU needs)."""
+    out = {}
+    for k in samples[0]:
+        if k == "__key__":
+            continue
+        parts = [s[k] for s in samples]
+        if pin_memory:
+            out[k] = torch.stack(parts, out=torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype,
+                                                          pin_memory=True))
+        else:
+            out[k] = torch.stack(parts)
     out["__key__"] = [s["__key__"] for s in samples]
     return out
 
@@ -328,8 +340,11 @@ class ShardLoader:
     batch out of a worker process (pickling into new shared memory, faulting it in on
     both sides) cost more than decoding it (`benchmarks/bench_shards.py`). Each thread
     builds whole batches; at most `2 * num_workers` are decoded ahead. A batch is
-    dequantised in its thread, or, with a non-CPU `device`, here on that device so the
-    host-to-device copy stays compact (19 bytes/pixel instead of 52).
+    dequantised in its thread, or, with a non-CPU `device`, on that device so the
+    host-to-device copy stays compact (19 bytes/pixel instead of 52). On CUDA the threads
+    collate into pinned memory and the copy + dequantisation of the next batch is queued on a
+    side stream before the current one is handed out (`avatars.data.device_feed`), so it
+    overlaps the training step instead of stalling it.
     """
 
     def __init__(self, dataset: ShardDataset, sampler: Sampler[int], config: LoaderConfig, drop_last: bool = True,
@@ -350,15 +365,26 @@ class ShardLoader:
         return batches
 
     def _build(self, indices: list[int]) -> dict:
-        compact = collate([self.dataset.compact(i) for i in indices])
+        compact = collate([self.dataset.compact(i) for i in indices], pin_memory=self._pin)
         return compact if self._expand_here else expand_batch(compact)
 
+    @property
+    def _pin(self) -> bool:
+        return self._expand_here and self.device.type == "cuda" and torch.cuda.is_available()
+
     def __iter__(self) -> Iterator[dict]:
+        if not self._expand_here:
+            yield from self._built()
+            return
+        feeder = DeviceFeeder(self.device, expand_batch)
+        yield from one_ahead(self._built(), feeder.stage, feeder.ready)
+
+    def _built(self) -> Iterator[dict]:
+        """Batches as `_build` makes them, in order, up to `2 * num_workers` decoded ahead."""
         batches = self._batches()
-        finish = (lambda c: expand_batch(c, self.device)) if self._expand_here else (lambda c: c)
         if self.config.num_workers == 0:
             for indices in batches:
-                yield finish(self._build(indices))
+                yield self._build(indices)
             return
         pool = ThreadPoolExecutor(self.config.num_workers, thread_name_prefix="shard-loader",
                                   initializer=torch.set_num_threads, initargs=(1,))
@@ -367,9 +393,9 @@ class ShardLoader:
             for indices in batches:
                 ahead.append(pool.submit(self._build, indices))
                 if len(ahead) > 2 * self.config.num_workers:
-                    yield finish(ahead.popleft().result())
+                    yield ahead.popleft().result()
             while ahead:
-                yield finish(ahead.popleft().result())
+                yield ahead.popleft().result()
         finally:  # also when the consumer stops early: drop the batches not started yet
             pool.shutdown(wait=True, cancel_futures=True)
 
