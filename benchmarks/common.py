@@ -19,8 +19,8 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def report(name: str, rows: list[dict], extra: dict | None = None) -> Path:
-    """Print `rows` as a table and write them (plus machine info) to results/<name>.json."""
+def report(name: str, rows: list[dict], extra: dict | None = None, out: Path | None = None) -> Path:
+    """Print `rows` as a table and write them (plus machine info) to `out` (default results/<name>.json)."""
     cols = list(dict.fromkeys(k for r in rows for k in r))
     cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
@@ -28,8 +28,8 @@ def report(name: str, rows: list[dict], extra: dict | None = None) -> Path:
     print("  ".join("-" * w for w in widths))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
+    out = Path(out) if out is not None else RESULTS / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "rows": rows}
     payload.update(extra or {})
     out.write_text(json.dumps(payload, indent=2) + "\n")

@@ -1,0 +1,434 @@
+"""The GPU path of issue 11, this project against stock diffusers, on the same device in one run.
+
+    python benchmarks/bench_gpu.py [--train-steps 40] [--only train compile render peer]
+
+On CUDA (the paper configuration: SD2.1 layout, 512x512, random weights):
+
+* training: `train_person` itself (the real trainer with its loader, checkpoints and metrics) on
+  synthetic shards rendered at 512x512 on the fly, preset `paper` with a seeded random base, batch
+  8; eager (bf16 frozen base, fp32 masters, channels_last) and with `--compile`. samples/s over the
+  steady logging windows (the first window, with start-up and compilation, is left out); the
+  compile time is the compiled run's first step minus the eager run's;
+* rendering: the Serve renderer's pipeline (`cluster.serve.renderer.FrameRenderer`: the trained
+  avatar loaded with `from_pretrained`, `RenderPipeline`, warm-up of every batch bucket), 20 DDPM
+  steps, batch 1 and 8; host syncs per call counted with `torch.cuda.set_sync_debug_mode`;
+* the peer: stock diffusers on the SD2.1 layout with random weights (the recipe of the shared
+  `peer_controlnet_bench.py`): `StableDiffusionControlNetPipeline` with bf16 weights, and a
+  train_controlnet-style step (frozen UNet/VAE in bf16, fp32 ControlNet, bf16 autocast, AdamW);
+* MFU against the FLOPs counted with `FlopCounterMode` on this device (one training sample, one
+  denoising step) and the dense bf16 matmul peak measured in the same run; peak memory per row.
+
+On CPU it runs the tiny configuration (2 DDPM steps, tiny peer layout) so CI can smoke-test
+every code path; its numbers are not the GPU's and are labelled so. Prints the table and writes
+`benchmarks/results/bench_gpu.json` (or `--out`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import RESULTS, report  # noqa: E402
+
+Section = Literal["train", "compile", "render", "peer"]
+#: The issue's goals on one H100 (samples/s; frames/s at batch 1 and at batch >= 8).
+GOALS = {"train": 100.0, "render_1": 5.0, "render_8": 20.0}
+
+
+@dataclass
+class BenchGpuArgs:
+    only: tuple[Section, ...] = ("train", "compile", "render", "peer")
+    """Sections to run: train (eager), compile (train with --compile), render, peer (stock diffusers)."""
+    train_steps: int | None = None
+    """Optimizer steps per training run (default: 40 on CUDA, 3 on CPU)."""
+    train_batch: int | None = None
+    """Training batch (default: 8, the paper's; 2 on CPU)."""
+    render_batches: tuple[int, ...] | None = None
+    """Rendering batch sizes (default: 1 and 8; 1 and 2 on CPU)."""
+    render_steps: int | None = None
+    """DDPM steps per rendered frame (default: 20, the paper's; 2 on CPU)."""
+    workers: int | None = None
+    """Loader threads of the training runs (default: half the CPU cores, at most 8)."""
+    workdir: Path | None = None
+    """Where shards and runs go (default: a temporary folder, removed afterwards)."""
+    out: Path = RESULTS / "bench_gpu.json"
+    """The JSON result."""
+
+
+@dataclass
+class Setup:
+    cuda: bool
+    device: torch.device
+    train_steps: int
+    train_batch: int
+    render_batches: tuple[int, ...]
+    render_steps: int
+    workers: int
+    rows: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def resolve(args: BenchGpuArgs) -> Setup:
+    cuda = torch.cuda.is_available()
+    return Setup(cuda=cuda, device=torch.device("cuda" if cuda else "cpu"),
+                 train_steps=args.train_steps or (40 if cuda else 3), train_batch=args.train_batch or (8 if cuda else 2),
+                 render_batches=args.render_batches or ((1, 8) if cuda else (1, 2)),
+                 render_steps=args.render_steps or (20 if cuda else 2),
+                 workers=args.workers or max(1, min(8, (os.cpu_count() or 2) // 2)))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 matmul rate of this GPU (8192^3, the best of 10 after warm-up): the MFU denominator."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = min(median_seconds(lambda: a @ b, device, 1) for _ in range(10))
+    return 2 * 8192**3 / best / 1e12
+
+
+# ---- data ------------------------------------------------------------------------------------
+def make_shards(root: Path, s: Setup) -> tuple[Path, int]:
+    """Synthetic shards for person 000 (512x512 on CUDA, the tiny set on CPU); returns (root, expression dim)."""
+    from shards.ingest import IngestConfig, ingest_person
+    from shards.synthetic import SyntheticConfig, generate
+    from shards.testing import TINY, TINY_INGEST, TINY_SHARDS
+    from shards.writer import ShardConfig, write_shards
+
+    if s.cuda:  # 2 training sequences x 8 frames x 15 cameras = 240 training samples at 512x512
+        synthetic = SyntheticConfig(persons=1, sequences=3, frames=8, cameras=16, image_size=128, expression_dim=100)
+        ingest, shard = IngestConfig(held_out_sequences=1), ShardConfig(image_width=512, raster_backend="cpu")
+    else:
+        synthetic, ingest, shard = TINY, TINY_INGEST, TINY_SHARDS
+    generate(synthetic, root / "captures", persons=["000"])
+    store = ingest_person(root / "captures", "000", root / "zarr", ingest).path
+    write_shards([store], root / "shards", shard, workers=s.workers, progress=False)
+    return root / "shards", synthetic.expression_dim
+
+
+# ---- this project ----------------------------------------------------------------------------
+def train_run(s: Setup, shards: Path, out: Path, compile: bool) -> dict:
+    """One `train_person` run; samples/s of the steady windows, first-step time, peak memory."""
+    from avatars.training import TrainConfig, train_person
+
+    log_every = max(1, s.train_steps // 4)
+    cfg = TrainConfig(person="000", shards=shards, out=out, preset="paper" if s.cuda else "tiny", random_base=s.cuda,
+                      steps=s.train_steps, batch_size=s.train_batch, compile=compile, log_every=log_every,
+                      checkpoint_every=s.train_steps, keep_last=1, validate_every=0, val_samples=1,
+                      val_inference_steps=2, num_workers=s.workers, lpips_weights=out / "none", resume="never")
+    reset_peak(s.device)
+    start = time.perf_counter()
+    train_person(cfg)
+    wall = time.perf_counter() - start
+    records = [json.loads(line) for line in (out / "000" / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if "samples_per_s" in r]
+    steady = windows[1:] or windows  # the first window holds the start-up
+    samples = [r["samples_per_s"] for r in steady]
+    return {"samples_per_s": statistics.mean(samples), "first_step_s": next(r["first_step_s"] for r in records
+                                                                          if "first_step_s" in r),
+            "peak_GiB": peak_gib(s.device), "wall_s": wall, "model_dir": str(out / "000" / "model"),
+            "windows_samples_per_s": [r["samples_per_s"] for r in windows]}
+
+
+def count_flops(model_dir: str, s: Setup, expression_dim: int) -> dict:
+    """FLOPs of one training sample and one denoising step per frame, counted on this device."""
+    from bench_model import count_denoise_flops, count_train_flops
+
+    from avatars.models import DiffusionAvatarsModel
+    from avatars.testing import synthetic_batch
+
+    model = DiffusionAvatarsModel.from_pretrained(model_dir).to(s.device)
+    batch = {k: (v.to(s.device) if torch.is_tensor(v) else v)
+             for k, v in synthetic_batch(1, model.config.resolution, expression_dim).items()}
+    out = {"train_GFLOP_per_sample": count_train_flops(model, batch) / 1e9,
+           "denoise_GFLOP_per_frame": count_denoise_flops(model, batch) / 1e9}
+    del model
+    free_memory()
+    return out
+
+
+def render_rows(model_dir: str, s: Setup, expression_dim: int) -> list[dict]:
+    """The Serve renderer's pipeline: load + warm-up (compilation) once, then each batch size."""
+    from avatars.configs import RenderOptions
+    from avatars.host_sync import count_host_syncs
+    from avatars.testing import synthetic_batch
+    from cluster.serve.renderer import FrameRenderer, RendererConfig
+
+    reset_peak(s.device)
+    start = time.perf_counter()
+    renderer = FrameRenderer(Path(model_dir), RendererConfig(
+        num_inference_steps=s.render_steps, max_batch_size=max(s.render_batches), device=str(s.device),
+        pipeline=RenderOptions(batch_buckets=s.render_batches)))
+    sync(s.device)
+    load_s = time.perf_counter() - start
+    rows = []
+    for size in s.render_batches:
+        batch = synthetic_batch(size, renderer.resolution, expression_dim, seed=1)
+        batch = {k: (v.to(s.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        call = lambda: renderer.pipeline(batch, num_inference_steps=s.render_steps, seeds=list(range(size)))  # noqa: E731
+        call()
+        _, syncs = count_host_syncs(call, s.device)
+        seconds = median_seconds(call, s.device, 3)
+        rows.append({"batch": size, "frames_per_s": size / seconds, "call_s": seconds,
+                     "host_syncs_per_call": syncs.to_json(), "peak_GiB": peak_gib(s.device),
+                     "load_and_warm_up_s": load_s, "compiled": renderer.pipeline.compiled})
+    del renderer
+    free_memory()
+    return rows
+
+
+# ---- stock diffusers (the peer) --------------------------------------------------------------
+def peer_layout(cuda: bool) -> tuple[dict, dict, dict, int]:
+    """(unet, vae, controlnet extra) configs and the image size: SD2.1 on CUDA, a tiny one on CPU."""
+    if cuda:
+        unet = dict(sample_size=64, in_channels=4, out_channels=4, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, block_out_channels=[320, 640, 1280, 1280],
+                    layers_per_block=2, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                    use_linear_projection=True, upcast_attention=True)
+        vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                   up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                   latent_channels=4, sample_size=512)
+        return unet, vae, {}, 512
+    unet = dict(sample_size=16, in_channels=4, out_channels=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[32, 64], layers_per_block=1,
+                cross_attention_dim=32, attention_head_dim=[2, 4], use_linear_projection=True, norm_num_groups=8)
+    vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+               up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 32, 32], layers_per_block=1,
+               latent_channels=4, norm_num_groups=8, sample_size=64)
+    return unet, vae, {"conditioning_embedding_out_channels": (8, 16, 32)}, 64
+
+
+def peer_scheduler_config() -> dict:
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                timestep_spacing="trailing")
+
+
+def peer_rows(s: Setup) -> tuple[list[dict], list[dict]]:
+    """StableDiffusionControlNetPipeline (bf16 weights on CUDA) and a train_controlnet-style step."""
+    from diffusers import (AutoencoderKL, ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline,
+                           UNet2DConditionModel)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from avatars.host_sync import count_host_syncs
+
+    dev = s.device
+    unet_cfg, vae_cfg, cn_extra, size = peer_layout(s.cuda)
+    torch.manual_seed(0)
+    unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=3, **cn_extra)
+    width = unet_cfg["cross_attention_dim"]
+    render_dtype = torch.bfloat16 if s.cuda else torch.float32
+    pipe = StableDiffusionControlNetPipeline(
+        vae=vae.to(dev, render_dtype), text_encoder=None, tokenizer=None, unet=unet.to(dev, render_dtype),
+        controlnet=controlnet.to(dev, render_dtype), scheduler=DDPMScheduler(**peer_scheduler_config()),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    render = []
+    for b in s.render_batches:
+        reset_peak(dev)
+        prompt = torch.zeros(b, 77, width, device=dev, dtype=render_dtype)
+        image = torch.rand(b, 3, size, size, device=dev, dtype=render_dtype)
+        generator = torch.Generator(dev).manual_seed(0)
+        call = lambda: pipe(prompt_embeds=prompt, image=image, num_inference_steps=s.render_steps,  # noqa: E731
+                            guidance_scale=1.0, generator=generator, output_type="pt", height=size, width=size)
+        call()
+        _, syncs = count_host_syncs(call, dev)
+        seconds = median_seconds(call, dev, 3)
+        render.append({"batch": b, "frames_per_s": b / seconds, "call_s": seconds, "host_syncs_per_call": syncs.to_json(),
+                       "peak_GiB": peak_gib(dev)})
+    del pipe
+    free_memory()
+
+    controlnet = controlnet.to(dev, torch.float32).train()
+    unet.requires_grad_(False)
+    vae.requires_grad_(False)
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-4)
+    scheduler = DDPMScheduler(**peer_scheduler_config())
+    b = s.train_batch
+    reset_peak(dev)
+    x = torch.rand(b, 3, size, size, device=dev) * 2 - 1
+    cond = torch.rand(b, 3, size, size, device=dev)
+    prompt = torch.zeros(b, 77, width, device=dev)
+
+    def step():
+        with torch.no_grad():
+            latents = vae.encode(x.to(render_dtype)).latent_dist.sample() * 0.18215
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (b,), device=dev)
+        noisy, target = scheduler.add_noise(latents, noise, t), scheduler.get_velocity(latents, noise, t)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=s.cuda):
+            down, mid = controlnet(noisy, t, encoder_hidden_states=prompt, controlnet_cond=cond, return_dict=False)
+            pred = unet(noisy, t, encoder_hidden_states=prompt.to(render_dtype),
+                        down_block_additional_residuals=[d.to(render_dtype) for d in down],
+                        mid_block_additional_residual=mid.to(render_dtype)).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    seconds = median_seconds(step, dev, 15 if s.cuda else 2)
+    train = [{"batch": b, "samples_per_s": b / seconds, "step_s": seconds, "peak_GiB": peak_gib(dev),
+              "train_GFLOP_per_sample": counter.get_total_flops() / b / 1e9}]
+    del unet, vae, controlnet, optimizer
+    free_memory()
+    return render, train
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def run(args: BenchGpuArgs) -> dict:
+    s = resolve(args)
+    device_name = torch.cuda.get_device_name(0) if s.cuda else "CPU (tiny config, smoke test: not GPU numbers)"
+    peak = matmul_peak_tflops(s.device)
+    results: dict = {"device": device_name, "torch": torch.__version__, "matmul_bf16_peak_TFLOPs": peak,
+                     "train_steps": s.train_steps, "train_batch": s.train_batch, "render_steps": s.render_steps,
+                     "config": "paper (SD2.1 layout, 512x512, random weights)" if s.cuda else "tiny (64x64)"}
+    with tempfile.TemporaryDirectory(prefix="bench_gpu.") as tmp:
+        root = Path(args.workdir) if args.workdir else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        shards, dim = make_shards(root, s)
+        results["shards_s"] = time.perf_counter() - start
+        model_dir = None
+        if "train" in args.only or "render" in args.only:
+            results["train_eager"] = train_run(s, shards, root / "runs-eager", compile=False)
+            model_dir = results["train_eager"]["model_dir"]
+            free_memory()
+        if "compile" in args.only:
+            if s.cuda:
+                results["train_compiled"] = train_run(s, shards, root / "runs-compiled", compile=True)
+                model_dir = model_dir or results["train_compiled"]["model_dir"]
+                if "train_eager" in results:  # compilation = the extra time of the compiled run's first step
+                    results["compile_s"] = (results["train_compiled"]["first_step_s"]
+                                            - results["train_eager"]["first_step_s"])
+                torch._dynamo.reset()
+                free_memory()
+            else:
+                results["train_compiled"] = "skipped on CPU (tests/avatars/training/test_compile.py covers it)"
+        if model_dir is not None:
+            results["flops"] = count_flops(model_dir, s, dim)
+        if "render" in args.only:
+            results["render"] = render_rows(model_dir, s, dim)
+        if "peer" in args.only:
+            results["peer_render"], results["peer_train"] = peer_rows(s)
+    add_mfu(results, peak)
+    return results
+
+
+def add_mfu(results: dict, peak: float | None) -> None:
+    flops = results.get("flops", {})
+    for key in ("train_eager", "train_compiled"):
+        row = results.get(key)
+        if isinstance(row, dict) and peak and flops:
+            row["MFU"] = row["samples_per_s"] * flops["train_GFLOP_per_sample"] / 1e3 / peak
+    for row in results.get("render", []):
+        if peak and flops:
+            row["MFU"] = row["frames_per_s"] * results["render_steps"] * flops["denoise_GFLOP_per_frame"] / 1e3 / peak
+    for row in results.get("peer_train", []):
+        if peak:
+            row["MFU"] = row["samples_per_s"] * row["train_GFLOP_per_sample"] / 1e3 / peak
+
+
+def table(results: dict) -> list[dict]:
+    """The issue's table: this project vs stock diffusers vs the goal, with MFU / memory / syncs."""
+    rows = []
+    on_gpu = results["matmul_bf16_peak_TFLOPs"] is not None
+
+    def ours(name: str, row: dict | str | None, unit: str, goal: float | None, peer: dict | None, extra: dict) -> None:
+        if isinstance(row, str):  # a section that did not run here, with the reason
+            rows.append({"work": name, "this project": row})
+            return
+        if row is None:
+            return
+        peer = peer or {}
+        rows.append({"work": name, "this project": row.get("samples_per_s", row.get("frames_per_s")),
+                     "stock diffusers": peer.get("samples_per_s", peer.get("frames_per_s")), "unit": unit,
+                     "goal": goal if on_gpu else None, "MFU": row.get("MFU"), "stock MFU": peer.get("MFU"),
+                     "peak GiB": row.get("peak_GiB"), "stock peak GiB": peer.get("peak_GiB"), **extra})
+
+    def syncs(value) -> str:
+        return str(value) if isinstance(value, int) else "n/a (no CUDA)"
+
+    peer_train = (results.get("peer_train") or [None])[0]
+    b = results["train_batch"]
+    for key, label in (("train_eager", "eager"), ("train_compiled", "--compile")):
+        row = results.get(key)
+        extra = {"first step s": row.get("first_step_s")} if isinstance(row, dict) else {}
+        extra["compile s"] = None
+        if key == "train_compiled" and isinstance(row, dict):
+            extra["compile s"] = results.get("compile_s")
+        ours(f"training, batch {b} ({label})", row, "samples/s", GOALS["train"] if results["train_batch"] == 8 else None,
+             peer_train, extra)
+    peers = {r["batch"]: r for r in results.get("peer_render", [])}
+    for row in results.get("render", []):
+        goal = GOALS["render_1"] if row["batch"] == 1 else GOALS["render_8"] if row["batch"] >= 8 else None
+        ours(f"rendering {results['render_steps']} DDPM steps, batch {row['batch']}", row, "frames/s", goal,
+             peers.get(row["batch"]), {"host syncs/call": syncs(row["host_syncs_per_call"]),
+                                       "stock host syncs/call": syncs(peers.get(row["batch"], {}).get(
+                                           "host_syncs_per_call")),
+                                       "compile s": None, "warm-up s": row["load_and_warm_up_s"]})
+    return rows
+
+
+def main(args: BenchGpuArgs) -> dict:
+    results = run(args)
+    rows = table(results)
+    print(f"device: {results['device']}; bf16 matmul peak: {results['matmul_bf16_peak_TFLOPs']}")
+    report("bench_gpu", rows, {"results": results}, out=args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchGpuArgs))
