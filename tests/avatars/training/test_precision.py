@@ -148,7 +148,7 @@ def test_deepspeed_runs_an_fp32_engine_without_throughput_timer():
 
 MICRO_STEPS = textwrap.dedent("""
     import json, sys, torch
-    from avatars.host_sync import count_host_reads
+    from avatars.host_sync import count_host_reads, count_host_syncs
     from avatars.models import DiffusionAvatarsModel
     from avatars.testing import synthetic_batch
     from avatars.training import TrainConfig
@@ -160,10 +160,15 @@ MICRO_STEPS = textwrap.dedent("""
     model = DiffusionAvatarsModel(cfg.model_config(16))
     trainer = build_engine(cfg, model, world)
     noise = torch.Generator().manual_seed(0)
-    batch = synthetic_batch(2, 64, 16)
+    batch = {k: (v.to(trainer.device) if torch.is_tensor(v) else v) for k, v in synthetic_batch(2, 64, 16).items()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.micro_step(batch, noise)  # first step: the optimizer state is created
-    losses, reads = count_host_reads(lambda: [trainer.micro_step(batch, noise) for _ in range(2)])
+    steps = lambda: [trainer.micro_step(batch, noise) for _ in range(2)]
+    if trainer.device.type == "cuda":  # count real host synchronisations
+        losses, syncs = count_host_syncs(steps, trainer.device)
+        reads = syncs.sites if syncs.count else []
+    else:  # count the operations that would synchronise on CUDA
+        losses, reads = count_host_reads(steps)
     changed = sorted({n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])})
     print("RESULT" + json.dumps({"reads": reads, "losses": [float(l) for l in losses], "changed": changed,
                                  "clipped": len(trainer.clipped),
@@ -176,6 +181,17 @@ MICRO_STEPS = textwrap.dedent("""
 def test_micro_steps_update_only_the_trainable_parts_and_never_read_device_data(tmp_path, zero_stage):
     """No host reads in a step (on CUDA each would be a host sync): DeepSpeed's fp32 engine, the
     fused AdamW and the clipping leave the step asynchronous. ZeRO 2 clips in DeepSpeed."""
+    _check_micro_steps(tmp_path, zero_stage)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_micro_steps_never_synchronise(tmp_path):
+    """The same on CUDA, counted with torch.cuda.set_sync_debug_mode: zero host syncs per step."""
+    _check_micro_steps(tmp_path, 0)
+
+
+def _check_micro_steps(tmp_path, zero_stage: int) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-c", MICRO_STEPS, str(zero_stage)], env=env, capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)
