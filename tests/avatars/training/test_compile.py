@@ -40,8 +40,9 @@ def test_compile_blocks_finds_the_repeated_blocks():
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(train_shards, tmp_path):
-    """Three steps of the real trainer, eager and compiled (inductor, CPU; compiling takes ~1-2
-    minutes on the 2-core machine): the same losses and weights up to float32 reordering."""
+    """Three steps of the real trainer, eager and compiled (inductor, CPU; the test takes ~3 minutes
+    of CPU time on the 2-core machine, mostly compiling): the same losses and weights up to
+    float32 reordering."""
     _compare(train_shards, tmp_path, rtol=1e-4, weights_rtol=1e-3)
 
 
