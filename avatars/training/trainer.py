@@ -1,12 +1,16 @@
-"""Per-person training with DeepSpeed: the loop, logging, validation, checkpoints, resume.
+"""Per-person training with DeepSpeed: the loop, validation, checkpoints, resume.
 
 Run layout (`<out>/<person>/`)::
 
     checkpoints/step_<N>/   resumable checkpoints (see avatars.training.checkpoint)
     val/step_<N>.png        validation grids (ground truth / render / mask)
-    metrics.jsonl           one JSON line per logged step / validation
+    metrics.jsonl           one JSON line per logged step / validation (the MetricsLog callback)
     model/                  the final avatar (DiffusionAvatarsModel.save_pretrained)
     result.json             final numbers
+
+Everything that watches a run (metrics.jsonl, the progress bar, the cluster's status file and
+Prometheus exporter) is a callback (:mod:`avatars.training.callbacks`); the trainer knows none of
+them.
 
 Determinism: data order and augmentation are functions of (seed, epoch, index), the
 diffusion noise comes from one generator whose state is checkpointed, so a run
@@ -22,14 +26,14 @@ batch to the device while the current step runs.
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import socket
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models import DiffusionAvatarsModel
@@ -38,6 +42,7 @@ from shards.writer import shard_paths
 
 from . import checkpoint as ckpt
 from . import performance as perf
+from .callbacks import TrainerCallback, default_callbacks
 from .config import TrainConfig
 from .engine import build_engine
 from .validation import Validator
@@ -62,154 +67,179 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def _memory_bytes() -> dict[str, float]:
-    import psutil
-
-    mem = {"cpu_rss": float(psutil.Process().memory_info().rss)}
-    if torch.cuda.is_available():
-        mem["gpu_allocated"] = float(torch.cuda.memory_allocated())
-        mem["gpu_peak"] = float(torch.cuda.max_memory_allocated())
-    return mem
-
-
-def _truncate_jsonl(path: Path, after_step: int) -> None:
-    """Drop lines logged after `after_step` (by a run that died before its next checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     """The loader already delivers on the training device; this only catches a CPU batch."""
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def train_person(config: TrainConfig) -> dict:
-    """Train one person's avatar; returns the final numbers (also written to result.json)."""
-    from cluster.status import report_progress
+class Trainer:
+    """Trains one person's avatar: set-up, the DeepSpeed loop, validation, checkpoints, resume.
 
-    cfg = config.resolved()
-    rank, world = init_distributed()
-    run = cfg.run_dir
-    ckpt_dir, jsonl = run / "checkpoints", run / "metrics.jsonl"
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        if cfg.resume == "never":
-            import shutil
+    Hook points: every :class:`~avatars.training.callbacks.TrainerCallback` in ``callbacks`` is
+    called in list order, on rank 0 only:
 
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            jsonl.unlink(missing_ok=True)
-    if world > 1:
-        torch.distributed.barrier()  # rank 0 has cleaned up before anyone reads checkpoints
+    * ``on_train_start(trainer)``: after set-up and resume, before the first step;
+      ``trainer.state.step`` is the step resumed from (``trainer.start_step``, 0 for a fresh run).
+    * ``on_step_end(trainer, step)``: after every optimizer step.
+    * ``on_log(trainer, record)``: for every record of the run, all sent through :meth:`log`:
+      the first step's start-up cost (``step``, ``first_step_s``, ``compiled``), a training
+      window every ``log_every`` steps and at the last step (``step``, ``loss`` = mean over the
+      window, ``samples_per_s``, ``lr`` per parameter group, ``epoch``), each validation
+      (``step``, ``val_psnr``, ``val_lpips``, ..., ``val_s``), and whatever callbacks log themselves.
+    * ``on_validation(trainer, step, metrics)``: after each validation render.
+    * ``on_checkpoint(trainer, step, path)``: after a complete checkpoint.
+    * ``on_train_end(trainer, result)``: after ``model/`` and ``result.json`` are written.
 
-    train_paths = shard_paths(cfg.shards, cfg.person, "train")
-    loader_cfg = LoaderConfig(resolution=0, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed)
-    # The model config needs the expression dim (read off a sample), the loader the model's
-    # resolution (only used when samples are cropped, so it can be set after indexing).
-    dataset = ShardDataset(train_paths, loader_cfg)
-    model_config = cfg.model_config(int(dataset.decoded(0).expression.shape[0]))
-    loader_cfg.resolution = model_config.resolution
+    Callbacks may read ``trainer.config`` (the resolved :class:`TrainConfig`), ``run_dir``,
+    ``rank``, ``world_size``, ``state`` (:class:`~avatars.training.checkpoint.TrainerState`),
+    ``model``, ``engine`` (the :class:`~avatars.training.engine.TrainingEngine`) and ``device``;
+    they must not change the training state.
+    """
 
-    model = DiffusionAvatarsModel(model_config, base_model=cfg.base_model)
-    trainer = build_engine(cfg, model, world)
-    engine, device, precision = trainer.engine, trainer.device, trainer.precision
-    noise = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + rank)
+    def __init__(self, config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()):
+        self.config = config.resolved()
+        self.callbacks = list(callbacks)
+        self.state = ckpt.TrainerState()
+        self.start_step = 0
 
-    state = ckpt.TrainerState()
-    if cfg.resume == "auto":
-        restored = ckpt.load_latest(engine, ckpt_dir, noise)
-        if restored is not None:
-            state = restored
-    if rank == 0:
-        _truncate_jsonl(jsonl, state.step)
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
 
-    sampler = ResumableSampler(len(dataset), seed=cfg.seed, rank=rank, num_replicas=world)
-    loader = make_loader(dataset, sampler, loader_cfg, device=device)  # dequantised on the training device
-    if len(sampler.indices()) < cfg.batch_size:
-        raise ValueError(f"{len(dataset)} training samples cannot fill one batch of {cfg.batch_size} per rank")
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
 
-    validator = None
-    metrics = None
-    if rank == 0:
-        validator = Validator(cfg.shards, cfg.person, model_config.resolution, cfg.val_samples, cfg.lpips_weights,
-                              cfg.val_inference_steps)
+    def _emit(self, hook: str, *args) -> None:
+        if self.rank == 0:
+            for callback in self.callbacks:
+                getattr(callback, hook)(self, *args)
 
-    def batches():
+    def log(self, record: dict) -> None:
+        """Hands ``record`` to every callback's ``on_log`` (rank 0)."""
+        self._emit("on_log", record)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Process group, data, model, DeepSpeed engine; restores the newest checkpoint."""
+        cfg = self.config
+        self.rank, self.world_size = init_distributed()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.resume == "never":
+                shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        if self.world_size > 1:
+            torch.distributed.barrier()  # rank 0 has cleaned up before anyone reads checkpoints
+
+        train_paths = shard_paths(cfg.shards, cfg.person, "train")
+        self.loader_config = LoaderConfig(resolution=0, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                          seed=cfg.seed)
+        # The model config needs the expression dim (read off a sample), the loader the model's
+        # resolution (only used when samples are cropped, so it can be set after indexing).
+        self.dataset = ShardDataset(train_paths, self.loader_config)
+        model_config = cfg.model_config(int(self.dataset.decoded(0).expression.shape[0]))
+        self.loader_config.resolution = model_config.resolution
+
+        self.model = DiffusionAvatarsModel(model_config, base_model=cfg.base_model)
+        self.engine = build_engine(cfg, self.model, self.world_size)
+        self.device = self.engine.device
+        self.noise = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
+
+        if cfg.resume == "auto":
+            restored = ckpt.load_latest(self.engine.engine, self.checkpoint_dir, self.noise)
+            if restored is not None:
+                self.state = restored
+        self.start_step = self.state.step
+
+        self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, rank=self.rank,
+                                        num_replicas=self.world_size)
+        # dequantised on the training device
+        self.loader = make_loader(self.dataset, self.sampler, self.loader_config, device=self.device)
+        if len(self.sampler.indices()) < cfg.batch_size:
+            raise ValueError(f"{len(self.dataset)} training samples cannot fill one batch of {cfg.batch_size} per rank")
+        self.validator = None
+        if self.rank == 0:
+            self.validator = Validator(cfg.shards, cfg.person, model_config.resolution, cfg.val_samples,
+                                       cfg.lpips_weights, cfg.val_inference_steps)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def batches(self) -> Iterator[dict]:
+        """Training batches forever, resuming at the checkpointed epoch and position."""
+        state, cfg = self.state, self.config
         while True:
-            sampler.set_epoch(state.epoch, start=state.position)
-            for batch in loader:
+            self.sampler.set_epoch(state.epoch, start=state.position)
+            for batch in self.loader:
                 state.position += cfg.batch_size
                 yield batch
             state.epoch, state.position = state.epoch + 1, 0
 
-    def log(record: dict) -> None:
-        if rank == 0:
-            with jsonl.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    if rank == 0 and cfg.metrics_port is not None:
-        from prometheus_client import CollectorRegistry
-
-        from cluster.monitoring import TrainingMetrics, start_exporter_in_range
-
-        # A registry per run: a Ray worker process may train several persons one after another.
-        registry = CollectorRegistry()
-        metrics = TrainingMetrics(registry)
-        log({"step": state.step, "metrics_port": start_exporter_in_range(cfg.metrics_port, registry).port})
-
-    def validate(step: int) -> dict:
-        if validator is None:
+    def validate(self, step: int) -> dict:
+        """Renders the fixed held-out samples (rank 0); returns their metrics ({} elsewhere)."""
+        if self.validator is None:
             return {}
-        watch = perf.Stopwatch(device)
-        with precision.autocast(), perf.eager():  # validation shapes differ: never compile for them
-            out = validator.run(model, run / "val" / f"{ckpt.tag(step)}.png")
+        watch = perf.Stopwatch(self.device)
+        with self.engine.precision.autocast(), perf.eager():  # validation shapes differ: never compile for them
+            out = self.validator.run(self.model, self.run_dir / "val" / f"{ckpt.tag(step)}.png")
         if out:
-            log({"step": step, **out, "val_s": watch.read()})
+            self.log({"step": step, **out, "val_s": watch.read()})
+            self._emit("on_validation", step, out)
         return out
 
-    start_time, start_step = time.time(), state.step
-    window_t, window_samples, window_losses = time.time(), 0, []
-    data = batches()
-    bar = tqdm(total=cfg.steps, initial=state.step, desc=f"train {cfg.person}", unit="step", disable=rank != 0)
-    engine.train()
-    last_val: dict = {}
-    first = perf.Stopwatch(device) if state.step < cfg.steps else None
-    while state.step < cfg.steps:
-        for _ in range(cfg.grad_accum):
-            loss = trainer.micro_step(_to_device(next(data), device), noise)
-            window_losses.append(loss)  # read at logging time: no host sync per step
-            window_samples += cfg.batch_size * world
-        state.step += 1
-        bar.update()
-        report_progress(state.step, cfg.steps)
-        if first is not None:
-            # Start-up cost of this process's first step (compilation, cuDNN autotuning, allocator warm-up).
-            log({"step": state.step, "first_step_s": first.read(), "compiled": cfg.compile})
-            first = None
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-            losses = [float(l) for l in window_losses]
-            dt = max(time.time() - window_t, 1e-9)
-            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
-            rec = {"step": state.step, "loss": sum(losses) / len(losses),
-                   "samples_per_s": window_samples / dt, "lr": lrs, "epoch": state.epoch}
-            log(rec)
-            if metrics is not None:
-                metrics.observe_step(cfg.person, state.step, rec["loss"], rec["samples_per_s"], learning_rates=lrs,
-                                     memory_bytes=_memory_bytes())
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            window_t, window_samples, window_losses = time.time(), 0, []
-        if cfg.validate_every and state.step % cfg.validate_every == 0 and state.step < cfg.steps:
-            last_val = validate(state.step)
-        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-            state.elapsed_s += time.time() - start_time
-            start_time = time.time()
-            ckpt.save(engine, ckpt_dir, state, noise, cfg.keep_last)
-    bar.close()
-    last_val = validate(state.step) or last_val
-    result = {"person": cfg.person, "steps": state.step, "resumed_from": start_step,
-              "train_seconds": state.elapsed_s, **last_val}
-    if rank == 0:
-        model.save_pretrained(run / "model")
-        atomic_write_json(run / "result.json", result)
-    return result
+    def save_checkpoint(self) -> Path:
+        path = ckpt.save(self.engine.engine, self.checkpoint_dir, self.state, self.noise, self.config.keep_last)
+        self._emit("on_checkpoint", self.state.step, path)
+        return path
+
+    def train(self) -> dict:
+        """Sets up, trains to ``config.steps``; returns the final numbers (also in result.json)."""
+        self.setup()
+        cfg, state, engine = self.config, self.state, self.engine
+        self._emit("on_train_start")
+        start_time = time.time()
+        window_t, window_samples, window_losses = time.time(), 0, []
+        data = self.batches()
+        engine.engine.train()
+        last_val: dict = {}
+        first = perf.Stopwatch(self.device) if state.step < cfg.steps else None
+        while state.step < cfg.steps:
+            for _ in range(cfg.grad_accum):
+                loss = engine.micro_step(_to_device(next(data), self.device), self.noise)
+                window_losses.append(loss)  # read at logging time: no host sync per step
+                window_samples += cfg.batch_size * self.world_size
+            state.step += 1
+            self._emit("on_step_end", state.step)
+            if first is not None:
+                # Start-up cost of this process's first step (compilation, cuDNN autotuning, allocator warm-up).
+                self.log({"step": state.step, "first_step_s": first.read(), "compiled": cfg.compile})
+                first = None
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                losses = [float(l) for l in window_losses]
+                dt = max(time.time() - window_t, 1e-9)
+                lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.engine.optimizer.param_groups)}
+                self.log({"step": state.step, "loss": sum(losses) / len(losses),
+                          "samples_per_s": window_samples / dt, "lr": lrs, "epoch": state.epoch})
+                window_t, window_samples, window_losses = time.time(), 0, []
+            if cfg.validate_every and state.step % cfg.validate_every == 0 and state.step < cfg.steps:
+                last_val = self.validate(state.step)
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                state.elapsed_s += time.time() - start_time
+                start_time = time.time()
+                self.save_checkpoint()
+        last_val = self.validate(state.step) or last_val
+        result = {"person": cfg.person, "steps": state.step, "resumed_from": self.start_step,
+                  "train_seconds": state.elapsed_s, **last_val}
+        if self.rank == 0:
+            self.model.save_pretrained(self.run_dir / "model")
+            atomic_write_json(self.run_dir / "result.json", result)
+        self._emit("on_train_end", result)
+        return result
+
+
+def train_person(config: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:
+    """Train one person's avatar; returns the final numbers (also written to result.json).
+
+    ``callbacks`` default to :func:`~avatars.training.callbacks.default_callbacks`
+    (metrics.jsonl and a progress bar)."""
+    if callbacks is None:
+        callbacks = default_callbacks(config.run_dir)
+    return Trainer(config, callbacks).train()

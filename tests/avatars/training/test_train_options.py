@@ -15,14 +15,29 @@ import pytest
 SCRIPT = textwrap.dedent("""
     import json, sys, urllib.request
     from pathlib import Path
-    from avatars.training import TrainConfig, train_person
+    from avatars.training import TrainConfig, TrainerCallback, train_person
+    from cluster.monitoring.training import training_callbacks
     cfg = TrainConfig(person="000", shards=Path(sys.argv[1]), out=Path(sys.argv[2]), steps=4, batch_size=4,
                       checkpoint_every=2, validate_every=2, log_every=1, num_workers=0, val_samples=2,
                       val_inference_steps=2, zero_stage=int(sys.argv[3]), grad_accum=int(sys.argv[4]),
                       metrics_port=int(sys.argv[5]), lpips_weights=Path(sys.argv[6]))
-    result = train_person(cfg)
+
+    class Recorder(TrainerCallback):
+        # every hook call, in order
+        events = []
+        def on_train_start(self, trainer): self.events.append(["start", trainer.state.step])
+        def on_step_end(self, trainer, step): self.events.append(["step", step])
+        def on_log(self, trainer, record):
+            kinds = {"metrics_port": "port", "first_step_s": "first step", "loss": "window", "val_psnr": "validation"}
+            self.events.append(["log", [kind for key, kind in kinds.items() if key in record]])
+        def on_validation(self, trainer, step, metrics): self.events.append(["validation", step])
+        def on_checkpoint(self, trainer, step, path): self.events.append(["checkpoint", step, path.name])
+        def on_train_end(self, trainer, result): self.events.append(["end", result["steps"]])
+
+    # the cluster's callbacks (metrics.jsonl, progress bar, status file, Prometheus) + the recorder
+    result = train_person(cfg, [*training_callbacks(cfg), Recorder()])
     body = urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics_port}/metrics", timeout=10).read().decode()
-    print("RESULT" + json.dumps({"result": result, "metrics": body}))
+    print("RESULT" + json.dumps({"result": result, "metrics": body, "events": Recorder.events}))
 """)
 
 
@@ -42,6 +57,16 @@ def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     result, metrics = out["result"], out["metrics"]
+    window, validation = ["log", ["window"]], ["log", ["validation"]]
+    assert out["events"] == [
+        # Prometheus (called before the recorder) logs its port through the trainer
+        ["log", ["port"]], ["start", 0],
+        ["step", 1], ["log", ["first step"]], window,
+        ["step", 2], window, validation, ["validation", 2], ["checkpoint", 2, "step_0000002"],
+        ["step", 3], window,
+        ["step", 4], window, ["checkpoint", 4, "step_0000004"], validation, ["validation", 4],
+        ["end", 4],
+    ]
     assert result["steps"] == 4 and 0 < result["val_psnr"] < 100
     assert 0 < result["val_psnr_face"] < 100 and result["val_colour_error"] >= 0
     if lpips.is_file():

@@ -1,0 +1,97 @@
+"""Training callbacks: what watches a run, kept out of the :class:`~avatars.training.trainer.Trainer`.
+
+The trainer calls every callback's hooks in list order, on rank 0 only (see the Trainer's
+docstring for when each hook runs). This module holds the callbacks every run uses
+(:func:`default_callbacks`: ``metrics.jsonl`` and the progress bar); the cluster side adds the
+status file (``cluster.status.StatusCallback``) and Prometheus
+(``cluster.monitoring.PrometheusCallback``), which ``jobs/train_person.py`` attaches.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainerCallback:
+    """Base class: every hook does nothing; override the ones you need."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """After set-up and resume, before the first step (``trainer.state.step`` = resumed step)."""
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        """After every optimizer step."""
+
+    def on_log(self, trainer: Trainer, record: dict) -> None:
+        """For every record the run logs (training windows, validations, records added by callbacks)."""
+
+    def on_validation(self, trainer: Trainer, step: int, metrics: dict) -> None:
+        """After a validation render, with its metrics (val_psnr, val_lpips)."""
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path) -> None:
+        """After a complete checkpoint was written to ``path``."""
+
+    def on_train_end(self, trainer: Trainer, result: dict) -> None:
+        """After the final model and result.json were written."""
+
+
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop lines logged after ``after_step`` (by a run that died before its next checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class MetricsLog(TrainerCallback):
+    """``<run>/metrics.jsonl``: one JSON line per logged record.
+
+    On start it drops what a killed run logged past the checkpoint it resumes from (with
+    ``--resume never``, the whole file), so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.config.resume == "never":
+            self.path.unlink(missing_ok=True)
+        truncate_jsonl(self.path, trainer.state.step)
+
+    def on_log(self, trainer: Trainer, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class ProgressBar(TrainerCallback):
+    """A tqdm bar over the optimizer steps, showing the latest logged loss."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        cfg = trainer.config
+        self.bar = tqdm(total=cfg.steps, initial=trainer.state.step, desc=f"train {cfg.person}", unit="step")
+
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
+        self.bar.update()
+
+    def on_log(self, trainer: Trainer, record: dict) -> None:
+        if "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+    def on_train_end(self, trainer: Trainer, result: dict) -> None:
+        self.bar.close()
+
+
+def default_callbacks(run_dir: Path) -> list[TrainerCallback]:
+    """What every run gets: ``metrics.jsonl`` in ``run_dir`` and a progress bar."""
+    return [MetricsLog(Path(run_dir) / METRICS_FILE), ProgressBar()]

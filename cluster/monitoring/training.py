@@ -1,0 +1,64 @@
+"""Trainer callbacks of the cluster side: the status file and the Prometheus exporter.
+
+``jobs/train_person.py`` attaches them (:func:`training_callbacks`) next to the ones every run
+gets (``avatars.training.default_callbacks``).
+"""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from avatars.training import TrainConfig, TrainerCallback, default_callbacks
+from cluster.monitoring.metrics import Exporter, TrainingMetrics, start_exporter_in_range
+from cluster.status import report_progress
+
+
+def memory_bytes() -> dict[str, float]:
+    """Resident host memory of this process and, with CUDA, allocated / peak device memory."""
+    import psutil
+
+    mem = {"cpu_rss": float(psutil.Process().memory_info().rss)}
+    if torch.cuda.is_available():
+        mem["gpu_allocated"] = float(torch.cuda.memory_allocated())
+        mem["gpu_peak"] = float(torch.cuda.max_memory_allocated())
+    return mem
+
+
+class PrometheusCallback(TrainerCallback):
+    """Serves ``da_train_*`` gauges labelled by person on the first free port from ``first_port``.
+
+    The bound port is logged as a ``{"step", "metrics_port"}`` record. A registry per run: a Ray
+    worker process may train several persons one after another.
+    """
+
+    def __init__(self, first_port: int):
+        self.first_port = first_port
+        self.registry = CollectorRegistry()
+        self.metrics = TrainingMetrics(self.registry)
+        self.exporter: Exporter | None = None
+
+    def on_train_start(self, trainer) -> None:
+        self.exporter = start_exporter_in_range(self.first_port, self.registry)
+        trainer.log({"step": trainer.state.step, "metrics_port": self.exporter.port})
+
+    def on_log(self, trainer, record: dict) -> None:
+        if "loss" in record:
+            self.metrics.observe_step(trainer.config.person, record["step"], record["loss"], record["samples_per_s"],
+                                      learning_rates=record["lr"], memory_bytes=memory_bytes())
+
+
+class StatusCallback(TrainerCallback):
+    """Reports every step into the status file of the attempt running this process
+    (:func:`cluster.status.report_progress`; a no-op outside an orchestrated run)."""
+
+    def on_step_end(self, trainer, step: int) -> None:
+        report_progress(step, trainer.config.steps)
+
+
+def training_callbacks(config: TrainConfig) -> list[TrainerCallback]:
+    """metrics.jsonl, progress bar, status file and, with ``config.metrics_port``, Prometheus."""
+    callbacks = [*default_callbacks(config.run_dir), StatusCallback()]
+    if config.metrics_port is not None:
+        callbacks.append(PrometheusCallback(config.metrics_port))
+    return callbacks
