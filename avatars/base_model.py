@@ -65,7 +65,7 @@ def save_tensor_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike
     """Writes a safetensors file to a temporary name in the same folder, then renames it."""
     from safetensors.torch import save
 
-    from shards.contract import atomic_write_bytes
+    from common.io import atomic_write_bytes
 
     atomic_write_bytes(Path(path), save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 

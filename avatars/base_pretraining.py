@@ -46,7 +46,7 @@ from avatars.configs import DiffusionAvatarsConfig, tiny_config
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models.diffusion_avatars import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.schedulers import training_scheduler
-from shards.contract import _umask, atomic_write_json
+from common.io import atomic_write_json, umask
 from shards.writer import MANIFEST, shard_paths
 
 INFO_FILE = "pretrain_info.json"
@@ -434,7 +434,7 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         unet.save_pretrained(tmp / "unet")
         vae.save_pretrained(tmp / "vae")
         save_tensor_atomic({EMPTY_PROMPT_KEY: context}, tmp / EMPTY_PROMPT_FILE)

@@ -37,7 +37,7 @@ from cluster.local_backend import LocalConfig  # noqa: E402
 from cluster.orchestrate import run_all  # noqa: E402
 from cluster.ray_backend import RayConfig  # noqa: E402
 from cluster.status import read_status  # noqa: E402
-from shards.contract import atomic_write_json  # noqa: E402
+from common.io import atomic_write_json  # noqa: E402
 
 LAUNCH_CHILD = r"""
 import sys, time, json

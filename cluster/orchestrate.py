@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cluster.jobs import JobResult, PersonJob
 from cluster.local_backend import LocalBackend, LocalConfig
-from shards.contract import atomic_write_json
+from common.io import atomic_write_json
 
 #: Exit code when at least one person failed (0 when all succeeded).
 EXIT_SOME_FAILED = 1

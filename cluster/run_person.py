@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from cluster.jobs import PersonJob, run_attempt
-from shards.contract import atomic_write_json
+from common.io import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
-from shards.contract import atomic_write_json
+from common.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 _WARNED: set[Path] = set()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import tyro
 
-from shards.contract import DataError
+from common.io import DataError
 from shards.nersemble import ConvertConfig, convert_person, list_participants
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import tyro
 
 from jobs._parallel import default_workers, map_persons_tolerant
-from shards.contract import DataError, find_persons
+from common.io import DataError
+from shards.contract import find_persons
 from shards.ingest import IngestConfig, IngestResult, ingest_person
 
 

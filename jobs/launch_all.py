@@ -33,7 +33,8 @@ from jobs import ingest as ingest_job
 from jobs import make_synthetic
 from jobs import preprocess as preprocess_job
 from jobs._parallel import default_workers
-from shards.contract import DataError, find_persons
+from common.io import DataError
+from shards.contract import find_persons
 from shards.ingest import IngestConfig
 from shards.synthetic import SyntheticConfig
 from shards.writer import ShardConfig

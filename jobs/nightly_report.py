@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from cluster.report import ReportConfig, build_report
-from shards.contract import DataError
+from common.io import DataError
 
 
 def parse_args(argv: list[str] | None = None) -> ReportConfig:

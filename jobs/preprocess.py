@@ -9,7 +9,7 @@ from pathlib import Path
 import tyro
 
 from jobs._parallel import default_workers
-from shards.contract import DataError
+from common.io import DataError
 from shards.writer import ShardConfig, ShardRunResult, write_shards
 
 

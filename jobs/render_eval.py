@@ -18,7 +18,7 @@ import sys
 import tyro
 
 from cluster.eval_driver import EvalDriverConfig, run_evaluation
-from shards.contract import DataError
+from common.io import DataError
 
 
 def main(config: EvalDriverConfig) -> int:

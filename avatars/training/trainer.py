@@ -37,7 +37,7 @@ import torch
 
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models import DiffusionAvatarsModel
-from shards.contract import atomic_write_json
+from common.io import atomic_write_json
 from shards.writer import shard_paths
 
 from . import checkpoint as ckpt

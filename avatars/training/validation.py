@@ -14,7 +14,7 @@ from avatars.data import LoaderConfig, ShardDataset, collate
 from avatars.evaluation.lpips_weights import LpipsConfig, load_lpips
 from avatars.evaluation.metrics import masked_psnr, mean_colour_error, psnr
 from avatars.pipelines import AvatarPipeline
-from shards.contract import atomic_write_bytes
+from common.io import atomic_write_bytes
 from shards.writer import shard_paths
 
 

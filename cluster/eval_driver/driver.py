@@ -32,7 +32,7 @@ from cluster.eval_driver.tasks import TASKS, Clip, TaskFrames, TaskSkipped, cros
     self_reenactment
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
 from cluster.serve.renderer import RendererConfig, RenderRequest
-from shards.contract import DataError, atomic_write_bytes
+from common.io import DataError, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 MODEL_DIR = "model"

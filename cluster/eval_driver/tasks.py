@@ -28,7 +28,7 @@ import torch
 
 from avatars.data import LoaderConfig, ShardDataset
 from shards.codec import normalise_canonical
-from shards.contract import DataError
+from common.io import DataError
 from shards.raster import rasterize
 from shards.store import PersonStore
 from shards.writer import MANIFEST, shard_paths

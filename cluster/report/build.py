@@ -22,7 +22,7 @@ from cluster.report.aggregate import RunSummary, summarize
 from cluster.report.plots import trend_plot
 from cluster.report.schema import RunResults, list_runs, parse_run_date, run_dir
 from cluster.report.template import PAGE
-from shards.contract import DataError, atomic_write_bytes, atomic_write_json
+from common.io import DataError, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 REPORT_VERSION = 1

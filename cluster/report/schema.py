@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from shards.contract import DataError, atomic_write_json
+from common.io import DataError, atomic_write_json
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"

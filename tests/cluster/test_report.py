@@ -12,7 +12,7 @@ import pytest
 
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report
 from cluster.report.aggregate import summarize
-from shards.contract import DataError
+from common.io import DataError
 
 sys.path.insert(0, str(Path(__file__).parent))  # report_data.py lives beside this file
 from report_data import DATES, PERSONS, TASKS, make_runs  # noqa: E402

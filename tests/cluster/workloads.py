@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from cluster.status import report_progress
-from shards.contract import atomic_write_json
+from common.io import atomic_write_json
 
 
 def write_input(data_dir: Path, person: str, corrupt: bool = False) -> Path:

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from jobs.convert_nersemble import ConvertArgs, main
-from shards.contract import Calibration, DataError, MeshFrame, PersonCapture
+from common.io import DataError
+from shards.contract import Calibration, MeshFrame, PersonCapture
 from shards.nersemble import ConvertConfig, convert_person
 
 SERIALS = ("222200036", "222200037")

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.contract import Calibration, DataError, MeshFrame, PersonCapture
+from common.io import DataError
+
+from shards.contract import Calibration, MeshFrame, PersonCapture
 from shards.ingest import IngestConfig, ingest_person
 from shards.store import PersonStore
 

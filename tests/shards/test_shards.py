@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shards.codec import MEMBERS, decode_sample, normalise_canonical
-from shards.contract import DataError
+from common.io import DataError
 from shards.raster import rasterize
 from shards.store import PersonStore
 from shards.testing import TINY_SHARDS

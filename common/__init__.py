@@ -1,0 +1,1 @@
+"""What every package shares (imported by shards, avatars, cluster and jobs alike)."""
