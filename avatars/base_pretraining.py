@@ -30,9 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +43,7 @@ from avatars.configs import DiffusionAvatarsConfig, tiny_config
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models.diffusion_avatars import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.schedulers import training_scheduler
-from common.io import atomic_write_json, umask
+from common.io import atomic_directory, atomic_write_json
 from shards.writer import MANIFEST, shard_paths
 
 INFO_FILE = "pretrain_info.json"
@@ -343,23 +340,6 @@ def read_info(output: Path) -> dict | None:
         raise ValueError(f"{path} is unreadable ({e}); delete it or pass --force") from None
 
 
-def _install(tmp: Path, output: Path) -> None:
-    """Replace ``output`` by the finished directory ``tmp`` (renames only)."""
-    old = None
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        os.rmdir(old)
-        os.replace(output, old)
-    try:
-        os.replace(tmp, output)
-    except BaseException:
-        if old is not None:
-            os.replace(old, output)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def pretrain_base(config: BasePretrainConfig) -> dict:
     """Pretrains (or reuses) the tiny base model; returns the contents of pretrain_info.json
     plus ``"skipped"`` (True when an identical existing output was kept)."""
@@ -431,17 +411,10 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
         "unet": {"steps": config.unet_steps, "cached_latents": int(mean.shape[0]), "first_v_loss": unet_loss_first, "final_v_loss": unet_loss_final},
         "seconds": {"vae": vae_seconds, "unet": seconds - vae_seconds, "total": seconds},
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~umask())
+    with atomic_directory(output) as tmp:
         unet.save_pretrained(tmp / "unet")
         vae.save_pretrained(tmp / "vae")
         save_tensor_atomic({EMPTY_PROMPT_KEY: context}, tmp / EMPTY_PROMPT_FILE)
         atomic_write_json(tmp / INFO_FILE, info)
-        _install(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _log(f"wrote {output}")
     return {**info, "skipped": False}

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from avatars.configs import FeatureConfig, paper_config, tiny_config  # noqa: E4
 from avatars.models import DiffusionAvatarsModel  # noqa: E402
 from avatars.pipelines import AvatarPipeline  # noqa: E402
 from avatars.testing import synthetic_batch  # noqa: E402
+from common.io import atomic_write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_model.json"
 
@@ -109,14 +108,6 @@ def full_config_flops(expression_dim: int) -> dict:
     }
 
 
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per variant (median)")
@@ -182,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  training step:  {train_g:9.1f} GFLOP per sample (x{args.batch_size} per batch = {train_g * args.batch_size / 1e3:.1f} TFLOP)")
         print(f"  sampling:       {denoise_g:9.1f} GFLOP per denoising step per frame, {20 * denoise_g / 1e3:.2f} TFLOP per 20-step frame")
         print(f"  for scale: the tiny train steps above ran at a median {rate:.1f} GFLOP/s on this machine")
-    write_json(result, args.out)
+    atomic_write_json(args.out, result)
     print(f"\nwrote {args.out}")
 
 

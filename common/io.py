@@ -7,9 +7,12 @@ one, never a part of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -33,20 +36,64 @@ def umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a sibling temporary file, then rename it over `path`."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int | None = None) -> Iterator[Path]:
+    """Yields a temporary file name beside ``path`` (same suffix, for writers that pick the format
+    by it); when the block succeeds the file gets ``mode`` (default: the usual 0o666 minus the
+    umask; mkstemp makes 0600) and is renamed over ``path``. On error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the usual permissions
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask() if mode is None else mode)
         os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write `data` to a sibling temporary file, then rename it over `path` (see :func:`atomic_file`)."""
+    with atomic_file(path, mode) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: Path, obj: object, mode: int | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
+
+
+def replace_directory(src: Path, dst: Path) -> None:
+    """Renames the finished directory ``src`` over ``dst``. An existing ``dst`` is moved aside
+    first (renames only), put back if the rename fails, and deleted afterwards."""
+    src, dst = Path(src), Path(dst)
+    aside = None
+    if dst.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, aside / dst.name)
+    try:
+        os.replace(src, dst)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if aside is not None:
+            os.replace(aside / dst.name, dst)
+            aside.rmdir()
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
-def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yields an empty temporary directory beside ``path``; when the block succeeds it replaces
+    ``path`` (:func:`replace_directory`). On error it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
+        yield tmp
+        replace_directory(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

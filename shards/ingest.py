@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +20,9 @@ import numpy as np
 import zarr
 from PIL import Image
 
-from .contract import Calibration, DataError, MeshFrame, PersonCapture, TrackingMeta
+from common.io import DataError, atomic_directory
+
+from .contract import Calibration, MeshFrame, PersonCapture, TrackingMeta
 from .store import FORMAT_VERSION, STORED_CANONICAL_DIMS, PersonStore
 
 
@@ -236,18 +236,6 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
     if len(sizes) != 1:
         raise DataError(capture.calibration_path, f"cameras have different image sizes {sorted(sizes)}; "
                                                   "resize the capture to one size first")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{person}.zarr.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(final) as tmp:
         _write_store(tmp, attrs, calib, frames, meshes, held_out)
-        if final.exists():
-            old = out_dir / f".{person}.zarr.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return IngestResult(person, final, len(frames), n_images, False)

@@ -15,7 +15,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .contract import DataError
+from common.io import DataError
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 22

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .contract import Calibration, Camera, DataError, MeshFrame, PersonCapture
+from common.io import DataError
+
+from .contract import Calibration, Camera, MeshFrame, PersonCapture
 
 FORMAT_VERSION = 2
 #: Canonical channels stored for every mesh kind (FLAME-style meshes get zero ambient dims).

@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +29,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from common.io import DataError, atomic_file, atomic_write_json
+
 from .codec import CODEC_VERSION, MEMBERS, encode_sample, normalise_canonical
-from .contract import DataError, atomic_write_json
 from .integrity import MANIFEST, load_manifest, shard_problem
 from .raster import rasterize
 from .store import SPLITS, PersonStore, Sample
@@ -153,13 +152,10 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
     samples = store.samples()
     bounds = store.attrs["canonical_bounds"]
     bg = np.asarray(config.background, np.float32)
-    out = Path(task.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{task.name}.", suffix=".tmp", dir=out)
     keys = []
     mesh_cache: dict[int, MeshTensors] = {}
-    try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    with atomic_file(Path(task.out_dir) / task.name) as tmp:
+        with tarfile.open(tmp, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for sid in task.sample_ids:
                 s = samples[sid]
                 cam = store.cameras[s.camera]
@@ -184,12 +180,8 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
                 for ext in MEMBERS:
                     _tar_member(tar, f"{key}.{ext}", members[ext])
                 keys.append(key)
-        data_hash = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        size = Path(tmp).stat().st_size
-        os.replace(tmp, out / task.name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        data_hash = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        size = tmp.stat().st_size
     return {"split": task.split, "samples": len(keys), "bytes": size, "sha256": data_hash, "spec": task.spec,
             "first_key": keys[0], "last_key": keys[-1]}
 

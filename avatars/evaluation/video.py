@@ -8,12 +8,12 @@ the report never links a half-written video.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from common.io import atomic_file
 
 
 def _to_u8(x: np.ndarray) -> np.ndarray:
@@ -96,12 +96,10 @@ def write_comparison_video(
 
     path = Path(path)
     video = side_by_side(panels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
+    # world-readable: the report copies and serves these to others
+    with atomic_file(path, mode=0o644) as tmp:
         writer = imageio.get_writer(
-            tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+            str(tmp), format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
             quality=quality, macro_block_size=1, ffmpeg_log_level="error",
         )
         try:
@@ -109,11 +107,6 @@ def write_comparison_video(
                 writer.append_data(_pad_even(frame))
         finally:
             writer.close()
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the report copies and serves these to others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ from avatars.configs import DiffusionAvatarsConfig, UNetConfig, VAEConfig
 from avatars.models.conditioning import ConditioningBuilder
 from avatars.models.expression_attention import TOKENS_KWARG, ExpressionAttentionLayers, ExpressionTokens
 from avatars.schedulers import training_scheduler
+from common.io import atomic_directory
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -360,24 +359,11 @@ class DiffusionAvatarsModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes config.json, trainable.safetensors and the empty-prompt embedding, atomically
         (a temporary directory beside ``directory``, then renamed over it)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(Path(directory)) as tmp:
             meta = {"format": 1, "base_model": self.base_model, "config": self.config.to_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
             save_tensor_atomic(self.trainable_state_dict(), tmp / WEIGHTS_FILE)
             save_tensor_atomic({EMPTY_PROMPT_KEY: self.empty_prompt_embedding}, tmp / EMPTY_PROMPT_FILE)
-            old = None
-            if directory.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-                os.replace(directory, old / "previous")
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def from_pretrained(

@@ -11,9 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from cluster.report.aggregate import RunSummary, summarize
 from cluster.report.plots import trend_plot
 from cluster.report.schema import RunResults, list_runs, parse_run_date, run_dir
 from cluster.report.template import PAGE
-from common.io import DataError, atomic_write_bytes, atomic_write_json
+from common.io import DataError, atomic_file, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 REPORT_VERSION = 1
@@ -57,22 +55,13 @@ def _fmt(metric: str, value: float | None) -> str:
     return f"{value:.{_DIGITS.get(metric.removesuffix('_masked'), 3)}f}"
 
 
-def _world_readable(path: Path) -> None:
-    """mkstemp creates 0600 files; the published site must be readable by the web server."""
-    os.chmod(path, 0o644)
+#: File mode of everything published: the site must be readable by the web server.
+PUBLISHED = 0o644
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_file(dst, mode=PUBLISHED) as tmp:
         shutil.copyfile(src, tmp)
-        _world_readable(Path(tmp))
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _first_frame_png(video: Path) -> str | None:
@@ -164,11 +153,9 @@ def build_report(config: ReportConfig) -> Path:
         "history": [{"run_date": s.run_date, "overall": s.overall, "persons": s.person_average} for s in summaries],
         "ignored_runs": ignored,
     }
-    atomic_write_json(out / "report.json", report)
-    _world_readable(out / "report.json")
+    atomic_write_json(out / "report.json", report, mode=PUBLISHED)
     html = _render(summary, summaries, persons, plots, ignored, report["meta"], generated_at)
-    atomic_write_bytes(out / "index.html", html.encode("utf-8"))
-    _world_readable(out / "index.html")
+    atomic_write_bytes(out / "index.html", html.encode("utf-8"), mode=PUBLISHED)
     return out / "index.html"
 
 

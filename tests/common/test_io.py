@@ -1,0 +1,81 @@
+"""Atomic writes: a reader sees the old content or the new one, never a part, and nothing is left behind."""
+
+import os
+import pickle
+import stat
+
+import pytest
+
+from common import io as cio
+from common.io import DataError, atomic_directory, atomic_file, atomic_write_json
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_atomic_file_renames_on_success_and_cleans_up_on_error(tmp_path):
+    target = tmp_path / "sub" / "video.mp4"
+    with atomic_file(target) as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".mp4" and tmp.name.startswith(".")
+        tmp.write_bytes(b"new")
+        assert not target.exists()
+    assert target.read_bytes() == b"new"
+    assert _mode(target) == 0o666 & ~cio.umask()
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["video.mp4"]
+    with atomic_file(target, mode=0o640) as tmp:
+        tmp.write_bytes(b"x")
+    assert _mode(target) == 0o640
+
+
+def test_atomic_write_json_is_sorted_and_complete(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"b": 1, "a": [1, 2]})
+    assert (tmp_path / "a.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
+
+
+def test_atomic_directory_replaces_the_old_one_or_leaves_it(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_directory(target) as tmp:
+        assert _mode(tmp) == 0o777 & ~cio.umask()
+        (tmp / "new.txt").write_text("new")
+        assert (target / "old.txt").is_file()  # untouched until the block succeeds
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    with pytest.raises(ValueError):
+        with atomic_directory(target) as tmp:
+            (tmp / "partial.txt").write_text("x")
+            raise ValueError("failed half-way")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old folders
+
+
+def test_replace_directory_puts_the_old_one_back_when_the_rename_fails(tmp_path, monkeypatch):
+    target, new = tmp_path / "store", tmp_path / "new"
+    target.mkdir()
+    (target / "keep.txt").write_text("keep")
+    new.mkdir()
+    real_replace = os.replace
+
+    def failing(src, dst):
+        if str(src) == str(new):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cio.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        cio.replace_directory(new, target)
+    assert (target / "keep.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "store"]
+
+
+def test_data_error_names_the_file_and_survives_pickling(tmp_path):
+    err = DataError(tmp_path / "x.json", "field 'a' is missing")
+    assert str(err) == f"{tmp_path / 'x.json'}: field 'a' is missing"
+    again = pickle.loads(pickle.dumps(err))
+    assert isinstance(again, ValueError) and again.path == err.path and str(again) == str(err)
