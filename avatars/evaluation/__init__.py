@@ -26,7 +26,6 @@ _EXPORTS = {
     "read_video": "video",
     "write_comparison_video": "video",
     "DEFAULT_METRICS": "metric_names",
-    "METRIC_INFO": "metric_names",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from avatars.evaluation.face_models import FaceModelConfig, FaceModels
 from avatars.evaluation.lpips_weights import LpipsConfig, load_lpips
-from avatars.evaluation.metric_names import DEFAULT_METRICS, FACE_METRICS, MASKABLE, METRIC_INFO  # noqa: F401 (re-exported)
+from avatars.evaluation.metric_names import DEFAULT_METRICS, FACE_METRICS, MASKABLE
 
 
 def to_float_frames(x: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avatars.evaluation.metric_names import metric_order
+from cluster.report.metric_labels import metric_order
 from cluster.report.schema import RunResults
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 
-from avatars.evaluation.metric_names import higher_is_better, metric_label
+from cluster.report.metric_labels import higher_is_better, metric_label
 from cluster.report.aggregate import RunSummary
 
 

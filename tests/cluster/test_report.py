@@ -85,3 +85,18 @@ def test_build_report_folder(tmp_path: Path) -> None:
 def test_missing_runs_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no nightly runs found"):
         build_report(ReportConfig(tmp_path))
+
+
+def test_every_computed_metric_has_a_label_and_a_place():
+    """The report keeps its own labels (it imports nothing from avatars); they must cover every
+    metric the evaluation computes, masked variants included."""
+    from avatars.evaluation.metric_names import DEFAULT_METRICS, MASKABLE, MASKED_SUFFIX
+    from cluster.report import metric_labels
+
+    assert metric_labels.MASKED_SUFFIX == MASKED_SUFFIX
+    assert list(metric_labels.METRIC_INFO) == list(DEFAULT_METRICS)
+    names = set(DEFAULT_METRICS) | {m + MASKED_SUFFIX for m in MASKABLE}
+    assert metric_labels.metric_order(names) == [*DEFAULT_METRICS, *(m + MASKED_SUFFIX for m in DEFAULT_METRICS
+                                                                      if m in MASKABLE)]
+    assert metric_labels.metric_label("lpips_masked") == "LPIPS (masked)"
+    assert not metric_labels.higher_is_better("lpips_face") and metric_labels.higher_is_better("psnr_masked")
