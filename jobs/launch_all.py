@@ -8,7 +8,7 @@ Stages, each skipping work that is already up to date:
 1. data: generate the synthetic capture root when no --captures is given, ingest every
    person into zarr, write the training shards (local worker processes);
 2. tiny preset without --train.base-model: pretrain the tiny frozen base once (the
-   CPU-sized stand-in for Stable Diffusion 2.1, see avatars/base_pretraining.py);
+   CPU-sized stand-in for Stable Diffusion 2.1, see avatars/training/base_pretraining.py);
 3. training: one job per person on the chosen backend (ray | slurm | local), each with
    its reserved CPUs/GPUs, bounded retries, resume from the last checkpoint;
 4. evaluation: the Ray Serve renderer renders every trained person's evaluation set,
@@ -106,7 +106,7 @@ def _data(args: LaunchAllArgs) -> tuple[list[str], dict[str, str]]:
 def _base_model(args: LaunchAllArgs) -> Path | None:
     if args.train.base_model is not None or args.train.preset != "tiny":
         return args.train.base_model
-    from avatars.base_pretraining import BasePretrainConfig, pretrain_base
+    from avatars.training.base_pretraining import BasePretrainConfig, pretrain_base
 
     out = args.workdir / "base" / "tiny"
     pretrain_base(BasePretrainConfig(shard_root=args.workdir / "shards", persons=args.persons, output=out,

@@ -13,7 +13,7 @@ import json
 
 import tyro
 
-from avatars.base_pretraining import BasePretrainConfig, pretrain_base
+from avatars.training.base_pretraining import BasePretrainConfig, pretrain_base
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from avatars.base_model import EMPTY_PROMPT_FILE, EMPTY_PROMPT_KEY, load_unet_and_vae
-from avatars.base_pretraining import (
+from avatars.training.base_pretraining import (
     INFO_FILE,
     BasePretrainConfig,
     fold_latent_scale,
