@@ -78,3 +78,14 @@ def test_bf16_planes_are_sampled_in_float32():
     out = planes(coords, torch.ones(1, 1, 1, 1))
     assert out.dtype == torch.float32
     assert abs(out[0, 0, 0, 0].item() - expected) < 1e-3
+
+
+def test_planes_start_as_the_official_standard_normal():
+    """The official code initialises every neural texture with N(0, 1) (init_neural_textures_gain 1)."""
+    from avatars.configs import FeatureConfig
+    from avatars.models.feature_planes import FeaturePlanes
+
+    assert FeatureConfig().init_std == 1.0
+    planes = FeaturePlanes(FeatureConfig(resolution=64, channels=4), generator=torch.Generator().manual_seed(0))
+    for p in (planes.spatial, planes.ambient):
+        assert abs(float(p.mean())) < 0.02 and abs(float(p.std()) - 1.0) < 0.02
