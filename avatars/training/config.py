@@ -31,7 +31,12 @@ class TrainOptions:
     lr_features: float = 1e-2
     """Learning rate of the TriPlanes and the ambient map (the paper's 1e-2)."""
     grad_clip: float = 1.0
-    """Gradient norm clipping (the paper's 1.0)."""
+    """Gradient norm clipping (the paper's 1.0; 0 disables it)."""
+    clip_scope: Literal["controlnet", "all"] = "controlnet"
+    """Whose gradient norm is clipped: 'controlnet' (the official code: the ControlNet only, not the
+    feature planes or the expression layers; needs --zero-stage 0) or 'all' trainable parameters."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay of the networks and the feature planes (the official 1e-2)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-2; the trainable part is small, so 0 or 1 is usually best)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -89,7 +89,10 @@ def build_engine(cfg: TrainConfig, model: DiffusionAvatarsModel, world_size: int
     precision = perf.resolve_precision(cfg.precision, target)
     perf.store_frozen(model, precision)
     perf.configure_backends(target)
-    optimizer = make_optimizer(model, cfg.lr_networks, cfg.lr_features)
+    if cfg.zero_stage > 0 and cfg.grad_clip > 0 and cfg.clip_scope != "all":
+        raise ValueError(f"clip_scope={cfg.clip_scope!r} needs --zero-stage 0: ZeRO {cfg.zero_stage} clips inside "
+                         "DeepSpeed, over every trainable parameter; pass --clip-scope all (or --grad-clip 0)")
+    optimizer = make_optimizer(model, cfg.lr_networks, cfg.lr_features, cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=LossModule(model, precision), optimizer=optimizer,
                                            config=deepspeed_config(cfg))
     if world_size == 1 and cfg.zero_stage == 0:
@@ -99,5 +102,5 @@ def build_engine(cfg: TrainConfig, model: DiffusionAvatarsModel, world_size: int
         perf.to_channels_last(model, trainable=cfg.zero_stage == 0)
     if cfg.compile:
         perf.compile_blocks(model)
-    clipped = clipped_parameters(model) if cfg.zero_stage == 0 and cfg.grad_clip > 0 else []
+    clipped = clipped_parameters(model, cfg.clip_scope) if cfg.zero_stage == 0 and cfg.grad_clip > 0 else []
     return TrainingEngine(engine, model, precision, clipped, cfg.grad_clip)

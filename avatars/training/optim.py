@@ -1,5 +1,10 @@
 """The optimizer of a training run and its gradient clipping, in one place.
 
+The official settings are the defaults: AdamW (betas 0.9/0.999, eps 1e-8) with weight decay
+1e-2 on both groups, and the gradient norm clipped to 1.0 over the ControlNet's parameters only
+(``clip_scope="controlnet"``; the feature planes, whose sparse gradients are large, and the
+expression layers are not clipped); ``clip_scope="all"`` clips every trainable parameter jointly.
+
 AdamW over the model's parameter groups (``networks``: ControlNet + expression layers;
 ``features``: TriPlanes + ambient map), on the fp32 master weights, with torch's fused kernel:
 one launch per parameter group and step instead of several per tensor, and its step counters
@@ -19,14 +24,26 @@ import torch
 from torch import nn
 
 
-def make_optimizer(model, lr_networks: float, lr_features: float) -> torch.optim.AdamW:
-    """AdamW (betas 0.9/0.999, no weight decay) over ``model.parameter_groups``, fused."""
-    return torch.optim.AdamW(model.parameter_groups(lr_networks, lr_features), betas=(0.9, 0.999),
-                             weight_decay=0.0, fused=True)
+#: Whose gradient norm is clipped (see the module docstring).
+CLIP_SCOPES = ("controlnet", "all")
 
 
-def clipped_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters whose joint gradient norm is clipped: every trainable one."""
+def make_optimizer(model, lr_networks: float, lr_features: float, weight_decay: float = 1e-2) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.999, eps 1e-8, ``weight_decay`` on every group) over
+    ``model.parameter_groups``, fused."""
+    return torch.optim.AdamW(model.parameter_groups(lr_networks, lr_features), betas=(0.9, 0.999), eps=1e-8,
+                             weight_decay=weight_decay, fused=True)
+
+
+def clipped_parameters(model: nn.Module, scope: str = "controlnet") -> list[nn.Parameter]:
+    """The parameters whose joint gradient norm is clipped: the ControlNet's (the official code;
+    in the "w/o LDM prior" ablation the network in its place: the trainable UNet and its
+    conditioning embedding), or every trainable one."""
+    if scope not in CLIP_SCOPES:
+        raise ValueError(f"clip scope must be one of {CLIP_SCOPES}, got {scope!r}")
+    if scope == "controlnet":
+        nets = [model.controlnet] if getattr(model, "controlnet", None) is not None else [model.unet, model.cond_embedding]
+        return [p for net in nets for p in net.parameters() if p.requires_grad]
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -154,7 +154,7 @@ MICRO_STEPS = textwrap.dedent("""
     from avatars.training import TrainConfig
     from avatars.training.engine import build_engine
     from avatars.training.trainer import init_distributed
-    cfg = TrainConfig(batch_size=2, zero_stage=int(sys.argv[1]), precision="bf16",
+    cfg = TrainConfig(batch_size=2, zero_stage=int(sys.argv[1]), precision="bf16", clip_scope="all",
                       memory_format="channels_last").resolved()
     _, world = init_distributed()
     model = DiffusionAvatarsModel(cfg.model_config(16))

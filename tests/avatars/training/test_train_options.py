@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from cluster.monitoring.training import training_callbacks
     cfg = TrainConfig(person="000", shards=Path(sys.argv[1]), out=Path(sys.argv[2]), steps=4, batch_size=4,
                       checkpoint_every=2, validate_every=2, log_every=1, num_workers=0, val_samples=2,
-                      val_inference_steps=2, zero_stage=int(sys.argv[3]), grad_accum=int(sys.argv[4]),
+                      val_inference_steps=2, zero_stage=int(sys.argv[3]), grad_accum=int(sys.argv[4]), clip_scope="all",
                       metrics_port=int(sys.argv[5]), lpips_weights=Path(sys.argv[6]))
 
     class Recorder(TrainerCallback):
