@@ -26,7 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, report  # noqa: E402
+from bench_common import RESULTS, report  # noqa: E402
 
 from avatars.configs import RASTER_CHANNELS, FeatureConfig  # noqa: E402
 from avatars.data import LoaderConfig, ShardDataset, collate  # noqa: E402

@@ -42,7 +42,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import RESULTS, report  # noqa: E402
+from bench_common import RESULTS, report  # noqa: E402
 
 Section = Literal["train", "compile", "render", "peer"]
 #: The issue's goals on one H100 (samples/s; frames/s at batch 1 and at batch >= 8).

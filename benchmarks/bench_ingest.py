@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import report  # noqa: E402
+from bench_common import report  # noqa: E402
 
 from jobs._parallel import map_persons  # noqa: E402
 from shards.ingest import IngestConfig, ingest_person  # noqa: E402

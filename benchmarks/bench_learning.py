@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import report  # noqa: E402
+from bench_common import report  # noqa: E402
 
 from avatars.data import LoaderConfig, ShardDataset, collate  # noqa: E402
 from avatars.evaluation.lpips_weights import LpipsConfig, load_lpips  # noqa: E402

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import report  # noqa: E402
+from bench_common import report  # noqa: E402
 
 
 class _Count(TorchDispatchMode):

@@ -10,7 +10,7 @@ implementations do the same job; the script checks that their masks and depths a
     .venv/bin/python benchmarks/bench_raster.py            # ~30-60 s on the 2-core machine
     .venv/bin/python benchmarks/bench_raster.py --frames 40 --naive-frames 3
 
-Prints a table and writes benchmarks/results/raster.json (via benchmarks/common.py).
+Prints a table and writes benchmarks/results/raster.json (via benchmarks/bench_common.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import report  # noqa: E402
+from bench_common import report  # noqa: E402
 from shards.contract import Camera  # noqa: E402
 from shards.raster import RasterBuffers, rasterize, vertex_normals  # noqa: E402
 from shards.synthetic.head import sphere_mesh  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from bench_common import report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

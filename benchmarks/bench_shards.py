@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import report  # noqa: E402
+from bench_common import report  # noqa: E402
 
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, ShardLoader, collate, make_loader  # noqa: E402
 from avatars.data.shard_dataset import crop_box, hash_seed, nearest_crop_index, resize_smooth, take_pixels  # noqa: E402

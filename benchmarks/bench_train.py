@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import report  # noqa: E402
+from bench_common import report  # noqa: E402
 
 #: Dense peak TFLOP/s (no sparsity) of the precision each GPU would train in.
 GPUS = {
