@@ -76,7 +76,8 @@ class RenderPipeline:
         self.device = model.empty_prompt_embedding.device
         self.dtype = torch.bfloat16 if self.options.precision_on(self.device.type) == "bf16" else torch.float32
         for module in self._networks():
-            module.to(self.dtype)
+            if any(p.dtype != self.dtype for p in module.parameters()):
+                module.to(self.dtype)
         self.buckets = self.options.buckets(max_batch_size)
         self.noise = NoiseBank()
         self.reference = AvatarPipeline(model, self.noise)  # shared helpers: shapes, DDPM tables
