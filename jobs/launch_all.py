@@ -15,7 +15,7 @@ Stages, each skipping work that is already up to date:
    computes the metrics and writes results.json, the videos and the nightly report.
 Exit code 0 only when every person trained and was evaluated, 1 when some failed (a
 summary table names them), 2 when nothing could be run (bad input, an unusable work
-directory).
+directory, a backend that is not there: checked before any work, see cluster/preflight.py).
 """
 
 from __future__ import annotations
@@ -179,8 +179,16 @@ def main(args: LaunchAllArgs) -> int:
     from cluster.jobs import JobResult
     from cluster.orchestrate import check_workdir, exit_code, format_summary, write_summary_json
 
+    from cluster.preflight import BackendUnavailable, check_backend
+
     t0 = time.time()
     check_workdir(args.workdir, args.min_free_gb)
+    try:  # before any work: a backend that is not there is named with how to get it
+        for warning in check_backend(args.backend, args.ray_address, args.slurm.partition, args.evaluate):
+            print(f"warning: {warning}", file=sys.stderr)
+    except BackendUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     requested = requested_persons(args)
     results: list[JobResult] = []
     data_failed: dict[str, str] = {}
