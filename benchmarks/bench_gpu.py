@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import RESULTS, report  # noqa: E402
+from common.io import atomic_write_json  # noqa: E402
 
 Section = Literal["train", "compile", "render", "peer"]
 #: The issue's goals on one H100 (samples/s; frames/s at batch 1 and at batch >= 8).
@@ -61,6 +62,9 @@ class BenchGpuArgs:
     """Rendering batch sizes (default: 1 and 8; 1 and 2 on CPU)."""
     render_steps: int | None = None
     """DDPM steps per rendered frame (default: 20, the paper's; 2 on CPU)."""
+    render_compile: Literal["auto", "on", "off"] = "auto"
+    """The render pipeline's torch.compile (RenderOptions.compile): "off" measures the eager bf16 path
+    without the warm-up's compilation."""
     workers: int | None = None
     """Loader threads of the training runs (default: half the CPU cores, at most 8)."""
     workdir: Path | None = None
@@ -77,6 +81,7 @@ class Setup:
     train_batch: int
     render_batches: tuple[int, ...]
     render_steps: int
+    render_compile: str
     workers: int
     rows: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
@@ -87,7 +92,7 @@ def resolve(args: BenchGpuArgs) -> Setup:
     return Setup(cuda=cuda, device=torch.device("cuda" if cuda else "cpu"),
                  train_steps=args.train_steps or (40 if cuda else 3), train_batch=args.train_batch or (8 if cuda else 2),
                  render_batches=args.render_batches or ((1, 8) if cuda else (1, 2)),
-                 render_steps=args.render_steps or (20 if cuda else 2),
+                 render_steps=args.render_steps or (20 if cuda else 2), render_compile=args.render_compile,
                  workers=args.workers or max(1, min(8, (os.cpu_count() or 2) // 2)))
 
 
@@ -205,7 +210,7 @@ def render_rows(model_dir: str, s: Setup, expression_dim: int) -> list[dict]:
     start = time.perf_counter()
     renderer = FrameRenderer(Path(model_dir), RendererConfig(
         num_inference_steps=s.render_steps, max_batch_size=max(s.render_batches), device=str(s.device),
-        pipeline=RenderOptions(batch_buckets=s.render_batches)))
+        pipeline=RenderOptions(batch_buckets=s.render_batches, compile=s.render_compile)))
     sync(s.device)
     load_s = time.perf_counter() - start
     rows = []
@@ -335,6 +340,13 @@ def run(args: BenchGpuArgs) -> dict:
     results: dict = {"device": device_name, "torch": torch.__version__, "matmul_bf16_peak_TFLOPs": peak,
                      "train_steps": s.train_steps, "train_batch": s.train_batch, "render_steps": s.render_steps,
                      "config": "paper (SD2.1 layout, 512x512, random weights)" if s.cuda else "tiny (64x64)"}
+    partial = args.out.with_name(args.out.stem + ".partial.json")
+
+    def save(section: str) -> None:
+        """Each finished section's figures at once, so a run cut short (a device time limit) keeps them."""
+        atomic_write_json(partial, results)
+        print(f"[bench_gpu] {section} done; figures so far in {partial}", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="bench_gpu.") as tmp:
         root = Path(args.workdir) if args.workdir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -346,6 +358,7 @@ def run(args: BenchGpuArgs) -> dict:
             results["train_eager"] = train_run(s, shards, root / "runs-eager", compile=False)
             model_dir = results["train_eager"]["model_dir"]
             free_memory()
+            save("train")
         if "compile" in args.only:
             if s.cuda:
                 results["train_compiled"] = train_run(s, shards, root / "runs-compiled", compile=True)
@@ -355,12 +368,15 @@ def run(args: BenchGpuArgs) -> dict:
                                             - results["train_eager"]["first_step_s"])
                 torch._dynamo.reset()
                 free_memory()
+                save("compile")
             else:
                 results["train_compiled"] = "skipped on CPU (tests/avatars/training/test_compile.py covers it)"
         if model_dir is not None:
             results["flops"] = count_flops(model_dir, s, dim)
+            save("flops")
         if "render" in args.only:
             results["render"] = render_rows(model_dir, s, dim)
+            save("render")
         if "peer" in args.only:
             results["peer_render"], results["peer_train"] = peer_rows(s)
     add_mfu(results, peak)

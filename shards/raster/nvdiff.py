@@ -48,14 +48,16 @@ def clip_matrix(K: torch.Tensor, width: int, height: int, near: float,
     """(4, 4) float64 map from homogeneous OpenCV camera coordinates to nvdiffrast clip space.
 
     `far` may be a 0-d tensor on K's device (no host round trip)."""
+    # Entries are written with in-place ops on views (fill_/add_ take the scalar as a kernel
+    # argument): `P[i, j] = 1.0` copies a CPU scalar tensor to the device, a host sync on CUDA.
     P = torch.zeros(4, 4, dtype=torch.float64, device=K.device)
     P[0, :3] = 2.0 / width * K[0]
-    P[0, 2] += 1.0 / width - 1.0
+    P[0, 2].add_(1.0 / width - 1.0)
     P[1, :3] = 2.0 / height * K[1]
-    P[1, 2] += 1.0 / height - 1.0
-    P[2, 2] = (far + near) / (far - near)
-    P[2, 3] = -2.0 * far * near / (far - near)
-    P[3, 2] = 1.0
+    P[1, 2].add_(1.0 / height - 1.0)
+    P[2, 2].fill_((far + near) / (far - near))
+    P[2, 3].fill_(-2.0 * far * near / (far - near))
+    P[3, 2].fill_(1.0)
     return P
 
 

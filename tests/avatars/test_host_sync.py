@@ -34,3 +34,13 @@ def test_cuda_syncs_are_counted():
     assert syncs.count == 3
     _, none = count_host_syncs(lambda: x * 2, "cuda")
     assert none.count == 0
+
+
+def test_the_debug_modes_prototype_notice_is_not_a_sync():
+    """torch warns once that the sync debug mode is a prototype; on the H200 that notice was counted
+    as a host sync of the first measured training step."""
+    from avatars.host_sync import is_sync_warning
+
+    assert not is_sync_warning("Synchronization debug mode is a prototype feature and does not yet detect all "
+                               "synchronizing operations (Triggered internally at Module.cpp:1003.)")
+    assert is_sync_warning("called a synchronizing CUDA operation")

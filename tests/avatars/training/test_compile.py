@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
 from avatars.training.performance import compile_blocks
+from shards.testing import build_tiny
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -48,10 +49,12 @@ def test_compiled_training_matches_eager(train_shards, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_training_matches_eager_on_cuda(train_shards, tmp_path):
+def test_compiled_training_matches_eager_on_cuda(tmp_path):
     """The same on CUDA (bf16 frozen base, channels_last): equal up to bf16 rounding (unit
-    roundoff 0.2%; the loss of a step moves far less, see test_loss_curve.py)."""
-    _compare(train_shards, tmp_path, rtol=1e-2, weights_rtol=5e-2)
+    roundoff 0.2%; the loss of a step moves far less, see test_loss_curve.py). It builds its own
+    shards: on the H200 (2026-11-26) the conftest's `train_shards` fixture was reported missing
+    in a `pytest -m gpu` run of several files, a cause not reproducible here."""
+    _compare(build_tiny(tmp_path / "data")[2], tmp_path / "runs", rtol=1e-2, weights_rtol=5e-2)
 
 
 def _compare(train_shards, tmp_path, rtol: float, weights_rtol: float) -> None:
