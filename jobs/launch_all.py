@@ -12,7 +12,10 @@ Stages, each skipping work that is already up to date:
 3. training: one job per person on the chosen backend (ray | slurm | local), each with
    its reserved CPUs/GPUs, bounded retries, resume from the last checkpoint;
 4. evaluation: the Ray Serve renderer renders every trained person's evaluation set,
-   computes the metrics and writes results.json, the videos and the nightly report.
+   computes the metrics and writes results.json, the videos and the nightly report; a
+   person whose model, base, data and evaluation settings are unchanged keeps its stored
+   numbers and videos (--force renders it again), and a subset run keeps the other
+   persons' results of the night.
 Exit code 0 only when every person trained and was evaluated, 1 when some failed (a
 summary table names them), 2 when nothing could be run (bad input, an unusable work
 directory, a backend that is not there: checked before any work, see cluster/preflight.py).
@@ -79,6 +82,9 @@ class LaunchAllArgs:
     """Render the evaluation set of every trained person and write the nightly report."""
     eval_inference_steps: int = 20
     """Sampling steps of the evaluation renders (DDPM; the paper's 20)."""
+    force: bool = False
+    """Evaluate every person again, even those whose stored evaluation is up to date (same
+    model, base, data and evaluation settings): their numbers and videos are otherwise reused."""
     min_free_gb: float = 1.0
     """Refuse to start (exit code 2) when the work directory has less free space than this (GiB)."""
 
@@ -155,7 +161,7 @@ def _evaluate(args: LaunchAllArgs, persons: list[str]):
                               stores=args.workdir / "zarr", reports_root=args.workdir / "reports",
                               persons=tuple(persons), ray_address=args.ray_address,
                               renderer=RendererConfig(num_inference_steps=args.eval_inference_steps),
-                              lpips_weights=Path(args.train.lpips_weights))
+                              lpips_weights=Path(args.train.lpips_weights), force=args.force)
     return run_evaluation(config)
 
 
@@ -223,7 +229,9 @@ def main(args: LaunchAllArgs) -> int:
                 print(f"evaluation of {person} failed: {reason}")
             if summary.failed:
                 code = code or 1
-            print(f"evaluation: {len(summary.persons)} persons, {summary.frames_rendered} frames in "
+            reused = f" ({len(summary.reused)} up to date, not rendered again; --force redoes them)" \
+                if summary.reused else ""
+            print(f"evaluation: {len(summary.persons)} persons{reused}, {summary.frames_rendered} frames in "
                   f"{summary.seconds:.0f} s -> {summary.results_path}")
             if summary.report_index:
                 print(f"report: {summary.report_index}")

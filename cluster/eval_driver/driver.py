@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from avatars.evaluation.metric_names import DEFAULT_METRICS
+from cluster.eval_driver.uptodate import adopt, evaluation_key, find_reusable
 from cluster.eval_driver.tasks import TASKS, Clip, TaskFrames, TaskSkipped, cross_reenactment, novel_view, open_store, \
     self_reenactment
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
@@ -87,6 +88,9 @@ class EvalDriverConfig:
     """Embedded Ray only: object store size in MiB."""
     build_report: bool = True
     """Build `<reports_root>/site/<date>/index.html` after writing results.json."""
+    force: bool = False
+    """Render and score every person even when its stored evaluation is up to date (same model,
+    base, data and settings; see cluster.eval_driver.uptodate)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.tasks) - set(TASKS)
@@ -109,6 +113,8 @@ class EvalSummary:
     frames_rendered: int
     seconds: float
     person_seconds: dict[str, float]
+    reused: list[str] = field(default_factory=list)
+    """Persons whose evaluation was up to date: their stored numbers were reused, nothing rendered."""
 
 
 # ---- driver side helpers ----------------------------------------------------------------------
@@ -135,16 +141,19 @@ def model_problem(runs: Path, person: str) -> str | None:
 
 
 def cross_drivers(persons: list[str], stores: Path) -> dict[str, str | None]:
-    """Whose codes drive each person in cross-reenactment: the next person of the list (cyclic)
-    that has a zarr store, never the person itself (None when there is no other)."""
-    with_data = [p for p in persons if (Path(stores) / f"{p}.zarr").exists()]
+    """Whose codes drive each person in cross-reenactment: the next person in sorted order
+    (cyclic) among every person with a zarr store under `stores`, evaluated now or not, never
+    the person itself (None when there is no other). Independent of which persons a run
+    evaluates, so a subset run drives a person exactly as the full run does."""
+    root = Path(stores)
+    with_data = sorted({q.name.removesuffix(".zarr") for q in root.glob("*.zarr")} if root.is_dir() else set())
     out: dict[str, str | None] = {}
     for p in persons:
         others = [q for q in with_data if q != p]
         if not others:
             out[p] = None
             continue
-        after = [q for q in others if persons.index(q) > persons.index(p)]
+        after = [q for q in others if q > p]
         out[p] = (after or others)[0]
     return out
 
@@ -335,10 +344,28 @@ def connect_ray(config: EvalDriverConfig) -> bool:
     return True
 
 
+def _load_night(path: Path) -> RunResults | None:
+    """The night's results.json written by an earlier run, or None (absent, or unreadable: then
+    it is replaced, with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        return RunResults.load(path)
+    except DataError as e:
+        log.warning("%s is unreadable and will be replaced: %s", path, e)
+        return None
+
+
 def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
-    """Render + evaluate every person, write results.json (and the report); see module docstring."""
+    """Render + evaluate every person, write results.json (and the report); see module docstring.
+
+    A person whose evaluation is up to date (same model, base, data and settings as numbers
+    already stored, see `uptodate`) is not rendered again unless `config.force`; its stored
+    numbers are reused. The night's results.json keeps the persons an earlier run of the same
+    night evaluated and this one did not."""
     t0 = time.time()
     run_date = config.run_date or dt.date.today().isoformat()
+    run_id = dt.datetime.now().strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
     folder = run_dir(config.reports_root, run_date)
     persons = list_persons(config)
     failed = {p: r for p in persons if (r := model_problem(config.runs, p))}
@@ -347,13 +374,61 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     results: dict[str, dict[str, TaskResult]] = {p: _failed_tasks(config.tasks, r) for p, r in failed.items()}
     drivers = cross_drivers(persons, config.stores)
     todo = [p for p in persons if p not in failed]
+    evaluations: dict[str, dict[str, str]] = {}
+    keys: dict[str, str] = {}
+    for p in todo:
+        try:
+            keys[p] = evaluation_key(config, p, drivers[p])
+        except (OSError, ValueError, KeyError) as e:  # rendering will fail with the reason
+            log.warning("%s: evaluation key unavailable (%s); rendering", p, e)
+    reused: list[str] = []
+    if not config.force:
+        for p in list(todo):
+            hit = find_reusable(config.reports_root, run_date, p, keys[p]) if p in keys else None
+            if hit is not None:
+                results[p], evaluations[p] = adopt(*hit, p, folder)
+                reused.append(p)
+                todo.remove(p)
     person_seconds: dict[str, float] = {}
-    run = _Run(config, folder)
-    started = connect_ray(config) if todo else False
+    frames_rendered = 0
     if todo:
-        from cluster.serve.deployment import ensure_serve
+        frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds)
+        stamp = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+        for p in todo:
+            evaluations[p] = {"run_id": run_id, "evaluated_at": stamp}
+            if p in keys and p not in failed:
+                evaluations[p]["key"] = keys[p]
 
-        ensure_serve()  # once, before the person threads deploy their applications
+    r = config.renderer
+    meta = {
+        "runs": str(config.runs), "git_commit": _git_commit(), "host": socket.gethostname(), "run_id": run_id,
+        "sampler": f"{r.sampler}, {r.num_inference_steps} steps, seed {config.seed}",
+        "renderer": f"max_batch_size {r.max_batch_size}, {r.num_replicas} replica(s) x {r.num_cpus:g} CPU "
+                    f"{r.num_gpus:g} GPU",
+    }
+    night = RunResults(run_date, {p: results[p] for p in persons}, meta, evaluations)
+    night = night.merged_over(_load_night(folder / "results.json"))
+    all_failed = sorted(p for p, tasks in night.persons.items()
+                        if tasks and all(t.skipped.get("task", "").startswith("failed") for t in tasks.values()))
+    all_drivers = cross_drivers(list(night.persons), config.stores)
+    night.meta.update({
+        "failed_persons": ", ".join(all_failed) or "none",
+        "cross_reenactment": ", ".join(f"{p} by {d}" for p, d in all_drivers.items() if d) or "n/a",
+    })
+    path = night.save(config.reports_root)
+    index = build_report(ReportConfig(config.reports_root, run_date)) if config.build_report else None
+    return EvalSummary(run_date, path, index, persons, failed, frames_rendered, time.time() - t0, person_seconds,
+                       reused)
+
+
+def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers: dict[str, str | None],
+                results: dict[str, dict[str, TaskResult]], failed: dict[str, str],
+                person_seconds: dict[str, float]) -> int:
+    """Render and score `todo` on the Serve renderer (Ray started here unless connected); fills
+    `results`, `failed` and `person_seconds`; returns the frames rendered."""
+    run = _Run(config, folder)
+    started = connect_ray(config)
+    from cluster.serve.deployment import ensure_serve
 
     def one(person: str) -> tuple[str, dict[str, TaskResult] | None, str | None]:
         t = time.time()
@@ -367,6 +442,7 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
             person_seconds[person] = time.time() - t
 
     try:
+        ensure_serve()  # once, before the person threads deploy their applications
         with ThreadPoolExecutor(config.parallel_persons, thread_name_prefix="eval") as pool:
             for person, out, error in pool.map(one, todo):
                 if error is not None:
@@ -382,16 +458,4 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
 
             serve.shutdown()
             ray.shutdown()
-
-    r = config.renderer
-    meta = {
-        "runs": str(config.runs), "git_commit": _git_commit(), "host": socket.gethostname(),
-        "sampler": f"{r.sampler}, {r.num_inference_steps} steps, seed {config.seed}",
-        "renderer": f"max_batch_size {r.max_batch_size}, {r.num_replicas} replica(s) x {r.num_cpus:g} CPU "
-                    f"{r.num_gpus:g} GPU",
-        "failed_persons": ", ".join(sorted(failed)) or "none",
-        "cross_reenactment": ", ".join(f"{p} by {d}" for p, d in drivers.items() if d) or "n/a",
-    }
-    path = RunResults(run_date, {p: results[p] for p in persons}, meta).save(config.reports_root)
-    index = build_report(ReportConfig(config.reports_root, run_date)) if config.build_report else None
-    return EvalSummary(run_date, path, index, persons, failed, run.frames_rendered, time.time() - t0, person_seconds)
+    return run.frames_rendered

@@ -80,6 +80,18 @@ def _first_frame_png(video: Path) -> str | None:
         return None
 
 
+def _provenance(evaluation: dict[str, str]) -> str:
+    """One line on where a person's numbers come from (the night's results merge several runs)."""
+    if "evaluated_at" not in evaluation:
+        return ""
+    text = f"evaluated {evaluation['evaluated_at']}"
+    if evaluation.get("run_id"):
+        text += f" (run {evaluation['run_id']})"
+    if evaluation.get("reused_from"):
+        text += f"; up to date, numbers reused from the night of {evaluation['reused_from']}"
+    return text
+
+
 def load_history(reports_root: Path, until: str, max_history: int) -> tuple[list[RunResults], list[str]]:
     """Valid runs up to `until` (oldest first) and the reasons past runs were ignored."""
     runs, ignored = [], []
@@ -136,7 +148,8 @@ def build_report(config: ReportConfig) -> Path:
                 _copy_atomic(video_src, out / rel)
                 entry["video"] = rel.as_posix()
             entries.append(entry)
-        persons.append({"name": person, "tasks": entries, "skipped": skipped})
+        persons.append({"name": person, "tasks": entries, "skipped": skipped,
+                        "evaluated": _provenance(current.evaluations.get(person, {}))})
 
     plot_metrics = [m for m in summary.metrics if any(s.overall.get(m) is not None for s in summaries)]
     plots = [(m, trend_plot(m, summaries)) for m in plot_metrics]
@@ -149,6 +162,7 @@ def build_report(config: ReportConfig) -> Path:
         "meta": {**current.meta, **config.extra_meta},
         "current": summary.to_json(),
         "skipped": skipped_all,
+        "evaluations": current.evaluations,
         "per_frame": {p: {t: r.per_frame for t, r in ts.items()} for p, ts in current.persons.items()},
         "history": [{"run_date": s.run_date, "overall": s.overall, "persons": s.person_average} for s in summaries],
         "ignored_runs": ignored,

@@ -12,6 +12,9 @@ results.json (schema_version 1)::
       "schema_version": 1,
       "run_date": "2025-01-31",
       "meta": {"checkpoint": "...", "git_commit": "..."},          # free-form strings
+      "evaluations": {                                              # optional: where each person's numbers come from
+        "<person>": {"run_id": "...", "evaluated_at": "2025-01-31T02:10:00+00:00", "key": "<sha256>", ...}
+      },
       "persons": {
         "<person>": {
           "<task>": {                                               # e.g. "self_reenactment"
@@ -27,6 +30,13 @@ results.json (schema_version 1)::
     }
 
 Non-finite numbers (PSNR of identical frames) are stored as null because JSON has no inf.
+
+One file per night holds every person evaluated that night: a later run of the same night (a
+subset of the persons) replaces the persons it evaluated and keeps the others
+(:meth:`RunResults.merged_over`), so nothing measured that night is lost and each person shows
+its latest numbers. ``evaluations`` records, per person, the run that measured it and the key of
+what it measured (model, base, data, settings), which lets a re-run reuse numbers that are
+still up to date instead of rendering again.
 """
 
 from __future__ import annotations
@@ -138,12 +148,14 @@ class RunResults:
     run_date: the night's date "YYYY-MM-DD"; also the run folder's name.
     persons: person -> task -> TaskResult.
     meta: free-form strings shown in the report header (checkpoint, git commit, host, ...).
+    evaluations: person -> free-form strings on where its numbers come from (run_id, evaluated_at, key).
     schema_version: SCHEMA_VERSION this file was written with.
     """
 
     run_date: str
     persons: dict[str, dict[str, TaskResult]]
     meta: dict[str, str] = field(default_factory=dict)
+    evaluations: dict[str, dict[str, str]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
@@ -151,8 +163,19 @@ class RunResults:
             "schema_version": self.schema_version,
             "run_date": self.run_date,
             "meta": dict(self.meta),
+            "evaluations": {p: dict(e) for p, e in self.evaluations.items()},
             "persons": {p: {t: r.to_json() for t, r in tasks.items()} for p, tasks in self.persons.items()},
         }
+
+    def merged_over(self, older: "RunResults | None") -> "RunResults":
+        """This run's persons over ``older``'s (same night): persons evaluated now replace their
+        older entries, the others are kept with their own provenance. Meta is this run's."""
+        if older is None:
+            return self
+        persons = {**{p: t for p, t in older.persons.items() if p not in self.persons}, **self.persons}
+        evaluations = {**{p: e for p, e in older.evaluations.items() if p not in self.persons}, **self.evaluations}
+        return RunResults(self.run_date, dict(sorted(persons.items())), dict(self.meta),
+                          {p: evaluations[p] for p in sorted(evaluations) if p in persons}, self.schema_version)
 
     @classmethod
     def from_json(cls, obj: Any, source: Path | str) -> "RunResults":
@@ -173,7 +196,12 @@ class RunResults:
                 raise DataError(source, f"person {person!r} has no tasks")
             parsed[person] = {_check_name(t, "task", source): TaskResult.from_json(r, source) for t, r in tasks.items()}
         meta = {str(k): str(v) for k, v in (obj.get("meta") or {}).items()}
-        return cls(run_date=run_date, persons=parsed, meta=meta, schema_version=version)
+        evaluations = obj.get("evaluations") or {}
+        if not isinstance(evaluations, dict) or not all(isinstance(e, dict) for e in evaluations.values()):
+            raise DataError(source, "'evaluations' must be an object person -> {name: text}")
+        evaluations = {_check_name(p, "person", source): {str(k): str(v) for k, v in e.items()}
+                       for p, e in evaluations.items()}
+        return cls(run_date=run_date, persons=parsed, meta=meta, evaluations=evaluations, schema_version=version)
 
     @classmethod
     def load(cls, path: Path) -> "RunResults":

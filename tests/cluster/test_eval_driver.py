@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -105,11 +107,12 @@ def test_short_videos_play_slower():
     assert video_fps(400, 24.0, 6.0, 4.0) == 24.0
 
 
-def test_cross_drivers_skip_persons_without_data(tmp_path):
+def test_cross_drivers_are_the_next_person_with_data(tmp_path):
     for p in ("a", "c"):
         (tmp_path / f"{p}.zarr").mkdir()
     assert cross_drivers(["a", "b", "c"], tmp_path) == {"a": "c", "b": "c", "c": "a"}
-    assert cross_drivers(["a"], tmp_path) == {"a": None}
+    assert cross_drivers(["a"], tmp_path) == {"a": "c"}  # a subset run drives a person as the full run does
+    assert cross_drivers(["a"], tmp_path / "nowhere") == {"a": None}
 
 
 @pytest.mark.ray
@@ -174,3 +177,52 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
     assert (summary.report_index.parent / "videos" / "000" / "self_reenactment.mp4").is_file()
     report = json.loads((summary.report_index.parent / "report.json").read_text())
     assert report["current"]["average"]["overall"]["psnr"] is not None
+
+    # The same evaluation again: up to date, so nothing is rendered (Ray is not even started).
+    again = run_evaluation(config)
+    assert again.reused == ["000", "001"] and again.frames_rendered == 0 and not ray.is_initialized()
+    assert RunResults.load(again.results_path).persons == results.persons
+    # A subset run of the same night, forced: only 000 is rendered again; the night keeps 001 and zz9.
+    subset = run_evaluation(dataclasses.replace(config, persons=("000",), force=True))
+    assert subset.reused == [] and subset.frames_rendered == sum(r.frames for r in results.persons["000"].values())
+    night = RunResults.load(subset.results_path)
+    assert sorted(night.persons) == ["000", "001", "zz9"] and night.persons["001"] == results.persons["001"]
+    assert night.evaluations["000"]["run_id"] != night.evaluations["001"]["run_id"]
+    assert night.evaluations["000"]["key"] == RunResults.load(again.results_path).evaluations["000"]["key"]
+    # The next night reuses the numbers and links the videos into its own folder.
+    nxt = run_evaluation(dataclasses.replace(config, run_date="2025-03-02"))
+    assert nxt.reused == ["000", "001"] and nxt.frames_rendered == 0
+    second = RunResults.load(nxt.results_path)
+    assert second.evaluations["001"]["reused_from"] == "2025-03-01"
+    assert all((nxt.results_path.parent / r.video).is_file() for r in second.persons["001"].values())
+    assert "numbers reused from the night of 2025-03-01" in nxt.report_index.read_text()
+
+
+def test_evaluation_key_follows_model_data_and_settings(tiny_data, tmp_path):
+    from cluster.eval_driver.uptodate import evaluation_key
+
+    _, stores, shards = tiny_data
+    runs = tmp_path / "runs"
+    model = DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim, init_seed=0))
+    model.save_pretrained(runs / "000" / "model")
+    config = EvalDriverConfig(runs=runs, shards=shards, stores=stores, reports_root=tmp_path / "r",
+                              renderer=RendererConfig(num_inference_steps=2))
+    key = evaluation_key(config, "000", "001")
+    model.save_pretrained(runs / "000" / "model")  # saved again, same weights (a resume that trained nothing)
+    assert evaluation_key(config, "000", "001") == key
+    assert evaluation_key(dataclasses.replace(config, renderer=RendererConfig(num_inference_steps=2, num_cpus=2)),
+                          "000", "001") == key  # where it renders is not what it renders
+    assert evaluation_key(dataclasses.replace(config, seed=1), "000", "001") != key
+    assert evaluation_key(dataclasses.replace(config, renderer=RendererConfig(num_inference_steps=3)),
+                          "000", "001") != key
+    assert evaluation_key(config, "000", None) != key  # another cross-reenactment driver
+    DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim, init_seed=1)).save_pretrained(
+        runs / "000" / "model")
+    retrained = evaluation_key(config, "000", "001")
+    assert retrained != key
+    copied = tmp_path / "shards"
+    shutil.copytree(shards, copied)
+    manifest = copied / "000" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace("}", "} ", 1))  # the shards were rebuilt
+    assert evaluation_key(dataclasses.replace(config, shards=copied), "000", "001") != retrained
+

@@ -100,3 +100,28 @@ def test_every_computed_metric_has_a_label_and_a_place():
                                                                       if m in MASKABLE)]
     assert metric_labels.metric_label("lpips_masked") == "LPIPS (masked)"
     assert not metric_labels.higher_is_better("lpips_face") and metric_labels.higher_is_better("psnr_masked")
+
+
+def test_a_later_run_of_the_night_replaces_its_persons_and_keeps_the_others(tmp_path: Path) -> None:
+    """A subset run merged over the night's results: its persons win, the others stay, each with
+    where its numbers come from; the report shows all of them."""
+    def task(psnr):
+        return {"self_reenactment": TaskResult({"psnr": psnr}, frames=4)}
+
+    full = RunResults("2025-02-01", {p: task(20.0) for p in ("a", "b", "c")}, {"run_id": "r1"},
+                      {p: {"run_id": "r1", "evaluated_at": "2025-02-01T01:00:00+00:00", "key": f"k{p}"} for p in "abc"})
+    full.save(tmp_path)
+    subset = RunResults("2025-02-01", {"b": task(25.0)}, {"run_id": "r2"},
+                        {"b": {"run_id": "r2", "evaluated_at": "2025-02-01T02:00:00+00:00", "key": "kb2"}})
+    night = subset.merged_over(RunResults.load(tmp_path / "runs/2025-02-01/results.json"))
+    assert {p: t["self_reenactment"].metrics["psnr"] for p, t in night.persons.items()} == \
+        {"a": 20.0, "b": 25.0, "c": 20.0}
+    assert {p: e["run_id"] for p, e in night.evaluations.items()} == {"a": "r1", "b": "r2", "c": "r1"}
+    assert night.meta == {"run_id": "r2"} and subset.merged_over(None) is subset
+    night.save(tmp_path)
+    assert RunResults.load(tmp_path / "runs/2025-02-01/results.json").evaluations == night.evaluations
+    index = build_report(ReportConfig(tmp_path, copy_videos=False))
+    report = json.loads((index.parent / "report.json").read_text())
+    assert sorted(report["current"]["persons"]) == ["a", "b", "c"]
+    assert report["current"]["average"]["overall"]["psnr"] == pytest.approx(65 / 3)
+    assert "evaluated 2025-02-01T02:00:00+00:00 (run r2)" in index.read_text()
