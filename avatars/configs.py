@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 #: Rasterized channels fed to the ControlNet: depth 1 + canonical xyz 3 + normals 3 + ambient 2.
@@ -262,6 +263,11 @@ class RenderOptions:
     decode_chunk: int = 8
     """Most frames the VAE decodes at once (memory: the float32 decode of 32 512x512 frames
     reserved 74 GiB on an H100)."""
+    compile_cache: Path | None = None
+    """Folder (shared storage on a cluster) that keeps the compiled code between processes: the
+    warm-up loads it first and saves what it compiled, so only the first replica of a torch
+    version and device kind compiles (see avatars/pipelines/compile_cache.py). None: each process
+    compiles (torch's own per-machine cache still applies)."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):

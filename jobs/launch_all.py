@@ -155,12 +155,16 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None):
 
 def _evaluate(args: LaunchAllArgs, persons: list[str]):
     from cluster.eval_driver.driver import EvalDriverConfig, run_evaluation
+    from avatars.configs import RenderOptions
     from cluster.serve.renderer import RendererConfig
 
     config = EvalDriverConfig(runs=args.workdir / "runs", shards=args.workdir / "shards",
                               stores=args.workdir / "zarr", reports_root=args.workdir / "reports",
                               persons=tuple(persons), ray_address=args.ray_address,
-                              renderer=RendererConfig(num_inference_steps=args.eval_inference_steps),
+                              renderer=RendererConfig(
+                                  num_inference_steps=args.eval_inference_steps,
+                                  # compiled code (CUDA) shared by every replica and night
+                                  pipeline=RenderOptions(compile_cache=(args.workdir / "compile-cache").resolve())),
                               lpips_weights=Path(args.train.lpips_weights), force=args.force)
     return run_evaluation(config)
 

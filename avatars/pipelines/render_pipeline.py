@@ -13,7 +13,8 @@ video), prepared for throughput:
   networks of a denoising step are compiled with ``torch.compile`` (on CUDA in
   "reduce-overhead" mode, i.e. with CUDA graphs recorded per bucket); :meth:`warm_up` compiles
   and records every bucket, so a server calls it before taking requests and never compiles on a
-  live one;
+  live one; with ``compile_cache`` the compiled code is loaded from / saved to a folder, so only
+  the first process compiles (:mod:`avatars.pipelines.compile_cache`);
 * the VAE decodes at most ``decode_chunk`` frames at once.
 
 Frames: at one bucket size a frame renders bit-for-bit the same whatever the other frames of its
@@ -34,6 +35,7 @@ import torch
 from avatars.configs import RenderOptions
 from avatars.models.diffusion_avatars import DiffusionAvatarsModel
 from avatars.pipelines.avatar_pipeline import AvatarPipeline, frame_seeds, sample_ddpm
+from avatars.pipelines.compile_cache import load_compiled, save_compiled
 from avatars.pipelines.noise import NoiseBank
 
 #: Batch keys of a render request (docs/CONTRACTS.md "Training batch", without the target).
@@ -149,6 +151,9 @@ class RenderPipeline:
         now and not on a live request (a no-op when nothing is compiled)."""
         if not self.compiled:
             return
+        cache = self.options.compile_cache
+        if cache is not None:
+            load_compiled(cache, self.device)
         dim = self.model.config.expression_dim
         for bucket in self.buckets:
             frames = {"mask": torch.ones(bucket, 1, height, width), "depth": torch.ones(bucket, 1, height, width),
@@ -157,6 +162,8 @@ class RenderPipeline:
             self(frames, num_inference_steps=num_inference_steps, sampler=sampler, seeds=0)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if cache is not None:
+            save_compiled(cache, self.device)
 
 
 def _to_device(value, device: torch.device):
