@@ -7,6 +7,9 @@ ambient coordinates (2), then the sampled feature maps (``FeatureConfig.num_outp
 from __future__ import annotations
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from avatars.configs import RASTER_CHANNELS, DiffusionAvatarsConfig
@@ -40,14 +43,28 @@ def rasterized_channels(batch: dict, depth_center: float, depth_scale: float) ->
 class ConditioningBuilder(nn.Module):
     """Rasterized channels + learned feature maps -> conditioning image."""
 
-    def __init__(self, config: DiffusionAvatarsConfig, generator: torch.Generator | None = None):
+    def __init__(self, config: DiffusionAvatarsConfig, generator: torch.Generator | None = None,
+                 features: FeaturePlanes | None = None):
         super().__init__()
         self.depth_center = config.depth_center
         self.depth_scale = config.depth_scale
-        self.features = FeaturePlanes(config.features, generator=generator)
+        self.features = features if features is not None else FeaturePlanes.from_feature_config(
+            config.features, generator=generator)
+        if self.features.feature_config != config.features:
+            raise ValueError(f"feature planes {self.features.feature_config} do not match the config {config.features}")
         self.out_channels = config.conditioning_channels
 
     def forward(self, batch: dict) -> torch.Tensor:
         raster = rasterized_channels(batch, self.depth_center, self.depth_scale)
         feats = self.features(batch["canonical"], batch["mask"])
         return torch.cat([raster, feats.to(raster.dtype)], dim=1)
+
+
+class ConditioningEmbedding(ControlNetConditioningEmbedding, ModelMixin, ConfigMixin):
+    """ControlNet's conditioning embedding as a diffusers model, for the "w/o LDM prior" ablation
+    (the conditioning image embedded to the latent grid and concatenated to the UNet input)."""
+
+    @register_to_config
+    def __init__(self, conditioning_embedding_channels: int, conditioning_channels: int,
+                 block_out_channels: tuple[int, ...]):
+        super().__init__(conditioning_embedding_channels, conditioning_channels, tuple(block_out_channels))

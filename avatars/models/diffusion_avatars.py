@@ -4,8 +4,21 @@ buffers of the fitted head mesh plus learned feature maps, with expression cross
 Trainable: ControlNet, expression token map + expression attention layers, feature maps (and,
 in the "w/o LDM prior" ablation, the from-scratch UNet and its conditioning embedding).
 Frozen: the base UNet and the VAE. Checkpoints (``save_pretrained``) hold only the trainable
-weights, the config and the empty-prompt embedding; the frozen weights come from the base model
+parts, the config and the empty-prompt embedding; the frozen weights come from the base model
 directory (or, without one, from the seeded random initialisation ``config.init_seed``).
+
+Checkpoint directory (format 2)::
+
+    config.json                          {"format": 2, "base_model": ..., "config": DiffusionAvatarsConfig}
+    empty_prompt_embedding.safetensors
+    <part>/config.json, <part>/diffusion_pytorch_model.safetensors
+
+one folder per trainable part with parameters, each a diffusers model written by its own
+``save_pretrained`` and read by its ``from_pretrained``: ``features`` (:class:`FeaturePlanes`),
+``controlnet`` (``ControlNetModel``), ``expression_tokens``, ``expression_layers`` and, in the
+"w/o LDM prior" ablation, ``unet`` (``UNet2DConditionModel``) and ``cond_embedding``. Format 1
+(every trainable weight in one ``trainable.safetensors``, written before the parts were diffusers
+models) still loads: its names are this module's parameter names, which have not changed.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file
 
 from avatars.base_model import (
@@ -31,13 +44,29 @@ from avatars.base_model import (
     save_tensor_atomic,
 )
 from avatars.configs import DiffusionAvatarsConfig, UNetConfig, VAEConfig
-from avatars.models.conditioning import ConditioningBuilder
+from avatars.models.conditioning import ConditioningBuilder, ConditioningEmbedding
+from avatars.models.feature_planes import FeaturePlanes
 from avatars.models.expression_attention import TOKENS_KWARG, ExpressionAttentionLayers, ExpressionTokens
 from avatars.schedulers import training_scheduler
 from common.io import atomic_directory
 
 CONFIG_FILE = "config.json"
+#: The checkpoint format :meth:`DiffusionAvatarsModel.save_pretrained` writes.
+FORMAT = 2
+#: Format 1's single weights file.
 WEIGHTS_FILE = "trainable.safetensors"
+#: Trainable part (attribute and folder name) -> its diffusers model class.
+PART_CLASSES: dict[str, type[ModelMixin]] = {
+    "features": FeaturePlanes,
+    "controlnet": ControlNetModel,
+    "unet": UNet2DConditionModel,
+    "cond_embedding": ConditioningEmbedding,
+    "expression_tokens": ExpressionTokens,
+    "expression_layers": ExpressionAttentionLayers,
+}
+#: Where each part sits in :class:`DiffusionAvatarsModel`: the prefix of its parameter names.
+PART_PREFIXES = {name: ("conditioning.features." if name == "features" else f"{name}.") for name in PART_CLASSES}
+PART_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 #: Token count of the stored empty-prompt embedding for random bases (CLIP's max length).
 EMPTY_PROMPT_TOKENS = 77
 
@@ -100,6 +129,8 @@ class DiffusionAvatarsModel(nn.Module):
             without a base model a seeded standard-normal tensor (1, 77, cross_attention_dim).
         allow_random_base: build a random base even though ``config.requires_pretrained_base``
             (FLOP counting and meta-device tests only).
+        parts: trainable parts already built (loaded by :meth:`from_pretrained`), by name of
+            :data:`PART_CLASSES`; the others are initialised as for training.
     """
 
     def __init__(
@@ -108,8 +139,13 @@ class DiffusionAvatarsModel(nn.Module):
         base_model: str | os.PathLike | None = None,
         empty_prompt_embedding: torch.Tensor | None = None,
         allow_random_base: bool = False,
+        parts: dict[str, nn.Module] | None = None,
     ):
         super().__init__()
+        parts = dict(parts or {})
+        unknown = set(parts) - set(PART_CLASSES)
+        if unknown:
+            raise ValueError(f"unknown model parts {sorted(unknown)}; known: {sorted(PART_CLASSES)}")
         config.validate()
         if base_model is None and config.requires_pretrained_base and not allow_random_base:
             raise ValueError(
@@ -139,37 +175,50 @@ class DiffusionAvatarsModel(nn.Module):
                     f"empty-prompt embedding must be (1, L, {cad}), got {tuple(empty_prompt_embedding.shape)}"
                 )
             self.vae = vae
-            self.conditioning = ConditioningBuilder(config, generator=generator)
+            self.conditioning = ConditioningBuilder(config, generator=generator, features=parts.pop("features", None))
             if config.use_ldm_prior:
                 self.unet = unet
-                self.controlnet = ControlNetModel.from_unet(
-                    unet,
-                    conditioning_channels=config.conditioning_channels,
-                    conditioning_embedding_out_channels=tuple(config.conditioning_embedding_channels),
-                )
+                self.controlnet = parts.pop("controlnet", None)
+                if self.controlnet is None:
+                    self.controlnet = ControlNetModel.from_unet(
+                        unet,
+                        conditioning_channels=config.conditioning_channels,
+                        conditioning_embedding_out_channels=tuple(config.conditioning_embedding_channels),
+                    )
                 self.cond_embedding = None
             else:
                 # "w/o LDM prior": random UNet, conditioning embedded to the latent grid and concatenated.
                 width = config.unet.block_out_channels[0]
-                self.unet = build_unet(
-                    config.unet, latent + width, latent, config.resolution // config.vae.downsample_factor
-                )
+                self.unet = parts.pop("unet", None)
+                if self.unet is None:
+                    self.unet = build_unet(
+                        config.unet, latent + width, latent, config.resolution // config.vae.downsample_factor
+                    )
                 self.controlnet = None
-                self.cond_embedding = ControlNetConditioningEmbedding(
-                    conditioning_embedding_channels=width,
-                    conditioning_channels=config.conditioning_channels,
-                    block_out_channels=tuple(config.conditioning_embedding_channels),
-                )
-                # Nothing pretrained to protect here: a zero output layer would only block the
-                # gradient to the embedding at the start, so use the default initialisation.
-                self.cond_embedding.conv_out.reset_parameters()
+                self.cond_embedding = parts.pop("cond_embedding", None)
+                if self.cond_embedding is None:
+                    self.cond_embedding = ConditioningEmbedding(
+                        conditioning_embedding_channels=width,
+                        conditioning_channels=config.conditioning_channels,
+                        block_out_channels=tuple(config.conditioning_embedding_channels),
+                    )
+                    # Nothing pretrained to protect here: a zero output layer would only block the
+                    # gradient to the embedding at the start, so use the default initialisation.
+                    self.cond_embedding.conv_out.reset_parameters()
             if config.use_expression:
-                self.expression_tokens = ExpressionTokens(config.expression_dim, config.expression_tokens, cad)
-                self.expression_layers = ExpressionAttentionLayers(self.unet)
+                self.expression_tokens = parts.pop("expression_tokens", None)
+                if self.expression_tokens is None:
+                    self.expression_tokens = ExpressionTokens(config.expression_dim, config.expression_tokens, cad)
+                self.expression_layers = parts.pop("expression_layers", None)
+                if self.expression_layers is None:
+                    self.expression_layers = ExpressionAttentionLayers.from_unet(self.unet)
                 self.expression_layers.install(self.unet)
             else:
                 self.expression_tokens = None
                 self.expression_layers = None
+        if parts:
+            raise ValueError(f"model parts {sorted(parts)} are not used by this config")
+        self._check_parts()
 
         self.register_buffer("empty_prompt_embedding", empty_prompt_embedding[:1].float(), persistent=False)
         self.noise_scheduler = training_scheduler(config.scheduler)
@@ -181,6 +230,22 @@ class DiffusionAvatarsModel(nn.Module):
             self.unet.eval()
 
     # ---- structure ----------------------------------------------------------------------
+    def _check_parts(self) -> None:
+        """Loaded parts must have the shapes the config asks for."""
+        c = self.config
+        problems = []
+        if self.controlnet is not None and self.controlnet.config.conditioning_channels != c.conditioning_channels:
+            problems.append(f"controlnet conditioning_channels {self.controlnet.config.conditioning_channels} "
+                            f"!= {c.conditioning_channels}")
+        if self.expression_tokens is not None:
+            want = {"expression_dim": c.expression_dim, "num_tokens": c.expression_tokens,
+                    "width": c.unet.cross_attention_dim}
+            got = {k: self.expression_tokens.config[k] for k in want}
+            if got != want:
+                problems.append(f"expression_tokens {got} != {want}")
+        if problems:
+            raise ValueError("model parts do not match the config: " + "; ".join(problems))
+
     def _check_base(self, unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
         c = self.config
         problems = []
@@ -199,6 +264,22 @@ class DiffusionAvatarsModel(nn.Module):
             problems.append(f"UNet upcast_attention {unet.config.upcast_attention} != {c.unet.upcast_attention}")
         if problems:
             raise ValueError(f"base model {self.base_model} does not match the config: " + "; ".join(problems))
+
+    @staticmethod
+    def part_names(config: DiffusionAvatarsConfig) -> list[str]:
+        """The trainable parts with parameters under ``config`` (the folders of a checkpoint)."""
+        names = [] if config.features.mapping == "none" else ["features"]
+        names += ["controlnet"] if config.use_ldm_prior else ["unet", "cond_embedding"]
+        if config.use_expression:
+            names += ["expression_tokens", "expression_layers"]
+        return names
+
+    def parts(self) -> dict[str, ModelMixin]:
+        """Name -> diffusers model of every trainable part with parameters."""
+        modules = {"features": self.conditioning.features, "controlnet": self.controlnet, "unet": self.unet,
+                   "cond_embedding": self.cond_embedding, "expression_tokens": self.expression_tokens,
+                   "expression_layers": self.expression_layers}
+        return {name: modules[name] for name in self.part_names(self.config)}
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Name -> module for every trained part (the feature maps under "conditioning")."""
@@ -357,39 +438,66 @@ class DiffusionAvatarsModel(nn.Module):
 
     # ---- persistence --------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Writes config.json, trainable.safetensors and the empty-prompt embedding, atomically
-        (a temporary directory beside ``directory``, then renamed over it)."""
+        """Writes the checkpoint directory (module docstring) atomically: a temporary directory
+        beside ``directory``, then renamed over it."""
         with atomic_directory(Path(directory)) as tmp:
-            meta = {"format": 1, "base_model": self.base_model, "config": self.config.to_dict()}
+            meta = {"format": FORMAT, "base_model": self.base_model, "config": self.config.to_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            save_tensor_atomic(self.trainable_state_dict(), tmp / WEIGHTS_FILE)
+            for name, part in self.parts().items():
+                part.save_pretrained(tmp / name)
             save_tensor_atomic({EMPTY_PROMPT_KEY: self.empty_prompt_embedding}, tmp / EMPTY_PROMPT_FILE)
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike, base_model: str | os.PathLike | None = None
     ) -> "DiffusionAvatarsModel":
-        """Loads a checkpoint written by :meth:`save_pretrained`. ``base_model`` defaults to the
-        directory recorded at save time; the text encoder is not needed."""
+        """Loads a checkpoint written by :meth:`save_pretrained` (format 2, or the older format 1).
+        ``base_model`` defaults to the directory recorded at save time; the text encoder is not
+        needed."""
         directory = Path(directory)
         config_file = directory / CONFIG_FILE
         if not config_file.is_file():
             raise FileNotFoundError(f"{config_file} not found: not a DiffusionAvatars checkpoint directory")
         meta = json.loads(config_file.read_text())
-        if meta.get("format") != 1:
-            raise ValueError(f"{config_file}: unsupported checkpoint format {meta.get('format')!r}")
+        if meta.get("format") not in (1, FORMAT):
+            raise ValueError(f"{config_file}: checkpoint format {meta.get('format')!r} is not one this code reads "
+                             f"(1 or {FORMAT}); load it with the version that wrote it")
         config = DiffusionAvatarsConfig.from_dict(meta["config"])
         if base_model is None:
             base_model = meta.get("base_model")
         if base_model is None and config.requires_pretrained_base:
             raise ValueError(f"{directory} was trained on a pretrained base model: pass base_model / --base-model PATH")
         embedding = load_empty_prompt_embedding(directory / EMPTY_PROMPT_FILE)
-        model = cls(config, base_model=base_model, empty_prompt_embedding=embedding)
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found")
-        model.load_trainable_state_dict(load_file(str(weights)), source=str(weights))
-        return model
+        if meta["format"] == 1:
+            model = cls(config, base_model=base_model, empty_prompt_embedding=embedding)
+            weights = directory / WEIGHTS_FILE
+            if not weights.is_file():
+                raise FileNotFoundError(f"{weights} not found")
+            model.load_trainable_state_dict(load_file(str(weights)), source=str(weights))
+            return model
+        missing = [name for name in cls.part_names(config) if not (directory / name / CONFIG_FILE).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory} lacks the model parts {missing} (each a folder with config.json)")
+        parts = {name: PART_CLASSES[name].from_pretrained(directory / name, local_files_only=True)
+                 for name in cls.part_names(config)}
+        return cls(config, base_model=base_model, empty_prompt_embedding=embedding, parts=parts)
+
+
+def load_trainable_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every trainable weight of a checkpoint directory (either format), keyed by the model's
+    parameter names (as :meth:`DiffusionAvatarsModel.trainable_state_dict`), without building the
+    model: for comparing checkpoints."""
+    directory = Path(directory)
+    if (directory / WEIGHTS_FILE).is_file():
+        return load_file(str(directory / WEIGHTS_FILE))
+    weights = {}
+    for name, prefix in PART_PREFIXES.items():
+        file = directory / name / PART_WEIGHTS_FILE
+        if file.is_file():
+            weights.update({prefix + key: value for key, value in load_file(str(file)).items()})
+    if not weights:
+        raise FileNotFoundError(f"{directory} holds no trainable weights (not a DiffusionAvatars checkpoint?)")
+    return weights
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

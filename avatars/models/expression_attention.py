@@ -14,6 +14,10 @@ no per-call state, so a compiled transformer block sees a pure function of its i
 
 The mid block is left out: the paper counts 15 layers on SD2.1 (6 down + 9 up), and the
 mid block already receives the ControlNet's mid residual, which carries the per-pixel signal.
+
+:class:`ExpressionTokens` and :class:`ExpressionAttentionLayers` are diffusers models
+(``save_pretrained`` / ``from_pretrained``); the layers' config records which block each one
+belongs to and its shape, so they are rebuilt without the UNet.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import copy
 from typing import Iterator
 
 import torch
-from torch import nn
-
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 
 #: The ``cross_attention_kwargs`` key that carries the expression tokens through the UNet.
 TOKENS_KWARG = "expression_tokens"
@@ -41,9 +46,10 @@ def expression_target_blocks(unet: nn.Module) -> list[tuple[str, BasicTransforme
     return targets
 
 
-class ExpressionTokens(nn.Module):
+class ExpressionTokens(ModelMixin, ConfigMixin):
     """Linear map of the expression code (B, D) to ``num_tokens`` tokens (B, num_tokens, width)."""
 
+    @register_to_config
     def __init__(self, expression_dim: int, num_tokens: int, width: int):
         super().__init__()
         self.num_tokens, self.width = num_tokens, width
@@ -100,41 +106,69 @@ def _base_processor(processor):
     return processor.base if isinstance(processor, ExpressionAttnProcessor) else processor
 
 
-class ExpressionAttentionLayers(nn.Module):
+class ExpressionAttentionLayers(ModelMixin, ConfigMixin):
     """The extra attention layers, stored apart from the frozen UNet.
 
-    ``install(unet)`` sets :class:`ExpressionAttnProcessor` on the UNet's attention modules;
-    the tokens are then passed per call in ``cross_attention_kwargs`` (:data:`TOKENS_KWARG`).
-    Without tokens the UNet computes exactly the base model.
+    Built from a UNet with :meth:`from_unet` (copies of its attn2, zero output); the config lists,
+    per layer, the transformer block it serves (``names``) and the attention's shape.
+    ``install(unet)`` sets :class:`ExpressionAttnProcessor` on the UNet's attention modules; the
+    tokens are then passed per call in ``cross_attention_kwargs`` (:data:`TOKENS_KWARG`). Without
+    tokens the UNet computes exactly the base model.
     """
 
-    def __init__(self, unet: nn.Module):
+    @register_to_config
+    def __init__(self, names: list[str], query_dims: list[int], heads: list[int], dim_heads: list[int],
+                 cross_attention_dim: int, bias: bool = False, out_bias: bool = True, upcast_attention: bool = False):
         super().__init__()
+        if not (len(names) == len(query_dims) == len(heads) == len(dim_heads)) or not names:
+            raise ValueError("names, query_dims, heads and dim_heads must be non-empty lists of equal length")
+        self.names = list(names)
+        self.layers = nn.ModuleList(
+            Attention(query_dim=q, cross_attention_dim=cross_attention_dim, heads=h, dim_head=d, bias=bias,
+                      out_bias=out_bias, upcast_attention=upcast_attention)
+            for q, h, d in zip(query_dims, heads, dim_heads)
+        )
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module) -> "ExpressionAttentionLayers":
+        """One layer per target block of ``unet``: a copy of its attn2 (weights, processor, head
+        count, ``upcast_attention``) with a zero output projection."""
         targets = expression_target_blocks(unet)
         if not targets:
             raise ValueError("the UNet has no cross-attention transformer blocks in its down/up blocks")
-        self.names = [name for name, _ in targets]
-        layers = []
-        for _, block in targets:
-            layer = copy.deepcopy(block.attn2)
-            layer.set_processor(copy.deepcopy(_base_processor(block.attn2.processor)))
-            out = layer.to_out[0]
-            nn.init.zeros_(out.weight)
-            if out.bias is not None:
-                nn.init.zeros_(out.bias)
-            layers.append(layer)
-        self.layers = nn.ModuleList(layers)
+        attns = [block.attn2 for _, block in targets]
+        first = attns[0]
+        layers = cls(
+            names=[name for name, _ in targets],
+            query_dims=[a.query_dim for a in attns],
+            heads=[a.heads for a in attns],
+            dim_heads=[a.inner_dim // a.heads for a in attns],
+            cross_attention_dim=first.cross_attention_dim,
+            bias=first.to_q.bias is not None,
+            out_bias=first.to_out[0].bias is not None,
+            upcast_attention=first.upcast_attention,
+        )
+        with torch.no_grad():
+            for layer, attn in zip(layers.layers, attns):
+                layer.load_state_dict(attn.state_dict())
+                layer.set_processor(copy.deepcopy(_base_processor(attn.processor)))
+                out = layer.to_out[0]
+                nn.init.zeros_(out.weight)
+                if out.bias is not None:
+                    nn.init.zeros_(out.bias)
+        return layers
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def install(self, unet) -> None:
         """Wraps every attention processor of ``unet`` (replacing earlier expression processors)."""
+        targets = [name for name, _ in expression_target_blocks(unet)]
+        if targets != self.names:
+            raise ValueError(f"these expression layers serve the blocks {self.names[:3]}... ({len(self.names)}), the UNet "
+                             f"has {targets[:3]}... ({len(targets)}): not the UNet they were built for")
         by_name = {f"{name}.attn2.processor": layer for name, layer in zip(self.names, self.layers)}
         processors = unet.attn_processors
-        missing = set(by_name) - set(processors)
-        if missing:
-            raise ValueError(f"the UNet has no attention processors {sorted(missing)[:3]}: not the UNet these layers were built for")
         unet.set_attn_processor({name: ExpressionAttnProcessor(_base_processor(proc), by_name.get(name))
                                  for name, proc in processors.items()})
 

@@ -1,15 +1,19 @@
 """Learned spatial feature maps sampled at the rasterized canonical coordinates.
 
 All maps are registered ``nn.Parameter`` s (the optimizer gives them their own learning rate,
-and DeepSpeed ZeRO needs them registered on the model).
+and DeepSpeed ZeRO needs them registered on the model). :class:`FeaturePlanes` is a diffusers
+model: ``save_pretrained`` / ``from_pretrained`` store its config and maps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from avatars.configs import FeatureConfig
@@ -43,41 +47,51 @@ def spherical_uv(xyz: torch.Tensor) -> torch.Tensor:
     return torch.stack([azimuth, elevation], dim=1)
 
 
-class FeaturePlanes(nn.Module):
-    """TriPlane / spherical-UV feature map plus ambient map (see :class:`FeatureConfig`)."""
+class FeaturePlanes(ModelMixin, ConfigMixin):
+    """TriPlane / spherical-UV feature map plus ambient map; the arguments are the fields of
+    :class:`FeatureConfig` (``generator`` draws the initial maps and is not part of the config)."""
 
-    def __init__(self, config: FeatureConfig, generator: torch.Generator | None = None):
+    ignore_for_config = ["generator"]
+
+    @register_to_config
+    def __init__(self, mapping: str = "triplane", resolution: int = 512, channels: int = 16, init_std: float = 0.1,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.config = config
-        r, c = config.resolution, config.channels
-        if config.mapping == "none":
+        self.feature_config = FeatureConfig(mapping=mapping, resolution=resolution, channels=channels,
+                                            init_std=init_std)
+        r, c = resolution, channels
+        if mapping == "none":
             self.spatial = None
             self.ambient = None
             return
 
         def init(*shape: int) -> nn.Parameter:
             # Drawn on CPU with the seeded generator, then moved to the default device (or meta).
-            values = torch.randn(*shape, generator=generator, device="cpu") * config.init_std
+            values = torch.randn(*shape, generator=generator, device="cpu") * init_std
             return nn.Parameter(values.to(torch.empty(0).device))
 
-        if config.mapping == "triplane":
+        if mapping == "triplane":
             self.spatial = init(3, c, r, r)  # planes xy, xz, yz
-        elif config.mapping == "spherical":
+        elif mapping == "spherical":
             self.spatial = init(1, 3 * c, r, r)
         else:
-            raise ValueError(f"unknown feature mapping {config.mapping!r}")
+            raise ValueError(f"unknown feature mapping {mapping!r}")
         self.ambient = init(c, r, r)
+
+    @classmethod
+    def from_feature_config(cls, config: FeatureConfig, generator: torch.Generator | None = None) -> "FeaturePlanes":
+        return cls(**dataclasses.asdict(config), generator=generator)
 
     @property
     def out_channels(self) -> int:
-        return self.config.num_output_channels
+        return self.feature_config.num_output_channels
 
     def forward(self, canonical: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """canonical (B, 5, H, W) xyz + ambient, mask (B, 1, H, W) -> (B, out_channels, H, W)."""
         if self.spatial is None:
             return canonical.new_zeros(canonical.shape[0], 0, *canonical.shape[2:])
         ambient = canonical[:, 3:5]
-        if self.config.mapping == "triplane":
+        if self.feature_config.mapping == "triplane":
             # planes xy, xz, yz, ambient; slices, so no index tensor travels to the device
             coords = torch.stack([canonical[:, 0:2], canonical[:, 0:3:2], canonical[:, 1:3], ambient])
             feats = _sample(torch.cat([self.spatial, self.ambient.unsqueeze(0)]), coords)

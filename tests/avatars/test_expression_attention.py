@@ -48,7 +48,7 @@ def _inputs():
 
 def test_processor_on_every_attention_module_and_no_kwarg_warning(monkeypatch):
     unet = _unet()
-    layers = ExpressionAttentionLayers(unet)
+    layers = ExpressionAttentionLayers.from_unet(unet)
     layers.install(unet)
     processors = unet.attn_processors
     assert all(isinstance(p, ExpressionAttnProcessor) for p in processors.values())
@@ -78,7 +78,7 @@ def test_zero_init_equivalence_with_upcast_attention(classic):
         unet.set_attn_processor(AttnProcessor())
     latents, t, context, tokens = _inputs()
     base = unet(latents, t, encoder_hidden_states=context).sample
-    layers = ExpressionAttentionLayers(unet)
+    layers = ExpressionAttentionLayers.from_unet(unet)
     layers.install(unet)
     kind = AttnProcessor if classic else AttnProcessor2_0
     assert all(layer.upcast_attention and type(layer.processor) is kind for layer in layers.layers)
@@ -94,7 +94,7 @@ def test_zero_init_equivalence_with_upcast_attention(classic):
 @torch.no_grad()
 def test_processor_adds_the_expression_attention_to_attn2():
     unet = _unet()
-    layers = ExpressionAttentionLayers(unet)
+    layers = ExpressionAttentionLayers.from_unet(unet)
     _perturb(layers)
     _, block = expression_target_blocks(unet)[0]
     hidden = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2))
@@ -114,7 +114,7 @@ def test_transformer_block_compiles_without_graph_breaks():
     whole transformer block (regional compilation) as one graph."""
     torch._dynamo.reset()
     unet = _unet()
-    layers = ExpressionAttentionLayers(unet)
+    layers = ExpressionAttentionLayers.from_unet(unet)
     _perturb(layers)
     layers.install(unet)
     _, block = expression_target_blocks(unet)[0]

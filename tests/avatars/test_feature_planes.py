@@ -12,7 +12,7 @@ def _ramp(resolution: int) -> torch.Tensor:
 
 
 def test_triplane_bilinear_sampling_and_mask():
-    planes = FeaturePlanes(FeatureConfig(mapping="triplane", resolution=8, channels=1))
+    planes = FeaturePlanes.from_feature_config(FeatureConfig(mapping="triplane", resolution=8, channels=1))
     r = _ramp(8)
     with torch.no_grad():
         planes.spatial[0, 0] = r[None, :]  # xy plane: value = x (width axis)
@@ -34,14 +34,14 @@ def test_spherical_uv_mapping_and_variant():
     uv = spherical_uv(points.T.reshape(1, 3, 1, 4))[0, :, 0].T
     torch.testing.assert_close(uv[:3], torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.0, 1.0]]))
     assert math.isclose(abs(uv[3, 0].item()), 1.0, abs_tol=1e-6)
-    planes = FeaturePlanes(FeatureConfig(mapping="spherical", resolution=8, channels=2))
+    planes = FeaturePlanes.from_feature_config(FeatureConfig(mapping="spherical", resolution=8, channels=2))
     assert tuple(planes.spatial.shape) == (1, 6, 8, 8)
     out = planes(torch.rand(2, 5, 4, 4), torch.ones(2, 1, 4, 4))
     assert out.shape == (2, 8, 4, 4) == (2, planes.out_channels, 4, 4)
 
 
 def test_no_spatial_features_variant():
-    planes = FeaturePlanes(FeatureConfig(mapping="none"))
+    planes = FeaturePlanes.from_feature_config(FeatureConfig(mapping="none"))
     assert list(planes.parameters()) == []
     assert planes(torch.rand(2, 5, 4, 4), torch.ones(2, 1, 4, 4)).shape == (2, 0, 4, 4)
 
@@ -50,7 +50,7 @@ def test_fused_lookup_equals_one_grid_sample_per_plane():
     """One grid_sample over all planes (frames stacked along the grid) == the per-plane lookup."""
     import torch.nn.functional as F
 
-    planes = FeaturePlanes(FeatureConfig(mapping="triplane", resolution=16, channels=3),
+    planes = FeaturePlanes.from_feature_config(FeatureConfig(mapping="triplane", resolution=16, channels=3),
                            generator=torch.Generator().manual_seed(0))
     canonical = torch.rand(3, 5, 6, 7, generator=torch.Generator().manual_seed(1)) * 2.2 - 1.1
     mask = (torch.rand(3, 1, 6, 7) > 0.3).float()
@@ -68,7 +68,7 @@ def test_fused_lookup_equals_one_grid_sample_per_plane():
 def test_bf16_planes_are_sampled_in_float32():
     """The lookup coordinate stays float32: in bf16, 0.501 rounds to 0.5, an eighth of a texel
     of a 256 plane; the plane values here (texel indices) are exact in bf16."""
-    planes = FeaturePlanes(FeatureConfig(mapping="triplane", resolution=256, channels=1))
+    planes = FeaturePlanes.from_feature_config(FeatureConfig(mapping="triplane", resolution=256, channels=1))
     with torch.no_grad():
         planes.spatial[0, 0] = torch.arange(256.0)[None, :]  # value = texel column
     coords = torch.zeros(1, 5, 1, 1)

@@ -6,6 +6,7 @@ import torch
 
 from avatars.configs import FeatureConfig, tiny_config
 from avatars.models import DiffusionAvatarsModel
+from avatars.models.diffusion_avatars import load_trainable_weights
 from avatars.models.expression_attention import ExpressionAttnProcessor, expression_target_blocks
 from avatars.testing import synthetic_batch
 
@@ -163,39 +164,92 @@ def test_ablation_switches():
         assert torch.isfinite(model.training_loss(synthetic_batch(2))["loss"])
 
 
-def test_save_and_load_roundtrip(tmp_path):
-    model = DiffusionAvatarsModel(tiny_config())
-    _perturb_zero_layers(model)
+def _same_model(a: DiffusionAvatarsModel, b: DiffusionAvatarsModel) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name, p in sa.items():
+        torch.testing.assert_close(sb[name], p, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(b.empty_prompt_embedding, a.empty_prompt_embedding, rtol=0, atol=0)
+    batch = synthetic_batch(2, expression_dim=a.config.expression_dim)
+    if not a.config.use_expression:
+        del batch["expression"]
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     with torch.no_grad():
-        model.conditioning.features.spatial.add_(1.0)
+        assert a.training_loss(batch, g1)["loss"] == b.training_loss(batch, g2)["loss"]
+
+
+@pytest.mark.parametrize("variant", ["paper-like", "w/o LDM prior", "w/o features and expression"])
+def test_save_and_load_roundtrip(tmp_path, variant):
+    config = {"paper-like": tiny_config(), "w/o LDM prior": tiny_config(use_ldm_prior=False),
+              "w/o features and expression": tiny_config(features=FeatureConfig(mapping="none"),
+                                                         use_expression=False)}[variant]
+    model = DiffusionAvatarsModel(config)
+    if config.use_ldm_prior and config.use_expression:
+        _perturb_zero_layers(model)
+        with torch.no_grad():
+            model.conditioning.features.spatial.add_(1.0)
     out = tmp_path / "ckpt"
     model.save_pretrained(out)
     model.save_pretrained(out)  # overwriting keeps a valid directory
-    assert sorted(os.listdir(out)) == ["config.json", "empty_prompt_embedding.safetensors", "trainable.safetensors"]
+    parts = DiffusionAvatarsModel.part_names(config)
+    assert sorted(os.listdir(out)) == sorted(["config.json", "empty_prompt_embedding.safetensors", *parts])
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary leftovers
-    size = os.path.getsize(out / "trainable.safetensors")
+    for name in parts:  # each part is a diffusers model directory
+        assert sorted(os.listdir(out / name)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    size = sum(os.path.getsize(out / name / "diffusion_pytorch_model.safetensors") for name in parts)
     n_trainable = sum(p.numel() for p in model.trainable_state_dict().values())
     assert size < 4 * n_trainable + 100_000  # frozen weights are not stored
-    loaded = DiffusionAvatarsModel.from_pretrained(out)
-    for name, p in model.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[name], p, rtol=0, atol=0, msg=name)
-    torch.testing.assert_close(loaded.empty_prompt_embedding, model.empty_prompt_embedding)
-    batch = synthetic_batch(2)
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        assert model.training_loss(batch, g1)["loss"] == loaded.training_loss(batch, g2)["loss"]
+    stored = load_trainable_weights(out)  # the parts' weights under the model's parameter names
+    assert stored.keys() == model.trainable_state_dict().keys()
+    assert all(torch.equal(stored[k], v) for k, v in model.trainable_state_dict().items())
+    _same_model(model, DiffusionAvatarsModel.from_pretrained(out))
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Format 1 (before the parts were diffusers models): one trainable.safetensors keyed by the
+    model's parameter names, which did not change."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = DiffusionAvatarsModel(tiny_config())
+    _perturb_zero_layers(model)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"format": 1, "base_model": None, "config": model.config.to_dict()}))
+    save_file({k: v.detach().contiguous() for k, v in model.trainable_state_dict().items()},
+              str(old / "trainable.safetensors"))
+    save_file({"empty_prompt_embedding": model.empty_prompt_embedding}, str(old / "empty_prompt_embedding.safetensors"))
+    loaded = DiffusionAvatarsModel.from_pretrained(old)
+    _same_model(model, loaded)
+    loaded.save_pretrained(tmp_path / "converted")  # saving converts it to the current format
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["format"] == 2
+    _same_model(model, DiffusionAvatarsModel.from_pretrained(tmp_path / "converted"))
 
 
 def test_from_pretrained_errors(tmp_path):
+    import json
+    import shutil
+
     with pytest.raises(FileNotFoundError, match="config.json"):
         DiffusionAvatarsModel.from_pretrained(tmp_path / "missing")
     model = DiffusionAvatarsModel(tiny_config())
     model.save_pretrained(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**meta, "format": 3}))
+    with pytest.raises(ValueError, match=r"format 3 .* \(1 or 2\)"):
+        DiffusionAvatarsModel.from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text(json.dumps(meta))
+    shutil.rmtree(tmp_path / "a" / "expression_layers")
+    with pytest.raises(FileNotFoundError, match="expression_layers"):
+        DiffusionAvatarsModel.from_pretrained(tmp_path / "a")
     other = DiffusionAvatarsModel(tiny_config(use_expression=False))
-    from safetensors.torch import load_file
-
     with pytest.raises(KeyError, match="missing"):
-        other.load_trainable_state_dict(load_file(str(tmp_path / "a" / "trainable.safetensors")))
+        other.load_trainable_state_dict(model.trainable_state_dict())
+    # a part whose shape disagrees with the config is refused
+    wrong = tiny_config(expression_dim=8)
+    with pytest.raises(ValueError, match="expression_tokens"):
+        DiffusionAvatarsModel(wrong, parts={"expression_tokens": model.expression_tokens})
 
 
 def test_forward_is_training_loss_and_checks_expression_dim():

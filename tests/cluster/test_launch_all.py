@@ -56,7 +56,7 @@ def test_launch_all_on_ray_head(prepared, ray_head):
     assert {p: r["ok"] for p, r in summary.items()} == {"000": True, "001": True, "002": True, "003": False}
     assert "unreadable image" in summary["003"]["error"]
     for p in ("000", "001", "002"):
-        assert (work / "runs" / p / "model" / "trainable.safetensors").is_file()
+        assert (work / "runs" / p / "model" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
         assert summary[p]["result"]["steps"] == 3
         status = json.loads((work / "status" / f"{p}.json").read_text())
         assert status["state"] == "succeeded" and status["step"] == 3

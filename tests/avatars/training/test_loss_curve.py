@@ -26,7 +26,7 @@ import textwrap
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from avatars.models.diffusion_avatars import load_trainable_weights
 
 from avatars.models import DiffusionAvatarsModel
 
@@ -53,7 +53,7 @@ def _losses(run: Path) -> list[float]:
 
 
 def _update(run: Path, start: dict[str, torch.Tensor], features: bool) -> torch.Tensor:
-    weights = load_file(str(run / "000" / "model" / "trainable.safetensors"))
+    weights = load_trainable_weights(run / "000" / "model")
     keys = [k for k in sorted(start) if ("conditioning.features" in k) == features]
     return torch.cat([(weights[k] - start[k]).flatten() for k in keys])
 

@@ -81,7 +81,7 @@ def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_
     assert (tmp_path / "000" / "val" / "step_0000002.png").is_file()
     ckpts = sorted(p.name for p in (tmp_path / "000" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_0000002", "step_0000004"]
-    assert (tmp_path / "000" / "model" / "trainable.safetensors").is_file()
+    assert (tmp_path / "000" / "model" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_two_processes_data_parallel(train_shards, tmp_path):
