@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 from cluster import status as _status
 
+#: The per-person training entry point (``jobs/train_person.py``'s ``run``).
+DEFAULT_TARGET = "jobs.train_person:run"
 #: Person ids become file names, Ray task names and SLURM job names: keep them simple.
 PERSON_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

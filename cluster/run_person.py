@@ -2,8 +2,8 @@
 
 Used by the sbatch templates in ``slurm/`` (no submitit needed on the node)::
 
-    python -m cluster.run_person --person 017 --target avatars.train:train_person \\
-        --kwargs-json '{"preset": "tiny"}' --status-dir runs/status
+    python -m cluster.run_person --person 017 [--target jobs.train_person:run] \\
+        --kwargs-json '{"preset": "paper", "options": {"base_model": "/models/sd21"}}' --status-dir runs/status
 
 Exit code 0 on success, 1 when the target raised (the error is in the status file and on
 stderr). The target's result is printed as one JSON line and optionally written to
@@ -19,14 +19,14 @@ import os
 import sys
 from pathlib import Path
 
-from cluster.jobs import PersonJob, run_attempt
+from cluster.jobs import DEFAULT_TARGET, PersonJob, run_attempt
 from common.io import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--person", required=True, help="person id")
-    ap.add_argument("--target", required=True, help="importable 'package.module:function'")
+    ap.add_argument("--target", default=DEFAULT_TARGET, help="importable 'package.module:function' (default: %(default)s)")
     ap.add_argument("--kwargs-json", default="{}", help="keyword arguments for the target, as a JSON object")
     ap.add_argument("--status-dir", type=Path, default=None, help="directory of per-person status files")
     ap.add_argument("--attempt", type=int, default=1, help="attempt number recorded in the status file")
