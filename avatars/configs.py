@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from common.configs import from_jsonable, to_jsonable
+
 #: Rasterized channels fed to the ControlNet: depth 1 + canonical xyz 3 + normals 3 + ambient 2.
 RASTER_CHANNELS = 1 + 3 + 3 + 2
 
@@ -188,30 +190,15 @@ class DiffusionAvatarsConfig:
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_jsonable(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DiffusionAvatarsConfig":
-        sub = {"unet": UNetConfig, "vae": VAEConfig, "features": FeatureConfig, "scheduler": SchedulerConfig}
-        kwargs: dict[str, Any] = {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown DiffusionAvatarsConfig fields: {sorted(unknown)}")
-        for key, value in data.items():
-            if key in sub:
-                sub_fields = {f.name for f in dataclasses.fields(sub[key])}
-                bad = set(value) - sub_fields
-                if bad:
-                    raise ValueError(f"unknown {key} config fields: {sorted(bad)}")
-                value = sub[key](**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[key] = value
-        return cls(**kwargs)
+        """From :meth:`to_dict`'s output; every field typed and checked, unknown fields refused."""
+        return from_jsonable(cls, data)
 
 
 def paper_config(expression_dim: int = 100, **overrides: Any) -> DiffusionAvatarsConfig:

@@ -161,10 +161,10 @@ def make_shards(root: Path, s: Setup) -> tuple[Path, int]:
 # ---- this project ----------------------------------------------------------------------------
 def train_run(s: Setup, shards: Path, out: Path, compile: bool) -> dict:
     """One `train_person` run; samples/s of the steady windows, first-step time, peak memory."""
-    from avatars.training import TrainConfig, train_person
+    from avatars.training import train_person, train_preset
 
     log_every = max(1, s.train_steps // 4)
-    cfg = TrainConfig(person="000", shards=shards, out=out, preset="paper" if s.cuda else "tiny", random_base=s.cuda,
+    cfg = train_preset("paper" if s.cuda else "tiny", person="000", shards=shards, out=out, random_base=s.cuda,
                       steps=s.train_steps, batch_size=s.train_batch, compile=compile, log_every=log_every,
                       checkpoint_every=s.train_steps, keep_last=1, validate_every=0, val_samples=1,
                       val_inference_steps=2, num_workers=s.workers, lpips_weights=out / "none", resume="never")

@@ -41,14 +41,14 @@ def measure(path: str, preset: str) -> dict:
     from avatars.host_sync import count_host_reads
     from avatars.models import DiffusionAvatarsModel
     from avatars.testing import synthetic_batch
-    from avatars.training import TrainConfig
+    from avatars.training import train_preset
     from avatars.training import performance as perf
     from avatars.training.engine import LossModule, build_engine
     from avatars.training.optim import clip_gradients
     from avatars.training.trainer import init_distributed
 
     _, world = init_distributed()
-    cfg = TrainConfig(preset=preset, batch_size=2, precision="bf16", random_base=preset == "paper").resolved()
+    cfg = train_preset(preset, batch_size=2, precision="bf16", random_base=preset == "paper")
     model = DiffusionAvatarsModel(cfg.model_config(16))
     noise = torch.Generator().manual_seed(0)
     if path == "before":  # DeepSpeed's own bf16 mode, as the trainer ran before issue 11

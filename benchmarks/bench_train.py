@@ -44,7 +44,7 @@ def tiny_run(shards: Path, person: str, steps: int) -> dict:
         lines = [json.loads(l) for l in (Path(out) / person / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in lines if "samples_per_s" in r][1:]
     sps = sum(r["samples_per_s"] for r in windows) / len(windows)
-    return {"samples/s": sps, "step ms": 1000 * cfg.resolved().batch_size / sps}
+    return {"samples/s": sps, "step ms": 1000 * cfg.batch_size / sps}
 
 
 def main() -> None:

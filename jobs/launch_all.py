@@ -1,13 +1,16 @@
 """The main job: data -> shards -> one training job per person in parallel -> evaluation -> report.
 
     python jobs/launch_all.py --persons all                      # embedded local Ray, synthetic data, tiny preset
-    python jobs/launch_all.py --persons 017,018 --captures /data/nersemble --train.preset paper \\
+    python jobs/launch_all.py paper --persons 017,018 --captures /data/nersemble \\
         --train.base-model /models/sd21 --backend slurm --slurm.partition gpu --job-gpus 1
+
+The first argument picks the training preset (tiny, the default, or paper); ``paper --help``
+shows every value of that run.
 
 Stages, each skipping work that is already up to date:
 1. data: generate the synthetic capture root when no --captures is given, ingest every
    person into zarr, write the training shards (local worker processes);
-2. tiny preset without --train.base-model: pretrain the tiny frozen base once (the
+2. a model that needs no pretrained base (tiny) and no --train.base-model: pretrain the tiny frozen base once (the
    CPU-sized stand-in for Stable Diffusion 2.1, see avatars/training/base_pretraining.py);
 3. training: one job per person on the chosen backend (ray | slurm | local), each with
    its reserved CPUs/GPUs, bounded retries, resume from the last checkpoint;
@@ -30,8 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import tyro
-
 from jobs import ingest as ingest_job
 from jobs import make_synthetic
 from jobs import preprocess as preprocess_job
@@ -42,8 +43,10 @@ from shards.ingest import IngestConfig
 from shards.synthetic import SyntheticConfig
 from shards.writer import ShardConfig
 
+from avatars.training import PRESETS as TRAIN_PRESETS
 from avatars.training import TrainOptions
 from cluster.slurm_backend import SlurmConfig
+from jobs._presets import preset_cli
 
 
 @dataclass
@@ -63,7 +66,7 @@ class LaunchAllArgs:
     workers: int = field(default_factory=default_workers)
     """Parallel processes for data preparation."""
     train: TrainOptions = field(default_factory=TrainOptions)
-    """Training options shared by every person (preset, steps, base model, ...)."""
+    """Training options shared by every person (model, steps, base model, ...); the preset's."""
     backend: Literal["ray", "slurm", "local"] = "ray"
     """Where the per-person jobs run: Ray (embedded or --ray-address), SLURM via submitit, or sequentially here."""
     ray_address: str | None = None
@@ -89,6 +92,10 @@ class LaunchAllArgs:
     """Refuse to start (exit code 2) when the work directory has less free space than this (GiB)."""
 
 
+#: The main job per training preset: name -> (description, complete arguments).
+PRESETS = {name: (text, LaunchAllArgs(train=options)) for name, (text, options) in TRAIN_PRESETS.items()}
+
+
 def _data(args: LaunchAllArgs) -> tuple[list[str], dict[str, str]]:
     """Prepare every person's shards; returns (ready persons, {failed person: reason})."""
     captures = args.captures
@@ -110,7 +117,7 @@ def _data(args: LaunchAllArgs) -> tuple[list[str], dict[str, str]]:
 
 
 def _base_model(args: LaunchAllArgs) -> Path | None:
-    if args.train.base_model is not None or args.train.preset != "tiny":
+    if args.train.base_model is not None or args.train.model.requires_pretrained_base:
         return args.train.base_model
     from avatars.training.base_pretraining import BasePretrainConfig, pretrain_base
 
@@ -138,16 +145,17 @@ def _backend_config(args: LaunchAllArgs, status_dir: Path):
 def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None):
     import torch
 
-    from cluster.jobs import PersonJob, Resources
+    from cluster.jobs import DEFAULT_TARGET, PersonJob, Resources
     from cluster.orchestrate import run_all
 
     gpus = args.job_gpus if args.job_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
-    options = dataclasses.asdict(args.train)
-    options.update(base_model=str(base_model.resolve()) if base_model else None,
-                   lpips_weights=str(Path(args.train.lpips_weights).resolve()))
-    kwargs = {**options, "shards": str((args.workdir / "shards").resolve()),
-              "out": str((args.workdir / "runs").resolve())}
-    jobs = [PersonJob(person=p, target="jobs.train_person:run", kwargs=kwargs,
+    # Typed configs cross the job boundary (pickled by Ray / submitit); absolute paths, since
+    # workers may run elsewhere.
+    options = dataclasses.replace(args.train, base_model=base_model.resolve() if base_model else None,
+                                  lpips_weights=Path(args.train.lpips_weights).resolve())
+    kwargs = {"options": options, "shards": (args.workdir / "shards").resolve(),
+              "out": (args.workdir / "runs").resolve()}
+    jobs = [PersonJob(person=p, target=DEFAULT_TARGET, kwargs=kwargs,
                       resources=Resources(cpus=args.job_cpus, gpus=gpus, memory_gb=args.job_memory_gb),
                       max_retries=args.max_retries) for p in persons]
     return run_all(jobs, _backend_config(args, args.workdir / "status"))
@@ -245,7 +253,7 @@ def main(args: LaunchAllArgs) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main(tyro.cli(LaunchAllArgs)))
+        sys.exit(main(preset_cli(PRESETS, default="tiny", description=__doc__)))
     except (DataError, OSError) as e:  # bad input or an unusable work directory: nothing was run
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,22 +1,22 @@
 """Train one person's avatar from its shards (DeepSpeed; resumable with --resume auto).
 
-    python jobs/train_person.py --person 000 [--preset tiny] [--base-model PATH]
+    python jobs/train_person.py [tiny|paper] --person 000 [--base-model PATH] [--steps N ...]
 
-Several processes (torchrun / the deepspeed launcher / Ray / srun) train one person
-data-parallel: each reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the
-environment. The run reports to metrics.jsonl, a progress bar, the orchestrator's status
-file and, with --metrics-port, Prometheus (cluster.monitoring.training).
+The first argument picks a complete preset (default tiny); ``paper --help`` shows every value the
+paper preset uses. Several processes (torchrun / the deepspeed launcher / Ray / srun) train one
+person data-parallel: each reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the
+environment. The run reports to metrics.jsonl, a progress bar, the orchestrator's status file
+and, with --metrics-port, Prometheus (cluster.monitoring.training).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
+from typing import Any
 
-import tyro
-
-from avatars.training import TrainConfig, train_person
+from avatars.training import PRESETS, TrainConfig, TrainOptions, train_person
 from cluster.monitoring.training import training_callbacks
+from common.configs import from_jsonable, merge, to_jsonable
+from jobs._presets import preset_cli
 
 
 def train(config: TrainConfig) -> dict:
@@ -24,16 +24,29 @@ def train(config: TrainConfig) -> dict:
     return train_person(config, training_callbacks(config))
 
 
-def run(person: str, **overrides) -> dict:
-    """Cluster entry point (`jobs.train_person:run`): train `person` with config overrides."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise TypeError(f"unknown training options: {sorted(unknown)}")
-    paths = {k: Path(v) for k, v in overrides.items() if k in ("shards", "out", "base_model", "lpips_weights") and v}
-    return train(TrainConfig(person=person, **{**overrides, **paths}))
+def run(person: str, options: TrainOptions | dict[str, Any] | None = None, preset: str = "tiny",
+        **fields: Any) -> dict:
+    """Cluster entry point (``jobs.train_person:run``, the default target of every backend and
+    sbatch template): train ``person`` with ``options`` and the per-person ``fields`` of
+    :class:`TrainConfig` (shards, out, random_base).
+
+    The orchestrator passes a :class:`TrainOptions`; a JSON caller (``cluster.run_person
+    --kwargs-json``, the sbatch templates) passes a dict of overrides of preset ``preset``'s
+    options (nested, e.g. ``{"steps": 100, "model": {"use_expression": false}}``) and paths as
+    strings: they are typed and checked like any config."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if isinstance(options, TrainOptions):
+        data = to_jsonable(options)
+    else:
+        data = merge(to_jsonable(PRESETS[preset][1]), options or {})
+    return train(from_jsonable(TrainConfig, {**data, **to_jsonable(fields), "person": person}))
+
+
+def main(args: list[str] | None = None) -> dict:
+    presets = {name: (text, TrainConfig.for_person(options)) for name, (text, options) in PRESETS.items()}
+    return train(preset_cli(presets, default="tiny", description=__doc__, args=args))
 
 
 if __name__ == "__main__":
-    result = train(tyro.cli(TrainConfig))
-    print(result)
+    print(main())

@@ -1,32 +1,35 @@
-"""Configuration of one person's training run, with the `tiny` (CPU) and `paper` (GPU) presets."""
+"""Configuration of one person's training run, and the complete `tiny` (CPU) and `paper` (GPU) presets.
+
+A preset is a whole :class:`TrainOptions` (:data:`PRESETS`), so ``--help`` after a preset name
+shows every value that run uses (``python jobs/train_person.py paper --help``).
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from avatars.configs import DiffusionAvatarsConfig, paper_config, tiny_config
-
-Preset = Literal["tiny", "paper"]
 
 
 @dataclass
 class TrainOptions:
-    """How to train (the same for every person of a launch). Fields left None take the preset's value."""
+    """How to train (the same for every person of a launch); the defaults are the tiny preset."""
 
-    preset: Preset = "tiny"
-    """'tiny': CPU-sized model at 64x64; 'paper': SD2.1 layout at 512x512 (needs --base-model)."""
+    model: DiffusionAvatarsConfig = field(default_factory=tiny_config)
+    """Model layout and ablation switches (its expression_dim is read from the data, its init_seed is --seed)."""
     base_model: Path | None = None
-    """Local diffusers directory with the frozen base (unet/, vae/; SD2.1 for 'paper')."""
-    steps: int | None = None
-    """Optimizer steps (tiny: 600, paper: 100000)."""
-    batch_size: int | None = None
-    """Micro-batch per process (both presets: 8, the paper's)."""
+    """Local diffusers directory with the frozen base (unet/, vae/; SD2.1 for the paper preset)."""
+    steps: int = 600
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Micro-batch per process (the paper's 8)."""
     grad_accum: int = 1
     """Gradient accumulation steps per optimizer step."""
-    lr_networks: float | None = None
+    lr_networks: float = 1e-3
     """Learning rate of ControlNet + expression layers (paper: 1e-4; tiny: 1e-3, it trains far fewer steps)."""
     lr_features: float = 1e-2
     """Learning rate of the TriPlanes and the ambient map (the paper's 1e-2)."""
@@ -86,33 +89,42 @@ class TrainConfig(TrainOptions):
     """Build the frozen base with random weights instead of loading --base-model (benchmarks of the
     paper preset without SD2.1 weights; the avatar it trains is meaningless)."""
 
-    def resolved(self) -> "TrainConfig":
-        """A copy with every preset default filled in."""
-        d = PRESETS[self.preset]
-        return dataclasses.replace(
-            self,
-            steps=self.steps if self.steps is not None else d["steps"],
-            batch_size=self.batch_size if self.batch_size is not None else d["batch_size"],
-            lr_networks=self.lr_networks if self.lr_networks is not None else d["lr_networks"],
-        )
+    @classmethod
+    def for_person(cls, options: TrainOptions, **fields: Any) -> "TrainConfig":
+        """``options`` plus the per-person fields (person, shards, out, random_base)."""
+        options = copy.deepcopy(options)  # never share the (mutable) model config with a preset
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(TrainOptions)}, **fields)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out) / self.person
 
     def model_config(self, expression_dim: int) -> DiffusionAvatarsConfig:
-        factory = tiny_config if self.preset == "tiny" else paper_config
-        config = factory(expression_dim=expression_dim)
+        """``model`` with the data's expression dimension and --seed; a model trained on a loaded
+        base needs that base again, one on a random base does not."""
         if self.random_base and self.base_model is not None:
             raise ValueError("random_base builds the base model from random weights: do not also pass base_model")
-        if self.preset == "tiny" and self.base_model is not None:
+        config = dataclasses.replace(self.model, expression_dim=expression_dim, init_seed=self.seed)
+        if self.base_model is not None:
             config = dataclasses.replace(config, requires_pretrained_base=True)
         if self.random_base:
             config = dataclasses.replace(config, requires_pretrained_base=False)
-        return dataclasses.replace(config, init_seed=self.seed)
+        config.validate()
+        return config
 
 
-PRESETS: dict[str, dict] = {
-    "tiny": {"steps": 600, "batch_size": 8, "lr_networks": 1e-3},
-    "paper": {"steps": 100_000, "batch_size": 8, "lr_networks": 1e-4},
+#: Name -> (description, complete options). The dataclass defaults are the tiny preset.
+PRESETS: dict[str, tuple[str, TrainOptions]] = {
+    "tiny": ("CPU-sized model at 64x64 with random or tiny-pretrained weights, 600 steps "
+             "(the main job pretrains a tiny base for it)", TrainOptions()),
+    "paper": ("the paper's setting: SD2.1 layout at 512x512, 100k steps at lr 1e-4 (needs --base-model, "
+              "a local Stable Diffusion 2.1 diffusers directory)",
+              TrainOptions(model=paper_config(), steps=100_000, lr_networks=1e-4)),
 }
+
+
+def train_preset(name: str, **fields: Any) -> TrainConfig:
+    """A :class:`TrainConfig` with preset ``name``'s options, then ``fields`` (any TrainConfig field)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(TrainConfig.for_person(PRESETS[name][1]), **fields)

@@ -90,14 +90,14 @@ class Trainer:
     * ``on_checkpoint(trainer, step, path)``: after a complete checkpoint.
     * ``on_train_end(trainer, result)``: after ``model/`` and ``result.json`` are written.
 
-    Callbacks may read ``trainer.config`` (the resolved :class:`TrainConfig`), ``run_dir``,
+    Callbacks may read ``trainer.config`` (the :class:`TrainConfig`), ``run_dir``,
     ``rank``, ``world_size``, ``state`` (:class:`~avatars.training.checkpoint.TrainerState`),
     ``model``, ``engine`` (the :class:`~avatars.training.engine.TrainingEngine`) and ``device``;
     they must not change the training state.
     """
 
     def __init__(self, config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()):
-        self.config = config.resolved()
+        self.config = config
         self.callbacks = list(callbacks)
         self.state = ckpt.TrainerState()
         self.start_step = 0

@@ -74,8 +74,10 @@ def test_config_json_roundtrip_and_validation():
     config = tiny_config(use_expression=False)
     again = DiffusionAvatarsConfig.from_dict(config.to_dict())
     assert again == config
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="bogus: Unexpected"):
         DiffusionAvatarsConfig.from_dict({**config.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match=r"unet\.block_out_channels"):
+        DiffusionAvatarsConfig.from_dict({**config.to_dict(), "unet": {"block_out_channels": "wide"}})
     with pytest.raises(ValueError, match="downsample"):
         tiny_config(conditioning_embedding_channels=(8, 16))
     with pytest.raises(ValueError, match="multiple"):

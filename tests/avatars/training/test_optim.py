@@ -5,7 +5,7 @@ import torch
 
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
-from avatars.training import TrainConfig
+from avatars.training import TrainConfig, train_preset
 from avatars.training.optim import clip_gradients, clipped_parameters, make_optimizer
 
 
@@ -15,9 +15,9 @@ def model():
 
 
 def test_defaults_are_the_official_settings(model):
-    cfg = TrainConfig().resolved()
+    cfg = TrainConfig()
     assert cfg.weight_decay == 1e-2 and cfg.clip_scope == "controlnet" and cfg.grad_clip == 1.0
-    paper = TrainConfig(preset="paper").resolved()
+    paper = train_preset("paper")
     assert paper.weight_decay == 1e-2 and paper.clip_scope == "controlnet"
     opt = make_optimizer(model, 1e-4, 1e-2, cfg.weight_decay)
     assert [g["weight_decay"] for g in opt.param_groups] == [1e-2, 1e-2]  # networks and feature planes
@@ -53,4 +53,4 @@ def test_zero_1_2_cannot_clip_the_controlnet_alone(model, tmp_path):
     from avatars.training.engine import build_engine
 
     with pytest.raises(ValueError, match="clip-scope all"):
-        build_engine(TrainConfig(zero_stage=1).resolved(), model, 1)
+        build_engine(TrainConfig(zero_stage=1), model, 1)

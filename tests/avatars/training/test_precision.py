@@ -138,12 +138,12 @@ def test_channels_last_gives_the_same_loss_and_gradients():
 
 
 def test_deepspeed_runs_an_fp32_engine_without_throughput_timer():
-    cfg = TrainConfig(zero_stage=0).resolved()
+    cfg = TrainConfig(zero_stage=0)
     ds = deepspeed_config(cfg)
     assert ds["bf16"] == {"enabled": False} and "fp16" not in ds
     assert ds["timers"] == {"throughput": {"enabled": False}}
     assert ds["gradient_clipping"] == 0.0  # the trainer clips (sync-free)
-    assert deepspeed_config(TrainConfig(zero_stage=2).resolved())["gradient_clipping"] == 1.0
+    assert deepspeed_config(TrainConfig(zero_stage=2))["gradient_clipping"] == 1.0
 
 
 MICRO_STEPS = textwrap.dedent("""
@@ -158,7 +158,7 @@ MICRO_STEPS = textwrap.dedent("""
     results = {}
     for stage in json.loads(sys.argv[1]):
         cfg = TrainConfig(batch_size=2, zero_stage=stage, precision="bf16", clip_scope="all",
-                          memory_format="channels_last").resolved()
+                          memory_format="channels_last")
         model = DiffusionAvatarsModel(cfg.model_config(16))
         trainer = build_engine(cfg, model, world)
         noise = torch.Generator().manual_seed(0)

@@ -113,15 +113,15 @@ def test_random_base_builds_the_paper_preset_without_weights(tmp_path):
     import torch
 
     from avatars.models import DiffusionAvatarsModel
-    from avatars.training import TrainConfig
+    from avatars.training import train_preset
 
     with pytest.raises(ValueError, match="base-model"):
         with torch.device("meta"):
-            DiffusionAvatarsModel(TrainConfig(preset="paper").resolved().model_config(100))
-    config = TrainConfig(preset="paper", random_base=True).resolved().model_config(100)
+            DiffusionAvatarsModel(train_preset("paper").model_config(100))
+    config = train_preset("paper", random_base=True).model_config(100)
     assert not config.requires_pretrained_base and config.resolution == 512
     with torch.device("meta"):
         model = DiffusionAvatarsModel(config)
     assert model.config.unet.block_out_channels == (320, 640, 1280, 1280)
     with pytest.raises(ValueError, match="random_base"):
-        TrainConfig(preset="paper", random_base=True, base_model=tmp_path).model_config(100)
+        train_preset("paper", random_base=True, base_model=tmp_path).model_config(100)

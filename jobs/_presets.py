@@ -1,0 +1,23 @@
+"""A CLI over complete preset configs (gsplat's ``tyro.extras.overridable_config_cli``): the first
+argument names the preset, every field after it overrides that preset's value, and
+``<preset> --help`` lists every field with the value that preset uses."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+import tyro
+
+T = TypeVar("T")
+
+
+def preset_cli(presets: Mapping[str, tuple[str, T]], default: str, description: str,
+               args: Sequence[str] | None = None) -> T:
+    """Parse ``args`` (default: ``sys.argv[1:]``); without a preset name first, ``default`` is used,
+    so ``prog --person 000`` means ``prog <default> --person 000``."""
+    args = list(sys.argv[1:] if args is None else args)
+    if not args or (args[0] not in presets and args[0] not in ("-h", "--help")):
+        args.insert(0, default)
+    return tyro.extras.overridable_config_cli(dict(presets), description=description, args=args)
