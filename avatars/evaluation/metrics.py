@@ -70,10 +70,15 @@ def composite_on_background(
     return torch.round(out * 255.0) / 255.0 if quantize else out
 
 
+def psnr_from_mse(mse: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """PSNR in dB of a mean squared error (the one PSNR formula of the project); 0 gives +inf."""
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
 def psnr(pred: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Per-frame PSNR in dB of (T, 3, H, W) tensors; identical frames give +inf."""
     mse = ((pred.double() - gt.double()) ** 2).flatten(1).mean(1)
-    return (10.0 * torch.log10(data_range**2 / mse)).float()
+    return psnr_from_mse(mse, data_range).float()
 
 
 def psnr_protocol(pred: torch.Tensor, gt: torch.Tensor, batch: int = 16, data_range: float = 1.0) -> float:
@@ -82,7 +87,7 @@ def psnr_protocol(pred: torch.Tensor, gt: torch.Tensor, batch: int = 16, data_ra
     values = []
     for i in range(0, pred.shape[0], batch):
         mse = ((pred[i : i + batch].double() - gt[i : i + batch].double()) ** 2).mean()
-        values.append(float(10.0 * torch.log10(data_range**2 / mse)))
+        values.append(float(psnr_from_mse(mse, data_range)))
     return float(np.mean(values))
 
 
@@ -92,7 +97,7 @@ def masked_psnr(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, data_r
     se = (((pred.double() - gt.double()) ** 2) * m).flatten(1).sum(1)
     n = m.flatten(1).sum(1) * pred.shape[1]
     mse = torch.where(n > 0, se / n.clamp_min(1), torch.full_like(se, float("nan")))
-    return (10.0 * torch.log10(data_range**2 / mse)).float()
+    return psnr_from_mse(mse, data_range).float()
 
 
 def srgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:

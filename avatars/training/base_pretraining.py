@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from avatars.base_model import EMPTY_PROMPT_FILE, EMPTY_PROMPT_KEY, save_tensor_atomic
 from avatars.configs import DiffusionAvatarsConfig, tiny_config
+from avatars.evaluation.metrics import psnr_from_mse
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models.diffusion_avatars import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.schedulers import training_scheduler
@@ -200,7 +201,7 @@ def reconstruction_psnr(vae, images: torch.Tensor, batch_size: int = 32) -> floa
     for chunk in images.split(batch_size):
         recon = vae.decode(vae.encode(chunk).latent_dist.mode()).sample.clamp(-1, 1)
         mse = ((recon - chunk) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-        psnrs.append(-10 * torch.log10(mse))
+        psnrs.append(psnr_from_mse(mse))
     return torch.cat(psnrs).mean().item()
 
 
