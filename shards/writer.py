@@ -138,6 +138,14 @@ def _read_rgb_alpha(paths: tuple[Path, Path], size: tuple[int, int] | None) -> t
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member, timestamp- and owner-free, so the same inputs give the same bytes.
+
+    Not webdataset's ``TarWriter`` (1.0.2): it passes its ``format`` argument nowhere (members get
+    POSIX "ustar\\0" headers instead of these GNU ones) and writes a sample's members in sorted name
+    order instead of :data:`~shards.codec.MEMBERS` order, so every shard's bytes, and the sha256 that
+    ``manifest.json`` records and the loader verifies, would change. webdataset reads these tars
+    (``tests/shards/test_shards.py``).
+    """
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0
