@@ -30,54 +30,54 @@ class UNetConfig:
     must agree with this one.
     """
 
-    #: Output channels of each down block (SD2.1: 320, 640, 1280, 1280).
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    #: diffusers down block types, one per entry of ``block_out_channels``.
+    """Output channels of each down block (SD2.1: 320, 640, 1280, 1280)."""
     down_block_types: tuple[str, ...] = (
         "CrossAttnDownBlock2D",
         "CrossAttnDownBlock2D",
         "CrossAttnDownBlock2D",
         "DownBlock2D",
     )
-    #: diffusers up block types, one per entry of ``block_out_channels``.
+    """diffusers down block types, one per entry of ``block_out_channels``."""
     up_block_types: tuple[str, ...] = (
         "UpBlock2D",
         "CrossAttnUpBlock2D",
         "CrossAttnUpBlock2D",
         "CrossAttnUpBlock2D",
     )
-    #: ResNet layers per down block (up blocks have one more).
+    """diffusers up block types, one per entry of ``block_out_channels``."""
     layers_per_block: int = 2
-    #: Number of attention heads per block (SD2.1: 5, 10, 20, 20). Passed to diffusers as its
-    #: legacy ``attention_head_dim`` argument, which UNet2DConditionModel treats as head count.
+    """ResNet layers per down block (up blocks have one more)."""
     attention_heads: tuple[int, ...] = (5, 10, 20, 20)
-    #: Width of the cross-attention context (SD2.1 / OpenCLIP-H: 1024). The expression tokens
-    #: have this width too, because the expression layers start as copies of each block's attn2.
+    """Number of attention heads per block (SD2.1: 5, 10, 20, 20). Passed to diffusers as its legacy
+    ``attention_head_dim`` argument, which UNet2DConditionModel treats as head count."""
     cross_attention_dim: int = 1024
-    #: Linear (instead of 1x1 conv) projection in the transformer blocks (SD2.1: True).
+    """Width of the cross-attention context (SD2.1 / OpenCLIP-H: 1024). The expression tokens have this width too,
+    because the expression layers start as copies of each block's attn2."""
     use_linear_projection: bool = True
-    #: Group-norm groups.
+    """Linear (instead of 1x1 conv) projection in the transformer blocks (SD2.1: True)."""
     norm_num_groups: int = 32
-    #: Compute attention scores in float32 under half precision (SD2.1's UNet config sets it:
-    #: without it, fp16 attention overflows in the 768-pixel v-model). Numerically a no-op in
-    #: float32. The ControlNet and the expression layers inherit it from the UNet.
+    """Group-norm groups."""
     upcast_attention: bool = True
+    """Compute attention scores in float32 under half precision (SD2.1's UNet config sets it: without it, fp16
+    attention overflows in the 768-pixel v-model). Numerically a no-op in float32. The ControlNet and the expression
+    layers inherit it from the UNet."""
 
 
 @dataclass
 class VAEConfig:
     """Layout of the frozen AutoencoderKL (used when no base model is loaded)."""
 
-    #: Encoder/decoder block widths; the spatial factor is ``2 ** (len - 1)`` (SD: 8).
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    #: ResNet layers per block.
+    """Encoder/decoder block widths; the spatial factor is ``2 ** (len - 1)`` (SD: 8)."""
     layers_per_block: int = 2
-    #: Latent channels (SD: 4).
+    """ResNet layers per block."""
     latent_channels: int = 4
-    #: Latents are multiplied by this after encoding (SD: 0.18215).
+    """Latent channels (SD: 4)."""
     scaling_factor: float = 0.18215
-    #: Group-norm groups.
+    """Latents are multiplied by this after encoding (SD: 0.18215)."""
     norm_num_groups: int = 32
+    """Group-norm groups."""
 
     @property
     def downsample_factor(self) -> int:
@@ -103,15 +103,16 @@ class FeatureConfig:
     """
 
     mapping: FeatureMapping = "triplane"
-    #: Resolution of every plane / map (paper: 512).
+    """'triplane' (paper), 'spherical' or 'none' (the two ablations; see the class docstring)."""
     resolution: int = 512
-    #: Channels per TriPlane plane and of the ambient map (paper: 16).
+    """Resolution of every plane / map (paper: 512)."""
     channels: int = 16
-    #: Standard deviation of the normal initialisation of the maps: the official N(0, 1).
-    #: Measured (benchmarks/bench_feature_planes.py, README): 0.1 and 1 fit a person's
-    #: appearance equally fast, so the official value is kept; at 1 the sampled features start
-    #: on the scale of the rasterized channels (about [-1, 1]) the ControlNet also sees.
+    """Channels per TriPlane plane and of the ambient map (paper: 16)."""
     init_std: float = 1.0
+    """Standard deviation of the normal initialisation of the maps: the official N(0, 1). Measured
+    (benchmarks/bench_feature_planes.py, README): 0.1 and 1 fit a person's appearance equally fast, so the official
+    value is kept; at 1 the sampled features start on the scale of the rasterized channels (about [-1, 1]) the
+    ControlNet also sees."""
 
     @property
     def num_output_channels(self) -> int:
@@ -124,11 +125,12 @@ class FeatureConfig:
 class SchedulerConfig:
     """Noise schedule shared by training and sampling (v-prediction, zero terminal SNR)."""
 
-    #: Training timesteps.
     num_train_timesteps: int = 1000
-    #: Beta range of SD's ``scaled_linear`` schedule (before rescaling to zero terminal SNR).
+    """Training timesteps."""
     beta_start: float = 0.00085
+    """First beta of SD's ``scaled_linear`` schedule (before rescaling to zero terminal SNR)."""
     beta_end: float = 0.012
+    """Last beta of SD's ``scaled_linear`` schedule (before rescaling to zero terminal SNR)."""
 
 
 @dataclass
@@ -136,34 +138,40 @@ class DiffusionAvatarsConfig:
     """Full model configuration (saved as ``config.json`` next to the trainable weights)."""
 
     unet: UNetConfig = field(default_factory=UNetConfig)
+    """Layout of the denoising UNet (checked against a loaded base model)."""
     vae: VAEConfig = field(default_factory=VAEConfig)
+    """Layout of the frozen autoencoder (checked against a loaded base model)."""
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    """The learned feature planes sampled at the canonical coordinates."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    #: Training / rendering resolution (square images; height = width).
+    """Noise schedule of training and sampling."""
     resolution: int = 512
-    #: Dimension of the per-frame expression code (declared by the data; NPHM 206, MonoNPHM 100).
+    """Training / rendering resolution (square images; height = width)."""
     expression_dim: int = 100
-    #: Number of expression tokens (paper: 4), each of width ``unet.cross_attention_dim``.
+    """Dimension of the per-frame expression code (declared by the data; NPHM 206, MonoNPHM 100)."""
     expression_tokens: int = 4
-    #: Channels of ControlNet's conditioning embedding (paper/diffusers: 16, 32, 96, 256). Its
-    #: length must be ``log2(vae.downsample_factor) + 1`` so it downsamples like the VAE.
+    """Number of expression tokens (paper: 4), each of width ``unet.cross_attention_dim``."""
     conditioning_embedding_channels: tuple[int, ...] = (16, 32, 96, 256)
-    #: Depth normalisation: (depth - depth_center) / depth_scale inside the mask, 0 outside.
+    """Channels of ControlNet's conditioning embedding (paper/diffusers: 16, 32, 96, 256). Its length must be
+    ``log2(vae.downsample_factor) + 1`` so it downsamples like the VAE."""
     depth_center: float = 1.0
+    """Depth normalisation: (depth - depth_center) / depth_scale inside the mask (outside it every
+    rasterized channel is -1, see avatars/models/conditioning.py)."""
     depth_scale: float = 0.3
-    #: Ablation "w/o expression conditioning": no expression tokens and no expression layers.
+    """Depth normalisation scale (see depth_center)."""
     use_expression: bool = True
-    #: Ablation "w/o diffusion": one forward pass (zero latent input, last timestep) predicting
-    #: the clean latent directly, trained with MSE to the target latent (like DNR).
+    """Ablation "w/o expression conditioning": no expression tokens and no expression layers."""
     use_diffusion: bool = True
-    #: Ablation "w/o LDM prior": a trainable UNet from random init, conditioned directly by
-    #: concatenating a conditioning embedding to the latent input; no ControlNet.
+    """Ablation "w/o diffusion": one forward pass (zero latent input, last timestep) predicting the clean latent
+    directly, trained with MSE to the target latent (like DNR)."""
     use_ldm_prior: bool = True
-    #: The pretrained base model is mandatory (paper preset); with False random weights are fine.
+    """Ablation "w/o LDM prior": a trainable UNet from random init, conditioned directly by concatenating a
+    conditioning embedding to the latent input; no ControlNet."""
     requires_pretrained_base: bool = True
-    #: Seed of every random initialisation (frozen random base, feature maps, new layers), so
-    #: a model without pretrained base is rebuilt identically by ``from_pretrained``.
+    """The pretrained base model is mandatory (paper preset); with False random weights are fine."""
     init_seed: int = 0
+    """Seed of every random initialisation (frozen random base, feature maps, new layers), so a model without
+    pretrained base is rebuilt identically by ``from_pretrained``."""
 
     @property
     def conditioning_channels(self) -> int:
