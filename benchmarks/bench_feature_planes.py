@@ -49,7 +49,7 @@ def fit(train: dict, test: dict, steps: int, res: int, ch: int, std: float, plr:
     """Returns (held-out face PSNR, colour error, final train loss, CPU seconds, held-out fit)."""
     torch.manual_seed(seed)
     config = FeatureConfig(mapping="triplane" if res else "none", resolution=max(res, 1), channels=ch, init_std=std)
-    planes = FeaturePlanes(config, generator=torch.Generator().manual_seed(seed))
+    planes = FeaturePlanes.from_feature_config(config, generator=torch.Generator().manual_seed(seed))
     width = RASTER_CHANNELS + config.num_output_channels
     decoder = nn.Sequential(nn.Conv2d(width, 64, 1), nn.SiLU(), nn.Conv2d(64, 64, 1), nn.SiLU(), nn.Conv2d(64, 3, 1))
     groups = [{"params": decoder.parameters(), "lr": 1e-3}] + ([{"params": planes.parameters(), "lr": plr}] if res else [])

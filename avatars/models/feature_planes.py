@@ -54,7 +54,8 @@ class FeaturePlanes(ModelMixin, ConfigMixin):
     ignore_for_config = ["generator"]
 
     @register_to_config
-    def __init__(self, mapping: str = "triplane", resolution: int = 512, channels: int = 16, init_std: float = 0.1,
+    def __init__(self, mapping: str = FeatureConfig.mapping, resolution: int = FeatureConfig.resolution,
+                 channels: int = FeatureConfig.channels, init_std: float = FeatureConfig.init_std,
                  generator: torch.Generator | None = None):
         super().__init__()
         self.feature_config = FeatureConfig(mapping=mapping, resolution=resolution, channels=channels,
