@@ -4,8 +4,8 @@ avatars vs the untrained model and simple baselines, per person, plus a picture.
     python benchmarks/bench_learning.py [--persons 000,001] [--steps 600] [--samples 32] \
         [--image benchmarks/results/learning.png]
 
-Needs the default data (data/shards) and the tiny base (data/base/tiny), which the
-main job (jobs/launch_all.py) writes. Trains each person with the tiny preset
+Needs the default data (data/shards) and the tiny base (the newest data/base/tiny-<key>,
+or --base-model), which the main job (jobs/launch_all.py) writes. Trains each person with the tiny preset
 (reusing an earlier run of the same length under --out), then renders fixed
 held-out samples (held-out sequences and the held-out frontal camera, evenly spread)
 with 20 DDPM steps and fixed noise, and compares with
@@ -131,7 +131,7 @@ def save_montage(path: Path, pictures: list[tuple[torch.Tensor, torch.Tensor]], 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shards", type=Path, default=Path("data/shards"))
-    ap.add_argument("--base-model", type=Path, default=Path("data/base/tiny"))
+    ap.add_argument("--base-model", type=Path, default=None, help="default: the newest data/base/tiny-<key>")
     ap.add_argument("--persons", default="000", help="comma-separated person ids")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--samples", type=int, default=32)
@@ -139,6 +139,10 @@ def main() -> None:
     ap.add_argument("--image", type=Path, default=Path("benchmarks/results/learning.png"),
                     help="ground truth | render picture of every person")
     a = ap.parse_args()
+    if a.base_model is None:
+        from avatars.training.base_pretraining import newest_base
+
+        a.base_model = newest_base()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     weights = Path("weights/lpips_alex.safetensors")
     lpips = load_lpips(LpipsConfig(weights_path=weights))

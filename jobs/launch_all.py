@@ -10,10 +10,14 @@ shows every value of that run.
 Stages, each skipping work that is already up to date:
 1. data: generate the synthetic capture root when no --captures is given, ingest every
    person into zarr, write the training shards (local worker processes);
-2. a model that needs no pretrained base (tiny) and no --train.base-model: pretrain the tiny frozen base once (the
-   CPU-sized stand-in for Stable Diffusion 2.1, see avatars/training/base_pretraining.py);
+2. a model that needs no pretrained base (tiny) and no --train.base-model: pretrain the tiny
+   frozen base once (the CPU-sized stand-in for Stable Diffusion 2.1, see
+   avatars/training/base_pretraining.py) on every person of the data set, whatever
+   --persons is, into <workdir>/base/tiny-<key> (key: hash of its settings and data; a base
+   is never overwritten);
 3. training: one job per person on the chosen backend (ray | slurm | local), each with
-   its reserved CPUs/GPUs, bounded retries, resume from the last checkpoint;
+   its reserved CPUs/GPUs, bounded retries, resume from the last checkpoint; an avatar
+   trained on another base than this run's is retrained from scratch (said per person);
 4. evaluation: the Ray Serve renderer renders every trained person's evaluation set,
    computes the metrics and writes results.json, the videos and the nightly report; a
    person whose model, base, data and evaluation settings are unchanged keeps its stored
@@ -27,6 +31,7 @@ directory, a backend that is not there: checked before any work, see cluster/pre
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -96,15 +101,20 @@ class LaunchAllArgs:
 PRESETS = {name: (text, LaunchAllArgs(train=options)) for name, (text, options) in TRAIN_PRESETS.items()}
 
 
-def _data(args: LaunchAllArgs) -> tuple[list[str], dict[str, str]]:
-    """Prepare every person's shards; returns (ready persons, {failed person: reason})."""
+def _needs_tiny_base(args: LaunchAllArgs) -> bool:
+    return args.train.base_model is None and not args.train.model.requires_pretrained_base
+
+
+def _data(args: LaunchAllArgs, persons: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """Prepare the shards of `persons` (default: --persons); returns (ready persons, {failed person: reason})."""
+    persons = args.persons if persons is None else persons
     captures = args.captures
     if captures is None:
         captures = args.workdir / "captures"
         make_synthetic.main(make_synthetic.MakeSyntheticArgs(out=captures, synthetic=args.synthetic,
                                                              workers=args.workers))
     ingested, errors = ingest_job.main(ingest_job.IngestArgs(captures=captures, out=args.workdir / "zarr",
-                                                             persons=args.persons, ingest=args.ingest,
+                                                             persons=persons, ingest=args.ingest,
                                                              workers=args.workers))
     failed = {p: f"ingest: {e}" for p, e in errors.items()}
     if not ingested:
@@ -116,15 +126,47 @@ def _data(args: LaunchAllArgs) -> tuple[list[str], dict[str, str]]:
     return [p for p in ingested if p not in failed], failed
 
 
-def _base_model(args: LaunchAllArgs) -> Path | None:
-    if args.train.base_model is not None or args.train.model.requires_pretrained_base:
+def _base_model(args: LaunchAllArgs, base_persons: list[str]) -> Path | None:
+    """The frozen base every avatar trains on: --train.base-model, or the tiny base pretrained on
+    `base_persons` (every person of the data set, whatever --persons is) into
+    `<workdir>/base/tiny-<key>`, the key being the hash of its settings and data: a base is
+    never replaced, so avatars trained on it keep it, and a subset run reuses the full run's."""
+    if not _needs_tiny_base(args):
         return args.train.base_model
-    from avatars.training.base_pretraining import BasePretrainConfig, pretrain_base
+    from avatars.training.base_pretraining import BasePretrainConfig, base_key, pretrain_base
 
-    out = args.workdir / "base" / "tiny"
-    pretrain_base(BasePretrainConfig(shard_root=args.workdir / "shards", persons=args.persons, output=out,
-                                     num_workers=min(2, args.workers)))
+    config = BasePretrainConfig(shard_root=args.workdir / "shards", persons=",".join(base_persons),
+                                num_workers=min(2, args.workers))
+    out = args.workdir / "base" / f"tiny-{base_key(config)[:16]}"
+    pretrain_base(dataclasses.replace(config, output=out))
     return out
+
+
+def _check_bases(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -> dict[str, str]:
+    """Persons whose avatar was trained on another base than this run's, each with why.
+
+    With the tiny base the main job manages, such an avatar's run folder is cleared here (said
+    once per person) and it retrains from scratch; its old base is kept. A base given with
+    --train.base-model is the user's: the person is refused with the reason (returned) instead,
+    so that no long training is thrown away by a mistyped path."""
+    from avatars.training.base_record import base_fingerprint, mismatch
+
+    if args.train.resume == "never":
+        return {}
+    fingerprint = base_fingerprint(base_model)
+    refused = {}
+    for p in persons:
+        run = args.workdir / "runs" / p
+        problem = mismatch(run, fingerprint)
+        if problem is None:
+            continue
+        if not _needs_tiny_base(args):
+            refused[p] = (f"{problem}; pass that base with --train.base-model, or --train.resume never to "
+                          "retrain every person on this one")
+            continue
+        print(f"{p}: retraining from scratch on this run's base ({base_model}): {problem}")
+        shutil.rmtree(run)
+    return refused
 
 
 def _backend_config(args: LaunchAllArgs, status_dir: Path):
@@ -212,12 +254,23 @@ def main(args: LaunchAllArgs) -> int:
     data_failed: dict[str, str] = {}
     stage = "data"
     try:
-        persons, data_failed = _data(args)
+        if _needs_tiny_base(args) and args.persons != "all":
+            # The tiny base is made of every person's data, so that a subset run uses the full run's base.
+            prepared, data_failed = _data(args, "all")
+            persons = [p for p in prepared if p in requested]
+            for p in sorted(set(data_failed) - set(requested)):
+                print(f"note: {p} is not in the tiny base (its data could not be prepared: {data_failed.pop(p)})")
+        else:
+            prepared, data_failed = _data(args)
+            persons = prepared
         if persons:
             stage = "base model"
-            base_model = _base_model(args)
+            base_model = _base_model(args, prepared)
             stage = "training"
-            results = _train(args, persons, base_model)
+            refused = _check_bases(args, persons, base_model)
+            results = [JobResult(person=p, ok=False, attempts=0, error=reason) for p, reason in refused.items()]
+            if len(refused) < len(persons):
+                results += _train(args, [p for p in persons if p not in refused], base_model)
     except OSError as e:
         print(f"error: the {stage} stage stopped on an I/O error: {e}", file=sys.stderr)
         done = {r.person for r in results} | set(data_failed)

@@ -154,6 +154,9 @@ class DiffusionAvatarsModel(nn.Module):
             )
         self.config = config
         self.base_model = str(base_model) if base_model is not None else None
+        #: content fingerprint of the base it was trained on (set by the trainer, saved with the
+        #: model): the evaluation refuses to render it on a base with another fingerprint
+        self.base_fingerprint: str | None = None
         latent = config.vae.latent_channels
         cad = config.unet.cross_attention_dim
 
@@ -442,6 +445,8 @@ class DiffusionAvatarsModel(nn.Module):
         beside ``directory``, then renamed over it."""
         with atomic_directory(Path(directory)) as tmp:
             meta = {"format": FORMAT, "base_model": self.base_model, "config": self.config.to_dict()}
+            if self.base_fingerprint is not None:
+                meta["base_fingerprint"] = self.base_fingerprint
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
             for name, part in self.parts().items():
                 part.save_pretrained(tmp / name)
@@ -474,13 +479,16 @@ class DiffusionAvatarsModel(nn.Module):
             if not weights.is_file():
                 raise FileNotFoundError(f"{weights} not found")
             model.load_trainable_state_dict(load_file(str(weights)), source=str(weights))
+            model.base_fingerprint = meta.get("base_fingerprint")
             return model
         missing = [name for name in cls.part_names(config) if not (directory / name / CONFIG_FILE).is_file()]
         if missing:
             raise FileNotFoundError(f"{directory} lacks the model parts {missing} (each a folder with config.json)")
         parts = {name: PART_CLASSES[name].from_pretrained(directory / name, local_files_only=True)
                  for name in cls.part_names(config)}
-        return cls(config, base_model=base_model, empty_prompt_embedding=embedding, parts=parts)
+        model = cls(config, base_model=base_model, empty_prompt_embedding=embedding, parts=parts)
+        model.base_fingerprint = meta.get("base_fingerprint")
+        return model
 
 
 def load_trainable_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

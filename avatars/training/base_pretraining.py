@@ -44,6 +44,7 @@ from avatars.evaluation.metrics import psnr_from_mse
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models.diffusion_avatars import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.schedulers import training_scheduler
+from common.fingerprint import json_digest
 from common.io import atomic_directory, atomic_write_json
 from shards.writer import MANIFEST, shard_paths
 
@@ -341,14 +342,37 @@ def read_info(output: Path) -> dict | None:
         raise ValueError(f"{path} is unreadable ({e}); delete it or pass --force") from None
 
 
-def pretrain_base(config: BasePretrainConfig) -> dict:
-    """Pretrains (or reuses) the tiny base model; returns the contents of pretrain_info.json
-    plus ``"skipped"`` (True when an identical existing output was kept)."""
-    output = Path(config.output)
+def full_fingerprint(config: BasePretrainConfig) -> dict:
+    """The settings, the resolved persons and their shard manifests: everything the base is made of."""
     persons = resolve_persons(config.shard_root, config.persons)
     fingerprint = config.fingerprint()
     fingerprint["persons_resolved"] = persons
     fingerprint["manifests_sha256"] = _manifest_digest(config.shard_root, persons)
+    return fingerprint
+
+
+def base_key(config: BasePretrainConfig) -> str:
+    """sha256 of :func:`full_fingerprint`: the main job names its base folder by it, so a base that
+    avatars were trained on is never replaced by one made of other settings or data."""
+    return json_digest(full_fingerprint(config))
+
+
+def newest_base(root: Path = Path("data/base")) -> Path:
+    """The most recently written finished tiny base under ``root`` (the main job's
+    ``<workdir>/base/tiny-<key>`` folders), for tools that use the main job's base."""
+    found = sorted((p for p in Path(root).glob("tiny-*") if (p / INFO_FILE).is_file()),
+                   key=lambda p: (p / INFO_FILE).stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no pretrained tiny base under {root}: run jobs/launch_all.py first")
+    return found[-1]
+
+
+def pretrain_base(config: BasePretrainConfig) -> dict:
+    """Pretrains (or reuses) the tiny base model; returns the contents of pretrain_info.json
+    plus ``"skipped"`` (True when an identical existing output was kept)."""
+    output = Path(config.output)
+    fingerprint = full_fingerprint(config)
+    persons = fingerprint["persons_resolved"]
     if not config.force:
         info = read_info(output)
         if info is not None and info.get("format") == INFO_FORMAT and info.get("config") == fingerprint:

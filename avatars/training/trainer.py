@@ -7,6 +7,7 @@ Run layout (`<out>/<person>/`)::
     metrics.jsonl           one JSON line per logged step / validation (the MetricsLog callback)
     model/                  the final avatar (DiffusionAvatarsModel.save_pretrained)
     result.json             final numbers
+    base.json               the frozen base it is trained on (path and content fingerprint)
 
 Everything that watches a run (metrics.jsonl, the progress bar, the cluster's status file and
 Prometheus exporter) is a callback (:mod:`avatars.training.callbacks`); the trainer knows none of
@@ -42,6 +43,8 @@ from shards.writer import shard_paths
 
 from . import checkpoint as ckpt
 from . import performance as perf
+from .base_record import BaseMismatch, base_fingerprint, write_record as write_base_record
+from .base_record import mismatch as base_mismatch
 from .callbacks import TrainerCallback, default_callbacks
 from .config import TrainConfig
 from .engine import build_engine
@@ -124,10 +127,16 @@ class Trainer:
         """Process group, data, model, DeepSpeed engine; restores the newest checkpoint."""
         cfg = self.config
         self.rank, self.world_size = init_distributed()
+        # Checkpoints trained on another base must not continue on this one (see base_record).
+        self.base_fingerprint = base_fingerprint(cfg.base_model)
+        if cfg.resume == "auto" and (problem := base_mismatch(self.run_dir, self.base_fingerprint)):
+            raise BaseMismatch(f"{problem}: its checkpoints do not fit this base. Retrain it on this base with "
+                               "--resume never, or train with the base it was trained on")
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.resume == "never":
                 shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+            write_base_record(self.run_dir, cfg.base_model, self.base_fingerprint)
         if self.world_size > 1:
             torch.distributed.barrier()  # rank 0 has cleaned up before anyone reads checkpoints
 
@@ -141,6 +150,7 @@ class Trainer:
         self.loader_config.resolution = model_config.resolution
 
         self.model = DiffusionAvatarsModel(model_config, base_model=cfg.base_model)
+        self.model.base_fingerprint = self.base_fingerprint
         self.engine = build_engine(cfg, self.model, self.world_size)
         self.device = self.engine.device
         self.noise = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
@@ -227,6 +237,7 @@ class Trainer:
                 self.save_checkpoint()
         last_val = self.validate(state.step) or last_val
         result = {"person": cfg.person, "steps": state.step, "resumed_from": self.start_step,
+                  "base_fingerprint": self.base_fingerprint,
                   "train_seconds": state.elapsed_s, **last_val}
         if self.rank == 0:
             self.model.save_pretrained(self.run_dir / "model")

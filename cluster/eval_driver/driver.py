@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from avatars.evaluation.metric_names import DEFAULT_METRICS
-from cluster.eval_driver.uptodate import adopt, evaluation_key, find_reusable
+from cluster.eval_driver.uptodate import adopt, base_problem, evaluation_key, find_reusable
 from cluster.eval_driver.tasks import TASKS, Clip, TaskFrames, TaskSkipped, cross_reenactment, novel_view, open_store, \
     self_reenactment
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
@@ -356,6 +356,14 @@ def _load_night(path: Path) -> RunResults | None:
         return None
 
 
+def _base_problem(config: EvalDriverConfig, person: str, cache: dict[Path, str]) -> str | None:
+    try:
+        return base_problem(config, person, cache)
+    except (OSError, ValueError, KeyError) as e:  # an unreadable model fails when it is loaded, with the reason
+        log.warning("%s: base check unavailable (%s)", person, e)
+        return None
+
+
 def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     """Render + evaluate every person, write results.json (and the report); see module docstring.
 
@@ -369,6 +377,10 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     folder = run_dir(config.reports_root, run_date)
     persons = list_persons(config)
     failed = {p: r for p in persons if (r := model_problem(config.runs, p))}
+    bases: dict[Path, str] = {}  # base folder -> fingerprint, hashed once
+    for p in persons:
+        if p not in failed and (r := _base_problem(config, p, bases)):
+            failed[p] = r
     for p, r in failed.items():
         log.error("%s: %s", p, r)
     results: dict[str, dict[str, TaskResult]] = {p: _failed_tasks(config.tasks, r) for p, r in failed.items()}
@@ -378,7 +390,7 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     keys: dict[str, str] = {}
     for p in todo:
         try:
-            keys[p] = evaluation_key(config, p, drivers[p])
+            keys[p] = evaluation_key(config, p, drivers[p], bases)
         except (OSError, ValueError, KeyError) as e:  # rendering will fail with the reason
             log.warning("%s: evaluation key unavailable (%s); rendering", p, e)
     reused: list[str] = []

@@ -81,6 +81,26 @@ def _base_fingerprint(base: Path | None, cache: dict[Path, str]) -> str | None:
     return cache[base]
 
 
+def base_problem(config: EvalDriverConfig, person: str, cache: dict[Path, str] | None = None) -> str | None:
+    """Why the person's avatar must not be rendered on the base it would render on (its
+    recorded base or ``--renderer.base-model``): the base's content is not the one the avatar
+    was trained on. None when it is, or when the model recorded no fingerprint (saved outside
+    the trainer)."""
+    model_dir = Path(config.runs) / person / "model"
+    meta = json.loads((model_dir / "config.json").read_text())
+    trained_on = meta.get("base_fingerprint")
+    if trained_on is None:
+        return None
+    base = model_base(model_dir, config.renderer.base_model)
+    if base is None or not base.is_dir():
+        return f"the base it was trained on ({meta.get('base_model')}) is gone: retrain it"
+    now = _base_fingerprint(base, {} if cache is None else cache)
+    if now != trained_on:
+        return (f"trained on a base with fingerprint {trained_on[:12]}, but {base} now holds {now[:12]}: "
+                f"not rendered on a base it was not trained on; retrain it (launch_all does) or restore that base")
+    return None
+
+
 def evaluation_key(config: EvalDriverConfig, person: str, driver: str | None,
                    cache: dict[Path, str] | None = None) -> str:
     """sha256 of everything the person's evaluation depends on; raises OSError / ValueError when

@@ -226,3 +226,26 @@ def test_evaluation_key_follows_model_data_and_settings(tiny_data, tmp_path):
     manifest.write_text(manifest.read_text().replace("}", "} ", 1))  # the shards were rebuilt
     assert evaluation_key(dataclasses.replace(config, shards=copied), "000", "001") != retrained
 
+
+def test_an_avatar_is_not_rendered_on_a_base_it_was_not_trained_on(tiny_data, tmp_path):
+    """The model records its base's fingerprint; when the base folder now holds something else,
+    the person fails with the reason and nothing is rendered (no Ray is started)."""
+    import ray
+
+    from common.fingerprint import tree_fingerprint
+
+    _, stores, shards = tiny_data
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    (base / "unet" / "weights.bin").write_bytes(b"trained on this")
+    model = DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim))
+    model.base_model, model.base_fingerprint = str(base), tree_fingerprint(base)
+    model.save_pretrained(tmp_path / "runs" / "000" / "model")
+    (base / "unet" / "weights.bin").write_bytes(b"pretrained again, other data")
+    config = EvalDriverConfig(runs=tmp_path / "runs", shards=shards, stores=stores, reports_root=tmp_path / "r",
+                              persons=("000",), run_date="2025-03-01", build_report=False)
+    summary = run_evaluation(config)
+    assert "not rendered on a base it was not trained on" in summary.failed["000"]
+    assert summary.frames_rendered == 0 and not ray.is_initialized()
+    results = RunResults.load(summary.results_path)
+    assert all("base it was not trained on" in t.skipped["task"] for t in results.persons["000"].values())

@@ -87,3 +87,20 @@ def test_resume_never_starts_over_and_keep_last(train_shards, uninterrupted, tmp
     _run(_cmd(train_shards, tmp_path, "--resume", "never", "--steps", "3", "--checkpoint-every", "3"))
     assert json.loads((tmp_path / "000" / "result.json").read_text())["resumed_from"] == 0
     assert sorted(_losses(tmp_path)) == [1, 2, 3]
+
+
+def test_resuming_on_another_base_is_refused(train_shards, uninterrupted, tmp_path):
+    """Checkpoints trained on one base never continue on another (here: a random base, then a
+    pretrained one): a clear error before any step, and --resume never is the way out."""
+    import shutil
+
+    shutil.copytree(uninterrupted / "000", tmp_path / "000")
+    assert json.loads((tmp_path / "000" / "base.json").read_text()) == {"path": None, "fingerprint": None}
+    other = tmp_path / "other-base" / "unet"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text("{}")
+    proc = subprocess.run(_cmd(train_shards, tmp_path, "--base-model", str(other.parent)), env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "BaseMismatch" in proc.stderr and "was trained on the base None" in proc.stderr
+    assert "--resume never" in proc.stderr
