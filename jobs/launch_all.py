@@ -95,6 +95,9 @@ class LaunchAllArgs:
     model, base, data and evaluation settings): their numbers and videos are otherwise reused."""
     min_free_gb: float = 1.0
     """Refuse to start (exit code 2) when the work directory has less free space than this (GiB)."""
+    verbose: bool = False
+    """Let the training workers print here (library notices, per-worker progress bars) instead of
+    into <workdir>/logs/<person>.log, and show no overall progress line."""
 
 
 #: The main job per training preset: name -> (description, complete arguments).
@@ -169,6 +172,31 @@ def _check_bases(args: LaunchAllArgs, persons: list[str], base_model: Path | Non
     return refused
 
 
+def _trained(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -> dict[str, dict]:
+    """Persons whose avatar is already trained to this run's steps on this run's base (result.json
+    and the model are there): their training would resume at its last step and train nothing,
+    so it is not started at all (no Ray, no DeepSpeed); {person: its result.json}."""
+    import json
+
+    from avatars.training.base_record import base_fingerprint
+
+    if args.train.resume == "never":
+        return {}
+    steps = args.train.steps
+    fingerprint = base_fingerprint(base_model)
+    done = {}
+    for p in persons:
+        run = args.workdir / "runs" / p
+        try:
+            result = json.loads((run / "result.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (isinstance(result, dict) and result.get("steps") == steps and "base_fingerprint" in result
+                and result["base_fingerprint"] == fingerprint and (run / "model" / "config.json").is_file()):
+            done[p] = result
+    return done
+
+
 def _backend_config(args: LaunchAllArgs, status_dir: Path):
     if args.backend == "local":
         from cluster.local_backend import LocalConfig
@@ -197,10 +225,23 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None):
                                   lpips_weights=Path(args.train.lpips_weights).resolve())
     kwargs = {"options": options, "shards": (args.workdir / "shards").resolve(),
               "out": (args.workdir / "runs").resolve()}
-    jobs = [PersonJob(person=p, target=DEFAULT_TARGET, kwargs=kwargs,
+    logs = None if args.verbose else (args.workdir / "logs").resolve()
+    jobs = [PersonJob(person=p, target=DEFAULT_TARGET,
+                      kwargs={**kwargs, "log_file": str(logs / f"{p}.log")} if logs else kwargs,
                       resources=Resources(cpus=args.job_cpus, gpus=gpus, memory_gb=args.job_memory_gb),
                       max_retries=args.max_retries) for p in persons]
-    return run_all(jobs, _backend_config(args, args.workdir / "status"))
+    _stage(3, f"training {len(persons)} persons on {args.backend}"
+              + (f" (worker output: {logs}/<person>.log)" if logs else ""))
+    if args.verbose:
+        return run_all(jobs, _backend_config(args, args.workdir / "status"))
+    from jobs._console import TrainingProgress
+
+    with TrainingProgress(args.workdir / "status", persons):
+        return run_all(jobs, _backend_config(args, args.workdir / "status"))
+
+
+def _stage(number: int, text: str) -> None:
+    print(f"[{number}/4] {text}", flush=True)
 
 
 def _evaluate(args: LaunchAllArgs, persons: list[str]):
@@ -254,6 +295,7 @@ def main(args: LaunchAllArgs) -> int:
     data_failed: dict[str, str] = {}
     stage = "data"
     try:
+        _stage(1, "data: captures -> zarr -> shards")
         if _needs_tiny_base(args) and args.persons != "all":
             # The tiny base is made of every person's data, so that a subset run uses the full run's base.
             prepared, data_failed = _data(args, "all")
@@ -265,12 +307,20 @@ def main(args: LaunchAllArgs) -> int:
             persons = prepared
         if persons:
             stage = "base model"
+            _stage(2, "base model: " + (f"the tiny base, pretrained on {len(prepared)} persons"
+                                        if _needs_tiny_base(args) else str(args.train.base_model)))
             base_model = _base_model(args, prepared)
             stage = "training"
             refused = _check_bases(args, persons, base_model)
             results = [JobResult(person=p, ok=False, attempts=0, error=reason) for p, reason in refused.items()]
-            if len(refused) < len(persons):
-                results += _train(args, [p for p in persons if p not in refused], base_model)
+            trained = _trained(args, [p for p in persons if p not in refused], base_model)
+            if trained:
+                print(f"training: {len(trained)} persons already trained to their steps on this base, not run again "
+                      f"({', '.join(trained)}; --train.resume never retrains)")
+            results += [JobResult(person=p, ok=True, attempts=0, result=r) for p, r in trained.items()]
+            todo = [p for p in persons if p not in refused and p not in trained]
+            if todo:
+                results += _train(args, todo, base_model)
     except OSError as e:
         print(f"error: the {stage} stage stopped on an I/O error: {e}", file=sys.stderr)
         done = {r.person for r in results} | set(data_failed)
@@ -283,9 +333,11 @@ def main(args: LaunchAllArgs) -> int:
     print(f"summary: {written}" if written else "summary: could not be written anywhere (see warnings)")
     code = exit_code(results)
     trained = [r.person for r in results if r.ok]
+    evaluation = None
     if args.evaluate and trained:
+        _stage(4, f"evaluation of {len(trained)} persons on the Ray Serve renderer")
         try:
-            summary = _evaluate(args, trained)
+            summary = evaluation = _evaluate(args, trained)
         except OSError as e:
             print(f"error: the evaluation stopped on an I/O error: {e}", file=sys.stderr)
             code = code or 1
@@ -298,8 +350,12 @@ def main(args: LaunchAllArgs) -> int:
                 if summary.reused else ""
             print(f"evaluation: {len(summary.persons)} persons{reused}, {summary.frames_rendered} frames in "
                   f"{summary.seconds:.0f} s -> {summary.results_path}")
-            if summary.report_index:
-                print(f"report: {summary.report_index}")
+    from jobs._console import final_summary
+
+    try:
+        print(final_summary(results, evaluation, None if args.verbose else args.workdir / "logs"))
+    except (OSError, DataError) as e:  # the numbers are in results.json; the summary is a courtesy
+        print(f"warning: no final summary: {e}", file=sys.stderr)
     print(f"pipeline finished in {time.time() - t0:.1f} s (exit code {code})")
     return code
 

@@ -25,7 +25,7 @@ def train(config: TrainConfig) -> dict:
 
 
 def run(person: str, options: TrainOptions | dict[str, Any] | None = None, preset: str = "tiny",
-        **fields: Any) -> dict:
+        log_file: str | None = None, **fields: Any) -> dict:
     """Cluster entry point (``jobs.train_person:run``, the default target of every backend and
     sbatch template): train ``person`` with ``options`` and the per-person ``fields`` of
     :class:`TrainConfig` (shards, out, random_base).
@@ -33,7 +33,14 @@ def run(person: str, options: TrainOptions | dict[str, Any] | None = None, prese
     The orchestrator passes a :class:`TrainOptions`; a JSON caller (``cluster.run_person
     --kwargs-json``, the sbatch templates) passes a dict of overrides of preset ``preset``'s
     options (nested, e.g. ``{"steps": 100, "model": {"use_expression": false}}``) and paths as
-    strings: they are typed and checked like any config."""
+    strings: they are typed and checked like any config. With ``log_file``, everything the
+    training prints (library notices, the progress bar, a traceback) goes to the end of that
+    file instead of the worker's terminal (launch_all's ``<workdir>/logs/<person>.log``)."""
+    if log_file is not None:
+        from jobs._console import output_to
+
+        with output_to(log_file):
+            return run(person, options, preset, **fields)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if isinstance(options, TrainOptions):

@@ -465,9 +465,7 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
                     log.info("%s done in %.1f s", person, person_seconds[person])
     finally:
         if started:
-            import ray
-            from ray import serve
+            from cluster.serve.deployment import shutdown_serve_and_ray
 
-            serve.shutdown()
-            ray.shutdown()
+            shutdown_serve_and_ray()
     return run.frames_rendered

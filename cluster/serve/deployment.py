@@ -15,8 +15,10 @@ size, latency histogram) through `cluster.monitoring.RendererMetrics` on its own
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -91,6 +93,46 @@ class AvatarRenderer:
         exporter = getattr(self, "exporter", None)
         if exporter is not None:
             exporter.stop()
+
+
+def _is_shutdown_noise(line: str) -> bool:
+    """What Ray reports when ``serve.shutdown()`` kills the controller while calls to it are
+    pending: ``(raylet) Task ServeController.listen_for_change failed ... killed by `ray.kill`.``
+    (once per pending call). Expected at every shutdown, never a failure."""
+    return "ServeController." in line and "ray.kill" in line
+
+
+class _DropShutdownNoise(io.TextIOBase):
+    """A text stream that passes everything on to ``stream`` except :func:`_is_shutdown_noise`
+    lines (and the newline ``print`` writes after one)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._dropped = False
+
+    def write(self, text: str) -> int:
+        if _is_shutdown_noise(text) or (self._dropped and text == "\n"):
+            self._dropped = text != "\n"
+            return len(text)
+        self._dropped = False
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def shutdown_serve_and_ray() -> None:
+    """``serve.shutdown()`` then ``ray.shutdown()``, without the wall of controller-killed
+    reports Ray's error listener prints to stdout meanwhile (it stops with ``ray.shutdown``)."""
+    import ray
+
+    stdout = sys.stdout
+    sys.stdout = _DropShutdownNoise(stdout)
+    try:
+        serve.shutdown()
+        ray.shutdown()
+    finally:
+        sys.stdout = stdout
 
 
 def ensure_serve() -> None:

@@ -61,6 +61,15 @@ def test_launch_all_on_ray_head(prepared, ray_head):
         status = json.loads((work / "status" / f"{p}.json").read_text())
         assert status["state"] == "succeeded" and status["step"] == 3
     assert "003" in out and "FAILED" in out
+    # Readable output: stages, one progress display, worker output in per-person files, no Serve
+    # shutdown noise, a short summary with the report (tests/jobs/test_console.py has the parts).
+    assert "[3/4] training 3 persons on ray" in out and "[4/4] evaluation of 3 persons" in out
+    assert "training 3 persons: 3 done" in out
+    for p in ("000", "001", "002"):
+        assert f"train {p}" in (work / "logs" / f"{p}.log").read_text()  # its progress bar
+        assert f"train {p}:" not in out
+    assert "listen_for_change" not in out and "repeated" not in out and "Unhandled error" not in out
+    assert "summary:" in out and "mean self-reenactment: PSNR" in out and "report: " in out
     results = sorted((work / "reports" / "runs").glob("*/results.json"))
     assert results, out[-3000:]
     data = json.loads(results[-1].read_text())

@@ -71,7 +71,9 @@ def test_full_subset_full_keeps_one_base_and_every_result(tmp_path, monkeypatch,
     code, out = _run(work, "000", capsys)
     assert code == 0, out
     assert list((work / "base").glob("tiny-*")) == [base]
-    assert json.loads((work / "runs" / "000" / "result.json").read_text())["resumed_from"] == 3
+    assert "1 persons already trained to their steps on this base, not run again (000" in out
+    assert "[3/4]" not in out  # no training stage at all
+    assert json.loads((work / "runs" / "000" / "result.json").read_text())["resumed_from"] == 0  # run 1's
     assert "1 up to date, not rendered again" in out and "0 frames" in out
     night = _night(work)
     assert sorted(night.persons) == ["000", "001"] and night.persons == first.persons
