@@ -43,6 +43,8 @@ def _optional_file(path: Path | None) -> str | None:
 def settings_digest(config: EvalDriverConfig) -> dict:
     """The evaluation settings that change its numbers or videos."""
     renderer = {k: v for k, v in dataclasses.asdict(config.renderer).items() if k not in _SERVICE_FIELDS}
+    if isinstance(renderer.get("pipeline"), dict):
+        renderer["pipeline"].pop("compile_cache", None)  # where compiled code is kept, not what it renders
     return {
         "tasks": list(config.tasks), "metrics": list(config.metrics), "seed": config.seed, "renderer": renderer,
         "fps": config.fps, "video_min_seconds": config.video_min_seconds, "video_min_fps": config.video_min_fps,

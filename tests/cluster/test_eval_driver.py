@@ -212,6 +212,10 @@ def test_evaluation_key_follows_model_data_and_settings(tiny_data, tmp_path):
     assert evaluation_key(config, "000", "001") == key
     assert evaluation_key(dataclasses.replace(config, renderer=RendererConfig(num_inference_steps=2, num_cpus=2)),
                           "000", "001") == key  # where it renders is not what it renders
+    from avatars.configs import RenderOptions
+
+    cached = RendererConfig(num_inference_steps=2, pipeline=RenderOptions(compile_cache=tmp_path / "cc"))
+    assert evaluation_key(dataclasses.replace(config, renderer=cached), "000", "001") == key
     assert evaluation_key(dataclasses.replace(config, seed=1), "000", "001") != key
     assert evaluation_key(dataclasses.replace(config, renderer=RendererConfig(num_inference_steps=3)),
                           "000", "001") != key
