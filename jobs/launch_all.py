@@ -236,7 +236,8 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None):
         return run_all(jobs, _backend_config(args, args.workdir / "status"))
     from jobs._console import TrainingProgress
 
-    with TrainingProgress(args.workdir / "status", persons):
+    status_dir = args.slurm.status_dir if args.backend == "slurm" and args.slurm.status_dir else args.workdir / "status"
+    with TrainingProgress(status_dir, persons):
         return run_all(jobs, _backend_config(args, args.workdir / "status"))
 
 
