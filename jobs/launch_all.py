@@ -152,7 +152,7 @@ def _check_bases(args: LaunchAllArgs, persons: list[str], base_model: Path | Non
     once per person) and it retrains from scratch; its old base is kept. A base given with
     --train.base-model is the user's: the person is refused with the reason (returned) instead,
     so that no long training is thrown away by a mistyped path."""
-    from avatars.training.base_record import base_fingerprint, mismatch
+    from avatars.training.base_record import BaseMismatch, base_fingerprint, mismatch
 
     if args.train.resume == "never":
         return {}
@@ -160,7 +160,10 @@ def _check_bases(args: LaunchAllArgs, persons: list[str], base_model: Path | Non
     refused = {}
     for p in persons:
         run = args.workdir / "runs" / p
-        problem = mismatch(run, fingerprint)
+        try:
+            problem = mismatch(run, fingerprint)
+        except BaseMismatch as e:  # an unreadable base.json: the base it was trained on is unknown
+            problem = str(e)
         if problem is None:
             continue
         if not _needs_tiny_base(args):
