@@ -33,7 +33,10 @@ def _run(work: Path, persons: str, capsys) -> tuple[int, str]:
         "--workdir", str(work), "--persons", persons, "--synthetic.persons", "2", *TINY_DATA, *TINY_TRAIN,
         "--backend", "local", "--max-retries", "0", "--min-free-gb", "0"])
     code = launch_all.main(args)
-    return code, capsys.readouterr().out
+    out = capsys.readouterr().out
+    with (work.parent / "launch_all-output.txt").open("a") as f:  # kept for a look after the test
+        f.write(f"$ launch_all --persons {persons}\n{out}\n")
+    return code, out
 
 
 def _trained_on(work: Path, person: str) -> tuple[str, str]:
