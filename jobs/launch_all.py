@@ -294,6 +294,10 @@ def main(args: LaunchAllArgs) -> int:
     except BackendUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not args.verbose:  # Serve's per-application deploy / delete notices; warnings and errors still show
+        import logging
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     requested = requested_persons(args)
     results: list[JobResult] = []
     data_failed: dict[str, str] = {}
