@@ -56,9 +56,18 @@ def _assert_evaluated_on_own_base(work: Path) -> None:
         assert tree_fingerprint(base) == fingerprint, person
 
 
+@pytest.fixture
+def own_process_group_env(monkeypatch):
+    """Training in this process sets RANK / WORLD_SIZE / MASTER_PORT...; undone afterwards, so
+    that processes later tests start (a `ray start` head, its workers) pick their own port."""
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_full_subset_full_keeps_one_base_and_every_result(tmp_path, monkeypatch, capsys):
+def test_full_subset_full_keeps_one_base_and_every_result(tmp_path, monkeypatch, capsys, own_process_group_env):
     work = tmp_path / "work"
     _fast_base(monkeypatch, vae_steps=3)
     code, out = _run(work, "all", capsys)
