@@ -32,7 +32,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKLOADS), os.envi
 
 from workloads import write_input  # noqa: E402
 
-from cluster.jobs import PersonJob, Resources  # noqa: E402
+from cluster.person_job import PersonJob, Resources  # noqa: E402
 from cluster.local_backend import LocalConfig  # noqa: E402
 from cluster.orchestrate import run_all  # noqa: E402
 from cluster.ray_backend import RayConfig  # noqa: E402
@@ -42,7 +42,7 @@ from common.io import atomic_write_json  # noqa: E402
 LAUNCH_CHILD = r"""
 import sys, time, json
 sys.path.insert(0, {workloads!r})
-from cluster.jobs import PersonJob, Resources
+from cluster.person_job import PersonJob, Resources
 from cluster.ray_backend import RayBackend, RayConfig
 import ray
 t_import = time.time()

@@ -18,7 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from cluster.jobs import JobResult, PersonJob
+from cluster.person_job import JobResult, PersonJob
 from cluster.local_backend import LocalBackend, LocalConfig
 from common.io import atomic_write_json
 

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from cluster.jobs import DEFAULT_TARGET, PersonJob, run_attempt
+from cluster.person_job import DEFAULT_TARGET, PersonJob, run_attempt
 from common.io import atomic_write_json
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import status as _status
-from cluster.jobs import JobResult, PersonJob, Resources, check_jobs, run_attempt
+from cluster.person_job import JobResult, PersonJob, Resources, check_jobs, run_attempt
 
 log = logging.getLogger(__name__)
 

@@ -218,7 +218,7 @@ def _backend_config(args: LaunchAllArgs, status_dir: Path):
 def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None):
     import torch
 
-    from cluster.jobs import DEFAULT_TARGET, PersonJob, Resources
+    from cluster.person_job import DEFAULT_TARGET, PersonJob, Resources
     from cluster.orchestrate import run_all
 
     gpus = args.job_gpus if args.job_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
@@ -281,7 +281,7 @@ def main(args: LaunchAllArgs) -> int:
     the summary is printed and written (to a fallback path when the work directory cannot
     take it), and a re-run after freeing space continues where this one stopped.
     """
-    from cluster.jobs import JobResult
+    from cluster.person_job import JobResult
     from cluster.orchestrate import check_workdir, exit_code, format_summary, write_summary_json
 
     from cluster.preflight import BackendUnavailable, check_backend

@@ -19,8 +19,8 @@ from cluster.monitoring import RendererMetrics, TrainingMetrics, start_exporter
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-DASHBOARD = ROOT / "monitoring" / "grafana-dashboard.json"
-SCRAPE_CONFIG = ROOT / "monitoring" / "prometheus.yml"
+DASHBOARD = ROOT / "cluster" / "monitoring" / "grafana-dashboard.json"
+SCRAPE_CONFIG = ROOT / "cluster" / "monitoring" / "prometheus.yml"
 
 
 def _free_port() -> int:
