@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from cluster.jobs import JobResult
+from cluster.person_job import JobResult
 from cluster.report import RunResults, TaskResult
 from cluster.status import PersonStatus, write_state
 from jobs._console import TrainingProgress, final_summary, output_to, progress_line
