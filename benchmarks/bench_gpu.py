@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import RESULTS, report  # noqa: E402
+
 from common.io import atomic_write_json  # noqa: E402
 
 Section = Literal["train", "compile", "render", "peer"]
@@ -224,7 +225,7 @@ def render_rows(model_dir: str, s: Setup, expression_dim: int) -> list[dict]:
         rows.append({"batch": size, "frames_per_s": size / seconds, "call_s": seconds,
                      "host_syncs_per_call": syncs.to_json(), "peak_GiB": peak_gib(s.device),
                      "load_and_warm_up_s": load_s, "compiled": renderer.pipeline.compiled})
-    del renderer
+    renderer = None  # frees it (not `del`: the closure above refers to it)
     free_memory()
     return rows
 
@@ -258,8 +259,13 @@ def peer_scheduler_config() -> dict:
 
 def peer_rows(s: Setup) -> tuple[list[dict], list[dict]]:
     """StableDiffusionControlNetPipeline (bf16 weights on CUDA) and a train_controlnet-style step."""
-    from diffusers import (AutoencoderKL, ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        DDPMScheduler,
+        StableDiffusionControlNetPipeline,
+        UNet2DConditionModel,
+    )
     from torch.utils.flop_counter import FlopCounterMode
 
     from avatars.host_sync import count_host_syncs
@@ -289,7 +295,7 @@ def peer_rows(s: Setup) -> tuple[list[dict], list[dict]]:
         seconds = median_seconds(call, dev, 3)
         render.append({"batch": b, "frames_per_s": b / seconds, "call_s": seconds, "host_syncs_per_call": syncs.to_json(),
                        "peak_GiB": peak_gib(dev)})
-    del pipe
+    pipe = None  # frees it (not `del`: the closure above refers to it)
     free_memory()
 
     controlnet = controlnet.to(dev, torch.float32).train()
@@ -327,7 +333,7 @@ def peer_rows(s: Setup) -> tuple[list[dict], list[dict]]:
     seconds = median_seconds(step, dev, 15 if s.cuda else 2)
     train = [{"batch": b, "samples_per_s": b / seconds, "step_s": seconds, "peak_GiB": peak_gib(dev),
               "train_GFLOP_per_sample": counter.get_total_flops() / b / 1e9}]
-    del unet, vae, controlnet, optimizer
+    unet = vae = controlnet = optimizer = None  # frees them (not `del`: `step` refers to them)
     free_memory()
     return render, train
 

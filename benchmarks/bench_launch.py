@@ -32,9 +32,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKLOADS), os.envi
 
 from workloads import write_input  # noqa: E402
 
-from cluster.person_job import PersonJob, Resources  # noqa: E402
 from cluster.local_backend import LocalConfig  # noqa: E402
 from cluster.orchestrate import run_all  # noqa: E402
+from cluster.person_job import PersonJob, Resources  # noqa: E402
 from cluster.ray_backend import RayConfig  # noqa: E402
 from cluster.status import read_status  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402

@@ -41,8 +41,8 @@ def measure(path: str, preset: str) -> dict:
     from avatars.host_sync import count_host_reads
     from avatars.models import DiffusionAvatarsModel
     from avatars.testing import synthetic_batch
-    from avatars.training import train_preset
     from avatars.training import performance as perf
+    from avatars.training import train_preset
     from avatars.training.engine import LossModule, build_engine
     from avatars.training.optim import clip_gradients
     from avatars.training.trainer import init_distributed

@@ -30,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import report  # noqa: E402
+
 from shards.contract import Camera  # noqa: E402
 from shards.raster import RasterBuffers, rasterize, vertex_normals  # noqa: E402
 from shards.synthetic.head import sphere_mesh  # noqa: E402
+
 
 def uv_sphere(n_lat: int, n_lon: int) -> tuple[np.ndarray, np.ndarray]:
     """Closed unit UV sphere with outward winding, with bumps so that it self-occludes."""

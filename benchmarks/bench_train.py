@@ -41,7 +41,7 @@ def tiny_run(shards: Path, person: str, steps: int) -> dict:
                           validate_every=0, checkpoint_every=steps, val_samples=1, val_inference_steps=1,
                           lpips_weights=Path(out) / "none")
         train_person(cfg)
-        lines = [json.loads(l) for l in (Path(out) / person / "metrics.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in (Path(out) / person / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in lines if "samples_per_s" in r][1:]
     sps = sum(r["samples_per_s"] for r in windows) / len(windows)
     return {"samples/s": sps, "step ms": 1000 * cfg.batch_size / sps}

@@ -18,8 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from cluster.person_job import JobResult, PersonJob
 from cluster.local_backend import LocalBackend, LocalConfig
+from cluster.person_job import JobResult, PersonJob
 from common.io import atomic_write_json
 
 #: Exit code when at least one person failed (0 when all succeeded).

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import tyro
 
-from jobs._parallel import default_workers, map_persons_tolerant
 from common.io import DataError
+from jobs._parallel import default_workers, map_persons_tolerant
 from shards.contract import find_persons
 from shards.ingest import IngestConfig, IngestResult, ingest_person
 

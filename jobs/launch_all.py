@@ -38,20 +38,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from avatars.training import PRESETS as TRAIN_PRESETS
+from avatars.training import TrainOptions
+from cluster.slurm_backend import SlurmConfig
+from common.io import DataError
 from jobs import ingest as ingest_job
 from jobs import make_synthetic
 from jobs import preprocess as preprocess_job
 from jobs._parallel import default_workers
-from common.io import DataError
+from jobs._presets import preset_cli
 from shards.contract import find_persons
 from shards.ingest import IngestConfig
 from shards.synthetic import SyntheticConfig
 from shards.writer import ShardConfig
-
-from avatars.training import PRESETS as TRAIN_PRESETS
-from avatars.training import TrainOptions
-from cluster.slurm_backend import SlurmConfig
-from jobs._presets import preset_cli
 
 
 @dataclass
@@ -136,7 +135,11 @@ def _base_model(args: LaunchAllArgs, base_persons: list[str]) -> Path | None:
     never replaced, so avatars trained on it keep it, and a subset run reuses the full run's."""
     if not _needs_tiny_base(args):
         return args.train.base_model
-    from avatars.training.base_pretraining import BasePretrainConfig, base_key, pretrain_base
+    from avatars.training.base_pretraining import (
+        BasePretrainConfig,
+        base_key,
+        pretrain_base,
+    )
 
     config = BasePretrainConfig(shard_root=args.workdir / "shards", persons=",".join(base_persons),
                                 num_workers=min(2, args.workers))
@@ -218,8 +221,8 @@ def _backend_config(args: LaunchAllArgs, status_dir: Path):
 def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None):
     import torch
 
-    from cluster.person_job import DEFAULT_TARGET, PersonJob, Resources
     from cluster.orchestrate import run_all
+    from cluster.person_job import DEFAULT_TARGET, PersonJob, Resources
 
     gpus = args.job_gpus if args.job_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
     # Typed configs cross the job boundary (pickled by Ray / submitit); absolute paths, since
@@ -249,8 +252,8 @@ def _stage(number: int, text: str) -> None:
 
 
 def _evaluate(args: LaunchAllArgs, persons: list[str]):
-    from cluster.eval_driver.driver import EvalDriverConfig, run_evaluation
     from avatars.configs import RenderOptions
+    from cluster.eval_driver.driver import EvalDriverConfig, run_evaluation
     from cluster.serve.renderer import RendererConfig
 
     config = EvalDriverConfig(runs=args.workdir / "runs", shards=args.workdir / "shards",
@@ -281,9 +284,13 @@ def main(args: LaunchAllArgs) -> int:
     the summary is printed and written (to a fallback path when the work directory cannot
     take it), and a re-run after freeing space continues where this one stopped.
     """
+    from cluster.orchestrate import (
+        check_workdir,
+        exit_code,
+        format_summary,
+        write_summary_json,
+    )
     from cluster.person_job import JobResult
-    from cluster.orchestrate import check_workdir, exit_code, format_summary, write_summary_json
-
     from cluster.preflight import BackendUnavailable, check_backend
 
     t0 = time.time()

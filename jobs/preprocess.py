@@ -8,8 +8,8 @@ from pathlib import Path
 
 import tyro
 
-from jobs._parallel import default_workers
 from common.io import DataError
+from jobs._parallel import default_workers
 from shards.writer import ShardConfig, ShardRunResult, write_shards
 
 

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file
+from torch import nn
 
 from avatars.base_model import (
     EMPTY_PROMPT_FILE,
@@ -45,8 +44,12 @@ from avatars.base_model import (
 )
 from avatars.configs import DiffusionAvatarsConfig, UNetConfig, VAEConfig
 from avatars.models.conditioning import ConditioningBuilder, ConditioningEmbedding
+from avatars.models.expression_attention import (
+    TOKENS_KWARG,
+    ExpressionAttentionLayers,
+    ExpressionTokens,
+)
 from avatars.models.feature_planes import FeaturePlanes
-from avatars.models.expression_attention import TOKENS_KWARG, ExpressionAttentionLayers, ExpressionTokens
 from avatars.schedulers import training_scheduler
 from common.io import atomic_directory
 

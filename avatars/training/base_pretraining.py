@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from avatars.base_model import EMPTY_PROMPT_FILE, EMPTY_PROMPT_KEY, save_tensor_atomic
 from avatars.configs import DiffusionAvatarsConfig, tiny_config
-from avatars.evaluation.metrics import psnr_from_mse
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
+from avatars.evaluation.metrics import psnr_from_mse
 from avatars.models.diffusion_avatars import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.schedulers import training_scheduler
 from common.fingerprint import json_digest

@@ -23,7 +23,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-
 #: Whose gradient norm is clipped (see the module docstring).
 CLIP_SCOPES = ("controlnet", "all")
 

@@ -43,8 +43,9 @@ from shards.writer import shard_paths
 
 from . import checkpoint as ckpt
 from . import performance as perf
-from .base_record import BaseMismatch, base_fingerprint, write_record as write_base_record
+from .base_record import BaseMismatch, base_fingerprint
 from .base_record import mismatch as base_mismatch
+from .base_record import write_record as write_base_record
 from .callbacks import TrainerCallback, default_callbacks
 from .config import TrainConfig
 from .engine import build_engine
@@ -223,7 +224,7 @@ class Trainer:
                 self.log({"step": state.step, "first_step_s": first.read(), "compiled": cfg.compile})
                 first = None
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-                losses = [float(l) for l in window_losses]
+                losses = [float(v) for v in window_losses]
                 dt = max(time.time() - window_t, 1e-9)
                 lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.engine.optimizer.param_groups)}
                 self.log({"step": state.step, "loss": sum(losses) / len(losses),

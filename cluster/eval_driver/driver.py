@@ -28,9 +28,22 @@ from pathlib import Path
 import numpy as np
 
 from avatars.evaluation.metric_names import DEFAULT_METRICS
-from cluster.eval_driver.uptodate import adopt, base_problem, evaluation_key, find_reusable
-from cluster.eval_driver.tasks import TASKS, Clip, TaskFrames, TaskSkipped, cross_reenactment, novel_view, open_store, \
-    self_reenactment
+from cluster.eval_driver.tasks import (
+    TASKS,
+    Clip,
+    TaskFrames,
+    TaskSkipped,
+    cross_reenactment,
+    novel_view,
+    open_store,
+    self_reenactment,
+)
+from cluster.eval_driver.uptodate import (
+    adopt,
+    base_problem,
+    evaluation_key,
+    find_reusable,
+)
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
 from cluster.serve.renderer import RendererConfig, RenderRequest
 from common.io import DataError, atomic_write_bytes

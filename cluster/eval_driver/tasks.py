@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from avatars.data import LoaderConfig, ShardDataset
-from shards.codec import normalise_canonical
 from common.io import DataError
+from shards.codec import normalise_canonical
 from shards.raster import rasterize
 from shards.store import PersonStore
 from shards.writer import MANIFEST, shard_paths

@@ -15,8 +15,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.report.metric_labels import metric_label
 from cluster.report.aggregate import RunSummary, summarize
+from cluster.report.metric_labels import metric_label
 from cluster.report.plots import trend_plot
 from cluster.report.schema import RunResults, list_runs, parse_run_date, run_dir
 from cluster.report.template import PAGE

@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import io
 
-from cluster.report.metric_labels import higher_is_better, metric_label
 from cluster.report.aggregate import RunSummary
+from cluster.report.metric_labels import higher_is_better, metric_label
 
 
 def _png_base64(fig) -> str:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest, RenderResult
+from cluster.serve.renderer import (
+    FrameRenderer,
+    RendererConfig,
+    RenderRequest,
+    RenderResult,
+)
 from cluster.serve.validation import InvalidRequest, validate_request
 
 _LAZY = {"AvatarRenderer", "deploy_renderer", "delete_renderer", "app_name", "ensure_serve"}
-__all__ = sorted({"FrameRenderer", "InvalidRequest", "RendererConfig", "RenderRequest", "RenderResult",
-                  "validate_request", *_LAZY})
+__all__ = ["AvatarRenderer", "FrameRenderer", "InvalidRequest", "RenderRequest", "RenderResult", "RendererConfig",
+           "app_name", "delete_renderer", "deploy_renderer", "ensure_serve", "validate_request"]
 
 
 def __getattr__(name: str) -> Any:

@@ -20,8 +20,15 @@ import torch
 
 from ..contract import Camera
 from .buffers import RasterBuffers
-from .common import (NEAR, camera_tensors, flat_nonzero, normals_to_camera, unit_planar, vertex_normals_planar,
-                     visible_faces)
+from .common import (
+    NEAR,
+    camera_tensors,
+    flat_nonzero,
+    normals_to_camera,
+    unit_planar,
+    vertex_normals_planar,
+    visible_faces,
+)
 from .cpu_coverage import EMPTY, MAX_CANDIDATES, TILE, depth_test, setup_triangles
 
 #: Covered pixels shaded at once: keeps float64 temporaries small enough to be reused

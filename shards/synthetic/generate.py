@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..contract import Calibration, Camera, MeshFrame, PersonCapture, TrackingMeta, atomic_write_bytes, atomic_write_json
+from ..contract import (
+    Calibration,
+    Camera,
+    MeshFrame,
+    PersonCapture,
+    TrackingMeta,
+    atomic_write_bytes,
+    atomic_write_json,
+)
 from ..raster import rasterize
 from . import head as H
 from .texture import albedo, background, shade

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from avatars.configs import tiny_config
-from avatars.models import DiffusionAvatarsModel
 from avatars.host_sync import count_host_reads
+from avatars.models import DiffusionAvatarsModel
 from avatars.pipelines import AvatarPipeline
 from avatars.schedulers import sampling_scheduler
 from avatars.testing import activate_zero_layers, synthetic_batch

@@ -3,7 +3,12 @@ import dataclasses
 import pytest
 import torch
 
-from avatars.configs import DiffusionAvatarsConfig, FeatureConfig, paper_config, tiny_config
+from avatars.configs import (
+    DiffusionAvatarsConfig,
+    FeatureConfig,
+    paper_config,
+    tiny_config,
+)
 from avatars.models import DiffusionAvatarsModel
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from workloads import expected_digest, read_runs, write_input
 
-from cluster.person_job import PersonJob, Resources
 from cluster.orchestrate import exit_code, format_summary, run_all
+from cluster.person_job import PersonJob, Resources
 from cluster.ray_backend import RayBackend, RayConfig
 from cluster.status import read_status
 

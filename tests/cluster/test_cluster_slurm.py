@@ -7,14 +7,13 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-
 from pathlib import Path
 
 import pytest
 from workloads import expected_digest, read_runs, write_input
 
-from cluster.person_job import PersonJob, Resources
 from cluster.orchestrate import exit_code, format_summary
+from cluster.person_job import PersonJob, Resources
 from cluster.slurm_backend import SlurmBackend, SlurmConfig
 from cluster.status import read_status
 

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import json
 
-from cluster.status import (PersonStatus, StatusReporter, active_reporter, format_duration, format_status_table,
-                            read_status, report_progress, write_state)
+from cluster.status import (
+    PersonStatus,
+    StatusReporter,
+    active_reporter,
+    format_duration,
+    format_status_table,
+    read_status,
+    report_progress,
+    write_state,
+)
 
 
 def test_progress_rate_eta_and_throttle(tmp_path, monkeypatch):

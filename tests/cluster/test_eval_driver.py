@@ -15,8 +15,14 @@ from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
 from cluster.eval_driver import EvalDriverConfig, merge_evaluations, run_evaluation
 from cluster.eval_driver.driver import cross_drivers, video_fps
-from cluster.eval_driver.tasks import TaskSkipped, cross_reenactment, novel_view, open_store, parse_key, \
-    self_reenactment
+from cluster.eval_driver.tasks import (
+    TaskSkipped,
+    cross_reenactment,
+    novel_view,
+    open_store,
+    parse_key,
+    self_reenactment,
+)
 from cluster.report import RunResults
 from cluster.serve.renderer import RendererConfig
 from shards.testing import TINY, build_tiny

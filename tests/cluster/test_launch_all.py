@@ -22,10 +22,12 @@ TINY_TRAIN = ["--train.steps", "3", "--train.batch-size", "4", "--train.checkpoi
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Data for 4 persons (person 003's capture then corrupted) and a quickly pretrained tiny base."""
+    import tyro
+
     from avatars.training.base_pretraining import BasePretrainConfig, pretrain_base
     from jobs.launch_all import LaunchAllArgs, _data
-    from jobs.make_synthetic import MakeSyntheticArgs, main as make_synthetic
-    import tyro
+    from jobs.make_synthetic import MakeSyntheticArgs
+    from jobs.make_synthetic import main as make_synthetic
 
     work = tmp_path_factory.mktemp("launch")
     args = tyro.cli(LaunchAllArgs, args=["--workdir", str(work), *TINY_DATA])

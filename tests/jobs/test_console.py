@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from types import SimpleNamespace
 from cluster.person_job import JobResult
 from cluster.report import RunResults, TaskResult
 from cluster.status import PersonStatus, write_state
-from jobs._console import TrainingProgress, final_summary, output_to, progress_line
+from jobs._console import TrainingProgress, final_summary, progress_line
 
 
 def test_output_to_catches_python_c_and_child_output_and_restores(tmp_path):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.convert_nersemble import ConvertArgs, main
 from common.io import DataError
+from jobs.convert_nersemble import ConvertArgs, main
 from shards.contract import Calibration, MeshFrame, PersonCapture
 from shards.nersemble import ConvertConfig, convert_person
 

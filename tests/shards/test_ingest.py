@@ -9,11 +9,9 @@ import pytest
 from PIL import Image
 
 from common.io import DataError
-
 from shards.contract import Calibration, MeshFrame, PersonCapture
 from shards.ingest import IngestConfig, ingest_person
 from shards.store import PersonStore
-
 
 CFG = IngestConfig(held_out_sequences=1, io_threads=2)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from shards.codec import MEMBERS, decode_sample, normalise_canonical
 from common.io import DataError
+from shards.codec import MEMBERS, decode_sample, normalise_canonical
 from shards.raster import rasterize
 from shards.store import PersonStore
 from shards.testing import TINY_SHARDS

@@ -13,7 +13,6 @@ from shards.synthetic import head as H
 from shards.synthetic.generate import PersonModel
 
 
-
 def tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}

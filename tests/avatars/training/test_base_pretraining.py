@@ -9,6 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from avatars.base_model import EMPTY_PROMPT_FILE, EMPTY_PROMPT_KEY, load_unet_and_vae
+from avatars.configs import tiny_config
+from avatars.data import LoaderConfig, ShardDataset
+from avatars.models import DiffusionAvatarsModel
+from avatars.models.diffusion_avatars import build_vae
 from avatars.training.base_pretraining import (
     INFO_FILE,
     BasePretrainConfig,
@@ -19,10 +23,6 @@ from avatars.training.base_pretraining import (
     train_vae,
     vae_loss,
 )
-from avatars.configs import tiny_config
-from avatars.data import LoaderConfig, ShardDataset
-from avatars.models import DiffusionAvatarsModel
-from avatars.models.diffusion_avatars import build_vae
 from jobs import pretrain_base as cli
 from shards.testing import build_tiny
 from shards.writer import shard_paths

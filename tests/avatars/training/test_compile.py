@@ -11,10 +11,10 @@ import textwrap
 
 import pytest
 import torch
-from avatars.models.diffusion_avatars import load_trainable_weights
 
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
+from avatars.models.diffusion_avatars import load_trainable_weights
 from avatars.training.performance import compile_blocks
 from shards.testing import build_tiny
 
@@ -62,7 +62,7 @@ def _compare(train_shards, tmp_path, rtol: float, weights_rtol: float) -> None:
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(train_shards), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = {name: [json.loads(l) for l in (tmp_path / name / "000" / "metrics.jsonl").read_text().splitlines()]
+    records = {name: [json.loads(line) for line in (tmp_path / name / "000" / "metrics.jsonl").read_text().splitlines()]
                for name in ("eager", "compiled")}
     losses = {name: [r["loss"] for r in recs if "loss" in r] for name, recs in records.items()}
     assert len(losses["eager"]) == 3

@@ -26,9 +26,9 @@ import textwrap
 from pathlib import Path
 
 import torch
-from avatars.models.diffusion_avatars import load_trainable_weights
 
 from avatars.models import DiffusionAvatarsModel
+from avatars.models.diffusion_avatars import load_trainable_weights
 
 STEPS = 40
 RUNS = {"fp32": {"precision": "fp32"},

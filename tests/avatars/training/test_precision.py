@@ -204,7 +204,7 @@ def _check_micro_steps(tmp_path, zero_stages: list[int]) -> None:
         out = results[str(stage)]
         assert out["changed"] == ["conditioning", "controlnet", "expression_layers", "expression_tokens"]
         assert out["dtypes"] == ["torch.bfloat16"]
-        assert all(l == l and l > 0 for l in out["losses"])
+        assert all(v == v and v > 0 for v in out["losses"])
         if stage == 0:
             assert out["reads"] == [] and out["clipped"] > 0 and out["cl"]
         else:

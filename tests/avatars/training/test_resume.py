@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from avatars.models.diffusion_avatars import load_trainable_weights
 
 REPO = Path(__file__).resolve().parents[3]
@@ -33,7 +34,7 @@ def _env() -> dict:
 
 
 def _losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(l) for l in (run / "000" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "000" / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
@@ -56,7 +57,7 @@ def test_sigkill_between_checkpoints_then_resume_matches(train_shards, uninterru
     jsonl = tmp_path / "000" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:
-        if jsonl.is_file() and any(json.loads(l)["step"] >= kill_at for l in jsonl.read_text().splitlines() if l):
+        if jsonl.is_file() and any(json.loads(line)["step"] >= kill_at for line in jsonl.read_text().splitlines() if line):
             break
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.02)

@@ -74,7 +74,7 @@ def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_
     assert 'da_train_step{person="000"} 4.0' in metrics
     assert 'da_train_learning_rate{group="features",person="000"} 0.01' in metrics
     assert 'da_train_learning_rate{group="networks",person="000"} 0.001' in metrics
-    lines = [json.loads(l) for l in (tmp_path / "000" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "000" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if "loss" in r]
     assert steps == [1, 2, 3, 4] and all(r["samples_per_s"] > 0 for r in lines if "loss" in r)
     assert [r["step"] for r in lines if "val_psnr" in r] == [2, 4]
@@ -102,7 +102,7 @@ def test_two_processes_data_parallel(train_shards, tmp_path):
     assert result["steps"] == 4 and result["resumed_from"] == 2
     ckpt = run / "checkpoints" / "step_0000004"
     assert (ckpt / "rank000_trainer_state.pt").is_file() and (ckpt / "rank001_trainer_state.pt").is_file()
-    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "loss" in l]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     assert all(r["samples_per_s"] > 0 for r in lines)
 
