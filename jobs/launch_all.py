@@ -30,7 +30,9 @@ directory, a backend that is not there: checked before any work, see cluster/pre
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -41,7 +43,8 @@ from typing import Literal
 from avatars.training import PRESETS as TRAIN_PRESETS
 from avatars.training import TrainOptions
 from cluster.slurm_backend import SlurmConfig
-from common.io import DataError
+from common.cpu_clock import ProcessTreeClock, format_stage_table
+from common.io import DataError, atomic_write_json
 from jobs import ingest as ingest_job
 from jobs import make_synthetic
 from jobs import preprocess as preprocess_job
@@ -107,23 +110,28 @@ def _needs_tiny_base(args: LaunchAllArgs) -> bool:
     return args.train.base_model is None and not args.train.model.requires_pretrained_base
 
 
-def _data(args: LaunchAllArgs, persons: str | None = None) -> tuple[list[str], dict[str, str]]:
+def _data(args: LaunchAllArgs, persons: str | None = None,
+          clock: ProcessTreeClock | None = None) -> tuple[list[str], dict[str, str]]:
     """Prepare the shards of `persons` (default: --persons); returns (ready persons, {failed person: reason})."""
+    stage = clock.stage if clock is not None else (lambda name: contextlib.nullcontext())
     persons = args.persons if persons is None else persons
     captures = args.captures
     if captures is None:
         captures = args.workdir / "captures"
-        make_synthetic.main(make_synthetic.MakeSyntheticArgs(out=captures, synthetic=args.synthetic,
-                                                             workers=args.workers))
-    ingested, errors = ingest_job.main(ingest_job.IngestArgs(captures=captures, out=args.workdir / "zarr",
-                                                             persons=persons, ingest=args.ingest,
-                                                             workers=args.workers))
+        with stage("synthetic data"):
+            make_synthetic.main(make_synthetic.MakeSyntheticArgs(out=captures, synthetic=args.synthetic,
+                                                                 workers=args.workers))
+    with stage("ingest"):
+        ingested, errors = ingest_job.main(ingest_job.IngestArgs(captures=captures, out=args.workdir / "zarr",
+                                                                 persons=persons, ingest=args.ingest,
+                                                                 workers=args.workers))
     failed = {p: f"ingest: {e}" for p, e in errors.items()}
     if not ingested:
         return [], failed
-    shards = preprocess_job.main(preprocess_job.PreprocessArgs(
-        stores=args.workdir / "zarr", out=args.workdir / "shards", persons=",".join(ingested),
-        shards=args.shards, workers=args.workers))
+    with stage("shards"):
+        shards = preprocess_job.main(preprocess_job.PreprocessArgs(
+            stores=args.workdir / "zarr", out=args.workdir / "shards", persons=",".join(ingested),
+            shards=args.shards, workers=args.workers))
     failed.update({p: f"preprocess: {e}" for p, e in shards.failed.items()})
     return [p for p in ingested if p not in failed], failed
 
@@ -305,6 +313,7 @@ def main(args: LaunchAllArgs) -> int:
         import logging
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    clock = ProcessTreeClock()
     requested = requested_persons(args)
     results: list[JobResult] = []
     data_failed: dict[str, str] = {}
@@ -313,18 +322,19 @@ def main(args: LaunchAllArgs) -> int:
         _stage(1, "data: captures -> zarr -> shards")
         if _needs_tiny_base(args) and args.persons != "all":
             # The tiny base is made of every person's data, so that a subset run uses the full run's base.
-            prepared, data_failed = _data(args, "all")
+            prepared, data_failed = _data(args, "all", clock)
             persons = [p for p in prepared if p in requested]
             for p in sorted(set(data_failed) - set(requested)):
                 print(f"note: {p} is not in the tiny base (its data could not be prepared: {data_failed.pop(p)})")
         else:
-            prepared, data_failed = _data(args)
+            prepared, data_failed = _data(args, clock=clock)
             persons = prepared
         if persons:
             stage = "base model"
             _stage(2, "base model: " + (f"the tiny base, pretrained on {len(prepared)} persons"
                                         if _needs_tiny_base(args) else str(args.train.base_model)))
-            base_model = _base_model(args, prepared)
+            with clock.stage("base model"):
+                base_model = _base_model(args, prepared)
             stage = "training"
             refused = _check_bases(args, persons, base_model)
             results = [JobResult(person=p, ok=False, attempts=0, error=reason) for p, reason in refused.items()]
@@ -335,7 +345,8 @@ def main(args: LaunchAllArgs) -> int:
             results += [JobResult(person=p, ok=True, attempts=0, result=r) for p, r in trained.items()]
             todo = [p for p in persons if p not in refused and p not in trained]
             if todo:
-                results += _train(args, todo, base_model)
+                with clock.stage("training"):
+                    results += _train(args, todo, base_model)
     except OSError as e:
         print(f"error: the {stage} stage stopped on an I/O error: {e}", file=sys.stderr)
         done = {r.person for r in results} | set(data_failed)
@@ -352,7 +363,8 @@ def main(args: LaunchAllArgs) -> int:
     if args.evaluate and trained:
         _stage(4, f"evaluation of {len(trained)} persons on the Ray Serve renderer")
         try:
-            summary = evaluation = _evaluate(args, trained)
+            with clock.stage("evaluation"):
+                summary = evaluation = _evaluate(args, trained)
         except OSError as e:
             print(f"error: the evaluation stopped on an I/O error: {e}", file=sys.stderr)
             code = code or 1
@@ -371,8 +383,23 @@ def main(args: LaunchAllArgs) -> int:
         print(final_summary(results, evaluation, None if args.verbose else args.workdir / "logs"))
     except (OSError, DataError) as e:  # the numbers are in results.json; the summary is a courtesy
         print(f"warning: no final summary: {e}", file=sys.stderr)
+    clock.close()
+    _report_stages(args, clock.rows())
     print(f"pipeline finished in {time.time() - t0:.1f} s (exit code {code})")
     return code
+
+
+def _report_stages(args: LaunchAllArgs, rows: list[dict]) -> None:
+    """Prints where the time went (wall and CPU seconds of this process and all it started, per
+    stage) and writes it to <workdir>/runs/stages.json (benchmarks/bench_first_run.py reads it)."""
+    if not rows:
+        return
+    print(format_stage_table(rows))
+    try:
+        atomic_write_json(args.workdir / "runs" / "stages.json",
+                          {"stages": rows, "cpus": os.cpu_count(), "loadavg_1m_at_end": os.getloadavg()[0]})
+    except OSError as e:  # a full disk must not turn a finished run into a traceback
+        print(f"warning: could not write the stage times: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def test_launch_all_on_ray_head(prepared, ray_head):
     assert sorted(data["persons"]) == ["000", "001", "002"]
     assert set(data["persons"]["000"]) >= {"self_reenactment", "novel_view", "cross_reenactment"}
     assert list((work / "reports" / "site").glob("*/index.html"))
+    stages = json.loads((work / "runs" / "stages.json").read_text())["stages"]
+    assert [r["stage"] for r in stages] == ["ingest", "shards", "training", "evaluation", "total"]
+    training = stages[2]
+    assert training["cpu_s"] > 0 and training["wall_s"] > 0  # the Ray workers' CPU time is counted
 
 
 @pytest.mark.slurm
