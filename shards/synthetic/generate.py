@@ -43,6 +43,8 @@ _DOME = ((-75, 0), (-50, 0), (-25, 0), (0, 0), (25, 0), (50, 0), (75, 0),
          (-45, -15), (-15, -15), (15, -15), (45, -15))
 SEQUENCE_NAMES = ("EXP-1-head", "EXP-2-eyes", "EXP-3-cheeks+nose", "EXP-4-lips", "EMO-1-shout+laugh",
                   "EMO-2-surprise+fear", "EMO-3-angry+sad", "EMO-4-disgust+happy")
+#: Expression dims that change the image but not the mesh (only the expression code explains them).
+APPEARANCE_ONLY = (H.TONGUE, H.GAZE_X, H.GAZE_Y)
 #: Expression dims each sequence emphasises (others still move, at a third of the amplitude).
 _EMPHASIS = {
     "EXP-1-head": (H.BROW, H.SMILE), "EXP-2-eyes": (H.GAZE_X, H.GAZE_Y, H.BLINK),
@@ -125,6 +127,7 @@ def expression_trajectory(rng: np.random.Generator, sequence: str, frames: int, 
     """Smooth expression codes (frames, dim) for one sequence."""
     emphasis = _EMPHASIS.get(sequence, tuple(range(H.N_NAMED_EXPRESSIONS)))  # EMO sequences: everything
     amp = np.full(dim, 0.35)
+    amp[list(APPEARANCE_ONLY)] = 0.8  # people look around and open their mouths in every sequence
     amp[list(emphasis)] = 1.0
     t = np.arange(frames) / max(frames, 1)
     freq = rng.uniform(0.5, 1.5, dim)
@@ -161,7 +164,7 @@ class PersonModel:
     @staticmethod
     def build(config: SyntheticConfig, person: str) -> "PersonModel":
         rng = np.random.default_rng(stable_seed(config.seed, person, "identity"))
-        ident = H.Identity.sample(rng, config.expression_dim)
+        ident = H.Identity.sample(rng, config.expression_dim, look=int(person) if person.isdigit() else None)
         dirs, faces = H.sphere_mesh(config.n_lat, config.n_lon)
         cams = {s: dome_camera(s, config.image_size, config.camera_distance) for s in config.serials}
         return PersonModel(ident, dirs, faces, H.neutral_head(dirs, ident), cams)

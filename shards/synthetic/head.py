@@ -38,6 +38,24 @@ JAW, BROW, CHEEK, SMILE, TONGUE, GAZE_X, GAZE_Y, BLINK = range(N_NAMED_EXPRESSIO
 CANONICAL_SCALE = 0.13
 
 
+#: Skin tones and hair colours a person's are drawn from (plus a little jitter): persons must
+#: differ at a glance, so that a render that looks like "a head" but not like its person shows.
+SKIN_TONES = np.array([[0.95, 0.8, 0.7], [0.87, 0.64, 0.52], [0.66, 0.45, 0.32], [0.45, 0.3, 0.22],
+                       [0.93, 0.6, 0.68], [0.72, 0.6, 0.88]])
+HAIR_COLOURS = np.array([[0.07, 0.06, 0.05], [0.38, 0.22, 0.1], [0.88, 0.74, 0.38], [0.62, 0.2, 0.07],
+                         [0.15, 0.52, 0.22], [0.2, 0.3, 0.75]])
+
+
+
+def palette_pair(look: int) -> tuple[int, int]:
+    """(skin tone, hair colour) indices of look ``look``: a distinct pair for each of looks 0..29
+    (persons 000-007: light/brown, medium/blonde, tan/red, dark/green, pink/blue, purple/black,
+    light/blonde, medium/red)."""
+    n = len(SKIN_TONES)
+    skin = look % n
+    return skin, (skin + 1 + (look // n) % (n - 1)) % n
+
+
 @dataclass(frozen=True)
 class Identity:
     """Per-person shape and appearance parameters, drawn from a seed."""
@@ -55,15 +73,18 @@ class Identity:
     modes: np.ndarray  # (K, 4) random low-frequency displacement modes for the tail dims
 
     @staticmethod
-    def sample(rng: np.random.Generator, expression_dim: int) -> "Identity":
+    def sample(rng: np.random.Generator, expression_dim: int, look: int | None = None) -> "Identity":
+        """``look`` picks the (skin tone, hair colour) pair, so that persons 0..29 all differ (see
+        :func:`palette_pair`); None draws it."""
         n_modes = max(0, expression_dim - N_NAMED_EXPRESSIONS)
+        skin_index, hair_index = palette_pair(int(rng.integers(30)) if look is None else look)
         return Identity(
             radii=np.array([rng.uniform(0.072, 0.084), rng.uniform(0.098, 0.11), rng.uniform(0.088, 0.1)]),
             nose=rng.uniform(0.012, 0.02),
             chin=rng.uniform(0.004, 0.01),
             ears=rng.uniform(0.006, 0.012),
-            skin=np.clip(rng.normal([0.78, 0.6, 0.5], 0.08), 0.2, 0.95),
-            hair=np.clip(rng.normal([0.25, 0.17, 0.1], 0.07), 0.02, 0.6),
+            skin=np.clip(SKIN_TONES[skin_index] + rng.normal(0, 0.03, 3), 0.05, 0.97),
+            hair=np.clip(HAIR_COLOURS[hair_index] + rng.normal(0, 0.03, 3), 0.02, 0.95),
             iris=rng.uniform(0.1, 0.7, size=3),
             hairline=rng.uniform(0.35, 0.55),
             detail_freq=rng.uniform(55.0, 80.0, size=3),

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .head import BLINK, CHEEKS, EYES, GAZE_X, GAZE_Y, MOUTH, TONGUE, Identity
+from .head import BLINK, CHEEKS, EYES, GAZE_X, GAZE_Y, JAW, MOUTH, TONGUE, Identity
 
 #: World-space direction towards the key light.
 LIGHT_DIR = np.array([0.35, 0.55, 0.75]) / np.linalg.norm([0.35, 0.55, 0.75])
 AMBIENT_LIGHT = 0.35
+#: Eye sizes as angles on the unit material sphere (radians): sclera, iris, pupil, and how far
+#: gaze 1.0 moves the iris.
+EYE_RADIUS, IRIS_RADIUS, PUPIL_RADIUS, GAZE_SHIFT = 0.13, 0.07, 0.032, 0.06
+#: Half-height of the mouth interior band (radians) when closed, and its growth at jaw 1.0.
+MOUTH_CLOSED, MOUTH_OPEN = 0.018, 0.05
 
 
 def _unit(v) -> np.ndarray:
@@ -56,35 +61,40 @@ def albedo(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.nd
                         _smoothstep(-0.15, -0.35, dirs[:, 2]) * _smoothstep(-0.5, -0.3, dirs[:, 1]))
     strands = ident.hair[None] * (1.0 + 0.35 * np.sin(90.0 * azimuth + 7.0 * dirs[:, 1]))[:, None]
     col = _mix(col, strands, hair_w)
-    # Lips and the mouth interior (the interior colour is an expression dim, not geometry).
+    # Lips and the mouth interior (the interior colour is an expression dim, not geometry); the
+    # interior widens with the jaw opening, a dark line when the mouth is closed.
     m = _unit(MOUTH)
     dy = dirs[:, 1] - m[1]
     lateral = np.abs(dirs[:, 0])
     front = dirs[:, 2] > 0.5
-    lips = np.exp(-(dy / 0.07) ** 2) * np.exp(-(lateral / 0.3) ** 4) * front
-    col = _mix(col, np.array([0.72, 0.3, 0.32]), 0.8 * lips)
-    interior = np.exp(-(dy / 0.03) ** 2) * np.exp(-(lateral / 0.26) ** 4) * front
+    lips = np.exp(-(dy / 0.075) ** 2) * np.exp(-(lateral / 0.3) ** 4) * front
+    col = _mix(col, np.array([0.6, 0.14, 0.2]), 0.85 * lips)
+    opening = MOUTH_CLOSED + MOUTH_OPEN * max(float(expr[JAW]), 0.0)
+    interior = np.exp(-(dy / opening) ** 2) * np.exp(-(lateral / 0.26) ** 4) * front
     t = 1.0 / (1.0 + np.exp(-2.0 * float(expr[TONGUE])))
     interior_col = _mix(np.array([[0.65, 0.12, 0.18]]), np.array([[0.2, 0.55, 0.35]]), np.array([t]))[0] * 0.8
     col = _mix(col, np.tile(interior_col, (n, 1)), np.clip(1.4 * interior, 0, 1))
-    # Eyes: sclera, iris moved by gaze (appearance only), pupil, eyelid closed by blink.
-    gaze = np.array([float(expr[GAZE_X]), float(expr[GAZE_Y])]) * 0.035
+    # Eyes: sclera, iris moved by gaze (appearance only), pupil, eyelid closed by blink. Sized so
+    # that at the tiny preset's 64x64 an eye is ~6 pixels wide and gaze moves the iris ~2 pixels.
+    gaze = np.array([float(expr[GAZE_X]), float(expr[GAZE_Y])]) * GAZE_SHIFT
     blink = float(np.clip(expr[BLINK], 0.0, 1.0))
     for e in EYES:
         c = _unit(e)
         d = dirs - c
         r = np.linalg.norm(d, axis=1)
-        sclera = _smoothstep(0.075, 0.065, r)
-        col = _mix(col, np.array([0.93, 0.92, 0.9]), sclera)
+        sclera = _smoothstep(EYE_RADIUS, EYE_RADIUS - 0.01, r)
+        col = _mix(col, np.array([0.95, 0.94, 0.92]), sclera)
         di = d.copy()
         di[:, 0] -= gaze[0]
         di[:, 1] -= gaze[1]
         ri = np.linalg.norm(di, axis=1)
-        iris = _smoothstep(0.04, 0.034, ri) * sclera
+        iris = _smoothstep(IRIS_RADIUS, IRIS_RADIUS - 0.008, ri) * sclera
         col = _mix(col, ident.iris[None] * (0.8 + 0.2 * np.cos(40 * np.arctan2(di[:, 1], di[:, 0])))[:, None], iris)
-        col = _mix(col, np.array([0.03, 0.03, 0.04]), _smoothstep(0.016, 0.012, ri) * sclera)
-        lid = _smoothstep(0.085 - 0.2 * blink - 0.005, 0.085 - 0.2 * blink + 0.005, -d[:, 1] + 0.075)
-        lid_w = lid * _smoothstep(0.1, 0.08, r) * (blink > 0.02)
+        col = _mix(col, np.array([0.03, 0.03, 0.04]), _smoothstep(PUPIL_RADIUS, PUPIL_RADIUS - 0.006, ri) * sclera)
+        # the lid comes down from the top of the eye: blink 1 covers it
+        edge = EYE_RADIUS * (1.0 - 2.0 * blink)
+        lid = _smoothstep(edge - 0.008, edge + 0.008, d[:, 1]) if blink > 0.02 else np.zeros(n)
+        lid_w = lid * _smoothstep(EYE_RADIUS + 0.02, EYE_RADIUS, r)
         col = _mix(col, ident.skin * 0.85, lid_w)
     return np.clip(col, 0.0, 1.0)
 

@@ -83,6 +83,31 @@ def test_appearance_only_dims_change_image_not_mesh(dim, tiny_cfg):
     assert np.abs(a - b).max() > 40  # a clearly visible colour change
 
 
+@pytest.mark.parametrize("dim", [H.TONGUE, H.GAZE_X, H.GAZE_Y])
+def test_appearance_only_dims_are_visible_at_the_training_resolution(dim):
+    """At the tiny preset's 64x64 an appearance-only dim moves whole pixels (eyes ~6 px wide,
+    the iris ~2 px per unit of gaze, the mouth interior a band of pixels), so a model without
+    expression conditioning must lose measurably (benchmarks/bench_expression_effect.py)."""
+    cfg = SyntheticConfig(image_size=64, n_lat=60, n_lon=96)
+    model = PersonModel.build(cfg, "001")
+    expr = np.zeros(cfg.expression_dim, np.float32)
+    expr[H.JAW] = 0.5
+    low, high = expr.copy(), expr.copy()
+    low[dim], high[dim] = -0.8, 0.8
+    a, alpha = _render(model, low)
+    b, _ = _render(model, high)
+    changed = (np.abs(a - b).max(-1) > 0.1 * 255) & (alpha > 0)
+    assert changed.sum() >= 8, changed.sum()
+
+
+def test_persons_differ_at_a_glance(tiny_cfg):
+    """Skin and hair come from distinct palettes: the default persons are not alike."""
+    idents = [PersonModel.build(tiny_cfg, f"{i:03d}").identity for i in range(8)]
+    pairs = [(a, b) for i, a in enumerate(idents) for b in idents[i + 1:]]
+    distinct = [np.abs(a.skin - b.skin).max() > 0.1 or np.abs(a.hair - b.hair).max() > 0.1 for a, b in pairs]
+    assert all(distinct)
+
+
 def test_jaw_moves_mesh_and_sets_ambient_near_mouth_only(tiny_cfg):
     model = PersonModel.build(tiny_cfg, "000")
     closed = np.zeros(tiny_cfg.expression_dim, np.float32)
