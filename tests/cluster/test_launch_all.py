@@ -79,8 +79,9 @@ def test_launch_all_on_ray_head(prepared, ray_head):
     assert set(data["persons"]["000"]) >= {"self_reenactment", "novel_view", "cross_reenactment"}
     assert list((work / "reports" / "site").glob("*/index.html"))
     stages = json.loads((work / "runs" / "stages.json").read_text())["stages"]
-    assert [r["stage"] for r in stages] == ["ingest", "shards", "training", "evaluation", "total"]
-    training = stages[2]
+    assert [r["stage"] for r in stages] == ["synthetic data", "ingest", "shards", "base model", "training",
+                                            "evaluation", "total"]
+    training = stages[4]
     assert training["cpu_s"] > 0 and training["wall_s"] > 0  # the Ray workers' CPU time is counted
 
 
