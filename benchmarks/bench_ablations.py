@@ -1,0 +1,172 @@
+"""The paper's Table 3 on the synthetic data: the full model and each ablation, trained with the
+same budget on several persons and seeds, scored on the held-out sequences and camera.
+
+    python benchmarks/bench_ablations.py --workdir data [--persons 000,001] [--seeds 0,1] \\
+        [--steps 600] [--parallel 2] [--variants full no_expression ...]
+
+Needs the main job's data and tiny base (<workdir>/shards, zarr, base/tiny). Every run trains
+the tiny preset (``--steps`` optimizer steps, batch 8) with one switch of the model config
+changed, then renders the person's held-out evaluation set (the held-out sequences from the
+frontal camera and the training sequences from the held-out camera, 20 DDPM steps, fixed noise;
+a single pass for "w/o diffusion") and scores it like the nightly evaluation: PSNR (the paper's
+protocol), SSIM, LPIPS, JOD (FovVideoVDP) and, inside the rasterized face, PSNR, LPIPS and the
+mean-colour error. Runs go ``--parallel`` at a time, one torch thread each, and are reused when
+their spec is unchanged (``<out>/<variant>/s<seed>/<person>``).
+
+Prints per variant the mean and standard deviation over persons x seeds, and the paired
+difference to the full model (same person and seed), with its standard deviation; writes
+benchmarks/results/ablations.json, including the full model's expression attention output-weight
+norms over training (evidence that the expression pathway learns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import RESULTS, machine, report  # noqa: E402
+
+#: name -> (label in the table, model-config overrides)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "full": ("full model", {}),
+    "no_expression": ("w/o expression conditioning", {"use_expression": False}),
+    "no_features": ("w/o spatial features", {"features.mapping": "none"}),
+    "spherical": ("spherical features, not TriPlanes", {"features.mapping": "spherical"}),
+    "no_diffusion": ("w/o diffusion (single pass)", {"use_diffusion": False}),
+    "no_ldm_prior": ("w/o LDM prior", {"use_ldm_prior": False}),
+}
+METRICS = ("psnr", "ssim", "lpips", "jod", "psnr_face", "lpips_face", "colour_error")
+#: +1: higher is better, -1: lower is better.
+DIRECTION = {"psnr": 1, "ssim": 1, "lpips": -1, "jod": 1, "psnr_face": 1, "lpips_face": -1, "colour_error": -1}
+
+_EVALUATOR = None
+
+
+def _evaluator():
+    global _EVALUATOR
+    if _EVALUATOR is None:
+        from avatars.evaluation.lpips_weights import LpipsConfig
+        from avatars.evaluation.metrics import EvalConfig, Evaluator
+
+        _EVALUATOR = Evaluator(EvalConfig(metrics=METRICS, lpips=LpipsConfig(Path("weights/lpips_alex.safetensors"))))
+    return _EVALUATOR
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_one(job: dict) -> dict:
+    """Train (or reuse) and evaluate one (variant, person, seed); returns its row."""
+    import torch
+
+    from heldout import (ExpressionNormLog, Variant, evaluate, heldout_tasks, load_model, mean_metrics,
+                         read_expression_norms, render, task_batch, train_variant)
+
+    workdir = Path(job["workdir"])
+    base = Path(job["base_model"])
+    name = job["variant"]
+    variant = Variant(name, train={"steps": job["steps"]} if job["steps"] else {}, model=VARIANTS[name][1])
+    run_dir, result = train_variant(variant, job["person"], job["seed"], workdir / "shards", base, Path(job["out"]),
+                                    callbacks=(ExpressionNormLog(every=job["norm_every"]),))
+    start = time.process_time()
+    model = load_model(run_dir, base)
+    per_task = []
+    for frames in heldout_tasks(workdir / "zarr", workdir / "shards", job["person"], model.config.resolution):
+        pred = render(model, task_batch(frames), steps=20, seed=0)
+        per_task.append(evaluate(_evaluator(), frames, pred))
+        del pred
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    metrics = mean_metrics(per_task)
+    return {"variant": name, "person": job["person"], "seed": job["seed"],
+            **{m: metrics.get(m) for m in METRICS},
+            "train CPU s": result.get("train_cpu_s"), "eval CPU s": time.process_time() - start,
+            "expression_norms": [(r["step"], r["to_out_norm_mean"]) for r in read_expression_norms(run_dir)]}
+
+
+def summarise(rows: list[dict], names: list[str]) -> list[dict]:
+    """Per variant: mean and std over runs, and the paired difference to the full model."""
+    full = {(r["person"], r["seed"]): r for r in rows if r["variant"] == "full"}
+    out = []
+    for name in names:
+        mine = [r for r in rows if r["variant"] == name]
+        if not mine:
+            continue
+        row = {"variant": VARIANTS[name][0], "runs": len(mine)}
+        for m in METRICS:
+            values = np.array([r[m] for r in mine if r[m] is not None], dtype=float)
+            row[m] = f"{values.mean():.4g} ± {values.std(ddof=1) if len(values) > 1 else 0:.2g}"
+        if name != "full" and full:
+            for m in ("psnr_face", "lpips_face", "jod"):
+                d = np.array([r[m] - full[(r["person"], r["seed"])][m] for r in mine
+                              if (r["person"], r["seed"]) in full and r[m] is not None], dtype=float)
+                if len(d):
+                    row[f"Δ{m} vs full"] = f"{d.mean():+.3g} ± {d.std(ddof=1) if len(d) > 1 else 0:.2g}"
+                    worse = DIRECTION[m] * d.mean() < 0 and abs(d.mean()) > 2 * d.std(ddof=1) / np.sqrt(len(d)) \
+                        if len(d) > 1 else False
+                    row[f"{m} worse"] = "yes" if worse else "no"
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("data"))
+    ap.add_argument("--base-model", type=Path, default=None, help="default <workdir>/base/tiny")
+    ap.add_argument("--persons", default="000,001")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the tiny preset's)")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
+    ap.add_argument("--norm-every", type=int, default=50, help="steps between expression-norm records")
+    ap.add_argument("--out", type=Path, default=Path("data/bench-ablations"))
+    a = ap.parse_args()
+    persons = [p for p in a.persons.split(",") if p]
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    base = a.base_model or a.workdir / "base" / "tiny"
+    jobs = [{"workdir": str(a.workdir), "base_model": str(base), "variant": v, "person": p, "seed": s, "steps": a.steps,
+             "out": str(a.out / p), "norm_every": a.norm_every}
+            for v in a.variants for s in seeds for p in persons]
+    wall = time.time()
+    cpu = time.process_time()
+    with ProcessPoolExecutor(a.parallel, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        rows = []
+        for row in pool.map(run_one, jobs):
+            print(f"{row['variant']:>14} {row['person']} s{row['seed']}: psnr {row['psnr']:.2f} "
+                  f"face {row['psnr_face']:.2f} lpips_face {row['lpips_face']:.3f} jod {row['jod']:.2f} "
+                  f"(train {row['train CPU s'] or 0:.0f} s CPU)", flush=True)
+            rows.append(row)
+    wall = time.time() - wall
+    summary = summarise(rows, a.variants)
+    norms = {}
+    for r in rows:
+        if r["variant"] == "full":
+            for step, value in r["expression_norms"]:
+                norms.setdefault(step, []).append(value)
+    norm_curve = [{"step": s, "to_out norm (mean over layers, runs)": float(np.mean(v))} for s, v in sorted(norms.items())]
+    train_cpu = sum(r["train CPU s"] or 0 for r in rows)
+    eval_cpu = sum(r["eval CPU s"] or 0 for r in rows)
+    report("ablations", summary, {
+        "persons": persons, "seeds": seeds, "steps": a.steps, "runs": rows, "expression_norm_curve": norm_curve,
+        "wall_s": wall, "train_cpu_s": train_cpu, "eval_cpu_s": eval_cpu, "driver_cpu_s": time.process_time() - cpu,
+        "loadavg_1m_at_end": os.getloadavg()[0], "machine": machine(), "date": time.strftime("%Y-%m-%d")})
+    print("\nexpression attention output-weight norm (full model, mean over layers and runs):")
+    for r in norm_curve:
+        print(f"  step {r['step']:>5}: {r['to_out norm (mean over layers, runs)']:.4f}")
+    print(f"\n{len(rows)} runs in {wall / 60:.1f} min wall; CPU: training {train_cpu / 60:.1f} min, "
+          f"evaluation {eval_cpu / 60:.1f} min (1-min load average at the end {os.getloadavg()[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()

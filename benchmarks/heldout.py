@@ -1,0 +1,230 @@
+"""Shared by the quality benchmarks (bench_fidelity, bench_ablations, bench_learning): train a
+variant of the tiny avatar, render a person's held-out evaluation set and score it exactly as the
+nightly evaluation does, and draw ground truth | render pictures.
+
+A *variant* is a name plus overrides: fields of :class:`avatars.training.TrainConfig`
+(``steps``, ``lr_networks``, ...) and of the model config (``use_expression``,
+``features.mapping``, ``use_diffusion``, ...). Runs are cached under ``<out>/<variant>/s<seed>/``
+and reused when their recorded spec matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from avatars.configs import DiffusionAvatarsConfig
+from avatars.models import DiffusionAvatarsModel
+from avatars.pipelines import AvatarPipeline
+from avatars.training import TrainConfig, train_person
+from avatars.training.callbacks import METRICS_FILE, MetricsLog, TrainerCallback
+from cluster.eval_driver.driver import merge_evaluations
+from cluster.eval_driver.tasks import TaskFrames, novel_view, open_store, self_reenactment
+from common.io import atomic_write_json
+
+#: Model-config fields a variant may override ("features.<field>" for the feature planes).
+MODEL_KEYS = {f.name for f in dataclasses.fields(DiffusionAvatarsConfig)}
+
+
+def parse_value(text: str) -> Any:
+    """'600' -> 600, '1e-3' -> 0.001, 'false' -> False, anything else stays a string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass
+class Variant:
+    """A named set of overrides (see module docstring)."""
+
+    name: str
+    train: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(spec: str) -> "Variant":
+        """'name:key=value,key=value' (or just 'key=value,...', named by the spec itself)."""
+        name, _, body = spec.rpartition(":")
+        v = Variant(name or spec)
+        for item in filter(None, body.split(",")):
+            key, _, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            target = v.model if key.split(".")[0] in MODEL_KEYS else v.train
+            target[key] = parse_value(value.strip())
+        return v
+
+    def spec(self) -> dict:
+        return {"train": self.train, "model": self.model}
+
+
+def apply_model_overrides(config: DiffusionAvatarsConfig, overrides: dict[str, Any]) -> DiffusionAvatarsConfig:
+    top, sub = {}, {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            sub.setdefault(head, {})[rest] = value
+        else:
+            top[key] = value
+    for head, fields_ in sub.items():
+        top[head] = dataclasses.replace(getattr(config, head), **fields_)
+    config = dataclasses.replace(config, **top)
+    config.validate()
+    return config
+
+
+@dataclass
+class VariantTrainConfig(TrainConfig):
+    """A TrainConfig whose model config gets the variant's overrides."""
+
+    model_overrides: dict = field(default_factory=dict)
+
+    def model_config(self, expression_dim: int) -> DiffusionAvatarsConfig:
+        return apply_model_overrides(super().model_config(expression_dim), self.model_overrides)
+
+
+def train_variant(variant: Variant, person: str, seed: int, shards: Path, base_model: Path | None, out: Path,
+                  callbacks: tuple = (), **defaults: Any) -> tuple[Path, dict]:
+    """Trains (or reuses) one run; returns (run dir, its result.json plus the CPU seconds of training)."""
+    run_root = Path(out) / variant.name / f"s{seed}"
+    train = {"validate_every": 0, "num_workers": 0, **defaults, **variant.train}
+    cfg = VariantTrainConfig(person=person, shards=Path(shards), out=run_root, base_model=base_model, seed=seed,
+                             model_overrides=dict(variant.model), **train)
+    if "checkpoint_every" not in train:
+        cfg.checkpoint_every = cfg.resolved().steps  # one checkpoint, at the end
+    spec = {"variant": variant.spec(), "train": {k: str(v) for k, v in train.items()}, "seed": seed,
+            "base_model": str(base_model), "person": person}
+    spec_file = cfg.run_dir / "variant.json"
+    result_file = cfg.run_dir / "result.json"
+    if spec_file.is_file() and result_file.is_file() and json.loads(spec_file.read_text()).get("spec") == spec:
+        saved = json.loads(spec_file.read_text())
+        return cfg.run_dir, {**json.loads(result_file.read_text()), "train_cpu_s": saved.get("train_cpu_s")}
+    cfg.resume = "never"
+    cpu = time.process_time()
+    result = train_person(cfg, callbacks=[MetricsLog(cfg.run_dir / METRICS_FILE), *callbacks])
+    cpu = time.process_time() - cpu
+    atomic_write_json(spec_file, {"spec": spec, "train_cpu_s": cpu})
+    return cfg.run_dir, {**result, "train_cpu_s": cpu}
+
+
+def load_model(run_dir: Path, base_model: Path | None = None) -> DiffusionAvatarsModel:
+    return DiffusionAvatarsModel.from_pretrained(Path(run_dir) / "model", base_model=base_model).eval()
+
+
+def heldout_tasks(stores: Path, shards: Path, person: str, resolution: int,
+                  tasks: tuple[str, ...] = ("self_reenactment", "novel_view")) -> list[TaskFrames]:
+    """The evaluation driver's frames of the held-out tasks (sequences and camera) of a person."""
+    store = open_store(stores, person)
+    build = {"self_reenactment": self_reenactment, "novel_view": novel_view}
+    return [build[t](store, shards, resolution) for t in tasks]
+
+
+def task_batch(frames: TaskFrames) -> dict[str, torch.Tensor]:
+    """All frames of a task as one conditioning batch (channel-first float32 tensors)."""
+    cond = [c for clip in frames.clips for c in clip.conditioning]
+    return {k: torch.from_numpy(np.stack([c[k] for c in cond])) for k in cond[0]}
+
+
+def ground_truth(frames: TaskFrames) -> torch.Tensor:
+    """(T, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.concatenate([c.reference for c in frames.clips])).permute(0, 3, 1, 2).float()
+
+
+@torch.no_grad()
+def render(model: DiffusionAvatarsModel, batch: dict, steps: int = 20, sampler: str = "ddpm", seed: int = 0,
+           chunk: int = 16) -> torch.Tensor:
+    """(T, 3, H, W) renders in [0, 1] with the evaluation's fixed noise (one video seed)."""
+    pipe = AvatarPipeline(model)
+    size = batch["mask"].shape[0]
+    out = [pipe({k: v[i:i + chunk] for k, v in batch.items()}, num_inference_steps=steps, sampler=sampler, seeds=seed)
+           for i in range(0, size, chunk)]
+    return torch.cat(out).float().clamp(0, 1)
+
+
+def evaluate(evaluator, frames: TaskFrames, pred: torch.Tensor) -> dict[str, float]:
+    """Metric means of one task, computed per clip (one video each) like the nightly evaluation."""
+    images = pred.permute(0, 2, 3, 1).numpy()
+    evals, start = [], 0
+    for clip in frames.clips:
+        face = np.stack([c["mask"][0] for c in clip.conditioning])
+        evals.append(evaluator.evaluate_video(clip.reference, images[start:start + clip.frames], clip.alpha, face))
+        start += clip.frames
+    merged = merge_evaluations(evals)
+    return {name: m["mean"] for name, m in merged["metrics"].items()}
+
+
+def mean_metrics(per_task: list[dict[str, float]]) -> dict[str, float]:
+    """Mean over tasks of every metric all of them have (None-safe)."""
+    names = [n for n in per_task[0] if all(n in t for t in per_task)]
+    out = {}
+    for n in names:
+        values = [t[n] for t in per_task if t[n] is not None]
+        out[n] = float(np.mean(values)) if values else float("nan")
+    return out
+
+
+def picks(count: int, columns: int) -> np.ndarray:
+    return np.linspace(0, count - 1, num=min(columns, count)).round().astype(int)
+
+
+def save_rows(path: Path, rows: list[tuple[str, torch.Tensor]], columns: int = 8, scale: int = 2,
+              gap: int = 4) -> None:
+    """One labelled row of `columns` frames (spread evenly) per (label, (T, 3, H, W) images); the
+    labels go to a text file beside the PNG (PIL has no reliable font here)."""
+    from PIL import Image
+
+    blocks = []
+    for _, images in rows:
+        idx = picks(len(images), columns)
+        blocks.append(torch.cat([images[i].clamp(0, 1) for i in idx], 2))
+        blocks.append(torch.ones(3, gap, blocks[-1].shape[2]))
+    grid = torch.cat(blocks[:-1], 1)
+    img = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    path.with_suffix(".txt").write_text("rows, top to bottom:\n" + "\n".join(label for label, _ in rows) + "\n")
+    print(f"wrote {path}")
+
+
+class ExpressionNormLog(TrainerCallback):
+    """``<run>/expression_norms.jsonl``: every ``every`` steps, the Frobenius norms of the expression
+    attention layers' output projections (zero at step 0: a norm that grows is the evidence
+    that the expression pathway learns) and of the expression token map."""
+
+    def __init__(self, every: int = 50):
+        self.every = every
+
+    def _write(self, trainer, step: int) -> None:
+        layers = trainer.model.expression_layers
+        if layers is None:
+            return
+        norms = [float(p.weight.detach().float().norm()) for p in layers.output_projections()]
+        record = {"step": step, "to_out_norms": norms, "to_out_norm_mean": float(np.mean(norms)),
+                  "token_map_norm": float(trainer.model.expression_tokens.proj.weight.detach().float().norm())}
+        with (trainer.run_dir / "expression_norms.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_start(self, trainer) -> None:
+        (trainer.run_dir / "expression_norms.jsonl").unlink(missing_ok=True)
+        self._write(trainer, trainer.state.step)
+
+    def on_step_end(self, trainer, step: int) -> None:
+        if step % self.every == 0:
+            self._write(trainer, step)
+
+
+def read_expression_norms(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "expression_norms.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []

@@ -1,0 +1,51 @@
+"""The ablation benchmark's pieces that decide what the README table says (no training here:
+the benchmark itself is the measurement)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from bench_ablations import VARIANTS, summarise  # noqa: E402
+from heldout import Variant, apply_model_overrides, parse_value  # noqa: E402
+
+from avatars.configs import tiny_config  # noqa: E402
+
+
+def _row(variant, person, seed, psnr_face, lpips_face=0.1, jod=7.0):
+    return {"variant": variant, "person": person, "seed": seed, "psnr": 20.0, "ssim": 0.8, "lpips": 0.1,
+            "jod": jod, "psnr_face": psnr_face, "lpips_face": lpips_face, "colour_error": 1.0}
+
+
+def test_every_ablation_is_a_valid_model_config():
+    for name, (_, overrides) in VARIANTS.items():
+        config = apply_model_overrides(tiny_config(expression_dim=16), overrides)
+        for key, value in overrides.items():
+            head, _, rest = key.partition(".")
+            assert (getattr(getattr(config, head), rest) if rest else getattr(config, head)) == value, name
+
+
+def test_variant_spec_parsing():
+    v = Variant.parse("fast:steps=200,lr_features=5e-2,use_expression=false,features.mapping=spherical")
+    assert v.name == "fast"
+    assert v.train == {"steps": 200, "lr_features": 0.05}
+    assert v.model == {"use_expression": False, "features.mapping": "spherical"}
+    assert parse_value("1e-3") == pytest.approx(1e-3) and parse_value("true") is True
+
+
+def test_summary_marks_worse_only_beyond_the_paired_spread():
+    rows = []
+    for person in ("000", "001"):
+        for seed in (0, 1):
+            rows.append(_row("full", person, seed, 25.0 + 0.1 * seed))
+            rows.append(_row("no_features", person, seed, 20.0 + 0.1 * seed))  # clearly worse, every pair
+            rows.append(_row("no_expression", person, seed, 25.0 + (0.3 if seed else -0.3)))  # noise around 0
+    summary = {r["variant"]: r for r in summarise(rows, ["full", "no_features", "no_expression"])}
+    worse = summary[VARIANTS["no_features"][0]]
+    assert worse["psnr_face worse"] == "yes" and worse["Δpsnr_face vs full"].startswith("-5")
+    assert summary[VARIANTS["no_expression"][0]]["psnr_face worse"] == "no"
+    assert summary[VARIANTS["full"][0]]["runs"] == 4 and "psnr_face worse" not in summary[VARIANTS["full"][0]]
