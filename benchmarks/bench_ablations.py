@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import RESULTS, machine, report  # noqa: E402
+from bench_common import machine, report  # noqa: E402
 
 #: name -> (label in the table, model-config overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -70,9 +70,18 @@ def _init_worker() -> None:
 def run_one(job: dict) -> dict:
     """Train (or reuse) and evaluate one (variant, person, seed); returns its row."""
     import torch
-
-    from heldout import (ExpressionNormLog, Variant, evaluate, heldout_tasks, load_model, mean_metrics,
-                         read_expression_norms, render, task_batch, train_variant)
+    from heldout import (
+        ExpressionNormLog,
+        Variant,
+        evaluate,
+        heldout_tasks,
+        load_model,
+        mean_metrics,
+        read_expression_norms,
+        render,
+        task_batch,
+        train_variant,
+    )
 
     workdir = Path(job["workdir"])
     base = Path(job["base_model"])

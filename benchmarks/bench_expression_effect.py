@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import RESULTS, report  # noqa: E402
 
 from shards.synthetic import FRONTAL_SERIAL, SyntheticConfig  # noqa: E402
-from shards.synthetic import head as H  # noqa: E402
 from shards.synthetic.generate import APPEARANCE_ONLY, PersonModel, expression_trajectory, stable_seed  # noqa: E402
 
 EXPRESSION_ONLY = APPEARANCE_ONLY

@@ -33,8 +33,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import RESULTS, report  # noqa: E402
-from heldout import (Variant, evaluate, ground_truth, heldout_tasks, load_model, mean_metrics, render,  # noqa: E402
-                     save_rows, task_batch, train_variant)
+from heldout import (  # noqa: E402
+    Variant,
+    evaluate,
+    ground_truth,
+    heldout_tasks,
+    load_model,
+    mean_metrics,
+    render,
+    save_rows,
+    task_batch,
+    train_variant,
+)
 
 from avatars.evaluation.lpips_weights import LpipsConfig  # noqa: E402
 from avatars.evaluation.metrics import EvalConfig, Evaluator  # noqa: E402

@@ -51,11 +51,11 @@ def result_means(results_json: Path) -> dict[str, float]:
 def untrained_gap(workdir: Path, person: str, steps: int) -> dict[str, float]:
     """Held-out PSNR of person's trained avatar and of the untrained model, same frames and noise."""
     import torch
+    from heldout import evaluate, heldout_tasks, load_model, mean_metrics, render, task_batch
 
     from avatars.evaluation.lpips_weights import LpipsConfig
     from avatars.evaluation.metrics import EvalConfig, Evaluator
     from avatars.models import DiffusionAvatarsModel
-    from heldout import evaluate, heldout_tasks, load_model, mean_metrics, render, task_batch
 
     torch.set_num_threads(1)
     base = workdir / "base" / "tiny"
