@@ -65,7 +65,8 @@ def progress_line(statuses: list[PersonStatus], persons: list[str], since: float
             totals.append(s.total_steps)
             done_steps[p] = s.total_steps if key == "done" else min(s.step or 0, s.total_steps)
             rate += (s.steps_per_s or 0.0) if key == "running" else 0.0
-    text = f"training {len(persons)} persons: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    noun = "person" if len(persons) == 1 else "persons"
+    text = f"training {len(persons)} {noun}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     if totals:
         # A person not started yet has as many steps as the average one that has.
         per_person = sum(totals) / len(totals)

@@ -50,7 +50,7 @@ def test_progress_line_counts_this_run_only_with_steps_and_eta():
     line = progress_line(statuses, ["000", "001", "002", "003"], since=now - 60, now=now)
     # 002 is queued (its file is older than this stage); it will train as many steps as the others
     assert line == "training 4 persons: 1 done, 1 running, 1 queued, 1 failed; steps 14/30, ETA 16s"
-    assert progress_line([], ["000"], since=now) == "training 1 persons: 1 queued"
+    assert progress_line([], ["000"], since=now) == "training 1 person: 1 queued"
 
 
 def test_training_progress_prints_one_line_per_change_off_a_terminal(tmp_path):
@@ -59,7 +59,7 @@ def test_training_progress_prints_one_line_per_change_off_a_terminal(tmp_path):
         write_state(tmp_path, "000", "running", attempt=1)
         time.sleep(0.3)
     lines = out.getvalue().splitlines()
-    assert lines[0] == "training 1 persons: 1 running" and lines[-1] == lines[0]
+    assert lines[0] == "training 1 person: 1 running" and lines[-1] == lines[0]
     assert len(set(lines)) == 1 and "\r" not in out.getvalue()  # no repeats, no in-place rewrites in a log
 
 
