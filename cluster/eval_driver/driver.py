@@ -350,9 +350,11 @@ def connect_ray(config: EvalDriverConfig) -> bool:
     if config.ray_address is not None:
         ray.init(address=config.ray_address, log_to_driver=False)
     else:
-        # a single-node Ray bound to loopback (Ray ignores the loopback IP without this variable)
+        # a single-node Ray bound to loopback (Ray ignores the loopback IP without this variable);
+        # address "local": a new one even when a `ray start` head runs on this machine (without
+        # it, ray.init joins that head and refuses the embedded-only resources)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(num_cpus=config.ray_num_cpus, object_store_memory=config.ray_object_store_mb * 2**20,
+        ray.init(address="local", num_cpus=config.ray_num_cpus, object_store_memory=config.ray_object_store_mb * 2**20,
                  include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     return True
 
