@@ -13,12 +13,14 @@ In the Ray dashboard every task is listed as ``<task_prefix><person>`` (attempt 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster import status as _status
+from cluster.bind import LOOPBACK, embedded_ray_bind
 from cluster.person_job import JobResult, PersonJob, check_jobs, run_attempt
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,10 @@ class RayConfig:
     #: Directory of per-person status files; must be on a filesystem all Ray nodes share.
     #: None writes none.
     status_dir: Path | None = None
-    #: Ray cluster to join (``"host:port"`` of the GCS, or ``"auto"``). None starts an
-    #: embedded single-node Ray in this process and shuts it down at the end. When Ray is
-    #: already initialised in this process, that connection is used (and left open).
+    #: Ray cluster to join (``"host:port"`` of the GCS, or ``"auto"``). None: the cluster in
+    #: ``RAY_ADDRESS`` when set (it is inside ``ray job submit``), else an embedded single-node
+    #: Ray started in this process and shut down at the end. When Ray is already initialised
+    #: in this process, that connection is used (and left open).
     address: str | None = None
     #: Embedded Ray only: logical CPUs it offers (None: all cores of this machine).
     num_cpus: int | None = None
@@ -41,8 +44,9 @@ class RayConfig:
     num_gpus: int | None = None
     #: Embedded Ray only: object store size in MiB (None: Ray's default, 30% of RAM).
     object_store_memory_mb: int | None = None
-    #: Embedded Ray only: IP address the node binds (e.g. "127.0.0.1"; Ray also needs the
-    #: environment variable RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 to honour a loopback IP).
+    #: Embedded Ray only: IP address its node, workers and dashboard listen on. None: 127.0.0.1,
+    #: so nothing is reachable from the network (see cluster.bind); a LAN address for a
+    #: dashboard reachable from elsewhere.
     node_ip_address: str | None = None
     #: Job-level Ray runtime environment, e.g. ``{"env_vars": {"PYTHONPATH": "/repo"}}`` so
     #: workers of a joined cluster can import the target module.
@@ -58,6 +62,12 @@ class RayConfig:
             if given:
                 raise ValueError(f"RayConfig: {', '.join(given)} only apply to an embedded Ray "
                                  f"(address=None), not when joining {self.address!r}")
+
+
+def resolve_ray_address(address: str | None) -> str | None:
+    """The Ray cluster to join: `address`, else the one in RAY_ADDRESS (set for the entrypoint of a
+    Ray job, `ray job submit ... -- python jobs/launch_all.py`), else None (start an embedded Ray)."""
+    return address if address is not None else (os.environ.get("RAY_ADDRESS") or None)
 
 
 def _attempt_task(job: PersonJob, attempt: int, status_dir: str | None) -> dict:
@@ -109,14 +119,18 @@ class RayBackend:
         if ray.is_initialized():
             return False
         kwargs: dict[str, Any] = dict(runtime_env=c.runtime_env, log_to_driver=True)
-        if c.address is None:
+        address = resolve_ray_address(c.address)
+        if address is None:
             kwargs.update(num_cpus=c.num_cpus, num_gpus=c.num_gpus)
             if c.object_store_memory_mb is not None:
                 kwargs["object_store_memory"] = int(c.object_store_memory_mb) * 2**20
-            if c.node_ip_address is not None:
-                kwargs["_node_ip_address"] = c.node_ip_address
+            kwargs.update(embedded_ray_bind(c.node_ip_address or LOOPBACK))
         else:
-            kwargs["address"] = c.address
+            if c.address is None and any(getattr(c, k) is not None for k in
+                                         ("num_cpus", "num_gpus", "object_store_memory_mb", "node_ip_address")):
+                log.info("joining the Ray cluster in RAY_ADDRESS (%s): the embedded-Ray settings are not used",
+                         address)
+            kwargs["address"] = address
         ray.init(**kwargs)
         return True
 

@@ -71,6 +71,9 @@ class TrainOptions:
     """Write a metrics.jsonl line (and Prometheus values) every N steps."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on the first free port from this one up (None: no exporter); the port is logged."""
+    metrics_host: str = "127.0.0.1"
+    """Address the Prometheus exporter listens on: loopback by default; the node's address (or 0.0.0.0) when a
+    Prometheus on another machine scrapes it."""
     lpips_weights: Path = Path("weights/lpips_alex.safetensors")
     """LPIPS AlexNet weights for validation (written by setup.sh); validation reports PSNR only if absent."""
 

@@ -27,9 +27,7 @@ batch to the device while the current step runs.
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,43 +47,8 @@ from .base_record import write_record as write_base_record
 from .callbacks import TrainerCallback, default_callbacks
 from .config import TrainConfig
 from .engine import build_engine
+from .rendezvous import init_distributed
 from .validation import Validator
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def disable_shm_comm_op() -> None:
-    """Keeps DeepSpeed from JIT-compiling its shared-memory CPU all-reduce op at start-up.
-
-    DeepSpeed's CPU backend builds ``deepspeed_shm_comm`` with ninja and g++ in every fresh
-    environment (and again whenever another install shares ~/.cache/torch_extensions), while the
-    other workers wait on its file lock: measured 84 s of compiling plus 173 s of waiting in one
-    training start on the shared 2-core machine. The op serves only DeepSpeed's inference
-    all-reduce, which training never calls (gradients go through torch.distributed / gloo), so
-    it is marked incompatible in DeepSpeed's own table of compatible ops (a module-level dict that
-    DeepSpeed documents as editable), and the backend falls back to gloo."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun / Ray / SLURM set up, or make a single-process one."""
-    import deepspeed
-
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        # Each concurrent job needs its own port (several persons train on one node).
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if not torch.cuda.is_available():
-        disable_shm_comm_op()
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from avatars.evaluation.metric_names import DEFAULT_METRICS
+from cluster.bind import embedded_ray_bind
 from cluster.eval_driver.tasks import (
     TASKS,
     Clip,
@@ -44,6 +45,7 @@ from cluster.eval_driver.uptodate import (
     evaluation_key,
     find_reusable,
 )
+from cluster.ray_backend import resolve_ray_address
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
 from cluster.serve.renderer import RendererConfig, RenderRequest
 from common.io import DataError, atomic_write_bytes
@@ -94,11 +96,15 @@ class EvalDriverConfig:
     eval_device: str = "cpu"
     """Torch device of the metric networks (LPIPS, JOD, face models) in the driver."""
     ray_address: str | None = None
-    """Ray cluster to join ('auto' or host:port); None: start an embedded Ray in this process."""
+    """Ray cluster to join ('auto' or host:port); None: the one in RAY_ADDRESS (inside `ray job submit`), else
+    an embedded Ray in this process."""
     ray_num_cpus: int | None = None
     """Embedded Ray only: CPUs it offers (None: all)."""
     ray_object_store_mb: int = 512
     """Embedded Ray only: object store size in MiB."""
+    ray_bind_host: str = "127.0.0.1"
+    """Embedded Ray only: the address its node and workers listen on (loopback: nothing reachable from the
+    network; see cluster.bind)."""
     build_report: bool = True
     """Build `<reports_root>/site/<date>/index.html` after writing results.json."""
     force: bool = False
@@ -347,15 +353,14 @@ def connect_ray(config: EvalDriverConfig) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if config.ray_address is not None:
-        ray.init(address=config.ray_address, log_to_driver=False)
+    address = resolve_ray_address(config.ray_address)
+    if address is not None:
+        ray.init(address=address, log_to_driver=False)
     else:
-        # a single-node Ray bound to loopback (Ray ignores the loopback IP without this variable);
         # address "local": a new one even when a `ray start` head runs on this machine (without
         # it, ray.init joins that head and refuses the embedded-only resources)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(address="local", num_cpus=config.ray_num_cpus, object_store_memory=config.ray_object_store_mb * 2**20,
-                 include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+                 include_dashboard=False, log_to_driver=False, **embedded_ray_bind(config.ray_bind_host))
     return True
 
 

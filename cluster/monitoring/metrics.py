@@ -116,7 +116,12 @@ class Exporter:
         self.thread.join(timeout=5)
 
 
-def start_exporter(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY) -> Exporter:
+#: Exporters listen on loopback unless told otherwise (a Prometheus on another machine needs the
+#: node's address or 0.0.0.0: `--train.metrics-host` / `--renderer.metrics-host`).
+DEFAULT_HOST = "127.0.0.1"
+
+
+def start_exporter(port: int, addr: str = DEFAULT_HOST, registry: CollectorRegistry = REGISTRY) -> Exporter:
     """Serve `registry` on http://addr:port/metrics from a daemon thread (port 0 = pick a free one)."""
     try:
         server, thread = start_http_server(port, addr=addr, registry=registry)
@@ -131,12 +136,12 @@ PORT_RANGE = 64
 
 
 def start_exporter_in_range(first_port: int, registry: CollectorRegistry = REGISTRY,
-                            span: int = PORT_RANGE) -> Exporter:
-    """Start the exporter on the first free port of [first_port, first_port + span)."""
+                            span: int = PORT_RANGE, addr: str = DEFAULT_HOST) -> Exporter:
+    """Start the exporter on `addr` at the first free port of [first_port, first_port + span)."""
     last_error: OSError | None = None
     for port in range(first_port, first_port + span):
         try:
-            return start_exporter(port, registry=registry)
+            return start_exporter(port, addr=addr, registry=registry)
         except OSError as e:
             last_error = e
     raise OSError(f"no free Prometheus port in {first_port}..{first_port + span - 1}: {last_error}")

@@ -30,26 +30,34 @@ def memory_bytes() -> dict[str, float]:
 
 
 class PrometheusCallback(TrainerCallback):
-    """Serves ``da_train_*`` gauges labelled by person on the first free port from ``first_port``.
+    """Serves ``da_train_*`` gauges labelled by person on ``host`` (loopback unless told otherwise) at
+    the first free port from ``first_port``, until the run ends.
 
     The bound port is logged as a ``{"step", "metrics_port"}`` record. A registry per run: a Ray
     worker process may train several persons one after another.
     """
 
-    def __init__(self, first_port: int):
+    def __init__(self, first_port: int, host: str = "127.0.0.1"):
         self.first_port = first_port
+        self.host = host
         self.registry = CollectorRegistry()
         self.metrics = TrainingMetrics(self.registry)
         self.exporter: Exporter | None = None
 
     def on_train_start(self, trainer) -> None:
-        self.exporter = start_exporter_in_range(self.first_port, self.registry)
+        self.exporter = start_exporter_in_range(self.first_port, self.registry, addr=self.host)
         trainer.log({"step": trainer.state.step, "metrics_port": self.exporter.port})
 
     def on_log(self, trainer, record: dict) -> None:
         if "loss" in record:
             self.metrics.observe_step(trainer.config.person, record["step"], record["loss"], record["samples_per_s"],
                                       learning_rates=record["lr"], memory_bytes=memory_bytes())
+
+    def on_train_end(self, trainer, result: dict) -> None:
+        # The port is freed with the run: a Ray worker that trains the next person reuses it.
+        if self.exporter is not None:
+            self.exporter.stop()
+            self.exporter = None
 
 
 class StatusCallback(TrainerCallback):
@@ -64,5 +72,5 @@ def training_callbacks(config: TrainConfig) -> list[TrainerCallback]:
     """metrics.jsonl, progress bar, status file and, with ``config.metrics_port``, Prometheus."""
     callbacks = [*default_callbacks(config.run_dir), StatusCallback()]
     if config.metrics_port is not None:
-        callbacks.append(PrometheusCallback(config.metrics_port))
+        callbacks.append(PrometheusCallback(config.metrics_port, config.metrics_host))
     return callbacks

@@ -56,7 +56,8 @@ class AvatarRenderer:
         self.registry = CollectorRegistry()
         self.metrics = RendererMetrics(self.registry)
         self.metrics.set_queue_length(person, 0)
-        self.exporter = start_exporter_in_range(config.metrics_port, self.registry) if config.metrics_port else None
+        self.exporter = (start_exporter_in_range(config.metrics_port, self.registry, addr=config.metrics_host)
+                         if config.metrics_port else None)
         self._waiting = 0
         self.render_batch.set_max_batch_size(config.max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)

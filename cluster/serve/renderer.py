@@ -56,6 +56,9 @@ class RendererConfig:
     metrics_port: int | None = None
     """First port of a replica's Prometheus exporter (the next free one of 64 is taken); None: no
     exporter (the metrics stay readable through the deployment's `metrics_text`)."""
+    metrics_host: str = "127.0.0.1"
+    """Address a replica's exporter listens on: loopback by default; the node's address (or 0.0.0.0) when a
+    Prometheus on another machine scrapes it."""
     pipeline: RenderOptions = dataclasses.field(default_factory=RenderOptions)
     """How each replica runs the model (precision, torch.compile, batch buckets, VAE decode chunk);
     a replica warms every bucket up before it takes requests."""

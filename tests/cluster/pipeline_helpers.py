@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,10 @@ def run_launch_all(args: list[str], timeout: float = 600, env: dict | None = Non
     """jobs/launch_all.py in a fresh interpreter; stdout and stderr captured as text."""
     return subprocess.run([sys.executable, str(LAUNCH_ALL), *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

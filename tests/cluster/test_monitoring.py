@@ -119,3 +119,18 @@ def test_real_prometheus_scrapes_exporter(exporter, tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_exporters_listen_on_loopback_unless_told_otherwise() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from cluster.monitoring import start_exporter_in_range
+
+    default = start_exporter_in_range(19580, CollectorRegistry())
+    wide = start_exporter_in_range(19580, CollectorRegistry(), addr="0.0.0.0")  # the explicit cluster setting
+    try:
+        assert default.server.server_address[0] == "127.0.0.1"
+        assert wide.server.server_address[0] == "0.0.0.0" and wide.port != default.port
+    finally:
+        default.stop()
+        wide.stop()
