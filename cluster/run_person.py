@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from cluster.person_job import DEFAULT_TARGET, PersonJob, run_attempt
+from cluster.slurm_backend import slurm_restart_count
 from common.io import atomic_write_json
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(kwargs, dict):
         ap.error("--kwargs-json must be a JSON object")
     job = PersonJob(args.person, args.target, kwargs, max_retries=0)
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    restarts = slurm_restart_count()
     try:
         result = run_attempt(job, args.attempt, args.status_dir, restarts=restarts)
     except Exception as e:

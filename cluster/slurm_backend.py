@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -66,8 +67,12 @@ class SlurmConfig:
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     #: Job name prefix (``--job-name``); array jobs are named ``<job_prefix>array``.
     job_prefix: str = "train-"
-    #: Seconds between two polls of the jobs' state.
+    #: Seconds between two polls of the jobs' state (one ``sacct`` call for all jobs each time): a job
+    #: that dies without a result is noticed within this plus ``result_wait_s``.
     poll_interval_s: float = 5.0
+    #: How long a job SLURM reports finished may take to show its result file (a slow shared file
+    #: system) before it counts as died without a result (submitit's default: 15 s).
+    result_wait_s: float = 15.0
 
     def __post_init__(self) -> None:
         if self.time_min < 1:
@@ -78,6 +83,8 @@ class SlurmConfig:
             raise ValueError("SlurmConfig.max_requeues must be >= 0")
         if self.poll_interval_s <= 0:
             raise ValueError("SlurmConfig.poll_interval_s must be > 0")
+        if self.result_wait_s < 0:
+            raise ValueError("SlurmConfig.result_wait_s must be >= 0")
 
 
 class PersonRunner(Checkpointable):
@@ -91,6 +98,10 @@ class PersonRunner(Checkpointable):
         self.restarts = 0
 
     def __call__(self) -> dict:
+        # A requeue that did not go through `checkpoint` (`scontrol requeue`, a node failure with
+        # --requeue, an admin's preemption without a signal) restarts the original pickle: SLURM's
+        # own counter is then the only record of it.
+        self.restarts = max(self.restarts, slurm_restart_count())
         result = run_attempt(self.job, self.attempt, self.status_dir, restarts=self.restarts)
         return {"result": result, "restarts": self.restarts}
 
@@ -104,6 +115,14 @@ class PersonRunner(Checkpointable):
                                 restarts=self.restarts,
                                 message=f"requeued after timeout/preemption (restart {self.restarts})")
         return DelayedSubmission(self, *args, **kwargs)
+
+
+def slurm_restart_count() -> int:
+    """How many times SLURM has requeued the job this process runs in (SLURM_RESTART_COUNT; 0 outside SLURM)."""
+    try:
+        return max(0, int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
+    except ValueError:
+        return 0
 
 
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*)$")
@@ -156,6 +175,7 @@ class SlurmBackend:
         return ex
 
     def _queued(self, sdir, job: PersonJob, attempt: int, sub) -> None:
+        sub._results_timeout_s = self.config.result_wait_s  # submitit's wait for the result file
         self.job_ids.setdefault(job.person, []).append(sub.job_id)
         if sdir is not None:
             _status.write_state(sdir, job.person, "queued", attempt=attempt, restarts=0,
@@ -193,6 +213,9 @@ class SlurmBackend:
         results: dict[str, JobResult] = {}
         try:
             while pending:
+                # One sacct call for every job per poll: submitit's own watcher backs off to one call a
+                # minute and only then notices a job that died without a result (~4 min measured).
+                pending[0][2].watcher.update()
                 still = []
                 for job, attempt, sub in pending:
                     if not sub.done():

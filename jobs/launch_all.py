@@ -77,7 +77,12 @@ class LaunchAllArgs:
     backend: Literal["ray", "slurm", "local"] = "ray"
     """Where the per-person jobs run: Ray (embedded or --ray-address), SLURM via submitit, or sequentially here."""
     ray_address: str | None = None
-    """Ray cluster to join ('auto' or host:port); None starts an embedded local Ray."""
+    """Ray cluster to join ('auto' or host:port); None: the cluster in RAY_ADDRESS when set (as inside
+    `ray job submit`), else an embedded local Ray."""
+    ray_bind_host: str = "127.0.0.1"
+    """Embedded Ray only: the address its node, workers, Serve replicas and dashboard listen on. Loopback:
+    nothing is reachable from the network; a LAN address to reach the dashboard from elsewhere (Ray then also
+    listens on all interfaces)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """SLURM settings (partition, time limit, array, requeues); status_dir/log_dir default into --workdir."""
     job_cpus: float = 1.0
@@ -211,15 +216,24 @@ def _trained(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -
     return done
 
 
+def status_dir(args: LaunchAllArgs) -> Path:
+    """Where the per-person status files of this run go (what jobs/status.py reads)."""
+    if args.backend == "slurm" and args.slurm.status_dir is not None:
+        return Path(args.slurm.status_dir)
+    return args.workdir / "status"
+
+
 def _backend_config(args: LaunchAllArgs, status_dir: Path):
     if args.backend == "local":
         from cluster.local_backend import LocalConfig
 
         return LocalConfig(status_dir=status_dir)
     if args.backend == "ray":
-        from cluster.ray_backend import RayConfig
+        from cluster.ray_backend import RayConfig, resolve_ray_address
 
-        return RayConfig(status_dir=status_dir.resolve(), address=args.ray_address)
+        embedded = resolve_ray_address(args.ray_address) is None
+        return RayConfig(status_dir=status_dir.resolve(), address=args.ray_address,
+                         node_ip_address=args.ray_bind_host if embedded else None)
     slurm = args.slurm
     return dataclasses.replace(slurm, status_dir=slurm.status_dir or status_dir.resolve(),
                                log_dir=slurm.log_dir if slurm.log_dir != SlurmConfig().log_dir
@@ -247,12 +261,11 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None):
     _stage(3, f"training {len(persons)} persons on {args.backend}"
               + (f" (worker output: {logs}/<person>.log)" if logs else ""))
     if args.verbose:
-        return run_all(jobs, _backend_config(args, args.workdir / "status"))
+        return run_all(jobs, _backend_config(args, status_dir(args)))
     from jobs._console import TrainingProgress
 
-    status_dir = args.slurm.status_dir if args.backend == "slurm" and args.slurm.status_dir else args.workdir / "status"
-    with TrainingProgress(status_dir, persons):
-        return run_all(jobs, _backend_config(args, args.workdir / "status"))
+    with TrainingProgress(status_dir(args), persons):
+        return run_all(jobs, _backend_config(args, status_dir(args)))
 
 
 def _stage(number: int, text: str) -> None:
@@ -267,6 +280,7 @@ def _evaluate(args: LaunchAllArgs, persons: list[str]):
     config = EvalDriverConfig(runs=args.workdir / "runs", shards=args.workdir / "shards",
                               stores=args.workdir / "zarr", reports_root=args.workdir / "reports",
                               persons=tuple(persons), ray_address=args.ray_address,
+                              ray_bind_host=args.ray_bind_host,
                               renderer=RendererConfig(
                                   num_inference_steps=args.eval_inference_steps,
                                   # compiled code (CUDA) shared by every replica and night
@@ -300,6 +314,7 @@ def main(args: LaunchAllArgs) -> int:
     )
     from cluster.person_job import JobResult
     from cluster.preflight import BackendUnavailable, check_backend
+    from cluster.status import write_state
 
     t0 = time.time()
     check_workdir(args.workdir, args.min_free_gb)
@@ -354,6 +369,9 @@ def main(args: LaunchAllArgs) -> int:
                     for p in requested if p not in done]
     # Persons whose data could not be prepared fail alone, listed with the others.
     results += [JobResult(person=p, ok=False, attempts=0, error=reason) for p, reason in data_failed.items()]
+    for r in results:  # persons that never reached a backend get a status file too (jobs/status.py lists them)
+        if not r.ok and r.attempts == 0:
+            write_state(status_dir(args), r.person, "failed", attempt=0, restarts=0, message=r.error or "")
     print(format_summary(results))
     written = write_summary_json(results, args.workdir / "runs" / "summary.json")
     print(f"summary: {written}" if written else "summary: could not be written anywhere (see warnings)")

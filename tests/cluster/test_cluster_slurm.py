@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import TINY_DATA, TINY_TRAIN, free_port, random_tiny_base
 from workloads import expected_digest, read_runs, write_input
 
 from cluster.orchestrate import exit_code, format_summary
@@ -127,6 +128,57 @@ def test_slurm_requeue_after_signal_resumes(tmp_path, slurm_cluster, workload_en
     assert s.state == "failed"
 
 
+def test_killed_job_is_noticed_within_the_poll_interval(tmp_path, slurm_cluster, workload_env):
+    """A job killed from outside (scancel, a node that dies) leaves no result: the backend asks sacct
+    every poll_interval_s instead of waiting for submitit's own refresh, which backs off to half the
+    job's age (up to a minute: ~4 min to notice was measured on a long job)."""
+    jobs = _jobs(tmp_path, ["victim"], steps=400, step_seconds=0.5, max_retries=0)
+    backend = SlurmBackend(SlurmConfig(status_dir=tmp_path / "status", log_dir=tmp_path / "logs", time_min=5,
+                                       array=False, poll_interval_s=1.0, result_wait_s=2.0))
+    submitted = time.time()
+    th, out = _run_in_thread(backend, jobs)
+    _wait_step(tmp_path / "status", "victim", 2)
+    time.sleep(max(0.0, submitted + 40 - time.time()))  # submitit alone would now refresh every >= 20 s
+    from submitit.slurm.slurm import SlurmJob
+
+    calls = SlurmJob.watcher.num_calls
+    while SlurmJob.watcher.num_calls == calls:  # kill right after a sacct call: the worst case
+        time.sleep(0.05)
+    killed = time.time()
+    subprocess.run(["scancel", backend.job_ids["victim"][0]], check=True)
+    th.join(120)
+    noticed = time.time() - killed
+    (r,) = out["results"]
+    assert not r.ok and "CANCELLED" in r.error, r.error
+    # KillWait (5 s) + sacct lag (slurmdbd) + the 2 s result wait + one poll; submitit alone: >= 20 + 2 s
+    assert noticed < 15, f"noticed {noticed:.0f} s after the kill"
+
+
+def test_scontrol_requeue_is_counted_as_a_restart(tmp_path, slurm_cluster, workload_env):
+    """`scontrol requeue` restarts the job from its first pickle (no USR2, no checkpoint call):
+    SLURM_RESTART_COUNT is what records it, in the status file and the result."""
+    jobs = _jobs(tmp_path, ["rq"], steps=14, step_seconds=0.4, max_retries=0)
+    backend = SlurmBackend(SlurmConfig(status_dir=tmp_path / "status", log_dir=tmp_path / "logs", time_min=5,
+                                       array=False, poll_interval_s=0.5))
+    th, out = _run_in_thread(backend, jobs)
+    _wait_step(tmp_path / "status", "rq", 3)
+    subprocess.run(["scontrol", "requeue", backend.job_ids["rq"][0]], check=True)
+    deadline = time.time() + 150
+    while time.time() < deadline:  # while it runs again, the status file says so
+        st = {s.person: s for s in read_status(tmp_path / "status")}
+        if st["rq"].state == "running" and st["rq"].restarts == 1:
+            break
+        time.sleep(0.2)
+    assert st["rq"].restarts == 1 and st["rq"].attempt == 1 and "restart 1" in st["rq"].message, st["rq"]
+    th.join(150)
+    (r,) = out["results"]
+    assert r.ok and r.attempts == 1 and r.restarts == 1, r
+    runs = read_runs(tmp_path / "work", "rq")
+    assert len(runs) == 2 and runs[1]["start_step"] >= 3 and runs[1]["restarts"] == "1"
+    (s,) = read_status(tmp_path / "status")
+    assert s.state == "succeeded" and s.restarts == 1
+
+
 @pytest.mark.slow
 def test_slurm_requeue_after_real_timeout(tmp_path, slurm_cluster, workload_env):
     # 1-minute limit, USR2 50 s before it (SLURM sends it on a ~30 s grid: 10-40 s into the
@@ -192,3 +244,33 @@ def test_sbatch_person_template_requeues_on_usr2(tmp_path, slurm_cluster, worklo
 def json_result(tmp_path, person):
     import json
     return json.loads((tmp_path / "work" / person / "ckpt.json").read_text())["digest"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ray_on_slurm_template_runs_the_main_job(tmp_path, slurm_cluster):
+    """slurm/ray_on_slurm.sbatch as shipped (only sizes overridden on the sbatch command line): a Ray
+    head on the allocation, launch_all against it, Ray stopped by PID at the end."""
+    import json
+    import os
+    import socket
+    import sys
+
+    port = free_port()
+    base = random_tiny_base(tmp_path / "base")
+    env = {**os.environ, "REPO": str(REPO), "PYTHON": sys.executable, "RAY_PORT": str(port), "HEAD_IP": "127.0.0.1"}
+    args = ["--workdir", str(tmp_path / "work"), "--synthetic.persons", "2", *TINY_DATA, *TINY_TRAIN,
+            "--train.base-model", str(base), "--job-cpus", "1", "--max-retries", "0", "--no-evaluate",
+            "--min-free-gb", "0"]
+    proc = subprocess.run(["sbatch", "--wait", "--parsable", "--nodes=1", "--cpus-per-task=2", "--gpus-per-node=1",
+                           "--time=15", f"--chdir={tmp_path}", f"--output={tmp_path}/ray-slurm-%j.out",
+                           str(REPO / "slurm/ray_on_slurm.sbatch"), *args],
+                          env=env, capture_output=True, text=True, timeout=880)
+    (out_file,) = tmp_path.glob("ray-slurm-*.out")
+    out = out_file.read_text()
+    assert proc.returncode == 0, proc.stderr + out[-4000:]
+    assert "ray head on" in out and f"127.0.0.1:{port}" in out and "1 Ray node(s) alive" in out
+    summary = json.loads((tmp_path / "work" / "runs" / "summary.json").read_text())
+    assert [(r["person"], r["ok"]) for r in summary["results"]] == [("000", True), ("001", True)]
+    with socket.socket() as s:  # the head was stopped with the job
+        assert s.connect_ex(("127.0.0.1", port)) != 0
