@@ -72,6 +72,9 @@ def test_launch_all_on_ray_head(prepared, ray_head):
         assert f"train {p}:" not in out
     assert "listen_for_change" not in out and "repeated" not in out and "Unhandled error" not in out
     assert "summary:" in out and "mean self-reenactment: PSNR" in out and "report: " in out
+    # the person that failed at the data stage is in the status files too (jobs/status.py lists it)
+    status = json.loads((work / "status" / "003.json").read_text())
+    assert status["state"] == "failed" and "unreadable image" in status["message"]
     results = sorted((work / "reports" / "runs").glob("*/results.json"))
     assert results, out[-3000:]
     data = json.loads(results[-1].read_text())
