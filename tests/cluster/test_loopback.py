@@ -17,7 +17,7 @@ from cluster.bind import is_loopback
 
 
 def listening_sockets(root: psutil.Process) -> dict[tuple[str, int], str]:
-    """(address, port) -> process name of every listening TCP socket of `root` and its descendants."""
+    """(address, port) -> process name and title of every listening TCP socket of `root` and its descendants."""
     found = {}
     try:
         procs = [root, *root.children(recursive=True)]
@@ -26,8 +26,8 @@ def listening_sockets(root: psutil.Process) -> dict[tuple[str, int], str]:
     for p in procs:
         try:
             for c in p.net_connections(kind="inet"):
-                if c.status == psutil.CONN_LISTEN:
-                    found[(c.laddr.ip, c.laddr.port)] = p.name()
+                if c.status == psutil.CONN_LISTEN:  # Ray workers set their title in argv[0]
+                    found[(c.laddr.ip, c.laddr.port)] = f"{p.name()} {(p.cmdline() or [''])[0]}"
         except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError):
             continue
     return found
@@ -54,13 +54,12 @@ def test_default_run_listens_only_on_loopback(tmp_path):
         log.close()
     out = (tmp_path / "launch_all.log").read_text()
     assert proc.returncode == 0, out[-4000:]
-    names = set(seen.values())
+    names = " | ".join(sorted(set(seen.values())))
     # The run really started the services in question: Ray's GCS and raylet, the trainers (their
     # rendezvous store and exporter) and the Serve replicas.
-    assert {"gcs_server", "raylet"} <= names, sorted(names)
+    assert "gcs_server" in names and "raylet" in names and "ServeReplica" in names, names
     trainer_ports = {port for (_, port), name in seen.items() if "train-" in name}
-    assert {19640, 19641} <= trainer_ports, seen
-    assert any("ServeReplica" in n for n in names), sorted(names)
+    assert 19640 in trainer_ports and len(trainer_ports) >= 3, seen  # exporter + store + gloo at least
     exposed = {f"{ip}:{port}": name for (ip, port), name in seen.items() if not is_loopback(ip)}
     assert not exposed, f"listening outside loopback: {exposed}"
     summary = json.loads((tmp_path / "work" / "runs" / "summary.json").read_text())
