@@ -46,7 +46,8 @@ def test_default_run_listens_only_on_loopback(tmp_path):
     seen: dict[tuple[str, int], str] = {}
     try:
         while proc.poll() is None:
-            seen.update(listening_sockets(root))
+            for sock, name in listening_sockets(root).items():
+                seen.setdefault(sock, name)  # the name when first seen (a Ray worker is renamed when idle)
             time.sleep(0.1)
     finally:
         if proc.poll() is None:
