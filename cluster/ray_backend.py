@@ -13,7 +13,6 @@ In the Ray dashboard every task is listed as ``<task_prefix><person>`` (attempt 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 from cluster import status as _status
 from cluster.bind import LOOPBACK, embedded_ray_bind
 from cluster.person_job import JobResult, PersonJob, check_jobs, run_attempt
+from cluster.preflight import resolve_ray_address
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,6 @@ class RayConfig:
             if given:
                 raise ValueError(f"RayConfig: {', '.join(given)} only apply to an embedded Ray "
                                  f"(address=None), not when joining {self.address!r}")
-
-
-def resolve_ray_address(address: str | None) -> str | None:
-    """The Ray cluster to join: `address`, else the one in RAY_ADDRESS (set for the entrypoint of a
-    Ray job, `ray job submit ... -- python jobs/launch_all.py`), else None (start an embedded Ray)."""
-    return address if address is not None else (os.environ.get("RAY_ADDRESS") or None)
 
 
 def _attempt_task(job: PersonJob, attempt: int, status_dir: str | None) -> dict:

@@ -229,7 +229,8 @@ def _backend_config(args: LaunchAllArgs, status_dir: Path):
 
         return LocalConfig(status_dir=status_dir)
     if args.backend == "ray":
-        from cluster.ray_backend import RayConfig, resolve_ray_address
+        from cluster.preflight import resolve_ray_address
+        from cluster.ray_backend import RayConfig
 
         embedded = resolve_ray_address(args.ray_address) is None
         return RayConfig(status_dir=status_dir.resolve(), address=args.ray_address,

@@ -45,7 +45,7 @@ from cluster.eval_driver.uptodate import (
     evaluation_key,
     find_reusable,
 )
-from cluster.ray_backend import resolve_ray_address
+from cluster.preflight import resolve_ray_address
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
 from cluster.serve.renderer import RendererConfig, RenderRequest
 from common.io import DataError, atomic_write_bytes
