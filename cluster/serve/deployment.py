@@ -45,8 +45,12 @@ class AvatarRenderer:
     def __init__(self, person: str, model_dir: str, config: RendererConfig):
         import torch
         from prometheus_client import CollectorRegistry
+        from ray._private.services import get_node_ip_address
 
+        from cluster.bind import serve_replica_grpc_on_node_ip
         from cluster.monitoring import RendererMetrics
+
+        serve_replica_grpc_on_node_ip(get_node_ip_address())  # an embedded (loopback) Ray: nothing on [::]
 
         if config.num_cpus >= 1 and not (config.num_gpus > 0 and torch.cuda.is_available()):
             torch.set_num_threads(int(config.num_cpus))
