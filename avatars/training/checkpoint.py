@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,12 @@ class TrainerState:
     epoch: int = 0  # data epoch in progress
     position: int = 0  # samples of this epoch already consumed (by this rank)
     elapsed_s: float = 0.0  # training wall time before this process
+    # The logging window open at the checkpoint (the micro-step losses, samples and training seconds
+    # since the last metrics line), so that a resumed run logs the same means as an uninterrupted one
+    # whether or not --log-every divides --checkpoint-every.
+    window_losses: list[float] = field(default_factory=list)
+    window_samples: int = 0
+    window_s: float = 0.0
 
 
 def tag(step: int) -> str:

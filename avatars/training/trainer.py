@@ -68,7 +68,8 @@ class Trainer:
     * ``on_log(trainer, record)``: for every record of the run, all sent through :meth:`log`:
       the first step's start-up cost (``step``, ``first_step_s``, ``compiled``), a training
       window every ``log_every`` steps and at the last step (``step``, ``loss`` = mean over the
-      window, ``samples_per_s``, ``lr`` per parameter group, ``epoch``), each validation
+      window, ``samples_per_s``, ``lr`` per parameter group, ``epoch``; a checkpoint saves the open window,
+      so a resumed run logs the same means), each validation
       (``step``, ``val_psnr``, ``val_lpips``, ..., ``val_s``), and whatever callbacks log themselves.
     * ``on_validation(trainer, step, metrics)``: after each validation render.
     * ``on_checkpoint(trainer, step, path)``: after a complete checkpoint.
@@ -187,7 +188,9 @@ class Trainer:
         cfg, state, engine = self.config, self.state, self.engine
         self._emit("on_train_start")
         start_time = time.time()
-        window_t, window_samples, window_losses = time.time(), 0, []
+        # The logging window: a resumed run continues the one its checkpoint saved.
+        window_t, window_samples, window_losses = time.time(), state.window_samples, list(state.window_losses)
+        window_before = state.window_s  # training seconds of this window in the process that saved it
         data = self.batches()
         engine.engine.train()
         last_val: dict = {}
@@ -205,16 +208,19 @@ class Trainer:
                 first = None
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 losses = [float(v) for v in window_losses]
-                dt = max(time.time() - window_t, 1e-9)
+                dt = max(window_before + time.time() - window_t, 1e-9)
                 lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.engine.optimizer.param_groups)}
                 self.log({"step": state.step, "loss": sum(losses) / len(losses),
                           "samples_per_s": window_samples / dt, "lr": lrs, "epoch": state.epoch})
-                window_t, window_samples, window_losses = time.time(), 0, []
+                window_t, window_samples, window_losses, window_before = time.time(), 0, [], 0.0
             if cfg.validate_every and state.step % cfg.validate_every == 0 and state.step < cfg.steps:
                 last_val = self.validate(state.step)
             if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
                 state.elapsed_s += time.time() - start_time
                 start_time = time.time()
+                # one host sync per checkpoint (which syncs anyway): the window's losses as numbers
+                state.window_losses = window_losses = [float(v) for v in window_losses]
+                state.window_samples, state.window_s = window_samples, window_before + time.time() - window_t
                 self.save_checkpoint()
         last_val = self.validate(state.step) or last_val
         result = {"person": cfg.person, "steps": state.step, "resumed_from": self.start_step,
