@@ -37,19 +37,38 @@ def umask() -> int:
 
 
 @contextlib.contextmanager
+def naming(path: os.PathLike | str, *temporary: os.PathLike | str) -> Iterator[None]:
+    """Re-raises an OSError of the block naming ``path`` (same errno, same OSError subclass) when
+    it names no file, or only one of the ``temporary`` stand-ins for ``path``: a ``write`` on a full
+    or read-only disk says "[Errno 28] No space left on device" and nothing else. Errors that name
+    another file are left as they are."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None and str(e.filename) not in {str(t) for t in temporary}:
+            raise
+        if e.errno is None:
+            raise OSError(f"{e} (writing {path})") from e
+        raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+
+
+@contextlib.contextmanager
 def atomic_file(path: Path, mode: int | None = None) -> Iterator[Path]:
     """Yields a temporary file name beside ``path`` (same suffix, for writers that pick the format
     by it); when the block succeeds the file gets ``mode`` (default: the usual 0o666 minus the
-    umask; mkstemp makes 0600) and is renamed over ``path``. On error it is removed."""
+    umask; mkstemp makes 0600) and is renamed over ``path``. On error it is removed; an I/O error
+    names ``path`` (:func:`naming`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~umask() if mode is None else mode)
-        os.replace(tmp, path)
+        with naming(path, tmp):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~umask() if mode is None else mode)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -86,14 +105,17 @@ def replace_directory(src: Path, dst: Path) -> None:
 @contextlib.contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yields an empty temporary directory beside ``path``; when the block succeeds it replaces
-    ``path`` (:func:`replace_directory`). On error it is removed and ``path`` is untouched."""
+    ``path`` (:func:`replace_directory`). On error it is removed and ``path`` is untouched; an I/O
+    error that names no file names ``path`` (:func:`naming`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
-        yield tmp
-        replace_directory(tmp, path)
+        with naming(path, tmp):
+            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
+            yield tmp
+            replace_directory(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

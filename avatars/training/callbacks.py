@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from common.io import atomic_write_bytes, naming
+
 if TYPE_CHECKING:
     from .trainer import Trainer
 
@@ -48,7 +50,7 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 class MetricsLog(TrainerCallback):
@@ -67,7 +69,7 @@ class MetricsLog(TrainerCallback):
         truncate_jsonl(self.path, trainer.state.step)
 
     def on_log(self, trainer: Trainer, record: dict) -> None:
-        with self.path.open("a") as f:
+        with naming(self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 

@@ -11,6 +11,8 @@ complete checkpoints are kept.
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -77,11 +79,22 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("step_*") if (p / MARKER).is_file())
 
 
+#: Free space below which a failed checkpoint write is taken for a full disk.
+FULL_DISK_BYTES = 64 * 2**20
+
+
 def save(engine, ckpt_dir: Path, state: TrainerState, noise: torch.Generator, keep_last: int) -> Path:
     """Save a checkpoint of `engine` + `state` (collective: every rank calls it)."""
     ckpt_dir = Path(ckpt_dir)
     name = tag(state.step)
-    engine.save_checkpoint(str(ckpt_dir), tag=name, save_latest=False, exclude_frozen_parameters=True)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=name, save_latest=False, exclude_frozen_parameters=True)
+    except RuntimeError as e:
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc] ... unexpected pos":
+        # say what it is and where (the incomplete folder has no marker and is removed on resume).
+        if shutil.disk_usage(ckpt_dir).free < FULL_DISK_BYTES:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (torch.save: {e})", str(ckpt_dir / name)) from e
+        raise
     import io
 
     buf = io.BytesIO()

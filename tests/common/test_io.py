@@ -1,13 +1,15 @@
 """Atomic writes: a reader sees the old content or the new one, never a part, and nothing is left behind."""
 
+import errno
 import os
 import pickle
 import stat
+from pathlib import Path
 
 import pytest
 
 from common import io as cio
-from common.io import DataError, atomic_directory, atomic_file, atomic_write_json
+from common.io import DataError, atomic_directory, atomic_file, atomic_write_json, naming
 
 
 def _mode(path) -> int:
@@ -79,3 +81,65 @@ def test_data_error_names_the_file_and_survives_pickling(tmp_path):
     assert str(err) == f"{tmp_path / 'x.json'}: field 'a' is missing"
     again = pickle.loads(pickle.dumps(err))
     assert isinstance(again, ValueError) and again.path == err.path and str(again) == str(err)
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what write() says: no file name
+
+
+def test_io_errors_name_the_path_being_written(tmp_path, monkeypatch):
+    """A full disk surfaces as "[Errno 28] No space left on device: '<the file being written>'",
+    with the same errno (and OSError subclass) as the original."""
+    target = tmp_path / "runs" / "summary.json"
+    monkeypatch.setattr(Path, "write_bytes", _full_disk)
+    with pytest.raises(OSError) as err:
+        atomic_write_json(target, {"a": 1})
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+    assert str(err.value) == f"[Errno 28] No space left on device: '{target}'"
+    assert not target.exists() and list(target.parent.iterdir()) == []  # nothing half-written
+    with pytest.raises(PermissionError) as err:  # the subclass survives
+        with naming(tmp_path / "x"):
+            raise OSError(errno.EACCES, "Permission denied")
+    assert err.value.filename == str(tmp_path / "x")
+    with pytest.raises(FileNotFoundError) as err:  # an error naming another file keeps its name
+        with naming(tmp_path / "x"):
+            open(tmp_path / "elsewhere" / "y")
+    assert err.value.filename == str(tmp_path / "elsewhere" / "y")
+
+
+def test_atomic_directory_names_the_directory(tmp_path):
+    with pytest.raises(OSError) as err:
+        with atomic_directory(tmp_path / "store.zarr") as tmp:
+            (tmp / "a").write_text("x")
+            _full_disk()
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "store.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metrics_log_and_checkpoint_name_their_paths(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import torch
+
+    from avatars.training import checkpoint
+    from avatars.training.callbacks import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(Path, "open", lambda *a, **k: _full_disk())
+    with pytest.raises(OSError) as err:
+        log.on_log(None, {"step": 1, "loss": 0.5})
+    assert err.value.filename == str(tmp_path / "metrics.jsonl")
+    monkeypatch.undo()
+
+    class FullDiskEngine:  # torch.save on a full disk: a RuntimeError that says nothing useful
+        def save_checkpoint(self, *args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 0))
+    state = checkpoint.TrainerState(step=4)
+    with pytest.raises(OSError) as err:
+        checkpoint.save(FullDiskEngine(), tmp_path / "ckpt", state, torch.Generator(), keep_last=2)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "ckpt" / "step_0000004")
+    assert "torch.save" in str(err.value)
