@@ -157,7 +157,8 @@ def test_killed_job_is_noticed_within_the_poll_interval(tmp_path, slurm_cluster,
 def test_scontrol_requeue_is_counted_as_a_restart(tmp_path, slurm_cluster, workload_env):
     """`scontrol requeue` restarts the job from its first pickle (no USR2, no checkpoint call):
     SLURM_RESTART_COUNT is what records it, in the status file and the result."""
-    jobs = _jobs(tmp_path, ["rq"], steps=14, step_seconds=0.4, max_retries=0)
+    # 30 steps of 0.4 s: the requeued run lasts ~10 s, so a poll on a loaded machine sees it running
+    jobs = _jobs(tmp_path, ["rq"], steps=30, step_seconds=0.4, max_retries=0)
     backend = SlurmBackend(SlurmConfig(status_dir=tmp_path / "status", log_dir=tmp_path / "logs", time_min=5,
                                        array=False, poll_interval_s=0.5))
     th, out = _run_in_thread(backend, jobs)
