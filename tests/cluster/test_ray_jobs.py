@@ -48,9 +48,8 @@ def test_main_job_submitted_with_ray_jobs(tmp_path, ray_head):
     assert {s.person: s.state for s in read_status(work / "status")} == {"000": "succeeded", "001": "succeeded"}
     # the persons trained as tasks of the submitted job on the cluster, not in an embedded Ray
     info = client.get_job_info("da-main-job")
-    from ray.util.state import list_tasks
-
     import ray
+    from ray.util.state import list_tasks
 
     ray.init(address=ray_head.address, log_to_driver=False)
     try:
