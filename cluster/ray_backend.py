@@ -115,7 +115,9 @@ class RayBackend:
         kwargs: dict[str, Any] = dict(runtime_env=c.runtime_env, log_to_driver=True)
         address = resolve_ray_address(c.address)
         if address is None:
-            kwargs.update(num_cpus=c.num_cpus, num_gpus=c.num_gpus)
+            # "local": a new embedded Ray even when a `ray start` head runs on this machine (without
+            # it ray.init joins that head, whose resources and settings are not ours)
+            kwargs.update(address="local", num_cpus=c.num_cpus, num_gpus=c.num_gpus)
             if c.object_store_memory_mb is not None:
                 kwargs["object_store_memory"] = int(c.object_store_memory_mb) * 2**20
             kwargs.update(embedded_ray_bind(c.node_ip_address or LOOPBACK))

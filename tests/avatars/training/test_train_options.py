@@ -34,10 +34,22 @@ SCRIPT = textwrap.dedent("""
         def on_checkpoint(self, trainer, step, path): self.events.append(["checkpoint", step, path.name])
         def on_train_end(self, trainer, result): self.events.append(["end", result["steps"]])
 
+    class Scraper(TrainerCallback):
+        # reads the exporter at the end of the run, before Prometheus' own on_train_end stops it
+        body = None
+        def on_train_end(self, trainer, result):
+            url = f"http://127.0.0.1:{cfg.metrics_port}/metrics"
+            Scraper.body = urllib.request.urlopen(url, timeout=10).read().decode()
+
     # the cluster's callbacks (metrics.jsonl, progress bar, status file, Prometheus) + the recorder
-    result = train_person(cfg, [*training_callbacks(cfg), Recorder()])
-    body = urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics_port}/metrics", timeout=10).read().decode()
-    print("RESULT" + json.dumps({"result": result, "metrics": body, "events": Recorder.events}))
+    result = train_person(cfg, [Scraper(), *training_callbacks(cfg), Recorder()])
+    try:  # the exporter stops with the run (its port is free for the next person)
+        urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics_port}/metrics", timeout=10)
+        stopped = False
+    except OSError:
+        stopped = True
+    print("RESULT" + json.dumps({"result": result, "metrics": Scraper.body, "events": Recorder.events,
+                                 "stopped": stopped}))
 """)
 
 
@@ -71,6 +83,7 @@ def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_
     assert 0 < result["val_psnr_face"] < 100 and result["val_colour_error"] >= 0
     if lpips.is_file():
         assert 0 <= result["val_lpips"] <= 1.5
+    assert out["stopped"]
     assert 'da_train_step{person="000"} 4.0' in metrics
     assert 'da_train_learning_rate{group="features",person="000"} 0.01' in metrics
     assert 'da_train_learning_rate{group="networks",person="000"} 0.001' in metrics
