@@ -80,7 +80,10 @@ def test_launch_all_on_a_multinode_cluster_survives_losing_a_node(tmp_path, ray_
         summary = {r["person"]: r for r in json.loads((work / "runs" / "summary.json").read_text())["results"]}
         assert all(r["ok"] and r["result"]["steps"] == STEPS for r in summary.values()), summary
         assert summary[victim]["attempts"] == 2
-        assert 2 <= summary[victim]["result"]["resumed_from"] <= killed_at_step  # from its checkpoint
+        # from a checkpoint (every 2 steps), at least the last one the status file had seen: the
+        # file lags the run by up to a second, so the run may have checkpointed a step beyond it
+        resumed_from = summary[victim]["result"]["resumed_from"]
+        assert max(2, killed_at_step // 2 * 2 - 2) <= resumed_from < STEPS and resumed_from % 2 == 0
         assert all(summary[p]["attempts"] == 1 for p in PERSONS if p != victim)
         nodes = _task_nodes()
         assert nodes[f"train-{victim}-a2"] != dead.node_id  # rescheduled on a surviving node

@@ -30,9 +30,17 @@ def test_main_job_submitted_with_ray_jobs(tmp_path, ray_head):
                   "--synthetic.persons", "2", *TINY_DATA, *TINY_TRAIN, "--train.base-model", str(base),
                   "--job-cpus", "1", "--max-retries", "0", "--no-evaluate", "--min-free-gb", "0"]
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    submit = subprocess.run([ray_bin, "job", "submit", "--address", ray_head.dashboard_url, "--no-wait",
-                             "--submission-id", "da-main-job", "--", *entrypoint],
-                            capture_output=True, text=True, timeout=120)
+    # A fresh head's job agent starts after its dashboard answers ("No available agent to submit
+    # job, please try again later", seen on a loaded machine): retry as Ray asks, for a minute.
+    agent_deadline = time.time() + 60
+    while True:
+        submit = subprocess.run([ray_bin, "job", "submit", "--address", ray_head.dashboard_url, "--no-wait",
+                                 "--submission-id", "da-main-job", "--", *entrypoint],
+                                capture_output=True, text=True, timeout=120)
+        if submit.returncode == 0 or "No available agent" not in submit.stdout + submit.stderr:
+            break
+        assert time.time() < agent_deadline, submit.stdout + submit.stderr
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     client = JobSubmissionClient(ray_head.dashboard_url)
     deadline = time.time() + 800
