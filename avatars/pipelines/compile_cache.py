@@ -56,8 +56,9 @@ def load_compiled(folder: Path, device: torch.device) -> bool:
 
 
 def save_compiled(folder: Path, device: torch.device) -> Path | None:
-    """Write what this process compiled (and loaded) as the folder's blob; None when it compiled
-    nothing that torch can pack (e.g. no compilation, or a backend without caches)."""
+    """Write what this process compiled (and loaded) as the folder's blob, unless the blob there
+    already holds exactly that; None when it compiled nothing that torch can pack (e.g. no
+    compilation, or a backend without caches)."""
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is None:
         return None
@@ -65,6 +66,8 @@ def save_compiled(folder: Path, device: torch.device) -> Path | None:
     if not blob:
         return None
     path = cache_file(folder, device)
+    if path.is_file() and path.read_bytes() == blob:
+        return path  # loaded and nothing new compiled: every replica after the first ends here
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, blob)
     return path

@@ -54,6 +54,19 @@ def test_a_second_process_takes_the_first_ones_compiled_code(tmp_path):
     assert second["inductor"].get("fxgraph_cache_miss", 0) == 0
 
 
+def test_an_unchanged_blob_is_not_written_again(monkeypatch, tmp_path):
+    """Once a process finds everything in the blob, its artifacts equal the blob (seen from the
+    third process on, CPU): replicas then leave the file alone instead of each rewriting it."""
+    artifacts = [b"compiled A"]
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (artifacts[0], None))
+    path = save_compiled(tmp_path, torch.device("cpu"))
+    written = path.stat().st_ino
+    assert save_compiled(tmp_path, torch.device("cpu")) == path and path.stat().st_ino == written
+    artifacts[0] = b"compiled A and B"
+    save_compiled(tmp_path, torch.device("cpu"))
+    assert path.read_bytes() == b"compiled A and B" and path.stat().st_ino != written
+
+
 def test_a_corrupt_blob_is_reported_and_ignored(tmp_path):
     path = cache_file(tmp_path, torch.device("cpu"))
     path.write_bytes(b"not a cache")
