@@ -180,7 +180,8 @@ class DiffusionAvatarsConfig:
 
     def validate(self) -> None:
         n = len(self.unet.block_out_channels)
-        if not (len(self.unet.down_block_types) == len(self.unet.up_block_types) == len(self.unet.attention_heads) == n):
+        unet = self.unet
+        if not (len(unet.down_block_types) == len(unet.up_block_types) == len(unet.attention_heads) == n):
             raise ValueError("unet: block_out_channels, down/up_block_types and attention_heads need equal lengths")
         factor = self.vae.downsample_factor
         if 2 ** (len(self.conditioning_embedding_channels) - 1) != factor:

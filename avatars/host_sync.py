@@ -66,7 +66,9 @@ def count_host_syncs(fn: Callable[[], T], device: torch.device | str | None = No
 
     On a non-CUDA device (or without CUDA) ``fn`` still runs, and the count is "not measurable".
     Run ``fn`` once before (warm-up): first calls allocate, build plugins, or compile."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return fn(), SyncCount(None, f"device {device} has no CUDA stream to synchronise with")
     torch.cuda.synchronize(device)

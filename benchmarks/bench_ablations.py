@@ -163,7 +163,8 @@ def main() -> None:
         if r["variant"] == "full":
             for step, value in r["expression_norms"]:
                 norms.setdefault(step, []).append(value)
-    norm_curve = [{"step": s, "to_out norm (mean over layers, runs)": float(np.mean(v))} for s, v in sorted(norms.items())]
+    norm_curve = [{"step": s, "to_out norm (mean over layers, runs)": float(np.mean(v))}
+                  for s, v in sorted(norms.items())]
     train_cpu = sum(r["train CPU s"] or 0 for r in rows)
     eval_cpu = sum(r["eval CPU s"] or 0 for r in rows)
     report("ablations", summary, {

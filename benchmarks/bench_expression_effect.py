@@ -77,7 +77,8 @@ def main() -> None:
                      "changed pixels > 0.05 (max)": int((diff > 0.05).flatten(1).sum(1).max()),
                      "face PSNR of ignoring expression (dB)": float((-10 * torch.log10(mse.clamp_min(1e-10))).mean()),
                      "face pixels": float(mask.flatten(1).sum(1).float().mean())})
-        pictures.append(torch.cat([torch.cat(list(t[:8]), 2) for t in (real, zeroed, (diff * 4).clamp(0, 1).expand_as(real))], 1))
+        rows_of_8 = (real, zeroed, (diff * 4).clamp(0, 1).expand_as(real))
+        pictures.append(torch.cat([torch.cat(list(t[:8]), 2) for t in rows_of_8], 1))
     from PIL import Image
 
     grid = torch.cat(pictures, 1)

@@ -52,7 +52,9 @@ def fit(train: dict, test: dict, steps: int, res: int, ch: int, std: float, plr:
     planes = FeaturePlanes.from_feature_config(config, generator=torch.Generator().manual_seed(seed))
     width = RASTER_CHANNELS + config.num_output_channels
     decoder = nn.Sequential(nn.Conv2d(width, 64, 1), nn.SiLU(), nn.Conv2d(64, 64, 1), nn.SiLU(), nn.Conv2d(64, 3, 1))
-    groups = [{"params": decoder.parameters(), "lr": 1e-3}] + ([{"params": planes.parameters(), "lr": plr}] if res else [])
+    groups = [{"params": decoder.parameters(), "lr": 1e-3}]
+    if res:
+        groups.append({"params": planes.parameters(), "lr": plr})
     opt = torch.optim.Adam(groups)
 
     def forward(b: dict) -> torch.Tensor:
@@ -89,7 +91,8 @@ def main() -> None:
     rows = []
     for spec in a.variants:
         v = dict(kv.split("=") for kv in spec.split(","))
-        res, ch, std, plr = int(v.get("res", 32)), int(v.get("ch", 4)), float(v.get("std", 1.0)), float(v.get("plr", 1e-2))
+        res, ch = int(v.get("res", 32)), int(v.get("ch", 4))
+        std, plr = float(v.get("std", 1.0)), float(v.get("plr", 1e-2))
         psnr_face, colour, loss, cpu, pred = fit(train, test, a.steps, res, ch, std, plr)
         rows.append({"variant": spec, "steps": a.steps, "PSNR face": psnr_face, "colour error": colour,
                      "train loss": loss, "CPU s": cpu})

@@ -91,7 +91,8 @@ class Setup:
 def resolve(args: BenchGpuArgs) -> Setup:
     cuda = torch.cuda.is_available()
     return Setup(cuda=cuda, device=torch.device("cuda" if cuda else "cpu"),
-                 train_steps=args.train_steps or (40 if cuda else 3), train_batch=args.train_batch or (8 if cuda else 2),
+                 train_steps=args.train_steps or (40 if cuda else 3),
+                 train_batch=args.train_batch or (8 if cuda else 2),
                  render_batches=args.render_batches or ((1, 8) if cuda else (1, 2)),
                  render_steps=args.render_steps or (20 if cuda else 2), render_compile=args.render_compile,
                  workers=args.workers or max(1, min(8, (os.cpu_count() or 2) // 2)))
@@ -234,8 +235,10 @@ def render_rows(model_dir: str, s: Setup, expression_dim: int) -> list[dict]:
 def peer_layout(cuda: bool) -> tuple[dict, dict, dict, int]:
     """(unet, vae, controlnet extra) configs and the image size: SD2.1 on CUDA, a tiny one on CPU."""
     if cuda:
-        unet = dict(sample_size=64, in_channels=4, out_channels=4, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, block_out_channels=[320, 640, 1280, 1280],
+        unet = dict(sample_size=64, in_channels=4, out_channels=4,
+                    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                    block_out_channels=[320, 640, 1280, 1280],
                     layers_per_block=2, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
                     use_linear_projection=True, upcast_attention=True)
         vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
@@ -293,8 +296,8 @@ def peer_rows(s: Setup) -> tuple[list[dict], list[dict]]:
         call()
         _, syncs = count_host_syncs(call, dev)
         seconds = median_seconds(call, dev, 3)
-        render.append({"batch": b, "frames_per_s": b / seconds, "call_s": seconds, "host_syncs_per_call": syncs.to_json(),
-                       "peak_GiB": peak_gib(dev)})
+        render.append({"batch": b, "frames_per_s": b / seconds, "call_s": seconds,
+                       "host_syncs_per_call": syncs.to_json(), "peak_GiB": peak_gib(dev)})
     pipe = None  # frees it (not `del`: the closure above refers to it)
     free_memory()
 
@@ -431,8 +434,8 @@ def table(results: dict) -> list[dict]:
         extra["compile s"] = None
         if key == "train_compiled" and isinstance(row, dict):
             extra["compile s"] = results.get("compile_s")
-        ours(f"training, batch {b} ({label})", row, "samples/s", GOALS["train"] if results["train_batch"] == 8 else None,
-             peer_train, extra)
+        goal = GOALS["train"] if results["train_batch"] == 8 else None
+        ours(f"training, batch {b} ({label})", row, "samples/s", goal, peer_train, extra)
     peers = {r["batch"]: r for r in results.get("peer_render", [])}
     for row in results.get("render", []):
         goal = GOALS["render_1"] if row["batch"] == 1 else GOALS["render_8"] if row["batch"] >= 8 else None

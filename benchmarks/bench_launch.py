@@ -81,7 +81,8 @@ def bench_speedup(n: int, hash_rounds: int, steps: int, tmp: Path) -> dict:
         for i in range(n):
             write_input(d / "data", f"s{i}")
         jobs = [PersonJob(f"s{i}", "workloads:count_steps",
-                          dict(data_dir=str(d / "data"), work_dir=str(d / "work"), steps=steps, hash_rounds=hash_rounds),
+                          dict(data_dir=str(d / "data"), work_dir=str(d / "work"), steps=steps,
+                               hash_rounds=hash_rounds),
                           Resources(cpus=1), max_retries=0) for i in range(n)]
         cfg = (LocalConfig(status_dir=d / "status") if mode == "sequential_local" else
                RayConfig(status_dir=d / "status", num_cpus=os.cpu_count(), num_gpus=0, object_store_memory_mb=100,

@@ -118,7 +118,9 @@ def person_rows(a, person: str, lpips, face_lpips) -> tuple[list[dict], torch.Te
     return rows, gt, preds["trained avatar"].clamp(0, 1)
 
 
-def save_montage(path: Path, pictures: list[tuple[torch.Tensor, torch.Tensor]], columns: int = 6, scale: int = 2) -> None:
+def save_montage(
+    path: Path, pictures: list[tuple[torch.Tensor, torch.Tensor]], columns: int = 6, scale: int = 2
+) -> None:
     """Per person: ground truth row over render row, `columns` frames spread over the samples."""
     from PIL import Image
 

@@ -41,7 +41,10 @@ def tiny_variants() -> dict:
         "tiny w/o expression": tiny_config(use_expression=False),
         "tiny w/o spatial features": dataclasses.replace(base, features=FeatureConfig(mapping="none")),
         "tiny spherical UV": dataclasses.replace(
-            base, features=FeatureConfig(mapping="spherical", resolution=base.features.resolution, channels=base.features.channels)
+            base,
+            features=FeatureConfig(
+                mapping="spherical", resolution=base.features.resolution, channels=base.features.channels
+            ),
         ),
         "tiny w/o diffusion": tiny_config(use_diffusion=False),
         "tiny w/o LDM prior": tiny_config(use_ldm_prior=False),
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         })
 
     print(f"\nTiny configs, CPU, {args.threads} thread(s), batch {args.batch_size}:")
-    header = f"{'variant':28s} {'UNet M':>7s} {'train ms':>9s} {'train GFLOP':>11s} {'GFLOP/s':>8s} {'sample ms/frame':>15s} {'sample GFLOP':>12s}"
+    header = (f"{'variant':28s} {'UNet M':>7s} {'train ms':>9s} {'train GFLOP':>11s} {'GFLOP/s':>8s} "
+              f"{'sample ms/frame':>15s} {'sample GFLOP':>12s}")
     print(header)
     for r in rows:
         print(f"{r['variant']:28s} {r['unet_params_M']:7.2f} {r['train_step_ms']:9.1f} {r['train_step_GFLOP']:11.2f} "
@@ -170,8 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         print("\nFull paper config (SD2.1 layout, 512x512, counted on the meta device, not run):")
         print(f"  trainable {full['params_trainable_M']:.1f} M, frozen {full['params_frozen_M']:.1f} M, "
               f"{full['expression_layers']} expression layers, {full['conditioning_channels']} conditioning channels")
-        print(f"  training step:  {train_g:9.1f} GFLOP per sample (x{args.batch_size} per batch = {train_g * args.batch_size / 1e3:.1f} TFLOP)")
-        print(f"  sampling:       {denoise_g:9.1f} GFLOP per denoising step per frame, {20 * denoise_g / 1e3:.2f} TFLOP per 20-step frame")
+        print(f"  training step:  {train_g:9.1f} GFLOP per sample "
+              f"(x{args.batch_size} per batch = {train_g * args.batch_size / 1e3:.1f} TFLOP)")
+        print(f"  sampling:       {denoise_g:9.1f} GFLOP per denoising step per frame, "
+              f"{20 * denoise_g / 1e3:.2f} TFLOP per 20-step frame")
         print(f"  for scale: the tiny train steps above ran at a median {rate:.1f} GFLOP/s on this machine")
     atomic_write_json(args.out, result)
     print(f"\nwrote {args.out}")

@@ -64,7 +64,8 @@ def random_requests(n: int, size: int = 64, dim: int = 10) -> list:
     for i in range(n):
         normals = rng.standard_normal((3, size, size)).astype(np.float32)
         normals /= np.linalg.norm(normals, axis=0, keepdims=True)
-        out.append(RenderRequest(mask, mask * 1.0, normals * mask, rng.uniform(-1, 1, (5, size, size)).astype(np.float32) * mask,
+        canonical = rng.uniform(-1, 1, (5, size, size)).astype(np.float32) * mask
+        out.append(RenderRequest(mask, mask * 1.0, normals * mask, canonical,
                                  rng.standard_normal(dim).astype(np.float32), seed=0, key=f"f{i}"))
     return out
 

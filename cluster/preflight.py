@@ -47,8 +47,9 @@ def check_slurm(partition: str | None = None, timeout_s: float = 30.0) -> list[s
     """
     missing = [cmd for cmd in ("sbatch", "sinfo", "scancel") if shutil.which(cmd) is None]
     if missing:
-        raise BackendUnavailable(f"--backend slurm: the SLURM client commands {', '.join(missing)} are not on PATH; "
-                                 f"install SLURM's client tools (Debian: apt-get install slurm-client) and {SLURM_HINT}")
+        raise BackendUnavailable(f"--backend slurm: the SLURM client commands {', '.join(missing)} are not on "
+                                 f"PATH; install SLURM's client tools (Debian: apt-get install slurm-client) "
+                                 f"and {SLURM_HINT}")
     conf = os.environ.get("SLURM_CONF")
     where = f"SLURM_CONF={conf}" if conf else "SLURM_CONF is not set"
     if conf and not Path(conf).is_file():

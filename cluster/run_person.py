@@ -26,7 +26,8 @@ from common.io import atomic_write_json
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--person", required=True, help="person id")
-    ap.add_argument("--target", default=DEFAULT_TARGET, help="importable 'package.module:function' (default: %(default)s)")
+    ap.add_argument("--target", default=DEFAULT_TARGET,
+                    help="importable 'package.module:function' (default: %(default)s)")
     ap.add_argument("--kwargs-json", default="{}", help="keyword arguments for the target, as a JSON object")
     ap.add_argument("--status-dir", type=Path, default=None, help="directory of per-person status files")
     ap.add_argument("--attempt", type=int, default=1, help="attempt number recorded in the status file")

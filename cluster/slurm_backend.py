@@ -226,7 +226,8 @@ class SlurmBackend:
                     except Exception as e:  # FailedJobError / UncompletedJobError
                         err = f"{_headline(str(e)) or type(e).__name__} (SLURM job {sub.job_id})\n{e}"
                         if attempt <= job.max_retries:
-                            log.warning("person %s attempt %d failed (job %s), retrying", job.person, attempt, sub.job_id)
+                            log.warning("person %s attempt %d failed (job %s), retrying",
+                                        job.person, attempt, sub.job_id)
                             still.append((job, attempt + 1, self._submit_one(job, attempt + 1, sdir)))
                             continue
                         restarts = self._restarts_from_status(sdir, job.person)

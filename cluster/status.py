@@ -146,7 +146,8 @@ class StatusReporter:
         return status_path(self.status_dir, self.person)
 
     def set_state(self, state: str, message: str = "") -> None:
-        rec = write_state(self.status_dir, self.person, state, attempt=self.attempt, restarts=self.restarts, message=message)
+        rec = write_state(self.status_dir, self.person, state, attempt=self.attempt, restarts=self.restarts,
+                          message=message)
         if state == "running":
             # a new run: restart the rate clock, keep the step reached so far
             rec["started_at"] = rec["updated_at"]

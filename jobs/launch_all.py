@@ -61,7 +61,8 @@ class LaunchAllArgs:
     persons: str = "all"
     """'all' or comma-separated person ids (e.g. 017,018)."""
     workdir: Path = Path("data")
-    """Root for everything the pipeline writes: captures/ (synthetic), zarr/, shards/, base/, runs/, status/, reports/."""
+    """Root for everything the pipeline writes: captures/ (synthetic), zarr/, shards/, base/, runs/, status/,
+    reports/."""
     captures: Path | None = None
     """Existing capture root (NeRSemble-like layout). None: generate the synthetic data set into <workdir>/captures."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -189,7 +189,8 @@ class Calibration:
             except (TypeError, ValueError) as e:
                 raise DataError(path, f"camera {serial}: non-numeric matrix ({e})") from None
             if W.shape != (4, 4) or Km.shape != (3, 3):
-                raise DataError(path, f"camera {serial}: world_2_cam must be 4x4 and intrinsics 3x3, got {W.shape} and {Km.shape}")
+                raise DataError(path, f"camera {serial}: world_2_cam must be 4x4 and intrinsics 3x3, "
+                                      f"got {W.shape} and {Km.shape}")
             if not (np.isfinite(W).all() and np.isfinite(Km).all()):
                 raise DataError(path, f"camera {serial}: non-finite calibration values")
             problem = _extrinsics_problem(W) or _intrinsics_problem(Km)

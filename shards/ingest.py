@@ -140,9 +140,9 @@ def validate_person(capture: PersonCapture, config: IngestConfig):
         if mesh_steps != steps:
             no_mesh = sorted(set(steps) - set(mesh_steps))
             no_img = sorted(set(mesh_steps) - set(steps))
-            raise DataError(capture.mesh_dir(seq), f"mismatched frame counts: {len(mesh_steps)} meshes for {len(steps)} "
-                                                   f"image frames (frames without mesh: {no_mesh[:5]}, meshes without "
-                                                   f"frames: {no_img[:5]})")
+            raise DataError(capture.mesh_dir(seq),
+                            f"mismatched frame counts: {len(mesh_steps)} meshes for {len(steps)} image frames "
+                            f"(frames without mesh: {no_mesh[:5]}, meshes without frames: {no_img[:5]})")
         for t in steps:
             present = capture.image_serials(seq, t)
             missing = sorted(set(serials) - set(present))
@@ -159,14 +159,17 @@ def validate_person(capture: PersonCapture, config: IngestConfig):
             frames.append((si, t))
             for s in serials:
                 cam = calib.cameras[s]
-                image_jobs.append((capture.image_path(seq, t, s), capture.alpha_path(seq, t, s), (cam.width, cam.height)))
+                size = (cam.width, cam.height)
+                image_jobs.append((capture.image_path(seq, t, s), capture.alpha_path(seq, t, s), size))
     with ThreadPoolExecutor(max(1, config.io_threads)) as pool:
         # list() re-raises the first DataError in submission order.
         list(pool.map(lambda job: _check_image(*job), image_jobs))
     return calib, meta, sequences, frames, meshes, len(image_jobs)
 
 
-def _write_store(path: Path, attrs: dict, calib: Calibration, frames, meshes: list[MeshFrame], held_out: set[int]) -> None:
+def _write_store(
+    path: Path, attrs: dict, calib: Calibration, frames, meshes: list[MeshFrame], held_out: set[int]
+) -> None:
     g = zarr.open_group(str(path), mode="w")
     zstd = [zarr.codecs.ZstdCodec(level=3)]
 
@@ -208,7 +211,8 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
         try:
             existing = PersonStore(final)
             if existing.attrs.get("fingerprint") == fingerprint:
-                return IngestResult(person, final, existing.num_frames, existing.num_frames * len(existing.serials), True)
+                samples = existing.num_frames * len(existing.serials)
+                return IngestResult(person, final, existing.num_frames, samples, True)
         except DataError:
             pass  # stale or broken store: rebuild it
     calib, meta, sequences, frames, meshes, n_images = validate_person(capture, config)

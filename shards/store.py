@@ -79,7 +79,8 @@ class PersonStore:
             raise DataError(self.path, f"not a readable zarr store: {e}") from None
         version = self.attrs.get("format_version")
         if version != FORMAT_VERSION:
-            raise DataError(self.path, f"store format version {version!r}, expected {FORMAT_VERSION}; re-run the ingest")
+            raise DataError(self.path, f"store format version {version!r}, expected {FORMAT_VERSION}; "
+                                       "re-run the ingest")
 
     @cached_property
     def attrs(self) -> dict:
@@ -143,7 +144,8 @@ class PersonStore:
         for i in range(self.num_frames):
             seq = self.sequences[int(f["sequence"][i])]
             for c, serial in enumerate(self.serials):
-                s = Sample(i, c, seq, int(f["timestep"][i]), serial, sample_split(bool(f["held_out"][i]), serial == held_cam))
+                split_of = sample_split(bool(f["held_out"][i]), serial == held_cam)
+                s = Sample(i, c, seq, int(f["timestep"][i]), serial, split_of)
                 if split is None or s.split == split:
                     out.append(s)
         return out

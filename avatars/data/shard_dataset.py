@@ -308,7 +308,8 @@ class ResumableSampler(Sampler[int]):
 
     def indices(self) -> list[int]:
         if self.shuffle:
-            perm = torch.randperm(self.length, generator=torch.Generator().manual_seed(hash_seed(self.seed, self.epoch)))
+            generator = torch.Generator().manual_seed(hash_seed(self.seed, self.epoch))
+            perm = torch.randperm(self.length, generator=generator)
             order = perm.tolist()
         else:
             order = list(range(self.length))

@@ -56,16 +56,21 @@ class FaceModels:
     def __init__(self, config: FaceModelConfig, device: str = "cpu"):
         self.config, self.device = config, device
         self._landmarks = (
-            _load_script(config.landmark_model, "landmark model", "--landmark-model", device) if config.landmark_model else None
+            _load_script(config.landmark_model, "landmark model", "--landmark-model", device)
+            if config.landmark_model
+            else None
         )
         self._face_id = (
-            _load_script(config.face_id_model, "face-identity model", "--face-id-model", device) if config.face_id_model else None
+            _load_script(config.face_id_model, "face-identity model", "--face-id-model", device)
+            if config.face_id_model
+            else None
         )
 
     @torch.no_grad()
     def _run(self, model: torch.jit.ScriptModule, frames: torch.Tensor) -> torch.Tensor:
         bs = self.config.batch_size
-        return torch.cat([model(frames[i : i + bs].to(self.device)).float().cpu() for i in range(0, frames.shape[0], bs)])
+        chunks = [frames[i : i + bs] for i in range(0, frames.shape[0], bs)]
+        return torch.cat([model(chunk.to(self.device)).float().cpu() for chunk in chunks])
 
     def akd(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor | None:
         """Per-frame average keypoint distance in pixels, or None without a landmark model."""
@@ -73,7 +78,8 @@ class FaceModels:
             return None
         kp, kg = self._run(self._landmarks, pred), self._run(self._landmarks, gt)
         if kp.ndim != 3 or kp.shape[-1] != 2 or kp.shape != kg.shape:
-            raise ValueError(f"{self.config.landmark_model}: landmark model must return (N, K, 2), got {tuple(kp.shape)}")
+            raise ValueError(f"{self.config.landmark_model}: landmark model must return (N, K, 2), "
+                             f"got {tuple(kp.shape)}")
         return (kp - kg).norm(dim=-1).mean(dim=-1)
 
     def csim(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor | None:
@@ -82,5 +88,6 @@ class FaceModels:
             return None
         ep, eg = self._run(self._face_id, pred), self._run(self._face_id, gt)
         if ep.ndim != 2 or ep.shape != eg.shape:
-            raise ValueError(f"{self.config.face_id_model}: face-identity model must return (N, D), got {tuple(ep.shape)}")
+            raise ValueError(f"{self.config.face_id_model}: face-identity model must return (N, D), "
+                             f"got {tuple(ep.shape)}")
         return F.cosine_similarity(ep, eg, dim=-1)

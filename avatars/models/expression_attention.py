@@ -165,8 +165,8 @@ class ExpressionAttentionLayers(ModelMixin, ConfigMixin):
         """Wraps every attention processor of ``unet`` (replacing earlier expression processors)."""
         targets = [name for name, _ in expression_target_blocks(unet)]
         if targets != self.names:
-            raise ValueError(f"these expression layers serve the blocks {self.names[:3]}... ({len(self.names)}), the UNet "
-                             f"has {targets[:3]}... ({len(targets)}): not the UNet they were built for")
+            raise ValueError(f"these expression layers serve the blocks {self.names[:3]}... ({len(self.names)}), "
+                             f"the UNet has {targets[:3]}... ({len(targets)}): not the UNet they were built for")
         by_name = {f"{name}.attn2.processor": layer for name, layer in zip(self.names, self.layers)}
         processors = unet.attn_processors
         unet.set_attn_processor({name: ExpressionAttnProcessor(_base_processor(proc), by_name.get(name))

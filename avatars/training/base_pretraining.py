@@ -284,7 +284,9 @@ def train_vae(config: BasePretrainConfig, model_config: DiffusionAvatarsConfig, 
 
 
 @torch.no_grad()
-def encode_latents(vae, dataset: ShardDataset, loader_config: LoaderConfig, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(
+    vae, dataset: ShardDataset, loader_config: LoaderConfig, passes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior (mean, std) of every training image, ``passes`` times with different augmentation
     (epochs 0 .. passes-1 of the dataset), in the VAE's (possibly folded) latent space, unscaled."""
     sampler = ResumableSampler(len(dataset), seed=loader_config.seed, shuffle=False)
@@ -433,7 +435,8 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
                 "heldout_images": len(held_out), "heldout_split": "test_seq",
                 "latent_std": std, "measured_scaling_factor": measured, "scaling_factor": scaling_factor,
                 "scaling_folded": config.fold_scaling, "scaled_latent_std": scaled_std},
-        "unet": {"steps": config.unet_steps, "cached_latents": int(mean.shape[0]), "first_v_loss": unet_loss_first, "final_v_loss": unet_loss_final},
+        "unet": {"steps": config.unet_steps, "cached_latents": int(mean.shape[0]),
+                 "first_v_loss": unet_loss_first, "final_v_loss": unet_loss_final},
         "seconds": {"vae": vae_seconds, "unet": seconds - vae_seconds, "total": seconds},
     }
     with atomic_directory(output) as tmp:

@@ -61,8 +61,8 @@ def mismatch(run_dir: Path, fingerprint: str | None) -> str | None:
             return f"{run_dir} holds training state but no {RECORD_FILE}: the base it was trained on is unknown"
         return None
     if record["fingerprint"] != fingerprint:
-        return (f"{run_dir} was trained on the base {record.get('path')} (fingerprint {_short(record['fingerprint'])}), "
-                f"not on this one (fingerprint {_short(fingerprint)})")
+        return (f"{run_dir} was trained on the base {record.get('path')} "
+                f"(fingerprint {_short(record['fingerprint'])}), not on this one (fingerprint {_short(fingerprint)})")
     return None
 
 

@@ -41,7 +41,8 @@ def clipped_parameters(model: nn.Module, scope: str = "controlnet") -> list[nn.P
     if scope not in CLIP_SCOPES:
         raise ValueError(f"clip scope must be one of {CLIP_SCOPES}, got {scope!r}")
     if scope == "controlnet":
-        nets = [model.controlnet] if getattr(model, "controlnet", None) is not None else [model.unet, model.cond_embedding]
+        has_controlnet = getattr(model, "controlnet", None) is not None
+        nets = [model.controlnet] if has_controlnet else [model.unet, model.cond_embedding]
         return [p for net in nets for p in net.parameters() if p.requires_grad]
     return [p for p in model.parameters() if p.requires_grad]
 

@@ -44,7 +44,8 @@ class Validator:
             model.train(was_training)
         gt = (self.batch["image"] + 1) / 2
         face = self.batch["mask"]
-        metrics = {"val_psnr": float(psnr(pred, gt).mean()), "val_psnr_face": float(masked_psnr(pred, gt, face).nanmean()),
+        metrics = {"val_psnr": float(psnr(pred, gt).mean()),
+                   "val_psnr_face": float(masked_psnr(pred, gt, face).nanmean()),
                    "val_colour_error": float(mean_colour_error(pred, gt, face).nanmean())}
         if self.lpips is not None:
             metrics["val_lpips"] = float(self.lpips(pred * 2 - 1, gt * 2 - 1).mean())

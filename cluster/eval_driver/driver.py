@@ -257,7 +257,9 @@ class _Run:
 
         self.config = config
         self.folder = run_folder
-        lpips = LpipsConfig(Path(config.lpips_weights), device=config.eval_device) if "lpips" in config.metrics else None
+        lpips = None
+        if "lpips" in config.metrics:
+            lpips = LpipsConfig(Path(config.lpips_weights), device=config.eval_device)
         if lpips is not None and not lpips.weights_path.is_file():
             raise DataError(lpips.weights_path, "LPIPS weights are missing (see avatars.evaluation.lpips_weights) "
                                                 "or drop 'lpips' from --metrics")
@@ -285,7 +287,8 @@ class _Run:
         if task == "novel_view":
             return novel_view(store, shards, resolution)
         if driver is None:
-            raise TaskSkipped(f"cross-reenactment of {person} needs a second person to drive it; only {person} is evaluated")
+            raise TaskSkipped(f"cross-reenactment of {person} needs a second person to drive it; "
+                              f"only {person} is evaluated")
         return cross_reenactment(store, self.store(driver), shards, resolution)
 
     def person(self, person: str, driver: str | None) -> dict[str, TaskResult]:

@@ -167,8 +167,8 @@ def driven_conditioning(store: PersonStore, person_model, synth, expression: np.
     true_v = person_model.true_vertices(expression)
     fitted = H.smooth_and_perturb(true_v, person_model.faces, np.random.default_rng(fit_seed), synth.fit_smoothing,
                                   synth.fit_noise).astype(np.float32)
-    canonical = normalise_canonical(person_model.canonical(expression).astype(np.float32), store.attrs["canonical_bounds"],
-                                    store.attrs["ambient_bounds"])
+    canonical = normalise_canonical(person_model.canonical(expression).astype(np.float32),
+                                    store.attrs["canonical_bounds"], store.attrs["ambient_bounds"])
     buf = rasterize(torch.from_numpy(fitted), torch.from_numpy(person_model.faces).long(), camera,
                     attributes=torch.from_numpy(canonical), backend="cpu")
     mask = buf.mask.numpy()

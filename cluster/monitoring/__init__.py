@@ -13,4 +13,11 @@ from cluster.monitoring.metrics import (
     start_exporter_in_range,
 )
 
-__all__ = ["DEFAULT_RENDERER_PORT", "DEFAULT_TRAINING_PORT", "RendererMetrics", "TrainingMetrics", "start_exporter", "start_exporter_in_range"]
+__all__ = [
+    "DEFAULT_RENDERER_PORT",
+    "DEFAULT_TRAINING_PORT",
+    "RendererMetrics",
+    "TrainingMetrics",
+    "start_exporter",
+    "start_exporter_in_range",
+]

@@ -39,13 +39,15 @@ class TrainingMetrics:
         self.step = Gauge("da_train_step", "Current optimizer step", ["person"], registry=registry)
         self.loss = Gauge("da_train_loss", "Training loss of the latest step", ["person"], registry=registry)
         self.samples_per_second = Gauge(
-            "da_train_samples_per_second", "Training throughput over the latest logging window", ["person"], registry=registry
+            "da_train_samples_per_second", "Training throughput over the latest logging window", ["person"],
+            registry=registry,
         )
         self.learning_rate = Gauge(
             "da_train_learning_rate", "Learning rate per parameter group", ["person", "group"], registry=registry
         )
         self.memory_bytes = Gauge(
-            "da_train_memory_bytes", "Memory in use (kind: gpu_allocated, gpu_reserved, cpu_rss)", ["person", "kind"], registry=registry
+            "da_train_memory_bytes", "Memory in use (kind: gpu_allocated, gpu_reserved, cpu_rss)", ["person", "kind"],
+            registry=registry,
         )
 
     def observe_step(
@@ -75,9 +77,12 @@ class RendererMetrics:
         self.frames_per_second = Gauge(
             "da_render_frames_per_second", "Frames per second of the latest batch", ["person"], registry=registry
         )
-        self.queue_length = Gauge("da_render_queue_length", "Requests waiting to be rendered", ["person"], registry=registry)
+        self.queue_length = Gauge(
+            "da_render_queue_length", "Requests waiting to be rendered", ["person"], registry=registry
+        )
         self.batch_size = Histogram(
-            "da_render_batch_size", "Frames per rendered batch", ["person"], buckets=BATCH_SIZE_BUCKETS, registry=registry
+            "da_render_batch_size", "Frames per rendered batch", ["person"], buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
         )
         self.latency = Histogram(
             "da_render_request_latency_seconds", "Time from request to rendered frame", ["person"],

@@ -44,7 +44,9 @@ class RunSummary:
             "run_date": self.run_date,
             "metrics": self.metrics,
             "tasks": self.tasks,
-            "persons": {p: {"tasks": self.person_tasks[p], "average": self.person_average[p]} for p in self.person_tasks},
+            "persons": {
+                p: {"tasks": self.person_tasks[p], "average": self.person_average[p]} for p in self.person_tasks
+            },
             "average": {"tasks": self.task_average, "overall": self.overall},
         }
 
@@ -53,7 +55,10 @@ def summarize(run: RunResults) -> RunSummary:
     """Compute per-person, per-task and overall averages of one run."""
     names = metric_order({m for tasks in run.persons.values() for r in tasks.values() for m in r.metrics})
     tasks = sorted({t for ts in run.persons.values() for t in ts})
-    person_tasks = {p: {t: {m: r.metrics.get(m) for m in names} for t, r in sorted(ts.items())} for p, ts in sorted(run.persons.items())}
+    person_tasks = {
+        p: {t: {m: r.metrics.get(m) for m in names} for t, r in sorted(ts.items())}
+        for p, ts in sorted(run.persons.items())
+    }
     person_average = {p: _mean_dicts(list(ts.values()), names) for p, ts in person_tasks.items()}
     task_average = {t: _mean_dicts([ts[t] for ts in person_tasks.values() if t in ts], names) for t in tasks}
     overall = _mean_dicts(list(person_average.values()), names)

@@ -41,5 +41,6 @@ def higher_is_better(name: str) -> bool:
 
 def metric_order(names: set[str] | list[str]) -> list[str]:
     """Known metrics in table order (unmasked, then masked), then unknown ones alphabetically."""
-    known = [m for m in METRIC_INFO if m in names] + [m + MASKED_SUFFIX for m in METRIC_INFO if m + MASKED_SUFFIX in names]
+    known = [m for m in METRIC_INFO if m in names]
+    known += [m + MASKED_SUFFIX for m in METRIC_INFO if m + MASKED_SUFFIX in names]
     return known + sorted(set(names) - set(known))

@@ -29,9 +29,11 @@ def trend_plot(metric: str, history: list[RunSummary], dpi: int = 80) -> str:
         persons = sorted({p for h in history for p in h.person_average})
         for p in persons:
             ys = [h.person_average.get(p, {}).get(metric) for h in history]
-            ax.plot(x, [float("nan") if y is None else y for y in ys], marker="o", markersize=3, linewidth=1, alpha=0.7, label=p)
+            ax.plot(x, [float("nan") if y is None else y for y in ys], marker="o", markersize=3, linewidth=1,
+                    alpha=0.7, label=p)
         avg = [h.overall.get(metric) for h in history]
-        ax.plot(x, [float("nan") if y is None else y for y in avg], marker="s", color="black", linewidth=2.5, label="average")
+        ax.plot(x, [float("nan") if y is None else y for y in avg], marker="s", color="black", linewidth=2.5,
+                label="average")
         arrow = "higher is better" if higher_is_better(metric) else "lower is better"
         ax.set_title(f"{metric_label(metric)} ({arrow})", fontsize=10)
         ax.set_xticks(x, dates, rotation=30, ha="right", fontsize=7)

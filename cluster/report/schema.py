@@ -109,7 +109,8 @@ class TaskResult:
     def from_evaluation(cls, evaluation: dict, video: str | None = None, thumbnail: str | None = None) -> "TaskResult":
         """Build from `avatars.evaluation.Evaluator.evaluate_video` output."""
         metrics = {k: _finite(v["mean"]) for k, v in evaluation["metrics"].items()}
-        per_frame = {k: [_finite(x) for x in v["per_frame"]] for k, v in evaluation["metrics"].items() if v["per_frame"] is not None}
+        per_frame = {k: [_finite(x) for x in v["per_frame"]]
+                     for k, v in evaluation["metrics"].items() if v["per_frame"] is not None}
         return cls(metrics, per_frame, dict(evaluation.get("skipped", {})), int(evaluation["frames"]), video, thumbnail)
 
     def to_json(self) -> dict:

@@ -166,7 +166,8 @@ def deploy_renderer(person: str, model_dir: Path, config: RendererConfig | None 
     try:
         return serve.run(app, name=app_name(person), route_prefix=None)
     except RuntimeError as e:  # Serve's own message names no cause: add the replicas' error
-        raise RuntimeError(f"renderer for person {person} ({model_dir}) failed to start: {_deploy_error(person)}") from e
+        raise RuntimeError(f"renderer for person {person} ({model_dir}) failed to start: "
+                           f"{_deploy_error(person)}") from e
 
 
 def _deploy_error(person: str) -> str:

@@ -142,7 +142,8 @@ class FrameRenderer:
         self.model_dir = Path(model_dir)
         self.config = config
         if not (self.model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{self.model_dir}: no trained avatar here (config.json missing; did training finish?)")
+            raise FileNotFoundError(f"{self.model_dir}: no trained avatar here "
+                                    "(config.json missing; did training finish?)")
         self.device = resolve_device(config.device)
         model = DiffusionAvatarsModel.from_pretrained(self.model_dir, base_model=config.base_model)
         self.pipeline = RenderPipeline(model.to(self.device), config.pipeline, max_batch_size=config.max_batch_size)
@@ -177,7 +178,8 @@ class FrameRenderer:
     @torch.no_grad()
     def render_tensor(self, requests: list[RenderRequest]) -> list[np.ndarray]:
         """One pipeline call for requests of equal size -> (H, W, 3) float32 images."""
-        batch = {k: torch.from_numpy(np.stack([getattr(r, k) for r in requests])) for k in (*BUFFER_CHANNELS, "expression")}
+        batch = {k: torch.from_numpy(np.stack([getattr(r, k) for r in requests]))
+                 for k in (*BUFFER_CHANNELS, "expression")}
         images = self.pipeline(batch, num_inference_steps=self.config.num_inference_steps, sampler=self.config.sampler,
                                seeds=[r.seed for r in requests])
         return list(images.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())

@@ -102,7 +102,8 @@ class SyntheticConfig:
     @property
     def serials(self) -> list[str]:
         """Camera serials used: the frontal one plus the next ones in dome order."""
-        order = [NERSEMBLE_SERIALS.index(FRONTAL_SERIAL)] + [i for i in range(16) if NERSEMBLE_SERIALS[i] != FRONTAL_SERIAL]
+        frontal = NERSEMBLE_SERIALS.index(FRONTAL_SERIAL)
+        order = [frontal] + [i for i in range(16) if NERSEMBLE_SERIALS[i] != FRONTAL_SERIAL]
         return sorted(NERSEMBLE_SERIALS[i] for i in order[: self.cameras])
 
 
@@ -176,7 +177,9 @@ class PersonModel:
         """(V, 5): neutral position / CANONICAL_SCALE (3) + ambient dims (2)."""
         return np.concatenate([self.neutral / H.CANONICAL_SCALE, H.ambient_coords(self.dirs, expr)], 1)
 
-    def render(self, vertices: np.ndarray, expr: np.ndarray, camera: Camera, camera_index: int) -> tuple[np.ndarray, np.ndarray]:
+    def render(
+        self, vertices: np.ndarray, expr: np.ndarray, camera: Camera, camera_index: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Ground-truth RGB (H, W, 3) uint8 over the backdrop and alpha (H, W) uint8."""
         attrs = np.concatenate([self.dirs, self.neutral / H.CANONICAL_SCALE], 1)
         buf = rasterize(torch.from_numpy(vertices).float(), torch.from_numpy(self.faces).long(), camera,

@@ -51,7 +51,8 @@ def test_each_frame_gets_its_videos_noise_whatever_its_batch(pipeline):
         alone = pipeline({k: v[i:i + 1] for k, v in batch.items()}, num_inference_steps=3, seeds=seed)
         torch.testing.assert_close(alone[0], mixed[i], rtol=0, atol=1e-5)
     # the same batch size: bit-for-bit, whatever the other frames and the frame's position
-    swapped = pipeline({k: v[[2, 1, 0]] for k, v in batch.items() if torch.is_tensor(v)}, num_inference_steps=3, seeds=[5, 7, 5])
+    reversed_batch = {k: v[[2, 1, 0]] for k, v in batch.items() if torch.is_tensor(v)}
+    swapped = pipeline(reversed_batch, num_inference_steps=3, seeds=[5, 7, 5])
     torch.testing.assert_close(swapped[2], mixed[0], rtol=0, atol=0)
     torch.testing.assert_close(swapped[0], mixed[2], rtol=0, atol=0)
     with pytest.raises(ValueError, match="seeds"):

@@ -99,7 +99,8 @@ def test_processor_adds_the_expression_attention_to_attn2():
     _, block = expression_target_blocks(unet)[0]
     hidden = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2))
     _, _, context, tokens = _inputs()
-    expected = block.attn2(hidden, encoder_hidden_states=context) + layers.layers[0](hidden, encoder_hidden_states=tokens)
+    expected = (block.attn2(hidden, encoder_hidden_states=context)
+                + layers.layers[0](hidden, encoder_hidden_states=tokens))
     layers.install(unet)
     got = block.attn2(hidden, encoder_hidden_states=context, **{TOKENS_KWARG: tokens})
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -119,7 +120,9 @@ def test_transformer_block_compiles_without_graph_breaks():
     layers.install(unet)
     _, block = expression_target_blocks(unet)[0]
     g = torch.Generator().manual_seed(3)
-    hidden, context, tokens = torch.randn(2, 16, 32, generator=g), torch.randn(2, 7, 32, generator=g), torch.randn(2, 4, 32, generator=g)
+    hidden = torch.randn(2, 16, 32, generator=g)
+    context = torch.randn(2, 7, 32, generator=g)
+    tokens = torch.randn(2, 4, 32, generator=g)
     kwargs = {"encoder_hidden_states": context, "cross_attention_kwargs": {TOKENS_KWARG: tokens}}
     compiled = torch.compile(block, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(hidden, **kwargs), block(hidden, **kwargs), rtol=0, atol=0)

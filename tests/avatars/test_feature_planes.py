@@ -86,6 +86,7 @@ def test_planes_start_as_the_official_standard_normal():
     from avatars.models.feature_planes import FeaturePlanes
 
     assert FeatureConfig().init_std == 1.0 == FeaturePlanes().config.init_std  # one default
-    planes = FeaturePlanes.from_feature_config(FeatureConfig(resolution=64, channels=4), generator=torch.Generator().manual_seed(0))
+    planes = FeaturePlanes.from_feature_config(FeatureConfig(resolution=64, channels=4),
+                                               generator=torch.Generator().manual_seed(0))
     for p in (planes.spatial, planes.ambient):
         assert abs(float(p.mean())) < 0.02 and abs(float(p.std()) - 1.0) < 0.02

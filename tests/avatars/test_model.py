@@ -132,7 +132,8 @@ def test_training_loss_is_mse_to_velocity():
     t = torch.randint(0, 1000, (2,), generator=g)
     s = model.noise_scheduler
     assert s.config.prediction_type == "v_prediction" and float(s.alphas_cumprod[-1]) == 0.0
-    velocity = s.alphas_cumprod[t].sqrt()[:, None, None, None] * noise - (1 - s.alphas_cumprod[t]).sqrt()[:, None, None, None] * latents
+    alpha_bar = s.alphas_cumprod[t][:, None, None, None]
+    velocity = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
     with torch.no_grad():
         pred = model.denoise(s.add_noise(latents, noise, t), t, model.conditioning(batch),
                              model.encode_expression(batch["expression"]))
@@ -152,7 +153,8 @@ def test_ablation_switches():
     no_feat = DiffusionAvatarsModel(dataclasses.replace(base, features=FeatureConfig(mapping="none")))
     assert no_feat.controlnet.config.conditioning_channels == 9
     assert len(no_feat.parameter_groups()) == 1
-    sph = DiffusionAvatarsModel(dataclasses.replace(base, features=FeatureConfig(mapping="spherical", resolution=32, channels=4)))
+    spherical = FeatureConfig(mapping="spherical", resolution=32, channels=4)
+    sph = DiffusionAvatarsModel(dataclasses.replace(base, features=spherical))
     assert sph.controlnet.config.conditioning_channels == base.conditioning_channels == 25
 
     scratch = DiffusionAvatarsModel(tiny_config(use_ldm_prior=False))

@@ -43,7 +43,8 @@ def test_sd21_layout_on_meta_device():
     assert not any(p.requires_grad for p in model.unet.parameters())
     # parameter counts of the paper model (README, bench_model): expression tokens + 15 layers,
     # all trainable parts, and the frozen UNet + VAE
-    expression = sum(p.numel() for part in (model.expression_tokens, model.expression_layers) for p in part.parameters())
+    expression = sum(p.numel() for part in (model.expression_tokens, model.expression_layers)
+                     for p in part.parameters())
     assert expression == 44_866_496
     assert sum(p.numel() for p in model.trainable_state_dict().values()) == 425_882_032
     assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == 949_564_587

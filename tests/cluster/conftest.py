@@ -39,7 +39,8 @@ SLURM_MARIADB_PORT = os.environ.get("DA_TEST_SLURM_MARIADB_PORT", "13307")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slurm: needs a local SLURM (started by the test suite; skipped if it cannot be installed)")
+    config.addinivalue_line(
+        "markers", "slurm: needs a local SLURM (started by the test suite; skipped if it cannot be installed)")
     config.addinivalue_line("markers", "ray: starts a local Ray cluster")
 
 
@@ -136,7 +137,8 @@ def slurm_cluster():
         if proc.returncode != 0:
             if shutil.which("slurmctld") is None:
                 pytest.skip(f"could not install SLURM with apt-get:\n{proc.stderr[-2000:]}")
-            raise RuntimeError(f"start-slurm.sh failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"start-slurm.sh failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                               f"{proc.stderr[-3000:]}")
         conf = str(SLURM_BASE / "etc/slurm.conf")
         saved = os.environ.get("SLURM_CONF")
         os.environ["SLURM_CONF"] = conf

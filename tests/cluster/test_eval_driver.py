@@ -75,10 +75,12 @@ def test_cross_reenactment_meshes_follow_the_driving_codes(tiny_data):
     assert not cross.has_ground_truth and cross.driver == "001"
     drive = self_reenactment(b, shards, R)
     assert cross.frames == drive.frames
-    np.testing.assert_array_equal(cross.clips[0].conditioning[0]["expression"], drive.clips[0].conditioning[0]["expression"])
+    np.testing.assert_array_equal(cross.clips[0].conditioning[0]["expression"],
+                                  drive.clips[0].conditioning[0]["expression"])
     np.testing.assert_array_equal(cross.clips[0].reference, drive.clips[0].reference)  # left panel: B's frame
     # A's geometry, not B's: the masks differ from B's own frames
-    diff = [np.abs(c["mask"] - d["mask"]).sum() for c, d in zip(cross.clips[0].conditioning, drive.clips[0].conditioning)]
+    diff = [np.abs(c["mask"] - d["mask"]).sum()
+            for c, d in zip(cross.clips[0].conditioning, drive.clips[0].conditioning)]
     assert max(diff) > 0
 
 
@@ -95,9 +97,11 @@ def test_cross_reenactment_needs_a_synthetic_capture(tiny_data):
 
 
 def test_merge_evaluations_and_drivers():
-    e1 = {"frames": 2, "metrics": {"psnr": {"mean": 20.0, "per_frame": [19.0, 21.0]}, "jod": {"mean": 8.0, "per_frame": None}},
+    e1 = {"frames": 2,
+          "metrics": {"psnr": {"mean": 20.0, "per_frame": [19.0, 21.0]}, "jod": {"mean": 8.0, "per_frame": None}},
           "skipped": {"akd": "no model"}}
-    e2 = {"frames": 1, "metrics": {"psnr": {"mean": 26.0, "per_frame": [26.0]}, "jod": {"mean": 6.0, "per_frame": None}},
+    e2 = {"frames": 1,
+          "metrics": {"psnr": {"mean": 26.0, "per_frame": [26.0]}, "jod": {"mean": 6.0, "per_frame": None}},
           "skipped": {}}
     m = merge_evaluations([e1, e2])
     assert m["frames"] == 3 and m["metrics"]["psnr"] == {"mean": 22.0, "per_frame": [19.0, 21.0, 26.0]}
@@ -129,7 +133,8 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
     _, stores, shards = tiny_data
     runs = tmp_path / "runs"
     for i, p in enumerate(TINY.person_ids):
-        DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim, init_seed=i)).save_pretrained(runs / p / "model")
+        model = DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim, init_seed=i))
+        model.save_pretrained(runs / p / "model")
     (runs / "zz9").mkdir()  # a person whose training never produced a model
     reports = tmp_path / "nightly"
     config = EvalDriverConfig(

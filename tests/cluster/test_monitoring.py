@@ -104,7 +104,8 @@ def test_real_prometheus_scrapes_exporter(exporter, tmp_path: Path) -> None:
             time.sleep(0.5)
         assert result, "no sample scraped within 30 s:\n" + (tmp_path / "prometheus.log").read_text()
         assert float(result[0]["value"][1]) == 24.0
-        assert result[0]["metric"]["component"] == "renderer" and result[0]["metric"]["job"] == "diffusion-avatars-renderer"
+        labels = result[0]["metric"]
+        assert labels["component"] == "renderer" and labels["job"] == "diffusion-avatars-renderer"
         # The dashboard's PromQL is valid for this Prometheus and returns data where it must.
         for expr in _dashboard_exprs():
             q = expr.replace("$person", ".*").replace("$__rate_interval", "10s").replace("$__range", "1m")

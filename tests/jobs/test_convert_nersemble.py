@@ -67,7 +67,8 @@ def test_converts_every_third_timestep_with_scaled_intrinsics(tmp_path):
     calib = Calibration.load(capture.calibration_path)
     cam = calib.cameras["222200037"]
     assert (cam.width, cam.height) == HALF
-    np.testing.assert_allclose(cam.K, [[50, 0, 19.5], [0, 50, 29.5], [0, 0, 1]])  # half size: the image centre stays the centre
+    # half size: the image centre stays the centre
+    np.testing.assert_allclose(cam.K, [[50, 0, 19.5], [0, 50, 29.5], [0, 0, 1]])
     img = Image.open(capture.image_path("EXP-1-head", 3, "222200037"))
     alpha = Image.open(capture.alpha_path("EXP-1-head", 3, "222200037"))
     assert img.format == "PNG" and img.mode == "RGB" and img.size == HALF and alpha.size == HALF and alpha.mode == "L"
@@ -85,7 +86,8 @@ def test_converts_every_third_timestep_with_scaled_intrinsics(tmp_path):
 def test_flame_tracking_uses_template_vertices_and_appends_poses(tmp_path):
     nersemble, tracking = _fake_download(tmp_path, kind="flame", timesteps=4)
     out = tmp_path / "captures"
-    assert convert_person(ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL), "017", progress=False) == "converted"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    assert convert_person(config, "017", progress=False) == "converted"
     mesh = MeshFrame.load(PersonCapture(out, "017").mesh_path("EXP-1-head", 3))
     assert mesh.canonical.shape == (30, 3) and mesh.expression.shape == (14,)
     np.testing.assert_array_equal(mesh.expression, [3] * 5 + [0] * 3 + [1] * 6)

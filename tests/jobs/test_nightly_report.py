@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.nightly_report", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "jobs.nightly_report", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_cli_builds_report(tmp_path: Path) -> None:

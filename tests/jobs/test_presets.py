@@ -39,7 +39,8 @@ def test_help_shows_the_values_of_the_chosen_preset(capsys):
 
 
 def test_the_first_argument_picks_the_preset_and_tiny_is_the_default():
-    args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["--persons", "000", "--train.steps", "3"])
+    args = preset_cli(launch_all.PRESETS, default="tiny", description="d",
+                      args=["--persons", "000", "--train.steps", "3"])
     assert args.persons == "000" and args.train.steps == 3 and args.train.model == tiny_config()
     args = preset_cli(launch_all.PRESETS, default="tiny", description="d",
                       args=["paper", "--train.base-model", "/models/sd21"])

