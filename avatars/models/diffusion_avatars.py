@@ -43,6 +43,7 @@ from avatars.base_model import (
     save_tensor_atomic,
 )
 from avatars.configs import DiffusionAvatarsConfig, UNetConfig, VAEConfig
+from avatars.models import autocast
 from avatars.models.conditioning import ConditioningBuilder, ConditioningEmbedding
 from avatars.models.expression_attention import (
     TOKENS_KWARG,
@@ -400,8 +401,11 @@ class DiffusionAvatarsModel(nn.Module):
     def encode_images(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> scaled VAE latents (a posterior sample), float32.
 
-        The VAE runs in the dtype of its weights (bf16 when DeepSpeed or a renderer cast it)."""
-        dist = self.vae.encode(image.to(_dtype_of(self.vae))).latent_dist
+        The VAE runs in the dtype of its weights (bf16 when the trainer or a renderer stores it so),
+        outside autocast, as in diffusers' train_controlnet: CUDA autocast would run its group
+        norms in fp32, each a cast of a full-resolution activation to fp32 and back."""
+        with autocast.suspended(image.device.type):
+            dist = self.vae.encode(image.to(_dtype_of(self.vae))).latent_dist
         mean, std = dist.mean.float(), dist.std.float()
         return (mean + std * _randn(mean.shape, generator, mean)) * self.vae.config.scaling_factor
 

@@ -32,6 +32,8 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from avatars.models import autocast
+
 #: The ``cross_attention_kwargs`` key that carries the expression tokens through the UNet.
 TOKENS_KWARG = "expression_tokens"
 
@@ -97,8 +99,13 @@ class ExpressionAttnProcessor:
         if expression_tokens.shape[0] != batch:  # e.g. a doubled batch; repeat the tokens
             expression_tokens = expression_tokens.repeat_interleave(batch // expression_tokens.shape[0], dim=0)
         layer = self.expression
-        dtype = layer.to_q.weight.dtype  # the layer may be kept in another dtype than the UNet
-        extra = layer.processor(layer, hidden_states.to(dtype), encoder_hidden_states=expression_tokens.to(dtype))
+        if not autocast.is_active(hidden_states.device.type):
+            dtype = layer.to_q.weight.dtype  # the layer may be kept in another dtype than the UNet
+            hidden_states, expression_tokens = hidden_states.to(dtype), expression_tokens.to(dtype)
+        # Under autocast its projections cast for themselves: casting a bf16 UNet's hidden states to
+        # the fp32 layer first would be an exact round trip (bf16 -> fp32 -> bf16) of a whole
+        # activation, forward and backward, for the same result.
+        extra = layer.processor(layer, hidden_states, encoder_hidden_states=expression_tokens)
         return out + extra.to(out.dtype)
 
 

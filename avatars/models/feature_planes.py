@@ -18,6 +18,10 @@ from torch import nn
 
 from avatars.configs import FeatureConfig
 
+#: Lookup coordinate of background pixels: every bilinear tap of it lies outside the planes
+#: (``align_corners=False``: -1 and 1 are the outer texel edges), so it samples zeros.
+OUTSIDE = 2.0
+
 
 def _sample(planes: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Bilinearly sample P planes (P, C, R, R) at coords (P, B, 2, H, W) in [-1, 1] -> (B, P * C, H, W),
@@ -92,11 +96,20 @@ class FeaturePlanes(ModelMixin, ConfigMixin):
         if self.spatial is None:
             return canonical.new_zeros(canonical.shape[0], 0, *canonical.shape[2:])
         ambient = canonical[:, 3:5]
+        background = (mask <= 0).unsqueeze(0)  # (1, B, 1, H, W), against coordinates (P, B, 2, H, W)
+
+        def lookup(planes: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+            # Background pixels (canonical 0) would all sample the planes' centre, and in the backward
+            # each would add its zero gradient to the same four texels: on a GPU, atomics contending
+            # for one address per channel, for most of the frame. Outside [-1, 1] they sample and add
+            # nothing; their features are 0 either way (zeros padding here, the mask below).
+            return _sample(planes, coords.masked_fill(background, OUTSIDE))
+
         if self.feature_config.mapping == "triplane":
             # planes xy, xz, yz, ambient; slices, so no index tensor travels to the device
             coords = torch.stack([canonical[:, 0:2], canonical[:, 0:3:2], canonical[:, 1:3], ambient])
-            feats = _sample(torch.cat([self.spatial, self.ambient.unsqueeze(0)]), coords)
+            feats = lookup(torch.cat([self.spatial, self.ambient.unsqueeze(0)]), coords)
         else:
-            feats = torch.cat([_sample(self.spatial, spherical_uv(canonical[:, 0:3]).unsqueeze(0)),
-                               _sample(self.ambient.unsqueeze(0), ambient.unsqueeze(0))], dim=1)
+            feats = torch.cat([lookup(self.spatial, spherical_uv(canonical[:, 0:3]).unsqueeze(0)),
+                               lookup(self.ambient.unsqueeze(0), ambient.unsqueeze(0))], dim=1)
         return feats * mask.to(feats.dtype)
