@@ -85,7 +85,8 @@ def our_step(preset: str, device: torch.device, batch_size: int, precision: str 
         engine.step()
 
     return Step("ours", forward, backward, update, batch_size,
-                {"precision": "bf16" if trainer.precision.bf16 else "fp32", "optimizer": type(engine.optimizer).__name__,
+                {"precision": "bf16" if trainer.precision.bf16 else "fp32",
+                 "optimizer": type(engine.optimizer).__name__,
                  "trainable_tensors": sum(1 for p in trainer.model.parameters() if p.requires_grad),
                  "model": trainer.model})
 

@@ -113,7 +113,11 @@ def test_vae_encodes_outside_autocast():
     model = _bf16_model()
     seen = []
     encoder_forward = model.vae.encoder.forward
-    model.vae.encoder.forward = lambda *a, **k: (seen.append(torch.is_autocast_enabled("cpu")), encoder_forward(*a, **k))[1]
+    def recording_forward(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return encoder_forward(*args, **kwargs)
+
+    model.vae.encoder.forward = recording_forward
     with BF16.autocast():
         latents = model.encode_images(synthetic_batch(1, 64)["image"], torch.Generator().manual_seed(0))
         assert torch.is_autocast_enabled("cpu")  # restored after the encode
