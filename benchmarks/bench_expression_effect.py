@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import RESULTS, report  # noqa: E402
 
+from avatars.evaluation.metrics import psnr_from_mse  # noqa: E402
 from shards.synthetic import FRONTAL_SERIAL, SyntheticConfig  # noqa: E402
 from shards.synthetic.generate import APPEARANCE_ONLY, PersonModel, expression_trajectory, stable_seed  # noqa: E402
 
@@ -75,7 +76,7 @@ def main() -> None:
         rows.append({"person": person, "frames": len(real),
                      "changed pixels > 0.05 (mean per frame)": float((diff > 0.05).flatten(1).sum(1).float().mean()),
                      "changed pixels > 0.05 (max)": int((diff > 0.05).flatten(1).sum(1).max()),
-                     "face PSNR of ignoring expression (dB)": float((-10 * torch.log10(mse.clamp_min(1e-10))).mean()),
+                     "face PSNR of ignoring expression (dB)": float(psnr_from_mse(mse.clamp_min(1e-10)).mean()),
                      "face pixels": float(mask.flatten(1).sum(1).float().mean())})
         rows_of_8 = (real, zeroed, (diff * 4).clamp(0, 1).expand_as(real))
         pictures.append(torch.cat([torch.cat(list(t[:8]), 2) for t in rows_of_8], 1))

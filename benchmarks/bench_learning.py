@@ -37,13 +37,7 @@ from bench_common import report  # noqa: E402
 
 from avatars.data import LoaderConfig, ShardDataset, collate  # noqa: E402
 from avatars.evaluation.lpips_weights import LpipsConfig, load_lpips  # noqa: E402
-from avatars.evaluation.metrics import (  # noqa: E402
-    EvalConfig,
-    Evaluator,
-    masked_psnr,
-    mean_colour_error,
-    psnr,
-)
+from avatars.evaluation.metrics import EvalConfig, Evaluator, masked_psnr, mean_colour_error, psnr  # noqa: E402
 from avatars.models import DiffusionAvatarsModel  # noqa: E402
 from avatars.pipelines import AvatarPipeline  # noqa: E402
 from avatars.training import TrainConfig, train_person  # noqa: E402

@@ -39,21 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import report  # noqa: E402
 
-from avatars.data import (  # noqa: E402
-    LoaderConfig,
-    ResumableSampler,
-    ShardDataset,
-    ShardLoader,
-    collate,
-    make_loader,
-)
-from avatars.data.shard_dataset import (  # noqa: E402
-    crop_box,
-    hash_seed,
-    nearest_crop_index,
-    resize_smooth,
-    take_pixels,
-)
+from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, ShardLoader, collate, make_loader  # noqa: E402
+from avatars.data.shard_dataset import crop_box, hash_seed, nearest_crop_index, resize_smooth, take_pixels  # noqa: E402
 from shards.ingest import IngestConfig, ingest_person  # noqa: E402
 from shards.synthetic import SyntheticConfig, generate  # noqa: E402
 from shards.writer import ShardConfig, shard_paths, write_shards  # noqa: E402

@@ -10,13 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import status as _status
-from cluster.person_job import (
-    JobResult,
-    PersonJob,
-    check_jobs,
-    format_exception,
-    run_attempt,
-)
+from cluster.person_job import JobResult, PersonJob, check_jobs, format_exception, run_attempt
 
 log = logging.getLogger(__name__)
 

@@ -149,11 +149,7 @@ def _base_model(args: LaunchAllArgs, base_persons: list[str]) -> Path | None:
     never replaced, so avatars trained on it keep it, and a subset run reuses the full run's."""
     if not _needs_tiny_base(args):
         return args.train.base_model
-    from avatars.training.base_pretraining import (
-        BasePretrainConfig,
-        base_key,
-        pretrain_base,
-    )
+    from avatars.training.base_pretraining import BasePretrainConfig, base_key, pretrain_base
 
     config = BasePretrainConfig(shard_root=args.workdir / "shards", persons=",".join(base_persons),
                                 num_workers=min(2, args.workers))
@@ -308,12 +304,7 @@ def main(args: LaunchAllArgs) -> int:
     the summary is printed and written (to a fallback path when the work directory cannot
     take it), and a re-run after freeing space continues where this one stopped.
     """
-    from cluster.orchestrate import (
-        check_workdir,
-        exit_code,
-        format_summary,
-        write_summary_json,
-    )
+    from cluster.orchestrate import check_workdir, exit_code, format_summary, write_summary_json
     from cluster.person_job import JobResult
     from cluster.preflight import BackendUnavailable, check_backend
     from cluster.status import write_state

@@ -38,14 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from shards.codec import (
-    MEMBERS,
-    DecodedSample,
-    RawSample,
-    decode_raw,
-    decode_sample,
-    dequantize,
-)
+from shards.codec import MEMBERS, DecodedSample, RawSample, decode_raw, decode_sample, dequantize
 from shards.integrity import ShardError, verify_against_manifests
 
 from .device_feed import DeviceFeeder, one_ahead

@@ -45,11 +45,7 @@ from avatars.base_model import (
 from avatars.configs import DiffusionAvatarsConfig, UNetConfig, VAEConfig
 from avatars.models import autocast
 from avatars.models.conditioning import ConditioningBuilder, ConditioningEmbedding
-from avatars.models.expression_attention import (
-    TOKENS_KWARG,
-    ExpressionAttentionLayers,
-    ExpressionTokens,
-)
+from avatars.models.expression_attention import TOKENS_KWARG, ExpressionAttentionLayers, ExpressionTokens
 from avatars.models.feature_planes import FeaturePlanes
 from avatars.schedulers import training_scheduler
 from common.io import atomic_directory

@@ -1,12 +1,7 @@
 """Nightly evaluation driver: every person's evaluation set rendered on the Serve renderer,
 metrics, comparison videos, results.json and the report (see `driver` and `tasks`)."""
 
-from cluster.eval_driver.driver import (
-    EvalDriverConfig,
-    EvalSummary,
-    merge_evaluations,
-    run_evaluation,
-)
+from cluster.eval_driver.driver import EvalDriverConfig, EvalSummary, merge_evaluations, run_evaluation
 from cluster.eval_driver.tasks import TASKS
 
 __all__ = ["TASKS", "EvalDriverConfig", "EvalSummary", "merge_evaluations", "run_evaluation"]

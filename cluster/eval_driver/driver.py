@@ -39,12 +39,7 @@ from cluster.eval_driver.tasks import (
     open_store,
     self_reenactment,
 )
-from cluster.eval_driver.uptodate import (
-    adopt,
-    base_problem,
-    evaluation_key,
-    find_reusable,
-)
+from cluster.eval_driver.uptodate import adopt, base_problem, evaluation_key, find_reusable
 from cluster.preflight import resolve_ray_address
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
 from cluster.serve.renderer import RendererConfig, RenderRequest

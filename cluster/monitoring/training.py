@@ -10,11 +10,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from avatars.training import TrainConfig, TrainerCallback, default_callbacks
-from cluster.monitoring.metrics import (
-    Exporter,
-    TrainingMetrics,
-    start_exporter_in_range,
-)
+from cluster.monitoring.metrics import Exporter, TrainingMetrics, start_exporter_in_range
 from cluster.status import report_progress
 
 

@@ -11,12 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from cluster.serve.renderer import (
-    FrameRenderer,
-    RendererConfig,
-    RenderRequest,
-    RenderResult,
-)
+from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest, RenderResult
 from cluster.serve.validation import InvalidRequest, validate_request
 
 _LAZY = {"AvatarRenderer", "deploy_renderer", "delete_renderer", "app_name", "ensure_serve"}

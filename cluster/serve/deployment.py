@@ -25,12 +25,7 @@ from pathlib import Path
 from ray import serve
 
 from cluster.monitoring import start_exporter_in_range
-from cluster.serve.renderer import (
-    FrameRenderer,
-    RendererConfig,
-    RenderRequest,
-    RenderResult,
-)
+from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest, RenderResult
 
 log = logging.getLogger(__name__)
 APP_PREFIX = "avatar-"

@@ -22,13 +22,7 @@ import torch
 
 from ..contract import Camera
 from .buffers import RasterBuffers
-from .common import (
-    NEAR,
-    camera_tensors,
-    normals_to_camera,
-    vertex_normals,
-    visible_face_mask,
-)
+from .common import NEAR, camera_tensors, normals_to_camera, vertex_normals, visible_face_mask
 from .nvdiff_plugin import call_with_plugin
 
 _contexts: dict[torch.device, object] = {}

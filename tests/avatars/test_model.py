@@ -7,10 +7,7 @@ import torch
 from avatars.configs import FeatureConfig, tiny_config
 from avatars.models import DiffusionAvatarsModel
 from avatars.models.diffusion_avatars import load_trainable_weights
-from avatars.models.expression_attention import (
-    ExpressionAttnProcessor,
-    expression_target_blocks,
-)
+from avatars.models.expression_attention import ExpressionAttnProcessor, expression_target_blocks
 from avatars.testing import synthetic_batch
 
 

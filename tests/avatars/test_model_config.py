@@ -3,12 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from avatars.configs import (
-    DiffusionAvatarsConfig,
-    FeatureConfig,
-    paper_config,
-    tiny_config,
-)
+from avatars.configs import DiffusionAvatarsConfig, FeatureConfig, paper_config, tiny_config
 from avatars.models import DiffusionAvatarsModel
 
 

@@ -27,11 +27,7 @@ def random_tiny_base(out: Path, seed: int = 0) -> Path:
     embedding): what launch_all's tiny base pretraining writes, without the minutes it takes."""
     import torch
 
-    from avatars.base_model import (
-        EMPTY_PROMPT_FILE,
-        EMPTY_PROMPT_KEY,
-        save_tensor_atomic,
-    )
+    from avatars.base_model import EMPTY_PROMPT_FILE, EMPTY_PROMPT_KEY, save_tensor_atomic
     from avatars.configs import tiny_config
     from avatars.models.diffusion_avatars import build_unet, build_vae
     from avatars.training.base_pretraining import empty_prompt_embedding

@@ -9,14 +9,7 @@ import pytest
 from workloads import expected_digest, read_runs, write_input
 
 from cluster.local_backend import LocalBackend, LocalConfig
-from cluster.orchestrate import (
-    EXIT_SOME_FAILED,
-    exit_code,
-    format_summary,
-    make_backend,
-    run_all,
-    write_summary_json,
-)
+from cluster.orchestrate import EXIT_SOME_FAILED, exit_code, format_summary, make_backend, run_all, write_summary_json
 from cluster.person_job import JobResult, PersonJob, Resources, resolve_target
 from cluster.status import read_status, report_progress
 

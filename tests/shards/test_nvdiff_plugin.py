@@ -18,11 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shards.raster.nvdiff_plugin import (
-    call_with_plugin,
-    extension_build_dir,
-    register_built_extension,
-)
+from shards.raster.nvdiff_plugin import call_with_plugin, extension_build_dir, register_built_extension
 
 
 def _fake_nvdiffrast_loader(name: str):

@@ -9,13 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from avatars.data import (
-    LoaderConfig,
-    ResumableSampler,
-    ShardDataset,
-    collate,
-    make_loader,
-)
+from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, collate, make_loader
 from avatars.data.device_feed import DeviceFeeder, one_ahead
 from avatars.data.shard_dataset import expand_batch
 from shards.writer import shard_paths

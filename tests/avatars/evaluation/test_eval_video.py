@@ -7,12 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avatars.evaluation.video import (
-    buffers_to_rgb,
-    read_video,
-    side_by_side,
-    write_comparison_video,
-)
+from avatars.evaluation.video import buffers_to_rgb, read_video, side_by_side, write_comparison_video
 
 
 def _panels(t: int = 5, h: int = 33, w: int = 31) -> list[np.ndarray]:

@@ -6,13 +6,7 @@ import json
 
 import pytest
 
-from avatars.training.base_record import (
-    BaseMismatch,
-    base_fingerprint,
-    mismatch,
-    read_record,
-    write_record,
-)
+from avatars.training.base_record import BaseMismatch, base_fingerprint, mismatch, read_record, write_record
 
 
 def _base(path, weights: bytes):

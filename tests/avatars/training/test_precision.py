@@ -19,12 +19,7 @@ from avatars.testing import synthetic_batch
 from avatars.training import TrainConfig
 from avatars.training.engine import LossModule, deepspeed_config
 from avatars.training.optim import clip_gradients, clipped_parameters, make_optimizer
-from avatars.training.performance import (
-    resolve_precision,
-    store_frozen,
-    to_channels_last,
-    use_channels_last,
-)
+from avatars.training.performance import resolve_precision, store_frozen, to_channels_last, use_channels_last
 
 CPU = torch.device("cpu")
 
