@@ -1,6 +1,6 @@
 """The GPU path of issue 11, this project against stock diffusers, on the same device in one run.
 
-    python benchmarks/bench_gpu.py [--train-steps 40] [--only train compile render peer]
+    python benchmarks/bench_gpu.py [--train-steps 40] [--only train compile render peer profile]
 
 On CUDA (the paper configuration: SD2.1 layout, 512x512, random weights):
 
@@ -16,11 +16,21 @@ On CUDA (the paper configuration: SD2.1 layout, 512x512, random weights):
   `peer_controlnet_bench.py`): `StableDiffusionControlNetPipeline` with bf16 weights, and a
   train_controlnet-style step (frozen UNet/VAE in bf16, fp32 ControlNet, bf16 autocast, AdamW);
 * MFU against the FLOPs counted with `FlopCounterMode` on this device (one training sample, one
-  denoising step) and the dense bf16 matmul peak measured in the same run; peak memory per row.
+  denoising step) and the dense bf16 matmul peak measured in the same run; peak memory per row;
+* profile (opt-in, `--only profile`): the trainer's step and the peer's step (``train_steps.py``,
+  the same layout, synthetic batch already on the device) built, warmed up, timed and recorded
+  with torch.profiler: ``profile.txt`` beside ``--out`` has the ops where ours spends more CUDA
+  time than the peer (by op name), per-category times (grid_sample, casts, layout copies, norms,
+  convolutions, matmuls/attention, optimizer, NCCL/DeepSpeed), an A/B of the feature-plane
+  lookup, and each side's top-op tables (by op and by input shape); the JSON has kernel launches,
+  CUDA runtime sync calls and host syncs per step; ``profile_traces.tar.gz`` a chrome trace of
+  one step of each.
 
-On CPU it runs the tiny configuration (2 DDPM steps, tiny peer layout) so CI can smoke-test
-every code path; its numbers are not the GPU's and are labelled so. Prints the table and writes
-`benchmarks/results/bench_gpu.json` (or `--out`).
+On CPU it runs the tiny configuration (2 DDPM steps, the tiny layout for the peer too) so CI can
+smoke-test every code path; its numbers are not the GPU's and are labelled so. Prints the table
+and writes `benchmarks/results/bench_gpu.json` (or `--out`); `bench_gpu.partial.json` beside it
+after each section and when the run is stopped (SIGTERM from `timeout`, an error), with the
+section it stopped in.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -46,7 +57,7 @@ from bench_common import RESULTS, report  # noqa: E402
 
 from common.io import atomic_write_json  # noqa: E402
 
-Section = Literal["train", "compile", "render", "peer"]
+Section = Literal["train", "compile", "render", "peer", "profile"]
 #: The issue's goals on one H100 (samples/s; frames/s at batch 1 and at batch >= 8).
 GOALS = {"train": 100.0, "render_1": 5.0, "render_8": 20.0}
 
@@ -54,7 +65,8 @@ GOALS = {"train": 100.0, "render_1": 5.0, "render_8": 20.0}
 @dataclass
 class BenchGpuArgs:
     only: tuple[Section, ...] = ("train", "compile", "render", "peer")
-    """Sections to run: train (eager), compile (train with --compile), render, peer (stock diffusers)."""
+    """Sections to run: train (eager), compile (train with --compile), render, peer (stock diffusers),
+    profile (torch.profiler over ours and the peer's training step; opt-in)."""
     train_steps: int | None = None
     """Optimizer steps per training run (default: 40 on CUDA, 3 on CPU)."""
     train_batch: int | None = None
@@ -71,7 +83,9 @@ class BenchGpuArgs:
     workdir: Path | None = None
     """Where shards and runs go (default: a temporary folder, removed afterwards)."""
     out: Path = RESULTS / "bench_gpu.json"
-    """The JSON result."""
+    """The JSON result (the profile's tables and traces go beside it)."""
+    profile_steps: int = 3
+    """Training steps recorded per side by the profile section (after warm-up steps)."""
 
 
 @dataclass
@@ -232,57 +246,31 @@ def render_rows(model_dir: str, s: Setup, expression_dim: int) -> list[dict]:
 
 
 # ---- stock diffusers (the peer) --------------------------------------------------------------
-def peer_layout(cuda: bool) -> tuple[dict, dict, dict, int]:
-    """(unet, vae, controlnet extra) configs and the image size: SD2.1 on CUDA, a tiny one on CPU."""
-    if cuda:
-        unet = dict(sample_size=64, in_channels=4, out_channels=4,
-                    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-                    block_out_channels=[320, 640, 1280, 1280],
-                    layers_per_block=2, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
-                    use_linear_projection=True, upcast_attention=True)
-        vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                   up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-                   latent_channels=4, sample_size=512)
-        return unet, vae, {}, 512
-    unet = dict(sample_size=16, in_channels=4, out_channels=4, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], block_out_channels=[32, 64], layers_per_block=1,
-                cross_attention_dim=32, attention_head_dim=[2, 4], use_linear_projection=True, norm_num_groups=8)
-    vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-               up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[16, 32, 32], layers_per_block=1,
-               latent_channels=4, norm_num_groups=8, sample_size=64)
-    return unet, vae, {"conditioning_embedding_out_channels": (8, 16, 32)}, 64
+def peer_config(s: Setup):
+    """The layout both sides share: the paper config (SD2.1, 512x512) on CUDA, the tiny one on CPU."""
+    from avatars.training import train_preset
 
-
-def peer_scheduler_config() -> dict:
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                timestep_spacing="trailing")
+    preset, dim = ("paper", 100) if s.cuda else ("tiny", 16)
+    return preset, dim, train_preset(preset, random_base=s.cuda).model_config(dim)
 
 
 def peer_rows(s: Setup) -> tuple[list[dict], list[dict]]:
-    """StableDiffusionControlNetPipeline (bf16 weights on CUDA) and a train_controlnet-style step."""
-    from diffusers import (
-        AutoencoderKL,
-        ControlNetModel,
-        DDPMScheduler,
-        StableDiffusionControlNetPipeline,
-        UNet2DConditionModel,
-    )
+    """StableDiffusionControlNetPipeline (bf16 weights on CUDA) and a train_controlnet-style step
+    (``train_steps.peer_step``), stock diffusers on our layout with random weights."""
+    from diffusers import DDPMScheduler, StableDiffusionControlNetPipeline
     from torch.utils.flop_counter import FlopCounterMode
+    from train_steps import PEER_SCHEDULER, peer_models, peer_step
 
     from avatars.host_sync import count_host_syncs
 
     dev = s.device
-    unet_cfg, vae_cfg, cn_extra, size = peer_layout(s.cuda)
-    torch.manual_seed(0)
-    unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=3, **cn_extra)
-    width = unet_cfg["cross_attention_dim"]
+    _, _, config = peer_config(s)
+    unet, vae, controlnet = peer_models(config)
+    size, width = config.resolution, config.unet.cross_attention_dim
     render_dtype = torch.bfloat16 if s.cuda else torch.float32
     pipe = StableDiffusionControlNetPipeline(
         vae=vae.to(dev, render_dtype), text_encoder=None, tokenizer=None, unet=unet.to(dev, render_dtype),
-        controlnet=controlnet.to(dev, render_dtype), scheduler=DDPMScheduler(**peer_scheduler_config()),
+        controlnet=controlnet.to(dev, render_dtype), scheduler=DDPMScheduler(**PEER_SCHEDULER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     render = []
@@ -301,44 +289,200 @@ def peer_rows(s: Setup) -> tuple[list[dict], list[dict]]:
     pipe = None  # frees it (not `del`: the closure above refers to it)
     free_memory()
 
-    controlnet = controlnet.to(dev, torch.float32).train()
-    unet.requires_grad_(False)
-    vae.requires_grad_(False)
-    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-4)
-    scheduler = DDPMScheduler(**peer_scheduler_config())
-    b = s.train_batch
     reset_peak(dev)
-    x = torch.rand(b, 3, size, size, device=dev) * 2 - 1
-    cond = torch.rand(b, 3, size, size, device=dev)
-    prompt = torch.zeros(b, 77, width, device=dev)
-
-    def step():
-        with torch.no_grad():
-            latents = vae.encode(x.to(render_dtype)).latent_dist.sample() * 0.18215
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (b,), device=dev)
-        noisy, target = scheduler.add_noise(latents, noise, t), scheduler.get_velocity(latents, noise, t)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=s.cuda):
-            down, mid = controlnet(noisy, t, encoder_hidden_states=prompt, controlnet_cond=cond, return_dict=False)
-            pred = unet(noisy, t, encoder_hidden_states=prompt.to(render_dtype),
-                        down_block_additional_residuals=[d.to(render_dtype) for d in down],
-                        mid_block_additional_residual=mid.to(render_dtype)).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = peer_step(config, dev, s.train_batch, models=(unet, vae, controlnet))
+    unet = vae = controlnet = None
     for _ in range(3):
         step()
     with FlopCounterMode(display=False) as counter:
         step()
     seconds = median_seconds(step, dev, 15 if s.cuda else 2)
-    train = [{"batch": b, "samples_per_s": b / seconds, "step_s": seconds, "peak_GiB": peak_gib(dev),
-              "train_GFLOP_per_sample": counter.get_total_flops() / b / 1e9}]
-    unet = vae = controlnet = optimizer = None  # frees them (not `del`: `step` refers to them)
+    train = [{"batch": s.train_batch, "samples_per_s": s.train_batch / seconds, "step_s": seconds,
+              "peak_GiB": peak_gib(dev), "train_GFLOP_per_sample": counter.get_total_flops() / s.train_batch / 1e9}]
+    step = None  # frees the models (its closures hold them)
     free_memory()
     return render, train
+
+
+# ---- profile: where our training step spends more than the peer's -------------------------
+#: Op-name fragments per category of the profile's comparison (the suspects of issue 11).
+PROFILE_CATEGORIES = {
+    "grid_sample": ("grid_sampler",),
+    "casts and copies (_to_copy, copy_)": ("aten::_to_copy", "aten::copy_"),
+    "layout (contiguous, clone)": ("aten::contiguous", "aten::clone"),
+    "group/layer norm": ("group_norm", "layer_norm"),
+    "convolution": ("convolution", "cudnn"),
+    "matmul and attention": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "scaled_dot_product",
+                             "flash", "efficient_attention"),
+    "optimizer and clipping": ("adam", "aten::_foreach_", "clip_grad"),
+    "nccl / deepspeed": ("nccl", "deepspeed", "DeepSpeed"),
+}
+#: CUDA runtime calls that launch a kernel / make the host wait for the device.
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cudaStreamWaitEvent")
+
+
+def _self_time(event, cuda: bool) -> float:
+    """Self time in microseconds on the device (CUDA) or the host (CPU smoke run)."""
+    return event.self_device_time_total if cuda else event.self_cpu_time_total
+
+
+def profile_side(name: str, build: Callable[[], object], s: Setup, steps: int, trace_dir: Path) -> dict:
+    """Builds one side's step, warms it up, times it, counts its host syncs, records ``steps`` steps
+    with torch.profiler (op table by self time, by input shape, per category, kernel launches and
+    host syncs per step) and a chrome trace of one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from avatars.host_sync import count_host_syncs
+
+    start = time.perf_counter()
+    step = build()
+    build_s = time.perf_counter() - start
+    for _ in range(3 if s.cuda else 1):  # cuDNN autotuning, optimizer state, allocator
+        step()
+    sync(s.device)
+    reset_peak(s.device)
+    step_s = median_seconds(step, s.device, 5 if s.cuda else 1)
+    _, syncs = count_host_syncs(step, s.device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        sync(s.device)
+    with profile(activities=activities) as one:
+        step()
+        sync(s.device)
+    one.export_chrome_trace(str(trace_dir / f"trace_{name}_one_step.json"))
+    sort = "self_device_time_total" if s.cuda else "self_cpu_time_total"
+    averages = prof.key_averages()
+    ops = {}
+    for e in averages:
+        if e.device_type == torch.autograd.DeviceType.CPU:
+            ops[e.key] = {"count": e.count / steps, "self_ms": _self_time(e, s.cuda) / steps / 1e3,
+                          "self_cpu_ms": e.self_cpu_time_total / steps / 1e3}
+    kernels = sum(e.count for e in averages if e.device_type != torch.autograd.DeviceType.CPU) / steps
+    calls = {e.key: e.count / steps for e in averages}
+    categories = {cat: sum(v["self_ms"] for k, v in ops.items() if any(f in k for f in frags))
+                  for cat, frags in PROFILE_CATEGORIES.items()}
+    tables = (f"==== {name}: top ops by self {'CUDA' if s.cuda else 'CPU'} time, {steps} steps ====\n"
+              + averages.table(sort_by=sort, row_limit=40)
+              + f"\n==== {name}: top ops by input shape ====\n"
+              + prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=30))
+    row = {"build_s": build_s, "step_s": step_s, "samples_per_s": step.batch_size / step_s,
+           "peak_GiB": peak_gib(s.device), "host_syncs_per_step": syncs.to_json(),
+           "kernels_per_step": kernels if s.cuda else "n/a (CPU)",
+           "launch_calls_per_step": sum(calls.get(k, 0) for k in LAUNCH_CALLS),
+           "sync_calls_per_step": {k: calls[k] for k in SYNC_CALLS if calls.get(k)},
+           "aten_ops_per_step": sum(v["count"] for k, v in ops.items() if k.startswith("aten::")),
+           "self_ms_per_step": sum(v["self_ms"] for v in ops.values()), "categories_ms": categories,
+           "precision": step.info["precision"], "optimizer": step.info["optimizer"]}
+    step = None  # frees the models (the closures hold them)
+    free_memory()
+    return {"row": row, "ops": ops, "tables": tables}
+
+
+def plane_lookup_ab(s: Setup) -> dict:
+    """The feature-plane lookup (forward + backward, paper planes, batch of the run) with the
+    background looked up outside the planes (now) and at their centre (before): the atomics."""
+    from avatars.configs import paper_config, tiny_config
+    from avatars.models import feature_planes
+    from avatars.testing import synthetic_batch
+
+    config = (paper_config() if s.cuda else tiny_config()).features
+    planes = feature_planes.FeaturePlanes.from_feature_config(config).to(s.device)
+    batch = synthetic_batch(s.train_batch, 512 if s.cuda else 64)
+    canonical, mask = batch["canonical"].to(s.device), batch["mask"].to(s.device)
+
+    def run() -> None:
+        planes(canonical, mask).square().sum().backward()
+
+    out = {"background_fraction": float((mask <= 0).float().mean())}
+    saved = feature_planes.OUTSIDE
+    try:
+        for label, outside in (("now_ms", saved), ("before_ms", 0.0)):
+            feature_planes.OUTSIDE = outside
+            run()
+            out[label] = median_seconds(run, s.device, 10 if s.cuda else 2) * 1e3
+    finally:
+        feature_planes.OUTSIDE = saved
+    return out
+
+
+def training_steps(s: Setup) -> dict[str, Callable[[], object]]:
+    """Builders of the steps the profile compares: the trainer's ("ours") and the peer's, paper
+    config on CUDA (tiny on CPU), the run's batch, plus ours in the other memory format than the
+    trainer's default there (channels_last on CUDA: does it pay, or do its conversions cost more?)."""
+    from train_steps import our_step, peer_step
+
+    preset, dim, config = peer_config(s)
+    other = "contiguous" if s.cuda else "channels_last"
+    return {"ours": lambda: our_step(preset, s.device, s.train_batch, expression_dim=dim),
+            "peer": lambda: peer_step(config, s.device, s.train_batch),
+            f"ours, memory_format={other}": lambda: our_step(preset, s.device, s.train_batch, memory_format=other,
+                                                             expression_dim=dim)}
+
+
+def time_step(build: Callable[[], object], s: Setup) -> dict:
+    """A step variant timed without the profiler: warm-up, median of 5 (1 on CPU), peak memory."""
+    start = time.perf_counter()
+    step = build()
+    build_s = time.perf_counter() - start
+    for _ in range(3 if s.cuda else 1):
+        step()
+    reset_peak(s.device)
+    seconds = median_seconds(step, s.device, 5 if s.cuda else 1)
+    row = {"build_s": build_s, "step_s": seconds, "samples_per_s": step.batch_size / seconds,
+           "peak_GiB": peak_gib(s.device)}
+    step = None  # frees the models (the closures hold them)
+    free_memory()
+    return row
+
+
+def profile_section(s: Setup, out: Path, steps: int, builders: dict[str, Callable[[], object]] | None = None) -> dict:
+    """Ours against the peer, op by op (README "GPU"): writes ``profile.txt`` (the diff, per-category
+    times, the plane-lookup A/B, the op tables) and ``profile_traces.tar.gz`` (one step each, chrome
+    trace) beside ``out``; returns the summary for the JSON. ``builders``: "ours" and "peer" step
+    builders, profiled, and any others, only timed (default :func:`training_steps`)."""
+    import tarfile
+
+    builders = builders or training_steps(s)
+    sides = {}
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_profile.") as tmp:
+        trace_dir = Path(tmp)
+        for name in ("ours", "peer"):
+            sides[name] = profile_side(name, builders[name], s, steps, trace_dir)
+        with tarfile.open(out.with_name("profile_traces.tar.gz"), "w:gz") as tar:
+            for trace in sorted(trace_dir.iterdir()):
+                tar.add(trace, arcname=trace.name)
+    ours, peer = sides["ours"]["ops"], sides["peer"]["ops"]
+    nothing = {"self_ms": 0.0, "count": 0.0}
+    diff = []
+    for k in set(ours) | set(peer):
+        a, b = ours.get(k, nothing), peer.get(k, nothing)
+        diff.append({"op": k, "ours_ms": a["self_ms"], "peer_ms": b["self_ms"], "extra_ms": a["self_ms"] - b["self_ms"],
+                     "ours_count": a["count"], "peer_count": b["count"]})
+    diff.sort(key=lambda d: -d["extra_ms"])
+    unit = "CUDA" if s.cuda else "CPU"
+    lines = [f"==== where ours spends more self {unit} time per step than the peer (ms) ====",
+             f"{'op':60s} {'ours':>9s} {'peer':>9s} {'extra':>9s} {'n ours':>8s} {'n peer':>8s}"]
+    lines += [f"{d['op'][:60]:60s} {d['ours_ms']:9.3f} {d['peer_ms']:9.3f} {d['extra_ms']:9.3f} "
+              f"{d['ours_count']:8.1f} {d['peer_count']:8.1f}" for d in diff[:40] if d["extra_ms"] > 0]
+    lines += ["", "==== per category (ms per step) ====", f"{'category':40s} {'ours':>9s} {'peer':>9s}"]
+    lines += [f"{c:40s} {sides['ours']['row']['categories_ms'][c]:9.3f} {sides['peer']['row']['categories_ms'][c]:9.3f}"
+              for c in PROFILE_CATEGORIES]
+    variants = {name: time_step(build, s) for name, build in builders.items() if name not in sides}
+    lines += ["", f"step alone, samples/s: ours {sides['ours']['row']['samples_per_s']:.4g}, "
+              f"peer {sides['peer']['row']['samples_per_s']:.4g}"]
+    lines += [f"  {name}: {row['samples_per_s']:.4g}" for name, row in variants.items()]
+    lookup = plane_lookup_ab(s)
+    lines += ["", f"feature-plane lookup fwd+bwd: {lookup}"]
+    text = "\n".join(lines) + "\n\n" + sides["ours"]["tables"] + "\n\n" + sides["peer"]["tables"] + "\n"
+    out.with_name("profile.txt").write_text(text)
+    print("\n".join(lines), flush=True)
+    return {"ours": sides["ours"]["row"], "peer": sides["peer"]["row"], "variants": variants, "plane_lookup": lookup,
+            "more_than_peer": [d for d in diff[:25] if d["extra_ms"] > 0], "steps": steps,
+            "files": ["profile.txt", "profile_traces.tar.gz"]}
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -356,40 +500,64 @@ def run(args: BenchGpuArgs) -> dict:
         atomic_write_json(partial, results)
         print(f"[bench_gpu] {section} done; figures so far in {partial}", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="bench_gpu.") as tmp:
-        root = Path(args.workdir) if args.workdir else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
+    state = {"section": "start"}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_gpu.") as tmp:
+            run_sections(args, s, results, save, Path(args.workdir) if args.workdir else Path(tmp), state)
+    except BaseException as exc:  # a time limit (SIGTERM from `timeout`), an error: keep what was measured
+        results["interrupted"] = f"in section {state['section']}: {type(exc).__name__}: {exc}"[:500]
+        atomic_write_json(partial, results)
+        print(f"[bench_gpu] interrupted in {state['section']}; figures so far in {partial}", flush=True)
+        raise
+    add_mfu(results, peak)
+    return results
+
+
+def run_sections(args: BenchGpuArgs, s: Setup, results: dict, save: Callable[[str], None], root: Path,
+                 state: dict) -> None:
+    """The sections, each saving the partial JSON when done; ``state["section"]`` names the running one."""
+    root.mkdir(parents=True, exist_ok=True)
+    dim, model_dir = None, None
+    if {"train", "compile", "render"} & set(args.only):
+        state["section"] = "shards"
         start = time.perf_counter()
         shards, dim = make_shards(root, s)
         results["shards_s"] = time.perf_counter() - start
-        model_dir = None
-        if "train" in args.only or "render" in args.only:
-            results["train_eager"] = train_run(s, shards, root / "runs-eager", compile=False)
-            model_dir = results["train_eager"]["model_dir"]
+    if "train" in args.only or "render" in args.only:
+        state["section"] = "train"
+        results["train_eager"] = train_run(s, shards, root / "runs-eager", compile=False)
+        model_dir = results["train_eager"]["model_dir"]
+        free_memory()
+        save("train")
+    if "compile" in args.only:
+        state["section"] = "compile"
+        if s.cuda:
+            results["train_compiled"] = train_run(s, shards, root / "runs-compiled", compile=True)
+            model_dir = model_dir or results["train_compiled"]["model_dir"]
+            if "train_eager" in results:  # compilation = the extra time of the compiled run's first step
+                results["compile_s"] = (results["train_compiled"]["first_step_s"]
+                                        - results["train_eager"]["first_step_s"])
+            torch._dynamo.reset()
             free_memory()
-            save("train")
-        if "compile" in args.only:
-            if s.cuda:
-                results["train_compiled"] = train_run(s, shards, root / "runs-compiled", compile=True)
-                model_dir = model_dir or results["train_compiled"]["model_dir"]
-                if "train_eager" in results:  # compilation = the extra time of the compiled run's first step
-                    results["compile_s"] = (results["train_compiled"]["first_step_s"]
-                                            - results["train_eager"]["first_step_s"])
-                torch._dynamo.reset()
-                free_memory()
-                save("compile")
-            else:
-                results["train_compiled"] = "skipped on CPU (tests/avatars/training/test_compile.py covers it)"
-        if model_dir is not None:
-            results["flops"] = count_flops(model_dir, s, dim)
-            save("flops")
-        if "render" in args.only:
-            results["render"] = render_rows(model_dir, s, dim)
-            save("render")
-        if "peer" in args.only:
-            results["peer_render"], results["peer_train"] = peer_rows(s)
-    add_mfu(results, peak)
-    return results
+            save("compile")
+        else:
+            results["train_compiled"] = "skipped on CPU (tests/avatars/training/test_compile.py covers it)"
+    if model_dir is not None:
+        state["section"] = "flops"
+        results["flops"] = count_flops(model_dir, s, dim)
+        save("flops")
+    if "profile" in args.only:  # before render: it also times both training steps side by side
+        state["section"] = "profile"
+        results["profile"] = profile_section(s, args.out, args.profile_steps)
+        save("profile")
+    if "render" in args.only:
+        state["section"] = "render"
+        results["render"] = render_rows(model_dir, s, dim)
+        save("render")
+    if "peer" in args.only:
+        state["section"] = "peer"
+        results["peer_render"], results["peer_train"] = peer_rows(s)
+        save("peer")
 
 
 def add_mfu(results: dict, peak: float | None) -> None:
@@ -436,6 +604,11 @@ def table(results: dict) -> list[dict]:
             extra["compile s"] = results.get("compile_s")
         goal = GOALS["train"] if results["train_batch"] == 8 else None
         ours(f"training, batch {b} ({label})", row, "samples/s", goal, peer_train, extra)
+    prof = results.get("profile")
+    if prof:  # the step alone (synthetic batch on the device, no loader), ours and the peer's in one process
+        ours(f"training step alone, batch {b} (profile)", prof["ours"], "samples/s", None, prof["peer"],
+             {"host syncs/call": syncs(prof["ours"]["host_syncs_per_step"]),
+              "stock host syncs/call": syncs(prof["peer"]["host_syncs_per_step"])})
     peers = {r["batch"]: r for r in results.get("peer_render", [])}
     for row in results.get("render", []):
         goal = GOALS["render_1"] if row["batch"] == 1 else GOALS["render_8"] if row["batch"] >= 8 else None
@@ -456,4 +629,6 @@ def main(args: BenchGpuArgs) -> dict:
 
 
 if __name__ == "__main__":
+    # `timeout` (gpu_kit.sh) stops a run with SIGTERM: exit through Python so the partial JSON is written
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     main(tyro.cli(BenchGpuArgs))

@@ -40,3 +40,74 @@ def test_bench_gpu_smoke_on_cpu(tmp_path):
     rows = {r["work"]: r for r in data["rows"]}
     assert rows["training, batch 2 (eager)"]["stock diffusers"] > 0
     assert all(r.get("goal") is None for r in data["rows"])  # the goals are GPU goals
+
+
+def _bench_gpu():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_gpu
+
+    return bench_gpu
+
+
+def _linear_step(extra_casts: bool):
+    """A tiny training step; ``extra_casts`` adds a float64 round trip of the input (work the other lacks)."""
+    from train_steps import Step
+
+    def build() -> Step:
+        layer, x = torch.nn.Linear(16, 16), torch.randn(4, 16)
+        optimizer = torch.optim.AdamW(layer.parameters(), foreach=True)
+        state = {}
+
+        def forward():
+            state["loss"] = layer(x.double().float() if extra_casts else x).square().mean()
+
+        def update():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return Step("linear", forward, lambda: state.pop("loss").backward(), update, 4,
+                    {"precision": "fp32", "optimizer": "AdamW"})
+
+    return build
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU check of the profile's bookkeeping")
+def test_profile_section_writes_the_comparison(tmp_path):
+    """The profile section's tables, diff, traces and summary (on two tiny steps: the real ones are
+    the paper model on a GPU, `bench_gpu.py --only profile`)."""
+    import tarfile
+
+    bench_gpu = _bench_gpu()
+    setup = bench_gpu.resolve(bench_gpu.BenchGpuArgs())
+    summary = bench_gpu.profile_section(setup, tmp_path / "bench_gpu.json", 2,
+                                        {"ours": _linear_step(True), "peer": _linear_step(False),
+                                         "ours, a variant": _linear_step(False)})
+    ours, peer = summary["ours"], summary["peer"]
+    assert ours["aten_ops_per_step"] >= peer["aten_ops_per_step"] + 2  # the two casts
+    assert ours["samples_per_s"] > 0 and ours["host_syncs_per_step"].startswith("not measurable")
+    assert set(ours["categories_ms"]) == set(bench_gpu.PROFILE_CATEGORIES)
+    assert ours["categories_ms"]["casts and copies (_to_copy, copy_)"] > peer["categories_ms"][
+        "casts and copies (_to_copy, copy_)"]
+    assert {"before_ms", "now_ms", "background_fraction"} <= set(summary["plane_lookup"])
+    assert list(summary["variants"]) == ["ours, a variant"] and summary["variants"]["ours, a variant"]["step_s"] > 0
+    text = (tmp_path / "profile.txt").read_text()
+    assert "where ours spends more" in text and "aten::_to_copy" in text and "top ops by input shape" in text
+    with tarfile.open(tmp_path / "profile_traces.tar.gz") as tar:
+        names = tar.getnames()
+        assert names == ["trace_ours_one_step.json", "trace_peer_one_step.json"]
+        assert json.load(tar.extractfile(names[0]))["traceEvents"]
+
+
+def test_an_interrupted_run_keeps_its_partial_figures(tmp_path, monkeypatch):
+    bench_gpu = _bench_gpu()
+
+    def cut(*args, **kwargs):
+        raise SystemExit(143)  # what `timeout`'s SIGTERM becomes (bench_gpu's handler)
+
+    monkeypatch.setattr(bench_gpu, "profile_section", cut)
+    out = tmp_path / "bench_gpu.json"
+    with pytest.raises(SystemExit):
+        bench_gpu.run(bench_gpu.BenchGpuArgs(only=("profile",), out=out, workdir=tmp_path / "work"))
+    partial = json.loads((tmp_path / "bench_gpu.partial.json").read_text())
+    assert partial["interrupted"].startswith("in section profile: SystemExit")
+    assert partial["device"].startswith("CPU") and "shards_s" not in partial  # profile alone makes no shards
