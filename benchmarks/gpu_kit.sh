@@ -40,6 +40,8 @@ DEEPSPEED=deepspeed==0.19.8  # an sdist only: built here into a py3-none-any whe
 TEST_TIMEOUT=${TEST_TIMEOUT:-140}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-370}
 COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-520}
+#: `first`: seconds from the script's start by which everything has ended (the bench gets what the tests leave).
+CALL_BUDGET=${CALL_BUDGET:-560}
 
 # The three GPU tests that failed on the H200 (2026-11-26) and were fixed without a GPU since.
 FIXED_TESTS=(
@@ -115,7 +117,7 @@ case "$1" in
   # Call 1 (~9 min): what the last session could not confirm, then the eager table, the profile of ours vs the peer
   first)
     tests_for "$TEST_TIMEOUT" "${FIXED_TESTS[@]}"
-    bench_for "$BENCH_TIMEOUT" --only train profile render peer --render-compile off --train-steps 24 ;;
+    bench_for $((CALL_BUDGET - SECONDS - 20)) --only train profile render peer --render-compile off --train-steps 24 ;;
   # Call 2: the --compile training row (its first step compiles)
   # (no eager run: compile_s = its first_step_s minus the eager one of call 1 on the same warm machine)
   compiled-train) bench_for "$COMPILE_TIMEOUT" --only compile --train-steps 12 ;;
