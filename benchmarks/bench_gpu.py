@@ -361,7 +361,9 @@ def profile_side(name: str, build: Callable[[], object], s: Setup, steps: int, t
         if e.device_type == torch.autograd.DeviceType.CPU:
             ops[e.key] = {"count": e.count / steps, "self_ms": _self_time(e, s.cuda) / steps / 1e3,
                           "self_cpu_ms": e.self_cpu_time_total / steps / 1e3}
-    kernels = sum(e.count for e in averages if e.device_type != torch.autograd.DeviceType.CPU) / steps
+    device_events = [e for e in averages if e.device_type != torch.autograd.DeviceType.CPU]  # kernels, memcpy, memset
+    kernels = sum(e.count for e in device_events) / steps
+    busy_ms = sum(e.self_device_time_total for e in device_events) / steps / 1e3  # with the profiler's overhead
     calls = {e.key: e.count / steps for e in averages}
     categories = {cat: sum(v["self_ms"] for k, v in ops.items() if any(f in k for f in frags))
                   for cat, frags in PROFILE_CATEGORIES.items()}
@@ -371,7 +373,10 @@ def profile_side(name: str, build: Callable[[], object], s: Setup, steps: int, t
               + prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=30))
     row = {"build_s": build_s, "step_s": step_s, "samples_per_s": step.batch_size / step_s,
            "peak_GiB": peak_gib(s.device), "host_syncs_per_step": syncs.to_json(),
-           "kernels_per_step": kernels if s.cuda else "n/a (CPU)",
+           "device_events_per_step": kernels if s.cuda else "n/a (CPU)",
+           # the device's busy time against the step's wall time unprofiled: well below 1 = launch/host bound
+           "device_busy_ms_per_step": busy_ms if s.cuda else "n/a (CPU)",
+           "device_busy_fraction": busy_ms / 1e3 / step_s if s.cuda else "n/a (CPU)",
            "launch_calls_per_step": sum(calls.get(k, 0) for k in LAUNCH_CALLS),
            "sync_calls_per_step": {k: calls[k] for k in SYNC_CALLS if calls.get(k)},
            "aten_ops_per_step": sum(v["count"] for k, v in ops.items() if k.startswith("aten::")),
@@ -475,6 +480,12 @@ def profile_section(s: Setup, out: Path, steps: int, builders: dict[str, Callabl
     lines += ["", f"step alone, samples/s: ours {sides['ours']['row']['samples_per_s']:.4g}, "
               f"peer {sides['peer']['row']['samples_per_s']:.4g}"]
     lines += [f"  {name}: {row['samples_per_s']:.4g}" for name, row in variants.items()]
+    for name in ("ours", "peer"):
+        row = sides[name]["row"]
+        lines.append(f"{name}: device events/step {row['device_events_per_step']}, busy ms/step "
+                     f"{row['device_busy_ms_per_step']} (fraction {row['device_busy_fraction']}), launch calls/step "
+                     f"{row['launch_calls_per_step']}, sync calls/step {row['sync_calls_per_step']}, host syncs/step "
+                     f"{row['host_syncs_per_step']}, aten ops/step {row['aten_ops_per_step']:.0f}")
     lookup = plane_lookup_ab(s)
     lines += ["", f"feature-plane lookup fwd+bwd: {lookup}"]
     text = "\n".join(lines) + "\n\n" + sides["ours"]["tables"] + "\n\n" + sides["peer"]["tables"] + "\n"
