@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster import status as _status
+from cluster.attempts import AttemptFailed, run_attempts
 from cluster.person_job import JobResult, PersonJob, check_jobs, format_exception, run_attempt
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,49 @@ class LocalBackend:
         if sdir is not None:
             for job in jobs:
                 _status.write_state(sdir, job.person, "queued", attempt=1, restarts=0, message="")
-        return [self._run_one(job) for job in jobs]
+        runner = _InProcessAttempts(jobs, sdir)
+        # run_attempt has written each failed attempt's error into the status file already
+        results = run_attempts([(job, runner.submit(job, 1)) for job in jobs], runner, sdir, mark_failed=False)
+        return [results[j.person] for j in jobs]
 
-    def _run_one(self, job: PersonJob) -> JobResult:
-        t0 = time.time()
-        error = None
-        for attempt in range(1, job.max_retries + 2):
-            try:
-                result = run_attempt(job, attempt, self.config.status_dir)
-            except Exception as e:
-                error = format_exception(e)
-                log.warning("person %s attempt %d/%d failed: %s", job.person, attempt, job.max_retries + 1,
-                            error.splitlines()[0])
-                continue
-            return JobResult(job.person, True, attempt, result=result, duration_s=time.time() - t0)
-        return JobResult(job.person, False, job.max_retries + 1, error=error, duration_s=time.time() - t0)
+
+@dataclass(eq=False)  # hashed by identity: the handle of one attempt
+class _Attempt:
+    order: int
+    job: PersonJob
+    number: int
+    result: dict | None = None
+    error: str | None = None
+    started: float | None = None
+
+
+class _InProcessAttempts:
+    """:class:`cluster.attempts.AttemptRunner` that runs an attempt when it is waited for, the
+    earliest person first: each person's attempts run back to back, in the order of the jobs."""
+
+    def __init__(self, jobs: list[PersonJob], status_dir: Path | None):
+        self.order = {job.person: i for i, job in enumerate(jobs)}
+        self.status_dir = status_dir
+
+    def submit(self, job: PersonJob, attempt: int) -> _Attempt:
+        return _Attempt(self.order[job.person], job, attempt)
+
+    def wait(self, handles: list[_Attempt]) -> list[_Attempt]:
+        attempt = min(handles, key=lambda a: a.order)
+        attempt.started = time.time()
+        try:
+            attempt.result = run_attempt(attempt.job, attempt.number, self.status_dir)
+        except Exception as e:
+            attempt.error = format_exception(e)
+        return [attempt]
+
+    def outcome(self, job: PersonJob, attempt: _Attempt) -> tuple[dict, int]:
+        if attempt.error is not None:
+            raise AttemptFailed(attempt.error)
+        return attempt.result, 0
+
+    def cancel(self, attempt: _Attempt) -> None:
+        """Nothing runs in the background."""
+
+    def start_time(self, attempt: _Attempt) -> float | None:
+        return attempt.started

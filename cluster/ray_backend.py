@@ -2,9 +2,11 @@
 
 The distributed part is only this: submit ``run_attempt`` as a task that reserves the
 job's CPUs/GPUs/memory (so with more persons than resources the tasks queue in Ray's
-scheduler), wait for results, and resubmit failed attempts (an exception in the target, or
-a worker that died) up to ``max_retries`` times. Ray's own task retries are disabled so
-that the attempt number is known to the worker and the status file.
+scheduler) and wait for the tasks; :func:`cluster.attempts.run_attempts`, the loop every
+backend shares, resubmits failed attempts (an exception in the target, or a worker that
+died) up to ``max_retries`` times. Ray's own task retries are disabled so that the attempt
+number is known to the worker and the status file. Ray is joined or started by
+:func:`cluster.ray_connect.connect_ray`, as the evaluation driver does.
 
 In the Ray dashboard every task is listed as ``<task_prefix><person>`` (attempt 2+ gets a
 ``-a<N>`` suffix); ``ray.util.state.list_tasks`` shows the same names.
@@ -13,17 +15,21 @@ In the Ray dashboard every task is listed as ``<task_prefix><person>`` (attempt 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster import status as _status
-from cluster.bind import LOOPBACK, embedded_ray_bind
+from cluster.attempts import AttemptFailed, run_attempts
+from cluster.bind import LOOPBACK
 from cluster.person_job import JobResult, PersonJob, check_jobs, run_attempt
 from cluster.preflight import resolve_ray_address
+from cluster.ray_connect import EmbeddedRay, connect_ray
 
 log = logging.getLogger(__name__)
+
+#: RayConfig fields that only an embedded Ray uses.
+EMBEDDED_ONLY = ("num_cpus", "num_gpus", "object_store_memory_mb", "node_ip_address")
 
 
 @dataclass
@@ -56,9 +62,7 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         if self.address is not None:
-            embedded_only = {k: getattr(self, k) for k in
-                             ("num_cpus", "num_gpus", "object_store_memory_mb", "node_ip_address")}
-            given = [k for k, v in embedded_only.items() if v is not None]
+            given = [k for k in EMBEDDED_ONLY if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"RayConfig: {', '.join(given)} only apply to an embedded Ray "
                                  f"(address=None), not when joining {self.address!r}")
@@ -110,25 +114,13 @@ class RayBackend:
         import ray
 
         c = self.config
-        if ray.is_initialized():
-            return False
-        kwargs: dict[str, Any] = dict(runtime_env=c.runtime_env, log_to_driver=True)
-        address = resolve_ray_address(c.address)
-        if address is None:
-            # "local": a new embedded Ray even when a `ray start` head runs on this machine (without
-            # it ray.init joins that head, whose resources and settings are not ours)
-            kwargs.update(address="local", num_cpus=c.num_cpus, num_gpus=c.num_gpus)
-            if c.object_store_memory_mb is not None:
-                kwargs["object_store_memory"] = int(c.object_store_memory_mb) * 2**20
-            kwargs.update(embedded_ray_bind(c.node_ip_address or LOOPBACK))
-        else:
-            if c.address is None and any(getattr(c, k) is not None for k in
-                                         ("num_cpus", "num_gpus", "object_store_memory_mb", "node_ip_address")):
-                log.info("joining the Ray cluster in RAY_ADDRESS (%s): the embedded-Ray settings are not used",
-                         address)
-            kwargs["address"] = address
-        ray.init(**kwargs)
-        return True
+        given = [k for k in EMBEDDED_ONLY if getattr(c, k) is not None]
+        if given and c.address is None and not ray.is_initialized() and resolve_ray_address(None) is not None:
+            log.info("joining the Ray cluster in RAY_ADDRESS (%s): the embedded-Ray settings are not used",
+                     resolve_ray_address(None))
+        embedded = EmbeddedRay(num_cpus=c.num_cpus, num_gpus=c.num_gpus,
+                               object_store_memory_mb=c.object_store_memory_mb, bind_host=c.node_ip_address or LOOPBACK)
+        return connect_ray(c.address, embedded, runtime_env=c.runtime_env, log_to_driver=True)
 
     def run_all(self, jobs: list[PersonJob]) -> list[JobResult]:
         import ray
@@ -156,11 +148,9 @@ class RayBackend:
         return ray.remote(_attempt_task).options(**opts).remote(job, attempt, sdir)
 
     def _run(self, jobs: list[PersonJob], sdir: str | None) -> list[JobResult]:
-        import ray
-
         results: dict[str, JobResult] = {}
         node_max = max_node_resources()
-        pending: dict[Any, tuple[PersonJob, int, float]] = {}
+        started = []
         for job in jobs:
             reason = infeasible_reason(job, node_max)
             if reason is not None:
@@ -170,34 +160,41 @@ class RayBackend:
                     _status.write_state(sdir, job.person, "failed", attempt=0, message=msg)
                 results[job.person] = JobResult(job.person, False, 0, error=msg)
                 continue
-            pending[self._submit(job, 1, sdir)] = (job, 1, time.time())
-        try:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                ref = done[0]
-                job, attempt, t0 = pending.pop(ref)
-                try:
-                    value = ray.get(ref)
-                except Exception as e:  # RayTaskError (target raised) or a dead worker/node
-                    if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
-                        # str(e) carries the remote traceback; lead with the target's own error
-                        err = f"{type(e.cause).__name__}: {e.cause}\n{str(e)[-3000:]}"
-                    else:
-                        err = f"{type(e).__name__}: {e}"
-                    if attempt <= job.max_retries:
-                        log.warning("person %s attempt %d failed, retrying: %s", job.person, attempt,
-                                    err.splitlines()[0])
-                        pending[self._submit(job, attempt + 1, sdir)] = (job, attempt + 1, t0)
-                        continue
-                    log.error("person %s failed after %d attempt(s): %s", job.person, attempt, err.splitlines()[0])
-                    if sdir is not None:  # a killed worker could not write its own verdict
-                        _status.write_state(sdir, job.person, "failed", attempt=attempt, message=err[:1500])
-                    results[job.person] = JobResult(job.person, False, attempt, error=err, duration_s=time.time() - t0)
-                    continue
-                log.info("person %s succeeded (attempt %d)", job.person, attempt)
-                results[job.person] = JobResult(job.person, True, attempt, result=value, duration_s=time.time() - t0)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
+            started.append((job, self._submit(job, 1, sdir)))
+        results.update(run_attempts(started, _RayAttempts(self, sdir), sdir))
         return [results[j.person] for j in jobs]
+
+
+class _RayAttempts:
+    """:class:`cluster.attempts.AttemptRunner` of Ray tasks."""
+
+    def __init__(self, backend: RayBackend, sdir: str | None):
+        self.backend, self.sdir = backend, sdir
+
+    def submit(self, job: PersonJob, attempt: int):
+        return self.backend._submit(job, attempt, self.sdir)
+
+    def wait(self, handles: list) -> list:
+        import ray
+
+        done, _ = ray.wait(handles, num_returns=1)
+        return done
+
+    def outcome(self, job: PersonJob, handle) -> tuple[dict, int]:
+        import ray
+
+        try:
+            return ray.get(handle), 0
+        except Exception as e:  # RayTaskError (target raised) or a dead worker/node
+            if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
+                # str(e) carries the remote traceback; lead with the target's own error
+                raise AttemptFailed(f"{type(e.cause).__name__}: {e.cause}\n{str(e)[-3000:]}") from e
+            raise AttemptFailed(f"{type(e).__name__}: {e}") from e
+
+    def cancel(self, handle) -> None:
+        import ray
+
+        ray.cancel(handle, force=True)
+
+    def start_time(self, handle) -> None:
+        return None

@@ -9,7 +9,8 @@ up to ``max_requeues`` times per attempt (submitit's ``slurm_max_num_timeout``; 
 are requeued without limit).
 
 Failed attempts (the target raised, or the job died) are resubmitted as single jobs up to
-the person's ``max_retries``. Job resources (CPUs, GPUs, memory) come from each
+the person's ``max_retries`` by :func:`cluster.attempts.run_attempts`, the retry loop every
+backend shares. Job resources (CPUs, GPUs, memory) come from each
 ``PersonJob.resources``; persons with identical resources share one array.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import status as _status
+from cluster.attempts import AttemptFailed, run_attempts
 from cluster.person_job import JobResult, PersonJob, Resources, check_jobs, run_attempt
 
 log = logging.getLogger(__name__)
@@ -208,46 +210,7 @@ class SlurmBackend:
     def run_all(self, jobs: list[PersonJob]) -> list[JobResult]:
         check_jobs(jobs)
         sdir = str(Path(self.config.status_dir).resolve()) if self.config.status_dir is not None else None
-        t0 = time.time()
-        pending = [(job, 1, sub) for job, sub in self._submit_initial(jobs, sdir)]
-        results: dict[str, JobResult] = {}
-        try:
-            while pending:
-                # One sacct call for every job per poll: submitit's own watcher backs off to one call a
-                # minute and only then notices a job that died without a result (~4 min measured).
-                pending[0][2].watcher.update()
-                still = []
-                for job, attempt, sub in pending:
-                    if not sub.done():
-                        still.append((job, attempt, sub))
-                        continue
-                    try:
-                        out = sub.result()
-                    except Exception as e:  # FailedJobError / UncompletedJobError
-                        err = f"{_headline(str(e)) or type(e).__name__} (SLURM job {sub.job_id})\n{e}"
-                        if attempt <= job.max_retries:
-                            log.warning("person %s attempt %d failed (job %s), retrying",
-                                        job.person, attempt, sub.job_id)
-                            still.append((job, attempt + 1, self._submit_one(job, attempt + 1, sdir)))
-                            continue
-                        restarts = self._restarts_from_status(sdir, job.person)
-                        if sdir is not None:
-                            _status.write_state(sdir, job.person, "failed", attempt=attempt, message=err[:1500])
-                        results[job.person] = JobResult(job.person, False, attempt, error=err,
-                                                        duration_s=time.time() - t0, restarts=restarts)
-                        continue
-                    results[job.person] = JobResult(job.person, True, attempt, result=out["result"],
-                                                    duration_s=time.time() - t0, restarts=out["restarts"])
-                pending = still
-                if pending:
-                    time.sleep(self.config.poll_interval_s)
-        except BaseException:
-            for _, _, sub in pending:
-                try:
-                    sub.cancel(check=False)
-                except Exception:  # best effort while interrupted
-                    pass
-            raise
+        results = run_attempts(self._submit_initial(jobs, sdir), _SlurmAttempts(self, sdir), sdir)
         return [results[j.person] for j in jobs]
 
     @staticmethod
@@ -258,3 +221,38 @@ class SlurmBackend:
             if s.person == person:
                 return s.restarts
         return 0
+
+
+class _SlurmAttempts:
+    """:class:`cluster.attempts.AttemptRunner` of submitit jobs; failed attempts are resubmitted
+    as single jobs."""
+
+    def __init__(self, backend: SlurmBackend, sdir: str | None):
+        self.backend, self.sdir = backend, sdir
+
+    def submit(self, job: PersonJob, attempt: int):
+        return self.backend._submit_one(job, attempt, self.sdir)
+
+    def wait(self, handles: list) -> list:
+        while True:
+            # One sacct call for every job per poll: submitit's own watcher backs off to one call a
+            # minute and only then notices a job that died without a result (~4 min measured).
+            handles[0].watcher.update()
+            done = [sub for sub in handles if sub.done()]
+            if done:
+                return done
+            time.sleep(self.backend.config.poll_interval_s)
+
+    def outcome(self, job: PersonJob, sub) -> tuple[dict, int]:
+        try:
+            out = sub.result()
+        except Exception as e:  # FailedJobError / UncompletedJobError
+            err = f"{_headline(str(e)) or type(e).__name__} (SLURM job {sub.job_id})\n{e}"
+            raise AttemptFailed(err, restarts=self.backend._restarts_from_status(self.sdir, job.person)) from e
+        return out["result"], out["restarts"]
+
+    def cancel(self, sub) -> None:
+        sub.cancel(check=False)
+
+    def start_time(self, handle) -> None:
+        return None

@@ -30,12 +30,13 @@ def run(person: str, options: TrainOptions | dict[str, Any] | None = None, prese
     sbatch template): train ``person`` with ``options`` and the per-person ``fields`` of
     :class:`TrainConfig` (shards, out, random_base).
 
-    The orchestrator passes a :class:`TrainOptions`; a JSON caller (``cluster.run_person
-    --kwargs-json``, the sbatch templates) passes a dict of overrides of preset ``preset``'s
-    options (nested, e.g. ``{"steps": 100, "model": {"use_expression": false}}``) and paths as
-    strings: they are typed and checked like any config. With ``log_file``, everything the
-    training prints (library notices, the progress bar, a traceback) goes to the end of that
-    file instead of the worker's terminal (launch_all's ``<workdir>/logs/<person>.log``)."""
+    The orchestrator passes a :class:`TrainOptions` and typed fields (``Path``), used as they are;
+    a JSON caller (``cluster.run_person --kwargs-json``, the sbatch templates) passes a dict of
+    overrides of preset ``preset``'s options (nested, e.g. ``{"steps": 100, "model":
+    {"use_expression": false}}``) and paths as strings: they are typed and checked like any
+    config. With ``log_file``, everything the training prints (library notices, the progress
+    bar, a traceback) goes to the end of that file instead of the worker's terminal
+    (launch_all's ``<workdir>/logs/<person>.log``)."""
     if log_file is not None:
         from jobs._console import output_to
 
@@ -43,10 +44,9 @@ def run(person: str, options: TrainOptions | dict[str, Any] | None = None, prese
             return run(person, options, preset, **fields)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    if isinstance(options, TrainOptions):
-        data = to_jsonable(options)
-    else:
-        data = merge(to_jsonable(PRESETS[preset][1]), options or {})
+    if isinstance(options, TrainOptions):  # typed in, typed through: no JSON round trip
+        return train(TrainConfig.for_person(options, person=person, **fields))
+    data = merge(to_jsonable(PRESETS[preset][1]), options or {})
     return train(from_jsonable(TrainConfig, {**data, **to_jsonable(fields), "person": person}))
 
 

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from avatars.evaluation.metric_names import DEFAULT_METRICS
-from cluster.bind import embedded_ray_bind
 from cluster.eval_driver.tasks import (
     TASKS,
     Clip,
@@ -40,7 +39,7 @@ from cluster.eval_driver.tasks import (
     self_reenactment,
 )
 from cluster.eval_driver.uptodate import adopt, base_problem, evaluation_key, find_reusable
-from cluster.preflight import resolve_ray_address
+from cluster.ray_connect import EmbeddedRay, connect_ray
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
 from cluster.serve.renderer import RendererConfig, RenderRequest
 from common.io import DataError, atomic_write_bytes
@@ -344,24 +343,6 @@ class _Run:
         return TaskResult.from_evaluation(merge_evaluations(evals), video=rel.as_posix(), thumbnail=thumb.as_posix())
 
 
-def connect_ray(config: EvalDriverConfig) -> bool:
-    """ray.init unless already connected; returns whether this call started/joined Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = resolve_ray_address(config.ray_address)
-    if address is not None:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # address "local": a new one even when a `ray start` head runs on this machine (without
-        # it, ray.init joins that head and refuses the embedded-only resources)
-        ray.init(address="local", num_cpus=config.ray_num_cpus, object_store_memory=config.ray_object_store_mb * 2**20,
-                 include_dashboard=False, log_to_driver=False, **embedded_ray_bind(config.ray_bind_host))
-    return True
-
-
 def _load_night(path: Path) -> RunResults | None:
     """The night's results.json written by an earlier run, or None (absent, or unreadable: then
     it is replaced, with a warning)."""
@@ -457,7 +438,9 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
     """Render and score `todo` on the Serve renderer (Ray started here unless connected); fills
     `results`, `failed` and `person_seconds`; returns the frames rendered."""
     run = _Run(config, folder)
-    started = connect_ray(config)
+    embedded = EmbeddedRay(num_cpus=config.ray_num_cpus, object_store_memory_mb=config.ray_object_store_mb,
+                           bind_host=config.ray_bind_host, include_dashboard=False)
+    started = connect_ray(config.ray_address, embedded, log_to_driver=False)
     from cluster.serve.deployment import ensure_serve
 
     def one(person: str) -> tuple[str, dict[str, TaskResult] | None, str | None]:

@@ -1,0 +1,74 @@
+"""How every part of a run connects to Ray: one :func:`connect_ray` for the training backend and
+the evaluation driver (and so for ``jobs/launch_all.py``, which runs both in one process).
+
+A run either joins a cluster (``--ray-address``, or ``RAY_ADDRESS`` inside ``ray job submit``) or
+starts an embedded single-node Ray in its own process. The embedded one is always a new Ray of its
+own (``address="local"``: without it ``ray.init`` joins any ``ray start`` head on the machine, whose
+resources and settings are not the run's) and listens on loopback unless the user names another
+address (:mod:`cluster.bind`). When this process is already connected (an earlier stage, a test,
+a user's notebook) that connection is used and left open.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.bind import LOOPBACK, embedded_ray_bind
+from cluster.preflight import resolve_ray_address
+
+
+@dataclass(frozen=True)
+class EmbeddedRay:
+    """What an embedded Ray offers and where it listens; unused when a cluster is joined."""
+
+    #: Logical CPUs (None: every core of this machine).
+    num_cpus: int | None = None
+    #: GPUs (None: Ray detects them).
+    num_gpus: int | None = None
+    #: Object store size in MiB (None: Ray's default, 30% of RAM).
+    object_store_memory_mb: int | None = None
+    #: The address its node, workers and dashboard listen on (127.0.0.1: nothing reachable from
+    #: the network).
+    bind_host: str = LOOPBACK
+    #: Start the Ray dashboard (None: Ray's default, on when its packages are installed).
+    include_dashboard: bool | None = None
+
+
+def ray_init_kwargs(address: str | None, embedded: EmbeddedRay = EmbeddedRay(), *,
+                    runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True) -> dict[str, Any]:
+    """The ``ray.init`` keyword arguments :func:`connect_ray` uses: join ``address`` (resolved as
+    :func:`cluster.preflight.resolve_ray_address` does), or, when that is None, start ``embedded``.
+
+    For a loopback ``embedded.bind_host`` this also makes Ray honour it (see :func:`embedded_ray_bind`)."""
+    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
+    if runtime_env is not None:
+        kwargs["runtime_env"] = runtime_env
+    resolved = resolve_ray_address(address)
+    if resolved is not None:
+        kwargs["address"] = resolved
+        return kwargs
+    kwargs.update(address="local", num_cpus=embedded.num_cpus, num_gpus=embedded.num_gpus)
+    if embedded.object_store_memory_mb is not None:
+        kwargs["object_store_memory"] = int(embedded.object_store_memory_mb) * 2**20
+    if embedded.include_dashboard is not None:
+        kwargs["include_dashboard"] = embedded.include_dashboard
+    kwargs.update(embedded_ray_bind(embedded.bind_host))
+    return kwargs
+
+
+def connect_ray(address: str | None, embedded: EmbeddedRay = EmbeddedRay(), *,
+                runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True) -> bool:
+    """``ray.init`` unless this process is already connected. Returns whether this call connected
+    (joined a cluster or started the embedded Ray): then the caller ``ray.shutdown()``\\ s when done.
+
+    Ray's usage statistics are off unless ``RAY_USAGE_STATS_ENABLED`` says otherwise (a run sends
+    nothing to the network on its own)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(**ray_init_kwargs(address, embedded, runtime_env=runtime_env, log_to_driver=log_to_driver))
+    return True

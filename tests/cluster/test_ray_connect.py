@@ -1,0 +1,83 @@
+"""The one way a run connects to Ray (cluster/ray_connect.py), with ray.init recorded, not run."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from cluster import ray_backend
+from cluster.eval_driver import driver
+from cluster.preflight import BackendUnavailable
+from cluster.ray_connect import EmbeddedRay, connect_ray
+
+
+@pytest.fixture
+def inits(monkeypatch):
+    """ray.init calls (keyword arguments), with Ray never started; the environment variables
+    connect_ray sets are undone after the test."""
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+    import ray._private.ray_constants as constants
+
+    monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", constants.ENABLE_RAY_CLUSTER)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "1")
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED")
+    return calls
+
+
+def test_embedded_ray_is_its_own_and_listens_on_loopback(inits, monkeypatch):
+    import os
+
+    assert connect_ray(None, EmbeddedRay(num_cpus=2, object_store_memory_mb=100, include_dashboard=False),
+                       log_to_driver=False) is True
+    assert inits == [dict(address="local", num_cpus=2, num_gpus=None, object_store_memory=100 * 2**20,
+                          include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                          dashboard_host="127.0.0.1")]
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # Ray honours a loopback node IP
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+    # already connected: that connection is used, nothing is started
+    assert connect_ray(None) is False and len(inits) == 1
+
+
+def test_a_cluster_is_joined_without_the_embedded_settings(inits, monkeypatch):
+    connect_ray("10.0.0.5:6379", EmbeddedRay(num_cpus=2, bind_host="0.0.0.0"), runtime_env={"env_vars": {"A": "1"}})
+    assert inits == [dict(address="10.0.0.5:6379", runtime_env={"env_vars": {"A": "1"}}, log_to_driver=True)]
+    inits.clear()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.6:6379")  # inside `ray job submit`
+    connect_ray(None, EmbeddedRay(num_cpus=2))
+    assert inits == [dict(address="10.0.0.6:6379", log_to_driver=True)]
+
+
+def test_auto_without_a_cluster_says_how_to_get_one(inits, monkeypatch):
+    import ray._private.services as services
+
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    with pytest.raises(BackendUnavailable, match="no running Ray cluster"):
+        connect_ray("auto")
+    assert inits == []
+
+
+def test_training_backend_and_evaluation_driver_connect_through_it(inits, monkeypatch, tmp_path):
+    """Both map their configs onto connect_ray as before: the training backend's embedded Ray
+    prints its workers' output and has a dashboard, the evaluation's does neither."""
+    backend = ray_backend.RayBackend(ray_backend.RayConfig(num_cpus=3, object_store_memory_mb=64,
+                                                           node_ip_address="127.0.0.2"))
+    assert backend._connect() is True
+    assert inits[-1] == dict(address="local", num_cpus=3, num_gpus=None, object_store_memory=64 * 2**20,
+                             log_to_driver=True, _node_ip_address="127.0.0.2", dashboard_host="127.0.0.2")
+    inits.clear()
+    config = driver.EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                                     ray_num_cpus=1, metrics=("psnr",))
+    monkeypatch.setattr("cluster.serve.deployment.ensure_serve", lambda: (_ for _ in ()).throw(RuntimeError("x")))
+    stopped = []
+    monkeypatch.setattr("cluster.serve.deployment.shutdown_serve_and_ray", lambda: stopped.append(True))
+    with pytest.raises(RuntimeError, match="^x$"):
+        driver._render_all(config, tmp_path, [], {}, {}, {}, {})
+    assert inits == [dict(address="local", num_cpus=1, num_gpus=None, object_store_memory=512 * 2**20,
+                          include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                          dashboard_host="127.0.0.1")]
+    assert stopped == [True]  # the driver started this Ray, so it stops it
