@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 class LocalConfig:
     """Configuration of :class:`LocalBackend`."""
 
-    #: Directory of per-person status files (``cluster.status``); None writes none.
     status_dir: Path | None = None
+    """Directory of per-person status files (``cluster.status``); None writes none."""
 
 
 class LocalBackend:

@@ -34,12 +34,12 @@ PERSON_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class Resources:
     """What one attempt of a job reserves on the cluster while it runs."""
 
-    #: CPU cores (Ray: ``num_cpus``, may be fractional; SLURM: ``--cpus-per-task``, rounded up).
     cpus: float = 1.0
-    #: GPUs (Ray: ``num_gpus``, may be fractional; SLURM: ``--gpus-per-node``, rounded up).
+    """CPU cores (Ray: ``num_cpus``, may be fractional; SLURM: ``--cpus-per-task``, rounded up)."""
     gpus: float = 0.0
-    #: Host memory in GiB (Ray: the ``memory`` resource; SLURM: ``--mem``). None: no reservation.
+    """GPUs (Ray: ``num_gpus``, may be fractional; SLURM: ``--gpus-per-node``, rounded up)."""
     memory_gb: float | None = None
+    """Host memory in GiB (Ray: the ``memory`` resource; SLURM: ``--mem``). None: no reservation."""
 
     def __post_init__(self) -> None:
         if not (self.cpus > 0 and math.isfinite(self.cpus)):
@@ -54,18 +54,18 @@ class Resources:
 class PersonJob:
     """One person's job: which function to call, with what, on which resources."""
 
-    #: Person id (letters, digits, ``.``, ``_``, ``-``); names the status file and the job.
     person: str
-    #: Importable target ``"package.module:function"``, called as ``fn(person, **kwargs)``
-    #: and returning a JSON-able dict.
+    """Person id (letters, digits, ``.``, ``_``, ``-``); names the status file and the job."""
     target: str
-    #: Keyword arguments for the target; must be picklable (Ray/SLURM ship them to workers).
+    """Importable target ``"package.module:function"``, called as ``fn(person, **kwargs)``
+    and returning a JSON-able dict."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    #: Resources each attempt reserves; with more jobs than resources, jobs queue.
+    """Keyword arguments for the target; must be picklable (Ray/SLURM ship them to workers)."""
     resources: Resources = field(default_factory=Resources)
-    #: How many times a failed attempt (exception, killed worker, failed SLURM job) is
-    #: started again. 0 = run once. SLURM timeout/preemption requeues are not counted here.
+    """Resources each attempt reserves; with more jobs than resources, jobs queue."""
     max_retries: int = 1
+    """How many times a failed attempt (exception, killed worker, failed SLURM job) is
+    started again. 0 = run once. SLURM timeout/preemption requeues are not counted here."""
 
     def __post_init__(self) -> None:
         if not PERSON_RE.match(self.person):
@@ -79,20 +79,20 @@ class PersonJob:
 class JobResult:
     """The final outcome of one person's job, after all retries."""
 
-    #: Person id.
     person: str
-    #: True when the last attempt returned normally.
+    """Person id."""
     ok: bool
-    #: Attempts started (1 + retries used); at most ``1 + max_retries``.
+    """True when the last attempt returned normally."""
     attempts: int
-    #: The target's return value on success, else None.
+    """Attempts started (1 + retries used); at most ``1 + max_retries``."""
     result: dict | None = None
-    #: Error text of the last failed attempt (exception + traceback tail), else None.
+    """The target's return value on success, else None."""
     error: str | None = None
-    #: Wall seconds from the first submission to the final outcome (includes queueing).
+    """Error text of the last failed attempt (exception + traceback tail), else None."""
     duration_s: float = 0.0
-    #: SLURM timeout/preemption requeues of the last attempt (0 on other backends).
+    """Wall seconds from the first submission to the final outcome (includes queueing)."""
     restarts: int = 0
+    """SLURM timeout/preemption requeues of the last attempt (0 on other backends)."""
 
     def to_json(self) -> dict:
         return asdict(self)

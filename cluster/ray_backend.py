@@ -36,29 +36,29 @@ EMBEDDED_ONLY = ("num_cpus", "num_gpus", "object_store_memory_mb", "node_ip_addr
 class RayConfig:
     """Configuration of :class:`RayBackend`."""
 
-    #: Directory of per-person status files; must be on a filesystem all Ray nodes share.
-    #: None writes none.
     status_dir: Path | None = None
-    #: Ray cluster to join (``"host:port"`` of the GCS, or ``"auto"``). None: the cluster in
-    #: ``RAY_ADDRESS`` when set (it is inside ``ray job submit``), else an embedded single-node
-    #: Ray started in this process and shut down at the end. When Ray is already initialised
-    #: in this process, that connection is used (and left open).
+    """Directory of per-person status files; must be on a filesystem all Ray nodes share.
+    None writes none."""
     address: str | None = None
-    #: Embedded Ray only: logical CPUs it offers (None: all cores of this machine).
+    """Ray cluster to join (``"host:port"`` of the GCS, or ``"auto"``). None: the cluster in
+    ``RAY_ADDRESS`` when set (it is inside ``ray job submit``), else an embedded single-node
+    Ray started in this process and shut down at the end. When Ray is already initialised
+    in this process, that connection is used (and left open)."""
     num_cpus: int | None = None
-    #: Embedded Ray only: GPUs it offers (None: autodetect).
+    """Embedded Ray only: logical CPUs it offers (None: all cores of this machine)."""
     num_gpus: int | None = None
-    #: Embedded Ray only: object store size in MiB (None: Ray's default, 30% of RAM).
+    """Embedded Ray only: GPUs it offers (None: autodetect)."""
     object_store_memory_mb: int | None = None
-    #: Embedded Ray only: IP address its node, workers and dashboard listen on. None: 127.0.0.1,
-    #: so nothing is reachable from the network (see cluster.bind); a LAN address for a
-    #: dashboard reachable from elsewhere.
+    """Embedded Ray only: object store size in MiB (None: Ray's default, 30% of RAM)."""
     node_ip_address: str | None = None
-    #: Job-level Ray runtime environment, e.g. ``{"env_vars": {"PYTHONPATH": "/repo"}}`` so
-    #: workers of a joined cluster can import the target module.
+    """Embedded Ray only: IP address its node, workers and dashboard listen on. None: 127.0.0.1,
+    so nothing is reachable from the network (see cluster.bind); a LAN address for a
+    dashboard reachable from elsewhere."""
     runtime_env: dict[str, Any] | None = None
-    #: Prefix of the per-person task names shown in the dashboard.
+    """Job-level Ray runtime environment, e.g. ``{"env_vars": {"PYTHONPATH": "/repo"}}`` so
+    workers of a joined cluster can import the target module."""
     task_prefix: str = "train-"
+    """Prefix of the per-person task names shown in the dashboard."""
 
     def __post_init__(self) -> None:
         if self.address is not None:

@@ -23,17 +23,17 @@ from cluster.preflight import resolve_ray_address
 class EmbeddedRay:
     """What an embedded Ray offers and where it listens; unused when a cluster is joined."""
 
-    #: Logical CPUs (None: every core of this machine).
     num_cpus: int | None = None
-    #: GPUs (None: Ray detects them).
+    """Logical CPUs (None: every core of this machine)."""
     num_gpus: int | None = None
-    #: Object store size in MiB (None: Ray's default, 30% of RAM).
+    """GPUs (None: Ray detects them)."""
     object_store_memory_mb: int | None = None
-    #: The address its node, workers and dashboard listen on (127.0.0.1: nothing reachable from
-    #: the network).
+    """Object store size in MiB (None: Ray's default, 30% of RAM)."""
     bind_host: str = LOOPBACK
-    #: Start the Ray dashboard (None: Ray's default, on when its packages are installed).
+    """The address its node, workers and dashboard listen on (127.0.0.1: nothing reachable from
+    the network)."""
     include_dashboard: bool | None = None
+    """Start the Ray dashboard (None: Ray's default, on when its packages are installed)."""
 
 
 def ray_init_kwargs(address: str | None, embedded: EmbeddedRay = EmbeddedRay(), *,

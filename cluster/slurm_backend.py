@@ -42,39 +42,39 @@ class SlurmConfig:
     """Configuration of :class:`SlurmBackend` (cluster-side settings; per-job resources
     come from ``PersonJob.resources``)."""
 
-    #: Directory of per-person status files (must be on a filesystem the nodes share).
-    #: None writes none.
     status_dir: Path | None = None
-    #: submitit folder for sbatch scripts, pickles and logs (one subfolder per job id);
-    #: must be on a shared filesystem.
+    """Directory of per-person status files (must be on a filesystem the nodes share).
+    None writes none."""
     log_dir: Path = Path("runs/slurm")
-    #: SLURM partition (``--partition``); None uses the cluster's default partition.
+    """submitit folder for sbatch scripts, pickles and logs (one subfolder per job id);
+    must be on a shared filesystem."""
     partition: str | None = None
-    #: Time limit of one run in minutes (``--time``); longer trainings are requeued.
+    """SLURM partition (``--partition``); None uses the cluster's default partition."""
     time_min: int = 60
-    #: True: submit all persons (with equal resources) as one job array; False: one job
-    #: per person, named ``<job_prefix><person>``.
+    """Time limit of one run in minutes (``--time``); longer trainings are requeued."""
     array: bool = True
-    #: At most this many array tasks run at once (``--array=0-N%P``).
+    """True: submit all persons (with equal resources) as one job array; False: one job
+    per person, named ``<job_prefix><person>``."""
     array_parallelism: int = 256
-    #: Timeout requeues allowed per attempt (submitit ``slurm_max_num_timeout``).
+    """At most this many array tasks run at once (``--array=0-N%P``)."""
     max_requeues: int = 3
-    #: SLURM sends USR2 this many seconds before the time limit (``--signal=USR2@N``);
-    #: the target must be able to stop within this margin. SLURM checks on a ~30 s grid.
+    """Timeout requeues allowed per attempt (submitit ``slurm_max_num_timeout``)."""
     signal_delay_s: int = 90
-    #: Shell lines run in the sbatch script before the job (e.g. ``source .venv/bin/activate``,
-    #: ``module load cuda``).
+    """SLURM sends USR2 this many seconds before the time limit (``--signal=USR2@N``);
+    the target must be able to stop within this margin. SLURM checks on a ~30 s grid."""
     setup: list[str] = field(default_factory=list)
-    #: Extra ``#SBATCH`` options, e.g. ``{"account": "avatars", "qos": "high"}``.
+    """Shell lines run in the sbatch script before the job (e.g. ``source .venv/bin/activate``,
+    ``module load cuda``)."""
     additional_parameters: dict[str, Any] = field(default_factory=dict)
-    #: Job name prefix (``--job-name``); array jobs are named ``<job_prefix>array``.
+    """Extra ``#SBATCH`` options, e.g. ``{"account": "avatars", "qos": "high"}``."""
     job_prefix: str = "train-"
-    #: Seconds between two polls of the jobs' state (one ``sacct`` call for all jobs each time): a job
-    #: that dies without a result is noticed within this plus ``result_wait_s``.
+    """Job name prefix (``--job-name``); array jobs are named ``<job_prefix>array``."""
     poll_interval_s: float = 5.0
-    #: How long a job SLURM reports finished may take to show its result file (a slow shared file
-    #: system) before it counts as died without a result (submitit's default: 15 s).
+    """Seconds between two polls of the jobs' state (one ``sacct`` call for all jobs each time): a job
+    that dies without a result is noticed within this plus ``result_wait_s``."""
     result_wait_s: float = 15.0
+    """How long a job SLURM reports finished may take to show its result file (a slow shared file
+    system) before it counts as died without a result (submitit's default: 15 s)."""
 
     def __post_init__(self) -> None:
         if self.time_min < 1:
