@@ -418,14 +418,24 @@ def training_steps(s: Setup) -> dict[str, Callable[[], object]]:
     """Builders of the steps the profile compares: the trainer's ("ours") and the peer's, paper
     config on CUDA (tiny on CPU), the run's batch, plus ours in the other memory format than the
     trainer's default there (channels_last on CUDA: does it pay, or do its conversions cost more?)."""
-    from train_steps import our_step, peer_step
+    import copy
+
+    from train_steps import our_model, our_step, peer_step
 
     preset, dim, config = peer_config(s)
     other = "contiguous" if s.cuda else "channels_last"
-    return {"ours": lambda: our_step(preset, s.device, s.train_batch, expression_dim=dim),
+    built = {}
+
+    def model(copied: bool):
+        """One random init for both of ours (a paper model's init takes far longer than a copy)."""
+        if "model" not in built:
+            built["model"] = our_model(preset, dim)
+        return copy.deepcopy(built["model"]) if copied else built.pop("model")
+
+    return {"ours": lambda: our_step(preset, s.device, s.train_batch, expression_dim=dim, model=model(copied=True)),
             "peer": lambda: peer_step(config, s.device, s.train_batch),
             f"ours, memory_format={other}": lambda: our_step(preset, s.device, s.train_batch, memory_format=other,
-                                                             expression_dim=dim)}
+                                                             expression_dim=dim, model=model(copied=False))}
 
 
 def time_step(build: Callable[[], object], s: Setup) -> dict:

@@ -50,11 +50,20 @@ def _on(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+def our_model(preset: str, expression_dim: int = 100):
+    """``preset``'s model with random weights, on the host (as the trainer builds it)."""
+    from avatars.models import DiffusionAvatarsModel
+    from avatars.training import train_preset
+
+    return DiffusionAvatarsModel(train_preset(preset, random_base=preset != "tiny").model_config(expression_dim))
+
+
 def our_step(preset: str, device: torch.device, batch_size: int, precision: str = "auto",
-             memory_format: str = "auto", expression_dim: int = 100) -> Step:
+             memory_format: str = "auto", expression_dim: int = 100, model=None) -> Step:
     """The trainer's step (``TrainingEngine.micro_step``, phase by phase) on ``preset``'s model
     with random weights; the DeepSpeed engine of one process (``init_distributed`` makes its
-    group). ``expression_dim`` is the paper data's 100 by default."""
+    group). ``expression_dim`` is the paper data's 100 by default. ``model``: one from
+    :func:`our_model` (built when None; the step takes it over: it is cast and moved)."""
     from avatars.models import DiffusionAvatarsModel
     from avatars.testing import synthetic_batch
     from avatars.training import train_preset
@@ -66,7 +75,9 @@ def our_step(preset: str, device: torch.device, batch_size: int, precision: str 
     cfg = train_preset(preset, batch_size=batch_size, precision=precision, memory_format=memory_format,
                        random_base=preset != "tiny")
     config = cfg.model_config(expression_dim)
-    trainer = build_engine(cfg, DiffusionAvatarsModel(config), world)
+    if model is not None and model.config != config:
+        raise ValueError("the model given was not built for this preset and expression_dim (use our_model)")
+    trainer = build_engine(cfg, model if model is not None else DiffusionAvatarsModel(config), world)
     engine = trainer.engine
     batch = _on(synthetic_batch(batch_size, config.resolution, expression_dim), trainer.device)
     noise = torch.Generator(device="cpu").manual_seed(0)  # the trainer's (avatars.training.trainer)
