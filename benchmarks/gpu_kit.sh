@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_kit.sh download          # here, with registry access: fill .whl/ (ignored by git)
 # there (Python 3.12 + torch 2.11, no registry; the device tool with carry [".whl"]), one call each, in order:
-#   bash benchmarks/gpu_kit.sh first             # ~9 min: the 3 GPU tests fixed since the last run, then
+#   bash benchmarks/gpu_kit.sh first             # ~9 min: the 3 GPU tests fixed since the last run (+1), then
 #                                                # bench_gpu --only train profile render peer (eager)
 #   bash benchmarks/gpu_kit.sh compiled-train    # the --compile training row and its compile time
 #   bash benchmarks/gpu_kit.sh compiled-render   # the compiled render rows (the Serve warm-up's compile)
@@ -43,17 +43,19 @@ COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-520}
 #: `first`: seconds from the script's start by which everything has ended (the bench gets what the tests leave).
 CALL_BUDGET=${CALL_BUDGET:-560}
 
-# The three GPU tests that failed on the H200 (2026-11-26) and were fixed without a GPU since.
+# The three GPU tests that failed on the H200 (2026-11-26) and were fixed without a GPU since, then the CUDA
+# check of the VAE-outside-autocast change made without a GPU (seconds).
 FIXED_TESTS=(
   tests/shards/test_raster.py::test_nvdiffrast_input_checks_do_not_sync
   tests/avatars/training/test_precision.py::test_cuda_micro_steps_never_synchronise
+  tests/avatars/training/test_step_work.py::test_cuda_vae_encode_has_no_fp32_norms_under_autocast
   tests/avatars/training/test_compile.py::test_compiled_training_matches_eager_on_cuda
 )
 
 # The gpu-marked tests (collecting the whole suite would import Ray, submitit, ... which the machine lacks).
 GPU_TESTS=(
   tests/avatars/training/test_precision.py tests/avatars/training/test_compile.py
-  tests/avatars/data/test_device_feed.py tests/avatars/test_host_sync.py tests/avatars/test_render_pipeline.py
+  tests/avatars/training/test_step_work.py tests/avatars/data/test_device_feed.py tests/avatars/test_host_sync.py tests/avatars/test_render_pipeline.py
   tests/shards/test_raster.py
 )
 
