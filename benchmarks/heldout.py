@@ -103,7 +103,7 @@ def train_variant(variant: Variant, person: str, seed: int, shards: Path, base_m
     cfg = VariantTrainConfig(person=person, shards=Path(shards), out=run_root, base_model=base_model, seed=seed,
                              model_overrides=dict(variant.model), **train)
     if "checkpoint_every" not in train:
-        cfg.checkpoint_every = cfg.resolved().steps  # one checkpoint, at the end
+        cfg.checkpoint_every = cfg.steps  # one checkpoint, at the end
     spec = {"variant": variant.spec(), "train": {k: str(v) for k, v in train.items()}, "seed": seed,
             "base_model": str(base_model), "person": person}
     spec_file = cfg.run_dir / "variant.json"
