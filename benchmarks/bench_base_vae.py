@@ -1,0 +1,117 @@
+"""Can the tiny base's VAE carry a person's eyes and mouth? Stage 1 of the base pretraining
+(avatars/training/base_pretraining.py) for several VAE layouts and learning rates, scored on the
+held-out images inside the rasterized face mask, with a picture of every variant.
+
+    python benchmarks/bench_base_vae.py --shards data/shards \\
+        --variants 'default:' 'lat8:latent_channels=8' 'lr3e-3:vae_lr=3e-3' --steps 400
+
+A variant is 'name:key=value,...' over ``BasePretrainConfig`` fields (vae_steps, vae_lr,
+vae_batch_size, kl_weight, ...) and ``VAEConfig`` fields (block_out_channels as 16-32-32,
+latent_channels, layers_per_block). Everything a render shows passes through this decoder, so its
+reconstruction is the upper bound of an avatar's fidelity (see benchmarks/bench_fidelity.py).
+Writes benchmarks/results/base_vae.json and base_vae.png (+ .txt naming the rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import RESULTS, report  # noqa: E402
+from heldout import parse_value, save_rows  # noqa: E402
+
+from avatars.configs import VAEConfig, tiny_config  # noqa: E402
+from avatars.data import LoaderConfig, ShardDataset  # noqa: E402
+from avatars.evaluation.metrics import psnr_from_mse  # noqa: E402
+from avatars.training.base_pretraining import (  # noqa: E402
+    BasePretrainConfig,
+    _split_shards,
+    image_batches,
+    resolve_persons,
+    train_vae,
+)
+
+VAE_KEYS = {f.name for f in dataclasses.fields(VAEConfig)}
+
+
+def parse_variant(spec: str) -> tuple[str, dict, dict]:
+    name, _, body = spec.rpartition(":")
+    pretrain, vae = {}, {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key == "block_out_channels":
+            vae[key] = tuple(int(v) for v in value.split("-"))
+        elif key in VAE_KEYS:
+            vae[key] = parse_value(value)
+        else:
+            pretrain[key] = parse_value(value)
+    return name or spec, pretrain, vae
+
+
+def held_out(shard_root: Path, persons: list[str], count: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images in [-1, 1], rasterized face masks) of ``count`` test_seq frames spread over the persons."""
+    dataset = ShardDataset(_split_shards(shard_root, persons, "test_seq"), LoaderConfig(
+        resolution=resolution, batch_size=1, augment=False, shuffle=False, num_workers=0))
+    idx = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().unique().tolist()
+    items = [dataset[i] for i in idx]
+    return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
+
+
+@torch.no_grad()
+def scores(vae, images: torch.Tensor, masks: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample.clamp(-1, 1) for c in images.split(32)])
+    err = ((recon - images) / 2).pow(2)
+    face = masks.expand_as(err)
+    face_mse = (err * face).flatten(1).sum(1) / face.flatten(1).sum(1).clamp_min(1)
+    return {"psnr": psnr_from_mse(err.flatten(1).mean(1)).mean().item(),
+            "psnr_face": psnr_from_mse(face_mse.clamp_min(1e-12)).mean().item()}, (recon + 1) / 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=Path, default=Path("data/shards"))
+    ap.add_argument("--persons", default="all")
+    ap.add_argument("--variants", nargs="+", default=["default:"])
+    ap.add_argument("--steps", type=int, default=None, help="vae_steps of every variant that does not set it")
+    ap.add_argument("--images", type=int, default=64, help="held-out images scored")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    persons = resolve_persons(a.shards, a.persons)
+    resolution = tiny_config().resolution
+    images, masks = held_out(a.shards, persons, a.images, resolution)
+    rows, pictures = [], [("ground truth", (images + 1) / 2)]
+    for spec in a.variants:
+        name, pretrain, vae_fields = parse_variant(spec)
+        if a.steps is not None:
+            pretrain.setdefault("vae_steps", a.steps)
+        config = BasePretrainConfig(shard_root=a.shards, persons=a.persons, log_every=0, **pretrain)
+        model_config = tiny_config()
+        model_config = dataclasses.replace(model_config, vae=dataclasses.replace(model_config.vae, **vae_fields))
+        train = ShardDataset(_split_shards(a.shards, persons, "train"), LoaderConfig(
+            resolution=resolution, batch_size=config.vae_batch_size, augment=True, num_workers=1,
+            seed=config.seed, shuffle=True))
+        cpu = time.process_time()
+        vae, loss, _ = train_vae(config, model_config, image_batches(train, train.config))
+        cpu = time.process_time() - cpu
+        s, recon = scores(vae, images, masks)
+        rows.append({"variant": name, "steps": config.vae_steps, "lr": config.vae_lr,
+                     "blocks": "-".join(map(str, model_config.vae.block_out_channels)),
+                     "latent": model_config.vae.latent_channels, "recon loss": loss, **s, "train CPU s": cpu})
+        pictures.append((name, recon))
+        print(rows[-1], flush=True)
+    save_rows(RESULTS / f"base_vae{a.tag}.png", pictures, columns=8)
+    report(f"base_vae{a.tag}", rows, {"persons": persons, "heldout_images": int(images.shape[0])})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Pieces of the fidelity benchmarks that decide what they measure (no real training here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import heldout  # noqa: E402
+from bench_base_vae import parse_variant, scores  # noqa: E402
+
+
+def test_base_vae_variant_parsing():
+    name, pretrain, vae = parse_variant("f2:block_out_channels=16-32,vae_lr=3e-3,latent_channels=8,vae_steps=400")
+    assert name == "f2"
+    assert pretrain == {"vae_lr": pytest.approx(3e-3), "vae_steps": 400}
+    assert vae == {"block_out_channels": (16, 32), "latent_channels": 8}
+
+
+class _ShiftVAE:
+    """decode(encode(x)) = x + 0.2 inside the top half of the image, exact elsewhere."""
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+    def decode(self, z):
+        out = z.clone()
+        out[:, :, : z.shape[2] // 2] += 0.2
+        return SimpleNamespace(sample=out)
+
+
+def test_base_vae_face_psnr_counts_only_the_mask():
+    images = torch.zeros(2, 3, 8, 8)
+    top, bottom = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    top[:, :, :4], bottom[:, :, 4:] = 1, 1
+    s_top, _ = scores(_ShiftVAE(), images, top)
+    s_bottom, _ = scores(_ShiftVAE(), images, bottom)
+    assert s_top["psnr_face"] == pytest.approx(20.0, abs=1e-3)  # error 0.1 in [0, 1] units everywhere in the mask
+    assert s_bottom["psnr_face"] > 100  # no error inside this mask
+    assert s_top["psnr"] == pytest.approx(23.01, abs=0.01)  # half the frame wrong
+
+
+def test_train_variant_checkpoints_once_at_the_end(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_train(cfg, callbacks=()):
+        seen["cfg"] = cfg
+        return {"steps": cfg.steps}
+
+    monkeypatch.setattr(heldout, "train_person", fake_train)
+    run_dir, result = heldout.train_variant(heldout.Variant.parse("short:steps=7"), "000", 0, tmp_path / "shards",
+                                            None, tmp_path / "out")
+    assert seen["cfg"].steps == 7 and seen["cfg"].checkpoint_every == 7 and seen["cfg"].resume == "never"
+    assert result["steps"] == 7 and (run_dir / "variant.json").is_file()
