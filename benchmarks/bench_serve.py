@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -131,20 +130,20 @@ def end_to_end(args: BenchServeArgs, tmp: Path) -> dict:
 
 
 def main(args: BenchServeArgs) -> None:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
     from avatars.configs import tiny_config
     from avatars.models import DiffusionAvatarsModel
+    from cluster.ray_connect import EmbeddedRay, connect_ray
 
     with tempfile.TemporaryDirectory(prefix="bench_serve") as d:
         tmp = Path(d)
         model_dir = tmp / "model"
         DiffusionAvatarsModel(tiny_config(expression_dim=10)).save_pretrained(model_dir)
-        ray.init(num_cpus=args.ray_num_cpus, object_store_memory=args.object_store_mb * 2**20, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
+        # the Ray of every run (its own, on loopback), as the evaluation driver starts it
+        connect_ray(None, EmbeddedRay(num_cpus=args.ray_num_cpus, object_store_memory_mb=args.object_store_mb,
+                                      include_dashboard=False), log_to_driver=False)
         try:
             rows = throughput(args, model_dir)
             e2e = end_to_end(args, tmp) if args.e2e_persons else None
