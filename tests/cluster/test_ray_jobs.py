@@ -56,12 +56,10 @@ def test_main_job_submitted_with_ray_jobs(tmp_path, ray_head):
     assert {s.person: s.state for s in read_status(work / "status")} == {"000": "succeeded", "001": "succeeded"}
     # the persons trained as tasks of the submitted job on the cluster, not in an embedded Ray
     info = client.get_job_info("da-main-job")
-    import ray
     from ray.util.state import list_tasks
 
-    ray.init(address=ray_head.address, log_to_driver=False)
-    try:
-        tasks = list_tasks(filters=[("job_id", "=", info.job_id)], limit=1000, raise_on_missing_output=False)
-    finally:
-        ray.shutdown()
+    # this head's own API server: without an address the state API looks for "a" cluster on the
+    # machine (it timed out on a stale one another test run left behind)
+    tasks = list_tasks(address=ray_head.dashboard_url, filters=[("job_id", "=", info.job_id)], limit=1000,
+                       raise_on_missing_output=False)
     assert {t.name for t in tasks} >= {"train-000", "train-001"}
