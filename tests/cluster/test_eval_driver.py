@@ -25,14 +25,14 @@ from cluster.eval_driver.tasks import (
 )
 from cluster.report import RunResults
 from cluster.serve.renderer import RendererConfig
-from shards.testing import TINY, build_tiny
+from shards.testing import TINY
 
 R = 64  # tiny model resolution (the tiny shards are 48 px: resized like the training loader)
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny"))  # (captures, stores, shards)
+@pytest.fixture
+def tiny_data(tiny_dataset):
+    return tiny_dataset  # (captures, stores, shards), shared read-only (tests/conftest.py)
 
 
 def test_self_reenactment_and_novel_view_frames(tiny_data):

@@ -13,7 +13,6 @@ import pytest
 
 from avatars.models.diffusion_avatars import load_trainable_weights
 from cluster.status import read_status
-from shards.testing import build_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 #: Resources the single-node test SLURM has; every other #SBATCH line of the templates is kept.
@@ -26,8 +25,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return build_tiny(tmp_path_factory.mktemp("tiny"))[2]
+def shards(tiny_dataset) -> Path:
+    return tiny_dataset[2]  # shared read-only (tests/conftest.py)
 
 
 def _env(tmp_path: Path, shards: Path, **extra: str) -> dict:

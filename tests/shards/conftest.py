@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 
 from shards.synthetic import SyntheticConfig
-from shards.testing import TINY, build_tiny
+from shards.testing import TINY
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(captures, stores, shards) of the tiny data set, shared read-only by this package's tests."""
-    return build_tiny(tmp_path_factory.mktemp("tiny"))
+def tiny_data(tiny_dataset) -> tuple[Path, Path, Path]:
+    """(captures, stores, shards) of the tiny data set, shared read-only (tests/conftest.py)."""
+    return tiny_dataset
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from shards.testing import build_tiny
-
 
 @pytest.fixture(scope="session")
-def loader_shards(tmp_path_factory) -> Path:
-    """Shard root of the tiny data set."""
-    return build_tiny(tmp_path_factory.mktemp("tiny-loader"))[2]
+def loader_shards(tiny_dataset) -> Path:
+    """Shard root of the tiny data set, shared read-only (tests/conftest.py)."""
+    return tiny_dataset[2]

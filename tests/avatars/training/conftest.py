@@ -4,10 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from shards.testing import build_tiny
-
 
 @pytest.fixture(scope="session")
-def train_shards(tmp_path_factory) -> Path:
-    """Shard root of the tiny data set (persons 000, 001)."""
-    return build_tiny(tmp_path_factory.mktemp("tiny-train"))[2]
+def train_shards(tiny_dataset) -> Path:
+    """Shard root of the tiny data set (persons 000, 001), shared read-only (tests/conftest.py)."""
+    return tiny_dataset[2]

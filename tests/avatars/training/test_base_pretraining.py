@@ -24,13 +24,12 @@ from avatars.training.base_pretraining import (
     vae_loss,
 )
 from jobs import pretrain_base as cli
-from shards.testing import build_tiny
 from shards.writer import shard_paths
 
 
 @pytest.fixture(scope="module")
-def shard_root(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny-base"))[2]
+def shard_root(tiny_dataset):
+    return tiny_dataset[2]  # shared read-only (tests/conftest.py)
 
 
 def _config(shard_root, output, **kw) -> BasePretrainConfig:
