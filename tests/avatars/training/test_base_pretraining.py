@@ -86,7 +86,8 @@ def test_vae_training_reduces_reconstruction_loss(shard_root):
     before_vae = build_vae(model_config.vae, 64)
     with torch.no_grad():
         before = vae_loss(before_vae, images, 0.0)[1].item()
-    config = _config(shard_root, shard_root / "unused", vae_steps=40, vae_lr=2e-3, warmup_steps=5)
+    # 12 steps bring the loss to ~0.2x (40 steps: ~0.09x; measured on this data), far past the 0.6x asked
+    config = _config(shard_root, shard_root / "unused", vae_steps=12, vae_lr=4e-3, warmup_steps=2)
     vae, final, first = train_vae(config, model_config, iter([images] * config.vae_steps))
     with torch.no_grad():
         after = vae_loss(vae, images, 0.0, torch.Generator().manual_seed(0))[1].item()
