@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import machine, report  # noqa: E402
+from heldout import Variant  # noqa: E402
 
 #: name -> (label in the table, model-config overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -86,7 +87,8 @@ def run_one(job: dict) -> dict:
     workdir = Path(job["workdir"])
     base = Path(job["base_model"])
     name = job["variant"]
-    variant = Variant(name, train={"steps": job["steps"]} if job["steps"] else {}, model=VARIANTS[name][1])
+    train = {**job["train"], **({"steps": job["steps"]} if job["steps"] else {})}
+    variant = Variant(name, train=train, model=VARIANTS[name][1])
     run_dir, result = train_variant(variant, job["person"], job["seed"], workdir / "shards", base, Path(job["out"]),
                                     callbacks=(ExpressionNormLog(every=job["norm_every"]),))
     start = time.process_time()
@@ -136,6 +138,8 @@ def main() -> None:
     ap.add_argument("--persons", default="000,001")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the tiny preset's)")
+    ap.add_argument("--train", default="", help="training overrides for every run, 'key=value,...' "
+                    "(e.g. lr_networks=3e-3,lr_features=0.1); default: the tiny preset's values")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
     ap.add_argument("--norm-every", type=int, default=50, help="steps between expression-norm records")
@@ -144,8 +148,9 @@ def main() -> None:
     persons = [p for p in a.persons.split(",") if p]
     seeds = [int(s) for s in a.seeds.split(",") if s]
     base = a.base_model or a.workdir / "base" / "tiny"
+    train = Variant.parse(a.train).train if a.train else {}
     jobs = [{"workdir": str(a.workdir), "base_model": str(base), "variant": v, "person": p, "seed": s, "steps": a.steps,
-             "out": str(a.out / p), "norm_every": a.norm_every}
+             "out": str(a.out / p), "norm_every": a.norm_every, "train": train}
             for v in a.variants for s in seeds for p in persons]
     wall = time.time()
     cpu = time.process_time()
@@ -168,7 +173,8 @@ def main() -> None:
     train_cpu = sum(r["train CPU s"] or 0 for r in rows)
     eval_cpu = sum(r["eval CPU s"] or 0 for r in rows)
     report("ablations", summary, {
-        "persons": persons, "seeds": seeds, "steps": a.steps, "runs": rows, "expression_norm_curve": norm_curve,
+        "persons": persons, "seeds": seeds, "steps": a.steps, "train_overrides": train, "runs": rows,
+        "expression_norm_curve": norm_curve,
         "wall_s": wall, "train_cpu_s": train_cpu, "eval_cpu_s": eval_cpu, "driver_cpu_s": time.process_time() - cpu,
         "loadavg_1m_at_end": os.getloadavg()[0], "machine": machine(), "date": time.strftime("%Y-%m-%d")})
     print("\nexpression attention output-weight norm (full model, mean over layers and runs):")

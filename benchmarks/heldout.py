@@ -23,7 +23,7 @@ import torch
 from avatars.configs import DiffusionAvatarsConfig
 from avatars.models import DiffusionAvatarsModel
 from avatars.pipelines import AvatarPipeline
-from avatars.training import TrainConfig, train_person
+from avatars.training import TrainConfig, TrainOptions, train_person
 from avatars.training.callbacks import METRICS_FILE, MetricsLog, TrainerCallback
 from cluster.eval_driver.driver import merge_evaluations
 from cluster.eval_driver.tasks import TaskFrames, novel_view, open_store, self_reenactment
@@ -95,6 +95,15 @@ class VariantTrainConfig(TrainConfig):
         return apply_model_overrides(super().model_config(expression_dim), self.model_overrides)
 
 
+def run_spec(cfg: TrainConfig, variant: Variant, train: dict[str, Any]) -> dict:
+    """What a cached run must match to be reused: the variant, every training option as resolved
+    (so a run trained under other preset defaults is retrained, not reused), seed, base, person."""
+    options = {f.name: str(getattr(cfg, f.name)) for f in dataclasses.fields(TrainOptions)
+               if f.name not in ("base_model", "seed", "checkpoint_every", "resume")}
+    return {"variant": variant.spec(), "train": {k: str(v) for k, v in train.items()}, "options": options,
+            "seed": cfg.seed, "base_model": str(cfg.base_model), "person": cfg.person}
+
+
 def train_variant(variant: Variant, person: str, seed: int, shards: Path, base_model: Path | None, out: Path,
                   callbacks: tuple = (), **defaults: Any) -> tuple[Path, dict]:
     """Trains (or reuses) one run; returns (run dir, its result.json plus the CPU seconds of training)."""
@@ -104,8 +113,7 @@ def train_variant(variant: Variant, person: str, seed: int, shards: Path, base_m
                              model_overrides=dict(variant.model), **train)
     if "checkpoint_every" not in train:
         cfg.checkpoint_every = cfg.steps  # one checkpoint, at the end
-    spec = {"variant": variant.spec(), "train": {k: str(v) for k, v in train.items()}, "seed": seed,
-            "base_model": str(base_model), "person": person}
+    spec = run_spec(cfg, variant, train)
     spec_file = cfg.run_dir / "variant.json"
     result_file = cfg.run_dir / "result.json"
     if spec_file.is_file() and result_file.is_file() and json.loads(spec_file.read_text()).get("spec") == spec:

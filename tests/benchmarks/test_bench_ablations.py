@@ -49,3 +49,18 @@ def test_summary_marks_worse_only_beyond_the_paired_spread():
     assert worse["psnr_face worse"] == "yes" and worse["Δpsnr_face vs full"].startswith("-5")
     assert summary[VARIANTS["no_expression"][0]]["psnr_face worse"] == "no"
     assert summary[VARIANTS["full"][0]]["runs"] == 4 and "psnr_face worse" not in summary[VARIANTS["full"][0]]
+
+
+def test_cached_runs_are_keyed_by_the_resolved_training_options():
+    """A run trained under other preset defaults (e.g. another lr) must not be reused."""
+    from heldout import VariantTrainConfig, run_spec
+
+    from avatars.training import TrainConfig
+
+    v = Variant("full")
+    a = run_spec(VariantTrainConfig(person="000", seed=0), v, {})
+    assert a == run_spec(VariantTrainConfig(person="000", seed=0), v, {})
+    assert a != run_spec(VariantTrainConfig(person="000", seed=0, lr_networks=5e-4), v, {})
+    assert a != run_spec(VariantTrainConfig(person="000", seed=1), v, {})
+    assert {"steps", "batch_size", "lr_networks", "lr_features", "model"} <= set(a["options"])
+    assert isinstance(VariantTrainConfig(), TrainConfig)

@@ -1,0 +1,45 @@
+"""The expression probe's measure: what 'response gain' means (no model here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from bench_expression_probe import measure, on_white  # noqa: E402
+
+
+def _scene():
+    g = torch.Generator().manual_seed(0)
+    gt_zeroed = torch.rand(2, 3, 8, 8, generator=g) * 0.5
+    gt_change = torch.zeros_like(gt_zeroed)
+    gt_change[:, :, 2:4, 2:4] = 0.3  # the expression-only effect: 4 pixels per frame
+    expr_pixels = gt_change.abs().amax(1, keepdim=True) > 0.05
+    face = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    return gt_zeroed + gt_change, gt_zeroed, gt_change, expr_pixels, face
+
+
+def test_response_gain_is_one_for_the_full_effect_zero_for_none_half_for_half():
+    gt_real, gt_zeroed, gt_change, expr_pixels, face = _scene()
+    full = measure("full", gt_real, gt_zeroed, gt_real, face, expr_pixels, gt_change)
+    none = measure("none", gt_zeroed, gt_zeroed, gt_real, face, expr_pixels, gt_change)
+    half = measure("half", gt_zeroed + gt_change / 2, gt_zeroed, gt_real, face, expr_pixels, gt_change)
+    assert full["response gain"] == pytest.approx(1.0) and full["mean |change| elsewhere in the face"] == 0
+    assert none["response gain"] == 0 and none["expression-pixel PSNR"] < full["expression-pixel PSNR"]
+    assert half["response gain"] == pytest.approx(0.5)
+    # a change in the wrong place earns nothing
+    moved = gt_zeroed + gt_change.roll(4, dims=3)
+    assert measure("moved", moved, gt_zeroed, gt_real, face, expr_pixels, gt_change)["response gain"] == 0
+
+
+def test_ground_truth_is_composited_on_white_like_the_reference_frames():
+    rgb = np.full((4, 4, 3), 100, np.uint8)
+    alpha = np.zeros((4, 4), np.uint8)
+    alpha[:2] = 255
+    out = on_white(rgb, alpha, 4)
+    assert torch.allclose(out[:, :2], torch.full((3, 2, 4), 100 / 255)) and torch.all(out[:, 2:] == 1)
