@@ -17,8 +17,10 @@ from jobs._presets import preset_cli
 def test_presets_are_complete_configs():
     assert TrainConfig() == train_preset("tiny")  # the dataclass defaults are the tiny preset
     tiny, paper = PRESETS["tiny"][1], PRESETS["paper"][1]
-    assert tiny.model == tiny_config() and (tiny.steps, tiny.batch_size, tiny.lr_networks) == (600, 8, 1e-3)
-    assert paper.model == paper_config() and (paper.steps, paper.batch_size, paper.lr_networks) == (100_000, 8, 1e-4)
+    assert tiny.model == tiny_config()
+    assert (tiny.steps, tiny.batch_size, tiny.lr_networks, tiny.lr_features) == (600, 8, 3e-3, 1e-1)
+    assert paper.model == paper_config()
+    assert (paper.steps, paper.batch_size, paper.lr_networks, paper.lr_features) == (100_000, 8, 1e-4, 1e-2)
     config = train_preset("paper", steps=5)
     config.model.resolution = 256  # a copy: the preset itself is untouched
     assert PRESETS["paper"][1].model.resolution == 512
