@@ -1,7 +1,9 @@
 """What one per-person job is, independent of where it runs.
 
 A :class:`PersonJob` names an importable target ``"package.module:function"`` that every
-backend calls as ``fn(person, **kwargs)`` and that returns a JSON-able dict. The target owns
+backend calls as ``fn(person, **kwargs)`` and that returns a JSON-able dict. A target that
+declares a ``status`` parameter also gets the attempt's :class:`cluster.status.StatusReporter`
+(None when the run keeps no status files) to report its progress through. The target owns
 its own checkpoint/resume logic: a backend may start it again for the same person after a
 failure (bounded by ``max_retries``) or after a SLURM timeout/preemption requeue, and the
 target is expected to continue from its last checkpoint.
@@ -14,6 +16,7 @@ all backends (local, Ray task, SLURM job), so the status-file protocol
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import re
@@ -28,6 +31,8 @@ from cluster import status as _status
 DEFAULT_TARGET = "jobs.train_person:run"
 #: Person ids become file names, Ray task names and SLURM job names: keep them simple.
 PERSON_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: The parameter through which a target receives its attempt's :class:`cluster.status.StatusReporter`.
+STATUS_PARAM = "status"
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ class PersonJob:
     """Importable target ``"package.module:function"``, called as ``fn(person, **kwargs)``
     and returning a JSON-able dict."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments for the target; must be picklable (Ray/SLURM ship them to workers)."""
+    """Keyword arguments for the target; must be picklable (Ray/SLURM ship them to workers).
+    ``status`` is reserved: :func:`run_attempt` passes the attempt's status reporter as it."""
     resources: Resources = field(default_factory=Resources)
     """Resources each attempt reserves; with more jobs than resources, jobs queue."""
     max_retries: int = 1
@@ -71,6 +77,9 @@ class PersonJob:
         if not PERSON_RE.match(self.person):
             raise ValueError(f"invalid person id {self.person!r}: use letters, digits, '.', '_', '-'")
         parse_target(self.target)
+        if STATUS_PARAM in self.kwargs:
+            raise ValueError(f"{self.person}: kwargs must not contain {STATUS_PARAM!r} (run_attempt passes the "
+                             "attempt's status reporter as it)")
         if not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise ValueError(f"{self.person}: max_retries must be an int >= 0, got {self.max_retries!r}")
 
@@ -122,6 +131,15 @@ def resolve_target(target: str) -> Callable[..., Any]:
     return fn
 
 
+def takes_status(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` declares a ``status`` parameter that can be passed by keyword."""
+    try:
+        param = inspect.signature(fn).parameters.get(STATUS_PARAM)
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+
+
 def format_exception(exc: BaseException, limit_chars: int = 4000) -> str:
     """``Type: message`` followed by the traceback tail, short enough for a status file."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -140,29 +158,28 @@ def run_attempt(
     """Call the job's target once, with the status file kept up to date.
 
     Writes ``running`` before the call, ``succeeded`` after it, ``failed`` (with the error
-    text) when it raises, and re-raises. While the target runs,
-    :func:`cluster.status.report_progress` writes this person's progress. Returns the
-    target's result, which must be a JSON-able dict (checked here, so a bad return value
-    fails the job instead of the driver).
+    text) when it raises, and re-raises. A target with a ``status`` parameter gets this
+    attempt's :class:`cluster.status.StatusReporter` (None without ``status_dir``) to write its
+    progress through. Returns the target's result, which must be a JSON-able dict (checked
+    here, so a bad return value fails the job instead of the driver).
     """
     reporter = None
     if status_dir is not None:
         reporter = _status.StatusReporter(Path(status_dir), job.person, attempt=attempt, restarts=restarts)
-    with _status.active_reporter(reporter):
+        reporter.set_state("running", message=f"attempt {attempt}" + (f", restart {restarts}" if restarts else ""))
+    try:
+        fn = resolve_target(job.target)
+        kwargs = {**job.kwargs, STATUS_PARAM: reporter} if takes_status(fn) else job.kwargs
+        result = fn(job.person, **kwargs)
+        if not isinstance(result, dict):
+            raise TypeError(f"target {job.target} returned {type(result).__name__}, expected a dict")
+        json.dumps(result)  # JSON-able or TypeError
+    except Exception as e:  # not BaseException: SystemExit is submitit's requeue exit
         if reporter is not None:
-            reporter.set_state("running", message=f"attempt {attempt}" + (f", restart {restarts}" if restarts else ""))
-        try:
-            fn = resolve_target(job.target)
-            result = fn(job.person, **job.kwargs)
-            if not isinstance(result, dict):
-                raise TypeError(f"target {job.target} returned {type(result).__name__}, expected a dict")
-            json.dumps(result)  # JSON-able or TypeError
-        except Exception as e:  # not BaseException: SystemExit is submitit's requeue exit
-            if reporter is not None:
-                reporter.set_state("failed", message=format_exception(e, limit_chars=1500))
-            raise
-        if reporter is not None:
-            reporter.set_state("succeeded", message="")
+            reporter.set_state("failed", message=format_exception(e, limit_chars=1500))
+        raise
+    if reporter is not None:
+        reporter.set_state("succeeded", message="")
     return result
 
 

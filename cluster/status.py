@@ -11,7 +11,7 @@ Protocol (``<status_dir>/<person>.json``)::
   timeout/preemption), ``running``, ``succeeded``, ``failed``.
 * ``attempt``: 1-based attempt number (retries after failures); ``restarts``: SLURM
   requeues within the attempt.
-* ``step``/``total_steps``: the trainer's progress (``report_progress``); kept across
+* ``step``/``total_steps``: the trainer's progress (:meth:`StatusReporter.progress`); kept across
   attempts so a resumed run shows where it stands. ``rate_step0``/``rate_t0``: the first
   progress report of the current run, from which the step rate and ETA are computed (so a
   resumed run's rate does not count steps done by earlier runs).
@@ -20,13 +20,14 @@ Protocol (``<status_dir>/<person>.json``)::
   logs one warning per file and never fails the training or the driver that reports it.
 
 The orchestrator (driver) writes ``queued`` and the final verdict; the process running the
-target writes ``running``, progress, and the outcome of its attempt. Training code only
-calls :func:`report_progress`.
+target writes ``running``, progress, and the outcome of its attempt through the
+:class:`StatusReporter` that :func:`cluster.person_job.run_attempt` creates for the attempt and
+hands to the target (its ``status`` parameter). No module global or environment variable carries
+it: a target that starts child processes passes them the reporter's fields explicitly.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,6 @@ import socket
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
 
 from common.io import atomic_write_json
 
@@ -57,12 +57,6 @@ def _best_effort_write(path: Path, rec: dict) -> bool:
 
 
 STATES = ("queued", "running", "succeeded", "failed")
-
-#: Environment variables through which a target's child processes find their status file.
-ENV_STATUS_DIR = "DA_STATUS_DIR"
-ENV_PERSON = "DA_PERSON"
-ENV_ATTEMPT = "DA_ATTEMPT"
-ENV_RESTARTS = "DA_RESTARTS"
 
 #: Default minimum seconds between two progress writes (the last step is always written).
 DEFAULT_MIN_INTERVAL_S = 1.0
@@ -123,7 +117,13 @@ def write_state(
 
 
 class StatusReporter:
-    """Writes one person's status file from the process that runs the target."""
+    """Writes one person's status file from the process that runs the target.
+
+    :func:`cluster.person_job.run_attempt` creates one per attempt and hands it to the target; the
+    target hands it on (``jobs.train_person`` to its ``StatusCallback``). A child process of the
+    target rebuilds it from ``status_dir``, ``person``, ``attempt`` and ``restarts``, given to it
+    explicitly (arguments, its config).
+    """
 
     def __init__(
         self,
@@ -180,55 +180,6 @@ class StatusReporter:
         if rec.get("rate_t0") is None:
             rec["rate_step0"], rec["rate_t0"] = int(step), t
         return _best_effort_write(self.path, rec)
-
-
-_ACTIVE: StatusReporter | None = None
-_FROM_ENV: StatusReporter | None = None
-
-
-@contextlib.contextmanager
-def active_reporter(reporter: StatusReporter | None) -> Iterator[None]:
-    """Make ``reporter`` the target of :func:`report_progress` in this process and export
-    its location through ``DA_*`` environment variables for child processes."""
-    global _ACTIVE
-    saved_env = {k: os.environ.get(k) for k in (ENV_STATUS_DIR, ENV_PERSON, ENV_ATTEMPT, ENV_RESTARTS)}
-    saved = _ACTIVE
-    _ACTIVE = reporter
-    if reporter is not None:
-        os.environ[ENV_STATUS_DIR] = str(reporter.status_dir.resolve())
-        os.environ[ENV_PERSON] = reporter.person
-        os.environ[ENV_ATTEMPT] = str(reporter.attempt)
-        os.environ[ENV_RESTARTS] = str(reporter.restarts)
-    try:
-        yield
-    finally:
-        _ACTIVE = saved
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def report_progress(step: int, total_steps: int | None = None, message: str | None = None) -> bool:
-    """Called by training code after a step: records progress for the orchestrator.
-
-    Works in the process the orchestrator started and in its child processes (through the
-    ``DA_*`` environment variables). Outside an orchestrated run it does nothing and returns
-    False, so a trainer can call it unconditionally. Writes are rate-limited to one per
-    second; the final step (``step >= total_steps``) is always written.
-    """
-    global _FROM_ENV
-    reporter = _ACTIVE
-    if reporter is None:
-        sdir, person = os.environ.get(ENV_STATUS_DIR), os.environ.get(ENV_PERSON)
-        if not sdir or not person:
-            return False
-        if _FROM_ENV is None or (_FROM_ENV.status_dir, _FROM_ENV.person) != (Path(sdir), person):
-            _FROM_ENV = StatusReporter(Path(sdir), person, attempt=int(os.environ.get(ENV_ATTEMPT, "1")),
-                                       restarts=int(os.environ.get(ENV_RESTARTS, "0")))
-        reporter = _FROM_ENV
-    return reporter.progress(step, total_steps, message)
 
 
 # ----------------------------------------------------------------------------------------

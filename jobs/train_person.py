@@ -15,17 +15,18 @@ from typing import Any
 
 from avatars.training import PRESETS, TrainConfig, TrainOptions, train_person
 from cluster.monitoring.training import training_callbacks
+from cluster.status import StatusReporter
 from common.configs import from_jsonable, merge, to_jsonable
 from jobs._presets import preset_cli
 
 
-def train(config: TrainConfig) -> dict:
-    """Train with every callback a cluster run has."""
-    return train_person(config, training_callbacks(config))
+def train(config: TrainConfig, status: StatusReporter | None = None) -> dict:
+    """Train with every callback a cluster run has (the status file with ``status``)."""
+    return train_person(config, training_callbacks(config, status))
 
 
 def run(person: str, options: TrainOptions | dict[str, Any] | None = None, preset: str = "tiny",
-        log_file: str | None = None, **fields: Any) -> dict:
+        log_file: str | None = None, status: StatusReporter | None = None, **fields: Any) -> dict:
     """Cluster entry point (``jobs.train_person:run``, the default target of every backend and
     sbatch template): train ``person`` with ``options`` and the per-person ``fields`` of
     :class:`TrainConfig` (shards, out, random_base).
@@ -36,18 +37,19 @@ def run(person: str, options: TrainOptions | dict[str, Any] | None = None, prese
     {"use_expression": false}}``) and paths as strings: they are typed and checked like any
     config. With ``log_file``, everything the training prints (library notices, the progress
     bar, a traceback) goes to the end of that file instead of the worker's terminal
-    (launch_all's ``<workdir>/logs/<person>.log``)."""
+    (launch_all's ``<workdir>/logs/<person>.log``). ``status``: the attempt's status reporter,
+    which ``cluster.person_job.run_attempt`` passes; the run reports its steps through it."""
     if log_file is not None:
         from jobs._console import output_to
 
         with output_to(log_file):
-            return run(person, options, preset, **fields)
+            return run(person, options, preset, status=status, **fields)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if isinstance(options, TrainOptions):  # typed in, typed through: no JSON round trip
-        return train(TrainConfig.for_person(options, person=person, **fields))
+        return train(TrainConfig.for_person(options, person=person, **fields), status)
     data = merge(to_jsonable(PRESETS[preset][1]), options or {})
-    return train(from_jsonable(TrainConfig, {**data, **to_jsonable(fields), "person": person}))
+    return train(from_jsonable(TrainConfig, {**data, **to_jsonable(fields), "person": person}), status)
 
 
 def main(args: list[str] | None = None) -> dict:

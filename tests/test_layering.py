@@ -45,5 +45,5 @@ def test_imports_follow_the_data_flow(package):
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):
     module = tmp_path / "m.py"
-    module.write_text("def f():\n    from cluster.status import report_progress\n    import jobs.launch_all\n")
+    module.write_text("def f():\n    from cluster.status import StatusReporter\n    import jobs.launch_all\n")
     assert project_imports(module) == {("cluster", 2), ("jobs", 3)}

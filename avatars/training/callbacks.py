@@ -3,8 +3,8 @@
 The trainer calls every callback's hooks in list order, on rank 0 only (see the Trainer's
 docstring for when each hook runs). This module holds the callbacks every run uses
 (:func:`default_callbacks`: ``metrics.jsonl`` and the progress bar); the cluster side adds the
-status file (``cluster.status.StatusCallback``) and Prometheus
-(``cluster.monitoring.PrometheusCallback``), which ``jobs/train_person.py`` attaches.
+status file (``cluster.monitoring.training.StatusCallback``) and Prometheus
+(``cluster.monitoring.training.PrometheusCallback``), which ``jobs/train_person.py`` attaches.
 """
 
 from __future__ import annotations

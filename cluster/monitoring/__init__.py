@@ -1,7 +1,7 @@
 """Prometheus metrics for training and the renderer, and the HTTP exporter that serves them.
 
-Metric names are the contract with `monitoring/prometheus.yml` and
-`monitoring/grafana-dashboard.json`; change them in all three places together.
+Metric names are the contract with `prometheus.yml` and `grafana-dashboard.json` beside this
+module; change them in all three places together.
 """
 
 from cluster.monitoring.metrics import (

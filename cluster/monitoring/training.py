@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from avatars.training import TrainConfig, TrainerCallback, default_callbacks
 from cluster.monitoring.metrics import Exporter, TrainingMetrics, start_exporter_in_range
-from cluster.status import report_progress
+from cluster.status import StatusReporter
 
 
 def memory_bytes() -> dict[str, float]:
@@ -57,16 +57,22 @@ class PrometheusCallback(TrainerCallback):
 
 
 class StatusCallback(TrainerCallback):
-    """Reports every step into the status file of the attempt running this process
-    (:func:`cluster.status.report_progress`; a no-op outside an orchestrated run)."""
+    """Reports every step into the status file of the attempt that runs the training, through the
+    reporter the job boundary (:func:`cluster.person_job.run_attempt`) created for it."""
+
+    def __init__(self, reporter: StatusReporter):
+        self.reporter = reporter
 
     def on_step_end(self, trainer, step: int) -> None:
-        report_progress(step, trainer.config.steps)
+        self.reporter.progress(step, trainer.config.steps)
 
 
-def training_callbacks(config: TrainConfig) -> list[TrainerCallback]:
-    """metrics.jsonl, progress bar, status file and, with ``config.metrics_port``, Prometheus."""
-    callbacks = [*default_callbacks(config.run_dir), StatusCallback()]
+def training_callbacks(config: TrainConfig, status: StatusReporter | None = None) -> list[TrainerCallback]:
+    """metrics.jsonl, progress bar, with ``status`` the status file and, with
+    ``config.metrics_port``, Prometheus."""
+    callbacks = default_callbacks(config.run_dir)
+    if status is not None:
+        callbacks.append(StatusCallback(status))
     if config.metrics_port is not None:
         callbacks.append(PrometheusCallback(config.metrics_port, config.metrics_host))
     return callbacks

@@ -6,12 +6,12 @@ import json
 import os
 
 import pytest
-from workloads import expected_digest, read_runs, write_input
+from workloads import count_steps, expected_digest, read_runs, write_input
 
 from cluster.local_backend import LocalBackend, LocalConfig
 from cluster.orchestrate import EXIT_SOME_FAILED, exit_code, format_summary, make_backend, run_all, write_summary_json
-from cluster.person_job import JobResult, PersonJob, Resources, resolve_target
-from cluster.status import read_status, report_progress
+from cluster.person_job import JobResult, PersonJob, Resources, resolve_target, run_attempt, takes_status
+from cluster.status import read_status
 
 TARGET = "workloads:count_steps"
 
@@ -73,9 +73,19 @@ def test_report_progress_from_child_process(tmp_path):
     assert r.ok
     (s,) = read_status(tmp_path)
     assert (s.state, s.step, s.total_steps) == ("succeeded", 3, 10)
-    # outside an orchestrated run the helper is a no-op and the env is restored
-    assert "DA_STATUS_DIR" not in os.environ
-    assert report_progress(1, 2) is False
+    # the reporter travels as an argument: nothing is left in the environment
+    assert not [k for k in os.environ if k.startswith("DA_")]
+
+
+def test_status_reaches_the_targets_status_parameter(tmp_path):
+    """``run_attempt`` hands the attempt's reporter to a target's ``status`` parameter (None without
+    a status dir); a target without one is called without it (``returns_list`` above)."""
+    r = run_attempt(PersonJob("p", "workloads:echo_status"), 2, tmp_path, restarts=1)
+    assert r == {"status": [str(tmp_path), "p", 2, 1]}
+    assert run_attempt(PersonJob("q", "workloads:echo_status"), 1, None) == {"status": None}
+    assert takes_status(count_steps) and not takes_status(expected_digest) and not takes_status(lambda p, **kw: {})
+    with pytest.raises(ValueError, match="must not contain 'status'"):
+        PersonJob("p", "m:f", {"status": None})
 
 
 def test_job_validation():

@@ -117,7 +117,7 @@ def test_slurm_requeue_after_signal_resumes(tmp_path, slurm_cluster, workload_en
     assert rk.ok and rk.attempts == 1 and rk.restarts == 1
     runs = read_runs(tmp_path / "work", "keep")
     assert len(runs) == 2 and runs[1]["start_step"] >= 3  # resumed, not redone from 0
-    assert runs[1]["restarts"] == "1"
+    assert runs[1]["restarts"] == 1
     assert rk.result["digest"] == expected_digest("keep", 14)
     assert len(b_keep.job_ids["keep"]) == 1  # the same SLURM job was requeued, not resubmitted
     scripts = _sbatch_scripts(tmp_path / "logs")
@@ -175,7 +175,7 @@ def test_scontrol_requeue_is_counted_as_a_restart(tmp_path, slurm_cluster, workl
     (r,) = out["results"]
     assert r.ok and r.attempts == 1 and r.restarts == 1, r
     runs = read_runs(tmp_path / "work", "rq")
-    assert len(runs) == 2 and runs[1]["start_step"] >= 3 and runs[1]["restarts"] == "1"
+    assert len(runs) == 2 and runs[1]["start_step"] >= 3 and runs[1]["restarts"] == 1
     (s,) = read_status(tmp_path / "status")
     assert s.state == "succeeded" and s.restarts == 1
 

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cluster.status import (
-    PersonStatus,
-    StatusReporter,
-    active_reporter,
-    format_duration,
-    format_status_table,
-    read_status,
-    report_progress,
-    write_state,
-)
+from cluster.status import PersonStatus, StatusReporter, format_duration, format_status_table, read_status, write_state
 
 
 def test_progress_rate_eta_and_throttle(tmp_path, monkeypatch):
@@ -22,12 +13,11 @@ def test_progress_rate_eta_and_throttle(tmp_path, monkeypatch):
     monkeypatch.setattr("cluster.status.time.monotonic", lambda: clock["t"])
     rep = StatusReporter(tmp_path, "017", attempt=2, min_interval_s=5.0)
     rep.set_state("running")
-    with active_reporter(rep):
-        assert report_progress(100, 1100)      # first report: rate origin (resumed at step 100)
-        clock["t"] += 1.0
-        assert not report_progress(110, 1100)  # within min_interval_s: skipped
-        clock["t"] += 9.0
-        assert report_progress(200, 1100)      # 100 steps in 10 s
+    assert rep.progress(100, 1100)      # first report: rate origin (resumed at step 100)
+    clock["t"] += 1.0
+    assert not rep.progress(110, 1100)  # within min_interval_s: skipped
+    clock["t"] += 9.0
+    assert rep.progress(200, 1100)      # 100 steps in 10 s
     (s,) = read_status(tmp_path)
     assert (s.state, s.attempt, s.step, s.total_steps) == ("running", 2, 200, 1100)
     assert abs(s.steps_per_s - 10.0) < 1e-9

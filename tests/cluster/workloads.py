@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.status import report_progress
+from cluster.status import StatusReporter
 from common.io import atomic_write_json
 
 
@@ -52,12 +52,14 @@ def count_steps(
     hash_rounds: int = 1,
     step_seconds: float = 0.0,
     crash_once: bool = False,
+    status: StatusReporter | None = None,
 ) -> dict:
     """Run ``steps`` hash-chain steps for ``person``, resuming from ``work_dir``.
 
     ``hash_rounds``: SHA-256 rounds per step (CPU work). ``step_seconds``: minimum wall time
     per step (sleeps the remainder), for tests that need a run to last. ``crash_once``: the
-    first run SIGKILLs its own process after one step (a killed worker).
+    first run SIGKILLs its own process after one step (a killed worker). ``status``: the attempt's
+    status reporter (``run_attempt`` passes it), which gets every step.
     Raises ValueError when the person's input file is corrupt or missing.
     """
     inp = Path(data_dir) / f"{person}.json"
@@ -78,10 +80,11 @@ def count_steps(
         start, digest = 0, hashlib.sha256(person.encode()).digest()
     with open(wdir / "runs.jsonl", "a") as f:
         f.write(json.dumps({"event": "start", "start_step": start, "pid": os.getpid(), "time": time.time(),
-                            "attempt": os.environ.get("DA_ATTEMPT"), "restarts": os.environ.get("DA_RESTARTS"),
+                            "attempt": status and status.attempt, "restarts": status and status.restarts,
                             "mark": os.environ.get("DA_TEST_MARK"),
                             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
-    report_progress(start, steps)
+    if status is not None:
+        status.progress(start, steps)
     crash = crash_once and not (wdir / "crashed").exists()
     for s in range(start, steps):
         t0 = time.monotonic()
@@ -90,7 +93,8 @@ def count_steps(
         if rest > 0:
             time.sleep(rest)
         atomic_write_json(ckpt, {"step": s + 1, "digest": digest.hex()})
-        report_progress(s + 1, steps)
+        if status is not None:
+            status.progress(s + 1, steps)
         if crash:
             (wdir / "crashed").touch()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -99,11 +103,22 @@ def count_steps(
     return {"person": person, "steps": steps, "digest": digest.hex(), "resumed_from": start}
 
 
-def report_from_child(person: str, *, step: int, total_steps: int) -> dict:
-    """Reports progress from a child process (as a DeepSpeed launcher's worker would)."""
-    code = f"from cluster.status import report_progress; assert report_progress({step}, {total_steps})"
-    subprocess.run([sys.executable, "-c", code], check=True)
+def report_from_child(person: str, *, step: int, total_steps: int, status: StatusReporter) -> dict:
+    """Reports progress from a child process (as a launcher's worker would): the child learns its
+    status file from its arguments, not from its environment."""
+    code = ("import sys; from cluster.status import StatusReporter; "
+            "d, p, a, r, step, total = sys.argv[1:]; "
+            "assert StatusReporter(d, p, int(a), int(r)).progress(int(step), int(total))")
+    subprocess.run([sys.executable, "-c", code, str(status.status_dir), status.person, str(status.attempt),
+                    str(status.restarts), str(step), str(total_steps)], check=True)
     return {"person": person}
+
+
+def echo_status(person: str, status: StatusReporter | None = None) -> dict:
+    """Returns where the reporter ``run_attempt`` handed over writes (None: no reporter)."""
+    if status is None:
+        return {"status": None}
+    return {"status": [str(status.status_dir), status.person, status.attempt, status.restarts]}
 
 
 def returns_list(person: str) -> list:
