@@ -107,7 +107,7 @@ def peer_models(config: DiffusionAvatarsConfig, seed: int = 0):
     random weights: SD2.1 for the paper config (= the shared peer recipe's layout)."""
     from diffusers import ControlNetModel
 
-    from avatars.models.diffusion_avatars import build_unet, build_vae
+    from avatars.models.base_networks import build_unet, build_vae
 
     latent = config.vae.latent_channels
     with torch.random.fork_rng(devices=[]):

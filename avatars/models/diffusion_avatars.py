@@ -7,101 +7,29 @@ Frozen: the base UNet and the VAE. Checkpoints (``save_pretrained``) hold only t
 parts, the config and the empty-prompt embedding; the frozen weights come from the base model
 directory (or, without one, from the seeded random initialisation ``config.init_seed``).
 
-Checkpoint directory (format 2)::
-
-    config.json                          {"format": 2, "base_model": ..., "config": DiffusionAvatarsConfig}
-    empty_prompt_embedding.safetensors
-    <part>/config.json, <part>/diffusion_pytorch_model.safetensors
-
-one folder per trainable part with parameters, each a diffusers model written by its own
-``save_pretrained`` and read by its ``from_pretrained``: ``features`` (:class:`FeaturePlanes`),
-``controlnet`` (``ControlNetModel``), ``expression_tokens``, ``expression_layers`` and, in the
-"w/o LDM prior" ablation, ``unet`` (``UNet2DConditionModel``) and ``cond_embedding``. Format 1
-(every trainable weight in one ``trainable.safetensors``, written before the parts were diffusers
-models) still loads: its names are this module's parameter names, which have not changed.
+The checkpoint format and its reader/writer are :mod:`avatars.models.avatar_checkpoint`; the
+networks of a random base are built by :mod:`avatars.models.base_networks`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from diffusers.models.modeling_utils import ModelMixin
-from safetensors.torch import load_file
 from torch import nn
 
-from avatars.base_model import (
-    EMPTY_PROMPT_FILE,
-    EMPTY_PROMPT_KEY,
-    empty_prompt_embedding_for,
-    load_empty_prompt_embedding,
-    load_unet_and_vae,
-    save_tensor_atomic,
-)
-from avatars.configs import DiffusionAvatarsConfig, UNetConfig, VAEConfig
+from avatars.base_model import empty_prompt_embedding_for, load_unet_and_vae
+from avatars.configs import DiffusionAvatarsConfig
 from avatars.models import autocast
+from avatars.models.avatar_checkpoint import PART_CLASSES, load_checkpoint, save_checkpoint
+from avatars.models.avatar_checkpoint import load_trainable_weights as load_trainable_weights  # public path
+from avatars.models.base_networks import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.models.conditioning import ConditioningBuilder, ConditioningEmbedding
 from avatars.models.expression_attention import TOKENS_KWARG, ExpressionAttentionLayers, ExpressionTokens
-from avatars.models.feature_planes import FeaturePlanes
 from avatars.schedulers import training_scheduler
-from common.io import atomic_directory
-
-CONFIG_FILE = "config.json"
-#: The checkpoint format :meth:`DiffusionAvatarsModel.save_pretrained` writes.
-FORMAT = 2
-#: Format 1's single weights file.
-WEIGHTS_FILE = "trainable.safetensors"
-#: Trainable part (attribute and folder name) -> its diffusers model class.
-PART_CLASSES: dict[str, type[ModelMixin]] = {
-    "features": FeaturePlanes,
-    "controlnet": ControlNetModel,
-    "unet": UNet2DConditionModel,
-    "cond_embedding": ConditioningEmbedding,
-    "expression_tokens": ExpressionTokens,
-    "expression_layers": ExpressionAttentionLayers,
-}
-#: Where each part sits in :class:`DiffusionAvatarsModel`: the prefix of its parameter names.
-PART_PREFIXES = {name: ("conditioning.features." if name == "features" else f"{name}.") for name in PART_CLASSES}
-PART_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-#: Token count of the stored empty-prompt embedding for random bases (CLIP's max length).
-EMPTY_PROMPT_TOKENS = 77
-
-
-def build_unet(config: UNetConfig, in_channels: int, out_channels: int, sample_size: int) -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        down_block_types=tuple(config.down_block_types),
-        up_block_types=tuple(config.up_block_types),
-        block_out_channels=tuple(config.block_out_channels),
-        layers_per_block=config.layers_per_block,
-        attention_head_dim=tuple(config.attention_heads),  # diffusers' legacy name for head count
-        cross_attention_dim=config.cross_attention_dim,
-        use_linear_projection=config.use_linear_projection,
-        norm_num_groups=config.norm_num_groups,
-        upcast_attention=config.upcast_attention,
-    )
-
-
-def build_vae(config: VAEConfig, sample_size: int) -> AutoencoderKL:
-    n = len(config.block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(config.block_out_channels),
-        layers_per_block=config.layers_per_block,
-        latent_channels=config.latent_channels,
-        norm_num_groups=config.norm_num_groups,
-        sample_size=sample_size,
-        scaling_factor=config.scaling_factor,
-    )
 
 
 def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
@@ -445,16 +373,8 @@ class DiffusionAvatarsModel(nn.Module):
 
     # ---- persistence --------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Writes the checkpoint directory (module docstring) atomically: a temporary directory
-        beside ``directory``, then renamed over it."""
-        with atomic_directory(Path(directory)) as tmp:
-            meta = {"format": FORMAT, "base_model": self.base_model, "config": self.config.to_dict()}
-            if self.base_fingerprint is not None:
-                meta["base_fingerprint"] = self.base_fingerprint
-            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            for name, part in self.parts().items():
-                part.save_pretrained(tmp / name)
-            save_tensor_atomic({EMPTY_PROMPT_KEY: self.empty_prompt_embedding}, tmp / EMPTY_PROMPT_FILE)
+        """Writes the checkpoint directory (:mod:`avatars.models.avatar_checkpoint`) atomically."""
+        save_checkpoint(self, directory)
 
     @classmethod
     def from_pretrained(
@@ -463,53 +383,7 @@ class DiffusionAvatarsModel(nn.Module):
         """Loads a checkpoint written by :meth:`save_pretrained` (format 2, or the older format 1).
         ``base_model`` defaults to the directory recorded at save time; the text encoder is not
         needed."""
-        directory = Path(directory)
-        config_file = directory / CONFIG_FILE
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: not a DiffusionAvatars checkpoint directory")
-        meta = json.loads(config_file.read_text())
-        if meta.get("format") not in (1, FORMAT):
-            raise ValueError(f"{config_file}: checkpoint format {meta.get('format')!r} is not one this code reads "
-                             f"(1 or {FORMAT}); load it with the version that wrote it")
-        config = DiffusionAvatarsConfig.from_dict(meta["config"])
-        if base_model is None:
-            base_model = meta.get("base_model")
-        if base_model is None and config.requires_pretrained_base:
-            raise ValueError(f"{directory} was trained on a pretrained base model: pass base_model / --base-model PATH")
-        embedding = load_empty_prompt_embedding(directory / EMPTY_PROMPT_FILE)
-        if meta["format"] == 1:
-            model = cls(config, base_model=base_model, empty_prompt_embedding=embedding)
-            weights = directory / WEIGHTS_FILE
-            if not weights.is_file():
-                raise FileNotFoundError(f"{weights} not found")
-            model.load_trainable_state_dict(load_file(str(weights)), source=str(weights))
-            model.base_fingerprint = meta.get("base_fingerprint")
-            return model
-        missing = [name for name in cls.part_names(config) if not (directory / name / CONFIG_FILE).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{directory} lacks the model parts {missing} (each a folder with config.json)")
-        parts = {name: PART_CLASSES[name].from_pretrained(directory / name, local_files_only=True)
-                 for name in cls.part_names(config)}
-        model = cls(config, base_model=base_model, empty_prompt_embedding=embedding, parts=parts)
-        model.base_fingerprint = meta.get("base_fingerprint")
-        return model
-
-
-def load_trainable_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every trainable weight of a checkpoint directory (either format), keyed by the model's
-    parameter names (as :meth:`DiffusionAvatarsModel.trainable_state_dict`), without building the
-    model: for comparing checkpoints."""
-    directory = Path(directory)
-    if (directory / WEIGHTS_FILE).is_file():
-        return load_file(str(directory / WEIGHTS_FILE))
-    weights = {}
-    for name, prefix in PART_PREFIXES.items():
-        file = directory / name / PART_WEIGHTS_FILE
-        if file.is_file():
-            weights.update({prefix + key: value for key, value in load_file(str(file)).items()})
-    if not weights:
-        raise FileNotFoundError(f"{directory} holds no trainable weights (not a DiffusionAvatars checkpoint?)")
-    return weights
+        return load_checkpoint(cls, directory, base_model)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

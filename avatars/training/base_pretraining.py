@@ -42,7 +42,7 @@ from avatars.base_model import EMPTY_PROMPT_FILE, EMPTY_PROMPT_KEY, save_tensor_
 from avatars.configs import DiffusionAvatarsConfig, tiny_config
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.evaluation.metrics import psnr_from_mse
-from avatars.models.diffusion_avatars import EMPTY_PROMPT_TOKENS, build_unet, build_vae
+from avatars.models.base_networks import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.schedulers import training_scheduler
 from common.fingerprint import json_digest
 from common.io import atomic_directory, atomic_write_json

@@ -6,7 +6,7 @@ import torch
 from avatars import base_model
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
-from avatars.models.diffusion_avatars import build_unet, build_vae
+from avatars.models.base_networks import build_unet, build_vae
 
 
 def _tiny_diffusers_dir(root, with_text_encoder: bool):

@@ -29,7 +29,7 @@ def random_tiny_base(out: Path, seed: int = 0) -> Path:
 
     from avatars.base_model import EMPTY_PROMPT_FILE, EMPTY_PROMPT_KEY, save_tensor_atomic
     from avatars.configs import tiny_config
-    from avatars.models.diffusion_avatars import build_unet, build_vae
+    from avatars.models.base_networks import build_unet, build_vae
     from avatars.training.base_pretraining import empty_prompt_embedding
 
     c = tiny_config()

@@ -12,7 +12,7 @@ from avatars.base_model import EMPTY_PROMPT_FILE, EMPTY_PROMPT_KEY, load_unet_an
 from avatars.configs import tiny_config
 from avatars.data import LoaderConfig, ShardDataset
 from avatars.models import DiffusionAvatarsModel
-from avatars.models.diffusion_avatars import build_vae
+from avatars.models.base_networks import build_vae
 from avatars.training.base_pretraining import (
     INFO_FILE,
     BasePretrainConfig,
