@@ -3,8 +3,8 @@ compute the metrics, write comparison videos, results.json and the HTML report.
 
     summary = run_evaluation(EvalDriverConfig(runs=..., shards=..., stores=..., reports_root=...))
 
-Per person (a thread each, `parallel_persons` at a time): build the task frames (driver side,
-see `tasks`), deploy the person's renderer application, send every frame as one request
+Per person (a thread each, `parallel_persons` at a time; `person.EvalRun`): build the task frames
+(see `tasks`), deploy the person's renderer application, send every frame as one request
 (all in flight at once, so the replicas batch them), delete the application, then evaluate and
 write `<reports_root>/runs/<date>/videos/<person>/<task>.mp4`. A person without a trained model,
 or whose data or rendering fails, is recorded as failed in results.json with the reason; the
@@ -18,34 +18,24 @@ import logging
 import os
 import socket
 import subprocess
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from avatars.evaluation.metric_names import DEFAULT_METRICS
-from cluster.eval_driver.tasks import (
-    TASKS,
-    Clip,
-    TaskFrames,
-    TaskSkipped,
-    cross_reenactment,
-    novel_view,
-    open_store,
-    self_reenactment,
-)
+from cluster.eval_driver.person import MODEL_DIR, EvalRun
+from cluster.eval_driver.person import merge_evaluations as merge_evaluations  # public path
+from cluster.eval_driver.person import video_fps as video_fps  # public path
+from cluster.eval_driver.tasks import TASKS
 from cluster.eval_driver.uptodate import adopt, base_problem, evaluation_key, find_reusable
 from cluster.ray_connect import EmbeddedRay, connect_ray
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
-from cluster.serve.renderer import RendererConfig, RenderRequest
-from common.io import DataError, atomic_write_bytes
+from cluster.serve.renderer import RendererConfig
+from common.io import DataError
 
 log = logging.getLogger(__name__)
-MODEL_DIR = "model"
 
 
 @dataclass
@@ -171,62 +161,6 @@ def cross_drivers(persons: list[str], stores: Path) -> dict[str, str | None]:
     return out
 
 
-def merge_evaluations(evals: list[dict]) -> dict:
-    """Combine per-clip `Evaluator.evaluate_video` outputs into one task result.
-
-    Per-frame metrics: frames concatenated, mean over all frames. Video-level metrics (JOD):
-    mean over clips (each clip is one video)."""
-    names = list(dict.fromkeys(n for e in evals for n in e["metrics"]))
-    metrics = {}
-    for n in names:
-        parts = [e["metrics"][n] for e in evals if n in e["metrics"]]
-        if all(p["per_frame"] is not None for p in parts):
-            per_frame = [v for p in parts for v in p["per_frame"]]
-            defined = [v for v in per_frame if v is not None and not np.isnan(v)]
-            metrics[n] = {"mean": float(np.mean(defined)) if defined else None, "per_frame": per_frame}
-        else:
-            means = [p["mean"] for p in parts if p["mean"] is not None]
-            metrics[n] = {"mean": float(np.mean(means)) if means else None, "per_frame": None}
-    skipped = {k: v for e in evals for k, v in e.get("skipped", {}).items()}
-    return {"frames": sum(e["frames"] for e in evals), "metrics": metrics, "skipped": skipped}
-
-
-def comparison_panels(clips: list[Clip], renders: list[np.ndarray]) -> list[np.ndarray]:
-    """[reference, render, normals, depth, canonical] videos (T, H, W, 3) over all clips."""
-    from avatars.evaluation.video import buffers_to_rgb
-
-    reference = np.concatenate([c.reference for c in clips])
-    buffers = []
-    for c in clips:
-        for cond in c.conditioning:
-            buffers.append(buffers_to_rgb(normals=cond["normals"].transpose(1, 2, 0), depth=cond["depth"][0],
-                                          canonical=cond["canonical"].transpose(1, 2, 0), mask=cond["mask"][0]))
-    return [reference, np.stack(renders)] + [np.stack([b[i] for b in buffers]) for i in range(len(buffers[0]))]
-
-
-def video_fps(frames: int, fps: float, min_seconds: float, min_fps: float) -> float:
-    """`fps`, or slower (not below `min_fps`) so that `frames` last at least `min_seconds`."""
-    return max(min_fps, min(fps, frames / min_seconds)) if frames else fps
-
-
-def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int = 6, scale: int = 2) -> bytes:
-    """PNG of up to `columns` frames spread over the task: reference row over render row, each
-    frame enlarged `scale` times (nearest), so eyes and mouth are visible in the report."""
-    import io
-
-    from PIL import Image
-
-    reference = np.concatenate([c.reference for c in clips])
-    picks = np.linspace(0, len(renders) - 1, num=min(columns, len(renders))).round().astype(int)
-    to_u8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8) if x.dtype != np.uint8 else x  # noqa: E731
-    rows = [np.concatenate([to_u8(reference[i]) for i in picks], 1),
-            np.concatenate([to_u8(np.asarray(renders[i])) for i in picks], 1)]
-    grid = np.concatenate(rows, 0).repeat(scale, 0).repeat(scale, 1)
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -238,109 +172,6 @@ def _git_commit() -> str:
 
 def _failed_tasks(tasks: tuple[str, ...], reason: str) -> dict[str, TaskResult]:
     return {t: TaskResult(metrics={}, skipped={"task": f"failed: {reason}"}) for t in tasks}
-
-
-# ---- the run ------------------------------------------------------------------------------------
-
-
-class _Run:
-    def __init__(self, config: EvalDriverConfig, run_folder: Path):
-        from avatars.evaluation.face_models import FaceModelConfig
-        from avatars.evaluation.lpips_weights import LpipsConfig
-        from avatars.evaluation.metrics import EvalConfig, Evaluator
-
-        self.config = config
-        self.folder = run_folder
-        lpips = None
-        if "lpips" in config.metrics:
-            lpips = LpipsConfig(Path(config.lpips_weights), device=config.eval_device)
-        if lpips is not None and not lpips.weights_path.is_file():
-            raise DataError(lpips.weights_path, "LPIPS weights are missing (see avatars.evaluation.lpips_weights) "
-                                                "or drop 'lpips' from --metrics")
-        eval_config = EvalConfig(metrics=tuple(config.metrics), lpips=lpips, fps=config.fps, device=config.eval_device,
-                                 face_models=FaceModelConfig(config.landmark_model, config.face_id_model))
-        # the metric networks load (seconds) while Ray starts and the first renderer deploys
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="eval-load")
-        self._evaluator = self._loader.submit(Evaluator, eval_config)
-        self.eval_lock = threading.Lock()  # the metric networks are shared by the person threads
-        self.frames_rendered = 0
-        self._stores: dict[str, object] = {}
-        self._self_clips: dict[tuple[str, int], list[Clip]] = {}
-        self._data_lock = threading.Lock()
-
-    def store(self, person: str):
-        with self._data_lock:
-            if person not in self._stores:
-                self._stores[person] = open_store(self.config.stores, person)
-            return self._stores[person]
-
-    def task_frames(self, person: str, task: str, driver: str | None, resolution: int) -> TaskFrames:
-        store, shards = self.store(person), self.config.shards
-        if task == "self_reenactment":
-            return self_reenactment(store, shards, resolution)
-        if task == "novel_view":
-            return novel_view(store, shards, resolution)
-        if driver is None:
-            raise TaskSkipped(f"cross-reenactment of {person} needs a second person to drive it; "
-                              f"only {person} is evaluated")
-        return cross_reenactment(store, self.store(driver), shards, resolution)
-
-    def person(self, person: str, driver: str | None) -> dict[str, TaskResult]:
-        from cluster.serve.deployment import delete_renderer, deploy_renderer
-
-        cfg = self.config
-        model_dir = Path(cfg.runs) / person / MODEL_DIR
-        try:
-            handle = deploy_renderer(person, model_dir, cfg.renderer)
-            info = handle.info.remote().result()
-            results: dict[str, TaskResult] = {}
-            jobs: list[tuple[TaskFrames, list]] = []
-            for task in cfg.tasks:
-                try:
-                    frames = self.task_frames(person, task, driver, info["resolution"])
-                except TaskSkipped as e:
-                    results[task] = TaskResult(metrics={}, skipped={"task": str(e)})
-                    continue
-                except (DataError, FileNotFoundError, ValueError) as e:
-                    results[task] = TaskResult(metrics={}, skipped={"task": f"failed: {e}"})
-                    log.error("%s/%s: %s", person, task, e)
-                    continue
-                # every frame in flight at once: the replicas batch them
-                responses = [handle.remote(RenderRequest(**c, seed=cfg.seed, key=k))
-                             for clip in frames.clips for k, c in zip(clip.keys, clip.conditioning)]
-                jobs.append((frames, responses))
-            rendered = [(frames, [r.result().image for r in responses]) for frames, responses in jobs]
-        finally:
-            delete_renderer(person)
-        for frames, images in rendered:
-            with self.eval_lock:
-                self.frames_rendered += len(images)
-            results[frames.task] = self.evaluate(frames, images)
-        return {t: results[t] for t in cfg.tasks if t in results}
-
-    def evaluate(self, frames: TaskFrames, images: list[np.ndarray]) -> TaskResult:
-        from avatars.evaluation.video import write_comparison_video
-
-        cfg = self.config
-        rel = Path("videos") / frames.person / f"{frames.task}.mp4"
-        fps = video_fps(frames.frames, cfg.fps, cfg.video_min_seconds, cfg.video_min_fps)
-        write_comparison_video(self.folder / rel, comparison_panels(frames.clips, images), fps=fps)
-        thumb = Path("thumbnails") / frames.person / f"{frames.task}.png"
-        atomic_write_bytes(self.folder / thumb, comparison_strip(frames.clips, images))
-        if not frames.has_ground_truth:
-            reason = (f"no ground truth: {frames.person}'s avatar driven by {frames.driver}'s expression codes "
-                      "(the left video panel is the driving frame); video only")
-            return TaskResult(metrics={}, skipped={"metrics": reason}, frames=frames.frames, video=rel.as_posix(),
-                              thumbnail=thumb.as_posix())
-        evals, start = [], 0
-        evaluator = self._evaluator.result()
-        with self.eval_lock:
-            for clip in frames.clips:
-                pred = np.stack(images[start:start + clip.frames])
-                face = np.stack([c["mask"][0] for c in clip.conditioning])
-                evals.append(evaluator.evaluate_video(clip.reference, pred, clip.alpha, face))
-                start += clip.frames
-        return TaskResult.from_evaluation(merge_evaluations(evals), video=rel.as_posix(), thumbnail=thumb.as_posix())
 
 
 def _load_night(path: Path) -> RunResults | None:
@@ -437,7 +268,7 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
                 person_seconds: dict[str, float]) -> int:
     """Render and score `todo` on the Serve renderer (Ray started here unless connected); fills
     `results`, `failed` and `person_seconds`; returns the frames rendered."""
-    run = _Run(config, folder)
+    run = EvalRun(config, folder)
     embedded = EmbeddedRay(num_cpus=config.ray_num_cpus, object_store_memory_mb=config.ray_object_store_mb,
                            bind_host=config.ray_bind_host, include_dashboard=False)
     started = connect_ray(config.ray_address, embedded, log_to_driver=False)

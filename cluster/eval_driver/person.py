@@ -1,0 +1,194 @@
+"""One person's evaluation: its task frames, renders on the person's Serve application, metrics,
+comparison video and thumbnail (:class:`EvalRun`). The driver (:mod:`cluster.eval_driver.driver`)
+decides whom to evaluate and runs these, a thread per person.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cluster.eval_driver.tasks import (
+    Clip,
+    TaskFrames,
+    TaskSkipped,
+    cross_reenactment,
+    novel_view,
+    open_store,
+    self_reenactment,
+)
+from cluster.report import TaskResult
+from cluster.serve.renderer import RenderRequest
+from common.io import DataError, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from cluster.eval_driver.driver import EvalDriverConfig
+
+log = logging.getLogger(__name__)
+#: A person's trained model: ``<runs>/<person>/model``.
+MODEL_DIR = "model"
+
+
+def merge_evaluations(evals: list[dict]) -> dict:
+    """Combine per-clip `Evaluator.evaluate_video` outputs into one task result.
+
+    Per-frame metrics: frames concatenated, mean over all frames. Video-level metrics (JOD):
+    mean over clips (each clip is one video)."""
+    names = list(dict.fromkeys(n for e in evals for n in e["metrics"]))
+    metrics = {}
+    for n in names:
+        parts = [e["metrics"][n] for e in evals if n in e["metrics"]]
+        if all(p["per_frame"] is not None for p in parts):
+            per_frame = [v for p in parts for v in p["per_frame"]]
+            defined = [v for v in per_frame if v is not None and not np.isnan(v)]
+            metrics[n] = {"mean": float(np.mean(defined)) if defined else None, "per_frame": per_frame}
+        else:
+            means = [p["mean"] for p in parts if p["mean"] is not None]
+            metrics[n] = {"mean": float(np.mean(means)) if means else None, "per_frame": None}
+    skipped = {k: v for e in evals for k, v in e.get("skipped", {}).items()}
+    return {"frames": sum(e["frames"] for e in evals), "metrics": metrics, "skipped": skipped}
+
+
+def comparison_panels(clips: list[Clip], renders: list[np.ndarray]) -> list[np.ndarray]:
+    """[reference, render, normals, depth, canonical] videos (T, H, W, 3) over all clips."""
+    from avatars.evaluation.video import buffers_to_rgb
+
+    reference = np.concatenate([c.reference for c in clips])
+    buffers = []
+    for c in clips:
+        for cond in c.conditioning:
+            buffers.append(buffers_to_rgb(normals=cond["normals"].transpose(1, 2, 0), depth=cond["depth"][0],
+                                          canonical=cond["canonical"].transpose(1, 2, 0), mask=cond["mask"][0]))
+    return [reference, np.stack(renders)] + [np.stack([b[i] for b in buffers]) for i in range(len(buffers[0]))]
+
+
+def video_fps(frames: int, fps: float, min_seconds: float, min_fps: float) -> float:
+    """`fps`, or slower (not below `min_fps`) so that `frames` last at least `min_seconds`."""
+    return max(min_fps, min(fps, frames / min_seconds)) if frames else fps
+
+
+def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int = 6, scale: int = 2) -> bytes:
+    """PNG of up to `columns` frames spread over the task: reference row over render row, each
+    frame enlarged `scale` times (nearest), so eyes and mouth are visible in the report."""
+    import io
+
+    from PIL import Image
+
+    reference = np.concatenate([c.reference for c in clips])
+    picks = np.linspace(0, len(renders) - 1, num=min(columns, len(renders))).round().astype(int)
+    to_u8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8) if x.dtype != np.uint8 else x  # noqa: E731
+    rows = [np.concatenate([to_u8(reference[i]) for i in picks], 1),
+            np.concatenate([to_u8(np.asarray(renders[i])) for i in picks], 1)]
+    grid = np.concatenate(rows, 0).repeat(scale, 0).repeat(scale, 1)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class EvalRun:
+    """What the person threads of one evaluation run share: the metric networks (loaded once, in the
+    background, used under ``eval_lock``), the opened zarr stores and the frame count; and the
+    work for one person (:meth:`person`): deploy, render, evaluate, write the videos."""
+
+    def __init__(self, config: EvalDriverConfig, run_folder: Path):
+        from avatars.evaluation.face_models import FaceModelConfig
+        from avatars.evaluation.lpips_weights import LpipsConfig
+        from avatars.evaluation.metrics import EvalConfig, Evaluator
+
+        self.config = config
+        self.folder = run_folder
+        lpips = None
+        if "lpips" in config.metrics:
+            lpips = LpipsConfig(Path(config.lpips_weights), device=config.eval_device)
+        if lpips is not None and not lpips.weights_path.is_file():
+            raise DataError(lpips.weights_path, "LPIPS weights are missing (see avatars.evaluation.lpips_weights) "
+                                                "or drop 'lpips' from --metrics")
+        eval_config = EvalConfig(metrics=tuple(config.metrics), lpips=lpips, fps=config.fps, device=config.eval_device,
+                                 face_models=FaceModelConfig(config.landmark_model, config.face_id_model))
+        # the metric networks load (seconds) while Ray starts and the first renderer deploys
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="eval-load")
+        self._evaluator = self._loader.submit(Evaluator, eval_config)
+        self.eval_lock = threading.Lock()  # the metric networks are shared by the person threads
+        self.frames_rendered = 0
+        self._stores: dict[str, object] = {}
+        self._self_clips: dict[tuple[str, int], list[Clip]] = {}
+        self._data_lock = threading.Lock()
+
+    def store(self, person: str):
+        with self._data_lock:
+            if person not in self._stores:
+                self._stores[person] = open_store(self.config.stores, person)
+            return self._stores[person]
+
+    def task_frames(self, person: str, task: str, driver: str | None, resolution: int) -> TaskFrames:
+        store, shards = self.store(person), self.config.shards
+        if task == "self_reenactment":
+            return self_reenactment(store, shards, resolution)
+        if task == "novel_view":
+            return novel_view(store, shards, resolution)
+        if driver is None:
+            raise TaskSkipped(f"cross-reenactment of {person} needs a second person to drive it; "
+                              f"only {person} is evaluated")
+        return cross_reenactment(store, self.store(driver), shards, resolution)
+
+    def person(self, person: str, driver: str | None) -> dict[str, TaskResult]:
+        from cluster.serve.deployment import delete_renderer, deploy_renderer
+
+        cfg = self.config
+        model_dir = Path(cfg.runs) / person / MODEL_DIR
+        try:
+            handle = deploy_renderer(person, model_dir, cfg.renderer)
+            info = handle.info.remote().result()
+            results: dict[str, TaskResult] = {}
+            jobs: list[tuple[TaskFrames, list]] = []
+            for task in cfg.tasks:
+                try:
+                    frames = self.task_frames(person, task, driver, info["resolution"])
+                except TaskSkipped as e:
+                    results[task] = TaskResult(metrics={}, skipped={"task": str(e)})
+                    continue
+                except (DataError, FileNotFoundError, ValueError) as e:
+                    results[task] = TaskResult(metrics={}, skipped={"task": f"failed: {e}"})
+                    log.error("%s/%s: %s", person, task, e)
+                    continue
+                # every frame in flight at once: the replicas batch them
+                responses = [handle.remote(RenderRequest(**c, seed=cfg.seed, key=k))
+                             for clip in frames.clips for k, c in zip(clip.keys, clip.conditioning)]
+                jobs.append((frames, responses))
+            rendered = [(frames, [r.result().image for r in responses]) for frames, responses in jobs]
+        finally:
+            delete_renderer(person)
+        for frames, images in rendered:
+            with self.eval_lock:
+                self.frames_rendered += len(images)
+            results[frames.task] = self.evaluate(frames, images)
+        return {t: results[t] for t in cfg.tasks if t in results}
+
+    def evaluate(self, frames: TaskFrames, images: list[np.ndarray]) -> TaskResult:
+        from avatars.evaluation.video import write_comparison_video
+
+        cfg = self.config
+        rel = Path("videos") / frames.person / f"{frames.task}.mp4"
+        fps = video_fps(frames.frames, cfg.fps, cfg.video_min_seconds, cfg.video_min_fps)
+        write_comparison_video(self.folder / rel, comparison_panels(frames.clips, images), fps=fps)
+        thumb = Path("thumbnails") / frames.person / f"{frames.task}.png"
+        atomic_write_bytes(self.folder / thumb, comparison_strip(frames.clips, images))
+        if not frames.has_ground_truth:
+            reason = (f"no ground truth: {frames.person}'s avatar driven by {frames.driver}'s expression codes "
+                      "(the left video panel is the driving frame); video only")
+            return TaskResult(metrics={}, skipped={"metrics": reason}, frames=frames.frames, video=rel.as_posix(),
+                              thumbnail=thumb.as_posix())
+        evals, start = [], 0
+        evaluator = self._evaluator.result()
+        with self.eval_lock:
+            for clip in frames.clips:
+                pred = np.stack(images[start:start + clip.frames])
+                face = np.stack([c["mask"][0] for c in clip.conditioning])
+                evals.append(evaluator.evaluate_video(clip.reference, pred, clip.alpha, face))
+                start += clip.frames
+        return TaskResult.from_evaluation(merge_evaluations(evals), video=rel.as_posix(), thumbnail=thumb.as_posix())
