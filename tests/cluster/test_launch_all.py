@@ -21,10 +21,12 @@ TINY_TRAIN = ["--train.steps", "3", "--train.batch-size", "4", "--train.checkpoi
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """Data for 4 persons (person 003's capture then corrupted) and a quickly pretrained tiny base."""
+    """Data for 4 persons (person 003's capture then corrupted) and a tiny base with random weights
+    (what the orchestration needs; the base pretraining itself is tests/avatars/training/
+    test_base_pretraining.py's and, inside launch_all, test_launch_all_reruns.py's)."""
     import tyro
+    from pipeline_helpers import random_tiny_base
 
-    from avatars.training.base_pretraining import BasePretrainConfig, pretrain_base
     from jobs.launch_all import LaunchAllArgs, _data
     from jobs.make_synthetic import MakeSyntheticArgs
     from jobs.make_synthetic import main as make_synthetic
@@ -36,11 +38,7 @@ def prepared(tmp_path_factory):
     bad.write_bytes(b"not a png")
     ready, failed = _data(args)
     assert ready == ["000", "001", "002"] and list(failed) == ["003"] and "unreadable image" in failed["003"]
-    base = work / "base"
-    pretrain_base(BasePretrainConfig(shard_root=work / "shards", persons="000,001,002", output=base,
-                                     vae_steps=5, unet_steps=5, vae_batch_size=4, unet_batch_size=4,
-                                     scale_batches=1, eval_images=4, num_workers=0, log_every=5))
-    return work, base
+    return work, random_tiny_base(work / "base")
 
 
 @pytest.mark.ray
