@@ -16,7 +16,9 @@ their spec is unchanged (``<out>/<variant>/s<seed>/<person>``).
 Prints per variant the mean and standard deviation over persons x seeds, and the paired
 difference to the full model (same person and seed), with its standard deviation; writes
 benchmarks/results/ablations.json, including the full model's expression attention output-weight
-norms over training (evidence that the expression pathway learns).
+norms over training. A growing norm is no evidence that the pathway learns: AdamW moves every weight
+by ~lr per step whatever its gradient's signal, so the norm grows on noise alone; whether the renders
+respond to the expression code is what `bench_expression_probe.py` measures.
 """
 
 from __future__ import annotations

@@ -208,8 +208,9 @@ def save_rows(path: Path, rows: list[tuple[str, torch.Tensor]], columns: int = 8
 
 class ExpressionNormLog(TrainerCallback):
     """``<run>/expression_norms.jsonl``: every ``every`` steps, the Frobenius norms of the expression
-    attention layers' output projections (zero at step 0: a norm that grows is the evidence
-    that the expression pathway learns) and of the expression token map."""
+    attention layers' output projections (zero at step 0) and of the expression token map. A growing
+    norm shows the layers get gradients, not that they learn the expression: AdamW's steps are ~lr
+    per weight even on noise (bench_expression_probe.py measures the renders' response)."""
 
     def __init__(self, every: int = 50):
         self.every = every
