@@ -1,7 +1,7 @@
 """Does a trained avatar use its expression code where only the code explains the image?
 
-    python benchmarks/bench_expression_probe.py --workdir data --person 000 --run full=RUN_DIR \\
-        [--run no_expression=RUN_DIR ...]
+    python benchmarks/bench_expression_probe.py --workdir data --person 000 [--run full=RUN_DIR \\
+        --run no_expression=RUN_DIR ...] [--vae OTHER_BASE ...]
 
 On the person's held-out sequences from the held-out camera (synthetic captures only) the
 generator renders every ground-truth frame twice from the true mesh: with the real code and with
@@ -12,6 +12,8 @@ zeroed, and the probe reports, per run: PSNR inside the face and on the expressi
 the ground truth, and the *response*: how much of the ground truth's change between the two codes
 the render reproduces on the expression pixels (least-squares gain of render change on ground-truth
 change: 1 = the full effect, 0 = none; a model without expression conditioning is 0 by construction).
+The same is reported for the base VAE's round trip of the ground truth (and of other bases' with
+``--vae``): a latent model cannot show more of the effect than its VAE carries.
 Writes benchmarks/results/expression_probe.json.
 """
 
@@ -72,17 +74,20 @@ def probe(name: str, run_dir: Path, base: Path, batch: dict, reference: torch.Te
 
 
 @torch.no_grad()
-def vae_bound(run_dir: str, base: Path, gt_real: torch.Tensor, gt_zeroed: torch.Tensor, face: torch.Tensor,
+def vae_bound(base: Path, gt_real: torch.Tensor, gt_zeroed: torch.Tensor, face: torch.Tensor,
               expr_pixels: torch.Tensor, gt_change: torch.Tensor) -> dict:
-    """The frozen VAE's round trip (posterior mean) of both ground truths: what any latent model can carry."""
-    model = load_model(Path(run_dir), base)
+    """The base VAE's round trip (posterior mean) of both ground truths: what any latent model on
+    this base can carry of the expression-only effects."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(base) / "vae").eval()
 
     def round_trip(x: torch.Tensor) -> torch.Tensor:
-        latents = model.vae.encode(x * 2 - 1).latent_dist.mean * model.vae.config.scaling_factor
-        return model.decode_latents(latents)
+        return ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
 
     real, zeroed = round_trip(gt_real), round_trip(gt_zeroed)
-    return measure("VAE round trip of the ground truth (bound)", real, zeroed, gt_real, face, expr_pixels, gt_change)
+    return measure(f"VAE round trip of the ground truth (bound; {base})", real, zeroed, gt_real, face, expr_pixels,
+                   gt_change)
 
 
 def measure(name: str, real: torch.Tensor, zeroed: torch.Tensor, reference: torch.Tensor, face: torch.Tensor,
@@ -107,7 +112,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("data"))
     ap.add_argument("--base-model", type=Path, default=None, help="default <workdir>/base/tiny")
     ap.add_argument("--person", default="000")
-    ap.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR (a run's <out>/<person> folder)")
+    ap.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR (a run's <out>/<person> folder)")
+    ap.add_argument("--vae", action="append", type=Path, default=[],
+                    help="another base model folder whose VAE bound to report too (e.g. a candidate tiny base)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     base = a.base_model or a.workdir / "base" / "tiny"
@@ -122,7 +129,7 @@ def main() -> None:
     face = batch["mask"] > 0.5
     rows = [measure("ground truth with the expression-only dims zeroed (cap)", gt_zeroed, gt_zeroed, gt_real, face,
                     expr_pixels, gt_change),
-            vae_bound(a.run[0].partition("=")[2], base, gt_real, gt_zeroed, face, expr_pixels, gt_change)]
+            *(vae_bound(b, gt_real, gt_zeroed, face, expr_pixels, gt_change) for b in [base, *a.vae])]
     print(rows, flush=True)
     for spec in a.run:
         name, _, path = spec.partition("=")
