@@ -67,7 +67,8 @@ def test_target_must_return_dict(tmp_path):
     assert not r.ok and "expected a dict" in r.error
 
 
-def test_report_progress_from_child_process(tmp_path):
+def test_child_process_reports_through_the_status_argument(tmp_path):
+    """A target passes its status reporter's fields to a child process, which reports progress."""
     job = PersonJob("p", "workloads:report_from_child", dict(step=3, total_steps=10), max_retries=0)
     (r,) = run_all([job], LocalConfig(status_dir=tmp_path))
     assert r.ok
