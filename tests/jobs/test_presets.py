@@ -52,7 +52,7 @@ def test_the_first_argument_picks_the_preset_and_tiny_is_the_default():
 
 def test_run_takes_typed_options_or_json_overrides(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(train_job, "train", lambda config: seen.append(config) or {"ok": True})
+    monkeypatch.setattr(train_job, "train", lambda config, status=None: seen.append(config) or {"ok": True})
     options = dataclasses.replace(PRESETS["paper"][1], steps=3, base_model=tmp_path)
     train_job.run("017", options, shards=tmp_path / "shards", out=tmp_path / "runs")
     # what an sbatch job passes through --kwargs-json: overrides of a preset, paths as strings
