@@ -85,8 +85,8 @@ def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_
         assert 0 <= result["val_lpips"] <= 1.5
     assert out["stopped"]
     assert 'da_train_step{person="000"} 4.0' in metrics
-    assert 'da_train_learning_rate{group="features",person="000"} 0.01' in metrics
-    assert 'da_train_learning_rate{group="networks",person="000"} 0.001' in metrics
+    assert 'da_train_learning_rate{group="features",person="000"} 0.1' in metrics  # the tiny preset's rates
+    assert 'da_train_learning_rate{group="networks",person="000"} 0.003' in metrics
     lines = [json.loads(line) for line in (tmp_path / "000" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if "loss" in r]
     assert steps == [1, 2, 3, 4] and all(r["samples_per_s"] > 0 for r in lines if "loss" in r)
