@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import machine, report  # noqa: E402
-from heldout import Variant  # noqa: E402
+from heldout import Variant, main_job_base  # noqa: E402
 
 #: name -> (label in the table, model-config overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -136,7 +136,7 @@ def summarise(rows: list[dict], names: list[str]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("data"))
-    ap.add_argument("--base-model", type=Path, default=None, help="default <workdir>/base/tiny")
+    ap.add_argument("--base-model", type=Path, default=None, help="default: the main job's base in <workdir>")
     ap.add_argument("--persons", default="000,001")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the tiny preset's)")
@@ -149,7 +149,7 @@ def main() -> None:
     a = ap.parse_args()
     persons = [p for p in a.persons.split(",") if p]
     seeds = [int(s) for s in a.seeds.split(",") if s]
-    base = a.base_model or a.workdir / "base" / "tiny"
+    base = a.base_model or main_job_base(a.workdir)
     train = Variant.parse(a.train).train if a.train else {}
     jobs = [{"workdir": str(a.workdir), "base_model": str(base), "variant": v, "person": p, "seed": s, "steps": a.steps,
              "out": str(a.out / p), "norm_every": a.norm_every, "train": train}

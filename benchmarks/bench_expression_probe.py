@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import report  # noqa: E402
 from bench_expression_effect import EXPRESSION_ONLY, resize  # noqa: E402
-from heldout import heldout_tasks, load_model, render, task_batch  # noqa: E402
+from heldout import heldout_tasks, load_model, main_job_base, render, task_batch  # noqa: E402
 
 from avatars.evaluation.metrics import psnr_from_mse  # noqa: E402
 from cluster.eval_driver.tasks import open_store, synthetic_config  # noqa: E402
@@ -110,14 +110,14 @@ def measure(name: str, real: torch.Tensor, zeroed: torch.Tensor, reference: torc
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("data"))
-    ap.add_argument("--base-model", type=Path, default=None, help="default <workdir>/base/tiny")
+    ap.add_argument("--base-model", type=Path, default=None, help="default: the main job's base in <workdir>")
     ap.add_argument("--person", default="000")
     ap.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR (a run's <out>/<person> folder)")
     ap.add_argument("--vae", action="append", type=Path, default=[],
                     help="another base model folder whose VAE bound to report too (e.g. a candidate tiny base)")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    base = a.base_model or a.workdir / "base" / "tiny"
+    base = a.base_model or main_job_base(a.workdir)
     frames = heldout_tasks(a.workdir / "zarr", a.workdir / "shards", a.person, 64, tasks=("self_reenactment",))[0]
     batch = task_batch(frames)
     size = batch["mask"].shape[-1]

@@ -39,6 +39,7 @@ from heldout import (  # noqa: E402
     ground_truth,
     heldout_tasks,
     load_model,
+    main_job_base,
     mean_metrics,
     render,
     save_rows,
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("data"), help="the main job's work directory")
     ap.add_argument("--person", default="000")
     ap.add_argument("--run", type=Path, default=None, help="trained run dir (default <workdir>/runs/<person>)")
-    ap.add_argument("--base-model", type=Path, default=None, help="default <workdir>/base/tiny")
+    ap.add_argument("--base-model", type=Path, default=None, help="default: the main job's base in <workdir>")
     ap.add_argument("--samplers", nargs="*", default=["ddpm:20", "ddpm:1", "ddpm:50", "ddim:20"])
     ap.add_argument("--variants", nargs="*", default=[], help="'name:key=value,...' trained here")
     ap.add_argument("--out", type=Path, default=Path("data/bench-fidelity"), help="where variants train")
@@ -80,7 +81,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the output files")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    base = a.base_model or a.workdir / "base" / "tiny"
+    base = a.base_model or main_job_base(a.workdir)
     run = a.run if a.run is not None else a.workdir / "runs" / a.person
     shards, stores = a.workdir / "shards", a.workdir / "zarr"
     weights = Path("weights/lpips_alex.safetensors")

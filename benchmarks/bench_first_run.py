@@ -58,7 +58,7 @@ def untrained_gap(workdir: Path, person: str, steps: int) -> dict[str, float]:
     from avatars.models import DiffusionAvatarsModel
 
     torch.set_num_threads(1)
-    base = workdir / "base" / "tiny"
+    base = Path(json.loads((workdir / "runs" / person / "base.json").read_text())["path"])  # what it trained on
     trained = load_model(workdir / "runs" / person, base)
     untrained = DiffusionAvatarsModel(trained.config, base_model=base).eval()
     evaluator = Evaluator(EvalConfig(metrics=("psnr",), lpips=LpipsConfig(Path("weights/lpips_alex.safetensors"))))

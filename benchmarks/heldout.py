@@ -127,6 +127,16 @@ def train_variant(variant: Variant, person: str, seed: int, shards: Path, base_m
     return cfg.run_dir, {**result, "train_cpu_s": cpu}
 
 
+def main_job_base(workdir: Path) -> Path:
+    """The tiny base of a main-job work directory: ``<workdir>/base/tiny`` when one was written
+    there by hand (``jobs/pretrain_base.py --output``), else the newest ``<workdir>/base/tiny-<key>``
+    that ``launch_all`` keys by its settings and data."""
+    from avatars.training.base_pretraining import newest_base
+
+    by_hand = Path(workdir) / "base" / "tiny"
+    return by_hand if by_hand.is_dir() else newest_base(Path(workdir) / "base")
+
+
 def load_model(run_dir: Path, base_model: Path | None = None) -> DiffusionAvatarsModel:
     return DiffusionAvatarsModel.from_pretrained(Path(run_dir) / "model", base_model=base_model).eval()
 

@@ -57,3 +57,22 @@ def test_train_variant_checkpoints_once_at_the_end(tmp_path, monkeypatch):
                                             None, tmp_path / "out")
     assert seen["cfg"].steps == 7 and seen["cfg"].checkpoint_every == 7 and seen["cfg"].resume == "never"
     assert result["steps"] == 7 and (run_dir / "variant.json").is_file()
+
+
+def test_main_job_base_is_the_keyed_base_launch_all_writes(tmp_path):
+    """launch_all keys its base folder (<workdir>/base/tiny-<key>); the benchmarks find the newest
+    finished one, or a base written by hand at <workdir>/base/tiny."""
+    import os
+
+    from avatars.training.base_pretraining import INFO_FILE
+
+    with pytest.raises(FileNotFoundError, match="no pretrained tiny base"):
+        heldout.main_job_base(tmp_path)
+    for i, key in enumerate(("tiny-aaa", "tiny-bbb", "tiny-ccc")):
+        (tmp_path / "base" / key).mkdir(parents=True)
+        if key != "tiny-ccc":  # unfinished: no info file
+            (tmp_path / "base" / key / INFO_FILE).write_text("{}")
+            os.utime(tmp_path / "base" / key / INFO_FILE, (1000 + i, 1000 + i))
+    assert heldout.main_job_base(tmp_path) == tmp_path / "base" / "tiny-bbb"
+    (tmp_path / "base" / "tiny").mkdir()
+    assert heldout.main_job_base(tmp_path) == tmp_path / "base" / "tiny"
