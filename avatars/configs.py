@@ -163,7 +163,9 @@ class DiffusionAvatarsConfig:
     """Ablation "w/o expression conditioning": no expression tokens and no expression layers."""
     use_diffusion: bool = True
     """Ablation "w/o diffusion": one forward pass (zero latent input, last timestep) predicting the clean latent
-    directly, trained with MSE to the target latent (like DNR)."""
+    directly, trained with MSE to the target latent (like DNR). The output is read as the base's v-prediction
+    there (x0 = -v at zero terminal SNR), so the pass starts from the frozen base's own estimate
+    (``DiffusionAvatarsModel.single_pass_latents``)."""
     use_ldm_prior: bool = True
     """Ablation "w/o LDM prior": a trainable UNet from random init, conditioned directly by concatenating a
     conditioning embedding to the latent input; no ControlNet."""

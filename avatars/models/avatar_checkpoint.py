@@ -54,6 +54,11 @@ PART_CLASSES: dict[str, type[ModelMixin]] = {
 #: Where each part sits in :class:`DiffusionAvatarsModel`: the prefix of its parameter names.
 PART_PREFIXES = {name: ("conditioning.features." if name == "features" else f"{name}.") for name in PART_CLASSES}
 PART_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+#: How a "w/o diffusion" checkpoint's single pass reads its output (``config.json`` key "single_pass"):
+#: as the base's v-prediction at the last timestep (``DiffusionAvatarsModel.single_pass_latents``).
+#: Such checkpoints written before that (no key) read it as the clean latent; they are refused, not
+#: rendered with the wrong sign.
+SINGLE_PASS_READING = "v_at_last_timestep"
 
 
 def save_checkpoint(model: DiffusionAvatarsModel, directory: str | os.PathLike) -> None:
@@ -63,6 +68,8 @@ def save_checkpoint(model: DiffusionAvatarsModel, directory: str | os.PathLike) 
         meta = {"format": FORMAT, "base_model": model.base_model, "config": model.config.to_dict()}
         if model.base_fingerprint is not None:
             meta["base_fingerprint"] = model.base_fingerprint
+        if not model.config.use_diffusion:
+            meta["single_pass"] = SINGLE_PASS_READING
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         for name, part in model.parts().items():
             part.save_pretrained(tmp / name)
@@ -83,6 +90,10 @@ def load_checkpoint(cls: type[DiffusionAvatarsModel], directory: str | os.PathLi
         raise ValueError(f"{config_file}: checkpoint format {meta.get('format')!r} is not one this code reads "
                          f"(1 or {FORMAT}); load it with the version that wrote it")
     config = DiffusionAvatarsConfig.from_dict(meta["config"])
+    if not config.use_diffusion and meta.get("single_pass") != SINGLE_PASS_READING:
+        raise ValueError(f"{config_file}: a 'w/o diffusion' checkpoint whose single pass read its output as the clean "
+                         f"latent (single_pass {meta.get('single_pass')!r}, this code reads it as "
+                         f"{SINGLE_PASS_READING!r}): retrain it with this version")
     if base_model is None:
         base_model = meta.get("base_model")
     if base_model is None and config.requires_pretrained_base:

@@ -14,6 +14,8 @@ networks of a random base are built by :mod:`avatars.models.base_networks`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +323,28 @@ class DiffusionAvatarsModel(nn.Module):
         """Timestep used by the "w/o diffusion" ablation (the last, pure-noise one)."""
         return self.config.scheduler.num_train_timesteps - 1
 
+    def single_pass_latents(self, output: torch.Tensor) -> torch.Tensor:
+        """The "w/o diffusion" ablation's clean latents from its one network output (zero latent input at
+        :meth:`single_pass_timestep`), float32.
+
+        The output is read the way the base was trained, as the v-prediction there:
+        x0 = sqrt(a_T) x_T - sqrt(1 - a_T) v with x_T = 0, i.e. x0 = -v under the zero-terminal-SNR schedule
+        (a_T = 0). So the pass starts from the frozen base's own estimate (the mean latent); read directly as
+        x0 it would start from the negated mean, and the ControlNet would first have to undo the base's sign."""
+        alpha = self.noise_scheduler.alphas_cumprod[self.single_pass_timestep()].item()
+        return output.float() * -((1.0 - alpha) ** 0.5)
+
+    def single_pass(self, denoise: Callable[..., torch.Tensor], cond: torch.Tensor,
+                    latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """The "w/o diffusion" ablation's clean latents (B, *latent_shape), float32: one call
+        ``denoise(latents, timesteps, cond)`` (this model's :meth:`denoise` with the expression tokens bound, or a
+        renderer's compiled one) on a zero latent at :meth:`single_pass_timestep`, read by
+        :meth:`single_pass_latents`."""
+        size = cond.shape[0]
+        steps = torch.full((size,), self.single_pass_timestep(), device=cond.device, dtype=torch.long)
+        zeros = torch.zeros((size, *latent_shape), device=cond.device)  # float32, as the samplers' latents
+        return self.single_pass_latents(denoise(zeros, steps, cond))
+
     @torch.no_grad()
     def encode_images(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> scaled VAE latents (a posterior sample), float32.
@@ -341,7 +365,8 @@ class DiffusionAvatarsModel(nn.Module):
         return ((image.float() + 1) / 2).clamp(0, 1)
 
     def training_loss(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """MSE to the scheduler's velocity (or, w/o diffusion, to the clean latent). Key "loss"."""
+        """MSE to the scheduler's velocity (or, w/o diffusion, of :meth:`single_pass` to the clean latent).
+        Key "loss"."""
         image = batch["image"]
         if image.shape[2] % (self.latent_factor * 2 ** (len(self.config.unet.block_out_channels) - 1)):
             raise ValueError(f"image size {tuple(image.shape[2:])} is not divisible by the model's total downsampling")
@@ -361,8 +386,7 @@ class DiffusionAvatarsModel(nn.Module):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
             pred = self.denoise(noisy, timesteps, cond, tokens)
         else:
-            timesteps = torch.full((batch_size,), self.single_pass_timestep(), device=latents.device, dtype=torch.long)
-            pred = self.denoise(torch.zeros_like(latents), timesteps, cond, tokens)
+            pred = self.single_pass(partial(self.denoise, expression_tokens=tokens), cond, tuple(latents.shape[1:]))
             target = latents
         loss = F.mse_loss(pred.float(), target.float())
         return {"loss": loss}

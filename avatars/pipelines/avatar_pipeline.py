@@ -98,8 +98,7 @@ class AvatarPipeline:
             cond = model.conditioning(batch)
             denoise = partial(model.denoise, expression_tokens=model.encode_expression(batch.get("expression")))
             if not model.config.use_diffusion:
-                steps = torch.full((size,), model.single_pass_timestep(), device=device, dtype=torch.long)
-                latents = denoise(torch.zeros((size, *shape), device=device, dtype=cond.dtype), steps, cond)
+                latents = model.single_pass(denoise, cond, shape)
             elif sampler == "ddpm":
                 initial, step_noise = self.noise.batch(seeds, shape, num_inference_steps, device)
                 latents = sample_ddpm(denoise, self.ddpm(num_inference_steps), cond, initial, step_noise)

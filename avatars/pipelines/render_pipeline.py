@@ -135,8 +135,7 @@ class RenderPipeline:
         tokens = model.encode_expression(batch["expression"])  # once per call
         denoise = partial(self.denoise, expression_tokens=tokens)
         if not model.config.use_diffusion:
-            steps = torch.full((size,), model.single_pass_timestep(), device=device, dtype=torch.long)
-            latents = denoise(torch.zeros((size, *shape), device=device), steps, cond).float()
+            latents = model.single_pass(denoise, cond, shape)
         elif sampler == "ddpm":
             initial, step_noise = self.noise.batch(seeds, shape, num_inference_steps, device)
             latents = sample_ddpm(denoise, self.reference.ddpm(num_inference_steps), cond, initial, step_noise)

@@ -117,6 +117,39 @@ def test_without_diffusion_ablation_overfits():
     assert last < 0.5 * first, (first, last)
 
 
+def test_single_pass_reads_its_output_as_the_bases_velocity(tmp_path):
+    """w/o diffusion: one pass on a zero latent at the last timestep, read as the base was trained (v-prediction:
+    x0 = -v at zero terminal SNR), so an untrained ablation starts from the base's own estimate, not its negation;
+    the loss is MSE of that x0 to the clean latent, the pipeline renders it, and a checkpoint records the reading."""
+    import json
+
+    from avatars.pipelines import AvatarPipeline
+
+    model = DiffusionAvatarsModel(tiny_config(use_diffusion=False))
+    _perturb_zero_layers(model)
+    batch = synthetic_batch(2)
+    g = torch.Generator().manual_seed(3)
+    loss = model.training_loss(batch, generator=g)["loss"]
+    latents = model.encode_images(batch["image"], torch.Generator().manual_seed(3))
+    cond, tokens = model.conditioning(batch), model.encode_expression(batch["expression"])
+    t = torch.full((2,), 999)
+    with torch.no_grad():
+        out = model.denoise(torch.zeros_like(latents), t, cond, tokens)
+    assert float(model.noise_scheduler.alphas_cumprod[999]) == 0.0
+    torch.testing.assert_close(loss, torch.mean((-out - latents) ** 2), rtol=1e-5, atol=1e-6)
+    frames = {k: batch[k] for k in ("mask", "depth", "normals", "canonical", "expression")}
+    torch.testing.assert_close(AvatarPipeline(model)(frames), model.decode_latents(-out), rtol=0, atol=1e-4)
+
+    model.save_pretrained(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert meta["single_pass"] == "v_at_last_timestep"
+    DiffusionAvatarsModel.from_pretrained(tmp_path / "a")
+    del meta["single_pass"]  # written before the output was read as v: refused, not rendered negated
+    (tmp_path / "a" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="w/o diffusion.*retrain"):
+        DiffusionAvatarsModel.from_pretrained(tmp_path / "a")
+
+
 def test_training_loss_is_mse_to_velocity():
     model = DiffusionAvatarsModel(tiny_config())
     batch = synthetic_batch(2)

@@ -72,6 +72,14 @@ def test_equals_the_plain_pipeline_on_the_padded_batch():
     torch.testing.assert_close(out, expected[:3], rtol=0, atol=0)
 
 
+def test_single_pass_ablation_equals_the_plain_pipeline():
+    """w/o diffusion: both pipelines read the one pass the same way (DiffusionAvatarsModel.single_pass)."""
+    model = _model(use_diffusion=False)
+    batch = _frames(2)
+    out = RenderPipeline(model, RenderOptions(batch_buckets=(2,)))(batch)
+    torch.testing.assert_close(out, AvatarPipeline(model)(batch), rtol=0, atol=0)
+
+
 def test_a_frame_renders_bit_for_bit_alone_or_in_a_batch():
     pipe = RenderPipeline(_model(), RenderOptions(batch_buckets=(4,)))
     batch = _frames(4)
