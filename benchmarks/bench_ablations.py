@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "no_ldm_prior": ("w/o LDM prior", {"use_ldm_prior": False}),
 }
 METRICS = ("psnr", "ssim", "lpips", "jod", "psnr_face", "lpips_face", "colour_error")
+#: Metrics whose paired difference to the full model the summary gives.
+PAIRED = ("psnr", "lpips", "jod", "psnr_face", "lpips_face")
 #: +1: higher is better, -1: lower is better.
 DIRECTION = {"psnr": 1, "ssim": 1, "lpips": -1, "jod": 1, "psnr_face": 1, "lpips_face": -1, "colour_error": -1}
 
@@ -120,8 +122,10 @@ def summarise(rows: list[dict], names: list[str]) -> list[dict]:
         for m in METRICS:
             values = np.array([r[m] for r in mine if r[m] is not None], dtype=float)
             row[m] = f"{values.mean():.4g} ± {values.std(ddof=1) if len(values) > 1 else 0:.2g}"
+        cpu = [r["train CPU s"] for r in mine if r.get("train CPU s")]
+        row["train CPU s / run"] = f"{np.mean(cpu):.0f}" if cpu else "reused"
         if name != "full" and full:
-            for m in ("psnr_face", "lpips_face", "jod"):
+            for m in PAIRED:
                 d = np.array([r[m] - full[(r["person"], r["seed"])][m] for r in mine
                               if (r["person"], r["seed"]) in full and r[m] is not None], dtype=float)
                 if len(d):

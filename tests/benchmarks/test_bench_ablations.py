@@ -49,6 +49,8 @@ def test_summary_marks_worse_only_beyond_the_paired_spread():
     assert worse["psnr_face worse"] == "yes" and worse["Δpsnr_face vs full"].startswith("-5")
     assert summary[VARIANTS["no_expression"][0]]["psnr_face worse"] == "no"
     assert summary[VARIANTS["full"][0]]["runs"] == 4 and "psnr_face worse" not in summary[VARIANTS["full"][0]]
+    assert worse["Δpsnr vs full"].startswith("+0 ") and worse["psnr worse"] == "no"  # whole frame: equal here
+    assert worse["train CPU s / run"] == "reused"  # rows without a training time
 
 
 def test_cached_runs_are_keyed_by_the_resolved_training_options():
