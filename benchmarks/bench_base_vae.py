@@ -9,6 +9,11 @@ A variant is 'name:key=value,...' over ``BasePretrainConfig`` fields (vae_steps,
 vae_batch_size, kl_weight, ...) and ``VAEConfig`` fields (block_out_channels as 16-32-32,
 latent_channels, layers_per_block). Everything a render shows passes through this decoder, so its
 reconstruction is the upper bound of an avatar's fidelity (see benchmarks/bench_fidelity.py).
+With ``--probe-workdir DIR`` (a work directory of synthetic captures: zarr/ and shards/) each
+variant is also scored like ``bench_expression_probe.py --vae``: on a person's held-out frames the
+generator renders the ground truth with the real expression code and with the expression-only dims
+(mouth-interior colour, gaze) zeroed, and the *response gain* is the fraction of that change the
+VAE's round trip keeps on the ~50-80 expression pixels per frame (1 = all of it).
 Writes benchmarks/results/base_vae.json and base_vae.png (+ .txt naming the rows).
 """
 
@@ -75,21 +80,66 @@ def scores(vae, images: torch.Tensor, masks: torch.Tensor) -> tuple[dict, torch.
             "psnr_face": psnr_from_mse(face_mse.clamp_min(1e-12)).mean().item()}, (recon + 1) / 2
 
 
+class ExpressionProbe:
+    """The expression-only effects of one person's held-out frames (bench_expression_probe.py)."""
+
+    def __init__(self, workdir: Path, person: str, resolution: int):
+        from bench_expression_probe import THRESHOLD, ground_truth_pair
+        from heldout import heldout_tasks, task_batch
+
+        frames = heldout_tasks(workdir / "zarr", workdir / "shards", person, resolution,
+                               tasks=("self_reenactment",))[0]
+        batch = task_batch(frames)
+        serial = frames.clips[0].keys[0].rsplit("cam_", 1)[1]
+        self.real, self.zeroed = ground_truth_pair(workdir, person, batch["expression"].numpy(), serial, resolution)
+        self.change = self.real - self.zeroed
+        self.pixels = self.change.abs().amax(1, keepdim=True) > THRESHOLD
+        self.face = batch["mask"] > 0.5
+        self.info = {"person": person, "frames": len(self.real),
+                     "expression pixels per frame": float(self.pixels.flatten(1).sum(1).float().mean())}
+
+    @torch.no_grad()
+    def score(self, vae) -> dict:
+        from bench_expression_probe import measure
+
+        def round_trip(x: torch.Tensor) -> torch.Tensor:
+            return ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
+
+        m = measure("", round_trip(self.real), round_trip(self.zeroed), self.real, self.face, self.pixels, self.change)
+        return {"expr response gain": m["response gain"], "expr-pixel PSNR": m["expression-pixel PSNR"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=Path, default=Path("data/shards"))
     ap.add_argument("--persons", default="all")
-    ap.add_argument("--variants", nargs="+", default=["default:"])
+    ap.add_argument("--variants", nargs="*", default=["default:"])
+    ap.add_argument("--bases", nargs="*", type=Path, default=[],
+                    help="pretrained base folders (jobs/pretrain_base.py) whose VAE to score as it is")
     ap.add_argument("--steps", type=int, default=None, help="vae_steps of every variant that does not set it")
     ap.add_argument("--images", type=int, default=64, help="held-out images scored")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--probe-workdir", type=Path, default=None,
+                    help="work directory (zarr/, shards/) of synthetic captures: also score the expression response")
+    ap.add_argument("--probe-person", default="000")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     persons = resolve_persons(a.shards, a.persons)
     resolution = tiny_config().resolution
     images, masks = held_out(a.shards, persons, a.images, resolution)
     rows, pictures = [], [("ground truth", (images + 1) / 2)]
+    probe = ExpressionProbe(a.probe_workdir, a.probe_person, resolution) if a.probe_workdir else None
+    for base in a.bases:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(base / "vae").eval()
+        s, recon = scores(vae, images, masks)
+        if probe is not None:
+            s.update(probe.score(vae))
+        rows.append({"variant": str(base), **s})
+        pictures.append((str(base), recon))
+        print(rows[-1], flush=True)
     for spec in a.variants:
         name, pretrain, vae_fields = parse_variant(spec)
         if a.steps is not None:
@@ -104,13 +154,16 @@ def main() -> None:
         vae, loss, _ = train_vae(config, model_config, image_batches(train, train.config))
         cpu = time.process_time() - cpu
         s, recon = scores(vae, images, masks)
+        if probe is not None:
+            s.update(probe.score(vae))
         rows.append({"variant": name, "steps": config.vae_steps, "lr": config.vae_lr,
                      "blocks": "-".join(map(str, model_config.vae.block_out_channels)),
                      "latent": model_config.vae.latent_channels, "recon loss": loss, **s, "train CPU s": cpu})
         pictures.append((name, recon))
         print(rows[-1], flush=True)
     save_rows(RESULTS / f"base_vae{a.tag}.png", pictures, columns=8)
-    report(f"base_vae{a.tag}", rows, {"persons": persons, "heldout_images": int(images.shape[0])})
+    extra = {"probe": probe.info} if probe is not None else {}
+    report(f"base_vae{a.tag}", rows, {"persons": persons, "heldout_images": int(images.shape[0]), **extra})
 
 
 if __name__ == "__main__":
