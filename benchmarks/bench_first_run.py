@@ -5,7 +5,8 @@
 Runs ``jobs/launch_all.py --persons all`` into a fresh work directory (removed first) and reads
 back what it wrote: the wall and CPU seconds of every stage (``runs/stages.json``; CPU counts the
 whole process tree, Ray workers and data-preparation pools included, see common/cpu_clock.py),
-the nightly results (mean over persons and tasks of the headline metrics) and, for person 000,
+how many cores each stage kept busy (CPU / wall), the nightly results (mean over persons and
+tasks of the headline metrics) and, for person 000,
 the held-out PSNR of the untrained model (frozen base, zero-output ControlNet) on the same
 frames, so the trained vs untrained gap is measured in the same run.
 
@@ -93,7 +94,9 @@ def main() -> None:
     results = sorted((a.workdir / "reports" / "runs").glob("*/results.json"))
     means = result_means(results[-1]) if results else {}
     gap = untrained_gap(a.workdir, a.gap_person, 20)
-    rows = [{"stage": r["stage"], "wall s": r["wall_s"], "CPU s": r["cpu_s"]} for r in stages["stages"]]
+    # cores busy = CPU s / wall s: how well a stage keeps the machine's cores working
+    rows = [{"stage": r["stage"], "wall s": r["wall_s"], "CPU s": r["cpu_s"],
+             "cores busy": r["cpu_s"] / max(r["wall_s"], 1e-9)} for r in stages["stages"]]
     report(f"first_run{a.tag}", rows, {
         "command": " ".join(cmd[1:]), "wall_s_command": wall, "cpus": os.cpu_count(),
         "loadavg_1m_start": load_start, "loadavg_1m_end": os.getloadavg()[0], "report_means": means,

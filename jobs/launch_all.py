@@ -98,6 +98,10 @@ class LaunchAllArgs:
     """Render the evaluation set of every trained person and write the nightly report."""
     eval_inference_steps: int = 20
     """Sampling steps of the evaluation renders (DDPM; the paper's 20)."""
+    eval_parallel_persons: int = 2
+    """Persons the evaluation renders at the same time, each on its own Serve application (replica):
+    while one person's frames render, the next one's replica starts and the previous one's metrics
+    are computed, so both cores of a small machine stay busy (on a GPU node: persons sharing the GPU)."""
     force: bool = False
     """Evaluate every person again, even those whose stored evaluation is up to date (same
     model, base, data and evaluation settings): their numbers and videos are otherwise reused."""
@@ -278,6 +282,7 @@ def _evaluate(args: LaunchAllArgs, persons: list[str]):
     config = EvalDriverConfig(runs=args.workdir / "runs", shards=args.workdir / "shards",
                               stores=args.workdir / "zarr", reports_root=args.workdir / "reports",
                               persons=tuple(persons), ray_address=args.ray_address,
+                              parallel_persons=args.eval_parallel_persons,
                               ray_bind_host=args.ray_bind_host,
                               renderer=RendererConfig(
                                   num_inference_steps=args.eval_inference_steps,
