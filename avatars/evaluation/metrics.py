@@ -170,14 +170,16 @@ def _import_vvdp(name: str):
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(f"{name} is not installed")
     folder = list(spec.submodule_search_locations)[0]
-    shared = [k for k in sys.modules if k == "interp" or k == "third_party" or k.startswith("third_party.")]
+    # list(sys.modules): a snapshot, since other threads (the evaluation driver's person threads) may
+    # import meanwhile, and iterating the live dict then fails ("dictionary changed size")
+    shared = [k for k in list(sys.modules) if k == "interp" or k == "third_party" or k.startswith("third_party.")]
     aside = {k: sys.modules.pop(k) for k in shared}
     sys.path.insert(0, folder)
     try:
         return importlib.import_module(name)
     finally:
         sys.path.remove(folder)
-        for k in [k for k in sys.modules if k == "interp" or k == "third_party" or k.startswith("third_party.")]:
+        for k in [k for k in list(sys.modules) if k == "interp" or k == "third_party" or k.startswith("third_party.")]:
             if aside:  # leave the first package's modules where its own lazy imports expect them
                 sys.modules.pop(k)
         sys.modules.update(aside)
