@@ -2,10 +2,10 @@
 same budget on several persons and seeds, scored on the held-out sequences and camera.
 
     python benchmarks/bench_ablations.py --workdir data [--persons 000,001] [--seeds 0,1] \\
-        [--steps 600] [--parallel 2] [--variants full no_expression ...]
+        [--steps N] [--parallel 2] [--variants full no_expression ...]
 
 Needs the main job's data and tiny base (<workdir>/shards, zarr, base/tiny). Every run trains
-the tiny preset (``--steps`` optimizer steps, batch 8) with one switch of the model config
+the tiny preset (its steps and batch, or ``--steps``) with one switch of the model config
 changed, then renders the person's held-out evaluation set (the held-out sequences from the
 frontal camera and the training sequences from the held-out camera, 20 DDPM steps, fixed noise;
 a single pass for "w/o diffusion") and scores it like the nightly evaluation: PSNR (the paper's
