@@ -18,10 +18,13 @@ from .head import BLINK, CHEEKS, EYES, GAZE_X, GAZE_Y, JAW, MOUTH, TONGUE, Ident
 LIGHT_DIR = np.array([0.35, 0.55, 0.75]) / np.linalg.norm([0.35, 0.55, 0.75])
 AMBIENT_LIGHT = 0.35
 #: Eye sizes as angles on the unit material sphere (radians): sclera, iris, pupil, and how far
-#: gaze 1.0 moves the iris.
-EYE_RADIUS, IRIS_RADIUS, PUPIL_RADIUS, GAZE_SHIFT = 0.13, 0.07, 0.032, 0.06
-#: Half-height of the mouth interior band (radians) when closed, and its growth at jaw 1.0.
-MOUTH_CLOSED, MOUTH_OPEN = 0.018, 0.05
+#: gaze 1.0 moves the iris. At the tiny preset's 64x64 (~23 px per radian) an eye is ~8 px wide,
+#: the iris ~5 px and the pupil ~2.3 px: the iris spans at least one 4x4 cell of the tiny VAE's
+#: latent, which the earlier 6 / 3 / 1.5 px eyes did not (the base VAE smeared the pupils away).
+EYE_RADIUS, IRIS_RADIUS, PUPIL_RADIUS, GAZE_SHIFT = 0.17, 0.105, 0.05, 0.07
+#: Half-height of the mouth interior band (radians) when closed, and its growth at jaw 1.0
+#: (~1.4 px closed, ~5.5 px open at 64x64).
+MOUTH_CLOSED, MOUTH_OPEN = 0.03, 0.09
 
 
 def _unit(v) -> np.ndarray:
@@ -75,7 +78,7 @@ def albedo(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.nd
     interior_col = _mix(np.array([[0.65, 0.12, 0.18]]), np.array([[0.2, 0.55, 0.35]]), np.array([t]))[0] * 0.8
     col = _mix(col, np.tile(interior_col, (n, 1)), np.clip(1.4 * interior, 0, 1))
     # Eyes: sclera, iris moved by gaze (appearance only), pupil, eyelid closed by blink. Sized so
-    # that at the tiny preset's 64x64 an eye is ~6 pixels wide and gaze moves the iris ~2 pixels.
+    # that at the tiny preset's 64x64 an eye is ~8 pixels wide and gaze moves the iris ~1.6 pixels.
     gaze = np.array([float(expr[GAZE_X]), float(expr[GAZE_Y])]) * GAZE_SHIFT
     blink = float(np.clip(expr[BLINK], 0.0, 1.0))
     for e in EYES:

@@ -85,8 +85,8 @@ def test_appearance_only_dims_change_image_not_mesh(dim, tiny_cfg):
 
 @pytest.mark.parametrize("dim", [H.TONGUE, H.GAZE_X, H.GAZE_Y])
 def test_appearance_only_dims_are_visible_at_the_training_resolution(dim):
-    """At the tiny preset's 64x64 an appearance-only dim moves whole pixels (eyes ~6 px wide,
-    the iris ~2 px per unit of gaze, the mouth interior a band of pixels), so a model without
+    """At the tiny preset's 64x64 an appearance-only dim moves whole pixels (eyes ~8 px wide,
+    the iris ~1.6 px per unit of gaze, the mouth interior a band of pixels), so a model without
     expression conditioning must lose measurably (benchmarks/bench_expression_effect.py)."""
     cfg = SyntheticConfig(image_size=64, n_lat=60, n_lon=96)
     model = PersonModel.build(cfg, "001")
@@ -97,7 +97,8 @@ def test_appearance_only_dims_are_visible_at_the_training_resolution(dim):
     a, alpha = _render(model, low)
     b, _ = _render(model, high)
     changed = (np.abs(a - b).max(-1) > 0.1 * 255) & (alpha > 0)
-    assert changed.sum() >= 8, changed.sum()
+    # measured: tongue 62, gaze x 41, gaze y 45 pixels (the earlier 6 px eyes: 44, 18, 26)
+    assert changed.sum() >= 30, changed.sum()
 
 
 def test_persons_differ_at_a_glance(tiny_cfg):
