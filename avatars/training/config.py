@@ -23,13 +23,12 @@ class TrainOptions:
     """Model layout and ablation switches (its expression_dim is read from the data, its init_seed is --seed)."""
     base_model: Path | None = None
     """Local diffusers directory with the frozen base (unet/, vae/; SD2.1 for the paper preset)."""
-    steps: int = 400
-    """Optimizer steps (tiny: 400 at batch 4, what the 10-minute first run affords; measured on persons
-    000 and 003 with benchmarks/bench_fidelity.py: 0.6-1.0 dB below 600 steps at batch 8, at 40% of
-    its CPU time; README "The main job now")."""
+    steps: int = 600
+    """Optimizer steps."""
     batch_size: int = 4
-    """Micro-batch per process (the paper's 8; tiny: 4, which at 600 steps renders as well as 8 does
-    at 62% of the CPU time)."""
+    """Micro-batch per process (the paper's 8; tiny: 4, at 61% of batch 8's CPU time: measured on persons
+    000 and 003 with benchmarks/bench_fidelity.py on the main job's base, 0.4 dB below batch 8 at 600
+    steps; 400 steps at batch 4 lost 2-2.6 dB; README "The main job now")."""
     grad_accum: int = 1
     """Gradient accumulation steps per optimizer step."""
     lr_networks: float = 3e-3
@@ -123,7 +122,7 @@ class TrainConfig(TrainOptions):
 
 #: Name -> (description, complete options). The dataclass defaults are the tiny preset.
 PRESETS: dict[str, tuple[str, TrainOptions]] = {
-    "tiny": ("CPU-sized model at 64x64 with random or tiny-pretrained weights, 400 steps at batch 4 "
+    "tiny": ("CPU-sized model at 64x64 with random or tiny-pretrained weights, 600 steps at batch 4 "
              "(the main job pretrains a tiny base for it)", TrainOptions()),
     "paper": ("the paper's setting: SD2.1 layout at 512x512, 100k steps at lr 1e-4 (needs --base-model, "
               "a local Stable Diffusion 2.1 diffusers directory)",

@@ -18,7 +18,7 @@ def test_presets_are_complete_configs():
     assert TrainConfig() == train_preset("tiny")  # the dataclass defaults are the tiny preset
     tiny, paper = PRESETS["tiny"][1], PRESETS["paper"][1]
     assert tiny.model == tiny_config()
-    assert (tiny.steps, tiny.batch_size, tiny.lr_networks, tiny.lr_features) == (400, 4, 3e-3, 1e-1)
+    assert (tiny.steps, tiny.batch_size, tiny.lr_networks, tiny.lr_features) == (600, 4, 3e-3, 1e-1)
     assert paper.model == paper_config()
     assert (paper.steps, paper.batch_size, paper.lr_networks, paper.lr_features) == (100_000, 8, 1e-4, 1e-2)
     config = train_preset("paper", steps=5)
@@ -37,7 +37,7 @@ def test_help_shows_the_values_of_the_chosen_preset(capsys):
     with pytest.raises(SystemExit):
         preset_cli(presets, default="tiny", description="d", args=["tiny", "--help"])
     out = capsys.readouterr().out
-    assert "(default: 400)" in out and "(default: 32 64)" in out
+    assert "(default: 600)" in out and "(default: 32 64)" in out
 
 
 def test_the_first_argument_picks_the_preset_and_tiny_is_the_default():
