@@ -24,6 +24,7 @@ of render and ground truth inside the mask (a brownish head on a pink person sco
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -156,33 +157,42 @@ def ssim(
     return s.flatten(1).mean(1).float()
 
 
+#: Serialises :func:`_import_vvdp` (see there).
+_VVDP_IMPORT_LOCK = threading.Lock()
+
+
 def _import_vvdp(name: str):
     """Imports ``pycvvdp`` or ``pyfvvdp``. Both put their own folder on ``sys.path`` and import
     top-level modules named ``interp`` and ``third_party`` from it, so whichever loads second
-    would get the other's; the second is imported with the first's modules set aside."""
+    would get the other's; the second is imported with the first's modules set aside. Under one lock:
+    the evaluation's person threads load the metrics concurrently, and two of them juggling
+    ``sys.modules`` / ``sys.path`` at once would hand each other the wrong ``interp``."""
     import importlib
     import importlib.util
     import sys
 
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"{name} is not installed")
-    folder = list(spec.submodule_search_locations)[0]
-    # list(sys.modules): a snapshot, since other threads (the evaluation driver's person threads) may
-    # import meanwhile, and iterating the live dict then fails ("dictionary changed size")
-    shared = [k for k in list(sys.modules) if k == "interp" or k == "third_party" or k.startswith("third_party.")]
-    aside = {k: sys.modules.pop(k) for k in shared}
-    sys.path.insert(0, folder)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(folder)
-        for k in [k for k in list(sys.modules) if k == "interp" or k == "third_party" or k.startswith("third_party.")]:
+    def shared() -> list[str]:
+        # list(sys.modules): a snapshot, since other threads may import meanwhile, and iterating
+        # the live dict then fails ("dictionary changed size")
+        return [k for k in list(sys.modules) if k == "interp" or k == "third_party" or k.startswith("third_party.")]
+
+    with _VVDP_IMPORT_LOCK:
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"{name} is not installed")
+        folder = list(spec.submodule_search_locations)[0]
+        aside = {k: sys.modules.pop(k) for k in shared()}
+        sys.path.insert(0, folder)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(folder)
             if aside:  # leave the first package's modules where its own lazy imports expect them
-                sys.modules.pop(k)
-        sys.modules.update(aside)
+                for k in shared():
+                    sys.modules.pop(k)
+            sys.modules.update(aside)
 
 
 def _cvvdp(display: str, device: str):
