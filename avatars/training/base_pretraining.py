@@ -206,23 +206,17 @@ def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor, mask: torch.T
     normalised by the mean weight (so face_weight 0 is the plain mean), plus ``gradient_weight``
     times the L1 error of the horizontal and vertical finite differences (edges: eyes, pupils, the
     mouth line) under the same weights."""
+    def weighted_mean(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        return x.mean() if w is None else (x * w).mean() / w.mean()
+
     err = (recon - images).abs()
-    per_pixel = err + err * err
-    weight = None
-    if face_weight and mask is not None:
-        weight = 1.0 + face_weight * mask
-        loss = (per_pixel * weight).mean() / weight.mean()
-    else:
-        loss = per_pixel.mean()
+    weight = 1.0 + face_weight * mask if face_weight and mask is not None else None
+    loss = weighted_mean(err + err * err, weight)
     if gradient_weight:
         d = recon - images
         dx, dy = (d[..., :, 1:] - d[..., :, :-1]).abs(), (d[..., 1:, :] - d[..., :-1, :]).abs()
-        if weight is not None:
-            wx, wy = weight[..., :, 1:], weight[..., 1:, :]
-            grad = (dx * wx).mean() / wx.mean() + (dy * wy).mean() / wy.mean()
-        else:
-            grad = dx.mean() + dy.mean()
-        loss = loss + gradient_weight * grad
+        wx, wy = (None, None) if weight is None else (weight[..., :, 1:], weight[..., 1:, :])
+        loss = loss + gradient_weight * (weighted_mean(dx, wx) + weighted_mean(dy, wy))
     return loss
 
 
