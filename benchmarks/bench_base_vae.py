@@ -84,28 +84,18 @@ class ExpressionProbe:
     """The expression-only effects of one person's held-out frames (bench_expression_probe.py)."""
 
     def __init__(self, workdir: Path, person: str, resolution: int):
-        from bench_expression_probe import THRESHOLD, ground_truth_pair
-        from heldout import heldout_tasks, task_batch
+        from bench_expression_probe import HeldOutExpression
 
-        frames = heldout_tasks(workdir / "zarr", workdir / "shards", person, resolution,
-                               tasks=("self_reenactment",))[0]
-        batch = task_batch(frames)
-        serial = frames.clips[0].keys[0].rsplit("cam_", 1)[1]
-        self.real, self.zeroed = ground_truth_pair(workdir, person, batch["expression"].numpy(), serial, resolution)
-        self.change = self.real - self.zeroed
-        self.pixels = self.change.abs().amax(1, keepdim=True) > THRESHOLD
-        self.face = batch["mask"] > 0.5
-        self.info = {"person": person, "frames": len(self.real),
-                     "expression pixels per frame": float(self.pixels.flatten(1).sum(1).float().mean())}
+        self.held = HeldOutExpression(workdir, person, resolution)
+        self.info = {"person": person, "frames": len(self.held.real),
+                     "expression pixels per frame": self.held.pixels_per_frame()}
 
     @torch.no_grad()
     def score(self, vae) -> dict:
-        from bench_expression_probe import measure
+        from bench_expression_probe import measure, vae_round_trip
 
-        def round_trip(x: torch.Tensor) -> torch.Tensor:
-            return ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
-
-        m = measure("", round_trip(self.real), round_trip(self.zeroed), self.real, self.face, self.pixels, self.change)
+        h = self.held
+        m = measure("", vae_round_trip(vae, h.real), vae_round_trip(vae, h.zeroed), h.real, h.face, h.pixels, h.change)
         return {"expr response gain": m["response gain"], "expr-pixel PSNR": m["expression-pixel PSNR"]}
 
 

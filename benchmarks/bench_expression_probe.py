@@ -63,6 +63,30 @@ def ground_truth_pair(workdir: Path, person: str, codes: np.ndarray, serial: str
     return torch.stack(real), torch.stack(zeroed)
 
 
+def vae_round_trip(vae, x: torch.Tensor) -> torch.Tensor:
+    """A diffusers VAE's round trip (posterior mean) of images in [0, 1]."""
+    return ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
+
+
+class HeldOutExpression:
+    """One person's held-out frames from the held-out camera with the generator's two ground truths
+    (real code, expression-only dims zeroed), the change between them, the expression pixels where it
+    exceeds :data:`THRESHOLD` and the rasterized face."""
+
+    def __init__(self, workdir: Path, person: str, size: int):
+        self.frames = heldout_tasks(workdir / "zarr", workdir / "shards", person, size, tasks=("self_reenactment",))[0]
+        self.batch = task_batch(self.frames)
+        self.serial = self.frames.clips[0].keys[0].rsplit("cam_", 1)[1]
+        self.real, self.zeroed = ground_truth_pair(workdir, person, self.batch["expression"].numpy(), self.serial,
+                                                   self.batch["mask"].shape[-1])
+        self.change = self.real - self.zeroed
+        self.pixels = self.change.abs().amax(1, keepdim=True) > THRESHOLD
+        self.face = self.batch["mask"] > 0.5
+
+    def pixels_per_frame(self) -> float:
+        return float(self.pixels.flatten(1).sum(1).float().mean())
+
+
 def probe(name: str, run_dir: Path, base: Path, batch: dict, reference: torch.Tensor, face: torch.Tensor,
           expr_pixels: torch.Tensor, gt_change: torch.Tensor) -> dict:
     model = load_model(run_dir, base)
@@ -81,11 +105,7 @@ def vae_bound(base: Path, gt_real: torch.Tensor, gt_zeroed: torch.Tensor, face: 
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(Path(base) / "vae").eval()
-
-    def round_trip(x: torch.Tensor) -> torch.Tensor:
-        return ((vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample + 1) / 2).clamp(0, 1)
-
-    real, zeroed = round_trip(gt_real), round_trip(gt_zeroed)
+    real, zeroed = vae_round_trip(vae, gt_real), vae_round_trip(vae, gt_zeroed)
     return measure(f"VAE round trip of the ground truth (bound; {base})", real, zeroed, gt_real, face, expr_pixels,
                    gt_change)
 
@@ -118,15 +138,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     base = a.base_model or main_job_base(a.workdir)
-    frames = heldout_tasks(a.workdir / "zarr", a.workdir / "shards", a.person, 64, tasks=("self_reenactment",))[0]
-    batch = task_batch(frames)
-    size = batch["mask"].shape[-1]
-    reference = torch.from_numpy(np.concatenate([c.reference for c in frames.clips])).permute(0, 3, 1, 2).float()
-    serial = frames.clips[0].keys[0].rsplit("cam_", 1)[1]
-    gt_real, gt_zeroed = ground_truth_pair(a.workdir, a.person, batch["expression"].numpy(), serial, size)
-    gt_change = gt_real - gt_zeroed
-    expr_pixels = gt_change.abs().amax(1, keepdim=True) > THRESHOLD
-    face = batch["mask"] > 0.5
+    held = HeldOutExpression(a.workdir, a.person, 64)
+    batch, serial, face, expr_pixels = held.batch, held.serial, held.face, held.pixels
+    gt_real, gt_zeroed, gt_change = held.real, held.zeroed, held.change
+    reference = torch.from_numpy(np.concatenate([c.reference for c in held.frames.clips])).permute(0, 3, 1, 2).float()
     rows = [measure("ground truth with the expression-only dims zeroed (cap)", gt_zeroed, gt_zeroed, gt_real, face,
                     expr_pixels, gt_change),
             *(vae_bound(b, gt_real, gt_zeroed, face, expr_pixels, gt_change) for b in [base, *a.vae])]
@@ -137,7 +152,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     report("expression_probe", rows, {
         "person": a.person, "frames": len(reference), "camera": serial,
-        "expression pixels per frame": float(expr_pixels.flatten(1).sum(1).float().mean()),
+        "expression pixels per frame": held.pixels_per_frame(),
         "regenerated vs stored ground truth, mean |diff|": float((gt_real - reference).abs().mean())})
 
 
