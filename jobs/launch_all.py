@@ -315,6 +315,9 @@ def main(args: LaunchAllArgs) -> int:
     from cluster.status import write_state
 
     t0 = time.time()
+    if args.eval_parallel_persons < 1:  # up front, not at the evaluation after hours of training
+        print(f"error: --eval-parallel-persons must be at least 1, got {args.eval_parallel_persons}", file=sys.stderr)
+        return 2
     check_workdir(args.workdir, args.min_free_gb)
     try:  # before any work: a backend that is not there is named with how to get it
         for warning in check_backend(args.backend, args.ray_address, args.slurm.partition, args.evaluate):

@@ -148,3 +148,17 @@ def test_launch_all_stops_before_any_work(tmp_path, monkeypatch, capsys):
     assert main(tyro.cli(LaunchAllArgs, args=["--workdir", str(work), "--ray-address", address])) == 2
     assert f"no Ray cluster answers at {address}" in capsys.readouterr().err
     assert sorted(p.name for p in work.iterdir()) == []
+
+
+def test_launch_all_refuses_a_bad_evaluation_parallelism_before_any_work(tmp_path, capsys):
+    """`--eval-parallel-persons 0` is refused with exit code 2 and one line naming the option,
+    before the work directory is created (not after the training, when the evaluation starts)."""
+    import tyro
+
+    from jobs.launch_all import LaunchAllArgs, main
+
+    work = tmp_path / "work"
+    assert main(tyro.cli(LaunchAllArgs, args=["--workdir", str(work), "--eval-parallel-persons", "0"])) == 2
+    err = capsys.readouterr().err
+    assert "error: --eval-parallel-persons must be at least 1, got 0" in err and "Traceback" not in err
+    assert not work.exists()
