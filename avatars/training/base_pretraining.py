@@ -426,6 +426,10 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
                         ("latent_passes", config.latent_passes)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    for name, value in (("vae_face_weight", config.vae_face_weight),
+                        ("vae_gradient_weight", config.vae_gradient_weight)):
+        if value < 0:  # a negative face weight zeroes or flips the loss inside the face
+            raise ValueError(f"{name} must be >= 0, got {value}")
 
     model_config = config.model_config()
     started, cpu_started = time.perf_counter(), time.process_time()

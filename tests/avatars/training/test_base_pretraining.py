@@ -170,3 +170,7 @@ def test_clear_errors(tmp_path, shard_root):
     (tmp_path / "base" / INFO_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="pretrain_info.json is unreadable"):
         pretrain_base(_config(shard_root, tmp_path / "base"))
+    for field in ("vae_face_weight", "vae_gradient_weight"):
+        with pytest.raises(ValueError, match=f"{field} must be >= 0, got -1"):
+            pretrain_base(_config(shard_root, tmp_path / "fresh", **{field: -1.0}))
+        assert not (tmp_path / "fresh").exists()
