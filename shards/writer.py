@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import tarfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,8 +34,9 @@ from tqdm import tqdm
 from common.io import DataError, atomic_file, atomic_write_json
 
 from .codec import CODEC_VERSION, MEMBERS, encode_sample, normalise_canonical
+from .contract import Camera
 from .integrity import MANIFEST, load_manifest, shard_problem
-from .raster import rasterize
+from .raster import RasterBuffers, rasterize_views
 from .store import SPLITS, PersonStore, Sample
 
 SHARD_FMT = "{split}-{index:06d}.tar"
@@ -112,11 +115,12 @@ class MeshTensors:
         return MeshTensors(torch.from_numpy(m.vertices).float(), torch.from_numpy(m.faces).long(),
                            torch.from_numpy(canon), np.asarray(m.expression))
 
-    def rasterize(self, camera, backend: str = "auto"):
-        """RasterBuffers (on CPU) of this mesh seen by `camera`: what a shard sample stores."""
+    def rasterize_views(self, cameras: list[Camera], backend: str = "auto") -> list[RasterBuffers]:
+        """RasterBuffers (on CPU) of this mesh seen by each of `cameras`: what the shard samples store."""
         dev = "cuda" if backend != "cpu" and torch.cuda.is_available() else "cpu"
-        return rasterize(self.vertices.to(dev), self.faces.to(dev), camera, attributes=self.canonical.to(dev),
-                         backend=backend).to("cpu")
+        bufs = rasterize_views(self.vertices.to(dev), self.faces.to(dev), cameras, attributes=self.canonical.to(dev),
+                               backend=backend)
+        return [b.to("cpu") for b in bufs]
 
 
 def _read_rgb_alpha(paths: tuple[Path, Path], size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -161,19 +165,25 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
     bounds = store.attrs["canonical_bounds"]
     bg = np.asarray(config.background, np.float32)
     keys = []
-    mesh_cache: dict[int, MeshTensors] = {}
+
+    def camera(s: Sample) -> Camera:
+        cam = store.cameras[s.camera]
+        if config.image_width and config.image_width != cam.width:
+            cam = cam.resized(config.image_width, round(cam.height * config.image_width / cam.width))
+        return cam
+
+    def rendered() -> Iterator[tuple[Sample, Camera, RasterBuffers, np.ndarray]]:
+        """The shard's samples with their buffers: the cameras of each frame rasterized together."""
+        for frame, group in itertools.groupby((samples[sid] for sid in task.sample_ids), key=lambda s: s.frame):
+            group = list(group)
+            mesh = MeshTensors.from_store(store, frame)
+            cams = [camera(s) for s in group]
+            for s, cam, buf in zip(group, cams, mesh.rasterize_views(cams, config.raster_backend)):
+                yield s, cam, buf, mesh.expression
+
     with atomic_file(Path(task.out_dir) / task.name) as tmp:
         with tarfile.open(tmp, mode="w", format=tarfile.GNU_FORMAT) as tar:
-            for sid in task.sample_ids:
-                s = samples[sid]
-                cam = store.cameras[s.camera]
-                if config.image_width and config.image_width != cam.width:
-                    cam = cam.resized(config.image_width, round(cam.height * config.image_width / cam.width))
-                if s.frame not in mesh_cache:
-                    mesh_cache.clear()
-                    mesh_cache[s.frame] = MeshTensors.from_store(store, s.frame)
-                buf = mesh_cache[s.frame].rasterize(cam, config.raster_backend)
-                expr = mesh_cache[s.frame].expression
+            for s, cam, buf, expr in rendered():
                 rgb, alpha = _read_rgb_alpha(store.image_paths(s), (cam.width, cam.height))
                 a = alpha.astype(np.float32)[..., None] / 255
                 matted = np.round((rgb.astype(np.float32) / 255 * a + bg * (1 - a)) * 255).astype(np.uint8)

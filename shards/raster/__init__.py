@@ -1,9 +1,10 @@
 """Triangle rasterizer with one output contract and two backends (docs/CONTRACTS.md).
 
     buf = rasterize(vertices, faces, camera, attributes=canonical, backend="auto")
+    bufs = rasterize_views(vertices, faces, cameras, attributes=canonical)  # one mesh, many cameras
 
-"auto" is nvdiffrast (`nvdiff.py`) when CUDA is available, else the vectorised torch
-backend (`cpu.py` + `cpu_coverage.py`). Conventions shared by both:
+"auto" is nvdiffrast (`nvdiff.py`) when CUDA is available, else the CPU backend
+(`cpu.py` + its compiled loops `cpu_kernels.py`). Conventions shared by both:
 
 * Camera space is OpenCV: `camera.world_to_cam` maps world points to x right,
   y down, z forward; depth is camera z; normals are unit vectors in this frame.
@@ -12,7 +13,7 @@ backend (`cpu.py` + `cpu_coverage.py`). Conventions shared by both:
   per pixel, no anti-aliasing).
 * Ties: a centre exactly on a shared edge or vertex belongs to exactly one of the
   triangles that meet there, so closed meshes are drawn without holes or double
-  coverage (cpu: exact rule in `cpu_coverage`; nvdiffrast: its own fill rule after
+  coverage (cpu: exact rule in `cpu`; nvdiffrast: its own fill rule after
   snapping vertices to 1/16 pixel). Equally deep surfaces: the cpu backend picks the
   lower face index.
 * Near plane: a triangle with any vertex at camera z < NEAR (0.01) is dropped, not
@@ -26,15 +27,18 @@ backend (`cpu.py` + `cpu_coverage.py`). Conventions shared by both:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..contract import Camera
 from .buffers import RasterBuffers
 from .common import NEAR, vertex_normals
-from .cpu import rasterize_cpu
+from .cpu import rasterize_cpu, rasterize_cpu_views
 from .nvdiff import nvdiffrast_torch, rasterize_nvdiffrast
 
-__all__ = ["NEAR", "RasterBuffers", "available_backends", "check_face_indices", "rasterize", "vertex_normals"]
+__all__ = ["NEAR", "RasterBuffers", "available_backends", "check_face_indices", "rasterize", "rasterize_views",
+           "vertex_normals"]
 
 BACKENDS = ("auto", "cpu", "nvdiffrast")
 
@@ -57,14 +61,29 @@ def rasterize(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera,
 
     "auto" uses nvdiffrast iff CUDA is available, else the CPU backend.
     """
+    if _pick_backend(backend, vertices, faces, attributes) == "nvdiffrast":
+        return rasterize_nvdiffrast(vertices, faces, camera, attributes)
+    return rasterize_cpu(vertices, faces, camera, attributes)
+
+
+def rasterize_views(vertices: torch.Tensor, faces: torch.Tensor, cameras: Sequence[Camera],
+                    attributes: torch.Tensor | None = None, backend: str = "auto") -> list[RasterBuffers]:
+    """`rasterize` of one mesh for each of `cameras` (the same buffers, in camera order).
+
+    The CPU backend does the camera-independent work (vertex normals, layouts) once.
+    """
+    if _pick_backend(backend, vertices, faces, attributes) == "nvdiffrast":
+        return [rasterize_nvdiffrast(vertices, faces, camera, attributes) for camera in cameras]
+    return rasterize_cpu_views(vertices, faces, cameras, attributes)
+
+
+def _pick_backend(backend: str, vertices: torch.Tensor, faces: torch.Tensor, attributes: torch.Tensor | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown rasterizer backend {backend!r}; expected one of {BACKENDS}")
     _check_inputs(vertices, faces, attributes)
     if backend == "auto":
-        backend = "nvdiffrast" if torch.cuda.is_available() else "cpu"
-    if backend == "nvdiffrast":
-        return rasterize_nvdiffrast(vertices, faces, camera, attributes)
-    return rasterize_cpu(vertices, faces, camera, attributes)
+        return "nvdiffrast" if torch.cuda.is_available() else "cpu"
+    return backend
 
 
 def check_face_indices(faces: torch.Tensor, num_vertices: int) -> None:

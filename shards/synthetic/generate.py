@@ -27,7 +27,7 @@ from ..contract import (
     atomic_write_bytes,
     atomic_write_json,
 )
-from ..raster import rasterize
+from ..raster import RasterBuffers, rasterize, rasterize_views
 from . import head as H
 from .texture import albedo, background, shade
 
@@ -181,9 +181,23 @@ class PersonModel:
         self, vertices: np.ndarray, expr: np.ndarray, camera: Camera, camera_index: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Ground-truth RGB (H, W, 3) uint8 over the backdrop and alpha (H, W) uint8."""
+        v, f, attrs = self._raster_inputs(vertices)
+        buf = rasterize(v, f, camera, attributes=attrs, backend="cpu")
+        return self._image(buf, expr, camera, camera_index)
+
+    def render_views(self, vertices: np.ndarray, expr: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`render` for every camera, in `cameras` order (the rasterizer's per-mesh work done once)."""
+        v, f, attrs = self._raster_inputs(vertices)
+        bufs = rasterize_views(v, f, list(self.cameras.values()), attributes=attrs, backend="cpu")
+        return [self._image(b, expr, cam, i) for i, (b, cam) in enumerate(zip(bufs, self.cameras.values()))]
+
+    def _raster_inputs(self, vertices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attrs = np.concatenate([self.dirs, self.neutral / H.CANONICAL_SCALE], 1)
-        buf = rasterize(torch.from_numpy(vertices).float(), torch.from_numpy(self.faces).long(), camera,
-                        attributes=torch.from_numpy(attrs).float(), backend="cpu")
+        return (torch.from_numpy(vertices).float(), torch.from_numpy(self.faces).long(),
+                torch.from_numpy(attrs).float())
+
+    def _image(self, buf: RasterBuffers, expr: np.ndarray, camera: Camera,
+               camera_index: int) -> tuple[np.ndarray, np.ndarray]:
         mask = buf.mask.numpy()
         rgb = background(camera.height, camera.width, camera_index)
         if mask.any():
@@ -209,8 +223,7 @@ def generate_person(config: SyntheticConfig, root: Path, person: str) -> None:
             fitted = H.smooth_and_perturb(true_v, model.faces, fit_rng, config.fit_smoothing, config.fit_noise)
             MeshFrame(fitted.astype(np.float32), model.faces, model.canonical(expr).astype(np.float32),
                       expr).save(capture.mesh_path(seq, t))
-            for ci, (serial, cam) in enumerate(model.cameras.items()):
-                rgb, alpha = model.render(true_v, expr, cam, ci)
+            for serial, (rgb, alpha) in zip(model.cameras, model.render_views(true_v, expr)):
                 atomic_write_bytes(capture.image_path(seq, t, serial), _png_bytes(rgb))
                 atomic_write_bytes(capture.alpha_path(seq, t, serial), _png_bytes(alpha))
 
