@@ -1,36 +1,50 @@
-"""Frames/s of the CPU rasterizer on a ~50k-face mesh, next to a naive reference.
+"""CPU rasterizer speed: per frame on a ~50k-face mesh, and per person in the data stages.
 
-The reference ("naive per-triangle bounding-box loop in numpy") is the textbook
-implementation: a Python loop over triangles, numpy edge functions over each
-triangle's pixel bounding box, perspective-correct depth, and a depth buffer
-updated where the triangle is nearer. It writes the same buffers (mask, depth,
-triangle id, barycentrics; normals/attributes interpolated afterwards), so both
-implementations do the same job; the script checks that their masks and depths agree.
+1. Frames/s of the CPU backend on a bumpy ~50k-face sphere, next to the torch implementation it
+   replaced (frozen in tests/shards/raster_reference.py) and a naive reference. The naive
+   reference ("naive per-triangle bounding-box loop in numpy") is the textbook implementation: a
+   Python loop over triangles, numpy edge functions over each triangle's pixel bounding box,
+   perspective-correct depth, and a depth buffer updated where the triangle is nearer. It writes
+   the same buffers, so all do the same job; the script checks that masks and depths agree.
+2. The first run's data stages for one person of the main job's synthetic data (768 images of a
+   31.7k-face head, 16 cameras at 128^2): CPU seconds of the synthetic generator and of the shards
+   stage (ingest in between, not timed), in this process with one torch thread, once with the
+   rasterizer as it is and once with the old torch implementation patched in (one call per camera,
+   as the generator and the shards stage made before), and whether both wrote identical files.
 
-    .venv/bin/python benchmarks/bench_raster.py            # ~30-60 s on the 2-core machine
-    .venv/bin/python benchmarks/bench_raster.py --frames 40 --naive-frames 3
+    .venv/bin/python benchmarks/bench_raster.py            # ~2-3 min on the 2-core machine
+    .venv/bin/python benchmarks/bench_raster.py --frames 40 --naive-frames 3 --data-persons 0
 
-Prints a table and writes benchmarks/results/raster.json (via benchmarks/bench_common.py).
+Prints tables and writes benchmarks/results/raster.json and raster_data_stages.json
+(via benchmarks/bench_common.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
+import resource
 import statistics
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "shards"))
 
+import raster_reference  # noqa: E402  (the torch implementation before the compiled loops)
 from bench_common import report  # noqa: E402
 
+import shards.raster  # noqa: E402
 from shards.contract import Camera  # noqa: E402
 from shards.raster import RasterBuffers, rasterize, vertex_normals  # noqa: E402
 from shards.synthetic.head import sphere_mesh  # noqa: E402
@@ -146,13 +160,80 @@ def agreement(a: RasterBuffers, b: dict[str, np.ndarray]) -> dict[str, float]:
             "max_normal_diff": float(np.abs(a.normals.numpy()[both] - b["normals"][both]).max())}
 
 
+# ----------------------------------------------------------------------------------------
+# Data stages per person
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+@contextmanager
+def old_rasterizer() -> Iterator[None]:
+    """The torch implementation, one call per camera, in place of the CPU backend's views call."""
+    fast = shards.raster.rasterize_cpu_views
+    shards.raster.rasterize_cpu_views = lambda v, f, cams, attributes=None: [
+        raster_reference.rasterize_cpu(v, f, cam, attributes) for cam in cams]
+    try:
+        yield
+    finally:
+        shards.raster.rasterize_cpu_views = fast
+
+
+def _digest(root: Path, patterns: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for pattern in patterns:
+        for p in sorted(root.rglob(pattern)):
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def data_stages(persons: int, sequences: int, work: Path) -> tuple[list[dict], dict]:
+    """CPU seconds per person of the synthetic generator and the shards stage, old vs current rasterizer."""
+    from shards.ingest import ingest_person
+    from shards.synthetic import SyntheticConfig, generate
+    from shards.writer import ShardConfig, write_shards
+
+    config = SyntheticConfig(persons=persons, sequences=sequences)
+    rows, digests = [], {}
+    for impl in ("current", "old"):  # current first: the old one then runs on a warm page cache too
+        root = work / impl
+        with old_rasterizer() if impl == "old" else _nothing():
+            t = _cpu_s()
+            generate(config, root / "captures")
+            synth = (_cpu_s() - t) / persons
+            stores = [ingest_person(root / "captures", p, root / "zarr").path for p in config.person_ids]
+            t = _cpu_s()
+            result = write_shards(stores, root / "shards", ShardConfig(raster_backend="cpu"), workers=1, progress=False)
+            shard = (_cpu_s() - t) / persons
+        if result.failed:
+            raise RuntimeError(f"shards failed: {result.failed}")
+        images = persons * sequences * config.frames * config.cameras
+        rows.append({"rasterizer": impl, "images_per_person": images // persons, "synthetic_cpu_s": synth,
+                     "shards_cpu_s": shard, "data_stages_cpu_s": synth + shard})
+        digests[impl] = {"captures": _digest(root / "captures", ("*.png", "*.npz", "*.json")),
+                         "shards": _digest(root / "shards", ("*.tar",))}
+    return rows, {"identical_outputs": digests["old"] == digests["current"], "digests": digests}
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--frames", type=int, default=30, help="timed frames per size for the CPU backend")
     ap.add_argument("--naive-frames", type=int, default=2, help="timed frames per size for the naive loop")
+    ap.add_argument("--old-frames", type=int, default=5, help="timed frames per size for the old torch backend")
     ap.add_argument("--threads", default="1", help="torch thread counts to time, e.g. 1,2 (more threads only "
                     "help on an otherwise idle machine: OpenMP threads spin-wait for descheduled peers)")
+    ap.add_argument("--data-persons", type=int, default=1, help="persons for the data-stage comparison (0: skip)")
+    ap.add_argument("--data-sequences", type=int, default=6,
+                    help="sequences per person there (the main job: 6; at least 3: two are held out)")
     args = ap.parse_args()
 
     v, f = uv_sphere(128, 200)
@@ -168,9 +249,13 @@ def main() -> None:
                                           args.frames, 3)
             rows.append(row("shards.raster cpu backend", size, nt, wall, cpu))
         torch.set_num_threads(1)
+        wall, cpu, old = time_frames(lambda c: raster_reference.rasterize_cpu(vt, ft, c, at), size,
+                                     max(args.old_frames, 1), 1)
+        rows.append(row("the torch backend it replaced (tests/shards/raster_reference.py)", size, 1, wall, cpu))
+        identical = all(torch.equal(getattr(fast, k), getattr(old, k)) for k in RasterBuffers.__dataclass_fields__)
         wall, cpu, slow = time_frames(lambda c: naive_rasterize(v, f, c, attrs), size, max(args.naive_frames, 1), 0)
         rows.append(row("naive per-triangle bounding-box loop in numpy", size, 1, wall, cpu))
-        checks.append({"size": size, **agreement(fast, slow)})  # both: first frame of the orbit
+        checks.append({"size": size, "identical_to_old_backend": identical, **agreement(fast, slow)})  # frame 0
 
     print(f"mesh: bumpy UV sphere, {len(f)} faces, {len(v)} vertices; load average {os.getloadavg()[0]:.1f} "
           "(the machine is shared: wall times include waiting for a core, cpu_ms_median does not)")
@@ -180,12 +265,22 @@ def main() -> None:
         "load_average": list(os.getloadavg()), "agreement": checks})
     for size in sizes:
         fast = min(r["cpu_ms_median"] for r in rows if r["size"] == size and r["impl"].startswith("shards"))
+        old = next(r["cpu_ms_median"] for r in rows if r["size"] == size and r["impl"].startswith("the torch"))
         slow = next(r["cpu_ms_median"] for r in rows if r["size"] == size and r["impl"].startswith("naive"))
-        print(f"speed-up at {size}^2 (median CPU time per frame): {slow / fast:.0f}x")
+        print(f"speed-up at {size}^2 (median CPU time per frame): {old / fast:.1f}x over the old torch backend, "
+              f"{slow / fast:.0f}x over the naive loop")
     for c in checks:
         print(f"agreement at {c['size']}^2: {c['mask_differing_pixels']} of {c['covered_pixels']} covered pixels "
               f"differ in mask, max |depth diff| {c['max_depth_diff']:.2e}, max |normal diff| "
-              f"{c['max_normal_diff']:.2e}")
+              f"{c['max_normal_diff']:.2e}; bit-identical to the old backend: {c['identical_to_old_backend']}")
+    if args.data_persons > 0:
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory(prefix="bench_raster_") as tmp:
+            data_rows, extra = data_stages(args.data_persons, args.data_sequences, Path(tmp))
+        print(f"\ndata stages, CPU seconds per person ({args.data_persons} person(s), {args.data_sequences} sequences, "
+              f"one torch thread; load average {os.getloadavg()[0]:.1f}):")
+        report("raster_data_stages", data_rows, {"load_average": list(os.getloadavg()), **extra})
+        print(f"outputs (images, meshes, shard tars) identical with both rasterizers: {extra['identical_outputs']}")
 
 
 if __name__ == "__main__":
