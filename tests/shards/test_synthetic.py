@@ -138,3 +138,28 @@ def test_config_validation():
         SyntheticConfig(expression_dim=4)
     with pytest.raises(ValueError, match="cameras"):
         SyntheticConfig(cameras=17)
+
+
+@pytest.mark.parametrize("blink", [0.0, 0.6])
+def test_eyes_drawn_near_the_eyes_only_equal_eyes_drawn_everywhere(tiny_cfg, blink):
+    # albedo draws each eye only where its weights can be non-zero; drawing it over every point
+    # (what it did before) must give the same colours bit for bit.
+    from shards.synthetic import texture as T
+
+    rng = np.random.default_rng(3)
+    near_eyes = np.concatenate([T._unit(e) + rng.normal(0, 0.08, (2000, 3)) for e in T.EYES])
+    dirs = np.concatenate([rng.normal(size=(4000, 3)), near_eyes])
+    canonical = rng.normal(0, 0.5, dirs.shape)
+    expr = rng.normal(0, 0.8, tiny_cfg.expression_dim)
+    expr[H.BLINK] = blink
+    ident = PersonModel.build(tiny_cfg, "002").identity
+    unit = dirs / np.maximum(np.linalg.norm(dirs, axis=1, keepdims=True), 1e-8)  # albedo's normalisation
+    ref = T.base_colour(unit, canonical, ident, expr)
+    gaze, b = T.eye_pose(expr)
+    for e in T.EYES:
+        d = unit - T._unit(e)
+        ref = T.draw_eye(ref, d, np.linalg.norm(d, axis=1), gaze, b, ident)
+    got = T.albedo(dirs, canonical, ident, expr)
+    changed = (np.clip(ref, 0, 1) != np.clip(T.base_colour(unit, canonical, ident, expr), 0, 1)).any(1)
+    assert changed.sum() > 500  # the eyes are drawn, over many points
+    np.testing.assert_array_equal(got, np.clip(ref, 0, 1))
