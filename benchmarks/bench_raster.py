@@ -8,11 +8,12 @@
    the same buffers, so all do the same job; the script checks that masks and depths agree.
 2. The first run's data stages for one person of the main job's synthetic data (768 images of a
    31.7k-face head, 16 cameras at 128^2): CPU seconds of the synthetic generator and of the shards
-   stage (ingest in between, not timed), in this process with one torch thread, once with the
-   rasterizer as it is and once with the old torch implementation patched in (one call per camera,
-   as the generator and the shards stage made before), and whether both wrote identical files.
+   stage (ingest in between, not counted), each source tree in its own child process with one torch
+   thread, this tree and a "before" git ref (`git archive`d, so its whole data path is the old
+   code: default the commit before the compiled rasterizer), one after the other; and whether both
+   wrote identical files (images, meshes, shard tars).
 
-    .venv/bin/python benchmarks/bench_raster.py            # ~2-3 min on the 2-core machine
+    .venv/bin/python benchmarks/bench_raster.py            # ~3 min on the 2-core machine
     .venv/bin/python benchmarks/bench_raster.py --frames 40 --naive-frames 3 --data-persons 0
 
 Prints tables and writes benchmarks/results/raster.json and raster_data_stages.json
@@ -23,16 +24,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
-import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "shards")
 import raster_reference  # noqa: E402  (the torch implementation before the compiled loops)
 from bench_common import report  # noqa: E402
 
-import shards.raster  # noqa: E402
 from shards.contract import Camera  # noqa: E402
 from shards.raster import RasterBuffers, rasterize, vertex_normals  # noqa: E402
+from shards.synthetic import SyntheticConfig  # noqa: E402
 from shards.synthetic.head import sphere_mesh  # noqa: E402
 
 
@@ -164,21 +164,30 @@ def agreement(a: RasterBuffers, b: dict[str, np.ndarray]) -> dict[str, float]:
 # Data stages per person
 
 
-def _cpu_s() -> float:
+#: What the child process runs in a source tree: the generator, the ingest (not timed) and the
+#: shards stage of the main job's synthetic data, one process, one torch thread; prints CPU seconds.
+_STAGES = """
+import json, resource, sys, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from shards.ingest import ingest_person
+from shards.synthetic import SyntheticConfig, generate
+from shards.writer import ShardConfig, write_shards
+root, persons, sequences = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-@contextmanager
-def old_rasterizer() -> Iterator[None]:
-    """The torch implementation, one call per camera, in place of the CPU backend's views call."""
-    fast = shards.raster.rasterize_cpu_views
-    shards.raster.rasterize_cpu_views = lambda v, f, cams, attributes=None: [
-        raster_reference.rasterize_cpu(v, f, cam, attributes) for cam in cams]
-    try:
-        yield
-    finally:
-        shards.raster.rasterize_cpu_views = fast
+config = SyntheticConfig(persons=persons, sequences=sequences)
+t0 = cpu()
+generate(config, root / "captures")
+t1 = cpu()
+stores = [ingest_person(root / "captures", p, root / "zarr").path for p in config.person_ids]
+t2 = cpu()
+result = write_shards(stores, root / "shards", ShardConfig(raster_backend="cpu"), workers=1, progress=False)
+t3 = cpu()
+assert not result.failed, result.failed
+print(json.dumps({"startup": t0, "synthetic": t1 - t0, "ingest": t2 - t1, "shards": t3 - t2}))
+"""
 
 
 def _digest(root: Path, patterns: tuple[str, ...]) -> str:
@@ -190,37 +199,33 @@ def _digest(root: Path, patterns: tuple[str, ...]) -> str:
     return h.hexdigest()
 
 
-def data_stages(persons: int, sequences: int, work: Path) -> tuple[list[dict], dict]:
-    """CPU seconds per person of the synthetic generator and the shards stage, old vs current rasterizer."""
-    from shards.ingest import ingest_person
-    from shards.synthetic import SyntheticConfig, generate
-    from shards.writer import ShardConfig, write_shards
+def data_stages(persons: int, sequences: int, before_ref: str, work: Path) -> tuple[list[dict], dict]:
+    """CPU seconds per person of the synthetic generator and the shards stage: this tree vs `before_ref`.
 
-    config = SyntheticConfig(persons=persons, sequences=sequences)
+    Each tree runs `_STAGES` in its own child process (the before tree from `git archive`, so its
+    whole data path is the old code), one after the other on the same machine.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    old_src = work / "before-src"
+    old_src.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", before_ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
     rows, digests = [], {}
-    for impl in ("current", "old"):  # current first: the old one then runs on a warm page cache too
-        root = work / impl
-        with old_rasterizer() if impl == "old" else _nothing():
-            t = _cpu_s()
-            generate(config, root / "captures")
-            synth = (_cpu_s() - t) / persons
-            stores = [ingest_person(root / "captures", p, root / "zarr").path for p in config.person_ids]
-            t = _cpu_s()
-            result = write_shards(stores, root / "shards", ShardConfig(raster_backend="cpu"), workers=1, progress=False)
-            shard = (_cpu_s() - t) / persons
-        if result.failed:
-            raise RuntimeError(f"shards failed: {result.failed}")
-        images = persons * sequences * config.frames * config.cameras
-        rows.append({"rasterizer": impl, "images_per_person": images // persons, "synthetic_cpu_s": synth,
-                     "shards_cpu_s": shard, "data_stages_cpu_s": synth + shard})
-        digests[impl] = {"captures": _digest(root / "captures", ("*.png", "*.npz", "*.json")),
-                         "shards": _digest(root / "shards", ("*.tar",))}
-    return rows, {"identical_outputs": digests["old"] == digests["current"], "digests": digests}
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+    for label, src in ((f"before ({before_ref})", old_src), ("now", repo)):
+        out = work / label.split()[0]
+        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-c", _STAGES, str(out), str(persons), str(sequences)], cwd=src,
+                              env=env, check=True, capture_output=True, text=True)
+        cpu = json.loads(proc.stdout.strip().splitlines()[-1])
+        config = SyntheticConfig(sequences=sequences)
+        rows.append({"code": label, "images_per_person": sequences * config.frames * config.cameras,
+                     "synthetic_cpu_s": cpu["synthetic"] / persons, "shards_cpu_s": cpu["shards"] / persons,
+                     "data_stages_cpu_s": (cpu["synthetic"] + cpu["shards"]) / persons,
+                     "ingest_cpu_s": cpu["ingest"] / persons, "process_startup_cpu_s": cpu["startup"]})
+        digests[label] = {"captures": _digest(out / "captures", ("*.png", "*.npz", "*.json")),
+                          "shards": _digest(out / "shards", ("*.tar",))}
+    a, b = digests.values()
+    return rows, {"before_ref": before_ref, "identical_outputs": a == b, "digests": digests}
 
 
 def main() -> None:
@@ -232,6 +237,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1", help="torch thread counts to time, e.g. 1,2 (more threads only "
                     "help on an otherwise idle machine: OpenMP threads spin-wait for descheduled peers)")
     ap.add_argument("--data-persons", type=int, default=1, help="persons for the data-stage comparison (0: skip)")
+    ap.add_argument("--before", default="1745134", help="git ref of the data stages' 'before' (default: the "
+                    "commit before the compiled rasterizer and the eye-only albedo)")
     ap.add_argument("--data-sequences", type=int, default=6,
                     help="sequences per person there (the main job: 6; at least 3: two are held out)")
     args = ap.parse_args()
@@ -276,11 +283,11 @@ def main() -> None:
     if args.data_persons > 0:
         torch.set_num_threads(1)
         with tempfile.TemporaryDirectory(prefix="bench_raster_") as tmp:
-            data_rows, extra = data_stages(args.data_persons, args.data_sequences, Path(tmp))
+            data_rows, extra = data_stages(args.data_persons, args.data_sequences, args.before, Path(tmp))
         print(f"\ndata stages, CPU seconds per person ({args.data_persons} person(s), {args.data_sequences} sequences, "
               f"one torch thread; load average {os.getloadavg()[0]:.1f}):")
         report("raster_data_stages", data_rows, {"load_average": list(os.getloadavg()), **extra})
-        print(f"outputs (images, meshes, shard tars) identical with both rasterizers: {extra['identical_outputs']}")
+        print(f"outputs (images, meshes, shard tars) identical before and now: {extra['identical_outputs']}")
 
 
 if __name__ == "__main__":
