@@ -16,7 +16,9 @@ ingest and the tests all agree on one definition.
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -33,12 +35,20 @@ NPHM_CANONICAL_DIMS = 5
 MESH_KINDS = {"nphm": NPHM_CANONICAL_DIMS, "flame": SPATIAL_DIMS}
 
 
-def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """``np.savez_compressed`` through :func:`common.io.atomic_write_bytes`."""
-    import io
+#: zlib level of the mesh files: on meshes (float coordinates, int faces) level 1 writes files within
+#: ~1% of the size of ``np.savez_compressed``'s level 6 in a third of the CPU (the synthetic head:
+#: 12 instead of 32 ms per frame, 18.6 of them the faces at level 6).
+NPZ_LEVEL = 1
 
+
+def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """A compressed ``.npz`` (what ``np.load`` reads: one ``<name>.npy`` member per array, the layout
+    of ``np.savez_compressed``) deflated at :data:`NPZ_LEVEL`, through :func:`common.io.atomic_write_bytes`."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=NPZ_LEVEL) as z:
+        for name, array in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
 
 

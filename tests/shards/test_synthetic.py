@@ -163,3 +163,19 @@ def test_eyes_drawn_near_the_eyes_only_equal_eyes_drawn_everywhere(tiny_cfg, bli
     changed = (np.clip(ref, 0, 1) != np.clip(T.base_colour(unit, canonical, ident, expr), 0, 1)).any(1)
     assert changed.sum() > 500  # the eyes are drawn, over many points
     np.testing.assert_array_equal(got, np.clip(ref, 0, 1))
+
+
+def test_mesh_files_round_trip_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    mesh = MeshFrame(rng.normal(size=(50, 3)).astype(np.float32), rng.integers(0, 50, (80, 3)).astype(np.int32),
+                     rng.normal(size=(50, 5)).astype(np.float32), rng.normal(size=16).astype(np.float32))
+    mesh.save(tmp_path / "m.npz")
+    back = MeshFrame.load(tmp_path / "m.npz")
+    for name in ("vertices", "faces", "canonical", "expression"):
+        a, b = getattr(mesh, name), getattr(back, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "m.npz") as z:  # np.savez_compressed's layout, deflated
+        assert sorted(z.namelist()) == ["canonical.npy", "expression.npy", "faces.npy", "vertices.npy"]
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in z.infolist())
