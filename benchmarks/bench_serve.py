@@ -39,7 +39,7 @@ class BenchServeArgs:
     e2e_metrics: tuple[str, ...] = ("psnr", "ssim", "lpips")
     """Metrics of the end-to-end run (add jod for the full set; ~5 s per clip on CPU)."""
     e2e_parallel_persons: int = 2
-    """Persons rendered at once in the end-to-end run."""
+    """Persons rendered at once in the end-to-end run (and replicas of its renderer)."""
     runs: Path = REPO / "runs"
     """Trained runs root; persons without a model there get a random tiny avatar."""
     shards: Path = REPO / "data/shards"
@@ -70,14 +70,14 @@ def random_requests(n: int, size: int = 64, dim: int = 10) -> list:
 
 
 def throughput(args: BenchServeArgs, model_dir: Path) -> list[dict]:
-    from cluster.serve import RendererConfig, delete_renderer, deploy_renderer
+    from cluster.serve import RendererConfig, delete_renderer, deploy_renderer, person_handle
 
     reqs = random_requests(args.frames)
     rows = []
     for mode, batch, concurrent in (("sequential", 1, False), ("concurrent_unbatched", 1, True), ("batched", 8, True)):
         cfg = RendererConfig(num_inference_steps=args.steps, max_batch_size=batch, batch_wait_timeout_s=0.05,
                              num_cpus=args.num_cpus, device="cpu")
-        handle = deploy_renderer("bench", model_dir, cfg)
+        handle = person_handle(deploy_renderer({"bench": model_dir}, cfg, name="bench"), "bench")
         try:
             handle.remote(reqs[0]).result()  # warm-up
             t0 = time.perf_counter()
@@ -118,7 +118,8 @@ def end_to_end(args: BenchServeArgs, tmp: Path) -> dict:
             random_models.append(p)
     config = EvalDriverConfig(
         runs=runs, shards=args.shards, stores=args.stores, reports_root=tmp / "nightly", persons=tuple(persons),
-        renderer=RendererConfig(num_inference_steps=args.steps, max_batch_size=8, num_cpus=args.num_cpus, device="cpu"),
+        renderer=RendererConfig(num_inference_steps=args.steps, max_batch_size=8, num_cpus=args.num_cpus, device="cpu",
+                                num_replicas=args.e2e_parallel_persons),
         metrics=args.e2e_metrics, lpips_weights=REPO / "weights/lpips_alex.safetensors",
         parallel_persons=args.e2e_parallel_persons)
     summary = run_evaluation(config)

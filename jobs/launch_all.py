@@ -99,9 +99,10 @@ class LaunchAllArgs:
     eval_inference_steps: int = 20
     """Sampling steps of the evaluation renders (DDPM; the paper's 20)."""
     eval_parallel_persons: int = 2
-    """Persons the evaluation renders at the same time, each on its own Serve application (replica):
-    while one person's frames render, the next one's replica starts and the previous one's metrics
-    are computed, so both cores of a small machine stay busy (on a GPU node: persons sharing the GPU)."""
+    """Persons the evaluation renders at the same time, and replicas of its one Serve renderer
+    application (each replica loads the persons it is sent): while one person's frames render, the
+    other's render on the second replica or its metrics are computed, so both cores of a small
+    machine stay busy (on a GPU node: replicas sharing the GPU)."""
     force: bool = False
     """Evaluate every person again, even those whose stored evaluation is up to date (same
     model, base, data and evaluation settings): their numbers and videos are otherwise reused."""
@@ -286,6 +287,7 @@ def _evaluate(args: LaunchAllArgs, persons: list[str]):
                               ray_bind_host=args.ray_bind_host,
                               renderer=RendererConfig(
                                   num_inference_steps=args.eval_inference_steps,
+                                  num_replicas=args.eval_parallel_persons,
                                   # compiled code (CUDA) shared by every replica and night
                                   pipeline=RenderOptions(compile_cache=(args.workdir / "compile-cache").resolve())),
                               lpips_weights=Path(args.train.lpips_weights), force=args.force)

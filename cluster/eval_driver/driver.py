@@ -3,12 +3,15 @@ compute the metrics, write comparison videos, results.json and the HTML report.
 
     summary = run_evaluation(EvalDriverConfig(runs=..., shards=..., stores=..., reports_root=...))
 
-Per person (a thread each, `parallel_persons` at a time; `person.EvalRun`): build the task frames
-(see `tasks`), deploy the person's renderer application, send every frame as one request
-(all in flight at once, so the replicas batch them), delete the application, then evaluate and
-write `<reports_root>/runs/<date>/videos/<person>/<task>.mp4`. A person without a trained model,
-or whose data or rendering fails, is recorded as failed in results.json with the reason; the
-others go on. At the end results.json is written atomically and the report is built.
+One renderer application serves every person of the run (`cluster.serve.deployment`: each
+replica loads a person's model on its first request, so a replica's start is paid once, not per
+person). Per person (a thread each, `parallel_persons` at a time; `person.EvalRun`): build the
+task frames (see `tasks`), send every frame as one request addressed to the person (all in
+flight at once, so the replicas batch them), then evaluate and write
+`<reports_root>/runs/<date>/videos/<person>/<task>.mp4`; the application is deleted at the end.
+A person without a trained model, or whose data, model or rendering fails, is recorded as failed
+in results.json with the reason; the others go on. At the end results.json is written atomically
+and the report is built.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ class EvalDriverConfig:
     video_min_fps: float = 4.0
     """Slowest frame rate of a comparison video."""
     parallel_persons: int = 1
-    """Persons rendered at the same time (each has its own Serve application)."""
+    """Persons rendered at the same time (threads sending to the one renderer application; give it
+    as many replicas, `renderer.num_replicas`, to render them in parallel)."""
     eval_device: str = "cpu"
     """Torch device of the metric networks (LPIPS, JOD, face models) in the driver."""
     ray_address: str | None = None
@@ -234,7 +238,8 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     person_seconds: dict[str, float] = {}
     frames_rendered = 0
     if todo:
-        frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds)
+        frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds,
+                                      app=f"avatars-{run_id}")
         stamp = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
         for p in todo:
             evaluations[p] = {"run_id": run_id, "evaluated_at": stamp}
@@ -265,19 +270,20 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
 
 def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers: dict[str, str | None],
                 results: dict[str, dict[str, TaskResult]], failed: dict[str, str],
-                person_seconds: dict[str, float]) -> int:
-    """Render and score `todo` on the Serve renderer (Ray started here unless connected); fills
-    `results`, `failed` and `person_seconds`; returns the frames rendered."""
+                person_seconds: dict[str, float], app: str = "avatars") -> int:
+    """Render and score `todo` on one renderer application `app` serving all of them (Ray started
+    here unless connected); fills `results`, `failed` and `person_seconds`; returns the frames
+    rendered."""
     run = EvalRun(config, folder)
     embedded = EmbeddedRay(num_cpus=config.ray_num_cpus, object_store_memory_mb=config.ray_object_store_mb,
                            bind_host=config.ray_bind_host, include_dashboard=False)
     started = connect_ray(config.ray_address, embedded, log_to_driver=False)
-    from cluster.serve.deployment import ensure_serve
+    from cluster.serve.deployment import delete_renderer, deploy_renderer
 
-    def one(person: str) -> tuple[str, dict[str, TaskResult] | None, str | None]:
+    def one(handle, person: str) -> tuple[str, dict[str, TaskResult] | None, str | None]:
         t = time.time()
         try:
-            out = run.person(person, drivers[person])
+            out = run.person(handle, person, drivers[person])
             return person, out, None
         except Exception as e:  # one person's failure must not stop the night
             log.error("%s failed:\n%s", person, traceback.format_exc())
@@ -285,10 +291,14 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
         finally:
             person_seconds[person] = time.time() - t
 
+    deployed = False
     try:
-        ensure_serve()  # once, before the person threads deploy their applications
+        models = {p: Path(config.runs) / p / MODEL_DIR for p in todo}
+        # every person the threads render at once stays loaded (plus the next one's)
+        handle = deploy_renderer(models, config.renderer, app, max_models_per_replica=config.parallel_persons + 1)
+        deployed = True
         with ThreadPoolExecutor(config.parallel_persons, thread_name_prefix="eval") as pool:
-            for person, out, error in pool.map(one, todo):
+            for person, out, error in pool.map(lambda p: one(handle, p), todo):
                 if error is not None:
                     failed[person] = error
                     results[person] = _failed_tasks(config.tasks, error)
@@ -300,4 +310,6 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
             from cluster.serve.deployment import shutdown_serve_and_ray
 
             shutdown_serve_and_ray()
+        elif deployed:  # a Ray this run joined: its other applications stay, this one goes
+            delete_renderer(app)
     return run.frames_rendered

@@ -1,4 +1,4 @@
-"""One person's evaluation: its task frames, renders on the person's Serve application, metrics,
+"""One person's evaluation: its task frames, renders on the renderer application, metrics,
 comparison video and thumbnail (:class:`EvalRun`). The driver (:mod:`cluster.eval_driver.driver`)
 decides whom to evaluate and runs these, a thread per person.
 """
@@ -93,7 +93,7 @@ def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int 
 class EvalRun:
     """What the person threads of one evaluation run share: the metric networks (loaded once, in the
     background, used under ``eval_lock``), the opened zarr stores and the frame count; and the
-    work for one person (:meth:`person`): deploy, render, evaluate, write the videos."""
+    work for one person (:meth:`person`): render on the shared renderer, evaluate, write the videos."""
 
     def __init__(self, config: EvalDriverConfig, run_folder: Path):
         from avatars.evaluation.face_models import FaceModelConfig
@@ -136,33 +136,39 @@ class EvalRun:
                               f"only {person} is evaluated")
         return cross_reenactment(store, self.store(driver), shards, resolution)
 
-    def person(self, person: str, driver: str | None) -> dict[str, TaskResult]:
-        from cluster.serve.deployment import delete_renderer, deploy_renderer
+    def person(self, handle, person: str, driver: str | None) -> dict[str, TaskResult]:
+        """Render `person`'s task frames through the renderer application `handle`, then score them."""
+        from cluster.serve.deployment import ModelLoadError, person_handle
 
         cfg = self.config
-        model_dir = Path(cfg.runs) / person / MODEL_DIR
+        renderer = person_handle(handle, person)
         try:
-            handle = deploy_renderer(person, model_dir, cfg.renderer)
-            info = handle.info.remote().result()
-            results: dict[str, TaskResult] = {}
-            jobs: list[tuple[TaskFrames, list]] = []
-            for task in cfg.tasks:
-                try:
-                    frames = self.task_frames(person, task, driver, info["resolution"])
-                except TaskSkipped as e:
-                    results[task] = TaskResult(metrics={}, skipped={"task": str(e)})
-                    continue
-                except (DataError, FileNotFoundError, ValueError) as e:
-                    results[task] = TaskResult(metrics={}, skipped={"task": f"failed: {e}"})
-                    log.error("%s/%s: %s", person, task, e)
-                    continue
-                # every frame in flight at once: the replicas batch them
-                responses = [handle.remote(RenderRequest(**c, seed=cfg.seed, key=k))
-                             for clip in frames.clips for k, c in zip(clip.keys, clip.conditioning)]
-                jobs.append((frames, responses))
+            info = renderer.info.remote().result()  # loads the model: a bad checkpoint fails this person here
+        except ModelLoadError as e:  # Ray's wrapper adds the replica's traceback: the reason alone is clearer
+            raise ModelLoadError(e.person, e.model_dir, e.cause) from None
+        results: dict[str, TaskResult] = {}
+        jobs: list[tuple[TaskFrames, list]] = []
+        for task in cfg.tasks:
+            try:
+                frames = self.task_frames(person, task, driver, info["resolution"])
+            except TaskSkipped as e:
+                results[task] = TaskResult(metrics={}, skipped={"task": str(e)})
+                continue
+            except (DataError, FileNotFoundError, ValueError) as e:
+                results[task] = TaskResult(metrics={}, skipped={"task": f"failed: {e}"})
+                log.error("%s/%s: %s", person, task, e)
+                continue
+            # every frame in flight at once: the replicas batch them
+            responses = [renderer.remote(RenderRequest(**c, seed=cfg.seed, key=k))
+                         for clip in frames.clips for k, c in zip(clip.keys, clip.conditioning)]
+            jobs.append((frames, responses))
+        try:
             rendered = [(frames, [r.result().image for r in responses]) for frames, responses in jobs]
-        finally:
-            delete_renderer(person)
+        except Exception:  # this person failed: its frames still queued must not hold up the others
+            for _, responses in jobs:
+                for r in responses:
+                    r.cancel()
+            raise
         for frames, images in rendered:
             with self.eval_lock:
                 self.frames_rendered += len(images)

@@ -1,8 +1,8 @@
-"""Renderer service: a Ray Serve deployment per person that renders frames in batches.
+"""Renderer service: one Ray Serve application that renders every person's frames in batches.
 
 `renderer` (no Ray): RendererConfig, RenderRequest, RenderResult, FrameRenderer.
 `validation` (no Ray): validate_request, InvalidRequest (each request checked before batching).
-`deployment` (Ray Serve): AvatarRenderer, deploy_renderer, delete_renderer, app_name.
+`deployment` (Ray Serve): AvatarRenderer, deploy_renderer, person_handle, delete_renderer, ModelLoadError.
 Ray is imported only when a deployment name is used.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest, RenderResult
 from cluster.serve.validation import InvalidRequest, validate_request
 
-_LAZY = {"AvatarRenderer", "deploy_renderer", "delete_renderer", "app_name", "ensure_serve"}
-__all__ = ["AvatarRenderer", "FrameRenderer", "InvalidRequest", "RenderRequest", "RenderResult", "RendererConfig",
-           "app_name", "delete_renderer", "deploy_renderer", "ensure_serve", "validate_request"]
+_LAZY = {"AvatarRenderer", "ModelLoadError", "deploy_renderer", "delete_renderer", "ensure_serve", "person_handle"}
+__all__ = ["AvatarRenderer", "FrameRenderer", "InvalidRequest", "ModelLoadError", "RenderRequest", "RenderResult",
+           "RendererConfig", "delete_renderer", "deploy_renderer", "ensure_serve", "person_handle", "validate_request"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,15 +1,22 @@
-"""Ray Serve deployment of one person's avatar (the only Ray-specific part of the renderer).
+"""Ray Serve deployment of the avatar renderer (the only Ray-specific part of the renderer).
 
-One application per person, named ``avatar-<person>``, whose single deployment
-:class:`AvatarRenderer` holds the person's trained model in each replica. Callers send
-:class:`~cluster.serve.renderer.RenderRequest` objects through the handle returned by
-:func:`deploy_renderer`; ``@serve.batch`` collects concurrent requests of a replica into one
-pipeline call. Each replica exports Prometheus metrics (frames, frames/s, queue length, batch
-size, latency histogram) through `cluster.monitoring.RendererMetrics` on its own registry.
+One application (``avatars`` unless named otherwise) serves every person: its deployment
+:class:`AvatarRenderer` loads a person's trained model in a replica on the first request for
+that person (Serve model multiplexing: the person id is the multiplexed model id) and keeps the
+most recently used ones (LRU). A replica's process start and its imports of torch and diffusers
+(~7 CPU s on CPU) are paid once per replica, not once per person, and Serve routes a person's
+requests to the replicas that already hold its model. Callers send
+:class:`~cluster.serve.renderer.RenderRequest` objects through :func:`person_handle`;
+``@serve.batch`` collects concurrent requests of a replica into one pipeline call (Serve splits a
+batch by person, so a batch is always one model). A person whose model cannot be loaded (missing
+or corrupt checkpoint) gets that error on each of its calls; the others are not affected. Each
+replica exports Prometheus metrics (frames, frames/s, queue length, batch size, latency histogram,
+all per person) through `cluster.monitoring.RendererMetrics` on its own registry.
 
-    handle = deploy_renderer("017", runs / "017" / "model", RendererConfig(max_batch_size=8))
-    results = [r.result() for r in [handle.remote(req) for req in requests]]
-    delete_renderer("017")
+    handle = deploy_renderer({"017": runs / "017" / "model", "018": ...}, RendererConfig(num_replicas=2))
+    h017 = person_handle(handle, "017")
+    results = [r.result() for r in [h017.remote(req) for req in requests]]
+    delete_renderer()
 """
 
 from __future__ import annotations
@@ -20,24 +27,39 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
-from ray import serve
+# Serve imports grpcio, whose fork handlers log "Other threads are currently calling into gRPC,
+# skipping fork() handlers" each time the driver starts ffmpeg for a video while a render call is
+# in flight; the children exec ffmpeg at once and use no gRPC, so the handlers are not needed.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+from ray import serve  # noqa: E402
 
 from cluster.monitoring import start_exporter_in_range
 from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest, RenderResult
 
 log = logging.getLogger(__name__)
-APP_PREFIX = "avatar-"
-def app_name(person: str) -> str:
-    return f"{APP_PREFIX}{person}"
+#: The renderer application's name unless the caller names it (one per evaluation run on a shared cluster).
+APP_NAME = "avatars"
+
+
+class ModelLoadError(RuntimeError):
+    """A person's model could not be loaded in a replica; names the person, its folder and the cause."""
+
+    def __init__(self, person: str, model_dir: str, cause: str):
+        self.person, self.model_dir, self.cause = person, model_dir, cause
+        super().__init__(f"renderer could not load the avatar of person {person} from {model_dir}: {cause}")
+
+    def __reduce__(self):  # crosses Ray's process boundary with its fields
+        return type(self), (self.person, self.model_dir, self.cause)
 
 
 @serve.deployment(name="renderer")
 class AvatarRenderer:
-    """Serve replica rendering one person's frames in batches (see module docstring)."""
+    """Serve replica rendering the frames of any of ``models``' persons in batches (see module docstring)."""
 
-    def __init__(self, person: str, model_dir: str, config: RendererConfig):
+    def __init__(self, models: dict[str, str], config: RendererConfig, max_models: int = 2):
         import torch
         from prometheus_client import CollectorRegistry
         from ray._private.services import get_node_ip_address
@@ -49,42 +71,69 @@ class AvatarRenderer:
 
         if config.num_cpus >= 1 and not (config.num_gpus > 0 and torch.cuda.is_available()):
             torch.set_num_threads(int(config.num_cpus))
-        self.person = person
+        self.models = dict(models)
         self.config = config
-        self.renderer = FrameRenderer(Path(model_dir), config)
         self.registry = CollectorRegistry()
         self.metrics = RendererMetrics(self.registry)
-        self.metrics.set_queue_length(person, 0)
         self.exporter = (start_exporter_in_range(config.metrics_port, self.registry, addr=config.metrics_host)
                          if config.metrics_port else None)
-        self._waiting = 0
+        self._waiting: dict[str, int] = {}
+        self._failed: dict[str, ModelLoadError] = {}
         self.render_batch.set_max_batch_size(config.max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        log.info("renderer for %s ready on %s (metrics port %s)", person, self.renderer.device,
+        # a person's model is loaded on its first request, in a thread (the replica keeps serving)
+        async def renderer(person: str) -> FrameRenderer:  # a function: Serve keeps its model cache on it
+            return await self._load(person)
+
+        self._renderer = serve.multiplexed(max_num_models_per_replica=max_models)(renderer)
+        log.info("renderer for %d persons ready (metrics port %s)", len(self.models),
                  self.exporter.port if self.exporter else None)
+
+    async def _load(self, person: str) -> FrameRenderer:
+        if person in self._failed:  # a bad checkpoint is read once, not once per request
+            raise self._failed[person]
+        model_dir = self.models.get(person)
+        if model_dir is None:
+            raise ModelLoadError(person, "-", f"not a person of this renderer (it serves {sorted(self.models)})")
+        try:
+            renderer = await asyncio.to_thread(FrameRenderer, Path(model_dir), self.config)
+        except Exception as e:  # missing or corrupt checkpoint: this person fails, the replica serves on
+            self._failed[person] = ModelLoadError(person, model_dir, f"{type(e).__name__}: {e}")
+            raise self._failed[person] from None
+        log.info("loaded the avatar of %s on %s", person, renderer.device)
+        return renderer
+
+    async def _person(self) -> tuple[str, FrameRenderer]:
+        person = serve.get_multiplexed_model_id()
+        if not person:
+            raise ValueError("no person given: call through person_handle(handle, person) "
+                             "(handle.options(multiplexed_model_id=person))")
+        return person, await self._renderer(person)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def render_batch(self, requests: list[RenderRequest]) -> list[RenderResult]:
-        self._waiting -= len(requests)
-        self.metrics.set_queue_length(self.person, self._waiting)
+        person, renderer = await self._person()  # Serve batches one person's requests together
+        self._waiting[person] -= len(requests)
+        self.metrics.set_queue_length(person, self._waiting[person])
         # The pipeline blocks: run it in a thread so the replica keeps accepting (and counting) requests.
-        results = await asyncio.to_thread(self.renderer.render, requests)
-        self.metrics.observe_batch(self.person, len(requests), results[0].render_seconds)
+        results = await asyncio.to_thread(renderer.render, requests)
+        self.metrics.observe_batch(person, len(requests), results[0].render_seconds)
         return results
 
     async def __call__(self, request: RenderRequest) -> RenderResult:
-        self.renderer.check(request)  # a malformed request fails alone, not its whole batch
+        person, renderer = await self._person()
+        renderer.check(request)  # a malformed request fails alone, not its whole batch
         arrived = time.perf_counter()
-        self._waiting += 1
-        self.metrics.set_queue_length(self.person, self._waiting)
+        self._waiting[person] = self._waiting.get(person, 0) + 1
+        self.metrics.set_queue_length(person, self._waiting[person])
         result = await self.render_batch(request)
-        self.metrics.observe_request(self.person, time.perf_counter() - arrived)
+        self.metrics.observe_request(person, time.perf_counter() - arrived)
         return result
 
-    def info(self) -> dict:
-        """Model facts the driver checks before sending requests."""
-        r = self.renderer
-        return {"person": self.person, "resolution": r.resolution, "expression_dim": r.expression_dim,
+    async def info(self) -> dict:
+        """The person's model facts the driver checks before sending requests (loads the model)."""
+        person, r = await self._person()
+        return {"person": person, "resolution": r.resolution, "expression_dim": r.expression_dim,
                 "device": str(r.device), "pid": os.getpid(),
                 "metrics_port": self.exporter.port if self.exporter else None}
 
@@ -145,29 +194,35 @@ def ensure_serve() -> None:
     serve.start(proxy_location="Disabled")
 
 
-def deploy_renderer(person: str, model_dir: Path, config: RendererConfig | None = None):
-    """Deploy (or redeploy) `person`'s renderer application; returns its DeploymentHandle once
-    every replica has loaded the model. Needs `ray.init` first."""
+def deploy_renderer(models: Mapping[str, Path], config: RendererConfig | None = None, name: str = APP_NAME,
+                    max_models_per_replica: int = 2):
+    """Deploy (or redeploy) the renderer application ``name`` serving ``models`` (person -> model
+    folder); returns its DeploymentHandle once every replica runs (models load on their first
+    request; :func:`person_handle` addresses one person). Each replica keeps up to
+    ``max_models_per_replica`` models loaded: at least the persons rendered at the same time, or
+    they evict each other. Needs `ray.init` first."""
     config = config or RendererConfig()
-    model_dir = Path(model_dir).resolve()
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no trained avatar for person {person} (config.json missing)")
+    models = {p: str(Path(d).resolve()) for p, d in models.items()}
     ensure_serve()
     actor_options = {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}
     app = AvatarRenderer.options(
         num_replicas=config.num_replicas, max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options=actor_options,
-    ).bind(person, str(model_dir), config)
+    ).bind(models, config, max_models_per_replica)
     try:
-        return serve.run(app, name=app_name(person), route_prefix=None)
+        return serve.run(app, name=name, route_prefix=None)
     except RuntimeError as e:  # Serve's own message names no cause: add the replicas' error
-        raise RuntimeError(f"renderer for person {person} ({model_dir}) failed to start: "
-                           f"{_deploy_error(person)}") from e
+        raise RuntimeError(f"renderer application {name} failed to start: {_deploy_error(name)}") from e
 
 
-def _deploy_error(person: str) -> str:
+def person_handle(handle, person: str):
+    """The handle of ``deploy_renderer`` addressing ``person``'s model."""
+    return handle.options(multiplexed_model_id=person)
+
+
+def _deploy_error(name: str) -> str:
     try:
-        app = serve.status().applications.get(app_name(person))
+        app = serve.status().applications.get(name)
         messages = [d.message for d in (app.deployments.values() if app else []) if d.message]
         text = " | ".join(messages) or (app.message if app else "") or "no details from Serve"
     except Exception as e:  # the status itself failed: still report something useful
@@ -177,6 +232,6 @@ def _deploy_error(person: str) -> str:
     return (errors[-1] if errors else lines[-1] if lines else text).strip()[:2000]
 
 
-def delete_renderer(person: str) -> None:
-    """Remove `person`'s application (its replicas free their CPUs / GPUs)."""
-    serve.delete(app_name(person))
+def delete_renderer(name: str = APP_NAME) -> None:
+    """Remove the renderer application (its replicas free their CPUs / GPUs)."""
+    serve.delete(name)

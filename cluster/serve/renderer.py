@@ -30,7 +30,7 @@ from cluster.serve.validation import BUFFER_CHANNELS, InvalidRequest, validate_r
 
 @dataclass
 class RendererConfig:
-    """One person's renderer service: sampling, batching and the resources of each replica."""
+    """The renderer service: sampling, batching and the resources of each replica."""
 
     num_inference_steps: int = 20
     """DDPM (or DDIM) steps per frame; the paper renders with 20."""
@@ -44,7 +44,8 @@ class RendererConfig:
     """Requests one replica accepts at a time; must be well above max_batch_size or Serve's
     router starves the batcher (its default of 5 caps batches at 5)."""
     num_replicas: int = 1
-    """Replicas of the person's deployment (each loads the model)."""
+    """Replicas of the renderer application (each a process that loads the models of the persons
+    Serve routes to it)."""
     num_cpus: float = 1.0
     """CPUs Ray reserves per replica; on CPU also the torch threads of the replica."""
     num_gpus: float = 0.0

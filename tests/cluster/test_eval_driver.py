@@ -136,6 +136,9 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
         model = DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim, init_seed=i))
         model.save_pretrained(runs / p / "model")
     (runs / "zz9").mkdir()  # a person whose training never produced a model
+    corrupt = runs / "zz8" / "model"  # and one whose checkpoint is corrupt: the renderer cannot load it
+    DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim)).save_pretrained(corrupt)
+    (corrupt / "controlnet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 64)
     reports = tmp_path / "nightly"
     config = EvalDriverConfig(
         runs=runs, shards=shards, stores=stores, reports_root=reports, run_date="2025-03-01",
@@ -147,8 +150,10 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
 
     import ray
     assert not ray.is_initialized()  # the driver started its own Ray and shut it down
-    assert summary.persons == ["000", "001", "zz9"] and set(summary.failed) == {"zz9"}
+    assert summary.persons == ["000", "001", "zz8", "zz9"] and set(summary.failed) == {"zz8", "zz9"}
     assert "no trained model" in summary.failed["zz9"] and "zz9/model/config.json" in summary.failed["zz9"]
+    assert summary.failed["zz8"].startswith(f"ModelLoadError: renderer could not load the avatar of person zz8 "
+                                            f"from {corrupt}"), summary.failed["zz8"]
     results = RunResults.load(summary.results_path)
     assert summary.results_path == reports / "runs" / "2025-03-01" / "results.json"
     run = summary.results_path.parent
@@ -180,7 +185,7 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
     failed = results.persons["zz9"]
     assert set(failed) == {"self_reenactment", "novel_view", "cross_reenactment"}
     assert all("no trained model" in r.skipped["task"] for r in failed.values())
-    assert results.meta["failed_persons"] == "zz9" and "000 by 001" in results.meta["cross_reenactment"]
+    assert results.meta["failed_persons"] == "zz8, zz9" and "000 by 001" in results.meta["cross_reenactment"]
 
     html = summary.report_index.read_text()
     assert summary.report_index == reports / "site" / "2025-03-01" / "index.html"
@@ -190,18 +195,19 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
     assert report["current"]["average"]["overall"]["psnr"] is not None
 
     # The same evaluation again: up to date, so nothing is rendered (Ray is not even started).
-    again = run_evaluation(config)
+    later = dataclasses.replace(config, persons=("000", "001", "zz9"))  # zz8's model would start Ray again
+    again = run_evaluation(later)
     assert again.reused == ["000", "001"] and again.frames_rendered == 0 and not ray.is_initialized()
     assert RunResults.load(again.results_path).persons == results.persons
     # A subset run of the same night, forced: only 000 is rendered again; the night keeps 001 and zz9.
     subset = run_evaluation(dataclasses.replace(config, persons=("000",), force=True))
     assert subset.reused == [] and subset.frames_rendered == sum(r.frames for r in results.persons["000"].values())
     night = RunResults.load(subset.results_path)
-    assert sorted(night.persons) == ["000", "001", "zz9"] and night.persons["001"] == results.persons["001"]
+    assert sorted(night.persons) == ["000", "001", "zz8", "zz9"] and night.persons["001"] == results.persons["001"]
     assert night.evaluations["000"]["run_id"] != night.evaluations["001"]["run_id"]
     assert night.evaluations["000"]["key"] == RunResults.load(again.results_path).evaluations["000"]["key"]
     # The next night reuses the numbers and links the videos into its own folder.
-    nxt = run_evaluation(dataclasses.replace(config, run_date="2025-03-02"))
+    nxt = run_evaluation(dataclasses.replace(later, run_date="2025-03-02"))
     assert nxt.reused == ["000", "001"] and nxt.frames_rendered == 0
     second = RunResults.load(nxt.results_path)
     assert second.evaluations["001"]["reused_from"] == "2025-03-01"

@@ -154,11 +154,11 @@ def _metric(text: str, name: str, person: str) -> float:
 @pytest.mark.ray
 @pytest.mark.timeout(180)
 def test_serve_batches_concurrent_requests(serve_ray, model_dir):
-    from cluster.serve import delete_renderer, deploy_renderer
+    from cluster.serve import delete_renderer, deploy_renderer, person_handle
 
     config = RendererConfig(num_inference_steps=STEPS, max_batch_size=8, batch_wait_timeout_s=0.5,
                             num_cpus=1, device="cpu", metrics_port=19500)
-    handle = deploy_renderer("p0", model_dir, config)
+    handle = person_handle(deploy_renderer({"p0": model_dir}, config), "p0")
     try:
         info = handle.info.remote().result()
         assert info == {**info, "person": "p0", "resolution": 64, "expression_dim": EXPR_DIM}
@@ -200,4 +200,52 @@ def test_serve_batches_concurrent_requests(serve_ray, model_dir):
                 with pytest.raises(Exception, match=bad[i // 2][1]):
                     response.result(timeout_s=60)
     finally:
-        delete_renderer("p0")
+        delete_renderer()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_one_application_serves_every_person_and_a_bad_one_fails_alone(serve_ray, model_dir, tmp_path):
+    """Two persons' avatars on one replica (one process: its imports paid once) render exactly
+    what each renders alone without Serve; a person whose checkpoint is missing or corrupt fails
+    with its name, folder and cause, and the others render on."""
+    from cluster.serve import ModelLoadError, delete_renderer, deploy_renderer, person_handle
+
+    other = make_model_dir(tmp_path / "p1", init_seed=1)
+    corrupt = make_model_dir(tmp_path / "corrupt", init_seed=2)
+    (corrupt / "controlnet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a checkpoint")
+    models = {"p0": model_dir, "p1": other, "corrupt": corrupt, "missing": tmp_path / "missing"}
+    config = RendererConfig(num_inference_steps=STEPS, max_batch_size=4, batch_wait_timeout_s=0.2, num_cpus=1,
+                            device="cpu", pipeline=RenderOptions(batch_buckets=(4,)))  # one bucket: bit for bit
+    reqs = make_requests(6, seed_of=lambda i: i % 2)
+    handle = deploy_renderer(models, config, name="avatars-test", max_models_per_replica=2)
+    try:
+        infos = {p: person_handle(handle, p).info.remote().result(timeout_s=120) for p in ("p0", "p1")}
+        assert infos["p0"]["pid"] == infos["p1"]["pid"]  # one replica process serves both persons
+        # both persons' frames in flight at once, interleaved: Serve batches each person's apart
+        sent = [(p, q, person_handle(handle, p).remote(q)) for q in reqs for p in ("p0", "p1")]
+        served = {(p, q.key): r.result(timeout_s=120) for p, q, r in sent}
+        assert max(r.batch_size for r in served.values()) > 1
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the replica's (num_cpus 1): kernels then reduce in the same order
+        try:
+            for person, folder in (("p0", model_dir), ("p1", other)):
+                alone = FrameRenderer(folder, config)  # the single-person path, no Ray
+                for q in reqs:
+                    np.testing.assert_array_equal(served[person, q.key].image, alone.render([q])[0].image)
+        finally:
+            torch.set_num_threads(threads)
+        assert np.abs(served["p0", "frame0"].image - served["p1", "frame0"].image).max() > 1e-2  # two avatars
+
+        for person, cause in (("corrupt", "diffusion_pytorch_model.safetensors|header|deserializ"),
+                              ("missing", "config.json missing")):
+            for call in (lambda h: h.info.remote(), lambda h: h.remote(reqs[0])):
+                with pytest.raises(ModelLoadError, match=re.escape(f"person {person} from {models[person]}")) as e:
+                    call(person_handle(handle, person)).result(timeout_s=60)
+                assert re.search(cause, str(e.value)), str(e.value)
+        with pytest.raises(Exception, match="not a person of this renderer"):
+            person_handle(handle, "nobody").info.remote().result(timeout_s=60)
+        again = person_handle(handle, "p0").remote(reqs[1]).result(timeout_s=60)
+        np.testing.assert_array_equal(again.image, served["p0", reqs[1].key].image)
+    finally:
+        delete_renderer("avatars-test")
