@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from avatars.training import PRESETS as TRAIN_PRESETS
 from avatars.training import TrainOptions
@@ -54,6 +54,9 @@ from shards.contract import find_persons
 from shards.ingest import IngestConfig
 from shards.synthetic import SyntheticConfig
 from shards.writer import ShardConfig
+
+if TYPE_CHECKING:
+    from cluster.ray_connect import RaySession
 
 
 @dataclass
@@ -243,7 +246,16 @@ def _backend_config(args: LaunchAllArgs, status_dir: Path):
                                else (args.workdir / "slurm").resolve())
 
 
-def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None):
+def _ray_session(args: LaunchAllArgs) -> RaySession:
+    """The one Ray of this run: the training (``--backend ray``) starts or joins it and the
+    evaluation renders on it, so an embedded Ray is started once. Worker and replica output
+    reaches this terminal only with ``--verbose`` (trainers write theirs to their log files)."""
+    from cluster.ray_connect import EmbeddedRay, RaySession
+
+    return RaySession(args.ray_address, EmbeddedRay(bind_host=args.ray_bind_host), log_to_driver=args.verbose)
+
+
+def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None, ray_session: RaySession | None = None):
     import torch
 
     from cluster.orchestrate import run_all
@@ -263,6 +275,8 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None):
                       max_retries=args.max_retries) for p in persons]
     _stage(3, f"training {len(persons)} persons on {args.backend}"
               + (f" (worker output: {logs}/<person>.log)" if logs else ""))
+    if args.backend == "ray" and ray_session is not None:
+        ray_session.connect()  # kept for the evaluation; the backend uses it and leaves it open
     if args.verbose:
         return run_all(jobs, _backend_config(args, status_dir(args)))
     from jobs._console import TrainingProgress
@@ -311,6 +325,11 @@ def main(args: LaunchAllArgs) -> int:
     the summary is printed and written (to a fallback path when the work directory cannot
     take it), and a re-run after freeing space continues where this one stopped.
     """
+    with _ray_session(args) as ray_session:  # one Ray for the training and the evaluation
+        return _main(args, ray_session)
+
+
+def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
     from cluster.orchestrate import check_workdir, exit_code, format_summary, write_summary_json
     from cluster.person_job import JobResult
     from cluster.preflight import BackendUnavailable, check_backend
@@ -327,10 +346,13 @@ def main(args: LaunchAllArgs) -> int:
     except BackendUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.verbose:  # Serve's per-application deploy / delete notices; warnings and errors still show
+    if not args.verbose:  # Serve's start / deploy / delete notices; warnings and errors still show
         import logging
 
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        # a filter, not only the level: importing Serve (later) sets its logger's level to INFO again
+        serve_log = logging.getLogger("ray.serve")
+        serve_log.setLevel(logging.WARNING)
+        serve_log.addFilter(lambda record: record.levelno >= logging.WARNING)
     clock = ProcessTreeClock()
     requested = requested_persons(args)
     results: list[JobResult] = []
@@ -364,7 +386,7 @@ def main(args: LaunchAllArgs) -> int:
             todo = [p for p in persons if p not in refused and p not in trained]
             if todo:
                 with clock.stage("training"):
-                    results += _train(args, todo, base_model)
+                    results += _train(args, todo, base_model, ray_session)
     except OSError as e:
         print(f"error: the {stage} stage stopped on an I/O error: {e}", file=sys.stderr)
         done = {r.person for r in results} | set(data_failed)
@@ -385,7 +407,10 @@ def main(args: LaunchAllArgs) -> int:
         _stage(4, f"evaluation of {len(trained)} persons on the Ray Serve renderer")
         try:
             with clock.stage("evaluation"):
-                summary = evaluation = _evaluate(args, trained)
+                try:
+                    summary = evaluation = _evaluate(args, trained)  # on the training's Ray, if it started one
+                finally:
+                    ray_session.close()
         except OSError as e:
             print(f"error: the evaluation stopped on an I/O error: {e}", file=sys.stderr)
             code = code or 1
@@ -398,6 +423,7 @@ def main(args: LaunchAllArgs) -> int:
                 if summary.reused else ""
             print(f"evaluation: {len(summary.persons)} persons{reused}, {summary.frames_rendered} frames in "
                   f"{summary.seconds:.0f} s -> {summary.results_path}")
+    ray_session.close()  # the training's Ray when nothing was evaluated
     from jobs._console import final_summary
 
     try:

@@ -6,6 +6,7 @@ decides whom to evaluate and runs these, a thread per person.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,6 +103,11 @@ class EvalRun:
 
         self.config = config
         self.folder = run_folder
+        # imageio-ffmpeg starts ffmpeg with a preexec_fn, which makes Python fork() instead of
+        # vfork(): gRPC's fork handlers then print "Other threads are currently calling into gRPC,
+        # skipping fork() handlers" for every video written while another person's frames are in
+        # flight. Without it ffmpeg only shares this process group (Ctrl-C stops it too).
+        os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
         lpips = None
         if "lpips" in config.metrics:
             lpips = LpipsConfig(Path(config.lpips_weights), device=config.eval_device)

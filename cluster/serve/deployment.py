@@ -30,11 +30,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-# Serve imports grpcio, whose fork handlers log "Other threads are currently calling into gRPC,
-# skipping fork() handlers" each time the driver starts ffmpeg for a video while a render call is
-# in flight; the children exec ffmpeg at once and use no gRPC, so the handlers are not needed.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
-from ray import serve  # noqa: E402
+from ray import serve
 
 from cluster.monitoring import start_exporter_in_range
 from cluster.serve.renderer import FrameRenderer, RendererConfig, RenderRequest, RenderResult

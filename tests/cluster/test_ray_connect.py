@@ -81,3 +81,43 @@ def test_training_backend_and_evaluation_driver_connect_through_it(inits, monkey
                           include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
                           dashboard_host="127.0.0.1")]
     assert stopped == [True]  # the driver started this Ray, so it stops it
+
+
+def test_launch_all_starts_one_ray_for_training_and_evaluation(inits, monkeypatch, tmp_path):
+    """The main job's training (Ray backend) and evaluation connect through connect_ray as
+    before, but to the one Ray the run started first; it is stopped once, at the end."""
+    from cluster.eval_driver.driver import EvalSummary
+    from cluster.person_job import JobResult
+    from cluster.ray_connect import RaySession
+    from jobs import launch_all
+
+    stopped = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: len(inits) > len(stopped))
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append("ray"))
+    monkeypatch.setattr("cluster.serve.deployment.shutdown_serve_and_ray", lambda: stopped.append("serve+ray"))
+    monkeypatch.setattr(launch_all, "_data", lambda args, persons=None, clock=None: (["000", "001"], {}))
+    monkeypatch.setattr(launch_all, "_base_model", lambda args, persons: None)
+    monkeypatch.setattr(launch_all, "_trained", lambda args, persons, base: {})
+
+    def run_all(jobs, config):  # the Ray backend, connecting as it does
+        backend = ray_backend.RayBackend(config)
+        assert backend._connect() is False  # the run's Ray: used, left open
+        return [JobResult(j.person, True, 1, result={"steps": 1}) for j in jobs]
+
+    def evaluate(args, persons):  # the evaluation driver, connecting as it does
+        assert connect_ray(args.ray_address, EmbeddedRay(include_dashboard=False), log_to_driver=False) is False
+        return EvalSummary("2025-01-01", tmp_path / "results.json", None, persons, {}, 0, 0.0, {})
+
+    monkeypatch.setattr("cluster.orchestrate.run_all", run_all)
+    monkeypatch.setattr(launch_all, "_evaluate", evaluate)
+    args = launch_all.LaunchAllArgs(workdir=tmp_path / "work", min_free_gb=0)
+    assert launch_all.main(args) == 0
+    assert len(inits) == 1 and inits[0]["address"] == "local" and inits[0]["log_to_driver"] is False
+    assert len(stopped) == 1
+
+    session = RaySession(None, EmbeddedRay(num_cpus=1))  # connect once, close once
+    session.connect()
+    session.connect()
+    session.close()
+    session.close()
+    assert len(inits) == 2 and len(stopped) == 2
