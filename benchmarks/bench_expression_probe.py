@@ -12,8 +12,12 @@ zeroed, and the probe reports, per run: PSNR inside the face and on the expressi
 the ground truth, and the *response*: how much of the ground truth's change between the two codes
 the render reproduces on the expression pixels (least-squares gain of render change on ground-truth
 change: 1 = the full effect, 0 = none; a model without expression conditioning is 0 by construction).
+The gain is also reported per effect (:data:`EFFECTS`: the mouth-interior colour, the gaze), each
+with only its own dims zeroed and its own expression pixels.
 The same is reported for the base VAE's round trip of the ground truth (and of other bases' with
 ``--vae``): a latent model cannot show more of the effect than its VAE carries.
+``--figure PATH`` draws, for the first run, ground truth | render of held-out frames with the gaze set
+left / right and the mouth-interior colour dim set low / high (the rest of the code and the mesh as recorded).
 Writes benchmarks/results/expression_probe.json.
 """
 
@@ -37,6 +41,14 @@ from cluster.eval_driver.tasks import open_store, synthetic_config  # noqa: E402
 
 THRESHOLD = 0.05
 
+from shards.synthetic.head import GAZE_X, GAZE_Y, TONGUE  # noqa: E402
+
+#: The expression-only effects measured one at a time: name -> the code dims that drive it.
+EFFECTS = {"mouth interior": (TONGUE,), "gaze": (GAZE_X, GAZE_Y)}
+#: The figure's columns: label -> code dims set (everything else as recorded).
+FIGURE_EDITS = {"gaze left": {GAZE_X: -1.0, GAZE_Y: 0.0}, "gaze right": {GAZE_X: 1.0, GAZE_Y: 0.0},
+                "mouth interior low": {TONGUE: -1.5}, "mouth interior high": {TONGUE: 1.5}}
+
 
 def on_white(rgb: np.ndarray, alpha: np.ndarray, size: int) -> torch.Tensor:
     """The generator's image composited on white like the evaluation's reference frames, resized."""
@@ -44,8 +56,20 @@ def on_white(rgb: np.ndarray, alpha: np.ndarray, size: int) -> torch.Tensor:
     return resize((rgb * a + 255 * (1 - a)).round().astype(np.uint8), size)
 
 
-def ground_truth_pair(workdir: Path, person: str, codes: np.ndarray, serial: str, size: int):
-    """(real, zeroed) ground truth (T, 3, size, size) of the true mesh under `codes`, from `serial`."""
+def ground_truth_pair(workdir: Path, person: str, codes: np.ndarray, serial: str, size: int,
+                      dims: tuple[int, ...] = EXPRESSION_ONLY):
+    """(real, zeroed) ground truth (T, 3, size, size) of the true mesh under `codes`, from `serial`; `zeroed` with
+    the code's `dims` set to 0 (appearance only: the mesh stays the real code's)."""
+    flat = codes.copy()
+    flat[:, list(dims)] = 0
+    real, zeroed = generator_images(workdir, person, codes, [codes, flat], serial, size)
+    return real, zeroed
+
+
+def generator_images(workdir: Path, person: str, mesh_codes: np.ndarray, codes: list[np.ndarray], serial: str,
+                     size: int) -> list[torch.Tensor]:
+    """Per entry of `codes`: the generator's images (T, 3, size, size) of the true mesh under `mesh_codes` with the
+    appearance of that entry's codes, from `serial`."""
     from shards.synthetic.generate import PersonModel
 
     synth = synthetic_config(open_store(workdir / "zarr", person))
@@ -53,14 +77,12 @@ def ground_truth_pair(workdir: Path, person: str, codes: np.ndarray, serial: str
         raise SystemExit(f"{person} is not a synthetic capture: the probe needs its generator")
     model = PersonModel.build(synth, person)
     camera, index = model.cameras[serial], synth.serials.index(serial)
-    real, zeroed = [], []
-    for expr in codes:
-        flat = expr.copy()
-        flat[list(EXPRESSION_ONLY)] = 0
+    out = [[] for _ in codes]
+    for t, expr in enumerate(mesh_codes):
         vertices = model.true_vertices(expr)
-        real.append(on_white(*model.render(vertices, expr, camera, index), size))
-        zeroed.append(on_white(*model.render(vertices, flat, camera, index), size))
-    return torch.stack(real), torch.stack(zeroed)
+        for images, c in zip(out, codes):
+            images.append(on_white(*model.render(vertices, c[t], camera, index), size))
+    return [torch.stack(images) for images in out]
 
 
 def vae_round_trip(vae, x: torch.Tensor) -> torch.Tensor:
@@ -82,32 +104,63 @@ class HeldOutExpression:
         self.change = self.real - self.zeroed
         self.pixels = self.change.abs().amax(1, keepdim=True) > THRESHOLD
         self.face = self.batch["mask"] > 0.5
+        self.workdir, self.person = workdir, person
+        #: per effect of :data:`EFFECTS`: (ground truth with only its dims zeroed, its change, its pixels)
+        self.effects = {}
+
+    def effect(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if name not in self.effects:
+            _, zeroed = ground_truth_pair(self.workdir, self.person, self.batch["expression"].numpy(), self.serial,
+                                          self.batch["mask"].shape[-1], EFFECTS[name])
+            change = self.real - zeroed
+            self.effects[name] = (zeroed, change, change.abs().amax(1, keepdim=True) > THRESHOLD)
+        return self.effects[name]
 
     def pixels_per_frame(self) -> float:
         return float(self.pixels.flatten(1).sum(1).float().mean())
 
 
-def probe(name: str, run_dir: Path, base: Path, batch: dict, reference: torch.Tensor, face: torch.Tensor,
-          expr_pixels: torch.Tensor, gt_change: torch.Tensor) -> dict:
+def with_code(batch: dict, dims: tuple[int, ...], value: float = 0.0) -> dict:
+    """`batch` with the expression code's `dims` set to `value`."""
+    code = batch["expression"].clone()
+    code[:, list(dims)] = value
+    return {**batch, "expression": code}
+
+
+def probe(name: str, run_dir: Path, base: Path, held: HeldOutExpression, reference: torch.Tensor) -> dict:
+    """One run's row: face and expression-pixel PSNR, the response gain on all expression-only dims and on each
+    effect of :data:`EFFECTS` alone."""
     model = load_model(run_dir, base)
-    flat = {**batch, "expression": batch["expression"].clone()}
-    flat["expression"][:, list(EXPRESSION_ONLY)] = 0
-    real = render(model, batch)
-    zeroed = render(model, flat)
-    return measure(name, real, zeroed, reference, face, expr_pixels, gt_change)
+    real = render(model, held.batch)
+    row = measure(name, real, render(model, with_code(held.batch, EXPRESSION_ONLY)), reference, held.face,
+                  held.pixels, held.change)
+    for effect, dims in EFFECTS.items():
+        _, change, pixels = held.effect(effect)
+        zeroed = render(model, with_code(held.batch, dims))
+        row[f"response gain: {effect}"] = response_gain(real - zeroed, change, pixels)
+    return row
+
+
+def response_gain(change: torch.Tensor, gt_change: torch.Tensor, pixels: torch.Tensor) -> float:
+    """Least-squares gain of `change` on `gt_change` over `pixels` (1: the whole ground-truth change)."""
+    target = gt_change * pixels
+    return float((change * pixels * target).sum() / (target * target).sum().clamp_min(1e-12))
 
 
 @torch.no_grad()
-def vae_bound(base: Path, gt_real: torch.Tensor, gt_zeroed: torch.Tensor, face: torch.Tensor,
-              expr_pixels: torch.Tensor, gt_change: torch.Tensor) -> dict:
+def vae_bound(base: Path, held: HeldOutExpression) -> dict:
     """The base VAE's round trip (posterior mean) of both ground truths: what any latent model on
-    this base can carry of the expression-only effects."""
+    this base can carry of the expression-only effects (all of them, and each of :data:`EFFECTS`)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(Path(base) / "vae").eval()
-    real, zeroed = vae_round_trip(vae, gt_real), vae_round_trip(vae, gt_zeroed)
-    return measure(f"VAE round trip of the ground truth (bound; {base})", real, zeroed, gt_real, face, expr_pixels,
-                   gt_change)
+    real = vae_round_trip(vae, held.real)
+    row = measure(f"VAE round trip of the ground truth (bound; {base})", real, vae_round_trip(vae, held.zeroed),
+                  held.real, held.face, held.pixels, held.change)
+    for effect in EFFECTS:
+        zeroed, change, pixels = held.effect(effect)
+        row[f"response gain: {effect}"] = response_gain(real - vae_round_trip(vae, zeroed), change, pixels)
+    return row
 
 
 def measure(name: str, real: torch.Tensor, zeroed: torch.Tensor, reference: torch.Tensor, face: torch.Tensor,
@@ -118,13 +171,38 @@ def measure(name: str, real: torch.Tensor, zeroed: torch.Tensor, reference: torc
         return float(psnr_from_mse(mse.clamp_min(1e-10)).mean())
 
     change = (real - zeroed) * expr_pixels
-    target = gt_change * expr_pixels
     rest = face & ~expr_pixels
     return {"run": name, "face PSNR": masked_psnr(face), "expression-pixel PSNR": masked_psnr(expr_pixels),
-            "response gain": float((change * target).sum() / (target * target).sum().clamp_min(1e-12)),
+            "response gain": response_gain(real - zeroed, gt_change, expr_pixels),
             "mean |change| on expression pixels": float(change.abs().sum() / expr_pixels.expand_as(change).sum()),
             "mean |change| elsewhere in the face": float(((real - zeroed).abs() * rest).sum()
                                                          / rest.expand_as(real).sum().clamp_min(1))}
+
+
+@torch.no_grad()
+def draw_figure(path: Path, run_dir: Path, base: Path, held: HeldOutExpression, frames: int = 3) -> None:
+    """Ground truth | render of `frames` held-out frames (the ones with the mouth open widest) with each edit of
+    :data:`FIGURE_EDITS` applied to the recorded code; one block of rows per frame."""
+    from heldout import save_rows
+
+    codes = held.batch["expression"]
+    pick = sorted(codes[:, 0].argsort(descending=True)[:frames].tolist())  # dim 0: jaw opening
+    batch = {k: v[pick] for k, v in held.batch.items()}
+    model = load_model(run_dir, base)
+    edited = []
+    for edit in FIGURE_EDITS.values():
+        code = batch["expression"].clone()
+        for dim, value in edit.items():
+            code[:, dim] = value
+        edited.append(code)
+    truths = generator_images(held.workdir, held.person, batch["expression"].numpy(), [c.numpy() for c in edited],
+                              held.serial, batch["mask"].shape[-1])
+    renders = [render(model, {**batch, "expression": c}) for c in edited]
+    rows = []
+    for i in range(len(pick)):
+        rows.append((f"frame {pick[i]}: ground truth ({', '.join(FIGURE_EDITS)})", torch.stack([t[i] for t in truths])))
+        rows.append((f"frame {pick[i]}: render of {run_dir}", torch.stack([r[i] for r in renders])))
+    save_rows(path, rows, columns=len(FIGURE_EDITS), scale=4)
 
 
 def main() -> None:
@@ -135,25 +213,31 @@ def main() -> None:
     ap.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR (a run's <out>/<person> folder)")
     ap.add_argument("--vae", action="append", type=Path, default=[],
                     help="another base model folder whose VAE bound to report too (e.g. a candidate tiny base)")
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="PNG of ground truth | render under edited gaze and mouth-interior codes (first --run)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     base = a.base_model or main_job_base(a.workdir)
     held = HeldOutExpression(a.workdir, a.person, 64)
-    batch, serial, face, expr_pixels = held.batch, held.serial, held.face, held.pixels
-    gt_real, gt_zeroed, gt_change = held.real, held.zeroed, held.change
     reference = torch.from_numpy(np.concatenate([c.reference for c in held.frames.clips])).permute(0, 3, 1, 2).float()
-    rows = [measure("ground truth with the expression-only dims zeroed (cap)", gt_zeroed, gt_zeroed, gt_real, face,
-                    expr_pixels, gt_change),
-            *(vae_bound(b, gt_real, gt_zeroed, face, expr_pixels, gt_change) for b in [base, *a.vae])]
+    cap = measure("ground truth with the expression-only dims zeroed (cap)", held.zeroed, held.zeroed, held.real,
+                  held.face, held.pixels, held.change)
+    rows = [cap, *(vae_bound(b, held) for b in [base, *a.vae])]
     print(rows, flush=True)
     for spec in a.run:
         name, _, path = spec.partition("=")
-        rows.append(probe(name, Path(path), base, batch, reference, face, expr_pixels, gt_change))
+        rows.append(probe(name, Path(path), base, held, reference))
         print(rows[-1], flush=True)
+    if a.figure is not None:
+        if not a.run:
+            raise SystemExit("--figure needs a --run")
+        draw_figure(a.figure, Path(a.run[0].partition("=")[2]), base, held)
     report("expression_probe", rows, {
-        "person": a.person, "frames": len(reference), "camera": serial,
+        "person": a.person, "frames": len(reference), "camera": held.serial,
         "expression pixels per frame": held.pixels_per_frame(),
-        "regenerated vs stored ground truth, mean |diff|": float((gt_real - reference).abs().mean())})
+        **{f"{effect} pixels per frame": float(held.effect(effect)[2].flatten(1).sum(1).float().mean())
+           for effect in EFFECTS},
+        "regenerated vs stored ground truth, mean |diff|": float((held.real - reference).abs().mean())})
 
 
 if __name__ == "__main__":

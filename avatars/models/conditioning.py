@@ -1,7 +1,8 @@
 """Builds the ControlNet conditioning image from a training batch (docs/CONTRACTS.md).
 
 Channel order: normalised depth (1), canonical xyz (3), camera-space normals (3),
-ambient coordinates (2), then the sampled feature maps (``FeatureConfig.num_output_channels``).
+ambient coordinates (2), then the sampled feature maps (``FeatureConfig.num_output_channels``), then, with
+``expression_channels``, the expression code inside the mask (``expression_dim``).
 """
 
 from __future__ import annotations
@@ -53,11 +54,26 @@ class ConditioningBuilder(nn.Module):
         if self.features.feature_config != config.features:
             raise ValueError(f"feature planes {self.features.feature_config} do not match the config {config.features}")
         self.out_channels = config.conditioning_channels
+        self.expression_channels = config.expression_channel_count
 
     def forward(self, batch: dict) -> torch.Tensor:
         raster = rasterized_channels(batch, self.depth_center, self.depth_scale)
         feats = self.features(batch["canonical"], batch["mask"])
-        return torch.cat([raster, feats.to(raster.dtype)], dim=1)
+        parts = [raster, feats.to(raster.dtype)]
+        if self.expression_channels:
+            parts.append(expression_channels(batch, self.expression_channels).to(raster.dtype))
+        return torch.cat(parts, dim=1)
+
+
+def expression_channels(batch: dict, dim: int) -> torch.Tensor:
+    """(B, dim, H, W): every pixel inside the mask holds the frame's expression code, 0 outside (as the
+    feature maps), so the ControlNet's convolutions can combine it with where on the face a pixel is."""
+    if "expression" not in batch:
+        raise KeyError("batch lacks 'expression' but the model has expression channels")
+    code, mask = batch["expression"], batch["mask"]
+    if code.dim() != 2 or code.shape[1] != dim:
+        raise ValueError(f"batch['expression'] must be (B, {dim}), got {tuple(code.shape)}")
+    return code.to(mask.dtype)[:, :, None, None] * (mask > 0.5).to(mask.dtype)
 
 
 class ConditioningEmbedding(ControlNetConditioningEmbedding, ModelMixin, ConfigMixin):

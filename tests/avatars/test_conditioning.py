@@ -28,3 +28,30 @@ def test_background_is_minus_one_in_every_channel_and_unlike_any_face_pixel():
     torch.testing.assert_close(face[:, 7:9], batch["canonical"].permute(0, 2, 3, 1)[inside][:, 3:])
     # no face pixel looks like background: the buffers' old "0 outside" was a valid face value
     assert torch.all((face - BACKGROUND).abs().amax(1) > 0.05)
+
+
+def test_expression_channels_hold_the_code_inside_the_mask_and_zero_outside():
+    """The tiny preset's expression channels: the frame's code at every face pixel, after the feature maps; the
+    "w/o expression" ablation and the paper config have none."""
+    import pytest
+
+    from avatars.configs import paper_config, tiny_config
+    from avatars.models.conditioning import ConditioningBuilder, expression_channels
+
+    batch = _batch()
+    batch["expression"] = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.25, -0.75]])
+    out = expression_channels(batch, 3)
+    inside = batch["mask"][:, 0] > 0.5
+    assert torch.all(out.permute(0, 2, 3, 1)[~inside] == 0)
+    for b in range(2):
+        torch.testing.assert_close(out[b].permute(1, 2, 0)[inside[b]], batch["expression"][b].expand(16, 3))
+    with pytest.raises(ValueError, match="expression"):
+        expression_channels(batch, 4)
+
+    config = tiny_config(expression_dim=3, resolution=8, conditioning_embedding_channels=(8, 16, 32))
+    assert config.expression_channels and config.conditioning_channels == 9 + 16 + 3
+    cond = ConditioningBuilder(config)(batch)
+    assert cond.shape[1] == config.conditioning_channels
+    torch.testing.assert_close(cond[:, -3:], out)
+    assert tiny_config(use_expression=False).conditioning_channels == 9 + 16
+    assert not paper_config().expression_channels and paper_config().conditioning_channels == 73

@@ -181,11 +181,11 @@ def test_ablation_switches():
         DiffusionAvatarsModel(base).training_loss(batch)
 
     no_feat = DiffusionAvatarsModel(dataclasses.replace(base, features=FeatureConfig(mapping="none")))
-    assert no_feat.controlnet.config.conditioning_channels == 9
+    assert no_feat.controlnet.config.conditioning_channels == 9 + base.expression_dim  # + the expression channels
     assert len(no_feat.parameter_groups()) == 1
     spherical = FeatureConfig(mapping="spherical", resolution=32, channels=4)
     sph = DiffusionAvatarsModel(dataclasses.replace(base, features=spherical))
-    assert sph.controlnet.config.conditioning_channels == base.conditioning_channels == 25
+    assert sph.controlnet.config.conditioning_channels == base.conditioning_channels == 25 + base.expression_dim
 
     scratch = DiffusionAvatarsModel(tiny_config(use_ldm_prior=False))
     assert scratch.controlnet is None
@@ -323,3 +323,26 @@ def test_deepcopy_keeps_expression_processors_with_the_copy():
     processors = [block.attn2.processor for _, block in expression_target_blocks(clone.unet)]
     assert [p.expression for p in processors] == list(clone.expression_layers.layers)
     assert not any(isinstance(p.base, ExpressionAttnProcessor) for p in clone.unet.attn_processors.values())
+
+
+@torch.no_grad()
+def test_expression_channels_reach_the_controlnet():
+    """With ``expression_channels`` (the tiny preset) the code changes the ControlNet's output by itself, i.e. with
+    the expression cross-attentions silent; without them (the paper's layout) it does not."""
+    batch = synthetic_batch(2)
+    other = {**batch, "expression": batch["expression"].flip(0)}
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    changes = {}
+    for channels in (True, False):
+        model = DiffusionAvatarsModel(tiny_config(expression_channels=channels))
+        _perturb_zero_layers(model)
+        for out in model.expression_layers.output_projections():
+            out.weight.zero_()
+            out.bias.zero_()
+
+        def run(b):
+            return model.denoise(latents, t, model.conditioning(b), model.encode_expression(b["expression"]))
+
+        changes[channels] = float((run(batch) - run(other)).abs().max())
+    assert changes[True] > 1e-4 and changes[False] == 0.0, changes

@@ -43,3 +43,18 @@ def test_ground_truth_is_composited_on_white_like_the_reference_frames():
     alpha[:2] = 255
     out = on_white(rgb, alpha, 4)
     assert torch.allclose(out[:, :2], torch.full((3, 2, 4), 100 / 255)) and torch.all(out[:, 2:] == 1)
+
+
+def test_effects_split_the_expression_only_dims_and_edits_leave_the_batch_alone():
+    from bench_expression_probe import EFFECTS, EXPRESSION_ONLY, FIGURE_EDITS, response_gain, with_code
+
+    dims = [d for effect in EFFECTS.values() for d in effect]
+    assert sorted(dims) == sorted(EXPRESSION_ONLY)  # each expression-only dim in exactly one effect
+    assert all(set(edit) <= set(EXPRESSION_ONLY) for edit in FIGURE_EDITS.values())
+    batch = {"expression": torch.ones(2, 8), "mask": torch.ones(2, 1, 4, 4)}
+    edited = with_code(batch, EFFECTS["gaze"])
+    assert torch.all(batch["expression"] == 1) and edited["mask"] is batch["mask"]
+    assert torch.all(edited["expression"][:, list(EFFECTS["gaze"])] == 0)
+    assert edited["expression"].sum() == 2 * (8 - len(EFFECTS["gaze"]))
+    _, _, gt_change, expr_pixels, _ = _scene()
+    assert response_gain(-gt_change, gt_change, expr_pixels) == pytest.approx(-1.0)
