@@ -246,6 +246,15 @@ def _backend_config(args: LaunchAllArgs, status_dir: Path):
                                else (args.workdir / "slurm").resolve())
 
 
+def _serve_notice_filter(record) -> bool:
+    """What of Serve's own log reaches a non-verbose run's terminal: warnings and errors, except
+    the router's "Failed to get queue length from Replica ... within 0.1s" (a replica busy loading
+    a model on a loaded machine answers late; the request is routed anyway)."""
+    import logging
+
+    return record.levelno >= logging.WARNING and not record.getMessage().startswith("Failed to get queue length")
+
+
 def _ray_session(args: LaunchAllArgs) -> RaySession:
     """The one Ray of this run: the training (``--backend ray``) starts or joins it and the
     evaluation renders on it, so an embedded Ray is started once. Worker and replica output
@@ -352,7 +361,7 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
         # a filter, not only the level: importing Serve (later) sets its logger's level to INFO again
         serve_log = logging.getLogger("ray.serve")
         serve_log.setLevel(logging.WARNING)
-        serve_log.addFilter(lambda record: record.levelno >= logging.WARNING)
+        serve_log.addFilter(_serve_notice_filter)
     clock = ProcessTreeClock()
     requested = requested_persons(args)
     results: list[JobResult] = []

@@ -110,10 +110,20 @@ def test_launch_all_starts_one_ray_for_training_and_evaluation(inits, monkeypatc
 
     monkeypatch.setattr("cluster.orchestrate.run_all", run_all)
     monkeypatch.setattr(launch_all, "_evaluate", evaluate)
+    import logging
+
+    serve_log = logging.getLogger("ray.serve")
+    monkeypatch.setattr(serve_log, "filters", [])
+    monkeypatch.setattr(serve_log, "level", serve_log.level)
     args = launch_all.LaunchAllArgs(workdir=tmp_path / "work", min_free_gb=0)
     assert launch_all.main(args) == 0
     assert len(inits) == 1 and inits[0]["address"] == "local" and inits[0]["log_to_driver"] is False
     assert len(stopped) == 1
+    # Serve's own notices stay off the terminal even after importing Serve resets its level
+    record = lambda level, msg: logging.LogRecord("ray.serve", level, __file__, 1, msg, None, None)  # noqa: E731
+    assert not serve_log.filter(record(logging.INFO, "Application 'avatars-1' is ready."))
+    assert not serve_log.filter(record(logging.WARNING, "Failed to get queue length from Replica(id='x') within 0.1s"))
+    assert serve_log.filter(record(logging.WARNING, "Replica 'x' died unexpectedly"))
 
     session = RaySession(None, EmbeddedRay(num_cpus=1))  # connect once, close once
     session.connect()
