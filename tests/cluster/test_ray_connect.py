@@ -43,6 +43,42 @@ def test_embedded_ray_is_its_own_and_listens_on_loopback(inits, monkeypatch):
     assert connect_ray(None) is False and len(inits) == 1
 
 
+def test_an_embedded_ray_that_times_out_starting_is_started_again_once(monkeypatch, capsys):
+    """Ray's "node timed out during startup" (its raylet never registered) is retried once for the
+    embedded Ray, after a shutdown of the half-started one; any other error, a second timeout, or a
+    timeout joining a cluster is raised."""
+    from cluster.ray_connect import NODE_START_TIMEOUT
+
+    calls, shutdowns = [], []
+    outcomes: list = []
+
+    def init(**kw):
+        calls.append(kw)
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    timeout = Exception(f"The current {NODE_START_TIMEOUT}. This could happen because ...")
+    outcomes[:] = [timeout, None]
+    assert connect_ray(None, EmbeddedRay(include_dashboard=False)) is True
+    assert len(calls) == 2 and calls[0] == calls[1] and shutdowns == [1]
+    assert "starting it again once" in capsys.readouterr().err
+    outcomes[:] = [timeout, timeout]
+    with pytest.raises(Exception, match=NODE_START_TIMEOUT):
+        connect_ray(None)
+    outcomes[:] = [RuntimeError("something else")]
+    with pytest.raises(RuntimeError, match="something else"):
+        connect_ray(None)
+    outcomes[:] = [timeout]
+    with pytest.raises(Exception, match=NODE_START_TIMEOUT):
+        connect_ray("10.0.0.5:6379")
+    assert outcomes == [] and len(shutdowns) == 2
+
+
 def test_a_cluster_is_joined_without_the_embedded_settings(inits, monkeypatch):
     connect_ray("10.0.0.5:6379", EmbeddedRay(num_cpus=2, bind_host="0.0.0.0"), runtime_env={"env_vars": {"A": "1"}})
     assert inits == [dict(address="10.0.0.5:6379", runtime_env={"env_vars": {"A": "1"}}, log_to_driver=True)]
