@@ -74,19 +74,3 @@ def visible_face_mask(cam_z: torch.Tensor, faces: torch.Tensor, near: float = NE
     """(F,) bool: the face's three vertices all lie at camera z >= near."""
     corner_ok = (cam_z >= near).index_select(0, faces.reshape(-1).long()).view(-1, 3)
     return corner_ok[:, 0] & corner_ok[:, 1] & corner_ok[:, 2]
-
-
-def visible_faces(cam_z: torch.Tensor, faces: torch.Tensor, near: float = NEAR) -> torch.Tensor:
-    """Indices of faces whose three vertices all lie at camera z >= near."""
-    return flat_nonzero(visible_face_mask(cam_z, faces, near))
-
-
-def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of the True entries of a flattened bool tensor (int64).
-
-    On CPU numpy's flatnonzero is 5-10x faster than torch.nonzero, and compaction is
-    the single most expensive step of the CPU rasterizer.
-    """
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(mask.contiguous().numpy()))
-    return torch.nonzero(mask.reshape(-1)).squeeze(1)

@@ -1,7 +1,8 @@
 """The CPU rasterizer as it was before its compiled kernels (torch ops only), frozen as the reference
 that `test_raster_kernels.py` compares the compiled backend with, bit for bit.
 
-Copied unchanged from shards/raster/cpu.py + cpu_coverage.py at commit 1745134 (only the imports
+Copied unchanged from shards/raster/cpu.py + cpu_coverage.py at commit 1745134, with the two helpers of
+shards/raster/common.py that only the old backend used (visible_faces, flat_nonzero; only the imports
 joined); do not "improve" it: its value is that it is the old arithmetic.
 """
 
@@ -14,13 +15,14 @@ import torch
 
 from shards.contract import Camera
 from shards.raster.buffers import RasterBuffers
-from shards.raster.common import NEAR, camera_tensors, normals_to_camera, unit_planar, vertex_normals_planar
-
-
-def visible_face_mask(cam_z: torch.Tensor, faces: torch.Tensor, near: float = NEAR) -> torch.Tensor:
-    """(F,) bool: the face's three vertices all lie at camera z >= near."""
-    corner_ok = (cam_z >= near).index_select(0, faces.reshape(-1).long()).view(-1, 3)
-    return corner_ok[:, 0] & corner_ok[:, 1] & corner_ok[:, 2]
+from shards.raster.common import (
+    NEAR,
+    camera_tensors,
+    normals_to_camera,
+    unit_planar,
+    vertex_normals_planar,
+    visible_face_mask,
+)
 
 
 def visible_faces(cam_z: torch.Tensor, faces: torch.Tensor, near: float = NEAR) -> torch.Tensor:
