@@ -9,6 +9,7 @@ pure function of (config, seed): the same config writes byte-identical files.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,21 @@ class SyntheticConfig:
     """Distance of every camera from the head centre in metres."""
     seed: int = 0
     """Master seed: the whole data set is a function of the config including this."""
+    stochastic_hair: bool = False
+    """Ablation data ("w/o diffusion"): coarse hair strands (~7 px apart at 64x64) with a random phase
+    per frame that no input carries, so the conditioning leaves that appearance open."""
+    detail_wavelength: float = 0.0
+    """Ablation data ("spherical features"): the fine skin pattern's mean wavelength in canonical units
+    (neutral metres / 0.13; the head's radius is ~0.7 of them); 0 keeps the default (~0.1,
+    2-3 px at 64x64, below both feature maps' resolution)."""
+    folded_ears: bool = False
+    """Ablation data ("spherical features"): ears swung forward over the cheeks with a colour of
+    their own, so the surface is not star-shaped (see head.fold_ears)."""
+    novel_expressions: int = 0
+    """Ablation data ("w/o LDM prior"): > 0 withholds one expression (jaw open for even person
+    indices, eyes closed for odd ones) from a person's sequences except the last
+    `novel_expressions` in sorted order (the held-out ones when it equals the ingest's
+    held_out_sequences), which show it strongly: held out, it was seen only in other persons' data."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.sequences <= len(SEQUENCE_NAMES):
@@ -90,6 +106,17 @@ class SyntheticConfig:
             raise ValueError(f"expression_dim must be >= {H.N_NAMED_EXPRESSIONS}, got {self.expression_dim}")
         if self.persons < 1 or self.frames < 1 or self.image_size < 8:
             raise ValueError("persons and frames must be >= 1 and image_size >= 8")
+        if not 0 <= self.novel_expressions < self.sequences:
+            raise ValueError(f"novel_expressions must be in [0, sequences - 1 = {self.sequences - 1}], "
+                             f"got {self.novel_expressions}")
+        if self.detail_wavelength < 0:
+            raise ValueError(f"detail_wavelength must be >= 0 (0: default pattern), got {self.detail_wavelength}")
+
+    @property
+    def novel_expression_sequences(self) -> list[str]:
+        """The sequences that show a person's withheld expression (`novel_expressions`)."""
+        return sorted(self.sequence_names)[len(self.sequence_names) - self.novel_expressions:] \
+            if self.novel_expressions else []
 
     @property
     def person_ids(self) -> list[str]:
@@ -140,6 +167,28 @@ def expression_trajectory(rng: np.random.Generator, sequence: str, frames: int, 
     return codes.astype(np.float32)
 
 
+#: `novel_expressions`: the expression a person's training sequences never show, by person index.
+WITHHELD = (H.JAW, H.BLINK)
+#: Ear fold of `folded_ears` (radians; see head.fold_ears).
+EAR_FOLD = 0.6
+
+
+def withheld_dim(person: str) -> int:
+    """The expression dim `novel_expressions` withholds from `person`'s training sequences."""
+    index = int(person) if person.isdigit() else stable_seed(person)
+    return WITHHELD[index % len(WITHHELD)]
+
+
+def withhold_expression(codes: np.ndarray, dim: int, shown: bool) -> np.ndarray:
+    """Codes (frames, dim) with ``dim`` held at most 0.1 (not shown: mouth closed / eyes open) or
+    between 0.55 and 0.95 in every frame (shown: mouth wide open / eyes closed)."""
+    out = codes.copy()
+    n = len(out)
+    out[:, dim] = (0.55 + 0.4 * np.abs(np.sin(np.pi * (np.arange(n) + 0.5) / n))) if shown \
+        else np.clip(out[:, dim], 0.0, 0.1)
+    return out
+
+
 def _png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     # compress_level fixed so the files are byte-identical across runs.
@@ -166,6 +215,11 @@ class PersonModel:
     def build(config: SyntheticConfig, person: str) -> "PersonModel":
         rng = np.random.default_rng(stable_seed(config.seed, person, "identity"))
         ident = H.Identity.sample(rng, config.expression_dim, look=int(person) if person.isdigit() else None)
+        if config.detail_wavelength:  # the same draws, rescaled to the requested mean wavelength
+            scale = 2 * np.pi / config.detail_wavelength / ident.detail_freq.mean()
+            ident = dataclasses.replace(ident, detail_freq=ident.detail_freq * scale)
+        if config.folded_ears:
+            ident = dataclasses.replace(ident, ear_fold=EAR_FOLD)
         dirs, faces = H.sphere_mesh(config.n_lat, config.n_lon)
         cams = {s: dome_camera(s, config.image_size, config.camera_distance) for s in config.serials}
         return PersonModel(ident, dirs, faces, H.neutral_head(dirs, ident), cams)
@@ -178,33 +232,37 @@ class PersonModel:
         return np.concatenate([self.neutral / H.CANONICAL_SCALE, H.ambient_coords(self.dirs, expr)], 1)
 
     def render(
-        self, vertices: np.ndarray, expr: np.ndarray, camera: Camera, camera_index: int
+        self, vertices: np.ndarray, expr: np.ndarray, camera: Camera, camera_index: int,
+        hair_phase: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Ground-truth RGB (H, W, 3) uint8 over the backdrop and alpha (H, W) uint8."""
+        """Ground-truth RGB (H, W, 3) uint8 over the backdrop and alpha (H, W) uint8 (``hair_phase``:
+        see texture.base_colour)."""
         v, f, attrs = self._raster_inputs(vertices)
         buf = rasterize(v, f, camera, attributes=attrs, backend="cpu")
-        return self._image(buf, expr, camera, camera_index)
+        return self._image(buf, expr, camera, camera_index, hair_phase)
 
-    def render_views(self, vertices: np.ndarray, expr: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def render_views(self, vertices: np.ndarray, expr: np.ndarray,
+                     hair_phase: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """`render` for every camera, in `cameras` order (the rasterizer's per-mesh work done once)."""
         v, f, attrs = self._raster_inputs(vertices)
         bufs = rasterize_views(v, f, list(self.cameras.values()), attributes=attrs, backend="cpu")
-        return [self._image(b, expr, cam, i) for i, (b, cam) in enumerate(zip(bufs, self.cameras.values()))]
+        return [self._image(b, expr, cam, i, hair_phase)
+                for i, (b, cam) in enumerate(zip(bufs, self.cameras.values()))]
 
     def _raster_inputs(self, vertices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attrs = np.concatenate([self.dirs, self.neutral / H.CANONICAL_SCALE], 1)
         return (torch.from_numpy(vertices).float(), torch.from_numpy(self.faces).long(),
                 torch.from_numpy(attrs).float())
 
-    def _image(self, buf: RasterBuffers, expr: np.ndarray, camera: Camera,
-               camera_index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _image(self, buf: RasterBuffers, expr: np.ndarray, camera: Camera, camera_index: int,
+               hair_phase: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         mask = buf.mask.numpy()
         rgb = background(camera.height, camera.width, camera_index)
         if mask.any():
             a = buf.attributes.numpy()[mask].astype(np.float64)
             n_cam = buf.normals.numpy()[mask].astype(np.float64)
             n_world = n_cam @ camera.world_to_cam[:3, :3]  # R^T n, row-vector form
-            rgb[mask] = shade(albedo(a[:, :3], a[:, 3:], self.identity, expr), n_world)
+            rgb[mask] = shade(albedo(a[:, :3], a[:, 3:], self.identity, expr, hair_phase), n_world)
         return (np.round(rgb * 255)).astype(np.uint8), (mask * 255).astype(np.uint8)
 
 
@@ -217,15 +275,31 @@ def generate_person(config: SyntheticConfig, root: Path, person: str) -> None:
     for seq in config.sequence_names:
         rng = np.random.default_rng(stable_seed(config.seed, person, seq))
         codes = expression_trajectory(rng, seq, config.frames, config.expression_dim)
+        if config.novel_expressions:
+            codes = withhold_expression(codes, withheld_dim(person), seq in config.novel_expression_sequences)
         for t, expr in enumerate(codes):
             true_v = model.true_vertices(expr)
             fit_rng = np.random.default_rng(stable_seed(config.seed, person, seq, t, "fit"))
             fitted = H.smooth_and_perturb(true_v, model.faces, fit_rng, config.fit_smoothing, config.fit_noise)
             MeshFrame(fitted.astype(np.float32), model.faces, model.canonical(expr).astype(np.float32),
                       expr).save(capture.mesh_path(seq, t))
-            for serial, (rgb, alpha) in zip(model.cameras, model.render_views(true_v, expr)):
+            # one phase per frame, the same for every camera (one state of the hair), from a seed of its own
+            hair = np.random.default_rng(stable_seed(config.seed, person, seq, t, "hair")).uniform(0, 2 * np.pi) \
+                if config.stochastic_hair else None
+            for serial, (rgb, alpha) in zip(model.cameras, model.render_views(true_v, expr, hair)):
                 atomic_write_bytes(capture.image_path(seq, t, serial), _png_bytes(rgb))
                 atomic_write_bytes(capture.alpha_path(seq, t, serial), _png_bytes(alpha))
+
+
+#: The ablation-data options: recorded in a person's ``synthetic.json`` only when set, so the
+#: default data set's files (markers included) stay what they were before the options existed.
+ABLATION_OPTIONS = ("stochastic_hair", "detail_wavelength", "folded_ears", "novel_expressions")
+
+
+def marker_config(config: SyntheticConfig) -> dict:
+    """``asdict(config)`` without the ablation options that are at their defaults."""
+    default = SyntheticConfig()
+    return {k: v for k, v in asdict(config).items() if k not in ABLATION_OPTIONS or v != getattr(default, k)}
 
 
 def generate(config: SyntheticConfig, root: Path, persons: list[str] | None = None) -> list[str]:
@@ -238,7 +312,7 @@ def generate(config: SyntheticConfig, root: Path, persons: list[str] | None = No
     done = []
     for person in persons or config.person_ids:
         marker = root / person / "synthetic.json"
-        spec = {"config": asdict(config), "person": person}
+        spec = {"config": marker_config(config), "person": person}
         if marker.is_file():
             import json
 

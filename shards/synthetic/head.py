@@ -71,6 +71,7 @@ class Identity:
     detail_freq: np.ndarray  # (3,) spatial frequencies of the fine skin pattern
     detail_phase: np.ndarray  # (3,)
     modes: np.ndarray  # (K, 4) random low-frequency displacement modes for the tail dims
+    ear_fold: float = 0.0  # radians the ears are swung forward over the cheeks (0: no fold, the default)
 
     @staticmethod
     def sample(rng: np.random.Generator, expression_dim: int, look: int | None = None) -> "Identity":
@@ -161,7 +162,36 @@ def neutral_head(dirs: np.ndarray, ident: Identity) -> np.ndarray:
     disp -= 0.006 * sum(_bump(dirs, e, 0.12) for e in EYES)  # eye sockets
     disp += 0.004 * _bump(dirs, BROWS, 0.2)  # brow ridge
     disp -= 0.004 * mouth_band(dirs)  # lips line
-    return pos + normal * disp[:, None]
+    pos = pos + normal * disp[:, None]
+    return fold_ears(pos, dirs, ident.ear_fold) if ident.ear_fold else pos
+
+
+#: Ear centres as directions; EAR_WIDTH the angular width of the (folded) ear flap.
+EARS = ((1.0, 0.0, -0.05), (-1.0, 0.0, -0.05))
+EAR_WIDTH = 0.22
+
+
+def ear_weight(dirs: np.ndarray) -> np.ndarray:
+    """(V,) weight in [0, 1] of the ear flaps on the material sphere."""
+    return sum(_bump(dirs, e, EAR_WIDTH) for e in EARS)
+
+
+def fold_ears(pos: np.ndarray, dirs: np.ndarray, angle: float) -> np.ndarray:
+    """Swing each ear forward about the vertical axis by up to ``angle`` radians and lift it 30%
+    off the head: with ``angle`` above ~0.4 the flap's front overhangs the cheek, so the surface is
+    no longer star-shaped around the centre. Two surface points (the flap and the cheek under it)
+    then lie on one ray from the centre with different appearance: a spherical (azimuth,
+    elevation) parametrisation folds them onto one texel, 3-D canonical positions keep them
+    apart."""
+    out = pos.copy()
+    for side, centre in zip((1.0, -1.0), EARS):
+        w = _bump(dirs, centre, EAR_WIDTH)
+        a = -side * angle * w  # the right ear (+x) turns towards +z by lowering its azimuth
+        c, s = np.cos(a), np.sin(a)
+        x, z = out[:, 0].copy(), out[:, 2].copy()
+        out[:, 0], out[:, 2] = x * c + z * s, -x * s + z * c
+        out *= (1.0 + 0.3 * w)[:, None]
+    return out
 
 
 def expression_offsets(dirs: np.ndarray, neutral: np.ndarray, ident: Identity, expr: np.ndarray) -> np.ndarray:

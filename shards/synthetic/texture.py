@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .head import BLINK, CHEEKS, EYES, GAZE_X, GAZE_Y, JAW, MOUTH, TONGUE, Identity
+from .head import BLINK, CHEEKS, EYES, GAZE_X, GAZE_Y, JAW, MOUTH, TONGUE, Identity, ear_weight
 
 #: World-space direction towards the key light.
 LIGHT_DIR = np.array([0.35, 0.55, 0.75]) / np.linalg.norm([0.35, 0.55, 0.75])
@@ -22,6 +22,8 @@ AMBIENT_LIGHT = 0.35
 #: the iris ~5 px and the pupil ~2.3 px: the iris spans at least one 4x4 cell of the tiny VAE's
 #: latent, which the earlier 6 / 3 / 1.5 px eyes did not (the base VAE smeared the pupils away).
 EYE_RADIUS, IRIS_RADIUS, PUPIL_RADIUS, GAZE_SHIFT = 0.17, 0.105, 0.05, 0.07
+#: Stochastic hair (ablation data): strands per turn of azimuth (~7 px apart at 64x64) and contrast.
+RANDOM_STRANDS, RANDOM_STRAND_CONTRAST = 20.0, 0.5
 #: Half-height of the mouth interior band (radians) when closed, and its growth at jaw 1.0
 #: (~1.4 px closed, ~5.5 px open at 64x64).
 MOUTH_CLOSED, MOUTH_OPEN = 0.03, 0.09
@@ -41,13 +43,15 @@ def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
     return t * t * (3 - 2 * t)
 
 
-def albedo(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.ndarray) -> np.ndarray:
+def albedo(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.ndarray,
+           hair_phase: float | None = None) -> np.ndarray:
     """Surface colour (N, 3) in [0, 1] at N surface points.
 
-    dirs: (N, 3) unit material directions; canonical: (N, 3) canonical positions.
+    dirs: (N, 3) unit material directions; canonical: (N, 3) canonical positions; hair_phase: None
+    for the default hair, else the phase of coarse strands drawn per frame (`base_colour`).
     """
     dirs = dirs / np.maximum(np.linalg.norm(dirs, axis=1, keepdims=True), 1e-8)
-    col = base_colour(dirs, canonical, ident, expr)
+    col = base_colour(dirs, canonical, ident, expr, hair_phase)
     gaze, blink = eye_pose(expr)
     for e in EYES:
         d = dirs - _unit(e)
@@ -59,8 +63,15 @@ def albedo(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.nd
     return np.clip(col, 0.0, 1.0)
 
 
-def base_colour(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.ndarray) -> np.ndarray:
-    """`albedo` before the eyes are drawn (not clipped); `dirs` unit rows."""
+def base_colour(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: np.ndarray,
+                hair_phase: float | None = None) -> np.ndarray:
+    """`albedo` before the eyes are drawn (not clipped); `dirs` unit rows.
+
+    ``hair_phase`` (ablation data): the hair's strands become coarse (``RANDOM_STRANDS`` per turn,
+    visible at 64x64) and shifted by this phase, which the generator draws per frame from a seed no
+    input carries: appearance that mesh, camera and expression code do not determine, which a
+    regression can only predict as its mean (flat hair) and a diffusion model can sample.
+    """
     n = len(dirs)
     col = np.tile(ident.skin, (n, 1))
     # Low-frequency variation and blush.
@@ -72,11 +83,17 @@ def base_colour(dirs: np.ndarray, canonical: np.ndarray, ident: Identity, expr: 
     pattern = np.sin(f[0] * canonical[:, 0] + p[0]) * np.sin(f[1] * canonical[:, 1] + p[1]) \
         * np.sin(f[2] * canonical[:, 2] + p[2])
     col *= (1.0 + 0.22 * pattern)[:, None]
+    if ident.ear_fold:  # folded ears: a flap of its own colour over the cheek (see head.fold_ears)
+        col = _mix(col, col * np.array([1.05, 0.62, 0.62]), np.clip(ear_weight(dirs), 0.0, 1.0))
     # Hair: top and back of the head, with strands along the azimuth.
     azimuth = np.arctan2(dirs[:, 0], dirs[:, 2])
     hair_w = np.maximum(_smoothstep(ident.hairline, ident.hairline + 0.08, dirs[:, 1]),
                         _smoothstep(-0.15, -0.35, dirs[:, 2]) * _smoothstep(-0.5, -0.3, dirs[:, 1]))
-    strands = ident.hair[None] * (1.0 + 0.35 * np.sin(90.0 * azimuth + 7.0 * dirs[:, 1]))[:, None]
+    if hair_phase is None:
+        strands = ident.hair[None] * (1.0 + 0.35 * np.sin(90.0 * azimuth + 7.0 * dirs[:, 1]))[:, None]
+    else:
+        wave = np.sin(RANDOM_STRANDS * azimuth + 4.0 * dirs[:, 1] + hair_phase)
+        strands = ident.hair[None] * (1.0 + RANDOM_STRAND_CONTRAST * wave)[:, None] + 0.12 * wave[:, None]
     col = _mix(col, strands, hair_w)
     # Lips and the mouth interior (the interior colour is an expression dim, not geometry); the
     # interior widens with the jaw opening, a dark line when the mouth is closed.

@@ -1,16 +1,26 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from shards.contract import Calibration, MeshFrame, PersonCapture, TrackingMeta
+from shards.raster import rasterize
 from shards.synthetic import FRONTAL_SERIAL, SyntheticConfig, generate
 from shards.synthetic import head as H
-from shards.synthetic.generate import PersonModel
+from shards.synthetic.generate import (
+    ABLATION_OPTIONS,
+    PersonModel,
+    marker_config,
+    stable_seed,
+    withheld_dim,
+    withhold_expression,
+)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -179,3 +189,106 @@ def test_mesh_files_round_trip_exactly(tmp_path):
     with zipfile.ZipFile(tmp_path / "m.npz") as z:  # np.savez_compressed's layout, deflated
         assert sorted(z.namelist()) == ["canonical.npy", "expression.npy", "faces.npy", "vertices.npy"]
         assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in z.infolist())
+
+
+# The ablation-data options (benchmarks/bench_ablations.py); every one is off by default.
+
+#: sha256 over the files (relative path + bytes, sorted) of `_GOLDEN_CFG`'s capture root, computed
+#: with the generator before the ablation options existed: the main job's data set (markers
+#: included) must stay byte-identical whatever options are added.
+_GOLDEN_CFG = SyntheticConfig(persons=1, sequences=2, frames=1, cameras=2, image_size=32, n_lat=20, n_lon=24,
+                              expression_dim=10, seed=5)
+_GOLDEN_SHA256 = "bcff85fffeff4f68e4d6dbcaa8391b63786b047c01e9a50e9d2220504603d933"
+
+
+def test_default_data_set_is_byte_identical_to_before_the_ablation_options(tmp_path):
+    generate(_GOLDEN_CFG, tmp_path)
+    h = hashlib.sha256()
+    for p in sorted(tmp_path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(tmp_path)).encode())
+            h.update(p.read_bytes())
+    assert h.hexdigest() == _GOLDEN_SHA256
+    marker = json.loads((tmp_path / "000" / "synthetic.json").read_text())
+    assert not set(ABLATION_OPTIONS) & set(marker["config"])
+
+
+def test_ablation_options_are_recorded_and_read_back(tmp_path):
+    cfg = replace(_GOLDEN_CFG, folded_ears=True, novel_expressions=1)
+    spec = marker_config(cfg)
+    assert spec["folded_ears"] is True and spec["novel_expressions"] == 1 and "stochastic_hair" not in spec
+    assert SyntheticConfig(**spec) == cfg
+
+
+def test_stochastic_hair_changes_hair_only_and_differs_per_frame():
+    cfg = replace(_GOLDEN_CFG, image_size=64, n_lat=40, n_lon=64, stochastic_hair=True)
+    model = PersonModel.build(cfg, "000")
+    expr = np.zeros(cfg.expression_dim, np.float32)
+    v = model.true_vertices(expr)
+    cam = model.cameras[FRONTAL_SERIAL]
+    a, alpha = model.render(v, expr, cam, 0, hair_phase=0.0)
+    b, _ = model.render(v, expr, cam, 0, hair_phase=np.pi)
+    changed = np.abs(a.astype(int) - b.astype(int)).max(-1) > 20
+    buf = rasterize(torch.from_numpy(v).float(), torch.from_numpy(model.faces).long(), cam,
+                    attributes=torch.from_numpy(model.dirs).float(), backend="cpu")
+    top = (buf.attributes[..., 1].numpy() > model.identity.hairline + 0.08) & buf.mask.numpy()
+    assert changed.sum() > 50 and changed[top].mean() > 0.3  # the strands, visible at 64x64
+    face = (buf.attributes[..., 2].numpy() > 0.8) & (buf.attributes[..., 1].numpy() < 0.2) & buf.mask.numpy()
+    assert face.sum() > 50 and not changed[face].any()  # the face is untouched
+    # the generator draws one phase per frame: the frames of one sequence differ in the hair
+    phases = {np.random.default_rng(stable_seed(cfg.seed, "000", "s", t, "hair")).uniform(0, 2 * np.pi)
+              for t in range(4)}
+    assert len(phases) == 4
+
+
+def test_detail_wavelength_rescales_the_skin_pattern():
+    default = PersonModel.build(_GOLDEN_CFG, "000").identity
+    coarse = PersonModel.build(replace(_GOLDEN_CFG, detail_wavelength=0.25), "000").identity
+    assert 2 * np.pi / coarse.detail_freq.mean() == pytest.approx(0.25)
+    np.testing.assert_allclose(coarse.detail_freq / default.detail_freq, coarse.detail_freq[0] / default.detail_freq[0])
+    with pytest.raises(ValueError, match="detail_wavelength"):
+        SyntheticConfig(detail_wavelength=-1)
+
+
+def _equator_azimuth(model: PersonModel) -> np.ndarray:
+    ring = np.flatnonzero(np.abs(model.dirs[:, 1]) == np.abs(model.dirs[:, 1]).min())
+    ring = ring[np.argsort(np.arctan2(model.dirs[ring, 0], model.dirs[ring, 2]))]  # material order
+    return np.unwrap(np.arctan2(model.neutral[ring, 0], model.neutral[ring, 2]))
+
+
+def test_folded_ears_make_the_head_not_star_shaped():
+    """Along the equator the surface's azimuth turns back at the ears (a fold: two surface points on
+    one ray from the centre), while the default head's azimuth rises monotonically."""
+    cfg = replace(_GOLDEN_CFG, n_lat=21, n_lon=96)
+    default = PersonModel.build(cfg, "000")
+    assert (np.diff(_equator_azimuth(default)) > 0).all()
+    folded = PersonModel.build(replace(cfg, folded_ears=True), "000")
+    assert (np.diff(_equator_azimuth(folded)) < 0).sum() >= 4  # both ears fold
+    ear = H.ear_weight(folded.dirs) > 0.5
+    lift = np.linalg.norm(folded.neutral[ear], axis=1) / np.linalg.norm(default.neutral[ear], axis=1)
+    assert lift.min() > 1.14  # the flap stands off the head
+
+
+def test_novel_expressions_are_withheld_from_training_sequences():
+    cfg = SyntheticConfig(sequences=6, novel_expressions=2)
+    assert cfg.novel_expression_sequences == ["EXP-3-cheeks+nose", "EXP-4-lips"]  # the ingest's held-out pair
+    assert withheld_dim("000") == H.JAW and withheld_dim("001") == H.BLINK
+    rng = np.random.default_rng(0)
+    codes = rng.uniform(-1, 1, (8, cfg.expression_dim)).astype(np.float32)
+    hidden = withhold_expression(codes, H.JAW, shown=False)
+    shown = withhold_expression(codes, H.JAW, shown=True)
+    assert hidden[:, H.JAW].max() <= 0.1 and shown[:, H.JAW].min() >= 0.55
+    other = [d for d in range(cfg.expression_dim) if d != H.JAW]
+    np.testing.assert_array_equal(hidden[:, other], codes[:, other])
+    with pytest.raises(ValueError, match="novel_expressions"):
+        SyntheticConfig(sequences=2, novel_expressions=2)
+
+
+def test_novel_expressions_in_the_written_capture(tmp_path):
+    cfg = replace(_GOLDEN_CFG, sequences=3, frames=2, cameras=1, novel_expressions=1)
+    generate(cfg, tmp_path)
+    cap = PersonCapture(tmp_path, "000")
+    novel = cfg.novel_expression_sequences
+    for seq in cap.sequences():
+        jaw = [MeshFrame.load(cap.mesh_path(seq, t)).expression[H.JAW] for t in range(cfg.frames)]
+        assert (min(jaw) >= 0.55) if seq in novel else (max(jaw) <= 0.1), (seq, jaw)
