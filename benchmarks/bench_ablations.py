@@ -4,7 +4,12 @@ same budget on several persons and seeds, scored on the held-out sequences and c
     python benchmarks/bench_ablations.py --workdir data [--persons 000,001] [--seeds 0,1] \\
         [--steps N] [--parallel 2] [--variants full no_expression ...]
 
-Needs the main job's data and tiny base (<workdir>/shards, zarr, base/tiny). Every run trains
+Needs the main job's data and tiny base (<workdir>/shards, zarr, base/tiny), or ``--ablation-data``:
+first prepare <workdir> the way the main job's data stages and base do, from the synthetic
+generator with its ablation-data options on (``ABLATION_DATA``: per-frame random hair strands that
+no input determines, a skin pattern the TriPlanes hold and a spherical map cannot, ears folded over
+the cheeks, and held-out sequences showing an expression that only other persons' training data
+shows; README "Table 3 on data where every component matters"). Every run trains
 the tiny preset (its steps and batch, or ``--steps``) with one switch of the model config
 changed, then renders the person's held-out evaluation set (the held-out sequences from the
 frontal camera and the training sequences from the held-out camera, 20 DDPM steps, fixed noise;
@@ -38,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import machine, report  # noqa: E402
 from heldout import Variant, main_job_base  # noqa: E402
 
+from shards.synthetic import SyntheticConfig  # noqa: E402
+
 #: name -> (label in the table, model-config overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "full": ("full model", {}),
@@ -53,7 +60,24 @@ PAIRED = ("psnr", "lpips", "jod", "psnr_face", "lpips_face")
 #: +1: higher is better, -1: lower is better.
 DIRECTION = {"psnr": 1, "ssim": 1, "lpips": -1, "jod": 1, "psnr_face": 1, "lpips_face": -1, "colour_error": -1}
 
+#: The data set of ``--ablation-data``: the default synthetic set with every ablation-data option on
+#: (novel expressions in the 2 sequences the ingest holds out by default).
+ABLATION_DATA = SyntheticConfig(stochastic_hair=True, detail_wavelength=0.25, folded_ears=True, novel_expressions=2)
+
 _EVALUATOR = None
+
+
+def prepare_ablation_data(workdir: Path, workers: int = 1) -> Path:
+    """Synthetic captures of ``ABLATION_DATA``, zarr stores, shards and the tiny base pretrained on
+    every person, under ``workdir``, by the main job's own stages (each skips what is up to date);
+    returns the base."""
+    from jobs.launch_all import LaunchAllArgs, _base_model, _data
+
+    args = LaunchAllArgs(workdir=workdir, synthetic=ABLATION_DATA, workers=workers)
+    _, failed = _data(args)
+    if failed:
+        raise RuntimeError(f"ablation data: persons failed: {failed}")
+    return _base_model(args, ABLATION_DATA.person_ids)
 
 
 def _evaluator():
@@ -150,14 +174,23 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
     ap.add_argument("--norm-every", type=int, default=50, help="steps between expression-norm records")
     ap.add_argument("--out", type=Path, default=Path("data/bench-ablations"))
+    ap.add_argument("--ablation-data", action="store_true",
+                    help="first prepare --workdir from the generator's ablation-data options (ABLATION_DATA) and "
+                         "pretrain its base (one process at a time: --parallel)")
     a = ap.parse_args()
     persons = [p for p in a.persons.split(",") if p]
     seeds = [int(s) for s in a.seeds.split(",") if s]
-    base = a.base_model or main_job_base(a.workdir)
+    if a.ablation_data:
+        prepared = prepare_ablation_data(a.workdir, workers=a.parallel)
+        base = a.base_model or prepared
+    else:
+        base = a.base_model or main_job_base(a.workdir)
     train = Variant.parse(a.train).train if a.train else {}
+    # seed-major: every variant of the first seed is done before the second seed starts, so a run cut
+    # short still holds whole (person, seed) comparisons
     jobs = [{"workdir": str(a.workdir), "base_model": str(base), "variant": v, "person": p, "seed": s, "steps": a.steps,
              "out": str(a.out / p), "norm_every": a.norm_every, "train": train}
-            for v in a.variants for s in seeds for p in persons]
+            for s in seeds for v in a.variants for p in persons]
     wall = time.time()
     cpu = time.process_time()
     with ProcessPoolExecutor(a.parallel, mp_context=get_context("spawn"), initializer=_init_worker) as pool:

@@ -66,3 +66,15 @@ def test_cached_runs_are_keyed_by_the_resolved_training_options():
     assert a != run_spec(VariantTrainConfig(person="000", seed=1), v, {})
     assert {"steps", "batch_size", "lr_networks", "lr_features", "model"} <= set(a["options"])
     assert isinstance(VariantTrainConfig(), TrainConfig)
+
+
+def test_ablation_data_turns_every_option_on_and_shows_novel_expressions_in_the_held_out_sequences():
+    """--ablation-data's generator config: each option that makes an ablation matter is on, and the
+    sequences showing a person's withheld expression are exactly the ones the ingest holds out."""
+    from bench_ablations import ABLATION_DATA
+
+    from shards.ingest import IngestConfig
+
+    assert ABLATION_DATA.stochastic_hair and ABLATION_DATA.folded_ears and ABLATION_DATA.detail_wavelength > 0
+    held_out = sorted(ABLATION_DATA.sequence_names)[-IngestConfig().held_out_sequences:]
+    assert ABLATION_DATA.novel_expression_sequences == held_out
