@@ -16,12 +16,16 @@ from avatars.models.base_networks import build_vae
 from avatars.training.base_pretraining import (
     INFO_FILE,
     BasePretrainConfig,
+    encode_latents,
     fold_latent_scale,
     image_batches,
+    latent_shape,
     pretrain_base,
     reconstruction_loss,
     resolve_persons,
+    train_unet,
     train_vae,
+    unet_draws,
     vae_loss,
 )
 from jobs import pretrain_base as cli
@@ -97,6 +101,38 @@ def test_vae_training_reduces_reconstruction_loss(shard_root):
         after = vae_loss(vae, images, 0.0, torch.Generator().manual_seed(0), **weighting)[1].item()
     assert first == pytest.approx(before, rel=0.05)  # same seeded initialisation
     assert after < 0.6 * before, (before, after)
+
+
+def test_unet_trains_the_same_on_only_the_images_it_draws(shard_root):
+    # pretrain_base encodes only the training images stage 2 draws: the UNet must come out as it
+    # does from every image encoded, and the rows must be those of the full encoding
+    persons = resolve_persons(shard_root, "all")
+    model_config = tiny_config(expression_dim=10)
+    config = _config(shard_root, shard_root / "unused", unet_steps=3, unet_batch_size=4)
+    loader = LoaderConfig(resolution=64, batch_size=8, augment=True, num_workers=0, seed=1)
+    dataset = ShardDataset([s for p in persons for s in shard_paths(shard_root, p, "train")], loader)
+    torch.manual_seed(0)
+    vae = build_vae(model_config.vae, 64).eval().requires_grad_(False)
+    full_mean, full_std = encode_latents(vae, dataset, loader, passes=2)
+    images = 2 * len(dataset)
+    assert full_mean.shape == (images, *latent_shape(model_config))
+    draws = unet_draws(config, images, latent_shape(model_config), 1000)
+    drawn = torch.cat([d[0] for d in draws]).unique()
+    assert 0 < len(drawn) <= 12 < images
+    mean, std = encode_latents(vae, dataset, loader, passes=2, indices=drawn.tolist())
+    torch.testing.assert_close(mean, full_mean[drawn], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(std, full_std[drawn], rtol=1e-4, atol=1e-5)
+    row = torch.full((images,), -1, dtype=torch.long)
+    row[drawn] = torch.arange(len(drawn))
+    context = torch.randn(1, 77, model_config.unet.cross_attention_dim)
+    reference, ref_loss, _ = train_unet(config, model_config, 0.18215, context, full_mean, full_std)
+    unet, loss, _ = train_unet(config, model_config, 0.18215, context, mean, std,
+                               [(row[idx], *rest) for idx, *rest in draws])
+    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    for (name, value), ref in zip(unet.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(value, ref, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="must lie in"):
+        encode_latents(vae, dataset, loader, passes=1, indices=[images])
 
 
 def test_reconstruction_loss_weights_the_face_and_the_edges():
