@@ -18,10 +18,12 @@ from avatars.training.base_pretraining import (
     BasePretrainConfig,
     encode_latents,
     fold_latent_scale,
+    held_out_images,
     image_batches,
     latent_shape,
     pretrain_base,
     reconstruction_loss,
+    reconstruction_psnr,
     resolve_persons,
     train_unet,
     train_vae,
@@ -61,6 +63,9 @@ def test_output_is_a_loadable_diffusers_base(pretrained):
     assert saved["vae"]["steps"] == 3 and saved["unet"]["steps"] == 3
     assert 0 < saved["cpu_seconds"]["vae"] < saved["cpu_seconds"]["total"]
     assert saved["vae"]["heldout_split"] == "test_seq" and saved["vae"]["heldout_images"] == 4
+    # the held-out PSNR is the saved (scale-folded) VAE's
+    held_out = held_out_images(saved["config"]["shard_root"], saved["config"]["persons_resolved"], 4, 64)
+    assert saved["vae"]["heldout_psnr_db"] == pytest.approx(reconstruction_psnr(vae, held_out), abs=1e-3)
     assert saved["vae"]["scaling_factor"] == pytest.approx(vae.config.scaling_factor)
     # With folding, the config's factor makes the latents unit-variance (measured on training batches).
     assert saved["vae"]["scaled_latent_std"] == pytest.approx(1.0, rel=0.35)
