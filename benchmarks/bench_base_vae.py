@@ -92,11 +92,16 @@ class ExpressionProbe:
 
     @torch.no_grad()
     def score(self, vae) -> dict:
-        from bench_expression_probe import measure, vae_round_trip
+        from bench_expression_probe import EFFECTS, measure, response_gain, vae_round_trip
 
         h = self.held
-        m = measure("", vae_round_trip(vae, h.real), vae_round_trip(vae, h.zeroed), h.real, h.face, h.pixels, h.change)
-        return {"expr response gain": m["response gain"], "expr-pixel PSNR": m["expression-pixel PSNR"]}
+        real = vae_round_trip(vae, h.real)
+        m = measure("", real, vae_round_trip(vae, h.zeroed), h.real, h.face, h.pixels, h.change)
+        row = {"expr response gain": m["response gain"], "expr-pixel PSNR": m["expression-pixel PSNR"]}
+        for effect in EFFECTS:  # each effect alone: the gaze's many pixels must not hide a lost mouth colour
+            zeroed, change, pixels = h.effect(effect)
+            row[f"gain: {effect}"] = response_gain(real - vae_round_trip(vae, zeroed), change, pixels)
+        return row
 
 
 def main() -> None:

@@ -58,3 +58,37 @@ def test_effects_split_the_expression_only_dims_and_edits_leave_the_batch_alone(
     assert edited["expression"].sum() == 2 * (8 - len(EFFECTS["gaze"]))
     _, _, gt_change, expr_pixels, _ = _scene()
     assert response_gain(-gt_change, gt_change, expr_pixels) == pytest.approx(-1.0)
+
+
+def test_base_vae_probe_scores_each_effect_alone():
+    """bench_base_vae's probe reports the mouth interior and the gaze apart: a VAE that keeps the gaze but
+    draws every mouth alike must not hide behind the overall gain (the gaze has most of the pixels)."""
+    from types import SimpleNamespace
+
+    from bench_base_vae import ExpressionProbe
+
+    gt_real, gt_zeroed, gt_change, expr_pixels, face_mask = _scene()
+    mouth = torch.zeros_like(expr_pixels)
+    mouth[:, :, 2, 2] = True  # one of the four effect pixels is the mouth's, the rest the gaze's
+    gaze = expr_pixels & ~mouth
+
+    class Held:
+        real, zeroed, change, pixels, face = gt_real, gt_zeroed, gt_change, expr_pixels, face_mask
+
+        def effect(self, name):
+            own = mouth if name == "mouth interior" else gaze
+            return gt_real - gt_change * own, gt_change * own, own
+
+    class GazeOnlyVAE:  # a round trip that keeps everything except the mouth pixel's change
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+        def decode(self, z):
+            base = (gt_zeroed * 2 - 1)
+            return SimpleNamespace(sample=torch.where(mouth.expand_as(z), base, z))
+
+    probe = ExpressionProbe.__new__(ExpressionProbe)
+    probe.held = Held()
+    row = probe.score(GazeOnlyVAE())
+    assert row["gain: gaze"] == pytest.approx(1.0) and row["gain: mouth interior"] == pytest.approx(0.0, abs=1e-6)
+    assert 0.5 < row["expr response gain"] < 1.0  # the overall gain alone looks fine
