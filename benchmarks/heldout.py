@@ -34,10 +34,14 @@ MODEL_KEYS = {f.name for f in dataclasses.fields(DiffusionAvatarsConfig)}
 
 
 def parse_value(text: str) -> Any:
-    """'600' -> 600, '1e-3' -> 0.001, 'false' -> False, anything else stays a string."""
+    """'600' -> 600, '1e-3' -> 0.001, 'false' -> False, '16-32-32' -> (16, 32, 32) (a layout, as in
+    bench_base_vae.py), anything else stays a string."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
+    parts = text.split("-")
+    if len(parts) > 1 and all(p.isdigit() for p in parts):
+        return tuple(int(p) for p in parts)
     for kind in (int, float):
         try:
             return kind(text)

@@ -35,6 +35,9 @@ def test_variant_spec_parsing():
     assert v.train == {"steps": 200, "lr_features": 0.05}
     assert v.model == {"use_expression": False, "features.mapping": "spherical"}
     assert parse_value("1e-3") == pytest.approx(1e-3) and parse_value("true") is True
+    assert parse_value("16-32-32") == (16, 32, 32) and parse_value("-1") == -1 and parse_value("a-b") == "a-b"
+    layout = Variant.parse("emb:conditioning_embedding_channels=16-32-32")
+    assert layout.model == {"conditioning_embedding_channels": (16, 32, 32)}
 
 
 def test_summary_marks_worse_only_beyond_the_paired_spread():
