@@ -18,6 +18,11 @@ sequences from the held-out camera, PSNR / SSIM / LPIPS and the face metrics):
 * each ``--variants`` entry: trained here with the tiny preset and the overrides (see
   benchmarks/heldout.py), rendered with the first sampler setting.
 
+``--train-frames N`` also scores every trained model on N of the person's own *training* frames
+(uncropped), face PSNR only: its render (first sampler setting) and its clean-image estimate from
+pure noise (t = 999: what the conditioning alone gives). Held-out and training frames alike blurred
+says the network does not fit (capacity, conditioning), not that it over-fits.
+
 Writes benchmarks/results/fidelity.json and fidelity_<person>.png (+ .txt naming the rows).
 """
 
@@ -35,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import RESULTS, report  # noqa: E402
 from heldout import (  # noqa: E402
     Variant,
+    clean_estimate,
     evaluate,
+    face_psnr,
     ground_truth,
     heldout_tasks,
     load_model,
@@ -45,6 +52,7 @@ from heldout import (  # noqa: E402
     save_rows,
     task_batch,
     train_variant,
+    training_frames,
 )
 
 from avatars.evaluation.lpips_weights import LpipsConfig  # noqa: E402
@@ -79,6 +87,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("data/bench-fidelity"), help="where variants train")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix of the output files")
+    ap.add_argument("--train-frames", type=int, default=0,
+                    help="also score each model on this many of its training frames (face PSNR)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     base = a.base_model or main_job_base(a.workdir)
@@ -124,8 +134,27 @@ def main() -> None:
             pred = render(model, batch, int(steps or 20), sampler, a.seed)
             add(f"{name} {sampler}:{steps}", pred, time.process_time() - t, extra)
     save_rows(RESULTS / f"fidelity_{a.person}{a.tag}.png", pictures)
+    train_rows = training_frame_rows(models, shards, a.person, a.train_frames, a.samplers[0], a.seed)
     report(f"fidelity{a.tag}", rows, {"person": a.person, "run": str(run), "base_model": str(base),
-                                      "frames": int(gt.shape[0]), "variants": a.variants})
+                                      "frames": int(gt.shape[0]), "variants": a.variants,
+                                      "training frames": train_rows})
+
+
+def training_frame_rows(models, shards: Path, person: str, count: int, setting: str, seed: int) -> list[dict]:
+    """Face PSNR of each model's render and clean-image estimate (t = 999) on ``count`` training frames."""
+    if count <= 0:
+        return []
+    batch = training_frames(shards, person, count, models[0][1].config.resolution)
+    gt, mask = (batch["image"] + 1) / 2, batch["mask"]
+    sampler, _, steps = setting.partition(":")
+    rows = []
+    for name, model, _ in models:
+        cond = {k: v for k, v in batch.items() if k != "image"}
+        rows.append({"model": name, "frames": int(gt.shape[0]),
+                     f"face PSNR, {setting}": face_psnr(render(model, cond, int(steps or 20), sampler, seed), gt, mask),
+                     "face PSNR, clean estimate t=999": face_psnr(clean_estimate(model, batch, 999, seed), gt, mask)})
+        print(f"training frames: {rows[-1]}", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -175,6 +175,39 @@ def render(model: DiffusionAvatarsModel, batch: dict, steps: int = 20, sampler: 
     return torch.cat(out).float().clamp(0, 1)
 
 
+def training_frames(shards: Path, person: str, count: int, resolution: int) -> dict:
+    """``count`` of the person's training samples spread evenly over its training shards, uncropped (the
+    evaluation's face window), as one batch of the training contract (``image`` in [-1, 1])."""
+    from avatars.data.shard_dataset import LoaderConfig, ShardDataset, collate, expand_batch
+    from shards.writer import shard_paths
+
+    dataset = ShardDataset(shard_paths(shards, person, "train"),
+                           LoaderConfig(resolution=resolution, augment=False, shuffle=False, num_workers=0))
+    index = np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int)
+    return expand_batch(collate([dataset.compact(int(i)) for i in index]))
+
+
+def face_psnr(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over frames of the PSNR inside the rasterized ``mask`` (images in [0, 1])."""
+    inside = (mask > 0.5).expand_as(gt).float()
+    mse = ((pred - gt) ** 2 * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
+    return float((-10 * torch.log10(mse.clamp_min(1e-10))).mean())
+
+
+@torch.no_grad()
+def clean_estimate(model: DiffusionAvatarsModel, batch: dict, timestep: int, seed: int = 0) -> torch.Tensor:
+    """(T, 3, H, W) in [0, 1]: the network's estimate of the clean image from the ground truth's latent noised to
+    ``timestep`` (fixed noise; at the last timestep the input is pure noise, so it shows what the conditioning
+    alone gives): x0 = sqrt(a) x_t - sqrt(1 - a) v."""
+    latents = model.vae.encode(batch["image"]).latent_dist.mean * model.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    steps = torch.full((latents.shape[0],), timestep, dtype=torch.long)
+    noisy = model.noise_scheduler.add_noise(latents, noise, steps)
+    v = model.denoise(noisy, steps, model.conditioning(batch), model.encode_expression(batch.get("expression")))
+    alpha = model.noise_scheduler.alphas_cumprod[timestep]
+    return model.decode_latents(alpha.sqrt() * noisy - (1 - alpha).sqrt() * v.float())
+
+
 def evaluate(evaluator, frames: TaskFrames, pred: torch.Tensor) -> dict[str, float]:
     """Metric means of one task, computed per clip (one video each) like the nightly evaluation."""
     images = pred.permute(0, 2, 3, 1).numpy()

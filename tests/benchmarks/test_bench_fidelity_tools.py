@@ -76,3 +76,31 @@ def test_main_job_base_is_the_keyed_base_launch_all_writes(tmp_path):
     assert heldout.main_job_base(tmp_path) == tmp_path / "base" / "tiny-bbb"
     (tmp_path / "base" / "tiny").mkdir()
     assert heldout.main_job_base(tmp_path) == tmp_path / "base" / "tiny"
+
+
+def test_face_psnr_and_the_clean_estimate_from_pure_noise():
+    """The training-frame rows: PSNR inside the mask only, and at t = 999 (alpha_bar 0) the clean estimate is
+    the decoded -v of pure noise, i.e. what the conditioning alone gives."""
+    from avatars.configs import tiny_config
+    from avatars.models import DiffusionAvatarsModel
+    from avatars.testing import synthetic_batch
+
+    gt, mask = torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 8, 8)
+    mask[:, :, :4] = 1
+    pred = gt.clone()
+    pred[:, :, :4] += 0.1
+    assert heldout.face_psnr(pred, gt, mask) == pytest.approx(20.0, abs=1e-3)
+    assert heldout.face_psnr(pred, gt, 1 - mask) > 90
+
+    model = DiffusionAvatarsModel(tiny_config(expression_dim=8)).eval()
+    batch = synthetic_batch(2, expression_dim=8)
+    out = heldout.clean_estimate(model, batch, 999, seed=3)
+    assert float(model.noise_scheduler.alphas_cumprod[999]) == 0.0
+    latents = model.vae.encode(batch["image"]).latent_dist.mean
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        v = model.denoise(noise, torch.full((2,), 999), model.conditioning(batch),
+                          model.encode_expression(batch["expression"]))
+        expected = model.decode_latents(-v)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert out.shape == batch["image"].shape and 0 <= float(out.min()) and float(out.max()) <= 1
