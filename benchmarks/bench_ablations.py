@@ -121,15 +121,16 @@ def run_one(job: dict) -> dict:
                                     callbacks=(ExpressionNormLog(every=job["norm_every"]),))
     start = time.process_time()
     model = load_model(run_dir, base)
-    per_task = []
+    per_task, by_task = [], {}
     for frames in heldout_tasks(workdir / "zarr", workdir / "shards", job["person"], model.config.resolution):
         pred = render(model, task_batch(frames), steps=20, seed=0)
         per_task.append(evaluate(_evaluator(), frames, pred))
+        by_task[frames.task] = {m: per_task[-1].get(m) for m in METRICS}
         del pred
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     metrics = mean_metrics(per_task)
     return {"variant": name, "person": job["person"], "seed": job["seed"],
-            **{m: metrics.get(m) for m in METRICS},
+            **{m: metrics.get(m) for m in METRICS}, "tasks": by_task,
             "train CPU s": result.get("train_cpu_s"), "eval CPU s": time.process_time() - start,
             "expression_norms": [(r["step"], r["to_out_norm_mean"]) for r in read_expression_norms(run_dir)]}
 
