@@ -5,10 +5,11 @@ compute the metrics, write comparison videos, results.json and the HTML report.
 
 One renderer application serves every person of the run (`cluster.serve.deployment`: each
 replica loads a person's model on its first request, so a replica's start is paid once, not per
-person). Per person (a thread each, `parallel_persons` at a time; `person.EvalRun`): build the
-task frames (see `tasks`), send every frame as one request addressed to the person (all in
-flight at once, so the replicas batch them), then evaluate and write
-`<reports_root>/runs/<date>/videos/<person>/<task>.mp4`; the application is deleted at the end.
+person). Per person (a thread each; `person.EvalRun`): build the task frames (see `tasks`), send
+every frame as one request addressed to the person (all in flight at once, so the replicas batch
+them), then evaluate and write `<reports_root>/runs/<date>/videos/<person>/<task>.mp4`; the
+application is deleted at the end. `parallel_persons` persons render at a time and one thread
+more runs, so that while a person's frames are scored the next person's already render.
 A person without a trained model, or whose data, model or rendering fails, is recorded as failed
 in results.json with the reason; the others go on. At the end results.json is written atomically
 and the report is built.
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +82,8 @@ class EvalDriverConfig:
     """Slowest frame rate of a comparison video."""
     parallel_persons: int = 1
     """Persons rendered at the same time (threads sending to the one renderer application; give it
-    as many replicas, `renderer.num_replicas`, to render them in parallel)."""
+    as many replicas, `renderer.num_replicas`, to render them in parallel). One more person thread
+    runs: a person's scoring (metrics, videos) does not hold up the next person's rendering."""
     eval_device: str = "cpu"
     """Torch device of the metric networks (LPIPS, JOD, face models) in the driver."""
     ray_address: str | None = None
@@ -268,6 +271,31 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
                        reused)
 
 
+PersonOutcome = tuple[str, "dict[str, TaskResult] | None", "str | None"]
+"""(person, its task results, None) or (person, None, why it failed)."""
+
+
+def evaluate_persons(run: EvalRun, handle, persons: list[str], drivers: dict[str, str | None],
+                     person_seconds: dict[str, float]) -> Iterator[PersonOutcome]:
+    """The outcome of each of `persons`, in order, rendered on the renderer application `handle`.
+    One thread more than `run`'s render slots (`parallel_persons`): while a person's frames are
+    scored, the next person's already render on the replica it left. A person's failure is
+    reported for that person only."""
+
+    def one(person: str) -> PersonOutcome:
+        t = time.time()
+        try:
+            return person, run.person(handle, person, drivers[person]), None
+        except Exception as e:  # one person's failure must not stop the night
+            log.error("%s failed:\n%s", person, traceback.format_exc())
+            return person, None, f"{type(e).__name__}: {e}"
+        finally:
+            person_seconds[person] = time.time() - t
+
+    with ThreadPoolExecutor(run.config.parallel_persons + 1, thread_name_prefix="eval") as pool:
+        yield from pool.map(one, persons)
+
+
 def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers: dict[str, str | None],
                 results: dict[str, dict[str, TaskResult]], failed: dict[str, str],
                 person_seconds: dict[str, float], app: str = "avatars") -> int:
@@ -280,31 +308,19 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
     started = connect_ray(config.ray_address, embedded, log_to_driver=False)
     from cluster.serve.deployment import delete_renderer, deploy_renderer
 
-    def one(handle, person: str) -> tuple[str, dict[str, TaskResult] | None, str | None]:
-        t = time.time()
-        try:
-            out = run.person(handle, person, drivers[person])
-            return person, out, None
-        except Exception as e:  # one person's failure must not stop the night
-            log.error("%s failed:\n%s", person, traceback.format_exc())
-            return person, None, f"{type(e).__name__}: {e}"
-        finally:
-            person_seconds[person] = time.time() - t
-
     deployed = False
     try:
         models = {p: Path(config.runs) / p / MODEL_DIR for p in todo}
         # every person the threads render at once stays loaded (plus the next one's)
         handle = deploy_renderer(models, config.renderer, app, max_models_per_replica=config.parallel_persons + 1)
         deployed = True
-        with ThreadPoolExecutor(config.parallel_persons, thread_name_prefix="eval") as pool:
-            for person, out, error in pool.map(lambda p: one(handle, p), todo):
-                if error is not None:
-                    failed[person] = error
-                    results[person] = _failed_tasks(config.tasks, error)
-                else:
-                    results[person] = out
-                    log.info("%s done in %.1f s", person, person_seconds[person])
+        for person, out, error in evaluate_persons(run, handle, todo, drivers, person_seconds):
+            if error is not None:
+                failed[person] = error
+                results[person] = _failed_tasks(config.tasks, error)
+            else:
+                results[person] = out
+                log.info("%s done in %.1f s", person, person_seconds[person])
     finally:
         if started:
             from cluster.serve.deployment import shutdown_serve_and_ray

@@ -93,8 +93,13 @@ def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int 
 
 class EvalRun:
     """What the person threads of one evaluation run share: the metric networks (loaded once, in the
-    background, used under ``eval_lock``), the opened zarr stores and the frame count; and the
-    work for one person (:meth:`person`): render on the shared renderer, evaluate, write the videos."""
+    background, used under ``eval_lock``), the opened zarr stores, the frame count and the render
+    slots; and the work for one person (:meth:`person`): render on the shared renderer, evaluate,
+    write the videos.
+
+    ``config.parallel_persons`` persons render at once (one per replica); the driver runs one person
+    thread more, and a thread holds its render slot only while its frames render: while it scores
+    them (metrics, videos), the next person's frames already render on the replica it left."""
 
     def __init__(self, config: EvalDriverConfig, run_folder: Path):
         from avatars.evaluation.face_models import FaceModelConfig
@@ -124,6 +129,7 @@ class EvalRun:
         self._stores: dict[str, object] = {}
         self._self_clips: dict[tuple[str, int], list[Clip]] = {}
         self._data_lock = threading.Lock()
+        self.render_slots = threading.Semaphore(config.parallel_persons)
 
     def store(self, person: str):
         with self._data_lock:
@@ -143,7 +149,19 @@ class EvalRun:
         return cross_reenactment(store, self.store(driver), shards, resolution)
 
     def person(self, handle, person: str, driver: str | None) -> dict[str, TaskResult]:
-        """Render `person`'s task frames through the renderer application `handle`, then score them."""
+        """Render `person`'s task frames through the renderer application `handle` (holding a render
+        slot), then score them (without it)."""
+        with self.render_slots:
+            results, rendered = self._render(handle, person, driver)
+        for frames, images in rendered:
+            with self.eval_lock:
+                self.frames_rendered += len(images)
+            results[frames.task] = self.evaluate(frames, images)
+        return {t: results[t] for t in self.config.tasks if t in results}
+
+    def _render(self, handle, person: str, driver: str | None) -> tuple[dict[str, TaskResult],
+                                                                        list[tuple[TaskFrames, list[np.ndarray]]]]:
+        """The tasks skipped or failed before rendering, and the rendered frames of the others."""
         from cluster.serve.deployment import ModelLoadError, person_handle
 
         cfg = self.config
@@ -175,11 +193,7 @@ class EvalRun:
                 for r in responses:
                     r.cancel()
             raise
-        for frames, images in rendered:
-            with self.eval_lock:
-                self.frames_rendered += len(images)
-            results[frames.task] = self.evaluate(frames, images)
-        return {t: results[t] for t in cfg.tasks if t in results}
+        return results, rendered
 
     def evaluate(self, frames: TaskFrames, images: list[np.ndarray]) -> TaskResult:
         from avatars.evaluation.video import write_comparison_video

@@ -24,7 +24,7 @@ from cluster.eval_driver.tasks import (
     self_reenactment,
 )
 from cluster.report import RunResults
-from cluster.serve.renderer import RendererConfig
+from cluster.serve.renderer import RendererConfig, RenderResult
 from shards.testing import TINY
 
 R = 64  # tiny model resolution (the tiny shards are 48 px: resized like the training loader)
@@ -270,3 +270,87 @@ def test_an_avatar_is_not_rendered_on_a_base_it_was_not_trained_on(tiny_data, tm
     assert summary.frames_rendered == 0 and not ray.is_initialized()
     results = RunResults.load(summary.results_path)
     assert all("base it was not trained on" in t.skipped["task"] for t in results.persons["000"].values())
+
+
+class _FakeResponse:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+    def cancel(self):
+        pass
+
+
+class _FakeRenderer:
+    """What `EvalRun` calls on a person's renderer handle, without Ray: `info` fails for person
+    "bad" (a corrupt checkpoint) and records when each person's rendering starts."""
+
+    def __init__(self, person, started):
+        self.person, self.started = person, started
+        self.info = self
+
+    def options(self, multiplexed_model_id):
+        return _FakeRenderer(multiplexed_model_id, self.started)
+
+    def remote(self, request=None):
+        if request is None:  # info.remote()
+            if self.person == "bad":
+                from cluster.serve.deployment import ModelLoadError
+
+                raise ModelLoadError("bad", "/runs/bad/model", "corrupt")
+            return _FakeResponse({"resolution": 4})
+        self.started[self.person].set()
+        return _FakeResponse(RenderResult(np.zeros((4, 4, 3), np.float32), request.key, 1, 0.0))
+
+
+@pytest.mark.timeout(60)
+def test_a_person_being_scored_does_not_hold_up_the_next_persons_rendering(tmp_path):
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from cluster.eval_driver.driver import evaluate_persons
+    from cluster.eval_driver.person import EvalRun
+    from cluster.report import TaskResult
+
+    persons = ["a", "bad", "b"]
+    config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                              tasks=("self_reenactment",), metrics=("psnr",), parallel_persons=1)
+    run = EvalRun(config, tmp_path)
+    started = {p: threading.Event() for p in persons}
+    conditioning = {k: np.zeros(s, np.float32) for k, s in
+                    (("mask", (1, 4, 4)), ("depth", (1, 4, 4)), ("normals", (3, 4, 4)), ("canonical", (5, 4, 4)),
+                     ("expression", (2,)))}
+    run.task_frames = lambda person, task, driver, resolution: SimpleNamespace(
+        person=person, task=task, clips=[SimpleNamespace(keys=["k0", "k1"], conditioning=[conditioning, conditioning])])
+    rendering, peak, lock = [0], [0], threading.Lock()
+    render = run._render
+
+    def counted_render(*args):
+        with lock:
+            rendering[0] += 1
+            peak[0] = max(peak[0], rendering[0])
+        try:
+            time.sleep(0.05)
+            return render(*args)
+        finally:
+            with lock:
+                rendering[0] -= 1
+
+    scored_while_b_rendered = {}
+
+    def evaluate(frames, images):  # a's scoring waits (up to 10 s) for b's rendering to start
+        scored_while_b_rendered[frames.person] = frames.person != "a" or started["b"].wait(10)
+        return TaskResult(metrics={"psnr": 1.0}, skipped={}, frames=len(images))
+
+    run._render, run.evaluate = counted_render, evaluate
+    seconds = {}
+    out = list(evaluate_persons(run, _FakeRenderer(None, started), persons, dict.fromkeys(persons), seconds))
+    assert [p for p, _, _ in out] == persons and set(seconds) == set(persons)
+    assert out[1][1] is None  # the corrupt checkpoint fails its person only
+    assert out[1][2].startswith("ModelLoadError: renderer could not load the avatar of person bad")
+    assert out[0][2] is None and out[2][2] is None and out[2][1]["self_reenactment"].frames == 2
+    assert scored_while_b_rendered == {"a": True, "b": True}  # b rendered while a was scored
+    assert peak[0] == 1 and run.frames_rendered == 4  # never more persons rendering than render slots
