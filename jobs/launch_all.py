@@ -103,9 +103,9 @@ class LaunchAllArgs:
     """Sampling steps of the evaluation renders (DDPM; the paper's 20)."""
     eval_parallel_persons: int = 2
     """Persons the evaluation renders at the same time, and replicas of its one Serve renderer
-    application (each replica loads the persons it is sent): while one person's frames render, the
-    other's render on the second replica or its metrics are computed, so both cores of a small
-    machine stay busy (on a GPU node: replicas sharing the GPU)."""
+    application (each replica loads the persons it is sent): one person thread more runs, so while a
+    person's metrics are computed the next person's frames already render on the replica it left
+    and both cores of a small machine stay busy (on a GPU node: replicas sharing the GPU)."""
     force: bool = False
     """Evaluate every person again, even those whose stored evaluation is up to date (same
     model, base, data and evaluation settings): their numbers and videos are otherwise reused."""
