@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -22,21 +27,44 @@ def test_validator_renders_a_bf16_model(train_shards, tmp_path, part):
     assert model.training  # restored
 
 
+# Trains in a child process: train_person joins a process group (init_distributed), which would stay
+# in this test process, with its RANK / MASTER_PORT environment and its listening port, and break the
+# later tests whose launch_all trains in process or starts Ray / SLURM workers that inherit them.
+VALIDATION_SCRIPT = """
+import hashlib, json, sys
+from pathlib import Path
+from avatars.training import TrainConfig, train_person
+
+shards, out = Path(sys.argv[1]), Path(sys.argv[2])
+report = {}
+for every in (1, 0):
+    cfg = TrainConfig(person="000", shards=shards, out=out / str(every), steps=2, batch_size=4,
+                      checkpoint_every=2, validate_every=every, num_workers=0, val_samples=1,
+                      val_inference_steps=2, lpips_weights=out / "none")
+    result = train_person(cfg, [])
+    run = cfg.run_dir
+    report[every] = {
+        "val_psnr": result["val_psnr"],
+        "val": sorted(p.name for p in (run / "val").iterdir()),
+        "weights": {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+                    for p in sorted((run / "model").rglob("*.safetensors"))},
+    }
+print("RESULT" + json.dumps(report))
+"""
+
+
 def test_validation_during_training_does_not_change_the_avatar(train_shards, tmp_path):
     # The tiny preset validates only at the end (the first run's CPU, README "The main job now"):
     # the validations it skips render with their own noise and must not change what is trained.
-    from avatars.training import PRESETS, TrainConfig, train_person
+    from avatars.training import PRESETS
 
     assert PRESETS["tiny"][1].validate_every == 0 and PRESETS["paper"][1].validate_every == 200
-    weights = {}
-    for every in (1, 0):
-        cfg = TrainConfig(person="000", shards=train_shards, out=tmp_path / str(every), steps=2, batch_size=4,
-                          checkpoint_every=2, validate_every=every, num_workers=0, val_samples=1,
-                          val_inference_steps=2, lpips_weights=tmp_path / "none")
-        result = train_person(cfg, [])
-        assert result["val_psnr"] > 0  # the final validation always runs
-        run = cfg.run_dir
-        assert sorted(p.name for p in (run / "val").iterdir()) == (
-            ["step_0000001.png", "step_0000002.png"] if every else ["step_0000002.png"])
-        weights[every] = {p.relative_to(run): p.read_bytes() for p in (run / "model").rglob("*.safetensors")}
-    assert weights[1] and weights[1] == weights[0]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-c", VALIDATION_SCRIPT, str(train_shards), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for every, expected in (("1", ["step_0000001.png", "step_0000002.png"]), ("0", ["step_0000002.png"])):
+        assert report[every]["val_psnr"] > 0  # the final validation always runs
+        assert report[every]["val"] == expected
+    assert report["1"]["weights"] and report["1"]["weights"] == report["0"]["weights"]
