@@ -504,8 +504,7 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
     encode_data = dataclasses.replace(train.config, batch_size=32, seed=config.seed + 1)
     encode_set = ShardDataset(train.shards, encode_data)
     images = config.latent_passes * len(encode_set)
-    draws = unet_draws(config, images, latent_shape(model_config),
-                       training_scheduler(model_config.scheduler).config.num_train_timesteps)
+    draws = unet_draws(config, images, latent_shape(model_config), model_config.scheduler.num_train_timesteps)
     drawn = torch.cat([d[0] for d in draws]).unique()  # ascending: the images the UNet uses
     mean, std_map = encode_latents(vae, encode_set, encode_data, config.latent_passes, drawn.tolist())
     row = torch.full((images,), -1, dtype=torch.long)
