@@ -62,7 +62,18 @@ class ConditioningBuilder(nn.Module):
         parts = [raster, feats.to(raster.dtype)]
         if self.expression_channels:
             parts.append(expression_channels(batch, self.expression_channels).to(raster.dtype))
-        return torch.cat(parts, dim=1)
+        return concat_channels_last(parts)
+
+
+def concat_channels_last(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, dim=1)`` laid out channels-last (NHWC strides, the same values and shape).
+
+    The ControlNet's conditioning embedding convolves this image at full resolution: the costliest
+    convolutions of a tiny-preset training step (its first one reads all channels, and its input gradient
+    reaches the feature planes). oneDNN runs them about twice as fast on channels-last input, forward and
+    backward, and concatenating straight into that layout costs less than converting afterwards
+    (``benchmarks/bench_conditioning_layout.py``). On CUDA the networks are channels-last already."""
+    return torch.cat([p.permute(0, 2, 3, 1) for p in parts], dim=3).permute(0, 3, 1, 2)
 
 
 def expression_channels(batch: dict, dim: int) -> torch.Tensor:

@@ -55,3 +55,30 @@ def test_expression_channels_hold_the_code_inside_the_mask_and_zero_outside():
     torch.testing.assert_close(cond[:, -3:], out)
     assert tiny_config(use_expression=False).conditioning_channels == 9 + 16
     assert not paper_config().expression_channels and paper_config().conditioning_channels == 73
+
+
+def test_the_conditioning_image_is_the_concatenation_laid_out_channels_last():
+    """Same values as ``torch.cat(dim=1)``, channels-last strides (the fast layout of the embedding's
+    convolutions), and the gradient still reaches every part that needs one (the feature planes)."""
+    from avatars.configs import tiny_config
+    from avatars.models.conditioning import ConditioningBuilder, concat_channels_last, expression_channels
+
+    gen = torch.Generator().manual_seed(1)
+    parts = [torch.randn(2, c, 8, 8, generator=gen, requires_grad=c == 4) for c in (9, 4, 3)]
+    out = concat_channels_last(parts)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.equal(out, torch.cat(parts, dim=1))
+    (out * torch.arange(16.0).view(1, 16, 1, 1)).sum().backward()
+    assert torch.equal(parts[1].grad, torch.arange(9.0, 13.0).view(1, 4, 1, 1).expand(2, 4, 8, 8))
+
+    batch = _batch()
+    batch["expression"] = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.25, -0.75]])
+    config = tiny_config(expression_dim=3, resolution=8, conditioning_embedding_channels=(8, 16, 32))
+    builder = ConditioningBuilder(config)
+    cond = builder(batch)
+    assert cond.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.cat([rasterized_channels(batch, builder.depth_center, builder.depth_scale),
+                          builder.features(batch["canonical"], batch["mask"]), expression_channels(batch, 3)], dim=1)
+    assert torch.equal(cond, expected)
+    cond.sum().backward()
+    assert builder.features.spatial.grad is not None and builder.features.spatial.grad.abs().sum() > 0
