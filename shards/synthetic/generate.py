@@ -191,8 +191,9 @@ def withhold_expression(codes: np.ndarray, dim: int, shown: bool) -> np.ndarray:
 
 def _png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    # compress_level fixed so the files are byte-identical across runs.
-    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    # compress_level fixed so the files are byte-identical across runs; 1, not PIL's 6: half the CPU
+    # per image (~0.7 vs ~1.4 ms for a 128 x 128 view, 1536 images per person) for files 1-4% larger.
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
