@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import report  # noqa: E402
 
+from avatars.training.rendezvous import environment_without_group  # noqa: E402
+
 
 class _Count(TorchDispatchMode):
     def __init__(self):
@@ -100,12 +102,11 @@ def main() -> None:
         print("ROW" + json.dumps(measure(args.path, args.preset)))
         return
     import json
-    import os
     import subprocess
 
     rows = []
     for path in ("before", "now"):  # separate processes: DeepSpeed's bf16 mode changes global state
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+        env = environment_without_group()
         proc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--path", path], env=env,
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(proc.stdout.split("ROW", 1)[1]))

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import RESULTS, report  # noqa: E402
+
+from avatars.training.rendezvous import environment_without_group  # noqa: E402
 
 PHASES = ("forward", "backward", "update")
 _NORMS = {"group_norm", "layer_norm"}
@@ -184,7 +185,7 @@ def main() -> None:
         print("ROW" + json.dumps(measure(args.who, args.preset, args.batch)))
         return
     results = []
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = environment_without_group()
     for who in ("ours", "peer"):  # separate processes: DeepSpeed's process group and global state
         proc = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
                                "--who", who], env=env, capture_output=True, text=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Mapping
 
 import torch
 
@@ -24,7 +25,18 @@ LOOPBACK = "127.0.0.1"
 #: How long ranks wait for each other at the rendezvous.
 TIMEOUT = datetime.timedelta(minutes=10)
 
+#: What a single-process :func:`init_distributed` leaves in ``os.environ`` (beside MASTER_ADDR): a child process
+#: that must make a process group of its own may not inherit them (nor would its port be free).
+GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")
+
 _LISTENER: socket.socket | None = None  # rank 0's store socket, kept open for the process' lifetime
+
+
+def environment_without_group(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default ``os.environ``) without :data:`GROUP_VARIABLES`: the environment of a child process
+    that starts its own training (or its own single-process group)."""
+    source = os.environ if environ is None else environ
+    return {k: v for k, v in source.items() if k not in GROUP_VARIABLES}
 
 
 def interface_of(address: str) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,14 @@ import pytest
 import torch
 
 from avatars.models.diffusion_avatars import load_trainable_weights
+from avatars.training.rendezvous import environment_without_group
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke run; on a GPU the benchmark itself is the check")
 def test_bench_gpu_smoke_on_cpu(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = environment_without_group()
     out = tmp_path / "bench_gpu.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--out", str(out),
                            "--workdir", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=900)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from avatars.models.diffusion_avatars import load_trainable_weights
+from avatars.training.rendezvous import environment_without_group
 from cluster.status import read_status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def shards(tiny_dataset) -> Path:
 
 def _env(tmp_path: Path, shards: Path, **extra: str) -> dict:
     kwargs = {"options": OPTIONS, "shards": str(shards), "out": str(tmp_path / "runs")}
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = environment_without_group()
     return {**env, "REPO": str(REPO), "PYTHON": sys.executable, "KWARGS_JSON": json.dumps(kwargs),
             "STATUS_DIR": str(tmp_path / "status"), "OMP_NUM_THREADS": "1", **extra}
 

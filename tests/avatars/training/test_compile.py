@@ -4,7 +4,6 @@ eager on the tiny config, CPU, through the real trainer."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
 from avatars.models.diffusion_avatars import load_trainable_weights
 from avatars.training.performance import compile_blocks
+from avatars.training.rendezvous import environment_without_group
 from shards.testing import build_tiny
 
 SCRIPT = textwrap.dedent("""
@@ -59,7 +59,7 @@ def test_compiled_training_matches_eager_on_cuda(tmp_path):
 
 
 def _compare(train_shards, tmp_path, rtol: float, weights_rtol: float) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = environment_without_group()
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(train_shards), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,10 +1,11 @@
 """The single-process CPU start-up compiles nothing: DeepSpeed's shm all-reduce op is not built."""
 
-import os
 import subprocess
 import sys
 
 import pytest
+
+from avatars.training.rendezvous import environment_without_group
 
 CHILD = """
 import os, torch
@@ -20,7 +21,7 @@ print("ok")
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU start-up path")
 def test_cpu_init_builds_no_extension(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env = environment_without_group()
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path)  # an empty cache: a build would land here
     proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]

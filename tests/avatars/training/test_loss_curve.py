@@ -19,7 +19,6 @@ in the features group, which this test checks too, so the bound is not vacuous.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -29,6 +28,7 @@ import torch
 
 from avatars.models import DiffusionAvatarsModel
 from avatars.models.diffusion_avatars import load_trainable_weights
+from avatars.training.rendezvous import environment_without_group
 
 STEPS = 40
 # The bounds below were measured at these learning rates (the tiny preset's before it moved to 3e-3 / 1e-1).
@@ -61,7 +61,7 @@ def _update(run: Path, start: dict[str, torch.Tensor], features: bool) -> torch.
 
 
 def test_bf16_path_trains_like_fp32(train_shards, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = environment_without_group()
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(train_shards), str(tmp_path), json.dumps(RUNS),
                            str(STEPS)], env=env, capture_output=True, text=True, timeout=900)

@@ -4,7 +4,6 @@ autocast, the fused optimizer, sync-free clipping and micro-steps, channels_last
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from avatars.training import TrainConfig
 from avatars.training.engine import LossModule, deepspeed_config
 from avatars.training.optim import clip_gradients, clipped_parameters, make_optimizer
 from avatars.training.performance import resolve_precision, store_frozen, to_channels_last, use_channels_last
+from avatars.training.rendezvous import environment_without_group
 
 CPU = torch.device("cpu")
 
@@ -190,7 +190,7 @@ def test_cuda_micro_steps_never_synchronise(tmp_path):
 
 
 def _check_micro_steps(tmp_path, zero_stages: list[int]) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = environment_without_group()
     proc = subprocess.run([sys.executable, "-c", MICRO_STEPS, json.dumps(zero_stages)], env=env, capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,7 +11,6 @@ budget of CPU time (not wall time: a 2-core machine shared with other jobs slows
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 from avatars.models.diffusion_avatars import load_trainable_weights
+from avatars.training.rendezvous import environment_without_group
 
 REPO = Path(__file__).resolve().parents[3]
 STEPS, EVERY, LOG_EVERY = 14, 6, 4
@@ -39,7 +39,7 @@ def _cmd(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = environment_without_group()
     env["OMP_NUM_THREADS"] = "1"  # same thread count in every run: bitwise-reproducible CPU math
     return env
 

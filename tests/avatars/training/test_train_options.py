@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,6 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from avatars.training.rendezvous import environment_without_group
 
 SCRIPT = textwrap.dedent("""
     import json, sys, urllib.request
@@ -62,7 +63,7 @@ def _port() -> int:
 @pytest.mark.parametrize("zero_stage,grad_accum", [(2, 1), (1, 2)])
 def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_accum):
     lpips = Path(__file__).resolve().parents[3] / "weights" / "lpips_alex.safetensors"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = environment_without_group()
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(train_shards), str(tmp_path), str(zero_stage),
                            str(grad_accum), str(_port()), str(lpips)], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -100,7 +101,7 @@ def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_
 def test_two_processes_data_parallel(train_shards, tmp_path):
     """torchrun with 2 CPU processes (gloo): both ranks step, checkpoint collectively and resume."""
     repo = Path(__file__).resolve().parents[3]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = environment_without_group()
     env["OMP_NUM_THREADS"] = "1"
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
             str(repo / "jobs" / "train_person.py"), "--person", "000", "--shards", str(train_shards), "--out",

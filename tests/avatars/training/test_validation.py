@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch
 
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
+from avatars.training.rendezvous import environment_without_group
 from avatars.training.validation import Validator
 
 
@@ -59,7 +59,7 @@ def test_validation_during_training_does_not_change_the_avatar(train_shards, tmp
     from avatars.training import PRESETS
 
     assert PRESETS["tiny"][1].validate_every == 0 and PRESETS["paper"][1].validate_every == 200
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = environment_without_group()
     proc = subprocess.run([sys.executable, "-c", VALIDATION_SCRIPT, str(train_shards), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
