@@ -54,8 +54,7 @@ def _ms_per_call(fn, steps: int) -> float:
 
 
 def measure(steps: int, repeats: int, batch_size: int) -> list[dict]:
-    model = DiffusionAvatarsModel(tiny_config(expression_dim=16))
-    model.controlnet.requires_grad_(True)
+    model = DiffusionAvatarsModel(tiny_config(expression_dim=16))  # the ControlNet and planes train, as in a run
     batch = synthetic_batch(batch_size, model.config.resolution, expression_dim=16)
     generator = torch.Generator().manual_seed(0)
     embedding = model.controlnet.controlnet_cond_embedding

@@ -147,9 +147,9 @@ def training_frame_rows(models, shards: Path, person: str, count: int, setting: 
     batch = training_frames(shards, person, count, models[0][1].config.resolution)
     gt, mask = (batch["image"] + 1) / 2, batch["mask"]
     sampler, _, steps = setting.partition(":")
+    cond = {k: v for k, v in batch.items() if k != "image"}
     rows = []
     for name, model, _ in models:
-        cond = {k: v for k, v in batch.items() if k != "image"}
         rows.append({"model": name, "frames": int(gt.shape[0]),
                      f"face PSNR, {setting}": face_psnr(render(model, cond, int(steps or 20), sampler, seed), gt, mask),
                      "face PSNR, clean estimate t=999": face_psnr(clean_estimate(model, batch, 999, seed), gt, mask)})
