@@ -14,6 +14,10 @@ variant is also scored like ``bench_expression_probe.py --vae``: on a person's h
 generator renders the ground truth with the real expression code and with the expression-only dims
 (mouth-interior colour, gaze) zeroed, and the *response gain* is the fraction of that change the
 VAE's round trip keeps on the ~50-80 expression pixels per frame (1 = all of it).
+Every row also gives the colour error of the hair and of the skin (``ΔE hair``, ``ΔE skin``: CIE76 between
+the mean CIELAB colours of the region in the reconstruction and in the ground truth, mean over the images;
+regions by canonical height inside the mask): a decoder that shifts a person's colours shows there even where
+its PSNR hardly moves.
 Writes benchmarks/results/base_vae.json and base_vae.png (+ .txt naming the rows).
 """
 
@@ -34,7 +38,7 @@ from heldout import parse_value, save_rows  # noqa: E402
 
 from avatars.configs import VAEConfig, tiny_config  # noqa: E402
 from avatars.data import LoaderConfig, ShardDataset  # noqa: E402
-from avatars.evaluation.metrics import psnr_from_mse  # noqa: E402
+from avatars.evaluation.metrics import psnr_from_mse, srgb_to_lab  # noqa: E402
 from avatars.training.base_pretraining import (  # noqa: E402
     BasePretrainConfig,
     _split_shards,
@@ -61,23 +65,48 @@ def parse_variant(spec: str) -> tuple[str, dict, dict]:
     return name or spec, pretrain, vae
 
 
-def held_out(shard_root: Path, persons: list[str], count: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images in [-1, 1], rasterized face masks) of ``count`` test_seq frames spread over the persons."""
+#: Colour regions of the synthetic heads by normalised canonical y inside the mask: the hair cap and the skin
+#: below it (the eyes and mouth included, a few percent of it).
+REGIONS = {"hair": (0.55, 2.0), "skin": (-2.0, 0.3)}
+
+
+def held_out(shard_root: Path, persons: list[str], count: int,
+             resolution: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(images in [-1, 1], rasterized face masks, :data:`REGIONS` masks) of ``count`` test_seq frames spread
+    over the persons."""
     dataset = ShardDataset(_split_shards(shard_root, persons, "test_seq"), LoaderConfig(
         resolution=resolution, batch_size=1, augment=False, shuffle=False, num_workers=0))
     idx = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().unique().tolist()
     items = [dataset[i] for i in idx]
-    return torch.stack([i["image"] for i in items]), torch.stack([i["mask"] for i in items])
+    masks = torch.stack([i["mask"] for i in items])
+    y = torch.stack([i["canonical"][1:2] for i in items])
+    regions = {name: (masks > 0.5) & (y > low) & (y < high) for name, (low, high) in REGIONS.items()}
+    return torch.stack([i["image"] for i in items]), masks, regions
+
+
+def colour_error(recon: torch.Tensor, images: torch.Tensor, region: torch.Tensor, min_pixels: int = 10) -> float:
+    """CIE76 ΔE between the mean colours (CIELAB) of ``region`` in the reconstruction and the ground truth
+    (both in [0, 1]), mean over the images with at least ``min_pixels`` region pixels: a decoder that shifts a
+    person's hair or skin colour shows here even where the PSNR hardly moves."""
+    values = []
+    for rec, gt, sel in zip(recon, images, region[:, 0]):
+        if int(sel.sum()) >= min_pixels:
+            means = [srgb_to_lab(x.permute(1, 2, 0)[sel]).mean(0) for x in (rec, gt)]
+            values.append(float((means[0] - means[1]).norm()))
+    return sum(values) / len(values) if values else float("nan")
 
 
 @torch.no_grad()
-def scores(vae, images: torch.Tensor, masks: torch.Tensor) -> tuple[dict, torch.Tensor]:
+def scores(vae, images: torch.Tensor, masks: torch.Tensor,
+           regions: dict[str, torch.Tensor] | None = None) -> tuple[dict, torch.Tensor]:
     recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample.clamp(-1, 1) for c in images.split(32)])
     err = ((recon - images) / 2).pow(2)
     face = masks.expand_as(err)
     face_mse = (err * face).flatten(1).sum(1) / face.flatten(1).sum(1).clamp_min(1)
+    colours = {f"ΔE {name}": colour_error((recon + 1) / 2, (images + 1) / 2, sel)
+               for name, sel in (regions or {}).items()}
     return {"psnr": psnr_from_mse(err.flatten(1).mean(1)).mean().item(),
-            "psnr_face": psnr_from_mse(face_mse.clamp_min(1e-12)).mean().item()}, (recon + 1) / 2
+            "psnr_face": psnr_from_mse(face_mse.clamp_min(1e-12)).mean().item(), **colours}, (recon + 1) / 2
 
 
 class ExpressionProbe:
@@ -122,14 +151,14 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     persons = resolve_persons(a.shards, a.persons)
     resolution = tiny_config().resolution
-    images, masks = held_out(a.shards, persons, a.images, resolution)
+    images, masks, regions = held_out(a.shards, persons, a.images, resolution)
     rows, pictures = [], [("ground truth", (images + 1) / 2)]
     probe = ExpressionProbe(a.probe_workdir, a.probe_person, resolution) if a.probe_workdir else None
     for base in a.bases:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(base / "vae").eval()
-        s, recon = scores(vae, images, masks)
+        s, recon = scores(vae, images, masks, regions)
         if probe is not None:
             s.update(probe.score(vae))
         rows.append({"variant": str(base), **s})
@@ -148,7 +177,7 @@ def main() -> None:
         cpu = time.process_time()
         vae, loss, _ = train_vae(config, model_config, image_batches(train, train.config))
         cpu = time.process_time() - cpu
-        s, recon = scores(vae, images, masks)
+        s, recon = scores(vae, images, masks, regions)
         if probe is not None:
             s.update(probe.score(vae))
         rows.append({"variant": name, "steps": config.vae_steps, "lr": config.vae_lr,

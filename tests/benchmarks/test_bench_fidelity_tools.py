@@ -12,7 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import heldout  # noqa: E402
-from bench_base_vae import parse_variant, scores  # noqa: E402
+from bench_base_vae import colour_error, parse_variant, scores  # noqa: E402
+
+from avatars.evaluation.metrics import srgb_to_lab  # noqa: E402
 
 
 def test_base_vae_variant_parsing():
@@ -43,6 +45,21 @@ def test_base_vae_face_psnr_counts_only_the_mask():
     assert s_top["psnr_face"] == pytest.approx(20.0, abs=1e-3)  # error 0.1 in [0, 1] units everywhere in the mask
     assert s_bottom["psnr_face"] > 100  # no error inside this mask
     assert s_top["psnr"] == pytest.approx(23.01, abs=0.01)  # half the frame wrong
+
+
+def test_base_vae_colour_error_is_the_distance_of_the_regions_mean_colours():
+    gt = torch.full((2, 3, 8, 8), 0.5)
+    recon = gt.clone()
+    recon[:, 0, :4] = 0.7  # redder in the top half only
+    top, bottom, tiny = (torch.zeros(2, 1, 8, 8, dtype=torch.bool) for _ in range(3))
+    top[:, :, :4], bottom[:, :, 4:], tiny[:, :, 0, :3] = True, True, True
+    expected = float((srgb_to_lab(torch.tensor([0.7, 0.5, 0.5])) - srgb_to_lab(torch.tensor([0.5, 0.5, 0.5]))).norm())
+    assert colour_error(recon, gt, top) == pytest.approx(expected, rel=1e-5) and expected > 10
+    assert colour_error(recon, gt, bottom) == pytest.approx(0.0, abs=1e-9)
+    assert colour_error(recon, gt, tiny) != colour_error(recon, gt, tiny)  # no image with 10 pixels: NaN
+    # the mean colour, not the mean error: a region half +0.2 and half -0.2 red has the ground truth's mean
+    recon[:, 0, 4:] = 0.3
+    assert colour_error(recon, gt, top | bottom) < 0.1 * expected
 
 
 def test_train_variant_checkpoints_once_at_the_end(tmp_path, monkeypatch):
