@@ -64,6 +64,10 @@ class LoaderConfig:
     shuffle: bool = True
     """Shuffle samples (a new permutation each epoch)."""
 
+    def __post_init__(self) -> None:
+        if not 0 < self.min_crop <= 1:
+            raise ValueError(f"min_crop must be in (0, 1], got {self.min_crop}")
+
 
 def _index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """[(key, {member ext: (offset, size)})] of a shard, checking it is complete."""

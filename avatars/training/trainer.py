@@ -124,7 +124,7 @@ class Trainer:
 
         train_paths = shard_paths(cfg.shards, cfg.person, "train")
         self.loader_config = LoaderConfig(resolution=0, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                          seed=cfg.seed)
+                                          seed=cfg.seed, min_crop=cfg.min_crop)
         # The model config needs the expression dim (read off a sample), the loader the model's
         # resolution (only used when samples are cropped, so it can be set after indexing).
         self.dataset = ShardDataset(train_paths, self.loader_config)

@@ -19,6 +19,7 @@ def test_presets_are_complete_configs():
     tiny, paper = PRESETS["tiny"][1], PRESETS["paper"][1]
     assert tiny.model == tiny_config()
     assert (tiny.steps, tiny.batch_size, tiny.lr_networks, tiny.lr_features) == (600, 4, 3e-3, 1e-1)
+    assert (tiny.min_crop, paper.min_crop) == (1.0, 0.7)  # tiny: no crops (README "Training crops"); the official 0.7
     assert paper.model == paper_config()
     assert (paper.steps, paper.batch_size, paper.lr_networks, paper.lr_features) == (100_000, 8, 1e-4, 1e-2)
     config = train_preset("paper", steps=5)

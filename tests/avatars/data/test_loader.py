@@ -59,6 +59,18 @@ def test_no_augmentation_is_the_resized_image(loader_shards):
     assert torch.equal(s["canonical"], torch.from_numpy(dec.canonical))
 
 
+def test_min_crop_one_trains_on_the_evaluation_window(loader_shards):
+    # TrainOptions.min_crop=1: every training sample is the whole face window, as the evaluation renders it.
+    whole = _dataset(loader_shards, replace(CFG, resolution=48, min_crop=1.0))
+    plain = _dataset(loader_shards, replace(CFG, resolution=48, augment=False))
+    for i in range(len(whole)):
+        a, b = whole[i], plain[i]
+        assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k])), i
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="min_crop"):
+            LoaderConfig(min_crop=bad)
+
+
 def test_samples_are_deterministic_across_workers(loader_shards):
     ds = _dataset(loader_shards)
     runs = []

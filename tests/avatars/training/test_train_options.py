@@ -21,12 +21,13 @@ SCRIPT = textwrap.dedent("""
     cfg = TrainConfig(person="000", shards=Path(sys.argv[1]), out=Path(sys.argv[2]), steps=4, batch_size=4,
                       checkpoint_every=2, validate_every=2, log_every=1, num_workers=0, val_samples=2,
                       val_inference_steps=2, zero_stage=int(sys.argv[3]), grad_accum=int(sys.argv[4]), clip_scope="all",
-                      metrics_port=int(sys.argv[5]), lpips_weights=Path(sys.argv[6]))
+                      metrics_port=int(sys.argv[5]), lpips_weights=Path(sys.argv[6]), min_crop=0.8)
 
     class Recorder(TrainerCallback):
         # every hook call, in order
         events = []
-        def on_train_start(self, trainer): self.events.append(["start", trainer.state.step])
+        def on_train_start(self, trainer):
+            self.events.append(["start", trainer.state.step, trainer.loader_config.min_crop])
         def on_step_end(self, trainer, step): self.events.append(["step", step])
         def on_log(self, trainer, record):
             kinds = {"metrics_port": "port", "first_step_s": "first step", "loss": "window", "val_psnr": "validation"}
@@ -73,7 +74,7 @@ def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_
     window, validation = ["log", ["window"]], ["log", ["validation"]]
     assert out["events"] == [
         # Prometheus (called before the recorder) logs its port through the trainer
-        ["log", ["port"]], ["start", 0],
+        ["log", ["port"]], ["start", 0, 0.8],  # --min-crop reaches the training loader
         ["step", 1], ["log", ["first step"]], window,
         ["step", 2], window, validation, ["validation", 2], ["checkpoint", 2, "step_0000002"],
         ["step", 3], window,
