@@ -65,8 +65,13 @@ class LoaderConfig:
     """Shuffle samples (a new permutation each epoch)."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_crop <= 1:
-            raise ValueError(f"min_crop must be in (0, 1], got {self.min_crop}")
+        check_min_crop(self.min_crop)
+
+
+def check_min_crop(min_crop: float) -> None:
+    """A crop side is a fraction in [min_crop, 1] of the face window's: refuse anything outside (0, 1]."""
+    if not 0 < min_crop <= 1:
+        raise ValueError(f"min_crop must be in (0, 1], got {min_crop}")
 
 
 def _index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:

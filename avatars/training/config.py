@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from avatars.configs import DiffusionAvatarsConfig, paper_config, tiny_config
+from avatars.data.shard_dataset import check_min_crop
 
 
 @dataclass
@@ -87,6 +88,10 @@ class TrainOptions:
     Prometheus on another machine scrapes it."""
     lpips_weights: Path = Path("weights/lpips_alex.safetensors")
     """LPIPS AlexNet weights for validation (written by setup.sh); validation reports PSNR only if absent."""
+
+    def __post_init__(self) -> None:
+        # checked when the options are parsed, not when a person's trainer has already made its run folder
+        check_min_crop(self.min_crop)
 
 
 @dataclass

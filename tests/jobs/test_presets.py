@@ -51,6 +51,16 @@ def test_the_first_argument_picks_the_preset_and_tiny_is_the_default():
     assert args.train.base_model == Path("/models/sd21")
 
 
+def test_a_bad_min_crop_is_refused_when_the_options_are_parsed(capsys):
+    # before any person's trainer has made its run folder
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="min_crop must be in"):
+            train_preset("tiny", min_crop=bad)
+    with pytest.raises(SystemExit):
+        preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["--train.min-crop", "0"])
+    assert "min_crop must be in (0, 1]" in " ".join(capsys.readouterr().err.split())
+
+
 def test_run_takes_typed_options_or_json_overrides(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(train_job, "train", lambda config, status=None: seen.append(config) or {"ok": True})
