@@ -269,6 +269,13 @@ class RenderOptions:
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the networks of a denoising step ("auto": on CUDA only; a CPU compile takes
     minutes for little gain). On CUDA the "reduce-overhead" mode records CUDA graphs per bucket."""
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    """Record each bucket's whole render (conditioning, the DDPM loop or the single pass, the VAE
+    decode) as one CUDA graph and replay it per call: one launch instead of thousands of eager
+    kernel launches, and nothing to compile (the recording is one eager render). "auto": on CUDA
+    when ``compile`` is off (compile's "reduce-overhead" mode records its own graphs); "on" needs
+    CUDA and turns compile's "auto" off. DDIM and DPM-Solver++ (host reads in diffusers' steps) stay
+    eager."""
     batch_buckets: tuple[int, ...] = ()
     """Batch sizes a call runs at (padded up to the smallest that holds it). Empty: powers of two
     up to the renderer's max batch size, plus that size. One bucket: no batching effect at all."""
@@ -286,6 +293,11 @@ class RenderOptions:
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
+        if self.cuda_graphs == "on" and self.compile == "on":
+            raise ValueError("cuda_graphs='on' and compile='on': choose one (compile's reduce-overhead mode "
+                             "records its own CUDA graphs)")
         if any(int(b) < 1 for b in self.batch_buckets):
             raise ValueError(f"batch buckets must be >= 1, got {self.batch_buckets}")
         if self.decode_chunk < 1:
@@ -298,7 +310,16 @@ class RenderOptions:
         return self.precision
 
     def compiles_on(self, device_type: str) -> bool:
-        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda")
+        # an explicit cuda_graphs="on" takes the place of compile's "auto"
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda" and self.cuda_graphs != "on")
+
+    def graphs_on(self, device_type: str) -> bool:
+        """Whether renders on this device type replay recorded CUDA graphs ("on" off CUDA is an error)."""
+        if self.cuda_graphs == "on" and device_type != "cuda":
+            raise ValueError(f"cuda_graphs='on' needs a CUDA device, got {device_type!r}")
+        if self.compiles_on(device_type):
+            return False
+        return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and device_type == "cuda")
 
     def buckets(self, max_batch_size: int) -> tuple[int, ...]:
         if self.batch_buckets:

@@ -11,7 +11,9 @@ On CUDA (the paper configuration: SD2.1 layout, 512x512, random weights):
   compile time is the compiled run's first step minus the eager run's;
 * rendering: the Serve renderer's pipeline (`cluster.serve.renderer.FrameRenderer`: the trained
   avatar loaded with `from_pretrained`, `RenderPipeline`, warm-up of every batch bucket), 20 DDPM
-  steps, batch 1 and 8; host syncs per call counted with `torch.cuda.set_sync_debug_mode`;
+  steps, batch 1 and 8, per mode (`--render-modes`: eager, graphs = each bucket replayed from one
+  recorded CUDA graph, compiled = torch.compile); host syncs per call counted with
+  `torch.cuda.set_sync_debug_mode`;
 * the peer: stock diffusers on the SD2.1 layout with random weights (the recipe of the shared
   `peer_controlnet_bench.py`): `StableDiffusionControlNetPipeline` with bf16 weights, and a
   train_controlnet-style step (frozen UNet/VAE in bf16, fp32 ControlNet, bf16 autocast, AdamW);
@@ -65,6 +67,9 @@ from gpu_profile import profile_section  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
 
 Section = Literal["train", "compile", "render", "peer", "profile"]
+RenderMode = Literal["eager", "graphs", "compiled"]
+#: RenderOptions (compile, cuda_graphs) of each render mode.
+RENDER_MODES = {"eager": ("off", "off"), "graphs": ("off", "on"), "compiled": ("on", "off")}
 #: The issue's goals on one H100 (samples/s; frames/s at batch 1 and at batch >= 8).
 GOALS = {"train": 100.0, "render_1": 5.0, "render_8": 20.0}
 
@@ -82,9 +87,10 @@ class BenchGpuArgs:
     """Rendering batch sizes (default: 1 and 8; 1 and 2 on CPU)."""
     render_steps: int | None = None
     """DDPM steps per rendered frame (default: 20, the paper's; 2 on CPU)."""
-    render_compile: Literal["auto", "on", "off"] = "auto"
-    """The render pipeline's torch.compile (RenderOptions.compile): "off" measures the eager bf16 path
-    without the warm-up's compilation."""
+    render_modes: tuple[RenderMode, ...] = ("eager", "graphs", "compiled")
+    """How the render pipeline runs, a row per mode and batch: eager (RenderOptions compile and
+    cuda_graphs off), graphs (each bucket's render recorded as one CUDA graph at warm-up), compiled
+    (torch.compile, reduce-overhead; its warm-up compiles, minutes at 512x512). Off CUDA only eager runs."""
     workers: int | None = None
     """Loader threads of the training runs (default: half the CPU cores, at most 8)."""
     workdir: Path | None = None
@@ -101,7 +107,7 @@ def resolve(args: BenchGpuArgs) -> Setup:
                  train_steps=args.train_steps or (40 if cuda else 3),
                  train_batch=args.train_batch or (8 if cuda else 2),
                  render_batches=args.render_batches or ((1, 8) if cuda else (1, 2)),
-                 render_steps=args.render_steps or (20 if cuda else 2), render_compile=args.render_compile,
+                 render_steps=args.render_steps or (20 if cuda else 2), render_modes=args.render_modes,
                  workers=args.workers or max(1, min(8, (os.cpu_count() or 2) // 2)))
 
 
@@ -166,17 +172,35 @@ def count_flops(model_dir: str, s: Setup, expression_dim: int) -> dict:
 
 
 def render_rows(model_dir: str, s: Setup, expression_dim: int) -> list[dict]:
-    """The Serve renderer's pipeline: load + warm-up (compilation) once, then each batch size."""
+    """The Serve renderer's pipeline, per mode: load + warm-up (compilation or graph recording) once,
+    then each batch size. Off CUDA only the eager mode runs (see :func:`skipped_render_modes`)."""
+    rows = []
+    for mode in s.render_modes:
+        if mode not in skipped_render_modes(s):
+            rows += render_mode_rows(model_dir, s, expression_dim, mode)
+    return rows
+
+
+def skipped_render_modes(s: Setup) -> dict[str, str]:
+    """Render modes that do not run here, with the reason."""
+    if s.cuda:
+        return {}
+    return {"graphs": "skipped on CPU: CUDA graphs need CUDA (tests/avatars/test_render_pipeline.py, gpu)",
+            "compiled": "skipped on CPU: minutes of compiling (tests/avatars/test_render_pipeline.py covers it)"}
+
+
+def render_mode_rows(model_dir: str, s: Setup, expression_dim: int, mode: str) -> list[dict]:
     from avatars.configs import RenderOptions
     from avatars.host_sync import count_host_syncs
     from avatars.testing import synthetic_batch
     from cluster.serve.renderer import FrameRenderer, RendererConfig
 
+    compile, graphs = RENDER_MODES[mode]
     reset_peak(s.device)
     start = time.perf_counter()
     renderer = FrameRenderer(Path(model_dir), RendererConfig(
         num_inference_steps=s.render_steps, max_batch_size=max(s.render_batches), device=str(s.device),
-        pipeline=RenderOptions(batch_buckets=s.render_batches, compile=s.render_compile)))
+        pipeline=RenderOptions(batch_buckets=s.render_batches, compile=compile, cuda_graphs=graphs)))
     sync(s.device)
     load_s = time.perf_counter() - start
     rows = []
@@ -187,10 +211,13 @@ def render_rows(model_dir: str, s: Setup, expression_dim: int) -> list[dict]:
         call()
         _, syncs = count_host_syncs(call, s.device)
         seconds = median_seconds(call, s.device, 3)
-        rows.append({"batch": size, "frames_per_s": size / seconds, "call_s": seconds,
+        rows.append({"mode": mode, "batch": size, "frames_per_s": size / seconds, "call_s": seconds,
                      "host_syncs_per_call": syncs.to_json(), "peak_GiB": peak_gib(s.device),
-                     "load_and_warm_up_s": load_s, "compiled": renderer.pipeline.compiled})
+                     "load_and_warm_up_s": load_s, "compiled": renderer.pipeline.compiled,
+                     "graphed": renderer.pipeline.graphed})
     renderer = None  # frees it (not `del`: the closure above refers to it)
+    if mode == "compiled":
+        torch._dynamo.reset()
     free_memory()
     return rows
 
@@ -263,6 +290,7 @@ def run_sections(args: BenchGpuArgs, s: Setup, results: dict, save: Callable[[st
     if "render" in args.only:
         state["section"] = "render"
         results["render"] = render_rows(model_dir, s, dim)
+        results["render_skipped"] = {m: why for m, why in skipped_render_modes(s).items() if m in s.render_modes}
         save("render")
     if "peer" in args.only:
         state["section"] = "peer"
@@ -322,7 +350,8 @@ def table(results: dict) -> list[dict]:
     peers = {r["batch"]: r for r in results.get("peer_render", [])}
     for row in results.get("render", []):
         goal = GOALS["render_1"] if row["batch"] == 1 else GOALS["render_8"] if row["batch"] >= 8 else None
-        ours(f"rendering {results['render_steps']} DDPM steps, batch {row['batch']}", row, "frames/s", goal,
+        ours(f"rendering {results['render_steps']} DDPM steps, batch {row['batch']} ({row['mode']})", row,
+             "frames/s", goal,
              peers.get(row["batch"]), {"host syncs/call": syncs(row["host_syncs_per_call"]),
                                        "stock host syncs/call": syncs(peers.get(row["batch"], {}).get(
                                            "host_syncs_per_call")),

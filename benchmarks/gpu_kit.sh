@@ -3,10 +3,12 @@
 #
 #   bash benchmarks/gpu_kit.sh download          # here, with registry access: fill .whl/ (ignored by git)
 # there (Python 3.12 + torch 2.11, no registry; the device tool with carry [".whl"]), one call each, in order:
-#   bash benchmarks/gpu_kit.sh first             # ~9 min: the 3 GPU tests fixed since the last run (+1), then
-#                                                # bench_gpu --only train profile render peer (eager)
-#   bash benchmarks/gpu_kit.sh compiled-train    # the --compile training row and its compile time
+#   bash benchmarks/gpu_kit.sh first             # ~6 min: every gpu test that compiles nothing (the CUDA-graph
+#                                                # render first), then bench_gpu --only render peer, render
+#                                                # modes eager and graphs (a 4-step avatar trained first)
 #   bash benchmarks/gpu_kit.sh compiled-render   # the compiled render rows (the Serve warm-up's compile)
+#   bash benchmarks/gpu_kit.sh compile-tests     # the two gpu tests that compile (compiled == eager on CUDA)
+#   bash benchmarks/gpu_kit.sh compiled-train    # the --compile training row and its compile time
 # and the building blocks:
 #   bash benchmarks/gpu_kit.sh bench [ARGS]      # install the wheels into /tmp/site, run bench_gpu.py [ARGS]
 #   bash benchmarks/gpu_kit.sh test [FILES]      # the same wheels, then pytest -m gpu (default: every gpu test file)
@@ -37,19 +39,18 @@ DEEPSPEED=deepspeed==0.19.8  # an sdist only: built here into a py3-none-any whe
 #: Seconds per step (the device tool stops a command at 600 s; installing takes ~30 s). A session with less device
 #: time left than a call needs sets them lower (COMPILE_TIMEOUT = budget_left_s - 90), or its machine goes back
 #: mid-call and nothing comes back.
-TEST_TIMEOUT=${TEST_TIMEOUT:-140}
+TEST_TIMEOUT=${TEST_TIMEOUT:-200}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-370}
 COMPILE_TIMEOUT=${COMPILE_TIMEOUT:-520}
 #: `first`: seconds from the script's start by which everything has ended (the bench gets what the tests leave).
 CALL_BUDGET=${CALL_BUDGET:-560}
 
-# The three GPU tests that failed on the H200 (2026-11-26) and were fixed without a GPU since, then the CUDA
-# check of the VAE-outside-autocast change made without a GPU (seconds).
-FIXED_TESTS=(
-  tests/shards/test_raster.py::test_nvdiffrast_input_checks_do_not_sync
-  tests/avatars/training/test_precision.py::test_cuda_micro_steps_never_synchronise
-  tests/avatars/training/test_step_work.py::test_cuda_vae_encode_has_no_fp32_norms_under_autocast
+# `first`: the gpu tests that compile nothing (pytest -k), the one new since the last GPU run first.
+FIRST_TESTS=(tests/avatars/test_render_pipeline.py::test_cuda_graph_render_equals_eager_bit_for_bit)
+# The gpu tests that compile (each minutes on a GPU: test_compile's did not finish in 140 s on an H200).
+COMPILE_TESTS=(
   tests/avatars/training/test_compile.py::test_compiled_training_matches_eager_on_cuda
+  tests/avatars/test_render_pipeline.py::test_cuda_default_render_is_bf16_compiled_and_never_syncs
 )
 
 # The gpu-marked tests (collecting the whole suite would import Ray, submitit, ... which the machine lacks).
@@ -106,8 +107,9 @@ tests_for() {
 
 case "${1:-}" in
   download) shift; download "$@"; exit ;;
-  bench|test|first|compiled-train|compiled-render) ;;
-  *) echo "usage: $0 download | first | compiled-train | compiled-render | bench [bench_gpu.py args] | test [files]" >&2
+  bench|test|first|compiled-train|compiled-render|compile-tests) ;;
+  *) echo "usage: $0 download | first | compiled-render | compile-tests | compiled-train | bench [bench_gpu.py args]" \
+          "| test [files]" >&2
      exit 2 ;;
 esac
 
@@ -116,13 +118,17 @@ install || exit 1
 case "$1" in
   bench) shift; bench_for "$BENCH_TIMEOUT" "$@" ;;
   test) shift; if [ $# -gt 0 ]; then tests_for "$TEST_TIMEOUT" "$@"; else tests_for "$TEST_TIMEOUT" "${GPU_TESTS[@]}"; fi ;;
-  # Call 1 (~9 min): what the last session could not confirm, then the eager table, the profile of ours vs the peer
+  # Call 1 (~6 min): the CUDA-graph render (new since the last GPU run) and every gpu test that compiles nothing,
+  # then the render rows eager vs graphs vs the peer (the training rows and the profile were measured 2026-11-27)
   first)
-    tests_for "$TEST_TIMEOUT" "${FIXED_TESTS[@]}"
-    bench_for $((CALL_BUDGET - SECONDS - 20)) --only train profile render peer --render-compile off --train-steps 24 ;;
-  # Call 2: the --compile training row (its first step compiles)
-  # (no eager run: compile_s = its first_step_s minus the eager one of call 1 on the same warm machine)
+    tests_for 120 "${FIRST_TESTS[@]}"
+    tests_for $((CALL_BUDGET - SECONDS - 250)) -k "not compiled and not graph_render" "${GPU_TESTS[@]}"  # bench: 250 s
+    bench_for $((CALL_BUDGET - SECONDS - 20)) --only render peer --render-modes eager graphs --train-steps 4 ;;
+  # Call 2: the compiled render rows (the renderer's warm-up compiles the buckets 1 and 8)
+  compiled-render) bench_for "$COMPILE_TIMEOUT" --only render --render-modes compiled --train-steps 4 ;;
+  # Call 3: the gpu tests that compile
+  compile-tests) tests_for "$COMPILE_TIMEOUT" "${COMPILE_TESTS[@]}" ;;
+  # The --compile training row (its first step compiles; compile_s needs an eager row of the same call:
+  # pass --only train compile through `bench` for both)
   compiled-train) bench_for "$COMPILE_TIMEOUT" --only compile --train-steps 12 ;;
-  # Call 3: the compiled render rows (the renderer's warm-up compiles the buckets 1 and 8)
-  compiled-render) bench_for "$COMPILE_TIMEOUT" --only render --render-compile on --train-steps 4 ;;
 esac

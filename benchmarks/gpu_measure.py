@@ -20,7 +20,7 @@ class Setup:
     train_batch: int
     render_batches: tuple[int, ...]
     render_steps: int
-    render_compile: str
+    render_modes: tuple[str, ...]
     workers: int
     rows: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)

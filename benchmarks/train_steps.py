@@ -72,8 +72,9 @@ def our_step(preset: str, device: torch.device, batch_size: int, precision: str 
     from avatars.training.rendezvous import init_distributed
 
     _, world = init_distributed()
+    # eager (the paper preset compiles): the profile compares eager kernels, --compile has its own row
     cfg = train_preset(preset, batch_size=batch_size, precision=precision, memory_format=memory_format,
-                       random_base=preset != "tiny")
+                       random_base=preset != "tiny", compile=False)
     config = cfg.model_config(expression_dim)
     if model is not None and model.config != config:
         raise ValueError("the model given was not built for this preset and expression_dim (use our_model)")

@@ -14,7 +14,9 @@ video), prepared for throughput:
   "reduce-overhead" mode, i.e. with CUDA graphs recorded per bucket); :meth:`warm_up` compiles
   and records every bucket, so a server calls it before taking requests and never compiles on a
   live one; with ``compile_cache`` the compiled code is loaded from / saved to a folder, so only
-  the first process compiles (:mod:`avatars.pipelines.compile_cache`);
+  the first process compiles (:mod:`avatars.pipelines.compile_cache`). With ``cuda_graphs`` (on
+  CUDA when ``compile`` is off) each bucket's whole render is recorded once as a CUDA graph and
+  replayed (:mod:`avatars.pipelines.cuda_graph`): the eager kernels, one launch, no compiler;
 * the VAE decodes at most ``decode_chunk`` frames at once.
 
 Frames: at one bucket size a frame renders bit-for-bit the same whatever the other frames of its
@@ -36,6 +38,7 @@ from avatars.configs import RenderOptions
 from avatars.models.diffusion_avatars import DiffusionAvatarsModel
 from avatars.pipelines.avatar_pipeline import AvatarPipeline, frame_seeds, sample_ddpm
 from avatars.pipelines.compile_cache import load_compiled, save_compiled
+from avatars.pipelines.cuda_graph import GraphedCall
 from avatars.pipelines.noise import NoiseBank
 
 #: Batch keys of a render request (docs/CONTRACTS.md "Training batch", without the target).
@@ -84,6 +87,8 @@ class RenderPipeline:
         self.noise = NoiseBank()
         self.reference = AvatarPipeline(model, self.noise)  # shared helpers: shapes, DDPM tables
         self.compiled = self.options.compiles_on(self.device.type)
+        self.graphed = self.options.graphs_on(self.device.type)
+        self._graphs: dict[tuple, GraphedCall] = {}  # (steps, sampler, input shapes and dtypes) -> recorded render
         self._denoise = model.denoise
         if self.compiled:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -126,8 +131,34 @@ class RenderPipeline:
         return torch.cat(images)
 
     def _render(self, batch: dict, num_inference_steps: int, sampler: str, seeds: list[int]) -> torch.Tensor:
+        """Host side of a bucket's render (inputs to the device, the frames' noise), then
+        :meth:`_compute`, replayed from a recorded CUDA graph when ``cuda_graphs`` is on."""
         model, device = self.model, self.device
-        batch = {k: _to_device(v, device) for k, v in batch.items()}
+        batch = {k: _to_device(batch[k], device) for k in INPUT_KEYS}
+        height, width = batch["mask"].shape[2], batch["mask"].shape[3]
+        shape = self.reference.latent_shape(height, width)
+        diffusion = model.config.use_diffusion
+        if diffusion and sampler == "ddpm":
+            noise = self.noise.batch(seeds, shape, num_inference_steps, device)
+        elif diffusion:
+            noise = self.noise.batch(seeds, shape, 0, device)[:1]
+        else:
+            noise = ()
+        inputs = [batch[k] for k in INPUT_KEYS] + list(noise)
+        compute = partial(self._compute, num_inference_steps=num_inference_steps, sampler=sampler)
+        if not self.graphed or (diffusion and sampler != "ddpm"):
+            return compute(*inputs)
+        key = (num_inference_steps, sampler if diffusion else "single pass",
+               tuple((tuple(t.shape), t.dtype) for t in inputs))
+        if key not in self._graphs:  # recorded once per bucket shape (warm_up records them up front)
+            self._graphs[key] = GraphedCall(compute, inputs)
+        return self._graphs[key](*inputs)
+
+    def _compute(self, *inputs: torch.Tensor, num_inference_steps: int, sampler: str) -> torch.Tensor:
+        """Device side of a render: ``inputs`` are the batch's :data:`INPUT_KEYS` tensors, then the
+        noise (DDPM: initial and per-step; DDIM / DPM: initial; single pass: none)."""
+        model = self.model
+        batch, noise = dict(zip(INPUT_KEYS, inputs)), inputs[len(INPUT_KEYS):]
         size, height, width = batch["mask"].shape[0], batch["mask"].shape[2], batch["mask"].shape[3]
         shape = self.reference.latent_shape(height, width)
         # float32 feature lookup, once per call; cast once to the networks' precision
@@ -137,18 +168,16 @@ class RenderPipeline:
         if not model.config.use_diffusion:
             latents = model.single_pass(denoise, cond, shape)
         elif sampler == "ddpm":
-            initial, step_noise = self.noise.batch(seeds, shape, num_inference_steps, device)
-            latents = sample_ddpm(denoise, self.reference.ddpm(num_inference_steps), cond, initial, step_noise)
+            latents = sample_ddpm(denoise, self.reference.ddpm(num_inference_steps), cond, noise[0], noise[1])
         else:  # DDIM / DPM-Solver++: diffusers' schedulers, eager
-            initial, _ = self.noise.batch(seeds, shape, 0, device)
-            latents = self.reference.sample_diffusers(denoise, cond, initial, num_inference_steps, sampler)
+            latents = self.reference.sample_diffusers(denoise, cond, noise[0], num_inference_steps, sampler)
         chunk = self.options.decode_chunk
         return torch.cat([model.decode_latents(latents[i:i + chunk]) for i in range(0, size, chunk)])
 
     def warm_up(self, height: int, width: int, num_inference_steps: int = 20, sampler: str = "ddpm") -> None:
         """Render one padded batch per bucket, so that compilation and CUDA-graph recording happen
-        now and not on a live request (a no-op when nothing is compiled)."""
-        if not self.compiled:
+        now and not on a live request (a no-op when nothing is compiled or recorded)."""
+        if not (self.compiled or self.graphed):
             return
         cache = self.options.compile_cache
         if cache is not None:

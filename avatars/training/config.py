@@ -60,7 +60,9 @@ class TrainOptions:
     (cuDNN's bf16 convolutions are NHWC), contiguous on CPU."""
     compile: bool = False
     """torch.compile the repeated ResNet / transformer blocks of the UNet, ControlNet and VAE
-    (regional compilation; each block shape compiles once, at the first steps)."""
+    (regional compilation; each block shape compiles once, at the first steps). Paper preset: on (one
+    H200, batch 8: 48.6 vs 38.8 samples/s eager, for ~150 s of compiling in the first step); tiny: off
+    (on the 2-core CPU a compiled step took 108 ms against 104 eager, after 40 CPU s of compiling)."""
     checkpoint_every: int = 100
     """Save a resumable checkpoint every N optimizer steps (and at the end)."""
     keep_last: int = 2
@@ -139,7 +141,7 @@ PRESETS: dict[str, tuple[str, TrainOptions]] = {
     "paper": ("the paper's setting: SD2.1 layout at 512x512, 100k steps at lr 1e-4 (needs --base-model, "
               "a local Stable Diffusion 2.1 diffusers directory)",
               TrainOptions(model=paper_config(), steps=100_000, batch_size=8, min_crop=0.7, lr_networks=1e-4,
-                           lr_features=1e-2, validate_every=200)),
+                           lr_features=1e-2, validate_every=200, compile=True)),
 }
 
 

@@ -61,7 +61,7 @@ class RendererConfig:
     """Address a replica's exporter listens on: loopback by default; the node's address (or 0.0.0.0) when a
     Prometheus on another machine scrapes it."""
     pipeline: RenderOptions = dataclasses.field(default_factory=RenderOptions)
-    """How each replica runs the model (precision, torch.compile, batch buckets, VAE decode chunk);
+    """How each replica runs the model (precision, torch.compile or CUDA graphs, batch buckets, VAE decode chunk);
     a replica warms every bucket up before it takes requests."""
 
     def __post_init__(self) -> None:

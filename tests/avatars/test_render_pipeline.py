@@ -53,9 +53,22 @@ def test_buckets_and_padding():
     assert pad_batch(batch, 3) is batch
     with pytest.raises(ValueError, match="pad"):
         pad_batch(batch, 2)
-    for bad in (dict(precision="fp16"), dict(compile="yes"), dict(batch_buckets=(0,)), dict(decode_chunk=0)):
+    for bad in (dict(precision="fp16"), dict(compile="yes"), dict(batch_buckets=(0,)), dict(decode_chunk=0),
+                dict(cuda_graphs="yes"), dict(cuda_graphs="on", compile="on")):
         with pytest.raises(ValueError):
             RenderOptions(**bad)
+
+
+def test_cuda_graphs_are_on_for_cuda_when_nothing_compiles():
+    """compile's reduce-overhead mode records its own graphs: the two never stack."""
+    assert not RenderOptions().graphs_on("cuda") and RenderOptions().compiles_on("cuda")  # the default: compile
+    assert RenderOptions(compile="off").graphs_on("cuda")
+    graphs = RenderOptions(cuda_graphs="on")  # an explicit "on" takes compile's "auto" off
+    assert graphs.graphs_on("cuda") and not graphs.compiles_on("cuda")
+    assert not RenderOptions(compile="off", cuda_graphs="off").graphs_on("cuda")
+    assert not RenderOptions(compile="off").graphs_on("cpu")  # auto: never off CUDA
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        RenderPipeline(_model(), RenderOptions(cuda_graphs="on"))
 
 
 def test_equals_the_plain_pipeline_on_the_padded_batch():
@@ -181,7 +194,8 @@ def test_cuda_default_render_is_bf16_compiled_and_never_syncs():
     from avatars.host_sync import count_host_syncs
 
     torch._dynamo.reset()
-    reference = RenderPipeline(_model().cuda(), RenderOptions(precision="fp32", compile="off", batch_buckets=(1, 4)))
+    reference = RenderPipeline(_model().cuda(), RenderOptions(precision="fp32", compile="off", cuda_graphs="off",
+                                                              batch_buckets=(1, 4)))
     pipe = RenderPipeline(_model().cuda(), RenderOptions(batch_buckets=(1, 4)))
     assert pipe.dtype == torch.bfloat16 and pipe.compiled
     pipe.warm_up(64, 64, num_inference_steps=STEPS)
@@ -198,3 +212,41 @@ def test_cuda_default_render_is_bf16_compiled_and_never_syncs():
     assert (alone[0] - out[1]).abs().mean() < 0.02
     torch.testing.assert_close(partial, out[:3], rtol=0, atol=0)  # same bucket: bit-for-bit
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_render_equals_eager_bit_for_bit():
+    """A recorded bucket replays the eager kernels: the same frames bit for bit, for every bucket,
+    call after call with new inputs (an earlier result is not overwritten by a later replay), no
+    recording after the warm-up and no host sync; the single pass too; DDIM stays eager."""
+    from avatars.host_sync import count_host_syncs
+
+    for overrides in ({}, {"use_diffusion": False}):
+        model = _model(**overrides).cuda()
+        eager = RenderPipeline(model, RenderOptions(compile="off", cuda_graphs="off", batch_buckets=(1, 4)))
+        graphed = RenderPipeline(model, RenderOptions(compile="off", batch_buckets=(1, 4)))  # the same weights
+        assert graphed.graphed and not eager.graphed and not graphed.compiled
+        graphed.warm_up(64, 64, num_inference_steps=STEPS)
+        assert len(graphed._graphs) == 2
+        first, second = ({k: v.cuda() for k, v in _frames(n).items()} for n in (4, 3))
+        def both(batch, seeds):
+            return [pipe(batch, num_inference_steps=STEPS, seeds=seeds) for pipe in (graphed, eager)]
+
+        out_first, expected_first = both(first, [0, 1, 2, 3])
+        kept = out_first.clone()
+        seeds = [5, 6, 7]
+        graphed(second, num_inference_steps=STEPS, seeds=seeds)  # noise drawn
+        out_second, syncs = count_host_syncs(lambda: graphed(second, num_inference_steps=STEPS, seeds=seeds), "cuda")
+        assert syncs.count == 0, syncs.sites
+        assert len(graphed._graphs) == 2  # nothing recorded on a live call
+        assert torch.equal(out_first, kept)  # not overwritten by the later replays
+        torch.testing.assert_close(out_first, expected_first, rtol=0, atol=0)
+        torch.testing.assert_close(out_second, eager(second, num_inference_steps=STEPS, seeds=seeds), rtol=0, atol=0)
+        alone, expected_alone = both(_take(first, slice(1, 2)), 1)
+        torch.testing.assert_close(alone, expected_alone, rtol=0, atol=0)
+        if model.config.use_diffusion:  # DDIM: eager through diffusers' scheduler, nothing recorded
+            ddim = graphed(first, num_inference_steps=STEPS, sampler="ddim", seeds=0)
+            torch.testing.assert_close(ddim, eager(first, num_inference_steps=STEPS, sampler="ddim", seeds=0),
+                                       rtol=0, atol=0)
+            assert len(graphed._graphs) == 2

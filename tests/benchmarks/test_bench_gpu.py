@@ -23,7 +23,7 @@ def test_bench_gpu_smoke_on_cpu(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--out", str(out),
                            "--workdir", str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "training, batch 2 (eager)" in proc.stdout and "rendering 2 DDPM steps, batch 1" in proc.stdout
+    assert "training, batch 2 (eager)" in proc.stdout and "rendering 2 DDPM steps, batch 1 (eager)" in proc.stdout
     data = json.loads(out.read_text())
     results = data["results"]
     assert results["device"].startswith("CPU") and results["matmul_bf16_peak_TFLOPs"] is None
@@ -32,7 +32,8 @@ def test_bench_gpu_smoke_on_cpu(tmp_path):
     assert load_trainable_weights(tmp_path / "work" / "runs-eager" / "000" / "model")  # the avatar was saved
     assert results["train_compiled"].startswith("skipped on CPU")
     assert results["flops"]["train_GFLOP_per_sample"] > 0 and results["flops"]["denoise_GFLOP_per_frame"] > 0
-    assert [r["batch"] for r in results["render"]] == [1, 2]
+    assert [(r["mode"], r["batch"]) for r in results["render"]] == [("eager", 1), ("eager", 2)]
+    assert sorted(results["render_skipped"]) == ["compiled", "graphs"]  # CUDA graphs need CUDA
     assert all(r["frames_per_s"] > 0 and r["host_syncs_per_call"].startswith("not measurable")
                for r in results["render"])
     assert [r["batch"] for r in results["peer_render"]] == [1, 2] and results["peer_train"][0]["samples_per_s"] > 0

@@ -22,6 +22,7 @@ def test_presets_are_complete_configs():
     assert (tiny.min_crop, paper.min_crop) == (1.0, 0.7)  # tiny: no crops (README "Training crops"); the official 0.7
     assert paper.model == paper_config()
     assert (paper.steps, paper.batch_size, paper.lr_networks, paper.lr_features) == (100_000, 8, 1e-4, 1e-2)
+    assert (tiny.compile, paper.compile) == (False, True)  # README "GPU": 1.25x on one H200 for ~150 s of compiling
     config = train_preset("paper", steps=5)
     config.model.resolution = 256  # a copy: the preset itself is untouched
     assert PRESETS["paper"][1].model.resolution == 512
@@ -49,6 +50,9 @@ def test_the_first_argument_picks_the_preset_and_tiny_is_the_default():
                       args=["paper", "--train.base-model", "/models/sd21"])
     assert args.train.model == paper_config() and args.train.steps == 100_000
     assert args.train.base_model == Path("/models/sd21")
+    assert args.train.compile  # the paper preset compiles; a short GPU check can turn it off
+    args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["paper", "--train.no-compile"])
+    assert not args.train.compile and args.train.steps == 100_000
 
 
 def test_a_bad_min_crop_is_refused_when_the_options_are_parsed(capsys):
