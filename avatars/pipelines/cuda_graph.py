@@ -10,13 +10,50 @@ What the recorded function may do: only device work on its tensor arguments and 
 before recording (model weights, the sampler's tables); no host reads (``.item()``, ``nonzero``),
 no host-to-device copies, no new random draws. :class:`avatars.pipelines.RenderPipeline` keeps its
 render loop that way (its tests count the host reads on the CPU, and the syncs on CUDA).
+
+Memory: every graph of a process records into one memory pool per device, so a Serve replica that
+holds several persons, each with a graph per batch bucket, keeps the intermediates of one render,
+not of one per person and bucket. That is safe because graphs never run at the same time (one
+process-wide lock around recording and replaying, and each call's stream waits for the previous
+call's work, whatever thread or stream made it) and each call copies its output out at once, before
+another graph's replay can reuse that memory.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Sequence
 
 import torch
+
+#: Recording and replaying, process-wide: the graphs share their memory (see the module docstring).
+_LOCK = threading.Lock()
+#: device index -> the memory pool every graph on that device records into
+_POOLS: dict[int, tuple] = {}
+#: device index -> an event recorded after the last call's work (its output copied out): the next
+#: call's stream waits for it, whichever thread and stream made that last call
+_DONE: dict[int, torch.cuda.Event] = {}
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _pool(device: torch.device) -> tuple:
+    if _index(device) not in _POOLS:
+        _POOLS[_index(device)] = torch.cuda.graph_pool_handle()
+    return _POOLS[_index(device)]
+
+
+def _after_the_last_call(device: torch.device) -> None:
+    if _index(device) in _DONE:
+        torch.cuda.current_stream(device).wait_event(_DONE[_index(device)])
+
+
+def _mark_done(device: torch.device) -> None:
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    _DONE[_index(device)] = event
 
 
 class GraphedCall:
@@ -29,19 +66,23 @@ class GraphedCall:
             raise RuntimeError("CUDA graphs need a CUDA device")
         if not example or any(not t.is_cuda for t in example):
             raise ValueError("a graphed call takes CUDA tensors only")
-        self.inputs = [t.clone() for t in example]
-        # Warm-up on a side stream (lazy initialisation, cuDNN's autotuning and the caching
-        # allocator's first allocations must not happen while recording), then record.
-        side = torch.cuda.Stream(device=self.inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warm_up_runs):
-                fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread of the process (a server's I/O) may use CUDA meanwhile
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.output = fn(*self.inputs)
+        device = example[0].device
+        with _LOCK, torch.cuda.device(device):
+            _after_the_last_call(device)
+            self.inputs = [t.clone() for t in example]
+            # Warm-up on a side stream (lazy initialisation, cuDNN's autotuning and the caching
+            # allocator's first allocations must not happen while recording), then record.
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warm_up_runs):
+                    fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread of the process (a server's I/O) may use CUDA meanwhile
+            with torch.cuda.graph(self.graph, pool=_pool(device), capture_error_mode="thread_local"):
+                self.output = fn(*self.inputs)
+            _mark_done(device)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.inputs):
@@ -50,6 +91,12 @@ class GraphedCall:
             if given.shape != recorded.shape or given.dtype != recorded.dtype or given.device != recorded.device:
                 raise ValueError(f"input {i} is {tuple(given.shape)} {given.dtype} on {given.device}; the graph "
                                  f"was recorded for {tuple(recorded.shape)} {recorded.dtype} on {recorded.device}")
-            recorded.copy_(given)
-        self.graph.replay()
-        return self.output.clone()
+        device = self.output.device
+        with _LOCK, torch.cuda.device(device):
+            _after_the_last_call(device)
+            for recorded, given in zip(self.inputs, inputs):
+                recorded.copy_(given)
+            self.graph.replay()
+            output = self.output.clone()  # before any other graph's replay may reuse its memory
+            _mark_done(device)
+            return output

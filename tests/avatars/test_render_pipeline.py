@@ -219,9 +219,12 @@ def test_cuda_default_render_is_bf16_compiled_and_never_syncs():
 def test_cuda_graph_render_equals_eager_bit_for_bit():
     """A recorded bucket replays the eager kernels: the same frames bit for bit, for every bucket,
     call after call with new inputs (an earlier result is not overwritten by a later replay), no
-    recording after the warm-up and no host sync; the single pass too; DDIM stays eager."""
+    recording after the warm-up and no host sync; the single pass too; DDIM stays eager. Two models
+    (two persons of a replica) record into the process's one memory pool: the first one's graphs
+    still render right after the second one's were recorded and replayed."""
     from avatars.host_sync import count_host_syncs
 
+    pipelines = []
     for overrides in ({}, {"use_diffusion": False}):
         model = _model(**overrides).cuda()
         eager = RenderPipeline(model, RenderOptions(compile="off", cuda_graphs="off", batch_buckets=(1, 4)))
@@ -229,7 +232,9 @@ def test_cuda_graph_render_equals_eager_bit_for_bit():
         assert graphed.graphed and not eager.graphed and not graphed.compiled
         graphed.warm_up(64, 64, num_inference_steps=STEPS)
         assert len(graphed._graphs) == 2
+        pipelines.append((graphed, eager))
         first, second = ({k: v.cuda() for k, v in _frames(n).items()} for n in (4, 3))
+
         def both(batch, seeds):
             return [pipe(batch, num_inference_steps=STEPS, seeds=seeds) for pipe in (graphed, eager)]
 
@@ -250,3 +255,7 @@ def test_cuda_graph_render_equals_eager_bit_for_bit():
             torch.testing.assert_close(ddim, eager(first, num_inference_steps=STEPS, sampler="ddim", seeds=0),
                                        rtol=0, atol=0)
             assert len(graphed._graphs) == 2
+    (graphed, eager), _ = pipelines  # the diffusion model's graphs, after the single pass's used the pool
+    frames = {k: v.cuda() for k, v in _frames(4).items()}
+    torch.testing.assert_close(graphed(frames, num_inference_steps=STEPS, seeds=[9, 8, 7, 6]),
+                               eager(frames, num_inference_steps=STEPS, seeds=[9, 8, 7, 6]), rtol=0, atol=0)
