@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from avatars.configs import DiffusionAvatarsConfig, paper_config, tiny_config
 from avatars.data.shard_dataset import check_min_crop
+from avatars.training.optim import LR_DECAYS
 
 
 @dataclass
@@ -43,6 +44,9 @@ class TrainOptions:
     than 1e-3 with 1e-2, at the same cost; benchmarks/bench_fidelity.py, README "Results")."""
     lr_features: float = 1e-1
     """Learning rate of the TriPlanes and the ambient map (paper: the official 1e-2; tiny: 1e-1, see lr_networks)."""
+    lr_decay: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule: 'constant' (the official code's) or 'cosine' (from the peak to 10% of it
+    at the last step, no warm-up)."""
     grad_clip: float = 1.0
     """Gradient norm clipping (the paper's 1.0; 0 disables it)."""
     clip_scope: Literal["controlnet", "all"] = "controlnet"
@@ -94,6 +98,8 @@ class TrainOptions:
     def __post_init__(self) -> None:
         # checked when the options are parsed, not when a person's trainer has already made its run folder
         check_min_crop(self.min_crop)
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
 
 
 @dataclass

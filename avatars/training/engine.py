@@ -22,7 +22,7 @@ from avatars.models import DiffusionAvatarsModel
 
 from . import performance as perf
 from .config import TrainConfig
-from .optim import clip_gradients, clipped_parameters, make_optimizer
+from .optim import clip_gradients, clipped_parameters, lr_schedule, make_optimizer
 
 
 class LossModule(nn.Module):
@@ -94,6 +94,7 @@ def build_engine(cfg: TrainConfig, model: DiffusionAvatarsModel, world_size: int
                          "DeepSpeed, over every trainable parameter; pass --clip-scope all (or --grad-clip 0)")
     optimizer = make_optimizer(model, cfg.lr_networks, cfg.lr_features, cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=LossModule(model, precision), optimizer=optimizer,
+                                           lr_scheduler=lr_schedule(optimizer, cfg.lr_decay, cfg.steps),
                                            config=deepspeed_config(cfg))
     if world_size == 1 and cfg.zero_stage == 0:
         # One process, nothing to reduce: DeepSpeed would still flatten and copy back every gradient.

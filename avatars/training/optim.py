@@ -14,14 +14,20 @@ Clipping the global gradient norm is torch's foreach ``clip_grad_norm_``: the no
 coefficient stay device tensors, so there is no per-parameter (or any) host synchronisation.
 The trainer calls :func:`clip_gradients` itself with ZeRO stage 0; ZeRO 1/2 partition the
 gradients, so there DeepSpeed's ZeRO optimizer clips (``gradient_clipping`` in its config).
+
+The learning rate is constant (the official code's) or, with ``lr_decay="cosine"``, falls along a
+half cosine over the run (:func:`lr_schedule`); DeepSpeed steps the schedule and keeps its state
+in the checkpoints.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 #: Whose gradient norm is clipped (see the module docstring).
 CLIP_SCOPES = ("controlnet", "all")
@@ -32,6 +38,28 @@ def make_optimizer(model, lr_networks: float, lr_features: float, weight_decay: 
     ``model.parameter_groups``, fused."""
     return torch.optim.AdamW(model.parameter_groups(lr_networks, lr_features), betas=(0.9, 0.999), eps=1e-8,
                              weight_decay=weight_decay, fused=True)
+
+
+#: Learning-rate schedules of a training run (see :func:`lr_schedule`).
+LR_DECAYS = ("constant", "cosine")
+#: Where the cosine schedule ends, as a fraction of the peak learning rate.
+COSINE_FLOOR = 0.1
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, decay: str, total_steps: int) -> LambdaLR | None:
+    """The schedule DeepSpeed steps after every optimizer step: None for "constant" (the official
+    code's); "cosine": every group's learning rate falls from its peak along a half cosine to
+    :data:`COSINE_FLOOR` of it at ``total_steps``, no warm-up."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"lr decay must be one of {LR_DECAYS}, got {decay!r}")
+    if decay == "constant":
+        return None
+
+    def factor(step: int) -> float:
+        progress = min(1.0, step / max(1, total_steps))
+        return COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
 
 
 def clipped_parameters(model: nn.Module, scope: str = "controlnet") -> list[nn.Parameter]:

@@ -1,4 +1,10 @@
-"""The official optimizer settings: AdamW weight decay 1e-2, clipping over the ControlNet only."""
+"""The official optimizer settings: AdamW weight decay 1e-2, clipping over the ControlNet only; the
+learning-rate schedules."""
+
+import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -6,7 +12,8 @@ import torch
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
 from avatars.training import TrainConfig, train_preset
-from avatars.training.optim import clip_gradients, clipped_parameters, make_optimizer
+from avatars.training.optim import COSINE_FLOOR, clip_gradients, clipped_parameters, lr_schedule, make_optimizer
+from avatars.training.rendezvous import environment_without_group
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +61,63 @@ def test_zero_1_2_cannot_clip_the_controlnet_alone(model, tmp_path):
 
     with pytest.raises(ValueError, match="clip-scope all"):
         build_engine(TrainConfig(zero_stage=1), model, 1)
+
+
+def test_cosine_schedule_falls_from_each_peak_to_the_floor(model):
+    opt = make_optimizer(model, 1e-3, 1e-1)
+    assert lr_schedule(opt, "constant", 10) is None  # the official constant rate
+    schedule = lr_schedule(opt, "cosine", 10)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        schedule.step()
+    lrs.append([g["lr"] for g in opt.param_groups])
+    assert lrs[0] == pytest.approx([1e-3, 1e-1])
+    assert lrs[-1] == pytest.approx([1e-3 * COSINE_FLOOR, 1e-1 * COSINE_FLOOR])
+    assert lrs[5] == pytest.approx([1e-3 * (1 + COSINE_FLOOR) / 2, 1e-1 * (1 + COSINE_FLOOR) / 2])  # halfway
+    assert all(a[0] > b[0] for a, b in zip(lrs, lrs[1:]))  # falls at every step
+    with pytest.raises(ValueError, match="lr decay"):
+        lr_schedule(opt, "linear", 10)
+    with pytest.raises(ValueError, match="lr_decay"):
+        train_preset("tiny", lr_decay="linear")
+
+
+SCHEDULE_RESUME = textwrap.dedent("""
+    import json, sys, torch
+    from avatars.models import DiffusionAvatarsModel
+    from avatars.testing import synthetic_batch
+    from avatars.training import checkpoint, train_preset
+    from avatars.training.engine import build_engine
+    from avatars.training.trainer import init_distributed
+    _, world = init_distributed()
+    cfg = train_preset("tiny", batch_size=2, steps=10, lr_decay="cosine")
+    noise = torch.Generator().manual_seed(0)
+    batch = synthetic_batch(2, 64, 16)
+    lrs = lambda trainer: [g["lr"] for g in trainer.engine.optimizer.param_groups]
+    first = build_engine(cfg, DiffusionAvatarsModel(cfg.model_config(16)), world)
+    for _ in range(3):
+        first.micro_step(batch, noise)
+    checkpoint.save(first.engine, sys.argv[1], checkpoint.TrainerState(step=3), noise, keep_last=1)
+    second = build_engine(cfg, DiffusionAvatarsModel(cfg.model_config(16)), world)
+    fresh = lrs(second)
+    checkpoint.load_latest(second.engine, sys.argv[1], noise)
+    saved, loaded = lrs(first), lrs(second)
+    first.micro_step(batch, noise)  # the fourth step, uninterrupted and resumed
+    second.micro_step(batch, noise)
+    print("RESULT" + json.dumps({"saved": saved, "fresh": fresh, "loaded": loaded,
+                                 "next": lrs(first), "next_resumed": lrs(second)}))
+""")
+
+
+def test_the_cosine_schedule_resumes_where_the_checkpoint_left_it(tmp_path):
+    """DeepSpeed steps the schedule and keeps its state in the checkpoint: a resumed run goes on at
+    the rate of the step it resumes from, not at the peak."""
+    proc = subprocess.run([sys.executable, "-c", SCHEDULE_RESUME, str(tmp_path / "ckpt")],
+                          env=environment_without_group(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["fresh"] == pytest.approx([3e-3, 1e-1])  # the tiny preset's peaks
+    assert all(s < f for s, f in zip(out["saved"], out["fresh"]))  # three steps down the cosine
+    assert out["loaded"] == pytest.approx(out["saved"], rel=1e-12)
+    assert out["next_resumed"] == pytest.approx(out["next"], rel=1e-12)  # the schedule's position too
