@@ -356,6 +356,8 @@ def table(results: dict) -> list[dict]:
                                        "stock host syncs/call": syncs(peers.get(row["batch"], {}).get(
                                            "host_syncs_per_call")),
                                        "compile s": None, "warm-up s": row["load_and_warm_up_s"]})
+    for mode, why in results.get("render_skipped", {}).items():
+        rows.append({"work": f"rendering {results['render_steps']} DDPM steps ({mode})", "this project": why})
     return rows
 
 

@@ -34,6 +34,7 @@ def test_bench_gpu_smoke_on_cpu(tmp_path):
     assert results["flops"]["train_GFLOP_per_sample"] > 0 and results["flops"]["denoise_GFLOP_per_frame"] > 0
     assert [(r["mode"], r["batch"]) for r in results["render"]] == [("eager", 1), ("eager", 2)]
     assert sorted(results["render_skipped"]) == ["compiled", "graphs"]  # CUDA graphs need CUDA
+    assert "rendering 2 DDPM steps (graphs)" in proc.stdout and "CUDA graphs need CUDA" in proc.stdout
     assert all(r["frames_per_s"] > 0 and r["host_syncs_per_call"].startswith("not measurable")
                for r in results["render"])
     assert [r["batch"] for r in results["peer_render"]] == [1, 2] and results["peer_train"][0]["samples_per_s"] > 0
