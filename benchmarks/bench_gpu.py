@@ -62,7 +62,7 @@ from bench_common import RESULTS, report  # noqa: E402
 from gpu_measure import Setup, free_memory, matmul_peak_tflops, median_seconds, peak_gib, reset_peak, sync  # noqa: E402
 from gpu_peer import peer_rows  # noqa: E402
 from gpu_profile import PROFILE_CATEGORIES as PROFILE_CATEGORIES  # noqa: E402  (public path)
-from gpu_profile import profile_section  # noqa: E402
+from gpu_profile import profile_section, training_steps  # noqa: E402
 
 from common.io import atomic_write_json  # noqa: E402
 
@@ -99,6 +99,9 @@ class BenchGpuArgs:
     """The JSON result (the profile's tables and traces go beside it)."""
     profile_steps: int = 3
     """Training steps recorded per side by the profile section (after warm-up steps)."""
+    profile_compiled: bool = False
+    """Profile our step with --compile (the paper preset's default) instead of eager: its warm-up steps
+    compile (~150 s at 512x512 on an H200) and the memory-format variant is left out."""
 
 
 def resolve(args: BenchGpuArgs) -> Setup:
@@ -285,7 +288,8 @@ def run_sections(args: BenchGpuArgs, s: Setup, results: dict, save: Callable[[st
         save("flops")
     if "profile" in args.only:  # before render: it also times both training steps side by side
         state["section"] = "profile"
-        results["profile"] = profile_section(s, args.out, args.profile_steps)
+        results["profile"] = profile_section(s, args.out, args.profile_steps,
+                                             training_steps(s, compiled=args.profile_compiled))
         save("profile")
     if "render" in args.only:
         state["section"] = "render"
@@ -344,7 +348,8 @@ def table(results: dict) -> list[dict]:
         ours(f"training, batch {b} ({label})", row, "samples/s", goal, peer_train, extra)
     prof = results.get("profile")
     if prof:  # the step alone (synthetic batch on the device, no loader), ours and the peer's in one process
-        ours(f"training step alone, batch {b} (profile)", prof["ours"], "samples/s", None, prof["peer"],
+        label = "compiled" if prof["ours"].get("compiled") else "eager"
+        ours(f"training step alone, batch {b} (profile, {label})", prof["ours"], "samples/s", None, prof["peer"],
              {"host syncs/call": syncs(prof["ours"]["host_syncs_per_step"]),
               "stock host syncs/call": syncs(prof["peer"]["host_syncs_per_step"])})
     peers = {r["batch"]: r for r in results.get("peer_render", [])}

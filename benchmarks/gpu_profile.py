@@ -46,9 +46,11 @@ def profile_side(name: str, build: Callable[[], object], s: Setup, steps: int, t
     start = time.perf_counter()
     step = build()
     build_s = time.perf_counter() - start
-    for _ in range(3 if s.cuda else 1):  # cuDNN autotuning, optimizer state, allocator
+    start = time.perf_counter()
+    for _ in range(3 if s.cuda else 1):  # cuDNN autotuning, optimizer state, allocator (compilation)
         step()
     sync(s.device)
+    warm_up_s = time.perf_counter() - start
     reset_peak(s.device)
     step_s = median_seconds(step, s.device, 5 if s.cuda else 1)
     _, syncs = count_host_syncs(step, s.device)
@@ -78,7 +80,7 @@ def profile_side(name: str, build: Callable[[], object], s: Setup, steps: int, t
               + averages.table(sort_by=sort, row_limit=40)
               + f"\n==== {name}: top ops by input shape ====\n"
               + prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=30))
-    row = {"build_s": build_s, "step_s": step_s, "samples_per_s": step.batch_size / step_s,
+    row = {"build_s": build_s, "warm_up_s": warm_up_s, "step_s": step_s, "samples_per_s": step.batch_size / step_s,
            "peak_GiB": peak_gib(s.device), "host_syncs_per_step": syncs.to_json(),
            "device_events_per_step": kernels if s.cuda else "n/a (CPU)",
            # the device's busy time against the step's wall time unprofiled: well below 1 = launch/host bound
@@ -88,7 +90,8 @@ def profile_side(name: str, build: Callable[[], object], s: Setup, steps: int, t
            "sync_calls_per_step": {k: calls[k] for k in SYNC_CALLS if calls.get(k)},
            "aten_ops_per_step": sum(v["count"] for k, v in ops.items() if k.startswith("aten::")),
            "self_ms_per_step": sum(v["self_ms"] for v in ops.values()), "categories_ms": categories,
-           "precision": step.info["precision"], "optimizer": step.info["optimizer"]}
+           "precision": step.info["precision"], "optimizer": step.info["optimizer"],
+           "compiled": step.info.get("compiled", False)}
     step = None  # frees the models (the closures hold them)
     free_memory()
     return {"row": row, "ops": ops, "tables": tables}
@@ -121,10 +124,12 @@ def plane_lookup_ab(s: Setup) -> dict:
     return out
 
 
-def training_steps(s: Setup) -> dict[str, Callable[[], object]]:
+def training_steps(s: Setup, compiled: bool = False) -> dict[str, Callable[[], object]]:
     """Builders of the steps the profile compares: the trainer's ("ours") and the peer's, paper
     config on CUDA (tiny on CPU), the run's batch, plus ours in the other memory format than the
-    trainer's default there (channels_last on CUDA: does it pay, or do its conversions cost more?)."""
+    trainer's default there (channels_last on CUDA: does it pay, or do its conversions cost more?).
+    ``compiled``: ours with ``--compile`` (the paper preset's default; its warm-up steps compile) and
+    no memory-format variant (it would compile again)."""
     import copy
 
     from train_steps import our_model, our_step, peer_step
@@ -139,6 +144,9 @@ def training_steps(s: Setup) -> dict[str, Callable[[], object]]:
             built["model"] = our_model(preset, dim)
         return copy.deepcopy(built["model"]) if copied else built.pop("model")
 
+    if compiled:
+        return {"ours": lambda: our_step(preset, s.device, s.train_batch, expression_dim=dim, compile=True),
+                "peer": lambda: peer_step(config, s.device, s.train_batch)}
     return {"ours": lambda: our_step(preset, s.device, s.train_batch, expression_dim=dim, model=model(copied=True)),
             "peer": lambda: peer_step(config, s.device, s.train_batch),
             f"ours, memory_format={other}": lambda: our_step(preset, s.device, s.train_batch, memory_format=other,

@@ -59,11 +59,12 @@ def our_model(preset: str, expression_dim: int = 100):
 
 
 def our_step(preset: str, device: torch.device, batch_size: int, precision: str = "auto",
-             memory_format: str = "auto", expression_dim: int = 100, model=None) -> Step:
+             memory_format: str = "auto", expression_dim: int = 100, model=None, compile: bool = False) -> Step:
     """The trainer's step (``TrainingEngine.micro_step``, phase by phase) on ``preset``'s model
     with random weights; the DeepSpeed engine of one process (``init_distributed`` makes its
     group). ``expression_dim`` is the paper data's 100 by default. ``model``: one from
-    :func:`our_model` (built when None; the step takes it over: it is cast and moved)."""
+    :func:`our_model` (built when None; the step takes it over: it is cast and moved). ``compile``:
+    the trainer's ``--compile`` (regional; its first steps compile), else eager, whatever the preset says."""
     from avatars.models import DiffusionAvatarsModel
     from avatars.testing import synthetic_batch
     from avatars.training import train_preset
@@ -72,9 +73,8 @@ def our_step(preset: str, device: torch.device, batch_size: int, precision: str 
     from avatars.training.rendezvous import init_distributed
 
     _, world = init_distributed()
-    # eager (the paper preset compiles): the profile compares eager kernels, --compile has its own row
     cfg = train_preset(preset, batch_size=batch_size, precision=precision, memory_format=memory_format,
-                       random_base=preset != "tiny", compile=False)
+                       random_base=preset != "tiny", compile=compile)
     config = cfg.model_config(expression_dim)
     if model is not None and model.config != config:
         raise ValueError("the model given was not built for this preset and expression_dim (use our_model)")
@@ -98,7 +98,7 @@ def our_step(preset: str, device: torch.device, batch_size: int, precision: str 
 
     return Step("ours", forward, backward, update, batch_size,
                 {"precision": "bf16" if trainer.precision.bf16 else "fp32",
-                 "optimizer": type(engine.optimizer).__name__,
+                 "optimizer": type(engine.optimizer).__name__, "compiled": cfg.compile,
                  "trainable_tensors": sum(1 for p in trainer.model.parameters() if p.requires_grad),
                  "model": trainer.model})
 

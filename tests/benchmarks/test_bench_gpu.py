@@ -113,3 +113,26 @@ def test_an_interrupted_run_keeps_its_partial_figures(tmp_path, monkeypatch):
     partial = json.loads((tmp_path / "bench_gpu.partial.json").read_text())
     assert partial["interrupted"].startswith("in section profile: SystemExit")
     assert partial["device"].startswith("CPU") and "shards_s" not in partial  # profile alone makes no shards
+
+
+COMPILED_STEP = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import bench_gpu, gpu_profile
+setup = bench_gpu.resolve(bench_gpu.BenchGpuArgs())
+builders = gpu_profile.training_steps(setup, compiled=True)
+step = builders["ours"]()  # built, not run: a CPU compile takes minutes
+model = step.info["model"]
+compiled = [n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
+print("RESULT" + json.dumps({"names": list(builders), "compiled": step.info["compiled"], "blocks": len(compiled)}))
+"""
+
+
+def test_the_profile_can_take_the_compiled_step():
+    """--profile-compiled: ours is the trainer's --compile step (its blocks compiled), against the peer,
+    without the memory-format variant."""
+    proc = subprocess.run([sys.executable, "-c", COMPILED_STEP, str(REPO / "benchmarks")],
+                          env=environment_without_group(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["names"] == ["ours", "peer"] and out["compiled"] and out["blocks"] > 0
