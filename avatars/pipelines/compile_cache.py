@@ -1,4 +1,4 @@
-"""Compiled code kept between processes, so that only the first renderer compiles.
+"""Compiled code kept between processes, so that only the first renderer (or training job) compiles.
 
 On one H200 the Serve renderer's warm-up (``torch.compile`` of a 512x512 denoising step for the
 buckets 1 and 8) had not finished after ~200 s (README "GPU"): every replica start, every night,
@@ -6,7 +6,9 @@ would pay that. torch keeps what it compiles (inductor's FX graphs, AOTAutograd'
 autotuning results) in a per-machine cache, which a fresh machine of a cluster does not have.
 ``torch.compiler.save_cache_artifacts`` packs what this process compiled into one portable blob,
 and ``load_cache_artifacts`` seeds the local caches with it: a replica that finds the blob still
-traces the model (dynamo) but skips code generation, which is most of the time.
+traces the model (dynamo) but skips code generation, which is most of the time. The trainer uses
+the same for ``--compile`` (``TrainOptions.compile_cache``: loaded before the first step, saved
+after it), in a folder of its own.
 
 One blob per (torch version, device kind) in a folder the user names (shared storage for a
 cluster): compiled code is only valid for both. A blob that does not load is reported and

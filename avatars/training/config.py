@@ -67,6 +67,12 @@ class TrainOptions:
     (regional compilation; each block shape compiles once, at the first steps). Paper preset: on (one
     H200, batch 8: 48.6 vs 38.8 samples/s eager, for ~150 s of compiling in the first step); tiny: off
     (on the 2-core CPU a compiled step took 108 ms against 104 eager, after 40 CPU s of compiling)."""
+    compile_cache: Path | None = None
+    """With --compile: a folder (shared storage on a cluster) keeping the compiled code between jobs: loaded
+    before the first step, saved after it by rank 0, so a job on a fresh machine skips most of the compiling
+    once one job of the torch version and GPU kind has saved it (avatars/pipelines/compile_cache.py; the
+    main job uses <workdir>/compile-cache/train). None: torch's per-machine cache only. Unused without
+    --compile."""
     checkpoint_every: int = 100
     """Save a resumable checkpoint every N optimizer steps (and at the end)."""
     keep_last: int = 2

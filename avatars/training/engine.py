@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from avatars.models import DiffusionAvatarsModel
+from avatars.pipelines.compile_cache import load_compiled
 
 from . import performance as perf
 from .config import TrainConfig
@@ -102,6 +103,8 @@ def build_engine(cfg: TrainConfig, model: DiffusionAvatarsModel, world_size: int
     if perf.use_channels_last(cfg.memory_format, engine.device):
         perf.to_channels_last(model, trainable=cfg.zero_stage == 0)
     if cfg.compile:
+        if cfg.compile_cache is not None:  # before anything compiles: the first step then finds the code
+            load_compiled(cfg.compile_cache, engine.device)
         perf.compile_blocks(model)
     clipped = clipped_parameters(model, cfg.clip_scope) if cfg.zero_stage == 0 and cfg.grad_clip > 0 else []
     return TrainingEngine(engine, model, precision, clipped, cfg.grad_clip)

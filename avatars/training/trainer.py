@@ -36,6 +36,7 @@ import torch
 
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models import DiffusionAvatarsModel
+from avatars.pipelines.compile_cache import save_compiled
 from common.io import atomic_write_json
 from shards.writer import shard_paths
 
@@ -206,6 +207,8 @@ class Trainer:
                 # Start-up cost of this process's first step (compilation, cuDNN autotuning, allocator warm-up).
                 self.log({"step": state.step, "first_step_s": first.read(), "compiled": cfg.compile})
                 first = None
+                if cfg.compile and cfg.compile_cache is not None and self.rank == 0:
+                    save_compiled(cfg.compile_cache, self.device)  # what the first step compiled, for later jobs
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 losses = [float(v) for v in window_losses]
                 dt = max(window_before + time.time() - window_t, 1e-9)

@@ -138,6 +138,9 @@ def test_launch_all_starts_one_ray_for_training_and_evaluation(inits, monkeypatc
     def run_all(jobs, config):  # the Ray backend, connecting as it does
         backend = ray_backend.RayBackend(config)
         assert backend._connect() is False  # the run's Ray: used, left open
+        # every person's job shares one compiled-code folder (used with --compile)
+        assert {j.kwargs["options"].compile_cache for j in jobs} == {(tmp_path / "work" / "compile-cache"
+                                                                      / "train").resolve()}
         return [JobResult(j.person, True, 1, result={"steps": 1}) for j in jobs]
 
     def evaluate(args, persons):  # the evaluation driver, connecting as it does

@@ -84,3 +84,41 @@ def _compare(train_shards, tmp_path, rtol: float, weights_rtol: float) -> None:
         off = ~torch.isclose(other, value, rtol=weights_rtol, atol=1e-5)
         diff = (other - value).abs().max().item()
         assert off.float().mean().item() <= 1e-3 and diff <= 2 * 1e-3 * 3, (key, int(off.sum()), off.numel(), diff)
+
+
+CACHE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from avatars.training import TrainConfig, engine, train_person, trainer
+    calls = []
+    engine.load_compiled = lambda folder, device: calls.append(["load", str(folder)])
+    trainer.save_compiled = lambda folder, device: calls.append(["save", str(folder)])
+    engine.perf.compile_blocks = lambda model: calls.append(["compile"])  # the order, not the compiler
+    real_step = engine.TrainingEngine.micro_step
+    def micro_step(self, *args):
+        calls.append(["step"])
+        return real_step(self, *args)
+    engine.TrainingEngine.micro_step = micro_step
+    shards, out = Path(sys.argv[1]), Path(sys.argv[2])
+    report = {}
+    for name, cache in (("cached", out / "cache"), ("plain", None)):
+        calls.clear()
+        train_person(TrainConfig(person="000", shards=shards, out=out / name, steps=2, batch_size=4, compile=True,
+                                 compile_cache=cache, checkpoint_every=2, validate_every=0, num_workers=0,
+                                 val_samples=1, val_inference_steps=1, lpips_weights=out / "none"), [])
+        report[name] = list(calls)
+    print("RESULT" + json.dumps(report))
+""")
+
+
+def test_the_compile_cache_is_loaded_before_compiling_and_saved_after_the_first_step(train_shards, tmp_path):
+    """TrainConfig.compile_cache: the blob is loaded before the blocks are compiled (so the first step
+    finds the code) and saved once, after the first step, which compiled it (the round trip itself:
+    tests/avatars/test_compile_cache.py). In a child process: train_person joins a process group."""
+    proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(train_shards), str(tmp_path)],
+                          env=environment_without_group(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.split("RESULT", 1)[1])
+    cache = str(tmp_path / "cache")
+    assert report["cached"] == [["load", cache], ["compile"], ["step"], ["save", cache], ["step"]]
+    assert report["plain"] == [["compile"], ["step"], ["step"]]
