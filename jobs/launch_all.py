@@ -276,8 +276,8 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None, ray
     options = dataclasses.replace(args.train, base_model=base_model.resolve() if base_model else None,
                                   lpips_weights=Path(args.train.lpips_weights).resolve(),
                                   # with --compile only the first job of a torch version and GPU kind compiles
-                                  compile_cache=(args.train.compile_cache
-                                                 or (args.workdir / "compile-cache" / "train").resolve()))
+                                  compile_cache=Path(args.train.compile_cache
+                                                     or args.workdir / "compile-cache" / "train").resolve())
     kwargs = {"options": options, "shards": (args.workdir / "shards").resolve(),
               "out": (args.workdir / "runs").resolve()}
     logs = None if args.verbose else (args.workdir / "logs").resolve()

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from avatars.configs import DiffusionAvatarsConfig, paper_config, tiny_config
 from avatars.data.shard_dataset import check_min_crop
-from avatars.training.optim import LR_DECAYS
+from avatars.training.optim import check_lr_decay
 
 
 @dataclass
@@ -104,8 +104,7 @@ class TrainOptions:
     def __post_init__(self) -> None:
         # checked when the options are parsed, not when a person's trainer has already made its run folder
         check_min_crop(self.min_crop)
-        if self.lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        check_lr_decay(self.lr_decay)
 
 
 @dataclass

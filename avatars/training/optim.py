@@ -46,12 +46,17 @@ LR_DECAYS = ("constant", "cosine")
 COSINE_FLOOR = 0.1
 
 
+def check_lr_decay(decay: str) -> None:
+    """Refuse a schedule name that :func:`lr_schedule` does not know."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {decay!r}")
+
+
 def lr_schedule(optimizer: torch.optim.Optimizer, decay: str, total_steps: int) -> LambdaLR | None:
     """The schedule DeepSpeed steps after every optimizer step: None for "constant" (the official
     code's); "cosine": every group's learning rate falls from its peak along a half cosine to
     :data:`COSINE_FLOOR` of it at ``total_steps``, no warm-up."""
-    if decay not in LR_DECAYS:
-        raise ValueError(f"lr decay must be one of {LR_DECAYS}, got {decay!r}")
+    check_lr_decay(decay)
     if decay == "constant":
         return None
 

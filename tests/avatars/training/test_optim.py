@@ -77,7 +77,7 @@ def test_cosine_schedule_falls_from_each_peak_to_the_floor(model):
     assert lrs[-1] == pytest.approx([1e-3 * COSINE_FLOOR, 1e-1 * COSINE_FLOOR])
     assert lrs[5] == pytest.approx([1e-3 * (1 + COSINE_FLOOR) / 2, 1e-1 * (1 + COSINE_FLOOR) / 2])  # halfway
     assert all(a[0] > b[0] for a, b in zip(lrs, lrs[1:]))  # falls at every step
-    with pytest.raises(ValueError, match="lr decay"):
+    with pytest.raises(ValueError, match="lr_decay"):
         lr_schedule(opt, "linear", 10)
     with pytest.raises(ValueError, match="lr_decay"):
         train_preset("tiny", lr_decay="linear")
