@@ -13,7 +13,7 @@ after it), in a folder of its own.
 One blob per (torch version, device kind) in a folder the user names (shared storage for a
 cluster): compiled code is only valid for both. A blob that does not load is reported and
 ignored (the renderer then compiles as without a cache); writes are atomic, so replicas that
-save at once never leave half a blob.
+save at once never leave half a blob, and one that cannot be written is reported, not raised.
 """
 
 from __future__ import annotations
@@ -68,8 +68,14 @@ def save_compiled(folder: Path, device: torch.device) -> Path | None:
     if not blob:
         return None
     path = cache_file(folder, device)
-    if path.is_file() and path.read_bytes() == blob:
-        return path  # loaded and nothing new compiled: every replica after the first ends here
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, blob)
+    # an unwritable folder (full disk, read-only share) costs later processes a compilation, never
+    # this one its training run or its replica
+    try:
+        if path.is_file() and path.read_bytes() == blob:
+            return path  # loaded and nothing new compiled: every replica after the first ends here
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, blob)
+    except OSError as error:
+        warnings.warn(f"{path}: compiled-code cache not saved ({error})", stacklevel=2)
+        return None
     return path

@@ -75,6 +75,16 @@ def test_a_corrupt_blob_is_reported_and_ignored(tmp_path):
     assert not load_compiled(tmp_path / "missing", torch.device("cpu"))
 
 
+def test_a_folder_that_cannot_be_written_is_reported_not_raised(monkeypatch, tmp_path):
+    """A full disk or read-only share costs later processes a compilation, not this training job or replica."""
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    blocked = tmp_path / "a-file"
+    blocked.write_bytes(b"")  # the cache folder's path is taken by a file
+    with pytest.warns(UserWarning, match="compiled-code cache not saved"):
+        assert save_compiled(blocked, torch.device("cpu")) is None
+    assert blocked.read_bytes() == b"" and list(tmp_path.iterdir()) == [blocked]  # nothing half-written
+
+
 def test_the_blob_is_named_by_torch_version_and_device_kind(tmp_path):
     name = cache_file(tmp_path, torch.device("cpu")).name
     assert name.startswith("torch-") and name.endswith("-cpu.bin") and "/" not in name
