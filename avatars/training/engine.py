@@ -101,7 +101,7 @@ def build_engine(cfg: TrainConfig, model: DiffusionAvatarsModel, world_size: int
         # One process, nothing to reduce: DeepSpeed would still flatten and copy back every gradient.
         engine.enable_backward_allreduce = False
     if perf.use_channels_last(cfg.memory_format, engine.device):
-        perf.to_channels_last(model, trainable=cfg.zero_stage == 0)
+        perf.to_channels_last(model, trainable=cfg.zero_stage == 0, modules=perf.channels_last_modules(cfg.compile))
     if cfg.compile:
         if cfg.compile_cache is not None:  # before anything compiles: the first step then finds the code
             load_compiled(cfg.compile_cache, engine.device)

@@ -18,7 +18,13 @@ from avatars.testing import synthetic_batch
 from avatars.training import TrainConfig
 from avatars.training.engine import LossModule, deepspeed_config
 from avatars.training.optim import clip_gradients, clipped_parameters, make_optimizer
-from avatars.training.performance import resolve_precision, store_frozen, to_channels_last, use_channels_last
+from avatars.training.performance import (
+    channels_last_modules,
+    resolve_precision,
+    store_frozen,
+    to_channels_last,
+    use_channels_last,
+)
 from avatars.training.rendezvous import environment_without_group
 
 CPU = torch.device("cpu")
@@ -132,6 +138,17 @@ def test_channels_last_gives_the_same_loss_and_gradients():
     assert c.controlnet.conv_in.weight.is_contiguous()
 
 
+def test_eager_training_keeps_the_vae_nchw_and_compiled_training_converts_it():
+    """Eager CUDA group norm is NCHW-only: in the VAE encoder the copies around it cost more than
+    NHWC convolutions gain; compiled blocks read NHWC (performance.channels_last_modules)."""
+    assert channels_last_modules(compiled=False) == ("unet", "controlnet", "cond_embedding")
+    assert channels_last_modules(compiled=True) == ("unet", "controlnet", "vae", "cond_embedding")
+    model = _model()
+    assert to_channels_last(model, modules=channels_last_modules(compiled=False)) == ["unet", "controlnet"]
+    assert model.vae.encoder.conv_in.weight.is_contiguous()
+    assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_deepspeed_runs_an_fp32_engine_without_throughput_timer():
     cfg = TrainConfig(zero_stage=0)
     ds = deepspeed_config(cfg)
@@ -168,8 +185,11 @@ MICRO_STEPS = textwrap.dedent("""
             losses, reads = count_host_reads(steps)
         changed = sorted({n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])})
         cl = model.controlnet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        unet_cl = model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        vae_nchw = model.vae.encoder.conv_in.weight.is_contiguous()
         results[stage] = {"reads": reads, "losses": [float(l) for l in losses], "changed": changed,
                           "clipped": len(trainer.clipped), "cl": cl,
+                          "frozen_layouts": [unet_cl, vae_nchw],
                           "dtypes": sorted({str(p.dtype) for p in model.unet.parameters()})}
     print("RESULT" + json.dumps(results))
 """)
@@ -200,6 +220,7 @@ def _check_micro_steps(tmp_path, zero_stages: list[int]) -> None:
         assert out["changed"] == ["conditioning", "controlnet", "expression_layers", "expression_tokens"]
         assert out["dtypes"] == ["torch.bfloat16"]
         assert all(v == v and v > 0 for v in out["losses"])
+        assert out["frozen_layouts"] == [True, True]  # eager: the UNet NHWC, the VAE NCHW (channels_last_modules)
         if stage == 0:
             assert out["reads"] == [] and out["clipped"] > 0 and out["cl"]
         else:
