@@ -56,6 +56,17 @@ def _mark_done(device: torch.device) -> None:
     _DONE[_index(device)] = event
 
 
+def check_inputs(recorded: Sequence[torch.Tensor], given: Sequence[torch.Tensor]) -> None:
+    """A replay reads its inputs from the recorded tensors' memory: anything else would be
+    silently wrong (a copy broadcast into them, or refused by ``copy_`` with a less clear error)."""
+    if len(given) != len(recorded):
+        raise ValueError(f"expected {len(recorded)} inputs, got {len(given)}")
+    for i, (r, g) in enumerate(zip(recorded, given)):
+        if g.shape != r.shape or g.dtype != r.dtype or g.device != r.device:
+            raise ValueError(f"input {i} is {tuple(g.shape)} {g.dtype} on {g.device}; the graph "
+                             f"was recorded for {tuple(r.shape)} {r.dtype} on {r.device}")
+
+
 class GraphedCall:
     """``fn(*inputs) -> Tensor`` recorded for the shapes and dtypes of ``example``; a call copies its
     inputs into the recorded ones, replays, and returns a copy of the output (the next replay
@@ -85,12 +96,7 @@ class GraphedCall:
             _mark_done(device)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if len(inputs) != len(self.inputs):
-            raise ValueError(f"expected {len(self.inputs)} inputs, got {len(inputs)}")
-        for i, (recorded, given) in enumerate(zip(self.inputs, inputs)):
-            if given.shape != recorded.shape or given.dtype != recorded.dtype or given.device != recorded.device:
-                raise ValueError(f"input {i} is {tuple(given.shape)} {given.dtype} on {given.device}; the graph "
-                                 f"was recorded for {tuple(recorded.shape)} {recorded.dtype} on {recorded.device}")
+        check_inputs(self.inputs, inputs)
         device = self.output.device
         with _LOCK, torch.cuda.device(device):
             _after_the_last_call(device)

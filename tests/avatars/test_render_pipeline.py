@@ -9,6 +9,7 @@ from avatars.configs import tiny_config
 from avatars.host_sync import count_host_reads
 from avatars.models import DiffusionAvatarsModel
 from avatars.pipelines import AvatarPipeline, RenderOptions, RenderPipeline
+from avatars.pipelines.cuda_graph import GraphedCall, check_inputs
 from avatars.pipelines.render_pipeline import bucket_for, pad_batch
 from avatars.testing import activate_zero_layers, synthetic_batch
 
@@ -69,6 +70,22 @@ def test_cuda_graphs_are_on_for_cuda_when_nothing_compiles():
     assert not RenderOptions(compile="off").graphs_on("cpu")  # auto: never off CUDA
     with pytest.raises(ValueError, match="needs a CUDA device"):
         RenderPipeline(_model(), RenderOptions(cuda_graphs="on"))
+
+
+def test_a_graph_refuses_inputs_it_was_not_recorded_for():
+    """The check every replay makes first (a broadcastable input would otherwise be copied into the
+    recorded one silently); the recording itself needs CUDA (the gpu test below)."""
+    recorded = [torch.zeros(2, 4, 8, 8), torch.zeros(2, dtype=torch.long)]
+    check_inputs(recorded, [torch.ones(2, 4, 8, 8), torch.ones(2, dtype=torch.long)])
+    with pytest.raises(ValueError, match="expected 2 inputs, got 1"):
+        check_inputs(recorded, recorded[:1])
+    with pytest.raises(ValueError, match=r"input 0 is \(1, 4, 8, 8\).*recorded for \(2, 4, 8, 8\)"):
+        check_inputs(recorded, [torch.zeros(1, 4, 8, 8), recorded[1]])
+    with pytest.raises(ValueError, match="input 1 is .*torch.int32"):
+        check_inputs(recorded, [recorded[0], torch.zeros(2, dtype=torch.int32)])
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="need a CUDA device"):
+            GraphedCall(lambda x: x, [torch.zeros(1)])
 
 
 def test_equals_the_plain_pipeline_on_the_padded_batch():
