@@ -96,12 +96,18 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def job_variant(job: dict) -> Variant:
+    """The run's overrides: the ablation's model switches over ``--train``'s model fields, and
+    ``--train``'s training options with ``--steps``."""
+    train = {**job["train"], **({"steps": job["steps"]} if job["steps"] else {})}
+    return Variant(job["variant"], train=train, model={**job["model"], **VARIANTS[job["variant"]][1]})
+
+
 def run_one(job: dict) -> dict:
     """Train (or reuse) and evaluate one (variant, person, seed); returns its row."""
     import torch
     from heldout import (
         ExpressionNormLog,
-        Variant,
         evaluate,
         heldout_tasks,
         load_model,
@@ -115,8 +121,7 @@ def run_one(job: dict) -> dict:
     workdir = Path(job["workdir"])
     base = Path(job["base_model"])
     name = job["variant"]
-    train = {**job["train"], **({"steps": job["steps"]} if job["steps"] else {})}
-    variant = Variant(name, train=train, model=VARIANTS[name][1])
+    variant = job_variant(job)
     run_dir, result = train_variant(variant, job["person"], job["seed"], workdir / "shards", base, Path(job["out"]),
                                     callbacks=(ExpressionNormLog(every=job["norm_every"]),))
     start = time.process_time()
@@ -169,8 +174,9 @@ def main() -> None:
     ap.add_argument("--persons", default="000,001")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the tiny preset's)")
-    ap.add_argument("--train", default="", help="training overrides for every run, 'key=value,...' "
-                    "(e.g. lr_networks=3e-3,lr_features=0.1); default: the tiny preset's values")
+    ap.add_argument("--train", default="", help="overrides for every run, 'key=value,...': training options "
+                    "(e.g. lr_networks=3e-3,lr_features=0.1) and model-config fields (e.g. features.resolution=64); "
+                    "default: the tiny preset's values")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one torch thread each)")
     ap.add_argument("--norm-every", type=int, default=50, help="steps between expression-norm records")
@@ -186,11 +192,12 @@ def main() -> None:
         base = a.base_model or prepared
     else:
         base = a.base_model or main_job_base(a.workdir)
-    train = Variant.parse(a.train).train if a.train else {}
+    overrides = Variant.parse(a.train) if a.train else Variant("")
     # seed-major: every variant of the first seed is done before the second seed starts, so a run cut
     # short still holds whole (person, seed) comparisons
     jobs = [{"workdir": str(a.workdir), "base_model": str(base), "variant": v, "person": p, "seed": s, "steps": a.steps,
-             "out": str(a.out / p), "norm_every": a.norm_every, "train": train}
+             "out": str(a.out / p), "norm_every": a.norm_every,
+             "train": overrides.train, "model": overrides.model}
             for s in seeds for v in a.variants for p in persons]
     wall = time.time()
     cpu = time.process_time()
@@ -213,7 +220,8 @@ def main() -> None:
     train_cpu = sum(r["train CPU s"] or 0 for r in rows)
     eval_cpu = sum(r["eval CPU s"] or 0 for r in rows)
     report("ablations", summary, {
-        "persons": persons, "seeds": seeds, "steps": a.steps, "train_overrides": train, "runs": rows,
+        "persons": persons, "seeds": seeds, "steps": a.steps, "overrides": {**overrides.train, **overrides.model},
+        "runs": rows,
         "expression_norm_curve": norm_curve,
         "wall_s": wall, "train_cpu_s": train_cpu, "eval_cpu_s": eval_cpu, "driver_cpu_s": time.process_time() - cpu,
         "loadavg_1m_at_end": os.getloadavg()[0], "machine": machine(), "date": time.strftime("%Y-%m-%d")})

@@ -110,7 +110,8 @@ class DiffusionAvatarsModel(nn.Module):
             self.vae = vae
             self.conditioning = ConditioningBuilder(config, generator=generator, features=parts.pop("features", None))
             if config.use_ldm_prior:
-                self.unet = unet
+                self.unet = parts.pop("unet", None) if config.train_unet else None
+                self.unet = unet if self.unet is None else self.unet
                 self.controlnet = parts.pop("controlnet", None)
                 if self.controlnet is None:
                     self.controlnet = ControlNetModel.from_unet(
@@ -159,7 +160,7 @@ class DiffusionAvatarsModel(nn.Module):
         for module in self.trainable_modules().values():
             module.requires_grad_(True)
         self.vae.eval()
-        if config.use_ldm_prior:
+        if config.use_ldm_prior and not config.train_unet:
             self.unet.eval()
 
     # ---- structure ----------------------------------------------------------------------
@@ -202,7 +203,8 @@ class DiffusionAvatarsModel(nn.Module):
     def part_names(config: DiffusionAvatarsConfig) -> list[str]:
         """The trainable parts with parameters under ``config`` (the folders of a checkpoint)."""
         names = [] if config.features.mapping == "none" else ["features"]
-        names += ["controlnet"] if config.use_ldm_prior else ["unet", "cond_embedding"]
+        names += (["controlnet"] + (["unet"] if config.train_unet else [])) if config.use_ldm_prior \
+            else ["unet", "cond_embedding"]
         if config.use_expression:
             names += ["expression_tokens", "expression_layers"]
         return names
@@ -219,6 +221,8 @@ class DiffusionAvatarsModel(nn.Module):
         modules: dict[str, nn.Module] = {"conditioning": self.conditioning}
         if self.controlnet is not None:
             modules["controlnet"] = self.controlnet
+            if self.config.train_unet:
+                modules["unet"] = self.unet
         else:
             modules["unet"] = self.unet
             modules["cond_embedding"] = self.cond_embedding

@@ -92,6 +92,25 @@ def test_gradients_reach_exactly_the_trainable_parts():
     assert sum(len(g["params"]) for g in groups) == len(model.trainable_state_dict())
 
 
+def test_fine_tuned_unet_is_trained_with_the_controlnet():
+    """``train_unet``: the base UNet joins the trained parts (the paper keeps it frozen); the VAE stays
+    frozen, and the official clipping scope still clips the ControlNet alone."""
+    from avatars.training.optim import clipped_parameters
+
+    model = DiffusionAvatarsModel(tiny_config(train_unet=True))
+    _perturb_zero_layers(model)
+    model.training_loss(synthetic_batch(2), generator=torch.Generator().manual_seed(0))["loss"].backward()
+    assert all(p.requires_grad and p.grad is not None for p in model.unet.parameters())
+    assert model.unet.conv_out.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in model.vae.parameters())
+    assert set(model.trainable_modules()) == {"conditioning", "controlnet", "unet", "expression_tokens",
+                                              "expression_layers"}
+    clipped = {id(p) for p in clipped_parameters(model, "controlnet")}
+    assert clipped == {id(p) for p in model.controlnet.parameters()}
+    with pytest.raises(ValueError, match="train_unet"):
+        tiny_config(train_unet=True, use_ldm_prior=False)
+
+
 def _overfit(config, steps: int = 40) -> tuple[float, float]:
     torch.manual_seed(0)
     model = DiffusionAvatarsModel(config)
@@ -213,16 +232,21 @@ def _same_model(a: DiffusionAvatarsModel, b: DiffusionAvatarsModel) -> None:
         assert a.training_loss(batch, g1)["loss"] == b.training_loss(batch, g2)["loss"]
 
 
-@pytest.mark.parametrize("variant", ["paper-like", "w/o LDM prior", "w/o features and expression"])
+@pytest.mark.parametrize("variant", ["paper-like", "w/o LDM prior", "w/o features and expression", "fine-tuned UNet"])
 def test_save_and_load_roundtrip(tmp_path, variant):
     config = {"paper-like": tiny_config(), "w/o LDM prior": tiny_config(use_ldm_prior=False),
               "w/o features and expression": tiny_config(features=FeatureConfig(mapping="none"),
-                                                         use_expression=False)}[variant]
+                                                         use_expression=False),
+              "fine-tuned UNet": tiny_config(train_unet=True)}[variant]
     model = DiffusionAvatarsModel(config)
     if config.use_ldm_prior and config.use_expression:
         _perturb_zero_layers(model)
         with torch.no_grad():
             model.conditioning.features.spatial.add_(1.0)
+    if config.train_unet:  # the loaded model must use the stored UNet, not the base's
+        assert "unet" in DiffusionAvatarsModel.part_names(config)
+        with torch.no_grad():
+            model.unet.conv_out.weight.add_(0.1)
     out = tmp_path / "ckpt"
     model.save_pretrained(out)
     model.save_pretrained(out)  # overwriting keeps a valid directory

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from bench_ablations import VARIANTS, summarise  # noqa: E402
+from bench_ablations import VARIANTS, job_variant, summarise  # noqa: E402
 from heldout import Variant, apply_model_overrides, parse_value  # noqa: E402
 
 from avatars.configs import tiny_config  # noqa: E402
@@ -38,6 +38,18 @@ def test_variant_spec_parsing():
     assert parse_value("16-32-32") == (16, 32, 32) and parse_value("-1") == -1 and parse_value("a-b") == "a-b"
     layout = Variant.parse("emb:conditioning_embedding_channels=16-32-32")
     assert layout.model == {"conditioning_embedding_channels": (16, 32, 32)}
+
+
+def test_train_overrides_reach_every_variant_model_fields_included():
+    """--train's model fields (e.g. train_unet) apply to every variant; the ablation's own switch wins."""
+    overrides = Variant.parse("lr_networks=1e-3,train_unet=true,features.resolution=64")
+    job = {"variant": "spherical", "train": overrides.train, "model": overrides.model, "steps": 1800}
+    v = job_variant(job)
+    assert v.train == {"lr_networks": 1e-3, "steps": 1800}
+    assert v.model == {"train_unet": True, "features.resolution": 64, "features.mapping": "spherical"}
+    config = apply_model_overrides(tiny_config(expression_dim=16), v.model)
+    assert config.train_unet and config.features.resolution == 64 and config.features.mapping == "spherical"
+    assert job_variant({**job, "variant": "full", "steps": None}).train == {"lr_networks": 1e-3}
 
 
 def test_summary_marks_worse_only_beyond_the_paired_spread():
