@@ -53,6 +53,10 @@ def test_the_first_argument_picks_the_preset_and_tiny_is_the_default():
     assert args.train.compile  # the paper preset compiles; a short GPU check can turn it off
     args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["paper", "--train.no-compile"])
     assert not args.train.compile and args.train.steps == 100_000
+    # the README's nightly command for better tiny renders
+    args = preset_cli(launch_all.PRESETS, default="tiny", description="d",
+                      args=["--persons", "all", "--train.steps", "1800", "--train.model.train-unet"])
+    assert args.train.steps == 1800 and args.train.model == tiny_config(train_unet=True)
 
 
 def test_a_bad_min_crop_is_refused_when_the_options_are_parsed(capsys):
