@@ -26,6 +26,8 @@ from common.io import atomic_write_bytes, atomic_write_json
 
 MARKER = "complete.json"
 STATE_FILE = "trainer_state.pt"
+#: The weight average (``--ema-decay``), written once by rank 0: every rank holds the same average.
+AVERAGE_FILE = "weight_average.pt"
 
 
 @dataclass
@@ -83,8 +85,9 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 FULL_DISK_BYTES = 64 * 2**20
 
 
-def save(engine, ckpt_dir: Path, state: TrainerState, noise: torch.Generator, keep_last: int) -> Path:
-    """Save a checkpoint of `engine` + `state` (collective: every rank calls it)."""
+def save(engine, ckpt_dir: Path, state: TrainerState, noise: torch.Generator, keep_last: int,
+         average: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save a checkpoint of `engine` + `state` (+ the weight average) (collective: every rank calls it)."""
     ckpt_dir = Path(ckpt_dir)
     name = tag(state.step)
     try:
@@ -100,6 +103,10 @@ def save(engine, ckpt_dir: Path, state: TrainerState, noise: torch.Generator, ke
     buf = io.BytesIO()
     torch.save({"state": asdict(state), "rng": rng_state(noise)}, buf)
     atomic_write_bytes(ckpt_dir / name / f"rank{_rank():03d}_{STATE_FILE}", buf.getvalue())
+    if average is not None and _rank() == 0:
+        buf = io.BytesIO()
+        torch.save(average, buf)
+        atomic_write_bytes(ckpt_dir / name / AVERAGE_FILE, buf.getvalue())
     _barrier()
     if _rank() == 0:
         atomic_write_json(ckpt_dir / name / MARKER, {"step": state.step})
@@ -132,3 +139,12 @@ def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState 
     set_rng_state(saved["rng"], noise)
     return TrainerState(**saved["state"])
 
+
+
+def load_average(ckpt_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The weight average stored with the complete checkpoint of ``step``."""
+    path = Path(ckpt_dir) / tag(step) / AVERAGE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: this checkpoint was written without --ema-decay; resume it with "
+                                "the options it was trained with, or start over (--resume never)")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from avatars.configs import DiffusionAvatarsConfig, paper_config, tiny_config
 from avatars.data.shard_dataset import check_min_crop
 from avatars.training.optim import check_lr_decay
+from avatars.training.weight_average import check_decay
 
 
 @dataclass
@@ -47,6 +48,12 @@ class TrainOptions:
     lr_decay: Literal["constant", "cosine"] = "constant"
     """Learning-rate schedule: 'constant' (the official code's) or 'cosine' (from the peak to 10% of it
     at the last step, no warm-up)."""
+    ema_decay: float = 0.99
+    """Exponential moving average of the trainable weights, decay per optimizer step (with diffusers'
+    warm-up); the average is what validation renders and ``model/`` holds, and the checkpoints keep it.
+    0: none (the official code's and the paper preset's setting). Tiny: 0.99, measured on 8 persons x 2
+    seeds at 600 steps: held-out PSNR +0.50 dB (better on 15 of 16), colour error -0.46, LPIPS level,
+    for ~1% more CPU; README "An average of the weights". See avatars/training/weight_average.py."""
     grad_clip: float = 1.0
     """Gradient norm clipping (the paper's 1.0; 0 disables it)."""
     clip_scope: Literal["controlnet", "all"] = "controlnet"
@@ -105,6 +112,7 @@ class TrainOptions:
         # checked when the options are parsed, not when a person's trainer has already made its run folder
         check_min_crop(self.min_crop)
         check_lr_decay(self.lr_decay)
+        check_decay(self.ema_decay)
 
 
 @dataclass
@@ -152,7 +160,7 @@ PRESETS: dict[str, tuple[str, TrainOptions]] = {
     "paper": ("the paper's setting: SD2.1 layout at 512x512, 100k steps at lr 1e-4 (needs --base-model, "
               "a local Stable Diffusion 2.1 diffusers directory)",
               TrainOptions(model=paper_config(), steps=100_000, batch_size=8, min_crop=0.7, lr_networks=1e-4,
-                           lr_features=1e-2, validate_every=200, compile=True)),
+                           lr_features=1e-2, validate_every=200, compile=True, ema_decay=0.0)),
 }
 
 

@@ -27,6 +27,7 @@ batch to the device while the current step runs.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -50,6 +51,7 @@ from .config import TrainConfig
 from .engine import build_engine
 from .rendezvous import init_distributed
 from .validation import Validator
+from .weight_average import WeightAverage
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -86,6 +88,7 @@ class Trainer:
         self.config = config
         self.callbacks = list(callbacks)
         self.state = ckpt.TrainerState()
+        self.average: WeightAverage | None = None  # --ema-decay, built in setup()
         self.start_step = 0
 
     @property
@@ -138,10 +141,15 @@ class Trainer:
         self.device = self.engine.device
         self.noise = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
 
+        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        self.average = WeightAverage(trainable, cfg.ema_decay) if cfg.ema_decay > 0 else None
         if cfg.resume == "auto":
             restored = ckpt.load_latest(self.engine.engine, self.checkpoint_dir, self.noise)
             if restored is not None:
                 self.state = restored
+                if self.average is not None:
+                    self.average.load_state_dict(ckpt.load_average(self.checkpoint_dir, restored.step),
+                                                 source=str(self.checkpoint_dir / ckpt.tag(restored.step)))
         self.start_step = self.state.step
 
         self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, rank=self.rank,
@@ -171,15 +179,21 @@ class Trainer:
         if self.validator is None:
             return {}
         watch = perf.Stopwatch(self.device)
-        with self.engine.precision.autocast(), perf.eager():  # validation shapes differ: never compile for them
+        with self.engine.precision.autocast(), perf.eager(), self.averaged():  # eager: validation shapes differ
             out = self.validator.run(self.model, self.run_dir / "val" / f"{ckpt.tag(step)}.png")
         if out:
             self.log({"step": step, **out, "val_s": watch.read()})
             self._emit("on_validation", step, out)
         return out
 
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """The model holds the weight average (``--ema-decay``) inside the block; the trained weights otherwise."""
+        return self.average.swapped() if self.average is not None else contextlib.nullcontext()
+
     def save_checkpoint(self) -> Path:
-        path = ckpt.save(self.engine.engine, self.checkpoint_dir, self.state, self.noise, self.config.keep_last)
+        average = self.average.state_dict() if self.average is not None else None
+        path = ckpt.save(self.engine.engine, self.checkpoint_dir, self.state, self.noise, self.config.keep_last,
+                         average=average)
         self._emit("on_checkpoint", self.state.step, path)
         return path
 
@@ -202,6 +216,8 @@ class Trainer:
                 window_losses.append(loss)  # read at logging time: no host sync per step
                 window_samples += cfg.batch_size * self.world_size
             state.step += 1
+            if self.average is not None:
+                self.average.update(state.step)
             self._emit("on_step_end", state.step)
             if first is not None:
                 # Start-up cost of this process's first step (compilation, cuDNN autotuning, allocator warm-up).
@@ -230,7 +246,8 @@ class Trainer:
                   "base_fingerprint": self.base_fingerprint,
                   "train_seconds": state.elapsed_s, **last_val}
         if self.rank == 0:
-            self.model.save_pretrained(self.run_dir / "model")
+            with self.averaged():
+                self.model.save_pretrained(self.run_dir / "model")
             atomic_write_json(self.run_dir / "result.json", result)
         self._emit("on_train_end", result)
         return result

@@ -46,11 +46,13 @@ def test_the_first_argument_picks_the_preset_and_tiny_is_the_default():
     args = preset_cli(launch_all.PRESETS, default="tiny", description="d",
                       args=["--persons", "000", "--train.steps", "3"])
     assert args.persons == "000" and args.train.steps == 3 and args.train.model == tiny_config()
+    assert args.train.ema_decay == 0.99
     args = preset_cli(launch_all.PRESETS, default="tiny", description="d",
                       args=["paper", "--train.base-model", "/models/sd21"])
     assert args.train.model == paper_config() and args.train.steps == 100_000
     assert args.train.base_model == Path("/models/sd21")
     assert args.train.compile  # the paper preset compiles; a short GPU check can turn it off
+    assert args.train.ema_decay == 0.0  # the official code averages no weights; the tiny preset does (0.99)
     args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["paper", "--train.no-compile"])
     assert not args.train.compile and args.train.steps == 100_000
     # the README's nightly command for better tiny renders

@@ -1,0 +1,135 @@
+"""The weight average (--ema-decay): its arithmetic, the swap, the checkpoint round trip, and that the
+saved avatar is the average."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from avatars.models.diffusion_avatars import load_trainable_weights
+from avatars.training import train_preset
+from avatars.training.rendezvous import environment_without_group
+from avatars.training.weight_average import WeightAverage
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _params() -> dict[str, nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    return {"a": nn.Parameter(torch.randn(3, 4, generator=g)), "b": nn.Parameter(torch.randn(5, generator=g))}
+
+
+def test_the_average_follows_the_warmed_up_decay():
+    params = _params()
+    average = WeightAverage(params, decay=0.9)
+    reference = {n: p.detach().clone() for n, p in params.items()}
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 30):
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(torch.randn(p.shape, generator=g))
+        average.update(step)
+        d = min(0.9, (1 + step) / (10 + step))
+        reference = {n: d * reference[n] + (1 - d) * params[n].detach() for n in params}
+        for n in params:
+            torch.testing.assert_close(average.average[n], reference[n], rtol=1e-6, atol=1e-6)
+    assert average.decay_at(1) == pytest.approx(2 / 11) and average.decay_at(1000) == 0.9
+    assert not torch.equal(average.average["a"], params["a"])  # it lags the weights
+
+
+def test_swapped_holds_the_average_and_restores_the_trained_weights():
+    params = _params()
+    average = WeightAverage(params, decay=0.5)
+    with torch.no_grad():
+        params["a"].add_(1.0)
+    trained = params["a"].detach().clone()
+    with average.swapped():
+        assert torch.equal(params["a"], average.average["a"]) and not torch.equal(params["a"], trained)
+    assert torch.equal(params["a"], trained)
+    with pytest.raises(RuntimeError, match="inside"):
+        with average.swapped():
+            raise RuntimeError("inside")
+    assert torch.equal(params["a"], trained)  # restored on an error too
+
+
+def test_bad_decays_and_foreign_states_are_refused():
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="ema_decay"):
+            WeightAverage(_params(), bad)
+        with pytest.raises(ValueError, match="ema_decay"):
+            train_preset("tiny", ema_decay=bad)
+    average = WeightAverage(_params(), 0.9)
+    with pytest.raises(KeyError, match="ckpt: the weight average does not match"):
+        average.load_state_dict({"a": torch.zeros(3, 4)}, source="ckpt")
+    with pytest.raises(ValueError, match="b has shape"):
+        average.load_state_dict({"a": torch.zeros(3, 4), "b": torch.zeros(6)})
+
+
+AVERAGE_RESUME = textwrap.dedent("""
+    import json, sys, torch
+    from avatars.models import DiffusionAvatarsModel
+    from avatars.testing import synthetic_batch
+    from avatars.training import checkpoint, train_preset
+    from avatars.training.engine import build_engine
+    from avatars.training.trainer import init_distributed
+    from avatars.training.weight_average import WeightAverage
+    _, world = init_distributed()
+    cfg = train_preset("tiny", batch_size=2, steps=10, ema_decay=0.9)
+    noise = torch.Generator().manual_seed(0)
+    batch = synthetic_batch(2, 64, 16)
+    def build():
+        model = DiffusionAvatarsModel(cfg.model_config(16))
+        trainer = build_engine(cfg, model, world)
+        return trainer, WeightAverage({n: p for n, p in model.named_parameters() if p.requires_grad}, 0.9)
+    (first, avg1), (second, avg2) = build(), build()
+    for step in range(1, 4):
+        first.micro_step(batch, noise)
+        avg1.update(step)
+    checkpoint.save(first.engine, sys.argv[1], checkpoint.TrainerState(step=3), noise, keep_last=1,
+                    average=avg1.state_dict())
+    state = checkpoint.load_latest(second.engine, sys.argv[1], noise)
+    avg2.load_state_dict(checkpoint.load_average(sys.argv[1], state.step))
+    for trainer, avg in ((first, avg1), (second, avg2)):
+        trainer.micro_step(batch, torch.Generator().manual_seed(5))
+        avg.update(4)
+    same = all(torch.equal(avg1.average[n], avg2.average[n]) for n in avg1.average)
+    moved = any(not torch.equal(avg1.average[n], p) for n, p in avg1.params.items())
+    print("RESULT" + json.dumps({"same": same, "moved": moved}))
+""")
+
+
+def test_the_average_resumes_from_the_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", AVERAGE_RESUME, str(tmp_path / "ckpt")],
+                          env=environment_without_group(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out == {"same": True, "moved": True}
+    # a checkpoint written without an average says so
+    from avatars.training import checkpoint
+
+    with pytest.raises(FileNotFoundError, match="without --ema-decay"):
+        checkpoint.load_average(tmp_path / "ckpt", 4)
+
+
+def test_the_saved_avatar_is_the_average_not_the_last_weights(train_shards, tmp_path):
+    env = environment_without_group()
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, str(REPO / "jobs" / "train_person.py"), "--person", "000", "--shards", str(train_shards),
+           "--out", str(tmp_path), "--steps", "4", "--checkpoint-every", "4", "--validate-every", "0",
+           "--num-workers", "1", "--val-samples", "1", "--val-inference-steps", "1", "--batch-size", "2",
+           "--lpips-weights", str(tmp_path / "no-lpips"), "--ema-decay", "0.5"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "000" / "checkpoints" / "step_0000004"
+    saved = load_trainable_weights(tmp_path / "000" / "model")
+    average = torch.load(ckpt / "weight_average.pt", weights_only=True)
+    trained = {k.removeprefix("model."): v for k, v in
+               torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"].items()}
+    assert saved.keys() == average.keys()
+    assert all(torch.equal(saved[k], average[k]) for k in saved)
+    assert any(not torch.equal(saved[k], trained[k]) for k in saved)  # not the last iterate
