@@ -140,11 +140,10 @@ def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState 
     return TrainerState(**saved["state"])
 
 
-
-def load_average(ckpt_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    """The weight average stored with the complete checkpoint of ``step``."""
+def load_average(ckpt_dir: Path, step: int) -> dict[str, torch.Tensor] | None:
+    """The weight average stored with the complete checkpoint of ``step``; None when it was written
+    without one (``--ema-decay 0``, or by a version before the option)."""
     path = Path(ckpt_dir) / tag(step) / AVERAGE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: this checkpoint was written without --ema-decay; resume it with "
-                                "the options it was trained with, or start over (--resume never)")
+        return None
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -148,8 +149,7 @@ class Trainer:
             if restored is not None:
                 self.state = restored
                 if self.average is not None:
-                    self.average.load_state_dict(ckpt.load_average(self.checkpoint_dir, restored.step),
-                                                 source=str(self.checkpoint_dir / ckpt.tag(restored.step)))
+                    self._restore_average(restored.step)
         self.start_step = self.state.step
 
         self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, rank=self.rank,
@@ -185,6 +185,17 @@ class Trainer:
             self.log({"step": step, **out, "val_s": watch.read()})
             self._emit("on_validation", step, out)
         return out
+
+    def _restore_average(self, step: int) -> None:
+        folder = self.checkpoint_dir / ckpt.tag(step)
+        saved = ckpt.load_average(self.checkpoint_dir, step)
+        if saved is None:
+            # A checkpoint written without --ema-decay (or before it existed): go on rather than fail the
+            # person, but say that the average is not the one an uninterrupted run would have.
+            warnings.warn(f"{folder} holds no weight average (written without --ema-decay): the average of "
+                          f"--ema-decay {self.config.ema_decay} starts from the weights of step {step}", stacklevel=2)
+            return
+        self.average.load_state_dict(saved, source=str(folder))
 
     def averaged(self) -> contextlib.AbstractContextManager:
         """The model holds the weight average (``--ema-decay``) inside the block; the trained weights otherwise."""

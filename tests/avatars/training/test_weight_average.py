@@ -109,22 +109,24 @@ def test_the_average_resumes_from_the_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert out == {"same": True, "moved": True}
-    # a checkpoint written without an average says so
     from avatars.training import checkpoint
 
-    with pytest.raises(FileNotFoundError, match="without --ema-decay"):
-        checkpoint.load_average(tmp_path / "ckpt", 4)
+    assert checkpoint.load_average(tmp_path / "ckpt", 4) is None  # no checkpoint of that step: no average
+
+
+def _train(shards: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = environment_without_group()
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, str(REPO / "jobs" / "train_person.py"), "--person", "000", "--shards", str(shards),
+           "--out", str(out), "--validate-every", "0", "--num-workers", "1", "--val-samples", "1",
+           "--val-inference-steps", "1", "--batch-size", "2", "--lpips-weights", str(out / "no-lpips"), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def test_the_saved_avatar_is_the_average_not_the_last_weights(train_shards, tmp_path):
-    env = environment_without_group()
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, str(REPO / "jobs" / "train_person.py"), "--person", "000", "--shards", str(train_shards),
-           "--out", str(tmp_path), "--steps", "4", "--checkpoint-every", "4", "--validate-every", "0",
-           "--num-workers", "1", "--val-samples", "1", "--val-inference-steps", "1", "--batch-size", "2",
-           "--lpips-weights", str(tmp_path / "no-lpips"), "--ema-decay", "0.5"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _train(train_shards, tmp_path, "--steps", "4", "--checkpoint-every", "4", "--ema-decay", "0.5")
     ckpt = tmp_path / "000" / "checkpoints" / "step_0000004"
     saved = load_trainable_weights(tmp_path / "000" / "model")
     average = torch.load(ckpt / "weight_average.pt", weights_only=True)
@@ -133,3 +135,14 @@ def test_the_saved_avatar_is_the_average_not_the_last_weights(train_shards, tmp_
     assert saved.keys() == average.keys()
     assert all(torch.equal(saved[k], average[k]) for k in saved)
     assert any(not torch.equal(saved[k], trained[k]) for k in saved)  # not the last iterate
+
+
+def test_a_checkpoint_without_an_average_resumes_with_a_warning(train_shards, tmp_path):
+    """A run checkpointed without --ema-decay (or by a version before it) goes on with one: the average
+    starts from the restored weights, and the log says so rather than failing the person."""
+    _train(train_shards, tmp_path, "--steps", "2", "--checkpoint-every", "2", "--ema-decay", "0")
+    assert not (tmp_path / "000" / "checkpoints" / "step_0000002" / "weight_average.pt").exists()
+    proc = _train(train_shards, tmp_path, "--steps", "4", "--checkpoint-every", "2", "--ema-decay", "0.5")
+    assert "holds no weight average" in proc.stderr and "starts from the weights of step 2" in proc.stderr
+    assert json.loads((tmp_path / "000" / "result.json").read_text())["resumed_from"] == 2
+    assert (tmp_path / "000" / "checkpoints" / "step_0000004" / "weight_average.pt").is_file()
