@@ -110,8 +110,8 @@ class DiffusionAvatarsModel(nn.Module):
             self.vae = vae
             self.conditioning = ConditioningBuilder(config, generator=generator, features=parts.pop("features", None))
             if config.use_ldm_prior:
-                self.unet = parts.pop("unet", None) if config.train_unet else None
-                self.unet = unet if self.unet is None else self.unet
+                # a fine-tuned UNet is one of the avatar's parts; a frozen one is the base's
+                self.unet = parts.pop("unet", unet) if config.train_unet else unet
                 self.controlnet = parts.pop("controlnet", None)
                 if self.controlnet is None:
                     self.controlnet = ControlNetModel.from_unet(
@@ -203,8 +203,10 @@ class DiffusionAvatarsModel(nn.Module):
     def part_names(config: DiffusionAvatarsConfig) -> list[str]:
         """The trainable parts with parameters under ``config`` (the folders of a checkpoint)."""
         names = [] if config.features.mapping == "none" else ["features"]
-        names += (["controlnet"] + (["unet"] if config.train_unet else [])) if config.use_ldm_prior \
-            else ["unet", "cond_embedding"]
+        if config.use_ldm_prior:
+            names += ["controlnet", "unet"] if config.train_unet else ["controlnet"]
+        else:
+            names += ["unet", "cond_embedding"]
         if config.use_expression:
             names += ["expression_tokens", "expression_layers"]
         return names
@@ -246,20 +248,7 @@ class DiffusionAvatarsModel(nn.Module):
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        expected = self.trainable_state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise KeyError(
-                f"{source} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
-        with torch.no_grad():
-            for name, param in expected.items():
-                value = state[name]
-                if value.shape != param.shape:
-                    raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, model {tuple(param.shape)}")
-                param.copy_(value.to(param.dtype))
+        copy_matching(self.trainable_state_dict(), state, source)
 
     @property
     def num_expression_layers(self) -> int:
@@ -412,6 +401,25 @@ class DiffusionAvatarsModel(nn.Module):
         ``base_model`` defaults to the directory recorded at save time; the text encoder is not
         needed."""
         return load_checkpoint(cls, directory, base_model)
+
+
+@torch.no_grad()
+def copy_matching(target: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Copies ``state`` into ``target`` (name -> tensor, e.g. a model's trainable parameters) in place,
+    in the targets' dtypes, refusing a state whose names or shapes differ (KeyError / ValueError naming
+    ``source``)."""
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    if missing or unexpected:
+        raise KeyError(
+            f"{source} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in target.items():
+        value = state[name]
+        if value.shape != tensor.shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, model {tuple(tensor.shape)}")
+        tensor.copy_(value.to(tensor.dtype))
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

@@ -142,8 +142,7 @@ class Trainer:
         self.device = self.engine.device
         self.noise = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
 
-        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
-        self.average = WeightAverage(trainable, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.average = WeightAverage(self.model.trainable_state_dict(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         if cfg.resume == "auto":
             restored = ckpt.load_latest(self.engine.engine, self.checkpoint_dir, self.noise)
             if restored is not None:

@@ -19,6 +19,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from avatars.models.diffusion_avatars import copy_matching
+
 
 def check_decay(decay: float) -> None:
     if not 0.0 <= decay < 1.0:
@@ -34,8 +36,9 @@ class WeightAverage:
             raise ValueError("no trainable parameters to average")
         self.decay = decay
         self.params = params
-        with torch.no_grad():
-            self.average = {name: p.detach().clone() for name, p in params.items()}
+        self.average = {name: p.detach().clone() for name, p in params.items()}
+        # the per-step update's operands, listed once (load_state_dict copies into the same tensors)
+        self._pairs = (list(self.average.values()), [p.detach() for p in params.values()])
 
     def decay_at(self, step: int) -> float:
         """The decay used after optimizer step ``step`` (1-based)."""
@@ -44,23 +47,13 @@ class WeightAverage:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After optimizer step ``step``: average <- decay * average + (1 - decay) * weights."""
-        weight = 1.0 - self.decay_at(step)
-        torch._foreach_lerp_(list(self.average.values()), [p.detach() for p in self.params.values()], weight)
+        torch._foreach_lerp_(*self._pairs, 1.0 - self.decay_at(step))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.average)
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        missing, unexpected = sorted(set(self.average) - set(state)), sorted(set(state) - set(self.average))
-        if missing or unexpected:
-            raise KeyError(f"{source}: the weight average does not match the model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-        for name, value in state.items():
-            if value.shape != self.average[name].shape:
-                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model "
-                                 f"{tuple(self.average[name].shape)}")
-            self.average[name].copy_(value)
+        copy_matching(self.average, state, source)
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
