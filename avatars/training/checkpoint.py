@@ -135,7 +135,7 @@ def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState 
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=latest.name, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"{latest}: DeepSpeed could not load this checkpoint")
-    saved = torch.load(latest / f"rank{_rank():03d}_{STATE_FILE}", weights_only=False)
+    saved = _read(latest / f"rank{_rank():03d}_{STATE_FILE}", weights_only=False)
     set_rng_state(saved["rng"], noise)
     return TrainerState(**saved["state"])
 
@@ -146,4 +146,14 @@ def load_average(ckpt_dir: Path, step: int) -> dict[str, torch.Tensor] | None:
     path = Path(ckpt_dir) / tag(step) / AVERAGE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _read(path, weights_only=True)
+
+
+def _read(path: Path, weights_only: bool):
+    """torch.load of a checkpoint file, naming the file when it does not load (a corrupt disk; the
+    files themselves are written atomically before the folder's marker)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as error:
+        raise ValueError(f"{path}: checkpoint file does not load ({type(error).__name__}: {error}); remove its "
+                         "folder to resume from the one before, or start over with --resume never") from error

@@ -53,7 +53,8 @@ class TrainOptions:
     warm-up); the average is what validation renders and ``model/`` holds, and the checkpoints keep it.
     0: none (the official code's and the paper preset's setting). Tiny: 0.99, measured on 8 persons x 2
     seeds at 600 steps: held-out PSNR +0.50 dB (better on 15 of 16), colour error -0.46, LPIPS level,
-    for ~1% more CPU; README "An average of the weights". See avatars/training/weight_average.py."""
+    at no cost measurable in the first run; README "An average of the weights". See
+    avatars/training/weight_average.py."""
     grad_clip: float = 1.0
     """Gradient norm clipping (the paper's 1.0; 0 disables it)."""
     clip_scope: Literal["controlnet", "all"] = "controlnet"

@@ -112,6 +112,10 @@ def test_the_average_resumes_from_the_checkpoint(tmp_path):
     from avatars.training import checkpoint
 
     assert checkpoint.load_average(tmp_path / "ckpt", 4) is None  # no checkpoint of that step: no average
+    corrupt = tmp_path / "ckpt" / "step_0000003" / "weight_average.pt"
+    corrupt.write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match=r"weight_average\.pt: checkpoint file does not load"):
+        checkpoint.load_average(tmp_path / "ckpt", 3)
 
 
 def _train(shards: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
