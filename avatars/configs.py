@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -181,6 +182,12 @@ class DiffusionAvatarsConfig:
     frozen). Measured on the tiny preset: better PSNR, SSIM and LPIPS at 18% more training CPU, not
     the default (README "What the tiny preset's budget leaves"). Needs the LDM prior (without it the UNet
     is trained from scratch anyway)."""
+    conditioning_scale: float = 1.0
+    """Scale of the ControlNet's residuals in the renderers' denoising steps (diffusers'
+    ``controlnet_conditioning_scale``); training always adds them at 1. Paper and official: 1. Above 1,
+    each step moves further from the frozen base's prior towards what the conditioning says. Not used
+    without diffusion (the single pass is a regression: 1.4 cost it 1.8 dB) or without the LDM prior
+    (no ControlNet); see :attr:`render_conditioning_scale`."""
     requires_pretrained_base: bool = True
     """The pretrained base model is mandatory (paper preset); with False random weights are fine."""
     init_seed: int = 0
@@ -191,6 +198,12 @@ class DiffusionAvatarsConfig:
     def expression_channel_count(self) -> int:
         """Expression channels of the conditioning image (``expression_dim`` with ``expression_channels``, else 0)."""
         return self.expression_dim if self.use_expression and self.expression_channels else 0
+
+    @property
+    def render_conditioning_scale(self) -> float:
+        """The scale the renderers give the ControlNet: ``conditioning_scale`` when sampling by diffusion, 1 for
+        the w/o-diffusion single pass."""
+        return self.conditioning_scale if self.use_diffusion else 1.0
 
     @property
     def conditioning_channels(self) -> int:
@@ -216,6 +229,8 @@ class DiffusionAvatarsConfig:
         if self.train_unet and not self.use_ldm_prior:
             raise ValueError("train_unet fine-tunes the pretrained UNet; without the LDM prior (use_ldm_prior=False) "
                              "the UNet is trained from scratch anyway")
+        if not (math.isfinite(self.conditioning_scale) and self.conditioning_scale > 0):
+            raise ValueError(f"conditioning_scale must be a positive number, got {self.conditioning_scale}")
         if self.expression_dim <= 0 or self.expression_tokens <= 0:
             raise ValueError("expression_dim and expression_tokens must be positive")
 
@@ -260,6 +275,7 @@ def tiny_config(expression_dim: int = 16, **overrides: Any) -> DiffusionAvatarsC
         expression_dim=expression_dim,
         conditioning_embedding_channels=(8, 16, 32),
         expression_channels=True,
+        conditioning_scale=1.4,
         requires_pretrained_base=False,
     )
     config = dataclasses.replace(config, **overrides) if overrides else config

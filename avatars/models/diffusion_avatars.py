@@ -274,9 +274,11 @@ class DiffusionAvatarsModel(nn.Module):
         timesteps: torch.Tensor,
         cond: torch.Tensor,
         expression_tokens: torch.Tensor | None = None,
+        conditioning_scale: float = 1.0,
     ) -> torch.Tensor:
         """Network output for noisy ``latents``; ``expression_tokens`` from :meth:`encode_expression`
-        (None: the expression layers add nothing).
+        (None: the expression layers add nothing). ``conditioning_scale`` multiplies the ControlNet's
+        residuals (the renderers pass ``config.conditioning_scale``; training 1).
 
         Each network runs in the dtype of its own weights (inputs are cast to it), so a model whose
         parts DeepSpeed or a renderer cast to bf16 works with float32 inputs, with or without
@@ -297,6 +299,8 @@ class DiffusionAvatarsModel(nn.Module):
             )
             if dtype != unet_dtype:
                 down, mid = [d.to(unet_dtype) for d in down], mid.to(unet_dtype)
+            if conditioning_scale != 1.0:
+                down, mid = [d * conditioning_scale for d in down], mid * conditioning_scale
             return self.unet(
                 latents.to(unet_dtype),
                 timesteps,

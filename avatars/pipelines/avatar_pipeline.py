@@ -96,7 +96,8 @@ class AvatarPipeline:
         use_autocast = device.type == "cuda"
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
             cond = model.conditioning(batch)
-            denoise = partial(model.denoise, expression_tokens=model.encode_expression(batch.get("expression")))
+            denoise = partial(model.denoise, expression_tokens=model.encode_expression(batch.get("expression")),
+                              conditioning_scale=model.config.render_conditioning_scale)
             if not model.config.use_diffusion:
                 latents = model.single_pass(denoise, cond, shape)
             elif sampler == "ddpm":

@@ -106,7 +106,8 @@ class RenderPipeline:
         """One denoising step of the networks (compiled when ``compile`` is on)."""
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's output has been consumed
-        return self._denoise(latents, timesteps, cond, expression_tokens)
+        return self._denoise(latents, timesteps, cond, expression_tokens,
+                             conditioning_scale=self.model.config.render_conditioning_scale)
 
     @torch.no_grad()
     def __call__(self, batch: dict, num_inference_steps: int = 20, sampler: str = "ddpm",

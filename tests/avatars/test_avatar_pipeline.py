@@ -73,7 +73,7 @@ def test_ddpm_render_equals_a_diffusers_scheduler_loop(pipeline):
         cond = model.conditioning(batch)
         tokens = model.encode_expression(batch["expression"])
         for t in scheduler.timesteps:
-            out = model.denoise(latents, t.expand(1), cond, tokens)
+            out = model.denoise(latents, t.expand(1), cond, tokens, model.config.render_conditioning_scale)
             latents = scheduler.step(out.float(), t, latents, generator=generator).prev_sample
         reference = model.decode_latents(latents)
     torch.testing.assert_close(pipeline(batch, num_inference_steps=steps, seeds=seed), reference, rtol=0, atol=1e-6)

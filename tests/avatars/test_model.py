@@ -69,6 +69,29 @@ def test_zero_init_output_equals_base_model():
     assert (base_moved - plain).abs().max() > 1e-4  # ControlNet acts
 
 
+@torch.no_grad()
+def test_conditioning_scale_multiplies_the_controlnet_residuals_the_unet_adds():
+    model = DiffusionAvatarsModel(tiny_config())
+    _perturb_zero_layers(model)
+    batch = synthetic_batch(2)
+    cond, tokens = model.conditioning(batch), model.encode_expression(batch["expression"])
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    made, added = [], []
+    model.controlnet.register_forward_hook(lambda module, args, out: made.append(out))
+    model.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: added.append((kwargs["down_block_additional_residuals"],
+                                                   kwargs["mid_block_additional_residual"])), with_kwargs=True)
+    default = model.denoise(latents, t, cond, tokens)
+    scaled = model.denoise(latents, t, cond, tokens, conditioning_scale=1.4)
+    assert (scaled - default).abs().max() > 1e-4
+    (down, mid), (down_added, mid_added) = made[1], added[1]
+    for produced, given in zip([*down, mid], [*down_added, mid_added]):
+        torch.testing.assert_close(given, produced * 1.4, rtol=0, atol=0)
+    # at 1 (training, and the default) the residuals are added as made: the same tensors
+    assert all(given is produced for produced, given in zip([*made[0][0], made[0][1]], [*added[0][0], added[0][1]]))
+
+
 def test_gradients_reach_exactly_the_trainable_parts():
     model = DiffusionAvatarsModel(tiny_config())
     _perturb_zero_layers(model)

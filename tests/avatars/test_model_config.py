@@ -83,3 +83,18 @@ def test_config_json_roundtrip_and_validation():
         tiny_config(conditioning_embedding_channels=(8, 16))
     with pytest.raises(ValueError, match="multiple"):
         tiny_config(resolution=60)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="conditioning_scale must be a positive number"):
+            tiny_config(conditioning_scale=bad)
+
+
+def test_conditioning_scale_applies_to_diffusion_sampling_only_and_older_avatars_render_at_1():
+    """The tiny preset renders with its measured scale; the single pass of "w/o diffusion" at 1; an avatar saved
+    before the field existed (its config.json lacks it) loads with 1, the value it was rendered with then."""
+    tiny = tiny_config()
+    assert tiny.conditioning_scale == tiny.render_conditioning_scale == 1.4
+    assert tiny_config(use_diffusion=False).render_conditioning_scale == 1.0
+    assert paper_config().conditioning_scale == 1.0  # paper and official
+    older = tiny.to_dict()
+    del older["conditioning_scale"]
+    assert DiffusionAvatarsConfig.from_dict(older).conditioning_scale == 1.0

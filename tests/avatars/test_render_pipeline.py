@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,6 +110,29 @@ def test_single_pass_ablation_equals_the_plain_pipeline():
     batch = _frames(2)
     out = RenderPipeline(model, RenderOptions(batch_buckets=(2,)))(batch)
     torch.testing.assert_close(out, AvatarPipeline(model)(batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("diffusion", [True, False])
+def test_both_pipelines_render_with_the_configs_conditioning_scale(diffusion):
+    """Every denoising call of a render gets ``render_conditioning_scale`` (the tiny preset's 1.4 when sampling,
+    1 for the single pass); a render at another scale differs, so the check can fail."""
+    model = _model(use_diffusion=diffusion)
+    denoise, seen = model.denoise, []
+
+    def spy(*args, conditioning_scale=1.0, **kwargs):
+        seen.append(conditioning_scale)
+        return denoise(*args, conditioning_scale=conditioning_scale, **kwargs)
+
+    model.denoise = spy
+    batch = _frames(2)
+    plain = AvatarPipeline(model)(batch, num_inference_steps=STEPS)
+    fast = RenderPipeline(model, RenderOptions(batch_buckets=(2,)))(batch, num_inference_steps=STEPS)
+    calls = 2 * (STEPS if diffusion else 1)
+    assert seen == [1.4 if diffusion else 1.0] * calls
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+    if diffusion:
+        model.config = dataclasses.replace(model.config, conditioning_scale=1.0)
+        assert (AvatarPipeline(model)(batch, num_inference_steps=STEPS) - plain).abs().max() > 1e-3
 
 
 def test_a_frame_renders_bit_for_bit_alone_or_in_a_batch():
