@@ -278,7 +278,7 @@ class DiffusionAvatarsModel(nn.Module):
     ) -> torch.Tensor:
         """Network output for noisy ``latents``; ``expression_tokens`` from :meth:`encode_expression`
         (None: the expression layers add nothing). ``conditioning_scale`` multiplies the ControlNet's
-        residuals (the renderers pass ``config.conditioning_scale``; training 1).
+        residuals (the renderers pass ``config.render_conditioning_scale``; training 1).
 
         Each network runs in the dtype of its own weights (inputs are cast to it), so a model whose
         parts DeepSpeed or a renderer cast to bf16 works with float32 inputs, with or without
