@@ -16,7 +16,10 @@ sequences from the held-out camera, PSNR / SSIM / LPIPS and the face metrics):
   ``<workdir>/runs/<person>``) with each sampler setting; ``ddpm:1`` is the network's one-shot
   estimate of the clean image from pure noise (the conditional mean);
 * each ``--variants`` entry: trained here with the tiny preset and the overrides (see
-  benchmarks/heldout.py), rendered with the first sampler setting.
+  benchmarks/heldout.py), rendered with the first sampler setting;
+* ``<run> <sampler>:<steps> scale S`` for each ``--scales`` S: the trained avatar (``--run``) rendered with
+  the first sampler setting and its ControlNet's residuals scaled by S (the config's ``conditioning_scale``;
+  the rows above use the one it was saved with). The weights are the same, so only the rendering differs.
 
 ``--train-frames N`` also scores every trained model on N of the person's own *training* frames
 (uncropped), face PSNR only: its render (first sampler setting) and its clean-image estimate from
@@ -41,6 +44,7 @@ from bench_common import RESULTS, report  # noqa: E402
 from heldout import (  # noqa: E402
     Variant,
     clean_estimate,
+    conditioning_scale,
     evaluate,
     face_psnr,
     ground_truth,
@@ -87,6 +91,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("data/bench-fidelity"), help="where variants train")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix of the output files")
+    ap.add_argument("--scales", type=float, nargs="*", default=[],
+                    help="also render --run at each of these conditioning scales (first sampler setting)")
     ap.add_argument("--train-frames", type=int, default=0,
                     help="also score each model on this many of its training frames (face PSNR)")
     a = ap.parse_args()
@@ -99,6 +105,8 @@ def main() -> None:
 
     rows, pictures = [], []
     trained = load_model(run, base) if (run / "model").is_dir() else None
+    if a.scales and trained is None:
+        raise SystemExit(f"--scales renders a trained run, and there is none at {run}")
     reference = trained if trained is not None else None
     tasks = None
 
@@ -133,6 +141,12 @@ def main() -> None:
             t = time.process_time()
             pred = render(model, batch, int(steps or 20), sampler, a.seed)
             add(f"{name} {sampler}:{steps}", pred, time.process_time() - t, extra)
+    sampler, _, steps = a.samplers[0].partition(":")
+    for scale in a.scales:
+        t = time.process_time()
+        with conditioning_scale(trained, scale):
+            pred = render(trained, batch, int(steps or 20), sampler, a.seed)
+        add(f"{models[0][0]} {a.samplers[0]} scale {scale:g}", pred, time.process_time() - t)
     save_rows(RESULTS / f"fidelity_{a.person}{a.tag}.png", pictures)
     train_rows = training_frame_rows(models, shards, a.person, a.train_frames, a.samplers[0], a.seed)
     report(f"fidelity{a.tag}", rows, {"person": a.person, "run": str(run), "base_model": str(base),

@@ -10,12 +10,13 @@ and reused when their recorded spec matches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -163,6 +164,19 @@ def task_batch(frames: TaskFrames) -> dict[str, torch.Tensor]:
 def ground_truth(frames: TaskFrames) -> torch.Tensor:
     """(T, 3, H, W) float32 in [0, 1]."""
     return torch.from_numpy(np.concatenate([c.reference for c in frames.clips])).permute(0, 3, 1, 2).float()
+
+
+@contextlib.contextmanager
+def conditioning_scale(model: DiffusionAvatarsModel, scale: float) -> Iterator[None]:
+    """Inside the block the model renders with ``scale`` as its config's ``conditioning_scale`` (what a trained
+    avatar would render with, had it been saved so); its own config again after it."""
+    saved = model.config
+    model.config = dataclasses.replace(saved, conditioning_scale=scale)
+    try:
+        model.config.validate()
+        yield
+    finally:
+        model.config = saved
 
 
 @torch.no_grad()

@@ -121,3 +121,28 @@ def test_face_psnr_and_the_clean_estimate_from_pure_noise():
         expected = model.decode_latents(-v)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert out.shape == batch["image"].shape and 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+def test_conditioning_scale_renders_the_same_avatar_at_another_scale_and_restores_its_own():
+    """bench_fidelity's --scales rows: inside the block the render is the one of a model saved with that scale,
+    after it the model's own again; a scale the config refuses is refused here too, leaving the config as it was."""
+    import dataclasses
+
+    from avatars.configs import tiny_config
+    from avatars.models import DiffusionAvatarsModel
+    from avatars.testing import activate_zero_layers, synthetic_batch
+
+    model = activate_zero_layers(DiffusionAvatarsModel(tiny_config(expression_dim=8))).eval()
+    batch = {k: v for k, v in synthetic_batch(1, expression_dim=8).items() if k != "image"}
+    own = model.config
+    at_own = heldout.render(model, batch, steps=2)
+    with heldout.conditioning_scale(model, 1.0):
+        at_one = heldout.render(model, batch, steps=2)
+    assert model.config is own
+    saved_at_one = activate_zero_layers(DiffusionAvatarsModel(dataclasses.replace(own, conditioning_scale=1.0))).eval()
+    torch.testing.assert_close(at_one, heldout.render(saved_at_one, batch, steps=2), rtol=0, atol=0)
+    assert (at_one - at_own).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="conditioning_scale must be a positive number"):
+        with heldout.conditioning_scale(model, 0.0):
+            pass
+    assert model.config is own
