@@ -9,7 +9,9 @@ first prepare <workdir> the way the main job's data stages and base do, from the
 generator with its ablation-data options on (``ABLATION_DATA``: per-frame random hair strands that
 no input determines, a skin pattern the TriPlanes hold and a spherical map cannot, ears folded over
 the cheeks, and held-out sequences showing an expression that only other persons' training data
-shows; README "Table 3 on data where every component matters"). Every run trains
+shows; README "Table 3 on data where every component matters"), and pretrain its tiny base with a
+UNet prior of ``--base-unet-steps`` (6000; the main job's: 200), one that holds more than a person's
+own training teaches, as SD2.1's does in the paper. Every run trains
 the tiny preset (its steps and batch, or ``--steps``) with one switch of the model config
 changed, then renders the person's held-out evaluation set (the held-out sequences from the
 frontal camera and the training sequences from the held-out camera, 20 DDPM steps, fixed noise;
@@ -63,21 +65,26 @@ DIRECTION = {"psnr": 1, "ssim": 1, "lpips": -1, "jod": 1, "psnr_face": 1, "lpips
 #: The data set of ``--ablation-data``: the default synthetic set with every ablation-data option on
 #: (novel expressions in the 2 sequences the ingest holds out by default).
 ABLATION_DATA = SyntheticConfig(stochastic_hair=True, detail_wavelength=0.25, folded_ears=True, novel_expressions=2)
+#: UNet steps of the tiny base that ``--ablation-data`` pretrains (the main job's: 200). The "w/o LDM prior" row
+#: compares a frozen prior with a UNet trained from scratch on the person, so the prior must hold more than one
+#: person's 600 steps teach: at 200 steps (v-loss 0.50) the from-scratch UNet won LPIPS on every pair, at 6000
+#: (v-loss 0.31) the frozen prior wins it (README "Table 3 on data where every component matters").
+ABLATION_BASE_UNET_STEPS = 6000
 
 _EVALUATOR = None
 
 
-def prepare_ablation_data(workdir: Path, workers: int = 1) -> Path:
+def prepare_ablation_data(workdir: Path, workers: int = 1, unet_steps: int = ABLATION_BASE_UNET_STEPS) -> Path:
     """Synthetic captures of ``ABLATION_DATA``, zarr stores, shards and the tiny base pretrained on
-    every person, under ``workdir``, by the main job's own stages (each skips what is up to date);
-    returns the base."""
+    every person (its UNet for ``unet_steps``), under ``workdir``, by the main job's own stages (each
+    skips what is up to date); returns the base."""
     from jobs.launch_all import LaunchAllArgs, _base_model, _data
 
     args = LaunchAllArgs(workdir=workdir, synthetic=ABLATION_DATA, workers=workers)
     _, failed = _data(args)
     if failed:
         raise RuntimeError(f"ablation data: persons failed: {failed}")
-    return _base_model(args, ABLATION_DATA.person_ids)
+    return _base_model(args, ABLATION_DATA.person_ids, unet_steps=unet_steps)
 
 
 def _evaluator():
@@ -184,11 +191,20 @@ def main() -> None:
     ap.add_argument("--ablation-data", action="store_true",
                     help="first prepare --workdir from the generator's ablation-data options (ABLATION_DATA) and "
                          "pretrain its base (one process at a time: --parallel)")
+    ap.add_argument("--base-unet-steps", type=int, default=None,
+                    help=f"with --ablation-data: UNet steps of the base it pretrains (default "
+                         f"{ABLATION_BASE_UNET_STEPS}; the main job's base: 200)")
     a = ap.parse_args()
+    if a.base_unet_steps is not None and not a.ablation_data:
+        ap.error("--base-unet-steps sets the base that --ablation-data pretrains; without it the base is "
+                 "--base-model or the main job's")
+    if a.base_unet_steps is not None and a.base_unet_steps <= 0:
+        ap.error(f"--base-unet-steps must be positive, got {a.base_unet_steps}")
     persons = [p for p in a.persons.split(",") if p]
     seeds = [int(s) for s in a.seeds.split(",") if s]
     if a.ablation_data:
-        prepared = prepare_ablation_data(a.workdir, workers=a.parallel)
+        prepared = prepare_ablation_data(a.workdir, workers=a.parallel,
+                                         unet_steps=a.base_unet_steps or ABLATION_BASE_UNET_STEPS)
         base = a.base_model or prepared
     else:
         base = a.base_model or main_job_base(a.workdir)

@@ -150,17 +150,18 @@ def _data(args: LaunchAllArgs, persons: str | None = None,
     return [p for p in ingested if p not in failed], failed
 
 
-def _base_model(args: LaunchAllArgs, base_persons: list[str]) -> Path | None:
+def _base_model(args: LaunchAllArgs, base_persons: list[str], **settings) -> Path | None:
     """The frozen base every avatar trains on: --train.base-model, or the tiny base pretrained on
     `base_persons` (every person of the data set, whatever --persons is) into
     `<workdir>/base/tiny-<key>`, the key being the hash of its settings and data: a base is
-    never replaced, so avatars trained on it keep it, and a subset run reuses the full run's."""
+    never replaced, so avatars trained on it keep it, and a subset run reuses the full run's.
+    `settings` replace BasePretrainConfig defaults (the ablation benchmark's longer UNet prior)."""
     if not _needs_tiny_base(args):
         return args.train.base_model
     from avatars.training.base_pretraining import BasePretrainConfig, base_key, pretrain_base
 
     config = BasePretrainConfig(shard_root=args.workdir / "shards", persons=",".join(base_persons),
-                                num_workers=min(2, args.workers))
+                                num_workers=min(2, args.workers), **settings)
     out = args.workdir / "base" / f"tiny-{base_key(config)[:16]}"
     pretrain_base(dataclasses.replace(config, output=out))
     return out

@@ -93,3 +93,40 @@ def test_ablation_data_turns_every_option_on_and_shows_novel_expressions_in_the_
     assert ABLATION_DATA.stochastic_hair and ABLATION_DATA.folded_ears and ABLATION_DATA.detail_wavelength > 0
     held_out = sorted(ABLATION_DATA.sequence_names)[-IngestConfig().held_out_sequences:]
     assert ABLATION_DATA.novel_expression_sequences == held_out
+
+
+def test_ablation_data_pretrains_its_base_with_the_longer_unet_prior(tmp_path, monkeypatch):
+    """--ablation-data's base: the main job's base stage with the UNet pretrained for --base-unet-steps,
+    in a folder of its own (the key covers the steps), so the main job's 200-step base is never taken for it."""
+    import bench_ablations
+
+    import avatars.training.base_pretraining as pretraining
+    import jobs.launch_all as launch_all
+
+    for person in bench_ablations.ABLATION_DATA.person_ids:  # what the base key reads of the shards
+        (tmp_path / "shards" / person).mkdir(parents=True)
+        (tmp_path / "shards" / person / pretraining.MANIFEST).write_text(f'{{"person": "{person}"}}')
+    seen = []
+    monkeypatch.setattr(launch_all, "_data", lambda args: (bench_ablations.ABLATION_DATA.person_ids, {}))
+    monkeypatch.setattr(pretraining, "pretrain_base", lambda config: seen.append(config) or {})
+    default = bench_ablations.prepare_ablation_data(tmp_path)
+    shorter = bench_ablations.prepare_ablation_data(tmp_path, unet_steps=200)
+    assert [c.unet_steps for c in seen] == [bench_ablations.ABLATION_BASE_UNET_STEPS, 200]
+    assert seen[0].persons == ",".join(bench_ablations.ABLATION_DATA.person_ids)
+    assert default == seen[0].output and shorter == seen[1].output
+    assert default.parent == shorter.parent == tmp_path / "base" and default != shorter
+    main_job = pretraining.BasePretrainConfig(shard_root=tmp_path / "shards", persons=seen[1].persons)
+    assert shorter.name == f"tiny-{pretraining.base_key(main_job)[:16]}"  # 200 steps: the main job's own base
+
+
+def test_base_unet_steps_is_refused_without_ablation_data(tmp_path):
+    """The option only sets the base that --ablation-data pretrains; elsewhere it would be silently ignored."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_ablations.py"
+    for args, message in ((["--base-unet-steps", "100"], "--ablation-data"),
+                          (["--ablation-data", "--base-unet-steps", "0"], "must be positive")):
+        run = subprocess.run([sys.executable, str(script), "--workdir", str(tmp_path), *args],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+    assert not any(tmp_path.iterdir())  # refused before preparing anything
