@@ -137,15 +137,13 @@ def main() -> None:
     for i, (name, model, extra) in enumerate(models):
         settings = a.samplers if i == 0 else a.samplers[:1]
         for setting in settings:
-            sampler, _, steps = setting.partition(":")
             t = time.process_time()
-            pred = render(model, batch, int(steps or 20), sampler, a.seed)
-            add(f"{name} {sampler}:{steps}", pred, time.process_time() - t, extra)
-    sampler, _, steps = a.samplers[0].partition(":")
+            pred = render(model, batch, *sampler_setting(setting), seed=a.seed)
+            add(f"{name} {setting}", pred, time.process_time() - t, extra)
     for scale in a.scales:
         t = time.process_time()
         with conditioning_scale(trained, scale):
-            pred = render(trained, batch, int(steps or 20), sampler, a.seed)
+            pred = render(trained, batch, *sampler_setting(a.samplers[0]), seed=a.seed)
         add(f"{models[0][0]} {a.samplers[0]} scale {scale:g}", pred, time.process_time() - t)
     save_rows(RESULTS / f"fidelity_{a.person}{a.tag}.png", pictures)
     train_rows = training_frame_rows(models, shards, a.person, a.train_frames, a.samplers[0], a.seed)
@@ -154,18 +152,24 @@ def main() -> None:
                                       "training frames": train_rows})
 
 
+def sampler_setting(setting: str) -> tuple[int, str]:
+    """'ddpm:20' -> (20, 'ddpm'): ``render``'s steps and sampler (steps default to 20)."""
+    sampler, _, steps = setting.partition(":")
+    return int(steps or 20), sampler
+
+
 def training_frame_rows(models, shards: Path, person: str, count: int, setting: str, seed: int) -> list[dict]:
     """Face PSNR of each model's render and clean-image estimate (t = 999) on ``count`` training frames."""
     if count <= 0:
         return []
     batch = training_frames(shards, person, count, models[0][1].config.resolution)
     gt, mask = (batch["image"] + 1) / 2, batch["mask"]
-    sampler, _, steps = setting.partition(":")
     cond = {k: v for k, v in batch.items() if k != "image"}
+    steps, sampler = sampler_setting(setting)
     rows = []
     for name, model, _ in models:
         rows.append({"model": name, "frames": int(gt.shape[0]),
-                     f"face PSNR, {setting}": face_psnr(render(model, cond, int(steps or 20), sampler, seed), gt, mask),
+                     f"face PSNR, {setting}": face_psnr(render(model, cond, steps, sampler, seed), gt, mask),
                      "face PSNR, clean estimate t=999": face_psnr(clean_estimate(model, batch, 999, seed), gt, mask)})
         print(f"training frames: {rows[-1]}", flush=True)
     return rows
