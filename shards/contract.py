@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -420,11 +420,3 @@ def iter_images(capture: PersonCapture, seq: str, serials: list[str]) -> Iterato
     for t in capture.timesteps(seq):
         for s in serials:
             yield t, s, capture.image_path(seq, t, s)
-
-
-@dataclass(frozen=True)
-class SplitPolicy:
-    """Which data is held out for evaluation (the paper's protocol)."""
-
-    held_out_sequences: tuple[str, ...] = field(default_factory=tuple)
-    held_out_camera: str = "222200037"  # NeRSemble's frontal camera
