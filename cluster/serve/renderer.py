@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from avatars.configs import RenderOptions
+from avatars.schedulers import SAMPLERS
 from cluster.serve.validation import BUFFER_CHANNELS, InvalidRequest, validate_request
 
 
@@ -35,7 +36,7 @@ class RendererConfig:
     num_inference_steps: int = 20
     """DDPM (or DDIM) steps per frame; the paper renders with 20."""
     sampler: str = "ddpm"
-    """Sampler name (see avatars.schedulers.SAMPLERS)."""
+    """Sampler of every render: "ddpm" (the paper's; fully on the device), "ddim" or "dpm" (DPM-Solver++)."""
     max_batch_size: int = 8
     """Most requests `@serve.batch` stacks into one pipeline call."""
     batch_wait_timeout_s: float = 0.05
@@ -67,6 +68,8 @@ class RendererConfig:
     def __post_init__(self) -> None:
         if self.num_inference_steps < 1:
             raise ValueError("num_inference_steps must be >= 1")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if self.max_ongoing_requests < self.max_batch_size:

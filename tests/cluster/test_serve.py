@@ -74,6 +74,20 @@ def test_frame_renderer_with_one_bucket_is_bit_for_bit_independent_of_batching(m
         np.testing.assert_array_equal(renderer.render([q])[0].image, b.image)
 
 
+def test_frame_renderer_renders_with_its_configured_sampler(model_dir):
+    """RendererConfig.sampler reaches the pipeline: DDIM renders equal the pipeline's DDIM, not its DDPM."""
+    renderer = FrameRenderer(model_dir, RendererConfig(num_inference_steps=STEPS, sampler="ddim", device="cpu"))
+    q = make_requests(1, seed_of=lambda i: 5)[0]
+    image = renderer.render([q])[0].image
+    batch = {k: torch.from_numpy(getattr(q, k))[None] for k in ("mask", "depth", "normals", "canonical", "expression")}
+    pipe = AvatarPipeline(renderer.model)
+    for sampler, same in (("ddim", True), ("ddpm", False)):
+        ref = pipe(batch, num_inference_steps=STEPS, sampler=sampler, seeds=q.seed)[0].permute(1, 2, 0).numpy()
+        assert (np.abs(ref - image).max() < 1e-4) == same, sampler
+    with pytest.raises(ValueError, match=r"unknown sampler 'euler'; choose one of \('ddpm', 'ddim', 'dpm'\)"):
+        RendererConfig(sampler="euler")
+
+
 def test_frame_renderer_rejects_bad_requests(model_dir, tmp_path):
     renderer = FrameRenderer(model_dir, RendererConfig(num_inference_steps=STEPS, device="cpu"))
     with pytest.raises(ValueError, match=r"expression must be \(10,\)"):
