@@ -111,3 +111,24 @@ def test_errors_name_the_file_and_nothing_is_written(tmp_path):
         convert_person(config, "017", progress=False)
     (nersemble / "017" / "calibration" / "camera_params.json").write_text("{")
     assert main(ConvertArgs(config))["017"].startswith("failed: ")
+
+
+def test_persons_sequences_image_folder_and_stride_choose_what_is_converted(tmp_path):
+    """--persons / --sequences / --image-folder / --frame-stride select the participants, sequences, images and
+    timesteps converted; a listed participant missing from the download fails alone."""
+    nersemble, tracking = _fake_download(tmp_path)
+    for folder in list(nersemble.glob("017/sequences/*/timesteps/*/images-2x")):
+        folder.rename(folder.with_name("images"))
+    out = tmp_path / "captures"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    with pytest.raises(DataError, match=r"frame_00000/images-2x.*no cam_<serial>"):
+        convert_person(config, "017", progress=False)
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL, persons="017,018",
+                           sequences="EXP-1-head", image_folder="images", frame_stride=6)
+    results = main(ConvertArgs(config))
+    assert results["017"] == "converted"
+    assert results["018"].startswith("failed: ")
+    assert "participant 018 is not in the NeRSemble download" in results["018"]
+    capture = PersonCapture(out, "017")
+    assert capture.sequences() == ["EXP-1-head"] and capture.timesteps("EXP-1-head") == [0, 6]
+    assert not (out / "018").exists()
