@@ -117,6 +117,27 @@ def test_short_videos_play_slower():
     assert video_fps(400, 24.0, 6.0, 4.0) == 24.0
 
 
+def _fps(path) -> float:
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(str(path), format="FFMPEG")
+    try:
+        return float(reader.get_meta_data()["fps"])
+    finally:
+        reader.close()
+
+
+def test_missing_lpips_weights_are_refused_naming_the_file(tmp_path):
+    """--lpips-weights that do not exist fail the evaluation at its start, naming the file and the way out."""
+    from cluster.eval_driver.person import EvalRun
+    from common.io import DataError
+
+    config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                              lpips_weights=tmp_path / "missing.safetensors")
+    with pytest.raises(DataError, match=r"missing.safetensors.*LPIPS weights are missing.*drop 'lpips'"):
+        EvalRun(config, tmp_path / "run")
+
+
 def test_cross_drivers_are_the_next_person_with_data(tmp_path):
     for p in ("a", "c"):
         (tmp_path / f"{p}.zarr").mkdir()
@@ -145,7 +166,7 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
         renderer=RendererConfig(num_inference_steps=2, max_batch_size=8, batch_wait_timeout_s=0.2, num_cpus=1,
                                 device="cpu"),
         metrics=("psnr", "psnr_frame", "ssim", "lpips", "psnr_face", "colour_error"), parallel_persons=2,
-        ray_num_cpus=2, ray_object_store_mb=200)
+        ray_num_cpus=2, ray_object_store_mb=200, video_min_seconds=3.0, video_min_fps=5.0)
     summary = run_evaluation(config)
 
     import ray
@@ -180,6 +201,9 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
             video = read_video(run / r.video)
             # ground truth (or driving frame) | render | normals | depth | canonical
             assert video.shape == (r.frames, R, 5 * R, 3), (name, video.shape)
+            # slowed to last --video-min-seconds, not below --video-min-fps (the defaults, 6 s and 4 fps, differ)
+            assert video_fps(r.frames, 24.0, 3.0, 5.0) != video_fps(r.frames, 24.0, 6.0, 4.0)
+            assert _fps(run / r.video) == pytest.approx(video_fps(r.frames, 24.0, 3.0, 5.0), rel=0.01)
             frames_total += r.frames
     assert summary.frames_rendered == frames_total
     failed = results.persons["zz9"]
