@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> ReportConfig:
     p.add_argument("--max-history", type=int, default=60, help="runs shown in the trend plots")
     p.add_argument("--no-videos", action="store_true", help="do not copy the mp4s next to the page")
     a = p.parse_args(argv)
+    if a.max_history < 1:  # the report's run is always in the trends; 0 or less would slice the history oddly
+        p.error(f"--max-history must be at least 1, got {a.max_history}")
     return ReportConfig(a.reports_root, a.date, a.out, a.max_history, copy_videos=not a.no_videos)
 
 

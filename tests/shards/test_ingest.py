@@ -323,3 +323,28 @@ def test_empty_capture_root_is_an_error(tmp_path):
     (tmp_path / "captures" / "not-a-person").mkdir(parents=True)
     with pytest.raises(DataError, match="no person folders"):
         main(IngestArgs(captures=tmp_path / "captures", out=tmp_path / "zarr", persons="all", workers=1))
+
+
+def test_ingest_job_force_rebuilds_an_up_to_date_store(tiny_captures, tiny_cfg, tmp_path, capsys):
+    """jobs/ingest.py --force rewrites an up-to-date store, which a run without it leaves untouched."""
+    import tyro
+
+    from jobs import ingest as ingest_job
+
+    def run(*flags: str) -> tuple[int, int, str]:
+        args = tyro.cli(ingest_job.IngestArgs, args=["--captures", str(tiny_captures), "--out", str(tmp_path),
+                                                     "--persons", "000", "--ingest.held-out-sequences", "1",
+                                                     "--workers", "1", *flags])
+        results, errors = ingest_job.main(args)
+        assert not errors and list(results) == ["000"]
+        meta = (tmp_path / "000.zarr" / "zarr.json").stat()
+        return meta.st_ino, meta.st_mtime_ns, capsys.readouterr().out
+
+    first = run()
+    assert "(written)" in first[2]
+    again = run()
+    assert again[:2] == first[:2] and "(up to date)" in again[2]
+    forced = run("--force")
+    assert forced[0] != first[0] and "(written)" in forced[2]  # a new store replaced the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000.zarr"]
+    assert PersonStore(tmp_path / "000.zarr").num_frames == tiny_cfg.sequences * tiny_cfg.frames

@@ -1,0 +1,144 @@
+"""jobs/launch_all.py's --captures, --no-evaluate, --force and --verbose, each given on its command line
+(the parser the job's __main__ uses) with its effect checked.
+
+In process on the local backend, like test_ray_connect.py's launch_all test, and cheap: the data stage
+is real (the shared tiny capture root: ingest + shards of one or two persons, about a second); the
+training is jobs.train_person's ``train`` replaced by a stand-in that prints a line, as a worker does, and
+writes what a finished training leaves (base.json, an untrained tiny model, result.json); the evaluation
+is the real driver (up-to-date check, results.json, report) with only its rendering on Ray Serve
+(``driver._render_all``) replaced by one that records whom it was asked to render. The real training and
+rendering run in test_launch_all.py and test_launch_all_reruns.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from pipeline_helpers import TINY_DATA
+
+from avatars.configs import tiny_config
+from avatars.models import DiffusionAvatarsModel
+from avatars.training.base_record import base_fingerprint, write_record
+from cluster.eval_driver import driver
+from cluster.report import RunResults, TaskResult
+from jobs import launch_all
+from jobs import train_person as train_job
+from jobs._presets import preset_cli
+from shards.store import PersonStore
+from shards.testing import TINY
+
+WORKER_LINE = "worker of person"
+
+
+@pytest.fixture
+def launch(tiny_dataset, tmp_path, monkeypatch, capfd):
+    """``run(*flags, work=...)``: launch_all parsed from its flags (the shared tiny capture root as
+    --captures, a stand-in base folder as --train.base-model, local backend) and run; returns (exit
+    code, what it printed). Also: the persons trained and the person lists sent to rendering."""
+    captures = tiny_dataset[0]
+    base = tmp_path / "base"  # only fingerprinted: the stand-in training loads nothing
+    base.mkdir()
+    (base / "weights.bin").write_bytes(b"a frozen base")
+    trained: list[str] = []
+    rendered: list[list[str]] = []
+
+    def train(config, status=None):
+        # on file descriptor 1, as a library's C++ code or a child process writes: pytest's capture
+        # stands in for sys.stdout here, so a print() would not show where a real worker's goes
+        os.write(1, f"{WORKER_LINE} {config.person}\n".encode())
+        run, fingerprint = config.run_dir, base_fingerprint(config.base_model)
+        write_record(run, config.base_model, fingerprint)
+        model = DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim))
+        model.base_model, model.base_fingerprint = str(config.base_model), fingerprint
+        model.save_pretrained(run / "model")
+        result = {"steps": config.steps, "base_fingerprint": fingerprint}
+        (run / "result.json").write_text(json.dumps(result))
+        trained.append(config.person)
+        return result
+
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+        rendered.append(list(todo))
+        for p in todo:
+            results[p] = {t: TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
+        return len(todo) * len(config.tasks)
+
+    monkeypatch.setattr(train_job, "train", train)
+    monkeypatch.setattr(driver, "_render_all", render_all)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    serve_log = logging.getLogger("ray.serve")  # launch_all quiets it; undone after the test
+    monkeypatch.setattr(serve_log, "filters", [])
+    monkeypatch.setattr(serve_log, "level", serve_log.level)
+
+    def run(*flags: str, work: Path = tmp_path / "work") -> tuple[int, str]:
+        args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=[
+            "--workdir", str(work), "--captures", str(captures), "--train.base-model", str(base),
+            "--persons", "000", *TINY_DATA, "--synthetic.persons", "1", "--ingest.held-out-sequences", "1",
+            "--backend", "local", "--max-retries", "0", "--min-free-gb", "0", *flags])
+        code = launch_all.main(args)
+        captured = capfd.readouterr()
+        return code, captured.out + captured.err
+
+    return SimpleNamespace(run=run, work=tmp_path / "work", captures=captures, trained=trained, rendered=rendered)
+
+
+def _night(work: Path) -> RunResults:
+    (path,) = (work / "reports" / "runs").glob("*/results.json")
+    return RunResults.load(path)
+
+
+def test_captures_is_ingested_and_no_synthetic_data_is_made(launch):
+    """--captures: the given root's persons are ingested from it and evaluated; no synthetic data is generated."""
+    code, out = launch.run("--persons", "all")
+    assert code == 0, out
+    assert not (launch.work / "captures").exists()
+    assert launch.trained == TINY.person_ids == ["000", "001"]  # the capture root's persons, not the synthetic's
+    for p in TINY.person_ids:
+        store = PersonStore(launch.work / "zarr" / f"{p}.zarr")
+        assert store.attrs["source_root"] == str(launch.captures.resolve())
+        assert (launch.work / "shards" / p / "manifest.json").is_file()
+    assert launch.rendered == [TINY.person_ids] and sorted(_night(launch.work).persons) == TINY.person_ids
+
+
+def test_no_evaluate_renders_nothing_and_writes_no_report(launch):
+    """--no-evaluate: the person trains, but nothing is rendered and no results.json or report is written."""
+    code, out = launch.run("--no-evaluate")
+    assert code == 0, out
+    assert launch.trained == ["000"] and launch.rendered == []
+    assert not (launch.work / "reports").exists()
+    assert "[4/4]" not in out and "report:" not in out
+
+
+def test_force_renders_an_up_to_date_person_again(launch):
+    """--force: a person whose stored evaluation is up to date is rendered again instead of reused."""
+    code, out = launch.run()
+    assert code == 0, out
+    assert launch.rendered == [["000"]]
+    key = _night(launch.work).evaluations["000"]["key"]
+    code, out = launch.run()  # trained and evaluated already: nothing runs, the numbers are reused
+    assert code == 0, out
+    assert launch.trained == ["000"] and launch.rendered == [["000"]]
+    assert "1 up to date, not rendered again" in out
+    code, out = launch.run("--force")
+    assert code == 0, out
+    assert launch.trained == ["000"] and launch.rendered == [["000"], ["000"]]
+    assert "not rendered again" not in out and "evaluation: 1 persons, 3 frames" in out
+    assert _night(launch.work).evaluations["000"]["key"] == key  # the same inputs: it was up to date
+
+
+def test_verbose_prints_worker_output_here_instead_of_into_its_log(launch, tmp_path):
+    """--verbose: worker output reaches the terminal, with no logs/<person>.log or progress line (else the reverse)."""
+    code, out = launch.run()
+    assert code == 0, out
+    assert f"{WORKER_LINE} 000" not in out and "training 1 person: 1 done" in out
+    assert f"{WORKER_LINE} 000" in (launch.work / "logs" / "000.log").read_text()
+    verbose = tmp_path / "verbose"
+    code, out = launch.run("--verbose", "--no-evaluate", work=verbose)
+    assert code == 0, out
+    assert f"{WORKER_LINE} 000" in out and "training 1 person:" not in out and "worker logs:" not in out
+    assert not (verbose / "logs").exists()
+    assert launch.trained == ["000", "000"]
