@@ -111,7 +111,7 @@ class BasePretrainConfig:
     kl_weight: float = 1e-6
     """Weight of the KL term (summed over latent elements, averaged over the batch) in the VAE loss."""
     grad_clip: float = 1.0
-    """Gradient-norm clipping of both stages."""
+    """Gradient-norm clipping of both stages (0 disables it)."""
     scale_batches: int = 32
     """Batches (of vae_batch_size) over which the latent standard deviation is measured (128 images
     at the default batch of 4)."""
@@ -291,7 +291,8 @@ def _optimizer_step(loss: torch.Tensor, module: torch.nn.Module, opt, sched, gra
     """Backward, clip, step, schedule: the update both pretraining stages share."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    if grad_clip > 0:  # a norm of 0 would zero every gradient: the stage would not train at all
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
     opt.step()
     sched.step()
 
@@ -473,8 +474,8 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     for name, value in (("vae_face_weight", config.vae_face_weight),
-                        ("vae_gradient_weight", config.vae_gradient_weight)):
-        if value < 0:  # a negative face weight zeroes or flips the loss inside the face
+                        ("vae_gradient_weight", config.vae_gradient_weight), ("grad_clip", config.grad_clip)):
+        if value < 0:  # a negative face weight zeroes or flips the loss inside the face; a negative clip the gradient
             raise ValueError(f"{name} must be >= 0, got {value}")
     if not 0.0 <= config.vae_adam_beta2 < 1.0:
         raise ValueError(f"vae_adam_beta2 must be in [0, 1), got {config.vae_adam_beta2}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,9 +14,11 @@ from avatars.configs import tiny_config
 from avatars.data import LoaderConfig, ShardDataset
 from avatars.models import DiffusionAvatarsModel
 from avatars.models.base_networks import build_vae
+from avatars.training import base_pretraining
 from avatars.training.base_pretraining import (
     INFO_FILE,
     BasePretrainConfig,
+    _optimizer_step,
     encode_latents,
     fold_latent_scale,
     held_out_images,
@@ -240,3 +243,152 @@ def test_clear_errors(tmp_path, shard_root):
         with pytest.raises(ValueError, match=f"vae_adam_beta2 must be in \\[0, 1\\), got {beta2}"):
             pretrain_base(_config(shard_root, tmp_path / "fresh", vae_adam_beta2=beta2))
         assert not (tmp_path / "fresh").exists()
+
+
+# ---- options set away from their defaults: each one's effect on what is built --------------------
+def _tiny(shard_root, output, **kw) -> BasePretrainConfig:
+    """One step of each stage on single images: what the option tests below can afford to run whole."""
+    sizes = dict(vae_steps=1, unet_steps=1, vae_batch_size=1, unet_batch_size=4, scale_batches=2, eval_images=1,
+                 warmup_steps=1)
+    return _config(shard_root, output, **{**sizes, **kw})
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in module.state_dict().items()}
+
+
+def _differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(shard_root, tmp_path_factory):
+    """(output, info, unet, vae) of one _tiny run at the defaults (seed 0, scaling folded, one latent pass)."""
+    out = tmp_path_factory.mktemp("tiny-base") / "base"
+    info = pretrain_base(_tiny(shard_root, out))
+    return (out, info, *load_unet_and_vae(out))
+
+
+@pytest.fixture(scope="module")
+def unfolded_two_passes(shard_root, tmp_path_factory):
+    """(output, info, unet, vae, encode_latents calls) of one _tiny run with --no-fold-scaling --latent-passes 2:
+    the two options act on different stages (folding on the VAE after stage 1, the passes on stage 2's data)."""
+    out = tmp_path_factory.mktemp("unfolded") / "base"
+    encoded = []
+
+    def spy(vae, dataset, loader_config, passes, indices=None):
+        encoded.append((passes, len(dataset), list(indices)))
+        return encode_latents(vae, dataset, loader_config, passes, indices)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(base_pretraining, "encode_latents", spy)
+        info = pretrain_base(_tiny(shard_root, out, fold_scaling=False, latent_passes=2))
+    return (out, info, *load_unet_and_vae(out), encoded)
+
+
+@pytest.fixture(scope="module")
+def unet_inputs(shard_root):
+    """Stage 2's inputs (random cached posteriors) and its seeded initial UNet (a run of 0 steps)."""
+    model_config = tiny_config(expression_dim=10)
+    g = torch.Generator().manual_seed(0)
+    shape = latent_shape(model_config)
+    inputs = (model_config, 1.0, torch.randn(1, 77, model_config.unet.cross_attention_dim, generator=g),
+              torch.randn(2, *shape, generator=g), torch.rand(2, *shape, generator=g))
+    start = train_unet(_tiny(shard_root, shard_root / "unused", unet_steps=0), *inputs)[0]
+    return inputs, _weights(start)
+
+
+def test_fold_scaling_false_registers_the_measured_factor_and_leaves_the_vae_unfolded(tiny_base, unfolded_two_passes):
+    """--no-fold-scaling: the same VAE as the folded run but for the fold, with scaling_factor = the measured 1/std."""
+    _, folded_info, _, folded = tiny_base
+    out, info, _, vae, _ = unfolded_two_passes
+    measured = info["vae"]["measured_scaling_factor"]
+    assert measured == folded_info["vae"]["measured_scaling_factor"]  # the same seed trained the same VAE
+    assert measured == pytest.approx(1 / info["vae"]["latent_std"])
+    assert not info["vae"]["scaling_folded"] and vae.config.scaling_factor == pytest.approx(measured)
+    assert folded.config.scaling_factor == 0.18215 and abs(measured - 0.18215) > 0.1
+    refolded = {"quant_conv.weight", "quant_conv.bias", "post_quant_conv.weight"}
+    mine, theirs = vae.state_dict(), folded.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine if k not in refolded)
+    k, c = measured / 0.18215, vae.config.latent_channels  # what folding multiplies the latents by
+    torch.testing.assert_close(theirs["quant_conv.weight"][:c], k * mine["quant_conv.weight"][:c])
+    torch.testing.assert_close(theirs["post_quant_conv.weight"], mine["post_quant_conv.weight"] / k)
+    # the avatar config must carry the registered factor
+    with pytest.raises(ValueError, match="scaling_factor"):
+        DiffusionAvatarsModel(tiny_config(expression_dim=10, requires_pretrained_base=True), base_model=out)
+    config = tiny_config(expression_dim=10, requires_pretrained_base=True)
+    config = dataclasses.replace(config, vae=dataclasses.replace(config.vae, scaling_factor=vae.config.scaling_factor))
+    assert DiffusionAvatarsModel(config, base_model=out).vae.config.scaling_factor == vae.config.scaling_factor
+
+
+def test_seed_changes_every_object_pretrained(shard_root, tiny_base, unet_inputs, tmp_path):
+    """--seed reaches both stages and the empty prompt: another seed gives another VAE, UNet and embedding."""
+    base_out, _, unet0, vae0 = tiny_base
+    out = tmp_path / "base"
+    pretrain_base(_tiny(shard_root, out, seed=1))
+    unet1, vae1 = load_unet_and_vae(out)
+    assert _differ(_weights(vae0), _weights(vae1)) and _differ(_weights(unet0), _weights(unet1))
+    embedding = [load_file(str(p / EMPTY_PROMPT_FILE))[EMPTY_PROMPT_KEY] for p in (base_out, out)]
+    assert not torch.equal(*embedding)
+    # the UNet's own initialisation, not only its other VAE (the same seed reproducing a stage: the fold test)
+    inputs, start = unet_inputs
+    assert _differ(start, _weights(train_unet(_tiny(shard_root, out, unet_steps=0, seed=1), *inputs)[0]))
+    assert not _differ(start, _weights(train_unet(_tiny(shard_root, out, unet_steps=0), *inputs)[0]))
+
+
+def test_latent_passes_draws_the_unet_images_from_more_augmented_passes(tiny_base, unfolded_two_passes):
+    """--latent-passes 2: stage 2 draws from twice the training images, images of the second pass encoded."""
+    _, base_info, _, _ = tiny_base
+    _, info, _, _, encoded = unfolded_two_passes
+    [(passes, images, indices)] = encoded
+    assert passes == 2 and images == info["train_images"] == base_info["train_images"]
+    assert info["unet"]["training_images"] == 2 * images == 2 * base_info["unet"]["training_images"]
+    assert max(indices) >= images  # an image of the second pass is one the UNet trains on
+    assert info["unet"]["cached_latents"] == len(indices)
+
+
+def test_kl_weight_pulls_the_posterior_towards_the_prior(shard_root):
+    """--kl-weight weighs the KL term: one step at 1.0 lowers the posterior's KL, where the default's raises it."""
+    image = held_out_images(shard_root, ["000"], 1, 64)
+    mask = torch.ones_like(image[:, :1])
+
+    def kl_after(steps: int, weight: float) -> float:
+        config = _tiny(shard_root, shard_root / "unused", vae_steps=steps, kl_weight=weight)
+        vae = train_vae(config, tiny_config(expression_dim=10), iter([(image, mask)] * steps))[0]
+        with torch.no_grad():
+            return vae.encode(image).latent_dist.kl().mean().item()
+
+    before = kl_after(0, 1e-6)  # the seeded initialisation
+    # measured: 105 before, 159 after the default's step, 49 after a step at 1.0
+    assert kl_after(1, 1.0) < 0.7 * before < before < kl_after(1, 1e-6)
+
+
+def _first_unet_step(shard_root, unet_inputs, **kw) -> float:
+    """The largest change of a UNet weight in stage 2's first step (warm-up done: the full learning rate)."""
+    inputs, start = unet_inputs
+    unet = train_unet(_tiny(shard_root, shard_root / "unused", unet_batch_size=1, **kw), *inputs)[0]
+    return max((value - start[name]).abs().max().item() for name, value in unet.state_dict().items())
+
+
+def test_unet_lr_is_the_size_of_the_first_adam_step(shard_root, unet_inputs):
+    """--unet-lr reaches stage 2's AdamW: its first step moves a weight by at most the rate, the largest by it."""
+    assert _first_unet_step(shard_root, unet_inputs, unet_lr=5e-4) == pytest.approx(5e-4, rel=1e-3)
+
+
+def test_grad_clip_bounds_the_gradient_and_0_turns_it_off(shard_root, unet_inputs, tmp_path):
+    """--grad-clip clips both stages' gradient norm; 0 turns clipping off (it used to zero every gradient)."""
+    layer = torch.nn.Linear(3, 2)
+    for clip, norm in ((0.5, 0.5), (0.0, 100 * 8 ** 0.5)):  # a gradient of 100 on each of the 8 parameters
+        before = torch.cat([p.detach().flatten() for p in layer.parameters()])
+        opt = torch.optim.SGD(layer.parameters(), lr=1.0)  # the step is the (clipped) gradient itself
+        _optimizer_step(100 * sum(p.sum() for p in layer.parameters()), layer, opt,
+                        torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0), clip)
+        step = before - torch.cat([p.detach().flatten() for p in layer.parameters()])
+        assert step.norm().item() == pytest.approx(norm, rel=1e-4) and (step > 0).all()
+    # in a stage: a clip far below the gradient's norm leaves Adam's first step near zero (below its eps); 0 trains
+    assert _first_unet_step(shard_root, unet_inputs, grad_clip=1e-12) < 1e-3 * 2e-3
+    assert _first_unet_step(shard_root, unet_inputs, grad_clip=0.0) == pytest.approx(2e-3, rel=1e-3)
+    with pytest.raises(ValueError, match="grad_clip must be >= 0, got -1"):
+        pretrain_base(_config(shard_root, tmp_path / "fresh", grad_clip=-1.0))
+    assert not (tmp_path / "fresh").exists()

@@ -12,6 +12,7 @@ import torch
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
 from avatars.training import TrainConfig, train_preset
+from avatars.training.engine import deepspeed_config
 from avatars.training.optim import COSINE_FLOOR, clip_gradients, clipped_parameters, lr_schedule, make_optimizer
 from avatars.training.rendezvous import environment_without_group
 
@@ -121,3 +122,72 @@ def test_the_cosine_schedule_resumes_where_the_checkpoint_left_it(tmp_path):
     assert all(s < f for s, f in zip(out["saved"], out["fresh"]))  # three steps down the cosine
     assert out["loaded"] == pytest.approx(out["saved"], rel=1e-12)
     assert out["next_resumed"] == pytest.approx(out["next"], rel=1e-12)  # the schedule's position too
+
+
+class _Engine:
+    """Stands in for the engine deepspeed.initialize returns (DeepSpeed itself: test_precision, test_step_work):
+    a huge loss, 1e3 x the sum of the trainable weights, and step() keeps the gradients the update would apply."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, model, optimizer, lr_scheduler, config):
+        self.module, self.optimizer, self.config = model, optimizer, config
+        self.applied: dict[str, torch.Tensor] = {}
+
+    def __call__(self, batch, noise):
+        return 1e3 * sum(p.sum() for p in self.module.parameters() if p.requires_grad)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def is_gradient_accumulation_boundary(self):
+        return True
+
+    def step(self):
+        self.applied = {n: p.grad.clone() for n, p in self.module.model.named_parameters() if p.grad is not None}
+
+
+def _engine(monkeypatch, **options):
+    """build_engine(TrainConfig(**options)) on a fresh tiny model, DeepSpeed's initialize replaced by _Engine."""
+    import deepspeed
+
+    from avatars.training.engine import build_engine
+
+    monkeypatch.setattr(deepspeed, "initialize", lambda model, optimizer, lr_scheduler, config: (
+        _Engine(model, optimizer, lr_scheduler, config), optimizer, None, lr_scheduler))
+    cfg = TrainConfig(**options)
+    return build_engine(cfg, DiffusionAvatarsModel(cfg.model_config(8)), 1)
+
+
+def test_grad_clip_0_leaves_a_huge_gradient_as_it_is(monkeypatch):
+    """--grad-clip 0: the micro-step applies the raw gradient (1.0 scales the ControlNet's to norm 1); ZeRO gets 0."""
+    clipped = _engine(monkeypatch, grad_clip=1.0)
+    clipped.micro_step({}, None)
+    controlnet = {n: g for n, g in clipped.engine.applied.items() if n.startswith("controlnet.")}
+    assert len(clipped.clipped) == len(controlnet) > 0
+    assert torch.sqrt(sum((g.double() ** 2).sum() for g in controlnet.values())).item() == pytest.approx(1.0, rel=1e-4)
+    off = _engine(monkeypatch, grad_clip=0.0)
+    off.micro_step({}, None)
+    assert off.clipped == [] and len(off.engine.applied) == len(clipped.engine.applied)
+    assert all(torch.all(g == 1e3) for g in off.engine.applied.values())
+    # ZeRO 1/2 clip inside DeepSpeed: 0 turns it off there too, and lifts the ControlNet-only restriction
+    zero = _engine(monkeypatch, grad_clip=0.0, zero_stage=1)
+    assert zero.engine.config["gradient_clipping"] == 0.0 and zero.clipped == []
+    assert deepspeed_config(TrainConfig(zero_stage=1, grad_clip=0.5))["gradient_clipping"] == 0.5
+
+
+def test_weight_decay_reaches_every_group_and_decays_a_weight_without_gradient(monkeypatch):
+    """--weight-decay: every AdamW group of the engine gets it; a step with zero gradients scales each weight by
+    1 - lr x decay."""
+    trainer = _engine(monkeypatch, weight_decay=0.25, lr_networks=1e-2, lr_features=1e-1)
+    optimizer = trainer.engine.optimizer
+    assert [(g["name"], g["weight_decay"]) for g in optimizer.param_groups] == [("networks", 0.25), ("features", 0.25)]
+    before = {id(p): p.detach().clone() for g in optimizer.param_groups for p in g["params"]}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            torch.testing.assert_close(p.detach(), before[id(p)] * (1 - group["lr"] * 0.25), rtol=1e-6, atol=1e-7)
+    assert all(before[id(p)].abs().max() > 0 for p in optimizer.param_groups[1]["params"])  # non-zero: decayed

@@ -8,9 +8,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+from avatars.training import TrainConfig
 from avatars.training.rendezvous import environment_without_group
 
 SCRIPT = textwrap.dedent("""
@@ -140,3 +143,56 @@ def test_random_base_builds_the_paper_preset_without_weights(tmp_path):
     assert model.config.unet.block_out_channels == (320, 640, 1280, 1280)
     with pytest.raises(ValueError, match="random_base"):
         train_preset("paper", random_base=True, base_model=tmp_path).model_config(100)
+
+
+def _set_up(monkeypatch, shards: Path, out: Path, **options):
+    """Trainer.setup on person 000 with the process group and DeepSpeed stood in for (--seed is consumed outside
+    them: test_optim.py builds the engine)."""
+    from avatars.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "init_distributed", lambda: (0, 1))
+    monkeypatch.setattr(trainer_module, "build_engine",
+                        lambda cfg, model, world: SimpleNamespace(engine=None, device=torch.device("cpu")))
+    config = TrainConfig(person="000", shards=shards, out=out, num_workers=0, val_samples=1, ema_decay=0.0,
+                         lpips_weights=out / "none", **options)
+    trainer = trainer_module.Trainer(config)
+    trainer.setup()
+    return trainer
+
+
+def test_seed_sets_the_initial_weights_the_data_order_and_the_noise(train_shards, tmp_path, monkeypatch):
+    """--seed: one seed sets up the same trainable weights, sample order, first batch and noise; another, others."""
+    def drawn(seed: int, folder: str) -> dict:
+        trainer = _set_up(monkeypatch, train_shards, tmp_path / folder, seed=seed)
+        assert trainer.model.config.init_seed == seed
+        return {"weights": trainer.model.trainable_state_dict(), "order": trainer.sampler.indices(),
+                "batch": next(trainer.batches())["image"], "noise": torch.rand(8, generator=trainer.noise)}
+
+    first, again, other = drawn(0, "a"), drawn(0, "b"), drawn(1, "c")
+    for name in ("order", "batch", "noise"):
+        assert torch.equal(torch.as_tensor(first[name]), torch.as_tensor(again[name])), name
+        assert not torch.equal(torch.as_tensor(first[name]), torch.as_tensor(other[name])), name
+    assert first["weights"].keys() == other["weights"].keys()
+    assert all(torch.equal(first["weights"][k], again["weights"][k]) for k in first["weights"])
+    assert all(not torch.equal(first["weights"][k], other["weights"][k]) for k in ("conditioning.features.spatial",
+                                                                                  "controlnet.conv_in.weight"))
+
+
+def test_keep_last_is_the_number_of_checkpoints_the_trainer_keeps(tmp_path):
+    """--keep-last N: after each checkpoint the Trainer saves, only the newest N complete ones are left."""
+    from avatars.training.trainer import Trainer
+
+    class Engine:  # DeepSpeed's part of a checkpoint: a file in the folder
+        def save_checkpoint(self, folder, tag, **kwargs):
+            (Path(folder) / tag).mkdir(parents=True)
+            (Path(folder) / tag / "weights").write_text(tag)
+
+    for keep in (1, 3):
+        trainer = Trainer(TrainConfig(out=tmp_path / str(keep), keep_last=keep))
+        trainer.rank, trainer.noise = 0, torch.Generator()
+        trainer.engine = SimpleNamespace(engine=Engine())
+        saved = []
+        for step in (2, 4, 6, 8):
+            trainer.state.step = step
+            saved.append(trainer.save_checkpoint().name)
+            assert sorted(p.name for p in trainer.checkpoint_dir.iterdir()) == saved[-keep:], (keep, step)
