@@ -190,6 +190,13 @@ class DiffusionAvatarsConfig:
     each step moves further from the frozen base's prior towards what the conditioning says. Not used
     without diffusion (the single pass is a regression: 1.4 cost it 1.8 dB) or without the LDM prior
     (no ControlNet); see :attr:`render_conditioning_scale`."""
+    train_timesteps: int = 0
+    """Timesteps the diffusion loss draws from, uniformly: 0, all ``scheduler.num_train_timesteps`` (the paper and
+    the official code); N, only the N an N-step render visits (trailing spacing: the same for DDPM, DDIM and
+    DPM-Solver++; 20: 999, 949, ..., 49). Tiny preset: 20, the evaluation's steps; measured on the main job's 8
+    persons x 2 seeds at 600 steps: held-out PSNR +0.19 dB (better on 15 of 16), face PSNR +0.24, colour error
+    -0.16, LPIPS level, at the same cost; its avatars render at 10 or 50 steps as well as those trained on every
+    timestep (README "Training on the timesteps the render visits")."""
     requires_pretrained_base: bool = True
     """The pretrained base model is mandatory (paper preset); with False random weights are fine."""
     init_seed: int = 0
@@ -233,6 +240,9 @@ class DiffusionAvatarsConfig:
                              "the UNet is trained from scratch anyway")
         if not (math.isfinite(self.conditioning_scale) and self.conditioning_scale > 0):
             raise ValueError(f"conditioning_scale must be a positive number, got {self.conditioning_scale}")
+        if not 0 <= self.train_timesteps <= self.scheduler.num_train_timesteps:
+            raise ValueError(f"train_timesteps must be 0 (all) or at most scheduler.num_train_timesteps "
+                             f"({self.scheduler.num_train_timesteps}), got {self.train_timesteps}")
         if self.expression_dim <= 0 or self.expression_tokens <= 0:
             raise ValueError("expression_dim and expression_tokens must be positive")
 
@@ -278,6 +288,7 @@ def tiny_config(expression_dim: int = 16, **overrides: Any) -> DiffusionAvatarsC
         conditioning_embedding_channels=(8, 16, 32),
         expression_channels=True,
         conditioning_scale=1.4,
+        train_timesteps=20,
         requires_pretrained_base=False,
     )
     config = dataclasses.replace(config, **overrides) if overrides else config

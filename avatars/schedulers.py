@@ -46,6 +46,14 @@ def sampling_scheduler(config: SchedulerConfig, sampler: str = "ddpm") -> Schedu
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
 
 
+def render_timesteps(config: SchedulerConfig, num_inference_steps: int) -> torch.Tensor:
+    """The timesteps an ``num_inference_steps``-step render visits, first to last (trailing spacing: the
+    same for DDPM, DDIM and DPM-Solver++; 20 steps: 999, 949, ..., 49)."""
+    reference = sampling_scheduler(config, "ddpm")
+    reference.set_timesteps(num_inference_steps)
+    return reference.timesteps.clone()
+
+
 class DeviceDDPM:
     """DDPM ancestral sampling whose loop never waits for the host.
 

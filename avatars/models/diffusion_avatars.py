@@ -31,7 +31,7 @@ from avatars.models.avatar_checkpoint import load_trainable_weights as load_trai
 from avatars.models.base_networks import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.models.conditioning import ConditioningBuilder, ConditioningEmbedding
 from avatars.models.expression_attention import TOKENS_KWARG, ExpressionAttentionLayers, ExpressionTokens
-from avatars.schedulers import training_scheduler
+from avatars.schedulers import render_timesteps, training_scheduler
 
 
 def _randn(shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
@@ -156,6 +156,9 @@ class DiffusionAvatarsModel(nn.Module):
 
         self.register_buffer("empty_prompt_embedding", empty_prompt_embedding[:1].float(), persistent=False)
         self.noise_scheduler = training_scheduler(config.scheduler)
+        # config.train_timesteps: the timesteps the loss draws from (None: all of the scheduler's)
+        table = render_timesteps(config.scheduler, config.train_timesteps) if config.train_timesteps else None
+        self.register_buffer("train_timestep_table", table, persistent=False)
         self.requires_grad_(False)
         for module in self.trainable_modules().values():
             module.requires_grad_(True)
@@ -373,12 +376,15 @@ class DiffusionAvatarsModel(nn.Module):
         tokens = self.encode_expression(batch.get("expression"))
         if self.config.use_diffusion:
             noise = _randn(latents.shape, generator, latents)
-            steps = self.noise_scheduler.config.num_train_timesteps
+            table = self.train_timestep_table
+            steps = self.noise_scheduler.config.num_train_timesteps if table is None else len(table)
             if generator is None:
                 timesteps = torch.randint(0, steps, (batch_size,), device=latents.device)
             else:
                 timesteps = torch.randint(0, steps, (batch_size,), generator=generator, device=generator.device)
                 timesteps = _host_to(timesteps, latents.device)
+            if table is not None:
+                timesteps = table[timesteps]
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
             pred = self.denoise(noisy, timesteps, cond, tokens)

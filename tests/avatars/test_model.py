@@ -192,8 +192,9 @@ def test_single_pass_reads_its_output_as_the_bases_velocity(tmp_path):
         DiffusionAvatarsModel.from_pretrained(tmp_path / "a")
 
 
-def test_training_loss_is_mse_to_velocity():
-    model = DiffusionAvatarsModel(tiny_config())
+@pytest.mark.parametrize("train_timesteps", [0, 20])
+def test_training_loss_is_mse_to_velocity(train_timesteps):
+    model = DiffusionAvatarsModel(tiny_config(train_timesteps=train_timesteps))
     batch = synthetic_batch(2)
     g = torch.Generator().manual_seed(3)
     loss = model.training_loss(batch, generator=g)["loss"]
@@ -201,7 +202,10 @@ def test_training_loss_is_mse_to_velocity():
     g = torch.Generator().manual_seed(3)
     latents = model.encode_images(batch["image"], g)
     noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(0, 1000, (2,), generator=g)
+    if train_timesteps:  # one of the 20 timesteps a 20-step render visits: 999, 949, ..., 49
+        t = 999 - 50 * torch.randint(0, 20, (2,), generator=g)
+    else:
+        t = torch.randint(0, 1000, (2,), generator=g)
     s = model.noise_scheduler
     assert s.config.prediction_type == "v_prediction" and float(s.alphas_cumprod[-1]) == 0.0
     alpha_bar = s.alphas_cumprod[t][:, None, None, None]
@@ -210,6 +214,24 @@ def test_training_loss_is_mse_to_velocity():
         pred = model.denoise(s.add_noise(latents, noise, t), t, model.conditioning(batch),
                              model.encode_expression(batch["expression"]))
     torch.testing.assert_close(loss, torch.mean((pred - velocity) ** 2), rtol=1e-5, atol=1e-6)
+
+
+def test_train_timesteps_draws_only_the_timesteps_a_render_visits(monkeypatch):
+    """train_timesteps=N: the loss trains on the N timesteps of an N-step render only; 0: on all of them."""
+    drawn: list[int] = []
+    for n in (10, 0):
+        model = DiffusionAvatarsModel(tiny_config(train_timesteps=n))
+        add_noise = model.noise_scheduler.add_noise
+        monkeypatch.setattr(model.noise_scheduler, "add_noise",
+                            lambda x, noise, t: drawn.extend(t.tolist()) or add_noise(x, noise, t))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _ in range(8):
+                model.training_loss(synthetic_batch(4), generator=g)
+        if n:
+            assert set(drawn) <= set(range(99, 1000, 100)) and len(set(drawn)) >= 8, sorted(set(drawn))
+            drawn.clear()
+    assert len(set(drawn)) > 25 and not set(drawn) <= set(range(99, 1000, 100))
 
 
 def test_ablation_switches():

@@ -88,6 +88,18 @@ def test_config_json_roundtrip_and_validation():
             tiny_config(conditioning_scale=bad)
 
 
+def test_train_timesteps_is_checked_and_older_avatars_trained_on_every_timestep():
+    """train_timesteps lies in [0, num_train_timesteps]; the tiny preset trains on the evaluation's 20, the paper on
+    all; a config saved before the field existed reads as 0 (every timestep, as it was trained)."""
+    for bad in (-1, 1001):
+        with pytest.raises(ValueError, match="train_timesteps must be 0"):
+            tiny_config(train_timesteps=bad)
+    assert tiny_config().train_timesteps == 20 and paper_config().train_timesteps == 0
+    older = tiny_config().to_dict()
+    del older["train_timesteps"]
+    assert DiffusionAvatarsConfig.from_dict(older).train_timesteps == 0
+
+
 def test_conditioning_scale_applies_to_diffusion_sampling_only_and_older_avatars_render_at_1():
     """The tiny preset renders with its measured scale; the single pass of "w/o diffusion" at 1; an avatar saved
     before the field existed (its config.json lacks it) loads with 1, the value it was rendered with then."""
