@@ -30,12 +30,15 @@ def render(args: StatusArgs) -> str:
 
 
 def main(args: StatusArgs) -> None:
-    while True:
-        print(render(args), flush=True)
-        if args.watch <= 0:
-            return
-        time.sleep(args.watch)
-        print("\033[2J\033[H", end="")
+    try:
+        while True:
+            print(render(args), flush=True)
+            if args.watch <= 0:
+                return
+            time.sleep(args.watch)
+            print("\033[2J\033[H", end="")
+    except KeyboardInterrupt:  # Ctrl-C is how --watch ends: no traceback
+        print()
 
 
 if __name__ == "__main__":
