@@ -196,7 +196,8 @@ class DiffusionAvatarsConfig:
     DPM-Solver++; 20: 999, 949, ..., 49). Tiny preset: 20, the evaluation's steps; measured on the main job's 8
     persons x 2 seeds at 600 steps: held-out PSNR +0.19 dB (better on 15 of 16), face PSNR +0.24, colour error
     -0.16, LPIPS level, at the same cost; its avatars render at 10 or 50 steps as well as those trained on every
-    timestep (README "Training on the timesteps the render visits")."""
+    timestep (README "Training on the timesteps the render visits"). Not used without diffusion (the single pass has no
+    timestep to draw)."""
     requires_pretrained_base: bool = True
     """The pretrained base model is mandatory (paper preset); with False random weights are fine."""
     init_seed: int = 0
