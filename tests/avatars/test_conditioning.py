@@ -82,3 +82,19 @@ def test_the_conditioning_image_is_the_concatenation_laid_out_channels_last():
     assert torch.equal(cond, expected)
     cond.sum().backward()
     assert builder.features.spatial.grad is not None and builder.features.spatial.grad.abs().sum() > 0
+
+
+def test_depth_normalisation_uses_the_configured_centre_and_scale():
+    """DiffusionAvatarsConfig.depth_center / depth_scale reach the conditioning: depth (z - c) / s inside the mask."""
+    from avatars.configs import tiny_config
+    from avatars.models.conditioning import ConditioningBuilder
+
+    batch = _batch()
+    batch["expression"] = torch.zeros(2, 3)
+    config = tiny_config(expression_dim=3, resolution=8, conditioning_embedding_channels=(8, 16, 32),
+                         depth_center=0.95, depth_scale=0.05)
+    depth = ConditioningBuilder(config)(batch)[:, 0]
+    inside = batch["mask"][:, 0] > 0.5
+    torch.testing.assert_close(depth[inside], (batch["depth"][:, 0][inside] - 0.95) / 0.05)
+    assert depth[inside].max() > 2  # the default (z - 1) / 0.3 stays below 0.34 on these depths (0.9 to 1.1)
+    assert torch.all(depth[~inside] == BACKGROUND)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from avatars.configs import FeatureConfig
@@ -90,3 +91,21 @@ def test_planes_start_as_the_official_standard_normal():
                                                generator=torch.Generator().manual_seed(0))
     for p in (planes.spatial, planes.ambient):
         assert abs(float(p.mean())) < 0.02 and abs(float(p.std()) - 1.0) < 0.02
+
+
+@pytest.mark.parametrize("mapping", ["triplane", "spherical"])
+def test_init_std_scales_the_initial_planes(mapping):
+    """FeatureConfig.init_std is the std of every initial map, also when the model config builds them."""
+    from avatars.configs import tiny_config
+    from avatars.models.conditioning import ConditioningBuilder
+
+    def planes(std: float) -> FeaturePlanes:
+        features = FeatureConfig(mapping=mapping, resolution=64, channels=4, init_std=std)
+        builder = ConditioningBuilder(tiny_config(features=features), generator=torch.Generator().manual_seed(0))
+        assert builder.features.config.init_std == std
+        return builder.features
+
+    unit, small = planes(1.0), planes(0.1)
+    for a, b in ((unit.spatial, small.spatial), (unit.ambient, small.ambient)):
+        assert abs(float(b.detach().std()) - 0.1) < 0.002 and abs(float(b.detach().mean())) < 0.002
+        torch.testing.assert_close(b, a * 0.1)  # the same draws, scaled

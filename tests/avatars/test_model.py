@@ -415,3 +415,23 @@ def test_expression_channels_reach_the_controlnet():
 
         changes[channels] = float((run(batch) - run(other)).abs().max())
     assert changes[True] > 1e-4 and changes[False] == 0.0, changes
+
+
+def test_expression_tokens_sets_how_many_tokens_the_expression_attentions_read(monkeypatch):
+    """DiffusionAvatarsConfig.expression_tokens: that many tokens reach every expression attention in a step."""
+    model = DiffusionAvatarsModel(tiny_config(expression_tokens=2))
+    batch = synthetic_batch(2)
+    tokens = model.encode_expression(batch["expression"])
+    assert tokens.shape == (2, 2, model.config.unet.cross_attention_dim)
+    seen = []
+    call = ExpressionAttnProcessor.__call__
+
+    def spy(self, attn, hidden_states, *args, expression_tokens=None, **kwargs):
+        if self.expression is not None:
+            seen.append(tuple(expression_tokens.shape))
+        return call(self, attn, hidden_states, *args, expression_tokens=expression_tokens, **kwargs)
+
+    monkeypatch.setattr(ExpressionAttnProcessor, "__call__", spy)
+    model.training_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert model.num_expression_layers > 0
+    assert seen == [(2, 2, model.config.unet.cross_attention_dim)] * model.num_expression_layers

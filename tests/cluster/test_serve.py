@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import urllib.request
 
 import numpy as np
@@ -263,3 +264,34 @@ def test_one_application_serves_every_person_and_a_bad_one_fails_alone(serve_ray
         np.testing.assert_array_equal(again.image, served["p0", reqs[1].key].image)
     finally:
         delete_renderer("avatars-test")
+
+
+def test_renderer_base_model_overrides_the_base_recorded_in_the_checkpoint(tmp_path):
+    """RendererConfig.base_model: the frozen UNet and VAE come from it, not the checkpoint's recorded base."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from avatars.models.base_networks import build_unet, build_vae
+
+    config = tiny_config(expression_dim=EXPR_DIM)
+    bases = {}
+    for name, seed in (("recorded", 1), ("override", 2)):
+        torch.manual_seed(seed)
+        bases[name] = tmp_path / name
+        build_unet(config.unet, 4, 4, 16).save_pretrained(bases[name] / "unet")
+        build_vae(config.vae, 64).save_pretrained(bases[name] / "vae")
+    empty_prompt = torch.randn(1, 77, config.unet.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    model = DiffusionAvatarsModel(config, base_model=bases["recorded"], empty_prompt_embedding=empty_prompt)
+    model.save_pretrained(tmp_path / "avatar")
+
+    def same_weights(module, cls, folder) -> bool:
+        want, got = cls.from_pretrained(folder).state_dict(), module.state_dict()
+        return all(torch.equal(got[k], v) for k, v in want.items())
+
+    settings = dict(num_inference_steps=1, max_batch_size=1, device="cpu")
+    for base_model, expected in ((None, "recorded"), (bases["override"], "override")):
+        renderer = FrameRenderer(tmp_path / "avatar", RendererConfig(base_model=base_model, **settings))
+        assert renderer.model.base_model == str(bases[expected])
+        assert same_weights(renderer.model.unet, UNet2DConditionModel, bases[expected] / "unet")
+        assert same_weights(renderer.model.vae, AutoencoderKL, bases[expected] / "vae")
+    shutil.rmtree(bases["recorded"])  # the override needs nothing from the recorded base
+    FrameRenderer(tmp_path / "avatar", RendererConfig(base_model=bases["override"], **settings))

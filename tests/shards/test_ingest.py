@@ -12,6 +12,7 @@ from common.io import DataError
 from shards.contract import Calibration, MeshFrame, PersonCapture
 from shards.ingest import IngestConfig, ingest_person
 from shards.store import PersonStore
+from shards.testing import TINY_SHARDS
 
 CFG = IngestConfig(held_out_sequences=1, io_threads=2)
 
@@ -348,3 +349,44 @@ def test_ingest_job_force_rebuilds_an_up_to_date_store(tiny_captures, tiny_cfg, 
     assert forced[0] != first[0] and "(written)" in forced[2]  # a new store replaced the old one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000.zarr"]
     assert PersonStore(tmp_path / "000.zarr").num_frames == tiny_cfg.sequences * tiny_cfg.frames
+
+
+def test_a_valid_held_out_camera_becomes_the_novel_view_split(tiny_captures, tmp_path, tiny_cfg):
+    """IngestConfig.held_out_camera: a valid non-default camera's frames form test_cam, none of them train."""
+    from shards.synthetic import FRONTAL_SERIAL
+    from shards.writer import plan_person
+
+    serial = next(s for s in tiny_cfg.serials if s != FRONTAL_SERIAL)
+    config = IngestConfig(held_out_sequences=1, held_out_camera=serial, io_threads=2)
+    store = PersonStore(ingest_person(tiny_captures, "000", tmp_path, config).path)
+    assert store.attrs["held_out_camera"] == serial
+    train_seqs = set(store.sequences) - set(store.attrs["held_out_sequences"])
+    test_cam = store.samples("test_cam")
+    assert {s.serial for s in test_cam} == {serial}
+    assert len(test_cam) == len(train_seqs) * tiny_cfg.frames
+    train = store.samples("train")
+    assert serial not in {s.serial for s in train} and FRONTAL_SERIAL in {s.serial for s in train}
+    samples = store.samples()
+    tasks = plan_person(store.path, tmp_path / "shards", TINY_SHARDS)
+    assert {samples[i].serial for t in tasks if t.split == "test_cam" for i in t.sample_ids} == {serial}
+    assert serial not in {samples[i].serial for t in tasks if t.split == "train" for i in t.sample_ids}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_io_threads_is_the_number_of_threads_that_check_images(threads, tiny_captures, tmp_path, monkeypatch):
+    """IngestConfig.io_threads: the images are decoded and checked on that many threads, and all of them."""
+    import threading
+    import time
+
+    import shards.ingest as ingest
+
+    check, used = ingest._check_image, set()
+
+    def timed(*args):
+        used.add(threading.get_ident())
+        time.sleep(0.01)  # a decode long enough that every thread of the pool takes some
+        return check(*args)
+
+    monkeypatch.setattr(ingest, "_check_image", timed)
+    res = ingest_person(tiny_captures, "000", tmp_path, IngestConfig(held_out_sequences=1, io_threads=threads))
+    assert res.images > 3 * threads and len(used) == threads

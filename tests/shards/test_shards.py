@@ -196,3 +196,32 @@ def test_corrupt_shard_of_a_broken_store_leaves_the_manifest_incomplete(tiny_sto
     assert "000" in res.failed and "000/train-000000.tar" in res.rebuilt
     with pytest.raises(DataError, match="incomplete"):
         shard_paths(tmp_path / "shards", "000", "train")
+
+
+def test_background_option_is_the_colour_of_every_pixel_outside_the_alpha(tiny_stores, tiny_shards, tmp_path):
+    """ShardConfig.background: the targets are matted onto that colour (alpha-0 pixels hold exactly it)."""
+    from dataclasses import replace
+
+    from shards.writer import plan_person, write_shard
+
+    background = (0.2, 0.4, 0.6)
+    config = replace(TINY_SHARDS, background=background)
+    task = plan_person(tiny_stores / "000.zarr", tmp_path, config)[0]
+    write_shard(task, config)
+
+    def samples(path: Path) -> dict:
+        with tarfile.open(path) as tar:
+            members = {}
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        return {key: decode_sample(key, mem) for key, mem in members.items()}
+
+    ours, white = samples(tmp_path / "000" / task.name), samples(tiny_shards / "000" / task.name)
+    assert ours.keys() == white.keys() and len(ours) == TINY_SHARDS.samples_per_shard
+    colour = np.round(np.array(background) * 255) / 255
+    for key, dec in ours.items():
+        bg, fg = dec.alpha[0] == 0, dec.alpha[0] == 1
+        assert bg.any() and fg.any() and dec.meta["background"] == list(background)
+        np.testing.assert_allclose(dec.rgb[:, bg], np.broadcast_to(colour[:, None], dec.rgb[:, bg].shape), atol=1e-6)
+        np.testing.assert_array_equal(dec.rgb[:, fg], white[key].rgb[:, fg])

@@ -304,3 +304,50 @@ def test_novel_expressions_in_the_written_capture(tmp_path):
     for seq in cap.sequences():
         jaw = [MeshFrame.load(cap.mesh_path(seq, t)).expression[H.JAW] for t in range(cfg.frames)]
         assert (min(jaw) >= 0.55) if seq in novel else (max(jaw) <= 0.1), (seq, jaw)
+
+
+def _fitted_and_true(root: Path, **changes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fitted, true vertices, faces) of the one frame of a one-frame capture written with `changes`."""
+    cfg = replace(_GOLDEN_CFG, sequences=1, cameras=1, image_size=16, **changes)
+    generate(cfg, root)
+    cap = PersonCapture(root, "000")
+    fitted = MeshFrame.load(cap.mesh_path(cap.sequences()[0], 0))
+    return fitted.vertices.astype(np.float64), PersonModel.build(cfg, "000").true_vertices(fitted.expression), \
+        fitted.faces
+
+
+def _roughness(vertices: np.ndarray, faces: np.ndarray) -> float:
+    """Mean distance of a vertex from the mean of its edge neighbours (the fine geometry smoothing removes)."""
+    src = np.concatenate([faces[:, 0], faces[:, 1], faces[:, 2], faces[:, 1], faces[:, 2], faces[:, 0]])
+    dst = np.concatenate([faces[:, 1], faces[:, 2], faces[:, 0], faces[:, 0], faces[:, 1], faces[:, 2]])
+    deg = np.bincount(src, minlength=len(vertices))[:, None]
+    mean = np.stack([np.bincount(src, weights=vertices[dst, k], minlength=len(vertices)) for k in range(3)], 1) / deg
+    return float(np.linalg.norm(vertices - mean, axis=1).mean())
+
+
+def test_fit_noise_and_fit_smoothing_shape_the_fitted_mesh(tmp_path):
+    """SyntheticConfig.fit_noise is the fitted mesh's vertex noise std, fit_smoothing removes its fine geometry."""
+    exact, true_v, faces = _fitted_and_true(tmp_path / "exact", fit_smoothing=0, fit_noise=0.0)
+    np.testing.assert_allclose(exact, true_v, rtol=0, atol=1e-6)
+    noisy, true_v, _ = _fitted_and_true(tmp_path / "noisy", fit_smoothing=0, fit_noise=0.002)
+    assert abs((noisy - true_v).std() - 0.002) < 0.0002 and abs((noisy - true_v).mean()) < 0.0002
+    errors, roughness = [], []
+    for iterations in (0, 3, 12):
+        fitted, true_v, _ = _fitted_and_true(tmp_path / f"smooth{iterations}", fit_smoothing=iterations, fit_noise=0.0)
+        errors.append(np.linalg.norm(fitted - true_v, axis=1).mean())
+        roughness.append(_roughness(fitted, faces))
+    assert errors[0] < 1e-6 < errors[1] < errors[2], errors
+    assert roughness[0] > roughness[1] > roughness[2], roughness
+
+
+def test_camera_distance_places_every_camera_that_far_from_the_head(tmp_path):
+    """SyntheticConfig.camera_distance: the written cameras sit that far from the head centre, looking at it."""
+    cfg = replace(_GOLDEN_CFG, sequences=1, cameras=3, image_size=16, camera_distance=1.6)
+    generate(cfg, tmp_path)
+    calib = Calibration.load(PersonCapture(tmp_path, "000").calibration_path)
+    assert len(calib.cameras) == 3
+    for cam in calib.cameras.values():
+        assert np.linalg.norm(cam.position) == pytest.approx(1.6)
+        np.testing.assert_allclose(cam.project(np.zeros((1, 3)))[0], cam.K[:2, 2], atol=1e-9)
+    default = PersonModel.build(replace(cfg, camera_distance=SyntheticConfig().camera_distance), "000")
+    assert all(np.linalg.norm(c.position) == pytest.approx(1.0) for c in default.cameras.values())
