@@ -37,6 +37,12 @@ class IngestConfig:
     io_threads: int = 4
     """Threads that decode images while validating (PNG decoding releases the GIL)."""
 
+    def __post_init__(self) -> None:
+        if self.held_out_sequences < 0:
+            raise ValueError(f"held_out_sequences must be >= 0, got {self.held_out_sequences}")
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+
 
 @dataclass
 class IngestResult:
@@ -161,7 +167,7 @@ def validate_person(capture: PersonCapture, config: IngestConfig):
                 cam = calib.cameras[s]
                 size = (cam.width, cam.height)
                 image_jobs.append((capture.image_path(seq, t, s), capture.alpha_path(seq, t, s), size))
-    with ThreadPoolExecutor(max(1, config.io_threads)) as pool:
+    with ThreadPoolExecutor(config.io_threads) as pool:
         # list() re-raises the first DataError in submission order.
         list(pool.map(lambda job: _check_image(*job), image_jobs))
     return calib, meta, sequences, frames, meshes, len(image_jobs)

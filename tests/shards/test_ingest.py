@@ -390,3 +390,13 @@ def test_io_threads_is_the_number_of_threads_that_check_images(threads, tiny_cap
     monkeypatch.setattr(ingest, "_check_image", timed)
     res = ingest_person(tiny_captures, "000", tmp_path, IngestConfig(held_out_sequences=1, io_threads=threads))
     assert res.images > 3 * threads and len(used) == threads
+
+
+
+def test_ingest_config_refuses_negative_holdouts_and_no_threads():
+    """IngestConfig: a negative held_out_sequences or io_threads below 1 is refused when built, naming the field."""
+    with pytest.raises(ValueError, match="held_out_sequences must be >= 0, got -1"):
+        IngestConfig(held_out_sequences=-1)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"io_threads must be >= 1, got {bad}"):
+            IngestConfig(io_threads=bad)
