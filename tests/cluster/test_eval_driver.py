@@ -378,3 +378,105 @@ def test_a_person_being_scored_does_not_hold_up_the_next_persons_rendering(tmp_p
     assert out[0][2] is None and out[2][2] is None and out[2][1]["self_reenactment"].frames == 2
     assert scored_while_b_rendered == {"a": True, "b": True}  # b rendered while a was scored
     assert peak[0] == 1 and run.frames_rendered == 4  # never more persons rendering than render slots
+
+
+@pytest.mark.timeout(60)
+def test_parallel_persons_render_that_many_at_once_on_as_many_replicas(tmp_path, monkeypatch):
+    """parallel_persons=3, num_replicas=3: 3 replicas (4 models each) are deployed, 3 persons render at once, not 4."""
+    import threading
+    from types import SimpleNamespace
+
+    import ray
+    from ray import serve
+
+    from cluster.eval_driver import driver
+    from cluster.eval_driver.person import EvalRun
+    from cluster.report import TaskResult
+    from cluster.serve import deployment
+
+    persons = [f"p{i}" for i in range(6)]
+    started = {p: threading.Event() for p in persons}
+    deployed, deleted = [], []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # a Ray this run joined
+    monkeypatch.setattr(deployment, "ensure_serve", lambda: None)
+    monkeypatch.setattr(serve, "run", lambda app, name, route_prefix: deployed.append(app)
+                        or _FakeRenderer(None, started))
+    monkeypatch.setattr(deployment, "delete_renderer", deleted.append)
+    conditioning = {k: np.zeros(s, np.float32) for k, s in
+                    (("mask", (1, 4, 4)), ("depth", (1, 4, 4)), ("normals", (3, 4, 4)), ("canonical", (5, 4, 4)),
+                     ("expression", (2,)))}
+    monkeypatch.setattr(EvalRun, "task_frames", lambda self, person, task, driver, resolution: SimpleNamespace(
+        person=person, task=task, clips=[SimpleNamespace(keys=["k0"], conditioning=[conditioning])]))
+    monkeypatch.setattr(EvalRun, "evaluate", lambda self, frames, images: TaskResult({"psnr": 1.0}, frames=len(images)))
+    rendering, peak, lock, fourth, rounds = [0], [0], threading.Lock(), threading.Event(), []
+
+    def all_three_rendering():  # the first time: a 4th person, if it could, has a second to start rendering too
+        if not rounds:
+            rounds.append(fourth.wait(1.0))
+
+    together = threading.Barrier(3, action=all_three_rendering, timeout=10)  # 2 rounds of 3 persons at once
+    render = EvalRun._render
+
+    def counted_render(self, *args):
+        with lock:
+            rendering[0] += 1
+            peak[0] = max(peak[0], rendering[0])
+            if rendering[0] > 3:
+                fourth.set()
+        try:
+            together.wait()
+            return render(self, *args)
+        finally:
+            with lock:
+                rendering[0] -= 1
+
+    monkeypatch.setattr(EvalRun, "_render", counted_render)
+    config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                              tasks=("self_reenactment",), metrics=("psnr",), parallel_persons=3,
+                              renderer=RendererConfig(num_replicas=3))
+    results, failed, seconds = {}, {}, {}
+    frames = driver._render_all(config, tmp_path, persons, dict.fromkeys(persons), results, failed, seconds, app="t")
+    assert failed == {} and sorted(results) == persons and frames == 6
+    assert peak[0] == 3 and rounds == [False]
+    (app,) = deployed
+    assert app._bound_deployment.num_replicas == 3 and app._bound_deployment.init_args[2] == 4
+    assert deleted == ["t"]
+
+
+def test_build_report_false_writes_results_but_no_report(tiny_data, tmp_path, monkeypatch):
+    """build_report=False: results.json is written and no report (site/) is built; True builds it."""
+    from cluster.eval_driver import driver
+    from cluster.report import TaskResult
+
+    _, stores, shards = tiny_data
+    DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim)).save_pretrained(
+        tmp_path / "runs" / "000" / "model")
+
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+        for p in todo:
+            results[p] = {t: TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
+        return len(todo) * len(config.tasks)
+
+    monkeypatch.setattr(driver, "_render_all", render_all)
+    reports = tmp_path / "reports"
+    config = EvalDriverConfig(runs=tmp_path / "runs", shards=shards, stores=stores, reports_root=reports,
+                              persons=("000",), run_date="2025-03-01", build_report=False)
+    summary = run_evaluation(config)
+    assert summary.frames_rendered == 3 and summary.results_path.is_file()
+    assert summary.report_index is None and not (reports / "site").exists()
+    summary = run_evaluation(dataclasses.replace(config, build_report=True))
+    assert summary.report_index == reports / "site" / "2025-03-01" / "index.html" and summary.report_index.is_file()
+
+
+def test_eval_device_is_where_the_metric_networks_run(tmp_path):
+    """EvalDriverConfig.eval_device: the metric networks (here LPIPS) are loaded onto it and the evaluator uses it."""
+    from pathlib import Path
+
+    from cluster.eval_driver.person import EvalRun
+
+    weights = Path(__file__).resolve().parents[2] / "weights" / "lpips_alex.safetensors"
+    config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                              metrics=("lpips",), lpips_weights=weights, eval_device="meta")
+    evaluator = EvalRun(config, tmp_path)._evaluator.result(timeout=60)
+    assert {p.device.type for p in evaluator._lpips.parameters()} == {"meta"}
+    assert evaluator.config.device == "meta" and evaluator.config.lpips.device == "meta"

@@ -1,13 +1,14 @@
-"""jobs/launch_all.py's --captures, --no-evaluate, --force and --verbose, each given on its command line
-(the parser the job's __main__ uses) with its effect checked.
+"""jobs/launch_all.py's --captures, --no-evaluate, --force, --verbose, --ray-bind-host, --job-cpus, --job-gpus and
+--eval-parallel-persons, each given on its command line (the parser the job's __main__ uses) with its effect checked.
 
-In process on the local backend, like test_ray_connect.py's launch_all test, and cheap: the data stage
-is real (the shared tiny capture root: ingest + shards of one or two persons, about a second); the
-training is jobs.train_person's ``train`` replaced by a stand-in that prints a line, as a worker does, and
-writes what a finished training leaves (base.json, an untrained tiny model, result.json); the evaluation
-is the real driver (up-to-date check, results.json, report) with only its rendering on Ray Serve
-(``driver._render_all``) replaced by one that records whom it was asked to render. The real training and
-rendering run in test_launch_all.py and test_launch_all_reruns.py.
+In process on the local backend (or on a Ray stood in for in this process, ``fake_ray``), like
+test_ray_connect.py's launch_all test, and cheap: the data stage is real (the shared tiny capture root:
+ingest + shards of one or two persons, about a second); the training is jobs.train_person's ``train``
+replaced by a stand-in that prints a line, as a worker does, and writes what a finished training leaves
+(base.json, an untrained tiny model, result.json); the evaluation is the real driver (up-to-date check,
+results.json, report) with only its rendering on Ray Serve (``driver._render_all``) replaced by one that
+records whom it was asked to render. The real training and rendering run in test_launch_all.py and
+test_launch_all_reruns.py.
 """
 
 from __future__ import annotations
@@ -142,3 +143,60 @@ def test_verbose_prints_worker_output_here_instead_of_into_its_log(launch, tmp_p
     assert f"{WORKER_LINE} 000" in out and "training 1 person:" not in out and "worker logs:" not in out
     assert not (verbose / "logs").exists()
     assert launch.trained == ["000", "000"]
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    """Ray stood in for in this process: ``inits`` records ray.init's arguments and ``tasks`` the
+    ``.options()`` of every task, which then runs at once, here (a one-node Ray with 4 CPUs, 1 GPU)."""
+    import ray
+    import ray._private.ray_constants as constants
+
+    calls = SimpleNamespace(inits=[], tasks=[])
+
+    class Task:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def options(self, **options):
+            calls.tasks.append(options)
+            return self
+
+        def remote(self, *args):
+            return Done(self.fn(*args))
+
+    class Done:  # a finished task's ObjectRef
+        def __init__(self, value):
+            self.value = value
+
+    # (imports Ray Serve, which uses ray.remote: before the stand-ins below)
+    monkeypatch.setattr("cluster.serve.deployment.shutdown_serve_and_ray", lambda: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(calls.inits))
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.inits.append(kw))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}])
+    monkeypatch.setattr(ray, "remote", Task)
+    monkeypatch.setattr(ray, "wait", lambda handles, num_returns=1: (handles[:1], handles[1:]))
+    monkeypatch.setattr(ray, "get", lambda handle: handle.value)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # what connect_ray sets: undone after the test
+    monkeypatch.setattr(constants, "ENABLE_RAY_CLUSTER", constants.ENABLE_RAY_CLUSTER)
+    return calls
+
+
+def test_ray_bind_host_job_resources_and_eval_parallel_persons(launch, fake_ray, monkeypatch):
+    """--ray-bind-host/--job-cpus/--job-gpus/--eval-parallel-persons reach ray.init, each Ray task, the evaluation."""
+    evaluated = []
+    render_all = driver._render_all
+    monkeypatch.setattr(driver, "_render_all", lambda config, *args, **kw: evaluated.append(config)
+                        or render_all(config, *args, **kw))
+    code, out = launch.run("--persons", "all", "--backend", "ray", "--ray-bind-host", "127.0.0.2",
+                           "--job-cpus", "2", "--job-gpus", "0.5", "--eval-parallel-persons", "3")
+    assert code == 0, out
+    assert launch.trained == TINY.person_ids and launch.rendered == [TINY.person_ids]
+    (init,) = fake_ray.inits  # one Ray for the training and the evaluation
+    assert init["address"] == "local" and init["_node_ip_address"] == init["dashboard_host"] == "127.0.0.2"
+    assert [(t["name"], t["num_cpus"], t["num_gpus"]) for t in fake_ray.tasks] == [
+        ("train-000", 2.0, 0.5), ("train-001", 2.0, 0.5)]
+    (config,) = evaluated
+    assert config.ray_bind_host == "127.0.0.2"
+    assert config.parallel_persons == 3 and config.renderer.num_replicas == 3

@@ -170,3 +170,25 @@ def test_launch_all_starts_one_ray_for_training_and_evaluation(inits, monkeypatc
     session.close()
     session.close()
     assert len(inits) == 2 and len(stopped) == 2
+
+
+def test_embedded_ray_offers_the_gpus_it_is_given(inits):
+    """EmbeddedRay.num_gpus and RayConfig.num_gpus reach ray.init as the embedded Ray's GPUs (None: Ray detects)."""
+    assert connect_ray(None, EmbeddedRay(num_gpus=1)) is True
+    assert inits[-1]["address"] == "local" and inits[-1]["num_gpus"] == 1
+    inits.clear()
+    assert ray_backend.RayBackend(ray_backend.RayConfig(num_gpus=2))._connect() is True
+    assert inits[-1]["address"] == "local" and inits[-1]["num_gpus"] == 2
+
+
+def test_evaluation_driver_ray_listens_on_its_bind_host_with_its_object_store(inits, monkeypatch, tmp_path):
+    """EvalDriverConfig.ray_bind_host and ray_object_store_mb reach the embedded Ray the driver starts."""
+    config = driver.EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                                     metrics=("psnr",), ray_bind_host="127.0.0.2", ray_object_store_mb=64)
+    monkeypatch.setattr("cluster.serve.deployment.ensure_serve", lambda: (_ for _ in ()).throw(RuntimeError("x")))
+    monkeypatch.setattr("cluster.serve.deployment.shutdown_serve_and_ray", lambda: None)
+    with pytest.raises(RuntimeError, match="^x$"):
+        driver._render_all(config, tmp_path, [], {}, {}, {}, {})
+    assert inits == [dict(address="local", num_cpus=None, num_gpus=None, object_store_memory=64 * 2**20,
+                          include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.2",
+                          dashboard_host="127.0.0.2")]

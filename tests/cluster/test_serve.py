@@ -1,4 +1,5 @@
-"""The renderer service: FrameRenderer (no Ray) and the Ray Serve deployment on an embedded Ray."""
+"""The renderer service: FrameRenderer (no Ray), and the Ray Serve deployment: the options it gives Serve and a
+replica built without Ray, then served on an embedded Ray."""
 
 from __future__ import annotations
 
@@ -295,3 +296,106 @@ def test_renderer_base_model_overrides_the_base_recorded_in_the_checkpoint(tmp_p
         assert same_weights(renderer.model.vae, AutoencoderKL, bases[expected] / "vae")
     shutil.rmtree(bases["recorded"])  # the override needs nothing from the recorded base
     FrameRenderer(tmp_path / "avatar", RendererConfig(base_model=bases["override"], **settings))
+
+
+def test_deploy_renderer_gives_serve_the_configured_replicas_requests_and_resources(monkeypatch, tmp_path):
+    """num_replicas, max_ongoing_requests, num_cpus and num_gpus of RendererConfig reach the Serve deployment."""
+    from ray import serve
+
+    from cluster.serve import deployment
+
+    runs: list[tuple] = []
+    monkeypatch.setattr(deployment, "ensure_serve", lambda: None)
+    monkeypatch.setattr(serve, "run", lambda app, name, route_prefix: runs.append((app, name)) or "handle")
+    config = RendererConfig(num_replicas=3, max_ongoing_requests=17, num_cpus=2, num_gpus=0.5)
+    assert deployment.deploy_renderer({"p0": tmp_path}, config, "avatars-x", max_models_per_replica=4) == "handle"
+    ((app, name),) = runs
+    d = app._bound_deployment
+    assert name == "avatars-x" and d.num_replicas == 3 and d.max_ongoing_requests == 17
+    assert d.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.5}
+    assert d.init_args == ({"p0": str(tmp_path.resolve())}, config, 4)
+
+
+class _Recorded:
+    """A person's loaded renderer in a replica that records the size of each batch it renders."""
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def check(self, request):
+        pass
+
+    def render(self, requests):
+        from cluster.serve.renderer import RenderResult
+
+        self.batches.append(len(requests))
+        return [RenderResult(np.zeros((1, 1, 3), np.float32), r.key, len(requests), 0.0) for r in requests]
+
+
+@pytest.fixture
+def replica(monkeypatch):
+    """``make(config)``: the renderer deployment's class built as a replica builds it, in this process
+    without Ray (no Serve replica context: the one @serve.batch reads is stood in for); exporters
+    started are stopped, and the batching state left as it was, at the end."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    import cluster.bind
+    from cluster.serve.deployment import AvatarRenderer
+
+    made = []
+    monkeypatch.setattr(cluster.bind, "serve_replica_grpc_on_node_ip", lambda node_ip: False)
+    # @serve.batch keeps its settings and queue on the class (one per replica process): restored after the test,
+    # or the class could no longer be pickled for a deployment
+    batching = AvatarRenderer.func_or_class.render_batch.set_max_batch_size.__self__
+    for name in ("_queue", "max_batch_size", "batch_wait_timeout_s"):
+        monkeypatch.setattr(batching, name, getattr(batching, name))
+
+    def make(config: RendererConfig):
+        context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=config.max_ongoing_requests))
+        monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+        made.append(AvatarRenderer.func_or_class({"p0": "/nowhere"}, config, 2))
+        return made[-1]
+
+    yield make
+    for r in made:
+        if r.exporter is not None:
+            r.exporter.stop()
+            r.exporter = None  # stopped once, not again when the replica is collected
+
+
+@pytest.mark.timeout(60)
+def test_a_replica_renders_batches_of_at_most_max_batch_size(replica):
+    """RendererConfig.max_batch_size caps the batches @serve.batch forms: 7 concurrent requests with a cap of 3."""
+    import asyncio
+
+    r = replica(RendererConfig(max_batch_size=3, batch_wait_timeout_s=0.2))
+    loaded = _Recorded()
+
+    async def person():
+        return "p0", loaded
+
+    r._person = person
+
+    async def send():
+        return await asyncio.gather(*[r(q) for q in make_requests(7)])
+
+    out = asyncio.run(send())
+    assert [x.key for x in out] == [f"frame{i}" for i in range(7)]
+    assert sum(loaded.batches) == 7 and max(loaded.batches) == 3, loaded.batches
+
+
+def test_a_replica_exporter_listens_on_metrics_host(replica):
+    """RendererConfig.metrics_host: the replica's Prometheus exporter listens there (127.0.0.2), not on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        first = s.getsockname()[1]
+    r = replica(RendererConfig(metrics_port=first, metrics_host="127.0.0.2"))
+    port = r.exporter.port
+    with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
