@@ -47,7 +47,7 @@ def sampling_scheduler(config: SchedulerConfig, sampler: str = "ddpm") -> Schedu
 
 
 def render_timesteps(config: SchedulerConfig, num_inference_steps: int) -> torch.Tensor:
-    """The timesteps an ``num_inference_steps``-step render visits, first to last (trailing spacing: the
+    """The timesteps a ``num_inference_steps``-step render visits, first to last (trailing spacing: the
     same for DDPM, DDIM and DPM-Solver++; 20 steps: 999, 949, ..., 49)."""
     reference = sampling_scheduler(config, "ddpm")
     reference.set_timesteps(num_inference_steps)
