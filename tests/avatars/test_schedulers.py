@@ -9,7 +9,7 @@ import torch
 
 from avatars.configs import SchedulerConfig
 from avatars.host_sync import count_host_reads
-from avatars.schedulers import DeviceDDPM, sampling_scheduler
+from avatars.schedulers import SAMPLERS, DeviceDDPM, render_timesteps, sampling_scheduler
 
 
 def _fake_velocity(sample: torch.Tensor, t: int) -> torch.Tensor:
@@ -73,3 +73,14 @@ def test_device_ddpm_loop_reads_nothing_from_the_device():
 def test_bad_step_count():
     with pytest.raises(ValueError, match="num_inference_steps"):
         DeviceDDPM(SchedulerConfig(), 0)
+
+
+def test_render_timesteps_are_the_ones_every_sampler_visits():
+    """render_timesteps (what train_timesteps trains on) equals the timesteps of DDPM, DDIM and DPM-Solver++ renders."""
+    config = SchedulerConfig()
+    assert render_timesteps(config, 20).tolist() == list(range(999, 0, -50))
+    for steps in (10, 20, 50):
+        for sampler in SAMPLERS:
+            scheduler = sampling_scheduler(config, sampler)
+            scheduler.set_timesteps(steps)
+            assert scheduler.timesteps.tolist() == render_timesteps(config, steps).tolist(), (sampler, steps)
