@@ -392,7 +392,6 @@ def test_io_threads_is_the_number_of_threads_that_check_images(threads, tiny_cap
     assert res.images > 3 * threads and len(used) == threads
 
 
-
 def test_ingest_config_refuses_negative_holdouts_and_no_threads():
     """IngestConfig: a negative held_out_sequences or io_threads below 1 is refused when built, naming the field."""
     with pytest.raises(ValueError, match="held_out_sequences must be >= 0, got -1"):

@@ -73,17 +73,21 @@ def test_webdataset_library_reads_the_shards(tiny_shards):
     assert set(MEMBERS) <= set(sample)
 
 
+def _decoded_samples(path: Path) -> dict:
+    """Every sample of a shard, decoded: {key: decode_sample(key, its members)}."""
+    with tarfile.open(path) as tar:
+        members: dict[str, dict[str, bytes]] = {}
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return {key: decode_sample(key, mem) for key, mem in members.items()}
+
+
 def test_buffers_survive_quantisation(tiny_stores, tiny_shards):
     store = PersonStore(tiny_stores / "001.zarr")
     sample = store.samples("test_cam")[0]
     path = shard_paths(tiny_shards, "001", "test_cam")[0]
-    with tarfile.open(path) as tar:
-        members = {}
-        for m in tar.getmembers():
-            key, ext = m.name.split(".", 1)
-            if key.endswith(sample.key):
-                members[ext] = tar.extractfile(m).read()
-    dec = decode_sample(f"001/{sample.key}", members)
+    dec = _decoded_samples(path)[f"001/{sample.key}"]
     mesh = store.mesh(sample.frame)
     buf = rasterize(torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces).long(), store.cameras[sample.camera],
                     attributes=torch.from_numpy(normalise_canonical(mesh.canonical, store.attrs["canonical_bounds"],
@@ -209,15 +213,7 @@ def test_background_option_is_the_colour_of_every_pixel_outside_the_alpha(tiny_s
     task = plan_person(tiny_stores / "000.zarr", tmp_path, config)[0]
     write_shard(task, config)
 
-    def samples(path: Path) -> dict:
-        with tarfile.open(path) as tar:
-            members = {}
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        return {key: decode_sample(key, mem) for key, mem in members.items()}
-
-    ours, white = samples(tmp_path / "000" / task.name), samples(tiny_shards / "000" / task.name)
+    ours, white = _decoded_samples(tmp_path / "000" / task.name), _decoded_samples(tiny_shards / "000" / task.name)
     assert ours.keys() == white.keys() and len(ours) == TINY_SHARDS.samples_per_shard
     colour = np.round(np.array(background) * 255) / 255
     for key, dec in ours.items():
