@@ -346,16 +346,25 @@ class DiffusionAvatarsModel(nn.Module):
         return self.single_pass_latents(denoise(zeros, steps, cond))
 
     @torch.no_grad()
-    def encode_images(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled VAE latents (a posterior sample), float32.
+    def encode_posterior(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> the frozen VAE's posterior (mean, std), unscaled, float32.
 
         The VAE runs in the dtype of its weights (bf16 when the trainer or a renderer stores it so),
         outside autocast, as in diffusers' train_controlnet: CUDA autocast would run its group
         norms in fp32, each a cast of a full-resolution activation to fp32 and back."""
         with autocast.suspended(image.device.type):
             dist = self.vae.encode(image.to(_dtype_of(self.vae))).latent_dist
-        mean, std = dist.mean.float(), dist.std.float()
+        return dist.mean.float(), dist.std.float()
+
+    def sample_latents(self, mean: torch.Tensor, std: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """A sample of the posterior (``mean``, ``std``), scaled to the diffusion model's latents."""
         return (mean + std * _randn(mean.shape, generator, mean)) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_images(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled VAE latents (a posterior sample), float32."""
+        return self.sample_latents(*self.encode_posterior(image), generator)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -366,12 +375,18 @@ class DiffusionAvatarsModel(nn.Module):
 
     def training_loss(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """MSE to the scheduler's velocity (or, w/o diffusion, of :meth:`single_pass` to the clean latent).
-        Key "loss"."""
+        Key "loss". With ``latent_mean`` and ``latent_std`` in ``batch`` (the trainer's
+        :class:`~avatars.training.latent_cache.LatentCache`), the VAE posterior of ``image`` is taken from
+        them instead of encoding it again."""
         image = batch["image"]
         if image.shape[2] % (self.latent_factor * 2 ** (len(self.config.unet.block_out_channels) - 1)):
             raise ValueError(f"image size {tuple(image.shape[2:])} is not divisible by the model's total downsampling")
         cond = self.conditioning(batch)
-        latents = self.encode_images(image, generator)
+        if "latent_mean" in batch:
+            posterior = batch["latent_mean"], batch["latent_std"]
+        else:
+            posterior = self.encode_posterior(image)
+        latents = self.sample_latents(*posterior, generator)
         batch_size = latents.shape[0]
         tokens = self.encode_expression(batch.get("expression"))
         if self.config.use_diffusion:

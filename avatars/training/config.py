@@ -39,6 +39,12 @@ class TrainOptions:
     of the window, resized to the model's resolution (paper: the official 0.7). Tiny: 1, the whole window as the
     evaluation renders it: the tiny avatar under-fits in its 600 steps, and on 8 persons x 2 seeds the crops cost
     1.5 dB of held-out face PSNR (worse on 16 of 16 pairs) at the same CPU; README "Training crops"."""
+    latent_cache_mib: float = 1024
+    """Training-device memory (MiB) that keeps the frozen VAE's posterior of each training sample, so the
+    encoder runs once per sample instead of at every draw (avatars/training/latent_cache.py). Used only when a
+    sample is the same every epoch, i.e. min_crop 1 (the tiny preset; with random crops every draw is a new
+    image); samples beyond the memory are encoded at every draw. 0: off. A tiny sample takes 8 KiB, a 512x512
+    one 128 KiB."""
     lr_networks: float = 3e-3
     """Learning rate of ControlNet + expression layers (paper: 1e-4; tiny: 3e-3, it trains far fewer steps:
     measured on person 000 at 600 steps, 3e-3 with --lr-features 0.1 rendered the held-out face 0.8 dB closer
@@ -113,6 +119,8 @@ class TrainOptions:
         # checked when the options are parsed, not when a person's trainer has already made its run folder
         check_min_crop(self.min_crop)
         check_lr_decay(self.lr_decay)
+        if self.latent_cache_mib < 0:
+            raise ValueError(f"latent_cache_mib must be >= 0, got {self.latent_cache_mib}")
         check_decay(self.ema_decay)
 
 

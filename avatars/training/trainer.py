@@ -50,6 +50,7 @@ from .base_record import write_record as write_base_record
 from .callbacks import TrainerCallback, default_callbacks
 from .config import TrainConfig
 from .engine import build_engine
+from .latent_cache import latent_cache_for
 from .rendezvous import init_distributed
 from .validation import Validator
 from .weight_average import WeightAverage
@@ -141,6 +142,7 @@ class Trainer:
         self.engine = build_engine(cfg, self.model, self.world_size)
         self.device = self.engine.device
         self.noise = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
+        self.latent_cache = latent_cache_for(cfg.latent_cache_mib, cfg.min_crop)
 
         self.average = WeightAverage(self.model.trainable_state_dict(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         if cfg.resume == "auto":
@@ -222,7 +224,10 @@ class Trainer:
         first = perf.Stopwatch(self.device) if state.step < cfg.steps else None
         while state.step < cfg.steps:
             for _ in range(cfg.grad_accum):
-                loss = engine.micro_step(_to_device(next(data), self.device), self.noise)
+                batch = _to_device(next(data), self.device)
+                if self.latent_cache is not None:
+                    batch = self.latent_cache.add_posteriors(self.model, batch)
+                loss = engine.micro_step(batch, self.noise)
                 window_losses.append(loss)  # read at logging time: no host sync per step
                 window_samples += cfg.batch_size * self.world_size
             state.step += 1
@@ -251,6 +256,8 @@ class Trainer:
                 state.window_losses = window_losses = [float(v) for v in window_losses]
                 state.window_samples, state.window_s = window_samples, window_before + time.time() - window_t
                 self.save_checkpoint()
+        if self.latent_cache is not None:
+            self.log({"step": state.step, "latent_cache": self.latent_cache.summary()})
         last_val = self.validate(state.step) or last_val
         result = {"person": cfg.person, "steps": state.step, "resumed_from": self.start_step,
                   "base_fingerprint": self.base_fingerprint,
