@@ -75,7 +75,9 @@ class Trainer:
       window every ``log_every`` steps and at the last step (``step``, ``loss`` = mean over the
       window, ``samples_per_s``, ``lr`` per parameter group, ``epoch``; a checkpoint saves the open window,
       so a resumed run logs the same means), each validation
-      (``step``, ``val_psnr``, ``val_lpips``, ..., ``val_s``), and whatever callbacks log themselves.
+      (``step``, ``val_psnr``, ``val_lpips``, ..., ``val_s``), with ``--latent-cache-mib`` in use one record after
+      the last step (``step``, ``latent_cache``: samples kept, mib, encoded, reused), and whatever callbacks log
+      themselves.
     * ``on_validation(trainer, step, metrics)``: after each validation render.
     * ``on_checkpoint(trainer, step, path)``: after a complete checkpoint.
     * ``on_train_end(trainer, result)``: after ``model/`` and ``result.json`` are written.
