@@ -39,7 +39,7 @@ class LatentCache:
             return self.entries[key]
         mean, std = model.encode_posterior(image[None])
         self.encoded += 1
-        entry = mean[0], std[0]
+        entry = mean[0].clone(), std[0].clone()  # own storage: the mean is a view of the encoder's moments
         size = 2 * mean.numel() * mean.element_size()
         if self.bytes + size <= self.capacity_bytes:
             self.entries[key] = entry
