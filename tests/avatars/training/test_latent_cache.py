@@ -99,6 +99,9 @@ def test_samples_beyond_the_capacity_are_encoded_at_every_draw(model, monkeypatc
     first = cache.add_posteriors(model, _batch([0, 1, 2]))
     again = cache.add_posteriors(model, _batch([0, 1, 2]))
     assert len(cache.entries) == 2 and cache.bytes == 2 * ENTRY_BYTES
+    # what is counted is what is held: no entry keeps a larger tensor (the encoder's moments) alive
+    assert all(m.untyped_storage().nbytes() + s.untyped_storage().nbytes() == ENTRY_BYTES
+               for m, s in cache.entries.values())
     assert encoder.images == 4  # 0, 1, 2, then 2 again
     assert torch.equal(again["latent_mean"], first["latent_mean"])  # encoded alone each time: the same bits
     assert cache.summary()["encoded"] == 4 and cache.summary()["reused"] == 2
