@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from avatars.configs import DiffusionAvatarsConfig, paper_config, tiny_config
 from avatars.data.shard_dataset import check_min_crop
+from avatars.training.latent_cache import check_latent_cache_mib
 from avatars.training.optim import check_lr_decay
 from avatars.training.weight_average import check_decay
 
@@ -119,8 +120,7 @@ class TrainOptions:
         # checked when the options are parsed, not when a person's trainer has already made its run folder
         check_min_crop(self.min_crop)
         check_lr_decay(self.lr_decay)
-        if self.latent_cache_mib < 0:
-            raise ValueError(f"latent_cache_mib must be >= 0, got {self.latent_cache_mib}")
+        check_latent_cache_mib(self.latent_cache_mib)
         check_decay(self.ema_decay)
 
 

@@ -61,11 +61,16 @@ class LatentCache:
                 "reused": self.reused}
 
 
+def check_latent_cache_mib(cache_mib: float) -> None:
+    """``--latent-cache-mib`` is a memory size: refuse a negative one (0 turns the cache off)."""
+    if cache_mib < 0:
+        raise ValueError(f"latent_cache_mib must be >= 0, got {cache_mib}")
+
+
 def latent_cache_for(cache_mib: float, min_crop: float) -> LatentCache | None:
     """The cache a run with ``--latent-cache-mib`` and ``--min-crop`` uses: None when it is off (0) or
     when random crops make every draw a new image (min_crop < 1)."""
-    if cache_mib < 0:
-        raise ValueError(f"latent_cache_mib must be >= 0, got {cache_mib}")
+    check_latent_cache_mib(cache_mib)
     if cache_mib == 0 or min_crop < 1:
         return None
     return LatentCache(int(cache_mib * 2**20))
