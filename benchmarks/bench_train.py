@@ -1,9 +1,12 @@
 """Training throughput: measured for the tiny preset on this CPU, expected for the paper preset.
 
-    python benchmarks/bench_train.py [--steps 60] [--shards data/shards] [--person 000]
+    python benchmarks/bench_train.py [--steps 60] [--shards data/shards] [--person 000] [--base-model DIR]
 
-The tiny row is a real DeepSpeed run of jobs/train_person.py's library function
-(steady state: the first logging window, with worker start-up, is excluded). The
+The tiny rows are real DeepSpeed runs of jobs/train_person.py's library function, one with the
+trainer's latent cache (the default) and one without (``--latent-cache-mib 0``): samples/s in
+steady state (the first logging window, with worker start-up, is excluded) and the whole run's
+training seconds (the cache's first epoch encodes every sample on its own, so it only pays off once
+samples return: give ``--steps`` past one epoch, e.g. 600 on the main job's 480 samples a person). The
 paper rows divide the FLOP count of one training sample of the full SD2.1-size
 model (torch.utils.flop_counter on the meta device, see bench_model.py) by an
 assumed achieved fraction of each GPU's dense peak; the paper's own figure
@@ -23,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import report  # noqa: E402
 
+from avatars.training import TrainOptions  # noqa: E402
+
 #: Dense peak TFLOP/s (no sparsity) of the precision each GPU would train in.
 GPUS = {
     "RTX A6000 (TF32, as the paper: fp32 weights)": 77.4,
@@ -33,18 +38,21 @@ ASSUMED_MFU = 0.35
 PAPER_SAMPLES_PER_S = 100_000 * 8 / (2 * 24 * 3600)
 
 
-def tiny_run(shards: Path, person: str, steps: int) -> dict:
+def tiny_run(shards: Path, person: str, steps: int, base_model: Path | None, latent_cache_mib: float) -> dict:
     from avatars.training import TrainConfig, train_person
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(person=person, shards=shards, out=Path(out), steps=steps, log_every=10,
                           validate_every=0, checkpoint_every=steps, val_samples=1, val_inference_steps=1,
-                          lpips_weights=Path(out) / "none")
-        train_person(cfg)
+                          lpips_weights=Path(out) / "none", base_model=base_model, latent_cache_mib=latent_cache_mib)
+        result = train_person(cfg)
         lines = [json.loads(line) for line in (Path(out) / person / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in lines if "samples_per_s" in r][1:]
     sps = sum(r["samples_per_s"] for r in windows) / len(windows)
-    return {"samples/s": sps, "step ms": 1000 * cfg.batch_size / sps}
+    cache = next((r["latent_cache"] for r in lines if "latent_cache" in r), None)
+    return {"batch": cfg.batch_size, "samples/s": sps, "step ms": 1000 * cfg.batch_size / sps,
+            "train s": result["train_seconds"],
+            "latent cache": f"{cache['encoded']} encoded, {cache['reused']} reused" if cache else "off"}
 
 
 def main() -> None:
@@ -52,15 +60,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--shards", type=Path, default=Path("data/shards"))
     ap.add_argument("--person", default="000")
+    ap.add_argument("--base-model", type=Path, default=None, help="the tiny base (default: random weights)")
     a = ap.parse_args()
     if not (a.shards / a.person / "manifest.json").is_file():
         from shards.testing import build_tiny
 
         a.shards = build_tiny(Path(tempfile.mkdtemp()))[2]
         a.person = "000"
-    tiny = tiny_run(a.shards, a.person, a.steps)
-    rows = [{"preset": "tiny", "device": "this CPU (measured)", "batch": 8, "resolution": 64,
-             "samples/s": tiny["samples/s"], "step ms": tiny["step ms"]}]
+    rows = [{"preset": "tiny", "device": f"this CPU (measured, {a.steps} steps)", "resolution": 64,
+             **tiny_run(a.shards, a.person, a.steps, a.base_model, mib)} for mib in (TrainOptions.latent_cache_mib, 0)]
 
     from bench_model import full_config_flops
 
