@@ -68,6 +68,13 @@ def test_each_sample_is_encoded_once_and_its_posterior_is_the_encoders(model, mo
     assert cache.summary() == {"samples": 5, "mib": 5 * ENTRY_BYTES / 2**20, "encoded": 5, "reused": 3}
 
 
+def test_a_batch_whose_keys_do_not_match_its_images_is_refused(model):
+    batch = _batch([0, 1, 2])
+    batch["__key__"] = batch["__key__"][:2]
+    with pytest.raises(ValueError, match="2 keys for 3 images"):
+        LatentCache(1 << 20).add_posteriors(model, batch)
+
+
 def test_a_posterior_does_not_depend_on_the_batch_it_first_arrives_in(model):
     """What keeps resume exact: a resumed run meets its samples in other batches than the uninterrupted run did
     (on this CPU a batch-4 encode differs from a batch-1 encode in the last bits)."""
