@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_cli import single_thread_env, train_person_args
 
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
 from avatars.testing import synthetic_batch
 from avatars.training import TrainOptions
 from avatars.training.latent_cache import LatentCache, latent_cache_for
-from avatars.training.rendezvous import environment_without_group
 
-REPO = Path(__file__).resolve().parents[3]
 ENTRY_BYTES = 2 * 4 * 16 * 16 * 4  # mean and std, 4 x 16 x 16 float32: one tiny sample
 
 
@@ -128,12 +127,9 @@ def test_the_cache_is_on_only_for_samples_that_repeat():
 
 
 def _train(shards: Path, out: Path, *extra: str) -> list[dict]:
-    cmd = [sys.executable, str(REPO / "jobs" / "train_person.py"), "--person", "000", "--shards", str(shards),
-           "--out", str(out), "--steps", "6", "--batch-size", "4", "--log-every", "1", "--validate-every", "0",
-           "--checkpoint-every", "6", "--num-workers", "0", "--val-samples", "1", "--val-inference-steps", "1",
-           "--lpips-weights", str(out / "none"), *extra]
-    env = {**environment_without_group(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, *train_person_args(shards, out, "--steps", "6", "--batch-size", "4", "--log-every", "1",
+                                              "--checkpoint-every", "6", "--num-workers", "0", *extra)]
+    proc = subprocess.run(cmd, env=single_thread_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (out / "000" / "metrics.jsonl").read_text().splitlines()]
 

@@ -21,27 +21,19 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from train_cli import single_thread_env, train_person_args
 
 from avatars.models.diffusion_avatars import load_trainable_weights
-from avatars.training.rendezvous import environment_without_group
 
-REPO = Path(__file__).resolve().parents[3]
 STEPS, EVERY, LOG_EVERY = 14, 6, 4
 KILL_AFTER = 8  # the loss line written between the checkpoints of steps 6 and 12
 CPU_BUDGET_S = 900  # CPU seconds one training run may use (about 10x what it needs)
 
 
 def _cmd(shards: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "jobs" / "train_person.py"), "--person", "000", "--shards", str(shards),
-            "--out", str(out), "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--validate-every", "0",
-            "--log-every", str(LOG_EVERY), "--num-workers", "2", "--val-samples", "1", "--val-inference-steps", "1",
-            "--batch-size", "4", "--lpips-weights", str(out / "no-lpips"), *extra]
-
-
-def _env() -> dict:
-    env = environment_without_group()
-    env["OMP_NUM_THREADS"] = "1"  # same thread count in every run: bitwise-reproducible CPU math
-    return env
+    return [sys.executable, *train_person_args(shards, out, "--steps", str(STEPS), "--checkpoint-every", str(EVERY),
+                                               "--log-every", str(LOG_EVERY), "--num-workers", "2",
+                                               "--batch-size", "4", *extra)]
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -78,7 +70,7 @@ def _wait(proc: subprocess.Popen, until=lambda: False) -> None:
 
 
 def _run(cmd: list[str]) -> None:
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait(proc)
     stderr = proc.stderr.read()
     assert proc.wait() == 0, stderr[-3000:]
@@ -107,7 +99,7 @@ def _logged(jsonl: Path, step: int) -> bool:
 
 @pytest.mark.timeout(3600)  # the CPU budget decides; the wall time of a loaded machine does not
 def test_sigkill_between_checkpoints_then_resume_matches(train_shards, uninterrupted, tmp_path):
-    proc = subprocess.Popen(_cmd(train_shards, tmp_path), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(train_shards, tmp_path), env=single_thread_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     jsonl = tmp_path / "000" / "metrics.jsonl"
     _wait(proc, until=lambda: _logged(jsonl, KILL_AFTER))
@@ -148,7 +140,7 @@ def test_resuming_on_another_base_is_refused(train_shards, uninterrupted, tmp_pa
     other = tmp_path / "other-base" / "unet"
     other.mkdir(parents=True)
     (other / "config.json").write_text("{}")
-    proc = subprocess.run(_cmd(train_shards, tmp_path, "--base-model", str(other.parent)), env=_env(),
+    proc = subprocess.run(_cmd(train_shards, tmp_path, "--base-model", str(other.parent)), env=single_thread_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "BaseMismatch" in proc.stderr and "was trained on the base None" in proc.stderr

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from train_cli import single_thread_env, train_person_args
 
 from avatars.training import TrainConfig
 from avatars.training.rendezvous import environment_without_group
@@ -104,16 +105,12 @@ def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_
 
 def test_two_processes_data_parallel(train_shards, tmp_path):
     """torchrun with 2 CPU processes (gloo): both ranks step, checkpoint collectively and resume."""
-    repo = Path(__file__).resolve().parents[3]
-    env = environment_without_group()
-    env["OMP_NUM_THREADS"] = "1"
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
-            str(repo / "jobs" / "train_person.py"), "--person", "000", "--shards", str(train_shards), "--out",
-            str(tmp_path), "--batch-size", "2", "--checkpoint-every", "2", "--validate-every", "0", "--log-every", "1",
-            "--num-workers", "0", "--val-samples", "1", "--val-inference-steps", "1", "--lpips-weights",
-            str(tmp_path / "none")]
+            *train_person_args(train_shards, tmp_path, "--batch-size", "2", "--checkpoint-every", "2",
+                               "--log-every", "1", "--num-workers", "0")]
     for steps in ("2", "4"):  # the second run resumes from the first one's checkpoint
-        proc = subprocess.run(base + ["--steps", steps], env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(base + ["--steps", steps], env=single_thread_env(), capture_output=True, text=True,
+                              timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "000"
     result = json.loads((run / "result.json").read_text())
