@@ -39,11 +39,12 @@ class LatentCache:
             return self.entries[key]
         mean, std = model.encode_posterior(image[None])
         self.encoded += 1
-        entry = mean[0].clone(), std[0].clone()  # own storage: the mean is a view of the encoder's moments
         size = 2 * mean.numel() * mean.element_size()
-        if self.bytes + size <= self.capacity_bytes:
-            self.entries[key] = entry
-            self.bytes += size
+        if self.bytes + size > self.capacity_bytes:
+            return mean[0], std[0]  # not kept: add_posteriors' stack copies it anyway
+        entry = mean[0].clone(), std[0].clone()  # own storage: the mean is a view of the encoder's moments
+        self.entries[key] = entry
+        self.bytes += size
         return entry
 
     def add_posteriors(self, model: DiffusionAvatarsModel, batch: dict) -> dict:
