@@ -400,11 +400,13 @@ class PersonCapture:
 
 
 def list_persons(root: Path) -> list[str]:
-    """Person folders under a capture root (those with a calibration file)."""
+    """Person folders under a capture root (those with a calibration file; not dot-folders, where a writer
+    builds a person before swapping it in)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "capture root does not exist")
-    return sorted(p.name for p in root.iterdir() if (p / "calibration" / "camera_params.json").is_file())
+    return sorted(p.name for p in root.iterdir()
+                  if not p.name.startswith(".") and (p / "calibration" / "camera_params.json").is_file())
 
 
 def find_persons(root: Path) -> list[str]:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from common.io import atomic_directory
 
 from ..contract import (
     Calibration,
@@ -267,9 +270,11 @@ class PersonModel:
         return (np.round(rgb * 255)).astype(np.uint8), (mask * 255).astype(np.uint8)
 
 
-def generate_person(config: SyntheticConfig, root: Path, person: str) -> None:
-    """Write one person's capture (calibration, tracking meshes, images, alpha maps)."""
-    capture = PersonCapture(Path(root), person)
+def generate_person(config: SyntheticConfig, person: str, folder: Path) -> None:
+    """Write `person`'s capture (calibration, tracking meshes, images, alpha maps) into `folder`, laid out as a
+    person folder of a capture root; `generate` passes a fresh one, so nothing of an older capture stays."""
+    folder = Path(folder)
+    capture = PersonCapture(folder.parent, folder.name)
     model = PersonModel.build(config, person)
     Calibration(model.cameras).save(capture.calibration_path)
     TrackingMeta(expression_dim=config.expression_dim, mesh_kind="nphm").save(capture.tracking_meta_path)
@@ -292,6 +297,9 @@ def generate_person(config: SyntheticConfig, root: Path, person: str) -> None:
                 atomic_write_bytes(capture.alpha_path(seq, t, serial), _png_bytes(alpha))
 
 
+#: A person's generator settings, written last into its folder: the person is complete.
+MARKER = "synthetic.json"
+
 #: The ablation-data options: recorded in a person's ``synthetic.json`` only when set, so the
 #: default data set's files (markers included) stay what they were before the options existed.
 ABLATION_OPTIONS = ("stochastic_hair", "detail_wavelength", "folded_ears", "novel_expressions")
@@ -307,20 +315,21 @@ def generate(config: SyntheticConfig, root: Path, persons: list[str] | None = No
     """Generate every person (or the given subset) under `root`; returns the person ids.
 
     A person whose folder holds a `synthetic.json` with the same config is skipped, so
-    re-running is cheap and an interrupted run resumes with the unfinished persons.
+    re-running is cheap and an interrupted run resumes with the unfinished persons; any other
+    person folder is replaced as a whole once its new capture is complete.
     """
     root = Path(root)
     done = []
     for person in persons or config.person_ids:
-        marker = root / person / "synthetic.json"
+        marker = root / person / MARKER
         spec = {"config": marker_config(config), "person": person}
-        if marker.is_file():
-            import json
-
-            if json.loads(marker.read_text()) == spec:
-                done.append(person)
-                continue
-        generate_person(config, root, person)
-        atomic_write_json(marker, spec)  # written last: marks the person complete
+        if marker.is_file() and json.loads(marker.read_text()) == spec:
+            done.append(person)
+            continue
+        # Built beside the person's folder and swapped in whole, marker included: a run with another config
+        # leaves none of the old sequences or frames behind, and an interrupted one leaves no partial person.
+        with atomic_directory(root / person) as tmp:
+            generate_person(config, person, tmp)
+            atomic_write_json(tmp / MARKER, spec)
         done.append(person)
     return done

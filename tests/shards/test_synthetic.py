@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shards.contract import Calibration, MeshFrame, PersonCapture, TrackingMeta
+from shards.contract import Calibration, MeshFrame, PersonCapture, TrackingMeta, find_persons
 from shards.raster import rasterize
 from shards.synthetic import FRONTAL_SERIAL, SyntheticConfig, generate
 from shards.synthetic import head as H
@@ -57,6 +59,36 @@ def test_layout_follows_contract(tiny_captures, tiny_cfg):
             mesh = MeshFrame.load(cap.mesh_path(seq, t))
             mesh.validate(cap.mesh_path(seq, t), meta)
             assert len(mesh.faces) == 2 * tiny_cfg.n_lon * (tiny_cfg.n_lat - 1)
+
+
+def test_regenerating_with_another_config_leaves_nothing_of_the_old_capture(capture_copy, tiny_cfg):
+    smaller = replace(tiny_cfg, persons=1, sequences=tiny_cfg.sequences - 1, frames=1, seed=8)
+    generate(smaller, capture_copy, ["000"])
+    cap = PersonCapture(capture_copy, "000")
+    assert cap.sequences() == sorted(smaller.sequence_names)
+    assert all(cap.timesteps(s) == [0] for s in cap.sequences())
+    assert json.loads((capture_copy / "000" / "synthetic.json").read_text())["config"] == marker_config(smaller)
+
+
+def test_an_interrupted_person_leaves_its_old_capture_whole(capture_copy, tiny_cfg, monkeypatch):
+    G = importlib.import_module("shards.synthetic.generate")  # the package's `generate` is the function
+    before = tree_digest(capture_copy / "000")
+
+    def dies_halfway(config, person, folder):
+        Calibration(G.PersonModel.build(config, person).cameras).save(PersonCapture(folder.parent, folder.name)
+                                                                      .calibration_path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(G, "generate_person", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        generate(replace(tiny_cfg, seed=8), capture_copy, ["000"])
+    assert tree_digest(capture_copy / "000") == before
+    assert sorted(p.name for p in capture_copy.iterdir()) == sorted(tiny_cfg.person_ids)
+
+
+def test_a_temporary_person_folder_left_by_a_killed_writer_is_no_person(capture_copy, tiny_cfg):
+    shutil.copytree(capture_copy / "000", capture_copy / ".000.tmp-abc")  # what SIGKILL mid-swap leaves
+    assert find_persons(capture_copy) == sorted(tiny_cfg.person_ids)
 
 
 def test_frontal_camera_sees_the_face(tiny_cfg):
