@@ -32,6 +32,8 @@ def main(args: ConvertArgs) -> dict[str, str]:
             results[pid] = convert_person(args.convert, pid)
         except DataError as e:  # one broken participant does not stop the others
             results[pid] = f"failed: {e}"
+        except Exception as e:  # nor does an error the checks did not foresee (it leaves no partial output)
+            results[pid] = f"failed: {type(e).__name__}: {e}"
         print(f"{pid}: {results[pid]}", flush=True)
     return results
 

@@ -22,8 +22,9 @@ topology), plus
 Output: the capture layout of ``shards.contract`` (PNG images and alpha maps at the image size
 used, per-camera intrinsics scaled to it, tracking ``.npz`` files and ``meta.json``), every
 ``frame_stride``-th timestep (NeRSemble records at 73 fps; the paper uses every 3rd). Everything
-is checked before a person is written (errors name the file and the field), files are written
-atomically, and a person whose output is complete for the same settings is skipped.
+but the image data is checked before a person is written (errors name the file and the field; of the
+images, each header and size); a person is written into a fresh folder that replaces its old one whole
+once complete, and a person whose output is complete for the same settings is skipped.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from common.io import atomic_directory
 
 from .contract import (
     Calibration,
@@ -176,10 +179,15 @@ def plan_person(config: ConvertConfig, pid: str) -> tuple[TrackingMeta, Calibrat
             for s, a in alphas.items():
                 if not a.is_file():
                     raise DataError(a, f"alpha map of camera {s} is missing")
+                _image_size(a)  # its header must read; it is resized to the image size
             frames.append(_Frame(seq, t, images, alphas, trk / seq / f"frame_{t:05d}.npz"))
     if not frames:
         raise DataError(trk, f"no timestep (every {config.frame_stride}th) with tracking in sequences {seqs}")
     size = _image_size(next(iter(frames[0].images.values())))
+    for f in frames:  # every image's header, before anything is written (decoding them all would double the cost)
+        for path in f.images.values():
+            if _image_size(path) != size:
+                raise DataError(path, f"image size {_image_size(path)} differs from the first image's {size}")
     calibration = scaled_calibration(src / "calibration" / "camera_params.json", size, config.intrinsics_size)
     missing = [s for s in serials if s not in calibration.cameras]
     if missing:
@@ -204,23 +212,41 @@ def convert_person(config: ConvertConfig, pid: str, progress: bool = True) -> st
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return "skipped"
     meta, calibration, frames = plan_person(config, pid)
-    shared = Path(config.tracking) / pid / "faces.npy"
-    shared_faces = np.load(shared) if shared.is_file() else None
-    meshes = [_load_tracking(f.tracking, meta, shared_faces) for f in frames]  # all checked before writing
-    size = (next(iter(calibration.cameras.values())).width, next(iter(calibration.cameras.values())).height)
-    calibration.save(capture.calibration_path)
-    meta.save(capture.tracking_meta_path)
-    for f, mesh in tqdm(list(zip(frames, meshes)), desc=f"convert {pid}", unit="frame", disable=not progress):
-        for serial, path in f.images.items():
-            with Image.open(path) as im:
-                if im.size != size:
-                    raise DataError(path, f"image size {im.size} differs from the first image's {size}")
-                atomic_write_bytes(capture.image_path(f.sequence, f.timestep, serial), _png(im.convert("RGB")))
-            with Image.open(f.alphas[serial]) as a:
-                a = a.convert("L")
-                if a.size != size:  # alpha maps may come at another resolution
-                    a = a.resize(size, Image.BILINEAR)
-                atomic_write_bytes(capture.alpha_path(f.sequence, f.timestep, serial), _png(a))
-        mesh.save(capture.mesh_path(f.sequence, f.timestep))
-    atomic_write_json(marker, spec)  # last: marks the person complete
+    meshes = [_load_tracking(f.tracking, meta, _shared_faces(config, pid)) for f in frames]  # checked before writing
+    # Written into a fresh folder that replaces the person's whole (the marker last, inside it): a failure part way
+    # leaves the old output, never half of the new, and nothing of other settings (timesteps, sequences) stays.
+    with atomic_directory(capture.dir) as tmp:
+        out = PersonCapture(tmp.parent, tmp.name)
+        calibration.save(out.calibration_path)
+        meta.save(out.tracking_meta_path)
+        for f, mesh in tqdm(list(zip(frames, meshes)), desc=f"convert {pid}", unit="frame", disable=not progress):
+            for serial, path in f.images.items():
+                atomic_write_bytes(out.image_path(f.sequence, f.timestep, serial), _png(_decoded(path, "RGB")))
+                a = _decoded(f.alphas[serial], "L")
+                image_size = (calibration.cameras[serial].width, calibration.cameras[serial].height)
+                if a.size != image_size:  # alpha maps may come at another resolution
+                    a = a.resize(image_size, Image.BILINEAR)
+                atomic_write_bytes(out.alpha_path(f.sequence, f.timestep, serial), _png(a))
+            mesh.save(out.mesh_path(f.sequence, f.timestep))
+        atomic_write_json(tmp / DONE_MARKER, spec)
     return "converted"
+
+
+def _shared_faces(config: ConvertConfig, pid: str) -> np.ndarray | None:
+    """``<tracking>/<id>/faces.npy`` (the topology every frame shares) when there is one."""
+    path = Path(config.tracking) / pid / "faces.npy"
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(path, f"unreadable faces array: {e}") from None
+
+
+def _decoded(path: Path, mode: str) -> Image.Image:
+    """The whole image at `path` in `mode`; a file that does not decode (truncated, corrupt) names itself."""
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except OSError as e:
+        raise DataError(path, f"unreadable image: {e}") from None

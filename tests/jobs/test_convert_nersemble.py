@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +133,40 @@ def test_persons_sequences_image_folder_and_stride_choose_what_is_converted(tmp_
     capture = PersonCapture(out, "017")
     assert capture.sequences() == ["EXP-1-head"] and capture.timesteps("EXP-1-head") == [0, 6]
     assert not (out / "018").exists()
+
+
+def test_converting_again_with_other_settings_replaces_the_whole_person(tmp_path):
+    nersemble, tracking = _fake_download(tmp_path)
+    out = tmp_path / "captures"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    assert convert_person(config, "017", progress=False) == "converted"
+    fewer = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL, frame_stride=6,
+                          sequences="EXP-1-head")
+    assert convert_person(fewer, "017", progress=False) == "converted"
+    capture = PersonCapture(out, "017")
+    assert {s: capture.timesteps(s) for s in capture.sequences()} == {"EXP-1-head": [0, 6]}
+
+
+def test_an_undecodable_image_fails_its_participant_alone_and_leaves_no_partial_output(tmp_path):
+    nersemble, tracking = _fake_download(tmp_path)
+    for root in (nersemble, tracking):
+        shutil.copytree(root / "017", root / "018")
+    out = tmp_path / "captures"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    bad = nersemble / "017/sequences/EXP-1-head/timesteps/frame_00003/images-2x/cam_222200037.jpg"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # the header reads, the data does not
+    results = main(ConvertArgs(config))
+    assert results["018"] == "converted"
+    assert results["017"].startswith("failed: ") and str(bad) in results["017"]
+    assert sorted(p.name for p in out.iterdir()) == ["018"]  # nothing of 017, not even a temporary folder
+
+
+def test_an_image_of_another_size_is_refused_before_anything_is_written(tmp_path):
+    nersemble, tracking = _fake_download(tmp_path)
+    out = tmp_path / "captures"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    odd = nersemble / "017/sequences/EXP-1-head/timesteps/frame_00006/images-2x/cam_222200036.jpg"
+    Image.new("RGB", (HALF[0] + 2, HALF[1])).save(odd)
+    with pytest.raises(DataError, match=r"cam_222200036.jpg: image size \(42, 60\) differs"):
+        convert_person(config, "017", progress=False)
+    assert not out.exists()
