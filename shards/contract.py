@@ -117,6 +117,7 @@ class Camera:
         K = self.K.copy()
         # Pixel centres sit at integer coordinates: scale about the -0.5 corner.
         K[0, 0] *= sx
+        K[0, 1] *= sx  # skew: the x pixel coordinate's share of y / z
         K[0, 2] = (K[0, 2] + 0.5) * sx - 0.5
         K[1, 1] *= sy
         K[1, 2] = (K[1, 2] + 0.5) * sy - 0.5
@@ -183,9 +184,9 @@ class Calibration:
                                   f"got a JSON {_json_type(sizes)}")
         cameras: dict[str, Camera] = {}
         for serial in sorted(w2c):
-            K = intr[serial] if isinstance(intr, dict) else intr
             if isinstance(intr, dict) and serial not in intr:
                 raise DataError(path, f"camera {serial} has extrinsics but no intrinsics")
+            K = intr[serial] if isinstance(intr, dict) else intr
             size = sizes.get(serial, image_size)
             if size is None:
                 raise DataError(path, f"camera {serial}: no image_size in the file and none given")
@@ -284,9 +285,9 @@ class MeshFrame:
         v, f, c, e = self.vertices, self.faces, self.canonical, self.expression
         if v.ndim != 2 or v.shape[1] != 3 or len(v) == 0:
             raise DataError(path, f"vertices must have shape (V, 3) with V > 0, got {v.shape}")
-        if not np.isfinite(v).all():
-            bad = int((~np.isfinite(v)).any(axis=1).sum())
-            raise DataError(path, f"{bad} vertices are NaN or inf")
+        if not _finite32(v).all():
+            bad = int((~_finite32(v)).any(axis=1).sum())
+            raise DataError(path, f"{bad} vertices are NaN, inf or beyond float32's range")
         if f.ndim != 2 or f.shape[1] != 3 or len(f) == 0:
             raise DataError(path, f"faces must have shape (F, 3) with F > 0, got {f.shape}")
         if not np.issubdtype(f.dtype, np.integer):
@@ -296,13 +297,19 @@ class MeshFrame:
         if c.shape != (len(v), meta.canonical_dim):
             raise DataError(path, f"canonical coords must have shape ({len(v)}, {meta.canonical_dim}) for "
                                   f"mesh_kind {meta.mesh_kind!r}, got {c.shape}")
-        if not np.isfinite(c).all():
-            raise DataError(path, "canonical coordinates contain NaN or inf")
+        if not _finite32(c).all():
+            raise DataError(path, "canonical coordinates contain NaN, inf or values beyond float32's range")
         if e.shape != (meta.expression_dim,):
             raise DataError(path, f"expression code must have dimension {meta.expression_dim} (tracking/meta.json), "
                                   f"got shape {e.shape}")
-        if not np.isfinite(e).all():
-            raise DataError(path, "expression code contains NaN or inf")
+        if not _finite32(e).all():
+            raise DataError(path, "expression code contains NaN, inf or values beyond float32's range")
+
+
+def _finite32(a: np.ndarray) -> np.ndarray:
+    """Where `a` stays finite as float32, the dtype it is stored and trained in (a finite float64 of 1e39 does not)."""
+    with np.errstate(over="ignore"):
+        return np.isfinite(np.asarray(a).astype(np.float32, copy=False))
 
 
 # ----------------------------------------------------------------------------------------

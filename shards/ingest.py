@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +54,14 @@ class IngestResult:
 
 
 def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
-    """Digest of everything the store depends on: the store format, the split settings, the
-    (resolved) capture root the store's image paths point into, and the name, size and mtime of
-    every file and the name of every folder of the person's capture (an empty or mis-named
-    folder added later makes the store stale, so the re-run validates it)."""
+    """Digest of everything the store depends on: the store format, the split settings (not
+    ``io_threads``, which changes how fast, not what), the (resolved) capture root the store's image
+    paths point into, and the name, size and mtime of every file and the name of every folder of the
+    person's capture (an empty or mis-named folder added later makes the store stale, so the re-run
+    validates it)."""
+    split = {"held_out_sequences": config.held_out_sequences, "held_out_camera": config.held_out_camera}
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT_VERSION, "config": asdict(config), "root": str(capture.root)},
+    h.update(json.dumps({"format": FORMAT_VERSION, "config": split, "root": str(capture.root)},
                         sort_keys=True).encode())
     for sub in ("calibration", "tracking", "sequences"):
         base = capture.dir / sub

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,7 @@ def test_rerun_is_idempotent_and_change_rebuilds(capture_copy, tmp_path):
     stamp = (first.path / "zarr.json").stat().st_mtime_ns
     again = ingest_person(capture_copy, "000", out, CFG)
     assert again.skipped and (first.path / "zarr.json").stat().st_mtime_ns == stamp
+    assert ingest_person(capture_copy, "000", out, replace(CFG, io_threads=1)).skipped  # how fast, not what
     # Touching an input (new mtime) makes the store stale.
     mesh = PersonCapture(capture_copy, "000").mesh_path(PersonCapture(capture_copy, "000").sequences()[0], 0)
     os.utime(mesh, ns=(mesh.stat().st_atime_ns, mesh.stat().st_mtime_ns + 10**9))
@@ -102,6 +104,16 @@ def _nan_vertices(v):
     return v
 
 
+def _float64_beyond_float32(cap: PersonCapture) -> Path:
+    """A mesh saved as float64 (as a tracker may) with one finite vertex coordinate float32 cannot hold."""
+    p = cap.mesh_path(*_first(cap)[:2])
+    m = MeshFrame.load(p)
+    vertices = m.vertices.astype(np.float64)
+    vertices[0, 0] = 1e39
+    np.savez(p, vertices=vertices, faces=m.faces, canonical=m.canonical, expression=m.expression)
+    return p
+
+
 def _bad_faces(f):
     f = f.copy()
     f[0, 0] = 10**6
@@ -112,6 +124,9 @@ BREAKERS = {
     "missing camera": lambda cap: (cap.image_path(*_first(cap)).unlink(), cap.image_path(*_first(cap)).parent)[1],
     "extra camera": lambda cap: _extra_camera(cap),
     "nan vertices": lambda cap: _rewrite_mesh(cap, vertices=_nan_vertices),
+    "vertices beyond float32": _float64_beyond_float32,
+    "camera without intrinsics": lambda cap: _edit_json(cap.calibration_path, intrinsics=lambda d: dict(
+        sorted(d.items())[1:])),
     "faces out of range": lambda cap: _rewrite_mesh(cap, faces=_bad_faces),
     "mismatched frame counts": lambda cap: _drop_mesh(cap),
     "wrong code dimension": lambda cap: _rewrite_mesh(cap, expression=lambda e: np.concatenate([e, [0.0]])),
@@ -138,7 +153,9 @@ BREAKERS = {
 EXPECTED = {
     "missing camera": "missing cameras",
     "extra camera": "extra cameras not in the calibration: 999",
-    "nan vertices": "vertices are NaN or inf",
+    "nan vertices": "1 vertices are NaN, inf or beyond float32's range",
+    "vertices beyond float32": "1 vertices are NaN, inf or beyond float32's range",
+    "camera without intrinsics": "has extrinsics but no intrinsics",
     "faces out of range": "face indices out of range",
     "mismatched frame counts": "mismatched frame counts",
     "wrong code dimension": "expression code must have dimension 10",
