@@ -36,7 +36,7 @@ from common.io import DataError, atomic_file, atomic_write_json
 from .codec import CODEC_VERSION, MEMBERS, encode_sample, normalise_canonical
 from .contract import Camera
 from .integrity import MANIFEST, load_manifest, shard_problem
-from .raster import RasterBuffers, rasterize_views
+from .raster import BACKENDS, RasterBuffers, rasterize_views
 from .store import SPLITS, PersonStore, Sample
 
 SHARD_FMT = "{split}-{index:06d}.tar"
@@ -55,6 +55,16 @@ class ShardConfig:
     """Resize images (and cameras) to this width, keeping the aspect ratio; None keeps the capture size."""
     raster_backend: str = "auto"
     """Rasterizer backend: 'auto' (nvdiffrast when CUDA is available), 'cpu' or 'nvdiffrast'."""
+
+    def __post_init__(self) -> None:
+        if len(self.background) != 3 or not all(0.0 <= float(c) <= 1.0 for c in self.background):
+            raise ValueError(f"background must be RGB in [0, 1] (three values), got {tuple(self.background)}")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.image_width is not None and self.image_width < 1:
+            raise ValueError(f"image_width must be >= 1 or None (the capture size), got {self.image_width}")
+        if self.raster_backend not in BACKENDS:
+            raise ValueError(f"raster_backend must be one of {BACKENDS}, got {self.raster_backend!r}")
 
 
 @dataclass(frozen=True)
@@ -247,6 +257,7 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
             tasks_by_person[person] = plan_person(Path(sp), out_dir, config)
         except DataError as e:
             result.failed[person] = str(e)
+            _mark_failed(out_dir / person / MANIFEST, str(e))
     manifests = {p: load_manifest(out_dir / p / MANIFEST) for p in tasks_by_person}
     # Hash every listed shard (threads: hashlib releases the GIL) to decide what is up to date.
     checks = [(person, t) for person, tasks in tasks_by_person.items() for t in tasks]
@@ -314,6 +325,14 @@ def _write_manifest(out_dir: Path, person: str, manifest: dict, tasks: list[Shar
     atomic_write_json(out_dir / person / MANIFEST, manifest)
 
 
+def _mark_failed(path: Path, reason: str) -> None:
+    """Marks the manifest at `path` (if any) incomplete: shards made from inputs that are now broken are no longer
+    known to be theirs, so training must refuse them, not take the last run's as up to date."""
+    manifest = load_manifest(path)
+    if manifest:
+        atomic_write_json(path, {**manifest, "complete": False, "failed": reason})
+
+
 def shard_paths(shard_dir: Path, person: str, split: str) -> list[Path]:
     """The shards of one person and split listed by its manifest (error if incomplete)."""
     mpath = Path(shard_dir) / person / MANIFEST
@@ -321,5 +340,7 @@ def shard_paths(shard_dir: Path, person: str, split: str) -> list[Path]:
     if not manifest:
         raise DataError(mpath, "shard manifest is missing or unreadable; run jobs/preprocess.py")
     if not manifest.get("complete"):
-        raise DataError(mpath, "shards are incomplete (an interrupted preprocess?); re-run jobs/preprocess.py")
+        why = f"the last preprocess failed: {manifest['failed']}" if manifest.get("failed") else \
+            "an interrupted preprocess?"
+        raise DataError(mpath, f"shards are incomplete ({why}); re-run jobs/preprocess.py")
     return [Path(shard_dir) / person / name for name, e in manifest["shards"].items() if e["split"] == split]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -150,6 +151,28 @@ def test_resize_option_scales_images_and_cameras(tiny_stores, tmp_path):
     assert meta["width"] == meta["height"] == 32 and abs(meta["K"][0][2] - 15.5) < 1e-9
 
 
+def test_a_resized_camera_projects_where_the_image_was_scaled_to_also_with_skew():
+    from shards.contract import Camera
+
+    K = np.array([[100.0, 3.0, 39.5], [0.0, 90.0, 29.5], [0.0, 0.0, 1.0]])
+    cam = Camera("0", K, np.eye(4), 80, 60)
+    points = np.array([[0.1, -0.2, 2.0], [-0.3, 0.25, 1.5], [0.0, 0.0, 3.0]])
+    half = cam.resized(40, 30)
+    np.testing.assert_allclose(half.project(points), (cam.project(points) + 0.5) * 0.5 - 0.5, atol=1e-12)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("background", (255.0, 255.0, 255.0), "background must be RGB in [0, 1]"),
+    ("background", (1.0, 1.0), "background must be RGB in [0, 1]"),
+    ("samples_per_shard", 0, "samples_per_shard must be >= 1"),
+    ("image_width", 0, "image_width must be >= 1 or None"),
+    ("raster_backend", "gpu", "raster_backend must be one of"),
+])
+def test_shard_config_values_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ShardConfig(**{field: value})
+
+
 def test_incomplete_manifest_is_refused(tiny_shards, tmp_path):
     shutil.copytree(tiny_shards / "000", tmp_path / "000")
     mpath = tmp_path / "000" / MANIFEST
@@ -199,6 +222,18 @@ def test_corrupt_shard_of_a_broken_store_leaves_the_manifest_incomplete(tiny_sto
     res = write_shards([tmp_path / "zarr" / "000.zarr"], tmp_path / "shards", TINY_SHARDS, progress=False)
     assert "000" in res.failed and "000/train-000000.tar" in res.rebuilt
     with pytest.raises(DataError, match="incomplete"):
+        shard_paths(tmp_path / "shards", "000", "train")
+
+
+def test_a_person_whose_store_breaks_loses_its_complete_manifest(tiny_stores, tiny_shards, tmp_path):
+    """Shards that were complete are refused once their store no longer reads: they are no longer known to be
+    its shards, and training must not take the last run's as up to date."""
+    shutil.copytree(tiny_stores / "000.zarr", tmp_path / "zarr" / "000.zarr")
+    shutil.copytree(tiny_shards / "000", tmp_path / "shards" / "000")
+    (tmp_path / "zarr" / "000.zarr" / "zarr.json").write_text("{")
+    res = write_shards([tmp_path / "zarr" / "000.zarr"], tmp_path / "shards", TINY_SHARDS, progress=False)
+    assert "000" in res.failed
+    with pytest.raises(DataError, match=r"incomplete \(the last preprocess failed: .*zarr"):
         shard_paths(tmp_path / "shards", "000", "train")
 
 
