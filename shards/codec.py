@@ -141,10 +141,32 @@ class RawSample:
 
 
 def decode_raw(key: str, members: dict[str, bytes]) -> RawSample:
-    return RawSample(key, _load_npy_zst(members["rgb.npy.zst"]).transpose(2, 0, 1),
-                     _load_npy_zst(members["alpha.npy.zst"])[None], _load_npy_zst(members["geom.npy.zst"]),
-                     _load_npy_zst(members["nrm.npy.zst"]), _load_npy(members["expr.npy"]),
-                     json.loads(members["json"]))
+    """The sample's arrays as stored; a member that decodes to something no encoder writes raises ValueError.
+
+    The compressed members carry zstd frame checksums; the two small plain ones (expression, metadata) do not,
+    so they are checked for what they must be (a finite float32 code, an increasing finite depth range)."""
+    sample = RawSample(key, _load_npy_zst(members["rgb.npy.zst"]).transpose(2, 0, 1),
+                       _load_npy_zst(members["alpha.npy.zst"])[None], _load_npy_zst(members["geom.npy.zst"]),
+                       _load_npy_zst(members["nrm.npy.zst"]), _load_npy(members["expr.npy"]),
+                       json.loads(members["json"]))
+    _check_raw(sample)
+    return sample
+
+
+def _check_raw(s: RawSample) -> None:
+    h, w = s.rgb.shape[1:]
+    layout = {"rgb": (s.rgb, np.uint8, 3), "alpha": (s.alpha, np.uint8, 1), "geom": (s.geom, np.uint16, 6),
+              "nrm": (s.nrm, np.uint8, 3)}
+    for name, (a, dtype, channels) in layout.items():
+        if a.dtype != dtype or a.shape != (channels, h, w):
+            raise ValueError(f"{name} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} ({channels}, {h}, {w})")
+    e = s.expression
+    if e.dtype != np.float32 or e.ndim != 1 or not np.isfinite(e).all():
+        raise ValueError(f"expression must be a finite float32 vector, got {e.dtype} {e.shape}")
+    depth = s.meta.get("depth_range") if isinstance(s.meta, dict) else None
+    if (not isinstance(depth, list) or len(depth) != 2 or not all(isinstance(x, (int, float)) for x in depth)
+            or not np.isfinite(depth).all() or not depth[0] < depth[1]):
+        raise ValueError(f"metadata's depth_range must be two finite increasing numbers, got {depth!r}")
 
 
 def _as_unsigned(geom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

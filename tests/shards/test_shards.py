@@ -237,6 +237,30 @@ def test_a_person_whose_store_breaks_loses_its_complete_manifest(tiny_stores, ti
         shard_paths(tmp_path / "shards", "000", "train")
 
 
+def _members() -> dict[str, bytes]:
+    from shards.codec import encode_sample
+
+    mask = np.zeros((4, 5), bool)
+    mask[1:3, 1:4] = True
+    return encode_sample(np.zeros((4, 5, 3), np.uint8), mask.astype(np.uint8) * 255, mask,
+                         np.where(mask, 1.0, 0.0) + np.arange(5) * 0.01, np.zeros((4, 5, 5)),
+                         np.zeros((4, 5, 3)), np.zeros(3), {"K": []})
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: {**m, "expr.npy": m["expr.npy"][:-4] + np.float32(np.nan).tobytes()}, "finite float32"),
+    (lambda m: {**m, "json": m["json"].replace(b'"depth_range": [', b'"depth_range": [9')}, "increasing"),
+])
+def test_the_plain_members_are_checked_on_decode(change, message):
+    """expr.npy and json carry no zstd checksum: a change that makes them impossible is refused on decode (a shard
+    read without its manifest; with one, the sha256 refuses any change)."""
+    from shards.codec import decode_raw
+
+    decode_raw("k", _members())
+    with pytest.raises(ValueError, match=message):
+        decode_raw("k", change(_members()))
+
+
 def test_background_option_is_the_colour_of_every_pixel_outside_the_alpha(tiny_stores, tiny_shards, tmp_path):
     """ShardConfig.background: the targets are matted onto that colour (alpha-0 pixels hold exactly it)."""
     from dataclasses import replace
