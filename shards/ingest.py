@@ -179,11 +179,12 @@ def _write_store(
     path: Path, attrs: dict, calib: Calibration, frames, meshes: list[MeshFrame], held_out: set[int]
 ) -> None:
     g = zarr.open_group(str(path), mode="w")
-    zstd = [zarr.codecs.ZstdCodec(level=3)]
+    zstd = [zarr.codecs.ZstdCodec(level=3, checksum=True)]  # a changed byte fails the read, not decodes to other data
 
     def put(name: str, data: np.ndarray, rows: int = 65536) -> None:
         chunks = (min(max(len(data), 1), rows),) + data.shape[1:]
-        g.create_array(name, data=data, chunks=chunks, compressors=zstd)
+        # every chunk written, also one that holds only the fill value, so a missing file is an incomplete store
+        g.create_array(name, data=data, chunks=chunks, compressors=zstd, config={"write_empty_chunks": True})
 
     cams = list(calib.cameras.values())
     put("cameras/world_2_cam", np.stack([c.world_to_cam for c in cams]))
@@ -226,7 +227,9 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
     calib, meta, sequences, frames, meshes, n_images = validate_person(capture, config)
     held_out = set(range(len(sequences) - config.held_out_sequences, len(sequences)))
     spatial = np.concatenate([m.canonical[:, :3] for m in meshes])
-    ambient = np.concatenate([m.canonical[:, 3:5] for m in meshes])
+    # FLAME-style meshes have no ambient dims: the store holds zeros for them, and these are their bounds
+    ambient = np.concatenate([m.canonical[:, 3:5] if m.canonical.shape[1] > 3 else np.zeros((len(m.canonical), 2))
+                              for m in meshes])
     first = next(iter(calib.cameras.values()))
     attrs = {
         "person": person,

@@ -1,6 +1,6 @@
 """The per-person zarr store written by the ingest and read by the shard writer.
 
-Layout of `<person>.zarr` (format version 2)::
+Layout of `<person>.zarr` (format version 3: every chunk written, zstd frame checksums)::
 
     attrs: person, format_version, fingerprint, source_root, expression_dim,
            canonical_dim, mesh_kind, image_size [W, H], serials, sequences,
@@ -35,7 +35,12 @@ from common.io import DataError
 
 from .contract import Calibration, Camera, MeshFrame, PersonCapture
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Every array of a store: each is written with all its chunks (none left to the fill value) and zstd frame
+#: checksums, so a missing chunk file or a changed byte is found when the store is opened or read.
+ARRAYS = ("cameras/world_2_cam", "cameras/intrinsics", "frames/sequence", "frames/timestep", "frames/held_out",
+          "frames/expression", "meshes/vertex_offset", "meshes/face_offset", "meshes/vertices", "meshes/canonical",
+          "meshes/faces")
 #: Canonical channels stored for every mesh kind (FLAME-style meshes get zero ambient dims).
 STORED_CANONICAL_DIMS = 5
 
@@ -81,6 +86,22 @@ class PersonStore:
         if version != FORMAT_VERSION:
             raise DataError(self.path, f"store format version {version!r}, expected {FORMAT_VERSION}; "
                                        "re-run the ingest")
+        for name in ARRAYS:  # zarr reads a missing chunk as its fill value: a lost file must not read as zeros
+            try:
+                arr = self.group[name]
+                missing = arr.nchunks - arr.nchunks_initialized
+            except Exception as e:
+                raise DataError(self.path, f"array {name} is unreadable: {e}; re-run the ingest") from None
+            if missing:
+                raise DataError(self.path, f"array {name} lacks {missing} of its {arr.nchunks} chunk files "
+                                           "(an incomplete copy?); re-run the ingest")
+
+    def _read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows of one array; a chunk whose bytes changed (zstd checksum) names the store and the array."""
+        try:
+            return self.group[name][rows]
+        except Exception as e:
+            raise DataError(self.path, f"array {name} is corrupt: {e}; re-run the ingest") from None
 
     @cached_property
     def attrs(self) -> dict:
@@ -108,18 +129,18 @@ class PersonStore:
 
     @cached_property
     def cameras(self) -> list[Camera]:
-        w2c = self.group["cameras/world_2_cam"][:]
-        K = self.group["cameras/intrinsics"][:]
+        w2c = self._read("cameras/world_2_cam")
+        K = self._read("cameras/intrinsics")
         w, h = self.attrs["image_size"]
         return [Camera(s, K[i], w2c[i], w, h) for i, s in enumerate(self.serials)]
 
     @cached_property
     def frames(self) -> dict[str, np.ndarray]:
-        return {k: self.group[f"frames/{k}"][:] for k in ("sequence", "timestep", "held_out", "expression")}
+        return {k: self._read(f"frames/{k}") for k in ("sequence", "timestep", "held_out", "expression")}
 
     @cached_property
     def _offsets(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.group["meshes/vertex_offset"][:], self.group["meshes/face_offset"][:]
+        return self._read("meshes/vertex_offset"), self._read("meshes/face_offset")
 
     @property
     def num_frames(self) -> int:
@@ -130,9 +151,9 @@ class PersonStore:
         vo, fo = self._offsets
         v0, v1, f0, f1 = int(vo[frame]), int(vo[frame + 1]), int(fo[frame]), int(fo[frame + 1])
         return MeshFrame(
-            vertices=self.group["meshes/vertices"][v0:v1],
-            faces=self.group["meshes/faces"][f0:f1],
-            canonical=self.group["meshes/canonical"][v0:v1],
+            vertices=self._read("meshes/vertices", slice(v0, v1)),
+            faces=self._read("meshes/faces", slice(f0, f1)),
+            canonical=self._read("meshes/canonical", slice(v0, v1)),
             expression=self.frames["expression"][frame],
         )
 

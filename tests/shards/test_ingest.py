@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from shards.contract import Calibration, MeshFrame, PersonCapture
 from shards.ingest import IngestConfig, ingest_person
 from shards.store import PersonStore
 from shards.testing import TINY_SHARDS
+from shards.writer import write_shards
 
 CFG = IngestConfig(held_out_sequences=1, io_threads=2)
 
@@ -281,6 +283,41 @@ def test_flame_meshes_get_zero_ambient(capture_copy, tmp_path):
     store = PersonStore(ingest_person(capture_copy, "000", tmp_path, CFG).path)
     assert store.attrs["canonical_dim"] == 3
     assert np.all(store.mesh(0).canonical[:, 3:] == 0)
+    assert store.attrs["ambient_bounds"] == [[0.0, 0.0], [0.0, 0.0]]  # the zeros it holds; it was [[], []]
+    shards = write_shards([store.path], tmp_path / "shards", TINY_SHARDS, progress=False)
+    assert not shards.failed and shards.written
+
+
+def _store_copy(tiny_stores: Path, tmp_path: Path) -> Path:
+    shutil.copytree(tiny_stores / "000.zarr", tmp_path / "000.zarr")
+    return tmp_path / "000.zarr"
+
+
+def _first_chunk(store: Path, array: str) -> Path:
+    return min(p for p in (store / array / "c").rglob("*") if p.is_file())
+
+
+def test_a_store_missing_a_chunk_file_is_refused_when_opened(tiny_stores, tmp_path):
+    """zarr reads a missing chunk as its fill value: an all-False held_out chunk (a real file since format 3) or a
+    vertices chunk lost in a copy must not read as zeros."""
+    path = _store_copy(tiny_stores, tmp_path)
+    PersonStore(path)
+    _first_chunk(path, "frames/expression").unlink()
+    with pytest.raises(DataError, match="array frames/expression lacks 1 of its 1 chunk files"):
+        PersonStore(path)
+
+
+def test_a_changed_byte_in_a_store_chunk_fails_the_read(tiny_stores, tmp_path):
+    path = _store_copy(tiny_stores, tmp_path)
+    chunk = _first_chunk(path, "meshes/vertices")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    store = PersonStore(path)
+    with pytest.raises(DataError, match="array meshes/vertices is corrupt: .*checksum"):
+        store.mesh(0)
+    shards = write_shards([path], tmp_path / "shards", TINY_SHARDS, progress=False)
+    assert "000" in shards.failed and "meshes/vertices is corrupt" in shards.failed["000"]
 
 
 def test_held_out_camera_must_exist(capture_copy, tmp_path):
