@@ -101,7 +101,8 @@ class PersonStore:
         try:
             return self.group[name][rows]
         except Exception as e:
-            raise DataError(self.path, f"array {name} is corrupt: {e}; re-run the ingest") from None
+            raise DataError(self.path, f"array {name} is corrupt: {e}; rebuild the store with jobs/ingest.py "
+                                       "--force") from None
 
     @cached_property
     def attrs(self) -> dict:
