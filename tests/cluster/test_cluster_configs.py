@@ -22,6 +22,8 @@ def test_ray_cluster_yaml_is_a_valid_ray_up_config():
         assert key in raw, key
     assert raw["provider"]["type"] == "local"
     assert any("-c constraints.txt" in c for c in raw["setup_commands"])
+    starts = raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+    assert not any("0.0.0.0" in c for c in starts)  # the dashboard stays on the head's loopback (ray dashboard)
     cfg = prepare_config(copy.deepcopy(raw))  # what `ray up` does before validating
     validate_config(cfg)
     node_type = cfg["available_node_types"][cfg["head_node_type"]]
