@@ -103,9 +103,13 @@ class EvalDriverConfig:
     base, data and settings; see cluster.eval_driver.uptodate)."""
 
     def __post_init__(self) -> None:
+        # refused here, when the command line is parsed (exit code 2), not after Ray started and persons rendered
         unknown = set(self.tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {list(TASKS)}")
+        unknown = set(self.metrics) - set(DEFAULT_METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(DEFAULT_METRICS)}")
         if self.parallel_persons < 1:
             raise ValueError("parallel_persons must be >= 1")
 

@@ -138,6 +138,21 @@ def test_missing_lpips_weights_are_refused_naming_the_file(tmp_path):
         EvalRun(config, tmp_path / "run")
 
 
+def test_unknown_metrics_are_refused_when_the_config_is_built(tmp_path):
+    """An unknown --metrics name is invalid input: refused when the command line is parsed (exit code 2),
+    before persons are checked or Ray starts."""
+    import tyro
+
+    with pytest.raises(ValueError, match=r"unknown metrics \['psnr_mask'\]; choose from \['psnr'"):
+        EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                         metrics=("psnr", "psnr_mask"))
+    args = ["--runs", str(tmp_path), "--shards", str(tmp_path), "--stores", str(tmp_path), "--reports-root",
+            str(tmp_path), "--metrics", "psnr", "psnr_mask"]
+    with pytest.raises(SystemExit) as exit_:
+        tyro.cli(EvalDriverConfig, args=args)
+    assert exit_.value.code == 2
+
+
 def test_cross_drivers_are_the_next_person_with_data(tmp_path):
     for p in ("a", "c"):
         (tmp_path / f"{p}.zarr").mkdir()
