@@ -77,9 +77,9 @@ class EvalDriverConfig:
     """Frame rate JOD assumes (the official evaluator's 24; NeRSemble's 73 fps, every 3rd frame)."""
     video_min_seconds: float = 6.0
     """Comparison videos play at `fps` unless that makes them shorter than this: then slower (down
-    to `video_min_fps`), so the few frames of a short evaluation set can be watched."""
+    to `video_min_fps`), so the few frames of a short evaluation set can be watched; 0: no minimum."""
     video_min_fps: float = 4.0
-    """Slowest frame rate of a comparison video."""
+    """Slowest frame rate of a comparison video (> 0)."""
     parallel_persons: int = 1
     """Persons rendered at the same time (threads sending to the one renderer application; give it
     as many replicas, `renderer.num_replicas`, to render them in parallel). One more person thread
@@ -112,6 +112,10 @@ class EvalDriverConfig:
             raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(DEFAULT_METRICS)}")
         if self.parallel_persons < 1:
             raise ValueError("parallel_persons must be >= 1")
+        if not self.fps > 0 or not self.video_min_fps > 0:
+            raise ValueError(f"fps ({self.fps}) and video_min_fps ({self.video_min_fps}) must be > 0")
+        if not self.video_min_seconds >= 0:
+            raise ValueError(f"video_min_seconds ({self.video_min_seconds}) must be >= 0 (0: no minimum)")
 
 
 @dataclass

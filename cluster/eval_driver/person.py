@@ -69,8 +69,10 @@ def comparison_panels(clips: list[Clip], renders: list[np.ndarray]) -> list[np.n
 
 
 def video_fps(frames: int, fps: float, min_seconds: float, min_fps: float) -> float:
-    """`fps`, or slower (not below `min_fps`) so that `frames` last at least `min_seconds`."""
-    return max(min_fps, min(fps, frames / min_seconds)) if frames else fps
+    """`fps`, or slower (not below `min_fps`) so that `frames` last at least `min_seconds` (0: no minimum)."""
+    if not frames or min_seconds <= 0:
+        return fps
+    return max(min_fps, min(fps, frames / min_seconds))
 
 
 def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int = 6, scale: int = 2) -> bytes:

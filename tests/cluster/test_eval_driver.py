@@ -117,6 +117,18 @@ def test_short_videos_play_slower():
     assert video_fps(400, 24.0, 6.0, 4.0) == 24.0
 
 
+def test_video_settings_are_checked_and_no_minimum_length_plays_at_fps(tmp_path):
+    """--video-min-seconds 0 means no minimum length (it used to divide by zero after every person rendered);
+    a frame rate of 0 or a negative minimum is refused when the config is built."""
+    assert video_fps(16, 24.0, 0.0, 4.0) == 24.0
+    paths = dict(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path)
+    assert EvalDriverConfig(**paths, video_min_seconds=0.0).video_min_seconds == 0.0
+    for bad, match in (({"video_min_seconds": -1.0}, "video_min_seconds"), ({"video_min_fps": 0.0}, "video_min_fps"),
+                       ({"fps": 0.0}, "fps"), ({"video_min_seconds": float("nan")}, "video_min_seconds")):
+        with pytest.raises(ValueError, match=match):
+            EvalDriverConfig(**paths, **bad)
+
+
 def _fps(path) -> float:
     import imageio.v2 as imageio
 
