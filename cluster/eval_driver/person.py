@@ -116,11 +116,12 @@ class EvalRun:
         # flight. Without it ffmpeg only shares this process group (Ctrl-C stops it too).
         os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
         lpips = None
-        if "lpips" in config.metrics:
+        wants_lpips = sorted({"lpips", "lpips_face"} & set(config.metrics))  # lpips_face needs the network too
+        if wants_lpips:
             lpips = LpipsConfig(Path(config.lpips_weights), device=config.eval_device)
         if lpips is not None and not lpips.weights_path.is_file():
             raise DataError(lpips.weights_path, "LPIPS weights are missing (see avatars.evaluation.lpips_weights) "
-                                                "or drop 'lpips' from --metrics")
+                                                f"or drop {' and '.join(map(repr, wants_lpips))} from --metrics")
         eval_config = EvalConfig(metrics=tuple(config.metrics), lpips=lpips, fps=config.fps, device=config.eval_device,
                                  face_models=FaceModelConfig(config.landmark_model, config.face_id_model))
         # the metric networks load (seconds) while Ray starts and the first renderer deploys

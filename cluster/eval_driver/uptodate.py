@@ -45,11 +45,12 @@ def settings_digest(config: EvalDriverConfig) -> dict:
     renderer = {k: v for k, v in dataclasses.asdict(config.renderer).items() if k not in _SERVICE_FIELDS}
     if isinstance(renderer.get("pipeline"), dict):
         renderer["pipeline"].pop("compile_cache", None)  # where compiled code is kept, not what it renders
+    lpips = {"lpips", "lpips_face"} & set(config.metrics)  # both use the LPIPS weights
     return {
         "tasks": list(config.tasks), "metrics": list(config.metrics), "seed": config.seed, "renderer": renderer,
         "fps": config.fps, "video_min_seconds": config.video_min_seconds, "video_min_fps": config.video_min_fps,
         "eval_device": config.eval_device,
-        "lpips_weights": _optional_file(config.lpips_weights) if "lpips" in config.metrics else None,
+        "lpips_weights": _optional_file(config.lpips_weights) if lpips else None,
         "landmark_model": _optional_file(config.landmark_model),
         "face_id_model": _optional_file(config.face_id_model),
     }

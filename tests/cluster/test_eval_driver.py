@@ -150,6 +150,25 @@ def test_missing_lpips_weights_are_refused_naming_the_file(tmp_path):
         EvalRun(config, tmp_path / "run")
 
 
+def test_lpips_face_alone_loads_the_lpips_weights_and_keys_on_them(tmp_path):
+    """--metrics with lpips_face but not lpips: the weights are loaded (not refused with a message about a
+    flag that is set), a missing file names lpips_face, and the evaluation key follows the weights."""
+    from pathlib import Path
+
+    from cluster.eval_driver.person import EvalRun
+    from cluster.eval_driver.uptodate import settings_digest
+    from common.io import DataError
+
+    weights = Path(__file__).resolve().parents[2] / "weights" / "lpips_alex.safetensors"
+    config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                              metrics=("psnr", "lpips_face"), lpips_weights=weights)
+    assert EvalRun(config, tmp_path)._evaluator.result(timeout=60)._lpips is not None
+    assert settings_digest(config)["lpips_weights"] is not None
+    missing = dataclasses.replace(config, lpips_weights=tmp_path / "missing.safetensors")
+    with pytest.raises(DataError, match=r"missing.safetensors.*drop 'lpips_face' from --metrics"):
+        EvalRun(missing, tmp_path)
+
+
 def test_unknown_metrics_are_refused_when_the_config_is_built(tmp_path):
     """An unknown --metrics name is invalid input: refused when the command line is parsed (exit code 2),
     before persons are checked or Ray starts."""
