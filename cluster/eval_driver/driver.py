@@ -254,8 +254,8 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
         stamp = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
         for p in todo:
             evaluations[p] = {"run_id": run_id, "evaluated_at": stamp}
-            if p in keys and p not in failed:
-                evaluations[p]["key"] = keys[p]
+            if p in keys and p not in failed and not any(t.failed for t in results[p].values()):
+                evaluations[p]["key"] = keys[p]  # a failed task is rendered again next time: no key, no reuse
 
     r = config.renderer
     meta = {
@@ -266,8 +266,7 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     }
     night = RunResults(run_date, {p: results[p] for p in persons}, meta, evaluations)
     night = night.merged_over(_load_night(folder / "results.json"))
-    all_failed = sorted(p for p, tasks in night.persons.items()
-                        if tasks and all(t.skipped.get("task", "").startswith("failed") for t in tasks.values()))
+    all_failed = sorted(p for p, tasks in night.persons.items() if tasks and all(t.failed for t in tasks.values()))
     all_drivers = cross_drivers(list(night.persons), config.stores)
     night.meta.update({
         "failed_persons": ", ".join(all_failed) or "none",

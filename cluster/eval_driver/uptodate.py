@@ -128,8 +128,9 @@ def _files(tasks: dict[str, TaskResult]) -> list[str]:
 
 
 def find_reusable(reports_root: Path, run_date: str, person: str, key: str) -> tuple[RunResults, Path] | None:
-    """The newest night up to ``run_date`` whose results hold ``person`` evaluated with ``key``
-    and whose videos and thumbnails of it are all there; (its results, its folder) or None."""
+    """The newest night up to ``run_date`` whose results hold ``person`` evaluated with ``key``, none of
+    its tasks failed (a failure, e.g. a corrupt shard repaired since, is not up to date: the key does
+    not cover it) and whose videos and thumbnails of it are all there; (its results, its folder) or None."""
     for path in reversed(list_runs(reports_root)):
         if path.parent.name > run_date:
             continue
@@ -139,6 +140,8 @@ def find_reusable(reports_root: Path, run_date: str, person: str, key: str) -> t
             log.warning("not reusing results from %s: %s", path, e)
             continue
         if run.evaluations.get(person, {}).get("key") != key or person not in run.persons:
+            continue
+        if any(t.failed for t in run.persons[person].values()):  # stored by a run before failures were not keyed
             continue
         if all((path.parent / f).is_file() for f in _files(run.persons[person])):
             return run, path.parent

@@ -105,6 +105,12 @@ class TaskResult:
     video: str | None = None
     thumbnail: str | None = None
 
+    @property
+    def failed(self) -> bool:
+        """The task failed (its data or rendering): the driver marks it ``skipped["task"] = "failed: <reason>"``;
+        a task that does not apply to the person (``skipped["task"]`` without "failed") is not a failure."""
+        return self.skipped.get("task", "").startswith("failed")
+
     @classmethod
     def from_evaluation(cls, evaluation: dict, video: str | None = None, thumbnail: str | None = None) -> "TaskResult":
         """Build from `avatars.evaluation.Evaluator.evaluate_video` output."""

@@ -514,6 +514,41 @@ def test_build_report_false_writes_results_but_no_report(tiny_data, tmp_path, mo
     assert summary.report_index == reports / "site" / "2025-03-01" / "index.html" and summary.report_index.is_file()
 
 
+def test_a_failed_task_is_not_up_to_date(tiny_data, tmp_path, monkeypatch):
+    """A task that failed (e.g. on a corrupt shard, repaired since: same manifest, same key) is rendered again by
+    the next run: its person's key is not stored, and a stored entry with a failed task is not reused."""
+    from cluster.eval_driver import driver
+    from cluster.eval_driver.uptodate import find_reusable
+    from cluster.report import TaskResult
+
+    _, stores, shards = tiny_data
+    DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim)).save_pretrained(
+        tmp_path / "runs" / "000" / "model")
+    rendered, broken = [], {"self_reenactment"}
+
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+        rendered.extend(todo)
+        for p in todo:
+            results[p] = {t: TaskResult({}, skipped={"task": "failed: corrupt shard"}) if t in broken
+                          else TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
+        return len(todo)
+
+    monkeypatch.setattr(driver, "_render_all", render_all)
+    config = EvalDriverConfig(runs=tmp_path / "runs", shards=shards, stores=stores, reports_root=tmp_path / "r",
+                              persons=("000",), run_date="2025-03-01", build_report=False)
+    first = RunResults.load(run_evaluation(config).results_path)
+    assert "key" not in first.evaluations["000"]
+    broken.clear()  # the shard was repaired
+    again = run_evaluation(config)
+    assert again.reused == [] and rendered == ["000", "000"]
+    night = RunResults.load(again.results_path)
+    key = night.evaluations["000"]["key"]  # every task rendered: up to date from now on
+    assert find_reusable(config.reports_root, "2025-03-01", "000", key) is not None
+    night.persons["000"]["novel_view"] = TaskResult({}, skipped={"task": "failed: corrupt shard"})
+    night.save(config.reports_root)  # as a run before this fix stored it: a key next to a failed task
+    assert find_reusable(config.reports_root, "2025-03-01", "000", key) is None
+
+
 def test_eval_device_is_where_the_metric_networks_run(tmp_path):
     """EvalDriverConfig.eval_device: the metric networks (here LPIPS) are loaded onto it and the evaluator uses it."""
     from pathlib import Path
