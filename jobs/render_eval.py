@@ -7,7 +7,8 @@ Tasks: self-reenactment (held-out sequences, held-out frontal camera), novel vie
 sequences, held-out camera), cross-reenactment (person A's avatar with the next person's
 expression codes; synthetic captures only). Output: `<reports-root>/runs/<date>/results.json`,
 `videos/<person>/<task>.mp4` and `<reports-root>/site/<date>/index.html`. Exit code 0 when
-every person rendered, 1 when some failed (see results.json), 2 on invalid input.
+every person rendered every task, 1 when a person or a task failed (see results.json), 2 on
+invalid input.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ them), then evaluate and write `<reports_root>/runs/<date>/videos/<person>/<task
 application is deleted at the end. `parallel_persons` persons render at a time and one thread
 more runs, so that while a person's frames are scored the next person's already render.
 A person without a trained model, or whose data, model or rendering fails, is recorded as failed
-in results.json with the reason; the others go on. At the end results.json is written atomically
-and the report is built.
+in results.json with the reason; the others go on. A person any of whose tasks failed (its data) is
+failed too (the summary, the exit code), its other tasks keep their numbers. At the end
+results.json is written atomically and the report is built.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class EvalSummary:
     report_index: Path | None
     persons: list[str]
     failed: dict[str, str]
-    """person -> reason (no model, missing data, render error)."""
+    """person -> reason (no model, missing data, render error, a failed task)."""
     frames_rendered: int
     seconds: float
     person_seconds: dict[str, float]
@@ -187,6 +188,16 @@ def _git_commit() -> str:
 
 def _failed_tasks(tasks: tuple[str, ...], reason: str) -> dict[str, TaskResult]:
     return {t: TaskResult(metrics={}, skipped={"task": f"failed: {reason}"}) for t in tasks}
+
+
+def task_failure(tasks: dict[str, TaskResult]) -> str | None:
+    """Why a rendered person counts as failed: any of its tasks failed (its data, e.g. a missing store or a
+    corrupt shard); the first failed task's reason, or None. The tasks that rendered keep their numbers."""
+    failed = [(t, r.skipped["task"].removeprefix("failed: ")) for t, r in tasks.items() if r.failed]
+    if not failed:
+        return None
+    task, reason = failed[0]
+    return f"{len(failed)} of {len(tasks)} tasks failed; {task}: {reason}"
 
 
 def _load_night(path: Path) -> RunResults | None:
@@ -251,11 +262,15 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     if todo:
         frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds,
                                       app=f"avatars-{run_id}")
+        for p in todo:
+            if p not in failed and (why := task_failure(results[p])):
+                failed[p] = why
+                log.error("%s: %s", p, why)
         stamp = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
         for p in todo:
             evaluations[p] = {"run_id": run_id, "evaluated_at": stamp}
-            if p in keys and p not in failed and not any(t.failed for t in results[p].values()):
-                evaluations[p]["key"] = keys[p]  # a failed task is rendered again next time: no key, no reuse
+            if p in keys and p not in failed:  # a failed person or task is rendered again next time: no key
+                evaluations[p]["key"] = keys[p]
 
     r = config.renderer
     meta = {
@@ -266,7 +281,7 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     }
     night = RunResults(run_date, {p: results[p] for p in persons}, meta, evaluations)
     night = night.merged_over(_load_night(folder / "results.json"))
-    all_failed = sorted(p for p, tasks in night.persons.items() if tasks and all(t.failed for t in tasks.values()))
+    all_failed = sorted(p for p, tasks in night.persons.items() if any(t.failed for t in tasks.values()))
     all_drivers = cross_drivers(list(night.persons), config.stores)
     night.meta.update({
         "failed_persons": ", ".join(all_failed) or "none",

@@ -549,6 +549,38 @@ def test_a_failed_task_is_not_up_to_date(tiny_data, tmp_path, monkeypatch):
     assert find_reusable(config.reports_root, "2025-03-01", "000", key) is None
 
 
+def test_a_person_whose_tasks_failed_is_failed_and_the_exit_code_says_so(tiny_data, tmp_path, monkeypatch):
+    """Every task of 000 failed on its data (nothing rendered): 000 is failed with the first reason and render_eval
+    exits 1; 001 with one failed task is failed too, its other tasks keep their numbers."""
+    from cluster.eval_driver import driver
+    from cluster.report import TaskResult
+    from jobs import render_eval
+
+    _, stores, shards = tiny_data
+    for p in ("000", "001"):
+        DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim)).save_pretrained(
+            tmp_path / "runs" / p / "model")
+    broken = {"000": {"self_reenactment", "novel_view", "cross_reenactment"}, "001": {"novel_view"}}
+
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+        for p in todo:
+            results[p] = {t: TaskResult({}, skipped={"task": f"failed: {p}.zarr is missing"}) if t in broken[p]
+                          else TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
+        return 0
+
+    monkeypatch.setattr(driver, "_render_all", render_all)
+    config = EvalDriverConfig(runs=tmp_path / "runs", shards=shards, stores=stores, reports_root=tmp_path / "r",
+                              run_date="2025-03-01", build_report=False)
+    assert render_eval.main(config) == 1
+    summary = run_evaluation(config)
+    assert summary.failed == {"000": "3 of 3 tasks failed; self_reenactment: 000.zarr is missing",
+                              "001": "1 of 3 tasks failed; novel_view: 001.zarr is missing"}
+    night = RunResults.load(summary.results_path)
+    assert night.meta["failed_persons"] == "000, 001" and night.persons["001"]["self_reenactment"].metrics
+    broken.update({"000": set(), "001": set()})
+    assert render_eval.main(config) == 0
+
+
 def test_eval_device_is_where_the_metric_networks_run(tmp_path):
     """EvalDriverConfig.eval_device: the metric networks (here LPIPS) are loaded onto it and the evaluator uses it."""
     from pathlib import Path
