@@ -38,6 +38,7 @@ from cluster.eval_driver.tasks import TASKS
 from cluster.eval_driver.uptodate import adopt, base_problem, evaluation_key, find_reusable
 from cluster.ray_connect import EmbeddedRay, connect_ray
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
+from cluster.report.schema import check_person_name
 from cluster.serve.renderer import RendererConfig
 from common.io import DataError
 
@@ -57,7 +58,8 @@ class EvalDriverConfig:
     reports_root: Path
     """Where `runs/<date>/results.json`, the videos and `site/<date>/index.html` go."""
     persons: tuple[str, ...] = ()
-    """Persons to evaluate; empty: every person folder under `runs`."""
+    """Persons to evaluate; empty: every person folder under `runs` (a name results.json cannot hold, such as
+    "000 copy", fails alone before anything renders)."""
     run_date: str | None = None
     """Night of the run (YYYY-MM-DD); None: today (local time)."""
     tasks: tuple[str, ...] = TASKS
@@ -151,6 +153,20 @@ def list_persons(config: EvalDriverConfig) -> list[str]:
     return persons
 
 
+def name_problems(runs: Path, persons: list[str]) -> dict[str, str]:
+    """person -> why its name cannot be a person of results.json (a stray folder such as "000 copy", a bad
+    --persons entry); checked before anything renders, so it fails alone instead of the night's results.json."""
+    problems = {}
+    for p in persons:
+        try:
+            check_person_name(p, Path(runs) / p)
+        except DataError as e:
+            problems[p] = str(e)
+    if problems and len(problems) == len(persons):
+        raise DataError(runs, f"no person to evaluate: {'; '.join(problems.values())}")
+    return problems
+
+
 def model_problem(runs: Path, person: str) -> str | None:
     """Why `person` has no usable trained model, or None."""
     cfg = Path(runs) / person / MODEL_DIR / "config.json"
@@ -231,7 +247,11 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     run_date = config.run_date or dt.date.today().isoformat()
     run_id = dt.datetime.now().strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
     folder = run_dir(config.reports_root, run_date)
-    persons = list_persons(config)
+    listed = list_persons(config)
+    bad_names = name_problems(config.runs, listed)
+    for p, r in bad_names.items():
+        log.error("not evaluated: %s", r)
+    persons = [p for p in listed if p not in bad_names]
     failed = {p: r for p in persons if (r := model_problem(config.runs, p))}
     bases: dict[Path, str] = {}  # base folder -> fingerprint, hashed once
     for p in persons:
@@ -284,13 +304,13 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     all_failed = sorted(p for p, tasks in night.persons.items() if any(t.failed for t in tasks.values()))
     all_drivers = cross_drivers(list(night.persons), config.stores)
     night.meta.update({
-        "failed_persons": ", ".join(all_failed) or "none",
+        "failed_persons": ", ".join(all_failed + sorted(bad_names)) or "none",
         "cross_reenactment": ", ".join(f"{p} by {d}" for p, d in all_drivers.items() if d) or "n/a",
     })
     path = night.save(config.reports_root)
     index = build_report(ReportConfig(config.reports_root, run_date)) if config.build_report else None
-    return EvalSummary(run_date, path, index, persons, failed, frames_rendered, time.time() - t0, person_seconds,
-                       reused)
+    return EvalSummary(run_date, path, index, listed, {**failed, **bad_names}, frames_rendered, time.time() - t0,
+                       person_seconds, reused)
 
 
 PersonOutcome = tuple[str, "dict[str, TaskResult] | None", "str | None"]

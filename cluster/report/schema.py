@@ -70,6 +70,11 @@ def _check_name(name: str, what: str, source: Path | str) -> str:
     return name
 
 
+def check_person_name(name: str, source: Path | str) -> str:
+    """``name`` when it can be a person of results.json (it becomes a file name), else DataError naming ``source``."""
+    return _check_name(name, "person", source)
+
+
 def _check_relpath(p: Any, source: Path | str) -> str | None:
     if p is None:
         return None

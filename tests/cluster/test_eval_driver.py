@@ -581,6 +581,40 @@ def test_a_person_whose_tasks_failed_is_failed_and_the_exit_code_says_so(tiny_da
     assert render_eval.main(config) == 0
 
 
+def test_a_folder_whose_name_results_cannot_hold_fails_alone_before_anything_renders(tiny_data, tmp_path,
+                                                                                     monkeypatch):
+    """A stray folder under <runs> ("000 copy", a manual backup) or a bad --persons entry fails alone, named, before
+    anything renders; the others are evaluated and results.json is written. Only bad names: invalid input."""
+    from cluster.eval_driver import driver
+    from cluster.report import TaskResult
+    from common.io import DataError
+
+    _, stores, shards = tiny_data
+    runs = tmp_path / "runs"
+    DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim)).save_pretrained(runs / "000" / "model")
+    shutil.copytree(runs / "000", runs / "000 copy")
+    rendered = []
+
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+        rendered.extend(todo)
+        for p in todo:
+            results[p] = {t: TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
+        return len(todo)
+
+    monkeypatch.setattr(driver, "_render_all", render_all)
+    config = EvalDriverConfig(runs=runs, shards=shards, stores=stores, reports_root=tmp_path / "r",
+                              run_date="2025-03-01", build_report=False)
+    summary = run_evaluation(config)
+    assert rendered == ["000"] and summary.persons == ["000", "000 copy"] and list(summary.failed) == ["000 copy"]
+    assert summary.failed["000 copy"].startswith(f"{runs / '000 copy'}: person name '000 copy' must match")
+    night = RunResults.load(summary.results_path)
+    assert list(night.persons) == ["000"] and night.meta["failed_persons"] == "000 copy"
+    summary = run_evaluation(dataclasses.replace(config, persons=("000", "../000"), force=True))
+    assert list(summary.failed) == ["../000"] and rendered == ["000", "000"]
+    with pytest.raises(DataError, match="no person to evaluate"):
+        run_evaluation(dataclasses.replace(config, persons=("000 copy",)))
+
+
 def test_eval_device_is_where_the_metric_networks_run(tmp_path):
     """EvalDriverConfig.eval_device: the metric networks (here LPIPS) are loaded onto it and the evaluator uses it."""
     from pathlib import Path
