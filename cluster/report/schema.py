@@ -75,6 +75,15 @@ def check_person_name(name: str, source: Path | str) -> str:
     return _check_name(name, "person", source)
 
 
+def _object(value: Any, what: str, source: Path | str) -> dict:
+    """An optional JSON object field (absent or null: empty); any other type is bad input, named."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DataError(source, f"{what} must be an object, got {type(value).__name__}")
+    return value
+
+
 def _check_relpath(p: Any, source: Path | str) -> str | None:
     if p is None:
         return None
@@ -138,11 +147,14 @@ class TaskResult:
     def from_json(cls, obj: dict, source: Path | str) -> "TaskResult":
         if not isinstance(obj, dict) or not isinstance(obj.get("metrics"), dict):
             raise DataError(source, "each task needs a 'metrics' object")
+        per_frame = _object(obj.get("per_frame"), "'per_frame'", source)
+        if not all(isinstance(v, list) for v in per_frame.values()):
+            raise DataError(source, "'per_frame' must be an object metric -> list of numbers")
         try:
             return cls(
                 metrics={str(k): _finite(v) for k, v in obj["metrics"].items()},
-                per_frame={str(k): [_finite(x) for x in v] for k, v in (obj.get("per_frame") or {}).items()},
-                skipped={str(k): str(v) for k, v in (obj.get("skipped") or {}).items()},
+                per_frame={str(k): [_finite(x) for x in v] for k, v in per_frame.items()},
+                skipped={str(k): str(v) for k, v in _object(obj.get("skipped"), "'skipped'", source).items()},
                 frames=int(obj.get("frames", 0)),
                 video=_check_relpath(obj.get("video"), source),
                 thumbnail=_check_relpath(obj.get("thumbnail"), source),
@@ -207,7 +219,7 @@ class RunResults:
             if not isinstance(tasks, dict) or not tasks:
                 raise DataError(source, f"person {person!r} has no tasks")
             parsed[person] = {_check_name(t, "task", source): TaskResult.from_json(r, source) for t, r in tasks.items()}
-        meta = {str(k): str(v) for k, v in (obj.get("meta") or {}).items()}
+        meta = {str(k): str(v) for k, v in _object(obj.get("meta"), "'meta'", source).items()}
         evaluations = obj.get("evaluations") or {}
         if not isinstance(evaluations, dict) or not all(isinstance(e, dict) for e in evaluations.values()):
             raise DataError(source, "'evaluations' must be an object person -> {name: text}")
@@ -222,6 +234,8 @@ class RunResults:
             obj = json.loads(path.read_text())
         except FileNotFoundError as e:
             raise DataError(path, "results file does not exist") from e
+        except UnicodeDecodeError as e:  # a bad copy: reported like any malformed file, not a crash of the report
+            raise DataError(path, f"not UTF-8 text: {e}") from e
         except json.JSONDecodeError as e:
             raise DataError(path, f"not valid JSON: {e}") from e
         results = cls.from_json(obj, path)

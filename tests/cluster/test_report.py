@@ -44,6 +44,36 @@ def test_results_roundtrip_and_validation(tmp_path: Path) -> None:
         RunResults("2025-02-01", {"../x": {"t": res}}).save(tmp_path)
 
 
+def test_a_malformed_results_file_is_named_and_an_old_one_is_ignored(tmp_path: Path) -> None:
+    """Wrongly typed fields ('meta' a string, 'skipped' or 'per_frame' a list) and a file that is not UTF-8 are
+    DataErrors naming the file and the field (they were AttributeError / UnicodeDecodeError, which took the report
+    of another night and the evaluation's reuse check down); the report leaves such an old night out."""
+    make_runs(tmp_path, with_video=False)
+    old = tmp_path / "runs" / DATES[0] / "results.json"
+    good = json.loads(old.read_text())
+    task = ("persons", PERSONS[0], TASKS[0])
+    variants = [(("meta",), "nightly", "'meta' must be an object"),
+                (task + ("skipped",), ["no landmark model"], "'skipped' must be an object"),
+                (task + ("per_frame",), [1.0, 2.0], "'per_frame' must be an object"),
+                (task + ("per_frame",), {"psnr": 3.0}, "'per_frame' must be an object metric -> list")]
+    for where, value, match in variants:
+        obj = json.loads(json.dumps(good))
+        parent = obj
+        for k in where[:-1]:
+            parent = parent[k]
+        parent[where[-1]] = value
+        old.write_text(json.dumps(obj))
+        with pytest.raises(DataError, match=match) as e:
+            RunResults.load(old)
+        assert str(old) in str(e.value)
+    old.write_bytes(b"\xff\xfe garbage from a bad copy")
+    with pytest.raises(DataError, match="not UTF-8"):
+        RunResults.load(old)
+    index = build_report(ReportConfig(tmp_path, DATES[-1], copy_videos=False))
+    report = json.loads((index.parent / "report.json").read_text())
+    assert len(report["ignored_runs"]) == 1 and str(old) in report["ignored_runs"][0]
+
+
 def test_summary_averages_match_numpy(tmp_path: Path) -> None:
     runs = make_runs(tmp_path, with_video=False)
     s = summarize(runs[-1])
