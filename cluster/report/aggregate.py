@@ -29,6 +29,9 @@ class RunSummary:
     person_average: person -> metric -> mean over that person's tasks.
     task_average: task -> metric -> mean over the persons that have the task.
     overall: metric -> mean over persons of person_average (Table 1 style).
+    overall_persons: metric -> how many persons have a number in it (a failed person has none), so a mean over
+        fewer persons than ``persons_total`` (a jump from leaving a weak person out) shows as such.
+    persons_total: persons in the run.
     """
 
     run_date: str
@@ -38,6 +41,12 @@ class RunSummary:
     person_average: dict[str, dict[str, float | None]]
     task_average: dict[str, dict[str, float | None]]
     overall: dict[str, float | None]
+    overall_persons: dict[str, int]
+    persons_total: int
+
+    def partial(self, metric: str) -> bool:
+        """The average of ``metric`` leaves out persons without a number in it."""
+        return self.overall_persons.get(metric, 0) < self.persons_total
 
     def to_json(self) -> dict:
         return {
@@ -47,7 +56,8 @@ class RunSummary:
             "persons": {
                 p: {"tasks": self.person_tasks[p], "average": self.person_average[p]} for p in self.person_tasks
             },
-            "average": {"tasks": self.task_average, "overall": self.overall},
+            "average": {"tasks": self.task_average, "overall": self.overall, "overall_persons": self.overall_persons,
+                        "persons_total": self.persons_total},
         }
 
 
@@ -62,4 +72,6 @@ def summarize(run: RunResults) -> RunSummary:
     person_average = {p: _mean_dicts(list(ts.values()), names) for p, ts in person_tasks.items()}
     task_average = {t: _mean_dicts([ts[t] for ts in person_tasks.values() if t in ts], names) for t in tasks}
     overall = _mean_dicts(list(person_average.values()), names)
-    return RunSummary(run.run_date, names, tasks, person_tasks, person_average, task_average, overall)
+    counts = {m: sum(a[m] is not None for a in person_average.values()) for m in names}
+    return RunSummary(run.run_date, names, tasks, person_tasks, person_average, task_average, overall, counts,
+                      len(person_average))

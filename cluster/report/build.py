@@ -152,7 +152,7 @@ def build_report(config: ReportConfig) -> Path:
                         "evaluated": _provenance(current.evaluations.get(person, {}))})
 
     plot_metrics = [m for m in summary.metrics if any(s.overall.get(m) is not None for s in summaries)]
-    plots = [(m, trend_plot(m, summaries)) for m in plot_metrics]
+    plots = [(m, trend_plot(m, summaries), partial_nights(m, summaries)) for m in plot_metrics]
     generated_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
     report = {
@@ -164,7 +164,8 @@ def build_report(config: ReportConfig) -> Path:
         "skipped": skipped_all,
         "evaluations": current.evaluations,
         "per_frame": {p: {t: r.per_frame for t, r in ts.items()} for p, ts in current.persons.items()},
-        "history": [{"run_date": s.run_date, "overall": s.overall, "persons": s.person_average} for s in summaries],
+        "history": [{"run_date": s.run_date, "overall": s.overall, "overall_persons": s.overall_persons,
+                     "persons_total": s.persons_total, "persons": s.person_average} for s in summaries],
         "ignored_runs": ignored,
     }
     atomic_write_json(out / "report.json", report, mode=PUBLISHED)
@@ -173,7 +174,15 @@ def build_report(config: ReportConfig) -> Path:
     return out / "index.html"
 
 
-def _render(summary: RunSummary, summaries: list[RunSummary], persons: list[dict], plots: list[tuple[str, str]],
+def partial_nights(metric: str, summaries: list[RunSummary]) -> list[str]:
+    """The nights whose average of ``metric`` covers fewer persons than the night has, as "date: n of N persons"
+    (shown under the trend plot: a jump there may be a person left out, not a better model)."""
+    return [f"{s.run_date}: {s.overall_persons.get(metric, 0)} of {s.persons_total} persons"
+            for s in summaries if s.overall.get(metric) is not None and s.partial(metric)]
+
+
+def _render(summary: RunSummary, summaries: list[RunSummary], persons: list[dict],
+            plots: list[tuple[str, str, list[str]]],
             ignored: list[str], meta: dict[str, str], generated_at: str) -> str:
     import jinja2
 

@@ -16,7 +16,8 @@ def _png_base64(fig) -> str:
 
 
 def trend_plot(metric: str, history: list[RunSummary], dpi: int = 80) -> str:
-    """One metric over the runs: a thin line per person and the person-average in bold. Returns base64 PNG."""
+    """One metric over the runs: a thin line per person and the person-average in bold, marked n/N where it
+    leaves persons without a number out. Returns base64 PNG."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -34,6 +35,10 @@ def trend_plot(metric: str, history: list[RunSummary], dpi: int = 80) -> str:
         avg = [h.overall.get(metric) for h in history]
         ax.plot(x, [float("nan") if y is None else y for y in avg], marker="s", color="black", linewidth=2.5,
                 label="average")
+        for i, (h, y) in enumerate(zip(history, avg)):  # an average over fewer persons than the night has
+            if y is not None and h.partial(metric):
+                ax.annotate(f"{h.overall_persons.get(metric, 0)}/{h.persons_total}", (i, y), xytext=(3, 3),
+                            textcoords="offset points", fontsize=6, color="#8a5a00")
         arrow = "higher is better" if higher_is_better(metric) else "lower is better"
         ax.set_title(f"{metric_label(metric)} ({arrow})", fontsize=10)
         ax.set_xticks(x, dates, rotation=30, ha="right", fontsize=7)

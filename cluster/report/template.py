@@ -21,6 +21,7 @@ figure.plot { margin: 0; background: #fff; border: 1px solid #ddd; padding: 4px;
 img.thumb { max-height: 160px; border: 1px solid #ccc; }
 video { max-width: 720px; display: block; }
 ul.skipped, ul.warnings { font-size: 12px; color: #8a5a00; }
+.count { font-size: 11px; font-weight: normal; color: #8a5a00; }
 </style>
 </head>
 <body>
@@ -28,25 +29,25 @@ ul.skipped, ul.warnings { font-size: 12px; color: #8a5a00; }
 <p class="meta">Generated {{ generated_at }} from {{ n_runs }} nightly run(s){% for k, v in meta.items() %} &middot; {{ k }}: {{ v }}{% endfor %}</p>
 {% if ignored %}<ul class="warnings">{% for w in ignored %}<li>ignored run: {{ w }}</li>{% endfor %}</ul>{% endif %}
 
-{% macro metric_table(table_id, rows, average, first_col) -%}
+{% macro metric_table(table_id, rows, average, first_col, coverage=none) -%}
 <table class="metrics" id="{{ table_id }}">
 <thead><tr><th>{{ first_col }}</th>{% for m in metrics %}<th>{{ labels[m] }}</th>{% endfor %}</tr></thead>
 <tbody>
 {% for name, values in rows %}<tr class="task-row" data-name="{{ name }}"><td>{{ name }}</td>{% for m in metrics %}<td>{{ fmt(m, values.get(m)) }}</td>{% endfor %}</tr>
-{% endfor %}<tr class="average-row"><td>Average</td>{% for m in metrics %}<td>{{ fmt(m, average.get(m)) }}</td>{% endfor %}</tr>
+{% endfor %}<tr class="average-row"><td>Average</td>{% for m in metrics %}<td>{{ fmt(m, average.get(m)) }}{% if coverage is not none and coverage.partial(m) %}<br><span class="count">{{ coverage.overall_persons[m] }} of {{ coverage.persons_total }} persons</span>{% endif %}</td>{% endfor %}</tr>
 </tbody>
 </table>
 {%- endmacro %}
 
 <section id="average">
 <h2>Average over persons</h2>
-{{ metric_table("table-average", summary.task_average.items(), summary.overall, "Task") }}
+{{ metric_table("table-average", summary.task_average.items(), summary.overall, "Task", summary) }}
 </section>
 
 <section id="trends">
 <h2>Metrics over past nightly runs</h2>
 <div class="plots">
-{% for m, png in plots %}<figure class="plot" data-metric="{{ m }}"><img class="plot" alt="{{ labels[m] }} over nightly runs" src="data:image/png;base64,{{ png }}"></figure>
+{% for m, png, partial in plots %}<figure class="plot" data-metric="{{ m }}"><img class="plot" alt="{{ labels[m] }} over nightly runs" src="data:image/png;base64,{{ png }}">{% if partial %}<figcaption class="count">average over fewer persons: {{ partial | join("; ") }}</figcaption>{% endif %}</figure>
 {% endfor %}</div>
 </section>
 

@@ -89,6 +89,27 @@ def test_summary_averages_match_numpy(tmp_path: Path) -> None:
     assert overall[0] < overall[1] < overall[2]
 
 
+def test_the_average_over_persons_says_how_many_persons_it_covers(tmp_path: Path) -> None:
+    """A person without numbers tonight (it failed) is not silently left out of "Average over persons": the row,
+    report.json and the trend plot's caption say "1 of 2 persons", so a jump from dropping a weak person shows."""
+    runs = make_runs(tmp_path, with_video=False)
+    last = runs[-1]
+    last.persons[PERSONS[1]] = {t: TaskResult(metrics={}, skipped={"task": "failed: ModelLoadError"}) for t in TASKS}
+    last.save(tmp_path)
+    index = build_report(ReportConfig(tmp_path, DATES[-1], copy_videos=False))
+    report = json.loads((index.parent / "report.json").read_text())
+    average = report["current"]["average"]
+    assert average["overall_persons"]["psnr"] == 1 and average["persons_total"] == 2
+    assert [(h["overall_persons"]["psnr"], h["persons_total"]) for h in report["history"]] == [(2, 2), (2, 2), (1, 2)]
+    html = index.read_text()
+    table = html[html.index('id="table-average"'):html.index('id="trends"')]
+    assert '<tr class="average-row">' in table and table.count("1 of 2 persons") == len(average["overall"])
+    trends = html[html.index('id="trends"'):]
+    assert f"average over fewer persons: {DATES[-1]}: 1 of 2 persons" in trends
+    previous = build_report(ReportConfig(tmp_path, DATES[-2], copy_videos=False)).read_text()
+    assert "of 2 persons" not in previous  # every person has numbers: nothing to say
+
+
 def test_build_report_folder(tmp_path: Path) -> None:
     make_runs(tmp_path)
     (tmp_path / "runs/2025-01-28").mkdir()
