@@ -2,10 +2,12 @@
 plus face-region metrics inside the rasterized mask.
 
 Images are (T, H, W, 3) arrays, uint8 or float in [0, 1]; masks are (T, H, W) in [0, 1]
-(uint8 0..255 and bool are accepted). "Masked" follows the official DiffusionAvatars
-evaluation script: prediction and ground truth are both composited onto a white
-background with the ground-truth foreground mask and quantised to uint8 before any metric,
-i.e. ``masked = round(255 * (m * img + (1 - m) * background)) / 255``. The metrics are then
+(uint8 0..255 and bool are accepted). Anything else (floats in [-1, 1] or [0, 255], NaN, a uint8
+mask of 0/1) is refused with a ValueError naming the argument, not scored wrongly.
+
+"Masked" follows the official DiffusionAvatars evaluation script: prediction and ground truth
+are both composited onto a white background with the ground-truth foreground mask and quantised
+to uint8 before any metric, i.e. ``masked = round(255 * (m * img + (1 - m) * background)) / 255``. The metrics are then
 computed over the full image (background pixels agree exactly, so they count as perfect).
 
 PSNR follows the official evaluator (torchmetrics PSNR over batches of 16 frames, i.e. the
@@ -37,29 +39,51 @@ from avatars.evaluation.face_models import FaceModelConfig, FaceModels
 from avatars.evaluation.lpips_weights import LpipsConfig, load_lpips
 from avatars.evaluation.metric_names import DEFAULT_METRICS, FACE_METRICS, MASKABLE
 
+#: How far float frames and masks may stray outside [0, 1] (rounding in a resize or a colour conversion);
+#: within it they are clamped, beyond it refused: [-1, 1] or [0, 255] data would give wrong numbers silently.
+RANGE_TOLERANCE = 1e-3
 
-def to_float_frames(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(T, H, W, 3) uint8 or float in [0, 1] -> float32 tensor (T, 3, H, W) in [0, 1]."""
+
+def _unit_float(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Float ``t`` checked to be finite and in [0, 1] (up to RANGE_TOLERANCE, then clamped)."""
+    t = t.float()
+    if t.numel() == 0:
+        return t
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} has NaN or infinite values")
+    lo, hi = float(t.min()), float(t.max())
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        raise ValueError(f"{name} must be float in [0, 1] (or uint8), got values in [{lo:.4g}, {hi:.4g}]")
+    return t.clamp(0, 1)
+
+
+def to_float_frames(x: np.ndarray | torch.Tensor, name: str = "frames") -> torch.Tensor:
+    """(T, H, W, 3) uint8 or float in [0, 1] -> float32 tensor (T, 3, H, W) in [0, 1]; ValueError naming
+    ``name`` for another range ([-1, 1], [0, 255] floats) or non-finite values."""
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if t.ndim == 3:
         t = t[None]
     if t.ndim != 4 or t.shape[-1] != 3:
-        raise ValueError(f"expected frames of shape (T, H, W, 3), got {tuple(t.shape)}")
-    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        raise ValueError(f"expected {name} of shape (T, H, W, 3), got {tuple(t.shape)}")
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else _unit_float(t, name)
     return t.permute(0, 3, 1, 2).contiguous()
 
 
-def to_float_mask(mask: np.ndarray | torch.Tensor, frames: int) -> torch.Tensor:
-    """(T, H, W[, 1]) bool / uint8 / float mask -> float32 tensor (T, 1, H, W) in [0, 1]."""
+def to_float_mask(mask: np.ndarray | torch.Tensor, frames: int, name: str = "mask") -> torch.Tensor:
+    """(T, H, W[, 1]) bool / uint8 (0..255) / float ([0, 1]) mask -> float32 tensor (T, 1, H, W) in [0, 1].
+    A uint8 mask whose largest value is 1 is refused: 0/1 and a faint 0..255 mask cannot be told apart."""
     m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
     if m.ndim == 4 and m.shape[-1] == 1:
         m = m[..., 0]
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3 or m.shape[0] != frames:
-        raise ValueError(f"expected a mask of shape (T={frames}, H, W), got {tuple(m.shape)}")
-    m = m.float() / 255.0 if m.dtype == torch.uint8 else m.float()
-    return m[:, None]
+        raise ValueError(f"expected {name} of shape (T={frames}, H, W), got {tuple(m.shape)}")
+    if m.dtype == torch.uint8:
+        if m.numel() and int(m.max()) == 1:
+            raise ValueError(f"{name} is uint8 with values 0/1: uint8 masks are 0..255; pass 0/1 as bool or float")
+        return (m.float() / 255.0)[:, None]
+    return _unit_float(m, name)[:, None]
 
 
 def composite_on_background(
@@ -345,14 +369,14 @@ class Evaluator:
         Returns ``{"frames": T, "metrics": {name: {"mean": float, "per_frame": [..] | None}},
         "skipped": {name: reason}}`` with names like "psnr" and "psnr_masked".
         """
-        g, p = to_float_frames(gt), to_float_frames(pred)
+        g, p = to_float_frames(gt, "gt"), to_float_frames(pred, "pred")
         if g.shape != p.shape:
             raise ValueError(f"ground truth {tuple(g.shape)} and prediction {tuple(p.shape)} differ in shape")
         metrics: dict[str, dict] = {}
         skipped: dict[str, str] = {}
         self._image_metrics(p, g, "", metrics)
         if mask is not None:
-            m = to_float_mask(mask, g.shape[0])
+            m = to_float_mask(mask, g.shape[0], "mask")
             if m.shape[-2:] != g.shape[-2:]:
                 raise ValueError(f"mask {tuple(m.shape[-2:])} and frames {tuple(g.shape[-2:])} differ in size")
             bg = self.config.background
@@ -363,7 +387,7 @@ class Evaluator:
                 if name in MASKABLE:
                     skipped[f"{name}_masked"] = f"{name.upper()} masked skipped: no foreground mask given"
         if face_mask is not None:
-            f = to_float_mask(face_mask, g.shape[0])
+            f = to_float_mask(face_mask, g.shape[0], "face_mask")
             if f.shape[-2:] != g.shape[-2:]:
                 raise ValueError(f"face mask {tuple(f.shape[-2:])} and frames {tuple(g.shape[-2:])} differ in size")
             self._face_metrics(p, g, f, metrics)

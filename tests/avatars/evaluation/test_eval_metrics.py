@@ -81,6 +81,26 @@ def test_masked_composites_both_images_with_gt_mask() -> None:
     np.testing.assert_allclose(a["psnr_frame_masked"]["per_frame"], 10 * np.log10(1 / mse), rtol=1e-5)
 
 
+def test_frames_and_masks_outside_their_ranges_are_refused_naming_the_argument() -> None:
+    """[-1, 1] or [0, 255] floats, NaN, float masks beyond [0, 1] and uint8 masks of 0/1 (ambiguous: uint8 masks are
+    0..255) were scored silently with wrong numbers; now a ValueError names the argument. What callers pass (uint8
+    or [0, 1] float frames, bool / float / uint8 0..255 masks, a rounding overshoot) still scores."""
+    gt, pred, mask = _scene()
+    f = lambda x: x.astype(np.float32) / 255  # noqa: E731
+    ev = M.Evaluator(M.EvalConfig(metrics=("psnr", "psnr_face")))
+    ok = ev.evaluate_video(gt, pred, mask, mask)["metrics"]
+    for args in ((f(gt), f(pred), mask > 0.5, (mask * 255).astype(np.uint8)), (f(gt) + 5e-4, f(pred), mask, mask)):
+        assert ev.evaluate_video(*args)["metrics"]["psnr"]["mean"] == pytest.approx(ok["psnr"]["mean"], abs=0.01)
+    bad = [((f(gt) * 2 - 1, f(pred), mask, mask), r"^gt must be float in \[0, 1\].*got values in \[-1"),
+           ((f(gt), f(pred) * 255, mask, mask), r"^pred must be float in \[0, 1\]"),
+           ((f(gt), f(pred) * np.nan, mask, mask), r"^pred has NaN"),
+           ((gt, pred, mask * 255, mask), r"^mask must be float in \[0, 1\]"),
+           ((gt, pred, mask, mask.astype(np.uint8)), r"^face_mask is uint8 with values 0/1")]
+    for args, match in bad:
+        with pytest.raises(ValueError, match=match):
+            ev.evaluate_video(*args)
+
+
 def test_missing_mask_and_face_models_are_reported() -> None:
     gt, pred, _ = _scene()
     out = M.evaluate_video(gt, pred, metrics=("psnr_frame", "akd", "csim", "psnr_face"))
