@@ -108,12 +108,15 @@ def psnr(pred: torch.Tensor, gt: torch.Tensor, data_range: float = 1.0) -> torch
 
 def psnr_protocol(pred: torch.Tensor, gt: torch.Tensor, batch: int = 16, data_range: float = 1.0) -> float:
     """The official evaluator's PSNR of one sequence: per batch of ``batch`` consecutive frames the
-    squared error pooled over all its pixels, PSNR per batch, mean over the batches."""
+    squared error pooled over all its pixels, PSNR per batch, mean over the batches. A batch without
+    any error (+inf) is left out of the mean like a non-finite frame (see `_summary`); NaN if no batch
+    has a finite PSNR."""
     values = []
     for i in range(0, pred.shape[0], batch):
         mse = ((pred[i : i + batch].double() - gt[i : i + batch].double()) ** 2).mean()
         values.append(float(psnr_from_mse(mse, data_range)))
-    return float(np.mean(values))
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def masked_psnr(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -286,11 +289,21 @@ class EvalConfig:
 
 
 def _summary(values: torch.Tensor | list[float] | None, mean: float | None = None) -> dict:
+    """{"mean", "per_frame"} of a metric. The mean is over the frames with a finite value: NaN is a frame the
+    metric does not apply to (an empty mask), +inf a PSNR without error (identical frames, or composites); either
+    would wipe out the mean of the other frames. The per-frame values keep them (results.json: null)."""
     if values is None:
-        return {"mean": mean, "per_frame": None}
+        return {"mean": mean if mean is not None and np.isfinite(mean) else None, "per_frame": None}
     per_frame = [float(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
-    defined = [v for v in per_frame if not np.isnan(v)]  # NaN: a frame the metric does not apply to (empty mask)
+    defined = [v for v in per_frame if np.isfinite(v)]
     return {"mean": float(np.mean(defined)) if defined else None, "per_frame": per_frame}
+
+
+def _undefined_where(summary: dict, empty: torch.Tensor) -> dict:
+    """``summary`` with its frames flagged in ``empty`` set to NaN (undefined), the mean recomputed."""
+    if summary["per_frame"] is None or not bool(empty.any()):
+        return summary
+    return _summary([float("nan") if e else v for v, e in zip(summary["per_frame"], empty.tolist())])
 
 
 class Evaluator:
@@ -381,7 +394,12 @@ class Evaluator:
                 raise ValueError(f"mask {tuple(m.shape[-2:])} and frames {tuple(g.shape[-2:])} differ in size")
             bg = self.config.background
             masked_pred, masked_gt = composite_on_background(p, m, bg), composite_on_background(g, m, bg)
-            self._image_metrics(masked_pred, masked_gt, "_masked", metrics)
+            masked: dict[str, dict] = {}
+            self._image_metrics(masked_pred, masked_gt, "_masked", masked)
+            # a frame without foreground (the person out of view) composites to the same white for both: its
+            # masked per-frame values (PSNR +inf, SSIM 1, LPIPS 0) measure nothing; undefined, as for face metrics
+            empty = ~(m > 0.5).flatten(1).any(1)
+            metrics.update({k: _undefined_where(v, empty) for k, v in masked.items()})
         else:
             for name in self.config.metrics:
                 if name in MASKABLE:

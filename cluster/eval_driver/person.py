@@ -38,21 +38,30 @@ MODEL_DIR = "model"
 def merge_evaluations(evals: list[dict]) -> dict:
     """Combine per-clip `Evaluator.evaluate_video` outputs into one task result.
 
-    Per-frame metrics: frames concatenated, mean over all frames. Video-level metrics (JOD):
-    mean over clips (each clip is one video)."""
+    Per-frame metrics: frames concatenated, mean over the frames with a finite value (an empty
+    mask's NaN and a perfect PSNR's +inf would wipe out the others; see `Evaluator`); how many were
+    left out is noted in ``skipped["<metric> frames"]``. Video-level metrics (JOD): mean over clips
+    (each clip is one video), over the finite ones likewise."""
     names = list(dict.fromkeys(n for e in evals for n in e["metrics"]))
     metrics = {}
+    skipped = {k: v for e in evals for k, v in e.get("skipped", {}).items()}
     for n in names:
         parts = [e["metrics"][n] for e in evals if n in e["metrics"]]
         if all(p["per_frame"] is not None for p in parts):
             per_frame = [v for p in parts for v in p["per_frame"]]
-            defined = [v for v in per_frame if v is not None and not np.isnan(v)]
+            defined = _finite(per_frame)
             metrics[n] = {"mean": float(np.mean(defined)) if defined else None, "per_frame": per_frame}
+            if len(defined) < len(per_frame):
+                skipped[f"{n} frames"] = (f"{n}: {len(per_frame) - len(defined)} of {len(per_frame)} frames left out "
+                                          "of the mean (no finite value: an empty mask, or identical frames' +inf)")
         else:
-            means = [p["mean"] for p in parts if p["mean"] is not None]
+            means = _finite([p["mean"] for p in parts])
             metrics[n] = {"mean": float(np.mean(means)) if means else None, "per_frame": None}
-    skipped = {k: v for e in evals for k, v in e.get("skipped", {}).items()}
     return {"frames": sum(e["frames"] for e in evals), "metrics": metrics, "skipped": skipped}
+
+
+def _finite(values: list[float | None]) -> list[float]:
+    return [v for v in values if v is not None and np.isfinite(v)]
 
 
 def comparison_panels(clips: list[Clip], renders: list[np.ndarray]) -> list[np.ndarray]:

@@ -111,6 +111,23 @@ def test_merge_evaluations_and_drivers():
     assert merge_evaluations([e1, e2])["metrics"]["psnr"] == {"mean": 26.0, "per_frame": None}
 
 
+def test_merge_evaluations_leaves_frames_without_a_finite_value_out_and_counts_them():
+    """A clip's +inf frame (a perfect PSNR) and an empty mask's NaN do not wipe out the task's mean; the number of
+    frames left out is noted; the stored per-frame values keep them (null)."""
+    from cluster.report import TaskResult
+
+    e1 = {"frames": 2, "metrics": {"psnr_frame_masked": {"mean": 20.0, "per_frame": [20.0, float("inf")]},
+                                   "psnr_masked": {"mean": float("inf"), "per_frame": None}}}
+    e2 = {"frames": 2, "metrics": {"psnr_frame_masked": {"mean": 26.0, "per_frame": [float("nan"), 26.0]},
+                                   "psnr_masked": {"mean": 24.0, "per_frame": None}}}
+    m = merge_evaluations([e1, e2])
+    assert m["metrics"]["psnr_frame_masked"]["mean"] == 23.0 and m["metrics"]["psnr_masked"]["mean"] == 24.0
+    assert m["skipped"] == {"psnr_frame_masked frames": "psnr_frame_masked: 2 of 4 frames left out of the mean "
+                                                        "(no finite value: an empty mask, or identical frames' +inf)"}
+    r = TaskResult.from_evaluation(m)
+    assert r.metrics["psnr_frame_masked"] == 23.0 and r.per_frame["psnr_frame_masked"] == [20.0, None, None, 26.0]
+
+
 def test_short_videos_play_slower():
     assert video_fps(16, 24.0, 6.0, 4.0) == 4.0  # 16 frames would last 0.7 s at 24 fps
     assert video_fps(48, 24.0, 6.0, 4.0) == 8.0

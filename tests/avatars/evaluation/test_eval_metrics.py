@@ -101,6 +101,31 @@ def test_frames_and_masks_outside_their_ranges_are_refused_naming_the_argument()
             ev.evaluate_video(*args)
 
 
+def test_a_frame_without_foreground_is_undefined_and_a_perfect_one_does_not_wipe_out_the_mean() -> None:
+    """Frame 1 has an empty ground-truth mask: both composites are all white, so its masked per-frame values (PSNR
+    +inf, SSIM 1) measure nothing: NaN, left out of the mean. A +inf PSNR (identical frames, or a 16-frame batch of
+    them) is left out of the mean too instead of turning it into inf (stored as null: the task's number lost)."""
+    gt, pred, mask = _scene(t=4)
+    mask[1] = 0
+    out = M.Evaluator(M.EvalConfig(metrics=("psnr", "psnr_frame", "ssim"))).evaluate_video(gt, pred, mask)["metrics"]
+    for name in ("psnr_frame_masked", "ssim_masked"):
+        per_frame = out[name]["per_frame"]
+        assert np.isnan(per_frame[1]) and all(np.isfinite(per_frame[i]) for i in (0, 2, 3))
+        assert out[name]["mean"] == pytest.approx(np.mean([per_frame[i] for i in (0, 2, 3)]))
+    assert np.isfinite(out["psnr_frame"]["per_frame"][1])  # unmasked, the frame is scored
+    same = pred.copy()
+    same[2] = gt[2]  # one perfect frame
+    frame = M.Evaluator(M.EvalConfig(metrics=("psnr_frame",))).evaluate_video(gt, same)["metrics"]["psnr_frame"]
+    assert frame["per_frame"][2] == float("inf") and np.isfinite(frame["mean"])
+    assert frame["mean"] == pytest.approx(np.mean([frame["per_frame"][i] for i in (0, 1, 3)]))
+    t = lambda x: M.to_float_frames(x)  # noqa: E731
+    twenty = np.concatenate([gt, gt, gt, gt, gt])  # 20 frames: a perfect batch of 16, then 4 with errors
+    noisy = twenty.copy()
+    noisy[16:] = np.concatenate([pred] * 5)[16:]
+    assert M.psnr_protocol(t(noisy), t(twenty)) == pytest.approx(M.psnr_protocol(t(noisy[16:]), t(twenty[16:])))
+    assert np.isnan(M.psnr_protocol(t(gt), t(gt)))
+
+
 def test_missing_mask_and_face_models_are_reported() -> None:
     gt, pred, _ = _scene()
     out = M.evaluate_video(gt, pred, metrics=("psnr_frame", "akd", "csim", "psnr_face"))
