@@ -238,6 +238,8 @@ class RunResults:
             raise DataError(path, f"not UTF-8 text: {e}") from e
         except json.JSONDecodeError as e:
             raise DataError(path, f"not valid JSON: {e}") from e
+        except OSError as e:  # unreadable (permissions, a folder of that name): one night's file, not the report
+            raise DataError(path, f"unreadable: {e}") from e
         results = cls.from_json(obj, path)
         if path.parent.name != results.run_date:
             raise DataError(path, f"run_date {results.run_date} does not match its folder name {path.parent.name}")

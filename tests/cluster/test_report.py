@@ -69,6 +69,11 @@ def test_a_malformed_results_file_is_named_and_an_old_one_is_ignored(tmp_path: P
     old.write_bytes(b"\xff\xfe garbage from a bad copy")
     with pytest.raises(DataError, match="not UTF-8"):
         RunResults.load(old)
+    folder = tmp_path / "runs" / DATES[1] / "results.json"
+    folder.unlink()
+    folder.mkdir()  # unreadable as a file (as a permission error would be, also as root)
+    with pytest.raises(DataError, match="unreadable"):
+        RunResults.load(folder)
     index = build_report(ReportConfig(tmp_path, DATES[-1], copy_videos=False))
     report = json.loads((index.parent / "report.json").read_text())
     assert len(report["ignored_runs"]) == 1 and str(old) in report["ignored_runs"][0]
