@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import status as _status
-from cluster.attempts import AttemptFailed, run_attempts
+from cluster.attempts import AttemptFailed, run_attempts, submit_first
 from cluster.bind import LOOPBACK
 from cluster.person_job import JobResult, PersonJob, check_jobs, run_attempt
 from cluster.preflight import resolve_ray_address
@@ -150,7 +150,7 @@ class RayBackend:
     def _run(self, jobs: list[PersonJob], sdir: str | None) -> list[JobResult]:
         results: dict[str, JobResult] = {}
         node_max = max_node_resources()
-        started = []
+        feasible = []
         for job in jobs:
             reason = infeasible_reason(job, node_max)
             if reason is not None:
@@ -160,8 +160,10 @@ class RayBackend:
                     _status.write_state(sdir, job.person, "failed", attempt=0, message=msg)
                 results[job.person] = JobResult(job.person, False, 0, error=msg)
                 continue
-            started.append((job, self._submit(job, 1, sdir)))
-        results.update(run_attempts(started, _RayAttempts(self, sdir), sdir))
+            feasible.append(job)
+        runner = _RayAttempts(self, sdir)
+        started, unsubmitted = submit_first(feasible, runner)
+        results.update(run_attempts(started, runner, sdir, unsubmitted=unsubmitted))
         return [results[j.person] for j in jobs]
 
 

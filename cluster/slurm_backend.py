@@ -8,10 +8,11 @@ target then starts again and continues from its own last checkpoint. Timeouts ar
 up to ``max_requeues`` times per attempt (submitit's ``slurm_max_num_timeout``; preemptions
 are requeued without limit).
 
-Failed attempts (the target raised, or the job died) are resubmitted as single jobs up to
-the person's ``max_retries`` by :func:`cluster.attempts.run_attempts`, the retry loop every
-backend shares. Job resources (CPUs, GPUs, memory) come from each
-``PersonJob.resources``; persons with identical resources share one array.
+Failed attempts (the target raised, the job died, or sbatch refused the submission) are
+resubmitted as single jobs up to the person's ``max_retries`` by
+:func:`cluster.attempts.run_attempts`, the retry loop every backend shares; a submission that
+fails fails only its persons, the others are submitted and run. Job resources (CPUs, GPUs,
+memory) come from each ``PersonJob.resources``; persons with identical resources share one array.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import status as _status
-from cluster.attempts import AttemptFailed, run_attempts
+from cluster.attempts import AttemptFailed, cancel_all, run_attempts, submission_error, submit_first
 from cluster.person_job import JobResult, PersonJob, Resources, check_jobs, run_attempt
 
 log = logging.getLogger(__name__)
@@ -189,28 +190,46 @@ class SlurmBackend:
         self._queued(sdir, job, attempt, sub)
         return sub
 
-    def _submit_initial(self, jobs: list[PersonJob], sdir) -> list[tuple[PersonJob, Any]]:
+    def _submit_array(self, resources: Resources, group: list[PersonJob], sdir) -> list[tuple[PersonJob, Any]]:
+        """Attempt 1 of ``group`` as one job array (one sbatch call: all of it is submitted or none)."""
+        ex = self._executor(resources, f"{self.config.job_prefix}array")
+        subs = []
+        with ex.batch():
+            for job in group:
+                subs.append(ex.submit(PersonRunner(job, 1, sdir)))
+        for job, sub in zip(group, subs):
+            self._queued(sdir, job, 1, sub)
+        return list(zip(group, subs))
+
+    def _submit_initial(self, jobs: list[PersonJob], runner: _SlurmAttempts,
+                        sdir) -> tuple[list[tuple[PersonJob, Any]], list[tuple[PersonJob, str]]]:
+        """Attempt 1 of every job: (submitted with their handle, unsubmitted with the error). A
+        submission that raises fails only its persons (a group's array: every person of it); an
+        interrupt cancels the jobs already sent to SLURM."""
         if not self.config.array:
-            return [(job, self._submit_one(job, 1, sdir)) for job in jobs]
+            return submit_first(jobs, runner)
         groups: dict[Resources, list[PersonJob]] = {}
         for job in jobs:
             groups.setdefault(job.resources, []).append(job)
-        out = []
-        for resources, group in groups.items():
-            ex = self._executor(resources, f"{self.config.job_prefix}array")
-            subs = []
-            with ex.batch():
-                for job in group:
-                    subs.append(ex.submit(PersonRunner(job, 1, sdir)))
-            for job, sub in zip(group, subs):
-                self._queued(sdir, job, 1, sub)
-                out.append((job, sub))
-        return out
+        started: list[tuple[PersonJob, Any]] = []
+        unsubmitted: list[tuple[PersonJob, str]] = []
+        try:
+            for resources, group in groups.items():
+                try:
+                    started += self._submit_array(resources, group, sdir)
+                except Exception as e:  # these persons' attempt 1 failed; the other groups go on
+                    unsubmitted += [(job, submission_error(e)) for job in group]
+        except BaseException:
+            cancel_all(runner, [sub for _, sub in started])
+            raise
+        return started, unsubmitted
 
     def run_all(self, jobs: list[PersonJob]) -> list[JobResult]:
         check_jobs(jobs)
         sdir = str(Path(self.config.status_dir).resolve()) if self.config.status_dir is not None else None
-        results = run_attempts(self._submit_initial(jobs, sdir), _SlurmAttempts(self, sdir), sdir)
+        runner = _SlurmAttempts(self, sdir)
+        started, unsubmitted = self._submit_initial(jobs, runner, sdir)
+        results = run_attempts(started, runner, sdir, unsubmitted=unsubmitted)
         return [results[j.person] for j in jobs]
 
     @staticmethod

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from types import SimpleNamespace
 
 import pytest
 
-from cluster.attempts import AttemptFailed, run_attempts
+from cluster.attempts import AttemptFailed, run_attempts, submit_first
 from cluster.local_backend import LocalBackend, LocalConfig
 from cluster.person_job import PersonJob
 from cluster.status import read_status, write_state
@@ -77,6 +79,52 @@ def test_mark_failed_off_leaves_the_status_file_to_the_attempt(tmp_path):
     assert read_status(tmp_path)[0].message == "written by the attempt"
 
 
+class RefusesSubmissions(Scripted):
+    """``refuse``: the (person, attempt) submissions that raise, as sbatch does at a QOS limit."""
+
+    def __init__(self, fail, refuse):
+        super().__init__(fail)
+        self.refuse = refuse
+
+    def submit(self, job, attempt):
+        if (job.person, attempt) in self.refuse:
+            raise RuntimeError(f"sbatch: error: Batch job submission failed ({job.person} {attempt})")
+        return super().submit(job, attempt)
+
+
+def test_a_submission_that_raises_is_a_failed_attempt_of_that_person_alone(tmp_path):
+    """A retry (or a first attempt) whose submission raises fails or retries its person; the others run on
+    and nothing is cancelled. The loop writes that verdict even with mark_failed off: no attempt ran."""
+    jobs = [PersonJob("bad", "m:f", max_retries=1), PersonJob("late", "m:f", max_retries=2),
+            PersonJob("good", "m:f"), PersonJob("first", "m:f", max_retries=1)]
+    runner = RefusesSubmissions({("bad", 1): "ValueError: bad data", ("late", 1): "OSError: node"},
+                                refuse={("bad", 2), ("late", 2), ("first", 1)})
+    started, unsubmitted = submit_first(jobs, runner)
+    assert [j.person for j, _ in unsubmitted] == ["first"]
+    assert unsubmitted[0][1].startswith("submission failed: RuntimeError: sbatch: error")
+    results = run_attempts(started, runner, str(tmp_path), mark_failed=False, unsubmitted=unsubmitted)
+    assert runner.cancelled == []
+    assert (results["good"].ok, results["late"].ok, results["late"].attempts) == (True, True, 3)
+    assert (results["first"].ok, results["first"].attempts) == (True, 2)
+    bad = results["bad"]
+    assert (bad.ok, bad.attempts) == (False, 2) and bad.error.startswith("submission failed: RuntimeError")
+    status = {s.person: s for s in read_status(tmp_path)}
+    assert status["bad"].state == "failed" and status["bad"].message.startswith("submission failed")
+
+
+def test_an_interrupt_while_submitting_cancels_what_was_submitted():
+    class Interrupted(Scripted):
+        def submit(self, job, attempt):
+            if job.person == "c":
+                raise KeyboardInterrupt
+            return super().submit(job, attempt)
+
+    runner = Interrupted({})
+    with pytest.raises(KeyboardInterrupt):
+        submit_first([PersonJob(p, "m:f") for p in "abcd"], runner)
+    assert runner.cancelled == [("a", 1), ("b", 1)]
+
+
 def test_an_interrupt_cancels_every_attempt_still_running():
     jobs = [PersonJob(p, "m:f", max_retries=1) for p in "abc"]
     runner = Scripted({("a", 1): "boom"}, interrupt_after=1)
@@ -120,3 +168,56 @@ def test_local_backend_runs_each_persons_attempts_back_to_back(tmp_path):
     status = {s.person: s for s in read_status(tmp_path)}
     # the attempt's own verdict (format_exception with the traceback's tail), not the loop's
     assert status["b"].state == "failed" and status["b"].attempt == 2 and "Traceback" in status["b"].message
+
+
+class _FakeSlurmJob:
+    """What SlurmBackend uses of a submitit Job: finished at once with the runner's result."""
+
+    def __init__(self, job_id: str, runner, cancelled: list[str]):
+        self.job_id, self.runner, self.cancelled = job_id, runner, cancelled
+        self.watcher = SimpleNamespace(update=lambda: None)
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> dict:
+        return {"result": {"person": self.runner.job.person, "attempt": self.runner.attempt}, "restarts": 0}
+
+    def cancel(self, check: bool = True) -> None:
+        self.cancelled.append(self.job_id)
+
+
+class _FakeExecutor:
+    """submitit's executor where sbatch refuses the first submission of each person in ``refuse``."""
+
+    def __init__(self, refuse: set[str], jobs: list, cancelled: list[str]):
+        self.refuse, self.jobs, self.cancelled = refuse, jobs, cancelled
+
+    def submit(self, runner):
+        if runner.job.person in self.refuse:
+            self.refuse.discard(runner.job.person)
+            raise RuntimeError("sbatch: error: Batch job submission failed: Socket timed out on send/recv")
+        self.jobs.append(_FakeSlurmJob(str(1000 + len(self.jobs)), runner, self.cancelled))
+        return self.jobs[-1]
+
+    @contextlib.contextmanager
+    def batch(self):
+        yield
+
+
+@pytest.mark.parametrize("array", [False, True])
+def test_slurm_submission_that_fails_is_retried_for_that_person_alone(tmp_path, array):
+    """sbatch refusing one person's first submission (array: that resources group's array) neither
+    stops the persons after it nor leaves the jobs already submitted without a driver."""
+    from cluster.person_job import Resources
+    from cluster.slurm_backend import SlurmBackend, SlurmConfig
+
+    submitted, cancelled = [], []
+    backend = SlurmBackend(SlurmConfig(array=array, status_dir=tmp_path, poll_interval_s=0.01))
+    executor = _FakeExecutor({"p3"}, submitted, cancelled)
+    backend._executor = lambda resources, name: executor
+    jobs = [PersonJob(p, "m:f", resources=Resources(cpus=2 if p == "p3" else 1)) for p in ("p1", "p2", "p3", "p4")]
+    results = backend.run_all(jobs)
+    assert [(r.person, r.ok, r.attempts) for r in results] == [("p1", True, 1), ("p2", True, 1), ("p3", True, 2),
+                                                                ("p4", True, 1)]
+    assert cancelled == [] and len(submitted) == 4 and backend.job_ids["p3"] == [submitted[-1].job_id]
