@@ -1,0 +1,39 @@
+"""jobs/_parallel.py: one function per person in worker processes, one person's failure its own."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from jobs import _parallel
+
+
+def _work(person: str) -> str:
+    if person == "dies":
+        os._exit(139)  # what a segfault or the OOM killer looks like to the pool
+    if person == "raises":
+        raise ValueError(f"bad data of {person}")
+    time.sleep(0.2)  # still running in the other worker when the pool breaks
+    return person.upper()
+
+
+@pytest.fixture(autouse=True)
+def _no_torch_in_workers(monkeypatch):
+    """The workers' torch thread setting costs an import of torch per process; nothing here uses it."""
+    monkeypatch.setattr(_parallel, "_init_worker", lambda: None)
+
+
+def test_a_worker_that_dies_fails_only_its_own_person():
+    persons = ["dies", "a", "raises", "b", "c"]
+    results, errors = _parallel.map_persons_tolerant(_work, persons, workers=2, desc="test")
+    assert results == {"a": "A", "b": "B", "c": "C"}
+    assert sorted(errors) == ["dies", "raises"]
+    assert isinstance(errors["dies"], _parallel.WorkerDied) and "dies: its worker process died" in str(errors["dies"])
+    assert isinstance(errors["raises"], ValueError)
+
+
+def test_one_worker_runs_in_process_with_errors_per_person():
+    results, errors = _parallel.map_persons_tolerant(_work, ["raises", "a"], workers=1, desc="test")
+    assert results == {"a": "A"} and list(errors) == ["raises"]
