@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -330,6 +331,55 @@ def requested_persons(args: LaunchAllArgs) -> list[str]:
     return find_persons(args.captures)
 
 
+def _finite(value: float, low: float, strict: bool) -> bool:
+    return math.isfinite(value) and (value > low if strict else value >= low)
+
+
+def check_options(args: LaunchAllArgs) -> str | None:
+    """The first invalid value among the options used only after hours of work (job resources and
+    retries at the training, renderer settings at the evaluation), as an error naming its flag; None
+    when all are valid. Checked before any work, so a typo costs no data stage or pretraining."""
+    checks = [
+        (args.eval_parallel_persons >= 1,
+         f"--eval-parallel-persons must be at least 1, got {args.eval_parallel_persons}"),
+        (args.eval_inference_steps >= 1, f"--eval-inference-steps must be at least 1, got {args.eval_inference_steps}"),
+        (args.max_retries >= 0, f"--max-retries must be 0 or more, got {args.max_retries}"),
+        (_finite(args.job_cpus, 0, strict=True), f"--job-cpus must be a positive number, got {args.job_cpus}"),
+        (args.job_gpus is None or _finite(args.job_gpus, 0, strict=False),
+         f"--job-gpus must be 0 or more, got {args.job_gpus}"),
+        (args.job_memory_gb is None or _finite(args.job_memory_gb, 0, strict=True),
+         f"--job-memory-gb must be a positive number of GiB, got {args.job_memory_gb}"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
+
+
+def check_persons(args: LaunchAllArgs) -> str | None:
+    """What is wrong with --persons, naming it, or None: an id that is no valid person id, one given
+    twice, none at all, or one that is not in the data set (no folder of that name under --captures,
+    not one of the synthetic persons) would otherwise be dropped without a word."""
+    from cluster.person_job import PERSON_RE
+
+    if args.persons == "all":
+        return None
+    persons = requested_persons(args)
+    if not persons:
+        return f"--persons {args.persons!r} names no person (give 'all' or comma-separated ids, e.g. 017,018)"
+    bad = [p for p in persons if not PERSON_RE.match(p)]
+    if bad:
+        return f"--persons: {', '.join(map(repr, bad))} is not a person id (letters, digits, '.', '_', '-')"
+    twice = sorted({p for p in persons if persons.count(p) > 1})
+    if twice:
+        return f"--persons names {', '.join(twice)} more than once"
+    if args.captures is None:
+        where, known = "the synthetic data set", set(args.synthetic.person_ids)
+    else:  # a folder that is there but broken is the data stage's to report, with the file it lacks
+        where, known = f"the capture root {args.captures}", {p for p in persons if (args.captures / p).is_dir()}
+    unknown = [p for p in persons if p not in known]
+    if unknown:
+        return f"--persons: {', '.join(unknown)} not in {where}"
+    return None
+
+
 def main(args: LaunchAllArgs) -> int:
     """Run the whole pipeline; returns the exit code.
 
@@ -349,8 +399,9 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
     from cluster.status import write_state
 
     t0 = time.time()
-    if args.eval_parallel_persons < 1:  # up front, not at the evaluation after hours of training
-        print(f"error: --eval-parallel-persons must be at least 1, got {args.eval_parallel_persons}", file=sys.stderr)
+    problem = check_options(args) or check_persons(args)  # up front, not after hours of data and training
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     check_workdir(args.workdir, args.min_free_gb)
     try:  # before any work: a backend that is not there is named with how to get it
@@ -379,6 +430,9 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
             persons = [p for p in prepared if p in requested]
             for p in sorted(set(data_failed) - set(requested)):
                 print(f"note: {p} is not in the tiny base (its data could not be prepared: {data_failed.pop(p)})")
+            for p in requested:  # a folder without a capture (no calibration) is no person of "all"
+                if p not in prepared and p not in data_failed:
+                    data_failed[p] = f"ingest: no capture of {p} in the data set (--persons)"
         else:
             prepared, data_failed = _data(args, clock=clock)
             persons = prepared

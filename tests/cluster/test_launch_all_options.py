@@ -26,6 +26,7 @@ from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
 from avatars.training.base_record import base_fingerprint, write_record
 from cluster.eval_driver import driver
+from cluster.person_job import JobResult
 from cluster.report import RunResults, TaskResult
 from jobs import launch_all
 from jobs import train_person as train_job
@@ -200,3 +201,62 @@ def test_ray_bind_host_job_resources_and_eval_parallel_persons(launch, fake_ray,
     (config,) = evaluated
     assert config.ray_bind_host == "127.0.0.2"
     assert config.parallel_persons == 3 and config.renderer.num_replicas == 3
+
+
+@pytest.fixture
+def staged(tmp_path, monkeypatch, capfd):
+    """``run(*flags)``: launch_all from its flags on a capture root of persons 017 and 018 (empty folders)
+    with every stage stood in for (records which ran), so that only what main decides is tested."""
+    captures = tmp_path / "captures"
+    for p in ("017", "018"):
+        (captures / p).mkdir(parents=True)
+    ran: list[str] = []
+    monkeypatch.setattr(launch_all, "_data", lambda args, persons=None, clock=None: (
+        ran.append("data") or ([p for p in ("017", "018") if persons == "all" or p in args.persons], {})))
+    monkeypatch.setattr(launch_all, "_base_model", lambda args, prepared, **kw: ran.append("base") or None)
+    monkeypatch.setattr(launch_all, "_check_bases", lambda args, persons, base: {})
+    monkeypatch.setattr(launch_all, "_trained", lambda args, persons, base: {})
+    monkeypatch.setattr(launch_all, "_train", lambda args, todo, base, session=None: ran.append("training") or [
+        JobResult(p, True, 1, result={"steps": 3}) for p in todo])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def run(*flags: str, evaluate: bool = False) -> tuple[int, str]:
+        args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=[
+            "--workdir", str(tmp_path / "work"), "--captures", str(captures), "--backend", "local",
+            "--min-free-gb", "0", "--evaluate" if evaluate else "--no-evaluate", *flags])
+        code = launch_all.main(args)
+        captured = capfd.readouterr()
+        return code, captured.out + captured.err
+
+    return SimpleNamespace(run=run, ran=ran, work=tmp_path / "work")
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--max-retries", "-1"], "--max-retries must be 0 or more, got -1"),
+    (["--job-cpus", "0"], "--job-cpus must be a positive number, got 0.0"),
+    (["--job-gpus", "-1"], "--job-gpus must be 0 or more, got -1.0"),
+    (["--job-memory-gb", "-4"], "--job-memory-gb must be a positive number of GiB, got -4.0"),
+    (["--job-memory-gb", "nan"], "--job-memory-gb must be a positive number of GiB, got nan"),
+    (["--eval-inference-steps", "0"], "--eval-inference-steps must be at least 1, got 0"),
+    (["--persons", "017,0018"], "--persons: 0018 not in the capture root"),
+    (["--persons", "017,017"], "--persons names 017 more than once"),
+    (["--persons", "../017"], "--persons: '../017' is not a person id"),
+    (["--persons", ","], "--persons ',' names no person"),
+])
+def test_bad_values_are_refused_with_their_flag_before_any_work(staged, flags, error):
+    """A value the training or the evaluation would refuse after the data stage and the base pretraining,
+    and a --persons id that is not in the data set (else dropped without a word), stop the run first:
+    exit code 2, one line naming the flag, no traceback, no work directory."""
+    code, out = staged.run(*flags)
+    assert code == 2 and f"error: {error}" in out and "Traceback" not in out
+    assert staged.ran == [] and not staged.work.exists()
+
+
+def test_a_requested_person_without_a_capture_fails_at_the_data_stage(staged, monkeypatch):
+    """A folder under --captures that is no capture (the data set of 'all' does not have it) is that person's
+    data failure, named in the summary, not dropped: the tiny base is made of 'all' and the run goes on."""
+    monkeypatch.setattr(launch_all, "_data", lambda args, persons=None, clock=None: (["017"], {}))
+    code, out = staged.run("--persons", "017,018")
+    summary = json.loads((staged.work / "runs" / "summary.json").read_text())
+    assert code == 1 and {r["person"]: r["ok"] for r in summary["results"]} == {"017": True, "018": False}
+    assert "no capture of 018 in the data set" in out
