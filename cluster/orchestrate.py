@@ -89,14 +89,18 @@ def fallback_dir() -> Path:
     return Path(tempfile.gettempdir()) / "diffusion-avatars"
 
 
-def write_summary_json(results: list[JobResult], path: Path, code: int | None = None) -> Path | None:
-    """Atomically write the results (one object per person) and the exit code as JSON.
+def write_summary_json(results: list[JobResult], path: Path, code: int | None = None,
+                       evaluation_failed: dict[str, str] | None = None) -> Path | None:
+    """Atomically write the results (one object per person) and the exit code as JSON; with
+    ``evaluation_failed`` also the persons whose evaluation failed, with why (``evaluation_failed``).
 
     Best effort: when `path` cannot be written (a full or read-only disk), the summary goes
     to `fallback_dir()` instead, with a warning naming both paths. Returns the path written,
     or None when neither could be (the caller has printed the table anyway).
     """
     payload = {"exit_code": exit_code(results) if code is None else code, "results": [r.to_json() for r in results]}
+    if evaluation_failed is not None:
+        payload["evaluation_failed"] = dict(evaluation_failed)
     path = Path(path)
     fallback = fallback_dir() / f"summary-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
     for target in (path, fallback):

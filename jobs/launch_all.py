@@ -465,7 +465,8 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
         if not r.ok and r.attempts == 0:
             write_state(status_dir(args), r.person, "failed", attempt=0, restarts=0, message=r.error or "")
     print(format_summary(results))
-    written = write_summary_json(results, args.workdir / "runs" / "summary.json")
+    summary_path = args.workdir / "runs" / "summary.json"
+    written = write_summary_json(results, summary_path)
     print(f"summary: {written}" if written else "summary: could not be written anywhere (see warnings)")
     code = exit_code(results)
     trained = [r.person for r in results if r.ok]
@@ -491,6 +492,11 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
             print(f"evaluation: {len(summary.persons)} persons{reused}, {summary.frames_rendered} frames in "
                   f"{summary.seconds:.0f} s -> {summary.results_path}")
     ray_session.close()  # the training's Ray when nothing was evaluated
+    if evaluation is not None or code != exit_code(results):  # summary.json says what the process exits with
+        rewritten = write_summary_json(results, written or summary_path, code,
+                                       evaluation_failed=dict(evaluation.failed) if evaluation is not None else None)
+        if rewritten is not None and rewritten != written:
+            print(f"summary: {rewritten}")
     from jobs._console import final_summary
 
     try:

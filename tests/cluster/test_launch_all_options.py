@@ -260,3 +260,15 @@ def test_a_requested_person_without_a_capture_fails_at_the_data_stage(staged, mo
     summary = json.loads((staged.work / "runs" / "summary.json").read_text())
     assert code == 1 and {r["person"]: r["ok"] for r in summary["results"]} == {"017": True, "018": False}
     assert "no capture of 018 in the data set" in out
+
+
+def test_summary_json_has_the_exit_code_of_a_failed_evaluation(staged, monkeypatch):
+    """summary.json is written before the evaluation; one that fails turns the exit code to 1, and the file
+    is rewritten with that code and the persons whose evaluation failed."""
+    monkeypatch.setattr(launch_all, "_evaluate", lambda args, persons: driver.EvalSummary(
+        "d", staged.work / "results.json", None, persons, {"018": "render error"}, 0, 0.0, {}))
+    code, out = staged.run("--persons", "017,018", evaluate=True)
+    summary = json.loads((staged.work / "runs" / "summary.json").read_text())
+    assert code == 1 and summary["exit_code"] == 1
+    assert summary["evaluation_failed"] == {"018": "render error"}
+    assert all(r["ok"] for r in summary["results"])
