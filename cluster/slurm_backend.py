@@ -38,6 +38,10 @@ except ImportError:  # pragma: no cover
     Checkpointable = object  # type: ignore[misc,assignment]
 
 
+#: Where submitit's files go when ``SlurmConfig.log_dir`` is not given.
+DEFAULT_LOG_DIR = Path("runs/slurm")
+
+
 @dataclass
 class SlurmConfig:
     """Configuration of :class:`SlurmBackend` (cluster-side settings; per-job resources
@@ -46,9 +50,9 @@ class SlurmConfig:
     status_dir: Path | None = None
     """Directory of per-person status files (must be on a filesystem the nodes share).
     None writes none."""
-    log_dir: Path = Path("runs/slurm")
+    log_dir: Path | None = None
     """submitit folder for sbatch scripts, pickles and logs (one subfolder per job id);
-    must be on a shared filesystem."""
+    must be on a shared filesystem. None: ``runs/slurm`` (``jobs/launch_all.py``: ``<workdir>/slurm``)."""
     partition: str | None = None
     """SLURM partition (``--partition``); None uses the cluster's default partition."""
     time_min: int = 60
@@ -164,7 +168,7 @@ class SlurmBackend:
         import submitit
 
         c = self.config
-        ex = submitit.AutoExecutor(folder=Path(c.log_dir).resolve() / "%j", cluster="slurm",
+        ex = submitit.AutoExecutor(folder=Path(c.log_dir or DEFAULT_LOG_DIR).resolve() / "%j", cluster="slurm",
                                    slurm_max_num_timeout=c.max_requeues)
         params: dict[str, Any] = dict(
             name=name, timeout_min=c.time_min, nodes=1, tasks_per_node=1,

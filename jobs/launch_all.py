@@ -244,8 +244,7 @@ def _backend_config(args: LaunchAllArgs, status_dir: Path):
                          node_ip_address=args.ray_bind_host if embedded else None)
     slurm = args.slurm
     return dataclasses.replace(slurm, status_dir=slurm.status_dir or status_dir.resolve(),
-                               log_dir=slurm.log_dir if slurm.log_dir != SlurmConfig().log_dir
-                               else (args.workdir / "slurm").resolve())
+                               log_dir=(args.workdir / "slurm").resolve() if slurm.log_dir is None else slurm.log_dir)
 
 
 def _serve_notice_filter(record) -> bool:

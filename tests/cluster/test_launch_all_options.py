@@ -272,3 +272,12 @@ def test_summary_json_has_the_exit_code_of_a_failed_evaluation(staged, monkeypat
     assert code == 1 and summary["exit_code"] == 1
     assert summary["evaluation_failed"] == {"018": "render error"}
     assert all(r["ok"] for r in summary["results"])
+
+
+def test_slurm_log_dir_is_kept_when_given_even_if_it_is_the_old_default(tmp_path):
+    """--slurm.log-dir runs/slurm is used as given; only an unset one goes into <workdir>/slurm."""
+    for flags, expected in [(["--slurm.log-dir", "runs/slurm"], Path("runs/slurm")),
+                            ([], (tmp_path / "slurm").resolve())]:
+        args = preset_cli(launch_all.PRESETS, default="tiny", description="d",
+                          args=["--workdir", str(tmp_path), "--backend", "slurm", *flags])
+        assert launch_all._backend_config(args, launch_all.status_dir(args)).log_dir == expected
