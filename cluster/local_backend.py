@@ -1,6 +1,7 @@
 """Sequential backend for debugging: runs every person's target in this process, one
-after the other (breakpoints and tracebacks work as usual). A crash that kills the
-process (segfault, SIGKILL) ends the whole run; use the Ray or SLURM backend for isolation."""
+after the other (breakpoints and tracebacks work as usual). A target that raises or calls
+``sys.exit`` fails its attempt only; a crash that kills the process (segfault, SIGKILL) ends
+the whole run; use the Ray or SLURM backend for isolation."""
 
 from __future__ import annotations
 
@@ -72,6 +73,11 @@ class _InProcessAttempts:
             attempt.result = run_attempt(attempt.job, attempt.number, self.status_dir)
         except Exception as e:
             attempt.error = format_exception(e)
+        except SystemExit as e:  # sys.exit in the target (or a library it calls) ends its attempt, not the run
+            attempt.error = format_exception(e)
+            if self.status_dir is not None:  # run_attempt leaves SystemExit alone (submitit's requeue exit)
+                _status.write_state(self.status_dir, attempt.job.person, "failed", attempt=attempt.number,
+                                    message=format_exception(e, limit_chars=1500))
         return [attempt]
 
     def outcome(self, job: PersonJob, attempt: _Attempt) -> tuple[dict, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 from workloads import count_steps, expected_digest, read_runs, write_input
@@ -65,6 +66,24 @@ def test_target_must_return_dict(tmp_path):
     job = PersonJob("p", "workloads:returns_list", max_retries=0)
     (r,) = run_all([job], LocalConfig(status_dir=tmp_path))
     assert not r.ok and "expected a dict" in r.error
+
+
+def exits_for_bad(person: str) -> dict:
+    if person == "bad":
+        sys.exit("tyro: error: unrecognized arguments")  # a library calling sys.exit inside the target
+    return {"person": person}
+
+
+def test_a_target_that_calls_sys_exit_fails_its_person_alone(tmp_path):
+    """sys.exit in one person's target is a failed attempt (retried, then failed in its status file); the
+    persons after it still run and the run is not ended."""
+    jobs = [PersonJob(p, f"{__name__}:exits_for_bad", max_retries=1) for p in ("a", "bad", "c")]
+    results = run_all(jobs, LocalConfig(status_dir=tmp_path))
+    assert [(r.person, r.ok, r.attempts) for r in results] == [("a", True, 1), ("bad", False, 2), ("c", True, 1)]
+    assert results[1].error.startswith("SystemExit: tyro: error: unrecognized arguments")
+    status = {s.person: s for s in read_status(tmp_path)}
+    assert status["bad"].state == "failed" and status["bad"].attempt == 2 and "SystemExit" in status["bad"].message
+    assert status["c"].state == "succeeded"
 
 
 def test_child_process_reports_through_the_status_argument(tmp_path):
