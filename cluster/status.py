@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -228,8 +229,34 @@ class PersonStatus:
         return max(0.0, (self.total_steps - self.step) / rate)
 
 
+_INT, _NUMBER, _STR = (int,), (int, float), (str,)
+#: What each field of a status file must hold: (types, may be null).
+_FIELD_TYPES = {"person": (_STR, False), "state": (_STR, False), "attempt": (_INT, False), "restarts": (_INT, False),
+                "step": (_INT, True), "total_steps": (_INT, True), "started_at": (_NUMBER, True),
+                "updated_at": (_NUMBER, True), "rate_step0": (_INT, True), "rate_t0": (_NUMBER, True),
+                "message": (_STR, False), "host": (_STR, True), "pid": (_INT, True)}
+
+
+def _bad_field(rec: dict) -> str | None:
+    """The first field of a status record with a value of the wrong type (a hand-edited file, one
+    written by another version), said with what it should be; None when every field fits. Tables
+    and progress lines compute with these values: one bad file must not stop them for everyone."""
+    for name, (types, nullable) in _FIELD_TYPES.items():
+        if name not in rec or (rec[name] is None and nullable):
+            continue
+        value = rec[name]
+        ok = isinstance(value, types) and not isinstance(value, bool)
+        if ok and isinstance(value, float) and not math.isfinite(value):
+            ok = False
+        if not ok:
+            expected = " or ".join(t.__name__ for t in types) + (" or null" if nullable else "")
+            return f"field {name!r} is {value!r}, expected {expected}"
+    return None
+
+
 def read_status(status_dir: Path | str) -> list[PersonStatus]:
-    """All persons' status files in ``status_dir``, sorted by person (empty if missing)."""
+    """All persons' status files in ``status_dir``, sorted by person (empty if missing). A file that
+    cannot be read, has no valid state or a field of the wrong type is listed as ``invalid``, with why."""
     sdir = Path(status_dir)
     if not sdir.is_dir():
         return []
@@ -247,7 +274,11 @@ def read_status(status_dir: Path | str) -> list[PersonStatus]:
         if rec is None or rec.get("state") not in STATES:
             out.append(PersonStatus(person=person, state="invalid", message=f"{path}: no valid 'state'"))
             continue
-        out.append(PersonStatus(**{k: v for k, v in rec.items() if k in known}))
+        problem = _bad_field(rec)
+        if problem is not None:
+            out.append(PersonStatus(person=person, state="invalid", message=f"{path}: {problem}"))
+            continue
+        out.append(PersonStatus(**{"person": person, **{k: v for k, v in rec.items() if k in known}}))
     return out
 
 

@@ -103,6 +103,8 @@ class TrainingProgress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="training-progress", daemon=True)
         self._last = ""
+        #: The last error of the display, if any (it is not raised).
+        self.error: Exception | None = None
 
     def _show(self, final: bool = False) -> None:
         line = progress_line(read_status(self.status_dir), self.persons, self.since)
@@ -113,9 +115,17 @@ class TrainingProgress:
         self.stream.flush()
         self._last = line
 
+    def _show_safely(self, final: bool = False) -> None:
+        """The display is a courtesy: an error in it (a status file it cannot use, a closed terminal)
+        skips this refresh (kept in ``error``) and never reaches the training it shows."""
+        try:
+            self._show(final)
+        except Exception as e:
+            self.error = e
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._show()
+            self._show_safely()
 
     def __enter__(self) -> "TrainingProgress":
         self._thread.start()
@@ -124,9 +134,10 @@ class TrainingProgress:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._show(final=True)
+        self._show_safely(final=True)
         if self._owned and self.stream is not sys.stdout:
-            self.stream.close()
+            with contextlib.suppress(OSError):
+                self.stream.close()
 
 
 def final_summary(results, evaluation, logs_dir: Path | None) -> str:

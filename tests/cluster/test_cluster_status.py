@@ -56,6 +56,22 @@ def test_read_status_handles_bad_files(tmp_path):
     assert read_status(tmp_path / "missing") == []
 
 
+def test_a_field_of_the_wrong_type_makes_that_file_invalid_not_the_table(tmp_path):
+    """A status file with a valid state but a mistyped field (hand-edited, another version's) is listed as
+    invalid, naming the field; the others and the table are unaffected (it raised a TypeError for all)."""
+    write_state(tmp_path, "ok", "running")
+    bad = {"step": {"step": "12", "total_steps": 10}, "updated_at": {"updated_at": "yesterday"},
+           "attempt": {"attempt": True}, "rate_t0": {"rate_t0": float("nan")}, "message": {"message": 3}}
+    for name, fields in bad.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"person": name, "state": "running", **fields}))
+    (tmp_path / "noperson.json").write_text(json.dumps({"state": "queued", "step": None}))
+    st = {s.person: s for s in read_status(tmp_path)}
+    assert st["ok"].state == "running" and st["noperson"].state == "queued"
+    for name in bad:
+        assert st[name].state == "invalid" and f"field {name!r} is" in st[name].message, name
+    assert "invalid=5" in format_status_table(list(st.values()))
+
+
 def test_write_state_rejects_unknown_state(tmp_path):
     import pytest
     with pytest.raises(ValueError, match="unknown state"):

@@ -63,6 +63,22 @@ def test_training_progress_prints_one_line_per_change_off_a_terminal(tmp_path):
     assert len(set(lines)) == 1 and "\r" not in out.getvalue()  # no repeats, no in-place rewrites in a log
 
 
+def test_a_display_error_never_reaches_the_training(tmp_path, monkeypatch):
+    """An error while showing progress (here every refresh raises) neither ends the progress thread's
+    refreshes nor escapes the block: the results of the training inside it are returned."""
+    import jobs._console as console
+
+    def broken(*args):
+        raise TypeError("'>=' not supported between instances of 'str' and 'float'")
+
+    monkeypatch.setattr(console, "progress_line", broken)
+    progress = TrainingProgress(tmp_path, ["000"], interval_s=0.02, stream=io.StringIO())
+    with progress:
+        time.sleep(0.1)
+        result = "results of hours of training"
+    assert result and isinstance(progress.error, TypeError) and not progress._thread.is_alive()
+
+
 def test_final_summary_per_person_means_report_and_logs(tmp_path):
     night = RunResults("2025-03-01", {
         "000": {"self_reenactment": TaskResult({"psnr": 24.0, "ssim": 0.8, "lpips": 0.1}, frames=4)},
