@@ -44,6 +44,10 @@ class TrainerCallback:
     def on_train_end(self, trainer: Trainer, result: dict) -> None:
         """After the final model and result.json were written."""
 
+    def on_train_error(self, trainer: Trainer, error: BaseException) -> None:
+        """The run raised instead of ending (possibly before ``on_train_start``): release what the
+        callback holds, as ``on_train_end`` would; the error is raised on afterwards."""
+
 
 def truncate_jsonl(path: Path, after_step: int) -> None:
     """Drop lines logged after ``after_step`` (by a run that died before its next checkpoint)."""
@@ -92,6 +96,10 @@ class ProgressBar(TrainerCallback):
 
     def on_train_end(self, trainer: Trainer, result: dict) -> None:
         self.bar.close()
+
+    def on_train_error(self, trainer: Trainer, error: BaseException) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def default_callbacks(run_dir: Path) -> list[TrainerCallback]:

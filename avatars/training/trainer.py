@@ -81,6 +81,8 @@ class Trainer:
     * ``on_validation(trainer, step, metrics)``: after each validation render.
     * ``on_checkpoint(trainer, step, path)``: after a complete checkpoint.
     * ``on_train_end(trainer, result)``: after ``model/`` and ``result.json`` are written.
+    * ``on_train_error(trainer, error)``: when the run raised instead (in set-up, a step, a hook), before
+      the error leaves :meth:`train`; for releasing what the callback holds (a port, a bar).
 
     Callbacks may read ``trainer.config`` (the :class:`TrainConfig`), ``run_dir``,
     ``rank``, ``world_size``, ``state`` (:class:`~avatars.training.checkpoint.TrainerState`),
@@ -212,7 +214,27 @@ class Trainer:
         return path
 
     def train(self) -> dict:
-        """Sets up, trains to ``config.steps``; returns the final numbers (also in result.json)."""
+        """Sets up, trains to ``config.steps``; returns the final numbers (also in result.json).
+        When it raises, every callback's ``on_train_error`` runs first (what a callback opened is
+        closed: a Ray worker goes on to the next attempt or person)."""
+        try:
+            return self._train()
+        except BaseException as error:
+            self._emit_error(error)
+            raise
+
+    def _emit_error(self, error: BaseException) -> None:
+        """``on_train_error`` of every callback, even when one of them fails at it: the run's own
+        error is the one raised. Set-up may have failed before the rank was known: rank 0 then."""
+        if getattr(self, "rank", 0) != 0:
+            return
+        for callback in self.callbacks:
+            try:
+                callback.on_train_error(self, error)
+            except Exception as e:
+                warnings.warn(f"{type(callback).__name__}.on_train_error failed: {e}", stacklevel=2)
+
+    def _train(self) -> dict:
         self.setup()
         cfg, state, engine = self.config, self.state, self.engine
         self._emit("on_train_start")

@@ -27,7 +27,7 @@ def memory_bytes() -> dict[str, float]:
 
 class PrometheusCallback(TrainerCallback):
     """Serves ``da_train_*`` gauges labelled by person on ``host`` (loopback unless told otherwise) at
-    the first free port from ``first_port``, until the run ends.
+    the first free port from ``first_port``, until the run ends or fails.
 
     The bound port is logged as a ``{"step", "metrics_port"}`` record. A registry per run: a Ray
     worker process may train several persons one after another.
@@ -50,7 +50,14 @@ class PrometheusCallback(TrainerCallback):
                                       learning_rates=record["lr"], memory_bytes=memory_bytes())
 
     def on_train_end(self, trainer, result: dict) -> None:
-        # The port is freed with the run: a Ray worker that trains the next person reuses it.
+        self._stop()
+
+    def on_train_error(self, trainer, error: BaseException) -> None:
+        self._stop()  # a failed attempt's gauges must not stay scrapeable, nor its port taken
+
+    def _stop(self) -> None:
+        """The port is freed with the run: a Ray worker that trains the next person (or the next
+        attempt) reuses it."""
         if self.exporter is not None:
             self.exporter.stop()
             self.exporter = None

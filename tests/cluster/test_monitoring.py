@@ -135,3 +135,52 @@ def test_exporters_listen_on_loopback_unless_told_otherwise() -> None:
     finally:
         default.stop()
         wide.stop()
+
+
+def test_a_failed_training_stops_its_exporter(tmp_path: Path, monkeypatch) -> None:
+    """A run that raises after on_train_start (here its first batch) frees its exporter's port through
+    on_train_error (on_train_end runs only on success): the next attempt in the same Ray worker gets the
+    same port, and no stale gauges stay up. A callback failing in on_train_error does not stop the others,
+    and the run's own error is the one raised; a set-up that fails before the rank is known still tells them."""
+    from avatars.training import TrainConfig, TrainerCallback
+    from avatars.training import trainer as trainer_module
+    from cluster.monitoring.training import PrometheusCallback
+
+    class Broken(TrainerCallback):
+        def on_train_error(self, trainer, error):
+            raise OSError("cannot close")
+
+    class Recorder(TrainerCallback):
+        errors: list[BaseException] = []
+
+        def on_train_error(self, trainer, error):
+            self.errors.append(error)
+
+    def set_up(trainer):
+        trainer.rank, trainer.world_size, trainer.engine = 0, 1, None
+
+    def first_batch(trainer):
+        raise RuntimeError("a step failed")
+
+    monkeypatch.setattr(trainer_module.Trainer, "setup", set_up)
+    monkeypatch.setattr(trainer_module.Trainer, "batches", first_batch)
+    config = TrainConfig(person="000", shards=tmp_path, out=tmp_path)
+    port = _free_port()
+    for _ in range(2):  # the second attempt binds the port the first one freed
+        prometheus = PrometheusCallback(port)
+        trainer = trainer_module.Trainer(config, [Broken(), prometheus, Recorder()])
+        with pytest.warns(UserWarning, match="Broken.on_train_error failed"):
+            with pytest.raises(RuntimeError, match="a step"):
+                trainer.train()
+        assert prometheus.exporter is None
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    assert [str(e) for e in Recorder.errors] == ["a step failed"] * 2
+
+    def set_up_fails(trainer):
+        raise ValueError("no shards")
+
+    monkeypatch.setattr(trainer_module.Trainer, "setup", set_up_fails)
+    with pytest.raises(ValueError, match="no shards"):
+        trainer_module.Trainer(config, [PrometheusCallback(port), Recorder()]).train()
+    assert str(Recorder.errors[-1]) == "no shards"
