@@ -39,7 +39,7 @@ class TrainingMetrics:
             "da_train_learning_rate", "Learning rate per parameter group", ["person", "group"], registry=registry
         )
         self.memory_bytes = Gauge(
-            "da_train_memory_bytes", "Memory in use (kind: gpu_allocated, gpu_reserved, cpu_rss)", ["person", "kind"],
+            "da_train_memory_bytes", "Memory in use (kind: cpu_rss, gpu_allocated, gpu_peak)", ["person", "kind"],
             registry=registry,
         )
 

@@ -184,3 +184,18 @@ def test_a_failed_training_stops_its_exporter(tmp_path: Path, monkeypatch) -> No
     with pytest.raises(ValueError, match="no shards"):
         trainer_module.Trainer(config, [PrometheusCallback(port), Recorder()]).train()
     assert str(Recorder.errors[-1]) == "no shards"
+
+
+def test_memory_kinds_are_the_ones_the_help_text_names(monkeypatch) -> None:
+    """da_train_memory_bytes' help lists exactly the kinds the training reports (it named gpu_reserved,
+    which is never sent, and not gpu_peak, which is)."""
+    import torch
+
+    from cluster.monitoring.training import memory_bytes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 2)
+    help_text = TrainingMetrics(CollectorRegistry()).memory_bytes._documentation
+    named = set(help_text.split("kind: ", 1)[1].rstrip(")").split(", "))
+    assert named == set(memory_bytes())
