@@ -3,7 +3,8 @@
 A run that fails after the data stage because ``sbatch`` has no configuration, or because the
 Ray cluster named by ``--ray-address`` is down, wastes the user's time and ends in a traceback
 from deep inside submitit or Ray. :func:`check_backend` asks the backend a cheap question first
-(``sinfo`` for SLURM, a TCP connection to the GCS for a Ray cluster) and raises
+(``sinfo`` for SLURM, a TCP connection to the GCS for a Ray cluster, a bind to the address an
+embedded Ray is to listen on) and raises
 :class:`BackendUnavailable` with what is missing and how to get it.
 """
 
@@ -132,13 +133,37 @@ def check_ray(address: str | None, timeout_s: float = 5.0) -> None:
         raise BackendUnavailable(f"{named}: no Ray cluster answers at {host}:{port} ({reason}); {RAY_HINT}") from None
 
 
+def check_bind_host(host: str) -> None:
+    """Raises BackendUnavailable unless ``host`` is an address of this machine (a socket can bind to
+    it): an embedded Ray started on any other address waits for its own GCS without end, and says
+    nothing that names the option."""
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+    else:
+        reason = "no address"
+        for family, kind, proto, _, address in infos:
+            try:
+                with socket.socket(family, kind, proto) as s:
+                    s.bind(address)
+                return
+            except OSError as e:
+                reason = e.strerror or str(e)
+    raise BackendUnavailable(f"--ray-bind-host {host} is not an address of this machine ({reason}); give one of "
+                             "its addresses (127.0.0.1, the default, or one `hostname -I` lists)")
+
+
 def check_backend(backend: str, ray_address: str | None = None, slurm_partition: str | None = None,
-                  evaluate: bool = True) -> list[str]:
+                  evaluate: bool = True, ray_bind_host: str = "127.0.0.1") -> list[str]:
     """Checks what this run will use: the training backend, and the Ray cluster the evaluation
-    joins (``ray_address``) when ``evaluate``. Returns warnings; raises BackendUnavailable."""
+    joins (``ray_address``) when ``evaluate``; an embedded Ray's ``ray_bind_host`` must be an
+    address of this machine. Returns warnings; raises BackendUnavailable."""
     warnings: list[str] = []
     if backend == "slurm":
         warnings += check_slurm(slurm_partition)
     if backend == "ray" or evaluate:
         check_ray(ray_address)
+        if resolve_ray_address(ray_address) is None:  # an embedded Ray: started here, on that address
+            check_bind_host(ray_bind_host)
     return warnings

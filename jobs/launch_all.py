@@ -404,7 +404,8 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
         return 2
     check_workdir(args.workdir, args.min_free_gb)
     try:  # before any work: a backend that is not there is named with how to get it
-        for warning in check_backend(args.backend, args.ray_address, args.slurm.partition, args.evaluate):
+        for warning in check_backend(args.backend, args.ray_address, args.slurm.partition, args.evaluate,
+                                     args.ray_bind_host):
             print(f"warning: {warning}", file=sys.stderr)
     except BackendUnavailable as e:
         print(f"error: {e}", file=sys.stderr)

@@ -162,3 +162,30 @@ def test_launch_all_refuses_a_bad_evaluation_parallelism_before_any_work(tmp_pat
     err = capsys.readouterr().err
     assert "error: --eval-parallel-persons must be at least 1, got 0" in err and "Traceback" not in err
     assert not work.exists()
+
+
+def test_an_embedded_rays_bind_host_must_be_an_address_of_this_machine(tmp_path, monkeypatch, capsys):
+    """--ray-bind-host that no socket here can bind (a typo, another machine's address) is refused before any
+    work with the flag named (an embedded Ray started on it waited for its own GCS without end); a joined
+    cluster's run does not use it, and loopback addresses pass."""
+    import tyro
+
+    from jobs.launch_all import LaunchAllArgs, main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for host in ("192.0.2.1", "no-such-host.invalid"):  # TEST-NET-1: never an address of a machine
+        with pytest.raises(BackendUnavailable, match=f"--ray-bind-host {host} is not an address of this machine"):
+            check_backend("ray", None, ray_bind_host=host)
+        with pytest.raises(BackendUnavailable, match="--ray-bind-host"):
+            check_backend("local", None, evaluate=True, ray_bind_host=host)  # the evaluation's embedded Ray
+    assert check_backend("local", None, evaluate=False, ray_bind_host="192.0.2.1") == []
+    for host in ("127.0.0.1", "127.0.0.2", "localhost"):
+        assert check_backend("ray", None, ray_bind_host=host) == []
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a joined cluster: its own addresses
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        assert check_backend("ray", address, ray_bind_host="192.0.2.1") == []
+    work = tmp_path / "work"
+    assert main(tyro.cli(LaunchAllArgs, args=["--workdir", str(work), "--ray-bind-host", "192.0.2.1"])) == 2
+    err = capsys.readouterr().err
+    assert "error: --ray-bind-host 192.0.2.1 is not an address of this machine" in err and "Traceback" not in err
+    assert sorted(p.name for p in work.iterdir()) == []
