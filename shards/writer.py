@@ -21,8 +21,9 @@ import io
 import itertools
 import json
 import tarfile
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -32,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.io import DataError, atomic_file, atomic_write_json
+from common.process_pool import map_tolerant
 
 from .codec import CODEC_VERSION, MEMBERS, encode_sample, normalise_canonical
 from .contract import Camera
@@ -229,10 +231,6 @@ def _stale_reason(task: ShardTask, manifest: dict) -> str | None:
     return shard_problem(Path(task.out_dir) / task.name, entry)
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
 @dataclass
 class ShardRunResult:
     written: list[str] = field(default_factory=list)
@@ -295,23 +293,20 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
         result.failed.setdefault(person, f"{type(error).__name__}: {error}")
 
     bar = tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress)
-    if workers <= 1:
-        for person, t in todo:
-            try:
-                done(person, t, write_shard(t, config))
-            except Exception as e:
-                failed(person, e)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
-            futures = {pool.submit(write_shard, t, config): (person, t) for person, t in todo}
-            for fut in as_completed(futures):
-                person, t = futures[fut]
-                try:
-                    done(person, t, fut.result())
-                except Exception as e:  # one person's broken input must not stop the others
-                    failed(person, e)
-                bar.update()
+    person_of = {t: person for person, t in todo}
+
+    def finished(task: ShardTask, entry: dict | None, error: Exception | None) -> None:
+        if error is None:
+            done(person_of[task], task, entry)
+        else:  # one person's broken input, or a worker that died on it, must not stop the others
+            failed(person_of[task], error)
+        bar.update()
+
+    def rerun(unfinished: list[ShardTask]) -> None:
+        bar.write(f"shards: a worker process died; writing {len(unfinished)} shards again, one process each")
+
+    map_tolerant(partial(write_shard, config=config), [t for _, t in todo], workers, finished,
+                 name=lambda t: f"{person_of[t]}/{t.name}", on_rerun=rerun)
     bar.close()
     return result
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from common import process_pool
 from jobs import _parallel
 
 
@@ -22,7 +23,7 @@ def _work(person: str) -> str:
 @pytest.fixture(autouse=True)
 def _no_torch_in_workers(monkeypatch):
     """The workers' torch thread setting costs an import of torch per process; nothing here uses it."""
-    monkeypatch.setattr(_parallel, "_init_worker", lambda: None)
+    monkeypatch.setattr(process_pool, "_init_worker", lambda: None)
 
 
 def test_a_worker_that_dies_fails_only_its_own_person():

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -16,7 +17,7 @@ from shards.codec import MEMBERS, decode_sample, normalise_canonical
 from shards.raster import rasterize
 from shards.store import PersonStore
 from shards.testing import TINY_SHARDS
-from shards.writer import MANIFEST, ShardConfig, shard_paths, write_shards
+from shards.writer import MANIFEST, ShardConfig, shard_paths, write_shard, write_shards
 
 
 def _digests(d: Path) -> dict[str, str]:
@@ -259,6 +260,29 @@ def test_the_plain_members_are_checked_on_decode(change, message):
     decode_raw("k", _members())
     with pytest.raises(ValueError, match=message):
         decode_raw("k", change(_members()))
+
+
+_REAL_WRITE_SHARD = write_shard
+
+
+def _dies_on_person_001(task, config):
+    if task.out_dir.endswith("001"):
+        os._exit(139)  # what a segfault or the OOM killer looks like to the pool
+    return _REAL_WRITE_SHARD(task, config)
+
+
+def test_a_worker_that_dies_on_one_persons_shard_fails_that_person_alone(tiny_stores, tmp_path, monkeypatch):
+    from common import process_pool
+    from shards import writer
+
+    monkeypatch.setattr(process_pool, "_init_worker", lambda: None)
+    monkeypatch.setattr(writer, "write_shard", _dies_on_person_001)
+    stores = [tiny_stores / "000.zarr", tiny_stores / "001.zarr"]
+    res = write_shards(stores, tmp_path, TINY_SHARDS, workers=2, progress=False)
+    assert list(res.failed) == ["001"] and "its worker process died" in res.failed["001"]
+    assert shard_paths(tmp_path, "000", "train")  # complete: every shard of 000 was written
+    with pytest.raises(DataError, match="incomplete"):
+        shard_paths(tmp_path, "001", "train")
 
 
 def test_background_option_is_the_colour_of_every_pixel_outside_the_alpha(tiny_stores, tiny_shards, tmp_path):

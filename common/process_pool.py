@@ -1,0 +1,109 @@
+"""One function per item in worker processes, where a process that dies takes only its own item down.
+
+A worker that ends abruptly (a segfault, the OOM killer, ``os._exit``) breaks a whole
+``ProcessPoolExecutor``: every item still in it fails with ``BrokenProcessPool``, whichever one
+killed it. :func:`map_tolerant` runs the items on one shared pool first, then the ones that pool
+left unfinished again, each in a fresh process of its own, so that only an item whose process
+dies again fails (:class:`WorkerDied`). Used by the data stages (ingest per person, shards per
+shard) of ``jobs/``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Hashable, TypeVar
+
+Item = TypeVar("Item", bound=Hashable)
+#: Called in the parent as each item finishes: (item, result or None, error or None).
+OnDone = Callable[[Item, object, "Exception | None"], None]
+
+
+class WorkerDied(RuntimeError):
+    """The process running this item ended abruptly (a segfault, the OOM killer, ``os._exit``)."""
+
+
+def _init_worker() -> None:
+    # Each worker owns one core: torch's own thread pool would oversubscribe the machine.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes that own one core each."""
+    return ProcessPoolExecutor(workers, initializer=_init_worker)
+
+
+def _take(fut: Future, item: Hashable, name: str, on_done: OnDone) -> None:
+    """Hand a finished item's result or error to `on_done`; its own process dying is :class:`WorkerDied`."""
+    try:
+        result = fut.result()
+    except BrokenProcessPool as e:
+        on_done(item, None, WorkerDied(f"{name}: its worker process died (crashed or killed, e.g. out of memory): {e}"))
+    except Exception as e:  # keep going: the other items are independent
+        on_done(item, None, e)
+    else:
+        on_done(item, result, None)
+
+
+def _run_shared(fn: Callable, items: list, workers: int, name: Callable, on_done: OnDone) -> list:
+    """All items on one pool of `workers` processes; returns the items left unfinished when a worker died."""
+    finished = set()
+
+    def record(item, result, error) -> None:
+        finished.add(item)
+        on_done(item, result, error)
+
+    with _pool(workers) as pool:
+        futures: dict[Future, Hashable] = {}
+        for item in items:
+            try:
+                futures[pool.submit(fn, item)] = item
+            except BrokenProcessPool:
+                break
+        for fut in as_completed(futures):
+            if fut.cancelled() or isinstance(fut.exception(), BrokenProcessPool):
+                continue
+            _take(fut, futures[fut], name(futures[fut]), record)
+    return [item for item in items if item not in finished]
+
+
+def _run_isolated(fn: Callable, items: list, workers: int, name: Callable, on_done: OnDone) -> None:
+    """Each item in a fresh process of its own, `workers` at a time: a worker that dies takes only its item down."""
+    queue, running = list(items), {}
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                item, pool = queue.pop(0), _pool(1)
+                running[pool.submit(fn, item)] = (item, pool)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                item, pool = running.pop(fut)
+                pool.shutdown()
+                _take(fut, item, name(item), on_done)
+    finally:
+        for _, pool in running.values():
+            pool.shutdown(cancel_futures=True)
+
+
+def map_tolerant(fn: Callable, items: list, workers: int, on_done: OnDone, name: Callable[[Hashable], str] = str,
+                 on_rerun: Callable[[list], None] | None = None) -> None:
+    """``fn(item)`` for every item, `workers` processes at a time (in this process with one worker); `on_done`
+    gets each result or error as it comes, so one failing item never stops the others. Items the shared pool
+    left unfinished when a worker died run again one process each (`on_rerun` is told which first); `name`
+    names an item in a :class:`WorkerDied` message. `fn` and the items must pickle."""
+    if workers <= 1:
+        for item in items:
+            try:
+                result = fn(item)
+            except Exception as e:
+                on_done(item, None, e)
+            else:
+                on_done(item, result, None)
+        return
+    unfinished = _run_shared(fn, items, workers, name, on_done)
+    if unfinished:
+        if on_rerun is not None:
+            on_rerun(unfinished)
+        _run_isolated(fn, unfinished, workers, name, on_done)
