@@ -64,9 +64,6 @@ class BasePretrainConfig:
     """'all' (every subfolder of shard_root with a manifest.json) or a comma-separated list of person ids."""
     output: Path = Path("data/base/tiny")
     """Output diffusers directory (unet/, vae/, empty_prompt_embedding.safetensors, pretrain_info.json)."""
-    expression_dim: int = 16
-    """Passed to ``avatars.configs.tiny_config`` (irrelevant to the base model; only its UNet, VAE,
-    scheduler and resolution are used)."""
     vae_steps: int = 1600
     """Optimizer steps of stage 1 (autoencoder). The VAE is step-bound, not image-bound: 1600 steps
     of 4 images reconstruct the held-out faces as well as 800 of 16 (29.1 dB face PSNR, expression
@@ -131,7 +128,9 @@ class BasePretrainConfig:
     """Retrain even if ``output`` already holds a base pretrained with the same settings."""
 
     def model_config(self) -> DiffusionAvatarsConfig:
-        return tiny_config(expression_dim=self.expression_dim)
+        """The tiny preset's layout; of it the base uses the UNet, VAE, scheduler and resolution (the expression
+        code is the avatar's: no field of it reaches the base)."""
+        return tiny_config()
 
     def fingerprint(self) -> dict:
         """The settings that determine the result (what idempotence compares)."""

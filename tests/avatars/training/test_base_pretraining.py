@@ -44,7 +44,7 @@ def shard_root(tiny_dataset):
 
 def _config(shard_root, output, **kw) -> BasePretrainConfig:
     base = dict(shard_root=shard_root, output=output, vae_steps=3, unet_steps=3, vae_batch_size=4,
-                unet_batch_size=4, scale_batches=2, eval_images=4, num_workers=0, log_every=0, expression_dim=10)
+                unet_batch_size=4, scale_batches=2, eval_images=4, num_workers=0, log_every=0)
     return BasePretrainConfig(**{**base, **kw})
 
 
