@@ -1,6 +1,6 @@
 """Show every person's training state, step and ETA (from the status files of a launch).
 
-    python jobs/status.py [--workdir data] [--watch 5]
+    python jobs/status.py [--workdir data] [--status-dir DIR] [--watch 5]
 """
 
 from __future__ import annotations
@@ -18,14 +18,19 @@ from cluster.status import format_status_table, read_status
 class StatusArgs:
     workdir: Path = Path("data")
     """The launch's work directory; status files live in <workdir>/status/."""
+    status_dir: Path | None = None
+    """Where the status files are when the launch put them elsewhere (`launch_all --backend slurm
+    --slurm.status-dir DIR`); None: <workdir>/status."""
     watch: float = 0.0
     """Refresh every N seconds until interrupted (0: print once)."""
 
 
 def render(args: StatusArgs) -> str:
-    statuses = read_status(args.workdir / "status")
+    folder = args.status_dir if args.status_dir is not None else args.workdir / "status"
+    statuses = read_status(folder)
     if not statuses:
-        return f"no status files under {args.workdir / 'status'} (nothing launched yet?)"
+        return f"no status files under {folder} (nothing launched yet? a launch given --slurm.status-dir: " \
+               "pass it as --status-dir)"
     return format_status_table(statuses)
 
 

@@ -46,8 +46,9 @@ def test_status_prints_each_persons_state_from_the_workdir(tmp_path):
     assert " ".join(rows["002"]).endswith("ShardError: shard 3 changed on disk")
     assert proc.stdout.strip().splitlines()[-1] == "running=1  succeeded=1  failed=1"
     proc = _status_cli(tmp_path / "none")
-    assert proc.returncode == 0 and proc.stdout.strip() == \
-        f"no status files under {tmp_path / 'none' / 'status'} (nothing launched yet?)"
+    assert proc.returncode == 0 and proc.stdout.strip() == (
+        f"no status files under {tmp_path / 'none' / 'status'} (nothing launched yet? a launch given "
+        "--slurm.status-dir: pass it as --status-dir)")
 
 
 def test_watch_reprints_the_table_from_the_files_every_interval(tmp_path, monkeypatch, capsys):
@@ -69,3 +70,12 @@ def test_watch_reprints_the_table_from_the_files_every_interval(tmp_path, monkey
     assert waits == [2.5, 2.5]
     first, second = capsys.readouterr().out.split("\033[2J\033[H")[:2]
     assert _rows(first)["000"][0] == "running" and _rows(second)["000"][0] == "succeeded"
+
+
+def test_status_reads_the_folder_a_slurm_launch_was_given(tmp_path):
+    """`launch_all --backend slurm --slurm.status-dir DIR` writes the status files to DIR: `--status-dir DIR` reads them
+    (with only --workdir, the message names the option)."""
+    write_state(tmp_path / "shared" / "status", "000", "succeeded")
+    args = status_job.StatusArgs(workdir=tmp_path / "work", status_dir=tmp_path / "shared" / "status")
+    assert _rows(status_job.render(args))["000"][0] == "succeeded"
+    assert "--status-dir" in status_job.render(status_job.StatusArgs(workdir=tmp_path / "work"))
