@@ -174,6 +174,7 @@ class Trainer:
         state, cfg = self.state, self.config
         while True:
             self.sampler.set_epoch(state.epoch, start=state.position)
+            self.dataset.set_epoch(state.epoch)  # crops are drawn from (seed, epoch, index): new ones each epoch
             for batch in self.loader:
                 state.position += cfg.batch_size
                 yield batch
