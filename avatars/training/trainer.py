@@ -148,13 +148,15 @@ class Trainer:
         self.noise = torch.Generator(device="cpu").manual_seed(cfg.seed * 1000 + self.rank)
         self.latent_cache = latent_cache_for(cfg.latent_cache_mib, cfg.min_crop)
 
-        self.average = WeightAverage(self.model.trainable_state_dict(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        restored = None
         if cfg.resume == "auto":
             restored = ckpt.load_latest(self.engine.engine, self.checkpoint_dir, self.noise)
-            if restored is not None:
-                self.state = restored
-                if self.average is not None:
-                    self._restore_average(restored.step)
+        if restored is not None:
+            self.state = restored
+        # Built after the restore: from a checkpoint without an average it starts from the restored weights.
+        self.average = WeightAverage(self.model.trainable_state_dict(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if restored is not None and self.average is not None:
+            self._restore_average(restored.step)
         self.start_step = self.state.step
 
         self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, rank=self.rank,

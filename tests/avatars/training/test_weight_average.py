@@ -129,13 +129,18 @@ def _train(shards: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return proc
 
 
+def _trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained (not averaged) weights of a DeepSpeed checkpoint folder, by trainable parameter name."""
+    module = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return {k.removeprefix("model."): v for k, v in module.items()}
+
+
 def test_the_saved_avatar_is_the_average_not_the_last_weights(train_shards, tmp_path):
     _train(train_shards, tmp_path, "--steps", "4", "--checkpoint-every", "4", "--ema-decay", "0.5")
     ckpt = tmp_path / "000" / "checkpoints" / "step_0000004"
     saved = load_trainable_weights(tmp_path / "000" / "model")
     average = torch.load(ckpt / "weight_average.pt", weights_only=True)
-    trained = {k.removeprefix("model."): v for k, v in
-               torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"].items()}
+    trained = _trained_weights(ckpt)
     assert saved.keys() == average.keys()
     assert all(torch.equal(saved[k], average[k]) for k in saved)
     assert any(not torch.equal(saved[k], trained[k]) for k in saved)  # not the last iterate
@@ -143,10 +148,17 @@ def test_the_saved_avatar_is_the_average_not_the_last_weights(train_shards, tmp_
 
 def test_a_checkpoint_without_an_average_resumes_with_a_warning(train_shards, tmp_path):
     """A run checkpointed without --ema-decay (or by a version before it) goes on with one: the average
-    starts from the restored weights, and the log says so rather than failing the person."""
+    starts from the restored weights (not the untrained ones), and the log says so rather than failing
+    the person."""
     _train(train_shards, tmp_path, "--steps", "2", "--checkpoint-every", "2", "--ema-decay", "0")
-    assert not (tmp_path / "000" / "checkpoints" / "step_0000002" / "weight_average.pt").exists()
-    proc = _train(train_shards, tmp_path, "--steps", "4", "--checkpoint-every", "2", "--ema-decay", "0.5")
+    ckpts = tmp_path / "000" / "checkpoints"
+    assert not (ckpts / "step_0000002" / "weight_average.pt").exists()
+    proc = _train(train_shards, tmp_path, "--steps", "3", "--checkpoint-every", "1", "--ema-decay", "0.5")
     assert "holds no weight average" in proc.stderr and "starts from the weights of step 2" in proc.stderr
     assert json.loads((tmp_path / "000" / "result.json").read_text())["resumed_from"] == 2
-    assert (tmp_path / "000" / "checkpoints" / "step_0000004" / "weight_average.pt").is_file()
+    average = torch.load(ckpts / "step_0000003" / "weight_average.pt", weights_only=True)
+    w2, w3 = _trained_weights(ckpts / "step_0000002"), _trained_weights(ckpts / "step_0000003")
+    d = min(0.5, (1 + 3) / (10 + 3))  # the decay after step 3
+    assert average.keys() == w2.keys()
+    for k in average:
+        torch.testing.assert_close(average[k], d * w2[k] + (1 - d) * w3[k], rtol=1e-5, atol=1e-6)
