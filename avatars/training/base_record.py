@@ -3,11 +3,11 @@
 An avatar's ControlNet, feature planes and expression layers are trained against one frozen
 base (UNet + VAE); on another base they render garbage that looks like a working model. So a
 run records the base's content fingerprint (:func:`common.fingerprint.tree_fingerprint`; the
-path alone says nothing once a folder is rewritten) in ``<run>/base.json`` before its first
-step, and the saved model repeats it in its ``config.json`` (``base_fingerprint``). Resuming a
-run whose checkpoints were trained on another base is refused with :class:`BaseMismatch`
-(``--resume never`` retrains it on the new base); the evaluation refuses a model whose base
-changed under it.
+path alone says nothing once a folder is rewritten) in ``<run>/base.json`` once its model and
+engine are built, before its first step, and the saved model repeats it in its ``config.json``
+(``base_fingerprint``). Resuming a run whose checkpoints were trained on another base is refused
+with :class:`BaseMismatch` (``--resume never`` retrains it on the new base); the evaluation
+refuses a model whose base changed under it.
 """
 
 from __future__ import annotations
@@ -53,13 +53,14 @@ def write_record(run_dir: Path, base_model: Path | str | None, fingerprint: str 
 def mismatch(run_dir: Path, fingerprint: str | None) -> str | None:
     """Why ``run_dir``'s training state cannot continue on a base with ``fingerprint`` (None:
     it can: no state yet, or the same base). A run with checkpoints but no record (trained
-    before bases were recorded) counts as another base."""
+    before bases were recorded) counts as another base; a record without checkpoints or a model
+    (a run that failed before its first checkpoint) binds nothing."""
     run_dir = Path(run_dir)
+    if not any((run_dir / "checkpoints").glob("step_*")) and not (run_dir / "model").is_dir():
+        return None
     record = read_record(run_dir)
     if record is None:
-        if any((run_dir / "checkpoints").glob("step_*")) or (run_dir / "model").is_dir():
-            return f"{run_dir} holds training state but no {RECORD_FILE}: the base it was trained on is unknown"
-        return None
+        return f"{run_dir} holds training state but no {RECORD_FILE}: the base it was trained on is unknown"
     if record["fingerprint"] != fingerprint:
         return (f"{run_dir} was trained on the base {record.get('path')} "
                 f"(fingerprint {_short(record['fingerprint'])}), not on this one (fingerprint {_short(fingerprint)})")

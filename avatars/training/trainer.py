@@ -128,7 +128,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.resume == "never":
                 shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-            write_base_record(self.run_dir, cfg.base_model, self.base_fingerprint)
         if self.world_size > 1:
             torch.distributed.barrier()  # rank 0 has cleaned up before anyone reads checkpoints
 
@@ -169,6 +168,8 @@ class Trainer:
         if self.rank == 0:
             self.validator = Validator(cfg.shards, cfg.person, model_config.resolution, cfg.val_samples,
                                        cfg.lpips_weights, cfg.val_inference_steps)
+            # only now, before the first checkpoint: a run that failed in set-up trained nothing on this base
+            write_base_record(self.run_dir, cfg.base_model, self.base_fingerprint)
 
     # ---- the loop -------------------------------------------------------------------------
     def batches(self) -> Iterator[dict]:
