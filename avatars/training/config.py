@@ -122,6 +122,29 @@ class TrainOptions:
         check_lr_decay(self.lr_decay)
         check_latent_cache_mib(self.latent_cache_mib)
         check_decay(self.ema_decay)
+        check_counts(self)
+
+
+#: Integer options and their smallest value: 0 cadences divided by zero after step 1, --keep-last 0 kept every
+#: checkpoint and -1 deleted them all, --val-samples 0 and --val-inference-steps 0 failed after the last step.
+MINIMUM = {"steps": 0, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, "log_every": 1, "keep_last": 1,
+           "validate_every": 0, "val_samples": 1, "val_inference_steps": 1, "num_workers": 0}
+
+
+def _flag(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def check_counts(options: TrainOptions) -> None:
+    """Refuses counts out of range when the options are parsed, naming the option, not after training."""
+    for name, low in MINIMUM.items():
+        value = getattr(options, name)
+        if value < low:
+            raise ValueError(f"{_flag(name)} must be >= {low}, got {value}")
+    if options.zero_stage not in (0, 1, 2):
+        raise ValueError(f"{_flag('zero_stage')} must be 0, 1 or 2, got {options.zero_stage}")
+    if not options.grad_clip >= 0:  # also NaN
+        raise ValueError(f"{_flag('grad_clip')} must be >= 0 (0 disables clipping), got {options.grad_clip}")
 
 
 @dataclass

@@ -193,3 +193,29 @@ def test_keep_last_is_the_number_of_checkpoints_the_trainer_keeps(tmp_path):
             trainer.state.step = step
             saved.append(trainer.save_checkpoint().name)
             assert sorted(p.name for p in trainer.checkpoint_dir.iterdir()) == saved[-keep:], (keep, step)
+
+
+@pytest.mark.parametrize("field, bad", [("steps", -1), ("batch_size", 0), ("grad_accum", 0), ("checkpoint_every", 0),
+                                        ("log_every", 0), ("keep_last", 0), ("keep_last", -1), ("validate_every", -1),
+                                        ("val_samples", 0), ("val_inference_steps", 0), ("num_workers", -1),
+                                        ("zero_stage", 3), ("grad_clip", -1.0)])
+def test_out_of_range_counts_are_refused_naming_the_flag(field, bad):
+    """Refused when the options are parsed: they crashed after the first step (a 0 cadence), after the last
+    (--val-inference-steps 0: no model/), deep inside DeepSpeed (ZeRO 3) or silently meant something else
+    (--keep-last -1 deleted every checkpoint, --grad-clip -1 disabled clipping)."""
+    from avatars.training import train_preset
+
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{field} \\({flag}\\) must be"):
+        TrainConfig(**{field: bad})
+    with pytest.raises(ValueError, match=flag):
+        train_preset("paper", **{field: bad})
+    TrainConfig(steps=0, validate_every=0, num_workers=0, grad_clip=0.0, zero_stage=2)  # the smallest valid ones
+
+
+def test_the_command_line_refuses_a_zero_cadence(tmp_path):
+    proc = subprocess.run([sys.executable, *train_person_args(tmp_path, tmp_path, "--checkpoint-every", "0")],
+                          env=single_thread_env(), capture_output=True, text=True, timeout=600)
+    said = " ".join(proc.stderr.replace("│", " ").split())  # tyro boxes the message
+    assert proc.returncode == 2 and "checkpoint_every (--checkpoint-every) must be >= 1, got 0" in said, said
+    assert not (tmp_path / "000").exists()  # refused before any run folder is made
