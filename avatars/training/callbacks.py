@@ -10,12 +10,13 @@ status file (``cluster.monitoring.training.StatusCallback``) and Prometheus
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from common.io import atomic_write_bytes, naming
+from common.io import DataError, atomic_write_bytes, naming
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -49,11 +50,31 @@ class TrainerCallback:
         callback holds, as ``on_train_end`` would; the error is raised on afterwards."""
 
 
-def truncate_jsonl(path: Path, after_step: int) -> None:
-    """Drop lines logged after ``after_step`` (by a run that died before its next checkpoint)."""
+def truncate_jsonl(path: Path, after_step: int, records: int | None = None) -> None:
+    """Drop what a run logged after the checkpoint it resumes from: lines past ``after_step`` and, when the
+    checkpoint counted them, every line after its first ``records`` (the end-of-run lines of a run that is
+    resumed at its last step). A last line that does not parse is what a process killed mid-write left: it is
+    dropped with a warning; any other line that does not parse is an error naming the file and line."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
+    lines = path.read_text().splitlines()
+    last = max((number for number, line in enumerate(lines, 1) if line), default=0)
+    keep = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError) as e:
+            if number < last:
+                raise DataError(path, f"line {number} is not a JSON object ({e}); the metrics log is damaged: "
+                                      "repair or remove that line, or start over with --resume never") from None
+            warnings.warn(f"{path}: dropped its last line, cut off mid-write: {line[:80]!r}", stacklevel=2)
+            continue
+        if step <= after_step:
+            keep.append(line)
+    if records is not None:
+        keep = keep[:records]
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
@@ -70,7 +91,7 @@ class MetricsLog(TrainerCallback):
     def on_train_start(self, trainer: Trainer) -> None:
         if trainer.config.resume == "never":
             self.path.unlink(missing_ok=True)
-        truncate_jsonl(self.path, trainer.state.step)
+        truncate_jsonl(self.path, trainer.state.step, trainer.state.records)
 
     def on_log(self, trainer: Trainer, record: dict) -> None:
         with naming(self.path), self.path.open("a") as f:

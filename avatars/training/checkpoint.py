@@ -44,6 +44,10 @@ class TrainerState:
     window_losses: list[float] = field(default_factory=list)
     window_samples: int = 0
     window_s: float = 0.0
+    # Records logged (Trainer.log) up to here: what metrics.jsonl keeps on resume, so that the records a run
+    # logged after its checkpoint (the end of run's validation and latent-cache line) are not written twice.
+    # None: a checkpoint written before they were counted (metrics.jsonl is then cut by step alone).
+    records: int | None = 0
 
 
 def tag(step: int) -> str:
@@ -137,7 +141,7 @@ def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState 
         raise RuntimeError(f"{latest}: DeepSpeed could not load this checkpoint")
     saved = _read(latest / f"rank{_rank():03d}_{STATE_FILE}", weights_only=False)
     set_rng_state(saved["rng"], noise)
-    return TrainerState(**saved["state"])
+    return TrainerState(**{"records": None, **saved["state"]})
 
 
 def load_average(ckpt_dir: Path, step: int) -> dict[str, torch.Tensor] | None:

@@ -111,7 +111,9 @@ class Trainer:
                 getattr(callback, hook)(self, *args)
 
     def log(self, record: dict) -> None:
-        """Hands ``record`` to every callback's ``on_log`` (rank 0)."""
+        """Hands ``record`` to every callback's ``on_log`` (rank 0), counted in the checkpointed state."""
+        if self.state.records is not None:
+            self.state.records += 1
         self._emit("on_log", record)
 
     # ---- set-up ---------------------------------------------------------------------------

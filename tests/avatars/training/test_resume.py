@@ -145,3 +145,24 @@ def test_resuming_on_another_base_is_refused(train_shards, uninterrupted, tmp_pa
     assert proc.returncode != 0
     assert "BaseMismatch" in proc.stderr and "was trained on the base None" in proc.stderr
     assert "--resume never" in proc.stderr
+
+
+def _records(run: Path) -> list[tuple[int, list[str]]]:
+    """(step, keys) of every metrics.jsonl line but a process's start-up cost, in file order."""
+    lines = [json.loads(line) for line in (run / "000" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], sorted(r)) for r in lines if "first_step_s" not in r]
+
+
+def test_resumed_after_its_last_checkpoint_the_log_reads_as_one_run(train_shards, uninterrupted, tmp_path):
+    """A run that died after its final checkpoint (no model/ yet), while appending a line: the resume
+    drops the cut-off line and the end-of-run lines (validation, latent cache), and logs them once."""
+    shutil.copytree(uninterrupted / "000", tmp_path / "000")
+    shutil.rmtree(tmp_path / "000" / "model")
+    (tmp_path / "000" / "result.json").unlink()
+    with (tmp_path / "000" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 14, "val_psn')
+    _run(_cmd(train_shards, tmp_path, "--resume", "auto"))
+    assert json.loads((tmp_path / "000" / "result.json").read_text())["resumed_from"] == STEPS
+    records = _records(tmp_path)
+    assert records == _records(uninterrupted)
+    assert [step for step, keys in records if "val_psnr" in keys or "latent_cache" in keys] == [STEPS, STEPS]
