@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from common.io import DataError
+
 EMPTY_PROMPT_FILE = "empty_prompt_embedding.safetensors"
 EMPTY_PROMPT_KEY = "empty_prompt_embedding"
 
@@ -70,22 +72,29 @@ def save_tensor_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike
     atomic_write_bytes(Path(path), save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
-def load_empty_prompt_embedding(file: str | os.PathLike) -> torch.Tensor:
+def load_empty_prompt_embedding(file: str | os.PathLike, width: int | None = None) -> torch.Tensor:
+    """The embedding stored in ``file``; with ``width`` (the UNet's cross_attention_dim) one of another
+    width is refused naming the file (the model would only say that its embedding has the wrong shape)."""
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"empty-prompt embedding {file} not found")
     data = load_file(str(file))
     if EMPTY_PROMPT_KEY not in data:
         raise KeyError(f"{file} has no tensor {EMPTY_PROMPT_KEY!r}")
-    return data[EMPTY_PROMPT_KEY]
+    embedding = data[EMPTY_PROMPT_KEY]
+    if width is not None and (embedding.dim() != 3 or embedding.shape[-1] != width):
+        raise DataError(file, f"tensor {EMPTY_PROMPT_KEY!r} has shape {tuple(embedding.shape)}, the UNet needs "
+                              f"(1, L, {width}) (its cross_attention_dim): an embedding of another base?")
+    return embedding
 
 
-def empty_prompt_embedding_for(path: str | os.PathLike) -> torch.Tensor:
-    """The cached embedding ``PATH/empty_prompt_embedding.safetensors`` if present, else computed
-    with the text encoder (not written into the base model directory)."""
+def empty_prompt_embedding_for(path: str | os.PathLike, width: int | None = None) -> torch.Tensor:
+    """The cached embedding ``PATH/empty_prompt_embedding.safetensors`` if present (checked against
+    ``width``, see :func:`load_empty_prompt_embedding`), else computed with the text encoder (not
+    written into the base model directory)."""
     cached = Path(path) / EMPTY_PROMPT_FILE
     if cached.is_file():
-        return load_empty_prompt_embedding(cached)
+        return load_empty_prompt_embedding(cached, width)
     return compute_empty_prompt_embedding(path)
 
 

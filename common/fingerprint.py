@@ -14,11 +14,14 @@ every block, so a sample sees it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from common.io import DataError
 
 WHOLE_FILE_BYTES = 64 * 2**20
 SAMPLED_BLOCKS = 16
@@ -59,3 +62,37 @@ def tree_fingerprint(root: Path | str) -> str:
 def json_digest(obj: Any) -> str:
     """sha256 of a JSON-able object in canonical form (sorted keys; paths and other objects by str)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    """sha256 of every byte of a file (no sampling: what a recorded checksum of a saved file is)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(4 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_sha256(folder: Path | str, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """Relative path -> :func:`file_sha256` of every file under ``folder`` but ``exclude`` (relative paths)
+    and names starting with '.' (temporary files of atomic writes)."""
+    folder = Path(folder)
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in exclude and not any(p.startswith(".") for p in rel.split("/")):
+            out[rel] = file_sha256(path)
+    return out
+
+
+def check_sha256(folder: Path | str, recorded: dict[str, str], record: Path | str, remedy: str) -> None:
+    """Raises DataError naming the first file under ``folder`` whose bytes differ from the sha256 ``record``
+    lists for it (a flipped bit loads as other weights without any error); a missing one is a
+    FileNotFoundError naming it."""
+    for rel, digest in sorted(recorded.items()):
+        path = Path(folder) / rel
+        if not path.is_file():
+            raise FileNotFoundError(errno.ENOENT, f"missing, though {record} lists it; {remedy}", str(path))
+        if file_sha256(path) != digest:
+            raise DataError(path, f"sha256 differs from the one {record} recorded when it was written (a corrupt "
+                                  f"or changed file); {remedy}")

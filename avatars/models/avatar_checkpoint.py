@@ -3,7 +3,8 @@
 
 Checkpoint directory (format 2)::
 
-    config.json                          {"format": 2, "base_model": ..., "config": DiffusionAvatarsConfig}
+    config.json                          {"format": 2, "base_model": ..., "config": DiffusionAvatarsConfig,
+                                          "sha256": {relative path: sha256 of every other file}}
     empty_prompt_embedding.safetensors
     <part>/config.json, <part>/diffusion_pytorch_model.safetensors
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,7 @@ from avatars.configs import DiffusionAvatarsConfig
 from avatars.models.conditioning import ConditioningEmbedding
 from avatars.models.expression_attention import ExpressionAttentionLayers, ExpressionTokens
 from avatars.models.feature_planes import FeaturePlanes
+from common.fingerprint import check_sha256, folder_sha256
 from common.io import atomic_directory
 
 if TYPE_CHECKING:
@@ -70,10 +73,11 @@ def save_checkpoint(model: DiffusionAvatarsModel, directory: str | os.PathLike) 
             meta["base_fingerprint"] = model.base_fingerprint
         if not model.config.use_diffusion:
             meta["single_pass"] = SINGLE_PASS_READING
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         for name, part in model.parts().items():
             part.save_pretrained(tmp / name)
         save_tensor_atomic({EMPTY_PROMPT_KEY: model.empty_prompt_embedding}, tmp / EMPTY_PROMPT_FILE)
+        meta["sha256"] = folder_sha256(tmp, exclude=(CONFIG_FILE,))  # every other file, checked when loaded
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_checkpoint(cls: type[DiffusionAvatarsModel], directory: str | os.PathLike,
@@ -94,11 +98,12 @@ def load_checkpoint(cls: type[DiffusionAvatarsModel], directory: str | os.PathLi
         raise ValueError(f"{config_file}: a 'w/o diffusion' checkpoint whose single pass read its output as the clean "
                          f"latent (single_pass {meta.get('single_pass')!r}, this code reads it as "
                          f"{SINGLE_PASS_READING!r}): retrain it with this version")
+    verify(directory, meta)
     if base_model is None:
         base_model = meta.get("base_model")
     if base_model is None and config.requires_pretrained_base:
         raise ValueError(f"{directory} was trained on a pretrained base model: pass base_model / --base-model PATH")
-    embedding = load_empty_prompt_embedding(directory / EMPTY_PROMPT_FILE)
+    embedding = load_empty_prompt_embedding(directory / EMPTY_PROMPT_FILE, config.unet.cross_attention_dim)
     if meta["format"] == 1:
         model = cls(config, base_model=base_model, empty_prompt_embedding=embedding)
         weights = directory / WEIGHTS_FILE
@@ -117,11 +122,25 @@ def load_checkpoint(cls: type[DiffusionAvatarsModel], directory: str | os.PathLi
     return model
 
 
+def verify(directory: Path, meta: dict) -> None:
+    """Every file the checkpoint's ``config.json`` lists has the sha256 recorded at save (DataError naming
+    the first that does not: a flipped bit loads as other weights without an error). A checkpoint written
+    before they were recorded loads unverified, with a warning."""
+    if "sha256" not in meta:
+        warnings.warn(f"{directory}: written before avatars recorded the sha256 of their files; loaded without "
+                      "checking them", stacklevel=3)
+        return
+    check_sha256(directory, meta["sha256"], directory / CONFIG_FILE,
+                 "remove the folder and train the avatar again (or restore it from a copy)")
+
+
 def load_trainable_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every trainable weight of a checkpoint directory (either format), keyed by the model's
     parameter names (as :meth:`DiffusionAvatarsModel.trainable_state_dict`), without building the
     model: for comparing checkpoints."""
     directory = Path(directory)
+    if (directory / CONFIG_FILE).is_file():
+        verify(directory, json.loads((directory / CONFIG_FILE).read_text()))
     if (directory / WEIGHTS_FILE).is_file():
         return load_file(str(directory / WEIGHTS_FILE))
     weights = {}

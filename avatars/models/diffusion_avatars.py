@@ -97,7 +97,7 @@ class DiffusionAvatarsModel(nn.Module):
                 unet, vae = load_unet_and_vae(base_model)
                 self._check_base(unet, vae)
                 if empty_prompt_embedding is None:
-                    empty_prompt_embedding = empty_prompt_embedding_for(base_model)
+                    empty_prompt_embedding = empty_prompt_embedding_for(base_model, cad)
             else:
                 unet = build_unet(config.unet, latent, latent, config.resolution // config.vae.downsample_factor)
                 vae = build_vae(config.vae, config.resolution)

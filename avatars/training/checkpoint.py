@@ -5,16 +5,19 @@ weights, optimizer state; frozen weights are excluded) plus `trainer_state.pt`
 (data-loader epoch and position, torch / numpy / python RNG states, the diffusion
 noise generator). DeepSpeed writes into the folder directly, so completeness is
 marked separately: `complete.json` is written (atomically, by rank 0, after every
-rank has finished saving) last, and only folders with it count. The newest `keep_last`
-complete checkpoints are kept.
+rank has finished saving) last, and only folders with it count. It lists the sha256 of every
+file of the folder, checked before a resume loads any of them (a flipped bit loads as other
+weights without an error). The newest `keep_last` complete checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,9 +25,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.io import atomic_write_bytes, atomic_write_json
+from common.fingerprint import check_sha256, folder_sha256
+from common.io import DataError, atomic_write_bytes, atomic_write_json
 
 MARKER = "complete.json"
+#: What to do about a corrupt checkpoint.
+REMEDY = "remove the folder to resume from the checkpoint before it, or start over with --resume never"
 STATE_FILE = "trainer_state.pt"
 #: The weight average (``--ema-decay``), written once by rank 0: every rank holds the same average.
 AVERAGE_FILE = "weight_average.pt"
@@ -112,8 +118,8 @@ def save(engine, ckpt_dir: Path, state: TrainerState, noise: torch.Generator, ke
         torch.save(average, buf)
         atomic_write_bytes(ckpt_dir / name / AVERAGE_FILE, buf.getvalue())
     _barrier()
-    if _rank() == 0:
-        atomic_write_json(ckpt_dir / name / MARKER, {"step": state.step})
+    if _rank() == 0:  # every rank has written its files: the marker lists them with their sha256
+        atomic_write_json(ckpt_dir / name / MARKER, {"step": state.step, "sha256": folder_sha256(ckpt_dir / name)})
         for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -136,12 +142,29 @@ def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState 
     if not done:
         return None
     latest = done[-1]
+    verify(latest)
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=latest.name, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"{latest}: DeepSpeed could not load this checkpoint")
     saved = _read(latest / f"rank{_rank():03d}_{STATE_FILE}", weights_only=False)
     set_rng_state(saved["rng"], noise)
     return TrainerState(**{"records": None, **saved["state"]})
+
+
+def verify(folder: Path) -> None:
+    """Every file of a complete checkpoint has the sha256 its marker recorded (DataError naming the first
+    that does not: a flipped bit loads as other weights without any error). A marker without checksums
+    (written before they were recorded) is loaded unverified, with a warning."""
+    marker = folder / MARKER
+    try:
+        recorded = json.loads(marker.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(marker, f"unreadable checkpoint marker ({e}); {REMEDY}") from None
+    if recorded is None:
+        warnings.warn(f"{folder}: written before checkpoints recorded the sha256 of their files; resumed from "
+                      "without checking them", stacklevel=2)
+        return
+    check_sha256(folder, recorded, marker, REMEDY)
 
 
 def load_average(ckpt_dir: Path, step: int) -> dict[str, torch.Tensor] | None:

@@ -39,7 +39,8 @@ import torch
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models import DiffusionAvatarsModel
 from avatars.pipelines.compile_cache import save_compiled
-from common.io import atomic_write_json
+from common.io import DataError, atomic_write_json
+from shards.integrity import MANIFEST
 from shards.writer import shard_paths
 
 from . import checkpoint as ckpt
@@ -134,6 +135,8 @@ class Trainer:
             torch.distributed.barrier()  # rank 0 has cleaned up before anyone reads checkpoints
 
         train_paths = shard_paths(cfg.shards, cfg.person, "train")
+        if not train_paths:
+            raise DataError(Path(cfg.shards) / cfg.person / MANIFEST, f"lists no 'train' shards of person {cfg.person}")
         self.loader_config = LoaderConfig(resolution=0, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                           seed=cfg.seed, min_crop=cfg.min_crop)
         # The model config needs the expression dim (read off a sample), the loader the model's

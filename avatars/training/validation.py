@@ -14,7 +14,8 @@ from avatars.data import LoaderConfig, ShardDataset, collate
 from avatars.evaluation.lpips_weights import LpipsConfig, load_lpips
 from avatars.evaluation.metrics import masked_psnr, mean_colour_error, psnr
 from avatars.pipelines import AvatarPipeline
-from common.io import atomic_write_bytes
+from common.io import DataError, atomic_write_bytes
+from shards.integrity import MANIFEST
 from shards.writer import shard_paths
 
 
@@ -26,6 +27,9 @@ class Validator:
         paths = []
         for split in ("test_seq", "test_cam"):
             paths += shard_paths(shards, person, split)
+        if not paths:
+            raise DataError(Path(shards) / person / MANIFEST, f"lists no held-out shards (test_seq, test_cam) of "
+                                                            f"person {person} to validate on")
         ds = ShardDataset(paths, LoaderConfig(resolution=resolution, augment=False, num_workers=0))
         picks = np.linspace(0, len(ds) - 1, num=min(count, len(ds))).round().astype(int)
         self.batch = collate([ds[int(i)] for i in picks])

@@ -81,3 +81,17 @@ def test_base_model_upcast_attention_must_match_config(tmp_path):
     upcast = dataclasses.replace(config, unet=dataclasses.replace(config.unet, upcast_attention=True))
     with pytest.raises(ValueError, match="upcast_attention"):
         DiffusionAvatarsModel(upcast, base_model=tmp_path, empty_prompt_embedding=torch.zeros(1, 77, 32))
+
+
+def test_an_embedding_of_another_width_is_refused_naming_its_file(tmp_path):
+    """A cached empty-prompt embedding of another base (another cross_attention_dim) names the file."""
+    from safetensors.torch import save_file
+
+    from common.io import DataError
+
+    config = _tiny_diffusers_dir(tmp_path, with_text_encoder=False)
+    cached = tmp_path / base_model.EMPTY_PROMPT_FILE
+    save_file({base_model.EMPTY_PROMPT_KEY: torch.zeros(1, 77, 16)}, str(cached))
+    with pytest.raises(DataError, match=r"has shape \(1, 77, 16\), the UNet needs \(1, L, 32\)") as error:
+        DiffusionAvatarsModel(config, base_model=tmp_path)
+    assert error.value.path == cached

@@ -435,3 +435,31 @@ def test_expression_tokens_sets_how_many_tokens_the_expression_attentions_read(m
     model.training_loss(batch, generator=torch.Generator().manual_seed(0))
     assert model.num_expression_layers > 0
     assert seen == [(2, 2, model.config.unet.cross_attention_dim)] * model.num_expression_layers
+
+
+def test_a_saved_avatar_with_a_flipped_byte_is_refused(tmp_path):
+    """A flipped byte in a weights file loads as other weights without any error: config.json records the
+    sha256 of every file, checked before loading; an avatar saved before that loads with a warning."""
+    import json
+
+    from common.io import DataError
+
+    model = DiffusionAvatarsModel(tiny_config())
+    model.save_pretrained(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert "controlnet/diffusion_pytorch_model.safetensors" in meta["sha256"]
+    assert "empty_prompt_embedding.safetensors" in meta["sha256"] and "config.json" not in meta["sha256"]
+    weights = tmp_path / "a" / "controlnet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    for load in (DiffusionAvatarsModel.from_pretrained, load_trainable_weights):
+        with pytest.raises(DataError, match="sha256 differs") as error:
+            load(tmp_path / "a")
+        assert error.value.path == weights
+    model.save_pretrained(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["sha256"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="written before avatars recorded the sha256"):
+        _same_model(model, DiffusionAvatarsModel.from_pretrained(tmp_path / "old"))

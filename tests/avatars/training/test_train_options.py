@@ -219,3 +219,24 @@ def test_the_command_line_refuses_a_zero_cadence(tmp_path):
     said = " ".join(proc.stderr.replace("│", " ").split())  # tyro boxes the message
     assert proc.returncode == 2 and "checkpoint_every (--checkpoint-every) must be >= 1, got 0" in said, said
     assert not (tmp_path / "000").exists()  # refused before any run folder is made
+
+
+@pytest.mark.parametrize("splits, what", [(("train",), "lists no 'train' shards of person 000"),
+                                          (("test_seq", "test_cam"), "lists no held-out shards")])
+def test_a_person_without_training_or_held_out_shards_names_the_manifest(train_shards, tmp_path, monkeypatch,
+                                                                          splits, what):
+    import shutil
+
+    from common.io import DataError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(train_shards / "000", shards / "000")
+    manifest_path = shards / "000" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["shards"].values():
+        if entry["split"] in splits:
+            entry["split"] = "unused"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=what) as error:
+        _set_up(monkeypatch, shards, tmp_path / "runs")
+    assert error.value.path == manifest_path

@@ -1,0 +1,62 @@
+"""Checkpoint folders: the marker's checksums, checked before a resume loads any file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from avatars.training import checkpoint
+from common.io import DataError
+
+
+class Engine:
+    """DeepSpeed's part of a checkpoint: a weights file in the folder; loading records the tag."""
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+
+    def save_checkpoint(self, folder, tag, **kwargs):
+        (Path(folder) / tag).mkdir(parents=True)
+        (Path(folder) / tag / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 4)
+
+    def load_checkpoint(self, folder, tag, **kwargs):
+        self.loaded.append(tag)
+        return folder, None
+
+
+def _save(ckpt_dir: Path, step: int) -> Path:
+    state = checkpoint.TrainerState(step=step)
+    return checkpoint.save(Engine(), ckpt_dir, state, torch.Generator(), keep_last=2, average={"w": torch.ones(3)})
+
+
+def test_the_marker_lists_every_file_with_its_sha256(tmp_path):
+    folder = _save(tmp_path, 2)
+    marker = json.loads((folder / checkpoint.MARKER).read_text())
+    assert sorted(marker["sha256"]) == ["mp_rank_00_model_states.pt", "rank000_trainer_state.pt",
+                                        "weight_average.pt"]
+    engine = Engine()
+    assert checkpoint.load_latest(engine, tmp_path, torch.Generator()).step == 2 and engine.loaded == [folder.name]
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "weight_average.pt"])
+def test_a_flipped_byte_is_refused_before_anything_loads(tmp_path, name):
+    """A flipped byte inside a tensor loads as another weight without any error: the checksum catches it."""
+    _save(tmp_path, 2)
+    file = _save(tmp_path, 4) / name
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    engine = Engine()
+    with pytest.raises(DataError, match="sha256 differs.*remove the folder") as error:
+        checkpoint.load_latest(engine, tmp_path, torch.Generator())
+    assert error.value.path == file and engine.loaded == []
+
+
+def test_a_checkpoint_written_before_checksums_resumes_with_a_warning(tmp_path):
+    folder = _save(tmp_path, 2)
+    (folder / checkpoint.MARKER).write_text(json.dumps({"step": 2}))  # what earlier versions wrote
+    with pytest.warns(UserWarning, match="written before checkpoints recorded the sha256"):
+        assert checkpoint.load_latest(Engine(), tmp_path, torch.Generator()).step == 2
