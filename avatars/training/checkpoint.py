@@ -3,7 +3,8 @@
 A checkpoint is `<run>/checkpoints/step_<N:07d>/`: DeepSpeed's own files (trainable
 weights, optimizer state; frozen weights are excluded) plus `trainer_state.pt`
 (data-loader epoch and position, torch / numpy / python RNG states, the diffusion
-noise generator). DeepSpeed writes into the folder directly, so completeness is
+noise generator) and `train_config.json` (the run's options, which a resume compares with
+its own: avatars.training.config.resume_conflicts). DeepSpeed writes into the folder directly, so completeness is
 marked separately: `complete.json` is written (atomically, by rank 0, after every
 rank has finished saving) last, and only folders with it count. It lists the sha256 of every
 file of the folder, checked before a resume loads any of them (a flipped bit loads as other
@@ -34,6 +35,8 @@ REMEDY = "remove the folder to resume from the checkpoint before it, or start ov
 STATE_FILE = "trainer_state.pt"
 #: The weight average (``--ema-decay``), written once by rank 0: every rank holds the same average.
 AVERAGE_FILE = "weight_average.pt"
+#: The run's options (``to_jsonable`` of its TrainConfig), written once by rank 0: a resume compares its own.
+OPTIONS_FILE = "train_config.json"
 
 
 @dataclass
@@ -96,8 +99,9 @@ FULL_DISK_BYTES = 64 * 2**20
 
 
 def save(engine, ckpt_dir: Path, state: TrainerState, noise: torch.Generator, keep_last: int,
-         average: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save a checkpoint of `engine` + `state` (+ the weight average) (collective: every rank calls it)."""
+         average: dict[str, torch.Tensor] | None = None, options: dict | None = None) -> Path:
+    """Save a checkpoint of `engine` + `state` (+ the weight average, + the run's options) (collective: every
+    rank calls it)."""
     ckpt_dir = Path(ckpt_dir)
     name = tag(state.step)
     try:
@@ -117,6 +121,8 @@ def save(engine, ckpt_dir: Path, state: TrainerState, noise: torch.Generator, ke
         buf = io.BytesIO()
         torch.save(average, buf)
         atomic_write_bytes(ckpt_dir / name / AVERAGE_FILE, buf.getvalue())
+    if options is not None and _rank() == 0:
+        atomic_write_json(ckpt_dir / name / OPTIONS_FILE, options)
     _barrier()
     if _rank() == 0:  # every rank has written its files: the marker lists them with their sha256
         atomic_write_json(ckpt_dir / name / MARKER, {"step": state.step, "sha256": folder_sha256(ckpt_dir / name)})
@@ -165,6 +171,26 @@ def verify(folder: Path) -> None:
                       "without checking them", stacklevel=2)
         return
     check_sha256(folder, recorded, marker, REMEDY)
+
+
+def saved_options(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """(file, options) the newest complete checkpoint was trained with; None without a checkpoint, or with
+    a warning for one written before checkpoints saved them."""
+    done = complete_checkpoints(Path(ckpt_dir))
+    if not done:
+        return None
+    path = done[-1] / OPTIONS_FILE
+    if not path.is_file():
+        warnings.warn(f"{done[-1]}: written before checkpoints saved the run's options; resumed without comparing "
+                      "them with this run's", stacklevel=2)
+        return None
+    recorded = json.loads((done[-1] / MARKER).read_text()).get("sha256", {})
+    check_sha256(done[-1], {OPTIONS_FILE: recorded[OPTIONS_FILE]} if OPTIONS_FILE in recorded else {},
+                 done[-1] / MARKER, REMEDY)
+    try:
+        return path, json.loads(path.read_text())
+    except ValueError as e:
+        raise DataError(path, f"unreadable ({e}); {REMEDY}") from None
 
 
 def load_average(ckpt_dir: Path, step: int) -> dict[str, torch.Tensor] | None:

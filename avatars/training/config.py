@@ -147,6 +147,44 @@ def check_counts(options: TrainOptions) -> None:
         raise ValueError(f"{_flag('grad_clip')} must be >= 0 (0 disables clipping), got {options.grad_clip}")
 
 
+#: Options a resumed run may change (``--resume auto``): how long it trains (unless a cosine schedule is spread
+#: over --steps), how often it logs, validates and saves, how fast it runs and where things are (the base is
+#: checked by content, avatars/training/base_record.py). Every other option defines the training state (the
+#: model, the data, the optimizer: DeepSpeed restores the checkpoint's learning rates whatever --lr-* says; a
+#: random base is rebuilt from --seed), so a checkpoint continues only with its own values of them.
+RESUMABLE_FIELDS = frozenset({
+    "steps", "checkpoint_every", "keep_last", "resume", "validate_every", "val_samples", "val_inference_steps",
+    "log_every", "num_workers", "metrics_port", "metrics_host", "lpips_weights", "precision", "memory_format",
+    "compile", "compile_cache", "latent_cache_mib", "ema_decay", "base_model", "person", "shards", "out"})
+
+
+class ResumeMismatch(ValueError):
+    """A resume asked to continue checkpoints with options that define another training state."""
+
+
+def _flat(options: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested option dicts as {"model.resolution": ...}."""
+    out = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_conflicts(saved: dict, now: dict) -> list[str]:
+    """``"field: checkpoint's value -> this run's"`` for every state-defining option that differs between the
+    options a checkpoint saved and this run's (both ``to_jsonable`` of a :class:`TrainConfig`). Options only
+    one of them knows (added or removed by another version) are not compared."""
+    resumable = set(RESUMABLE_FIELDS)
+    if "cosine" in (saved.get("lr_decay"), now.get("lr_decay")):
+        resumable.discard("steps")  # the schedule falls over --steps
+    old, new = _flat(saved), _flat(now)
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
+            if key.split(".")[0] not in resumable and old[key] != new[key]]
+
+
 @dataclass
 class TrainConfig(TrainOptions):
     """One person's training run: what to train on and where to write, plus the options."""

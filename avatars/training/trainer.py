@@ -39,6 +39,7 @@ import torch
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models import DiffusionAvatarsModel
 from avatars.pipelines.compile_cache import save_compiled
+from common.configs import to_jsonable
 from common.io import DataError, atomic_write_json
 from shards.integrity import MANIFEST
 from shards.writer import shard_paths
@@ -49,7 +50,7 @@ from .base_record import BaseMismatch, base_fingerprint
 from .base_record import mismatch as base_mismatch
 from .base_record import write_record as write_base_record
 from .callbacks import TrainerCallback, default_callbacks
-from .config import TrainConfig
+from .config import ResumeMismatch, TrainConfig, resume_conflicts
 from .engine import build_engine
 from .latent_cache import latent_cache_for
 from .rendezvous import init_distributed
@@ -127,6 +128,8 @@ class Trainer:
         if cfg.resume == "auto" and (problem := base_mismatch(self.run_dir, self.base_fingerprint)):
             raise BaseMismatch(f"{problem}: its checkpoints do not fit this base. Retrain it on this base with "
                                "--resume never, or train with the base it was trained on")
+        if cfg.resume == "auto":
+            self._check_resumable()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.resume == "never":
@@ -200,6 +203,14 @@ class Trainer:
             self._emit("on_validation", step, out)
         return out
 
+    def _check_resumable(self) -> None:
+        """The newest checkpoint continues only with the options that made its state (config.RESUMABLE_FIELDS)."""
+        saved = ckpt.saved_options(self.checkpoint_dir)
+        if saved is not None and (conflicts := resume_conflicts(saved[1], to_jsonable(self.config))):
+            raise ResumeMismatch(f"{saved[0]}: the checkpoints of {self.run_dir} were trained with other values of "
+                                 f"options that define the training state ({'; '.join(conflicts)}). Resume with the "
+                                 "checkpoint's values, or start over with --resume never")
+
     def _restore_average(self, step: int) -> None:
         folder = self.checkpoint_dir / ckpt.tag(step)
         saved = ckpt.load_average(self.checkpoint_dir, step)
@@ -218,7 +229,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         average = self.average.state_dict() if self.average is not None else None
         path = ckpt.save(self.engine.engine, self.checkpoint_dir, self.state, self.noise, self.config.keep_last,
-                         average=average)
+                         average=average, options=to_jsonable(self.config))
         self._emit("on_checkpoint", self.state.step, path)
         return path
 

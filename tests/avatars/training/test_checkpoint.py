@@ -60,3 +60,17 @@ def test_a_checkpoint_written_before_checksums_resumes_with_a_warning(tmp_path):
     (folder / checkpoint.MARKER).write_text(json.dumps({"step": 2}))  # what earlier versions wrote
     with pytest.warns(UserWarning, match="written before checkpoints recorded the sha256"):
         assert checkpoint.load_latest(Engine(), tmp_path, torch.Generator()).step == 2
+
+
+def test_the_options_are_saved_with_the_checkpoint_and_checked_when_read(tmp_path):
+    assert checkpoint.saved_options(tmp_path) is None  # no checkpoint yet
+    state = checkpoint.TrainerState(step=2)
+    folder = checkpoint.save(Engine(), tmp_path, state, torch.Generator(), keep_last=2, options={"seed": 3})
+    assert "train_config.json" in json.loads((folder / checkpoint.MARKER).read_text())["sha256"]
+    assert checkpoint.saved_options(tmp_path) == (folder / "train_config.json", {"seed": 3})
+    (folder / "train_config.json").write_text(json.dumps({"seed": 4}))
+    with pytest.raises(DataError, match="sha256 differs"):
+        checkpoint.saved_options(tmp_path)
+    (folder / "train_config.json").unlink()  # a checkpoint from before the options were saved
+    with pytest.warns(UserWarning, match="without comparing"):
+        assert checkpoint.saved_options(tmp_path) is None

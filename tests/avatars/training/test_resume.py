@@ -166,3 +166,24 @@ def test_resumed_after_its_last_checkpoint_the_log_reads_as_one_run(train_shards
     records = _records(tmp_path)
     assert records == _records(uninterrupted)
     assert [step for step, keys in records if "val_psnr" in keys or "latent_cache" in keys] == [STEPS, STEPS]
+
+
+@pytest.mark.parametrize("changed, named", [(("--lr-networks", "0.01"), "lr_networks: 0.003 -> 0.01"),
+                                            (("--seed", "1"), "seed: 0 -> 1")])
+def test_resuming_with_options_that_define_the_state_is_refused(train_shards, uninterrupted, tmp_path, changed, named):
+    """DeepSpeed would restore the checkpoint's learning rates whatever --lr-networks says, and --seed would
+    rebuild another random base under the checkpoint: refused before set-up, naming the option."""
+    shutil.copytree(uninterrupted / "000", tmp_path / "000")
+    proc = subprocess.run(_cmd(train_shards, tmp_path, "--steps", str(STEPS + 2), *changed), env=single_thread_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "ResumeMismatch" in proc.stderr and named in proc.stderr, proc.stderr[-3000:]
+    assert "--resume never" in proc.stderr
+    assert json.loads((tmp_path / "000" / "result.json").read_text())["steps"] == STEPS  # nothing trained
+
+
+def test_a_resume_extends_the_run_with_other_cadences(train_shards, uninterrupted, tmp_path):
+    shutil.copytree(uninterrupted / "000", tmp_path / "000")
+    _run(_cmd(train_shards, tmp_path, "--steps", str(STEPS + 2), "--log-every", "1", "--checkpoint-every", "1",
+              "--num-workers", "0"))
+    result = json.loads((tmp_path / "000" / "result.json").read_text())
+    assert (result["resumed_from"], result["steps"]) == (STEPS, STEPS + 2)

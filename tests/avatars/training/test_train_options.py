@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -240,3 +241,23 @@ def test_a_person_without_training_or_held_out_shards_names_the_manifest(train_s
     with pytest.raises(DataError, match=what) as error:
         _set_up(monkeypatch, shards, tmp_path / "runs")
     assert error.value.path == manifest_path
+
+
+def test_a_resume_may_change_cadences_but_not_what_defines_the_state():
+    from avatars.training.config import resume_conflicts
+    from common.configs import to_jsonable
+
+    def conflicts(before: dict, after: dict) -> list[str]:
+        return resume_conflicts(to_jsonable(TrainConfig(**before)), to_jsonable(TrainConfig(**after)))
+
+    assert conflicts({}, {"steps": 900, "checkpoint_every": 7, "log_every": 3, "num_workers": 0, "ema_decay": 0.0,
+                          "keep_last": 5, "val_samples": 2, "metrics_port": 9000, "base_model": Path("moved")}) == []
+    assert conflicts({}, {"lr_networks": 1e-2, "seed": 1}) == ["lr_networks: 0.003 -> 0.01", "seed: 0 -> 1"]
+    assert conflicts({}, {"batch_size": 8, "zero_stage": 1, "clip_scope": "all", "weight_decay": 0.0}) == [
+        "batch_size: 4 -> 8", "clip_scope: 'controlnet' -> 'all'", "weight_decay: 0.01 -> 0.0", "zero_stage: 0 -> 1"]
+    model = dataclasses.replace(TrainConfig().model, conditioning_scale=2.0)
+    assert conflicts({}, {"model": model}) == ["model.conditioning_scale: 1.4 -> 2.0"]
+    assert conflicts({"lr_decay": "cosine"}, {"lr_decay": "cosine", "steps": 900}) == ["steps: 600 -> 900"]
+    saved = to_jsonable(TrainConfig())
+    del saved["min_crop"]  # an option the version that wrote the checkpoint did not have
+    assert resume_conflicts(saved, to_jsonable(TrainConfig(min_crop=0.5))) == []
