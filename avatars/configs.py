@@ -12,7 +12,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 from common.configs import from_jsonable, to_jsonable
 
@@ -148,8 +150,9 @@ class DiffusionAvatarsConfig:
     """Noise schedule of training and sampling."""
     resolution: int = 512
     """Training / rendering resolution (square images; height = width)."""
-    expression_dim: int = 100
-    """Dimension of the per-frame expression code (declared by the data; NPHM 206, MonoNPHM 100)."""
+    expression_dim: Annotated[int, tyro.conf.Suppress] = 100
+    """Dimension of the per-frame expression code (declared by the data; NPHM 206, MonoNPHM 100). The trainer
+    sets it from the data, so no command line offers it."""
     expression_tokens: int = 4
     """Number of expression tokens (paper: 4), each of width ``unet.cross_attention_dim``."""
     conditioning_embedding_channels: tuple[int, ...] = (16, 32, 96, 256)
@@ -200,9 +203,10 @@ class DiffusionAvatarsConfig:
     timestep to draw)."""
     requires_pretrained_base: bool = True
     """The pretrained base model is mandatory (paper preset); with False random weights are fine."""
-    init_seed: int = 0
+    init_seed: Annotated[int, tyro.conf.Suppress] = 0
     """Seed of every random initialisation (frozen random base, feature maps, new layers), so a model without
-    pretrained base is rebuilt identically by ``from_pretrained``."""
+    pretrained base is rebuilt identically by ``from_pretrained``. The trainer sets it to its ``--seed``, so no
+    command line offers it."""
 
     @property
     def expression_channel_count(self) -> int:

@@ -198,6 +198,33 @@ def _check_bases(args: LaunchAllArgs, persons: list[str], base_model: Path | Non
     return refused
 
 
+def _check_resumable(args: LaunchAllArgs, persons: list[str]) -> dict[str, str]:
+    """Persons whose checkpoints were trained with other values of the options that define the training state
+    (avatars.training.config.RESUMABLE_FIELDS: the model, seed, learning rates, ...), each with why. Their
+    trainer would refuse to resume them; said here, before any job starts, and an avatar already trained to
+    its steps is not taken as this run's (its options differ)."""
+    from avatars.training.checkpoint import saved_options
+    from avatars.training.config import TrainConfig, resume_conflicts
+    from common.configs import to_jsonable
+
+    if args.train.resume == "never":
+        return {}
+    refused = {}
+    for p in persons:
+        run = args.workdir / "runs" / p
+        try:
+            saved = saved_options(run / "checkpoints")
+        except (DataError, OSError) as e:  # a damaged checkpoint: the trainer says what to do with it
+            refused[p] = str(e)
+            continue
+        conflicts = resume_conflicts(saved[1], to_jsonable(TrainConfig.for_person(args.train, person=p))) \
+            if saved is not None else []
+        if conflicts:
+            refused[p] = (f"{run} was trained with other values of options that define the training state "
+                          f"({'; '.join(conflicts)}); pass its values, or --train.resume never to retrain it")
+    return refused
+
+
 def _trained(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -> dict[str, dict]:
     """Persons whose avatar is already trained to this run's steps on this run's base (result.json
     and the model are there): their training would resume at its last step and train nothing,
@@ -349,7 +376,26 @@ def check_options(args: LaunchAllArgs) -> str | None:
         (args.job_memory_gb is None or _finite(args.job_memory_gb, 0, strict=True),
          f"--job-memory-gb must be a positive number of GiB, got {args.job_memory_gb}"),
     ]
-    return next((message for ok, message in checks if not ok), None)
+    return next((message for ok, message in checks if not ok), _base_problem(args))
+
+
+def _base_problem(args: LaunchAllArgs) -> str | None:
+    """Why the base this run would train on cannot be the one its model options describe, naming the flags."""
+    from avatars.configs import tiny_config
+
+    model = args.train.model
+    if model.requires_pretrained_base and args.train.base_model is None:
+        return "--train.base-model is required: this preset trains on a pretrained base (a local SD2.1 directory)"
+    if not _needs_tiny_base(args):
+        return None
+    tiny = tiny_config()  # what avatars.training.base_pretraining pretrains the main job's base with
+    changed = [f"--train.model.{name}" for name in ("unet", "vae", "scheduler", "resolution")
+               if getattr(model, name) != getattr(tiny, name)]
+    if changed:
+        return (f"{', '.join(changed)}: the main job pretrains its tiny base with the tiny preset's layout, whose "
+                "UNet, VAE, noise schedule and resolution the avatar then takes over; for another layout pass a base "
+                "of it with --train.base-model")
+    return None
 
 
 def check_persons(args: LaunchAllArgs) -> str | None:
@@ -444,6 +490,7 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
                 base_model = _base_model(args, prepared)
             stage = "training"
             refused = _check_bases(args, persons, base_model)
+            refused.update(_check_resumable(args, [p for p in persons if p not in refused]))
             results = [JobResult(person=p, ok=False, attempts=0, error=reason) for p, reason in refused.items()]
             trained = _trained(args, [p for p in persons if p not in refused], base_model)
             if trained:

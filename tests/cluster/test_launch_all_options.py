@@ -242,6 +242,9 @@ def staged(tmp_path, monkeypatch, capfd):
     (["--persons", "017,017"], "--persons names 017 more than once"),
     (["--persons", "../017"], "--persons: '../017' is not a person id"),
     (["--persons", ","], "--persons ',' names no person"),
+    (["--train.model.unet.layers-per-block", "2"], "--train.model.unet: the main job pretrains its tiny base"),
+    (["--train.model.resolution", "128", "--train.model.scheduler.beta-end", "0.02"],
+     "--train.model.scheduler, --train.model.resolution: the main job pretrains its tiny base with the tiny preset's"),
 ])
 def test_bad_values_are_refused_with_their_flag_before_any_work(staged, flags, error):
     """A value the training or the evaluation would refuse after the data stage and the base pretraining,
@@ -281,3 +284,37 @@ def test_slurm_log_dir_is_kept_when_given_even_if_it_is_the_old_default(tmp_path
         args = preset_cli(launch_all.PRESETS, default="tiny", description="d",
                           args=["--workdir", str(tmp_path), "--backend", "slurm", *flags])
         assert launch_all._backend_config(args, launch_all.status_dir(args)).log_dir == expected
+
+
+def test_the_paper_preset_without_a_base_is_refused_before_any_work():
+    args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["paper"])
+    assert launch_all.check_options(args) == ("--train.base-model is required: this preset trains on a pretrained "
+                                              "base (a local SD2.1 directory)")
+    args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["paper", "--train.base-model", "/b"])
+    assert launch_all.check_options(args) is None
+
+
+def test_a_rerun_with_options_that_define_the_state_refuses_the_persons_trained_with_others(tmp_path, monkeypatch):
+    """The options a person's checkpoints were trained with are compared before any job starts (its trainer
+    would refuse to resume them, and an avatar trained to its steps would be taken as this run's)."""
+    from avatars.training import checkpoint
+    from avatars.training.config import TrainConfig
+    from common.configs import to_jsonable
+
+    args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["--workdir", str(tmp_path)])
+    saved = to_jsonable(TrainConfig.for_person(args.train, person="017"))
+    monkeypatch.setattr(checkpoint, "saved_options", lambda folder: (folder / "step_9" / "train_config.json", saved))
+    assert launch_all._check_resumable(args, ["017"]) == {}
+    for flags, changed in [(["--train.seed", "5"], "seed: 0 -> 5"),
+                           (["--train.model.no-use-expression"], "model.use_expression: True -> False")]:
+        other = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["--workdir", str(tmp_path),
+                                                                                     *flags])
+        refused = launch_all._check_resumable(other, ["017"])
+        assert changed in refused["017"] and "--train.resume never" in refused["017"]
+    longer = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["--workdir", str(tmp_path),
+                                                                                  "--train.steps", "1800"])
+    assert launch_all._check_resumable(longer, ["017"]) == {}  # a run may be extended
+    never = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["--workdir", str(tmp_path),
+                                                                                 "--train.seed", "5", "--train.resume",
+                                                                                 "never"])
+    assert launch_all._check_resumable(never, ["017"]) == {}

@@ -89,3 +89,15 @@ def test_run_takes_typed_options_or_json_overrides(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="model.resolution"):
         train_job.run("017", {"model": {"resolution": "big"}})
     assert isinstance(options, TrainOptions)
+
+
+@pytest.mark.parametrize("flag", ["--train.model.expression-dim", "--train.model.init-seed"])
+def test_model_fields_the_trainer_sets_are_no_options(flag, capsys):
+    """The data sets the expression dimension and --train.seed the initialisation seed: a flag for either would
+    be parsed and then replaced without a word, so the command line offers neither."""
+    with pytest.raises(SystemExit):
+        preset_cli(launch_all.PRESETS, default="tiny", description="d", args=[flag, "7"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["--help"])
+    assert flag not in capsys.readouterr().out
