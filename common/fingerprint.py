@@ -65,7 +65,8 @@ def json_digest(obj: Any) -> str:
 
 
 def file_sha256(path: Path | str) -> str:
-    """sha256 of every byte of a file (no sampling: what a recorded checksum of a saved file is)."""
+    """sha256 of every byte of a file, read in 4 MiB chunks (no sampling: what a recorded checksum of a saved file
+    is; hashlib releases the GIL, so threads hash in parallel)."""
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(4 * 2**20):

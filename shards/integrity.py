@@ -10,28 +10,18 @@ frame checksums (see `shards.codec`), checked on every decode.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common.fingerprint import file_sha256
 from common.io import DataError
 
 MANIFEST = "manifest.json"
-_CHUNK = 1 << 22
 
 
 class ShardError(DataError):
     """A shard that cannot be used: missing, truncated, corrupt, or not what its manifest lists."""
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks (hashlib releases the GIL, so threads hash in parallel)."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_manifest(path: Path) -> dict:
