@@ -301,3 +301,18 @@ def test_cuda_graph_render_equals_eager_bit_for_bit():
     frames = {k: v.cuda() for k, v in _frames(4).items()}
     torch.testing.assert_close(graphed(frames, num_inference_steps=STEPS, seeds=[9, 8, 7, 6]),
                                eager(frames, num_inference_steps=STEPS, seeds=[9, 8, 7, 6]), rtol=0, atol=0)
+
+
+def test_decode_chunk_is_the_most_frames_the_vae_decodes_at_once(monkeypatch):
+    """RenderOptions.decode_chunk (--renderer.pipeline.decode-chunk) 2: a bucket of 5 frames is decoded as
+    2 + 2 + 1; the default (8) decodes the 5 at once."""
+    batch = _frames(5)
+    chunks = {}
+    for options in (RenderOptions(batch_buckets=(5,), decode_chunk=2), RenderOptions(batch_buckets=(5,))):
+        pipe = RenderPipeline(_model(), options)
+        decode, sizes = pipe.model.decode_latents, []
+        monkeypatch.setattr(pipe.model, "decode_latents", lambda latents: sizes.append(latents.shape[0])
+                            or decode(latents))
+        assert pipe(batch, num_inference_steps=1).shape[0] == 5
+        chunks[options.decode_chunk] = sizes
+    assert chunks == {2: [2, 2, 1], 8: [5]}

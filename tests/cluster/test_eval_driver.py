@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
@@ -644,3 +645,66 @@ def test_eval_device_is_where_the_metric_networks_run(tmp_path):
     evaluator = EvalRun(config, tmp_path)._evaluator.result(timeout=60)
     assert {p.device.type for p in evaluator._lpips.parameters()} == {"meta"}
     assert evaluator.config.device == "meta" and evaluator.config.lpips.device == "meta"
+
+
+class _Centroid(torch.nn.Module):
+    """Landmark 'model' (--landmark-model contract): the intensity-weighted centroid (x, y in pixels), K = 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.mean(1)
+        total = w.sum((1, 2))
+        cy = (w.sum(2) * torch.arange(w.shape[1], dtype=w.dtype)).sum(1) / total
+        cx = (w.sum(1) * torch.arange(w.shape[2], dtype=w.dtype)).sum(1) / total
+        return torch.stack([cx, cy], -1)[:, None, :]
+
+
+class _MeanColour(torch.nn.Module):
+    """Face-identity 'model' (--face-id-model contract): the mean colour as a 3-d embedding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+def _scored_by_the_driver(tmp_path, *flags: str) -> dict:
+    """render_eval's command line (tyro, as its __main__ parses it) with ``flags``, then the metric networks of
+    the EvalRun it starts (what each person's frames are scored with) on a red square moved by (4, 3) pixels
+    whose second frame also turns green."""
+    import tyro
+
+    from cluster.eval_driver.person import EvalRun
+
+    config = tyro.cli(EvalDriverConfig, args=[
+        "--runs", str(tmp_path), "--shards", str(tmp_path), "--stores", str(tmp_path), "--reports-root",
+        str(tmp_path), "--metrics", "psnr", "akd", "csim", *flags])
+    gt = np.zeros((2, 32, 32, 3), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[:, 10:14, 10:14] = (255, 0, 0)
+    pred[:, 13:17, 14:18] = (255, 0, 0)
+    pred[1, 13:17, 14:18] = (0, 255, 0)
+    return EvalRun(config, tmp_path / "run")._evaluator.result(timeout=60).evaluate_video(gt, pred)
+
+
+def test_face_id_model_makes_the_driver_compute_csim(tmp_path):
+    """render_eval --face-id-model: CSIM is computed from the model (1 for the same colour, 0 for another), not
+    skipped; without it, skipped with the reason naming the flag."""
+    from avatars.evaluation.face_models import CSIM_SKIPPED
+
+    model = tmp_path / "faceid.pt"
+    torch.jit.script(_MeanColour()).save(str(model))
+    out = _scored_by_the_driver(tmp_path, "--face-id-model", str(model))
+    assert "csim" not in out["skipped"]
+    np.testing.assert_allclose(out["metrics"]["csim"]["per_frame"], [1.0, 0.0], atol=1e-5)
+    assert _scored_by_the_driver(tmp_path)["skipped"]["csim"] == CSIM_SKIPPED
+
+
+def test_landmark_model_makes_the_driver_compute_akd(tmp_path):
+    """render_eval --landmark-model: AKD is computed from the model (the square moved by 5 pixels), not skipped;
+    without it, skipped with the reason naming the flag."""
+    from avatars.evaluation.face_models import AKD_SKIPPED
+
+    model = tmp_path / "landmarks.pt"
+    torch.jit.script(_Centroid()).save(str(model))
+    out = _scored_by_the_driver(tmp_path, "--landmark-model", str(model))
+    assert "akd" not in out["skipped"]
+    np.testing.assert_allclose(out["metrics"]["akd"]["per_frame"], [5.0, 5.0], atol=1e-4)
+    assert _scored_by_the_driver(tmp_path)["skipped"]["akd"] == AKD_SKIPPED

@@ -1,5 +1,6 @@
-"""jobs/launch_all.py's --captures, --no-evaluate, --force, --verbose, --ray-bind-host, --job-cpus, --job-gpus and
---eval-parallel-persons, each given on its command line (the parser the job's __main__ uses) with its effect checked.
+"""jobs/launch_all.py's --captures, --no-evaluate, --force, --verbose, --ray-bind-host, --job-cpus, --job-gpus,
+--job-memory-gb and --eval-parallel-persons, each given on its command line (the parser the job's __main__ uses)
+with its effect checked.
 
 In process on the local backend (or on a Ray stood in for in this process, ``fake_ray``), like
 test_ray_connect.py's launch_all test, and cheap: the data stage is real (the shared tiny capture root:
@@ -318,3 +319,49 @@ def test_a_rerun_with_options_that_define_the_state_refuses_the_persons_trained_
                                                                                  "--train.seed", "5", "--train.resume",
                                                                                  "never"])
     assert launch_all._check_resumable(never, ["017"]) == {}
+
+
+def test_job_memory_gb_is_reserved_for_each_ray_task_and_slurm_job(tmp_path, monkeypatch):
+    """--job-memory-gb 2.5: each person's Ray task is submitted with 2.5 GiB of memory and each SLURM job asks
+    for it (submitit's --mem, whole GB: 3GB); without it neither reserves memory. The jobs and the backend
+    configuration are the ones launch_all's training stage builds; only the submission is not made."""
+    import ray
+
+    from cluster import orchestrate
+    from cluster.orchestrate import make_backend
+
+    runs = []
+    monkeypatch.setattr(orchestrate, "run_all", lambda jobs, config: runs.append((jobs, config)) or [])
+    tasks = []
+
+    class Task:  # ray.remote(fn).options(**options).remote(*args): records the options, submits nothing
+        def __init__(self, fn):
+            pass
+
+        def options(self, **options):
+            tasks.append(options)
+            return self
+
+        def remote(self, *args):
+            return None
+
+    monkeypatch.setattr(ray, "remote", Task)
+
+    def reserved(*flags: str) -> tuple[object, object]:
+        """(the Ray task's memory option, the SLURM job's mem parameter) of person 017 with ``flags``."""
+        reservations = []
+        for backend in ("ray", "slurm"):
+            args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=[
+                "--workdir", str(tmp_path / "work"), "--backend", backend, "--verbose", *flags])
+            launch_all._train(args, ["017"], None)
+            (job,), config = runs.pop()
+            if backend == "ray":
+                make_backend(config)._submit(job, 1, None)
+                reservations.append(tasks.pop().get("memory"))
+            else:
+                executor = make_backend(config)._executor(job.resources, "da-017")
+                reservations.append(executor._executor.parameters.get("mem"))
+        return tuple(reservations)
+
+    assert reserved("--job-memory-gb", "2.5") == (int(2.5 * 2**30), "3GB")
+    assert reserved() == (None, None)

@@ -199,3 +199,29 @@ def test_memory_kinds_are_the_ones_the_help_text_names(monkeypatch) -> None:
     help_text = TrainingMetrics(CollectorRegistry()).memory_bytes._documentation
     named = set(help_text.split("kind: ", 1)[1].rstrip(")").split(", "))
     assert named == set(memory_bytes())
+
+
+def test_metrics_host_is_the_address_the_training_exporter_listens_on(tmp_path: Path) -> None:
+    """--train.metrics-host 127.0.0.2: the Prometheus callback the cluster attaches (training_callbacks) serves
+    there and not on 127.0.0.1, the default's address."""
+    from types import SimpleNamespace
+
+    from avatars.training import TrainConfig
+    from cluster.monitoring.training import PrometheusCallback, training_callbacks
+
+    port = _free_port()
+    for host, other in (("127.0.0.2", "127.0.0.1"), (None, "127.0.0.2")):
+        options = {"metrics_host": host} if host else {}  # None: the default
+        config = TrainConfig(person="000", shards=tmp_path, out=tmp_path, metrics_port=port, **options)
+        (prometheus,) = [c for c in training_callbacks(config) if isinstance(c, PrometheusCallback)]
+        records: list[dict] = []
+        prometheus.on_train_start(SimpleNamespace(state=SimpleNamespace(step=0), log=records.append))
+        try:
+            address = host or "127.0.0.1"
+            assert prometheus.exporter.server.server_address[0] == address
+            assert records == [{"step": 0, "metrics_port": prometheus.exporter.port}]
+            assert "da_train_loss" in _get(f"http://{address}:{prometheus.exporter.port}/metrics")
+            with socket.socket() as s:
+                assert s.connect_ex((other, prometheus.exporter.port)) != 0
+        finally:
+            prometheus.on_train_end(None, {})

@@ -392,3 +392,41 @@ def test_grad_clip_bounds_the_gradient_and_0_turns_it_off(shard_root, unet_input
     with pytest.raises(ValueError, match="grad_clip must be >= 0, got -1"):
         pretrain_base(_config(shard_root, tmp_path / "fresh", grad_clip=-1.0))
     assert not (tmp_path / "fresh").exists()
+
+
+def _first_vae_step(shard_root, **kw) -> tuple[float, float]:
+    """(reconstruction loss of stage 1's first step, largest change of a VAE weight in that step) on one
+    held-out image."""
+    image = held_out_images(shard_root, ["000"], 1, 64)
+    mask = torch.ones_like(image[:, :1])
+    torch.manual_seed(0)  # train_vae seeds its initialisation with config.seed (0) the same way
+    start = _weights(build_vae(tiny_config(expression_dim=10).vae, 64))
+    config = _tiny(shard_root, shard_root / "unused", **kw)
+    vae, _, first = train_vae(config, tiny_config(expression_dim=10), iter([(image, mask)]))
+    return first, max((value - start[name]).abs().max().item() for name, value in vae.state_dict().items())
+
+
+def test_vae_gradient_weight_adds_the_edge_error_to_the_first_loss(shard_root):
+    """--vae-gradient-weight reaches stage 1's loss: 1.0 adds the L1 error of the image's finite differences
+    to the first step's reconstruction loss (the seeded VAE's, computed here), where the default adds none."""
+    image = held_out_images(shard_root, ["000"], 1, 64)
+    mask = torch.ones_like(image[:, :1])
+
+    def expected(gradient_weight: float) -> float:
+        torch.manual_seed(0)
+        vae = build_vae(tiny_config(expression_dim=10).vae, 64).train()
+        with torch.no_grad():
+            return vae_loss(vae, image, 1e-6, torch.Generator().manual_seed(1), mask, 4.0, gradient_weight)[1].item()
+
+    plain, edges = _first_vae_step(shard_root)[0], _first_vae_step(shard_root, vae_gradient_weight=1.0)[0]
+    assert plain == pytest.approx(expected(0.0), rel=1e-4)
+    assert edges == pytest.approx(expected(1.0), rel=1e-4)
+    assert edges > 1.05 * plain
+
+
+def test_warmup_steps_scales_the_first_step_of_both_stages(shard_root, unet_inputs):
+    """--warmup-steps 4: the first step runs at a quarter of the peak rate (Adam's first step moves a weight by at
+    most the rate, the largest by it), in stage 1 (--vae-lr) and in stage 2 (--unet-lr); 1: at the peak."""
+    assert _first_vae_step(shard_root, warmup_steps=1)[1] == pytest.approx(3e-3, rel=1e-3)
+    assert _first_vae_step(shard_root, warmup_steps=4)[1] == pytest.approx(3e-3 / 4, rel=1e-3)
+    assert _first_unet_step(shard_root, unet_inputs, warmup_steps=4) == pytest.approx(2e-3 / 4, rel=1e-3)
