@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +79,13 @@ def folder_sha256(folder: Path | str, exclude: tuple[str, ...] = ()) -> dict[str
     """Relative path -> :func:`file_sha256` of every file under ``folder`` but ``exclude`` (relative paths)
     and names starting with '.' (temporary files of atomic writes)."""
     folder = Path(folder)
-    out = {}
+    files = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and rel not in exclude and not any(p.startswith(".") for p in rel.split("/")):
-            out[rel] = file_sha256(path)
-    return out
+            files[rel] = path
+    with ThreadPoolExecutor(min(8, max(1, len(files)))) as pool:  # hashlib releases the GIL: files hash in parallel
+        return dict(zip(files, pool.map(file_sha256, files.values())))
 
 
 def check_sha256(folder: Path | str, recorded: dict[str, str], record: Path | str, remedy: str) -> None:

@@ -212,7 +212,8 @@ def convert_person(config: ConvertConfig, pid: str, progress: bool = True) -> st
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return "skipped"
     meta, calibration, frames = plan_person(config, pid)
-    meshes = [_load_tracking(f.tracking, meta, _shared_faces(config, pid)) for f in frames]  # checked before writing
+    faces = _shared_faces(config, pid)  # one topology for every frame: read once
+    meshes = [_load_tracking(f.tracking, meta, faces) for f in frames]  # all checked before writing
     # Written into a fresh folder that replaces the person's whole (the marker last, inside it): a failure part way
     # leaves the old output, never half of the new, and nothing of other settings (timesteps, sequences) stays.
     with atomic_directory(capture.dir) as tmp:

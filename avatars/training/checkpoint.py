@@ -157,15 +157,25 @@ def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState 
     return TrainerState(**{"records": None, **saved["state"]})
 
 
-def verify(folder: Path) -> None:
-    """Every file of a complete checkpoint has the sha256 its marker recorded (DataError naming the first
-    that does not: a flipped bit loads as other weights without any error). A marker without checksums
-    (written before they were recorded) is loaded unverified, with a warning."""
+def _recorded_sha256(folder: Path) -> dict[str, str] | None:
+    """The sha256 per file the checkpoint's marker recorded (None: written before they were); a marker that does
+    not parse is a DataError naming it."""
     marker = folder / MARKER
     try:
         recorded = json.loads(marker.read_text()).get("sha256")
     except (OSError, ValueError, AttributeError) as e:
         raise DataError(marker, f"unreadable checkpoint marker ({e}); {REMEDY}") from None
+    if recorded is not None and not isinstance(recorded, dict):
+        raise DataError(marker, f"its sha256 must be an object file -> digest; {REMEDY}")
+    return recorded
+
+
+def verify(folder: Path) -> None:
+    """Every file of a complete checkpoint has the sha256 its marker recorded (DataError naming the first
+    that does not: a flipped bit loads as other weights without any error). A marker without checksums
+    (written before they were recorded) is loaded unverified, with a warning."""
+    marker = folder / MARKER
+    recorded = _recorded_sha256(folder)
     if recorded is None:
         warnings.warn(f"{folder}: written before checkpoints recorded the sha256 of their files; resumed from "
                       "without checking them", stacklevel=2)
@@ -184,7 +194,7 @@ def saved_options(ckpt_dir: Path) -> tuple[Path, dict] | None:
         warnings.warn(f"{done[-1]}: written before checkpoints saved the run's options; resumed without comparing "
                       "them with this run's", stacklevel=2)
         return None
-    recorded = json.loads((done[-1] / MARKER).read_text()).get("sha256", {})
+    recorded = _recorded_sha256(done[-1]) or {}
     check_sha256(done[-1], {OPTIONS_FILE: recorded[OPTIONS_FILE]} if OPTIONS_FILE in recorded else {},
                  done[-1] / MARKER, REMEDY)
     try:

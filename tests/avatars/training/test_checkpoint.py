@@ -74,3 +74,16 @@ def test_the_options_are_saved_with_the_checkpoint_and_checked_when_read(tmp_pat
     (folder / "train_config.json").unlink()  # a checkpoint from before the options were saved
     with pytest.warns(UserWarning, match="without comparing"):
         assert checkpoint.saved_options(tmp_path) is None
+
+
+@pytest.mark.parametrize("marker", ['{"step": 2, "sha256": {"tr', '[2]', '{"step": 2, "sha256": [1]}'])
+def test_a_damaged_marker_is_a_data_error_naming_it_when_the_options_are_read(tmp_path, marker):
+    """launch_all reads the options of every person's newest checkpoint before any job starts: a marker cut off
+    or of the wrong shape is that person's DataError (with what to do), not a traceback that ends the launch."""
+    state = checkpoint.TrainerState(step=2)
+    folder = checkpoint.save(Engine(), tmp_path, state, torch.Generator(), keep_last=2, options={"seed": 3})
+    (folder / checkpoint.MARKER).write_text(marker)
+    for read in (checkpoint.saved_options, lambda d: checkpoint.verify(folder)):
+        with pytest.raises(DataError, match="complete.json") as e:
+            read(tmp_path)
+        assert "remove the folder" in str(e.value)
