@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from fake_engine import fake_engine
 
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
@@ -124,39 +125,10 @@ def test_the_cosine_schedule_resumes_where_the_checkpoint_left_it(tmp_path):
     assert out["next_resumed"] == pytest.approx(out["next"], rel=1e-12)  # the schedule's position too
 
 
-class _Engine:
-    """Stands in for the engine deepspeed.initialize returns (DeepSpeed itself: test_precision, test_step_work):
-    a huge loss, 1e3 x the sum of the trainable weights, and step() keeps the gradients the update would apply."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, model, optimizer, lr_scheduler, config):
-        self.module, self.optimizer, self.config = model, optimizer, config
-        self.applied: dict[str, torch.Tensor] = {}
-
-    def __call__(self, batch, noise):
-        return 1e3 * sum(p.sum() for p in self.module.parameters() if p.requires_grad)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def is_gradient_accumulation_boundary(self):
-        return True
-
-    def step(self):
-        self.applied = {n: p.grad.clone() for n, p in self.module.model.named_parameters() if p.grad is not None}
-
-
 def _engine(monkeypatch, **options):
-    """build_engine(TrainConfig(**options)) on a fresh tiny model, DeepSpeed's initialize replaced by _Engine."""
-    import deepspeed
-
-    from avatars.training.engine import build_engine
-
-    monkeypatch.setattr(deepspeed, "initialize", lambda model, optimizer, lr_scheduler, config: (
-        _Engine(model, optimizer, lr_scheduler, config), optimizer, None, lr_scheduler))
-    cfg = TrainConfig(**options)
-    return build_engine(cfg, DiffusionAvatarsModel(cfg.model_config(8)), 1)
+    """build_engine(TrainConfig(**options)) on a fresh tiny model with a huge loss (1e3 x the sum of the trainable
+    weights); the stand-in engine's step() keeps the gradients the update would apply and steps nothing."""
+    return fake_engine(monkeypatch, 1e3, False, **options)
 
 
 def test_grad_clip_0_leaves_a_huge_gradient_as_it_is(monkeypatch):

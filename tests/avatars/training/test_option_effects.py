@@ -1,7 +1,7 @@
 """Training options set away from their defaults, each one's effect on the engine the trainer builds
 (``avatars.training.engine.build_engine``, what ``Trainer.setup`` calls): --lr-decay and --grad-clip.
 
-DeepSpeed's ``initialize`` is stood in for by :class:`_Engine` (the real engine runs in test_optim.py's
+DeepSpeed's ``initialize`` is stood in for by :class:`fake_engine.FakeEngine` (the real engine runs in test_optim.py's
 resume test, test_precision.py and test_step_work.py): it keeps the optimizer and the schedule it is
 given and, as DeepSpeed's engine does, steps the optimizer and then the schedule at every step. A few
 seconds of CPU on the tiny model. (--weight-decay: test_optim.py's
@@ -12,51 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fake_engine import fake_engine
 
-from avatars.models import DiffusionAvatarsModel
-from avatars.training import TrainConfig
 from avatars.training.optim import COSINE_FLOOR
 
 
-class _Engine:
-    """What deepspeed.initialize returns, reduced to what ``TrainingEngine.micro_step`` calls: the loss is
-    ``scale`` x the sum of the trainable weights (a gradient of ``scale`` on every one); ``step`` records the
-    gradients the update applies, then steps the optimizer and the schedule (DeepSpeed's order)."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, module, optimizer, lr_scheduler, config, scale: float):
-        self.module, self.optimizer, self.lr_scheduler, self.config = module, optimizer, lr_scheduler, config
-        self.scale = scale
-        self.applied: dict[str, torch.Tensor] = {}
-
-    def __call__(self, batch, noise):
-        return self.scale * sum(p.sum() for p in self.module.parameters() if p.requires_grad)
-
-    def backward(self, loss):
-        loss.backward()
-
-    def is_gradient_accumulation_boundary(self):
-        return True
-
-    def step(self):
-        self.applied = {n: p.grad.clone() for n, p in self.module.model.named_parameters() if p.grad is not None}
-        self.optimizer.step()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
 def _build(monkeypatch, scale: float = 1.0, **options):
-    """build_engine(TrainConfig(**options), fresh tiny model, one process) on the stand-in engine."""
-    import deepspeed
-
-    from avatars.training.engine import build_engine
-
-    monkeypatch.setattr(deepspeed, "initialize", lambda model, optimizer, lr_scheduler, config: (
-        _Engine(model, optimizer, lr_scheduler, config, scale), optimizer, None, lr_scheduler))
-    cfg = TrainConfig(**options)
-    return build_engine(cfg, DiffusionAvatarsModel(cfg.model_config(8)), 1)
+    """build_engine(TrainConfig(**options), fresh tiny model, one process) on the stand-in engine, which steps the
+    optimizer and the schedule."""
+    return fake_engine(monkeypatch, scale, True, **options)
 
 
 def _rates(trainer) -> list[float]:
