@@ -50,13 +50,13 @@ class TrainerCallback:
         callback holds, as ``on_train_end`` would; the error is raised on afterwards."""
 
 
-def truncate_jsonl(path: Path, after_step: int, records: int | None = None) -> None:
-    """Drop what a run logged after the checkpoint it resumes from: lines past ``after_step`` and, when the
-    checkpoint counted them, every line after its first ``records`` (the end-of-run lines of a run that is
-    resumed at its last step). A last line that does not parse is what a process killed mid-write left: it is
-    dropped with a warning; any other line that does not parse is an error naming the file and line."""
+def truncate_jsonl(path: Path, after_step: int, records: int | None = None) -> int:
+    """Drop what a run logged after the checkpoint it resumes from: lines past ``after_step`` and, when given,
+    every line after the first ``records`` (the end-of-run lines of a run that is resumed at its last step, to
+    log them again). A last line that does not parse is what a process killed mid-write left: it is dropped with
+    a warning; any other line that does not parse is an error naming the file and line. Returns the lines kept."""
     if not path.is_file():
-        return
+        return 0
     lines = path.read_text().splitlines()
     last = max((number for number, line in enumerate(lines, 1) if line), default=0)
     keep = []
@@ -76,13 +76,17 @@ def truncate_jsonl(path: Path, after_step: int, records: int | None = None) -> N
     if records is not None:
         keep = keep[:records]
     atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+    return len(keep)
 
 
 class MetricsLog(TrainerCallback):
     """``<run>/metrics.jsonl``: one JSON line per logged record.
 
     On start it drops what a killed run logged past the checkpoint it resumes from (with
-    ``--resume never``, the whole file), so the file reads as one uninterrupted run.
+    ``--resume never``, the whole file), so the file reads as one uninterrupted run. A run resumed at
+    its last step to end it again drops the end-of-run lines it will log again; one extended with a
+    larger ``--steps`` keeps them (they measured the weights of that step, which it does not validate
+    again), and the checkpointed count of records then counts them.
     """
 
     def __init__(self, path: Path):
@@ -91,7 +95,11 @@ class MetricsLog(TrainerCallback):
     def on_train_start(self, trainer: Trainer) -> None:
         if trainer.config.resume == "never":
             self.path.unlink(missing_ok=True)
-        truncate_jsonl(self.path, trainer.state.step, trainer.state.records)
+        state = trainer.state
+        ends_again = state.step >= trainer.config.steps
+        kept = truncate_jsonl(self.path, state.step, state.records if ends_again else None)
+        if state.records is not None:
+            state.records = kept  # what the next checkpoint counts on from: the lines in the file
 
     def on_log(self, trainer: Trainer, record: dict) -> None:
         with naming(self.path), self.path.open("a") as f:

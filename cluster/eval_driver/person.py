@@ -19,6 +19,7 @@ from cluster.eval_driver.tasks import (
     TaskFrames,
     TaskSkipped,
     cross_reenactment,
+    driver_unusable,
     novel_view,
     open_store,
     self_reenactment,
@@ -139,7 +140,6 @@ class EvalRun:
         self.eval_lock = threading.Lock()  # the metric networks are shared by the person threads
         self.frames_rendered = 0
         self._stores: dict[str, object] = {}
-        self._self_clips: dict[tuple[str, int], list[Clip]] = {}
         self._data_lock = threading.Lock()
         self.render_slots = threading.Semaphore(config.parallel_persons)
 
@@ -158,7 +158,11 @@ class EvalRun:
         if driver is None:
             raise TaskSkipped(f"cross-reenactment of {person} needs a second person to drive it; "
                               f"only {person} is evaluated")
-        return cross_reenactment(store, self.store(driver), shards, resolution)
+        try:
+            driver_store = self.store(driver)
+        except (DataError, FileNotFoundError, ValueError) as e:
+            raise driver_unusable(person, driver, e) from None
+        return cross_reenactment(store, driver_store, shards, resolution)
 
     def person(self, handle, person: str, driver: str | None) -> dict[str, TaskResult]:
         """Render `person`'s task frames through the renderer application `handle` (holding a render

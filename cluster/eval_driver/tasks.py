@@ -183,6 +183,12 @@ def driven_conditioning(store: PersonStore, person_model, synth, expression: np.
     return out
 
 
+def driver_unusable(person: str, driver: str, error: Exception) -> TaskSkipped:
+    """The driving person's own data does not read: `person`'s cross-reenactment is skipped, not failed (its
+    avatar and data are fine); the driver's own tasks fail on that data and name it."""
+    return TaskSkipped(f"cross-reenactment of {person} by {driver} is skipped: {driver}'s data is unusable ({error})")
+
+
 def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Path, resolution: int,
                       driver_clips: list[Clip] | None = None) -> TaskFrames:
     """`store.person`'s avatar driven by `driver_store.person`'s held-out expression codes."""
@@ -198,7 +204,10 @@ def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Pat
         raise TaskSkipped(f"cross-reenactment of {a} by {b}: expression codes differ in size "
                           f"({driver_store.expression_dim} vs {store.expression_dim})")
     if driver_clips is None:
-        driver_clips = self_reenactment(driver_store, shards, resolution).clips
+        try:
+            driver_clips = self_reenactment(driver_store, shards, resolution).clips
+        except (DataError, FileNotFoundError, ValueError) as e:
+            raise driver_unusable(a, b, e) from None
     person_model = PersonModel.build(synth, a)
     held = store.attrs["held_out_camera"]
     camera = next((c for c in store.cameras if c.serial == held), None)

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -26,9 +28,15 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
 
-# RAY_AUTH_MODE=token: `ray start` enables token auth (token in ~/.ray/auth_token) but a
-# driver joining by address only sends the token when told to (measured with ray 2.60).
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+# RAY_AUTH_MODE=token: `ray start` enables token auth but a driver joining by address only sends the
+# token when told to (measured with ray 2.60). The token: a file of this test session, so that `ray start`
+# finds one on a fresh machine too (it refuses to start without ~/.ray/auth_token, which only an embedded
+# ray.init creates: the suite passed or failed by test order) and the user's ~/.ray is left alone.
+_TOKEN_DIR = Path(tempfile.mkdtemp(prefix="da-ray-token-"))
+(_TOKEN_DIR / "auth_token").write_text(secrets.token_hex(32))
+atexit.register(shutil.rmtree, _TOKEN_DIR, True)
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(_TOKEN_DIR / "auth_token")}
 # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported: set these before any test
 # module imports ray (otherwise a driver given 127.0.0.1 dials the eth0 address instead).
 for _k, _v in RAY_ENV.items():

@@ -26,6 +26,7 @@ from cluster.eval_driver.tasks import (
 )
 from cluster.report import RunResults
 from cluster.serve.renderer import RendererConfig, RenderResult
+from common.io import DataError
 from shards.testing import TINY
 
 R = 64  # tiny model resolution (the tiny shards are 48 px: resized like the training loader)
@@ -160,7 +161,6 @@ def _fps(path) -> float:
 def test_missing_lpips_weights_are_refused_naming_the_file(tmp_path):
     """--lpips-weights that do not exist fail the evaluation at its start, naming the file and the way out."""
     from cluster.eval_driver.person import EvalRun
-    from common.io import DataError
 
     config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
                               lpips_weights=tmp_path / "missing.safetensors")
@@ -175,7 +175,6 @@ def test_lpips_face_alone_loads_the_lpips_weights_and_keys_on_them(tmp_path):
 
     from cluster.eval_driver.person import EvalRun
     from cluster.eval_driver.uptodate import settings_digest
-    from common.io import DataError
 
     weights = Path(__file__).resolve().parents[2] / "weights" / "lpips_alex.safetensors"
     config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
@@ -605,7 +604,6 @@ def test_a_folder_whose_name_results_cannot_hold_fails_alone_before_anything_ren
     anything renders; the others are evaluated and results.json is written. Only bad names: invalid input."""
     from cluster.eval_driver import driver
     from cluster.report import TaskResult
-    from common.io import DataError
 
     _, stores, shards = tiny_data
     runs = tmp_path / "runs"
@@ -708,3 +706,25 @@ def test_landmark_model_makes_the_driver_compute_akd(tmp_path):
     assert "akd" not in out["skipped"]
     np.testing.assert_allclose(out["metrics"]["akd"]["per_frame"], [5.0, 5.0], atol=1e-4)
     assert _scored_by_the_driver(tmp_path)["skipped"]["akd"] == AKD_SKIPPED
+
+
+def test_cross_reenactment_by_a_driver_whose_data_does_not_read_is_skipped_not_failed(tiny_data, tmp_path):
+    """The driver's shards are missing: the driven person's avatar and data are fine, so its cross-reenactment is
+    skipped with the driver's reason (the driver's own tasks fail on it), not failed against the driven person."""
+    _, stores, shards = tiny_data
+    only_a = tmp_path / "shards"
+    shutil.copytree(shards / "000", only_a / "000")
+    with pytest.raises(DataError, match="001/manifest.json: shard manifest is missing"):
+        self_reenactment(open_store(stores, "001"), only_a, R)  # what the driver's own task fails with
+    with pytest.raises(TaskSkipped, match="cross-reenactment of 000 by 001 is skipped: 001's data is unusable"):
+        cross_reenactment(open_store(stores, "000"), open_store(stores, "001"), only_a, R)
+    # the driver's store does not open (removed, or refused as damaged): skipped the same way, through EvalRun
+    from cluster.eval_driver.person import EvalRun
+
+    only_a_store = tmp_path / "stores"
+    only_a_store.mkdir()
+    (only_a_store / "000.zarr").symlink_to(stores / "000.zarr")
+    config = EvalDriverConfig(runs=tmp_path, shards=shards, stores=only_a_store, reports_root=tmp_path,
+                              metrics=("psnr",))
+    with pytest.raises(TaskSkipped, match="cross-reenactment of 000 by 001 is skipped: 001's data is unusable"):
+        EvalRun(config, tmp_path / "run").task_frames("000", "cross_reenactment", "001", R)

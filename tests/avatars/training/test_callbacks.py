@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from avatars.training.callbacks import truncate_jsonl
+from avatars.training.callbacks import MetricsLog, truncate_jsonl
+from avatars.training.checkpoint import TrainerState
 from common.io import DataError
 
 RECORDS = [{"step": 1, "first_step_s": 0.1}, {"step": 4, "loss": 0.5}, {"step": 4, "latent_cache": {}},
@@ -49,3 +51,15 @@ def test_the_records_of_the_checkpoint_are_kept_and_the_end_of_run_lines_dropped
     _write(path, RECORDS)
     truncate_jsonl(path, after_step=1)  # a checkpoint that did not count its records: by step alone
     assert _read(path) == RECORDS[:1]
+
+
+@pytest.mark.parametrize("steps, kept", [(4, RECORDS[:2]), (8, RECORDS)])
+def test_a_run_ended_again_drops_its_end_of_run_lines_and_an_extended_one_keeps_them(tmp_path, steps, kept):
+    """Resumed at its last checkpoint (step 4, two records counted): ended again with --steps 4 it logs the end
+    of run again, so those lines go; extended to --steps 8 it does not validate step 4 again, so they stay, and
+    the checkpoints it writes count them (a later resume at its own end keeps them)."""
+    path = tmp_path / "metrics.jsonl"
+    _write(path, RECORDS)
+    trainer = SimpleNamespace(config=SimpleNamespace(resume="auto", steps=steps), state=TrainerState(step=4, records=2))
+    MetricsLog(path).on_train_start(trainer)
+    assert _read(path) == kept and trainer.state.records == len(kept)

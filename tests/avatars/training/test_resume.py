@@ -187,3 +187,7 @@ def test_a_resume_extends_the_run_with_other_cadences(train_shards, uninterrupte
               "--num-workers", "0"))
     result = json.loads((tmp_path / "000" / "result.json").read_text())
     assert (result["resumed_from"], result["steps"]) == (STEPS, STEPS + 2)
+    # the old end's validation and latent-cache lines stay (the weights of step STEPS are not validated again)
+    ended = [step for step, keys in _records(tmp_path) if "val_psnr" in keys or "latent_cache" in keys]
+    assert ended == [STEPS, STEPS, STEPS + 2, STEPS + 2]
+    assert _records(tmp_path)[:len(_records(uninterrupted))] == _records(uninterrupted)
