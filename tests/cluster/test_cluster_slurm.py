@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from pipeline_helpers import TINY_DATA, TINY_TRAIN, free_port, random_tiny_base
+from slurm_helpers import sbatch_wait
 from workloads import expected_digest, read_runs, write_input
 
 from cluster.orchestrate import exit_code, format_summary
@@ -214,9 +215,8 @@ def test_sbatch_array_template(tmp_path, slurm_cluster, workload_env):
         write_input(tmp_path / "data", p, corrupt=bad)
     (tmp_path / "persons.txt").write_text("t1\nt2\n\nt3\n")  # blank lines are ignored
     env = _template_env(tmp_path, PERSONS_FILE=str(tmp_path / "persons.txt"))
-    proc = subprocess.run(["sbatch", "--wait", "--parsable", "--array=0-2", *SMALL, f"--chdir={tmp_path}",
-                           str(REPO / "slurm/train_array.sbatch")], env=env, capture_output=True, text=True)
-    assert proc.returncode != 0  # --wait reports the failed array task
+    proc = sbatch_wait(["--array=0-2", *SMALL, f"--chdir={tmp_path}", str(REPO / "slurm/train_array.sbatch")], env=env)
+    assert proc.returncode != 0  # the failed array task
     st = {s.person: s for s in read_status(tmp_path / "status")}
     assert st["t1"].state == "succeeded" and st["t3"].state == "succeeded" and st["t1"].step == 4
     assert st["t2"].state == "failed" and "corrupt" in st["t2"].message
@@ -263,10 +263,9 @@ def test_ray_on_slurm_template_runs_the_main_job(tmp_path, slurm_cluster):
     args = ["--workdir", str(tmp_path / "work"), "--synthetic.persons", "2", *TINY_DATA, *TINY_TRAIN,
             "--train.base-model", str(base), "--job-cpus", "1", "--max-retries", "0", "--no-evaluate",
             "--min-free-gb", "0"]
-    proc = subprocess.run(["sbatch", "--wait", "--parsable", "--nodes=1", "--cpus-per-task=2", "--gpus-per-node=1",
-                           "--time=15", f"--chdir={tmp_path}", f"--output={tmp_path}/ray-slurm-%j.out",
-                           str(REPO / "slurm/ray_on_slurm.sbatch"), *args],
-                          env=env, capture_output=True, text=True, timeout=880)
+    proc = sbatch_wait(["--nodes=1", "--cpus-per-task=2", "--gpus-per-node=1", "--time=15", f"--chdir={tmp_path}",
+                        f"--output={tmp_path}/ray-slurm-%j.out", str(REPO / "slurm/ray_on_slurm.sbatch"), *args],
+                       env=env, timeout=880)
     (out_file,) = tmp_path.glob("ray-slurm-*.out")
     out = out_file.read_text()
     assert proc.returncode == 0, proc.stderr + out[-4000:]

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from slurm_helpers import sbatch_wait
 
 from avatars.models.diffusion_avatars import load_trainable_weights
 from avatars.training.rendezvous import environment_without_group
@@ -43,9 +43,8 @@ def _trained(tmp_path: Path, person: str) -> None:
 
 
 def test_person_template_as_shipped_trains(tmp_path, slurm_cluster, shards):
-    proc = subprocess.run(["sbatch", "--wait", "--parsable", *SMALL, f"--chdir={tmp_path}",
-                           str(REPO / "slurm/train_person.sbatch")],
-                          env=_env(tmp_path, shards, PERSON="000"), capture_output=True, text=True, timeout=800)
+    proc = sbatch_wait([*SMALL, f"--chdir={tmp_path}", str(REPO / "slurm/train_person.sbatch")],
+                       env=_env(tmp_path, shards, PERSON="000"))
     log = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert proc.returncode == 0, proc.stderr + log[-4000:]
     (status,) = read_status(tmp_path / "status")
@@ -56,9 +55,7 @@ def test_person_template_as_shipped_trains(tmp_path, slurm_cluster, shards):
 def test_array_template_as_shipped_trains_every_listed_person(tmp_path, slurm_cluster, shards):
     (tmp_path / "persons.txt").write_text("000\n001\n")
     env = _env(tmp_path, shards, PERSONS_FILE=str(tmp_path / "persons.txt"))
-    proc = subprocess.run(["sbatch", "--wait", "--parsable", "--array=0-1", *SMALL, f"--chdir={tmp_path}",
-                           str(REPO / "slurm/train_array.sbatch")], env=env, capture_output=True, text=True,
-                          timeout=800)
+    proc = sbatch_wait(["--array=0-1", *SMALL, f"--chdir={tmp_path}", str(REPO / "slurm/train_array.sbatch")], env=env)
     log = "\n".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert proc.returncode == 0, proc.stderr + log[-4000:]
     assert {s.person: s.state for s in read_status(tmp_path / "status")} == {"000": "succeeded", "001": "succeeded"}
