@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cluster.eval_driver.tasks import (
+    DATA_ERRORS,
     Clip,
     TaskFrames,
     TaskSkipped,
@@ -160,7 +161,7 @@ class EvalRun:
                               f"only {person} is evaluated")
         try:
             driver_store = self.store(driver)
-        except (DataError, FileNotFoundError, ValueError) as e:
+        except DATA_ERRORS as e:
             raise driver_unusable(person, driver, e) from None
         return cross_reenactment(store, driver_store, shards, resolution)
 
@@ -194,7 +195,7 @@ class EvalRun:
             except TaskSkipped as e:
                 results[task] = TaskResult(metrics={}, skipped={"task": str(e)})
                 continue
-            except (DataError, FileNotFoundError, ValueError) as e:
+            except DATA_ERRORS as e:
                 results[task] = TaskResult(metrics={}, skipped={"task": f"failed: {e}"})
                 log.error("%s/%s: %s", person, task, e)
                 continue

@@ -183,6 +183,11 @@ def driven_conditioning(store: PersonStore, person_model, synth, expression: np.
     return out
 
 
+#: What a person's data that does not read raises (a missing or damaged store or shard): that task fails, or is
+#: skipped when it is the cross-reenactment driver's data (:func:`driver_unusable`); anything else is a bug.
+DATA_ERRORS = (DataError, FileNotFoundError, ValueError)
+
+
 def driver_unusable(person: str, driver: str, error: Exception) -> TaskSkipped:
     """The driving person's own data does not read: `person`'s cross-reenactment is skipped, not failed (its
     avatar and data are fine); the driver's own tasks fail on that data and name it."""
@@ -206,7 +211,7 @@ def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Pat
     if driver_clips is None:
         try:
             driver_clips = self_reenactment(driver_store, shards, resolution).clips
-        except (DataError, FileNotFoundError, ValueError) as e:
+        except DATA_ERRORS as e:
             raise driver_unusable(a, b, e) from None
     person_model = PersonModel.build(synth, a)
     held = store.attrs["held_out_camera"]

@@ -36,4 +36,5 @@ def sbatch_wait(args: list[str], env: dict, timeout: float = 800, poll_s: float 
             ok = all(state == "COMPLETED" and code == "0:0" for state, code in states)
             return subprocess.CompletedProcess(submit.args, 0 if ok else 1, job_id, repr(states))
         time.sleep(poll_s)
-    raise TimeoutError(f"SLURM job {job_id} did not end within {timeout} s")
+    subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=60)  # not left running for later tests
+    raise TimeoutError(f"SLURM job {job_id} did not end within {timeout} s (cancelled)")

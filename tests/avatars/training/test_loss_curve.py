@@ -63,13 +63,20 @@ def _update(run: Path, start: dict[str, torch.Tensor], features: bool) -> torch.
 def test_bf16_path_trains_like_fp32(train_shards, tmp_path):
     env = environment_without_group()
     env["OMP_NUM_THREADS"] = "1"  # the bounds were measured on one thread; the runs go side by side instead
-    procs = {name: subprocess.Popen([sys.executable, "-c", SCRIPT, str(train_shards), str(tmp_path),
-                                     json.dumps({name: options}), str(STEPS)], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, options in RUNS.items()}
-    for name, proc in procs.items():
-        _, stderr = proc.communicate(timeout=900)
-        assert proc.returncode == 0, (name, stderr[-3000:])
+    procs = {}
+    try:
+        for name, options in RUNS.items():  # stderr into files: a pipe nobody reads yet would block its writer
+            with open(tmp_path / f"{name}.err", "w") as err:
+                procs[name] = subprocess.Popen([sys.executable, "-c", SCRIPT, str(train_shards), str(tmp_path),
+                                                json.dumps({name: options}), str(STEPS)], env=env,
+                                               stdout=subprocess.DEVNULL, stderr=err)
+        for name, proc in procs.items():
+            assert proc.wait(timeout=900) == 0, (name, (tmp_path / f"{name}.err").read_text()[-3000:])
+    finally:
+        for proc in procs.values():  # the others when one failed
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
     fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
     assert len(fp32) == len(bf16) == STEPS
