@@ -133,14 +133,15 @@ def to_channels_last(model: nn.Module, trainable: bool = True,
 
 
 def compile_blocks(model: nn.Module, modules: tuple[str, ...] = COMPILED_MODULES,
-                   blocks: tuple[str, ...] = COMPILED_BLOCKS) -> int:
+                   blocks: tuple[str, ...] = COMPILED_BLOCKS, backend: str = "inductor") -> int:
     """Regionally compiles the repeated blocks of ``model``'s ``modules`` (lazily, at first call).
 
     Uses diffusers' ``ModelMixin.compile_repeated_blocks`` (``_repeated_blocks`` names the classes;
     diffusers does not set it for UNet2DConditionModel / ControlNetModel / AutoencoderKL) with
     ``dynamic=False``: every block shape is specialised once. Parameters keep their names
     (``Module.compile`` compiles in place), so checkpoints are unchanged. Returns the number of
-    compiled blocks.
+    compiled blocks. ``backend``: torch.compile's; the CPU tests take "aot_eager" (dynamo's capture and
+    AOTAutograd's forward/backward split, without inductor's C++ kernels, which training never runs).
     """
     import torch._dynamo
 
@@ -155,7 +156,7 @@ def compile_blocks(model: nn.Module, modules: tuple[str, ...] = COMPILED_MODULES
         if not found:
             continue
         module._repeated_blocks = list(blocks)
-        module.compile_repeated_blocks(dynamic=False)
+        module.compile_repeated_blocks(dynamic=False, backend=backend)
         count += len(found)
     return count
 
