@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from avatars.training import PRESETS, TrainConfig, TrainOptions, train_person
-from cluster.monitoring.training import training_callbacks
+from avatars.training import PRESETS, TrainConfig, TrainOptions
 from cluster.status import StatusReporter
 from common.configs import from_jsonable, merge, to_jsonable
 from jobs._presets import preset_cli
@@ -22,6 +21,10 @@ from jobs._presets import preset_cli
 
 def train(config: TrainConfig, status: StatusReporter | None = None) -> dict:
     """Train with every callback a cluster run has (the status file with ``status``)."""
+    # imported here: the options are parsed (and refused, or --help printed) before diffusers' ~10 s import
+    from avatars.training import train_person
+    from cluster.monitoring.training import training_callbacks
+
     return train_person(config, training_callbacks(config, status))
 
 

@@ -15,9 +15,13 @@ stays exact. With random crops every draw is a new image: :func:`latent_cache_fo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from avatars.models import DiffusionAvatarsModel
+if TYPE_CHECKING:
+    from avatars.models import DiffusionAvatarsModel
+
 
 
 class LatentCache:

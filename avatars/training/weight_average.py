@@ -19,8 +19,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from avatars.models.diffusion_avatars import copy_matching
-
 
 def check_decay(decay: float) -> None:
     if not 0.0 <= decay < 1.0:
@@ -53,6 +51,10 @@ class WeightAverage:
         return dict(self.average)
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        # imported here: this module is imported with the training options (avatars.training.config),
+        # which a command line parses before anything needs diffusers
+        from avatars.models.diffusion_avatars import copy_matching
+
         copy_matching(self.average, state, source)
 
     @contextlib.contextmanager
