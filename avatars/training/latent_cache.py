@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from avatars.models import DiffusionAvatarsModel
 
 
-
 class LatentCache:
     """Posteriors of up to ``capacity_bytes`` of samples on the training device; samples beyond that
     are encoded at every draw (alone, as the cached ones were)."""

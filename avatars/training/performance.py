@@ -141,7 +141,8 @@ def compile_blocks(model: nn.Module, modules: tuple[str, ...] = COMPILED_MODULES
     ``dynamic=False``: every block shape is specialised once. Parameters keep their names
     (``Module.compile`` compiles in place), so checkpoints are unchanged. Returns the number of
     compiled blocks. ``backend``: torch.compile's; the CPU tests take "aot_eager" (dynamo's capture and
-    AOTAutograd's forward/backward split, without inductor's C++ kernels, which training never runs).
+    AOTAutograd's forward/backward split, without inductor's C++ kernels for the CPU, which a GPU training
+    does not run).
     """
     import torch._dynamo
 

@@ -1,5 +1,5 @@
 """The command lines parse their options before importing the model: `--help`, and a refusal of a bad
-option, do not wait for diffusers (~10 s on the 2-core machine; launch_all --help took 13.5 s, now ~4)."""
+option, do not wait for diffusers (~10 s on the 2-core machine; launch_all --help took 10-12 s, now ~4)."""
 
 from __future__ import annotations
 

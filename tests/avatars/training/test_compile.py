@@ -47,8 +47,9 @@ def test_compiled_training_matches_eager(train_shards, tmp_path):
     reordering. Compiled with aot_eager: dynamo's capture of every block (guards, recompiles per shape)
     and AOTAutograd's forward/backward split, which is what this project's code decides. Inductor's C++
     kernels for the CPU are not what a training compiles (it compiles for the GPU: the CUDA test below
-    runs inductor) and cost 140 s on a fresh machine (94 kernels, each ~1.4 s of g++ parsing the ATen
-    headers; 172 vs 32 s for this test with a cold and a warm cache, measured 2026-11-28)."""
+    runs inductor) and cost 140 s on a fresh machine (94 kernels, ~1.4 s of g++ each, most of it the
+    ATen vector headers every kernel includes; 172 vs 32 s for this test with a cold and a warm cache,
+    measured 2026-11-28)."""
     _compare(train_shards, tmp_path, rtol=1e-4, weights_rtol=1e-3, backend="aot_eager")
 
 
