@@ -9,6 +9,41 @@ import pytest
 from common.fingerprint import tree_fingerprint
 from shards.testing import build_tiny
 
+# Engines a test session starts once and shares between its tests, by fixture: the suite runs in two
+# pytest-xdist workers (pyproject.toml's addopts), and each group of tests stays on one worker, so no
+# second SLURM starts on the same ports and directory and no second Ray head (whose dashboard agent
+# would find its port taken) starts at all.
+ENGINE_GROUPS = {"slurm_cluster": "slurm", "ray_head": "ray-head"}
+_UNGROUPED = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]):
+    """Marks each engine's tests with its `xdist_group` before xdist reads the marks, and checks after
+    that xdist applied them: it does so by suffixing the test's id with "@<group>", which pytest 9.2
+    ignores (pytest-dev/pytest-xdist#1386), and tests of one group would then run on both workers."""
+    for item in items:
+        groups = [group for fixture, group in ENGINE_GROUPS.items() if fixture in item.fixturenames]
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} uses two shared engines ({groups}); xdist keeps a test in one "
+                                    "group, so their sessions could start twice")
+        for group in groups:
+            item.add_marker(pytest.mark.xdist_group(group))
+    result = yield
+    if config.getoption("loadgroup", default=False):  # an xdist worker of a --dist loadgroup run
+        for item in items:
+            if any(item.iter_markers("xdist_group")) and "@" not in item.nodeid:
+                item.stash[_UNGROUPED] = (
+                    f"pytest-xdist did not keep {item.nodeid} in its group (this pytest and pytest-xdist do not "
+                    "work together: pytest-dev/pytest-xdist#1386); run with -n 0 or install the pinned pytest")
+    return result
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures start an engine a second time
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if _UNGROUPED in item.stash:
+        pytest.fail(item.stash[_UNGROUPED], pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> tuple[Path, Path, Path]:

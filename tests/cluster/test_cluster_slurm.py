@@ -96,6 +96,20 @@ def _wait_step(status_dir, person, step, timeout=120):
     raise TimeoutError(f"{person} never reached step {step}")
 
 
+def _signal_each_at_step(status_dir, backends: dict, step: int, timeout: float = 120) -> None:
+    """USR2 each person's job as soon as it reaches `step`, each on its own: on a loaded machine one job
+    can start seconds after the other, and one waited for in turn could have finished first."""
+    waiting = dict(backends)
+    deadline = time.time() + timeout
+    while waiting:
+        st = {s.person: s for s in read_status(status_dir)}
+        for person in [p for p in waiting if p in st and st[p].state == "running" and (st[p].step or 0) >= step]:
+            subprocess.run(["scancel", "--signal=USR2", waiting.pop(person).job_ids[person][0]], check=True)
+        if waiting and time.time() > deadline:
+            raise TimeoutError(f"{sorted(waiting)} never reached step {step}")
+        time.sleep(0.2)
+
+
 def test_slurm_requeue_after_signal_resumes(tmp_path, slurm_cluster, workload_env):
     # USR2 is what SLURM sends before the time limit or on preemption: submitit calls
     # PersonRunner.checkpoint, requeues the same call, and the workload resumes.
@@ -108,9 +122,7 @@ def test_slurm_requeue_after_signal_resumes(tmp_path, slurm_cluster, workload_en
     b_drop = SlurmBackend(SlurmConfig(max_requeues=0, **common))
     th1, out1 = _run_in_thread(b_keep, keep)
     th2, out2 = _run_in_thread(b_drop, drop)
-    for person, backend in (("keep", b_keep), ("drop", b_drop)):
-        _wait_step(tmp_path / "status", person, 3)
-        subprocess.run(["scancel", "--signal=USR2", backend.job_ids[person][0]], check=True)
+    _signal_each_at_step(tmp_path / "status", {"keep": b_keep, "drop": b_drop}, 3)
     th1.join(150)
     th2.join(150)
     (rk,), (rd,) = out1["results"], out2["results"]

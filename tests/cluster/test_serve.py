@@ -147,7 +147,9 @@ def serve_ray():
     env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    ray.init(num_cpus=2, num_gpus=0, object_store_memory=200 * 2**20, include_dashboard=False,
+    # address="local": a Ray of its own; without it ray.init joins the newest Ray started on the machine, e.g.
+    # the multi-node test's cluster that the other test worker may be running (cluster.ray_connect does the same)
+    ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=200 * 2**20, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         yield ray
