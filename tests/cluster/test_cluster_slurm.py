@@ -86,11 +86,15 @@ def _run_in_thread(backend, jobs):
     return th, out
 
 
+def _running_at(statuses: dict, person: str, step: int) -> bool:
+    """Whether the status files show `person` running at `step` or later."""
+    return person in statuses and statuses[person].state == "running" and (statuses[person].step or 0) >= step
+
+
 def _wait_step(status_dir, person, step, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        st = {s.person: s for s in read_status(status_dir)}
-        if person in st and st[person].state == "running" and (st[person].step or 0) >= step:
+        if _running_at({s.person: s for s in read_status(status_dir)}, person, step):
             return
         time.sleep(0.2)
     raise TimeoutError(f"{person} never reached step {step}")
@@ -103,7 +107,7 @@ def _signal_each_at_step(status_dir, backends: dict, step: int, timeout: float =
     deadline = time.time() + timeout
     while waiting:
         st = {s.person: s for s in read_status(status_dir)}
-        for person in [p for p in waiting if p in st and st[p].state == "running" and (st[p].step or 0) >= step]:
+        for person in [p for p in waiting if _running_at(st, p, step)]:
             subprocess.run(["scancel", "--signal=USR2", waiting.pop(person).job_ids[person][0]], check=True)
         if waiting and time.time() > deadline:
             raise TimeoutError(f"{sorted(waiting)} never reached step {step}")
