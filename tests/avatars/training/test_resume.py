@@ -28,6 +28,7 @@ from avatars.models.diffusion_avatars import load_trainable_weights
 STEPS, EVERY, LOG_EVERY = 14, 6, 4
 KILL_AFTER = 8  # the loss line written between the checkpoints of steps 6 and 12
 CPU_BUDGET_S = 900  # CPU seconds one training run may use (about 10x what it needs)
+STALL_S, STALL_CPU_S = 300, 1.0  # a run that used less CPU than this in that many wall seconds is blocked
 
 
 def _cmd(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -60,26 +61,50 @@ def _cpu_s(proc: subprocess.Popen) -> float:
 
 
 def _wait(proc: subprocess.Popen, until=lambda: False) -> None:
-    """Waits until `until()` holds or `proc` exits; fails if it used more than the CPU budget first."""
+    """Waits until `until()` holds or `proc` exits; fails if it used more than the CPU budget first, or
+    next to no CPU for STALL_S (blocked, say on a lock or a full pipe: no budget would end that wait)."""
+    used, since = 0.0, time.monotonic()
     while proc.poll() is None and not until():
         cpu = _cpu_s(proc)
         if cpu > CPU_BUDGET_S:
             proc.kill()
             pytest.fail(f"the training run used {cpu:.0f} CPU seconds without getting there")
+        if cpu >= used + STALL_CPU_S:
+            used, since = cpu, time.monotonic()
+        elif time.monotonic() - since > STALL_S:
+            stacks = _stacks(proc)
+            proc.kill()
+            pytest.fail(f"the training run used {cpu - used:.2f} CPU seconds in the last {STALL_S} s: blocked, "
+                        f"after {cpu:.0f} CPU seconds. Its threads:\n{stacks}")
         time.sleep(0.05)
 
 
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _stacks(proc: subprocess.Popen) -> str:
+    """Where each thread of `proc` is (py-spy, which Ray installs), for the failure message."""
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        return "(py-spy not found)"
+    dump = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=60)
+    return (dump.stdout + dump.stderr)[-6000:]
+
+
+def _start(cmd: list[str], err: Path) -> subprocess.Popen:
+    """Starts a run whose stderr goes to `err`. Not to a pipe: nobody reads one while the test waits,
+    and once it holds 64 KiB the trainer blocks on its next write, forever."""
+    with err.open("a") as f:
+        return subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=f)
+
+
+def _run(cmd: list[str], err: Path) -> None:
+    proc = _start(cmd, err)
     _wait(proc)
-    stderr = proc.stderr.read()
-    assert proc.wait() == 0, stderr[-3000:]
+    assert proc.wait() == 0, err.read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(train_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted")
-    _run(_cmd(train_shards, out))
+    _run(_cmd(train_shards, out), out / "train.err")
     return out
 
 
@@ -99,11 +124,11 @@ def _logged(jsonl: Path, step: int) -> bool:
 
 @pytest.mark.timeout(3600)  # the CPU budget decides; the wall time of a loaded machine does not
 def test_sigkill_between_checkpoints_then_resume_matches(train_shards, uninterrupted, tmp_path):
-    proc = subprocess.Popen(_cmd(train_shards, tmp_path), env=single_thread_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    err = tmp_path / "train.err"
+    proc = _start(_cmd(train_shards, tmp_path), err)
     jsonl = tmp_path / "000" / "metrics.jsonl"
     _wait(proc, until=lambda: _logged(jsonl, KILL_AFTER))
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert proc.poll() is None, err.read_text()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     ckpts = sorted(p.name for p in (tmp_path / "000" / "checkpoints").glob("step_*"))
@@ -111,7 +136,7 @@ def test_sigkill_between_checkpoints_then_resume_matches(train_shards, uninterru
     assert not (tmp_path / "000" / "model").exists()
     assert [s for s, _ in _losses(tmp_path)] == [LOG_EVERY, KILL_AFTER]
 
-    _run(_cmd(train_shards, tmp_path, "--resume", "auto"))
+    _run(_cmd(train_shards, tmp_path, "--resume", "auto"), tmp_path / "train.err")
     result = json.loads((tmp_path / "000" / "result.json").read_text())
     assert result["resumed_from"] == EVERY and result["steps"] == STEPS
     a, b = _losses(uninterrupted), _losses(tmp_path)
@@ -127,7 +152,8 @@ def test_resume_never_starts_over_and_keep_last(train_shards, uninterrupted, tmp
     ckpts = sorted(p.name for p in (uninterrupted / "000" / "checkpoints").glob("step_*"))
     assert ckpts == [f"step_{2 * EVERY:07d}", f"step_{STEPS:07d}"]  # keep_last=2 deleted step 6
     shutil.copytree(uninterrupted / "000", tmp_path / "000")
-    _run(_cmd(train_shards, tmp_path, "--resume", "never", "--steps", "3", "--checkpoint-every", "3"))
+    _run(_cmd(train_shards, tmp_path, "--resume", "never", "--steps", "3", "--checkpoint-every", "3"),
+         tmp_path / "train.err")
     assert json.loads((tmp_path / "000" / "result.json").read_text())["resumed_from"] == 0
     assert [s for s, _ in _losses(tmp_path)] == [3]
 
@@ -161,7 +187,7 @@ def test_resumed_after_its_last_checkpoint_the_log_reads_as_one_run(train_shards
     (tmp_path / "000" / "result.json").unlink()
     with (tmp_path / "000" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 14, "val_psn')
-    _run(_cmd(train_shards, tmp_path, "--resume", "auto"))
+    _run(_cmd(train_shards, tmp_path, "--resume", "auto"), tmp_path / "train.err")
     assert json.loads((tmp_path / "000" / "result.json").read_text())["resumed_from"] == STEPS
     records = _records(tmp_path)
     assert records == _records(uninterrupted)
@@ -184,7 +210,7 @@ def test_resuming_with_options_that_define_the_state_is_refused(train_shards, un
 def test_a_resume_extends_the_run_with_other_cadences(train_shards, uninterrupted, tmp_path):
     shutil.copytree(uninterrupted / "000", tmp_path / "000")
     _run(_cmd(train_shards, tmp_path, "--steps", str(STEPS + 2), "--log-every", "1", "--checkpoint-every", "1",
-              "--num-workers", "0"))
+              "--num-workers", "0"), tmp_path / "train.err")
     result = json.loads((tmp_path / "000" / "result.json").read_text())
     assert (result["resumed_from"], result["steps"]) == (STEPS, STEPS + 2)
     # the old end's validation and latent-cache lines stay (the weights of step STEPS are not validated again)
