@@ -11,10 +11,9 @@ from shards.testing import build_tiny
 
 pytest_plugins = ["suite_watchdog"]  # tests/suite_watchdog.py: a stuck test fails by name, never hangs the suite
 
-# Engines a test session starts once and shares between its tests, by fixture: the suite runs in two
-# pytest-xdist workers (pyproject.toml's addopts), and each group of tests stays on one worker, so no
-# second SLURM starts on the same ports and directory and no second Ray head (whose dashboard agent
-# would find its port taken) starts at all.
+# Engines a test session starts once and shares between its tests, by fixture: run in pytest-xdist workers
+# (`-n 2 --dist loadgroup`), each group of tests stays on one worker, so no second SLURM starts on the same
+# ports and directory and no second Ray head (whose dashboard agent would find its port taken) starts at all.
 ENGINE_GROUPS = {"slurm_cluster": "slurm", "ray_head": "ray-head"}
 _UNGROUPED = pytest.StashKey[str]()
 

@@ -26,7 +26,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _timeout_of(item: pytest.Item) -> float:
-    """The test's pytest-timeout limit in seconds (its `timeout` mark, else --timeout, else the ini's); 0: none."""
+    """The test's pytest-timeout limit in seconds (its `timeout` mark, else --timeout, else the ini's); 0: none,
+    also where pytest-timeout is not installed (the GPU machine's pytest, say)."""
+    if not item.config.pluginmanager.hasplugin("timeout"):
+        return 0.0
     marker = item.get_closest_marker("timeout")
     if marker is not None and (marker.args or "timeout" in marker.kwargs):
         return float(marker.args[0] if marker.args else marker.kwargs["timeout"])
