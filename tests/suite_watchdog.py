@@ -1,12 +1,13 @@
 """A pytest plugin that ends a test stuck where pytest-timeout cannot reach it.
 
 pytest-timeout's SIGALRM fails a test stuck in Python code, but a test stuck in C code (a collective,
-a C++ client's wait) or in a tear-down after that failure holds its pytest-xdist worker, and the
-whole suite with it, forever: CI then only says it ran out of time. Past its limit plus a grace, the
+a C++ client's wait) or in a tear-down after that failure holds the test process, and the whole
+suite with it, forever: CI then only says it ran out of time. Past its limit plus a grace, the
 watchdog writes where every thread was and which child processes were left to the real stderr,
-kills those children and ends the worker; xdist reports the test as failed ("worker crashed while
-running ...") and runs the rest on a new worker. Loaded by tests/conftest.py; light on imports so
-that a nested pytest (``-p suite_watchdog``) loads it too.
+kills those children and ends the process: under pytest-xdist the controller reports the test as
+failed ("worker crashed while running ...") and runs the rest on a new worker; in one process (the
+default) the run ends there, failed, instead of never. Loaded by tests/conftest.py; light on imports
+so that a nested pytest (``-p suite_watchdog``) loads it too.
 """
 
 from __future__ import annotations
