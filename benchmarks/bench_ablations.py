@@ -37,15 +37,18 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import machine, report  # noqa: E402
-from heldout import Variant, main_job_base  # noqa: E402
 
 from shards.synthetic import SyntheticConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from heldout import Variant
 
 #: name -> (label in the table, model-config overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -106,6 +109,8 @@ def _init_worker() -> None:
 def job_variant(job: dict) -> Variant:
     """The run's overrides: the ablation's model switches over ``--train``'s model fields, and
     ``--train``'s training options with ``--steps``."""
+    from heldout import Variant
+
     train = {**job["train"], **({"steps": job["steps"]} if job["steps"] else {})}
     return Variant(job["variant"], train=train, model={**job["model"], **VARIANTS[job["variant"]][1]})
 
@@ -200,6 +205,9 @@ def main() -> None:
                  "--base-model or the main job's")
     if a.base_unet_steps is not None and a.base_unet_steps <= 0:
         ap.error(f"--base-unet-steps must be positive, got {a.base_unet_steps}")
+    # imported once the options are checked: heldout imports diffusers (~10 s), a refusal or --help needs none
+    from heldout import Variant, main_job_base
+
     persons = [p for p in a.persons.split(",") if p]
     seeds = [int(s) for s in a.seeds.split(",") if s]
     if a.ablation_data:
