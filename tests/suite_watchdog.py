@@ -27,14 +27,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _timeout_of(item: pytest.Item) -> float:
-    """The test's pytest-timeout limit in seconds (its `timeout` mark, else --timeout, else the ini's); 0: none,
-    also where pytest-timeout is not installed (the GPU machine's pytest, say)."""
+    """The test's pytest-timeout limit in seconds, as pytest-timeout itself reads it (the test's mark, --timeout,
+    PYTEST_TIMEOUT or the ini); 0: none, also where pytest-timeout is not installed (the GPU machine's pytest)."""
     if not item.config.pluginmanager.hasplugin("timeout"):
         return 0.0
-    marker = item.get_closest_marker("timeout")
-    if marker is not None and (marker.args or "timeout" in marker.kwargs):
-        return float(marker.args[0] if marker.args else marker.kwargs["timeout"])
-    return float(item.config.getoption("timeout", None) or item.config.getini("timeout") or 0)
+    # pytest-timeout's own reading (private, but any other would drift from it: it missed PYTEST_TIMEOUT);
+    # its hooks would not do: it cancels its timer, and theirs, as soon as a test fails, tear-down still to run
+    from pytest_timeout import _get_item_settings
+
+    return float(_get_item_settings(item).timeout or 0)
 
 
 def _stuck(item: pytest.Item, after: float) -> None:
