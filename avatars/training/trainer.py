@@ -28,6 +28,7 @@ batch to the device while the current step runs.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 import warnings
@@ -122,14 +123,17 @@ class Trainer:
     def setup(self) -> None:
         """Process group, data, model, DeepSpeed engine; restores the newest checkpoint."""
         cfg = self.config
-        self.rank, self.world_size = init_distributed()
-        # Checkpoints trained on another base must not continue on this one (see base_record).
+        # Checkpoints trained on another base, or with other values of the options that define the
+        # state, must not continue (see base_record): refused before the process group is joined,
+        # reported by rank 0 only (the rank its launcher gave; init_distributed reads the same).
+        self.rank = int(os.environ.get("RANK", "0"))
         self.base_fingerprint = base_fingerprint(cfg.base_model)
         if cfg.resume == "auto" and (problem := base_mismatch(self.run_dir, self.base_fingerprint)):
             raise BaseMismatch(f"{problem}: its checkpoints do not fit this base. Retrain it on this base with "
                                "--resume never, or train with the base it was trained on")
         if cfg.resume == "auto":
             self._check_resumable()
+        self.rank, self.world_size = init_distributed()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.resume == "never":

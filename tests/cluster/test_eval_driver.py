@@ -286,9 +286,22 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
     again = run_evaluation(later)
     assert again.reused == ["000", "001"] and again.frames_rendered == 0 and not ray.is_initialized()
     assert RunResults.load(again.results_path).persons == results.persons
-    # A subset run of the same night, forced: only 000 is rendered again; the night keeps 001 and zz9.
+    # A subset run of the same night, forced: only 000 is rendered again; the night keeps 001 and zz9. What the
+    # driver does around the renderer is what is checked from here on: the renderer stands in (Serve ran above; a
+    # second embedded Ray and replica would cost ~30 s), handing back 000's frames and numbers of the first run.
+    from cluster.eval_driver import driver
+
+    rendered = []
+
+    def render_again(config, folder, todo, drivers, results_, failed, person_seconds, app):
+        rendered.extend(todo)
+        results_.update({p: results.persons[p] for p in todo})
+        return sum(r.frames for p in todo for r in results.persons[p].values())
+
+    monkeypatch.setattr(driver, "_render_all", render_again)
     subset = run_evaluation(dataclasses.replace(config, persons=("000",), force=True))
-    assert subset.reused == [] and subset.frames_rendered == sum(r.frames for r in results.persons["000"].values())
+    assert rendered == ["000"] and subset.reused == []
+    assert subset.frames_rendered == sum(r.frames for r in results.persons["000"].values())
     night = RunResults.load(subset.results_path)
     assert sorted(night.persons) == ["000", "001", "zz8", "zz9"] and night.persons["001"] == results.persons["001"]
     assert night.evaluations["000"]["run_id"] != night.evaluations["001"]["run_id"]

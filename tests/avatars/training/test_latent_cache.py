@@ -126,23 +126,37 @@ def test_the_cache_is_on_only_for_samples_that_repeat():
         LatentCache(0)
 
 
-def _train(shards: Path, out: Path, *extra: str) -> list[dict]:
-    cmd = [sys.executable, *train_person_args(shards, out, "--steps", "6", "--batch-size", "4", "--log-every", "1",
-                                              "--checkpoint-every", "6", "--num-workers", "0", *extra)]
-    proc = subprocess.run(cmd, env=single_thread_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in (out / "000" / "metrics.jsonl").read_text().splitlines()]
+def _train(shards: Path, root: Path, runs: dict[str, tuple[str, ...]]) -> dict[str, list[dict]]:
+    """name -> the metrics.jsonl records of a 6-step run under ``root/<name>`` with the extra flags of ``runs``.
+    The runs go side by side (one thread each: a second core works instead of idling)."""
+    procs = {}
+    try:
+        for name, extra in runs.items():
+            out = root / name
+            cmd = [sys.executable, *train_person_args(shards, out, "--steps", "6", "--batch-size", "4", "--log-every",
+                                                      "1", "--checkpoint-every", "6", "--num-workers", "0", *extra)]
+            with open(root / f"{name}.err", "w") as err:  # a file: a pipe nobody reads yet would block
+                procs[name] = subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=err)
+        for name, proc in procs.items():
+            assert proc.wait(timeout=600) == 0, (name, (root / f"{name}.err").read_text()[-3000:])
+    finally:
+        for proc in procs.values():  # the others when one failed
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {name: [json.loads(line) for line in (root / name / "000" / "metrics.jsonl").read_text()
+                   .splitlines()] for name in runs}
 
 
 def test_a_run_encodes_each_training_sample_once_and_trains_as_without_the_cache(train_shards, tmp_path):
     """6 steps of 4 over person 000's 8 training samples (3 epochs): 8 encoded, 16 reused, the same losses."""
-    cached = _train(train_shards, tmp_path / "cached")
-    plain = _train(train_shards, tmp_path / "plain", "--latent-cache-mib", "0")
+    runs = _train(train_shards, tmp_path, {"cached": (), "plain": ("--latent-cache-mib", "0"),
+                                           "cropped": ("--min-crop", "0.8")})
+    cached, plain, cropped = runs["cached"], runs["plain"], runs["cropped"]
     [summary] = [r["latent_cache"] for r in cached if "latent_cache" in r]
     assert summary["samples"] == summary["encoded"] == 8 and summary["reused"] == 16
     assert not any("latent_cache" in r for r in plain)
     losses = [[r["loss"] for r in run if "loss" in r] for run in (cached, plain)]
     assert len(losses[0]) == 6
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-    cropped = _train(train_shards, tmp_path / "cropped", "--min-crop", "0.8")
     assert not any("latent_cache" in r for r in cropped)  # random crops: no cache, whatever its memory

@@ -24,6 +24,8 @@ import torch
 from train_cli import single_thread_env, train_person_args
 
 from avatars.models.diffusion_avatars import load_trainable_weights
+from avatars.training.base_record import BaseMismatch
+from avatars.training.config import ResumeMismatch
 
 STEPS, EVERY, LOG_EVERY = 14, 6, 4
 KILL_AFTER = 8  # the loss line written between the checkpoints of steps 6 and 12
@@ -108,6 +110,18 @@ def uninterrupted(train_shards, tmp_path_factory) -> Path:
     return out
 
 
+def _refused(shards: Path, out: Path, *extra: str) -> None:
+    """The command line of `_cmd`, in this process: a refused resume raises before the trainer joins a
+    process group or builds anything (and without the ~10 s a new interpreter's imports cost)."""
+    from jobs import train_person
+
+    try:
+        train_person.main(_cmd(shards, out, *extra)[2:])
+    finally:
+        assert not torch.distributed.is_initialized(), "refused only after joining a process group"
+    pytest.fail("the run was not refused")
+
+
 def _logged(jsonl: Path, step: int) -> bool:
     """Whether the loss line of `step` is in `jsonl` (complete: a line being written does not parse)."""
     if not jsonl.is_file():
@@ -166,11 +180,9 @@ def test_resuming_on_another_base_is_refused(train_shards, uninterrupted, tmp_pa
     other = tmp_path / "other-base" / "unet"
     other.mkdir(parents=True)
     (other / "config.json").write_text("{}")
-    proc = subprocess.run(_cmd(train_shards, tmp_path, "--base-model", str(other.parent)), env=single_thread_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
-    assert "BaseMismatch" in proc.stderr and "was trained on the base None" in proc.stderr
-    assert "--resume never" in proc.stderr
+    with pytest.raises(BaseMismatch, match="was trained on the base None") as refused:
+        _refused(train_shards, tmp_path, "--base-model", str(other.parent))
+    assert "--resume never" in str(refused.value)
 
 
 def _records(run: Path) -> list[tuple[int, list[str]]]:
@@ -200,10 +212,10 @@ def test_resuming_with_options_that_define_the_state_is_refused(train_shards, un
     """DeepSpeed would restore the checkpoint's learning rates whatever --lr-networks says, and --seed would
     rebuild another random base under the checkpoint: refused before set-up, naming the option."""
     shutil.copytree(uninterrupted / "000", tmp_path / "000")
-    proc = subprocess.run(_cmd(train_shards, tmp_path, "--steps", str(STEPS + 2), *changed), env=single_thread_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "ResumeMismatch" in proc.stderr and named in proc.stderr, proc.stderr[-3000:]
-    assert "--resume never" in proc.stderr
+    with pytest.raises(ResumeMismatch) as refused:
+        _refused(train_shards, tmp_path, "--steps", str(STEPS + 2), *changed)
+    assert named in str(refused.value) and "--resume never" in str(refused.value)
+    assert json.loads((tmp_path / "000" / "result.json").read_text())["steps"] == STEPS  # nothing trained
     assert json.loads((tmp_path / "000" / "result.json").read_text())["steps"] == STEPS  # nothing trained
 
 
