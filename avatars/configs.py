@@ -301,6 +301,11 @@ def tiny_config(expression_dim: int = 16, **overrides: Any) -> DiffusionAvatarsC
     return config
 
 
+#: Samplers a render can use (avatars.schedulers builds them): here, so that a renderer's options are
+#: checked without importing diffusers.
+SAMPLERS = ("ddpm", "ddim", "dpm")
+
+
 @dataclass
 class RenderOptions:
     """How :class:`RenderPipeline` runs a model."""

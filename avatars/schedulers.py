@@ -13,9 +13,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from avatars.configs import SchedulerConfig
-
-SAMPLERS = ("ddpm", "ddim", "dpm")
+from avatars.configs import SAMPLERS, SchedulerConfig
 
 
 def _common(config: SchedulerConfig) -> dict:

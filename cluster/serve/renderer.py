@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avatars.configs import RenderOptions
-from avatars.schedulers import SAMPLERS
+from avatars.configs import SAMPLERS, RenderOptions
 from cluster.serve.validation import BUFFER_CHANNELS, InvalidRequest, validate_request
 
 

@@ -29,6 +29,13 @@ def test_a_command_line_module_does_not_import_the_model(module):
     assert _imported_by(f"import {module}") == []
 
 
+def test_the_evaluation_driver_does_not_import_diffusers():
+    """The driver renders through Serve replicas and scores with LPIPS: it needs torch and Ray, not the model's
+    diffusers (~4 CPU s a night that, on a small machine, the replicas starting beside it would wait for)."""
+    heavy = _imported_by("import cluster.eval_driver.driver, cluster.serve.deployment, jobs.render_eval")
+    assert set(heavy) == {"ray"}
+
+
 def test_the_options_are_checked_without_the_model():
     """TrainOptions' checks (crop, learning-rate decay, latent cache, weight average) run at parse time."""
     assert _imported_by(textwrap.dedent("""
