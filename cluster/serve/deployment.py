@@ -204,6 +204,9 @@ def deploy_renderer(models: Mapping[str, Path], config: RendererConfig | None = 
     app = AvatarRenderer.options(
         num_replicas=config.num_replicas, max_ongoing_requests=config.max_ongoing_requests,
         ray_actor_options=actor_options,
+        # A replica being removed checks for requests still in flight every this many seconds (Serve's 2 s: every
+        # evaluation ended 2 s after its last frame; the driver deletes the application once its frames are back).
+        graceful_shutdown_wait_loop_s=0.2,
     ).bind(models, config, max_models_per_replica)
     try:
         return serve.run(app, name=name, route_prefix=None)
