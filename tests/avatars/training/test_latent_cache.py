@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from train_cli import single_thread_env, train_person_args
+from train_cli import run_side_by_side, train_person_args
 
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
@@ -129,21 +128,9 @@ def test_the_cache_is_on_only_for_samples_that_repeat():
 def _train(shards: Path, root: Path, runs: dict[str, tuple[str, ...]]) -> dict[str, list[dict]]:
     """name -> the metrics.jsonl records of a 6-step run under ``root/<name>`` with the extra flags of ``runs``.
     The runs go side by side (one thread each: a second core works instead of idling)."""
-    procs = {}
-    try:
-        for name, extra in runs.items():
-            out = root / name
-            cmd = [sys.executable, *train_person_args(shards, out, "--steps", "6", "--batch-size", "4", "--log-every",
-                                                      "1", "--checkpoint-every", "6", "--num-workers", "0", *extra)]
-            with open(root / f"{name}.err", "w") as err:  # a file: a pipe nobody reads yet would block
-                procs[name] = subprocess.Popen(cmd, env=single_thread_env(), stdout=subprocess.DEVNULL, stderr=err)
-        for name, proc in procs.items():
-            assert proc.wait(timeout=600) == 0, (name, (root / f"{name}.err").read_text()[-3000:])
-    finally:
-        for proc in procs.values():  # the others when one failed
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    run_side_by_side({name: [sys.executable, *train_person_args(
+        shards, root / name, "--steps", "6", "--batch-size", "4", "--log-every", "1", "--checkpoint-every", "6",
+        "--num-workers", "0", *extra)] for name, extra in runs.items()}, root, timeout=600)
     return {name: [json.loads(line) for line in (root / name / "000" / "metrics.jsonl").read_text()
                    .splitlines()] for name in runs}
 

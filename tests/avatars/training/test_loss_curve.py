@@ -19,16 +19,15 @@ in the features group, which this test checks too, so the bound is not vacuous.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import torch
+from train_cli import run_side_by_side
 
 from avatars.models import DiffusionAvatarsModel
 from avatars.models.diffusion_avatars import load_trainable_weights
-from avatars.training.rendezvous import environment_without_group
 
 STEPS = 40
 # The bounds below were measured at these learning rates (the tiny preset's before it moved to 3e-3 / 1e-1).
@@ -61,22 +60,9 @@ def _update(run: Path, start: dict[str, torch.Tensor], features: bool) -> torch.
 
 
 def test_bf16_path_trains_like_fp32(train_shards, tmp_path):
-    env = environment_without_group()
-    env["OMP_NUM_THREADS"] = "1"  # the bounds were measured on one thread; the runs go side by side instead
-    procs = {}
-    try:
-        for name, options in RUNS.items():  # stderr into files: a pipe nobody reads yet would block its writer
-            with open(tmp_path / f"{name}.err", "w") as err:
-                procs[name] = subprocess.Popen([sys.executable, "-c", SCRIPT, str(train_shards), str(tmp_path),
-                                                json.dumps({name: options}), str(STEPS)], env=env,
-                                               stdout=subprocess.DEVNULL, stderr=err)
-        for name, proc in procs.items():
-            assert proc.wait(timeout=900) == 0, (name, (tmp_path / f"{name}.err").read_text()[-3000:])
-    finally:
-        for proc in procs.values():  # the others when one failed
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    # one thread each: the bounds were measured on one thread
+    run_side_by_side({name: [sys.executable, "-c", SCRIPT, str(train_shards), str(tmp_path),
+                             json.dumps({name: options}), str(STEPS)] for name, options in RUNS.items()}, tmp_path)
 
     fp32, bf16 = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
     assert len(fp32) == len(bf16) == STEPS
