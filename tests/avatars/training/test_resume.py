@@ -216,7 +216,6 @@ def test_resuming_with_options_that_define_the_state_is_refused(train_shards, un
         _refused(train_shards, tmp_path, "--steps", str(STEPS + 2), *changed)
     assert named in str(refused.value) and "--resume never" in str(refused.value)
     assert json.loads((tmp_path / "000" / "result.json").read_text())["steps"] == STEPS  # nothing trained
-    assert json.loads((tmp_path / "000" / "result.json").read_text())["steps"] == STEPS  # nothing trained
 
 
 def test_a_resume_extends_the_run_with_other_cadences(train_shards, uninterrupted, tmp_path):
