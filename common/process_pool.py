@@ -6,12 +6,18 @@ killed it. :func:`map_tolerant` runs the items on one shared pool first, then th
 left unfinished again, each in a fresh process of its own, so that only an item whose process
 dies again fails (:class:`WorkerDied`). Used by the data stages (ingest per person, shards per
 shard) of ``jobs/``.
+
+The workers are fresh interpreters (``spawn``), not forks: a child forked from a process whose other
+threads or OpenMP pool (torch, MKL) had run can wait forever on a lock that no thread of the child will
+release (seen: a shard worker stuck in libgomp under MKL's ``sqrt``, forked from a process with gRPC and
+zarr threads, hung its stage and the ``with`` block's shutdown after it).
 """
 
 from __future__ import annotations
 
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing import get_context
 from typing import Callable, Hashable, TypeVar
 
 Item = TypeVar("Item", bound=Hashable)
@@ -31,8 +37,8 @@ def _init_worker() -> None:
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes that own one core each."""
-    return ProcessPoolExecutor(workers, initializer=_init_worker)
+    """Worker processes that own one core each, started as fresh interpreters (module docstring)."""
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker)
 
 
 def _take(fut: Future, item: Hashable, name: str, on_done: OnDone) -> None:

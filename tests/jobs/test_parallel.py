@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
 
 from common import process_pool
 from jobs import _parallel
+
+#: Set by a test in this (the parent) process; a worker that was forked from it would see the change.
+PARENT_STATE = "as imported"
+
+
+def _parent_state(_: str) -> str:
+    return PARENT_STATE
+
+
+def _no_thread_setting() -> None:
+    """Stands in for the workers' torch thread setting (a module function: a spawned worker imports it)."""
 
 
 def _work(person: str) -> str:
@@ -23,7 +35,7 @@ def _work(person: str) -> str:
 @pytest.fixture(autouse=True)
 def _no_torch_in_workers(monkeypatch):
     """The workers' torch thread setting costs an import of torch per process; nothing here uses it."""
-    monkeypatch.setattr(process_pool, "_init_worker", lambda: None)
+    monkeypatch.setattr(process_pool, "_init_worker", _no_thread_setting)
 
 
 def test_a_worker_that_dies_fails_only_its_own_person():
@@ -38,3 +50,12 @@ def test_a_worker_that_dies_fails_only_its_own_person():
 def test_one_worker_runs_in_process_with_errors_per_person():
     results, errors = _parallel.map_persons_tolerant(_work, ["raises", "a"], workers=1, desc="test")
     assert results == {"a": "A"} and list(errors) == ["raises"]
+
+
+def test_workers_are_fresh_interpreters_not_forks(monkeypatch):
+    """A child forked from a process whose other threads or OpenMP pool had run can wait forever on a lock
+    nobody in it releases (a shard worker hung so in libgomp): the workers start as new interpreters, so they
+    see this module as imported, not as the parent changed it."""
+    monkeypatch.setattr(sys.modules[__name__], "PARENT_STATE", "changed in the parent")
+    results, errors = _parallel.map_persons_tolerant(_parent_state, ["a", "b"], workers=2, desc="test")
+    assert errors == {} and results == {"a": "as imported", "b": "as imported"}

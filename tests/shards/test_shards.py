@@ -265,6 +265,10 @@ def test_the_plain_members_are_checked_on_decode(change, message):
 _REAL_WRITE_SHARD = write_shard
 
 
+def _no_thread_setting() -> None:
+    """Stands in for the workers' torch thread setting (a module function: a spawned worker imports it)."""
+
+
 def _dies_on_person_001(task, config):
     if task.out_dir.endswith("001"):
         os._exit(139)  # what a segfault or the OOM killer looks like to the pool
@@ -275,7 +279,7 @@ def test_a_worker_that_dies_on_one_persons_shard_fails_that_person_alone(tiny_st
     from common import process_pool
     from shards import writer
 
-    monkeypatch.setattr(process_pool, "_init_worker", lambda: None)
+    monkeypatch.setattr(process_pool, "_init_worker", _no_thread_setting)
     monkeypatch.setattr(writer, "write_shard", _dies_on_person_001)
     stores = [tiny_stores / "000.zarr", tiny_stores / "001.zarr"]
     res = write_shards(stores, tmp_path, TINY_SHARDS, workers=2, progress=False)
