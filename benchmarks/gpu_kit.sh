@@ -96,12 +96,13 @@ bench_for() {
   echo "[gpu_kit] bench_gpu.py $* -> exit $rc (124: stopped at its ${seconds} s limit; see bench_gpu.partial.json)"
 }
 
-# tests_for SECONDS FILES...: pytest -m gpu -v under a time limit
+# tests_for SECONDS FILES...: pytest -m gpu -v under a time limit, in one process: pyproject's addopts (two
+# pytest-xdist workers) are dropped, the GPU machine's pytest has no xdist and one GPU serves one test best
 tests_for() {
   local seconds=$1 out rc=0
   shift
   out=$(out_dir)
-  timeout -k 10 "$seconds" python3 -m pytest -m gpu -v -rfE -p no:cacheprovider "$@" 2>&1 \
+  timeout -k 10 "$seconds" python3 -m pytest -o addopts="" -m gpu -v -rfE -p no:cacheprovider "$@" 2>&1 \
     | tee -a "$out/pytest_gpu.log" || rc=$?
   echo "[gpu_kit] pytest -> exit $rc (124: stopped at its ${seconds} s limit)"
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ pytest_plugins = ["suite_watchdog"]  # tests/suite_watchdog.py: a stuck test fai
 # ports and directory and no second Ray head (whose dashboard agent would find its port taken) starts at all.
 ENGINE_GROUPS = {"slurm_cluster": "slurm", "ray_head": "ray-head"}
 _UNGROUPED = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In each of the suite's xdist workers torch computes on one thread: two workers of two threads each on the
+    2-core machine spun in OpenMP's waits (a base-pretraining test: 4.6 CPU s in one process, 25 beside a second
+    worker). Tests that start processes give them their own thread settings."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.hookimpl(wrapper=True)
