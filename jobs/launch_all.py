@@ -425,6 +425,20 @@ def check_persons(args: LaunchAllArgs) -> str | None:
     return None
 
 
+def _stopping_error(e: OSError) -> tuple[str, str]:
+    """(what kind, what happened) of an OSError that stops a stage. A ConnectionError is an OSError too, but
+    no disk error: Ray raises one when it cannot join a cluster (down, or refusing this process's auth token),
+    and its own message hides the reason in its cause."""
+    if isinstance(e, ConnectionError):
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
+        return "connection error", f"{e}{cause}"
+    return "I/O error", str(e)
+
+
+def _with_article(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "AEIOU" else f"a {kind}"
+
+
 def main(args: LaunchAllArgs) -> int:
     """Run the whole pipeline; returns the exit code.
 
@@ -502,9 +516,10 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
                 with clock.stage("training"):
                     results += _train(args, todo, base_model, ray_session)
     except OSError as e:
-        print(f"error: the {stage} stage stopped on an I/O error: {e}", file=sys.stderr)
+        kind, reason = _stopping_error(e)
+        print(f"error: the {stage} stage stopped on {_with_article(kind)}: {reason}", file=sys.stderr)
         done = {r.person for r in results} | set(data_failed)
-        results += [JobResult(person=p, ok=False, attempts=0, error=f"{stage}: I/O error: {e}")
+        results += [JobResult(person=p, ok=False, attempts=0, error=f"{stage}: {kind}: {reason}")
                     for p in requested if p not in done]
     # Persons whose data could not be prepared fail alone, listed with the others.
     results += [JobResult(person=p, ok=False, attempts=0, error=reason) for p, reason in data_failed.items()]
@@ -527,7 +542,8 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
                 finally:
                     ray_session.close()
         except OSError as e:
-            print(f"error: the evaluation stopped on an I/O error: {e}", file=sys.stderr)
+            kind, reason = _stopping_error(e)
+            print(f"error: the evaluation stopped on {_with_article(kind)}: {reason}", file=sys.stderr)
             code = code or 1
         else:
             for person, reason in summary.failed.items():

@@ -38,9 +38,12 @@ atexit.register(shutil.rmtree, _TOKEN_DIR, True)
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(_TOKEN_DIR / "auth_token")}
 # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported: set these before any test
-# module imports ray (otherwise a driver given 127.0.0.1 dials the eth0 address instead).
-for _k, _v in RAY_ENV.items():
-    os.environ.setdefault(_k, _v)
+# module imports ray (otherwise a driver given 127.0.0.1 dials the eth0 address instead). Set, not
+# defaulted: the heads started here read RAY_ENV and the drivers the tests start inherit os.environ, and the
+# two must hold the same token. An xdist worker inherits the controller's environment, which holds the
+# controller's own token path whenever this conftest was among its initial ones (`pytest tests/cluster/...`):
+# the head then ran on the worker's token and every driver was refused (InvalidAuthToken).
+os.environ.update(RAY_ENV)
 SLURM_BASE = Path(os.environ.get("DA_TEST_SLURM_BASE", "/tmp/da-slurm-test"))
 SLURM_PORT_BASE = os.environ.get("DA_TEST_SLURM_PORT_BASE", "16817")
 SLURM_MARIADB_PORT = os.environ.get("DA_TEST_SLURM_MARIADB_PORT", "13307")

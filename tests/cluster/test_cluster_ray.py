@@ -91,3 +91,15 @@ def test_ray_embedded(tmp_path, ray_env, monkeypatch):
 def test_ray_config_rejects_embedded_options_with_address():
     with pytest.raises(ValueError, match="num_cpus, object_store_memory_mb only apply to an embedded Ray"):
         RayConfig(address="127.0.0.1:6379", num_cpus=2, object_store_memory_mb=100)
+
+
+def test_processes_a_test_starts_hold_the_token_of_the_heads_it_starts():
+    """The `ray_head` fixture starts its head with conftest's RAY_ENV; drivers a test starts inherit
+    os.environ. In an xdist worker whose controller had loaded this conftest (`pytest tests/cluster/...`)
+    the two held different token paths and every driver joining the head was refused (InvalidAuthToken)."""
+    import os
+
+    from conftest import RAY_ENV
+
+    assert {k: os.environ.get(k) for k in RAY_ENV} == RAY_ENV
+    assert Path(RAY_ENV["RAY_AUTH_TOKEN_PATH"]).read_text()

@@ -53,7 +53,7 @@ def test_launch_all_on_ray_head(prepared, ray_head):
     summary_json = json.loads((work / "runs" / "summary.json").read_text())
     assert summary_json["exit_code"] == 1
     summary = {r["person"]: r for r in summary_json["results"]}
-    assert {p: r["ok"] for p, r in summary.items()} == {"000": True, "001": True, "002": False}
+    assert {p: r["ok"] for p, r in summary.items()} == {"000": True, "001": True, "002": False}, out[-4000:]
     assert "unreadable image" in summary["002"]["error"]
     for p in ("000", "001"):
         assert (work / "runs" / p / "model" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -278,6 +278,26 @@ def test_summary_json_has_the_exit_code_of_a_failed_evaluation(staged, monkeypat
     assert all(r["ok"] for r in summary["results"])
 
 
+def test_a_cluster_that_refuses_the_connection_is_no_io_error(staged, monkeypatch):
+    """Ray's ConnectionError (an OSError) stops the training stage as a connection error with Ray's reason
+    (kept in its cause), not as an I/O error of the disk: what a head refusing this process's token gives."""
+    def refused(args, todo, base, session=None):
+        try:
+            raise RuntimeError("Failed to get node info: Unauthenticated: InvalidAuthToken")
+        except RuntimeError as e:
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6379") from e
+
+    monkeypatch.setattr(launch_all, "_train", refused)
+    code, out = staged.run("--persons", "017,018")
+    summary = {r["person"]: r for r in json.loads((staged.work / "runs" / "summary.json").read_text())["results"]}
+    reason = "Failed to connect to Ray cluster at 127.0.0.1:6379 (RuntimeError: Failed to get node info: " \
+             "Unauthenticated: InvalidAuthToken)"
+    assert code == 1 and f"error: the training stage stopped on a connection error: {reason}" in out, out
+    assert {p: (r["ok"], r["error"]) for p, r in summary.items()} == {
+        p: (False, f"training: connection error: {reason}") for p in ("017", "018")}
+    assert "I/O error" not in out and "Traceback" not in out
+
+
 def test_slurm_log_dir_is_kept_when_given_even_if_it_is_the_old_default(tmp_path):
     """--slurm.log-dir runs/slurm is used as given; only an unset one goes into <workdir>/slurm."""
     for flags, expected in [(["--slurm.log-dir", "runs/slurm"], Path("runs/slurm")),
