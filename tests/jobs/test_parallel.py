@@ -19,6 +19,10 @@ def _parent_state(_: str) -> str:
     return PARENT_STATE
 
 
+def _origin(_: str) -> tuple[int, bool]:
+    return os.getppid(), "torch" in sys.modules
+
+
 def _no_thread_setting() -> None:
     """Stands in for the workers' torch thread setting (a module function: a spawned worker imports it)."""
 
@@ -59,3 +63,12 @@ def test_workers_are_fresh_interpreters_not_forks(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PARENT_STATE", "changed in the parent")
     results, errors = _parallel.map_persons_tolerant(_parent_state, ["a", "b"], workers=2, desc="test")
     assert errors == {} and results == {"a": "as imported", "b": "as imported"}
+
+
+def test_workers_fork_from_one_server_that_imported_torch():
+    """Not a fresh interpreter each (importing torch cost ~4 CPU s per worker): every pool's workers are children
+    of the one fork server of this process, which imported torch before forking them."""
+    origins = [_parallel.map_persons_tolerant(_origin, ["a", "b"], workers=2, desc="test")[0] for _ in range(2)]
+    parents = {parent for results in origins for parent, _ in results.values()}
+    assert len(parents) == 1 and os.getpid() not in parents, origins
+    assert all(torch for results in origins for _, torch in results.values())
