@@ -22,13 +22,13 @@ _UNGROUPED = pytest.StashKey[str]()
 def pytest_configure(config: pytest.Config) -> None:
     """In each of the suite's xdist workers torch computes on one thread: two workers of two threads each on the
     2-core machine spun in OpenMP's waits (a base-pretraining test: 4.6 CPU s in one process, 25 beside a second
-    worker). The processes its tests start inherit one thread too (OMP_NUM_THREADS), unless a test sets its own:
-    the subprocess-heavy tests took 4% less wall beside each other (one run each)."""
+    worker). Not OMP_NUM_THREADS for the processes the tests start: in the environment of `sbatch` it kept the Ray
+    on SLURM template's job pending (Reason=PartitionConfig) for good, and it saved only 4% of the wall of the
+    subprocess-heavy tests (one run each). Tests that start processes give them their own thread settings."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
         torch.set_num_threads(1)
-        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.hookimpl(wrapper=True)

@@ -36,5 +36,9 @@ def sbatch_wait(args: list[str], env: dict, timeout: float = 800, poll_s: float 
             ok = all(state == "COMPLETED" and code == "0:0" for state, code in states)
             return subprocess.CompletedProcess(submit.args, 0 if ok else 1, job_id, repr(states))
         time.sleep(poll_s)
+    # What kept it: its state and reason (a pending job's), and what else held the node.
+    job = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True, timeout=60)
+    queue = subprocess.run(["squeue", "-o", "%i %j %T %r %M %N"], env=env, capture_output=True, text=True, timeout=60)
     subprocess.run(["scancel", job_id], env=env, capture_output=True, timeout=60)  # not left running for later tests
-    raise TimeoutError(f"SLURM job {job_id} did not end within {timeout} s (cancelled)")
+    raise TimeoutError(f"SLURM job {job_id} did not end within {timeout} s (cancelled)\n{job.stdout}{job.stderr}"
+                       f"queue:\n{queue.stdout}{queue.stderr}")

@@ -93,13 +93,14 @@ def test_ray_config_rejects_embedded_options_with_address():
         RayConfig(address="127.0.0.1:6379", num_cpus=2, object_store_memory_mb=100)
 
 
-def test_processes_a_test_starts_hold_the_token_of_the_heads_it_starts():
+def test_processes_a_test_starts_hold_the_token_of_the_heads_it_starts(ray_head):
     """The `ray_head` fixture starts its head with conftest's RAY_ENV; drivers a test starts inherit
-    os.environ. In an xdist worker whose controller had loaded this conftest (`pytest tests/cluster/...`)
+    os.environ. In an xdist worker whose controller had loaded that conftest (`pytest tests/cluster/...`)
     the two held different token paths and every driver joining the head was refused (InvalidAuthToken)."""
     import os
 
-    from conftest import RAY_ENV
-
-    assert {k: os.environ.get(k) for k in RAY_ENV} == RAY_ENV
-    assert Path(RAY_ENV["RAY_AUTH_TOKEN_PATH"]).read_text()
+    head = dict(line.split("=", 1) for line in Path(f"/proc/{ray_head.proc.pid}/environ").read_text().split("\0")
+                if "=" in line)
+    keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+    assert {k: os.environ.get(k) for k in keys} == {k: head.get(k) for k in keys}
+    assert head["RAY_AUTH_MODE"] == "token" and Path(head["RAY_AUTH_TOKEN_PATH"]).read_text()
