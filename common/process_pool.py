@@ -13,7 +13,7 @@ worker stuck in libgomp under MKL's ``sqrt``, forked from a process with gRPC an
 and the ``with`` block's shutdown after it). They are forked from multiprocessing's fork server instead: a fresh
 interpreter of one thread, started once per process, that imported torch and the mapped function's module and
 never computed, so that a worker starts in a fraction of a second instead of importing torch again (``spawn``:
-~4 CPU s per worker, 26 of the main job's 3 data-stage pools of 2 workers). The server keeps the environment and
+~4 CPU s per worker: 26 CPU s for 3 pools of 2 workers, measured). The server keeps the environment and
 ``sys.path`` of the moment it started.
 """
 
