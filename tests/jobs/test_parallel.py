@@ -24,7 +24,7 @@ def _origin(_: str) -> tuple[int, bool]:
 
 
 def _no_thread_setting() -> None:
-    """Stands in for the workers' torch thread setting (a module function: a spawned worker imports it)."""
+    """Stands in for the workers' torch thread setting (a module function: a worker imports it by name)."""
 
 
 def _work(person: str) -> str:
@@ -56,10 +56,10 @@ def test_one_worker_runs_in_process_with_errors_per_person():
     assert results == {"a": "A"} and list(errors) == ["raises"]
 
 
-def test_workers_are_fresh_interpreters_not_forks(monkeypatch):
+def test_workers_are_not_forks_of_this_process(monkeypatch):
     """A child forked from a process whose other threads or OpenMP pool had run can wait forever on a lock
-    nobody in it releases (a shard worker hung so in libgomp): the workers start as new interpreters, so they
-    see this module as imported, not as the parent changed it."""
+    nobody in it releases (a shard worker hung so in libgomp): the workers fork from a fresh fork server, so
+    they see this module as imported, not as the parent changed it."""
     monkeypatch.setattr(sys.modules[__name__], "PARENT_STATE", "changed in the parent")
     results, errors = _parallel.map_persons_tolerant(_parent_state, ["a", "b"], workers=2, desc="test")
     assert errors == {} and results == {"a": "as imported", "b": "as imported"}

@@ -266,7 +266,7 @@ _REAL_WRITE_SHARD = write_shard
 
 
 def _no_thread_setting() -> None:
-    """Stands in for the workers' torch thread setting (a module function: a spawned worker imports it)."""
+    """Stands in for the workers' torch thread setting (a module function: a worker imports it by name)."""
 
 
 def _dies_on_person_001(task, config):
