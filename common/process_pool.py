@@ -14,19 +14,30 @@ and the ``with`` block's shutdown after it). They are forked from multiprocessin
 interpreter of one thread, started once per process, that imported torch and the mapped function's module and
 never computed, so that a worker starts in a fraction of a second instead of importing torch again (``spawn``:
 ~4 CPU s per worker: 26 CPU s for 3 pools of 2 workers, measured). The server keeps the environment and
-``sys.path`` of the moment it started.
+``sys.path`` of the moment it started. Its socket lives in the temporary directory; where that cannot hold one
+(a ``TMPDIR`` whose path is too long for a Unix socket, which Python before 3.14 does not work around, or a full
+one), the workers are spawned instead, with a warning.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
+from multiprocessing import get_context, util
+from multiprocessing.context import BaseContext
 from typing import Callable, Hashable, TypeVar
 
 Item = TypeVar("Item", bound=Hashable)
 #: Called in the parent as each item finishes: (item, result or None, error or None).
 OnDone = Callable[[Item, object, "Exception | None"], None]
+
+
+#: The longest path a Unix socket may have on Linux (``sun_path`` is 108 bytes with the terminating NUL).
+_SUN_PATH_MAX = 107
+#: What the fork server's socket adds to multiprocessing's temporary directory: ``/listener-`` and 8 characters.
+_LISTENER_NAME = len("/listener-XXXXXXXX")
 
 
 class WorkerDied(RuntimeError):
@@ -40,12 +51,30 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def _fork_server_context() -> BaseContext:
+    """The fork server's context, or spawn's where the server's socket cannot be made in the temporary directory
+    (its path too long, or the directory not creatable): failing there would fail every item of the stage."""
+    try:
+        tempdir = util.get_temp_dir()  # made once per process; the fork server's socket goes in it
+    except OSError as e:
+        reason = f"multiprocessing cannot make its temporary directory ({e})"
+    else:
+        if len(os.fsencode(tempdir)) + _LISTENER_NAME <= _SUN_PATH_MAX:
+            return get_context("forkserver")
+        reason = (f"the temporary directory {tempdir} is too long a path for the fork server's Unix socket "
+                  f"({_SUN_PATH_MAX} bytes at most with its name)")
+    warnings.warn(f"{reason}: worker processes are spawned instead, each importing torch again (a few seconds "
+                  "each); a shorter or writable TMPDIR avoids that", RuntimeWarning, stacklevel=2)
+    return get_context("spawn")
+
+
 def _pool(workers: int, fn: Callable) -> ProcessPoolExecutor:
     """Worker processes that own one core each, forked from the fork server (module docstring), which imports
     torch and `fn`'s module when this process first starts it."""
-    context = get_context("forkserver")
-    module = getattr(getattr(fn, "func", fn), "__module__", None)  # a functools.partial's function
-    context.set_forkserver_preload(["torch", *([module] if module and module != "__main__" else [])])
+    context = _fork_server_context()
+    if context.get_start_method() == "forkserver":
+        module = getattr(getattr(fn, "func", fn), "__module__", None)  # a functools.partial's function
+        context.set_forkserver_preload(["torch", *([module] if module and module != "__main__" else [])])
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
 
 

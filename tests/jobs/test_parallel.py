@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +75,25 @@ def test_workers_fork_from_one_server_that_imported_torch():
     parents = {parent for results in origins for parent, _ in results.values()}
     assert len(parents) == 1 and os.getpid() not in parents, origins
     assert all(torch for results in origins for _, torch in results.values())
+
+
+def test_a_temporary_directory_too_long_for_the_fork_servers_socket_spawns_the_workers(tmp_path):
+    """Python before 3.14 puts the fork server's Unix socket under TMPDIR as it is: a long one (pytest's own, a
+    cluster's per-job folder) failed every item with 'AF_UNIX path too long'. The workers are spawned instead,
+    with a warning that says why. In a fresh interpreter: this one's fork server already runs."""
+    tmpdir = tmp_path / ("t" * 100)
+    tmpdir.mkdir()
+    script = textwrap.dedent("""
+        import operator, os
+        from common import process_pool
+        process_pool._init_worker = os.getpid  # a spawned worker would import torch for the real one (seconds)
+        out = {}
+        process_pool.map_tolerant(operator.neg, [1, 2, 3], 2, lambda item, res, err: out.update({item: (res, err)}))
+        print(sorted(out.items()))
+        """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TMPDIR": str(tmpdir)}, cwd=Path(process_pool.__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[(1, (-1, None)), (2, (-2, None)), (3, (-3, None))]", proc.stdout + proc.stderr
+    assert f"the temporary directory {tmpdir}/pymp-" in proc.stderr, proc.stderr
+    assert "too long a path for the fork server's Unix socket" in proc.stderr and "spawned instead" in proc.stderr
