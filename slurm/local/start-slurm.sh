@@ -47,7 +47,9 @@ for ((i = 0; i < NGPU; i++)); do   # slurmd demands char/block devices in gres.c
 done
 
 # 3. config (rewritten every time; identical content on re-run)
-CPUS=$(nproc)
+# nproc honours OMP_NUM_THREADS / OMP_THREAD_LIMIT: a shell exporting OMP_NUM_THREADS=1 made a 1-CPU node whose
+# jobs asking for more stayed PENDING (Reason=PartitionConfig) forever.
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 MEM=$(( $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) * 9 / 10 ))
 GRES_NODE=""; GRES_TYPES=""
 if [ "$NGPU" -gt 0 ]; then GRES_TYPES="GresTypes=gpu"; GRES_NODE="Gres=gpu:$NGPU"; fi

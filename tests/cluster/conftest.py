@@ -143,8 +143,9 @@ def slurm_cluster():
     start, stop = REPO / "slurm/local/start-slurm.sh", REPO / "slurm/local/stop-slurm.sh"
     if shutil.which("slurmctld") is None and (os.geteuid() != 0 or shutil.which("apt-get") is None):
         pytest.skip("SLURM is not installed and cannot be installed here (needs root + apt-get)")
+    # OMP_NUM_THREADS as a user's shell may export it: it must not shrink the node (test_cluster_slurm.py)
     env = {**os.environ, "SLURM_BASE": str(SLURM_BASE), "SLURM_PORT_BASE": SLURM_PORT_BASE,
-           "SLURM_MARIADB_PORT": SLURM_MARIADB_PORT}
+           "SLURM_MARIADB_PORT": SLURM_MARIADB_PORT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(start)], env=env, capture_output=True, text=True, timeout=900)
     try:
         if proc.returncode != 0:

@@ -4,6 +4,7 @@ real time-limit timeout, resuming from the workload's checkpoint."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -22,6 +23,13 @@ from cluster.status import read_status
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+
+
+def test_the_node_has_every_cpu_whatever_omp_num_threads_says(slurm_cluster):
+    """start-slurm.sh ran with OMP_NUM_THREADS=1 (conftest), which `nproc` honours: the node got 1 CPU and a job
+    asking for 2 stayed PENDING with Reason=PartitionConfig until its test timed out."""
+    node = subprocess.run(["scontrol", "show", "node", "localhost"], capture_output=True, text=True, check=True)
+    assert f"CPUTot={len(os.sched_getaffinity(0))} " in node.stdout, node.stdout
 
 
 def _jobs(tmp_path, persons, corrupt=(), steps=4, step_seconds=0.2, resources=Resources(cpus=1), max_retries=1):
