@@ -97,3 +97,14 @@ def test_a_temporary_directory_too_long_for_the_fork_servers_socket_spawns_the_w
     assert proc.stdout.strip() == "[(1, (-1, None)), (2, (-2, None)), (3, (-3, None))]", proc.stdout + proc.stderr
     assert f"the temporary directory {tmpdir}/pymp-" in proc.stderr, proc.stderr
     assert "too long a path for the fork server's Unix socket" in proc.stderr and "spawned instead" in proc.stderr
+
+
+def test_a_temporary_directory_that_cannot_be_made_spawns_the_workers(monkeypatch):
+    """A full or unwritable temporary file system: no fork server socket, so spawned workers, and a warning."""
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(process_pool.util, "get_temp_dir", full)
+    with pytest.warns(RuntimeWarning, match=r"cannot make its temporary directory \(.*No space left on device"):
+        context = process_pool._fork_server_context()
+    assert context.get_start_method() == "spawn"
