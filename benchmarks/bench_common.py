@@ -10,12 +10,34 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+#: The vector extensions that decide a CPU's convolution and matmul kernels (oneDNN, MKL).
+VECTOR_ISA = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu(cpuinfo: Path = Path("/proc/cpuinfo"), boot_id: Path = Path("/proc/sys/kernel/random/boot_id")) -> dict:
+    """Which CPU and which boot of it measured: sessions run on different machines (the same 2-core CPU 'size' was
+    an AVX2-only AMD EPYC that trained the tiny preset at half the speed of an earlier one), so figures compare only
+    where these agree."""
+    try:
+        first = cpuinfo.read_text().split("\n\n")[0]
+    except OSError:
+        return {"model": platform.processor() or None}
+    fields = dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in first.splitlines()))
+    flags = set(fields.get("flags", "").split())
+    try:
+        boot = boot_id.read_text().strip()
+    except OSError:
+        boot = None
+    return {"model": fields.get("model name"), "family": fields.get("cpu family"), "model_id": fields.get("model"),
+            "vector_isa": [f for f in VECTOR_ISA if f in flags], "boot_id": boot}
+
+
 def machine() -> dict:
     import os
 
     import torch
 
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+    return {"cpu_count": os.cpu_count(), "cpu": cpu(), "platform": platform.platform(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -30,6 +30,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(WORKLOADS), os.environ.get("PYTHONPATH")]))
 
+from bench_common import machine  # noqa: E402
 from workloads import write_input  # noqa: E402
 
 from cluster.local_backend import LocalConfig  # noqa: E402
@@ -111,8 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-launch-") as tmp:
         launch = bench_launch(args.persons, Path(tmp) / "launch")
         speed = bench_speedup(args.speedup_persons, args.hash_rounds, args.steps, Path(tmp) / "speed")
-    result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "loadavg_1m_at_end": os.getloadavg()[0]},
+    result = {"machine": {**machine(), "python": platform.python_version(), "loadavg_1m_at_end": os.getloadavg()[0]},
               "launch_overhead_ray_embedded": launch, "speedup": speed}
     rows = [
         ("launch: command -> first person running", f"{launch['first_running_s']:.2f} s"),

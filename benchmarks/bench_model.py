@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import machine  # noqa: E402
 
 from avatars.configs import FeatureConfig, paper_config, tiny_config  # noqa: E402
 from avatars.models import DiffusionAvatarsModel  # noqa: E402
@@ -157,8 +158,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['train_GFLOP_per_s']:8.1f} {r['sample_ms_per_frame']:15.1f} {r['sample_GFLOP_per_frame']:12.3f}")
 
     result = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
-                    "torch": torch.__version__,
+        "machine": {**machine(), "threads": args.threads,
                     "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
         "notes": "FLOPs from torch.utils.flop_counter (a multiply-add = 2 FLOPs). Training step = VAE encode + "
                  "ControlNet/UNet/expression forward + backward (frozen weights get no weight gradients); "
