@@ -5,7 +5,8 @@ A run either joins a cluster (``--ray-address``, or ``RAY_ADDRESS`` inside ``ray
 starts an embedded single-node Ray in its own process. The embedded one is always a new Ray of its
 own (``address="local"``: without it ``ray.init`` joins any ``ray start`` head on the machine, whose
 resources and settings are not the run's) and listens on loopback unless the user names another
-address (:mod:`cluster.bind`). When this process is already connected (an earlier stage, a test,
+address (:mod:`cluster.bind`), and keeps its sockets under a temporary root short enough for them
+(:func:`embedded_ray_temp_dir`). When this process is already connected (an earlier stage, a test,
 a user's notebook) that connection is used and left open; :class:`RaySession` is how
 ``jobs/launch_all.py`` keeps one Ray for its training and its evaluation.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,31 @@ class EmbeddedRay:
     """Start the Ray dashboard (None: Ray's default, on when its packages are installed)."""
 
 
+#: The longest path a Unix socket may have on Linux (``sun_path`` is 108 bytes with the terminating NUL).
+SUN_PATH_MAX = 107
+#: What Ray appends to its temporary root for its longest socket (a 7-digit PID, Linux's largest).
+RAY_SOCKET_SUFFIX = len("/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
+#: Where Ray puts its files on Linux when neither RAY_TMPDIR nor TMPDIR names a folder.
+RAY_FALLBACK_TEMP_DIR = "/tmp/ray"
+
+
+def embedded_ray_temp_dir() -> str | None:
+    """The temporary folder for an embedded Ray's session, where Ray's own choice cannot hold its sockets; None
+    where it can. On Linux Ray roots its sockets in ``TMPDIR`` (unless ``RAY_TMPDIR`` is set), and a ``TMPDIR``
+    longer than ~39 bytes, as clusters' per-job folders often are, failed ``ray.init`` with 'AF_UNIX path length
+    cannot exceed 107 bytes'. Then the session goes under ``/tmp/ray`` (Ray's default without ``TMPDIR``), with
+    a warning. A ``RAY_TMPDIR`` the user set is theirs: Ray's own error names it if it is too long."""
+    root = os.environ.get("TMPDIR")
+    if "RAY_TMPDIR" in os.environ or not sys.platform.startswith("linux") or not root:
+        return None
+    if len(os.fsencode(root)) + RAY_SOCKET_SUFFIX <= SUN_PATH_MAX:
+        return None
+    warnings.warn(f"TMPDIR ({root}) is too long a path for Ray's sockets under it ({SUN_PATH_MAX} bytes at most "
+                  f"with the {RAY_SOCKET_SUFFIX} Ray adds): the embedded Ray keeps its session under "
+                  f"{RAY_FALLBACK_TEMP_DIR} instead (RAY_TMPDIR chooses another root)", RuntimeWarning, stacklevel=3)
+    return RAY_FALLBACK_TEMP_DIR
+
+
 def ray_init_kwargs(address: str | None, embedded: EmbeddedRay = EmbeddedRay(), *,
                     runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True) -> dict[str, Any]:
     """The ``ray.init`` keyword arguments :func:`connect_ray` uses: join ``address`` (resolved as
@@ -56,6 +83,9 @@ def ray_init_kwargs(address: str | None, embedded: EmbeddedRay = EmbeddedRay(), 
         kwargs["object_store_memory"] = int(embedded.object_store_memory_mb) * 2**20
     if embedded.include_dashboard is not None:
         kwargs["include_dashboard"] = embedded.include_dashboard
+    temp_dir = embedded_ray_temp_dir()
+    if temp_dir is not None:
+        kwargs["_temp_dir"] = temp_dir  # ray.init's root for this node's session, as `ray start --temp-dir`
     kwargs.update(embedded_ray_bind(embedded.bind_host))
     return kwargs
 

@@ -275,25 +275,34 @@ def json_result(tmp_path, person):
 @pytest.mark.timeout(900)
 def test_ray_on_slurm_template_runs_the_main_job(tmp_path, slurm_cluster):
     """slurm/ray_on_slurm.sbatch as shipped (only sizes overridden on the sbatch command line): a Ray
-    head on the allocation, launch_all against it, Ray stopped by PID at the end."""
+    head on the allocation, launch_all against it, Ray stopped by PID at the end. Under a per-job TMPDIR too
+    long for Ray's sockets (a cluster's, e.g. /scratch/local/slurm_job_<id>/tmp), which made `ray start` fail."""
     import json
-    import os
+    import shutil
     import socket
     import sys
+    import tempfile
 
     port = free_port()
     base = random_tiny_base(tmp_path / "base")
-    env = {**os.environ, "REPO": str(REPO), "PYTHON": sys.executable, "RAY_PORT": str(port), "HEAD_IP": "127.0.0.1"}
+    job_tmp = tempfile.mkdtemp(prefix="da-slurm-job-tmp-" + "x" * 24 + "-", dir="/tmp")  # ~55 bytes
+    assert 39 < len(job_tmp) < 60, job_tmp  # too long for Ray, not for the data stage's fork server
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}
+    env.update(REPO=str(REPO), PYTHON=sys.executable, RAY_PORT=str(port), HEAD_IP="127.0.0.1", TMPDIR=job_tmp)
     args = ["--workdir", str(tmp_path / "work"), "--synthetic.persons", "2", *TINY_DATA, *TINY_TRAIN,
             "--train.base-model", str(base), "--job-cpus", "1", "--max-retries", "0", "--no-evaluate",
             "--min-free-gb", "0"]
-    proc = sbatch_wait(["--nodes=1", "--cpus-per-task=2", "--gpus-per-node=1", "--time=15", f"--chdir={tmp_path}",
-                        f"--output={tmp_path}/ray-slurm-%j.out", str(REPO / "slurm/ray_on_slurm.sbatch"), *args],
-                       env=env, timeout=880)
+    try:
+        proc = sbatch_wait(["--nodes=1", "--cpus-per-task=2", "--gpus-per-node=1", "--time=15", f"--chdir={tmp_path}",
+                            f"--output={tmp_path}/ray-slurm-%j.out", str(REPO / "slurm/ray_on_slurm.sbatch"), *args],
+                           env=env, timeout=880)
+    finally:
+        shutil.rmtree(job_tmp, ignore_errors=True)
     (out_file,) = tmp_path.glob("ray-slurm-*.out")
     out = out_file.read_text()
     assert proc.returncode == 0, proc.stderr + out[-4000:]
     assert "ray head on" in out and f"127.0.0.1:{port}" in out and "1 Ray node(s) alive" in out
+    assert f"TMPDIR ({job_tmp}) is too long a path for Ray's sockets" in out
     summary = json.loads((tmp_path / "work" / "runs" / "summary.json").read_text())
     assert [(r["person"], r["ok"]) for r in summary["results"]] == [("000", True), ("001", True)]
     with socket.socket() as s:  # the head was stopped with the job

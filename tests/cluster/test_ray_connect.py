@@ -20,6 +20,8 @@ def inits(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("TMPDIR", raising=False)  # a long one would add _temp_dir (test below)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     import ray._private.ray_constants as constants
 
@@ -41,6 +43,46 @@ def test_embedded_ray_is_its_own_and_listens_on_loopback(inits, monkeypatch):
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     # already connected: that connection is used, nothing is started
     assert connect_ray(None) is False and len(inits) == 1
+
+
+def test_a_tmpdir_too_long_for_rays_sockets_moves_the_embedded_session_to_tmp(inits, monkeypatch):
+    """Ray roots its sockets in TMPDIR on Linux: a long one (a cluster's per-job folder) failed ray.init with
+    'AF_UNIX path length cannot exceed 107 bytes'. Short ones, a RAY_TMPDIR the user set and a joined cluster
+    are left to Ray."""
+    monkeypatch.setenv("TMPDIR", "/scratch/local/" + "j" * 25)  # 40 bytes: one too many
+    with pytest.warns(RuntimeWarning, match=r"TMPDIR \(/scratch/local/j+\) is too long a path for Ray's sockets"):
+        connect_ray(None)
+    assert inits[-1]["_temp_dir"] == "/tmp/ray"
+    for env in ({"TMPDIR": "/scratch/local/" + "j" * 24}, {"RAY_TMPDIR": "/r"}, {"RAY_ADDRESS": "10.0.0.5:6379"}):
+        inits.clear()
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            connect_ray(None)
+        assert "_temp_dir" not in inits[-1], env
+
+
+@pytest.mark.ray
+def test_an_embedded_ray_starts_under_a_long_tmpdir(tmp_path):
+    """For real, in a fresh interpreter: the embedded Ray starts and computes with a 100-byte TMPDIR."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmpdir = tmp_path / ("t" * 100)
+    tmpdir.mkdir()
+    script = ("import ray\n"
+              "from cluster.ray_connect import EmbeddedRay, connect_ray\n"
+              "connect_ray(None, EmbeddedRay(num_cpus=1, include_dashboard=False), log_to_driver=False)\n"
+              "print('session', ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id())"
+              ".options(num_cpus=0).remote()) is not None)\n"
+              "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env={**env, "TMPDIR": str(tmpdir)}, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and "session True" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "too long a path for Ray's sockets" in proc.stderr
 
 
 def test_an_embedded_ray_that_times_out_starting_is_started_again_once(monkeypatch, capsys):
