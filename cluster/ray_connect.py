@@ -21,6 +21,7 @@ from typing import Any
 
 from cluster.bind import LOOPBACK, embedded_ray_bind
 from cluster.preflight import resolve_ray_address
+from common.io import SUN_PATH_MAX, fits_unix_socket
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,6 @@ class EmbeddedRay:
     """Start the Ray dashboard (None: Ray's default, on when its packages are installed)."""
 
 
-#: The longest path a Unix socket may have on Linux (``sun_path`` is 108 bytes with the terminating NUL).
-SUN_PATH_MAX = 107
 #: What Ray appends to its temporary root for its longest socket (a 7-digit PID, Linux's largest).
 RAY_SOCKET_SUFFIX = len("/ray/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
 #: Where Ray puts its files on Linux when neither RAY_TMPDIR nor TMPDIR names a folder.
@@ -57,7 +56,7 @@ def embedded_ray_temp_dir() -> str | None:
     root = os.environ.get("TMPDIR")
     if "RAY_TMPDIR" in os.environ or not sys.platform.startswith("linux") or not root:
         return None
-    if len(os.fsencode(root)) + RAY_SOCKET_SUFFIX <= SUN_PATH_MAX:
+    if fits_unix_socket(root, RAY_SOCKET_SUFFIX):
         return None
     warnings.warn(f"TMPDIR ({root}) is too long a path for Ray's sockets under it ({SUN_PATH_MAX} bytes at most "
                   f"with the {RAY_SOCKET_SUFFIX} Ray adds): the embedded Ray keeps its session under "

@@ -1,4 +1,4 @@
-"""File I/O every package shares: the input-error type and atomic writes.
+"""File I/O every package shares: the input-error type, atomic writes and where a Unix socket fits.
 
 Nothing is half-written: every writer puts its output under a temporary name beside the target
 and renames it into place, so a reader (or a re-run after a crash) sees the old file or the new
@@ -14,6 +14,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+#: The longest path a Unix socket may have on Linux (``sun_path`` is 108 bytes with the terminating NUL).
+SUN_PATH_MAX = 107
+
+
+def fits_unix_socket(directory: os.PathLike | str, name_length: int) -> bool:
+    """Whether sockets whose names add `name_length` bytes (separators included) to `directory` can be made there:
+    a long ``TMPDIR`` (a cluster's per-job folder, pytest's) is not a place for them."""
+    return len(os.fsencode(directory)) + name_length <= SUN_PATH_MAX
 
 
 class DataError(ValueError):

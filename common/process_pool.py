@@ -21,7 +21,6 @@ one), the workers are spawned instead, with a warning.
 
 from __future__ import annotations
 
-import os
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -29,13 +28,13 @@ from multiprocessing import get_context, util
 from multiprocessing.context import BaseContext
 from typing import Callable, Hashable, TypeVar
 
+from common.io import SUN_PATH_MAX, fits_unix_socket
+
 Item = TypeVar("Item", bound=Hashable)
 #: Called in the parent as each item finishes: (item, result or None, error or None).
 OnDone = Callable[[Item, object, "Exception | None"], None]
 
 
-#: The longest path a Unix socket may have on Linux (``sun_path`` is 108 bytes with the terminating NUL).
-_SUN_PATH_MAX = 107
 #: What the fork server's socket adds to multiprocessing's temporary directory: ``/listener-`` and 8 characters.
 _LISTENER_NAME = len("/listener-XXXXXXXX")
 
@@ -59,10 +58,10 @@ def _fork_server_context() -> BaseContext:
     except OSError as e:
         reason = f"multiprocessing cannot make its temporary directory ({e})"
     else:
-        if len(os.fsencode(tempdir)) + _LISTENER_NAME <= _SUN_PATH_MAX:
+        if fits_unix_socket(tempdir, _LISTENER_NAME):
             return get_context("forkserver")
         reason = (f"the temporary directory {tempdir} is too long a path for the fork server's Unix socket "
-                  f"({_SUN_PATH_MAX} bytes at most with its name)")
+                  f"({SUN_PATH_MAX} bytes at most with its name)")
     warnings.warn(f"{reason}: worker processes are spawned instead, each importing torch again (a few seconds "
                   "each); a shorter or writable TMPDIR avoids that", RuntimeWarning, stacklevel=2)
     return get_context("spawn")

@@ -143,3 +143,19 @@ def test_metrics_log_and_checkpoint_name_their_paths(tmp_path, monkeypatch):
         checkpoint.save(FullDiskEngine(), tmp_path / "ckpt", state, torch.Generator(), keep_last=2)
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "ckpt" / "step_0000004")
     assert "torch.save" in str(err.value)
+
+
+def test_a_unix_socket_fits_up_to_107_bytes(tmp_path):
+    """Checked against a real bind: Linux takes a socket path of 107 bytes, not 108."""
+    import socket
+
+    directory = str(tmp_path)
+    for total in (107, 108):
+        name = "/" + "s" * (total - len(directory) - 1)
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.bind(directory + name)
+                bound = True
+            except OSError:
+                bound = False
+        assert bound == cio.fits_unix_socket(directory, len(name)) == (total == 107), total
