@@ -22,9 +22,9 @@ _UNGROUPED = pytest.StashKey[str]()
 def pytest_configure(config: pytest.Config) -> None:
     """In each of the suite's xdist workers torch computes on one thread: two workers of two threads each on the
     2-core machine spun in OpenMP's waits (a base-pretraining test: 4.6 CPU s in one process, 25 beside a second
-    worker). Not OMP_NUM_THREADS for the processes the tests start: in the environment of `sbatch` it kept the Ray
-    on SLURM template's job pending (Reason=PartitionConfig) for good, and it saved only 4% of the wall of the
-    subprocess-heavy tests (one run each). Tests that start processes give them their own thread settings."""
+    worker). Not OMP_NUM_THREADS for the processes the tests start: it saved only 4% of the wall of the
+    subprocess-heavy tests (one run each), and `nproc` in slurm/local/start-slurm.sh honoured it (a 1-CPU node
+    whose jobs stayed pending, since fixed). Tests that start processes give them their own thread settings."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
