@@ -7,10 +7,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -18,20 +19,37 @@ from pipeline_helpers import LAUNCH_ALL, REPO, TINY_DATA, TINY_TRAIN, random_tin
 
 from cluster.bind import is_loopback, serve_replica_grpc_on_node_ip
 
+#: Linux's sock_diag netlink interface (linux/sock_diag.h, linux/inet_diag.h).
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLMSG_ERROR, NLMSG_DONE, TCP_LISTEN = 4, 20, 2, 3, 10
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+
 
 def _listening() -> dict[int, tuple[str, int]]:
-    """socket inode -> (address, port) of every listening TCP socket on this machine (/proc/net/tcp, tcp6:
-    two reads per poll, where asking each process of the tree costs seconds of CPU on a loaded machine)."""
+    """socket inode -> (address, port) of every listening TCP socket on this machine, asked of the kernel's
+    sock_diag netlink interface as `ss -ltn` does: it walks the listening sockets alone, in ~0.06 ms, where
+    reading /proc/net/tcp and tcp6 walks the whole connection table, ~9 ms of CPU a poll on this machine
+    (two thirds of the test process's CPU at 10 polls a second, taken from the training beside it)."""
     found = {}
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A":  # TCP_LISTEN
-                continue
-            hex_ip, hex_port = fields[1].split(":")
-            raw = bytes.fromhex(hex_ip)  # 32-bit words in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-            found[int(fields[9])] = (str(ipaddress.ip_address(raw)), int(hex_port, 16))
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as link:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            # struct inet_diag_req_v2: family, protocol, extensions, pad, states, an empty inet_diag_sockid
+            request = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN)
+            link.send(struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+                      + request)
+            done = False
+            while not done:
+                data, offset = link.recv(1 << 16), 0
+                while offset + 16 <= len(data) and not done:
+                    length, kind = struct.unpack_from("=IH", data, offset)
+                    if kind == NLMSG_ERROR:
+                        raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "sock_diag request refused")
+                    done = kind == NLMSG_DONE
+                    if not done:  # struct inet_diag_msg: sport at 4, src at 8, inode at 68
+                        msg = data[offset + 16:offset + length]
+                        address = msg[8:12] if msg[0] == socket.AF_INET else msg[8:24]
+                        found[struct.unpack_from("=I", msg, 68)[0]] = (str(ipaddress.ip_address(address)),
+                                                                      struct.unpack_from("!H", msg, 4)[0])
+                    offset += (length + 3) & ~3
     return found
 
 
@@ -135,3 +153,26 @@ def test_serve_replica_grpc_server_moves_to_a_loopback_node_ip(monkeypatch):
     replica.add_port_to_grpc_server(Server(), "[::]:0")
     replica.add_port_to_grpc_server(Server(), "[::]:7000")
     assert calls == ["[::]:0", "127.0.0.1:0", "127.0.0.1:7000"]
+
+
+def test_the_listening_sockets_are_read_with_address_port_and_inode():
+    """The netlink reader sees every listening TCP socket, IPv4 and IPv6, loopback or not, by the inode
+    the process tree's file descriptors name; a connected socket is not listening."""
+    opened = []
+    try:
+        for family, host in [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::1"),
+                             (socket.AF_INET6, "::")]:
+            s = socket.socket(family)
+            s.bind((host, 0))
+            s.listen()
+            opened.append(s)
+        client = socket.create_connection(opened[0].getsockname())
+        opened.append(client)
+        found = _listening()
+        for s in opened[:4]:
+            host, port = s.getsockname()[:2]
+            assert found[os.fstat(s.fileno()).st_ino] == (host, port)
+        assert os.fstat(client.fileno()).st_ino not in found
+    finally:
+        for s in opened:
+            s.close()
