@@ -11,7 +11,7 @@ tests=false
 [ "${1:-}" = "--tests" ] && tests=true
 
 # The Debian daemons install in the background while pip works: both are single-threaded, and
-# on CI's two cores this takes apt's ~40 s off the set-up.
+# on CI's two cores apt's time (10-40 s here) comes off the set-up.
 apt_pid=""
 apt_log=""
 if $tests; then

@@ -28,7 +28,7 @@ def _listening() -> dict[int, tuple[str, int]]:
     """socket inode -> (address, port) of every listening TCP socket on this machine, asked of the kernel's
     sock_diag netlink interface as `ss -ltn` does: it walks the listening sockets alone, in ~0.06 ms, where
     reading /proc/net/tcp and tcp6 walks the whole connection table, ~9 ms of CPU a poll on this machine
-    (two thirds of the test process's CPU at 10 polls a second, taken from the training beside it)."""
+    (about a third of the test process's CPU at 10 polls a second, taken from the training beside it)."""
     found = {}
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as link:
         for family in (socket.AF_INET, socket.AF_INET6):
