@@ -24,6 +24,24 @@ NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLMSG_ERROR, NLMSG_DONE, TCP_LISTEN = 4,
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 
 
+def _sock_diag_dump(link: socket.socket, family: int):
+    """The payloads (struct inet_diag_msg) of the kernel's answer to a dump of `family`'s listening TCP sockets."""
+    # struct inet_diag_req_v2: family, protocol, extensions, pad, states, an empty inet_diag_sockid
+    request = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN)
+    link.send(struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+              + request)
+    while True:
+        data, offset = link.recv(1 << 16), 0
+        while offset + 16 <= len(data):
+            length, kind = struct.unpack_from("=IH", data, offset)
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "sock_diag request refused")
+            yield data[offset + 16:offset + length]
+            offset += (length + 3) & ~3
+
+
 def _listening() -> dict[int, tuple[str, int]]:
     """socket inode -> (address, port) of every listening TCP socket on this machine, asked of the kernel's
     sock_diag netlink interface as `ss -ltn` does: it walks the listening sockets alone, in ~0.06 ms, where
@@ -32,24 +50,10 @@ def _listening() -> dict[int, tuple[str, int]]:
     found = {}
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as link:
         for family in (socket.AF_INET, socket.AF_INET6):
-            # struct inet_diag_req_v2: family, protocol, extensions, pad, states, an empty inet_diag_sockid
-            request = struct.pack("=BBBBI48x", family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_LISTEN)
-            link.send(struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-                      + request)
-            done = False
-            while not done:
-                data, offset = link.recv(1 << 16), 0
-                while offset + 16 <= len(data) and not done:
-                    length, kind = struct.unpack_from("=IH", data, offset)
-                    if kind == NLMSG_ERROR:
-                        raise OSError(-struct.unpack_from("=i", data, offset + 16)[0], "sock_diag request refused")
-                    done = kind == NLMSG_DONE
-                    if not done:  # struct inet_diag_msg: sport at 4, src at 8, inode at 68
-                        msg = data[offset + 16:offset + length]
-                        address = msg[8:12] if msg[0] == socket.AF_INET else msg[8:24]
-                        found[struct.unpack_from("=I", msg, 68)[0]] = (str(ipaddress.ip_address(address)),
-                                                                      struct.unpack_from("!H", msg, 4)[0])
-                    offset += (length + 3) & ~3
+            for msg in _sock_diag_dump(link, family):  # struct inet_diag_msg: sport at 4, src at 8, inode at 68
+                address = msg[8:12] if family == socket.AF_INET else msg[8:24]
+                found[struct.unpack_from("=I", msg, 68)[0]] = (str(ipaddress.ip_address(address)),
+                                                              struct.unpack_from("!H", msg, 4)[0])
     return found
 
 
