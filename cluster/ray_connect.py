@@ -119,6 +119,34 @@ def connect_ray(address: str | None, embedded: EmbeddedRay = EmbeddedRay(), *,
     return True
 
 
+def leave_ray(address: str | None, started: bool, serve_app: str | None = None) -> None:
+    """Leave Ray as a stage found it. ``started``: the stage's :func:`connect_ray` connected (True) or found this
+    process connected (False); ``serve_app``: the Serve application the stage deployed, if any.
+
+    Only an embedded Ray (``started`` with no cluster to join at ``address``) is the stage's own: Serve and Ray
+    stop with it. On a cluster, joined here or before, Serve is shared with other runs and their applications:
+    only ``serve_app`` is deleted (``serve.shutdown`` would delete every application on the cluster), then the
+    connection this stage opened is closed."""
+    import ray
+
+    if started and resolve_ray_address(address) is None:
+        if "ray.serve" in sys.modules:  # a stage used Serve: its controller goes without the error wall
+            from cluster.serve.deployment import shutdown_serve_and_ray
+
+            shutdown_serve_and_ray()
+        else:
+            ray.shutdown()
+        return
+    try:
+        if serve_app is not None:
+            from cluster.serve.deployment import delete_renderer
+
+            delete_renderer(serve_app)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 class RaySession:
     """One Ray for several stages of a run: the first :meth:`connect` starts (or joins) it, later
     ones and every stage's own :func:`connect_ray` use it, :meth:`close` stops Serve and Ray if
@@ -139,15 +167,7 @@ class RaySession:
         if not self.started:
             return
         self.started = False
-        own = resolve_ray_address(self.address) is None
-        if own and "ray.serve" in sys.modules:  # a stage used Serve: its controller goes without the error wall
-            from cluster.serve.deployment import shutdown_serve_and_ray
-
-            shutdown_serve_and_ray()
-        else:
-            import ray
-
-            ray.shutdown()
+        leave_ray(self.address, started=True)
 
     def __enter__(self) -> "RaySession":
         return self

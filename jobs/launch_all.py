@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -532,7 +533,7 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
     print(f"summary: {written}" if written else "summary: could not be written anywhere (see warnings)")
     code = exit_code(results)
     trained = [r.person for r in results if r.ok]
-    evaluation = None
+    evaluation, evaluation_failed = None, None
     if args.evaluate and trained:
         _stage(4, f"evaluation of {len(trained)} persons on the Ray Serve renderer")
         try:
@@ -541,11 +542,19 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
                     summary = evaluation = _evaluate(args, trained)  # on the training's Ray, if it started one
                 finally:
                     ray_session.close()
-        except OSError as e:
-            kind, reason = _stopping_error(e)
-            print(f"error: the evaluation stopped on {_with_article(kind)}: {reason}", file=sys.stderr)
+        except Exception as e:  # a full disk, a renderer that does not deploy: the avatars stand, the run says so
+            if isinstance(e, OSError):
+                kind, why = _stopping_error(e)
+                print(f"error: the evaluation stopped on {_with_article(kind)}: {why}", file=sys.stderr)
+                reason = f"{kind}: {why}"
+            else:
+                reason = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+                print(f"error: the evaluation stopped: {reason}", file=sys.stderr)
+            evaluation_failed = dict.fromkeys(trained, f"evaluation: {reason}")
             code = code or 1
         else:
+            evaluation_failed = dict(summary.failed)
             for person, reason in summary.failed.items():
                 print(f"evaluation of {person} failed: {reason}")
             if summary.failed:
@@ -555,9 +564,8 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
             print(f"evaluation: {len(summary.persons)} persons{reused}, {summary.frames_rendered} frames in "
                   f"{summary.seconds:.0f} s -> {summary.results_path}")
     ray_session.close()  # the training's Ray when nothing was evaluated
-    if evaluation is not None or code != exit_code(results):  # summary.json says what the process exits with
-        rewritten = write_summary_json(results, written or summary_path, code,
-                                       evaluation_failed=dict(evaluation.failed) if evaluation is not None else None)
+    if evaluation_failed is not None or code != exit_code(results):  # summary.json says what the process exits with
+        rewritten = write_summary_json(results, written or summary_path, code, evaluation_failed=evaluation_failed)
         if rewritten is not None and rewritten != written:
             print(f"summary: {rewritten}")
     from jobs._console import final_summary

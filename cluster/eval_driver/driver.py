@@ -34,11 +34,11 @@ from avatars.evaluation.metric_names import DEFAULT_METRICS
 from cluster.eval_driver.person import MODEL_DIR, EvalRun
 from cluster.eval_driver.person import merge_evaluations as merge_evaluations  # public path
 from cluster.eval_driver.person import video_fps as video_fps  # public path
-from cluster.eval_driver.tasks import TASKS
+from cluster.eval_driver.tasks import TASKS, waits_on_driver
 from cluster.eval_driver.uptodate import adopt, base_problem, evaluation_key, find_reusable
-from cluster.ray_connect import EmbeddedRay, connect_ray
+from cluster.ray_connect import EmbeddedRay, connect_ray, leave_ray
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
-from cluster.report.schema import check_person_name
+from cluster.report.schema import check_person_name, parse_run_date
 from cluster.serve.renderer import RendererConfig
 from common.io import DataError
 
@@ -119,6 +119,8 @@ class EvalDriverConfig:
             raise ValueError(f"fps ({self.fps}) and video_min_fps ({self.video_min_fps}) must be > 0")
         if not self.video_min_seconds >= 0:
             raise ValueError(f"video_min_seconds ({self.video_min_seconds}) must be >= 0 (0: no minimum)")
+        if self.run_date is not None:  # a DataError, so a ValueError
+            parse_run_date(self.run_date, "--run-date")
 
 
 @dataclass
@@ -289,7 +291,8 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
         stamp = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
         for p in todo:
             evaluations[p] = {"run_id": run_id, "evaluated_at": stamp}
-            if p in keys and p not in failed:  # a failed person or task is rendered again next time: no key
+            # a failed person or task, or a task skipped for its driver's data, is rendered again next time: no key
+            if p in keys and p not in failed and not any(waits_on_driver(r) for r in results[p].values()):
                 evaluations[p]["key"] = keys[p]
 
     r = config.renderer
@@ -348,7 +351,7 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
     embedded = EmbeddedRay(num_cpus=config.ray_num_cpus, object_store_memory_mb=config.ray_object_store_mb,
                            bind_host=config.ray_bind_host, include_dashboard=False)
     started = connect_ray(config.ray_address, embedded, log_to_driver=False)
-    from cluster.serve.deployment import delete_renderer, deploy_renderer
+    from cluster.serve.deployment import deploy_renderer
 
     deployed = False
     try:
@@ -363,11 +366,6 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
             else:
                 results[person] = out
                 log.info("%s done in %.1f s", person, person_seconds[person])
-    finally:
-        if started:
-            from cluster.serve.deployment import shutdown_serve_and_ray
-
-            shutdown_serve_and_ray()
-        elif deployed:  # a Ray this run joined: its other applications stay, this one goes
-            delete_renderer(app)
+    finally:  # the embedded Ray started here stops; on a cluster only this run's application goes
+        leave_ray(config.ray_address, started, app if deployed else None)
     return run.frames_rendered

@@ -189,24 +189,25 @@ class EvalRun:
             raise ModelLoadError(e.person, e.model_dir, e.cause) from None
         results: dict[str, TaskResult] = {}
         jobs: list[tuple[TaskFrames, list]] = []
-        for task in cfg.tasks:
-            try:
-                frames = self.task_frames(person, task, driver, info["resolution"])
-            except TaskSkipped as e:
-                results[task] = TaskResult(metrics={}, skipped={"task": str(e)})
-                continue
-            except DATA_ERRORS as e:
-                results[task] = TaskResult(metrics={}, skipped={"task": f"failed: {e}"})
-                log.error("%s/%s: %s", person, task, e)
-                continue
-            # every frame in flight at once: the replicas batch them
-            responses = [renderer.remote(RenderRequest(**c, seed=cfg.seed, key=k))
-                         for clip in frames.clips for k, c in zip(clip.keys, clip.conditioning)]
-            jobs.append((frames, responses))
         try:
+            for task in cfg.tasks:
+                try:
+                    frames = self.task_frames(person, task, driver, info["resolution"])
+                except TaskSkipped as e:
+                    results[task] = TaskResult(metrics={}, skipped={"task": str(e)})
+                    continue
+                except DATA_ERRORS as e:
+                    results[task] = TaskResult(metrics={}, skipped={"task": f"failed: {e}"})
+                    log.error("%s/%s: %s", person, task, e)
+                    continue
+                # every frame in flight at once: the replicas batch them
+                jobs.append((frames, []))
+                for clip in frames.clips:
+                    jobs[-1][1].extend(renderer.remote(RenderRequest(**c, seed=cfg.seed, key=k))
+                                       for k, c in zip(clip.keys, clip.conditioning))
             rendered = [(frames, [r.result().image for r in responses]) for frames, responses in jobs]
-        except Exception:  # this person failed: its frames still queued must not hold up the others
-            for _, responses in jobs:
+        except BaseException:  # this person failed (a later task's frames too): its queued frames must not hold up
+            for _, responses in jobs:  # the other persons
                 for r in responses:
                     r.cancel()
             raise

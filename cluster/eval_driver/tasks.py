@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from avatars.data import LoaderConfig, ShardDataset
+from cluster.report import TaskResult
 from common.io import DataError
 from shards.codec import normalise_canonical
 from shards.raster import rasterize
@@ -188,10 +189,20 @@ def driven_conditioning(store: PersonStore, person_model, synth, expression: np.
 DATA_ERRORS = (DataError, FileNotFoundError, ValueError)
 
 
+#: In the reason of a task skipped by :func:`driver_unusable` (found by :func:`waits_on_driver`).
+DRIVER_UNUSABLE = "'s data is unusable ("
+
+
 def driver_unusable(person: str, driver: str, error: Exception) -> TaskSkipped:
     """The driving person's own data does not read: `person`'s cross-reenactment is skipped, not failed (its
     avatar and data are fine); the driver's own tasks fail on that data and name it."""
-    return TaskSkipped(f"cross-reenactment of {person} by {driver} is skipped: {driver}'s data is unusable ({error})")
+    return TaskSkipped(f"cross-reenactment of {person} by {driver} is skipped: {driver}{DRIVER_UNUSABLE}{error})")
+
+
+def waits_on_driver(result: TaskResult) -> bool:
+    """The task was skipped by :func:`driver_unusable`: not up to date, since the driver's data may be repaired
+    without changing what the evaluation key covers (its manifest and store metadata, not its shards' bytes)."""
+    return not result.failed and DRIVER_UNUSABLE in result.skipped.get("task", "")
 
 
 def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Path, resolution: int,

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cluster.eval_driver.tasks import waits_on_driver
 from cluster.report import RunResults, TaskResult
 from cluster.report.schema import list_runs
 from common.fingerprint import file_digest, json_digest, tree_fingerprint
@@ -129,8 +130,9 @@ def _files(tasks: dict[str, TaskResult]) -> list[str]:
 
 def find_reusable(reports_root: Path, run_date: str, person: str, key: str) -> tuple[RunResults, Path] | None:
     """The newest night up to ``run_date`` whose results hold ``person`` evaluated with ``key``, none of
-    its tasks failed (a failure, e.g. a corrupt shard repaired since, is not up to date: the key does
-    not cover it) and whose videos and thumbnails of it are all there; (its results, its folder) or None."""
+    its tasks failed or was skipped for its driver's unusable data (a corrupt shard repaired since is not up
+    to date: the key does not cover it) and whose videos and thumbnails of it are all there; (its results, its
+    folder) or None."""
     for path in reversed(list_runs(reports_root)):
         if path.parent.name > run_date:
             continue
@@ -141,7 +143,8 @@ def find_reusable(reports_root: Path, run_date: str, person: str, key: str) -> t
             continue
         if run.evaluations.get(person, {}).get("key") != key or person not in run.persons:
             continue
-        if any(t.failed for t in run.persons[person].values()):  # stored by a run before failures were not keyed
+        # stored by a run before failures (or skips for a driver's unusable data) were not keyed
+        if any(t.failed or waits_on_driver(t) for t in run.persons[person].values()):
             continue
         if all((path.parent / f).is_file() for f in _files(run.persons[person])):
             return run, path.parent

@@ -26,11 +26,13 @@ class RunSummary:
     metrics: ordered metric names present in the run.
     tasks: ordered task names over all persons.
     person_tasks: person -> task -> metric -> value.
-    person_average: person -> metric -> mean over that person's tasks.
+    person_average: person -> metric -> mean over that person's tasks (those that rendered).
     task_average: task -> metric -> mean over the persons that have the task.
-    overall: metric -> mean over persons of person_average (Table 1 style).
-    overall_persons: metric -> how many persons have a number in it (a failed person has none), so a mean over
-        fewer persons than ``persons_total`` (a jump from leaving a weak person out) shows as such.
+    overall: metric -> mean over persons of person_average (Table 1 style), over the persons none of whose
+        tasks failed.
+    overall_persons: metric -> how many persons that mean covers (a person with a failed task is not among
+        them), so a mean over fewer persons than ``persons_total`` (a jump from leaving a weak person out, or
+        from averaging one of its tasks alone) shows as such.
     persons_total: persons in the run.
     """
 
@@ -71,7 +73,10 @@ def summarize(run: RunResults) -> RunSummary:
     }
     person_average = {p: _mean_dicts(list(ts.values()), names) for p, ts in person_tasks.items()}
     task_average = {t: _mean_dicts([ts[t] for ts in person_tasks.values() if t in ts], names) for t in tasks}
-    overall = _mean_dicts(list(person_average.values()), names)
-    counts = {m: sum(a[m] is not None for a in person_average.values()) for m in names}
+    # A person with a failed task has an average over its other tasks only, which would shift the mean over
+    # persons: it counts as without numbers there, like a person that failed altogether.
+    complete = [a for p, a in person_average.items() if not any(r.failed for r in run.persons[p].values())]
+    overall = _mean_dicts(complete, names)
+    counts = {m: sum(a[m] is not None for a in complete) for m in names}
     return RunSummary(run.run_date, names, tasks, person_tasks, person_average, task_average, overall, counts,
                       len(person_average))

@@ -94,10 +94,15 @@ def _check_relpath(p: Any, source: Path | str) -> str | None:
 
 
 def parse_run_date(text: str, source: Path | str = "<run>") -> dt.date:
+    """The date of a run named ``YYYY-MM-DD``, exactly: the nights are ordered by their folders' names, and
+    other forms ``date.fromisoformat`` accepts (``20250131``, ``2025-W05-5``) would sort out of place."""
     try:
-        return dt.date.fromisoformat(text)
+        date = dt.date.fromisoformat(text)
     except (TypeError, ValueError) as e:
         raise DataError(source, f"run date {text!r} is not YYYY-MM-DD") from e
+    if date.isoformat() != text:
+        raise DataError(source, f"run date {text!r} is not YYYY-MM-DD")
+    return date
 
 
 @dataclass
@@ -268,8 +273,8 @@ def list_runs(reports_root: Path) -> list[Path]:
     found = []
     for d in sorted(root.iterdir()) if root.is_dir() else []:
         try:
-            dt.date.fromisoformat(d.name)
-        except ValueError:
+            parse_run_date(d.name)
+        except DataError:
             continue
         if (d / RESULTS_FILE).is_file():
             found.append(d / RESULTS_FILE)

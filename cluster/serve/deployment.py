@@ -73,7 +73,7 @@ class AvatarRenderer:
         self.metrics = RendererMetrics(self.registry)
         self.exporter = (start_exporter_in_range(config.metrics_port, self.registry, addr=config.metrics_host)
                          if config.metrics_port else None)
-        self._waiting: dict[str, int] = {}
+        self._waiting: dict[str, set[int]] = {}  # person -> ids of the requests waiting for their batch
         self._failed: dict[str, ModelLoadError] = {}
         self.render_batch.set_max_batch_size(config.max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -109,8 +109,9 @@ class AvatarRenderer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def render_batch(self, requests: list[RenderRequest]) -> list[RenderResult]:
         person, renderer = await self._person()  # Serve batches one person's requests together
-        self._waiting[person] -= len(requests)
-        self.metrics.set_queue_length(person, self._waiting[person])
+        waiting = self._waiting[person]
+        waiting.difference_update(map(id, requests))
+        self.metrics.set_queue_length(person, len(waiting))
         # The pipeline blocks: run it in a thread so the replica keeps accepting (and counting) requests.
         results = await asyncio.to_thread(renderer.render, requests)
         self.metrics.observe_batch(person, len(requests), results[0].render_seconds)
@@ -120,9 +121,15 @@ class AvatarRenderer:
         person, renderer = await self._person()
         renderer.check(request)  # a malformed request fails alone, not its whole batch
         arrived = time.perf_counter()
-        self._waiting[person] = self._waiting.get(person, 0) + 1
-        self.metrics.set_queue_length(person, self._waiting[person])
-        result = await self.render_batch(request)
+        waiting = self._waiting.setdefault(person, set())
+        waiting.add(id(request))
+        self.metrics.set_queue_length(person, len(waiting))
+        try:
+            result = await self.render_batch(request)
+        finally:  # cancelled before its batch ran (its person failed: the driver cancels its frames)
+            if id(request) in waiting:
+                waiting.discard(id(request))
+                self.metrics.set_queue_length(person, len(waiting))
         self.metrics.observe_request(person, time.perf_counter() - arrived)
         return result
 

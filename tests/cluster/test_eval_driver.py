@@ -456,6 +456,52 @@ def test_a_person_being_scored_does_not_hold_up_the_next_persons_rendering(tmp_p
     assert peak[0] == 1 and run.frames_rendered == 4  # never more persons rendering than render slots
 
 
+def test_frames_already_sent_are_cancelled_when_a_later_task_of_the_person_raises(tmp_path):
+    """The first two tasks' frames are in flight when preparing the third raises an error no task expects (a bug,
+    not bad data): the person fails with it, and every frame it sent is cancelled, so that the replicas' queues do
+    not hold up the other persons with frames nobody will read."""
+    from types import SimpleNamespace
+
+    from cluster.eval_driver.person import EvalRun
+
+    config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                              metrics=("psnr",))
+    run = EvalRun(config, tmp_path)
+    conditioning = {k: np.zeros(s, np.float32) for k, s in
+                    (("mask", (1, 4, 4)), ("depth", (1, 4, 4)), ("normals", (3, 4, 4)), ("canonical", (5, 4, 4)),
+                     ("expression", (2,)))}
+
+    def task_frames(person, task, driver, resolution):
+        if task == "cross_reenactment":
+            raise RuntimeError("rasterizer bug")
+        return SimpleNamespace(person=person, task=task,
+                               clips=[SimpleNamespace(keys=["k0", "k1"], conditioning=[conditioning] * 2)])
+
+    sent = []
+
+    class Response(_FakeResponse):
+        def __init__(self):
+            super().__init__(None)
+            self.cancelled = False
+            sent.append(self)
+
+        def cancel(self):
+            self.cancelled = True
+
+    class Renderer(_FakeRenderer):
+        def options(self, multiplexed_model_id):
+            return Renderer(multiplexed_model_id, self.started)
+
+        def remote(self, request=None):
+            return _FakeResponse({"resolution": 4}) if request is None else Response()
+
+    run.task_frames = task_frames
+    assert config.tasks[-1] == "cross_reenactment"
+    with pytest.raises(RuntimeError, match="rasterizer bug"):
+        run.person(Renderer(None, {}), "a", "b")
+    assert len(sent) == 4 and all(r.cancelled for r in sent)
+
+
 @pytest.mark.timeout(60)
 def test_parallel_persons_render_that_many_at_once_on_as_many_replicas(tmp_path, monkeypatch):
     """parallel_persons=3, num_replicas=3: 3 replicas (4 models each) are deployed, 3 persons render at once, not 4."""
@@ -576,6 +622,47 @@ def test_a_failed_task_is_not_up_to_date(tiny_data, tmp_path, monkeypatch):
     assert find_reusable(config.reports_root, "2025-03-01", "000", key) is not None
     night.persons["000"]["novel_view"] = TaskResult({}, skipped={"task": "failed: corrupt shard"})
     night.save(config.reports_root)  # as a run before this fix stored it: a key next to a failed task
+    assert find_reusable(config.reports_root, "2025-03-01", "000", key) is None
+
+
+def test_a_cross_reenactment_skipped_for_its_drivers_unusable_data_is_not_up_to_date(tiny_data, tmp_path,
+                                                                                      monkeypatch):
+    """The driver's shard was corrupt, so the driven person's cross-reenactment was skipped (not failed). Once the
+    shard is rebuilt with the same content the evaluation key, which covers the driver's manifest and store, not
+    its shards' bytes, is unchanged: the skip must not be reused night after night. No key is stored for it, and a
+    stored entry with such a skip (a run before this check) is not reused."""
+    from cluster.eval_driver import driver
+    from cluster.eval_driver.tasks import driver_unusable
+    from cluster.eval_driver.uptodate import find_reusable
+    from cluster.report import TaskResult
+
+    _, stores, shards = tiny_data
+    DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim)).save_pretrained(
+        tmp_path / "runs" / "000" / "model")
+    skip = driver_unusable("000", "001", DataError("shards/001/s.tar", "sha256 does not match the manifest"))
+    unusable, rendered = [True], []
+
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+        rendered.extend(todo)
+        for p in todo:
+            results[p] = {t: TaskResult({}, skipped={"task": str(skip)}) if t == "cross_reenactment" and unusable
+                          else TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
+        return len(todo)
+
+    monkeypatch.setattr(driver, "_render_all", render_all)
+    config = EvalDriverConfig(runs=tmp_path / "runs", shards=shards, stores=stores, reports_root=tmp_path / "r",
+                              persons=("000",), run_date="2025-03-01", build_report=False)
+    first = run_evaluation(config)
+    assert first.failed == {}  # a skip, not a failure of 000
+    assert "key" not in RunResults.load(first.results_path).evaluations["000"]
+    unusable.clear()  # the driver's shard was rebuilt
+    again = run_evaluation(config)
+    assert again.reused == [] and rendered == ["000", "000"]
+    night = RunResults.load(again.results_path)
+    key = night.evaluations["000"]["key"]
+    assert find_reusable(config.reports_root, "2025-03-01", "000", key) is not None
+    night.persons["000"]["cross_reenactment"] = TaskResult({}, skipped={"task": str(skip)})
+    night.save(config.reports_root)  # a key next to the skip, as a run before this check stored it
     assert find_reusable(config.reports_root, "2025-03-01", "000", key) is None
 
 

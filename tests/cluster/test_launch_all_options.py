@@ -278,6 +278,25 @@ def test_summary_json_has_the_exit_code_of_a_failed_evaluation(staged, monkeypat
     assert all(r["ok"] for r in summary["results"])
 
 
+@pytest.mark.parametrize("error", [RuntimeError("renderer application 'avatars-1' failed to deploy"),
+                                   OSError(28, "No space left on device")])
+def test_an_evaluation_that_raises_leaves_a_summary_with_its_reason_and_exit_code_1(staged, monkeypatch, error):
+    """The renderer does not deploy (or the disk fills) after every person trained: the run ends with exit code
+    1, the trained avatars stand in summary.json, and its evaluation_failed names the reason for every person;
+    not a traceback out of main with a summary.json that still says 0."""
+    def evaluate(args, persons):
+        raise error
+
+    monkeypatch.setattr(launch_all, "_evaluate", evaluate)
+    code, out = staged.run("--persons", "017,018", evaluate=True)
+    summary = json.loads((staged.work / "runs" / "summary.json").read_text())
+    assert code == 1 and summary["exit_code"] == 1 and all(r["ok"] for r in summary["results"])
+    reason = ("RuntimeError: renderer application 'avatars-1' failed to deploy" if isinstance(error, RuntimeError)
+              else "I/O error: [Errno 28] No space left on device")
+    assert summary["evaluation_failed"] == {"017": f"evaluation: {reason}", "018": f"evaluation: {reason}"}, summary
+    assert "error: the evaluation stopped" in out and "pipeline finished" in out
+
+
 def test_a_cluster_that_refuses_the_connection_is_no_io_error(staged, monkeypatch):
     """Ray's ConnectionError (an OSError) stops the training stage as a connection error with Ray's reason
     (kept in its cause), not as an I/O error of the disk: what a head refusing this process's token gives."""

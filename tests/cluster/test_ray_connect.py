@@ -234,3 +234,25 @@ def test_evaluation_driver_ray_listens_on_its_bind_host_with_its_object_store(in
     assert inits == [dict(address="local", num_cpus=None, num_gpus=None, object_store_memory=64 * 2**20,
                           include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.2",
                           dashboard_host="127.0.0.2")]
+
+
+@pytest.mark.parametrize("where", ["embedded", "joined", "RAY_ADDRESS", "connected before"])
+def test_the_evaluation_driver_leaves_other_runs_serve_applications_on_a_cluster(inits, monkeypatch, tmp_path, where):
+    """Its own embedded Ray goes with Serve; on a cluster (--ray-address, RAY_ADDRESS inside `ray job submit`, or a
+    connection the process had) only its renderer application is deleted: serve.shutdown would delete every
+    application on the cluster, other runs' renderers too. A connection it opened is closed."""
+    calls = []
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+    monkeypatch.setattr("cluster.serve.deployment.deploy_renderer", lambda models, config, name, **kw: "handle")
+    monkeypatch.setattr("cluster.serve.deployment.delete_renderer", lambda name: calls.append(f"delete {name}"))
+    monkeypatch.setattr("cluster.serve.deployment.shutdown_serve_and_ray", lambda: calls.append("serve.shutdown"))
+    if where == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    if where == "connected before":
+        inits.append({})
+    config = driver.EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                                     metrics=("psnr",), ray_address="10.0.0.5:6379" if where == "joined" else None)
+    assert driver._render_all(config, tmp_path, [], {}, {}, {}, {}, app="avatars-run42") == 0
+    assert calls == {"embedded": ["serve.shutdown"], "joined": ["delete avatars-run42", "ray.shutdown"],
+                     "RAY_ADDRESS": ["delete avatars-run42", "ray.shutdown"],
+                     "connected before": ["delete avatars-run42"]}[where]

@@ -115,6 +115,24 @@ def test_the_average_over_persons_says_how_many_persons_it_covers(tmp_path: Path
     assert "of 2 persons" not in previous  # every person has numbers: nothing to say
 
 
+def test_a_person_with_a_failed_task_is_left_out_of_the_average_over_persons(tmp_path: Path) -> None:
+    """Its other tasks keep their numbers in its row and in their tasks' averages, but its average over them alone
+    would shift the mean over persons (a person whose hard task failed would raise it): the mean covers the other
+    persons, and says so ("1 of 2 persons")."""
+    last = make_runs(tmp_path, with_video=False)[-1]
+    failed_task = TASKS[-1]
+    last.persons[PERSONS[1]][failed_task] = TaskResult(metrics={}, skipped={"task": "failed: corrupt shard"})
+    s = summarize(last)
+    expected = np.mean([last.persons[PERSONS[1]][t].metrics["psnr"] for t in TASKS if t != failed_task])
+    assert s.person_average[PERSONS[1]]["psnr"] == pytest.approx(expected)
+    assert s.overall["psnr"] == pytest.approx(s.person_average[PERSONS[0]]["psnr"])
+    assert s.overall_persons["psnr"] == 1 and s.partial("psnr")
+    assert s.task_average[TASKS[0]]["psnr"] == pytest.approx(
+        np.mean([last.persons[p][TASKS[0]].metrics["psnr"] for p in PERSONS]))
+    last.persons[PERSONS[1]][failed_task] = TaskResult(metrics={}, skipped={"task": "not applicable to this person"})
+    assert not summarize(last).partial("psnr")  # a task that does not apply is no failure
+
+
 def test_build_report_folder(tmp_path: Path) -> None:
     make_runs(tmp_path)
     (tmp_path / "runs/2025-01-28").mkdir()
@@ -142,6 +160,26 @@ def test_build_report_folder(tmp_path: Path) -> None:
 def test_missing_runs_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no nightly runs found"):
         build_report(ReportConfig(tmp_path))
+
+
+@pytest.mark.parametrize("text", ["20250131", "2025-W05-5", "2025-1-31", " 2025-01-31"])
+def test_a_run_date_is_yyyy_mm_dd_exactly(tmp_path: Path, text: str) -> None:
+    """Nights are ordered by their folders' names: a date in another form Python reads (20250131 would sort after
+    2025-02-01 and become the newest night) is refused for a new night and never read as one."""
+    from cluster.eval_driver import EvalDriverConfig
+    from cluster.report.schema import list_runs, parse_run_date, run_dir
+
+    assert parse_run_date("2025-01-31").isoformat() == "2025-01-31"
+    with pytest.raises(DataError, match="is not YYYY-MM-DD"):
+        run_dir(tmp_path, text)
+    with pytest.raises(ValueError, match="--run-date: run date .* is not YYYY-MM-DD"):
+        EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path, metrics=("psnr",),
+                         run_date=text)
+    make_runs(tmp_path, with_video=False)
+    stray = tmp_path / "runs" / text / "results.json"
+    stray.parent.mkdir()
+    stray.write_text((tmp_path / "runs" / DATES[0] / "results.json").read_text())
+    assert [r.parent.name for r in list_runs(tmp_path)] == list(DATES)
 
 
 def test_every_computed_metric_has_a_label_and_a_place():

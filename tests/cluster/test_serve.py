@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import urllib.request
 
 import numpy as np
@@ -202,6 +203,19 @@ def test_serve_batches_concurrent_requests(serve_ray, model_dir):
         assert _metric(text, "da_render_frames_per_second", "p0") > 0
         with urllib.request.urlopen(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=10) as resp:
             assert 'da_render_frames_total{person="p0"} 11.0' in resp.read().decode()
+
+        # requests cancelled while they wait for their batch (a failed person's frames: the driver cancels them)
+        # leave the queue: while the first batch renders, the next 8 wait in the replica's batcher and are cancelled
+        first = [handle.remote(q) for q in reqs]
+        cancelled = [handle.remote(q) for q in reqs]
+        time.sleep(0.1)  # in the replica, behind the first batch (it renders for ~1 s)
+        for r in cancelled:
+            r.cancel()
+        assert all(r.result(timeout_s=120).image.shape == (64, 64, 3) for r in first)
+        deadline = time.time() + 30
+        while _metric(handle.metrics_text.remote().result(), "da_render_queue_length", "p0") != 0:
+            assert time.time() < deadline, "cancelled requests are still counted as waiting"
+            time.sleep(0.2)
 
         # a malformed request fails alone with a clear error
         with pytest.raises(Exception, match=r"expression must be \(10,\)"):
