@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,14 +46,46 @@ def file_digest(path: Path | str) -> str:
     return h.hexdigest()
 
 
+def walk_tree(root: Path | str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(root)`` top-down, into symbolic links to folders too (a capture's sequences or a base's
+    weights are often links into shared storage: their files are the tree's own, and a change in them must
+    change its fingerprint; ``os.walk`` and, before Python 3.13, ``Path.rglob`` do not follow them), never
+    into a folder that is already on the way down (a link to an ancestor would loop), and raising what it
+    cannot read (``os.walk`` skips it silently). An absent ``root`` has nothing under it."""
+    root = os.fspath(root)
+    chains = {root: frozenset({os.path.realpath(root)})}  # folder walked -> real paths of it and its ancestors
+
+    def fail(e: OSError) -> None:
+        if not (isinstance(e, FileNotFoundError) and e.filename == root):
+            raise e
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail, followlinks=True):
+        chain = chains.pop(dirpath)
+        kept = []
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            real = os.path.realpath(child)
+            if real not in chain:
+                kept.append(name)
+                chains[child] = chain | {real}
+        dirnames[:] = kept
+        yield dirpath, dirnames, filenames
+
+
+def _files(root: Path) -> list[Path]:
+    """Every file name under ``root`` (:func:`walk_tree`), sorted as ``sorted(root.rglob("*"))`` sorts."""
+    return sorted(Path(dirpath, name) for dirpath, _, names in walk_tree(root) for name in names)
+
+
 def tree_fingerprint(root: Path | str) -> str:
     """sha256 over every file under ``root`` (relative path and :func:`file_digest`), in sorted
-    order. Names starting with '.' (temporary files of atomic writes) are left out."""
+    order, those in linked folders included (:func:`walk_tree`). Names starting with '.' (temporary
+    files of atomic writes) are left out."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
+    for path in _files(root):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
@@ -80,7 +113,7 @@ def folder_sha256(folder: Path | str, exclude: tuple[str, ...] = ()) -> dict[str
     and names starting with '.' (temporary files of atomic writes)."""
     folder = Path(folder)
     files = {}
-    for path in sorted(folder.rglob("*")):
+    for path in _files(folder):
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and rel not in exclude and not any(p.startswith(".") for p in rel.split("/")):
             files[rel] = path

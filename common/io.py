@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,10 +39,24 @@ class DataError(ValueError):
         return type(self), (self.path, self.problem)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def umask() -> int:
-    """The process umask (read without changing it)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process umask, read without changing it: from ``/proc/self/status`` on Linux (4.7 and later);
+    elsewhere set and restored under a lock. ``os.umask`` alone cannot read it without setting it, and two
+    threads doing so at once (the evaluation's writes) could each read the other's 0, write a file open to
+    everyone and leave the whole process with umask 0."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 

@@ -207,6 +207,10 @@ class Calibration:
             problem = _extrinsics_problem(W) or _intrinsics_problem(Km)
             if problem:
                 raise DataError(path, f"camera {serial}: {problem}")
+            # the last row within tolerance of [0, 0, 1] (float noise of a calibration tool) made exact, as the
+            # rasterizers need it (w == camera z); dividing by K[2, 2] leaves the projection as it was
+            Km = Km / Km[2, 2]
+            Km[2, :2] = 0.0
             cameras[serial] = Camera(serial, Km, W, int(size[0]), int(size[1]))
         if not cameras:
             raise DataError(path, "no cameras in calibration")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import zarr
 from PIL import Image
 
+from common.fingerprint import walk_tree
 from common.io import DataError, atomic_directory
 
 from .contract import Calibration, MeshFrame, PersonCapture, TrackingMeta
@@ -65,7 +65,7 @@ def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
                         sort_keys=True).encode())
     for sub in ("calibration", "tracking", "sequences"):
         base = capture.dir / sub
-        for dirpath, dirnames, filenames in os.walk(base):
+        for dirpath, dirnames, filenames in walk_tree(base):  # linked folders too: their files are the capture's
             dirnames.sort()
             h.update(f"{Path(dirpath).relative_to(capture.dir)}/\n".encode())
             for name in sorted(filenames):

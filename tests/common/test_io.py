@@ -159,3 +159,31 @@ def test_a_unix_socket_fits_up_to_107_bytes(tmp_path):
             except OSError:
                 bound = False
         assert bound == cio.fits_unix_socket(directory, len(name)) == (total == 107), total
+
+
+def test_the_umask_is_read_without_being_set(monkeypatch):
+    """Reading the umask by setting it and setting it back is a race between threads (the evaluation writes from
+    several): one could read the other's 0 and leave the process with umask 0. On Linux it is read from
+    /proc/self/status and never set; elsewhere set and restored under a lock."""
+    previous = os.umask(0o027)
+    try:
+        real_umask = os.umask
+
+        def no_set(mask):
+            raise AssertionError("umask() set the process umask")
+
+        monkeypatch.setattr(os, "umask", no_set)
+        assert cio.umask() == 0o027
+        monkeypatch.setattr(os, "umask", real_umask)
+
+        real_open = open
+
+        def no_proc(path, *args, **kwargs):  # a system without /proc
+            if str(path).startswith("/proc/"):
+                raise FileNotFoundError(path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", no_proc)
+        assert cio.umask() == 0o027 and real_umask(0o027) == 0o027  # read, and left as it was
+    finally:
+        os.umask(previous)

@@ -270,6 +270,20 @@ def test_nersemble_shared_intrinsics_without_image_size(capture_copy, tmp_path, 
     assert store.attrs["image_size"] == [tiny_cfg.image_size, tiny_cfg.image_size]
 
 
+def test_intrinsics_with_float_noise_in_the_last_row_are_made_exact(capture_copy, tmp_path):
+    """A last row of [0, 0, 1 + 1e-9] (a calibration tool's float noise) passes the ingest's tolerance; it is stored
+    as exactly [0, 0, 1], which the rasterizers need, so the shards stage does not fail on it after the ingest
+    passed (it did: a bare ValueError of the rasterizer, not a DataError naming the calibration)."""
+    cap = _cap(capture_copy)
+    _edit_json(cap.calibration_path, intrinsics=lambda d: {k: [*K[:2], [1e-12, 0, 1 + 1e-9]] for k, K in d.items()})
+    calibration = Calibration.load(cap.calibration_path)
+    for camera in calibration.cameras.values():
+        assert camera.K[2].tolist() == [0.0, 0.0, 1.0]
+    store = PersonStore(ingest_person(capture_copy, "000", tmp_path / "zarr", CFG).path)
+    shards = write_shards([store.path], tmp_path / "shards", TINY_SHARDS, progress=False)
+    assert not shards.failed and shards.written
+
+
 def test_flame_meshes_get_zero_ambient(capture_copy, tmp_path):
     cap = _cap(capture_copy)
     meta = json.loads(cap.tracking_meta_path.read_text())
@@ -370,6 +384,25 @@ def test_up_to_date_check_covers_folders_and_the_root(change, capture_copy, tmp_
         os.replace(capture_copy, moved)
         res = ingest_person(moved, "000", out, CFG)
         assert not res.skipped and PersonStore(res.path).attrs["source_root"] == str(moved.resolve())
+
+
+def test_a_change_inside_a_linked_sequence_folder_makes_the_store_stale(capture_copy, tmp_path):
+    """A sequence folder that is a symbolic link into other storage (as large downloads are kept): its files are
+    the capture's, so a changed image there makes the store stale and the re-run validates it, rather than the
+    store (and the shards made from it) being taken as up to date."""
+    cap = _cap(capture_copy)
+    seq = cap.sequences()[0]
+    kept = tmp_path / "storage" / seq
+    kept.parent.mkdir()
+    os.replace(capture_copy / "000" / "sequences" / seq, kept)
+    (capture_copy / "000" / "sequences" / seq).symlink_to(kept, target_is_directory=True)
+    out = tmp_path / "zarr"
+    assert not ingest_person(capture_copy, "000", out, CFG).skipped
+    assert ingest_person(capture_copy, "000", out, CFG).skipped
+    _, t, serial = _first(cap)
+    Image.new("RGB", (10, 10)).save(cap.image_path(seq, t, serial))
+    with pytest.raises(DataError, match="image size 10x10 does not match"):
+        ingest_person(capture_copy, "000", out, CFG)
 
 
 def test_empty_capture_root_is_an_error(tmp_path):
