@@ -266,7 +266,7 @@ class EvalConfig:
     jod_display: FovVideoVDP display model ("standard_4k", the official evaluator's).
     cvvdp_display: ColorVideoVDP display model.
     psnr_batch: frames per pooled-error batch of the protocol PSNR (the official evaluator: 16).
-    device: torch device for LPIPS / JOD / face models.
+    device: torch device for JOD and the face models (LPIPS runs on ``lpips.device``).
     """
 
     metrics: tuple[str, ...] = DEFAULT_METRICS
@@ -321,7 +321,7 @@ class Evaluator:
     def lpips(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         """Per-frame LPIPS (AlexNet, v0.1) of (T, 3, H, W) tensors in [0, 1]."""
         assert self._lpips is not None and self.config.lpips is not None
-        out, bs, dev = [], self.config.lpips.batch_size, self.config.device
+        out, bs, dev = [], self.config.lpips.batch_size, self.config.lpips.device  # where the network is
         for i in range(0, pred.shape[0], bs):
             d = self._lpips(pred[i : i + bs].to(dev), gt[i : i + bs].to(dev), normalize=True)
             out.append(d.flatten().cpu())
@@ -331,7 +331,7 @@ class Evaluator:
     def lpips_in_mask(self, pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-frame LPIPS distance map averaged over ``mask`` (T, 1, H, W) > 0.5 (NaN if empty)."""
         assert self._lpips is not None and self.config.lpips is not None
-        out, bs, dev = [], self.config.lpips.batch_size, self.config.device
+        out, bs, dev = [], self.config.lpips.batch_size, self.config.lpips.device  # where the network is
         spatial = self._lpips.spatial
         self._lpips.spatial = True  # the distance map at image resolution instead of its mean
         try:

@@ -156,6 +156,10 @@ class DiffusionAvatarsModel(nn.Module):
 
         self.register_buffer("empty_prompt_embedding", empty_prompt_embedding[:1].float(), persistent=False)
         self.noise_scheduler = training_scheduler(config.scheduler)
+        # read here, on the host: training moves alphas_cumprod to the device, and a read there would be a host
+        # sync in every single-pass render (one that a CUDA graph's capture refuses)
+        alpha = float(self.noise_scheduler.alphas_cumprod[self.single_pass_timestep()])
+        self._single_pass_scale = -((1.0 - alpha) ** 0.5)
         # config.train_timesteps: the timesteps the loss draws from (None: all of the scheduler's)
         table = render_timesteps(config.scheduler, config.train_timesteps) if config.train_timesteps else None
         self.register_buffer("train_timestep_table", table, persistent=False)
@@ -331,8 +335,7 @@ class DiffusionAvatarsModel(nn.Module):
         x0 = sqrt(a_T) x_T - sqrt(1 - a_T) v with x_T = 0, i.e. x0 = -v under the zero-terminal-SNR schedule
         (a_T = 0). So the pass starts from the frozen base's own estimate (the mean latent); read directly as
         x0 it would start from the negated mean, and the ControlNet would first have to undo the base's sign."""
-        alpha = self.noise_scheduler.alphas_cumprod[self.single_pass_timestep()].item()
-        return output.float() * -((1.0 - alpha) ** 0.5)
+        return output.float() * self._single_pass_scale
 
     def single_pass(self, denoise: Callable[..., torch.Tensor], cond: torch.Tensor,
                     latent_shape: tuple[int, ...]) -> torch.Tensor:

@@ -120,6 +120,16 @@ class Trainer:
         self._emit("on_log", record)
 
     # ---- set-up ---------------------------------------------------------------------------
+    def _clear_earlier_run(self) -> None:
+        """``--resume never``: the earlier run's checkpoints go, and its avatar too: its ``result.json`` and
+        ``model/`` would otherwise stand for this run until its end, and for good if it stops before (the main
+        job would take the person as trained, and the evaluation would score the earlier avatar as this run's).
+        ``result.json`` first, the mark of a finished run; what cannot be removed is an error."""
+        (self.run_dir / "result.json").unlink(missing_ok=True)
+        for folder in (self.run_dir / "model", self.run_dir / "val", self.checkpoint_dir):
+            if folder.exists():
+                shutil.rmtree(folder)
+
     def setup(self) -> None:
         """Process group, data, model, DeepSpeed engine; restores the newest checkpoint."""
         cfg = self.config
@@ -137,7 +147,7 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.resume == "never":
-                shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+                self._clear_earlier_run()
         if self.world_size > 1:
             torch.distributed.barrier()  # rank 0 has cleaned up before anyone reads checkpoints
 

@@ -110,6 +110,11 @@ def test_single_pass_ablation_equals_the_plain_pipeline():
     batch = _frames(2)
     out = RenderPipeline(model, RenderOptions(batch_buckets=(2,)))(batch)
     torch.testing.assert_close(out, AvatarPipeline(model)(batch), rtol=0, atol=0)
+    # no host read in the pass, not even of the schedule (training moves it to the device: on CUDA a read would be
+    # a sync, which a CUDA graph's capture refuses)
+    cond = torch.zeros(2, 1, 8, 8)
+    latents, reads = count_host_reads(lambda: model.single_pass(lambda x, t, c: x + 1.0, cond, (4, 8, 8)))
+    assert reads == [] and torch.equal(latents, torch.full((2, 4, 8, 8), model.single_pass_latents(torch.ones(1))[0]))
 
 
 @pytest.mark.parametrize("diffusion", [True, False])

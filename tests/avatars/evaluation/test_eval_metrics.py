@@ -222,6 +222,12 @@ def test_lpips_metric_behaves(lpips_file: Path) -> None:
     dirty = face_ev.evaluate_video(gt, bad_face, face_mask=mask)["metrics"]["lpips_face"]["mean"]
     assert clean < dirty  # LPIPS has a wide receptive field: the background still leaks in a little
     assert face_ev._lpips.spatial is False
+    # LPIPS runs where its LpipsConfig put the network, whatever the device of the other metrics ("meta" holds
+    # no data: a frame sent there would fail)
+    elsewhere = M.Evaluator(M.EvalConfig(metrics=("lpips", "lpips_face"), device="meta",
+                                         lpips=LpipsConfig(lpips_file, batch_size=2)))
+    moved = elsewhere.evaluate_video(gt, bad_face, face_mask=mask)["metrics"]
+    assert moved["lpips_face"]["mean"] == pytest.approx(dirty)
 
 
 @needs_fvvdp

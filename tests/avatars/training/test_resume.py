@@ -162,10 +162,35 @@ def test_sigkill_between_checkpoints_then_resume_matches(train_shards, uninterru
     assert not all(torch.equal(wa[k], torch.zeros_like(wa[k])) for k in wa)
 
 
+#: jobs/train_person.py's command line, the run stopped by a callback once it is set up (as if killed then)
+STOPPED_AFTER_SET_UP = """
+import sys
+import avatars.training as training
+from jobs import train_person
+
+class Stop(training.TrainerCallback):
+    def on_train_start(self, trainer):
+        raise RuntimeError("stopped after set-up")
+
+run = training.train_person
+training.train_person = lambda config, callbacks=None: run(config, [Stop()])
+train_person.main(sys.argv[1:])
+"""
+
+
 def test_resume_never_starts_over_and_keep_last(train_shards, uninterrupted, tmp_path):
+    """--resume never starts from scratch and removes the earlier run's checkpoints, avatar (model/), result.json
+    and validation images when it starts: a run that stops before its end leaves no earlier avatar that the main
+    job would take for a trained one (its result.json, with the steps asked for) or the evaluation would score."""
     ckpts = sorted(p.name for p in (uninterrupted / "000" / "checkpoints").glob("step_*"))
     assert ckpts == [f"step_{2 * EVERY:07d}", f"step_{STEPS:07d}"]  # keep_last=2 deleted step 6
     shutil.copytree(uninterrupted / "000", tmp_path / "000")
+    assert {"result.json", "model", "val", "checkpoints"} <= {p.name for p in (tmp_path / "000").iterdir()}
+    stopped = subprocess.run([sys.executable, "-c", STOPPED_AFTER_SET_UP,
+                              *_cmd(train_shards, tmp_path, "--resume", "never")[2:]],
+                             capture_output=True, text=True, timeout=300, env=single_thread_env())
+    assert stopped.returncode != 0 and "stopped after set-up" in stopped.stderr, stopped.stderr[-3000:]
+    assert not {"result.json", "model", "val", "checkpoints"} & {p.name for p in (tmp_path / "000").iterdir()}
     _run(_cmd(train_shards, tmp_path, "--resume", "never", "--steps", "3", "--checkpoint-every", "3"),
          tmp_path / "train.err")
     assert json.loads((tmp_path / "000" / "result.json").read_text())["resumed_from"] == 0
