@@ -135,22 +135,24 @@ class MeshTensors:
         return [b.to("cpu") for b in bufs]
 
 
-def _read_rgb_alpha(paths: tuple[Path, Path], size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
-    img_path, alpha_path = paths
-    try:
-        with Image.open(img_path) as im:
-            rgb = im.convert("RGB")
-            if size and rgb.size != size:
-                rgb = rgb.resize(size, Image.BILINEAR)
-            rgb = np.asarray(rgb)
-        with Image.open(alpha_path) as im:
-            a = im.convert("L")
-            if size and a.size != size:
-                a = a.resize(size, Image.BILINEAR)
-            alpha = np.asarray(a)
-    except OSError as e:
-        raise DataError(img_path, f"unreadable image or alpha map while sharding: {e}") from None
-    return rgb, alpha
+def _read_rgb_alpha(paths: tuple[Path, Path], captured: tuple[int, int],
+                    size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its alpha map, which must have the ``captured`` size the store's camera has (an image
+    replaced after the ingest by one of another size would be stretched onto the camera's pixels without a
+    word), resized to ``size``."""
+    images = []
+    for path, mode in zip(paths, ("RGB", "L")):
+        try:
+            with Image.open(path) as im:
+                image = im.convert(mode)
+        except OSError as e:
+            raise DataError(path, f"unreadable image or alpha map while sharding: {e}") from None
+        if image.size != captured:
+            raise DataError(path, f"is {image.size[0]}x{image.size[1]}, but the store's camera is "
+                                  f"{captured[0]}x{captured[1]}: the capture changed after it was ingested "
+                                  "(jobs/ingest.py validates and ingests it again)")
+        images.append(np.asarray(image if image.size == size else image.resize(size, Image.BILINEAR)))
+    return images[0], images[1]
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -196,7 +198,9 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
     with atomic_file(Path(task.out_dir) / task.name) as tmp:
         with tarfile.open(tmp, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for s, cam, buf, expr in rendered():
-                rgb, alpha = _read_rgb_alpha(store.image_paths(s), (cam.width, cam.height))
+                captured = store.cameras[s.camera]
+                rgb, alpha = _read_rgb_alpha(store.image_paths(s), (captured.width, captured.height),
+                                             (cam.width, cam.height))
                 a = alpha.astype(np.float32)[..., None] / 255
                 matted = np.round((rgb.astype(np.float32) / 255 * a + bg * (1 - a)) * 255).astype(np.uint8)
                 key = sample_key(store.person, s)

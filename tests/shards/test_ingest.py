@@ -284,6 +284,19 @@ def test_intrinsics_with_float_noise_in_the_last_row_are_made_exact(capture_copy
     assert not shards.failed and shards.written
 
 
+def test_an_image_replaced_after_the_ingest_by_one_of_another_size_fails_its_person_at_the_shards(capture_copy,
+                                                                                                 tmp_path):
+    """The shards stage reads the images the store points to: one replaced since the ingest by an image of another
+    size is an error naming it, not stretched onto the camera's pixels (the shards then misaligned with the
+    rasterized buffers)."""
+    store = ingest_person(capture_copy, "000", tmp_path / "zarr", CFG).path
+    cap = _cap(capture_copy)
+    seq, t, serial = _first(cap)
+    Image.new("RGB", (10, 10)).save(cap.image_path(seq, t, serial))
+    shards = write_shards([store], tmp_path / "shards", TINY_SHARDS, progress=False)
+    assert f"{cap.image_path(seq, t, serial)}: is 10x10, but the store's camera is" in shards.failed["000"]
+
+
 def test_flame_meshes_get_zero_ambient(capture_copy, tmp_path):
     cap = _cap(capture_copy)
     meta = json.loads(cap.tracking_meta_path.read_text())
