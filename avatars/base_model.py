@@ -37,11 +37,35 @@ def check_base_model_dir(path: str | os.PathLike, need: tuple[str, ...] = ("unet
     return root
 
 
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+
+def check_prediction_type(root: Path) -> None:
+    """The avatars read the frozen UNet's output as a v-prediction (Stable Diffusion 2.1, the 768-v model):
+    a base whose ``scheduler/scheduler_config.json`` says it predicts something else (SD 2.1-base and SD 1.x
+    predict the noise, ``epsilon``) would train and render without an error on a misread prior, so it is refused
+    naming the file and the field. A directory without that file (the project's tiny bases) is not checked."""
+    import json
+
+    file = root / SCHEDULER_CONFIG
+    if not file.is_file():
+        return
+    try:
+        kind = json.loads(file.read_text()).get("prediction_type", "epsilon")  # diffusers' default
+    except (ValueError, AttributeError) as e:
+        raise DataError(file, f"unreadable scheduler config ({e})") from None
+    if kind != "v_prediction":
+        raise DataError(file, f"prediction_type is {kind!r}: the avatars read the base's UNet output as "
+                              "'v_prediction' (Stable Diffusion 2.1, the 768-v model); a base that predicts "
+                              "the noise (e.g. SD 2.1-base) is not supported")
+
+
 def load_unet_and_vae(path: str | os.PathLike):
-    """Loads the UNet and the VAE (float32) from a local diffusers directory."""
+    """Loads the UNet and the VAE (float32) from a local diffusers directory (its prediction type checked)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     root = check_base_model_dir(path)
+    check_prediction_type(root)
     unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
     vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
     return unet, vae

@@ -39,5 +39,9 @@ def main(args: ConvertArgs) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    out = main(tyro.cli(ConvertArgs))
+    try:
+        out = main(tyro.cli(ConvertArgs))
+    except DataError as e:  # a root that does not exist or holds no participant: nothing was converted
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(1 if any(v.startswith("failed") for v in out.values()) else 0)

@@ -29,6 +29,7 @@ once complete, and a person whose output is complete for the same settings is sk
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -97,6 +98,39 @@ def list_participants(config: ConvertConfig) -> list[str]:
     return ids
 
 
+#: PIL modes of an alpha map and the factor to 8 bits: 8-bit, 1-bit and 16-bit grey levels (`convert("L")` clips
+#: 16-bit values instead of scaling them: a 50% matte became opaque).
+ALPHA_MODES = {"L": 1, "1": 1, "I;16": 257, "I;16B": 257, "I;16L": 257, "I": 257}
+
+
+def _alpha_header(path: Path) -> tuple[int, int]:
+    """The size of the alpha map at ``path``, whose header must read and whose mode must be a grey level."""
+    try:
+        with Image.open(path) as im:
+            size, mode = im.size, im.mode
+    except OSError as e:
+        raise DataError(path, f"unreadable alpha map: {e}") from None
+    if mode not in ALPHA_MODES:
+        raise DataError(path, f"alpha map has PIL mode {mode}; a grey-level map (8 or 16 bits: "
+                              f"{', '.join(ALPHA_MODES)}) is needed")
+    return size
+
+
+def _alpha(path: Path) -> Image.Image:
+    """The alpha map at ``path`` as 8-bit grey levels (16-bit ones scaled, not clipped)."""
+    try:
+        with Image.open(path) as im:
+            scale = ALPHA_MODES.get(im.mode)
+            if scale is None:
+                raise DataError(path, f"alpha map has PIL mode {im.mode}; a grey-level map is needed")
+            if scale == 1:
+                return im.convert("L")
+            values = np.asarray(im, dtype=np.float64) / scale
+    except OSError as e:
+        raise DataError(path, f"unreadable alpha map: {e}") from None
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), mode="L")
+
+
 def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
@@ -107,8 +141,20 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DataError(path, f"unreadable image: {e}") from None
 
 
+def same_aspect(size: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether ``other`` (width, height) is ``size`` scaled by one factor, to within a pixel (a width or height
+    rounded when the images were made smaller)."""
+    return abs(size[1] * other[0] / size[0] - other[1]) <= 1.0
+
+
 def scaled_calibration(path: Path, image_size: tuple[int, int], intrinsics_size: tuple[int, int]) -> Calibration:
-    """NeRSemble's calibration with the intrinsics scaled from `intrinsics_size` to `image_size`."""
+    """NeRSemble's calibration with the intrinsics scaled from `intrinsics_size` to `image_size`, which must have
+    its aspect ratio: other sizes (the width and height swapped, cropped images) would give every camera
+    non-square pixels without a word."""
+    if not same_aspect(intrinsics_size, image_size):
+        raise DataError(path, f"the images are {image_size[0]}x{image_size[1]}, not {intrinsics_size[0]}x"
+                              f"{intrinsics_size[1]} (--convert.intrinsics-size, the size the intrinsics are "
+                              "given for) scaled by one factor: cropped images, or width and height swapped?")
     full = Calibration.load(path, image_size=intrinsics_size)
     return Calibration({s: Camera(c.serial, c.K, c.world_to_cam, *intrinsics_size).resized(*image_size)
                         for s, c in full.cameras.items()})
@@ -179,7 +225,7 @@ def plan_person(config: ConvertConfig, pid: str) -> tuple[TrackingMeta, Calibrat
             for s, a in alphas.items():
                 if not a.is_file():
                     raise DataError(a, f"alpha map of camera {s} is missing")
-                _image_size(a)  # its header must read; it is resized to the image size
+                _alpha_header(a)  # its header must read and be a grey-level map; it is resized to the image size
             frames.append(_Frame(seq, t, images, alphas, trk / seq / f"frame_{t:05d}.npz"))
     if not frames:
         raise DataError(trk, f"no timestep (every {config.frame_stride}th) with tracking in sequences {seqs}")
@@ -188,6 +234,11 @@ def plan_person(config: ConvertConfig, pid: str) -> tuple[TrackingMeta, Calibrat
         for path in f.images.values():
             if _image_size(path) != size:
                 raise DataError(path, f"image size {_image_size(path)} differs from the first image's {size}")
+    for f in frames:
+        for path in f.alphas.values():
+            if not same_aspect(size, _alpha_header(path)):
+                raise DataError(path, f"alpha map size {_alpha_header(path)} is not the images' {size} scaled by "
+                                      "one factor")
     calibration = scaled_calibration(src / "calibration" / "camera_params.json", size, config.intrinsics_size)
     missing = [s for s in serials if s not in calibration.cameras]
     if missing:
@@ -207,11 +258,12 @@ def convert_person(config: ConvertConfig, pid: str, progress: bool = True) -> st
     from tqdm import tqdm
 
     capture = PersonCapture(Path(config.out), pid)
-    spec = json.loads(json.dumps({"config": asdict(config), "person": pid}, default=str))
+    meta, calibration, frames = plan_person(config, pid)
+    inputs = _inputs_digest(config, pid, frames)
+    spec = json.loads(json.dumps({"config": asdict(config), "person": pid, "inputs": inputs}, default=str))
     marker = capture.dir / DONE_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return "skipped"
-    meta, calibration, frames = plan_person(config, pid)
     faces = _shared_faces(config, pid)  # one topology for every frame: read once
     meshes = [_load_tracking(f.tracking, meta, faces) for f in frames]  # all checked before writing
     # Written into a fresh folder that replaces the person's whole (the marker last, inside it): a failure part way
@@ -223,7 +275,7 @@ def convert_person(config: ConvertConfig, pid: str, progress: bool = True) -> st
         for f, mesh in tqdm(list(zip(frames, meshes)), desc=f"convert {pid}", unit="frame", disable=not progress):
             for serial, path in f.images.items():
                 atomic_write_bytes(out.image_path(f.sequence, f.timestep, serial), _png(_decoded(path, "RGB")))
-                a = _decoded(f.alphas[serial], "L")
+                a = _alpha(f.alphas[serial])
                 image_size = (calibration.cameras[serial].width, calibration.cameras[serial].height)
                 if a.size != image_size:  # alpha maps may come at another resolution
                     a = a.resize(image_size, Image.BILINEAR)
@@ -231,6 +283,23 @@ def convert_person(config: ConvertConfig, pid: str, progress: bool = True) -> st
             mesh.save(out.mesh_path(f.sequence, f.timestep))
         atomic_write_json(tmp / DONE_MARKER, spec)
     return "converted"
+
+
+def _inputs_digest(config: ConvertConfig, pid: str, frames: list[_Frame]) -> str:
+    """sha256 over the name, size and mtime of every file the conversion reads: a re-run tracker or a replaced
+    download converts again instead of keeping the old output as up to date."""
+    src, trk = Path(config.nersemble) / pid, Path(config.tracking) / pid
+    files = [src / "calibration" / "camera_params.json", trk / "meta.json", trk / "faces.npy"]
+    files += [p for f in frames for p in (*f.images.values(), *f.alphas.values(), f.tracking)]
+    h = hashlib.sha256()
+    for path in files:
+        try:
+            st = path.stat()
+        except FileNotFoundError:  # faces.npy is optional
+            h.update(f"{path}\0absent\n".encode())
+            continue
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _shared_faces(config: ConvertConfig, pid: str) -> np.ndarray | None:

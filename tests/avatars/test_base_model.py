@@ -83,6 +83,25 @@ def test_base_model_upcast_attention_must_match_config(tmp_path):
         DiffusionAvatarsModel(upcast, base_model=tmp_path, empty_prompt_embedding=torch.zeros(1, 77, 32))
 
 
+@pytest.mark.parametrize("kind", ["epsilon", None, "v_prediction"])
+def test_a_base_that_predicts_the_noise_is_refused_naming_its_scheduler_config(tmp_path, kind):
+    """SD 2.1-base (512, epsilon) has the same layout as SD 2.1 (768, v): its output would be read as v without
+    an error. Its scheduler config says which it is (no prediction_type: diffusers' default, epsilon)."""
+    from common.io import DataError
+
+    _tiny_diffusers_dir(tmp_path, with_text_encoder=False)
+    (tmp_path / "scheduler").mkdir()
+    config = {"_class_name": "DDIMScheduler"} | ({"prediction_type": kind} if kind else {})
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    load = lambda: DiffusionAvatarsModel(tiny_config(), base_model=tmp_path,  # noqa: E731
+                                         empty_prompt_embedding=torch.zeros(1, 77, 32))
+    if kind == "v_prediction":
+        load()
+    else:
+        with pytest.raises(DataError, match=r"scheduler_config.json: prediction_type is 'epsilon'"):
+            load()
+
+
 def test_an_embedding_of_another_width_is_refused_naming_its_file(tmp_path):
     """A cached empty-prompt embedding of another base (another cross_attention_dim) names the file."""
     from safetensors.torch import save_file

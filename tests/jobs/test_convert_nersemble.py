@@ -170,3 +170,64 @@ def test_an_image_of_another_size_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(DataError, match=r"cam_222200036.jpg: image size \(42, 60\) differs"):
         convert_person(config, "017", progress=False)
     assert not out.exists()
+
+
+def test_16_bit_alpha_maps_are_scaled_and_other_modes_refused(tmp_path):
+    """A 16-bit grey-level alpha map (PIL mode I;16) is scaled to 8 bits, not clipped (convert("L") made a 50%
+    matte opaque); an alpha map that is no grey-level map (RGBA) is refused naming its mode before anything is
+    written."""
+    nersemble, tracking = _fake_download(tmp_path)
+    out = tmp_path / "captures"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    alphas = sorted(nersemble.glob("017/sequences/*/timesteps/*/alpha_map/cam_*.png"))
+    for path in alphas:
+        Image.fromarray(np.full(FULL[::-1], 32768, np.uint16)).save(path)
+    assert Image.open(alphas[0]).mode == "I;16"
+    assert convert_person(config, "017", progress=False) == "converted"
+    capture = PersonCapture(out, "017")
+    converted = np.asarray(Image.open(capture.alpha_path("EXP-1-head", 0, SERIALS[0])))
+    assert converted.dtype == np.uint8 and np.all(converted == 128)  # 32768 / 257 = 127.5
+    Image.new("RGBA", FULL).save(alphas[0])
+    with pytest.raises(DataError, match=r"cam_\d+\.png: alpha map has PIL mode RGBA"):
+        convert_person(config, "017", progress=False)
+
+
+def test_images_of_another_aspect_than_the_intrinsics_size_are_refused(tmp_path):
+    """--convert.intrinsics-size with width and height swapped (or cropped images) would give every camera
+    non-square pixels: refused naming the option and both sizes, before anything is written."""
+    nersemble, tracking = _fake_download(tmp_path)
+    out = tmp_path / "captures"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL[::-1])
+    with pytest.raises(DataError, match=r"the images are 40x60, not 120x80 \(--convert.intrinsics-size"):
+        convert_person(config, "017", progress=False)
+    assert not out.exists()
+
+
+def test_a_changed_input_converts_again_and_an_unchanged_one_is_skipped(tmp_path):
+    """The conversion is up to date only while the files it read are unchanged (name, size, mtime): a tracker run
+    again gives new meshes, which are converted, not kept as they were."""
+    nersemble, tracking = _fake_download(tmp_path)
+    out = tmp_path / "captures"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    assert convert_person(config, "017", progress=False) == "converted"
+    assert convert_person(config, "017", progress=False) == "skipped"
+    frame = tracking / "017" / "EXP-1-head" / "frame_00003.npz"
+    with np.load(frame) as z:
+        data = dict(z)
+    np.savez(frame, **{**data, "expression": np.full(7, 9.0, np.float32)})
+    assert convert_person(config, "017", progress=False) == "converted"
+    mesh = MeshFrame.load(PersonCapture(out, "017").mesh_path("EXP-1-head", 3))
+    assert np.all(mesh.expression == 9.0)
+
+
+def test_a_tracking_root_that_does_not_exist_is_an_error_with_exit_code_2(tmp_path):
+    """Nothing can be converted: one line naming the folder and exit code 2 (a participant that fails is 1)."""
+    import subprocess
+    import sys
+
+    nersemble, _ = _fake_download(tmp_path)
+    script = Path(__file__).resolve().parents[2] / "jobs" / "convert_nersemble.py"
+    run = subprocess.run([sys.executable, str(script), "--convert.nersemble", str(nersemble), "--convert.tracking",
+                          str(tmp_path / "nope"), "--convert.out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and f"error: {tmp_path / 'nope'}" in run.stderr and "Traceback" not in run.stderr
