@@ -2,14 +2,19 @@
 # run_requeueable.sh CMD ARGS...: run CMD; when the batch shell receives USR2 (sbatch
 # --signal=B:USR2@N before the time limit, or a preemption notice), requeue this SLURM job
 # and stop CMD with SIGTERM. The requeued run starts CMD again, which resumes from its own
-# last checkpoint. Exit code: CMD's, or 0 after a requeue (SLURM restarts the job).
+# last checkpoint. Exit code: CMD's, or 0 after a requeue (SLURM restarts the job). A requeue that
+# SLURM refuses (requeue disabled, a QOS rule, no controller) still stops CMD, and the job fails with
+# CMD's code: it must not end COMPLETED with its training cut short.
 set -uo pipefail
 requeued=0
 on_usr2() {
-  echo "[run_requeueable] USR2: requeueing job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0} -> next)"
-  requeued=1
   job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
-  scontrol requeue "${job:-$SLURM_JOB_ID}"
+  if scontrol requeue "${job:-$SLURM_JOB_ID}"; then
+    echo "[run_requeueable] USR2: requeued job ${job:-${SLURM_JOB_ID:-?}} (restart ${SLURM_RESTART_COUNT:-0} -> next)"
+    requeued=1
+  else
+    echo "[run_requeueable] USR2: scontrol requeue of job ${job:-${SLURM_JOB_ID:-?}} failed; stopping, the job fails" >&2
+  fi
   kill -TERM "$child" 2>/dev/null
 }
 trap on_usr2 USR2
@@ -22,4 +27,5 @@ while true; do
   break
 done
 [ "$requeued" = 1 ] && exit 0
+[ "$rc" = 0 ] && [ -n "${job+x}" ] && rc=143  # stopped for a requeue that failed, though CMD exited 0
 exit "$rc"
