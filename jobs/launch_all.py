@@ -205,7 +205,7 @@ def _check_resumable(args: LaunchAllArgs, persons: list[str]) -> dict[str, str]:
     trainer would refuse to resume them; said here, before any job starts, and an avatar already trained to
     its steps is not taken as this run's (its options differ)."""
     from avatars.training.checkpoint import saved_options
-    from avatars.training.config import TrainConfig, resume_conflicts
+    from avatars.training.config import TRAIN_DATA, TrainConfig, resume_conflicts
     from common.configs import to_jsonable
 
     if args.train.resume == "never":
@@ -218,21 +218,34 @@ def _check_resumable(args: LaunchAllArgs, persons: list[str]) -> dict[str, str]:
         except (DataError, OSError) as e:  # a damaged checkpoint: the trainer says what to do with it
             refused[p] = str(e)
             continue
-        conflicts = resume_conflicts(saved[1], to_jsonable(TrainConfig.for_person(args.train, person=p))) \
-            if saved is not None else []
+        now = to_jsonable(TrainConfig.for_person(args.train, person=p))
+        try:
+            now[TRAIN_DATA] = _train_data(args, p)  # the options a checkpoint saves (config.state_options)
+        except (DataError, OSError):  # no complete shards: its training fails on them, saying so
+            pass
+        conflicts = resume_conflicts(saved[1], now) if saved is not None else []
         if conflicts:
             refused[p] = (f"{run} was trained with other values of options that define the training state "
                           f"({'; '.join(conflicts)}); pass its values, or --train.resume never to retrain it")
     return refused
 
 
+def _train_data(args: LaunchAllArgs, person: str) -> str:
+    """The digest of the training data ``person``'s trainer reads (shards.writer.split_digest)."""
+    from shards.writer import split_digest
+
+    return split_digest(args.workdir / "shards", person, "train")
+
+
 def _trained(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -> dict[str, dict]:
-    """Persons whose avatar is already trained to this run's steps on this run's base (result.json
-    and the model are there): their training would resume at its last step and train nothing,
-    so it is not started at all (no Ray, no DeepSpeed); {person: its result.json}."""
+    """Persons whose avatar is already trained to this run's steps on this run's base and on the training data
+    of this run's shards (result.json and the model are there): their training would resume at its last step and
+    train nothing, so it is not started at all (no Ray, no DeepSpeed); {person: its result.json}. An avatar trained
+    before the data changed (another held-out split: frames it trained on are now evaluated) is not."""
     import json
 
     from avatars.training.base_record import base_fingerprint
+    from avatars.training.config import TRAIN_DATA
 
     if args.train.resume == "never":
         return {}
@@ -247,7 +260,11 @@ def _trained(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -
             continue
         if (isinstance(result, dict) and result.get("steps") == steps and "base_fingerprint" in result
                 and result["base_fingerprint"] == fingerprint and (run / "model" / "config.json").is_file()):
-            done[p] = result
+            try:
+                if result.get(TRAIN_DATA) == _train_data(args, p):
+                    done[p] = result
+            except (DataError, OSError):  # no complete shards: not trained on them
+                pass
     return done
 
 

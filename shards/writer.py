@@ -332,6 +332,17 @@ def _mark_failed(path: Path, reason: str) -> None:
         atomic_write_json(path, {**manifest, "complete": False, "failed": reason})
 
 
+def split_digest(shard_dir: Path, person: str, split: str) -> str:
+    """sha256 over the name and sha256 of every shard of ``person``'s ``split`` in its manifest (which must be
+    complete): what a training run reads. Another held-out split, other images or other preprocessing settings
+    give another digest, so an avatar is known to be trained on the data it is evaluated against."""
+    mpath = Path(shard_dir) / person / MANIFEST
+    shard_paths(shard_dir, person, split)  # complete, or the error saying why not
+    entries = load_manifest(mpath)["shards"]
+    listed = sorted((name, e["sha256"]) for name, e in entries.items() if e["split"] == split)
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+
+
 def shard_paths(shard_dir: Path, person: str, split: str) -> list[Path]:
     """The shards of one person and split listed by its manifest (error if incomplete)."""
     mpath = Path(shard_dir) / person / MANIFEST

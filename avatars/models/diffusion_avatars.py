@@ -157,8 +157,10 @@ class DiffusionAvatarsModel(nn.Module):
         self.register_buffer("empty_prompt_embedding", empty_prompt_embedding[:1].float(), persistent=False)
         self.noise_scheduler = training_scheduler(config.scheduler)
         # read here, on the host: training moves alphas_cumprod to the device, and a read there would be a host
-        # sync in every single-pass render (one that a CUDA graph's capture refuses)
-        alpha = float(self.noise_scheduler.alphas_cumprod[self.single_pass_timestep()])
+        # sync in every single-pass render (one that a CUDA graph's capture refuses); from a schedule built on the
+        # CPU, since a model built on the meta device (the FLOP counts) has no values in its own
+        with torch.device("cpu"):
+            alpha = float(training_scheduler(config.scheduler).alphas_cumprod[self.single_pass_timestep()])
         self._single_pass_scale = -((1.0 - alpha) ** 0.5)
         # config.train_timesteps: the timesteps the loss draws from (None: all of the scheduler's)
         table = render_timesteps(config.scheduler, config.train_timesteps) if config.train_timesteps else None

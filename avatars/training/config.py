@@ -17,6 +17,7 @@ from avatars.data.shard_dataset import check_min_crop
 from avatars.training.latent_cache import check_latent_cache_mib
 from avatars.training.optim import check_lr_decay
 from avatars.training.weight_average import check_decay
+from common.configs import to_jsonable
 
 
 @dataclass
@@ -156,6 +157,18 @@ RESUMABLE_FIELDS = frozenset({
     "steps", "checkpoint_every", "keep_last", "resume", "validate_every", "val_samples", "val_inference_steps",
     "log_every", "num_workers", "metrics_port", "metrics_host", "lpips_weights", "precision", "memory_format",
     "compile", "compile_cache", "latent_cache_mib", "ema_decay", "base_model", "person", "shards", "out"})
+
+
+#: The key of the training data's digest (shards.writer.split_digest of the person's 'train' shards) in the options a
+#: checkpoint saves and in result.json: checkpoints continue, and an avatar counts as trained, only on that data
+#: (another held-out split moves frames between training and evaluation).
+TRAIN_DATA = "train_data"
+
+
+def state_options(config: "TrainConfig", train_data: str) -> dict[str, Any]:
+    """The options a checkpoint saves and a resume compares (:func:`resume_conflicts`): ``config``'s, with the
+    digest of the training data it reads."""
+    return {**to_jsonable(config), TRAIN_DATA: train_data}
 
 
 class ResumeMismatch(ValueError):

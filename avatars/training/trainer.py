@@ -40,10 +40,9 @@ import torch
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models import DiffusionAvatarsModel
 from avatars.pipelines.compile_cache import save_compiled
-from common.configs import to_jsonable
 from common.io import DataError, atomic_write_json
 from shards.integrity import MANIFEST
-from shards.writer import shard_paths
+from shards.writer import shard_paths, split_digest
 
 from . import checkpoint as ckpt
 from . import performance as perf
@@ -51,7 +50,7 @@ from .base_record import BaseMismatch, base_fingerprint
 from .base_record import mismatch as base_mismatch
 from .base_record import write_record as write_base_record
 from .callbacks import TrainerCallback, default_callbacks
-from .config import ResumeMismatch, TrainConfig, resume_conflicts
+from .config import TRAIN_DATA, ResumeMismatch, TrainConfig, resume_conflicts, state_options
 from .engine import build_engine
 from .latent_cache import latent_cache_for
 from .rendezvous import init_distributed
@@ -141,6 +140,7 @@ class Trainer:
         if cfg.resume == "auto" and (problem := base_mismatch(self.run_dir, self.base_fingerprint)):
             raise BaseMismatch(f"{problem}: its checkpoints do not fit this base. Retrain it on this base with "
                                "--resume never, or train with the base it was trained on")
+        self.train_data = split_digest(cfg.shards, cfg.person, "train")  # the data it trains on, recorded
         if cfg.resume == "auto":
             self._check_resumable()
         self.rank, self.world_size = init_distributed()
@@ -220,7 +220,7 @@ class Trainer:
     def _check_resumable(self) -> None:
         """The newest checkpoint continues only with the options that made its state (config.RESUMABLE_FIELDS)."""
         saved = ckpt.saved_options(self.checkpoint_dir)
-        if saved is not None and (conflicts := resume_conflicts(saved[1], to_jsonable(self.config))):
+        if saved is not None and (conflicts := resume_conflicts(saved[1], state_options(self.config, self.train_data))):
             raise ResumeMismatch(f"{saved[0]}: the checkpoints of {self.run_dir} were trained with other values of "
                                  f"options that define the training state ({'; '.join(conflicts)}). Resume with the "
                                  "checkpoint's values, or start over with --resume never")
@@ -243,7 +243,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         average = self.average.state_dict() if self.average is not None else None
         path = ckpt.save(self.engine.engine, self.checkpoint_dir, self.state, self.noise, self.config.keep_last,
-                         average=average, options=to_jsonable(self.config))
+                         average=average, options=state_options(self.config, self.train_data))
         self._emit("on_checkpoint", self.state.step, path)
         return path
 
@@ -318,7 +318,7 @@ class Trainer:
             self.log({"step": state.step, "latent_cache": self.latent_cache.summary()})
         last_val = self.validate(state.step) or last_val
         result = {"person": cfg.person, "steps": state.step, "resumed_from": self.start_step,
-                  "base_fingerprint": self.base_fingerprint,
+                  "base_fingerprint": self.base_fingerprint, TRAIN_DATA: self.train_data,
                   "train_seconds": state.elapsed_s, **last_val}
         if self.rank == 0:
             with self.averaged():

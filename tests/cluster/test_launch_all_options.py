@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,6 +35,7 @@ from jobs import train_person as train_job
 from jobs._presets import preset_cli
 from shards.store import PersonStore
 from shards.testing import TINY
+from shards.writer import split_digest
 
 WORKER_LINE = "worker of person"
 
@@ -59,7 +61,8 @@ def launch(tiny_dataset, tmp_path, monkeypatch, capfd):
         model = DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim))
         model.base_model, model.base_fingerprint = str(config.base_model), fingerprint
         model.save_pretrained(run / "model")
-        result = {"steps": config.steps, "base_fingerprint": fingerprint}
+        result = {"steps": config.steps, "base_fingerprint": fingerprint,
+                  "train_data": split_digest(config.shards, config.person, "train")}
         (run / "result.json").write_text(json.dumps(result))
         trained.append(config.person)
         return result
@@ -114,6 +117,18 @@ def test_no_evaluate_renders_nothing_and_writes_no_report(launch):
     assert launch.trained == ["000"] and launch.rendered == []
     assert not (launch.work / "reports").exists()
     assert "[4/4]" not in out and "report:" not in out
+
+
+def test_an_avatar_trained_before_the_held_out_split_changed_is_not_taken_as_trained(launch):
+    """A re-run with nothing changed takes the avatar as trained; after --ingest.held-out-sequences changes (frames
+    it trained on are evaluated now) it is trained again: result.json records the digest of the training data, and
+    the avatar counts as trained only on the same data."""
+    code, out = launch.run()
+    assert code == 0 and launch.trained == ["000"], out
+    code, out = launch.run()
+    assert code == 0 and launch.trained == ["000"], out
+    code, out = launch.run("--ingest.held-out-sequences", "2")
+    assert code == 0 and launch.trained == ["000", "000"], out
 
 
 def test_force_renders_an_up_to_date_person_again(launch):
@@ -334,7 +349,8 @@ def test_the_paper_preset_without_a_base_is_refused_before_any_work():
     assert launch_all.check_options(args) is None
 
 
-def test_a_rerun_with_options_that_define_the_state_refuses_the_persons_trained_with_others(tmp_path, monkeypatch):
+def test_a_rerun_with_options_that_define_the_state_refuses_the_persons_trained_with_others(tmp_path, monkeypatch,
+                                                                                           tiny_dataset):
     """The options a person's checkpoints were trained with are compared before any job starts (its trainer
     would refuse to resume them, and an avatar trained to its steps would be taken as this run's)."""
     from avatars.training import checkpoint
@@ -358,6 +374,13 @@ def test_a_rerun_with_options_that_define_the_state_refuses_the_persons_trained_
                                                                                  "--train.seed", "5", "--train.resume",
                                                                                  "never"])
     assert launch_all._check_resumable(never, ["017"]) == {}
+    # trained on other data (another held-out split moved frames between training and evaluation)
+    shutil.copytree(tiny_dataset[2] / "000", tmp_path / "shards" / "017")
+    saved["train_data"] = "trained-on-another-split"
+    refused = launch_all._check_resumable(args, ["017"])
+    assert "train_data: 'trained-on-another-split' -> " in refused["017"] and "--train.resume never" in refused["017"]
+    saved["train_data"] = split_digest(tmp_path / "shards", "017", "train")
+    assert launch_all._check_resumable(args, ["017"]) == {}
 
 
 def test_job_memory_gb_is_reserved_for_each_ray_task_and_slurm_job(tmp_path, monkeypatch):

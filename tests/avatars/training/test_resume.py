@@ -210,6 +210,27 @@ def test_resuming_on_another_base_is_refused(train_shards, uninterrupted, tmp_pa
     assert "--resume never" in str(refused.value)
 
 
+def test_resuming_on_other_training_data_is_refused(train_shards, uninterrupted, tmp_path):
+    """Checkpoints trained on one set of training shards never continue on another (another held-out split moves
+    frames between training and evaluation): each checkpoint and result.json record the digest of the 'train'
+    shards, and a resume on others is refused before any step, with --resume never as the way out."""
+    from shards.writer import split_digest
+
+    run = uninterrupted / "000"
+    assert json.loads((run / "result.json").read_text())["train_data"] == split_digest(train_shards, "000", "train")
+    shutil.copytree(run, tmp_path / "000")
+    fewer = tmp_path / "shards"
+    shutil.copytree(train_shards, fewer)
+    manifest = json.loads((fewer / "000" / "manifest.json").read_text())
+    dropped = next(name for name, e in manifest["shards"].items() if e["split"] == "train")
+    del manifest["shards"][dropped]
+    (fewer / "000" / dropped).unlink()
+    (fewer / "000" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ResumeMismatch, match="train_data: ") as refused:
+        _refused(fewer, tmp_path)
+    assert "--resume never" in str(refused.value)
+
+
 def _records(run: Path) -> list[tuple[int, list[str]]]:
     """(step, keys) of every metrics.jsonl line but a process's start-up cost, in file order."""
     lines = [json.loads(line) for line in (run / "000" / "metrics.jsonl").read_text().splitlines()]
