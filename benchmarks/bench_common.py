@@ -7,6 +7,8 @@ import platform
 import time
 from pathlib import Path
 
+from common.io import atomic_write_bytes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -54,7 +56,7 @@ def report(name: str, rows: list[dict], extra: dict | None = None, out: Path | N
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "rows": rows}
     payload.update(extra or {})
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_bytes(out, (json.dumps(payload, indent=2) + "\n").encode())  # never a truncated file
     print(f"\nwrote {out}")
     return out
 

@@ -158,8 +158,9 @@ def train_run(s: Setup, shards: Path, out: Path, compile: bool) -> dict:
 
 
 def count_flops(model_dir: str, s: Setup, expression_dim: int) -> dict:
-    """FLOPs of one training sample and one denoising step per frame, counted on this device."""
-    from bench_model import count_denoise_flops, count_train_flops
+    """FLOPs of one training sample, one denoising step per frame and one whole render per frame (the render's
+    steps, its conditioning and its VAE decode: what the render MFU divides), counted on this device."""
+    from bench_model import count_denoise_flops, count_render_flops, count_train_flops
 
     from avatars.models import DiffusionAvatarsModel
     from avatars.testing import synthetic_batch
@@ -168,7 +169,8 @@ def count_flops(model_dir: str, s: Setup, expression_dim: int) -> dict:
     batch = {k: (v.to(s.device) if torch.is_tensor(v) else v)
              for k, v in synthetic_batch(1, model.config.resolution, expression_dim).items()}
     out = {"train_GFLOP_per_sample": count_train_flops(model, batch) / 1e9,
-           "denoise_GFLOP_per_frame": count_denoise_flops(model, batch) / 1e9}
+           "denoise_GFLOP_per_frame": count_denoise_flops(model, batch) / 1e9,
+           "render_GFLOP_per_frame": count_render_flops(model, batch, s.render_steps) / 1e9}
     del model
     free_memory()
     return out
@@ -205,19 +207,22 @@ def render_mode_rows(model_dir: str, s: Setup, expression_dim: int, mode: str) -
         num_inference_steps=s.render_steps, max_batch_size=max(s.render_batches), device=str(s.device),
         pipeline=RenderOptions(batch_buckets=s.render_batches, compile=compile, cuda_graphs=graphs)))
     sync(s.device)
-    load_s = time.perf_counter() - start
+    load_s, load_peak = time.perf_counter() - start, peak_gib(s.device)
     rows = []
     for size in s.render_batches:
         batch = synthetic_batch(size, renderer.resolution, expression_dim, seed=1)
         batch = {k: (v.to(s.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         call = lambda: renderer.pipeline(batch, num_inference_steps=s.render_steps, seeds=list(range(size)))  # noqa: E731
         call()
+        # the peak of this batch size's renders alone, as the peer's is: not the load (its weights pass through
+        # the device in float32 before the cast) or the warm-up of the largest bucket
+        reset_peak(s.device)
         _, syncs = count_host_syncs(call, s.device)
         seconds = median_seconds(call, s.device, 3)
         rows.append({"mode": mode, "batch": size, "frames_per_s": size / seconds, "call_s": seconds,
                      "host_syncs_per_call": syncs.to_json(), "peak_GiB": peak_gib(s.device),
-                     "load_and_warm_up_s": load_s, "compiled": renderer.pipeline.compiled,
-                     "graphed": renderer.pipeline.graphed})
+                     "load_and_warm_up_s": load_s, "load_and_warm_up_peak_GiB": load_peak,
+                     "compiled": renderer.pipeline.compiled, "graphed": renderer.pipeline.graphed})
     renderer = None  # frees it (not `del`: the closure above refers to it)
     if mode == "compiled":
         torch._dynamo.reset()
@@ -275,6 +280,8 @@ def run_sections(args: BenchGpuArgs, s: Setup, results: dict, save: Callable[[st
             results["train_compiled"] = train_run(s, shards, root / "runs-compiled", compile=True)
             model_dir = model_dir or results["train_compiled"]["model_dir"]
             if "train_eager" in results:  # compilation = the extra time of the compiled run's first step
+                # (a lower bound: the eager run before it in this process paid cuDNN's autotuning of the shapes
+                # the compiled run then finds cached)
                 results["compile_s"] = (results["train_compiled"]["first_step_s"]
                                         - results["train_eager"]["first_step_s"])
             torch._dynamo.reset()
@@ -310,7 +317,7 @@ def add_mfu(results: dict, peak: float | None) -> None:
             row["MFU"] = row["samples_per_s"] * flops["train_GFLOP_per_sample"] / 1e3 / peak
     for row in results.get("render", []):
         if peak and flops:
-            row["MFU"] = row["frames_per_s"] * results["render_steps"] * flops["denoise_GFLOP_per_frame"] / 1e3 / peak
+            row["MFU"] = row["frames_per_s"] * flops["render_GFLOP_per_frame"] / 1e3 / peak
     for row in results.get("peer_train", []):
         if peak:
             row["MFU"] = row["samples_per_s"] * row["train_GFLOP_per_sample"] / 1e3 / peak

@@ -72,6 +72,15 @@ def count_denoise_flops(model: DiffusionAvatarsModel, batch: dict) -> int:
     return counter.get_total_flops()
 
 
+def count_render_flops(model: DiffusionAvatarsModel, batch: dict, steps: int) -> int:
+    """FLOPs of one whole render of ``batch`` with ``steps`` denoising steps, as the pipeline runs it: the
+    conditioning and the expression tokens once, each step's ControlNet + UNet, and the VAE decode (which a
+    count of the denoising steps alone leaves out: at 512^2 it is more than two steps' worth)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        AvatarPipeline(model)(batch, num_inference_steps=steps)
+    return counter.get_total_flops()
+
+
 def time_train(model: DiffusionAvatarsModel, batch: dict, steps: int) -> float:
     optimizer = torch.optim.Adam(model.parameter_groups())
     times = []
@@ -133,8 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         train_s = time_train(model, batch, args.steps)
         frame = synthetic_batch(1, config.resolution, config.expression_dim)
         sample_s = time_sample(AvatarPipeline(model), frame, args.sample_repeats)
-        denoise_flops = count_denoise_flops(model, frame)
-        sample_flops = denoise_flops * (20 if config.use_diffusion else 1)
+        sample_flops = count_render_flops(model, frame, 20)  # the sampler of time_sample
         rows.append({
             "variant": name,
             "resolution": config.resolution,
