@@ -103,11 +103,17 @@ class VariantTrainConfig(TrainConfig):
 
 def run_spec(cfg: TrainConfig, variant: Variant, train: dict[str, Any]) -> dict:
     """What a cached run must match to be reused: the variant, every training option as resolved
-    (so a run trained under other preset defaults is retrained, not reused), seed, base, person."""
+    (so a run trained under other preset defaults is retrained, not reused), seed, person, the base by
+    content (a base pretrained again into the same folder is another base) and the training data (another
+    held-out split, or other shards: frames it trained on might now be evaluated)."""
+    from avatars.training.base_record import base_fingerprint
+    from shards.writer import split_digest
+
     options = {f.name: str(getattr(cfg, f.name)) for f in dataclasses.fields(TrainOptions)
                if f.name not in ("base_model", "seed", "checkpoint_every", "resume")}
     return {"variant": variant.spec(), "train": {k: str(v) for k, v in train.items()}, "options": options,
-            "seed": cfg.seed, "base_model": str(cfg.base_model), "person": cfg.person}
+            "seed": cfg.seed, "base_model": str(cfg.base_model), "base_fingerprint": base_fingerprint(cfg.base_model),
+            "train_data": split_digest(cfg.shards, cfg.person, "train"), "person": cfg.person}
 
 
 def train_variant(variant: Variant, person: str, seed: int, shards: Path, base_model: Path | None, out: Path,

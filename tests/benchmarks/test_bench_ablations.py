@@ -68,19 +68,36 @@ def test_summary_marks_worse_only_beyond_the_paired_spread():
     assert worse["train CPU s / run"] == "reused"  # rows without a training time
 
 
-def test_cached_runs_are_keyed_by_the_resolved_training_options():
-    """A run trained under other preset defaults (e.g. another lr) must not be reused."""
+def test_cached_runs_are_keyed_by_the_resolved_training_options_the_base_and_the_data(tiny_dataset, tmp_path):
+    """A run trained under other preset defaults (e.g. another lr), on a base pretrained again into the same
+    folder, or on other training shards (another held-out split) must not be reused."""
+    import json
+    import shutil
+
     from heldout import VariantTrainConfig, run_spec
 
     from avatars.training import TrainConfig
 
+    shards = tiny_dataset[2]
     v = Variant("full")
-    a = run_spec(VariantTrainConfig(person="000", seed=0), v, {})
-    assert a == run_spec(VariantTrainConfig(person="000", seed=0), v, {})
-    assert a != run_spec(VariantTrainConfig(person="000", seed=0, lr_networks=5e-4), v, {})
-    assert a != run_spec(VariantTrainConfig(person="000", seed=1), v, {})
+    a = run_spec(VariantTrainConfig(person="000", seed=0, shards=shards), v, {})
+    assert a == run_spec(VariantTrainConfig(person="000", seed=0, shards=shards), v, {})
+    assert a != run_spec(VariantTrainConfig(person="000", seed=0, shards=shards, lr_networks=5e-4), v, {})
+    assert a != run_spec(VariantTrainConfig(person="000", seed=1, shards=shards), v, {})
     assert {"steps", "batch_size", "lr_networks", "lr_features", "model"} <= set(a["options"])
     assert isinstance(VariantTrainConfig(), TrainConfig)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "w.bin").write_bytes(b"v1")
+    on_base = run_spec(VariantTrainConfig(person="000", seed=0, shards=shards, base_model=base), v, {})
+    (base / "w.bin").write_bytes(b"v2")
+    assert on_base != run_spec(VariantTrainConfig(person="000", seed=0, shards=shards, base_model=base), v, {})
+    other = tmp_path / "shards"
+    shutil.copytree(shards, other)
+    manifest = json.loads((other / "000" / "manifest.json").read_text())
+    del manifest["shards"][next(n for n, e in manifest["shards"].items() if e["split"] == "train")]
+    (other / "000" / "manifest.json").write_text(json.dumps(manifest))
+    assert a != run_spec(VariantTrainConfig(person="000", seed=0, shards=other), v, {})
 
 
 def test_ablation_data_turns_every_option_on_and_shows_novel_expressions_in_the_held_out_sequences():
