@@ -97,6 +97,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.state = ckpt.TrainerState()
         self.average: WeightAverage | None = None  # --ema-decay, built in setup()
+        self.train_data: str | None = None  # the digest of the training shards, read in setup()
         self.start_step = 0
 
     @property

@@ -62,7 +62,7 @@ def test_base_vae_colour_error_is_the_distance_of_the_regions_mean_colours():
     assert colour_error(recon, gt, top | bottom) < 0.1 * expected
 
 
-def test_train_variant_checkpoints_once_at_the_end(tmp_path, monkeypatch):
+def test_train_variant_checkpoints_once_at_the_end(tmp_path, monkeypatch, tiny_dataset):
     seen = {}
 
     def fake_train(cfg, callbacks=()):
@@ -70,7 +70,7 @@ def test_train_variant_checkpoints_once_at_the_end(tmp_path, monkeypatch):
         return {"steps": cfg.steps}
 
     monkeypatch.setattr(heldout, "train_person", fake_train)
-    run_dir, result = heldout.train_variant(heldout.Variant.parse("short:steps=7"), "000", 0, tmp_path / "shards",
+    run_dir, result = heldout.train_variant(heldout.Variant.parse("short:steps=7"), "000", 0, tiny_dataset[2],
                                             None, tmp_path / "out")
     assert seen["cfg"].steps == 7 and seen["cfg"].checkpoint_every == 7 and seen["cfg"].resume == "never"
     assert result["steps"] == 7 and (run_dir / "variant.json").is_file()
