@@ -204,6 +204,7 @@ def plan_person(config: ConvertConfig, pid: str) -> tuple[TrackingMeta, Calibrat
     wanted = _names(config.sequences)
     seqs = sorted(p.name for p in trk.iterdir() if p.is_dir()) if wanted is None else wanted
     frames: list[_Frame] = []
+    alpha_sizes: dict[Path, tuple[int, int]] = {}
     serials: list[str] | None = None
     for seq in seqs:
         tdir = src / "sequences" / seq / "timesteps"
@@ -225,7 +226,8 @@ def plan_person(config: ConvertConfig, pid: str) -> tuple[TrackingMeta, Calibrat
             for s, a in alphas.items():
                 if not a.is_file():
                     raise DataError(a, f"alpha map of camera {s} is missing")
-                _alpha_header(a)  # its header must read and be a grey-level map; it is resized to the image size
+                # its header must read and be a grey-level map; it is resized to the image size
+                alpha_sizes[a] = _alpha_header(a)
             frames.append(_Frame(seq, t, images, alphas, trk / seq / f"frame_{t:05d}.npz"))
     if not frames:
         raise DataError(trk, f"no timestep (every {config.frame_stride}th) with tracking in sequences {seqs}")
@@ -234,11 +236,9 @@ def plan_person(config: ConvertConfig, pid: str) -> tuple[TrackingMeta, Calibrat
         for path in f.images.values():
             if _image_size(path) != size:
                 raise DataError(path, f"image size {_image_size(path)} differs from the first image's {size}")
-    for f in frames:
-        for path in f.alphas.values():
-            if not same_aspect(size, _alpha_header(path)):
-                raise DataError(path, f"alpha map size {_alpha_header(path)} is not the images' {size} scaled by "
-                                      "one factor")
+    for path, alpha_size in alpha_sizes.items():
+        if not same_aspect(size, alpha_size):
+            raise DataError(path, f"alpha map size {alpha_size} is not the images' {size} scaled by one factor")
     calibration = scaled_calibration(src / "calibration" / "camera_params.json", size, config.intrinsics_size)
     missing = [s for s in serials if s not in calibration.cameras]
     if missing:

@@ -332,19 +332,8 @@ def _mark_failed(path: Path, reason: str) -> None:
         atomic_write_json(path, {**manifest, "complete": False, "failed": reason})
 
 
-def split_digest(shard_dir: Path, person: str, split: str) -> str:
-    """sha256 over the name and sha256 of every shard of ``person``'s ``split`` in its manifest (which must be
-    complete): what a training run reads. Another held-out split, other images or other preprocessing settings
-    give another digest, so an avatar is known to be trained on the data it is evaluated against."""
-    mpath = Path(shard_dir) / person / MANIFEST
-    shard_paths(shard_dir, person, split)  # complete, or the error saying why not
-    entries = load_manifest(mpath)["shards"]
-    listed = sorted((name, e["sha256"]) for name, e in entries.items() if e["split"] == split)
-    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
-
-
-def shard_paths(shard_dir: Path, person: str, split: str) -> list[Path]:
-    """The shards of one person and split listed by its manifest (error if incomplete)."""
+def _complete_manifest(shard_dir: Path, person: str) -> dict:
+    """``person``'s shard manifest, which must be complete (else the error saying why not)."""
     mpath = Path(shard_dir) / person / MANIFEST
     manifest = load_manifest(mpath)
     if not manifest:
@@ -353,4 +342,19 @@ def shard_paths(shard_dir: Path, person: str, split: str) -> list[Path]:
         why = f"the last preprocess failed: {manifest['failed']}" if manifest.get("failed") else \
             "an interrupted preprocess?"
         raise DataError(mpath, f"shards are incomplete ({why}); re-run jobs/preprocess.py")
+    return manifest
+
+
+def split_digest(shard_dir: Path, person: str, split: str) -> str:
+    """sha256 over the name and sha256 of every shard of ``person``'s ``split`` in its manifest (which must be
+    complete): what a training run reads. Another held-out split, other images or other preprocessing settings
+    give another digest, so an avatar is known to be trained on the data it is evaluated against."""
+    entries = _complete_manifest(shard_dir, person)["shards"]
+    listed = sorted((name, e["sha256"]) for name, e in entries.items() if e["split"] == split)
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+
+
+def shard_paths(shard_dir: Path, person: str, split: str) -> list[Path]:
+    """The shards of one person and split listed by its manifest (error if incomplete)."""
+    manifest = _complete_manifest(shard_dir, person)
     return [Path(shard_dir) / person / name for name, e in manifest["shards"].items() if e["split"] == split]

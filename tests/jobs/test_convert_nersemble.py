@@ -201,6 +201,12 @@ def test_images_of_another_aspect_than_the_intrinsics_size_are_refused(tmp_path)
     with pytest.raises(DataError, match=r"the images are 40x60, not 120x80 \(--convert.intrinsics-size"):
         convert_person(config, "017", progress=False)
     assert not out.exists()
+    square = nersemble / "017/sequences/EXP-1-head/timesteps/frame_00003/alpha_map/cam_222200036.png"
+    Image.fromarray(np.full((80, 80), 255, np.uint8)).save(square)
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    with pytest.raises(DataError, match=r"cam_222200036.png: alpha map size \(80, 80\) is not the images' \(40, 60\)"):
+        convert_person(config, "017", progress=False)
+    assert not out.exists()
 
 
 def test_a_changed_input_converts_again_and_an_unchanged_one_is_skipped(tmp_path):
