@@ -21,6 +21,9 @@ import logging
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +112,7 @@ class PersonRunner(Checkpointable):
         # --requeue, an admin's preemption without a signal) restarts the original pickle: SLURM's
         # own counter is then the only record of it.
         self.restarts = max(self.restarts, slurm_restart_count())
+        _take_a_killed_requeue_as_done()
         result = run_attempt(self.job, self.attempt, self.status_dir, restarts=self.restarts)
         return {"result": result, "restarts": self.restarts}
 
@@ -122,6 +126,36 @@ class PersonRunner(Checkpointable):
                                 restarts=self.restarts,
                                 message=f"requeued after timeout/preemption (restart {self.restarts})")
         return DelayedSubmission(self, *args, **kwargs)
+
+
+def _take_a_killed_requeue_as_done() -> None:
+    """Wrap submitit's USR2 handler (installed before the job's call) so that a requeue killed by itself ends
+    the job the way a requeue does.
+
+    ``scontrol requeue``, run by the handler from inside the job, is one of the job's processes: the requeue
+    it asks for ends them all with SIGTERM, sometimes before ``scontrol`` itself has exited. submitit then
+    raises ``CalledProcessError`` into the training, which is recorded as a failed person, while SLURM runs
+    the job again (seen on CI). A ``scontrol requeue`` ended by a signal means the job is being ended
+    (requeued, or cancelled at that moment): exit without a result as after a requeue; the status file
+    already says ``queued``. A requeue SLURM refuses (a nonzero exit code) still fails the attempt."""
+    from submitit.core.job_environment import JobEnvironment, SignalHandler
+
+    sig = JobEnvironment._usr_sig()
+    handler = signal.getsignal(sig)
+    if not isinstance(getattr(handler, "__self__", None), SignalHandler):
+        return  # not inside a submitit job's main thread (or wrapped already)
+
+    def requeue(signum: int, frame: Any) -> None:
+        try:
+            handler(signum, frame)
+        except subprocess.CalledProcessError as e:
+            if e.returncode >= 0 or list(e.cmd[:2]) != ["scontrol", "requeue"]:
+                raise
+            log.warning("%s was ended by signal %d, as the job's own processes are on a requeue: the job is "
+                        "being requeued", " ".join(map(str, e.cmd)), -e.returncode)
+            sys.exit(-1)  # what submitit does after a requeue that returned
+
+    signal.signal(sig, requeue)
 
 
 def slurm_restart_count() -> int:

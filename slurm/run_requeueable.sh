@@ -4,12 +4,15 @@
 # and stop CMD with SIGTERM. The requeued run starts CMD again, which resumes from its own
 # last checkpoint. Exit code: CMD's, or 0 after a requeue (SLURM restarts the job). A requeue that
 # SLURM refuses (requeue disabled, a QOS rule, no controller) still stops CMD, and the job fails with
-# CMD's code: it must not end COMPLETED with its training cut short.
+# CMD's code: it must not end COMPLETED with its training cut short. A scontrol ended by a signal
+# counts as a requeue: the requeue ends every process of the job, scontrol too if it has not exited yet.
 set -uo pipefail
 requeued=0
 on_usr2() {
   job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
-  if scontrol requeue "${job:-$SLURM_JOB_ID}"; then
+  scontrol requeue "${job:-$SLURM_JOB_ID}"; src=$?
+  if [ "$src" = 0 ] || [ "$src" -gt 128 ]; then
+    # >128: scontrol was ended by a signal; it is one of the job's processes, which the requeue ends
     echo "[run_requeueable] USR2: requeued job ${job:-${SLURM_JOB_ID:-?}} (restart ${SLURM_RESTART_COUNT:-0} -> next)"
     requeued=1
   else

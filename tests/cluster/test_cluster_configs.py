@@ -44,18 +44,19 @@ def _fake_bin(folder: Path, name: str, body: str) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("requeue_works", [True, False])
+@pytest.mark.parametrize("requeue_works", [True, "killed", False])
 def test_a_requeue_that_slurm_refuses_fails_the_job(tmp_path, requeue_works):
     """run_requeueable.sh on USR2 (the time limit is near): a requeue that SLURM accepts ends the batch shell with
-    0 (SLURM restarts the job); one that it refuses (requeue disabled, a QOS rule) still stops the command, and
-    the job fails, instead of ending COMPLETED with its training cut short."""
+    0 (SLURM restarts the job), also when the requeue's SIGTERM to the job's processes ended scontrol before it
+    exited ("killed"); one that it refuses (requeue disabled, a QOS rule) still stops the command, and the job
+    fails, instead of ending COMPLETED with its training cut short."""
     import os
     import signal
     import time
 
-    fake = _fake_bin(tmp_path / "bin", "scontrol",
-                     "exit 0" if requeue_works else 'echo "scontrol: error: Requested operation is presently disabled '
-                                                   'for job $2" >&2; exit 1')
+    refused = 'echo "scontrol: error: Requested operation is presently disabled for job $2" >&2; exit 1'
+    body = {True: "exit 0", "killed": "kill -TERM $$", False: refused}[requeue_works]
+    fake = _fake_bin(tmp_path / "bin", "scontrol", body)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
     proc = subprocess.Popen(["bash", str(REPO / "slurm" / "run_requeueable.sh"), "sleep", "60"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -122,10 +122,27 @@ def _signal_each_at_step(status_dir, backends: dict, step: int, timeout: float =
         time.sleep(0.2)
 
 
-def test_slurm_requeue_after_signal_resumes(tmp_path, slurm_cluster, workload_env):
+def _lingering_scontrol(tmp_path, monkeypatch) -> None:
+    """Put a `scontrol` first on the PATH (sbatch passes it to the jobs) that runs the real one and, after a
+    requeue, lingers until the requeue's SIGTERM to the job's processes ends it."""
+    import shutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\n"{shutil.which("scontrol")}" "$@" || exit $?\n'
+                                      '[ "$1" = requeue ] && sleep 60\nexit 0\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_slurm_requeue_after_signal_resumes(tmp_path, slurm_cluster, workload_env, monkeypatch):
     # USR2 is what SLURM sends before the time limit or on preemption: submitit calls
     # PersonRunner.checkpoint, requeues the same call, and the workload resumes.
     # "keep" may be requeued (max_requeues=2); "drop" may not (max_requeues=0) and fails.
+    # `scontrol requeue`, run by submitit inside the job, is one of the processes the requeue ends: when the
+    # SIGTERM reached it before it exited (a race CI lost), submitit raised CalledProcessError into the training
+    # and "keep" was reported failed while SLURM ran it again. A lingering stand-in makes that race certain here.
+    _lingering_scontrol(tmp_path, monkeypatch)
     keep = _jobs(tmp_path, ["keep"], steps=14, step_seconds=0.4, max_retries=0)
     drop = _jobs(tmp_path, ["drop"], steps=14, step_seconds=0.4, max_retries=0)
     common = dict(status_dir=tmp_path / "status", log_dir=tmp_path / "logs", time_min=5, array=False,
@@ -144,6 +161,8 @@ def test_slurm_requeue_after_signal_resumes(tmp_path, slurm_cluster, workload_en
     assert len(runs) == 2 and runs[1]["start_step"] >= 3  # resumed, not redone from 0
     assert runs[1]["restarts"] == 1
     assert rk.result["digest"] == expected_digest("keep", 14)
+    job_log = "".join(p.read_text() for p in (tmp_path / "logs").rglob(f"{b_keep.job_ids['keep'][0]}_*_log.err"))
+    assert "was ended by signal 15" in job_log, job_log[-3000:]  # the race was run, and taken as a requeue
     assert len(b_keep.job_ids["keep"]) == 1  # the same SLURM job was requeued, not resubmitted
     scripts = _sbatch_scripts(tmp_path / "logs")
     assert any("--job-name=train-keep" in t and "--array" not in t for t in scripts)
