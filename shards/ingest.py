@@ -226,10 +226,13 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
             pass  # stale or broken store: rebuild it
     calib, meta, sequences, frames, meshes, n_images = validate_person(capture, config)
     held_out = set(range(len(sequences) - config.held_out_sequences, len(sequences)))
-    spatial = np.concatenate([m.canonical[:, :3] for m in meshes])
+    # The conditioning's ranges come from the training frames only: the held-out sequences are test data, and
+    # a driver's frames outside the ranges are clipped, whatever was held out.
+    train_meshes = [m for (seq, _), m in zip(frames, meshes) if seq not in held_out]
+    spatial = np.concatenate([m.canonical[:, :3] for m in train_meshes])
     # FLAME-style meshes have no ambient dims: the store holds zeros for them, and these are their bounds
     ambient = np.concatenate([m.canonical[:, 3:5] if m.canonical.shape[1] > 3 else np.zeros((len(m.canonical), 2))
-                              for m in meshes])
+                              for m in train_meshes])
     first = next(iter(calib.cameras.values()))
     attrs = {
         "person": person,

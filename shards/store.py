@@ -1,11 +1,12 @@
 """The per-person zarr store written by the ingest and read by the shard writer.
 
-Layout of `<person>.zarr` (format version 3: every chunk written, zstd frame checksums)::
+Layout of `<person>.zarr` (format version 4: every chunk written, zstd frame checksums; the ranges
+from the training frames only since 4)::
 
     attrs: person, format_version, fingerprint, source_root, expression_dim,
            canonical_dim, mesh_kind, image_size [W, H], serials, sequences,
            held_out_sequences, held_out_camera, canonical_bounds [[min x,y,z], [max x,y,z]],
-           ambient_bounds [[min a0, a1], [max a0, a1]] (both over all frames)
+           ambient_bounds [[min a0, a1], [max a0, a1]] (both over the training frames)
     cameras/world_2_cam   (C, 4, 4) float64   OpenCV world -> camera
     cameras/intrinsics    (C, 3, 3) float64
     frames/sequence       (T,) int32          index into attrs.sequences
@@ -35,7 +36,7 @@ from common.io import DataError
 
 from .contract import Calibration, Camera, MeshFrame, PersonCapture
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Every array of a store: each is written with all its chunks (none left to the fill value) and zstd frame
 #: checksums, so a missing chunk file or a changed byte is found when the store is opened or read.
 ARRAYS = ("cameras/world_2_cam", "cameras/intrinsics", "frames/sequence", "frames/timestep", "frames/held_out",

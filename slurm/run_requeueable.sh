@@ -6,6 +6,7 @@
 # SLURM refuses (requeue disabled, a QOS rule, no controller) still stops CMD, and the job fails with
 # CMD's code: it must not end COMPLETED with its training cut short. A scontrol ended by a signal
 # counts as a requeue: the requeue ends every process of the job, scontrol too if it has not exited yet.
+# SIGTERM is passed on to CMD, and the shell waits for it (until SLURM's KillWait runs out).
 set -uo pipefail
 requeued=0
 on_usr2() {
@@ -21,6 +22,9 @@ on_usr2() {
   kill -TERM "$child" 2>/dev/null
 }
 trap on_usr2 USR2
+# SIGTERM to the job (scancel, the time limit, the requeue above) reaches every process: wait for CMD to
+# record how it stopped. A batch shell that dies at once makes SLURM SIGKILL what is left of the job.
+trap 'kill -TERM "$child" 2>/dev/null' TERM
 "$@" &
 child=$!
 while true; do

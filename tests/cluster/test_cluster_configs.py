@@ -69,6 +69,28 @@ def test_a_requeue_that_slurm_refuses_fails_the_job(tmp_path, requeue_works):
         assert proc.returncode != 0 and "scontrol requeue of job 4242 failed" in err, (proc.returncode, out, err)
 
 
+def test_the_requeue_wrapper_passes_sigterm_on_and_waits_for_the_command(tmp_path):
+    """SIGTERM to the job (scancel, the time limit, a requeue) reaches the batch shell too: run_requeueable.sh
+    hands it to the command and waits for it to record how it stopped (cluster.run_person writes its status
+    file then). A shell that died at once let SLURM kill the rest of the job."""
+    import os
+    import signal
+    import time
+
+    cmd = tmp_path / "cmd.sh"
+    cmd.write_text(f'''#!/bin/bash
+trap 'sleep 1; echo stopped > "{tmp_path}/recorded"; exit 143' TERM
+sleep 60 & wait
+''')
+    cmd.chmod(0o755)
+    proc = subprocess.Popen(["bash", str(REPO / "slurm" / "run_requeueable.sh"), str(cmd)],
+                            env={**os.environ, "SLURM_JOB_ID": "4242"})
+    time.sleep(1.0)  # the traps are set and the command runs
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert (tmp_path / "recorded").read_text() == "stopped\n"  # written before the batch shell ended
+
+
 @pytest.mark.parametrize("wrote_results", [True, False])
 def test_the_nightly_render_job_fails_on_a_python_error_but_not_on_failed_persons(tmp_path, wrote_results):
     """render_eval exits 1 when some persons failed (the night's results.json lists them: the job succeeds, the

@@ -274,12 +274,17 @@ def test_sbatch_person_template_requeues_on_usr2(tmp_path, slurm_cluster, worklo
     _wait_step(tmp_path / "status", "tp", 3)
     subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True)  # what --signal=B:USR2@90 sends
     deadline = time.time() + 120
+    seen = []
     while time.time() < deadline:
         (s,) = read_status(tmp_path / "status")
+        seen.append((s.state, s.restarts, s.message))
         if s.state in ("succeeded", "failed") and s.restarts >= 1:
             break
         time.sleep(0.5)
     assert s.state == "succeeded" and s.restarts == 1 and s.step == 14, s
+    # the trainer stopped by the requeue's SIGTERM asked SLURM and left its status `queued`, not `running`
+    job_out = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert "stopped by SIGTERM; SLURM requeued the job, it runs again" in job_out, (job_out[-3000:], sorted(set(seen)))
     runs = read_runs(tmp_path / "work", "tp")
     assert len(runs) == 2 and runs[1]["start_step"] >= 3
     assert json_result(tmp_path, "tp") == expected_digest("tp", 14)

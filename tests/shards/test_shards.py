@@ -132,10 +132,17 @@ def test_ambient_range_fills_the_ambient_map():
 
 
 def test_stores_and_shards_carry_the_ambient_range(tiny_stores, tiny_shards):
+    """The ranges come from the training frames: the held-out sequences' meshes (test data) do not move them."""
     store = PersonStore(tiny_stores / "000.zarr")
     lo, hi = store.attrs["ambient_bounds"]
-    canon = np.concatenate([store.mesh(f).canonical[:, 3:5] for f in range(store.num_frames)])
-    np.testing.assert_allclose([lo, hi], [canon.min(0), canon.max(0)], rtol=1e-6)
+    held_out = store.frames["held_out"]
+    canon = [np.concatenate([store.mesh(f).canonical for f in range(store.num_frames) if held_out[f] == h])
+             for h in (False, True)]
+    np.testing.assert_allclose([lo, hi], [canon[0][:, 3:5].min(0), canon[0][:, 3:5].max(0)], rtol=1e-6)
+    np.testing.assert_allclose(store.attrs["canonical_bounds"], [canon[0][:, :3].min(0), canon[0][:, :3].max(0)],
+                               rtol=1e-6)
+    everything = np.concatenate(canon)
+    assert np.any(everything.min(0) < canon[0].min(0)) or np.any(everything.max(0) > canon[0].max(0))  # it matters
     assert max(hi) > 0  # the synthetic heads open their jaw and blink
     path = shard_paths(tiny_shards, "000", "train")[0]
     with tarfile.open(path) as tar:
