@@ -52,7 +52,7 @@ def check_prediction_type(root: Path) -> None:
         return
     try:
         kind = json.loads(file.read_text()).get("prediction_type", "epsilon")  # diffusers' default
-    except (ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError) as e:
         raise DataError(file, f"unreadable scheduler config ({e})") from None
     if kind != "v_prediction":
         raise DataError(file, f"prediction_type is {kind!r}: the avatars read the base's UNet output as "

@@ -102,6 +102,18 @@ def test_a_base_that_predicts_the_noise_is_refused_naming_its_scheduler_config(t
             load()
 
 
+@pytest.mark.parametrize("text", [b"{not json", b"[1, 2]", b"\xff\xfe{}"])
+def test_an_unreadable_scheduler_config_is_refused_naming_it(tmp_path, text):
+    """Not JSON, JSON that is not an object, or bytes that are not UTF-8: a DataError naming the file, not a
+    traceback from deep inside the loader."""
+    from common.io import DataError
+
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_bytes(text)
+    with pytest.raises(DataError, match=r"scheduler_config.json: unreadable scheduler config"):
+        base_model.check_prediction_type(tmp_path)
+
+
 def test_an_embedding_of_another_width_is_refused_naming_its_file(tmp_path):
     """A cached empty-prompt embedding of another base (another cross_attention_dim) names the file."""
     from safetensors.torch import save_file
