@@ -13,6 +13,7 @@ a user's notebook) that connection is used and left open; :class:`RaySession` is
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -23,6 +24,7 @@ from cluster.bind import LOOPBACK, embedded_ray_bind
 from cluster.preflight import resolve_ray_address
 from common.io import SUN_PATH_MAX, fits_unix_socket
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EmbeddedRay:
@@ -141,7 +143,10 @@ def leave_ray(address: str | None, started: bool, serve_app: str | None = None) 
         if serve_app is not None:
             from cluster.serve.deployment import delete_renderer
 
-            delete_renderer(serve_app)
+            try:
+                delete_renderer(serve_app)
+            except Exception as e:  # never in place of the stage's own error (a renderer that failed to deploy)
+                log.warning("could not delete the Serve application %r: %s", serve_app, e)
     finally:
         if started:
             ray.shutdown()

@@ -282,8 +282,10 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     person_seconds: dict[str, float] = {}
     frames_rendered = 0
     if todo:
+        # a person's videos are named by its evaluation key (the run's id without one)
+        tags = {p: keys[p][:16] if p in keys else run_id for p in todo}
         frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds,
-                                      app=f"avatars-{run_id}")
+                                      app=f"avatars-{run_id}", media_tags=tags)
         for p in todo:
             if p not in failed and (why := task_failure(results[p])):
                 failed[p] = why
@@ -311,9 +313,26 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
         "cross_reenactment": ", ".join(f"{p} by {d}" for p, d in all_drivers.items() if d) or "n/a",
     })
     path = night.save(config.reports_root)
+    _remove_unreferenced_media(folder, night, todo, before=t0)
     index = build_report(ReportConfig(config.reports_root, run_date)) if config.build_report else None
     return EvalSummary(run_date, path, index, listed, {**failed, **bad_names}, frames_rendered, time.time() - t0,
                        person_seconds, reused)
+
+
+def _remove_unreferenced_media(folder: Path, night: RunResults, persons: list[str], before: float) -> None:
+    """Delete the videos and thumbnails of ``persons`` (rendered again by this run) that the saved night no
+    longer references and that were written before this run started (an earlier render of this night with other
+    inputs, or one stopped before it saved); a run rendering at the same time keeps its files."""
+    for person in persons:
+        keep = {f for t in night.persons.get(person, {}).values() for f in (t.video, t.thumbnail) if f}
+        for kind in ("videos", "thumbnails"):
+            media = folder / kind / person
+            for f in media.iterdir() if media.is_dir() else ():
+                try:
+                    if f.is_file() and f"{kind}/{person}/{f.name}" not in keep and f.stat().st_mtime < before:
+                        f.unlink()
+                except OSError as e:
+                    log.warning("cannot remove the unreferenced %s: %s", f, e)
 
 
 PersonOutcome = tuple[str, "dict[str, TaskResult] | None", "str | None"]
@@ -343,22 +362,21 @@ def evaluate_persons(run: EvalRun, handle, persons: list[str], drivers: dict[str
 
 def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers: dict[str, str | None],
                 results: dict[str, dict[str, TaskResult]], failed: dict[str, str],
-                person_seconds: dict[str, float], app: str = "avatars") -> int:
+                person_seconds: dict[str, float], app: str = "avatars",
+                media_tags: dict[str, str] | None = None) -> int:
     """Render and score `todo` on one renderer application `app` serving all of them (Ray started
     here unless connected); fills `results`, `failed` and `person_seconds`; returns the frames
-    rendered."""
-    run = EvalRun(config, folder)
+    rendered. `media_tags`: what each person's video names carry (EvalRun)."""
+    run = EvalRun(config, folder, media_tags)
     embedded = EmbeddedRay(num_cpus=config.ray_num_cpus, object_store_memory_mb=config.ray_object_store_mb,
                            bind_host=config.ray_bind_host, include_dashboard=False)
     started = connect_ray(config.ray_address, embedded, log_to_driver=False)
     from cluster.serve.deployment import deploy_renderer
 
-    deployed = False
     try:
         models = {p: Path(config.runs) / p / MODEL_DIR for p in todo}
         # every person the threads render at once stays loaded (plus the next one's)
         handle = deploy_renderer(models, config.renderer, app, max_models_per_replica=config.parallel_persons + 1)
-        deployed = True
         for person, out, error in evaluate_persons(run, handle, todo, drivers, person_seconds):
             if error is not None:
                 failed[person] = error
@@ -366,6 +384,6 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
             else:
                 results[person] = out
                 log.info("%s done in %.1f s", person, person_seconds[person])
-    finally:  # the embedded Ray started here stops; on a cluster only this run's application goes
-        leave_ray(config.ray_address, started, app if deployed else None)
+    finally:  # the embedded Ray started here stops; on a cluster only this run's application goes, also one
+        leave_ray(config.ray_address, started, app)  # that failed to deploy or was interrupted while deploying
     return run.frames_rendered

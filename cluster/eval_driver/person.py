@@ -114,13 +114,16 @@ class EvalRun:
     thread more, and a thread holds its render slot only while its frames render: while it scores
     them (metrics, videos), the next person's frames already render on the replica it left."""
 
-    def __init__(self, config: EvalDriverConfig, run_folder: Path):
+    def __init__(self, config: EvalDriverConfig, run_folder: Path, media_tags: dict[str, str] | None = None):
         from avatars.evaluation.face_models import FaceModelConfig
         from avatars.evaluation.lpips_weights import LpipsConfig
         from avatars.evaluation.metrics import EvalConfig, Evaluator
 
         self.config = config
         self.folder = run_folder
+        #: person -> what its video and thumbnail names carry (its evaluation key): a run that renders it again
+        #: with other inputs and stops before results.json is saved cannot replace the files it references
+        self.media_tags = media_tags or {}
         # imageio-ffmpeg starts ffmpeg with a preexec_fn, which makes Python fork() instead of
         # vfork(): gRPC's fork handlers then print "Other threads are currently calling into gRPC,
         # skipping fork() handlers" for every video written while another person's frames are in
@@ -217,10 +220,12 @@ class EvalRun:
         from avatars.evaluation.video import write_comparison_video
 
         cfg = self.config
-        rel = Path("videos") / frames.person / f"{frames.task}.mp4"
+        tag = self.media_tags.get(frames.person)
+        name = f"{frames.task}-{tag}" if tag else frames.task
+        rel = Path("videos") / frames.person / f"{name}.mp4"
         fps = video_fps(frames.frames, cfg.fps, cfg.video_min_seconds, cfg.video_min_fps)
         write_comparison_video(self.folder / rel, comparison_panels(frames.clips, images), fps=fps)
-        thumb = Path("thumbnails") / frames.person / f"{frames.task}.png"
+        thumb = Path("thumbnails") / frames.person / f"{name}.png"
         atomic_write_bytes(self.folder / thumb, comparison_strip(frames.clips, images))
         if not frames.has_ground_truth:
             reason = (f"no ground truth: {frames.person}'s avatar driven by {frames.driver}'s expression codes "

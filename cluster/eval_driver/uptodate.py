@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Bump when what an evaluation computes changes (metrics, videos): every stored key goes stale.
-EVAL_FORMAT = 1
+#: 2: frames with an empty mask leave the masked metrics (6fd0532); videos named by the key.
+EVAL_FORMAT = 2
 #: Renderer fields that change where or how fast frames render, not what they show.
 _SERVICE_FIELDS = {"batch_wait_timeout_s", "max_ongoing_requests", "num_replicas", "num_cpus", "num_gpus",
                    "metrics_port", "metrics_host"}

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,7 +278,7 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
     html = summary.report_index.read_text()
     assert summary.report_index == reports / "site" / "2025-03-01" / "index.html"
     assert 'id="person-000"' in html and 'id="person-001"' in html and "no trained model" in html
-    assert (summary.report_index.parent / "videos" / "000" / "self_reenactment.mp4").is_file()
+    assert (summary.report_index.parent / results.persons["000"]["self_reenactment"].video).is_file()
     report = json.loads((summary.report_index.parent / "report.json").read_text())
     assert report["current"]["average"]["overall"]["psnr"] is not None
 
@@ -293,7 +294,7 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
 
     rendered = []
 
-    def render_again(config, folder, todo, drivers, results_, failed, person_seconds, app):
+    def render_again(config, folder, todo, drivers, results_, failed, person_seconds, app, media_tags):
         rendered.extend(todo)
         results_.update({p: results.persons[p] for p in todo})
         return sum(r.frames for p in todo for r in results.persons[p].values())
@@ -574,7 +575,7 @@ def test_build_report_false_writes_results_but_no_report(tiny_data, tmp_path, mo
     DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim)).save_pretrained(
         tmp_path / "runs" / "000" / "model")
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
         for p in todo:
             results[p] = {t: TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
         return len(todo) * len(config.tasks)
@@ -602,7 +603,7 @@ def test_a_failed_task_is_not_up_to_date(tiny_data, tmp_path, monkeypatch):
         tmp_path / "runs" / "000" / "model")
     rendered, broken = [], {"self_reenactment"}
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
         rendered.extend(todo)
         for p in todo:
             results[p] = {t: TaskResult({}, skipped={"task": "failed: corrupt shard"}) if t in broken
@@ -642,7 +643,7 @@ def test_a_cross_reenactment_skipped_for_its_drivers_unusable_data_is_not_up_to_
     skip = driver_unusable("000", "001", DataError("shards/001/s.tar", "sha256 does not match the manifest"))
     unusable, rendered = [True], []
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
         rendered.extend(todo)
         for p in todo:
             results[p] = {t: TaskResult({}, skipped={"task": str(skip)}) if t == "cross_reenactment" and unusable
@@ -679,7 +680,7 @@ def test_a_person_whose_tasks_failed_is_failed_and_the_exit_code_says_so(tiny_da
             tmp_path / "runs" / p / "model")
     broken = {"000": {"self_reenactment", "novel_view", "cross_reenactment"}, "001": {"novel_view"}}
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
         for p in todo:
             results[p] = {t: TaskResult({}, skipped={"task": f"failed: {p}.zarr is missing"}) if t in broken[p]
                           else TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
@@ -711,7 +712,7 @@ def test_a_folder_whose_name_results_cannot_hold_fails_alone_before_anything_ren
     shutil.copytree(runs / "000", runs / "000 copy")
     rendered = []
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
         rendered.extend(todo)
         for p in todo:
             results[p] = {t: TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
@@ -828,3 +829,57 @@ def test_cross_reenactment_by_a_driver_whose_data_does_not_read_is_skipped_not_f
                               metrics=("psnr",))
     with pytest.raises(TaskSkipped, match="cross-reenactment of 000 by 001 is skipped: 001's data is unusable"):
         EvalRun(config, tmp_path / "run").task_frames("000", "cross_reenactment", "001", R)
+
+
+def test_a_run_stopped_before_it_saves_leaves_the_nights_videos_alone(tmp_path, monkeypatch):
+    """Videos and thumbnails are written into the night folder as each person is scored, results.json at the end:
+    a run that rendered a person with other inputs (a retrained avatar) and then stopped (time limit, Ctrl-C, a
+    full disk) replaced the videos the night's results.json references: the report showed one model's numbers
+    beside another's videos, and a later run with the first key reused the mixed set. They are named by the
+    evaluation key now; a completed run removes the person's files it no longer references."""
+    from cluster.eval_driver import driver
+    from cluster.eval_driver.person import EvalRun
+    from cluster.eval_driver.tasks import Clip, TaskFrames
+
+    (tmp_path / "runs" / "000" / "model").mkdir(parents=True)
+    (tmp_path / "runs" / "000" / "model" / "config.json").write_text("{}")
+    config = EvalDriverConfig(runs=tmp_path / "runs", shards=tmp_path, stores=tmp_path,
+                              reports_root=tmp_path / "reports", persons=("000",), tasks=("cross_reenactment",),
+                              metrics=("psnr",), run_date="2025-03-01", build_report=False, force=True)
+    monkeypatch.setattr(driver, "_base_problem", lambda *a: None)
+    monkeypatch.setattr(driver, "cross_drivers", lambda persons, stores: {p: None for p in persons})
+    key = {"value": "a" * 64}
+    monkeypatch.setattr(driver, "evaluation_key", lambda *a: key["value"])
+    zero = lambda c: np.zeros((c, 4, 4), np.float32)  # noqa: E731
+    conditioning = {"mask": zero(1), "depth": zero(1), "normals": zero(3), "canonical": zero(5)}
+
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags, stop=False):
+        run = EvalRun(config, folder, media_tags)  # the real writer of the videos and thumbnails
+        shade = 0.2 if key["value"][0] == "a" else 0.8
+        frames = TaskFrames("000", "cross_reenactment", [Clip("s", ["k0", "k1"], [conditioning] * 2,
+                                                               np.full((2, 4, 4, 3), shade, np.float32), None)],
+                            has_ground_truth=False)
+        results["000"] = {"cross_reenactment": run.evaluate(frames, [np.full((4, 4, 3), shade, np.float32)] * 2)}
+        if stop:
+            raise KeyboardInterrupt  # stopped after the person's videos, before results.json
+        return 2
+
+    monkeypatch.setattr(driver, "_render_all", render_all)
+    first = run_evaluation(config)
+    folder = first.results_path.parent
+    video = folder / RunResults.load(first.results_path).persons["000"]["cross_reenactment"].video
+    thumbnail = folder / RunResults.load(first.results_path).persons["000"]["cross_reenactment"].thumbnail
+    kept = video.read_bytes(), thumbnail.read_bytes()
+
+    key["value"] = "b" * 64  # the avatar was retrained; this run stops before it saves
+    monkeypatch.setattr(driver, "_render_all", lambda *a, **kw: render_all(*a, **kw, stop=True))
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(config)
+    assert (video.read_bytes(), thumbnail.read_bytes()) == kept  # what results.json references is untouched
+
+    monkeypatch.setattr(driver, "_render_all", render_all)
+    second = run_evaluation(config)  # completes: references its own files; the first run's go
+    now = RunResults.load(second.results_path).persons["000"]["cross_reenactment"]
+    assert (folder / now.video).is_file() and (folder / now.thumbnail).is_file() and now.video != video.name
+    assert not video.exists() and not thumbnail.exists()
+    assert sorted(p.name for p in (folder / "videos" / "000").iterdir()) == [Path(now.video).name]

@@ -256,3 +256,28 @@ def test_the_evaluation_driver_leaves_other_runs_serve_applications_on_a_cluster
     assert calls == {"embedded": ["serve.shutdown"], "joined": ["delete avatars-run42", "ray.shutdown"],
                      "RAY_ADDRESS": ["delete avatars-run42", "ray.shutdown"],
                      "connected before": ["delete avatars-run42"]}[where]
+
+
+@pytest.mark.parametrize("delete_fails", [False, True])
+def test_a_renderer_that_fails_to_deploy_on_a_cluster_is_deleted_too(inits, monkeypatch, tmp_path, delete_fails):
+    """serve.run raises on DEPLOY_FAILED (replicas that crash in their constructor) without deleting the application,
+    and waits without end for GPUs a shared cluster lacks until Ctrl-C: the application was left on the cluster,
+    a new one every night. It is deleted now; a deletion that fails is a warning, never in place of the error."""
+    calls = []
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("ray.shutdown"))
+
+    def deploy(models, config, name, **kw):
+        raise RuntimeError("Deploying application avatars-run42 failed: replica constructor raised")
+
+    def delete(name):
+        calls.append(f"delete {name}")
+        if delete_fails:
+            raise ConnectionError("the controller went away")
+
+    monkeypatch.setattr("cluster.serve.deployment.deploy_renderer", deploy)
+    monkeypatch.setattr("cluster.serve.deployment.delete_renderer", delete)
+    config = driver.EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
+                                     metrics=("psnr",), ray_address="10.0.0.5:6379")
+    with pytest.raises(RuntimeError, match="replica constructor raised"):
+        driver._render_all(config, tmp_path, ["000"], {"000": None}, {}, {}, {}, app="avatars-run42")
+    assert calls == ["delete avatars-run42", "ray.shutdown"]
