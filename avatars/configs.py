@@ -62,9 +62,11 @@ class UNetConfig:
     norm_num_groups: int = 32
     """Group-norm groups."""
     upcast_attention: bool = True
-    """Compute attention scores in float32 under half precision (SD2.1's UNet config sets it: without it, fp16
-    attention overflows in the 768-pixel v-model). Numerically a no-op in float32. The ControlNet and the expression
-    layers inherit it from the UNet."""
+    """SD2.1's UNet config field, carried so that a model built from this config has the loaded base's config (a
+    base that says otherwise is refused). It asks diffusers' plain attention processor for float32 scores under
+    fp16 (the 768-pixel v-model overflows without); the processor every layer here runs, PyTorch's
+    scaled_dot_product_attention (AttnProcessor2_0), does not read it, and nothing here runs fp16 (bf16 or fp32).
+    The ControlNet and the expression layers inherit it from the UNet."""
 
 
 @dataclass

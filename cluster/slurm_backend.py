@@ -73,8 +73,10 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)
     """Shell lines run in the sbatch script before the job (e.g. ``source .venv/bin/activate``,
     ``module load cuda``)."""
-    additional_parameters: dict[str, Any] = field(default_factory=dict)
-    """Extra ``#SBATCH`` options, e.g. ``{"account": "avatars", "qos": "high"}``."""
+    additional_parameters: dict[str, str] = field(default_factory=dict)
+    """Extra ``#SBATCH`` options, e.g. ``{"account": "avatars", "qos": "high"}``; on the command line
+    ``--slurm.additional-parameters account avatars qos high`` (as str: a typed ``Any`` had kept tyro from offering
+    the option at all)."""
     job_prefix: str = "train-"
     """Job name prefix (``--job-name``); array jobs are named ``<job_prefix>array``."""
     poll_interval_s: float = 5.0

@@ -13,6 +13,11 @@ import tyro
 T = TypeVar("T")
 
 
+class UsageError(ValueError):
+    """A command-line option that names nothing usable (no person, no shards); the message names the option, and
+    the program exits with code 2 and that one line."""
+
+
 def preset_cli(presets: Mapping[str, tuple[str, T]], default: str, description: str,
                args: Sequence[str] | None = None) -> T:
     """Parse ``args`` (default: ``sys.argv[1:]``); without a preset name first, ``default`` is used,

@@ -1,7 +1,7 @@
 """Convert a NeRSemble download + NPHM / MonoNPHM / FLAME tracking into the capture layout.
 
-    python jobs/convert_nersemble.py --nersemble /data/nersemble --tracking /data/tracking \\
-        --out data/captures --persons 017,018
+    python jobs/convert_nersemble.py --convert.nersemble /data/nersemble --convert.tracking /data/tracking \\
+        --convert.out data/captures --convert.persons 017,018
 
 What the tracking folder must hold is described in `shards/nersemble.py` and the README
 ("From a real NeRSemble download"). Then: `python jobs/ingest.py --captures data/captures`.

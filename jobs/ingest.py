@@ -11,6 +11,7 @@ import tyro
 
 from common.io import DataError
 from jobs._parallel import default_workers, map_persons_tolerant
+from jobs._presets import UsageError
 from shards.contract import find_persons
 from shards.ingest import IngestConfig, IngestResult, ingest_person
 
@@ -32,7 +33,12 @@ class IngestArgs:
 
 
 def resolve_persons(spec: str, root: Path) -> list[str]:
-    return find_persons(root) if spec == "all" else [p.strip() for p in spec.split(",") if p.strip()]
+    if spec == "all":
+        return find_persons(root)
+    persons = [p.strip() for p in spec.split(",") if p.strip()]
+    if not persons:  # nothing to do must not pass for success
+        raise UsageError(f"--persons {spec!r} names no person (give 'all' or comma-separated ids, e.g. 017,018)")
+    return persons
 
 
 def _one(person: str, args: IngestArgs) -> IngestResult:
@@ -54,7 +60,7 @@ def main(args: IngestArgs) -> tuple[dict[str, IngestResult], dict[str, Exception
 if __name__ == "__main__":
     try:
         _, failed = main(tyro.cli(IngestArgs))
-    except DataError as e:
+    except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(2 if failed else 0)

@@ -317,9 +317,16 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None, ray
     from cluster.person_job import DEFAULT_TARGET, PersonJob, Resources
 
     gpus = args.job_gpus if args.job_gpus is not None else (1.0 if torch.cuda.is_available() else 0.0)
+    resume = args.train.resume
+    if resume == "never":  # starts over once, here: a retry or a SLURM requeue continues what this launch trained
+        from avatars.training.checkpoint import clear_run
+
+        for p in persons:
+            clear_run(args.workdir / "runs" / p)
+        resume = "auto"
     # Typed configs cross the job boundary (pickled by Ray / submitit); absolute paths, since
     # workers may run elsewhere.
-    options = dataclasses.replace(args.train, base_model=base_model.resolve() if base_model else None,
+    options = dataclasses.replace(args.train, resume=resume, base_model=base_model.resolve() if base_model else None,
                                   lpips_weights=Path(args.train.lpips_weights).resolve(),
                                   # with --compile only the first job of a torch version and GPU kind compiles
                                   compile_cache=Path(args.train.compile_cache
@@ -393,8 +400,26 @@ def check_options(args: LaunchAllArgs) -> str | None:
          f"--job-gpus must be 0 or more, got {args.job_gpus}"),
         (args.job_memory_gb is None or _finite(args.job_memory_gb, 0, strict=True),
          f"--job-memory-gb must be a positive number of GiB, got {args.job_memory_gb}"),
+        (args.workers >= 1, f"--workers must be at least 1, got {args.workers}"),
+        (args.train.base_model is None or Path(args.train.base_model).is_dir(),
+         f"--train.base-model {args.train.base_model} is not a directory (a local diffusers folder with unet/ and "
+         "vae/)"),
     ]
-    return next((message for ok, message in checks if not ok), _base_problem(args))
+    return next((message for ok, message in checks if not ok), None) or _lpips_problem(args) or _base_problem(args)
+
+
+def _lpips_problem(args: LaunchAllArgs) -> str | None:
+    """The evaluation scores LPIPS (the driver's default metrics) with --train.lpips-weights: a missing file
+    failed the whole evaluation after every person had trained."""
+    from avatars.evaluation.metric_names import DEFAULT_METRICS
+
+    weights = Path(args.train.lpips_weights)
+    if not args.evaluate or not {"lpips", "lpips_face"} & set(DEFAULT_METRICS) or weights.is_file():
+        return None
+    from avatars.evaluation.lpips_weights import HOW_TO_GET
+
+    return (f"--train.lpips-weights {weights}: the LPIPS weights the evaluation scores with are missing; "
+            f"{HOW_TO_GET.format(path=weights)}, or pass --no-evaluate")
 
 
 def _base_problem(args: LaunchAllArgs) -> str | None:

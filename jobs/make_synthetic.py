@@ -1,13 +1,21 @@
-"""Generate the synthetic multi-view head capture root (the default data set)."""
+"""Generate the synthetic multi-view head capture root (the default data set).
+
+    python jobs/make_synthetic.py [--out data/captures] [--synthetic.persons 8 ...]
+
+Exit code 2 on invalid input: a --synthetic.* value the generator cannot use is refused when the command line is
+parsed, an --out that cannot be written with one line.
+"""
 
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tyro
 
+from common.io import DataError
 from jobs._parallel import default_workers, map_persons
 from shards.synthetic import SyntheticConfig, generate
 
@@ -35,4 +43,8 @@ def main(args: MakeSyntheticArgs) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(MakeSyntheticArgs))
+    try:
+        main(tyro.cli(MakeSyntheticArgs))
+    except (DataError, OSError) as e:  # an --out that cannot be written (a file on the way, no permission, no space)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

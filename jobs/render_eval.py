@@ -8,7 +8,8 @@ sequences, held-out camera), cross-reenactment (person A's avatar with the next 
 expression codes; synthetic captures only). Output: `<reports-root>/runs/<date>/results.json`,
 `videos/<person>/<task>.mp4` and `<reports-root>/site/<date>/index.html`. Exit code 0 when
 every person rendered every task, 1 when a person or a task failed (see results.json), 2 on
-invalid input.
+invalid input (naming the flag or the file; a metric network that does not load stops the run
+before any person renders).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import tyro
 
 from cluster.eval_driver import EvalDriverConfig, run_evaluation
+from cluster.eval_driver.person import MetricsUnavailable
 from common.io import DataError
 
 
@@ -26,8 +28,8 @@ def main(config: EvalDriverConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         summary = run_evaluation(config)
-    except DataError as e:
-        print(f"render_eval: {e}", file=sys.stderr)
+    except (DataError, MetricsUnavailable) as e:  # bad input found before anything rendered
+        print(f"render_eval: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"results: {summary.results_path}")
     if summary.report_index:
@@ -40,4 +42,4 @@ def main(config: EvalDriverConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(tyro.cli(EvalDriverConfig)))
+    sys.exit(main(tyro.cli(EvalDriverConfig, description=__doc__)))

@@ -11,11 +11,17 @@ and, with --metrics-port, Prometheus (cluster.monitoring.training).
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+from pathlib import Path
 from typing import Any
 
 from avatars.training import PRESETS, TrainConfig, TrainOptions
+from avatars.training.base_record import BaseMismatch
+from avatars.training.config import ResumeMismatch
 from cluster.status import StatusReporter
 from common.configs import from_jsonable, merge, to_jsonable
+from common.io import DataError
 from jobs._presets import preset_cli
 
 
@@ -50,15 +56,56 @@ def run(person: str, options: TrainOptions | dict[str, Any] | None = None, prese
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if isinstance(options, TrainOptions):  # typed in, typed through: no JSON round trip
-        return train(TrainConfig.for_person(options, person=person, **fields), status)
-    data = merge(to_jsonable(PRESETS[preset][1]), options or {})
-    return train(from_jsonable(TrainConfig, {**data, **to_jsonable(fields), "person": person}), status)
+        config = TrainConfig.for_person(options, person=person, **fields)
+    else:
+        data = merge(to_jsonable(PRESETS[preset][1]), options or {})
+        config = from_jsonable(TrainConfig, {**data, **to_jsonable(fields), "person": person})
+    return train(_continue_a_requeued_run(config, status), status)
+
+
+def _continue_a_requeued_run(config: TrainConfig, status: StatusReporter | None) -> TrainConfig:
+    """``--resume never`` starts over on the first run only: a SLURM requeue of the job (a time limit, a
+    preemption; the same call again) continues from the checkpoints that run wrote, instead of deleting them
+    at every requeue and never finishing. (launch_all clears once itself and passes 'auto'.)"""
+    from cluster.slurm_backend import slurm_restart_count
+
+    restarts = max(slurm_restart_count(), status.restarts if status is not None else 0)
+    if config.resume == "never" and restarts > 0:
+        print(f"{config.person}: --resume never, requeued (restart {restarts}): continuing from the checkpoints "
+              "of this run", flush=True)
+        return dataclasses.replace(config, resume="auto")
+    return config
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """What the run reads, checked before the model's import (~10 s): the person's complete shard manifest, which
+    lists 'train' shards, and the --base-model directory (with unet/ and vae/); a DataError naming the file if not."""
+    from shards.integrity import MANIFEST
+    from shards.writer import shard_paths
+
+    if not shard_paths(config.shards, config.person, "train"):  # a missing or incomplete manifest: DataError
+        raise DataError(Path(config.shards) / config.person / MANIFEST,
+                        f"lists no 'train' shards of person {config.person}")
+    if config.base_model is not None:
+        base = Path(config.base_model)
+        if not base.is_dir():
+            raise DataError(base, "no such directory (--base-model: a local diffusers directory, e.g. Stable "
+                                  "Diffusion 2.1 saved with save_pretrained)")
+        missing = [f"{sub}/config.json" for sub in ("unet", "vae") if not (base / sub / "config.json").is_file()]
+        if missing:
+            raise DataError(base, f"lacks {' and '.join(missing)}: not a diffusers base model (--base-model)")
 
 
 def main(args: list[str] | None = None) -> dict:
     presets = {name: (text, TrainConfig.for_person(options)) for name, (text, options) in PRESETS.items()}
-    return train(preset_cli(presets, default="tiny", description=__doc__, args=args))
+    config = preset_cli(presets, default="tiny", description=__doc__, args=args)
+    check_inputs(config)
+    return train(config)
 
 
 if __name__ == "__main__":
-    print(main())
+    try:
+        print(main())
+    except (DataError, BaseMismatch, ResumeMismatch) as e:  # bad input, or checkpoints this run must not resume
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -31,15 +31,17 @@ class IngestConfig:
     """How captures are split and checked."""
 
     held_out_sequences: int = 2
-    """Number of sequences held out for evaluation: the last ones in sorted order (the paper holds out 2)."""
+    """Number of sequences held out for evaluation: the last ones in sorted order (the paper holds out 2); at
+    least 1: they are the test_seq split that the base's VAE and the self-reenactment evaluation are scored on."""
     held_out_camera: str = "222200037"
     """Serial of the camera held out for novel-view evaluation (NeRSemble's frontal camera)."""
     io_threads: int = 4
     """Threads that decode images while validating (PNG decoding releases the GIL)."""
 
     def __post_init__(self) -> None:
-        if self.held_out_sequences < 0:
-            raise ValueError(f"held_out_sequences must be >= 0, got {self.held_out_sequences}")
+        if self.held_out_sequences < 1:  # 0 left the test_seq split empty: pretrain_base and the evaluation failed
+            raise ValueError(f"held_out_sequences must be >= 1 (the held-out sequences are the test_seq split the "
+                             f"base and the evaluation score on), got {self.held_out_sequences}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
 
@@ -137,6 +139,9 @@ def validate_person(capture: PersonCapture, config: IngestConfig):
     if config.held_out_camera not in calib.cameras:
         raise DataError(capture.calibration_path, f"held-out camera {config.held_out_camera} is not in the calibration "
                                                   f"(cameras: {', '.join(serials)})")
+    if serials == [config.held_out_camera]:  # every sample would be test_cam, none train
+        raise DataError(capture.calibration_path, f"the only camera is the held-out camera {config.held_out_camera} "
+                                                  "(--ingest.held-out-camera): no camera is left to train on")
     frames: list[tuple[int, int]] = []  # (sequence index, timestep)
     meshes: list[MeshFrame] = []
     image_jobs = []

@@ -46,6 +46,7 @@ from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_load
 from avatars.evaluation.metrics import psnr_from_mse
 from avatars.models.base_networks import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.schedulers import training_scheduler
+from common.configs import to_jsonable
 from common.fingerprint import json_digest
 from common.io import atomic_directory, atomic_write_json
 from shards.writer import MANIFEST, shard_paths
@@ -133,11 +134,14 @@ class BasePretrainConfig:
         return tiny_config()
 
     def fingerprint(self) -> dict:
-        """The settings that determine the result (what idempotence compares)."""
+        """The settings that determine the result (what idempotence compares), with the layout of the networks
+        it trains: a base of another layout (a code change of the tiny preset) is not reused under the same key."""
         d = dataclasses.asdict(self)
         for k in ("output", "num_workers", "log_every", "force"):
             d.pop(k)
         d["shard_root"] = str(Path(self.shard_root).resolve())
+        layout = self.model_config()
+        d["layout"] = to_jsonable({k: getattr(layout, k) for k in ("unet", "vae", "scheduler", "resolution")})
         return d
 
 

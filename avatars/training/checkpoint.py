@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from avatars.training.optim import match_state_layout
 from common.fingerprint import check_sha256, folder_sha256
 from common.io import DataError, atomic_write_bytes, atomic_write_json
 
@@ -152,6 +153,8 @@ def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState 
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=latest.name, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"{latest}: DeepSpeed could not load this checkpoint")
+    # saved under the other --memory-format: the moments follow the weights (a stand-in engine may have no optimizer)
+    match_state_layout(getattr(engine, "optimizer", None))
     saved = _read(latest / f"rank{_rank():03d}_{STATE_FILE}", weights_only=False)
     set_rng_state(saved["rng"], noise)
     return TrainerState(**{"records": None, **saved["state"]})
@@ -220,3 +223,14 @@ def _read(path: Path, weights_only: bool):
     except Exception as error:
         raise ValueError(f"{path}: checkpoint file does not load ({type(error).__name__}: {error}); remove its "
                          "folder to resume from the one before, or start over with --resume never") from error
+
+
+def clear_run(run_dir: Path) -> None:
+    """What ``--resume never`` removes before a run starts over: the earlier run's checkpoints and its avatar
+    (``result.json``, ``model/``, ``val/``), which would otherwise stand for the new run until its end, and for good
+    if it stops before. ``result.json`` first, the mark of a finished run; what cannot be removed is an error."""
+    run_dir = Path(run_dir)
+    (run_dir / "result.json").unlink(missing_ok=True)
+    for folder in (run_dir / "model", run_dir / "val", run_dir / "checkpoints"):
+        if folder.exists():
+            shutil.rmtree(folder)

@@ -18,6 +18,7 @@ from avatars.training.latent_cache import check_latent_cache_mib
 from avatars.training.optim import check_lr_decay
 from avatars.training.weight_average import check_decay
 from common.configs import to_jsonable
+from common.paths import LPIPS_WEIGHTS
 
 
 @dataclass
@@ -71,7 +72,8 @@ class TrainOptions:
     weight_decay: float = 1e-2
     """AdamW weight decay of the networks and the feature planes (the official 1e-2)."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage (0-2; the trainable part is small, so 0 or 1 is usually best)."""
+    """DeepSpeed ZeRO stage (0-2; the trainable part is small, so 0 is usually best; 1 and 2 clip inside
+    DeepSpeed, over every trainable parameter, so they need --clip-scope all or --grad-clip 0)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """'bf16': frozen UNet/VAE stored in bf16, trainable parts fp32 under bf16 autocast; 'fp32': all
     float32 (the original's setting); 'auto': bf16 on GPU, fp32 on CPU."""
@@ -114,8 +116,10 @@ class TrainOptions:
     metrics_host: str = "127.0.0.1"
     """Address the Prometheus exporter listens on: loopback by default; the node's address (or 0.0.0.0) when a
     Prometheus on another machine scrapes it."""
-    lpips_weights: Path = Path("weights/lpips_alex.safetensors")
-    """LPIPS AlexNet weights for validation (written by setup.sh); validation reports PSNR only if absent."""
+    lpips_weights: Path = LPIPS_WEIGHTS
+    """LPIPS AlexNet weights for validation (written by setup.sh into the checkout's weights/; the default is that
+    file's absolute path, so it is found from any working directory); validation reports PSNR only if absent.
+    launch_all evaluates with them too."""
 
     def __post_init__(self) -> None:
         # checked when the options are parsed, not when a person's trainer has already made its run folder
@@ -124,6 +128,9 @@ class TrainOptions:
         check_latent_cache_mib(self.latent_cache_mib)
         check_decay(self.ema_decay)
         check_counts(self)
+        # the model's own rules (ablation combinations, ranges), here and not in each trainer's set-up: there they
+        # failed every person after the data and base stages, and after --resume never had cleared the run
+        self.model.validate()
 
 
 #: Integer options and their smallest value: 0 cadences divided by zero after step 1, --keep-last 0 kept every
@@ -133,7 +140,8 @@ MINIMUM = {"steps": 0, "batch_size": 1, "grad_accum": 1, "checkpoint_every": 1, 
 
 
 def _flag(name: str) -> str:
-    return f"{name} (--{name.replace('_', '-')})"
+    flag = name.replace("_", "-")
+    return f"{name} (--{flag}; --train.{flag} in launch_all)"
 
 
 def check_counts(options: TrainOptions) -> None:
@@ -146,6 +154,10 @@ def check_counts(options: TrainOptions) -> None:
         raise ValueError(f"{_flag('zero_stage')} must be 0, 1 or 2, got {options.zero_stage}")
     if not options.grad_clip >= 0:  # also NaN
         raise ValueError(f"{_flag('grad_clip')} must be >= 0 (0 disables clipping), got {options.grad_clip}")
+    if options.zero_stage > 0 and options.grad_clip > 0 and options.clip_scope != "all":
+        raise ValueError(f"{_flag('clip_scope')} {options.clip_scope!r} needs --zero-stage 0: ZeRO "
+                         f"{options.zero_stage} clips inside DeepSpeed, over every trainable parameter; pass "
+                         "--clip-scope all (or --grad-clip 0)")
 
 
 #: Options a resumed run may change (``--resume auto``): how long it trains (unless a cosine schedule is spread
@@ -165,10 +177,16 @@ RESUMABLE_FIELDS = frozenset({
 TRAIN_DATA = "train_data"
 
 
-def state_options(config: "TrainConfig", train_data: str) -> dict[str, Any]:
+#: The key of the number of training processes in the options a checkpoint saves: each process's data position and
+#: noise generator are saved by its rank, and the global batch is the micro-batch times the processes, so a run
+#: continues only on as many processes (fewer repeated data and lost generators; more found no state of theirs).
+WORLD_SIZE = "world_size"
+
+
+def state_options(config: "TrainConfig", train_data: str, world_size: int) -> dict[str, Any]:
     """The options a checkpoint saves and a resume compares (:func:`resume_conflicts`): ``config``'s, with the
-    digest of the training data it reads."""
-    return {**to_jsonable(config), TRAIN_DATA: train_data}
+    digest of the training data it reads and the number of processes training it."""
+    return {**to_jsonable(config), TRAIN_DATA: train_data, WORLD_SIZE: world_size}
 
 
 class ResumeMismatch(ValueError):
@@ -241,6 +259,7 @@ PRESETS: dict[str, tuple[str, TrainOptions]] = {
     "tiny": ("CPU-sized model at 64x64 with random or tiny-pretrained weights, 600 steps at batch 4 "
              "(the main job pretrains a tiny base for it)", TrainOptions()),
     "paper": ("the paper's setting: SD2.1 layout at 512x512, 100k steps at lr 1e-4 (needs --base-model, "
+              "--train.base-model in launch_all: "
               "a local Stable Diffusion 2.1 diffusers directory)",
               TrainOptions(model=paper_config(), steps=100_000, batch_size=8, min_crop=0.7, lr_networks=1e-4,
                            lr_features=1e-2, validate_every=200, compile=True, ema_decay=0.0)),

@@ -90,9 +90,6 @@ def build_engine(cfg: TrainConfig, model: DiffusionAvatarsModel, world_size: int
     precision = perf.resolve_precision(cfg.precision, target)
     perf.store_frozen(model, precision)
     perf.configure_backends(target)
-    if cfg.zero_stage > 0 and cfg.grad_clip > 0 and cfg.clip_scope != "all":
-        raise ValueError(f"clip_scope={cfg.clip_scope!r} needs --zero-stage 0: ZeRO {cfg.zero_stage} clips inside "
-                         "DeepSpeed, over every trainable parameter; pass --clip-scope all (or --grad-clip 0)")
     optimizer = make_optimizer(model, cfg.lr_networks, cfg.lr_features, cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=LossModule(model, precision), optimizer=optimizer,
                                            lr_scheduler=lr_schedule(optimizer, cfg.lr_decay, cfg.steps),

@@ -40,6 +40,26 @@ def make_optimizer(model, lr_networks: float, lr_features: float, weight_decay: 
                              weight_decay=weight_decay, fused=True)
 
 
+def match_state_layout(optimizer) -> int:
+    """Give every per-parameter state tensor (AdamW's moments) its parameter's memory layout; returns how many
+    were re-laid. A checkpoint saved under one ``--memory-format`` and resumed under the other loads the moments
+    with the saved strides (``Optimizer.load_state_dict`` keeps them): the fused kernel then pairs each moment
+    with the wrong weight element on the CPU, silently, and refuses the mismatch on CUDA. ``optimizer`` may be a
+    wrapper (DeepSpeed's) holding the torch optimizer as ``.optimizer``."""
+    moved, seen = 0, set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        if isinstance(optimizer, torch.optim.Optimizer):
+            for param, state in optimizer.state.items():
+                for key, value in state.items():
+                    if (torch.is_tensor(value) and value.shape == param.shape and value.dim() > 1
+                            and value.stride() != param.stride()):
+                        state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                        moved += 1
+        optimizer = getattr(optimizer, "optimizer", None)
+    return moved
+
+
 #: Learning-rate schedules of a training run (see :func:`lr_schedule`).
 LR_DECAYS = ("constant", "cosine")
 #: Where the cosine schedule ends, as a fraction of the peak learning rate.

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -98,6 +97,7 @@ class Trainer:
         self.state = ckpt.TrainerState()
         self.average: WeightAverage | None = None  # --ema-decay, built in setup()
         self.train_data: str | None = None  # the digest of the training shards, read in setup()
+        self.world_size = 1  # the processes training it, known in setup()
         self.start_step = 0
 
     @property
@@ -120,16 +120,6 @@ class Trainer:
         self._emit("on_log", record)
 
     # ---- set-up ---------------------------------------------------------------------------
-    def _clear_earlier_run(self) -> None:
-        """``--resume never``: the earlier run's checkpoints go, and its avatar too: its ``result.json`` and
-        ``model/`` would otherwise stand for this run until its end, and for good if it stops before (the main
-        job would take the person as trained, and the evaluation would score the earlier avatar as this run's).
-        ``result.json`` first, the mark of a finished run; what cannot be removed is an error."""
-        (self.run_dir / "result.json").unlink(missing_ok=True)
-        for folder in (self.run_dir / "model", self.run_dir / "val", self.checkpoint_dir):
-            if folder.exists():
-                shutil.rmtree(folder)
-
     def setup(self) -> None:
         """Process group, data, model, DeepSpeed engine; restores the newest checkpoint."""
         cfg = self.config
@@ -148,7 +138,7 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.resume == "never":
-                self._clear_earlier_run()
+                ckpt.clear_run(self.run_dir)
         if self.world_size > 1:
             torch.distributed.barrier()  # rank 0 has cleaned up before anyone reads checkpoints
 
@@ -221,10 +211,18 @@ class Trainer:
     def _check_resumable(self) -> None:
         """The newest checkpoint continues only with the options that made its state (config.RESUMABLE_FIELDS)."""
         saved = ckpt.saved_options(self.checkpoint_dir)
-        if saved is not None and (conflicts := resume_conflicts(saved[1], state_options(self.config, self.train_data))):
+        done = ckpt.complete_checkpoints(self.checkpoint_dir)
+        reached = int(done[-1].name.removeprefix("step_")) if done else 0
+        if reached > self.config.steps:  # the loop would not run: result.json said 600 steps for --steps 300
+            raise ResumeMismatch(f"{done[-1]}: the checkpoints of {self.run_dir} are at step {reached}, past "
+                                 f"--steps {self.config.steps}; pass --steps {reached} or more to continue it, or "
+                                 "start over with --resume never")
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # what init_distributed joins, read before it does
+        now = state_options(self.config, self.train_data, world_size)
+        if saved is not None and (conflicts := resume_conflicts(saved[1], now)):
             raise ResumeMismatch(f"{saved[0]}: the checkpoints of {self.run_dir} were trained with other values of "
                                  f"options that define the training state ({'; '.join(conflicts)}). Resume with the "
-                                 "checkpoint's values, or start over with --resume never")
+                                 "checkpoint's values (and as many processes), or start over with --resume never")
 
     def _restore_average(self, step: int) -> None:
         folder = self.checkpoint_dir / ckpt.tag(step)
@@ -244,7 +242,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         average = self.average.state_dict() if self.average is not None else None
         path = ckpt.save(self.engine.engine, self.checkpoint_dir, self.state, self.noise, self.config.keep_last,
-                         average=average, options=state_options(self.config, self.train_data))
+                         average=average, options=state_options(self.config, self.train_data, self.world_size))
         self._emit("on_checkpoint", self.state.step, path)
         return path
 

@@ -8,8 +8,10 @@ replica loads a person's model on its first request, so a replica's start is pai
 person). Per person (a thread each; `person.EvalRun`): build the task frames (see `tasks`), send
 every frame as one request addressed to the person (all in flight at once, so the replicas batch
 them), then evaluate and write `<reports_root>/runs/<date>/videos/<person>/<task>.mp4`; the
-application is deleted at the end. `parallel_persons` persons render at a time and one thread
-more runs, so that while a person's frames are scored the next person's already render.
+application is deleted at the end. The metric networks load while Ray starts and the renderer
+deploys; one that does not load (`MetricsUnavailable`) stops the run before the first person renders.
+`parallel_persons` persons render at a time and one thread more runs, so that while a person's
+frames are scored the next person's already render.
 A person without a trained model, or whose data, model or rendering fails, is recorded as failed
 in results.json with the reason; the others go on. A person any of whose tasks failed (its data) is
 failed too (the summary, the exit code), its other tasks keep their numbers. At the end
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from avatars.evaluation.metric_names import DEFAULT_METRICS
 from cluster.eval_driver.person import MODEL_DIR, EvalRun
+from cluster.eval_driver.person import MetricsUnavailable as MetricsUnavailable  # public path
 from cluster.eval_driver.person import merge_evaluations as merge_evaluations  # public path
 from cluster.eval_driver.person import video_fps as video_fps  # public path
 from cluster.eval_driver.tasks import TASKS, waits_on_driver
@@ -41,6 +44,7 @@ from cluster.report import ReportConfig, RunResults, TaskResult, build_report, r
 from cluster.report.schema import check_person_name, parse_run_date
 from cluster.serve.renderer import RendererConfig
 from common.io import DataError
+from common.paths import LPIPS_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +62,22 @@ class EvalDriverConfig:
     reports_root: Path
     """Where `runs/<date>/results.json`, the videos and `site/<date>/index.html` go."""
     persons: tuple[str, ...] = ()
-    """Persons to evaluate; empty: every person folder under `runs` (a name results.json cannot hold, such as
-    "000 copy", fails alone before anything renders)."""
+    """Persons to evaluate, each once; empty: every person folder under `runs` (a name results.json cannot hold,
+    such as "000 copy", fails alone before anything renders)."""
     run_date: str | None = None
     """Night of the run (YYYY-MM-DD); None: today (local time)."""
     tasks: tuple[str, ...] = TASKS
-    """Subset of self_reenactment, novel_view, cross_reenactment."""
+    """Non-empty subset of self_reenactment, novel_view, cross_reenactment."""
     renderer: RendererConfig = field(default_factory=RendererConfig)
     """Renderer service (sampling steps, batching, replicas and their resources)."""
     seed: int = 0
     """Noise seed of every video (the same fixed noise for all frames, as in the paper)."""
     metrics: tuple[str, ...] = DEFAULT_METRICS
-    """Metrics to compute (see avatars.evaluation.metric_names); masked variants are added."""
-    lpips_weights: Path = Path("weights/lpips_alex.safetensors")
-    """LPIPS AlexNet weights (see avatars.evaluation.lpips_weights)."""
+    """Metrics to compute (see avatars.evaluation.metric_names); masked variants are added. Empty: the comparison
+    videos only. A metric whose package is not installed (jod: pyfvvdp, cvvdp: pycvvdp) is refused up front."""
+    lpips_weights: Path = LPIPS_WEIGHTS
+    """LPIPS AlexNet weights (see avatars.evaluation.lpips_weights; default: the checkout's weights/, by its
+    absolute path, found from any working directory)."""
     landmark_model: Path | None = None
     """TorchScript landmark detector for AKD; None: AKD is skipped with the reason."""
     face_id_model: Path | None = None
@@ -88,7 +94,8 @@ class EvalDriverConfig:
     as many replicas, `renderer.num_replicas`, to render them in parallel). One more person thread
     runs: a person's scoring (metrics, videos) does not hold up the next person's rendering."""
     eval_device: str = "cpu"
-    """Torch device of the metric networks (LPIPS, JOD, face models) in the driver."""
+    """Torch device of the metric networks (LPIPS, JOD, face models) in the driver; one torch cannot parse is
+    refused up front, one that is not there when the networks load stops the run before any person renders."""
     ray_address: str | None = None
     """Ray cluster to join ('auto' or host:port); None: the one in RAY_ADDRESS (inside `ray job submit`), else
     an embedded Ray in this process."""
@@ -107,20 +114,96 @@ class EvalDriverConfig:
 
     def __post_init__(self) -> None:
         # refused here, when the command line is parsed (exit code 2), not after Ray started and persons rendered
+        if not self.tasks:
+            raise ValueError(f"--tasks names no task (every person would pass with nothing rendered); choose from "
+                             f"{list(TASKS)} or leave the flag out for all of them")
         unknown = set(self.tasks) - set(TASKS)
         if unknown:
-            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {list(TASKS)}")
+            raise ValueError(f"--tasks: unknown tasks {sorted(unknown)}; choose from {list(TASKS)}")
         unknown = set(self.metrics) - set(DEFAULT_METRICS)
         if unknown:
-            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(DEFAULT_METRICS)}")
+            raise ValueError(f"--metrics: unknown metrics {sorted(unknown)}; choose from {list(DEFAULT_METRICS)}")
+        for flag, values in (("--persons", self.persons), ("--tasks", self.tasks)):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:  # rendered twice, a person by two threads at once writing the same videos
+                raise ValueError(f"{flag} names {', '.join(twice)} more than once")
+        for metric in self.metrics:
+            if (why := metric_package_problem(metric)) is not None:
+                raise ValueError(why)
+        for flag, path, what in (("--landmark-model", self.landmark_model, "landmark detector for AKD"),
+                                 ("--face-id-model", self.face_id_model, "face-identity network for CSIM")):
+            if path is not None and (why := model_file_problem(Path(path), what)) is not None:
+                raise ValueError(f"{flag} {path}: {why}")
+        if (why := device_problem(self.eval_device)) is not None:
+            raise ValueError(f"--eval-device {self.eval_device!r}: {why}")
         if self.parallel_persons < 1:
-            raise ValueError("parallel_persons must be >= 1")
+            raise ValueError(f"--parallel-persons must be >= 1, got {self.parallel_persons}")
         if not self.fps > 0 or not self.video_min_fps > 0:
             raise ValueError(f"fps ({self.fps}) and video_min_fps ({self.video_min_fps}) must be > 0")
         if not self.video_min_seconds >= 0:
             raise ValueError(f"video_min_seconds ({self.video_min_seconds}) must be >= 0 (0: no minimum)")
         if self.run_date is not None:  # a DataError, so a ValueError
             parse_run_date(self.run_date, "--run-date")
+
+
+#: metric -> (the module it imports, what it is, how to install it): checked when the config is built, not after
+#: every person rendered (avatars.evaluation.metrics imports them when the metric networks load)
+METRIC_PACKAGES: dict[str, tuple[str, str, str]] = {
+    "jod": ("pyfvvdp", "FovVideoVDP", "pip install pyfvvdp==1.2.2"),
+    "cvvdp": ("pycvvdp", "ColorVideoVDP", "pip install cvvdp==0.5.7"),
+    "lpips": ("lpips", "the LPIPS network", "pip install lpips"),
+    "lpips_face": ("lpips", "the LPIPS network", "pip install lpips"),
+}
+
+
+def metric_package_problem(metric: str) -> str | None:
+    """Why `metric` cannot be computed here (the package it needs is not installed), naming --metrics, or None.
+    Looked up with importlib.util.find_spec: nothing is imported (pyfvvdp and pycvvdp must be imported in a
+    particular way, see avatars.evaluation.metrics)."""
+    import importlib.util
+    import sys
+
+    if metric not in METRIC_PACKAGES:
+        return None
+    module, what, install = METRIC_PACKAGES[metric]
+    try:
+        found = module in sys.modules or importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    return (f"--metrics {metric} needs {what} (the {module} package), which is not installed: {install}, "
+            f"or drop {metric} from --metrics")
+
+
+def model_file_problem(path: Path, what: str) -> str | None:
+    """Why `path` cannot be the TorchScript `what` (missing, a folder, unreadable, not a torch.jit.save archive),
+    or None. A cheap look at the file; whether it loads is known when the metric networks load."""
+    import zipfile
+
+    if not path.exists():
+        return f"does not exist (a TorchScript {what}; leave the flag out to skip it)"
+    if not path.is_file():
+        return f"is not a file (a TorchScript {what})"
+    try:
+        with open(path, "rb") as f:
+            archive = zipfile.is_zipfile(f)
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    if not archive:
+        return f"is not a TorchScript file (expected a {what} saved with torch.jit.save, a zip archive)"
+    return None
+
+
+def device_problem(device: str) -> str | None:
+    """Why torch cannot parse `device`, or None (whether the device is there shows when the networks load)."""
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        return f"not a torch device ({e})"
+    return None
 
 
 @dataclass
@@ -377,6 +460,9 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
         models = {p: Path(config.runs) / p / MODEL_DIR for p in todo}
         # every person the threads render at once stays loaded (plus the next one's)
         handle = deploy_renderer(models, config.renderer, app, max_models_per_replica=config.parallel_persons + 1)
+        # the metric networks loaded while Ray started and the renderer deployed: one that did not (a model file
+        # that is no TorchScript, a device that is not there) stops the stage here, before any person renders
+        run.wait_for_metrics()
         for person, out, error in evaluate_persons(run, handle, todo, drivers, person_seconds):
             if error is not None:
                 failed[person] = error

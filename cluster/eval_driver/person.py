@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 MODEL_DIR = "model"
 
 
+class MetricsUnavailable(RuntimeError):
+    """The metric networks did not load (a --landmark-model or --face-id-model that is no TorchScript, an
+    --eval-device that is not there, a metric's package that does not import): a bad setting, found before any
+    person rendered (:meth:`EvalRun.wait_for_metrics`)."""
+
+
 def merge_evaluations(evals: list[dict]) -> dict:
     """Combine per-clip `Evaluator.evaluate_video` outputs into one task result.
 
@@ -146,6 +152,16 @@ class EvalRun:
         self._stores: dict[str, object] = {}
         self._data_lock = threading.Lock()
         self.render_slots = threading.Semaphore(config.parallel_persons)
+
+    def wait_for_metrics(self) -> None:
+        """Wait until the metric networks (loading in the background since ``__init__``) are loaded; one that
+        did not load raises :class:`MetricsUnavailable` with the reason. The driver calls this before the first
+        person renders: otherwise every person rendered its whole evaluation set and then failed on it."""
+        try:
+            self._evaluator.result()
+        except Exception as e:
+            raise MetricsUnavailable(f"the metric networks did not load, nothing was rendered: "
+                                     f"{type(e).__name__}: {e}") from e
 
     def store(self, person: str):
         with self._data_lock:

@@ -17,6 +17,7 @@ model, so GPU replicas do no mesh I/O and need no access to the zarr stores.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,12 @@ class RendererConfig:
                              f"({self.max_batch_size}) or batches can never fill")
         if self.num_replicas < 1:
             raise ValueError("num_replicas must be >= 1")
+        # Ray and Serve refuse these only when the application deploys, after the evaluation's Ray started (-3 CPUs
+        # as "cannot be negative", NaN as "cannot convert float NaN to integer")
+        for name in ("num_cpus", "num_gpus", "batch_wait_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
     def replace(self, **changes) -> "RendererConfig":
         return dataclasses.replace(self, **changes)

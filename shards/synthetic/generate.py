@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,13 +108,23 @@ class SyntheticConfig:
             raise ValueError(f"cameras must be in [1, {len(NERSEMBLE_SERIALS)}], got {self.cameras}")
         if self.expression_dim < H.N_NAMED_EXPRESSIONS:
             raise ValueError(f"expression_dim must be >= {H.N_NAMED_EXPRESSIONS}, got {self.expression_dim}")
-        if self.persons < 1 or self.frames < 1 or self.image_size < 8:
-            raise ValueError("persons and frames must be >= 1 and image_size >= 8")
+        for name, low in (("persons", 1), ("frames", 1), ("image_size", 8), ("fit_smoothing", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.n_lat < 2:
+            raise ValueError(f"n_lat must be >= 2 (at least one latitude ring between the poles), got {self.n_lat}")
+        if self.n_lon < 3:
+            raise ValueError(f"n_lon must be >= 3 (a ring of fewer vertices encloses nothing), got {self.n_lon}")
+        if not (math.isfinite(self.fit_noise) and self.fit_noise >= 0):
+            raise ValueError(f"fit_noise must be a finite std >= 0 in metres (0: no noise), got {self.fit_noise}")
+        if not (math.isfinite(self.camera_distance) and self.camera_distance > 0):
+            raise ValueError(f"camera_distance must be a finite distance > 0 in metres, got {self.camera_distance}")
         if not 0 <= self.novel_expressions < self.sequences:
             raise ValueError(f"novel_expressions must be in [0, sequences - 1 = {self.sequences - 1}], "
                              f"got {self.novel_expressions}")
-        if self.detail_wavelength < 0:
-            raise ValueError(f"detail_wavelength must be >= 0 (0: default pattern), got {self.detail_wavelength}")
+        if not (math.isfinite(self.detail_wavelength) and self.detail_wavelength >= 0):
+            raise ValueError(f"detail_wavelength must be finite and >= 0 (0: default pattern), "
+                             f"got {self.detail_wavelength}")
 
     @property
     def novel_expression_sequences(self) -> list[str]:

@@ -278,7 +278,7 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
     html = summary.report_index.read_text()
     assert summary.report_index == reports / "site" / "2025-03-01" / "index.html"
     assert 'id="person-000"' in html and 'id="person-001"' in html and "no trained model" in html
-    assert (summary.report_index.parent / results.persons["000"]["self_reenactment"].video).is_file()
+    assert (summary.report_index.parent / "videos" / "000" / "self_reenactment.mp4").is_file()  # the site's name
     report = json.loads((summary.report_index.parent / "report.json").read_text())
     assert report["current"]["average"]["overall"]["psnr"] is not None
 
@@ -883,3 +883,68 @@ def test_a_run_stopped_before_it_saves_leaves_the_nights_videos_alone(tmp_path, 
     assert (folder / now.video).is_file() and (folder / now.thumbnail).is_file() and now.video != video.name
     assert not video.exists() and not thumbnail.exists()
     assert sorted(p.name for p in (folder / "videos" / "000").iterdir()) == [Path(now.video).name]
+
+
+@pytest.mark.parametrize("metric, module, install", [("jod", "pyfvvdp", "pip install pyfvvdp==1.2.2"),
+                                                     ("cvvdp", "pycvvdp", "pip install cvvdp==0.5.7")])
+def test_a_metric_whose_package_is_not_installed_is_refused_when_the_config_is_built(tmp_path, monkeypatch, metric,
+                                                                                     module, install):
+    """jod / cvvdp without their package: refused naming --metrics and the package when the command line is
+    parsed (exit code 2), not found when the metric networks load; before, every person rendered its whole
+    evaluation set first, then failed on it (exit code 1 after hours)."""
+    import importlib.util
+    import sys
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    paths = dict(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path)
+    with pytest.raises(ValueError, match=rf"--metrics {metric} needs .*\(the {module} package\).*{install}, or drop"):
+        EvalDriverConfig(**paths, metrics=("psnr", metric))
+    assert EvalDriverConfig(**paths, metrics=("psnr",)).metrics == ("psnr",)  # not needed: not looked for
+
+
+def test_renderer_resources_ray_would_refuse_are_refused_when_the_config_is_built():
+    """--renderer.num-cpus -3 (or NaN), a negative GPU share or batch wait: refused when the config is built;
+    before, Ray refused them when the renderer deployed, after the evaluation's Ray had started."""
+    for name, bad in (("num_cpus", -3.0), ("num_cpus", float("nan")), ("num_gpus", -1.0),
+                      ("batch_wait_timeout_s", -0.1), ("batch_wait_timeout_s", float("inf"))):
+        with pytest.raises(ValueError, match=rf"{name} must be a number >= 0, got {bad}"):
+            RendererConfig(**{name: bad})
+    assert RendererConfig(num_cpus=0, num_gpus=0.5, batch_wait_timeout_s=0).num_cpus == 0  # Ray takes these
+
+
+def test_a_metric_network_that_does_not_load_stops_the_run_before_any_person_renders(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """--landmark-model names a file that passes the up-front look (a zip archive) but is no TorchScript (a
+    torch.save'd state dict): the metric networks load while the renderer deploys, and the run stops once it
+    is deployed, before the first person renders: render_eval's exit code 2 with one line naming the file, no
+    results.json, the renderer application deleted. Before, the load error was read only when a person's
+    frames were scored: every person rendered its evaluation set and failed (exit code 1 after hours)."""
+    from cluster.eval_driver import driver
+    from cluster.eval_driver.person import EvalRun
+    from cluster.serve import deployment
+    from jobs import render_eval
+
+    for p in ("000", "001"):
+        (tmp_path / "runs" / p / "model").mkdir(parents=True)
+        (tmp_path / "runs" / p / "model" / "config.json").write_text("{}")
+    model = tmp_path / "landmarks.pt"
+    torch.save({"weight": torch.zeros(2)}, model)
+    config = EvalDriverConfig(runs=tmp_path / "runs", shards=tmp_path, stores=tmp_path,
+                              reports_root=tmp_path / "reports", tasks=("self_reenactment",), metrics=("psnr", "akd"),
+                              landmark_model=model, run_date="2025-03-01", build_report=False)
+    monkeypatch.setattr(driver, "_base_problem", lambda *a: None)
+    monkeypatch.setattr(driver, "evaluation_key", lambda *a: "a" * 64)
+    steps = []
+    monkeypatch.setattr(driver, "connect_ray", lambda *a, **kw: steps.append("ray") or True)
+    monkeypatch.setattr(driver, "leave_ray", lambda address, started, app: steps.append(f"left {app[:8]}"))
+    monkeypatch.setattr(deployment, "deploy_renderer", lambda models, *a, **kw: steps.append("deployed") or object())
+    monkeypatch.setattr(EvalRun, "person", lambda self, handle, person, drv: steps.append(person) or {})
+
+    assert render_eval.main(config) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert steps == ["ray", "deployed", "left avatars-"]  # no person rendered
+    assert err[-1].startswith(f"render_eval: the metric networks did not load, nothing was rendered: ValueError: "
+                              f"{model}: not a TorchScript landmark model (--landmark-model expects"), err
+    assert not (tmp_path / "reports" / "runs" / "2025-03-01" / "results.json").exists()

@@ -261,6 +261,10 @@ def staged(tmp_path, monkeypatch, capfd):
     (["--train.model.unet.layers-per-block", "2"], "--train.model.unet: the main job pretrains its tiny base"),
     (["--train.model.resolution", "128", "--train.model.scheduler.beta-end", "0.02"],
      "--train.model.scheduler, --train.model.resolution: the main job pretrains its tiny base with the tiny preset's"),
+    (["--workers", "-1"], "--workers must be at least 1, got -1"),
+    (["--train.base-model", "/nonexistent/sd21"], "--train.base-model /nonexistent/sd21 is not a directory"),
+    (["--evaluate", "--train.lpips-weights", "/nonexistent/lpips.safetensors"],
+     "--train.lpips-weights /nonexistent/lpips.safetensors: the LPIPS weights the evaluation scores with are missing"),
 ])
 def test_bad_values_are_refused_with_their_flag_before_any_work(staged, flags, error):
     """A value the training or the evaluation would refuse after the data stage and the base pretraining,
@@ -341,11 +345,12 @@ def test_slurm_log_dir_is_kept_when_given_even_if_it_is_the_old_default(tmp_path
         assert launch_all._backend_config(args, launch_all.status_dir(args)).log_dir == expected
 
 
-def test_the_paper_preset_without_a_base_is_refused_before_any_work():
+def test_the_paper_preset_without_a_base_is_refused_before_any_work(tmp_path):
     args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["paper"])
     assert launch_all.check_options(args) == ("--train.base-model is required: this preset trains on a pretrained "
                                               "base (a local SD2.1 directory)")
-    args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["paper", "--train.base-model", "/b"])
+    args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=[
+        "paper", "--train.base-model", str(tmp_path)])
     assert launch_all.check_options(args) is None
 
 
@@ -427,3 +432,47 @@ def test_job_memory_gb_is_reserved_for_each_ray_task_and_slurm_job(tmp_path, mon
 
     assert reserved("--job-memory-gb", "2.5") == (int(2.5 * 2**30), "3GB")
     assert reserved() == (None, None)
+
+
+def test_resume_never_starts_over_once_and_its_retries_and_requeues_continue(tmp_path, monkeypatch):
+    """--train.resume never reached every attempt: each retry (Ray, local) and each SLURM requeue deleted the
+    checkpoints the attempt before it had written and started again at step 0 (a requeued paper run never
+    finished). launch_all clears the earlier run once, before any job, and the jobs resume ('auto'); a template
+    job (cluster.run_person) continues on a requeue. What is cleared: the earlier avatar and its checkpoints."""
+    from cluster import orchestrate
+    from cluster.status import StatusReporter
+
+    run = tmp_path / "work" / "runs" / "017"
+    for folder in ("model", "val", "checkpoints/step_000100"):
+        (run / folder).mkdir(parents=True)
+    (run / "result.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    submitted = []
+    monkeypatch.setattr(orchestrate, "run_all", lambda jobs, config: submitted.append(jobs) or [])
+    args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=[
+        "--workdir", str(tmp_path / "work"), "--train.resume", "never", "--verbose"])
+    launch_all._train(args, ["017"], None)
+    ((job,),) = submitted
+    assert job.kwargs["options"].resume == "auto"
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]  # the earlier avatar and checkpoints went
+
+    trained = []
+    monkeypatch.setattr(train_job, "train", lambda config, status=None: trained.append(config.resume) or {})
+    fields = {"shards": str(tmp_path), "out": str(tmp_path)}
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    train_job.run("017", {"resume": "never"}, **fields)  # the first run of a template job starts over
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    train_job.run("017", {"resume": "never"}, **fields)  # requeued: continues
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    train_job.run("017", {"resume": "never"}, status=StatusReporter(tmp_path / "status", "017", restarts=2), **fields)
+    assert trained == ["never", "auto", "auto"]
+
+
+def test_extra_sbatch_options_can_be_given_on_the_command_line(tmp_path):
+    """SlurmConfig.additional_parameters (a cluster's required --account or --qos) was typed dict[str, Any], which
+    tyro cannot parse: the option was missing from --help and refused on the command line, usable only from Python."""
+    args = preset_cli(launch_all.PRESETS, default="tiny", description="d", args=[
+        "--workdir", str(tmp_path), "--backend", "slurm", "--slurm.additional-parameters", "account", "avatars",
+        "qos", "high"])
+    config = launch_all._backend_config(args, tmp_path / "status")
+    assert config.additional_parameters == {"account": "avatars", "qos": "high"}

@@ -237,3 +237,20 @@ def test_a_tracking_root_that_does_not_exist_is_an_error_with_exit_code_2(tmp_pa
                           str(tmp_path / "nope"), "--convert.out", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and f"error: {tmp_path / 'nope'}" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_usage_line_of_the_docstring_parses():
+    """The module docstring's usage line (python jobs/convert_nersemble.py ...) uses flags the command line takes
+    (it showed --nersemble / --tracking / --out / --persons, which tyro refuses: they are --convert.*)."""
+    import shlex
+
+    import tyro
+
+    import jobs.convert_nersemble as job
+
+    usage = job.__doc__.split("\n\n")[1].replace("\\\n", " ")
+    words = shlex.split(usage)
+    assert words[:2] == ["python", "jobs/convert_nersemble.py"]
+    args = tyro.cli(ConvertArgs, args=words[2:])
+    assert args.convert == ConvertConfig(nersemble=Path("/data/nersemble"), tracking=Path("/data/tracking"),
+                                         out=Path("data/captures"), persons="017,018")

@@ -494,8 +494,55 @@ def test_io_threads_is_the_number_of_threads_that_check_images(threads, tiny_cap
 
 def test_ingest_config_refuses_negative_holdouts_and_no_threads():
     """IngestConfig: a negative held_out_sequences or io_threads below 1 is refused when built, naming the field."""
-    with pytest.raises(ValueError, match="held_out_sequences must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"held_out_sequences must be >= 1 .*, got -1"):
         IngestConfig(held_out_sequences=-1)
     for bad in (0, -2):
         with pytest.raises(ValueError, match=f"io_threads must be >= 1, got {bad}"):
             IngestConfig(io_threads=bad)
+
+
+def test_a_capture_whose_only_camera_is_the_held_out_one_is_refused(tmp_path):
+    """A capture of the held-out camera alone (`--synthetic.cameras 1`) has no training sample: refused naming the
+    calibration and --ingest.held-out-camera, nothing written (was: a store and shards with 0 training samples,
+    and the base pretraining failed later on "no 'train' shards")."""
+    from shards.synthetic import FRONTAL_SERIAL, SyntheticConfig, generate
+
+    generate(SyntheticConfig(persons=1, sequences=2, frames=1, cameras=1, image_size=8, n_lat=4, n_lon=4,
+                             expression_dim=10), tmp_path / "captures")
+    capture = PersonCapture(tmp_path / "captures", "000")
+    assert Calibration.load(capture.calibration_path).serials == [FRONTAL_SERIAL]
+    with pytest.raises(DataError, match=rf"camera_params.json: the only camera is the held-out camera "
+                                        rf"{FRONTAL_SERIAL} \(--ingest.held-out-camera\)"):
+        ingest_person(tmp_path / "captures", "000", tmp_path / "zarr", CFG)
+    _assert_nothing_written(tmp_path / "zarr")
+
+
+def test_no_held_out_sequences_is_refused_when_the_options_are_parsed():
+    """--ingest.held-out-sequences 0 left the test_seq split empty, and the base pretraining (its VAE's held-out
+    PSNR) and the self-reenactment evaluation then failed: refused when built, naming the field (exit code 2)."""
+    import tyro
+
+    from jobs.ingest import IngestArgs
+
+    with pytest.raises(ValueError, match=r"^held_out_sequences must be >= 1 .*test_seq.*, got 0$"):
+        IngestConfig(held_out_sequences=0)
+    with pytest.raises(SystemExit) as exit_:
+        tyro.cli(IngestArgs, args=["--ingest.held-out-sequences", "0"])
+    assert exit_.value.code == 2
+
+
+def test_ingest_job_refuses_an_empty_person_list(tiny_captures, tmp_path, monkeypatch, capsys):
+    """jobs/ingest.py --persons , names no person: exit code 2 and one line naming --persons (was: exit code 0,
+    nothing done and nothing said)."""
+    import runpy
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "jobs" / "ingest.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--captures", str(tiny_captures), "--out", str(tmp_path / "zarr"),
+                                      "--persons", " , "])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(script), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err == "error: --persons ' , ' names no person (give 'all' or comma-separated " \
+                                            "ids, e.g. 017,018)\n"
+    assert not (tmp_path / "zarr").exists()

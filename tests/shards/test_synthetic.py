@@ -383,3 +383,17 @@ def test_camera_distance_places_every_camera_that_far_from_the_head(tmp_path):
         np.testing.assert_allclose(cam.project(np.zeros((1, 3)))[0], cam.K[:2, 2], atol=1e-9)
     default = PersonModel.build(replace(cfg, camera_distance=SyntheticConfig().camera_distance), "000")
     assert all(np.linalg.norm(c.position) == pytest.approx(1.0) for c in default.cameras.values())
+
+
+@pytest.mark.parametrize("field, value", [
+    ("fit_noise", -1.0), ("fit_noise", float("nan")), ("fit_smoothing", -1), ("n_lat", 1), ("n_lon", 2),
+    ("camera_distance", 0.0), ("camera_distance", -1.0), ("persons", 0), ("frames", 0), ("image_size", 4),
+    ("detail_wavelength", float("inf")),
+])
+def test_config_refuses_values_the_generator_cannot_use_naming_the_field(field, value):
+    """Every SyntheticConfig field is checked when the config is built, the message naming it: a negative noise std
+    (was numpy's "scale < 0" from a worker), one latitude ring too few (an IndexError), cameras at the head's
+    centre (NaN cameras), ... Through jobs/make_synthetic.py's command line: exit code 2, naming the field."""
+    with pytest.raises(ValueError, match=f"^{field} must be .*got {value}"):
+        SyntheticConfig(**{field: value})
+    SyntheticConfig(n_lat=2, n_lon=3, fit_noise=0.0, fit_smoothing=0)  # the least the generator works with

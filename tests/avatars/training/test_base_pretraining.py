@@ -430,3 +430,19 @@ def test_warmup_steps_scales_the_first_step_of_both_stages(shard_root, unet_inpu
     assert _first_vae_step(shard_root, warmup_steps=1)[1] == pytest.approx(3e-3, rel=1e-3)
     assert _first_vae_step(shard_root, warmup_steps=4)[1] == pytest.approx(3e-3 / 4, rel=1e-3)
     assert _first_unet_step(shard_root, unet_inputs, warmup_steps=4) == pytest.approx(2e-3 / 4, rel=1e-3)
+
+
+def test_the_base_key_follows_the_layout_of_the_networks(shard_root, monkeypatch):
+    """The key (the main job's base folder name, and what reuse compares) covered the pretraining settings and the
+    data, not the tiny preset's UNet / VAE / scheduler / resolution: after a code change of the layout, the main job
+    reused the old base under the same key and trained avatars on networks of another shape."""
+    config = BasePretrainConfig(shard_root=shard_root)
+    key = base_pretraining.base_key(config)
+    assert base_pretraining.base_key(BasePretrainConfig(shard_root=shard_root)) == key
+    wider = tiny_config()
+    wider = dataclasses.replace(wider, unet=dataclasses.replace(wider.unet, block_out_channels=tuple(
+        2 * c for c in wider.unet.block_out_channels)))
+    monkeypatch.setattr(BasePretrainConfig, "model_config", lambda self: wider)
+    assert base_pretraining.base_key(config) != key
+    assert base_pretraining.full_fingerprint(config)["layout"]["unet"]["block_out_channels"] == list(
+        wider.unet.block_out_channels)

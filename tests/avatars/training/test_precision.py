@@ -155,7 +155,7 @@ def test_deepspeed_runs_an_fp32_engine_without_throughput_timer():
     assert ds["bf16"] == {"enabled": False} and "fp16" not in ds
     assert ds["timers"] == {"throughput": {"enabled": False}}
     assert ds["gradient_clipping"] == 0.0  # the trainer clips (sync-free)
-    assert deepspeed_config(TrainConfig(zero_stage=2))["gradient_clipping"] == 1.0
+    assert deepspeed_config(TrainConfig(zero_stage=2, clip_scope="all"))["gradient_clipping"] == 1.0
 
 
 MICRO_STEPS = textwrap.dedent("""

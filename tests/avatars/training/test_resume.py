@@ -203,8 +203,9 @@ def test_resuming_on_another_base_is_refused(train_shards, uninterrupted, tmp_pa
     shutil.copytree(uninterrupted / "000", tmp_path / "000")
     assert json.loads((tmp_path / "000" / "base.json").read_text()) == {"path": None, "fingerprint": None}
     other = tmp_path / "other-base" / "unet"
-    other.mkdir(parents=True)
-    (other / "config.json").write_text("{}")
+    for part in ("unet", "vae"):  # a diffusers layout (train_person checks it before the model's import)
+        (other.parent / part).mkdir(parents=True)
+        (other.parent / part / "config.json").write_text("{}")
     with pytest.raises(BaseMismatch, match="was trained on the base None") as refused:
         _refused(train_shards, tmp_path, "--base-model", str(other.parent))
     assert "--resume never" in str(refused.value)
@@ -262,6 +263,27 @@ def test_resuming_with_options_that_define_the_state_is_refused(train_shards, un
         _refused(train_shards, tmp_path, "--steps", str(STEPS + 2), *changed)
     assert named in str(refused.value) and "--resume never" in str(refused.value)
     assert json.loads((tmp_path / "000" / "result.json").read_text())["steps"] == STEPS  # nothing trained
+
+
+def test_resuming_on_another_number_of_processes_is_refused(train_shards, uninterrupted, tmp_path, monkeypatch):
+    """Each process's data position and noise generator are saved by rank, and the global batch is the micro-batch
+    times the processes: on fewer processes a resume trained samples again (and lost generators), on more it
+    found no state for the new ranks and told the user to delete a good checkpoint. Refused, naming the count."""
+    shutil.copytree(uninterrupted / "000", tmp_path / "000")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ResumeMismatch) as refused:
+        _refused(train_shards, tmp_path, "--steps", str(STEPS + 2))
+    assert "world_size: 1 -> 2" in str(refused.value) and "as many processes" in str(refused.value)
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(train_shards, uninterrupted, tmp_path):
+    """--steps below the newest checkpoint's step: the loop did not run and result.json said the checkpoint's
+    steps, so launch_all never took the person as trained and ran its trainer again on every launch."""
+    shutil.copytree(uninterrupted / "000", tmp_path / "000")
+    with pytest.raises(ResumeMismatch) as refused:
+        _refused(train_shards, tmp_path, "--steps", str(STEPS - 1))
+    assert f"are at step {STEPS}, past --steps {STEPS - 1}" in str(refused.value)
 
 
 def test_a_resume_extends_the_run_with_other_cadences(train_shards, uninterrupted, tmp_path):

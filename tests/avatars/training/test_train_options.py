@@ -207,18 +207,45 @@ def test_out_of_range_counts_are_refused_naming_the_flag(field, bad):
     from avatars.training import train_preset
 
     flag = "--" + field.replace("_", "-")
-    with pytest.raises(ValueError, match=f"{field} \\({flag}\\) must be"):
+    with pytest.raises(ValueError, match=f"{field} \\({flag}; --train.{flag[2:]} in launch_all\\) must be"):
         TrainConfig(**{field: bad})
     with pytest.raises(ValueError, match=flag):
         train_preset("paper", **{field: bad})
     TrainConfig(steps=0, validate_every=0, num_workers=0, grad_clip=0.0, zero_stage=2)  # the smallest valid ones
 
 
+@pytest.mark.parametrize("model_fields, message", [
+    ({"train_unet": True, "use_ldm_prior": False}, "train_unet fine-tunes the pretrained UNet"),
+    ({"expression_tokens": 0}, "expression_tokens must be positive"),
+    ({"conditioning_scale": -1.0}, "conditioning_scale must be a positive number"),
+    ({"train_timesteps": 5000}, "train_timesteps must be 0"),
+])
+def test_model_options_are_checked_when_the_options_are_parsed(model_fields, message):
+    """The model's own rules ran in each trainer's set-up: every person failed after the data and base stages
+    (and --resume never had cleared its run first). Now TrainOptions refuses them, so launch_all stops with exit
+    code 2 before any work."""
+    import dataclasses
+
+    from avatars.configs import tiny_config
+    from jobs import launch_all
+    from jobs._presets import preset_cli
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(model=dataclasses.replace(tiny_config(), **model_fields))
+    flags = [f"--train.model.{k.replace('_', '-')}" if v is True else
+             f"--train.model.no-{k.replace('_', '-')}" if v is False else f"--train.model.{k.replace('_', '-')}={v}"
+             for k, v in model_fields.items()]
+    with pytest.raises(SystemExit) as exit_info:
+        preset_cli(launch_all.PRESETS, default="tiny", description="", args=["tiny", *flags])
+    assert exit_info.value.code == 2
+
+
 def test_the_command_line_refuses_a_zero_cadence(tmp_path):
     proc = subprocess.run([sys.executable, *train_person_args(tmp_path, tmp_path, "--checkpoint-every", "0")],
                           env=single_thread_env(), capture_output=True, text=True, timeout=600)
     said = " ".join(proc.stderr.replace("│", " ").split())  # tyro boxes the message
-    assert proc.returncode == 2 and "checkpoint_every (--checkpoint-every) must be >= 1, got 0" in said, said
+    assert proc.returncode == 2 and "checkpoint_every (--checkpoint-every; --train.checkpoint-every in launch_all) " \
+        "must be >= 1, got 0" in said, said
     assert not (tmp_path / "000").exists()  # refused before any run folder is made
 
 
