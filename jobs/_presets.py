@@ -26,3 +26,12 @@ def preset_cli(presets: Mapping[str, tuple[str, T]], default: str, description: 
     if not args or (args[0] not in presets and args[0] not in ("-h", "--help")):
         args.insert(0, default)
     return tyro.extras.overridable_config_cli(dict(presets), description=description, args=args)
+
+
+def listed_persons(spec: str) -> list[str]:
+    """The ids of a comma-separated ``--persons`` (not 'all'); one that names no person (``,``) is a
+    :class:`UsageError`: nothing to do must not pass for success."""
+    persons = [p.strip() for p in spec.split(",") if p.strip()]
+    if not persons:
+        raise UsageError(f"--persons {spec!r} names no person (give 'all' or comma-separated ids, e.g. 017,018)")
+    return persons

@@ -11,7 +11,7 @@ import tyro
 
 from common.io import DataError
 from jobs._parallel import default_workers, map_persons_tolerant
-from jobs._presets import UsageError
+from jobs._presets import UsageError, listed_persons
 from shards.contract import find_persons
 from shards.ingest import IngestConfig, IngestResult, ingest_person
 
@@ -35,10 +35,7 @@ class IngestArgs:
 def resolve_persons(spec: str, root: Path) -> list[str]:
     if spec == "all":
         return find_persons(root)
-    persons = [p.strip() for p in spec.split(",") if p.strip()]
-    if not persons:  # nothing to do must not pass for success
-        raise UsageError(f"--persons {spec!r} names no person (give 'all' or comma-separated ids, e.g. 017,018)")
-    return persons
+    return listed_persons(spec)
 
 
 def _one(person: str, args: IngestArgs) -> IngestResult:

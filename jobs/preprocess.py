@@ -10,6 +10,7 @@ import tyro
 
 from common.io import DataError
 from jobs._parallel import default_workers
+from jobs._presets import UsageError, listed_persons
 from shards.writer import ShardConfig, ShardRunResult, write_shards
 
 
@@ -34,7 +35,7 @@ def store_paths(stores: Path, persons: str) -> list[Path]:
             raise DataError(stores, "no <person>.zarr stores found; run jobs/ingest.py first")
         return paths
     # A missing store fails that person alone (write_shards records it), not the whole run.
-    return [Path(stores) / f"{p.strip()}.zarr" for p in persons.split(",") if p.strip()]
+    return [Path(stores) / f"{p}.zarr" for p in listed_persons(persons)]
 
 
 def main(args: PreprocessArgs) -> ShardRunResult:
@@ -51,7 +52,7 @@ def main(args: PreprocessArgs) -> ShardRunResult:
 if __name__ == "__main__":
     try:
         result = main(tyro.cli(PreprocessArgs))
-    except DataError as e:
+    except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(2 if result.failed else 0)

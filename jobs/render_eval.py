@@ -6,7 +6,7 @@
 Tasks: self-reenactment (held-out sequences, held-out frontal camera), novel views (training
 sequences, held-out camera), cross-reenactment (person A's avatar with the next person's
 expression codes; synthetic captures only). Output: `<reports-root>/runs/<date>/results.json`,
-`videos/<person>/<task>.mp4` and `<reports-root>/site/<date>/index.html`. Exit code 0 when
+`videos/<person>/<task>-<key>.mp4` and `<reports-root>/site/<date>/index.html`. Exit code 0 when
 every person rendered every task, 1 when a person or a task failed (see results.json), 2 on
 invalid input (naming the flag or the file; a metric network that does not load stops the run
 before any person renders).

@@ -128,6 +128,20 @@ class BasePretrainConfig:
     force: bool = False
     """Retrain even if ``output`` already holds a base pretrained with the same settings."""
 
+    def __post_init__(self) -> None:
+        # checked when the options are parsed (exit code 2), not after the persons' shards were indexed
+        for name in ("vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "scale_batches", "eval_images",
+                     "latent_passes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        # a negative face weight zeroes or flips the loss inside the face; a negative clip the gradient; negative
+        # workers crashed the loader's thread pool
+        for name in ("vae_face_weight", "vae_gradient_weight", "grad_clip", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.vae_adam_beta2 < 1.0:
+            raise ValueError(f"vae_adam_beta2 must be in [0, 1), got {self.vae_adam_beta2}")
+
     def model_config(self) -> DiffusionAvatarsConfig:
         """The tiny preset's layout; of it the base uses the UNet, VAE, scheduler and resolution (the expression
         code is the avatar's: no field of it reaches the base)."""
@@ -470,19 +484,6 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
         if info is not None and info.get("format") == INFO_FORMAT and info.get("config") == fingerprint:
             _log(f"{output} already holds this base model; skipping (--force retrains)")
             return {**info, "skipped": True}
-    for name, value in (("vae_steps", config.vae_steps), ("unet_steps", config.unet_steps),
-                        ("vae_batch_size", config.vae_batch_size), ("unet_batch_size", config.unet_batch_size),
-                        ("scale_batches", config.scale_batches), ("eval_images", config.eval_images),
-                        ("latent_passes", config.latent_passes)):
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-    for name, value in (("vae_face_weight", config.vae_face_weight),
-                        ("vae_gradient_weight", config.vae_gradient_weight), ("grad_clip", config.grad_clip)):
-        if value < 0:  # a negative face weight zeroes or flips the loss inside the face; a negative clip the gradient
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if not 0.0 <= config.vae_adam_beta2 < 1.0:
-        raise ValueError(f"vae_adam_beta2 must be in [0, 1), got {config.vae_adam_beta2}")
-
     model_config = config.model_config()
     started, cpu_started = time.perf_counter(), time.process_time()
     train = ShardDataset(_split_shards(config.shard_root, persons, "train"), LoaderConfig(

@@ -7,7 +7,7 @@ One renderer application serves every person of the run (`cluster.serve.deployme
 replica loads a person's model on its first request, so a replica's start is paid once, not per
 person). Per person (a thread each; `person.EvalRun`): build the task frames (see `tasks`), send
 every frame as one request addressed to the person (all in flight at once, so the replicas batch
-them), then evaluate and write `<reports_root>/runs/<date>/videos/<person>/<task>.mp4`; the
+them), then evaluate and write `<reports_root>/runs/<date>/videos/<person>/<task>-<key>.mp4`; the
 application is deleted at the end. The metric networks load while Ray starts and the renderer
 deploys; one that does not load (`MetricsUnavailable`) stops the run before the first person renders.
 `parallel_persons` persons render at a time and one thread more runs, so that while a person's

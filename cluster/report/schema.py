@@ -3,8 +3,8 @@
 Layout of one nightly run (paths inside results.json are relative to the run folder)::
 
     <reports_root>/runs/<YYYY-MM-DD>/results.json
-    <reports_root>/runs/<YYYY-MM-DD>/videos/<person>/<task>.mp4        (optional)
-    <reports_root>/runs/<YYYY-MM-DD>/thumbnails/<person>/<task>.png    (optional)
+    <reports_root>/runs/<YYYY-MM-DD>/videos/<person>/<task>-<key>.mp4  (optional; <key>: the evaluation key's start)
+    <reports_root>/runs/<YYYY-MM-DD>/thumbnails/<person>/<task>-<key>.png  (optional)
 
 results.json (schema_version 1)::
 
@@ -22,8 +22,8 @@ results.json (schema_version 1)::
             "metrics": {"psnr": 24.1, "psnr_masked": 27.3, "jod": 6.8, ...},   # means; null = n/a
             "per_frame": {"psnr": [..], ...},                       # optional; JOD has none
             "skipped": {"akd": "AKD skipped: no landmark model given (--landmark-model)"},
-            "video": "videos/<person>/<task>.mp4",                  # optional
-            "thumbnail": "thumbnails/<person>/<task>.png"           # optional
+            "video": "videos/<person>/<task>-<key>.mp4",            # optional
+            "thumbnail": "thumbnails/<person>/<task>-<key>.png"     # optional
           }
         }
       }

@@ -531,18 +531,19 @@ def test_no_held_out_sequences_is_refused_when_the_options_are_parsed():
     assert exit_.value.code == 2
 
 
-def test_ingest_job_refuses_an_empty_person_list(tiny_captures, tmp_path, monkeypatch, capsys):
-    """jobs/ingest.py --persons , names no person: exit code 2 and one line naming --persons (was: exit code 0,
-    nothing done and nothing said)."""
+@pytest.mark.parametrize("job", ["ingest", "preprocess"])
+def test_a_person_list_that_names_no_person_is_refused(tiny_captures, tmp_path, monkeypatch, capsys, job):
+    """jobs/ingest.py and jobs/preprocess.py --persons , name no person: exit code 2 and one line naming --persons
+    (was: exit code 0, nothing done and nothing said)."""
     import runpy
     import sys
 
-    script = Path(__file__).resolve().parents[2] / "jobs" / "ingest.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--captures", str(tiny_captures), "--out", str(tmp_path / "zarr"),
-                                      "--persons", " , "])
+    script = Path(__file__).resolve().parents[2] / "jobs" / f"{job}.py"
+    where = ["--captures", str(tiny_captures)] if job == "ingest" else ["--stores", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [str(script), *where, "--out", str(tmp_path / "out"), "--persons", " , "])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(script), run_name="__main__")
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err == "error: --persons ' , ' names no person (give 'all' or comma-separated " \
-                                            "ids, e.g. 017,018)\n"
-    assert not (tmp_path / "zarr").exists()
+    assert exit_.value.code == 2 and err.endswith("error: --persons ' , ' names no person (give 'all' or "
+                                                  "comma-separated ids, e.g. 017,018)\n"), err
+    assert not (tmp_path / "out").exists()

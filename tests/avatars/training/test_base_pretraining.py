@@ -446,3 +446,14 @@ def test_the_base_key_follows_the_layout_of_the_networks(shard_root, monkeypatch
     assert base_pretraining.base_key(config) != key
     assert base_pretraining.full_fingerprint(config)["layout"]["unet"]["block_out_channels"] == list(
         wider.unet.block_out_channels)
+
+
+@pytest.mark.parametrize("flags", [["--vae-steps", "0"], ["--num-workers", "-1"], ["--vae-adam-beta2", "1"]])
+def test_the_command_line_refuses_bad_numbers_when_parsed(flags):
+    """Checked in pretrain_base() before, after the persons' shards were indexed: a traceback from the command line
+    (and negative workers crashed the loader's thread pool). Now the config refuses them: tyro's exit code 2."""
+    import tyro
+
+    with pytest.raises(SystemExit) as exit_:
+        tyro.cli(BasePretrainConfig, args=flags)
+    assert exit_.value.code == 2
