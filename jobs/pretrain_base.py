@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tyro
 
-from avatars.training.base_pretraining import BasePretrainConfig, pretrain_base, read_info, resolve_persons
+from avatars.training.base_pretraining import STEP_COUNTS, BasePretrainConfig, pretrain_base, read_info, resolve_persons
 from common.io import DataError
 from jobs._presets import UsageError
 from shards.writer import shard_paths
@@ -26,6 +26,9 @@ def check_inputs(config: BasePretrainConfig) -> list[str]:
     """The persons the base is made of, checked before anything trains: the shard root, each person's complete
     manifest, the 'train' images it trains on and the 'test_seq' images its VAE is scored on, and an earlier
     output it would compare itself with. A DataError naming the file, or a UsageError naming the option."""
+    for name in STEP_COUNTS:
+        if getattr(config, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     root = Path(config.shard_root)
     if not root.is_dir():
         raise DataError(root, "shard root does not exist (--shard-root); run jobs/preprocess.py first")

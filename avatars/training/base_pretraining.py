@@ -55,6 +55,10 @@ INFO_FILE = "pretrain_info.json"
 INFO_FORMAT = 1
 
 
+#: The stage lengths a base needs (both stages train): refused below 1 by pretrain_base and the command line.
+STEP_COUNTS = ("vae_steps", "unet_steps")
+
+
 @dataclass
 class BasePretrainConfig:
     """Pretraining of the tiny base model (VAE, then UNet) on the shards' training images."""
@@ -130,8 +134,9 @@ class BasePretrainConfig:
 
     def __post_init__(self) -> None:
         # checked when the options are parsed (exit code 2), not after the persons' shards were indexed
-        for name in ("vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "scale_batches", "eval_images",
-                     "latent_passes"):
+        # (the step counts may be 0 here: a stage run for 0 steps hands back its initial weights; pretrain_base and
+        # the command line refuse them)
+        for name in ("vae_batch_size", "unet_batch_size", "scale_batches", "eval_images", "latent_passes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         # a negative face weight zeroes or flips the loss inside the face; a negative clip the gradient; negative
@@ -484,6 +489,9 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
         if info is not None and info.get("format") == INFO_FORMAT and info.get("config") == fingerprint:
             _log(f"{output} already holds this base model; skipping (--force retrains)")
             return {**info, "skipped": True}
+    for name in STEP_COUNTS:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
     model_config = config.model_config()
     started, cpu_started = time.perf_counter(), time.process_time()
     train = ShardDataset(_split_shards(config.shard_root, persons, "train"), LoaderConfig(

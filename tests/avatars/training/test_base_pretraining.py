@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -448,12 +449,20 @@ def test_the_base_key_follows_the_layout_of_the_networks(shard_root, monkeypatch
         wider.unet.block_out_channels)
 
 
-@pytest.mark.parametrize("flags", [["--vae-steps", "0"], ["--num-workers", "-1"], ["--vae-adam-beta2", "1"]])
-def test_the_command_line_refuses_bad_numbers_when_parsed(flags):
+@pytest.mark.parametrize("flags", [["--vae-steps", "0"], ["--unet-steps", "-1"], ["--num-workers", "-1"],
+                                   ["--vae-adam-beta2", "1"], ["--eval-images", "0"]])
+def test_the_command_line_refuses_bad_numbers_before_any_work(flags, shard_root, tmp_path, monkeypatch, capsys):
     """Checked in pretrain_base() before, after the persons' shards were indexed: a traceback from the command line
-    (and negative workers crashed the loader's thread pool). Now the config refuses them: tyro's exit code 2."""
-    import tyro
+    (and negative workers crashed the loader's thread pool). Now exit code 2 naming the option, before any work
+    (the config refuses most when parsed; the step counts, which a stage may run at 0, the command line)."""
+    import runpy
+    import sys
 
+    script = Path(__file__).resolve().parents[3] / "jobs" / "pretrain_base.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--shard-root", str(shard_root), "--output",
+                                      str(tmp_path / "base"), *flags])
     with pytest.raises(SystemExit) as exit_:
-        tyro.cli(BasePretrainConfig, args=flags)
-    assert exit_.value.code == 2
+        runpy.run_path(str(script), run_name="__main__")
+    said = " ".join(capsys.readouterr().err.replace("│", " ").split())
+    assert exit_.value.code == 2 and flags[0].lstrip("-").replace("-", "_") in said.replace("-", "_"), said
+    assert not (tmp_path / "base").exists()
