@@ -26,6 +26,7 @@ from common.io import SUN_PATH_MAX, fits_unix_socket
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class EmbeddedRay:
     """What an embedded Ray offers and where it listens; unused when a cluster is joined."""

@@ -38,7 +38,7 @@ from cluster.eval_driver.person import MetricsUnavailable as MetricsUnavailable 
 from cluster.eval_driver.person import merge_evaluations as merge_evaluations  # public path
 from cluster.eval_driver.person import video_fps as video_fps  # public path
 from cluster.eval_driver.tasks import TASKS, waits_on_driver
-from cluster.eval_driver.uptodate import adopt, base_problem, evaluation_key, find_reusable
+from cluster.eval_driver.uptodate import adopt, base_problem, evaluation_key, find_reusable, media_files
 from cluster.ray_connect import EmbeddedRay, connect_ray, leave_ray
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
 from cluster.report.schema import check_person_name, parse_run_date
@@ -407,7 +407,7 @@ def _remove_unreferenced_media(folder: Path, night: RunResults, persons: list[st
     longer references and that were written before this run started (an earlier render of this night with other
     inputs, or one stopped before it saved); a run rendering at the same time keeps its files."""
     for person in persons:
-        keep = {f for t in night.persons.get(person, {}).values() for f in (t.video, t.thumbnail) if f}
+        keep = set(media_files(night.persons.get(person, {})))
         for kind in ("videos", "thumbnails"):
             media = folder / kind / person
             for f in media.iterdir() if media.is_dir() else ():

@@ -125,7 +125,8 @@ def evaluation_key(config: EvalDriverConfig, person: str, driver: str | None,
     return json_digest(parts)
 
 
-def _files(tasks: dict[str, TaskResult]) -> list[str]:
+def media_files(tasks: dict[str, TaskResult]) -> list[str]:
+    """The videos and thumbnails (paths relative to the night folder) that a person's task results refer to."""
     return [f for r in tasks.values() for f in (r.video, r.thumbnail) if f]
 
 
@@ -147,7 +148,7 @@ def find_reusable(reports_root: Path, run_date: str, person: str, key: str) -> t
         # stored by a run before failures (or skips for a driver's unusable data) were not keyed
         if any(t.failed or waits_on_driver(t) for t in run.persons[person].values()):
             continue
-        if all((path.parent / f).is_file() for f in _files(run.persons[person])):
+        if all((path.parent / f).is_file() for f in media_files(run.persons[person])):
             return run, path.parent
     return None
 
@@ -166,7 +167,7 @@ def adopt(run: RunResults, folder: Path, person: str, into: Path) -> tuple[dict[
     thumbnails linked (or copied) into the night folder ``into`` when that is another night."""
     tasks = run.persons[person]
     if Path(folder).resolve() != Path(into).resolve():
-        for rel in _files(tasks):
+        for rel in media_files(tasks):
             _link_or_copy(Path(folder) / rel, Path(into) / rel)
     provenance = dict(run.evaluations[person])
     if run.run_date != Path(into).name:
