@@ -2,12 +2,13 @@
 
 Written with ffmpeg through imageio-ffmpeg (libx264, yuv420p so every browser plays it).
 yuv420p needs even width and height, so frames are padded (edge-replicated) by at most one
-pixel instead of being resized. The file is written to a temporary sibling and renamed, so
-the report never links a half-written video.
+pixel instead of being resized. The file is written to a temporary sibling, its frames counted,
+and renamed, so the report never links a half-written video.
 """
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Sequence
 
@@ -107,7 +108,23 @@ def write_comparison_video(
                 writer.append_data(_pad_even(frame))
         finally:
             writer.close()
+        _check_complete(tmp, path, len(video))
     return path
+
+
+def _check_complete(written: Path, path: Path, frames: int) -> None:
+    """imageio's writer never reads ffmpeg's exit code, and x264 writes most of a short clip (and the
+    mp4 index) after its last frame is handed over: an ffmpeg killed then, or a disk that filled then,
+    left a cut-off file that was renamed into place as finished (and reused by later nights). Counting
+    the frames copies the stream without decoding it."""
+    import imageio_ffmpeg
+
+    try:
+        count, _ = imageio_ffmpeg.count_frames_and_secs(str(written))
+    except (RuntimeError, OSError):  # its message is ffmpeg's banner
+        raise OSError(errno.EIO, "ffmpeg wrote a video it cannot read back (cut off?)", str(path)) from None
+    if count != frames:
+        raise OSError(errno.EIO, f"ffmpeg wrote an incomplete video ({count} of {frames} frames)", str(path))
 
 
 def read_video(path: Path | str) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,29 @@ def test_panels_must_agree() -> None:
     a = np.zeros((2, 8, 8, 3), np.uint8)
     with pytest.raises(ValueError, match="panel 1"):
         side_by_side([a, np.zeros((3, 8, 8, 3), np.uint8)])
+
+
+def test_a_video_ffmpeg_cut_off_is_refused_and_not_renamed_into_place(tmp_path: Path, monkeypatch) -> None:
+    """imageio does not read ffmpeg's exit code: a file cut off after the last frame was handed over
+    (ffmpeg killed, the disk full while x264 flushed its look-ahead and the index) looked finished."""
+    import imageio.v2 as imageio
+
+    real_get_writer = imageio.get_writer
+
+    def cut_off_at_close(uri, *args, **kwargs):
+        writer = real_get_writer(uri, *args, **kwargs)
+        close = writer.close
+
+        def close_then_cut():
+            close()
+            os.truncate(uri, os.path.getsize(uri) // 2)
+
+        writer.close = close_then_cut
+        return writer
+
+    monkeypatch.setattr(imageio, "get_writer", cut_off_at_close)
+    target = tmp_path / "p1" / "self_reenactment.mp4"
+    with pytest.raises(OSError, match="video") as info:
+        write_comparison_video(target, _panels(t=12), fps=10)
+    assert info.value.filename == str(target)
+    assert list(target.parent.iterdir()) == []  # nothing under the final name, no temporary left
