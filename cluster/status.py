@@ -98,7 +98,7 @@ def write_state(
     except (OSError, ValueError):
         rec = {}  # a corrupt file is replaced, not fatal
     now = time.time()
-    rec.setdefault("person", person)
+    rec["person"] = person  # the file's person, whatever a copied or hand-edited file said
     rec.setdefault("step", None)
     rec.setdefault("total_steps", None)
     rec.setdefault("started_at", None)
@@ -256,7 +256,9 @@ def _bad_field(rec: dict) -> str | None:
 
 def read_status(status_dir: Path | str) -> list[PersonStatus]:
     """All persons' status files in ``status_dir``, sorted by person (empty if missing). A file that
-    cannot be read, has no valid state or a field of the wrong type is listed as ``invalid``, with why."""
+    cannot be read, has no valid state, a field of the wrong type or a ``person`` field other than its name
+    (a copied file: it would hide that person and count the other twice) is listed as ``invalid``, with why;
+    the person is always the file's name."""
     sdir = Path(status_dir)
     if not sdir.is_dir():
         return []
@@ -275,10 +277,12 @@ def read_status(status_dir: Path | str) -> list[PersonStatus]:
             out.append(PersonStatus(person=person, state="invalid", message=f"{path}: no valid 'state'"))
             continue
         problem = _bad_field(rec)
+        if problem is None and rec.get("person", person) != person:
+            problem = f"field 'person' is {rec['person']!r}, but the file is {person!r}'s"
         if problem is not None:
             out.append(PersonStatus(person=person, state="invalid", message=f"{path}: {problem}"))
             continue
-        out.append(PersonStatus(**{"person": person, **{k: v for k, v in rec.items() if k in known}}))
+        out.append(PersonStatus(**{**{k: v for k, v in rec.items() if k in known}, "person": person}))
     return out
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.report.metric_labels import metric_order
-from cluster.report.schema import RunResults
+from cluster.report.schema import RunResults, TaskResult
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -19,6 +19,15 @@ def _mean_dicts(dicts: list[dict[str, float | None]], names: list[str]) -> dict[
     return {m: _mean([d.get(m) for d in dicts]) for m in names}
 
 
+def _person_average(tasks: dict[str, TaskResult], names: list[str]) -> dict[str, float | None]:
+    """Mean of each metric over the tasks that measured it (those with the metric in their numbers: not a failed or
+    skipped task, nor one whose metric was skipped by design). None when one of them has no number in it (undefined
+    in every frame, e.g. an empty face mask) while another has: the mean over the others alone would shift the mean
+    over persons, so the person counts as without a number there, as with a failed task."""
+    measured = {m: [r.metrics[m] for r in tasks.values() if m in r.metrics and not r.failed] for m in names}
+    return {m: None if None in values else _mean(values) for m, values in measured.items()}
+
+
 @dataclass
 class RunSummary:
     """The numbers the report shows for one run.
@@ -26,13 +35,14 @@ class RunSummary:
     metrics: ordered metric names present in the run.
     tasks: ordered task names over all persons.
     person_tasks: person -> task -> metric -> value.
-    person_average: person -> metric -> mean over that person's tasks (those that rendered).
+    person_average: person -> metric -> mean over that person's tasks (those that rendered); None where one of
+        them has no number in the metric (undefined in every frame) while another has one.
     task_average: task -> metric -> mean over the persons that have the task.
     overall: metric -> mean over persons of person_average (Table 1 style), over the persons none of whose
         tasks failed.
-    overall_persons: metric -> how many persons that mean covers (a person with a failed task is not among
-        them), so a mean over fewer persons than ``persons_total`` (a jump from leaving a weak person out, or
-        from averaging one of its tasks alone) shows as such.
+    overall_persons: metric -> how many persons that mean covers (a person with a failed task, or with a task
+        without a number in the metric, is not among them), so a mean over fewer persons than ``persons_total``
+        (a jump from leaving a weak person out, or from averaging one of its tasks alone) shows as such.
     persons_total: persons in the run.
     """
 
@@ -71,7 +81,9 @@ def summarize(run: RunResults) -> RunSummary:
         p: {t: {m: r.metrics.get(m) for m in names} for t, r in sorted(ts.items())}
         for p, ts in sorted(run.persons.items())
     }
-    person_average = {p: _mean_dicts(list(ts.values()), names) for p, ts in person_tasks.items()}
+    # a task whose metric is undefined (None) leaves the person without an average in it: the other tasks alone
+    # would shift the mean over persons, unflagged
+    person_average = {p: _person_average(run.persons[p], names) for p in person_tasks}
     task_average = {t: _mean_dicts([ts[t] for ts in person_tasks.values() if t in ts], names) for t in tasks}
     # A person with a failed task has an average over its other tasks only, which would shift the mean over
     # persons: it counts as without numbers there, like a person that failed altogether.

@@ -17,7 +17,9 @@ def _png_base64(fig) -> str:
 
 def trend_plot(metric: str, history: list[RunSummary], dpi: int = 80) -> str:
     """One metric over the runs: a thin line per person and the person-average in bold, marked n/N where it
-    leaves persons without a number out. Returns base64 PNG."""
+    leaves persons without a number out. Returns base64 PNG. Names (the metric's, for one results.json has but
+    the report does not know, and the persons') are drawn as given: no text is read as mathtext, where "$...$"
+    is markup and a name like "$a^$" would stop the report."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -40,11 +42,12 @@ def trend_plot(metric: str, history: list[RunSummary], dpi: int = 80) -> str:
                 ax.annotate(f"{h.overall_persons.get(metric, 0)}/{h.persons_total}", (i, y), xytext=(3, 3),
                             textcoords="offset points", fontsize=6, color="#8a5a00")
         arrow = "higher is better" if higher_is_better(metric) else "lower is better"
-        ax.set_title(f"{metric_label(metric)} ({arrow})", fontsize=10)
-        ax.set_xticks(x, dates, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{metric_label(metric)} ({arrow})", fontsize=10, parse_math=False)
+        ax.set_xticks(x, dates, rotation=30, ha="right", fontsize=7, parse_math=False)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="best", ncol=2)
+        for text in ax.legend(fontsize=6, loc="best", ncol=2).get_texts():
+            text.set_parse_math(False)
         return _png_base64(fig)
     finally:
         plt.close(fig)

@@ -55,7 +55,7 @@ ul.skipped, ul.warnings { font-size: 12px; color: #8a5a00; }
 <section class="person" id="person-{{ person.name }}">
 <h2>{{ person.name }}</h2>
 {% if person.evaluated %}<p class="meta evaluated">{{ person.evaluated }}</p>{% endif %}
-{{ metric_table("table-" ~ person.name, summary.person_tasks[person.name].items(), summary.person_average[person.name], "Task") }}
+{{ metric_table("table-person-" ~ person.name, summary.person_tasks[person.name].items(), summary.person_average[person.name], "Task") }}
 {% if person.skipped %}<ul class="skipped">{% for s in person.skipped %}<li>{{ s }}</li>{% endfor %}</ul>{% endif %}
 <div class="media">
 {% for t in person.tasks %}<figure>

@@ -86,7 +86,7 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert [c for r, c in avg if r == "task-row"] == list(TASKS)
     assert [c for r, c in avg if r == "average-row"] == ["Average"]
     for p in PERSONS:
-        rows = dom.tables[f"table-{p}"]
+        rows = dom.tables[f"table-person-{p}"]
         assert [c for r, c in rows if r == "task-row"] == list(TASKS)
         assert [c for r, c in rows if r == "average-row"] == ["Average"]
     assert len(dom.plots) == 4  # psnr, ssim and their masked variants over the runs
