@@ -15,9 +15,8 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from common.io import DataError
+from common.io import DataError, read_safetensors
 
 EMPTY_PROMPT_FILE = "empty_prompt_embedding.safetensors"
 EMPTY_PROMPT_KEY = "empty_prompt_embedding"
@@ -102,7 +101,7 @@ def load_empty_prompt_embedding(file: str | os.PathLike, width: int | None = Non
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"empty-prompt embedding {file} not found")
-    data = load_file(str(file))
+    data = read_safetensors(file)
     if EMPTY_PROMPT_KEY not in data:
         raise KeyError(f"{file} has no tensor {EMPTY_PROMPT_KEY!r}")
     embedding = data[EMPTY_PROMPT_KEY]

@@ -19,18 +19,18 @@ import importlib
 import inspect
 import json
 import math
-import re
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from cluster import status as _status
+from shards.contract import PERSON_ID_RE, PERSON_ID_RULE
 
 #: The per-person training entry point (``jobs/train_person.py``'s ``run``).
 DEFAULT_TARGET = "jobs.train_person:run"
-#: Person ids become file names, Ray task names and SLURM job names: keep them simple.
-PERSON_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: Person ids become file names, Ray task names and SLURM job names: keep them simple (the capture contract's rule).
+PERSON_RE = PERSON_ID_RE
 #: The parameter through which a target receives its attempt's :class:`cluster.status.StatusReporter`.
 STATUS_PARAM = "status"
 
@@ -60,7 +60,7 @@ class PersonJob:
     """One person's job: which function to call, with what, on which resources."""
 
     person: str
-    """Person id (letters, digits, ``.``, ``_``, ``-``); names the status file and the job."""
+    """Person id (:data:`shards.contract.PERSON_ID_RULE`); names the status file and the job."""
     target: str
     """Importable target ``"package.module:function"``, called as ``fn(person, **kwargs)``
     and returning a JSON-able dict."""
@@ -75,7 +75,7 @@ class PersonJob:
 
     def __post_init__(self) -> None:
         if not PERSON_RE.match(self.person):
-            raise ValueError(f"invalid person id {self.person!r}: use letters, digits, '.', '_', '-'")
+            raise ValueError(f"invalid person id {self.person!r}: use {PERSON_ID_RULE}")
         parse_target(self.target)
         if STATUS_PARAM in self.kwargs:
             raise ValueError(f"{self.person}: kwargs must not contain {STATUS_PARAM!r} (run_attempt passes the "

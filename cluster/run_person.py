@@ -35,6 +35,7 @@ from cluster import status as _status
 from cluster.person_job import DEFAULT_TARGET, PERSON_RE, PersonJob, parse_target, run_attempt
 from cluster.slurm_backend import slurm_restart_count
 from common.io import atomic_write_json
+from shards.contract import PERSON_ID_RULE
 
 #: Exit code after SIGTERM, as a shell reports a process it ended (128 + 15).
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -108,7 +109,7 @@ def _job(ap: argparse.ArgumentParser, args: argparse.Namespace, kwargs: dict) ->
     """The job the arguments describe; a bad one is a usage error naming its option (exit code 2),
     not a traceback, and no status file is written for it."""
     if not PERSON_RE.match(args.person):
-        ap.error(f"--person {args.person!r} is not a person id (letters, digits, '.', '_', '-')")
+        ap.error(f"--person {args.person!r} is not a person id ({PERSON_ID_RULE})")
     try:
         parse_target(args.target)
     except ValueError as e:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,11 +77,23 @@ def naming(path: os.PathLike | str, *temporary: os.PathLike | str) -> Iterator[N
         raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
 
 
+def _flush_to_disk(path: Path) -> None:
+    """fsync before the rename: after a power loss or a node crash, file systems that delay allocation (ext4 for a
+    new name, XFS, network file systems) can keep a rename whose data never reached the disk, a zero-length file
+    under the final name. Directories written by :func:`atomic_directory` are not flushed file by file; what they
+    hold (stores, checkpoints, avatars) carries checksums their readers check."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: int | None = None) -> Iterator[Path]:
     """Yields a temporary file name beside ``path`` (same suffix, for writers that pick the format
     by it); when the block succeeds the file gets ``mode`` (default: the usual 0o666 minus the
-    umask; mkstemp makes 0600) and is renamed over ``path``. On error it is removed; an I/O error
+    umask; mkstemp makes 0600), is flushed to the disk and renamed over ``path``. On error it is removed; an I/O error
     names ``path`` (:func:`naming`)."""
     path = Path(path)
     with naming(path):
@@ -92,6 +105,7 @@ def atomic_file(path: Path, mode: int | None = None) -> Iterator[Path]:
         with naming(path, tmp):
             yield tmp
             os.chmod(tmp, 0o666 & ~umask() if mode is None else mode)
+            _flush_to_disk(tmp)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -105,6 +119,33 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
 
 def atomic_write_json(path: Path, obj: object, mode: int | None = None) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
+
+
+def read_marker(path: Path) -> object | None:
+    """The JSON content of a completion marker, or None when there is none. A marker that cannot be read (cut off
+    by a power loss, a bad copy) means "not complete": the work it marks is redone, with a warning naming it,
+    instead of a traceback on every later run."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{path}: unreadable completion marker ({e}); redoing the work it marks", RuntimeWarning,
+                      stacklevel=2)
+        return None
+
+
+def read_safetensors(path: Path) -> dict:
+    """The tensors of a safetensors file; one that does not parse (cut off, not safetensors) is a DataError naming
+    it (safetensors' own message names no file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise DataError(path, f"unreadable safetensors file ({e})") from None
 
 
 def replace_directory(src: Path, dst: Path) -> None:

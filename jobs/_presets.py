@@ -29,9 +29,14 @@ def preset_cli(presets: Mapping[str, tuple[str, T]], default: str, description: 
 
 
 def listed_persons(spec: str) -> list[str]:
-    """The ids of a comma-separated ``--persons`` (not 'all'); one that names no person (``,``) is a
-    :class:`UsageError`: nothing to do must not pass for success."""
+    """The ids of a comma-separated ``--persons`` (not 'all'); one that names no person (``,``) or an id that is no
+    person id is a :class:`UsageError`: nothing to do must not pass for success."""
+    from shards.contract import person_id_problem
+
     persons = [p.strip() for p in spec.split(",") if p.strip()]
     if not persons:
         raise UsageError(f"--persons {spec!r} names no person (give 'all' or comma-separated ids, e.g. 017,018)")
+    for person in persons:  # an id becomes a path: '../x' or '/data/x' would be written outside the output folder
+        if (why := person_id_problem(person)) is not None:
+            raise UsageError(f"--persons: {why}")
     return persons

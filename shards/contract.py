@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,21 @@ from typing import Iterator
 import numpy as np
 
 from common.io import DataError, atomic_write_bytes, atomic_write_json
+
+#: Person ids become folder, file, Ray task and SLURM job names and travel comma-joined between the main job's
+#: stages: letters, digits, '.', '_', '-', a letter or digit first, at most 64 characters (the temporary names
+#: beside a person's folder add ~20 to it, within the 255 bytes of a file name). Anchored: ``match`` is whole.
+PERSON_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+PERSON_ID_RULE = "letters, digits, '.', '_', '-', a letter or digit first, at most 64 characters"
+#: Camera serials end the tar member names of the shards (``.../cam_<serial>.<ext>``), which WebDataset readers
+#: split at the first dot of the base name.
+SERIAL_RE = re.compile(r"\A[A-Za-z0-9_-]+\Z")
+
+
+def person_id_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a person id, or None."""
+    return None if PERSON_ID_RE.match(name) else f"{name!r} is not a person id ({PERSON_ID_RULE})"
+
 
 #: Spatial canonical dimensions (x, y, z) every mesh carries.
 SPATIAL_DIMS = 3
@@ -184,6 +201,9 @@ class Calibration:
                                   f"got a JSON {_json_type(sizes)}")
         cameras: dict[str, Camera] = {}
         for serial in sorted(w2c):
+            if not SERIAL_RE.match(serial):
+                raise DataError(path, f"world_2_cam: camera serial {serial!r} must be letters, digits, '_' and '-' "
+                                      "(it ends the shards' sample names, which are split at the first dot)")
             if isinstance(intr, dict) and serial not in intr:
                 raise DataError(path, f"camera {serial} has extrinsics but no intrinsics")
             K = intr[serial] if isinstance(intr, dict) else intr
@@ -355,7 +375,7 @@ class PersonCapture:
         seq_dir = self.dir / "sequences"
         if not seq_dir.is_dir():
             raise DataError(seq_dir, "sequences folder is missing")
-        return sorted(p.name for p in seq_dir.iterdir() if p.is_dir())
+        return sorted(p.name for p in seq_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def timesteps_dir(self, seq: str) -> Path:
         return self.dir / "sequences" / seq / "timesteps"
@@ -412,12 +432,21 @@ class PersonCapture:
 
 def list_persons(root: Path) -> list[str]:
     """Person folders under a capture root (those with a calibration file; not dot-folders, where a writer
-    builds a person before swapping it in)."""
+    builds a person before swapping it in). A folder whose name is no person id (a copy, ``000 copy``) is
+    skipped with a warning naming it: it would otherwise stop every other person's run where its name is
+    first used as one."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "capture root does not exist")
-    return sorted(p.name for p in root.iterdir()
-                  if not p.name.startswith(".") and (p / "calibration" / "camera_params.json").is_file())
+    persons = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or not (p / "calibration" / "camera_params.json").is_file():
+            continue
+        if (why := person_id_problem(p.name)) is not None:
+            warnings.warn(f"{p}: skipped: {why}", RuntimeWarning, stacklevel=2)
+            continue
+        persons.append(p.name)
+    return persons
 
 
 def find_persons(root: Path) -> list[str]:

@@ -32,13 +32,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from common.io import atomic_directory
+from common.io import atomic_directory, read_marker
 
 from .contract import (
     Calibration,
@@ -50,6 +51,7 @@ from .contract import (
     atomic_write_bytes,
     atomic_write_json,
     parse_frame_name,
+    person_id_problem,
 )
 
 DONE_MARKER = "nersemble_conversion.json"
@@ -80,6 +82,9 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         if self.frame_stride < 1:
             raise ValueError(f"frame_stride must be >= 1, got {self.frame_stride}")
+        for pid in _names(self.persons) or []:  # an id becomes the output folder's name
+            if (why := person_id_problem(pid)) is not None:
+                raise ValueError(f"--convert.persons: {why}")
 
 
 def _names(spec: str) -> list[str] | None:
@@ -92,7 +97,17 @@ def list_participants(config: ConvertConfig) -> list[str]:
     root = Path(config.tracking)
     if not root.is_dir():
         raise DataError(root, "tracking root does not exist")
-    ids = wanted if wanted is not None else sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file())
+    if wanted is None:
+        ids = []
+        for p in sorted(root.iterdir()):
+            if p.name.startswith(".") or not (p / "meta.json").is_file():
+                continue
+            if (why := person_id_problem(p.name)) is not None:  # a copy ('017 copy'): the others go on
+                warnings.warn(f"{p}: skipped: {why}", RuntimeWarning, stacklevel=2)
+                continue
+            ids.append(p.name)
+    else:
+        ids = wanted
     if not ids:
         raise DataError(root, "no participant has tracking output (<tracking>/<id>/meta.json)")
     return ids
@@ -202,7 +217,8 @@ def plan_person(config: ConvertConfig, pid: str) -> tuple[TrackingMeta, Calibrat
         raise DataError(src, f"participant {pid} is not in the NeRSemble download")
     meta = TrackingMeta.load(trk / "meta.json")
     wanted = _names(config.sequences)
-    seqs = sorted(p.name for p in trk.iterdir() if p.is_dir()) if wanted is None else wanted
+    seqs = sorted(p.name for p in trk.iterdir() if p.is_dir() and not p.name.startswith(".")) if wanted is None \
+        else wanted
     frames: list[_Frame] = []
     alpha_sizes: dict[Path, tuple[int, int]] = {}
     serials: list[str] | None = None
@@ -262,7 +278,7 @@ def convert_person(config: ConvertConfig, pid: str, progress: bool = True) -> st
     inputs = _inputs_digest(config, pid, frames)
     spec = json.loads(json.dumps({"config": asdict(config), "person": pid, "inputs": inputs}, default=str))
     marker = capture.dir / DONE_MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
+    if read_marker(marker) == spec:
         return "skipped"
     faces = _shared_faces(config, pid)  # one topology for every frame: read once
     meshes = [_load_tracking(f.tracking, meta, faces) for f in frames]  # all checked before writing

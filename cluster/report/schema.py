@@ -44,17 +44,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.io import DataError, atomic_write_json
+from shards.contract import PERSON_ID_RE, PERSON_ID_RULE
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 RUNS_DIR = "runs"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def _finite(x: Any) -> float | None:
@@ -65,8 +64,8 @@ def _finite(x: Any) -> float | None:
 
 
 def _check_name(name: str, what: str, source: Path | str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise DataError(source, f"{what} name {name!r} must match {_NAME.pattern} (it becomes a file name)")
+    if not isinstance(name, str) or not PERSON_ID_RE.match(name):
+        raise DataError(source, f"{what} name {name!r} must be {PERSON_ID_RULE} (it becomes a file name)")
     return name
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.io import atomic_directory
+from common.io import atomic_directory, read_marker
 
 from ..contract import (
     Calibration,
@@ -334,7 +333,7 @@ def generate(config: SyntheticConfig, root: Path, persons: list[str] | None = No
     for person in persons or config.person_ids:
         marker = root / person / MARKER
         spec = {"config": marker_config(config), "person": person}
-        if marker.is_file() and json.loads(marker.read_text()) == spec:
+        if read_marker(marker) == spec:
             done.append(person)
             continue
         # Built beside the person's folder and swapped in whole, marker included: a run with another config

@@ -723,7 +723,7 @@ def test_a_folder_whose_name_results_cannot_hold_fails_alone_before_anything_ren
                               run_date="2025-03-01", build_report=False)
     summary = run_evaluation(config)
     assert rendered == ["000"] and summary.persons == ["000", "000 copy"] and list(summary.failed) == ["000 copy"]
-    assert summary.failed["000 copy"].startswith(f"{runs / '000 copy'}: person name '000 copy' must match")
+    assert summary.failed["000 copy"].startswith(f"{runs / '000 copy'}: person name '000 copy' must be letters")
     night = RunResults.load(summary.results_path)
     assert list(night.persons) == ["000"] and night.meta["failed_persons"] == "000 copy"
     summary = run_evaluation(dataclasses.replace(config, persons=("000", "../000"), force=True))

@@ -187,3 +187,45 @@ def test_the_umask_is_read_without_being_set(monkeypatch):
         assert cio.umask() == 0o027 and real_umask(0o027) == 0o027  # read, and left as it was
     finally:
         os.umask(previous)
+
+
+def test_an_atomic_file_is_on_the_disk_before_its_rename(tmp_path, monkeypatch):
+    """Without the fsync, a power loss could keep the rename and lose the data: an empty file under the final name."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    assert [kind for kind, _ in events] == ["fsync", "replace"] and events[0][1] == events[1][1], events
+
+
+def test_a_damaged_marker_reads_as_none_with_a_warning_naming_it(tmp_path):
+    marker = tmp_path / "done.json"
+    assert cio.read_marker(marker) is None  # none: not complete, quietly
+    atomic_write_json(marker, {"a": 1})
+    assert cio.read_marker(marker) == {"a": 1}
+    marker.write_text('{"a": ')
+    with pytest.warns(RuntimeWarning, match=f"{marker}: unreadable completion marker"):
+        assert cio.read_marker(marker) is None
+
+
+def test_a_cut_off_safetensors_file_is_a_data_error_naming_it(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.ones(64)}, str(path))
+    assert torch.equal(cio.read_safetensors(path)["w"], torch.ones(64))
+    os.truncate(path, path.stat().st_size // 2)
+    with pytest.raises(DataError, match="unreadable safetensors file") as err:
+        cio.read_safetensors(path)
+    assert err.value.path == path

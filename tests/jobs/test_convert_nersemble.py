@@ -13,7 +13,7 @@ from PIL import Image
 from common.io import DataError
 from jobs.convert_nersemble import ConvertArgs, main
 from shards.contract import Calibration, MeshFrame, PersonCapture
-from shards.nersemble import ConvertConfig, convert_person
+from shards.nersemble import DONE_MARKER, ConvertConfig, convert_person
 
 SERIALS = ("222200036", "222200037")
 FULL = (80, 120)  # (width, height) the intrinsics refer to
@@ -254,3 +254,31 @@ def test_the_usage_line_of_the_docstring_parses():
     args = tyro.cli(ConvertArgs, args=words[2:])
     assert args.convert == ConvertConfig(nersemble=Path("/data/nersemble"), tracking=Path("/data/tracking"),
                                          out=Path("data/captures"), persons="017,018")
+
+
+def test_a_damaged_marker_converts_the_participant_again(tmp_path):
+    """A cut-off marker failed the participant on every run with a JSONDecodeError naming no file."""
+    nersemble, tracking = _fake_download(tmp_path)
+    out = tmp_path / "captures"
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=out, intrinsics_size=FULL)
+    assert convert_person(config, "017", progress=False) == "converted"
+    marker = PersonCapture(out, "017").dir / DONE_MARKER
+    marker.write_text(marker.read_text()[:23])
+    with pytest.warns(RuntimeWarning, match=f"{DONE_MARKER}: unreadable completion marker"):
+        assert convert_person(config, "017", progress=False) == "converted"
+    assert convert_person(config, "017", progress=False) == "skipped"
+
+
+def test_a_participant_folder_that_is_no_person_id_is_skipped_and_a_listed_one_refused(tmp_path):
+    """'017 copy' in the tracking root failed later as a person; '--convert.persons ../x' wrote outside --out."""
+    from shards.nersemble import list_participants
+
+    nersemble, tracking = _fake_download(tmp_path)
+    shutil.copytree(tracking / "017", tracking / "017 copy")
+    (tracking / "017" / ".ipynb_checkpoints").mkdir()  # not a sequence either
+    config = ConvertConfig(nersemble=nersemble, tracking=tracking, out=tmp_path / "captures", intrinsics_size=FULL)
+    with pytest.warns(RuntimeWarning, match="017 copy: skipped: '017 copy' is not a person id"):
+        assert list_participants(config) == ["017"]
+    assert convert_person(config, "017", progress=False) == "converted"
+    with pytest.raises(ValueError, match=r"--convert.persons: '../x' is not a person id"):
+        ConvertConfig(nersemble=nersemble, tracking=tracking, out=tmp_path / "captures", persons="017,../x")

@@ -397,3 +397,14 @@ def test_config_refuses_values_the_generator_cannot_use_naming_the_field(field, 
     with pytest.raises(ValueError, match=f"^{field} must be .*got {value}"):
         SyntheticConfig(**{field: value})
     SyntheticConfig(n_lat=2, n_lon=3, fit_noise=0.0, fit_smoothing=0)  # the least the generator works with
+
+
+@pytest.mark.parametrize("content", ["", '{"config": {"pers'])
+def test_a_damaged_marker_means_not_complete_and_the_person_is_generated_again(capture_copy, tiny_cfg, content):
+    """A marker cut off (a power loss, a bad copy) made every later run stop on a JSONDecodeError naming no file."""
+    marker = capture_copy / "000" / "synthetic.json"
+    expected = marker.read_text()
+    marker.write_text(content)
+    with pytest.warns(RuntimeWarning, match=r"synthetic.json: unreadable completion marker"):
+        assert generate(tiny_cfg, capture_copy, ["000"]) == ["000"]
+    assert marker.read_text() == expected
