@@ -92,20 +92,24 @@ def _npy_zst(a: np.ndarray) -> bytes:
 
 def encode_sample(rgb: np.ndarray, alpha: np.ndarray, mask: np.ndarray, depth: np.ndarray, canonical: np.ndarray,
                   normals: np.ndarray, expression: np.ndarray, meta: dict) -> dict[str, bytes]:
-    """Bytes of every member; inputs channel-last: rgb/alpha uint8 (H,W,3)/(H,W), float buffers (H,W[,C])."""
+    """Bytes of every member; inputs channel-last: rgb/alpha uint8 (H,W,3)/(H,W), float buffers (H,W[,C]).
+
+    A sample without a mesh pixel (``mask`` empty) or without a foreground pixel (``alpha`` all zero) is refused
+    with ValueError: it is no training sample (the shard writer refuses both earlier, naming the sample)."""
     h, w = mask.shape
+    if not mask.any():
+        raise ValueError("the rasterized mask is empty (the mesh covers no pixel): nothing to condition on")
+    if not alpha.any():
+        raise ValueError("the alpha map is all zero (no foreground pixel)")
     geom = np.zeros((6, h, w), np.uint16)
     meta = dict(meta)
-    if mask.any():
-        z = depth[mask].astype(np.float64)
-        lo, hi = float(z.min()), float(z.max())
-        hi = hi if hi > lo else lo + 1e-6
-        geom[0][mask] = 1 + np.round((z - lo) / (hi - lo) * (U16 - 1)).astype(np.uint16)
-        c = np.clip(canonical[mask].astype(np.float64), -1, 1)
-        geom[1:, mask] = np.round((c.T + 1) / 2 * U16).astype(np.uint16)
-        meta["depth_range"] = [lo, hi]
-    else:
-        meta["depth_range"] = [0.0, 1.0]
+    z = depth[mask].astype(np.float64)
+    lo, hi = float(z.min()), float(z.max())
+    hi = hi if hi > lo else lo + 1e-6
+    geom[0][mask] = 1 + np.round((z - lo) / (hi - lo) * (U16 - 1)).astype(np.uint16)
+    c = np.clip(canonical[mask].astype(np.float64), -1, 1)
+    geom[1:, mask] = np.round((c.T + 1) / 2 * U16).astype(np.uint16)
+    meta["depth_range"] = [lo, hi]
     nrm = np.full((3, h, w), 128, np.uint8)
     nrm[:, mask] = np.round((np.clip(normals[mask], -1, 1).T + 1) / 2 * 255).astype(np.uint8)
     return {
@@ -144,7 +148,9 @@ def decode_raw(key: str, members: dict[str, bytes]) -> RawSample:
     """The sample's arrays as stored; a member that decodes to something no encoder writes raises ValueError.
 
     The compressed members carry zstd frame checksums; the two small plain ones (expression, metadata) do not,
-    so they are checked for what they must be (a finite float32 code, an increasing finite depth range)."""
+    so they are checked for what they must be (a finite float32 code, an increasing finite depth range). A sample
+    with no mesh pixel or no foreground pixel (which writers before `shards.writer.SAMPLE_CHECKS` 1 let through)
+    is refused too."""
     sample = RawSample(key, _load_npy_zst(members["rgb.npy.zst"]).transpose(2, 0, 1),
                        _load_npy_zst(members["alpha.npy.zst"])[None], _load_npy_zst(members["geom.npy.zst"]),
                        _load_npy_zst(members["nrm.npy.zst"]), _load_npy(members["expr.npy"]),
@@ -160,6 +166,12 @@ def _check_raw(s: RawSample) -> None:
     for name, (a, dtype, channels) in layout.items():
         if a.dtype != dtype or a.shape != (channels, h, w):
             raise ValueError(f"{name} is {a.dtype} {a.shape}, expected {np.dtype(dtype)} ({channels}, {h}, {w})")
+    if not s.geom[0].any():  # depth 0 everywhere: the rasterized mask is empty
+        raise ValueError("the rasterized mask is empty (the mesh covers no pixel); re-run jobs/preprocess.py, which "
+                         "refuses such samples")
+    if not s.alpha.any():
+        raise ValueError("the alpha map is all zero (no foreground pixel); re-run jobs/preprocess.py, which refuses "
+                         "such samples")
     e = s.expression
     if e.dtype != np.float32 or e.ndim != 1 or not np.isfinite(e).all():
         raise ValueError(f"expression must be a finite float32 vector, got {e.dtype} {e.shape}")

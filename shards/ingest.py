@@ -25,6 +25,11 @@ from common.io import DataError, atomic_directory
 from .contract import Calibration, MeshFrame, PersonCapture, TrackingMeta
 from .store import FORMAT_VERSION, STORED_CANONICAL_DIMS, PersonStore
 
+#: Bumped whenever the ingest starts refusing captures it used to accept (part of the fingerprint, so a store
+#: ingested before is validated again on the next run instead of being taken as up to date).
+#: 1: alpha maps with no foreground or with values 0/1 are refused.
+VALIDATION_VERSION = 1
+
 
 @dataclass
 class IngestConfig:
@@ -56,15 +61,15 @@ class IngestResult:
 
 
 def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
-    """Digest of everything the store depends on: the store format, the split settings (not
+    """Digest of everything the store depends on: the store format, the checks it passed, the split settings (not
     ``io_threads``, which changes how fast, not what), the (resolved) capture root the store's image
     paths point into, and the name, size and mtime of every file and the name of every folder of the
     person's capture (an empty or mis-named folder added later makes the store stale, so the re-run
     validates it)."""
     split = {"held_out_sequences": config.held_out_sequences, "held_out_camera": config.held_out_camera}
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT_VERSION, "config": split, "root": str(capture.root)},
-                        sort_keys=True).encode())
+    h.update(json.dumps({"format": FORMAT_VERSION, "checks": VALIDATION_VERSION, "config": split,
+                         "root": str(capture.root)}, sort_keys=True).encode())
     for sub in ("calibration", "tracking", "sequences"):
         base = capture.dir / sub
         for dirpath, dirnames, filenames in walk_tree(base):  # linked folders too: their files are the capture's
@@ -81,8 +86,23 @@ def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
 IMAGE_MODES = {"image": ("RGB",), "alpha map": ("L", "1")}
 
 
+def alpha_value_problem(largest: int) -> str | None:
+    """What is wrong with an alpha map (8-bit, 0..255 once a 1-bit map is converted) whose largest value is
+    ``largest``, or None: one with no foreground pixel at all (a failed matte, or a frame the person is not in)
+    would be trained on as an image of nothing, and a binary mask saved as 0/1 instead of 0/255 mattes the whole
+    target onto the background (1/255 is all but transparent). A faint 0..255 matte whose largest value is 1
+    cannot be told apart from a 0/1 mask, so it is refused too (like `avatars.evaluation.metrics` does)."""
+    if largest == 0:
+        return "alpha map is all zero: no pixel is foreground (a failed matte, or the person is not in the image)"
+    if largest == 1:
+        return ("alpha map is 8-bit with values 0/1: 8-bit alpha maps are 0..255 (255 = foreground); "
+                "save a binary mask multiplied by 255, or as a 1-bit image")
+    return None
+
+
 def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -> None:
-    """Decode an image and its alpha map fully; raise DataError on any problem."""
+    """Decode an image and its alpha map fully; raise DataError on any problem (also an alpha map's values, see
+    `alpha_value_problem`: read from the pixels decoded here, no second decode)."""
     for p, what in ((path, "image"), (alpha_path, "alpha map")):
         if not p.is_file():
             raise DataError(p, f"{what} is missing")
@@ -90,6 +110,8 @@ def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -
             with Image.open(p) as im:
                 im.load()
                 size, mode = im.size, im.mode
+                # a 1-bit map's extrema are 0/255, an 8-bit one's its values
+                largest = im.getextrema()[1] if what == "alpha map" and mode in IMAGE_MODES[what] else None
         except Exception as e:
             raise DataError(p, f"unreadable {what}: {e}") from None
         if mode not in IMAGE_MODES[what]:
@@ -99,6 +121,9 @@ def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -
         if size != expected_size:
             raise DataError(p, f"{what} size {size[0]}x{size[1]} does not match the camera's "
                                f"{expected_size[0]}x{expected_size[1]} (calibration or first image)")
+        problem = alpha_value_problem(largest) if largest is not None else None
+        if problem:
+            raise DataError(p, problem)
 
 
 def _first_image_size(capture: PersonCapture, seq: str, t: int, serial: str) -> tuple[int, int]:

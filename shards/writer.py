@@ -37,11 +37,25 @@ from common.process_pool import map_tolerant
 
 from .codec import CODEC_VERSION, MEMBERS, encode_sample, normalise_canonical
 from .contract import Camera
+from .ingest import alpha_value_problem
 from .integrity import MANIFEST, load_manifest, shard_problem
 from .raster import BACKENDS, RasterBuffers, rasterize_views
 from .store import SPLITS, PersonStore, Sample
 
 SHARD_FMT = "{split}-{index:06d}.tar"
+#: Bumped whenever the writer starts refusing samples it used to write (part of every shard's spec digest, so
+#: shards written before are checked again, i.e. rebuilt, on the next preprocess instead of being taken as up to
+#: date; a valid sample's bytes do not change). 1: `check_foreground`, and alpha maps with no foreground or 0/1.
+SAMPLE_CHECKS = 1
+#: The least fraction of a sample's rasterized mesh pixels that must lie inside the foreground of its alpha map
+#: (alpha > 0.5), else the sample is refused (`check_foreground`). NeRSemble's mattes cover the head, hair, neck
+#: and torso, so a mesh that is calibrated and in the calibration's coordinate frame lies almost entirely inside:
+#: only its silhouette's edge can stick out, by the tracking error and the matte's soft border (the synthetic data
+#: sets measure >= 0.99: the tiny test set 0.999 to 1.0, the default 16-camera set at 128 px 0.991). A fraction
+#: below one half is no tracking error but a mesh drawn where the person is not (a wrong or mirrored extrinsic,
+#: a mesh in another coordinate frame or unit, another camera's alpha map): trained on, it teaches the model to
+#: draw a head where the conditioning has none, or to erase one it draws.
+MIN_MESH_IN_MATTE = 0.5
 
 
 @dataclass
@@ -87,7 +101,7 @@ class ShardTask:
 
 def _spec_digest(store: PersonStore, config: ShardConfig, keys: list[str]) -> str:
     h = hashlib.sha256(json.dumps({"fingerprint": store.attrs["fingerprint"], "config": asdict(config),
-                                   "codec": CODEC_VERSION}, sort_keys=True).encode())
+                                   "codec": CODEC_VERSION, "checks": SAMPLE_CHECKS}, sort_keys=True).encode())
     h.update("\n".join(keys).encode())
     return h.hexdigest()
 
@@ -139,7 +153,8 @@ def _read_rgb_alpha(paths: tuple[Path, Path], captured: tuple[int, int],
                     size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """An image and its alpha map, which must have the ``captured`` size the store's camera has (an image
     replaced after the ingest by one of another size would be stretched onto the camera's pixels without a
-    word), resized to ``size``."""
+    word), resized to ``size``. An alpha map with no foreground or with values 0/1 is refused (the ingest
+    refuses them too; this catches a store ingested before it did, or a capture changed since)."""
     images = []
     for path, mode in zip(paths, ("RGB", "L")):
         try:
@@ -151,8 +166,45 @@ def _read_rgb_alpha(paths: tuple[Path, Path], captured: tuple[int, int],
             raise DataError(path, f"is {image.size[0]}x{image.size[1]}, but the store's camera is "
                                   f"{captured[0]}x{captured[1]}: the capture changed after it was ingested "
                                   "(jobs/ingest.py validates and ingests it again)")
+        if mode == "L":
+            problem = alpha_value_problem(image.getextrema()[1])
+            if problem:
+                raise DataError(path, f"{problem} (jobs/ingest.py refuses it)")
         images.append(np.asarray(image if image.size == size else image.resize(size, Image.BILINEAR)))
     return images[0], images[1]
+
+
+def mesh_in_matte(mask: np.ndarray, alpha: np.ndarray) -> float:
+    """Fraction of the rasterized mesh's pixels (``mask``, bool (H, W)) where the alpha map (uint8 (H, W),
+    0..255) is above one half; NaN for an empty mask."""
+    covered = int(np.count_nonzero(mask))
+    if not covered:
+        return float("nan")
+    return int(np.count_nonzero(mask & (alpha > 127))) / covered
+
+
+def check_foreground(store: PersonStore, sample: Sample, mask: np.ndarray, alpha: np.ndarray) -> None:
+    """DataError naming the store, the sample's sequence, frame and camera and what to check, when the fitted
+    mesh is not seen by the camera (an empty rasterized mask) or does not lie on the person in the image (less
+    than `MIN_MESH_IN_MATTE` of its pixels inside the alpha map's foreground). Such a sample would be trained
+    on with an unmasked loss: an image of the person with empty (or misplaced) conditioning."""
+    fraction = mesh_in_matte(mask, alpha)
+    if fraction >= MIN_MESH_IN_MATTE:
+        return
+    capture = store.capture
+    where = (f"sequence {sample.sequence}, frame {sample.timestep}, camera {sample.serial} "
+             f"(sample {sample_key(store.person, sample)})")
+    frame_files = (f"camera {sample.serial}'s world_2_cam and intrinsics in {capture.calibration_path}, and "
+                   f"that the mesh {capture.mesh_path(sample.sequence, sample.timestep)} is in the calibration's "
+                   "world coordinate frame and units")
+    if np.isnan(fraction):
+        raise DataError(store.path, f"{where}: the fitted mesh covers no pixel of the image (the camera does not "
+                                    f"see it: behind or beside the camera, or far outside the view); check "
+                                    f"{frame_files}")
+    raise DataError(store.path, f"{where}: only {fraction:.0%} of the {int(np.count_nonzero(mask))} pixels the "
+                                f"fitted mesh covers lie inside the alpha map's foreground (alpha > 0.5; at least "
+                                f"{MIN_MESH_IN_MATTE:.0%} needed): the mesh does not project onto the person; check "
+                                f"{frame_files}, and that {store.image_paths(sample)[1]} is this camera's alpha map")
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -201,6 +253,7 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
                 captured = store.cameras[s.camera]
                 rgb, alpha = _read_rgb_alpha(store.image_paths(s), (captured.width, captured.height),
                                              (cam.width, cam.height))
+                check_foreground(store, s, buf.mask.numpy(), alpha)
                 a = alpha.astype(np.float32)[..., None] / 255
                 matted = np.round((rgb.astype(np.float32) / 255 * a + bg * (1 - a)) * 255).astype(np.uint8)
                 key = sample_key(store.person, s)
@@ -295,6 +348,9 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
 
     def failed(person: str, error: Exception) -> None:
         result.failed.setdefault(person, f"{type(error).__name__}: {error}")
+        # the manifest says why it is incomplete, so training's refusal names the sample (not "interrupted?")
+        manifests[person].setdefault("failed", result.failed[person])
+        _write_manifest(out_dir, person, manifests[person], tasks_by_person[person])
 
     bar = tqdm(total=len(todo), desc="shards", unit="shard", disable=not progress)
     person_of = {t: person for person, t in todo}
