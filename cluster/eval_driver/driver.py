@@ -44,6 +44,7 @@ from cluster.report import ReportConfig, RunResults, TaskResult, build_report, r
 from cluster.report.schema import check_person_name, parse_run_date
 from cluster.serve.renderer import RendererConfig
 from common.io import DataError
+from common.locks import exclusive
 from common.paths import LPIPS_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -388,18 +389,28 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
                     f"{r.num_gpus:g} GPU",
     }
     night = RunResults(run_date, {p: results[p] for p in persons}, meta, evaluations)
-    night = night.merged_over(_load_night(folder / "results.json"))
-    all_failed = sorted(p for p, tasks in night.persons.items() if any(t.failed for t in tasks.values()))
-    all_drivers = cross_drivers(list(night.persons), config.stores)
-    night.meta.update({
-        "failed_persons": ", ".join(all_failed + sorted(bad_names)) or "none",
-        "cross_reenactment": ", ".join(f"{p} by {d}" for p, d in all_drivers.items() if d) or "n/a",
-    })
-    path = night.save(config.reports_root)
-    _remove_unreferenced_media(folder, night, todo, before=t0)
+    path = _save_night(config, folder, night, sorted(bad_names), rendered=todo, started=t0)
     index = build_report(ReportConfig(config.reports_root, run_date)) if config.build_report else None
     return EvalSummary(run_date, path, index, listed, {**failed, **bad_names}, frames_rendered, time.time() - t0,
                        person_seconds, reused)
+
+
+def _save_night(config: EvalDriverConfig, folder: Path, night: RunResults, bad_names: list[str],
+                rendered: list[str], started: float) -> Path:
+    """Merges this run's persons over the night's results.json and saves it, under a lock on the night's folder:
+    two evaluations of one night (a rerun of some persons beside the nightly one) each read the file, merged
+    and wrote it, and the later write dropped the persons of the earlier one."""
+    with exclusive(folder / ".results.lock", "saving the night's results", wait=True):
+        night = night.merged_over(_load_night(folder / "results.json"))
+        all_failed = sorted(p for p, tasks in night.persons.items() if any(t.failed for t in tasks.values()))
+        all_drivers = cross_drivers(list(night.persons), config.stores)
+        night.meta.update({
+            "failed_persons": ", ".join(all_failed + bad_names) or "none",
+            "cross_reenactment": ", ".join(f"{p} by {d}" for p, d in all_drivers.items() if d) or "n/a",
+        })
+        path = night.save(config.reports_root)
+        _remove_unreferenced_media(folder, night, rendered, before=started)
+    return path
 
 
 def _remove_unreferenced_media(folder: Path, night: RunResults, persons: list[str], before: float) -> None:

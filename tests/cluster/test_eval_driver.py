@@ -948,3 +948,37 @@ def test_a_metric_network_that_does_not_load_stops_the_run_before_any_person_ren
     assert err[-1].startswith(f"render_eval: the metric networks did not load, nothing was rendered: ValueError: "
                               f"{model}: not a TorchScript landmark model (--landmark-model expects"), err
     assert not (tmp_path / "reports" / "runs" / "2025-03-01" / "results.json").exists()
+
+
+def test_two_evaluations_of_one_night_saving_at_once_keep_both_persons(tmp_path, monkeypatch):
+    """Each run read the night's results.json, merged its persons over it and wrote it: without the lock on the
+    night's folder, the later write dropped the persons the earlier one had just saved."""
+    import threading
+    import time
+
+    from cluster.eval_driver import driver
+    from cluster.report import TaskResult, run_dir
+
+    config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path / "reports",
+                              build_report=False)
+    folder = run_dir(config.reports_root, "2026-11-29")
+    real_load = driver._load_night
+
+    def slow_load(path):  # both runs read before either writes, when nothing orders them
+        night = real_load(path)
+        time.sleep(0.3)
+        return night
+
+    monkeypatch.setattr(driver, "_load_night", slow_load)
+
+    def save(person):
+        night = RunResults("2026-11-29", {person: {"self_reenactment": TaskResult({"psnr": 20.0}, frames=1)}},
+                           {}, {person: {"run_id": person}})
+        driver._save_night(config, folder, night, [], rendered=[person], started=time.time())
+
+    threads = [threading.Thread(target=save, args=(p,)) for p in ("000", "001")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(RunResults.load(folder / "results.json").persons) == ["000", "001"]

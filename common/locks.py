@@ -1,0 +1,69 @@
+"""Locks on files, for work that two processes must not do at once on one folder (two main jobs on one work
+directory: a nightly run still going when the next night's starts, or a user's run beside it).
+
+``fcntl.flock`` locks belong to the open file: the kernel drops them when the process ends, however it ends
+(SIGKILL, a node that reboots), so a lock is never left behind by a dead run. The lock file keeps the holder's
+pid, host, start time and command line for the message a second run gets. A file system without locks (some
+network file systems) is warned about, not refused: the work goes on unguarded, as it did before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+#: flock errors that mean "this file system has no locks", not "someone holds it".
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class AlreadyRunning(RuntimeError):
+    """Another process holds the lock; the message names the folder and what the lock file says of the holder."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started_at"]))
+        return f"pid {info['pid']} on {info['host']}, started {started}: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process whose details the lock file does not hold"
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Holds an exclusive lock on ``path`` (created, with its folder) for the block. ``wait``: block until the
+    holder is done (short critical sections); otherwise raise :class:`AlreadyRunning` naming ``what``, the folder
+    and the holder."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise AlreadyRunning(f"{what} is already running on {path.parent} ({_holder(path)}); wait for it to "
+                                 f"end, or stop it (its lock, {path}, goes with its process)") from None
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            warnings.warn(f"{path}: the file system does not lock files ({e.strerror}); nothing stops a second "
+                          f"{what} on {path.parent} at the same time", RuntimeWarning, stacklevel=3)
+            yield
+            return
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
+                "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

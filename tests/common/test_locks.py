@@ -1,0 +1,80 @@
+"""Exclusive locks on folders: a second holder is refused naming the first, a dead holder leaves no lock."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from common import locks
+from common.locks import AlreadyRunning, exclusive
+
+
+def _holder_process(lock, ready):
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.argv = ["jobs/launch_all.py", "--persons", "all"]
+        from common.locks import exclusive
+        with exclusive({str(lock)!r}, "the main job"):
+            open({str(ready)!r}, "w").close()
+            time.sleep(600)
+    """)
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_a_second_holder_is_refused_naming_the_first_and_a_killed_one_leaves_no_lock(tmp_path):
+    lock, ready = tmp_path / "work" / ".lock", tmp_path / "ready"
+    holder = _holder_process(lock, ready)
+    try:
+        for _ in range(600):
+            if ready.exists() or holder.poll() is not None:
+                break
+            threading.Event().wait(0.05)
+        assert ready.exists()
+        with pytest.raises(AlreadyRunning) as err:
+            with exclusive(lock, "the main job"):
+                pass
+        message = str(err.value)
+        assert message.startswith(f"the main job is already running on {lock.parent} (pid {holder.pid} on ")
+        assert "jobs/launch_all.py --persons all" in message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with exclusive(lock, "the main job"):  # the kernel dropped the dead holder's lock
+        pass
+
+
+def test_waiting_takes_the_lock_when_the_holder_is_done(tmp_path):
+    lock = tmp_path / ".lock"
+    order = []
+    with exclusive(lock, "the save"):
+        def second():
+            with exclusive(lock, "the save", wait=True):
+                order.append("second")
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(0.3)
+        assert thread.is_alive()  # blocked while the first holds it
+        order.append("first")
+    thread.join(10)
+    assert order == ["first", "second"]
+
+
+def test_a_file_system_without_locks_is_warned_about_and_the_work_goes_on(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with pytest.warns(RuntimeWarning, match="does not lock files"):
+        with exclusive(tmp_path / ".lock", "the main job"):
+            ran.append(True)
+    assert ran == [True]
+    assert locks._holder(tmp_path / "missing") == "a process whose details the lock file does not hold"
