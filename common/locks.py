@@ -62,8 +62,11 @@ def exclusive(path: Path, what: str, wait: bool = False) -> Iterator[None]:
             return
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
                 "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        try:  # a courtesy for the message a second holder gets: a full disk does not stop the work
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError:
+            pass
         yield
     finally:
         os.close(fd)  # releases the lock

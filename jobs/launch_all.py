@@ -47,6 +47,7 @@ from avatars.training import TrainOptions
 from cluster.slurm_backend import SlurmConfig
 from common.cpu_clock import ProcessTreeClock, format_stage_table
 from common.io import DataError, atomic_write_json
+from common.locks import AlreadyRunning, exclusive
 from jobs import ingest as ingest_job
 from jobs import make_synthetic
 from jobs import preprocess as preprocess_job
@@ -118,6 +119,9 @@ class LaunchAllArgs:
     into <workdir>/logs/<person>.log, and show no overall progress line."""
 
 
+#: Held in the work directory for the whole run (``common.locks``): a second main job on it (last night's still
+#: running at the next night's start, a user's run beside it) is refused naming the first.
+LOCK_FILE = ".launch_all.lock"
 #: The main job per training preset: name -> (description, complete arguments).
 PRESETS = {name: (text, LaunchAllArgs(train=options)) for name, (text, options) in TRAIN_PRESETS.items()}
 
@@ -241,11 +245,20 @@ def _trained(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -
     """Persons whose avatar is already trained to this run's steps on this run's base and on the training data
     of this run's shards (result.json and the model are there): their training would resume at its last step and
     train nothing, so it is not started at all (no Ray, no DeepSpeed); {person: its result.json}. An avatar trained
-    before the data changed (another held-out split: frames it trained on are now evaluated) is not."""
+    before the data changed (another held-out split: frames it trained on are now evaluated) is not, nor one whose
+    result.json holds a NaN or infinite number (written by a run that diverged, before the trainer refused to): its
+    training runs and says what is wrong with its checkpoints."""
     import json
+    import math
 
     from avatars.training.base_record import base_fingerprint
     from avatars.training.config import TRAIN_DATA
+
+    def finite(text: str) -> float:  # json.loads takes a bare NaN / Infinity, and 1e999 as inf
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"non-finite number {text}")
+        return value
 
     if args.train.resume == "never":
         return {}
@@ -255,8 +268,8 @@ def _trained(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -
     for p in persons:
         run = args.workdir / "runs" / p
         try:
-            result = json.loads((run / "result.json").read_text())
-        except (OSError, ValueError):
+            result = json.loads((run / "result.json").read_text(), parse_float=finite, parse_constant=finite)
+        except (OSError, ValueError):  # no result, an unreadable one, or one of a run that diverged
             continue
         if (isinstance(result, dict) and result.get("steps") == steps and "base_fingerprint" in result
                 and result["base_fingerprint"] == fingerprint and (run / "model" / "config.json").is_file()):
@@ -446,6 +459,7 @@ def check_persons(args: LaunchAllArgs) -> str | None:
     twice, none at all, or one that is not in the data set (no folder of that name under --captures,
     not one of the synthetic persons) would otherwise be dropped without a word."""
     from cluster.person_job import PERSON_RE
+    from shards.contract import PERSON_ID_RULE
 
     if args.persons == "all":
         return None
@@ -454,7 +468,7 @@ def check_persons(args: LaunchAllArgs) -> str | None:
         return f"--persons {args.persons!r} names no person (give 'all' or comma-separated ids, e.g. 017,018)"
     bad = [p for p in persons if not PERSON_RE.match(p)]
     if bad:
-        return f"--persons: {', '.join(map(repr, bad))} is not a person id (letters, digits, '.', '_', '-')"
+        return f"--persons: {', '.join(map(repr, bad))} is not a person id ({PERSON_ID_RULE})"
     twice = sorted({p for p in persons if persons.count(p) > 1})
     if twice:
         return f"--persons names {', '.join(twice)} more than once"
@@ -495,10 +509,7 @@ def main(args: LaunchAllArgs) -> int:
 
 
 def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
-    from cluster.orchestrate import check_workdir, exit_code, format_summary, write_summary_json
-    from cluster.person_job import JobResult
-    from cluster.preflight import BackendUnavailable, check_backend
-    from cluster.status import write_state
+    from cluster.orchestrate import check_workdir
 
     t0 = time.time()
     problem = check_options(args) or check_persons(args)  # up front, not after hours of data and training
@@ -506,6 +517,21 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     check_workdir(args.workdir, args.min_free_gb)
+    try:
+        with exclusive(args.workdir / LOCK_FILE, "the main job (jobs/launch_all.py)"):
+            return _run(args, ray_session, t0)
+    except AlreadyRunning as e:  # two runs would train the same persons into the same folders
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: LaunchAllArgs, ray_session: RaySession, t0: float) -> int:
+    """The run, holding the work directory's lock."""
+    from cluster.orchestrate import exit_code, format_summary, write_summary_json
+    from cluster.person_job import JobResult
+    from cluster.preflight import BackendUnavailable, check_backend
+    from cluster.status import write_state
+
     try:  # before any work: a backend that is not there is named with how to get it
         for warning in check_backend(args.backend, args.ray_address, args.slurm.partition, args.evaluate,
                                      args.ray_bind_host):

@@ -18,7 +18,7 @@ from typing import Any
 
 from avatars.training import PRESETS, TrainConfig, TrainOptions
 from avatars.training.base_record import BaseMismatch
-from avatars.training.config import ResumeMismatch
+from avatars.training.config import ResumeMismatch, TrainingDiverged
 from cluster.status import StatusReporter
 from common.configs import from_jsonable, merge, to_jsonable
 from common.io import DataError
@@ -109,3 +109,6 @@ if __name__ == "__main__":
     except (DataError, BaseMismatch, ResumeMismatch) as e:  # bad input, or checkpoints this run must not resume
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:  # a failed run (nothing of it saved), said in one line with what to try
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

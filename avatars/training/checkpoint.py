@@ -33,6 +33,9 @@ from common.io import DataError, atomic_write_bytes, atomic_write_json
 MARKER = "complete.json"
 #: What to do about a corrupt checkpoint.
 REMEDY = "remove the folder to resume from the checkpoint before it, or start over with --resume never"
+#: What to do about a checkpoint of a run that diverged (written before the trainer refused to save one).
+DIVERGED_REMEDY = ("the run diverged before it was written (a version that saved such checkpoints): start over with "
+                   "--resume never, with a lower --lr-networks / --lr-features if the loss diverges again")
 STATE_FILE = "trainer_state.pt"
 #: The weight average (``--ema-decay``), written once by rank 0: every rank holds the same average.
 AVERAGE_FILE = "weight_average.pt"
@@ -155,9 +158,31 @@ def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState 
         raise RuntimeError(f"{latest}: DeepSpeed could not load this checkpoint")
     # saved under the other --memory-format: the moments follow the weights (a stand-in engine may have no optimizer)
     match_state_layout(getattr(engine, "optimizer", None))
+    module = getattr(engine, "module", None)  # a stand-in engine may have none
+    if module is not None:
+        _check_finite(latest, "weights", {n: p for n, p in module.named_parameters() if p.requires_grad})
     saved = _read(latest / f"rank{_rank():03d}_{STATE_FILE}", weights_only=False)
+    losses = saved["state"].get("window_losses") or []
+    if not all(np.isfinite(losses)):
+        bad = [v for v in losses if not np.isfinite(v)]
+        raise DataError(latest, f"its logging window holds {len(bad)} non-finite training losses ({bad[0]}, ...); "
+                                f"{DIVERGED_REMEDY}")
     set_rng_state(saved["rng"], noise)
     return TrainerState(**{"records": None, **saved["state"]})
+
+
+def _check_finite(folder: Path, what: str, tensors: dict[str, torch.Tensor]) -> None:
+    """A DataError naming ``folder`` when a floating-point tensor of ``tensors`` holds a NaN or an infinity (one
+    pass over the trainable weights, one host sync): resumed, NaN weights train on as NaN and are published."""
+    floats = {name: t for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()}
+    if not floats:
+        return
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(t).all() for t in floats.values()]).tolist()
+    bad = [name for name, ok in zip(floats, finite) if not ok]
+    if bad:
+        named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DataError(folder, f"NaN or infinite {what} ({named}); {DIVERGED_REMEDY}")
 
 
 def _recorded_sha256(folder: Path) -> dict[str, str] | None:
@@ -212,7 +237,10 @@ def load_average(ckpt_dir: Path, step: int) -> dict[str, torch.Tensor] | None:
     path = Path(ckpt_dir) / tag(step) / AVERAGE_FILE
     if not path.is_file():
         return None
-    return _read(path, weights_only=True)
+    average = _read(path, weights_only=True)
+    if isinstance(average, dict):
+        _check_finite(path.parent, "weight average", average)
+    return average
 
 
 def _read(path: Path, weights_only: bool):

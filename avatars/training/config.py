@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -154,6 +155,15 @@ def check_counts(options: TrainOptions) -> None:
         raise ValueError(f"{_flag('zero_stage')} must be 0, 1 or 2, got {options.zero_stage}")
     if not options.grad_clip >= 0:  # also NaN
         raise ValueError(f"{_flag('grad_clip')} must be >= 0 (0 disables clipping), got {options.grad_clip}")
+    # NaN, inf or a negative rate trained a run to NaN weights (or ascended the loss) without a word; 0 freezes the
+    # group's parameters (an ablation: test_loss_curve.py's control run)
+    for name in ("lr_networks", "lr_features"):
+        value = getattr(options, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{_flag(name)} must be a finite number >= 0 (0 freezes its parameters), got {value}")
+    if not (math.isfinite(options.weight_decay) and options.weight_decay >= 0):
+        raise ValueError(f"{_flag('weight_decay')} must be a finite number >= 0 (0: no weight decay), got "
+                         f"{options.weight_decay}")
     if options.zero_stage > 0 and options.grad_clip > 0 and options.clip_scope != "all":
         raise ValueError(f"{_flag('clip_scope')} {options.clip_scope!r} needs --zero-stage 0: ZeRO "
                          f"{options.zero_stage} clips inside DeepSpeed, over every trainable parameter; pass "
@@ -191,6 +201,11 @@ def state_options(config: "TrainConfig", train_data: str, world_size: int) -> di
 
 class ResumeMismatch(ValueError):
     """A resume asked to continue checkpoints with options that define another training state."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss, or the weights, became NaN or infinite: the run stops instead of saving them (a checkpoint
+    of NaN weights would be resumed from, a NaN model published and counted as trained)."""
 
 
 def _flat(options: dict, prefix: str = "") -> dict[str, Any]:

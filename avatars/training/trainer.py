@@ -23,11 +23,18 @@ engine around a fused AdamW on the trainable fp32 masters; in bf16 the frozen ba
 in bf16 and the loss runs under autocast. The loop never waits for the device except to log
 (losses stay device tensors until then), clipping is sync-free, and the loader copies the next
 batch to the device while the current step runs.
+
+Divergence: a NaN or infinite loss (a too high learning rate, a NaN in a sample) is detected where the
+loop reads the losses anyway (logging, checkpoints), and NaN weights before anything is saved; the run
+stops with :class:`~avatars.training.config.TrainingDiverged` instead of checkpointing, resuming and
+publishing them (one NaN batch would otherwise poison every later step, the weight average included).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import time
 import warnings
@@ -39,7 +46,7 @@ import torch
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_loader
 from avatars.models import DiffusionAvatarsModel
 from avatars.pipelines.compile_cache import save_compiled
-from common.io import DataError, atomic_write_json
+from common.io import DataError, atomic_write_bytes
 from shards.integrity import MANIFEST
 from shards.writer import shard_paths, split_digest
 
@@ -49,7 +56,7 @@ from .base_record import BaseMismatch, base_fingerprint
 from .base_record import mismatch as base_mismatch
 from .base_record import write_record as write_base_record
 from .callbacks import TrainerCallback, default_callbacks
-from .config import TRAIN_DATA, ResumeMismatch, TrainConfig, resume_conflicts, state_options
+from .config import TRAIN_DATA, ResumeMismatch, TrainConfig, TrainingDiverged, resume_conflicts, state_options
 from .engine import build_engine
 from .latent_cache import latent_cache_for
 from .rendezvous import init_distributed
@@ -239,6 +246,55 @@ class Trainer:
         """The model holds the weight average (``--ema-decay``) inside the block; the trained weights otherwise."""
         return self.average.swapped() if self.average is not None else contextlib.nullcontext()
 
+    # ---- divergence -------------------------------------------------------------------------
+    def _any_process(self, flag: bool) -> bool:
+        """``flag`` of any training process: each reads its own losses, and one that stopped alone would leave the
+        others waiting in the next collective (one all-reduce, at logging and checkpoint cadence only)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
+    def _remedy(self) -> str:
+        cfg = self.config
+        done = ckpt.complete_checkpoints(self.checkpoint_dir)
+        kept = f"its newest checkpoint, {done[-1]}, is from before" if done else "it has no checkpoint"
+        return (f"Nothing of it is saved ({kept}; resuming would repeat the same steps). Retrain it with --resume "
+                f"never and a lower --lr-networks (now {cfg.lr_networks}) and/or --lr-features (now {cfg.lr_features}) "
+                "(--train.lr-networks / --train.lr-features in launch_all), with --grad-clip on, or check the "
+                f"person's training data ({cfg.shards}/{cfg.person}) for NaN or infinite values")
+
+    def _check_losses(self, losses: list[float]) -> None:
+        """Raises :class:`TrainingDiverged` when a loss of the window just read (its micro-steps', the last one this
+        step's) is NaN or infinite. Called where the loop reads the losses anyway: no host sync of its own."""
+        bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+        if not self._any_process(bad is not None):
+            return
+        where = f"person {self.config.person} ({self.run_dir})"
+        if bad is None:
+            raise TrainingDiverged(f"{where}: training diverged by step {self.state.step}: the loss of another "
+                                   f"training process is NaN or infinite. {self._remedy()}")
+        step = self.state.step - (len(losses) - 1 - bad) // self.config.grad_accum
+        raise TrainingDiverged(f"{where}: training diverged at step {step}: its loss is {losses[bad]}. "
+                               f"{self._remedy()}")
+
+    def _check_weights(self, what: str) -> None:
+        """Raises :class:`TrainingDiverged` when a trainable weight, or the weight average, holds a NaN or infinite
+        value, before the ``what`` (checkpoint, model) is written. One host sync (saving syncs anyway)."""
+        tensors = dict(self.model.trainable_state_dict())
+        if self.average is not None:
+            tensors.update({f"{name} (weight average)": t for name, t in self.average.state_dict().items()})
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+        bad = [name for name, ok in zip(tensors, finite) if not ok]
+        if not self._any_process(bool(bad)):
+            return
+        named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingDiverged(f"person {self.config.person} ({self.run_dir}): training diverged by step "
+                               f"{self.state.step}: NaN or infinite weights ({named or 'in another process'}); "
+                               f"the {what} is not written. {self._remedy()}")
+
     def save_checkpoint(self) -> Path:
         average = self.average.state_dict() if self.average is not None else None
         path = ckpt.save(self.engine.engine, self.checkpoint_dir, self.state, self.noise, self.config.keep_last,
@@ -299,6 +355,7 @@ class Trainer:
                     save_compiled(cfg.compile_cache, self.device)  # what the first step compiled, for later jobs
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 losses = [float(v) for v in window_losses]
+                self._check_losses(losses)
                 dt = max(window_before + time.time() - window_t, 1e-9)
                 lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.engine.optimizer.param_groups)}
                 self.log({"step": state.step, "loss": sum(losses) / len(losses),
@@ -311,6 +368,8 @@ class Trainer:
                 start_time = time.time()
                 # one host sync per checkpoint (which syncs anyway): the window's losses as numbers
                 state.window_losses = window_losses = [float(v) for v in window_losses]
+                self._check_losses(window_losses)
+                self._check_weights("checkpoint")  # before anything of it is written
                 state.window_samples, state.window_s = window_samples, window_before + time.time() - window_t
                 self.save_checkpoint()
         if self.latent_cache is not None:
@@ -318,13 +377,29 @@ class Trainer:
         last_val = self.validate(state.step) or last_val
         result = {"person": cfg.person, "steps": state.step, "resumed_from": self.start_step,
                   "base_fingerprint": self.base_fingerprint, TRAIN_DATA: self.train_data,
-                  "train_seconds": state.elapsed_s, **last_val}
+                  "train_seconds": state.elapsed_s, **_finite_values(last_val)}
+        self._check_weights("model")  # a run resumed at its last step has not checked them in this process
         if self.rank == 0:
             with self.averaged():
                 self.model.save_pretrained(self.run_dir / "model")
-            atomic_write_json(self.run_dir / "result.json", result)
+            # strict JSON: a bare NaN in it parsed (json.loads) as a finished run's number
+            text = json.dumps(result, indent=2, sort_keys=True, allow_nan=False) + "\n"
+            atomic_write_bytes(self.run_dir / "result.json", text.encode())
         self._emit("on_train_end", result)
         return result
+
+
+def _finite_values(metrics: dict) -> dict:
+    """``metrics`` with a NaN or infinite number as None (JSON's null), with a warning: a metric the validation
+    could not define (face masks empty in every sample: a NaN face PSNR; a render equal to its target: +inf)
+    from weights checked finite."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            warnings.warn(f"validation: {key} is {value}; recorded as null", stacklevel=2)
+            value = None
+        out[key] = value
+    return out
 
 
 def train_person(config: TrainConfig, callbacks: Sequence[TrainerCallback] | None = None) -> dict:

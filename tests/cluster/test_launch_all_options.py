@@ -476,3 +476,17 @@ def test_extra_sbatch_options_can_be_given_on_the_command_line(tmp_path):
         "qos", "high"])
     config = launch_all._backend_config(args, tmp_path / "status")
     assert config.additional_parameters == {"account": "avatars", "qos": "high"}
+
+
+def test_a_second_main_job_on_the_same_work_directory_is_refused_naming_the_first(staged):
+    """Two runs on one work directory (last night's still going, a user's beside it) trained the same persons into
+    the same folders: the second stops before any work, exit code 2, naming the first; once it ends, a run goes."""
+    from common.locks import exclusive
+
+    staged.work.mkdir(parents=True)
+    with exclusive(staged.work / launch_all.LOCK_FILE, "the main job (jobs/launch_all.py)"):
+        code, out = staged.run("--persons", "017")
+    assert code == 2 and staged.ran == [] and "Traceback" not in out
+    assert f"error: the main job (jobs/launch_all.py) is already running on {staged.work} (pid {os.getpid()} " in out
+    code, out = staged.run("--persons", "017")
+    assert code == 0 and staged.ran == ["data", "base", "training"], out

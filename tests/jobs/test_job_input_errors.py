@@ -97,3 +97,17 @@ def test_make_synthetic_refuses_bad_options_and_an_unwritable_out(tmp_path, monk
     code, err = _run("make_synthetic.py", ["--out", tmp_path / "file" / "captures", *small], monkeypatch, capsys)
     *progress, line = err.strip().splitlines()  # the progress bar, then the error
     assert code == 2 and str(tmp_path / "file") in _one_line(line) and "Traceback" not in err, err
+
+
+def test_train_person_that_diverges_says_so_in_one_line_with_exit_code_1(tiny_shards, tmp_path, monkeypatch, capsys):
+    """A learning rate that makes the loss NaN: a failed run, one line with the step and what to try (was: a
+    traceback, after NaN checkpoints and a NaN model had been saved)."""
+    code, err = _run("train_person.py", ["--person", "000", "--shards", tiny_shards, "--out", tmp_path / "runs",
+                                         "--lr-networks", "1e12", "--lr-features", "1e12", "--steps", "4",
+                                         "--checkpoint-every", "2", "--log-every", "100", "--batch-size", "2",
+                                         "--num-workers", "0", "--validate-every", "0", "--latent-cache-mib", "0",
+                                         "--lpips-weights", tmp_path / "none"], monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # beside the progress bar
+    assert code == 1 and "TrainingDiverged" not in err and len(errors) == 1, err  # not a traceback of it
+    assert "training diverged at step" in errors[0] and "--lr-networks" in errors[0], errors
+    assert not (tmp_path / "runs" / "000" / "model").exists()
