@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cluster import status as _status
-from shards.contract import PERSON_ID_RE, PERSON_ID_RULE
+from common.names import PERSON_ID_RE, PERSON_ID_RULE
 
 #: The per-person training entry point (``jobs/train_person.py``'s ``run``).
 DEFAULT_TARGET = "jobs.train_person:run"

@@ -35,7 +35,7 @@ from cluster import status as _status
 from cluster.person_job import DEFAULT_TARGET, PERSON_RE, PersonJob, parse_target, run_attempt
 from cluster.slurm_backend import slurm_restart_count
 from common.io import atomic_write_json
-from shards.contract import PERSON_ID_RULE
+from common.names import PERSON_ID_RULE
 
 #: Exit code after SIGTERM, as a shell reports a process it ended (128 + 15).
 EXIT_TERMINATED = 128 + signal.SIGTERM

@@ -31,7 +31,7 @@ def preset_cli(presets: Mapping[str, tuple[str, T]], default: str, description: 
 def listed_persons(spec: str) -> list[str]:
     """The ids of a comma-separated ``--persons`` (not 'all'); one that names no person (``,``) or an id that is no
     person id is a :class:`UsageError`: nothing to do must not pass for success."""
-    from shards.contract import person_id_problem
+    from common.names import person_id_problem
 
     persons = [p.strip() for p in spec.split(",") if p.strip()]
     if not persons:

@@ -459,7 +459,7 @@ def check_persons(args: LaunchAllArgs) -> str | None:
     twice, none at all, or one that is not in the data set (no folder of that name under --captures,
     not one of the synthetic persons) would otherwise be dropped without a word."""
     from cluster.person_job import PERSON_RE
-    from shards.contract import PERSON_ID_RULE
+    from common.names import PERSON_ID_RULE
 
     if args.persons == "all":
         return None
@@ -510,6 +510,7 @@ def main(args: LaunchAllArgs) -> int:
 
 def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
     from cluster.orchestrate import check_workdir
+    from cluster.preflight import BackendUnavailable, check_backend
 
     t0 = time.time()
     problem = check_options(args) or check_persons(args)  # up front, not after hours of data and training
@@ -517,6 +518,13 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     check_workdir(args.workdir, args.min_free_gb)
+    try:  # before any work: a backend that is not there is named with how to get it
+        for warning in check_backend(args.backend, args.ray_address, args.slurm.partition, args.evaluate,
+                                     args.ray_bind_host):
+            print(f"warning: {warning}", file=sys.stderr)
+    except BackendUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         with exclusive(args.workdir / LOCK_FILE, "the main job (jobs/launch_all.py)"):
             return _run(args, ray_session, t0)
@@ -529,16 +537,8 @@ def _run(args: LaunchAllArgs, ray_session: RaySession, t0: float) -> int:
     """The run, holding the work directory's lock."""
     from cluster.orchestrate import exit_code, format_summary, write_summary_json
     from cluster.person_job import JobResult
-    from cluster.preflight import BackendUnavailable, check_backend
     from cluster.status import write_state
 
-    try:  # before any work: a backend that is not there is named with how to get it
-        for warning in check_backend(args.backend, args.ray_address, args.slurm.partition, args.evaluate,
-                                     args.ray_bind_host):
-            print(f"warning: {warning}", file=sys.stderr)
-    except BackendUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if not args.verbose:  # Serve's start / deploy / delete notices; warnings and errors still show
         import logging
 

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from common.io import atomic_directory, read_marker
+from common.names import person_id_problem
 
 from .contract import (
     Calibration,
@@ -51,7 +52,6 @@ from .contract import (
     atomic_write_bytes,
     atomic_write_json,
     parse_frame_name,
-    person_id_problem,
 )
 
 DONE_MARKER = "nersemble_conversion.json"

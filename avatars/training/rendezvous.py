@@ -115,5 +115,10 @@ def init_distributed() -> tuple[int, int]:
         else:
             store = torch.distributed.TCPStore(address, port, world, False, TIMEOUT)
         torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
+    elif torch.distributed.get_world_size() == 1:
+        # the single-process group of an earlier run of this process, kept for its lifetime: DeepSpeed reads its
+        # rank from os.environ again, which a caller may have cleaned since (a child's environment, a test)
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts the group above
     return torch.distributed.get_rank(), torch.distributed.get_world_size()

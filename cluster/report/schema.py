@@ -49,7 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.io import DataError, atomic_write_json
-from shards.contract import PERSON_ID_RE, PERSON_ID_RULE
+from common.names import PERSON_ID_RE, PERSON_ID_RULE
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"

@@ -91,8 +91,9 @@ def test_profile_section_writes_the_comparison(tmp_path):
     assert ours["aten_ops_per_step"] >= peer["aten_ops_per_step"] + 2  # the two casts
     assert ours["samples_per_s"] > 0 and ours["host_syncs_per_step"].startswith("not measurable")
     assert set(ours["categories_ms"]) == set(bench_gpu.PROFILE_CATEGORIES)
-    assert ours["categories_ms"]["casts and copies (_to_copy, copy_)"] > peer["categories_ms"][
-        "casts and copies (_to_copy, copy_)"]
+    # ours' two casts are attributed to their category (their time against the peer's is a race of microseconds on
+    # a busy CPU: it failed once in a two-worker suite run; the op counts above compare the work)
+    assert ours["categories_ms"]["casts and copies (_to_copy, copy_)"] > 0
     assert {"before_ms", "now_ms", "background_fraction"} <= set(summary["plane_lookup"])
     assert list(summary["variants"]) == ["ours, a variant"] and summary["variants"]["ours, a variant"]["step_s"] > 0
     text = (tmp_path / "profile.txt").read_text()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from common.io import DataError
-from shards.contract import Calibration, PersonCapture, find_persons, person_id_problem
+from common.names import person_id_problem
+from shards.contract import Calibration, PersonCapture, find_persons
 from shards.ingest import IngestConfig, ingest_person
 
 
