@@ -1,7 +1,9 @@
 """Sequential backend for debugging: runs every person's target in this process, one
 after the other (breakpoints and tracebacks work as usual). A target that raises or calls
 ``sys.exit`` fails its attempt only; a crash that kills the process (segfault, SIGKILL) ends
-the whole run; use the Ray or SLURM backend for isolation."""
+the whole run; use the Ray or SLURM backend for isolation. Nothing is reserved: a job's ``resources``
+are not applied (a job with 0 GPUs still finds this machine's GPU, which the trainer takes); jobs/launch_all.py
+says so at launch when its --job-cpus / --job-gpus / --job-memory-gb are given."""
 
 from __future__ import annotations
 

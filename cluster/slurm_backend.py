@@ -43,6 +43,8 @@ except ImportError:  # pragma: no cover
 
 #: Where submitit's files go when ``SlurmConfig.log_dir`` is not given.
 DEFAULT_LOG_DIR = Path("runs/slurm")
+#: The most seconds ``sbatch --signal=<sig>@<seconds>`` takes.
+SLURM_MAX_SIGNAL_DELAY_S = 65535
 
 
 @dataclass
@@ -69,7 +71,9 @@ class SlurmConfig:
     """Timeout requeues allowed per attempt (submitit ``slurm_max_num_timeout``)."""
     signal_delay_s: int = 90
     """SLURM sends USR2 this many seconds before the time limit (``--signal=USR2@N``);
-    the target must be able to stop within this margin. SLURM checks on a ~30 s grid."""
+    the target must be able to stop within this margin. SLURM checks on a ~30 s grid.
+    At least 1 and less than ``time_min`` in seconds (more would signal the job as it starts: it
+    would requeue at once, every time, until ``max_requeues``)."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run in the sbatch script before the job (e.g. ``source .venv/bin/activate``,
     ``module load cuda``)."""
@@ -87,16 +91,26 @@ class SlurmConfig:
     system) before it counts as died without a result (submitit's default: 15 s)."""
 
     def __post_init__(self) -> None:
+        # refused when the command line is parsed (exit code 2), not while jobs are queued or running
         if self.time_min < 1:
-            raise ValueError(f"SlurmConfig.time_min must be >= 1 minute, got {self.time_min}")
+            raise ValueError(f"--slurm.time-min must be at least 1 minute, got {self.time_min}")
         if self.array_parallelism < 1:
-            raise ValueError("SlurmConfig.array_parallelism must be >= 1")
+            raise ValueError(f"--slurm.array-parallelism must be at least 1, got {self.array_parallelism}")
         if self.max_requeues < 0:
-            raise ValueError("SlurmConfig.max_requeues must be >= 0")
-        if self.poll_interval_s <= 0:
-            raise ValueError("SlurmConfig.poll_interval_s must be > 0")
-        if self.result_wait_s < 0:
-            raise ValueError("SlurmConfig.result_wait_s must be >= 0")
+            raise ValueError(f"--slurm.max-requeues must be 0 or more, got {self.max_requeues}")
+        # NaN passed "<= 0" and failed in time.sleep only while waiting on submitted jobs; inf waited forever
+        if not (math.isfinite(self.poll_interval_s) and self.poll_interval_s > 0):
+            raise ValueError(f"--slurm.poll-interval-s must be a finite number > 0, got {self.poll_interval_s}")
+        if not (math.isfinite(self.result_wait_s) and self.result_wait_s >= 0):
+            raise ValueError(f"--slurm.result-wait-s must be a finite number >= 0, got {self.result_wait_s}")
+        limit_s = self.time_min * 60
+        if not 1 <= self.signal_delay_s < min(limit_s, SLURM_MAX_SIGNAL_DELAY_S + 1):
+            raise ValueError(
+                f"--slurm.signal-delay-s must be at least 1 and less than the time limit (--slurm.time-min "
+                f"{self.time_min}: {limit_s} s; SLURM takes at most {SLURM_MAX_SIGNAL_DELAY_S}), got "
+                f"{self.signal_delay_s}: SLURM signals the job that many seconds before its limit, so a larger "
+                "delay signals it as soon as it starts and every job requeues at once until --slurm.max-requeues; "
+                "0 no earlier than the limit, when it is killed (and sbatch refuses less)")
 
 
 class PersonRunner(Checkpointable):

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Literal
 
 from avatars.training import PRESETS as TRAIN_PRESETS
 from avatars.training import TrainOptions
+from avatars.training.config import TrainingDiverged
 from cluster.slurm_backend import SlurmConfig
 from common.cpu_clock import ProcessTreeClock, format_stage_table
 from common.io import DataError, atomic_write_json
@@ -93,11 +94,15 @@ class LaunchAllArgs:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """SLURM settings (partition, time limit, array, requeues); status_dir/log_dir default into --workdir."""
     job_cpus: float = 1.0
-    """CPUs each person's training reserves (Ray num_cpus / SLURM cpus-per-task)."""
+    """CPUs each person's training reserves: Ray num_cpus (fractions allowed); SLURM cpus-per-task, rounded up to
+    whole CPUs. The local backend reserves nothing (said at launch)."""
     job_gpus: float | None = None
-    """GPUs each training reserves; None: 1 when this machine has CUDA, else 0."""
+    """GPUs each training reserves: Ray num_gpus (fractions share a GPU); SLURM gpus-per-node, rounded up to whole
+    GPUs (0.5 is 1). None: 1 when this machine has CUDA, else 0. The local backend reserves nothing: its trainings
+    use this machine's GPU when it has one, also with 0 (said at launch)."""
     job_memory_gb: float | None = None
-    """Host memory each training reserves (GiB); None: no reservation."""
+    """Host memory each training reserves (GiB): Ray memory; SLURM mem, rounded up to whole GiB. None: no
+    reservation. The local backend reserves nothing (said at launch)."""
     max_retries: int = 1
     """Retries of a failed person's training before it is reported as failed."""
     evaluate: bool = True
@@ -380,10 +385,43 @@ def _evaluate(args: LaunchAllArgs, persons: list[str]):
                               renderer=RendererConfig(
                                   num_inference_steps=args.eval_inference_steps,
                                   num_replicas=args.eval_parallel_persons,
+                                  # the training's precision (its validation renders in it): "auto" is bf16 on
+                                  # CUDA for both, and --train.precision fp32 is scored on fp32 renders too;
                                   # compiled code (CUDA) shared by every replica and night
-                                  pipeline=RenderOptions(compile_cache=(args.workdir / "compile-cache").resolve())),
+                                  pipeline=RenderOptions(precision=args.train.precision,
+                                                         compile_cache=(args.workdir / "compile-cache").resolve())),
                               lpips_weights=Path(args.train.lpips_weights), force=args.force)
     return run_evaluation(config)
+
+
+def resource_warnings(args: LaunchAllArgs) -> list[str]:
+    """What the backend does not reserve as --job-cpus / --job-gpus / --job-memory-gb say, said at launch: the local
+    backend reserves nothing (it runs each training in this process: a --job-gpus 0 training still finds this
+    machine's GPU, which the trainer takes when there is one), SLURM reserves whole CPUs, GPUs and GiB."""
+    if args.backend == "local":
+        flags = (("--job-cpus", args.job_cpus, 1.0), ("--job-gpus", args.job_gpus, None),
+                 ("--job-memory-gb", args.job_memory_gb, None))
+        given = [flag for flag, value, default in flags if value != default]
+        if not given:
+            return []
+        gpu = (" (a --job-gpus 0 training uses this machine's GPU all the same when it has one)"
+               if args.job_gpus == 0 else "")
+        return [f"--backend local reserves no resources: it runs each training in this process, one after the other, "
+                f"so {', '.join(given)} limit nothing{gpu}; --backend ray or slurm reserves them"]
+    if args.backend == "slurm":
+        from cluster.person_job import Resources
+        from cluster.slurm_backend import _resource_params
+
+        asked = {"cpus_per_task": ("--job-cpus", args.job_cpus, "CPUs"),
+                 "gpus_per_node": ("--job-gpus", args.job_gpus, "GPUs"),
+                 "mem_gb": ("--job-memory-gb", args.job_memory_gb, "GiB")}
+        params = _resource_params(Resources(cpus=args.job_cpus, gpus=args.job_gpus or 0.0,
+                                            memory_gb=args.job_memory_gb))
+        rounded = [f"{flag} {value:g} is {params[key]} {unit}" for key, (flag, value, unit) in asked.items()
+                   if value is not None and key in params and params[key] != value]
+        if rounded:
+            return [f"SLURM reserves whole CPUs, GPUs and GiB, rounded up: {', '.join(rounded)} per job"]
+    return []
 
 
 def requested_persons(args: LaunchAllArgs) -> list[str]:
@@ -522,6 +560,8 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
         for warning in check_backend(args.backend, args.ray_address, args.slurm.partition, args.evaluate,
                                      args.ray_bind_host):
             print(f"warning: {warning}", file=sys.stderr)
+        for warning in resource_warnings(args):
+            print(f"warning: {warning}", file=sys.stderr)
     except BackendUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -589,6 +629,11 @@ def _run(args: LaunchAllArgs, ray_session: RaySession, t0: float) -> int:
         print(f"error: the {stage} stage stopped on {_with_article(kind)}: {reason}", file=sys.stderr)
         done = {r.person for r in results} | set(data_failed)
         results += [JobResult(person=p, ok=False, attempts=0, error=f"{stage}: {kind}: {reason}")
+                    for p in requested if p not in done]
+    except TrainingDiverged as e:  # the tiny base's pretraining: no avatar can train on its NaN weights
+        print(f"error: the {stage} stage stopped: {e}", file=sys.stderr)
+        done = {r.person for r in results} | set(data_failed)
+        results += [JobResult(person=p, ok=False, attempts=0, error=f"{stage}: {e}")
                     for p in requested if p not in done]
     # Persons whose data could not be prepared fail alone, listed with the others.
     results += [JobResult(person=p, ok=False, attempts=0, error=reason) for p, reason in data_failed.items()]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -43,11 +44,14 @@ from cluster.ray_connect import EmbeddedRay, connect_ray, leave_ray
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
 from cluster.report.schema import check_person_name, parse_run_date
 from cluster.serve.renderer import RendererConfig
+from cluster.serve.renderer import device_problem as device_problem  # public path: --eval-device's check
 from common.io import DataError
 from common.locks import exclusive
 from common.paths import LPIPS_WEIGHTS
 
 log = logging.getLogger(__name__)
+#: Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES, 75 MiB) when it starts.
+RAY_MIN_OBJECT_STORE_MB = 75
 
 
 @dataclass
@@ -84,12 +88,13 @@ class EvalDriverConfig:
     face_id_model: Path | None = None
     """TorchScript face-identity network for CSIM; None: CSIM is skipped with the reason."""
     fps: float = 24.0
-    """Frame rate JOD assumes (the official evaluator's 24; NeRSemble's 73 fps, every 3rd frame)."""
+    """Frame rate of the evaluation frames: the one JOD assumes and the one the comparison videos play at (the
+    official evaluator's 24; NeRSemble's 73 fps, every 3rd frame)."""
     video_min_seconds: float = 6.0
     """Comparison videos play at `fps` unless that makes them shorter than this: then slower (down
     to `video_min_fps`), so the few frames of a short evaluation set can be watched; 0: no minimum."""
     video_min_fps: float = 4.0
-    """Slowest frame rate of a comparison video (> 0)."""
+    """Slowest frame rate of a comparison video (> 0 and at most `fps`)."""
     parallel_persons: int = 1
     """Persons rendered at the same time (threads sending to the one renderer application; give it
     as many replicas, `renderer.num_replicas`, to render them in parallel). One more person thread
@@ -101,9 +106,9 @@ class EvalDriverConfig:
     """Ray cluster to join ('auto' or host:port); None: the one in RAY_ADDRESS (inside `ray job submit`), else
     an embedded Ray in this process."""
     ray_num_cpus: int | None = None
-    """Embedded Ray only: CPUs it offers (None: all)."""
+    """Embedded Ray only: CPUs it offers (>= 1; None: all)."""
     ray_object_store_mb: int = 512
-    """Embedded Ray only: object store size in MiB."""
+    """Embedded Ray only: object store size in MiB (at least Ray's minimum, 75)."""
     ray_bind_host: str = "127.0.0.1"
     """Embedded Ray only: the address its node and workers listen on (loopback: nothing reachable from the
     network; see cluster.bind)."""
@@ -139,8 +144,22 @@ class EvalDriverConfig:
             raise ValueError(f"--eval-device {self.eval_device!r}: {why}")
         if self.parallel_persons < 1:
             raise ValueError(f"--parallel-persons must be >= 1, got {self.parallel_persons}")
-        if not self.fps > 0 or not self.video_min_fps > 0:
+        if not (math.isfinite(self.fps) and self.fps > 0 and math.isfinite(self.video_min_fps)
+                and self.video_min_fps > 0):
             raise ValueError(f"fps ({self.fps}) and video_min_fps ({self.video_min_fps}) must be > 0")
+        if self.video_min_fps > self.fps:  # the videos had played faster than --fps, not slower
+            raise ValueError(f"--video-min-fps ({self.video_min_fps:g}) must be at most --fps ({self.fps:g}): it is "
+                             "the slowest a comparison video plays when --video-min-seconds slows it down")
+        if self.ray_num_cpus is not None and self.ray_num_cpus < 1:  # Ray failed or hung only after it started
+            raise ValueError(f"--ray-num-cpus must be at least 1 (leave it out for all CPUs), got {self.ray_num_cpus}")
+        if self.ray_object_store_mb < RAY_MIN_OBJECT_STORE_MB:
+            raise ValueError(f"--ray-object-store-mb must be at least {RAY_MIN_OBJECT_STORE_MB} (Ray's minimum "
+                             f"object store), got {self.ray_object_store_mb}")
+        if (self.renderer.device != "auto" and torch_device_type(self.renderer.device) == "cuda"
+                and self.renderer.num_gpus == 0):
+            raise ValueError(f"--renderer.device {self.renderer.device} needs --renderer.num-gpus > 0: Ray reserves "
+                             "no GPU for a replica that asks for none (it cannot load on a node without one, and "
+                             "shares one unaccounted on a node with one); or --renderer.device auto")
         if not self.video_min_seconds >= 0:
             raise ValueError(f"video_min_seconds ({self.video_min_seconds}) must be >= 0 (0: no minimum)")
         if self.run_date is not None:  # a DataError, so a ValueError
@@ -196,15 +215,11 @@ def model_file_problem(path: Path, what: str) -> str | None:
     return None
 
 
-def device_problem(device: str) -> str | None:
-    """Why torch cannot parse `device`, or None (whether the device is there shows when the networks load)."""
+def torch_device_type(device: str) -> str:
+    """The type of a device torch parses ("cuda" of "cuda:1")."""
     import torch
 
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError, TypeError) as e:
-        return f"not a torch device ({e})"
-    return None
+    return torch.device(device).type
 
 
 @dataclass

@@ -12,7 +12,7 @@ import base64
 import datetime as dt
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.report.aggregate import RunSummary, summarize
@@ -46,7 +46,6 @@ class ReportConfig:
     out_dir: Path | None = None
     max_history: int = 60
     copy_videos: bool = True
-    extra_meta: dict[str, str] = field(default_factory=dict)
 
 
 def _fmt(metric: str, value: float | None) -> str:
@@ -159,7 +158,7 @@ def build_report(config: ReportConfig) -> Path:
         "report_version": REPORT_VERSION,
         "run_date": run_date,
         "generated_at": generated_at,
-        "meta": {**current.meta, **config.extra_meta},
+        "meta": dict(current.meta),
         "current": summary.to_json(),
         "skipped": skipped_all,
         "evaluations": current.evaluations,

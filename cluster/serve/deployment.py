@@ -71,8 +71,9 @@ class AvatarRenderer:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = RendererMetrics(self.registry)
+        # 0 is a port the system picks (as the training's exporter takes it), not "no exporter"
         self.exporter = (start_exporter_in_range(config.metrics_port, self.registry, addr=config.metrics_host)
-                         if config.metrics_port else None)
+                         if config.metrics_port is not None else None)
         self._waiting: dict[str, set[int]] = {}  # person -> ids of the requests waiting for their batch
         self._failed: dict[str, ModelLoadError] = {}
         self.render_batch.set_max_batch_size(config.max_batch_size)

@@ -17,7 +17,9 @@ model, so GPU replicas do no mesh I/O and need no access to the zarr stores.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,39 @@ import numpy as np
 import torch
 
 from avatars.configs import SAMPLERS, RenderOptions
+from cluster.monitoring.metrics import PORT_RANGE
 from cluster.serve.validation import BUFFER_CHANNELS, InvalidRequest, validate_request
+
+#: The highest first port of a replica's exporter: it tries PORT_RANGE ports from it up, every one must exist (a port
+#: above 65535 raised OverflowError in the replica, not the "no free port" OSError); as --train.metrics-port.
+MAX_METRICS_PORT = 65535 - PORT_RANGE + 1
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` cannot be an address to listen on (not an IP address nor a host name; empty, which would listen
+    on every interface), or None. Whether the machine has it shows when the exporter starts."""
+    if not isinstance(host, str) or not host:
+        return "empty (give an address: 127.0.0.1, the node's address, or 0.0.0.0 for every interface)"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    # a dotted quad out of range (256.0.0.1) is no host name either: a top-level label is never all digits
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        return "not an IP address or a host name"
+    return None
+
+
+def device_problem(device: str) -> str | None:
+    """Why torch cannot parse `device`, or None (whether the device is there shows when a model loads on it)."""
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        return f"not a torch device ({e})"
+    return None
 
 
 @dataclass
@@ -56,11 +90,12 @@ class RendererConfig:
     base_model: Path | None = None
     """Local diffusers directory of the base model; None: the one recorded in the checkpoint."""
     metrics_port: int | None = None
-    """First port of a replica's Prometheus exporter (the next free one of 64 is taken); None: no
-    exporter (the metrics stay readable through the deployment's `metrics_text`)."""
+    """First port of a replica's Prometheus exporter (1 to 65472: the first free one of the 64 from it up is taken);
+    0: a free port the system picks, as `--train.metrics-port 0` (each replica reports its port in `info()`);
+    None: no exporter (the metrics stay readable through the deployment's `metrics_text`)."""
     metrics_host: str = "127.0.0.1"
-    """Address a replica's exporter listens on: loopback by default; the node's address (or 0.0.0.0) when a
-    Prometheus on another machine scrapes it."""
+    """Address a replica's exporter listens on (an IP address or a host name): loopback by default; the node's
+    address (or 0.0.0.0) when a Prometheus on another machine scrapes it."""
     pipeline: RenderOptions = dataclasses.field(default_factory=RenderOptions)
     """How each replica runs the model (precision, torch.compile or CUDA graphs, batch buckets, VAE decode chunk);
     a replica warms every bucket up before it takes requests."""
@@ -83,6 +118,15 @@ class RendererConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        # refused when parsed: a replica raised these only when it started, after Ray and the deployment
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= MAX_METRICS_PORT:
+            raise ValueError(f"metrics_port (--renderer.metrics-port) must be 1 to {MAX_METRICS_PORT} (a replica's "
+                             f"exporter tries {PORT_RANGE} ports from it up) or 0 (a free port the system picks), got "
+                             f"{self.metrics_port}")
+        if (why := host_problem(self.metrics_host)) is not None:
+            raise ValueError(f"metrics_host (--renderer.metrics-host) {self.metrics_host!r}: {why}")
+        if self.device != "auto" and (why := device_problem(self.device)) is not None:
+            raise ValueError(f"device (--renderer.device) {self.device!r}: {why}; 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
     def replace(self, **changes) -> "RendererConfig":
         return dataclasses.replace(self, **changes)

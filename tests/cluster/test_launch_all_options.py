@@ -490,3 +490,19 @@ def test_a_second_main_job_on_the_same_work_directory_is_refused_naming_the_firs
     assert f"error: the main job (jobs/launch_all.py) is already running on {staged.work} (pid {os.getpid()} " in out
     code, out = staged.run("--persons", "017")
     assert code == 0 and staged.ran == ["data", "base", "training"], out
+
+
+def test_a_base_whose_pretraining_diverges_fails_every_person_with_the_reason(staged, monkeypatch):
+    """The tiny base's pretraining that diverges (TrainingDiverged) stopped the main job with a traceback and no
+    summary: every person fails with the reason, the summary is written, exit code 1."""
+    from avatars.training.config import TrainingDiverged
+
+    def diverges(args, prepared, **kw):
+        raise TrainingDiverged("the vae stage diverged: its final loss is nan")
+
+    monkeypatch.setattr(launch_all, "_base_model", diverges)
+    code, out = staged.run("--persons", "017,018")
+    summary = json.loads((staged.work / "runs" / "summary.json").read_text())
+    assert code == 1 and "Traceback" not in out and "error: the base model stage stopped: the vae stage" in out
+    assert {r["person"]: r["error"] for r in summary["results"]} == dict.fromkeys(
+        ("017", "018"), "base model: the vae stage diverged: its final loss is nan")

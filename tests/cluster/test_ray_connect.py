@@ -226,12 +226,12 @@ def test_embedded_ray_offers_the_gpus_it_is_given(inits):
 def test_evaluation_driver_ray_listens_on_its_bind_host_with_its_object_store(inits, monkeypatch, tmp_path):
     """EvalDriverConfig.ray_bind_host and ray_object_store_mb reach the embedded Ray the driver starts."""
     config = driver.EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
-                                     metrics=("psnr",), ray_bind_host="127.0.0.2", ray_object_store_mb=64)
+                                     metrics=("psnr",), ray_bind_host="127.0.0.2", ray_object_store_mb=96)
     monkeypatch.setattr("cluster.serve.deployment.ensure_serve", lambda: (_ for _ in ()).throw(RuntimeError("x")))
     monkeypatch.setattr("cluster.serve.deployment.shutdown_serve_and_ray", lambda: None)
     with pytest.raises(RuntimeError, match="^x$"):
         driver._render_all(config, tmp_path, [], {}, {}, {}, {})
-    assert inits == [dict(address="local", num_cpus=None, num_gpus=None, object_store_memory=64 * 2**20,
+    assert inits == [dict(address="local", num_cpus=None, num_gpus=None, object_store_memory=96 * 2**20,
                           include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.2",
                           dashboard_host="127.0.0.2")]
 
