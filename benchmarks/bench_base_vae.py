@@ -75,7 +75,7 @@ def held_out(shard_root: Path, persons: list[str], count: int,
     """(images in [-1, 1], rasterized face masks, :data:`REGIONS` masks) of ``count`` test_seq frames spread
     over the persons."""
     dataset = ShardDataset(_split_shards(shard_root, persons, "test_seq"), LoaderConfig(
-        resolution=resolution, batch_size=1, augment=False, shuffle=False, num_workers=0))
+        resolution=resolution, batch_size=1, augment=False, num_workers=0))
     idx = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().unique().tolist()
     items = [dataset[i] for i in idx]
     masks = torch.stack([i["mask"] for i in items])
@@ -173,7 +173,7 @@ def main() -> None:
         model_config = dataclasses.replace(model_config, vae=dataclasses.replace(model_config.vae, **vae_fields))
         train = ShardDataset(_split_shards(a.shards, persons, "train"), LoaderConfig(
             resolution=resolution, batch_size=config.vae_batch_size, augment=True, num_workers=1,
-            seed=config.seed, shuffle=True))
+            seed=config.seed))
         cpu = time.process_time()
         vae, loss, _ = train_vae(config, model_config, image_batches(train, train.config))
         cpu = time.process_time() - cpu

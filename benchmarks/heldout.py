@@ -203,7 +203,7 @@ def training_frames(shards: Path, person: str, count: int, resolution: int) -> d
     from shards.writer import shard_paths
 
     dataset = ShardDataset(shard_paths(shards, person, "train"),
-                           LoaderConfig(resolution=resolution, augment=False, shuffle=False, num_workers=0))
+                           LoaderConfig(resolution=resolution, augment=False, num_workers=0))
     index = np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int)
     return expand_batch(collate([dataset.compact(int(i)) for i in index]))
 

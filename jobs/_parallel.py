@@ -10,7 +10,14 @@ from tqdm import tqdm
 from common.process_pool import WorkerDied, map_tolerant
 
 T = TypeVar("T")
-__all__ = ["WorkerDied", "default_workers", "map_persons", "map_persons_tolerant"]
+__all__ = ["WorkerDied", "check_workers", "default_workers", "map_persons", "map_persons_tolerant"]
+
+
+def check_workers(workers: int) -> None:
+    """Refuses ``--workers`` below 1 (it was taken as 1 without a word), as launch_all does: the commands call it
+    from their options' ``__post_init__``, so tyro refuses it when the command line is parsed (exit code 2)."""
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
 
 
 def map_persons_tolerant(fn: Callable[[str], T], persons: list[str], workers: int,
@@ -24,7 +31,8 @@ def map_persons_tolerant(fn: Callable[[str], T], persons: list[str], workers: in
     """
     results: dict[str, T] = {}
     errors: dict[str, Exception] = {}
-    workers = max(1, min(workers, len(persons)))
+    check_workers(workers)
+    workers = max(1, min(workers, len(persons)))  # no more processes than persons (and one when there are none)
     with tqdm(total=len(persons), desc=desc, unit="person") as bar:
         def done(person: str, result: T, error: Exception | None) -> None:
             if error is None:

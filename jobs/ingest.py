@@ -10,7 +10,7 @@ from pathlib import Path
 import tyro
 
 from common.io import DataError
-from jobs._parallel import default_workers, map_persons_tolerant
+from jobs._parallel import check_workers, default_workers, map_persons_tolerant
 from jobs._presets import UsageError, listed_persons
 from shards.contract import find_persons
 from shards.ingest import IngestConfig, IngestResult, ingest_person
@@ -30,6 +30,9 @@ class IngestArgs:
     """Persons ingested in parallel."""
     force: bool = False
     """Rebuild stores even when their fingerprint says they are up to date."""
+
+    def __post_init__(self) -> None:
+        check_workers(self.workers)
 
 
 def resolve_persons(spec: str, root: Path) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import tyro
 
 from common.io import DataError
-from jobs._parallel import default_workers, map_persons
+from jobs._parallel import check_workers, default_workers, map_persons
 from shards.synthetic import SyntheticConfig, generate
 
 
@@ -28,6 +28,9 @@ class MakeSyntheticArgs:
     """What to generate."""
     workers: int = field(default_factory=default_workers)
     """Persons generated in parallel (one process each)."""
+
+    def __post_init__(self) -> None:
+        check_workers(self.workers)
 
 
 def _one(person: str, config: SyntheticConfig, out: Path) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import tyro
 
 from common.io import DataError
-from jobs._parallel import default_workers
+from jobs._parallel import check_workers, default_workers
 from jobs._presets import UsageError, listed_persons
 from shards.writer import ShardConfig, ShardRunResult, write_shards
 
@@ -26,6 +26,9 @@ class PreprocessArgs:
     """Rendering and packing settings."""
     workers: int = field(default_factory=default_workers)
     """Shards written in parallel (one process each)."""
+
+    def __post_init__(self) -> None:
+        check_workers(self.workers)
 
 
 def store_paths(stores: Path, persons: str) -> list[Path]:

@@ -5,7 +5,9 @@
 The output is a local diffusers directory usable as ``--base-model data/base/tiny`` with the
 ``tiny`` preset (the miniature of loading a pretrained Stable Diffusion 2.1). Re-running with the
 same settings and data keeps the existing output; ``--force`` retrains. Exit code 2 with one line
-on invalid input (no shards, a person without shards, an unreadable earlier output).
+on invalid input (no shards, a person without shards, an unreadable earlier output, a NaN, infinite or
+negative learning rate or weight). Exit code 1 with one line when a stage diverges (NaN or infinite
+weights or final loss): nothing is written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import tyro
 
 from avatars.training.base_pretraining import STEP_COUNTS, BasePretrainConfig, pretrain_base, read_info, resolve_persons
+from avatars.training.config import TrainingDiverged
 from common.io import DataError
 from jobs._presets import UsageError
 from shards.writer import shard_paths
@@ -72,3 +75,6 @@ if __name__ == "__main__":
     except (DataError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:  # a failed run (nothing of it written), said in one line with what to try
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

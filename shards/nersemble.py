@@ -82,6 +82,11 @@ class ConvertConfig:
     def __post_init__(self) -> None:
         if self.frame_stride < 1:
             raise ValueError(f"frame_stride must be >= 1, got {self.frame_stride}")
+        # 0 divided by zero when the images' aspect was compared (every participant 'failed: ZeroDivisionError'), a
+        # negative size gave negative intrinsics
+        if len(self.intrinsics_size) != 2 or min(self.intrinsics_size) < 1:
+            raise ValueError(f"--convert.intrinsics-size: the width and height the intrinsics are given for must "
+                             f"be >= 1, got {' '.join(map(str, self.intrinsics_size))}")
         for pid in _names(self.persons) or []:  # an id becomes the output folder's name
             if (why := person_id_problem(pid)) is not None:
                 raise ValueError(f"--convert.persons: {why}")

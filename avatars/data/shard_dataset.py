@@ -60,9 +60,8 @@ class LoaderConfig:
     num_workers: int = 2
     """Decoding threads (0: decode in the iterating thread)."""
     seed: int = 0
-    """Seed of the shuffling permutation and the augmentation."""
-    shuffle: bool = True
-    """Shuffle samples (a new permutation each epoch)."""
+    """Seed of the augmentation. The order of the samples is the sampler's (:class:`ResumableSampler`: its
+    ``seed`` and ``shuffle``), not the loader's: ``ShardLoader`` iterates whatever order it is given."""
 
     def __post_init__(self) -> None:
         check_min_crop(self.min_crop)

@@ -46,6 +46,7 @@ from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, make_load
 from avatars.evaluation.metrics import psnr_from_mse
 from avatars.models.base_networks import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.schedulers import training_scheduler
+from avatars.training.config import TrainingDiverged
 from common.configs import to_jsonable
 from common.fingerprint import json_digest
 from common.io import atomic_directory, atomic_write_json
@@ -57,6 +58,15 @@ INFO_FORMAT = 1
 
 #: The stage lengths a base needs (both stages train): refused below 1 by pretrain_base and the command line.
 STEP_COUNTS = ("vae_steps", "unet_steps")
+
+
+def _check_nonnegative(name: str, value: float) -> None:
+    """Refuses a NaN, infinite or negative ``value`` of the option ``name``, naming its flag."""
+    flag = f"--{name.replace('_', '-')}"
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value} ({flag})")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value} ({flag})")
 
 
 @dataclass
@@ -142,8 +152,12 @@ class BasePretrainConfig:
         # a negative face weight zeroes or flips the loss inside the face; a negative clip the gradient; negative
         # workers crashed the loader's thread pool
         for name in ("vae_face_weight", "vae_gradient_weight", "grad_clip", "num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            _check_nonnegative(name, getattr(self, name))
+        # a negative or NaN learning rate failed inside AdamW after the shards were indexed (a traceback), an infinite
+        # one trained NaN weights that were written as the base, a negative KL weight rewarded the KL term; a negative
+        # warm-up ran the cosine decay from a made-up step
+        for name in ("vae_lr", "unet_lr", "kl_weight", "warmup_steps"):
+            _check_nonnegative(name, getattr(self, name))
         if not 0.0 <= self.vae_adam_beta2 < 1.0:
             raise ValueError(f"vae_adam_beta2 must be in [0, 1), got {self.vae_adam_beta2}")
 
@@ -198,10 +212,12 @@ def _manifest_digest(shard_root: Path, persons: list[str]) -> str:
     return h.hexdigest()
 
 
-def image_batches(dataset: ShardDataset, loader_config: LoaderConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def image_batches(dataset: ShardDataset, loader_config: LoaderConfig, *,
+                  shuffle: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless batches of (images (B, 3, H, W) in [-1, 1], rasterized face masks (B, 1, H, W) in
-    {0, 1}); a new seeded permutation each epoch."""
-    sampler = ResumableSampler(len(dataset), seed=loader_config.seed, shuffle=loader_config.shuffle)
+    {0, 1}); a new permutation each epoch, seeded by ``loader_config.seed`` (``shuffle=False``: the
+    dataset's order every epoch)."""
+    sampler = ResumableSampler(len(dataset), seed=loader_config.seed, shuffle=shuffle)
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
@@ -218,7 +234,7 @@ def image_batches(dataset: ShardDataset, loader_config: LoaderConfig) -> Iterato
 def held_out_images(shard_root: Path, persons: list[str], count: int, resolution: int) -> torch.Tensor:
     """Up to ``count`` test_seq images (whole frame resized, no augmentation), spread evenly over the split."""
     dataset = ShardDataset(_split_shards(shard_root, persons, "test_seq"), LoaderConfig(
-        resolution=resolution, batch_size=1, augment=False, shuffle=False, num_workers=0))
+        resolution=resolution, batch_size=1, augment=False, num_workers=0))
     n = min(count, len(dataset))
     idx = torch.linspace(0, len(dataset) - 1, n).round().long().unique().tolist()
     return torch.stack([dataset[i]["image"] for i in idx])
@@ -317,6 +333,21 @@ def _optimizer_step(loss: torch.Tensor, module: torch.nn.Module, opt, sched, gra
         torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
     opt.step()
     sched.step()
+
+
+def check_stage(stage: str, module: torch.nn.Module, losses: dict[str, float], output: Path, remedy: str) -> None:
+    """Raises :class:`TrainingDiverged` naming the ``stage`` when a weight (or buffer) of ``module`` or one of its
+    final ``losses`` is NaN or infinite: such a base would be written and every avatar trained on it would learn
+    nothing (or NaN). Called before anything of the base is written."""
+    with torch.no_grad():
+        tensors = [name for name, t in module.state_dict().items() if not bool(torch.isfinite(t).all())]
+    said = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
+    if tensors:
+        said.append("NaN or infinite weights (" + ", ".join(tensors[:3])
+                    + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "") + ")")
+    if said:
+        raise TrainingDiverged(f"base pretraining diverged in the {stage} stage: {'; '.join(said)}; nothing is "
+                               f"written to {output}. {remedy}")
 
 
 class _LossLog:
@@ -480,7 +511,8 @@ def newest_base(root: Path = Path("data/base")) -> Path:
 
 def pretrain_base(config: BasePretrainConfig) -> dict:
     """Pretrains (or reuses) the tiny base model; returns the contents of pretrain_info.json
-    plus ``"skipped"`` (True when an identical existing output was kept)."""
+    plus ``"skipped"`` (True when an identical existing output was kept). Raises :class:`TrainingDiverged`
+    naming the stage, before anything is written, when its weights or final loss are NaN or infinite."""
     output = Path(config.output)
     fingerprint = full_fingerprint(config)
     persons = fingerprint["persons_resolved"]
@@ -496,14 +528,20 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
     started, cpu_started = time.perf_counter(), time.process_time()
     train = ShardDataset(_split_shards(config.shard_root, persons, "train"), LoaderConfig(
         resolution=model_config.resolution, batch_size=config.vae_batch_size, augment=True,
-        num_workers=config.num_workers, seed=config.seed, shuffle=True))
+        num_workers=config.num_workers, seed=config.seed))
     held_out = held_out_images(config.shard_root, persons, config.eval_images, model_config.resolution)
     _log(f"persons {','.join(persons)}: {len(train)} training images, {len(held_out)} held-out images")
 
     # Stage 1: the VAE.
     vae_batches = image_batches(train, train.config)
     vae, vae_loss_final, vae_loss_first = train_vae(config, model_config, vae_batches)
+    vae_remedy = (f"Retrain with a lower --vae-lr (now {config.vae_lr}) and/or --kl-weight (now {config.kl_weight}), "
+                  f"with --grad-clip on (now {config.grad_clip}), or check the persons' shards for NaN values")
+    check_stage("vae", vae, {"final reconstruction loss": vae_loss_final}, output, vae_remedy)
     std = latent_std(vae, vae_batches, config.scale_batches)
+    if not (math.isfinite(std) and std > 0):  # 1/std scales the latents
+        raise TrainingDiverged(f"base pretraining diverged in the vae stage: the latents' standard deviation is "
+                               f"{std}; nothing is written to {output}. {vae_remedy}")
     measured = 1.0 / std
     if config.fold_scaling:
         fold_latent_scale(vae, measured / model_config.vae.scaling_factor)
@@ -535,6 +573,8 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
          f"({time.perf_counter() - started - vae_seconds:.0f} s)")
     unet, unet_loss_final, unet_loss_first = train_unet(config, model_config, scaling_factor, context, mean, std_map,
                                                         draws)
+    check_stage("unet", unet, {"final v-loss": unet_loss_final}, output,
+                f"Retrain with a lower --unet-lr (now {config.unet_lr}), with --grad-clip on (now {config.grad_clip})")
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     _log(f"unet done: v-loss {unet_loss_first:.4f} -> {unet_loss_final:.4f} ({seconds - vae_seconds:.0f} s)")
 

@@ -100,7 +100,7 @@ def shard_clips(shards: Path, person: str, split: str, resolution: int, serial: 
     paths = shard_paths(shards, person, split)
     if not paths:
         raise DataError(Path(shards) / person / MANIFEST, f"no '{split}' shards for person {person}")
-    ds = ShardDataset(paths, LoaderConfig(resolution=resolution, augment=False, num_workers=0, shuffle=False))
+    ds = ShardDataset(paths, LoaderConfig(resolution=resolution, augment=False, num_workers=0))
     picked: dict[str, list[tuple[int, int]]] = {}
     for i, (_, key, _) in enumerate(ds.index):
         _, seq, t, cam = parse_key(key)

@@ -130,3 +130,30 @@ def test_the_nightly_cron_line_gives_both_jobs_one_date_and_makes_the_log_folder
     dates = [re.search(r"DATE=(\S+?)(,|\s)", c).group(1) for c in (render, report)]
     assert dates[0] == dates[1] and re.fullmatch(r"\d{4}-\d{2}-\d{2}", dates[0])
     assert "nightly_render.sbatch" in render and "--dependency=afterok:17" in report
+
+
+def test_the_nightly_report_job_reports_the_night_it_is_given(tmp_path):
+    """nightly_report.sbatch, run with a .venv python that records its arguments and runs the real CLI: the night
+    the cron line gives both jobs (DATE) reaches the report as --run-date, render_eval's name for it (the report
+    called it --date), and that night's page is built and published."""
+    import os
+    import shutil
+    import sys
+
+    from cluster.report import RunResults, TaskResult
+
+    repo, reports, publish = tmp_path / "repo", tmp_path / "reports", tmp_path / "www"
+    for day, psnr in (("2026-01-01", 25.0), ("2026-01-02", 26.0), ("2026-01-03", 27.0)):
+        RunResults(day, {"p1": {"self_reenactment": TaskResult({"psnr": psnr}, frames=4)}}).save(reports)
+    calls = tmp_path / "python-calls"
+    _fake_bin(repo / ".venv" / "bin", "python", f'echo "$@" >> "{calls}"; cd "{REPO}" && exec "{sys.executable}" "$@"')
+    env = {**os.environ, "REPO": str(repo), "REPORTS_ROOT": str(reports), "DATE": "2026-01-02",
+           "PUBLISH": str(publish) if shutil.which("rsync") else ""}
+    run = subprocess.run(["bash", str(REPO / "slurm" / "nightly_report.sbatch")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert calls.read_text().split() == ["-m", "jobs.nightly_report", "--reports-root", str(reports),
+                                         "--run-date", "2026-01-02"]
+    assert [p.name for p in (reports / "site").iterdir()] == ["2026-01-02"]
+    if shutil.which("rsync"):  # PUBLISH (a folder not made yet) gets the night's site and a 'latest' link to it
+        assert (publish / "2026-01-02" / "index.html").is_file() and os.readlink(publish / "latest") == "2026-01-02"

@@ -67,10 +67,10 @@ def test_cli_max_history_keeps_that_many_runs_in_the_trends(tmp_path: Path) -> N
         assert r.returncode == 2 and "--max-history must be at least 1" in r.stderr
 
 
-def test_cli_date_reports_that_run_in_its_own_folder(tmp_path: Path) -> None:
-    """--date D: the report of night D (with only the history up to D) in <reports-root>/site/D."""
+def test_cli_run_date_reports_that_run_in_its_own_folder(tmp_path: Path) -> None:
+    """--run-date D: the report of night D (with only the history up to D) in <reports-root>/site/D."""
     _nights(tmp_path, {"2025-03-01": 25.0, "2025-03-02": 26.0, "2025-03-03": 27.0})
-    r = _cli("--reports-root", str(tmp_path), "--date", "2025-03-02")
+    r = _cli("--reports-root", str(tmp_path), "--run-date", "2025-03-02")
     assert r.returncode == 0, r.stderr
     index = Path(r.stdout.strip().splitlines()[-1])
     assert index == tmp_path / "site/2025-03-02/index.html" and index.is_file()
@@ -94,3 +94,18 @@ def test_cli_no_videos_writes_the_page_without_videos(tmp_path: Path) -> None:
     assert (with_videos / "videos/p1/self_reenactment.mp4").read_bytes() == b"stand-in videos/p1/self_reenactment.mp4"
     assert '<video controls preload="metadata" src="videos/p1/self_reenactment.mp4">' in \
         (with_videos / "index.html").read_text()
+
+
+def test_cli_names_the_night_as_render_eval_does(tmp_path: Path) -> None:
+    """The night was --date here and --run-date in render_eval (two names for one thing): --run-date in both; --date
+    is refused, and so is a run date that is not YYYY-MM-DD, naming the flag before anything is read."""
+    _nights(tmp_path, {"2025-03-01": 25.0})
+    r = _cli("--reports-root", str(tmp_path), "--date", "2025-03-01")
+    assert r.returncode == 2 and "unrecognized arguments: --date" in r.stderr, r.stderr
+    for bad in ("20250301", "2025-3-1", "yesterday"):
+        r = _cli("--reports-root", str(tmp_path), "--run-date", bad)
+        assert r.returncode == 2 and f"--run-date: run date {bad!r} is not YYYY-MM-DD" in r.stderr, r.stderr
+    assert not (tmp_path / "site").exists()
+    from jobs.nightly_report import parse_args
+
+    assert parse_args(["--reports-root", str(tmp_path), "--run-date", "2025-03-01"]).run_date == "2025-03-01"

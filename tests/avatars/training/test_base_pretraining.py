@@ -93,8 +93,9 @@ def test_avatar_model_builds_on_the_base_with_its_frozen_weights(pretrained):
 
 def test_vae_training_reduces_reconstruction_loss(shard_root):
     persons = resolve_persons(shard_root, "all")
-    loader = LoaderConfig(resolution=64, batch_size=4, augment=False, num_workers=0, shuffle=False)
-    batches = [next(image_batches(ShardDataset(shard_paths(shard_root, p, "train"), loader), loader)) for p in persons]
+    loader = LoaderConfig(resolution=64, batch_size=4, augment=False, num_workers=0)
+    batches = [next(image_batches(ShardDataset(shard_paths(shard_root, p, "train"), loader), loader, shuffle=False))
+               for p in persons]
     images, masks = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     assert masks.shape == (images.shape[0], 1, 64, 64) and 0 < masks.mean() < 1
     model_config = tiny_config(expression_dim=10)
@@ -114,8 +115,8 @@ def test_vae_training_reduces_reconstruction_loss(shard_root):
 
 def test_vae_adam_beta2_reaches_the_optimizer(shard_root):
     # Adam's first step is the same for every beta2 (the bias correction); from the second on they part
-    loader = LoaderConfig(resolution=64, batch_size=4, augment=False, num_workers=0, shuffle=False)
-    batch = next(image_batches(ShardDataset(shard_paths(shard_root, "000", "train"), loader), loader))
+    loader = LoaderConfig(resolution=64, batch_size=4, augment=False, num_workers=0)
+    batch = next(image_batches(ShardDataset(shard_paths(shard_root, "000", "train"), loader), loader, shuffle=False))
 
     def trained(beta2: float, steps: int) -> torch.Tensor:
         config = _config(shard_root, shard_root / "unused", vae_steps=steps, vae_adam_beta2=beta2)
