@@ -26,11 +26,12 @@ FeatureMapping = Literal["triplane", "spherical", "none"]
 
 @dataclass
 class UNetConfig:
-    """Layout of the denoising UNet (used to build it when no base model is loaded).
+    """Layout of the denoising UNet: the random base's (and the "w/o LDM prior" ablation's from-scratch UNet) is
+    built from it.
 
-    When a pretrained base model is loaded, its own UNet config is used and the fields checked
-    by :meth:`DiffusionAvatarsModel` (``cross_attention_dim``, ``latent_channels`` via the VAE)
-    must agree with this one.
+    When a pretrained base model is loaded, its own UNet is used, and every field here must equal the loaded UNet's
+    config (``DiffusionAvatarsModel._check_base``; a difference is refused naming the flag), so the ``config.json``
+    saved with an avatar describes the networks it ran.
     """
 
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
@@ -62,16 +63,18 @@ class UNetConfig:
     norm_num_groups: int = 32
     """Group-norm groups."""
     upcast_attention: bool = True
-    """SD2.1's UNet config field, carried so that a model built from this config has the loaded base's config (a
-    base that says otherwise is refused). It asks diffusers' plain attention processor for float32 scores under
-    fp16 (the 768-pixel v-model overflows without); the processor every layer here runs, PyTorch's
-    scaled_dot_product_attention (AttnProcessor2_0), does not read it, and nothing here runs fp16 (bf16 or fp32).
-    The ControlNet and the expression layers inherit it from the UNet."""
+    """SD2.1's UNet config field, carried so that a random model built from this config has SD2.1's config; a loaded
+    base must agree with it (one that says otherwise is refused). The attention processors here ignore it: it asks
+    diffusers' plain attention processor for float32 scores under fp16 (the 768-pixel v-model overflows without);
+    the processor every layer here runs, PyTorch's scaled_dot_product_attention (AttnProcessor2_0), does not read
+    it, and nothing here runs fp16 (bf16 or fp32). The ControlNet and the expression layers inherit it from the
+    UNet."""
 
 
 @dataclass
 class VAEConfig:
-    """Layout of the frozen AutoencoderKL (used when no base model is loaded)."""
+    """Layout of the frozen AutoencoderKL: the random base's is built from it. A loaded base's own VAE is used, and
+    every field here must equal its config (refused otherwise, naming the flag)."""
 
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     """Encoder/decoder block widths; the spatial factor is ``2 ** (len - 1)`` (SD: 8)."""
@@ -131,11 +134,13 @@ class SchedulerConfig:
     """Noise schedule shared by training and sampling (v-prediction, zero terminal SNR)."""
 
     num_train_timesteps: int = 1000
-    """Training timesteps."""
+    """Training timesteps (at least 2: the rescale to zero terminal SNR of one is NaN)."""
     beta_start: float = 0.00085
-    """First beta of SD's ``scaled_linear`` schedule (before rescaling to zero terminal SNR)."""
+    """First beta of SD's ``scaled_linear`` schedule (before rescaling to zero terminal SNR); 0 <= beta_start <
+    beta_end."""
     beta_end: float = 0.012
-    """Last beta of SD's ``scaled_linear`` schedule (before rescaling to zero terminal SNR)."""
+    """Last beta of SD's ``scaled_linear`` schedule (before rescaling to zero terminal SNR); below 1, and a value the
+    rescale would make NaN is refused (:func:`schedule_problem`: e.g. 0.3 of 1000 timesteps, or below ~1e-6)."""
 
 
 @dataclass
@@ -143,9 +148,11 @@ class DiffusionAvatarsConfig:
     """Full model configuration (saved as ``config.json`` next to the trainable weights)."""
 
     unet: UNetConfig = field(default_factory=UNetConfig)
-    """Layout of the denoising UNet (checked against a loaded base model)."""
+    """Layout of the denoising UNet: builds the random base's; with --base-model the base's UNet is used and every
+    field must equal its config (a difference is refused)."""
     vae: VAEConfig = field(default_factory=VAEConfig)
-    """Layout of the frozen autoencoder (checked against a loaded base model)."""
+    """Layout of the frozen autoencoder: builds the random base's; with --base-model the base's VAE is used and every
+    field must equal its config (a difference is refused)."""
     features: FeatureConfig = field(default_factory=FeatureConfig)
     """The learned feature planes sampled at the canonical coordinates."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -164,7 +171,7 @@ class DiffusionAvatarsConfig:
     """Depth normalisation: (depth - depth_center) / depth_scale inside the mask (outside it every
     rasterized channel is -1, see avatars/models/conditioning.py)."""
     depth_scale: float = 0.3
-    """Depth normalisation scale (see depth_center)."""
+    """Depth normalisation scale (see depth_center); a positive number."""
     use_expression: bool = True
     """Ablation "w/o expression conditioning": no expression tokens, no expression layers, no expression channels."""
     expression_channels: bool = False
@@ -204,7 +211,11 @@ class DiffusionAvatarsConfig:
     timestep (README "Training on the timesteps the render visits"). Not used without diffusion (the single pass has no
     timestep to draw)."""
     requires_pretrained_base: bool = True
-    """The pretrained base model is mandatory (paper preset); with False random weights are fine."""
+    """Whether the avatar needs a pretrained base (saved with it: one that does is loaded only with that base).
+    True (paper preset): training without --base-model is refused. False (tiny preset): without --base-model the
+    base is the seeded random one (launch_all instead pretrains the main job's tiny base and trains on it). The
+    trainer overrides it: a run with --base-model always saves True, whatever this says (the avatar needs the base
+    it was trained on); one with TrainConfig.random_base (Python callers only) always saves False."""
     init_seed: Annotated[int, tyro.conf.Suppress] = 0
     """Seed of every random initialisation (frozen random base, feature maps, new layers), so a model without
     pretrained base is rebuilt identically by ``from_pretrained``. The trainer sets it to its ``--seed``, so no
@@ -247,11 +258,29 @@ class DiffusionAvatarsConfig:
                              "the UNet is trained from scratch anyway")
         if not (math.isfinite(self.conditioning_scale) and self.conditioning_scale > 0):
             raise ValueError(f"conditioning_scale must be a positive number, got {self.conditioning_scale}")
+        if (problem := schedule_problem(self.scheduler)) is not None:  # NaN losses from the first step
+            raise ValueError(problem)
         if not 0 <= self.train_timesteps <= self.scheduler.num_train_timesteps:
             raise ValueError(f"train_timesteps must be 0 (all) or at most scheduler.num_train_timesteps "
                              f"({self.scheduler.num_train_timesteps}), got {self.train_timesteps}")
         if self.expression_dim <= 0 or self.expression_tokens <= 0:
             raise ValueError("expression_dim and expression_tokens must be positive")
+        # each divided by zero, made NaN or failed deep inside a network's construction, after the data and base
+        # stages; refused here, when the options are parsed
+        if not (math.isfinite(self.depth_scale) and self.depth_scale > 0):
+            raise ValueError(f"{_flag('depth_scale')} must be a positive number (depth is divided by it), got "
+                             f"{self.depth_scale}")
+        if not math.isfinite(self.depth_center):
+            raise ValueError(f"{_flag('depth_center')} must be a finite number, got {self.depth_center}")
+        features = self.features
+        for name in ("resolution", "channels"):
+            if getattr(features, name) < 1:
+                raise ValueError(f"{_flag('features.' + name)} must be >= 1, got {getattr(features, name)}")
+        if not (math.isfinite(features.init_std) and features.init_std >= 0):
+            raise ValueError(f"{_flag('features.init_std')} must be a finite number >= 0, got {features.init_std}")
+        if any(c < 1 for c in self.conditioning_embedding_channels):
+            raise ValueError(f"{_flag('conditioning_embedding_channels')} must all be >= 1, got "
+                             f"{self.conditioning_embedding_channels}")
 
     # ---- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -264,6 +293,47 @@ class DiffusionAvatarsConfig:
     def from_dict(cls, data: dict[str, Any]) -> "DiffusionAvatarsConfig":
         """From :meth:`to_dict`'s output; every field typed and checked, unknown fields refused."""
         return from_jsonable(cls, data)
+
+
+def _flag(name: str) -> str:
+    """A model field with its flags: ``scheduler.beta_end (--model.scheduler.beta-end; --train.model.scheduler.beta-end
+    in launch_all)``."""
+    flag = name.replace("_", "-")
+    return f"{name} (--model.{flag}; --train.model.{flag} in launch_all)"
+
+
+def schedule_problem(scheduler: SchedulerConfig) -> str | None:
+    """Why ``scheduler`` makes no usable noise schedule, naming the flag, or None.
+
+    The schedule (avatars/schedulers.py) is diffusers' ``scaled_linear`` betas rescaled to zero terminal SNR, in
+    float32: one timestep, or betas whose signal level no longer changes in float32 between the last two
+    timesteps (too small a beta_end; too large, so the level underflows before the end: beta_end 0.3 of 1000
+    timesteps), make it NaN, and every loss after it. Checked here in float64, with margins, without diffusers."""
+    steps, start, end = scheduler.num_train_timesteps, scheduler.beta_start, scheduler.beta_end
+    if steps < 2:
+        return (f"{_flag('scheduler.num_train_timesteps')} must be >= 2 (the zero-terminal-SNR rescale of one "
+                f"timestep is NaN), got {steps}")
+    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end < 1):
+        return (f"{_flag('scheduler.beta_start')} and {_flag('scheduler.beta_end')} must satisfy "
+                f"0 <= beta_start < beta_end < 1, got {start} and {end}")
+    first, last = math.sqrt(start), math.sqrt(end)
+    log_alpha_bar = [0.0] * steps  # log of the cumulative product of (1 - beta)
+    total = 0.0
+    for i in range(steps):
+        total += math.log1p(-(first + (last - first) * i / (steps - 1)) ** 2)
+        log_alpha_bar[i] = total
+    root = [math.exp(value / 2) for value in log_alpha_bar]  # sqrt(alpha_bar)
+    # the rescale: sqrt(alpha_bar) - its last value, times root[0] / (root[0] - root[-1]); the second-to-last
+    # timestep's level must stay a distinct float32 and its square a normal one
+    gap = root[-2] - root[-1]
+    if gap < 1e-6 * root[-2]:
+        why = "does not change in float32 (too small a beta_end)"
+    elif (gap * root[0] / (root[0] - root[-1])) ** 2 < 1e-37:
+        why = "below float32's range (too large a beta_end)"
+    else:
+        return None
+    return (f"{_flag('scheduler.beta_end')} {end} with {steps} timesteps (beta_start {start}) makes the "
+            f"zero-terminal-SNR schedule NaN: the signal level of the last timesteps {why}")
 
 
 def paper_config(expression_dim: int = 100, **overrides: Any) -> DiffusionAvatarsConfig:

@@ -22,7 +22,7 @@ from avatars.training.config import ResumeMismatch, TrainingDiverged
 from cluster.status import StatusReporter
 from common.configs import from_jsonable, merge, to_jsonable
 from common.io import DataError
-from jobs._presets import preset_cli
+from jobs._presets import UsageError, preset_cli
 
 
 def train(config: TrainConfig, status: StatusReporter | None = None) -> dict:
@@ -60,6 +60,7 @@ def run(person: str, options: TrainOptions | dict[str, Any] | None = None, prese
     else:
         data = merge(to_jsonable(PRESETS[preset][1]), options or {})
         config = from_jsonable(TrainConfig, {**data, **to_jsonable(fields), "person": person})
+    check_base_choice(config)
     return train(_continue_a_requeued_run(config, status), status)
 
 
@@ -75,6 +76,14 @@ def _continue_a_requeued_run(config: TrainConfig, status: StatusReporter | None)
               "of this run", flush=True)
         return dataclasses.replace(config, resume="auto")
     return config
+
+
+def check_base_choice(config: TrainConfig) -> None:
+    """A :class:`UsageError` naming --base-model when the model needs a pretrained base and none is given, checked
+    before the trainer: its set-up clears the run folder for --resume never before it builds the model, which then
+    refused the run, so a forgotten --base-model deleted the person's avatar."""
+    if (problem := config.base_problem()) is not None:
+        raise UsageError(problem)
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -99,6 +108,7 @@ def check_inputs(config: TrainConfig) -> None:
 def main(args: list[str] | None = None) -> dict:
     presets = {name: (text, TrainConfig.for_person(options)) for name, (text, options) in PRESETS.items()}
     config = preset_cli(presets, default="tiny", description=__doc__, args=args)
+    check_base_choice(config)
     check_inputs(config)
     return train(config)
 
@@ -106,7 +116,8 @@ def main(args: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         print(main())
-    except (DataError, BaseMismatch, ResumeMismatch) as e:  # bad input, or checkpoints this run must not resume
+    # bad input (a missing --base-model, a missing file), or checkpoints this run must not resume
+    except (UsageError, DataError, BaseMismatch, ResumeMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:  # a failed run (nothing of it saved), said in one line with what to try

@@ -190,21 +190,17 @@ class DiffusionAvatarsModel(nn.Module):
             raise ValueError("model parts do not match the config: " + "; ".join(problems))
 
     def _check_base(self, unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
+        """A loaded base's own UNet and VAE are used: every layout field of ``config.unet`` / ``config.vae`` must
+        equal the loaded config's (a difference would be ignored, yet recorded in config.json), else a ValueError
+        naming each flag."""
         c = self.config
-        problems = []
-        if unet.config.cross_attention_dim != c.unet.cross_attention_dim:
-            problems.append(f"cross_attention_dim {unet.config.cross_attention_dim} != {c.unet.cross_attention_dim}")
-        if vae.config.latent_channels != c.vae.latent_channels or unet.config.in_channels != c.vae.latent_channels:
-            problems.append(f"latent channels {vae.config.latent_channels} != {c.vae.latent_channels}")
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        if factor != c.vae.downsample_factor:
-            problems.append(f"VAE factor {factor} != {c.vae.downsample_factor}")
-        if abs(vae.config.scaling_factor - c.vae.scaling_factor) > 1e-8:
-            problems.append(f"VAE scaling_factor {vae.config.scaling_factor} != {c.vae.scaling_factor}")
-        if tuple(unet.config.block_out_channels) != tuple(c.unet.block_out_channels):
-            problems.append(f"UNet block_out_channels {unet.config.block_out_channels} != {c.unet.block_out_channels}")
-        if bool(unet.config.upcast_attention) != c.unet.upcast_attention:
-            problems.append(f"UNet upcast_attention {unet.config.upcast_attention} != {c.unet.upcast_attention}")
+        problems = [f"{_model_flag(f'unet.{name}')}: the base has {base!r}, the config {ours!r}"
+                    for name, (base, ours) in _unet_layout(unet.config, c).items() if base != ours]
+        problems += [f"{_model_flag(f'vae.{name}')}: the base has {base!r}, the config {ours!r}"
+                     for name, (base, ours) in _vae_layout(vae.config, c).items() if base != ours]
+        if unet.config.in_channels != c.vae.latent_channels:
+            problems.append(f"the base UNet's in_channels {unet.config.in_channels} != "
+                            f"{_model_flag('vae.latent_channels')} {c.vae.latent_channels}")
         if problems:
             raise ValueError(f"base model {self.base_model} does not match the config: " + "; ".join(problems))
 
@@ -431,6 +427,51 @@ class DiffusionAvatarsModel(nn.Module):
         ``base_model`` defaults to the directory recorded at save time; the text encoder is not
         needed."""
         return load_checkpoint(cls, directory, base_model)
+
+
+def _model_flag(name: str) -> str:
+    """``unet.layers_per_block (--model.unet.layers-per-block; --train.model.unet.layers-per-block in launch_all)``."""
+    flag = name.replace("_", "-")
+    return f"{name} (--model.{flag}; --train.model.{flag} in launch_all)"
+
+
+def _per_block(value, blocks: int) -> tuple:
+    """A diffusers per-block setting (an int for every block, or one per block) as a tuple of ``blocks``."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * blocks
+
+
+def _unet_layout(base, config: DiffusionAvatarsConfig) -> dict[str, tuple]:
+    """Field of :class:`~avatars.configs.UNetConfig` -> (the loaded UNet config's value, the config's), as
+    :func:`~avatars.models.base_networks.build_unet` maps them."""
+    unet = config.unet
+    blocks = len(base.block_out_channels)
+    # diffusers' legacy naming: attention_head_dim is the head count unless num_attention_heads is given
+    heads = base.num_attention_heads if base.num_attention_heads is not None else base.attention_head_dim
+    return {
+        "block_out_channels": (tuple(base.block_out_channels), tuple(unet.block_out_channels)),
+        "down_block_types": (tuple(base.down_block_types), tuple(unet.down_block_types)),
+        "up_block_types": (tuple(base.up_block_types), tuple(unet.up_block_types)),
+        "layers_per_block": (_per_block(base.layers_per_block, blocks), _per_block(unet.layers_per_block, blocks)),
+        "attention_heads": (_per_block(heads, blocks), tuple(unet.attention_heads)),
+        "cross_attention_dim": (base.cross_attention_dim, unet.cross_attention_dim),
+        "use_linear_projection": (bool(base.use_linear_projection), unet.use_linear_projection),
+        "norm_num_groups": (base.norm_num_groups, unet.norm_num_groups),
+        "upcast_attention": (bool(base.upcast_attention), unet.upcast_attention),
+    }
+
+
+def _vae_layout(base, config: DiffusionAvatarsConfig) -> dict[str, tuple]:
+    """Field of :class:`~avatars.configs.VAEConfig` -> (the loaded VAE config's value, the config's)."""
+    vae = config.vae
+    scaling = base.scaling_factor
+    return {
+        "block_out_channels": (tuple(base.block_out_channels), tuple(vae.block_out_channels)),
+        "layers_per_block": (base.layers_per_block, vae.layers_per_block),
+        "latent_channels": (base.latent_channels, vae.latent_channels),
+        # a float read back from JSON: equal within 1e-8, as before
+        "scaling_factor": (scaling, scaling if abs(scaling - vae.scaling_factor) <= 1e-8 else vae.scaling_factor),
+        "norm_num_groups": (base.norm_num_groups, vae.norm_num_groups),
+    }
 
 
 @torch.no_grad()

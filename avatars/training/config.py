@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import ipaddress
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+import tyro
 
 from avatars.configs import DiffusionAvatarsConfig, paper_config, tiny_config
 from avatars.data.shard_dataset import check_min_crop
@@ -79,8 +83,13 @@ class TrainOptions:
     """'bf16': frozen UNet/VAE stored in bf16, trainable parts fp32 under bf16 autocast; 'fp32': all
     float32 (the original's setting); 'auto': bf16 on GPU, fp32 on CPU."""
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
-    """Layout of the networks' convolution weights and activations; 'auto': channels_last on GPU
-    (cuDNN's bf16 convolutions are NHWC), contiguous on CPU."""
+    """Layout of the convolution weights (and so of the activations) of the UNet, the ControlNet, the VAE and (w/o
+    LDM prior) the conditioning embedding: 'channels_last' (NHWC), 'contiguous' (NCHW); 'auto': channels_last on
+    GPU (cuDNN's bf16 convolutions are NHWC), contiguous on CPU. Not every network converts under channels_last:
+    the frozen VAE only with --compile (eager, its group norms copied NHWC back to NCHW at a cost above the gain),
+    and with --zero-stage 1 or 2 the trained networks stay NCHW (DeepSpeed keeps them as views of its flat
+    partitions), so there only the frozen UNet (and the VAE when compiled) converts
+    (avatars/training/performance.py)."""
     compile: bool = False
     """torch.compile the repeated ResNet / transformer blocks of the UNet, ControlNet and VAE
     (regional compilation; each block shape compiles once, at the first steps). Paper preset: on (one
@@ -113,10 +122,13 @@ class TrainOptions:
     log_every: int = 10
     """Write a metrics.jsonl line (and Prometheus values) every N steps."""
     metrics_port: int | None = None
-    """Serve Prometheus metrics on the first free port from this one up (None: no exporter); the port is logged."""
+    """Serve Prometheus metrics on the first free port of the 64 from this one up (1 to 65472, so that every port
+    tried exists; the processes of a node take one each); 0: a free port the system picks; None: no exporter. The
+    bound port is logged (a ``metrics_port`` record in metrics.jsonl)."""
     metrics_host: str = "127.0.0.1"
     """Address the Prometheus exporter listens on: loopback by default; the node's address (or 0.0.0.0) when a
-    Prometheus on another machine scrapes it."""
+    Prometheus on another machine scrapes it. A host name or IP address, without a port (that is
+    --metrics-port)."""
     lpips_weights: Path = LPIPS_WEIGHTS
     """LPIPS AlexNet weights for validation (written by setup.sh into the checkout's weights/; the default is that
     file's absolute path, so it is found from any working directory); validation reports PSNR only if absent.
@@ -129,6 +141,7 @@ class TrainOptions:
         check_latent_cache_mib(self.latent_cache_mib)
         check_decay(self.ema_decay)
         check_counts(self)
+        check_metrics_address(self.metrics_port, self.metrics_host)
         # the model's own rules (ablation combinations, ranges), here and not in each trainer's set-up: there they
         # failed every person after the data and base stages, and after --resume never had cleared the run
         self.model.validate()
@@ -168,6 +181,45 @@ def check_counts(options: TrainOptions) -> None:
         raise ValueError(f"{_flag('clip_scope')} {options.clip_scope!r} needs --zero-stage 0: ZeRO "
                          f"{options.zero_stage} clips inside DeepSpeed, over every trainable parameter; pass "
                          "--clip-scope all (or --grad-clip 0)")
+
+
+#: Ports the Prometheus exporter tries from --metrics-port up (cluster.monitoring.metrics.PORT_RANGE; not imported
+#: from there: the options are checked without the exporter's packages).
+EXPORTER_PORTS = 64
+#: The highest first port whose whole range exists (ports end at 65535).
+MAX_METRICS_PORT = 65535 - EXPORTER_PORTS + 1
+
+
+def check_metrics_address(port: int | None, host: str) -> None:
+    """Refuses, when the options are parsed, an exporter port the exporter cannot bind (was: an OverflowError at
+    the training's start, after the data and base stages, or -1 quietly meaning "any port") and a host that is no
+    address (empty, or with a port: was "no free Prometheus port" after 64 failed tries)."""
+    if port is not None and not 0 <= port <= MAX_METRICS_PORT:
+        raise ValueError(f"{_flag('metrics_port')} must be 1 to {MAX_METRICS_PORT} (the exporter tries "
+                         f"{EXPORTER_PORTS} ports from it up) or 0 (a free port the system picks), got {port}")
+    if (why := host_problem(host)) is not None:
+        raise ValueError(f"{_flag('metrics_host')} {host!r}: {why}")
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` cannot be an address to listen on (not an IP address nor a host name, e.g. one with a port;
+    empty), or None; the rule of the renderer's --renderer.metrics-host (cluster.serve.renderer.host_problem).
+    Whether the machine has the address shows when the exporter starts."""
+    if not host:
+        return "empty (give an address: 127.0.0.1, the node's address, or 0.0.0.0 for every interface)"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    # a dotted quad out of range (256.0.0.1) is no host name either: a top-level label is never all digits
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        return "not an IP address or a host name (without a port: that is --metrics-port)"
+    return None
 
 
 #: Options a resumed run may change (``--resume auto``): how long it trains (unless a cosine schedule is spread
@@ -241,9 +293,28 @@ class TrainConfig(TrainOptions):
     """Shard root written by jobs/preprocess.py."""
     out: Path = Path("data/runs")
     """Run root: `<out>/<person>/{checkpoints,val,model}`, `metrics.jsonl`, `result.json`."""
-    random_base: bool = False
-    """Build the frozen base with random weights instead of loading --base-model (benchmarks of the
-    paper preset without SD2.1 weights; the avatar it trains is meaningless)."""
+    random_base: Annotated[bool, tyro.conf.Suppress] = False
+    """Build the frozen base with the seeded random weights (benchmarks of the paper preset without SD2.1 weights;
+    the avatar it trains is meaningless): the model's requires_pretrained_base is then set to False, whatever the
+    preset says. Refused together with base_model. Python callers only (the benchmarks; ``run``'s fields): on the
+    command line the same is --model.no-requires-pretrained-base without --base-model, so no flag offers it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.random_base and self.base_model is not None:  # neither preset sets both: refused when constructed
+            raise ValueError(f"random_base builds the base model from random weights: do not also pass base_model "
+                             f"(--base-model), got {self.base_model}")
+
+    def base_problem(self) -> str | None:
+        """Why this run cannot have its base, naming the flags, or None: the model requires a pretrained base
+        (the paper preset) and neither --base-model nor random_base is given. Not checked when constructed (a
+        preset's options are complete without their --base-model); the entry points (jobs/train_person.py's
+        ``main`` and ``run``) check it before the trainer, whose --resume never clears the run folder first."""
+        if self.model.requires_pretrained_base and self.base_model is None and not self.random_base:
+            return ("--base-model is required (--train.base-model in launch_all): this model needs a pretrained base "
+                    "(a local diffusers directory of Stable Diffusion 2.1 for the paper preset); "
+                    "--model.no-requires-pretrained-base trains on a seeded random base instead (benchmarks only)")
+        return None
 
     @classmethod
     def for_person(cls, options: TrainOptions, **fields: Any) -> "TrainConfig":
@@ -257,9 +328,8 @@ class TrainConfig(TrainOptions):
 
     def model_config(self, expression_dim: int) -> DiffusionAvatarsConfig:
         """``model`` with the data's expression dimension and --seed; a model trained on a loaded
-        base needs that base again, one on a random base does not."""
-        if self.random_base and self.base_model is not None:
-            raise ValueError("random_base builds the base model from random weights: do not also pass base_model")
+        base needs that base again, one on a random base does not: requires_pretrained_base is set to True with
+        base_model, to False with random_base, and kept otherwise (see its help)."""
         config = dataclasses.replace(self.model, expression_dim=expression_dim, init_seed=self.seed)
         if self.base_model is not None:
             config = dataclasses.replace(config, requires_pretrained_base=True)

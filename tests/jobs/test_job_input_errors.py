@@ -111,3 +111,42 @@ def test_train_person_that_diverges_says_so_in_one_line_with_exit_code_1(tiny_sh
     assert code == 1 and "TrainingDiverged" not in err and len(errors) == 1, err  # not a traceback of it
     assert "training diverged at step" in errors[0] and "--lr-networks" in errors[0], errors
     assert not (tmp_path / "runs" / "000" / "model").exists()
+
+
+def _finished_run(root: Path) -> Path:
+    """A stand-in for a trained avatar of person 000 under ``root``: what ``--resume never`` clears."""
+    run = root / "000"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "result.json").write_text('{"person": "000"}')
+    return run
+
+
+def test_paper_without_base_model_is_refused_before_resume_never_clears_the_run(tiny_shards, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """``train_person.py paper --resume never`` with --base-model forgotten: exit code 2 and one line naming
+    --base-model, and the person's earlier avatar is still there (was: the trainer's set-up deleted result.json and
+    model/, then the model refused the missing base with a traceback)."""
+    run = _finished_run(tmp_path / "runs")
+    code, err = _run("train_person.py", ["paper", "--person", "000", "--shards", tiny_shards, "--out",
+                                         tmp_path / "runs", "--resume", "never"], monkeypatch, capsys)
+    assert code == 2 and "--base-model is required" in _one_line(err)
+    assert (run / "result.json").is_file() and (run / "model" / "config.json").is_file()
+
+
+def test_run_refuses_random_base_with_a_base_model_before_resume_never_clears_the_run(tiny_shards, tmp_path):
+    """The cluster entry point (``run``, what an sbatch job's --kwargs-json reaches) with random_base and a
+    base_model, or a paper preset without base_model: refused before the trainer, the earlier avatar kept (was:
+    refused only in the set-up, after --resume never had cleared it)."""
+    from jobs import train_person as train_job
+
+    run = _finished_run(tmp_path / "runs")
+    base = tmp_path / "base"
+    base.mkdir()
+    common = {"shards": str(tiny_shards), "out": str(tmp_path / "runs")}
+    with pytest.raises(ValueError, match="random_base"):
+        train_job.run("000", {"resume": "never", "base_model": str(base)}, random_base=True, **common)
+    assert (run / "result.json").is_file() and (run / "model" / "config.json").is_file()
+    with pytest.raises(ValueError, match="--base-model is required"):
+        train_job.run("000", {"resume": "never"}, preset="paper", **common)
+    assert (run / "result.json").is_file() and (run / "model" / "config.json").is_file()
