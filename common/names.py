@@ -1,8 +1,10 @@
-"""Names that become folder and file names, Ray task names and SLURM job names, checked by one rule everywhere
-(the capture folders, every command's ``--persons``, jobs, results.json)."""
+"""Names checked by one rule everywhere: person ids, which become folder and file names, Ray task names and SLURM
+job names (the capture folders, every command's ``--persons``, jobs, results.json), and the host names services
+listen on."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 #: Person ids become folder, file, Ray task and SLURM job names and travel comma-joined between the main job's
@@ -15,3 +17,24 @@ PERSON_ID_RULE = "letters, digits, '.', '_', '-', a letter or digit first, at mo
 def person_id_problem(name: str) -> str | None:
     """Why ``name`` cannot be a person id, or None."""
     return None if PERSON_ID_RE.match(name) else f"{name!r} is not a person id ({PERSON_ID_RULE})"
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` cannot be an address to listen on (not an IP address nor a host name, e.g. one with a port;
+    empty, which would listen on every interface), or None (the metrics exporters' --train.metrics-host and
+    --renderer.metrics-host). Whether the machine has the address shows when the exporter starts."""
+    if not isinstance(host, str) or not host:
+        return "empty (give an address: 127.0.0.1, the node's address, or 0.0.0.0 for every interface)"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    # a dotted quad out of range (256.0.0.1) is no host name either: a top-level label is never all digits
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        return "not an IP address or a host name (without a port)"
+    return None

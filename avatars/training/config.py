@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import ipaddress
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +21,7 @@ from avatars.training.latent_cache import check_latent_cache_mib
 from avatars.training.optim import check_lr_decay
 from avatars.training.weight_average import check_decay
 from common.configs import to_jsonable
+from common.names import host_problem
 from common.paths import LPIPS_WEIGHTS
 
 
@@ -199,27 +198,6 @@ def check_metrics_address(port: int | None, host: str) -> None:
                          f"{EXPORTER_PORTS} ports from it up) or 0 (a free port the system picks), got {port}")
     if (why := host_problem(host)) is not None:
         raise ValueError(f"{_flag('metrics_host')} {host!r}: {why}")
-
-
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-def host_problem(host: str) -> str | None:
-    """Why ``host`` cannot be an address to listen on (not an IP address nor a host name, e.g. one with a port;
-    empty), or None; the rule of the renderer's --renderer.metrics-host (cluster.serve.renderer.host_problem).
-    Whether the machine has the address shows when the exporter starts."""
-    if not host:
-        return "empty (give an address: 127.0.0.1, the node's address, or 0.0.0.0 for every interface)"
-    try:
-        ipaddress.ip_address(host)
-        return None
-    except ValueError:
-        pass
-    labels = host.removesuffix(".").split(".")
-    # a dotted quad out of range (256.0.0.1) is no host name either: a top-level label is never all digits
-    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
-        return "not an IP address or a host name (without a port: that is --metrics-port)"
-    return None
 
 
 #: Options a resumed run may change (``--resume auto``): how long it trains (unless a cosine schedule is spread

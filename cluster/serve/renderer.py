@@ -17,9 +17,7 @@ model, so GPU replicas do no mesh I/O and need no access to the zarr stores.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,30 +28,11 @@ import torch
 from avatars.configs import SAMPLERS, RenderOptions
 from cluster.monitoring.metrics import PORT_RANGE
 from cluster.serve.validation import BUFFER_CHANNELS, InvalidRequest, validate_request
+from common.names import host_problem
 
 #: The highest first port of a replica's exporter: it tries PORT_RANGE ports from it up, every one must exist (a port
 #: above 65535 raised OverflowError in the replica, not the "no free port" OSError); as --train.metrics-port.
 MAX_METRICS_PORT = 65535 - PORT_RANGE + 1
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-def host_problem(host: str) -> str | None:
-    """Why `host` cannot be an address to listen on (not an IP address nor a host name; empty, which would listen
-    on every interface), or None. Whether the machine has it shows when the exporter starts."""
-    if not isinstance(host, str) or not host:
-        return "empty (give an address: 127.0.0.1, the node's address, or 0.0.0.0 for every interface)"
-    try:
-        ipaddress.ip_address(host)
-        return None
-    except ValueError:
-        pass
-    labels = host.removesuffix(".").split(".")
-    # a dotted quad out of range (256.0.0.1) is no host name either: a top-level label is never all digits
-    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit():
-        return "not an IP address or a host name"
-    return None
-
-
 def device_problem(device: str) -> str | None:
     """Why torch cannot parse `device`, or None (whether the device is there shows when a model loads on it)."""
     try:
