@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from pipeline_helpers import TINY_DATA
 
 from avatars.configs import tiny_config
@@ -30,6 +31,7 @@ from avatars.training.base_record import base_fingerprint, write_record
 from cluster.eval_driver import driver
 from cluster.person_job import JobResult
 from cluster.report import RunResults, TaskResult
+from cluster.serve.renderer import FrameRenderer
 from jobs import launch_all
 from jobs import train_person as train_job
 from jobs._presets import preset_cli
@@ -506,3 +508,55 @@ def test_a_base_whose_pretraining_diverges_fails_every_person_with_the_reason(st
     assert code == 1 and "Traceback" not in out and "error: the base model stage stopped: the vae stage" in out
     assert {r["person"]: r["error"] for r in summary["results"]} == dict.fromkeys(
         ("017", "018"), "base model: the vae stage diverged: its final loss is nan")
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("auto", torch.float32)])  # auto: fp32 off CUDA, as the training's
+def test_the_evaluation_renders_in_the_training_precision(staged, tmp_path, monkeypatch, precision, dtype):
+    """--train.precision reaches the renderer's RenderOptions: the nightly numbers of an fp32 training came from
+    bf16 renders on CUDA (RenderOptions' "auto") while its validation rendered in fp32. The replica's renderer is
+    built from the config the evaluation got (on the CPU here, as a replica without a GPU builds it)."""
+    evaluated = []
+    monkeypatch.setattr(driver, "run_evaluation", lambda config: evaluated.append(config) or driver.EvalSummary(
+        "2026-01-01", tmp_path / "results.json", None, list(config.persons), {}, 0, 0.0, {}))
+    code, out = staged.run("--persons", "017", "--train.precision", precision, evaluate=True)
+    assert code == 0, out
+    (config,) = evaluated
+    assert config.renderer.pipeline.precision == precision
+    assert config.renderer.pipeline.compile_cache is not None  # still shared by the replicas
+    model_dir = tmp_path / "avatar"
+    DiffusionAvatarsModel(tiny_config(expression_dim=10)).save_pretrained(model_dir)
+    renderer = FrameRenderer(model_dir, config.renderer.replace(device="cpu", num_inference_steps=1, max_batch_size=1))
+    assert renderer.pipeline.options.precision == precision and renderer.pipeline.dtype == dtype
+
+
+def test_the_local_backend_says_at_launch_that_it_reserves_no_resources(staged):
+    """--backend local runs each training in this process: --job-gpus 0 keeps no training off this machine's GPU
+    and --job-cpus / --job-memory-gb limit nothing; said once, before any work. Not said when none was given."""
+    code, out = staged.run("--persons", "017", "--job-gpus", "0", "--job-cpus", "4")
+    assert code == 0, out
+    assert out.count("warning: --backend local reserves no resources") == 1, out
+    assert "--job-cpus, --job-gpus limit nothing (a --job-gpus 0 training uses this machine's GPU" in out
+    code, out = staged.run("--persons", "017")
+    assert code == 0 and "reserves no resources" not in out, out
+
+
+def test_slurm_rounds_job_resources_up_and_says_so():
+    """SLURM takes whole CPUs, GPUs and GiB (slurm_backend._resource_params rounds up): said at launch, and in the
+    flags' help."""
+    args = launch_all.LaunchAllArgs(backend="slurm", job_cpus=1.5, job_gpus=0.5, job_memory_gb=7.2)
+    assert launch_all.resource_warnings(args) == [
+        "SLURM reserves whole CPUs, GPUs and GiB, rounded up: --job-cpus 1.5 is 2 CPUs, --job-gpus 0.5 is 1 GPUs, "
+        "--job-memory-gb 7.2 is 8 GiB per job"]
+    assert launch_all.resource_warnings(launch_all.LaunchAllArgs(backend="slurm", job_cpus=2, job_gpus=1,
+                                                                 job_memory_gb=8)) == []
+    assert launch_all.resource_warnings(launch_all.LaunchAllArgs(backend="ray", job_gpus=0.5)) == []
+
+
+def test_the_job_resource_help_says_how_each_backend_takes_them(capsys):
+    with pytest.raises(SystemExit):
+        preset_cli(launch_all.PRESETS, default="tiny", description="d", args=["tiny", "--help"])
+    said = "".join(capsys.readouterr().out.replace("│", "").split())  # tyro's frame
+    for text in ("SLURM cpus-per-task, rounded up to whole CPUs", "SLURM gpus-per-node, rounded up to whole GPUs",
+                 "SLURM mem, rounded up to whole GiB", "The local backend reserves nothing"):
+        assert "".join(text.split()) in said, text

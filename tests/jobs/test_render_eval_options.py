@@ -41,6 +41,25 @@ def _render_eval(tmp_path, monkeypatch, capsys, *flags: str) -> tuple[int, str]:
     (["--landmark-model", "/typo.pt"], "--landmark-model /typo.pt: does not exist"),
     (["--face-id-model", "{tmp}"], "--face-id-model {tmp}: is not a file"),
     (["--face-id-model", "{tmp}/faceid.pt"], "--face-id-model {tmp}/faceid.pt: is not a TorchScript file"),
+    # each of these reached ray.init or a renderer replica (--video-min-fps above --fps made the comparison videos
+    # play faster than --fps although it is documented as their slowest rate)
+    (["--renderer.metrics-port", "-1"], "metrics_port (--renderer.metrics-port) must be 1 to 65472"),
+    (["--renderer.metrics-port", "70000"], "metrics_port (--renderer.metrics-port) must be 1 to 65472"),
+    (["--renderer.metrics-port", "65500"], "metrics_port (--renderer.metrics-port) must be 1 to 65472"),
+    (["--renderer.metrics-port", "9500", "--renderer.metrics-host", ""], "metrics_host (--renderer.metrics-host) '': "
+                                                                         "empty"),
+    (["--renderer.metrics-host", "node1:9500"], "metrics_host (--renderer.metrics-host) 'node1:9500': not an IP"),
+    (["--renderer.device", "banana"], "device (--renderer.device) 'banana': not a torch device"),
+    (["--renderer.device", "cuda"], "--renderer.device cuda needs --renderer.num-gpus > 0"),
+    (["--renderer.device", "cuda:1", "--renderer.num-gpus", "0"], "--renderer.device cuda:1 needs --renderer.num-gpus"),
+    (["--video-min-fps", "30"], "--video-min-fps (30) must be at most --fps (24)"),
+    (["--fps", "10", "--video-min-fps", "12"], "--video-min-fps (12) must be at most --fps (10)"),
+    (["--fps", "inf"], "fps (inf) and video_min_fps (4.0) must be > 0"),
+    (["--ray-num-cpus", "0"], "--ray-num-cpus must be at least 1 (leave it out for all CPUs), got 0"),
+    (["--ray-num-cpus", "-2"], "--ray-num-cpus must be at least 1"),
+    (["--ray-object-store-mb", "0"], "--ray-object-store-mb must be at least 75 (Ray's minimum object store), got 0"),
+    (["--ray-object-store-mb", "-512"], "--ray-object-store-mb must be at least 75"),
+    (["--ray-object-store-mb", "64"], "--ray-object-store-mb must be at least 75"),
 ])
 def test_a_bad_option_is_refused_naming_the_flag_with_exit_code_2(tmp_path, monkeypatch, capsys, flags, error):
     (tmp_path / "faceid.pt").write_text("not a network")
