@@ -6,8 +6,6 @@ stages stood in for (as in test_launch_all_options.py)."""
 from __future__ import annotations
 
 import dataclasses
-import urllib.request
-from types import SimpleNamespace
 
 import pytest
 
@@ -33,44 +31,6 @@ def test_good_evaluation_options_still_parse(tmp_path):
                      RendererConfig(metrics_port=1, metrics_host="::1")):
         driver.EvalDriverConfig(**config, renderer=renderer)
     driver.EvalDriverConfig(**config, fps=4.0, video_min_fps=4.0, ray_num_cpus=1, ray_object_store_mb=75)
-
-
-@pytest.fixture
-def replica(monkeypatch):
-    """``make(config)``: the renderer deployment's class built as a replica builds it, in this process without Ray
-    (as test_serve.py's fixture); its exporters are stopped at the end."""
-    from ray import serve
-
-    import cluster.bind
-    from cluster.serve.deployment import AvatarRenderer
-
-    made = []
-    monkeypatch.setattr(cluster.bind, "serve_replica_grpc_on_node_ip", lambda node_ip: False)
-    batching = AvatarRenderer.func_or_class.render_batch.set_max_batch_size.__self__
-    for name in ("_queue", "max_batch_size", "batch_wait_timeout_s"):
-        monkeypatch.setattr(batching, name, getattr(batching, name))
-
-    def make(config: RendererConfig):
-        context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=config.max_ongoing_requests))
-        monkeypatch.setattr(serve, "get_replica_context", lambda: context)
-        made.append(AvatarRenderer.func_or_class({"p0": "/nowhere"}, config, 2))
-        return made[-1]
-
-    yield make
-    for r in made:
-        if r.exporter is not None:
-            r.exporter.stop()
-            r.exporter = None
-
-
-def test_renderer_metrics_port_0_is_a_free_port_as_in_training(replica):
-    """--renderer.metrics-port 0 means what --train.metrics-port 0 means: an exporter on a port the system picks
-    (before: no exporter at all, though 0 is no 'None'); None is still no exporter."""
-    r = replica(RendererConfig(metrics_port=0))
-    assert r.exporter is not None and r.exporter.port > 0
-    with urllib.request.urlopen(f"http://127.0.0.1:{r.exporter.port}/metrics", timeout=10) as resp:
-        assert resp.status == 200
-    assert replica(RendererConfig()).exporter is None
 
 
 # ---- SLURM -------------------------------------------------------------------------------------

@@ -415,3 +415,13 @@ def test_a_replica_exporter_listens_on_metrics_host(replica):
         assert resp.status == 200
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_renderer_metrics_port_0_is_a_free_port_as_in_training(replica):
+    """--renderer.metrics-port 0 means what --train.metrics-port 0 means: an exporter on a port the system picks
+    (before: no exporter at all, though 0 is no 'None'); None is still no exporter."""
+    r = replica(RendererConfig(metrics_port=0))
+    assert r.exporter is not None and r.exporter.port > 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{r.exporter.port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+    assert replica(RendererConfig()).exporter is None
