@@ -47,6 +47,7 @@ from avatars.evaluation.metrics import psnr_from_mse
 from avatars.models.base_networks import EMPTY_PROMPT_TOKENS, build_unet, build_vae
 from avatars.schedulers import training_scheduler
 from avatars.training.config import TrainingDiverged
+from avatars.training.finite import first_names, non_finite
 from common.configs import to_jsonable
 from common.fingerprint import json_digest
 from common.io import atomic_directory, atomic_write_json
@@ -339,12 +340,10 @@ def check_stage(stage: str, module: torch.nn.Module, losses: dict[str, float], o
     """Raises :class:`TrainingDiverged` naming the ``stage`` when a weight (or buffer) of ``module`` or one of its
     final ``losses`` is NaN or infinite: such a base would be written and every avatar trained on it would learn
     nothing (or NaN). Called before anything of the base is written."""
-    with torch.no_grad():
-        tensors = [name for name, t in module.state_dict().items() if not bool(torch.isfinite(t).all())]
+    tensors = non_finite(module.state_dict())
     said = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
     if tensors:
-        said.append("NaN or infinite weights (" + ", ".join(tensors[:3])
-                    + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "") + ")")
+        said.append(f"NaN or infinite weights ({first_names(tensors)})")
     if said:
         raise TrainingDiverged(f"base pretraining diverged in the {stage} stage: {'; '.join(said)}; nothing is "
                                f"written to {output}. {remedy}")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from avatars.training.finite import first_names, non_finite
 from avatars.training.optim import match_state_layout
 from common.fingerprint import check_sha256, folder_sha256
 from common.io import DataError, atomic_write_bytes, atomic_write_json
@@ -174,15 +175,9 @@ def load_latest(engine, ckpt_dir: Path, noise: torch.Generator) -> TrainerState 
 def _check_finite(folder: Path, what: str, tensors: dict[str, torch.Tensor]) -> None:
     """A DataError naming ``folder`` when a floating-point tensor of ``tensors`` holds a NaN or an infinity (one
     pass over the trainable weights, one host sync): resumed, NaN weights train on as NaN and are published."""
-    floats = {name: t for name, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point()}
-    if not floats:
-        return
-    with torch.no_grad():
-        finite = torch.stack([torch.isfinite(t).all() for t in floats.values()]).tolist()
-    bad = [name for name, ok in zip(floats, finite) if not ok]
+    bad = non_finite(tensors)
     if bad:
-        named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise DataError(folder, f"NaN or infinite {what} ({named}); {DIVERGED_REMEDY}")
+        raise DataError(folder, f"NaN or infinite {what} ({first_names(bad)}); {DIVERGED_REMEDY}")
 
 
 def _recorded_sha256(folder: Path) -> dict[str, str] | None:

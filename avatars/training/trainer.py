@@ -58,6 +58,7 @@ from .base_record import write_record as write_base_record
 from .callbacks import TrainerCallback, default_callbacks
 from .config import TRAIN_DATA, ResumeMismatch, TrainConfig, TrainingDiverged, resume_conflicts, state_options
 from .engine import build_engine
+from .finite import first_names, non_finite
 from .latent_cache import latent_cache_for
 from .rendezvous import init_distributed
 from .validation import Validator
@@ -285,12 +286,10 @@ class Trainer:
         tensors = dict(self.model.trainable_state_dict())
         if self.average is not None:
             tensors.update({f"{name} (weight average)": t for name, t in self.average.state_dict().items()})
-        with torch.no_grad():
-            finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
-        bad = [name for name, ok in zip(tensors, finite) if not ok]
+        bad = non_finite(tensors)
         if not self._any_process(bool(bad)):
             return
-        named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        named = first_names(bad)
         raise TrainingDiverged(f"person {self.config.person} ({self.run_dir}): training diverged by step "
                                f"{self.state.step}: NaN or infinite weights ({named or 'in another process'}); "
                                f"the {what} is not written. {self._remedy()}")
