@@ -109,6 +109,11 @@ def _spec_digest(store: PersonStore, config: ShardConfig, keys: list[str]) -> st
 def plan_person(store_path: Path, out_dir: Path, config: ShardConfig) -> list[ShardTask]:
     """All shard tasks of one person, in deterministic order."""
     store = PersonStore(store_path)
+    named = Path(store_path).name.removesuffix(".zarr")
+    if store.person != named:  # its shards would go to (and replace) the other person's folder, keyed as that person
+        raise DataError(store_path, f"the store holds person {store.person!r} (attribute 'person') but is named "
+                                    f"{Path(store_path).name} (a renamed or copied store): rename it back to "
+                                    f"{store.person}.zarr, or ingest person {named} with jobs/ingest.py")
     all_samples = store.samples()
     tasks = []
     for split in SPLITS:

@@ -315,3 +315,16 @@ def test_background_option_is_the_colour_of_every_pixel_outside_the_alpha(tiny_s
         assert bg.any() and fg.any() and dec.meta["background"] == list(background)
         np.testing.assert_allclose(dec.rgb[:, bg], np.broadcast_to(colour[:, None], dec.rgb[:, bg].shape), atol=1e-6)
         np.testing.assert_array_equal(dec.rgb[:, fg], white[key].rgb[:, fg])
+
+
+def test_a_renamed_store_is_refused_and_the_other_persons_shards_are_untouched(tiny_stores, tiny_shards, tmp_path):
+    """``001.zarr`` holding person 000 (a hand-renamed or copied store) wrote its shards into ``000/`` under 000's keys,
+    replacing 000's; now that person fails alone, naming the store and both names."""
+    shutil.copytree(tiny_stores / "000.zarr", tmp_path / "zarr" / "001.zarr")
+    shutil.copytree(tiny_shards / "000", tmp_path / "shards" / "000")
+    before = _digests(tmp_path / "shards" / "000")
+    res = write_shards([tmp_path / "zarr" / "001.zarr"], tmp_path / "shards", TINY_SHARDS, progress=False)
+    assert re.search(r"001\.zarr.*holds person '000' .* named 001\.zarr", res.failed["001"])
+    assert not res.written
+    assert _digests(tmp_path / "shards" / "000") == before
+    assert not list((tmp_path / "shards").glob("001/*.tar"))
