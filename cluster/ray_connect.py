@@ -67,15 +67,28 @@ def embedded_ray_temp_dir() -> str | None:
     return RAY_FALLBACK_TEMP_DIR
 
 
+#: Since Ray 2.5x a task or actor that reserves no GPU (``num_gpus=0``: a CPU person's training, a CPU renderer
+#: replica) sees every GPU of its node (Ray no longer sets ``CUDA_VISIBLE_DEVICES=""`` for it), and the renderer's
+#: and the trainer's "CUDA when available" then put it on a GPU that Ray gave to another task. This restores
+#: Ray's earlier rule in every worker of a run; a ``runtime_env`` that sets the variable itself wins.
+HIDE_UNRESERVED_GPUS = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+
+
+def job_runtime_env(runtime_env: dict[str, Any] | None) -> dict[str, Any]:
+    """``runtime_env`` (the run's own, if any) with :data:`HIDE_UNRESERVED_GPUS` among its ``env_vars``."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**HIDE_UNRESERVED_GPUS, **(env.get("env_vars") or {})}
+    return env
+
+
 def ray_init_kwargs(address: str | None, embedded: EmbeddedRay = EmbeddedRay(), *,
                     runtime_env: dict[str, Any] | None = None, log_to_driver: bool = True) -> dict[str, Any]:
     """The ``ray.init`` keyword arguments :func:`connect_ray` uses: join ``address`` (resolved as
     :func:`cluster.preflight.resolve_ray_address` does), or, when that is None, start ``embedded``.
 
-    For a loopback ``embedded.bind_host`` this also makes Ray honour it (see :func:`embedded_ray_bind`)."""
-    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
-    if runtime_env is not None:
-        kwargs["runtime_env"] = runtime_env
+    For a loopback ``embedded.bind_host`` this also makes Ray honour it (see :func:`embedded_ray_bind`); the job's
+    runtime environment hides the GPUs from the workers that reserve none (:data:`HIDE_UNRESERVED_GPUS`)."""
+    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver, "runtime_env": job_runtime_env(runtime_env)}
     resolved = resolve_ray_address(address)
     if resolved is not None:
         kwargs["address"] = resolved

@@ -8,7 +8,9 @@ import ray
 from cluster import ray_backend
 from cluster.eval_driver import driver
 from cluster.preflight import BackendUnavailable
-from cluster.ray_connect import EmbeddedRay, connect_ray
+from cluster.ray_connect import HIDE_UNRESERVED_GPUS, EmbeddedRay, connect_ray
+
+HIDE = {"env_vars": HIDE_UNRESERVED_GPUS}  # every run's workers: see test_an_embedded_ray_starts_under_a_long_tmpdir
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def test_embedded_ray_is_its_own_and_listens_on_loopback(inits, monkeypatch):
                        log_to_driver=False) is True
     assert inits == [dict(address="local", num_cpus=2, num_gpus=None, object_store_memory=100 * 2**20,
                           include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                          dashboard_host="127.0.0.1")]
+                          dashboard_host="127.0.0.1", runtime_env=HIDE)]
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # Ray honours a loopback node IP
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
     # already connected: that connection is used, nothing is started
@@ -64,7 +66,10 @@ def test_a_tmpdir_too_long_for_rays_sockets_moves_the_embedded_session_to_tmp(in
 
 @pytest.mark.ray
 def test_an_embedded_ray_starts_under_a_long_tmpdir(tmp_path):
-    """For real, in a fresh interpreter: the embedded Ray starts and computes with a 100-byte TMPDIR."""
+    """For real, in a fresh interpreter: the embedded Ray starts and computes with a 100-byte TMPDIR; and a task
+    that reserves no GPU sees none (``CUDA_VISIBLE_DEVICES=""``: Ray 2.60 left it unset, every GPU visible, and
+    a CPU person's training or a CPU renderer replica took a GPU Ray had given another task). One Ray start
+    checks both: Ray sets the variable from the task's reservation on a machine without a GPU too."""
     import os
     import subprocess
     import sys
@@ -77,12 +82,16 @@ def test_an_embedded_ray_starts_under_a_long_tmpdir(tmp_path):
               "connect_ray(None, EmbeddedRay(num_cpus=1, include_dashboard=False), log_to_driver=False)\n"
               "print('session', ray.get(ray.remote(lambda: ray.get_runtime_context().get_node_id())"
               ".options(num_cpus=0).remote()) is not None)\n"
+              "import os\n"
+              "print('gpus', repr(ray.get(ray.remote(lambda: os.environ.get('CUDA_VISIBLE_DEVICES'))"
+              ".options(num_cpus=0, num_gpus=0).remote())))\n"
               "ray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
                           env={**env, "TMPDIR": str(tmpdir)}, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0 and "session True" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "too long a path for Ray's sockets" in proc.stderr
+    assert "gpus ''" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_an_embedded_ray_that_times_out_starting_is_started_again_once(monkeypatch, capsys):
@@ -123,11 +132,12 @@ def test_an_embedded_ray_that_times_out_starting_is_started_again_once(monkeypat
 
 def test_a_cluster_is_joined_without_the_embedded_settings(inits, monkeypatch):
     connect_ray("10.0.0.5:6379", EmbeddedRay(num_cpus=2, bind_host="0.0.0.0"), runtime_env={"env_vars": {"A": "1"}})
-    assert inits == [dict(address="10.0.0.5:6379", runtime_env={"env_vars": {"A": "1"}}, log_to_driver=True)]
+    assert inits == [dict(address="10.0.0.5:6379", runtime_env={"env_vars": {**HIDE_UNRESERVED_GPUS, "A": "1"}},
+                          log_to_driver=True)]
     inits.clear()
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.6:6379")  # inside `ray job submit`
     connect_ray(None, EmbeddedRay(num_cpus=2))
-    assert inits == [dict(address="10.0.0.6:6379", log_to_driver=True)]
+    assert inits == [dict(address="10.0.0.6:6379", log_to_driver=True, runtime_env=HIDE)]
 
 
 def test_auto_without_a_cluster_says_how_to_get_one(inits, monkeypatch):
@@ -146,7 +156,8 @@ def test_training_backend_and_evaluation_driver_connect_through_it(inits, monkey
                                                            node_ip_address="127.0.0.2"))
     assert backend._connect() is True
     assert inits[-1] == dict(address="local", num_cpus=3, num_gpus=None, object_store_memory=64 * 2**20,
-                             log_to_driver=True, _node_ip_address="127.0.0.2", dashboard_host="127.0.0.2")
+                             log_to_driver=True, _node_ip_address="127.0.0.2", dashboard_host="127.0.0.2",
+                             runtime_env=HIDE)
     inits.clear()
     config = driver.EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
                                      ray_num_cpus=1, metrics=("psnr",))
@@ -157,7 +168,7 @@ def test_training_backend_and_evaluation_driver_connect_through_it(inits, monkey
         driver._render_all(config, tmp_path, [], {}, {}, {}, {})
     assert inits == [dict(address="local", num_cpus=1, num_gpus=None, object_store_memory=512 * 2**20,
                           include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
-                          dashboard_host="127.0.0.1")]
+                          dashboard_host="127.0.0.1", runtime_env=HIDE)]
     assert stopped == [True]  # the driver started this Ray, so it stops it
 
 
@@ -233,7 +244,7 @@ def test_evaluation_driver_ray_listens_on_its_bind_host_with_its_object_store(in
         driver._render_all(config, tmp_path, [], {}, {}, {}, {})
     assert inits == [dict(address="local", num_cpus=None, num_gpus=None, object_store_memory=96 * 2**20,
                           include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.2",
-                          dashboard_host="127.0.0.2")]
+                          dashboard_host="127.0.0.2", runtime_env=HIDE)]
 
 
 @pytest.mark.parametrize("where", ["embedded", "joined", "RAY_ADDRESS", "connected before"])
