@@ -7,11 +7,17 @@ from __future__ import annotations
 import ipaddress
 import re
 
+#: The files the main job writes beside the person folders of ``<workdir>/runs``: a person of that name would be
+#: cleared, trained and summarised into them (``--train.resume never`` failed every person's training on it).
+RESERVED_NAMES = ("summary.json", "stages.json")
 #: Person ids become folder, file, Ray task and SLURM job names and travel comma-joined between the main job's
 #: stages: letters, digits, '.', '_', '-', a letter or digit first, at most 64 characters (the temporary names
-#: beside a person's folder add ~20 to it, within the 255 bytes of a file name). Anchored: ``match`` is whole.
-PERSON_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-PERSON_ID_RULE = "letters, digits, '.', '_', '-', a letter or digit first, at most 64 characters"
+#: beside a person's folder add ~20 to it, within the 255 bytes of a file name), none of RESERVED_NAMES.
+#: Anchored: ``match`` is whole.
+PERSON_ID_RE = re.compile(r"\A(?!(?:%s)\Z)[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"
+                          % "|".join(map(re.escape, RESERVED_NAMES)))
+PERSON_ID_RULE = ("letters, digits, '.', '_', '-', a letter or digit first, at most 64 characters, not "
+                  + " or ".join(RESERVED_NAMES))
 
 
 def person_id_problem(name: str) -> str | None:

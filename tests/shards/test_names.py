@@ -15,12 +15,14 @@ from shards.contract import Calibration, PersonCapture, find_persons
 from shards.ingest import IngestConfig, ingest_person
 
 
-@pytest.mark.parametrize("name", ["000 copy", "001,x", "000\n", "-x", ".x", "../x", "a/b", "é", "p" * 65, ""])
+# summary.json / stages.json: the main job's own files in <workdir>/runs, beside the person folders
+@pytest.mark.parametrize("name", ["000 copy", "001,x", "000\n", "-x", ".x", "../x", "a/b", "é", "p" * 65, "",
+                                  "summary.json", "stages.json"])
 def test_what_is_not_a_person_id(name):
     assert person_id_problem(name) is not None
 
 
-@pytest.mark.parametrize("name", ["000", "017", "a.b", "Person_1-x", "p" * 64])
+@pytest.mark.parametrize("name", ["000", "017", "a.b", "Person_1-x", "p" * 64, "summary", "summary.json.1"])
 def test_what_is_a_person_id(name):
     assert person_id_problem(name) is None
 
