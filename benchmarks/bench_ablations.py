@@ -179,7 +179,7 @@ def summarise(rows: list[dict], names: list[str]) -> list[dict]:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("data"))
     ap.add_argument("--base-model", type=Path, default=None, help="default: the main job's base in <workdir>")
@@ -199,12 +199,17 @@ def main() -> None:
     ap.add_argument("--base-unet-steps", type=int, default=None,
                     help=f"with --ablation-data: UNet steps of the base it pretrains (default "
                          f"{ABLATION_BASE_UNET_STEPS}; the main job's base: 200)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.base_unet_steps is not None and not a.ablation_data:
         ap.error("--base-unet-steps sets the base that --ablation-data pretrains; without it the base is "
                  "--base-model or the main job's")
     if a.base_unet_steps is not None and a.base_unet_steps <= 0:
         ap.error(f"--base-unet-steps must be positive, got {a.base_unet_steps}")
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     # imported once the options are checked: heldout imports diffusers (~10 s), a refusal or --help needs none
     from heldout import Variant, main_job_base
 

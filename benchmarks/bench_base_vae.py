@@ -133,7 +133,7 @@ class ExpressionProbe:
         return row
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=Path, default=Path("data/shards"))
     ap.add_argument("--persons", default="all")
@@ -147,7 +147,11 @@ def main() -> None:
     ap.add_argument("--probe-workdir", type=Path, default=None,
                     help="work directory (zarr/, shards/) of synthetic captures: also score the expression response")
     ap.add_argument("--probe-person", default="000")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     torch.set_num_threads(a.threads)
     persons = resolve_persons(a.shards, a.persons)
     resolution = tiny_config().resolution

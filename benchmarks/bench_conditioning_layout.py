@@ -81,13 +81,17 @@ def measure(steps: int, repeats: int, batch_size: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="calls timed per row")
     ap.add_argument("--repeats", type=int, default=3, help="alternations of the two layouts")
     ap.add_argument("--batch", type=int, default=4, help="the tiny preset's batch")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a training worker of the main job: 1)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = measure(args.steps, args.repeats, args.batch)

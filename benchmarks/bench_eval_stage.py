@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import report  # noqa: E402
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", type=Path, required=True, help="finished work directory (read only)")
     ap.add_argument("--scratch", type=Path, default=Path("data/bench-eval-stage"))
@@ -38,7 +38,11 @@ def main() -> None:
                     help="start the embedded Ray before the stage, as the main job's training does since it keeps "
                          "one Ray for both (its start is then not part of the stage)")
     ap.add_argument("extra", nargs="*", help="more launch_all arguments (after --)")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
 
     import tyro
 

@@ -61,12 +61,16 @@ def person_effect(config: SyntheticConfig, person: str, held_out: int, size: int
     return torch.stack(real), torch.stack(zeroed), torch.stack(masks)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--persons", default="000,001")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--held-out-sequences", type=int, default=2)
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     config = SyntheticConfig()
     rows, pictures = [], []
     for person in a.persons.split(","):

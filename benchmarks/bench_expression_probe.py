@@ -205,7 +205,7 @@ def draw_figure(path: Path, run_dir: Path, base: Path, held: HeldOutExpression, 
     save_rows(path, rows, columns=len(FIGURE_EDITS), scale=4)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("data"))
     ap.add_argument("--base-model", type=Path, default=None, help="default: the main job's base in <workdir>")
@@ -215,7 +215,11 @@ def main() -> None:
                     help="another base model folder whose VAE bound to report too (e.g. a candidate tiny base)")
     ap.add_argument("--figure", type=Path, default=None,
                     help="PNG of ground truth | render under edited gaze and mouth-interior codes (first --run)")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     torch.set_num_threads(1)
     base = a.base_model or main_job_base(a.workdir)
     held = HeldOutExpression(a.workdir, a.person, 64)

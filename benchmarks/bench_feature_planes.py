@@ -77,14 +77,18 @@ def fit(train: dict, test: dict, steps: int, res: int, ch: int, std: float, plr:
             float(loss.detach()), cpu, pred)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=Path, default=Path("data/shards"))
     ap.add_argument("--person", default="000")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--variants", nargs="+", default=["res=32,std=0.1", "res=32,std=1", "res=0"])
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     torch.set_num_threads(1)
     train = load(a.shards, a.person, ["train"])
     test = load(a.shards, a.person, ["test_seq", "test_cam"], a.samples)

@@ -80,7 +80,7 @@ def score(evaluator: Evaluator, tasks, pred: torch.Tensor) -> dict[str, float]:
     return mean_metrics(out)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("data"), help="the main job's work directory")
     ap.add_argument("--person", default="000")
@@ -95,7 +95,11 @@ def main() -> None:
                     help="also render --run at each of these conditioning scales (first sampler setting)")
     ap.add_argument("--train-frames", type=int, default=0,
                     help="also score each model on this many of its training frames (face PSNR)")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     torch.set_num_threads(1)
     base = a.base_model or main_job_base(a.workdir)
     run = a.run if a.run is not None else a.workdir / "runs" / a.person

@@ -72,14 +72,18 @@ def untrained_gap(workdir: Path, person: str, steps: int) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("data/bench-first-run"))
     ap.add_argument("--keep", action="store_true", help="do not remove the work directory first (not a first run)")
     ap.add_argument("--gap-person", default="000")
     ap.add_argument("--tag", default="", help="suffix of the output file")
     ap.add_argument("extra", nargs="*", help="more launch_all arguments (after --)")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     if a.workdir.exists() and not a.keep:
         shutil.rmtree(a.workdir)
     load_start = os.getloadavg()[0]

@@ -28,12 +28,16 @@ def _ingest(person: str, captures: Path, out: Path):
     return ingest_person(captures, person, out, IngestConfig(), force=True)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--persons", type=int, default=8)
     ap.add_argument("--workdir", type=Path, default=Path("data/bench-ingest"))
     ap.add_argument("--workers", type=int, default=2)
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     import functools
 
     cfg = replace(SyntheticConfig(), persons=a.persons)

@@ -101,14 +101,18 @@ def bench_speedup(n: int, hash_rounds: int, steps: int, tmp: Path) -> dict:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--persons", type=int, default=8, help="persons for the launch-overhead run")
     ap.add_argument("--speedup-persons", type=int, default=4, help="persons for the speed-up run")
     ap.add_argument("--hash-rounds", type=int, default=1_500_000, help="SHA-256 rounds per step (CPU work)")
     ap.add_argument("--steps", type=int, default=4, help="steps per person in the speed-up run")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/launch.json")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-launch-") as tmp:
         launch = bench_launch(args.persons, Path(tmp) / "launch")
         speed = bench_speedup(args.speedup_persons, args.hash_rounds, args.steps, Path(tmp) / "speed")

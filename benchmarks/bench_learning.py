@@ -130,7 +130,7 @@ def save_montage(
     print(f"wrote {path}")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shards", type=Path, default=Path("data/shards"))
     ap.add_argument("--base-model", type=Path, default=None, help="default: the newest data/base/tiny-<key>")
@@ -140,7 +140,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("data/bench-learning"))
     ap.add_argument("--image", type=Path, default=Path("benchmarks/results/learning.png"),
                     help="ground truth | render picture of every person")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     if a.base_model is None:
         from avatars.training.base_pretraining import newest_base
 

@@ -91,11 +91,15 @@ def measure(path: str, preset: str) -> dict:
             "host reads": dict(collections.Counter(reads))}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
     parser.add_argument("--path", choices=["before", "now"], help=argparse.SUPPRESS)  # one path per process
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.path:
         import json
 

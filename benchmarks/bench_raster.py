@@ -235,7 +235,7 @@ def data_stages(persons: int, sequences: int, before_ref: str, work: Path) -> tu
     return rows, {"before_ref": before_ref, "identical_outputs": a == b, "digests": digests}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="256,512")
     ap.add_argument("--frames", type=int, default=30, help="timed frames per size for the CPU backend")
@@ -248,7 +248,11 @@ def main() -> None:
                     "commit before the compiled rasterizer and the eye-only albedo)")
     ap.add_argument("--data-sequences", type=int, default=6,
                     help="sequences per person there (the main job: 6; at least 3: two are held out)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     v, f = uv_sphere(128, 200)
     attrs = np.concatenate([v, np.linalg.norm(v, axis=1, keepdims=True)], 1).astype(np.float32)

@@ -157,13 +157,17 @@ def throughput(loader, passes: int, cold_files: list[Path] | None) -> float:
     return n / elapsed
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("data/bench-shards"))
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     torch.set_num_threads(1)  # one thread per loader worker; the iterating thread only waits
     sizes, speeds = [], []
     for size in a.sizes:

@@ -173,14 +173,18 @@ def rows_of(results: list[dict], label: str = "") -> list[dict]:
     return rows
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--baseline", type=Path, help="an earlier result of this benchmark, embedded as 'before'")
     parser.add_argument("--out", type=Path, default=RESULTS / "step_ops.json")
     parser.add_argument("--who", choices=["ours", "peer"], help=argparse.SUPPRESS)  # one side per process
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.who:
         print("ROW" + json.dumps(measure(args.who, args.preset, args.batch)))
         return

@@ -55,13 +55,17 @@ def tiny_run(shards: Path, person: str, steps: int, base_model: Path | None, lat
             "latent cache": f"{cache['encoded']} encoded, {cache['reused']} reused" if cache else "off"}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--shards", type=Path, default=Path("data/shards"))
     ap.add_argument("--person", default="000")
     ap.add_argument("--base-model", type=Path, default=None, help="the tiny base (default: random weights)")
-    a = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    a = parse_args()
     if not (a.shards / a.person / "manifest.json").is_file():
         from shards.testing import build_tiny
 

@@ -105,9 +105,14 @@ def check_inputs(config: TrainConfig) -> None:
             raise DataError(base, f"lacks {' and '.join(missing)}: not a diffusers base model (--base-model)")
 
 
-def main(args: list[str] | None = None) -> dict:
+def parse_args(args: list[str] | None = None) -> TrainConfig:
+    """The command line (default: ``sys.argv[1:]``) as a config: a preset name first, then its overrides."""
     presets = {name: (text, TrainConfig.for_person(options)) for name, (text, options) in PRESETS.items()}
-    config = preset_cli(presets, default="tiny", description=__doc__, args=args)
+    return preset_cli(presets, default="tiny", description=__doc__, args=args)
+
+
+def main(args: list[str] | None = None) -> dict:
+    config = parse_args(args)
     check_base_choice(config)
     check_inputs(config)
     return train(config)
