@@ -8,6 +8,7 @@ workers from DEFAULT_TRAINING_PORT upwards, renderer replicas from DEFAULT_RENDE
 
 from __future__ import annotations
 
+import errno
 import threading
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
@@ -135,11 +136,15 @@ PORT_RANGE = 64
 
 def start_exporter_in_range(first_port: int, registry: CollectorRegistry = REGISTRY,
                             span: int = PORT_RANGE, addr: str = DEFAULT_HOST) -> Exporter:
-    """Start the exporter on `addr` at the first free port of [first_port, first_port + span)."""
+    """Start the exporter on `addr` at the first free port of [first_port, first_port + span). Only a port in use
+    moves on to the next: any other error (an `addr` this machine does not have, a port it may not bind) is
+    raised at once, naming it (it was reported as 'no free port in the range')."""
     last_error: OSError | None = None
     for port in range(first_port, first_port + span):
         try:
             return start_exporter(port, addr=addr, registry=registry)
         except OSError as e:
+            if not isinstance(e.__cause__, OSError) or e.__cause__.errno != errno.EADDRINUSE:
+                raise
             last_error = e
     raise OSError(f"no free Prometheus port in {first_port}..{first_port + span - 1}: {last_error}")

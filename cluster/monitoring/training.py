@@ -6,6 +6,8 @@ gets (``avatars.training.default_callbacks``).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -29,8 +31,8 @@ class PrometheusCallback(TrainerCallback):
     """Serves ``da_train_*`` gauges labelled by person on ``host`` (loopback unless told otherwise) at
     the first free port from ``first_port``, until the run ends or fails.
 
-    The bound port is logged as a ``{"step", "metrics_port"}`` record. A registry per run: a Ray
-    worker process may train several persons one after another.
+    The bound port is logged as a ``{"step", "metrics_port"}`` record (``{"step", "metrics_error"}`` without one).
+    A registry per run: a Ray worker process may train several persons one after another.
     """
 
     def __init__(self, first_port: int, host: str = "127.0.0.1"):
@@ -41,7 +43,16 @@ class PrometheusCallback(TrainerCallback):
         self.exporter: Exporter | None = None
 
     def on_train_start(self, trainer) -> None:
-        self.exporter = start_exporter_in_range(self.first_port, self.registry, addr=self.host)
+        """An exporter that cannot start (every port of the range taken, an address the node does not have) is said
+        in the run's log and metrics.jsonl, and the training goes on without it: monitoring must not fail hours of
+        training on every retry."""
+        try:
+            self.exporter = start_exporter_in_range(self.first_port, self.registry, addr=self.host)
+        except OSError as e:
+            print(f"{trainer.config.person}: WARNING: training without its Prometheus exporter: {e}", file=sys.stderr,
+                  flush=True)
+            trainer.log({"step": trainer.state.step, "metrics_error": str(e)})
+            return
         trainer.log({"step": trainer.state.step, "metrics_port": self.exporter.port})
 
     def on_log(self, trainer, record: dict) -> None:

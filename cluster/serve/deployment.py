@@ -71,9 +71,16 @@ class AvatarRenderer:
         self.config = config
         self.registry = CollectorRegistry()
         self.metrics = RendererMetrics(self.registry)
-        # 0 is a port the system picks (as the training's exporter takes it), not "no exporter"
-        self.exporter = (start_exporter_in_range(config.metrics_port, self.registry, addr=config.metrics_host)
-                         if config.metrics_port is not None else None)
+        # 0 is a port the system picks (as the training's exporter takes it), not "no exporter"; one that cannot
+        # start is said in the replica's log and its info ("metrics_error"): the night renders without it
+        self.exporter, self.metrics_error = None, None
+        if config.metrics_port is not None:
+            try:
+                self.exporter = start_exporter_in_range(config.metrics_port, self.registry, addr=config.metrics_host)
+            except OSError as e:
+                self.metrics_error = str(e)
+                print(f"renderer replica: WARNING: rendering without its Prometheus exporter: {e}", file=sys.stderr,
+                      flush=True)
         self._waiting: dict[str, set[int]] = {}  # person -> ids of the requests waiting for their batch
         self._failed: dict[str, ModelLoadError] = {}
         self.render_batch.set_max_batch_size(config.max_batch_size)
@@ -139,7 +146,7 @@ class AvatarRenderer:
         person, r = await self._person()
         return {"person": person, "resolution": r.resolution, "expression_dim": r.expression_dim,
                 "device": str(r.device), "pid": os.getpid(),
-                "metrics_port": self.exporter.port if self.exporter else None}
+                "metrics_port": self.exporter.port if self.exporter else None, "metrics_error": self.metrics_error}
 
     def metrics_text(self) -> str:
         """This replica's Prometheus metrics in the text exposition format."""

@@ -225,3 +225,32 @@ def test_metrics_host_is_the_address_the_training_exporter_listens_on(tmp_path: 
                 assert s.connect_ex((other, prometheus.exporter.port)) != 0
         finally:
             prometheus.on_train_end(None, {})
+
+
+def test_an_exporter_that_cannot_start_is_said_and_the_training_goes_on(tmp_path: Path, capsys, monkeypatch) -> None:
+    """An address this node does not have (a cluster's address set for another node), or every port of the range
+    taken: the exporter's error names the address (it said 'no free Prometheus port in 19800..19863' for an address
+    that is not there) and the training callback logs it and goes on; before, the person failed on every attempt."""
+    from types import SimpleNamespace
+
+    import cluster.monitoring.training as training
+    from cluster.monitoring import start_exporter_in_range
+
+    with pytest.raises(OSError, match=r"cannot start the Prometheus exporter on 192\.0\.2\.1:\d+: .*ssign"):
+        start_exporter_in_range(_free_port(), CollectorRegistry(), addr="192.0.2.1")  # TEST-NET-1: nobody's
+    port = _free_port()
+    taken = [start_exporter_in_range(port, CollectorRegistry(), span=2) for _ in range(2)]
+    monkeypatch.setattr(training, "start_exporter_in_range",  # a range of the two taken ports
+                        lambda first, registry, addr: start_exporter_in_range(first, registry, span=2, addr=addr))
+    try:
+        prometheus, records = training.PrometheusCallback(port), []
+        prometheus.on_train_start(SimpleNamespace(state=SimpleNamespace(step=0), log=records.append,
+                                                  config=SimpleNamespace(person="000")))
+        assert prometheus.exporter is None
+        assert records == [{"step": 0, "metrics_error": records[0]["metrics_error"]}]
+        assert f"no free Prometheus port in {port}..{port + 1}" in records[0]["metrics_error"]
+        assert "000: WARNING: training without its Prometheus exporter" in capsys.readouterr().err
+        prometheus.on_train_end(None, {})  # nothing to stop
+    finally:
+        for exporter in taken:
+            exporter.stop()

@@ -425,3 +425,21 @@ def test_renderer_metrics_port_0_is_a_free_port_as_in_training(replica):
     with urllib.request.urlopen(f"http://127.0.0.1:{r.exporter.port}/metrics", timeout=10) as resp:
         assert resp.status == 200
     assert replica(RendererConfig()).exporter is None
+
+
+def test_a_replica_whose_exporter_cannot_start_renders_without_it(replica, capsys):
+    """A --renderer.metrics-host this node does not have: the replica says so in its log and its info and serves
+    (before, its constructor raised and the whole evaluation failed to deploy)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    r = replica(RendererConfig(metrics_port=19700, metrics_host="192.0.2.1"))  # TEST-NET-1: nobody's address
+    assert r.exporter is None and "cannot start the Prometheus exporter on 192.0.2.1" in r.metrics_error
+    assert "rendering without its Prometheus exporter" in capsys.readouterr().err
+
+    async def person():
+        return "p0", SimpleNamespace(resolution=8, expression_dim=4, device="cpu")
+
+    r._person = person
+    info = asyncio.run(r.info())
+    assert info["metrics_port"] is None and "192.0.2.1" in info["metrics_error"]
