@@ -207,16 +207,15 @@ def verify(folder: Path) -> None:
 
 
 def saved_options(ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """(file, options) the newest complete checkpoint was trained with; None without a checkpoint, or with
-    a warning for one written before checkpoints saved them."""
+    """(file, options) the newest complete checkpoint was trained with; None without a checkpoint; (its folder, {})
+    for one written before checkpoints saved them: it records nothing a resume must compare
+    (``config.MUST_BE_RECORDED``), so it is not continued."""
     done = complete_checkpoints(Path(ckpt_dir))
     if not done:
         return None
     path = done[-1] / OPTIONS_FILE
     if not path.is_file():
-        warnings.warn(f"{done[-1]}: written before checkpoints saved the run's options; resumed without comparing "
-                      "them with this run's", stacklevel=2)
-        return None
+        return done[-1], {}
     recorded = _recorded_sha256(done[-1]) or {}
     check_sha256(done[-1], {OPTIONS_FILE: recorded[OPTIONS_FILE]} if OPTIONS_FILE in recorded else {},
                  done[-1] / MARKER, REMEDY)

@@ -249,16 +249,25 @@ def _flat(options: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: What a checkpoint must have recorded to be continued: one written before a version recorded them (or before it
+#: saved any options) cannot be shown to continue on this run's training data and number of processes (such a
+#: checkpoint, resumed at its last step on another held-out split, was published as trained on the new one).
+MUST_BE_RECORDED = (TRAIN_DATA, WORLD_SIZE)
+
+
 def resume_conflicts(saved: dict, now: dict) -> list[str]:
     """``"field: checkpoint's value -> this run's"`` for every state-defining option that differs between the
-    options a checkpoint saved and this run's (both ``to_jsonable`` of a :class:`TrainConfig`). Options only
-    one of them knows (added or removed by another version) are not compared."""
+    options a checkpoint saved and this run's (both ``to_jsonable`` of a :class:`TrainConfig`), and for each of
+    :data:`MUST_BE_RECORDED` this run has and the checkpoint did not record. Other options only one of them knows
+    (added or removed by another version, with a default that keeps the old behaviour) are not compared."""
     resumable = set(RESUMABLE_FIELDS)
     if "cosine" in (saved.get("lr_decay"), now.get("lr_decay")):
         resumable.discard("steps")  # the schedule falls over --steps
+    unrecorded = [f"{key}: not recorded (the checkpoint is of an older version) -> {now[key]!r}"
+                  for key in MUST_BE_RECORDED if key in now and key not in saved]
     old, new = _flat(saved), _flat(now)
-    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
-            if key.split(".")[0] not in resumable and old[key] != new[key]]
+    return unrecorded + [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old.keys() & new.keys())
+                         if key.split(".")[0] not in resumable and old[key] != new[key]]
 
 
 @dataclass

@@ -388,6 +388,11 @@ def test_a_rerun_with_options_that_define_the_state_refuses_the_persons_trained_
     assert "train_data: 'trained-on-another-split' -> " in refused["017"] and "--train.resume never" in refused["017"]
     saved["train_data"] = split_digest(tmp_path / "shards", "017", "train")
     assert launch_all._check_resumable(args, ["017"]) == {}
+    # an older version's checkpoint that recorded no training data: it cannot be shown to continue on this data (it
+    # was resumed at its last step and published as trained on another split)
+    del saved["train_data"]
+    refused = launch_all._check_resumable(args, ["017"])
+    assert "train_data: not recorded (the checkpoint is of an older version)" in refused["017"]
 
 
 def test_job_memory_gb_is_reserved_for_each_ray_task_and_slurm_job(tmp_path, monkeypatch):

@@ -288,3 +288,10 @@ def test_a_resume_may_change_cadences_but_not_what_defines_the_state():
     saved = to_jsonable(TrainConfig())
     del saved["min_crop"]  # an option the version that wrote the checkpoint did not have
     assert resume_conflicts(saved, to_jsonable(TrainConfig(min_crop=0.5))) == []
+    # but the training data and the processes must have been recorded (an older version's checkpoint, or one without
+    # any options: it cannot be shown to continue on this data)
+    now = {**to_jsonable(TrainConfig()), "train_data": "abc", "world_size": 1}
+    assert resume_conflicts({**saved, "train_data": "abc", "world_size": 1}, now) == []
+    assert resume_conflicts({**saved, "world_size": 1}, now) == [
+        "train_data: not recorded (the checkpoint is of an older version) -> 'abc'"]
+    assert len(resume_conflicts({}, now)) == 2
