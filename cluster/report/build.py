@@ -18,7 +18,7 @@ from pathlib import Path
 from cluster.report.aggregate import RunSummary, summarize
 from cluster.report.metric_labels import metric_label
 from cluster.report.plots import trend_plot
-from cluster.report.schema import RunResults, list_runs, parse_run_date, run_dir
+from cluster.report.schema import RunResults, TaskResult, list_runs, parse_run_date, run_dir
 from cluster.report.template import PAGE
 from common.io import DataError, atomic_file, atomic_write_bytes, atomic_write_json
 
@@ -92,18 +92,28 @@ def _provenance(evaluation: dict[str, str]) -> str:
 
 
 def load_history(reports_root: Path, until: str, max_history: int) -> tuple[list[RunResults], list[str]]:
-    """Valid runs up to `until` (oldest first) and the reasons past runs were ignored."""
+    """Valid runs up to `until` (oldest first) and the reasons past runs were ignored.
+
+    A night whose file does not read as a whole (not JSON, another schema version, a wrong date) is left out
+    (the night `until` is an error); one malformed person or task entry does not take its night's other persons
+    down, in any night alike: the task counts as failed, the person as without numbers, and the run's
+    ``damaged`` names the file, the person and the field (so a night shows the same numbers in the trends of
+    later reports as on its own page)."""
     runs, ignored = [], []
     for path in list_runs(reports_root):
         if path.parent.name > until:
             continue
         try:
-            runs.append(RunResults.load(path))
+            run = RunResults.load(path, salvage=True)
         except DataError as e:
             if path.parent.name == until:
                 raise
             ignored.append(str(e))
             log.warning("ignoring run: %s", e)
+            continue
+        for d in run.damaged:
+            log.warning("malformed entry: %s", d)
+        runs.append(run)
     return runs[-max_history:], ignored
 
 
@@ -120,6 +130,7 @@ def build_report(config: ReportConfig) -> Path:
         raise DataError(current_path, "results file of the requested run does not exist")
     history, ignored = load_history(root, run_date, config.max_history)
     current = history[-1]
+    damaged = [d for run in history for d in run.damaged]
     summaries = [summarize(r) for r in history]
     summary = summaries[-1]
     out = Path(config.out_dir) if config.out_dir else root / SITE_DIR / run_date
@@ -131,22 +142,7 @@ def build_report(config: ReportConfig) -> Path:
         entries, skipped = [], sorted({f"{t}: {reason}" for t, r in tasks.items() for reason in r.skipped.values()})
         skipped_all[person] = {t: r.skipped for t, r in tasks.items()}
         for task, r in sorted(tasks.items()):
-            entry = {"name": task, "frames": r.frames, "video": None, "thumbnail": None, "thumbnail_mime": "image/png"}
-            video_src = src_dir / r.video if r.video else None
-            if video_src is not None and not video_src.is_file():
-                skipped.append(f"{task}: video {video_src} is missing")
-                video_src = None
-            if r.thumbnail and (src_dir / r.thumbnail).is_file():
-                thumb = src_dir / r.thumbnail
-                entry["thumbnail"] = base64.b64encode(thumb.read_bytes()).decode("ascii")
-                entry["thumbnail_mime"] = _MIME.get(thumb.suffix.lower(), "image/png")
-            elif video_src is not None:
-                entry["thumbnail"] = _first_frame_png(video_src)
-            if video_src is not None and config.copy_videos:
-                rel = Path("videos") / person / f"{task}{video_src.suffix}"
-                _copy_atomic(video_src, out / rel)
-                entry["video"] = rel.as_posix()
-            entries.append(entry)
+            entries.append(_media(r, person, task, src_dir, out if config.copy_videos else None, skipped))
         persons.append({"name": person, "tasks": entries, "skipped": skipped,
                         "evaluated": _provenance(current.evaluations.get(person, {}))})
 
@@ -166,11 +162,50 @@ def build_report(config: ReportConfig) -> Path:
         "history": [{"run_date": s.run_date, "overall": s.overall, "overall_persons": s.overall_persons,
                      "persons_total": s.persons_total, "persons": s.person_average} for s in summaries],
         "ignored_runs": ignored,
+        "damaged_entries": damaged,
     }
     atomic_write_json(out / "report.json", report, mode=PUBLISHED)
-    html = _render(summary, summaries, persons, plots, ignored, report["meta"], generated_at)
+    html = _render(summary, summaries, persons, plots, ignored, damaged, report["meta"], generated_at)
     atomic_write_bytes(out / "index.html", html.encode("utf-8"), mode=PUBLISHED)
     return out / "index.html"
+
+
+def _media(r: TaskResult, person: str, task: str, src_dir: Path, out: Path | None, notes: list[str]) -> dict:
+    """The page's entry of one task: its thumbnail (inlined) and its video (copied to ``out``/videos/, None: not
+    copied). A file that is missing, or cannot be read or copied (an I/O error, no permission), is left out of
+    the page with a note in ``notes`` (shown under the person) and a warning; the rest of the report is built."""
+    entry = {"name": task, "frames": r.frames, "video": None, "thumbnail": None, "thumbnail_mime": "image/png"}
+
+    def unusable(what: str, path: Path, e: OSError) -> None:
+        notes.append(f"{task}: {what} {path} left out: {e.strerror or e}")
+        log.warning("%s: %s left out of the report: %s", path, what, e)
+
+    video_src = src_dir / r.video if r.video else None
+    try:
+        if video_src is not None and not video_src.is_file():
+            notes.append(f"{task}: video {video_src} is missing")
+            video_src = None
+    except OSError as e:  # stat itself fails (EIO, EACCES on its folder): the video is as good as missing
+        unusable("video", video_src, e)
+        video_src = None
+    thumb = src_dir / r.thumbnail if r.thumbnail else None
+    try:
+        if thumb is not None and thumb.is_file():
+            entry["thumbnail"] = base64.b64encode(thumb.read_bytes()).decode("ascii")
+            entry["thumbnail_mime"] = _MIME.get(thumb.suffix.lower(), "image/png")
+        elif video_src is not None:
+            entry["thumbnail"] = _first_frame_png(video_src)
+    except OSError as e:
+        unusable("thumbnail", thumb, e)
+    if video_src is not None and out is not None:
+        rel = Path("videos") / person / f"{task}{video_src.suffix}"
+        try:
+            _copy_atomic(video_src, out / rel)
+        except OSError as e:
+            unusable("video", video_src, e)
+        else:
+            entry["video"] = rel.as_posix()
+    return entry
 
 
 def partial_nights(metric: str, summaries: list[RunSummary]) -> list[str]:
@@ -182,12 +217,13 @@ def partial_nights(metric: str, summaries: list[RunSummary]) -> list[str]:
 
 def _render(summary: RunSummary, summaries: list[RunSummary], persons: list[dict],
             plots: list[tuple[str, str, list[str]]],
-            ignored: list[str], meta: dict[str, str], generated_at: str) -> str:
+            ignored: list[str], damaged: list[str], meta: dict[str, str], generated_at: str) -> str:
     import jinja2
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(PAGE).render(
         run_date=summary.run_date, generated_at=generated_at, n_runs=len(summaries), meta=meta, ignored=ignored,
+        damaged=damaged,
         summary=summary, metrics=summary.metrics, labels={m: metric_label(m) for m in summary.metrics},
         fmt=_fmt, plots=plots, persons=persons,
     )

@@ -63,6 +63,41 @@ def _finite(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+#: The largest count results.json may hold: every integer up to it is exact in a float and in the page's
+#: JavaScript (``Number.MAX_SAFE_INTEGER``); a larger "count" is a damaged file, not a night's frames.
+MAX_COUNT = 2**53 - 1
+
+
+def _show(x: Any) -> str:
+    """A value for an error message, short (a 400-digit integer has no repr past 4300 digits at all)."""
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) > MAX_COUNT:
+        return f"an integer of {x.bit_length()} bits"
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(x: Any, what: str, source: Path | str) -> float | None:
+    """A metric value read from results.json: a JSON number or null; a non-finite one (NaN, Infinity, which
+    Python's JSON reader accepts) is null, as the writer stores it. A bool, a string or a number too large for a
+    float is bad input, named: ``float()`` took ``true`` for 1.0 and ``"24.1"`` for 24.1 silently, and raised
+    OverflowError (no DataError: the report stopped) on a 400-digit integer."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise DataError(source, f"{what} must be a number or null, got {_show(x)}")
+    try:
+        return _finite(x)
+    except OverflowError as e:
+        raise DataError(source, f"{what} must be a number or null, got {_show(x)} (too large for a float)") from e
+
+
+def _count(x: Any, what: str, source: Path | str) -> int:
+    """A count read from results.json: an integer from 0 to MAX_COUNT (not a bool, a float or Infinity)."""
+    if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_COUNT:
+        raise DataError(source, f"{what} must be a count (an integer from 0 to {MAX_COUNT}), got {_show(x)}")
+    return x
+
+
 def _check_name(name: str, what: str, source: Path | str) -> str:
     if not isinstance(name, str) or not PERSON_ID_RE.match(name):
         raise DataError(source, f"{what} name {name!r} must be {PERSON_ID_RULE} (it becomes a file name)")
@@ -83,12 +118,14 @@ def _object(value: Any, what: str, source: Path | str) -> dict:
     return value
 
 
-def _check_relpath(p: Any, source: Path | str) -> str | None:
+def _check_relpath(p: Any, source: Path | str, what: str = "path") -> str | None:
     if p is None:
         return None
-    pp = PurePosixPath(str(p))
+    if not isinstance(p, str) or not p:
+        raise DataError(source, f"{what} must be a path relative to the run folder or null, got {_show(p)}")
+    pp = PurePosixPath(p)
     if pp.is_absolute() or ".." in pp.parts:
-        raise DataError(source, f"path {p!r} must be relative to the run folder (no '..', not absolute)")
+        raise DataError(source, f"{what} {p!r} must be relative to the run folder (no '..', not absolute)")
     return str(pp)
 
 
@@ -142,31 +179,39 @@ class TaskResult:
             "frames": self.frames,
             "metrics": {k: _finite(v) for k, v in self.metrics.items()},
             "per_frame": {k: [_finite(x) for x in v] for k, v in self.per_frame.items()},
-            "skipped": dict(self.skipped),
+            "skipped": {k: str(v) for k, v in self.skipped.items()},  # texts, as from_json reads them
             "video": self.video,
             "thumbnail": self.thumbnail,
         }
 
     @classmethod
-    def from_json(cls, obj: dict, source: Path | str) -> "TaskResult":
+    def from_json(cls, obj: Any, source: Path | str, where: str = "task") -> "TaskResult":
+        """One task's entry of results.json; any malformed value is a DataError naming ``source`` and the field
+        (``where``: the person and task, then the field and metric)."""
         if not isinstance(obj, dict) or not isinstance(obj.get("metrics"), dict):
-            raise DataError(source, "each task needs a 'metrics' object")
-        per_frame = _object(obj.get("per_frame"), "'per_frame'", source)
+            raise DataError(source, f"{where}: each task needs a 'metrics' object")
+        per_frame = _object(obj.get("per_frame"), f"{where}: 'per_frame'", source)
         if not all(isinstance(v, list) for v in per_frame.values()):
-            raise DataError(source, "'per_frame' must be an object metric -> list of numbers")
-        try:
-            return cls(
-                metrics={str(k): _finite(v) for k, v in obj["metrics"].items()},
-                per_frame={str(k): [_finite(x) for x in v] for k, v in per_frame.items()},
-                skipped={str(k): str(v) for k, v in _object(obj.get("skipped"), "'skipped'", source).items()},
-                frames=int(obj.get("frames", 0)),
-                video=_check_relpath(obj.get("video"), source),
-                thumbnail=_check_relpath(obj.get("thumbnail"), source),
-            )
-        except (TypeError, ValueError) as e:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(source, f"bad task entry: {e}") from e
+            raise DataError(source, f"{where}: 'per_frame' must be an object metric -> list of numbers")
+        skipped = _object(obj.get("skipped"), f"{where}: 'skipped'", source)
+        for k, v in skipped.items():
+            if not isinstance(v, str):
+                raise DataError(source, f"{where}: 'skipped' {k!r} must be a text (the reason), got {_show(v)}")
+        return cls(
+            metrics={k: _number(v, f"{where}: metric {k!r}", source) for k, v in obj["metrics"].items()},
+            per_frame={k: [_number(x, f"{where}: 'per_frame' {k!r} item {i}", source) for i, x in enumerate(v)]
+                       for k, v in per_frame.items()},
+            skipped=dict(skipped),
+            frames=_count(obj.get("frames", 0), f"{where}: 'frames'", source),
+            video=_check_relpath(obj.get("video"), source, f"{where}: 'video'"),
+            thumbnail=_check_relpath(obj.get("thumbnail"), source, f"{where}: 'thumbnail'"),
+        )
+
+    @classmethod
+    def unreadable(cls, error: DataError) -> "TaskResult":
+        """A failed task in place of an entry of results.json that does not read (``error``): the night's other
+        entries are kept (:meth:`RunResults.load` with ``salvage``), this one is shown and counted as failed."""
+        return cls(metrics={}, skipped={"task": f"failed: its entry in {error.path} does not read: {error.problem}"})
 
 
 @dataclass
@@ -178,6 +223,8 @@ class RunResults:
     meta: free-form strings shown in the report header (checkpoint, git commit, host, ...).
     evaluations: person -> free-form strings on where its numbers come from (run_id, evaluated_at, key).
     schema_version: SCHEMA_VERSION this file was written with.
+    damaged: what :meth:`load` with ``salvage`` found malformed and left out or marked failed (DataError texts,
+        each naming the file, the person and the field); not written to the file.
     """
 
     run_date: str
@@ -185,6 +232,7 @@ class RunResults:
     meta: dict[str, str] = field(default_factory=dict)
     evaluations: dict[str, dict[str, str]] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    damaged: list[str] = field(default_factory=list, compare=False)
 
     def to_json(self) -> dict:
         return {
@@ -206,11 +254,16 @@ class RunResults:
                           {p: evaluations[p] for p in sorted(evaluations) if p in persons}, self.schema_version)
 
     @classmethod
-    def from_json(cls, obj: Any, source: Path | str) -> "RunResults":
+    def from_json(cls, obj: Any, source: Path | str, salvage: bool = False) -> "RunResults":
+        """The results in ``obj`` (read from ``source``); a malformed value is a DataError naming ``source`` and
+        the field. ``salvage``: a malformed entry of one person does not refuse the others: a task entry that
+        does not read becomes a failed task (:meth:`TaskResult.unreadable`), a person whose name or entry is
+        malformed is left out, each recorded in ``damaged``; what is not a person's (the version, the date,
+        'meta', 'evaluations') is still a DataError."""
         if not isinstance(obj, dict):
             raise DataError(source, "results must be a JSON object")
         version = obj.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version != SCHEMA_VERSION:  # not true or 1.0, which equal 1
             raise DataError(source, f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
         run_date = str(obj.get("run_date", ""))
         parse_run_date(run_date, source)
@@ -218,21 +271,28 @@ class RunResults:
         if not isinstance(persons, dict) or not persons:
             raise DataError(source, "'persons' must be a non-empty object person -> task -> result")
         parsed: dict[str, dict[str, TaskResult]] = {}
+        damaged: list[str] = []
         for person, tasks in persons.items():
-            _check_name(person, "person", source)
-            if not isinstance(tasks, dict) or not tasks:
-                raise DataError(source, f"person {person!r} has no tasks")
-            parsed[person] = {_check_name(t, "task", source): TaskResult.from_json(r, source) for t, r in tasks.items()}
+            try:
+                parsed[person] = _person_tasks(person, tasks, source, damaged if salvage else None)
+            except DataError as e:
+                if not salvage:
+                    raise
+                damaged.append(f"{e} (person left out)")
+        if not parsed:
+            raise DataError(source, f"no person's entry reads: {'; '.join(damaged)}")
         meta = {str(k): str(v) for k, v in _object(obj.get("meta"), "'meta'", source).items()}
         evaluations = obj.get("evaluations") or {}
         if not isinstance(evaluations, dict) or not all(isinstance(e, dict) for e in evaluations.values()):
             raise DataError(source, "'evaluations' must be an object person -> {name: text}")
         evaluations = {_check_name(p, "person", source): {str(k): str(v) for k, v in e.items()}
                        for p, e in evaluations.items()}
-        return cls(run_date=run_date, persons=parsed, meta=meta, evaluations=evaluations, schema_version=version)
+        return cls(run_date=run_date, persons=parsed, meta=meta, evaluations=evaluations, schema_version=version,
+                   damaged=damaged)
 
     @classmethod
-    def load(cls, path: Path) -> "RunResults":
+    def load(cls, path: Path, salvage: bool = False) -> "RunResults":
+        """The results file ``path``; anything malformed is a DataError naming it (``salvage``: see from_json)."""
         path = Path(path)
         try:
             obj = json.loads(path.read_text())
@@ -240,11 +300,11 @@ class RunResults:
             raise DataError(path, "results file does not exist") from e
         except UnicodeDecodeError as e:  # a bad copy: reported like any malformed file, not a crash of the report
             raise DataError(path, f"not UTF-8 text: {e}") from e
-        except json.JSONDecodeError as e:
-            raise DataError(path, f"not valid JSON: {e}") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError; an integer of over 4300 digits; deep nesting
+            raise DataError(path, f"not valid JSON: {type(e).__name__}: {str(e)[:200]}") from e
         except OSError as e:  # unreadable (permissions, a folder of that name): one night's file, not the report
             raise DataError(path, f"unreadable: {e}") from e
-        results = cls.from_json(obj, path)
+        results = cls.from_json(obj, path, salvage)
         if path.parent.name != results.run_date:
             raise DataError(path, f"run_date {results.run_date} does not match its folder name {path.parent.name}")
         return results
@@ -258,6 +318,25 @@ class RunResults:
         path = run_dir(reports_root, self.run_date) / RESULTS_FILE
         atomic_write_json(path, self.to_json())
         return path
+
+
+def _person_tasks(person: Any, tasks: Any, source: Path | str, damaged: list[str] | None) -> dict[str, TaskResult]:
+    """One person's entry of results.json; with ``damaged`` (salvage), a task that does not read is a failed
+    task and its error is appended there, else the first malformed value is raised."""
+    _check_name(person, "person", source)
+    if not isinstance(tasks, dict) or not tasks:
+        raise DataError(source, f"person {person!r} has no tasks")
+    out = {}
+    for task, entry in tasks.items():
+        _check_name(task, "task", source)
+        try:
+            out[task] = TaskResult.from_json(entry, source, f"person {person!r}, task {task!r}")
+        except DataError as e:
+            if damaged is None:
+                raise
+            damaged.append(f"{e} (task marked failed)")
+            out[task] = TaskResult.unreadable(e)
+    return out
 
 
 def run_dir(reports_root: Path, run_date: str) -> Path:

@@ -28,6 +28,7 @@ ul.skipped, ul.warnings { font-size: 12px; color: #8a5a00; }
 <h1>DiffusionAvatars nightly report {{ run_date }}</h1>
 <p class="meta">Generated {{ generated_at }} from {{ n_runs }} nightly run(s){% for k, v in meta.items() %} &middot; {{ k }}: {{ v }}{% endfor %}</p>
 {% if ignored %}<ul class="warnings">{% for w in ignored %}<li>ignored run: {{ w }}</li>{% endfor %}</ul>{% endif %}
+{% if damaged %}<ul class="warnings damaged">{% for w in damaged %}<li>malformed entry: {{ w }}</li>{% endfor %}</ul>{% endif %}
 
 {% macro metric_table(table_id, rows, average, first_col, coverage=none) -%}
 <table class="metrics" id="{{ table_id }}">
