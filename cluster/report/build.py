@@ -1,7 +1,7 @@
 """Build the nightly report folder: index.html + report.json + videos/.
 
 Self-contained means the folder works when copied anywhere: CSS, plots and thumbnails are
-inlined (base64), and the mp4s are copied next to the HTML and linked relatively. Videos are
+inlined (base64), and the mp4s are copied next to the HTML (named by their content) and linked relatively. Videos are
 not inlined as data URIs because a night's videos for many persons are hundreds of MB;
 base64 would add a third and make the page itself unloadable.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -58,9 +59,41 @@ def _fmt(metric: str, value: float | None) -> str:
 PUBLISHED = 0o644
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_file(dst, mode=PUBLISHED) as tmp:
-        shutil.copyfile(src, tmp)
+VIDEOS_DIR = "videos"
+
+
+def _publish_video(src: Path, out: Path, person: str, task: str) -> str:
+    """Copy ``src`` to ``<out>/videos/<person>/<task>-<sha256 prefix><suffix>`` (unless that file is there: the
+    same content) and return that path relative to ``out``. Named by content, a page published again (a
+    re-evaluated night) never plays its new videos under an old page's names: a publish killed before its
+    ``index.html`` left the old page playing another model's videos. :func:`_prune_videos` removes the old ones
+    once the new page is written."""
+    digest = hashlib.sha256()
+    with open(src, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    rel = Path(VIDEOS_DIR) / person / f"{task}-{digest.hexdigest()[:16]}{src.suffix}"
+    if not (out / rel).is_file():
+        with atomic_file(out / rel, mode=PUBLISHED) as tmp:
+            shutil.copyfile(src, tmp)
+    return rel.as_posix()
+
+
+def _prune_videos(out: Path, keep: set[str]) -> None:
+    """Remove what the page just written does not link under ``<out>/videos`` (earlier pages' videos, the
+    temporary files of a copy that was killed), with the folders left empty."""
+    videos = out / VIDEOS_DIR
+    if not videos.is_dir():
+        return
+    for path in sorted(videos.rglob("*"), reverse=True):  # files before their folders
+        try:
+            if path.is_dir():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif path.relative_to(out).as_posix() not in keep:
+                path.unlink()
+        except OSError as e:  # the page is written; a file that stays is a warning
+            log.warning("%s: could not remove an earlier page's video: %s", path, e)
 
 
 def _first_frame_png(video: Path) -> str | None:
@@ -167,6 +200,7 @@ def build_report(config: ReportConfig) -> Path:
     atomic_write_json(out / "report.json", report, mode=PUBLISHED)
     html = _render(summary, summaries, persons, plots, ignored, damaged, report["meta"], generated_at)
     atomic_write_bytes(out / "index.html", html.encode("utf-8"), mode=PUBLISHED)
+    _prune_videos(out, {t["video"] for p in persons for t in p["tasks"] if t["video"]})
     return out / "index.html"
 
 
@@ -198,13 +232,10 @@ def _media(r: TaskResult, person: str, task: str, src_dir: Path, out: Path | Non
     except OSError as e:
         unusable("thumbnail", thumb, e)
     if video_src is not None and out is not None:
-        rel = Path("videos") / person / f"{task}{video_src.suffix}"
         try:
-            _copy_atomic(video_src, out / rel)
+            entry["video"] = _publish_video(video_src, out, person, task)
         except OSError as e:
             unusable("video", video_src, e)
-        else:
-            entry["video"] = rel.as_posix()
     return entry
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -145,12 +146,14 @@ def test_build_report_folder(tmp_path: Path) -> None:
     assert len(report["ignored_runs"]) == 1 and "2025-01-28" in report["ignored_runs"][0]
     assert report["skipped"]["p017"]["novel_view"]["akd"].startswith("AKD skipped: no landmark model")
     assert set(report["current"]["persons"]) == set(PERSONS)
-    for p in PERSONS:
-        assert (out / "videos" / p / "self_reenactment.mp4").stat().st_size > 1000
-    for f in (index, out / "report.json", out / "videos/p017/self_reenactment.mp4"):
+    for p in PERSONS:  # named by their content (a page published again never reuses an old name)
+        (video,) = (out / "videos" / p).glob("self_reenactment-*.mp4")
+        assert re.fullmatch(r"self_reenactment-[0-9a-f]{16}\.mp4", video.name) and video.stat().st_size > 1000
+    (video,) = (out / "videos/p017").glob("self_reenactment-*.mp4")
+    for f in (index, out / "report.json", video):
         assert f.stat().st_mode & 0o444 == 0o444, f  # readable by a web server user
     html = index.read_text()
-    assert 'src="videos/p017/self_reenactment.mp4"' in html and "data:image/png;base64," in html
+    assert f'src="videos/p017/{video.name}"' in html and "data:image/png;base64," in html
     assert html.count('class="plot"') >= 2 * 4  # figure + img per metric
     # an older date reports that run with only its own history
     older = build_report(ReportConfig(tmp_path, run_date=DATES[0], out_dir=tmp_path / "old"))

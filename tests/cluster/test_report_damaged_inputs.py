@@ -247,9 +247,44 @@ def test_a_persons_unreadable_media_file_is_left_out_with_a_note(
     assert note in html
     assert f"{what}s/{name}" in caplog.text and "Input/output error" in caplog.text
     # the other person's media, and the person's other file, are on the page
-    assert (out / "videos/p042/self_reenactment.mp4").read_bytes() == b"p042 videos/p042/self_reenactment.mp4"
-    assert 'src="videos/p042/self_reenactment.mp4"' in html
+    (video,) = (out / "videos/p042").glob("self_reenactment-*.mp4")
+    assert video.read_bytes() == b"p042 videos/p042/self_reenactment.mp4"
+    assert f'src="videos/p042/{video.name}"' in html
     assert html.count('class="thumb"') == (1 if what == "thumbnail" else 2)
-    copied = (out / "videos/p017/self_reenactment.mp4").is_file()
-    assert copied == (what == "thumbnail")
+    copied = list((out / "videos").glob("p017/self_reenactment-*.mp4"))
+    assert bool(copied) == (what == "thumbnail")
     assert json.loads((out / "report.json").read_text())["current"]["average"]["overall_persons"]["psnr"] == 2
+
+
+def test_a_publish_killed_before_its_page_leaves_the_old_page_playing_its_own_videos(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A night published again (re-evaluated: other videos) and killed before its index.html is written: the old page
+    still plays the videos it was published with (the videos are named by their content; before, they were copied
+    over the old page's names first, so the old numbers played the new model's videos). The next publish removes
+    the old page's videos and a killed copy's temporary file."""
+    _nights(tmp_path, media=True)
+    out = build_report(ReportConfig(tmp_path, NIGHTS[-1])).parent
+    old_html = (out / "index.html").read_text()
+    (old_video,) = (out / "videos/p017").glob("self_reenactment-*.mp4")
+    source = tmp_path / "runs" / NIGHTS[-1] / "videos/p017/self_reenactment.mp4"
+    source.write_bytes(b"the re-evaluated model's video")
+    (out / "videos/p017/.self_reenactment-x.mp4.tmp-1").write_bytes(b"half")  # a copy that was killed
+
+    write = build_module.atomic_write_bytes
+
+    def killed(path, data, mode=None):
+        if Path(path).name == "index.html":
+            raise KeyboardInterrupt  # stands in for the SIGKILL: nothing after it runs
+        write(path, data, mode)
+    monkeypatch.setattr(build_module, "atomic_write_bytes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(ReportConfig(tmp_path, NIGHTS[-1]))
+    assert (out / "index.html").read_text() == old_html
+    assert f'src="videos/p017/{old_video.name}"' in old_html
+    assert old_video.read_bytes() == b"p017 videos/p017/self_reenactment.mp4"  # the old page's own video
+
+    monkeypatch.setattr(build_module, "atomic_write_bytes", write)
+    build_report(ReportConfig(tmp_path, NIGHTS[-1]))
+    (new_video,) = (out / "videos/p017").iterdir()
+    assert new_video.read_bytes() == b"the re-evaluated model's video"
+    assert f'src="videos/p017/{new_video.name}"' in (out / "index.html").read_text()
