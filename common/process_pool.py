@@ -17,10 +17,20 @@ never computed, so that a worker starts in a fraction of a second instead of imp
 ``sys.path`` of the moment it started. Its socket lives in the temporary directory; where that cannot hold one
 (a ``TMPDIR`` whose path is too long for a Unix socket, which Python before 3.14 does not work around, or a full
 one), the workers are spawned instead, with a warning.
+
+A worker ends itself (``os._exit``) as soon as the process that made its pool does, however that ended
+(``SIGKILL``, the OOM killer): nothing else would end it. Every fork-server child holds the server's "alive" pipe
+and the write end of its own task queue, so neither it nor the server ever sees the parent go; left, they ran on
+with parent pid 1, finishing their items into an output folder that a next run may already write. With the
+workers gone, the server sees its pipe close and ends, and the resource tracker with it.
 """
 
 from __future__ import annotations
 
+import os
+import select
+import threading
+import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -41,6 +51,47 @@ _LISTENER_NAME = len("/listener-XXXXXXXX")
 
 class WorkerDied(RuntimeError):
     """The process running this item ended abruptly (a segfault, the OOM killer, ``os._exit``)."""
+
+
+#: A worker's exit status when the process that made its pool has ended.
+_ORPHANED = 1
+
+
+def _start_worker(parent: int, init: Callable[[], None]) -> None:
+    """A worker's initializer: it ends when process `parent` (the one that made its pool) does, then `init` runs.
+    `init` comes as an argument, not by name, so that what the caller's :func:`_init_worker` is (a test's stand-in)
+    is what the worker runs."""
+    _exit_with(parent)
+    init()
+
+
+def _exit_with(pid: int) -> None:
+    """End this process (``os._exit``) as soon as process `pid` ends, from a daemon thread that waits on a pidfd
+    (Linux 5.3+; where the kernel or a seccomp filter refuses one, it looks once a second instead)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:  # already gone before this worker started
+        os._exit(_ORPHANED)
+    except (AttributeError, OSError):
+        fd = None
+    threading.Thread(target=_wait_then_exit, args=(pid, fd), name=f"exit-with-{pid}", daemon=True).start()
+
+
+def _wait_then_exit(pid: int, fd: int | None) -> None:
+    if fd is not None:
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        poll.poll()  # returns once the process has ended
+    else:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:  # alive, another user's: the parent's pid reused (then this never ends)
+                pass
+            time.sleep(1)
+    os._exit(_ORPHANED)
 
 
 def _init_worker() -> None:
@@ -68,13 +119,14 @@ def _fork_server_context() -> BaseContext:
 
 
 def _pool(workers: int, fn: Callable) -> ProcessPoolExecutor:
-    """Worker processes that own one core each, forked from the fork server (module docstring), which imports
-    torch and `fn`'s module when this process first starts it."""
+    """Worker processes that own one core each and end with this process, forked from the fork server (module
+    docstring), which imports torch and `fn`'s module when this process first starts it."""
     context = _fork_server_context()
     if context.get_start_method() == "forkserver":
         module = getattr(getattr(fn, "func", fn), "__module__", None)  # a functools.partial's function
         context.set_forkserver_preload(["torch", *([module] if module and module != "__main__" else [])])
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(os.getpid(), _init_worker))
 
 
 def _take(fut: Future, item: Hashable, name: str, on_done: OnDone) -> None:
