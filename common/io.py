@@ -8,9 +8,11 @@ one, never a part of one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import warnings
@@ -148,13 +150,57 @@ def read_safetensors(path: Path) -> dict:
         raise DataError(path, f"unreadable safetensors file ({e})") from None
 
 
+def _writer_tag() -> str:
+    """Who makes a temporary folder, in its name: this host, this pid namespace and this pid. A later writer of the
+    same target removes what a killed one left (:func:`remove_leftovers`)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    except OSError:  # not Linux
+        namespace = ""
+    return f"{socket.gethostname()}@{namespace}@{os.getpid()}@"
+
+
+def _temporary_prefix(path: Path, kind: str) -> str:
+    return f".{path.name}.{kind}-{_writer_tag()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Removes (and returns) the temporary folders beside ``path`` that writers of ``path`` on this host left when
+    they were killed (SIGKILL, the OOM killer: no ``finally`` ran): a whole store or capture under ``.<name>.tmp-*``,
+    and the old one under ``.<name>.old-*`` when the kill fell between :func:`replace_directory`'s renames. Only
+    those whose process is gone: their names carry host, pid namespace and pid; a live writer's, another host's on
+    a shared file system, another container's and those of older versions (no tag) are left."""
+    path = Path(path)
+    ours = _writer_tag().rsplit("@", 2)[0] + "@"  # host@namespace@
+    removed = []
+    for kind in ("tmp", "old"):
+        prefix = f".{path.name}.{kind}-{ours}"
+        for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = leftover.name[len(prefix):].split("@", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)) or not leftover.is_dir() or leftover.is_symlink():
+                continue
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
+    return removed
+
+
 def replace_directory(src: Path, dst: Path) -> None:
     """Renames the finished directory ``src`` over ``dst``. An existing ``dst`` is moved aside
     first (renames only), put back if the rename fails, and deleted afterwards."""
     src, dst = Path(src), Path(dst)
     aside = None
     if dst.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        aside = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dst, "old"), dir=dst.parent))
         os.replace(dst, aside / dst.name)
     try:
         os.replace(src, dst)
@@ -171,11 +217,15 @@ def replace_directory(src: Path, dst: Path) -> None:
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yields an empty temporary directory beside ``path``; when the block succeeds it replaces
     ``path`` (:func:`replace_directory`). On error it is removed and ``path`` is untouched; an I/O
-    error that names no file names ``path`` (:func:`naming`)."""
+    error that names no file names ``path`` (:func:`naming`). What killed writers of ``path`` left is
+    removed first (:func:`remove_leftovers`): a killed ingest left a whole store each time."""
     path = Path(path)
     with naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        for leftover in remove_leftovers(path):
+            warnings.warn(f"{leftover}: removed, the temporary folder of a writer of {path} that was killed",
+                          RuntimeWarning, stacklevel=3)
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path, "tmp"), dir=path.parent))
     try:
         with naming(path, tmp):
             os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700

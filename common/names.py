@@ -12,7 +12,8 @@ import re
 RESERVED_NAMES = ("summary.json", "stages.json")
 #: Person ids become folder, file, Ray task and SLURM job names and travel comma-joined between the main job's
 #: stages: letters, digits, '.', '_', '-', a letter or digit first, at most 64 characters (the temporary names
-#: beside a person's folder add ~20 to it, within the 255 bytes of a file name), none of RESERVED_NAMES.
+#: beside a person's folder add at most ~100 to it: host, pid namespace and pid; within the 255 bytes of a
+#: file name), none of RESERVED_NAMES.
 #: Anchored: ``match`` is whole.
 PERSON_ID_RE = re.compile(r"\A(?!(?:%s)\Z)[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"
                           % "|".join(map(re.escape, RESERVED_NAMES)))

@@ -229,3 +229,43 @@ def test_a_cut_off_safetensors_file_is_a_data_error_naming_it(tmp_path):
     with pytest.raises(DataError, match="unreadable safetensors file") as err:
         cio.read_safetensors(path)
     assert err.value.path == path
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write_of_that_folder(tmp_path):
+    """A writer SIGKILLed inside atomic_directory (a killed ingest: a whole store under .000.zarr.tmp-*; a kill
+    between replace_directory's renames: the old store under .000.zarr.old-* too) left them for good. The next write
+    of that folder removes them, with a warning; a live writer's, another host's and an older version's are kept."""
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "000.zarr"
+    killed = ("import os, signal, sys\n"
+              "from pathlib import Path\n"
+              "from common.io import atomic_directory\n"
+              "target = Path(sys.argv[1])\n"
+              "target.mkdir(exist_ok=True)\n"
+              "(target / 'old').write_text('the store before')\n"
+              "replace = os.replace\n"
+              "def killed_at_the_second_rename(src, dst):\n"
+              "    if Path(src) == tmp:  # the old store is aside, the new one not yet in place\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    replace(src, dst)\n"
+              "with atomic_directory(target) as tmp:\n"
+              "    (tmp / 'chunk').write_bytes(b'half a store')\n"
+              "    os.replace = killed_at_the_second_rename\n")
+    run = subprocess.run([sys.executable, "-c", killed, str(target)], cwd=Path(cio.__file__).parents[1])
+    assert run.returncode == -signal.SIGKILL
+    left = sorted(p.name.split("-", 1)[0] for p in tmp_path.iterdir())
+    assert left == [".000.zarr.old", ".000.zarr.tmp"] and not target.exists()  # killed between the renames
+    tag = cio._writer_tag().rsplit("@", 2)[0]
+    kept = [tmp_path / f".000.zarr.tmp-{tag}@{os.getpid()}@live",  # a writer that runs (this process)
+            tmp_path / ".000.zarr.tmp-otherhost@1@2@x",  # another host's, on a shared file system
+            tmp_path / ".000.zarr.tmp-abc123"]  # an older version's (no tag)
+    for folder in kept:
+        folder.mkdir()
+    with pytest.warns(RuntimeWarning, match=r"\.000\.zarr\.(tmp|old)-.*: removed, the temporary folder of a writer"):
+        with atomic_directory(target) as tmp:
+            (tmp / "chunk").write_bytes(b"a whole store")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["000.zarr", *(p.name for p in kept)])
+    assert (target / "chunk").read_bytes() == b"a whole store"
