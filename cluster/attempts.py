@@ -22,7 +22,7 @@ import time
 from typing import Any, Hashable, Protocol, Sequence
 
 from cluster import status as _status
-from cluster.person_job import JobResult, PersonJob
+from cluster.person_job import JobResult, PersonJob, short_error
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class AttemptFailed(Exception):
     :class:`JobResult`; ``restarts`` the SLURM requeues of the attempt (0 elsewhere)."""
 
     def __init__(self, error: str, restarts: int = 0):
+        error = short_error(error)  # every backend's: a megabyte message is not copied into each summary and log
         super().__init__(error)
         self.error = error
         self.restarts = restarts

@@ -140,13 +140,36 @@ def takes_status(fn: Callable[..., Any]) -> bool:
     return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
 
 
+#: The most of an error's first line (its message) kept in status files, results, summaries and logs: a target's
+#: exception with a megabyte message was copied uncut into each (a 5 MB status file, summary.json and log line).
+MESSAGE_CHARS = 1000
+
+
+def short_error(text: str, limit_chars: int = 4000) -> str:
+    """An error's text (a headline, then a traceback) with its first line cut to :data:`MESSAGE_CHARS` and the rest
+    to its last ``limit_chars`` characters."""
+    head, newline, rest = text.partition("\n")
+    if len(head) > MESSAGE_CHARS + 40:  # room for the note: a text cut once is not cut again
+        head = f"{head[:MESSAGE_CHARS]}... ({len(head)} characters)"
+    if len(rest) > limit_chars:
+        rest = "...\n" + rest[-limit_chars:]
+    return head + newline + rest
+
+
+def exception_headline(exc: BaseException) -> str:
+    """``Type: message``; an exception whose ``__str__`` raises is named by its type: formatting a person's error
+    must not fail the job loop in place of the person (its status file stayed ``running``)."""
+    try:
+        message = str(exc)
+    except Exception as e:
+        message = f"<str() of this {type(exc).__name__} raised {type(e).__name__}>"
+    return f"{type(exc).__name__}: {message}"
+
+
 def format_exception(exc: BaseException, limit_chars: int = 4000) -> str:
-    """``Type: message`` followed by the traceback tail, short enough for a status file."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    head = f"{type(exc).__name__}: {exc}"
-    if len(text) > limit_chars:
-        text = "...\n" + text[-limit_chars:]
-    return f"{head}\n{text}"
+    """``Type: message`` followed by the traceback tail, short enough for a status file (:func:`short_error`)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))  # it survives a bad __str__
+    return short_error(f"{exception_headline(exc)}\n{text}", limit_chars)
 
 
 def run_attempt(

@@ -22,7 +22,7 @@ from typing import Any
 from cluster import status as _status
 from cluster.attempts import AttemptFailed, run_attempts, submit_first
 from cluster.bind import LOOPBACK
-from cluster.person_job import JobResult, PersonJob, check_jobs, run_attempt
+from cluster.person_job import JobResult, PersonJob, check_jobs, exception_headline, run_attempt
 from cluster.preflight import resolve_ray_address
 from cluster.ray_connect import EmbeddedRay, connect_ray
 
@@ -190,8 +190,8 @@ class _RayAttempts:
         except Exception as e:  # RayTaskError (target raised) or a dead worker/node
             if isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
                 # str(e) carries the remote traceback; lead with the target's own error
-                raise AttemptFailed(f"{type(e.cause).__name__}: {e.cause}\n{str(e)[-3000:]}") from e
-            raise AttemptFailed(f"{type(e).__name__}: {e}") from e
+                raise AttemptFailed(f"{exception_headline(e.cause)}\n{exception_headline(e)[-3000:]}") from e
+            raise AttemptFailed(exception_headline(e)) from e
 
     def cancel(self, handle) -> None:
         import ray

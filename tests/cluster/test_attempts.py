@@ -221,3 +221,32 @@ def test_slurm_submission_that_fails_is_retried_for_that_person_alone(tmp_path, 
     assert [(r.person, r.ok, r.attempts) for r in results] == [("p1", True, 1), ("p2", True, 1), ("p3", True, 2),
                                                                 ("p4", True, 1)]
     assert cancelled == [] and len(submitted) == 4 and backend.job_ids["p3"] == [submitted[-1].job_id]
+
+
+class _Unprintable(RuntimeError):
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
+def loud_or_unprintable(person: str) -> dict:
+    if person == "loud":
+        raise RuntimeError("x" * 5_000_000)
+    raise _Unprintable()
+
+
+def test_a_huge_or_unprintable_error_fails_its_person_alone_in_a_few_kilobytes(tmp_path):
+    """A target's exception with a 5 MB message was copied uncut into its status file, JobResult.error, summary.json
+    and the log line; one whose __str__ raises failed inside the formatting, so its status file stayed 'running'
+    (local backend) and the other persons' results were never reached. Both fail their person alone now, in a few
+    kilobytes, on the local backend and through the loop every backend shares (AttemptFailed)."""
+    target = f"{__name__}:loud_or_unprintable"
+    jobs = [PersonJob("loud", target, max_retries=0), PersonJob("odd", target, max_retries=0),
+            PersonJob("c", f"{__name__}:flaky")]
+    results = {r.person: r for r in LocalBackend(LocalConfig(status_dir=tmp_path)).run_all(jobs)}
+    assert results["c"].ok and not results["loud"].ok and not results["odd"].ok
+    assert len(results["loud"].error) < 10_000 and "... (5000014 characters)" in results["loud"].error
+    assert results["odd"].error.startswith("_Unprintable: <str() of this _Unprintable raised ValueError>")
+    status = {s.person: s for s in read_status(tmp_path)}
+    assert status["loud"].state == status["odd"].state == "failed"
+    assert max(p.stat().st_size for p in tmp_path.glob("*.json")) < 10_000
+    assert len(AttemptFailed("y" * 5_000_000 + "\ntraceback").error) < 2_000
