@@ -5,7 +5,8 @@ Protocol (``<status_dir>/<person>.json``)::
     {"person": "017", "state": "running", "attempt": 1, "restarts": 0,
      "step": 1200, "total_steps": 100000, "started_at": 1718000000.0,
      "updated_at": 1718000420.5, "rate_step0": 1000, "rate_t0": 1718000010.0,
-     "message": "", "host": "node12", "pid": 4242}
+     "message": "", "host": "node12", "pid": 4242,
+     "pid_space": "<boot id> pid:[4026531836]"}
 
 * ``state``: ``queued`` (submitted, waiting for resources, or requeued after a SLURM
   timeout/preemption), ``running``, ``succeeded``, ``failed``.
@@ -15,6 +16,12 @@ Protocol (``<status_dir>/<person>.json``)::
   attempts so a resumed run shows where it stands. ``rate_step0``/``rate_t0``: the first
   progress report of the current run, from which the step rate and ETA are computed (so a
   resumed run's rate does not count steps done by earlier runs).
+* ``host``/``pid``/``pid_space``: the process that wrote ``running`` (:meth:`StatusReporter.set_state`);
+  ``pid_space`` says where that pid means that process: the kernel's boot id and the pid namespace
+  (Linux; null elsewhere, and absent from files of older versions, which read all the same).
+* A ``running`` file is only as alive as its process: :func:`check_running` shows one whose process is
+  gone as ``lost`` (checked by pid where the reader shares the writer's ``pid_space``) and, where the
+  process cannot be checked from the reader, one not updated for ``stale_after_s`` as ``stale``.
 * Times are UNIX seconds. Every write is a temp file + rename: readers never see half a file.
 * Writes are best effort: a status file that cannot be written (full or read-only disk)
   logs one warning per file and never fails the training or the driver that reports it.
@@ -34,8 +41,11 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from functools import cache
 from pathlib import Path
+
+import psutil
 
 from common.io import atomic_write_json
 
@@ -58,6 +68,19 @@ def _best_effort_write(path: Path, rec: dict) -> bool:
 
 
 STATES = ("queued", "running", "succeeded", "failed")
+#: What :func:`check_running` shows a ``running`` file as when its process is gone (``lost``) or, where
+#: it cannot be checked, has not reported for longer than a live training ever stays silent (``stale``).
+JUDGED_STATES = ("lost", "stale")
+
+#: Seconds without an update after which a ``running`` file whose process cannot be checked from the reader
+#: (another machine or container) is shown as ``stale``. A live training writes its file at every step (at
+#: most once a second); its longest silences are the start of an attempt (loading the base and the data, then
+#: the first step, which with --train.compile, the paper preset's default, compiles: minutes on a cold compile
+#: cache) and a validation or a checkpoint (seconds to minutes). An hour is several times the longest of them.
+STALE_AFTER_S = 3600.0
+#: Seconds a process's start time (as the reader computes it) may lie after the writer's last write and
+#: still be the writer: the start time is rounded to the clock tick and the boot time to the second.
+PID_CLOCK_SLACK_S = 2.0
 
 #: Default minimum seconds between two progress writes (the last step is always written).
 DEFAULT_MIN_INTERVAL_S = 1.0
@@ -84,10 +107,12 @@ def write_state(
     attempt: int | None = None,
     restarts: int | None = None,
     message: str | None = None,
+    step: int | None = None,
+    total_steps: int | None = None,
 ) -> dict:
-    """Update ``state`` (and optionally attempt/restarts/message) of a person's file.
+    """Update ``state`` (and optionally attempt/restarts/message, step/total_steps) of a person's file.
 
-    Progress fields already in the file are kept. Used by the orchestrator and by
+    Progress fields already in the file are kept unless given. Used by the orchestrator and by
     :class:`StatusReporter`. Returns the written record.
     """
     if state not in STATES:
@@ -99,6 +124,10 @@ def write_state(
         rec = {}  # a corrupt file is replaced, not fatal
     now = time.time()
     rec["person"] = person  # the file's person, whatever a copied or hand-edited file said
+    if step is not None:
+        rec["step"] = int(step)
+    if total_steps is not None:
+        rec["total_steps"] = int(total_steps)
     rec.setdefault("step", None)
     rec.setdefault("total_steps", None)
     rec.setdefault("started_at", None)
@@ -154,6 +183,7 @@ class StatusReporter:
             rec["started_at"] = rec["updated_at"]
             rec["host"] = socket.gethostname()
             rec["pid"] = os.getpid()
+            rec["pid_space"] = pid_space()
             rec["rate_step0"] = None
             rec["rate_t0"] = None
             _best_effort_write(self.path, rec)
@@ -204,6 +234,7 @@ class PersonStatus:
     message: str = ""
     host: str | None = None
     pid: int | None = None
+    pid_space: str | None = None
 
     @property
     def steps_per_s(self) -> float | None:
@@ -234,7 +265,8 @@ _INT, _NUMBER, _STR = (int,), (int, float), (str,)
 _FIELD_TYPES = {"person": (_STR, False), "state": (_STR, False), "attempt": (_INT, False), "restarts": (_INT, False),
                 "step": (_INT, True), "total_steps": (_INT, True), "started_at": (_NUMBER, True),
                 "updated_at": (_NUMBER, True), "rate_step0": (_INT, True), "rate_t0": (_NUMBER, True),
-                "message": (_STR, False), "host": (_STR, True), "pid": (_INT, True)}
+                "message": (_STR, False), "host": (_STR, True), "pid": (_INT, True),
+                "pid_space": (_STR, True)}
 
 
 def _bad_field(rec: dict) -> str | None:
@@ -286,6 +318,65 @@ def read_status(status_dir: Path | str) -> list[PersonStatus]:
     return out
 
 
+@cache
+def pid_space() -> str | None:
+    """Where a pid names the same process as in this one: this boot of this kernel (``boot_id``: another
+    machine, or this one after a reboot, is another) and this process's pid namespace (a container sharing
+    the host's name sees other pids). None where neither can be read (not Linux): pids are then not checked."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot} {namespace}" if boot else None
+
+
+def _writer_gone(s: PersonStatus) -> bool | None:
+    """Whether the process that wrote ``s``'s ``running`` is gone (True) or still runs (False); None when it
+    cannot be told from this process (another machine or container, a file without pid or ``pid_space``)."""
+    if s.pid is None or s.pid <= 0 or s.pid_space is None or s.pid_space != pid_space():
+        return None  # no process wrote a pid of 0 or less (a hand-edited file): not checked, not an error
+    try:
+        proc = psutil.Process(s.pid)
+        created = proc.create_time()
+        if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped by its parent
+            return True
+    except psutil.NoSuchProcess:  # ZombieProcess too
+        return True
+    except psutil.Error:  # not allowed to look: say nothing
+        return None
+    # The pid freed by the writer and taken by a later process: that one started after the writer's last write.
+    last_write = s.updated_at if s.updated_at is not None else s.started_at
+    return last_write is not None and created > last_write + PID_CLOCK_SLACK_S
+
+
+def check_running(statuses: list[PersonStatus], now: float | None = None,
+                  stale_after_s: float = STALE_AFTER_S) -> list[PersonStatus]:
+    """``statuses`` with each ``running`` one whose process is provably gone shown as ``lost`` and, where its
+    process cannot be checked from here, each not updated for more than ``stale_after_s`` seconds shown as
+    ``stale``, the message saying why (the file is not changed). A process killed (SIGKILL, the OOM killer,
+    a node that died) writes no verdict: its file said ``running`` until a later run touched that person."""
+    if not (stale_after_s > 0):  # also NaN
+        raise ValueError(f"stale_after_s must be a positive number of seconds, got {stale_after_s}")
+    now = time.time() if now is None else now
+    out = []
+    for s in statuses:
+        if s.state != "running":
+            out.append(s)
+            continue
+        who = f"process {s.pid} on {s.host or 'an unknown host'}" if s.pid is not None else "its process"
+        gone = _writer_gone(s)
+        if gone:
+            out.append(replace(s, state="lost", message=f"gone without a verdict (killed?): {who}"))
+        elif gone is None and s.updated_at is not None and now - s.updated_at > stale_after_s:
+            out.append(replace(s, state="stale", message=(
+                f"no update for {format_duration(now - s.updated_at)}: {who} cannot be checked from here "
+                "(gone or hung?)")))
+        else:
+            out.append(s)
+    return out
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -318,6 +409,6 @@ def format_status_table(statuses: list[PersonStatus], now: float | None = None, 
                      format_duration(s.eta_s), age, msg))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    counts = {st: sum(1 for s in statuses if s.state == st) for st in (*STATES, "invalid")}
+    counts = {st: sum(1 for s in statuses if s.state == st) for st in (*STATES, *JUDGED_STATES, "invalid")}
     lines.append("  ".join(f"{k}={v}" for k, v in counts.items() if v) or "no status files")
     return "\n".join(lines)

@@ -620,6 +620,9 @@ def _run(args: LaunchAllArgs, ray_session: RaySession, t0: float) -> int:
                 print(f"training: {len(trained)} persons already trained to their steps on this base, not run again "
                       f"({', '.join(trained)}; --train.resume never retrains)")
             results += [JobResult(person=p, ok=True, attempts=0, result=r) for p, r in trained.items()]
+            for p, r in trained.items():  # as its run would have: a run killed before its verdict left `running`
+                write_state(status_dir(args), p, "succeeded", step=r["steps"], total_steps=r["steps"],
+                            message="already trained to its steps on this base; not run again")
             todo = [p for p in persons if p not in refused and p not in trained]
             if todo:
                 with clock.stage("training"):

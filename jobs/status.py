@@ -1,17 +1,22 @@
 """Show every person's training state, step and ETA (from the status files of a launch).
 
-    python jobs/status.py [--workdir data] [--status-dir DIR] [--watch 5]
+    python jobs/status.py [--workdir data] [--status-dir DIR] [--watch 5] [--stale-after 3600]
+
+A person whose status file says ``running`` but whose process is gone (killed: it wrote no verdict) is shown
+as ``lost``; where its process cannot be checked from here (it ran on another machine or in another container),
+one whose file has not been updated for --stale-after seconds is shown as ``stale``.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
 
-from cluster.status import format_status_table, read_status
+from cluster.status import STALE_AFTER_S, check_running, format_status_table, read_status
 
 
 @dataclass
@@ -23,6 +28,11 @@ class StatusArgs:
     --slurm.status-dir DIR`); None: <workdir>/status."""
     watch: float = 0.0
     """Refresh every N seconds until interrupted (0: print once)."""
+    stale_after: float = STALE_AFTER_S
+    """Seconds without an update after which a running person whose process cannot be checked from here
+    (another machine or container) is shown as `stale`. A live training reports every step; its longest
+    silences (loading and compiling before the first step, a validation, a checkpoint) stay well under the
+    default hour."""
 
 
 def render(args: StatusArgs) -> str:
@@ -31,20 +41,24 @@ def render(args: StatusArgs) -> str:
     if not statuses:
         return f"no status files under {folder} (nothing launched yet? a launch given --slurm.status-dir: " \
                "pass it as --status-dir)"
-    return format_status_table(statuses)
+    return format_status_table(check_running(statuses, stale_after_s=args.stale_after))
 
 
-def main(args: StatusArgs) -> None:
+def main(args: StatusArgs) -> int:
+    if not args.stale_after > 0:  # also NaN
+        print(f"error: --stale-after must be a positive number of seconds, got {args.stale_after}", file=sys.stderr)
+        return 2
     try:
         while True:
             print(render(args), flush=True)
             if args.watch <= 0:
-                return
+                return 0
             time.sleep(args.watch)
             print("\033[2J\033[H", end="")
     except KeyboardInterrupt:  # Ctrl-C is how --watch ends: no traceback
         print()
+    return 0
 
 
 if __name__ == "__main__":
-    main(tyro.cli(StatusArgs))
+    sys.exit(main(tyro.cli(StatusArgs)))
