@@ -114,7 +114,14 @@ def init_distributed() -> tuple[int, int]:
                                                master_listen_fd=_LISTENER.fileno())
         else:
             store = torch.distributed.TCPStore(address, port, world, False, TIMEOUT)
-        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
+        device = None
+        if backend == "nccl":
+            # Each process on its own GPU before the first collective (the trainer's set-up barrier runs before
+            # DeepSpeed picks the device): NCCL otherwise put every process of a node on GPU 0 for it.
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT,
+                                             device_id=device)
     elif torch.distributed.get_world_size() == 1:
         # the single-process group of an earlier run of this process, kept for its lifetime: DeepSpeed reads its
         # rank from os.environ again, which a caller may have cleaned since (a child's environment, a test)
