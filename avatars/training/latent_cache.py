@@ -10,7 +10,8 @@ of once per draw.
 A new sample is encoded on its own (batch 1), not with the batch it first arrives in: a convolution's
 result can differ in the last bits with the batch around it, and a resumed run meets its samples in other
 batches than the uninterrupted run did; encoded alone, each posterior is the same in both, so resume
-stays exact. With random crops every draw is a new image: :func:`latent_cache_for` builds no cache.
+stays exact (on CPU: on a GPU, cudnn.benchmark and grid_sample's atomic backward make no run bit-for-bit
+repeatable). With random crops every draw is a new image: :func:`latent_cache_for` builds no cache.
 """
 
 from __future__ import annotations
