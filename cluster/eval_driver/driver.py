@@ -13,7 +13,10 @@ deploys; one that does not load (`MetricsUnavailable`) stops the run before the 
 `parallel_persons` persons render at a time and one thread more runs, so that while a person's
 frames are scored the next person's already render.
 A person without a trained model, or whose data, model or rendering fails, is recorded as failed
-in results.json with the reason; the others go on. A person any of whose tasks failed (its data) is
+in results.json with the reason; the others go on: a person whose model load or a frame does not come back
+within `frame_timeout_s` fails with `FrameTimeout` (its frames cancelled), and the frames lost with a replica
+that died are sent again once (`person.REPLICA_LOST_RETRIES`; the person fails with `ReplicaLost` when they are
+lost again). A person any of whose tasks failed (its data) is
 failed too (the summary, the exit code), its other tasks keep their numbers. At the end
 results.json is written atomically and the report is built.
 """
@@ -29,7 +32,7 @@ import subprocess
 import time
 import traceback
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +102,12 @@ class EvalDriverConfig:
     """Persons rendered at the same time (threads sending to the one renderer application; give it
     as many replicas, `renderer.num_replicas`, to render them in parallel). One more person thread
     runs: a person's scoring (metrics, videos) does not hold up the next person's rendering."""
+    frame_timeout_s: float = 3600.0
+    """The longest the driver waits for a person's model to load on a replica, and for each of its frames (from
+    when the frame before it came back; all of a person's frames are in flight at once): a person whose model load
+    or frame does not come back within it (a hung replica, a model load stuck on a dead file system) fails alone,
+    naming it and the limit, its frames cancelled, and the other persons render on. The default covers a model's
+    load and compile warm-up on GPU (minutes) and a batch queued behind another person's on a CPU replica."""
     eval_device: str = "cpu"
     """Torch device of the metric networks (LPIPS, JOD, face models) in the driver; one torch cannot parse is
     refused up front, one that is not there when the networks load stops the run before any person renders."""
@@ -142,6 +151,8 @@ class EvalDriverConfig:
                 raise ValueError(f"{flag} {path}: {why}")
         if (why := device_problem(self.eval_device)) is not None:
             raise ValueError(f"--eval-device {self.eval_device!r}: {why}")
+        if not (math.isfinite(self.frame_timeout_s) and self.frame_timeout_s > 0):
+            raise ValueError(f"--frame-timeout-s must be a number of seconds > 0, got {self.frame_timeout_s}")
         if self.parallel_persons < 1:
             raise ValueError(f"--parallel-persons must be >= 1, got {self.parallel_persons}")
         if not (math.isfinite(self.fps) and self.fps > 0 and math.isfinite(self.video_min_fps)
@@ -450,10 +461,11 @@ PersonOutcome = tuple[str, "dict[str, TaskResult] | None", "str | None"]
 
 def evaluate_persons(run: EvalRun, handle, persons: list[str], drivers: dict[str, str | None],
                      person_seconds: dict[str, float]) -> Iterator[PersonOutcome]:
-    """The outcome of each of `persons`, in order, rendered on the renderer application `handle`.
-    One thread more than `run`'s render slots (`parallel_persons`): while a person's frames are
+    """The outcome of each of `persons` as it finishes (they start in order), rendered on the renderer application
+    `handle`. One thread more than `run`'s render slots (`parallel_persons`): while a person's frames are
     scored, the next person's already render on the replica it left. A person's failure is
-    reported for that person only."""
+    reported for that person only; a person that takes long (up to ``--frame-timeout-s`` per frame when its frames
+    do not come back) does not hold up the outcomes of those that finished."""
 
     def one(person: str) -> PersonOutcome:
         t = time.time()
@@ -466,7 +478,8 @@ def evaluate_persons(run: EvalRun, handle, persons: list[str], drivers: dict[str
             person_seconds[person] = time.time() - t
 
     with ThreadPoolExecutor(run.config.parallel_persons + 1, thread_name_prefix="eval") as pool:
-        yield from pool.map(one, persons)
+        for done in as_completed([pool.submit(one, p) for p in persons]):
+            yield done.result()
 
 
 def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers: dict[str, str | None],

@@ -37,6 +37,36 @@ log = logging.getLogger(__name__)
 MODEL_DIR = "model"
 
 
+#: How many times a frame (or a person's model load) lost with a renderer replica that died (a crash in a native
+#: library, out of memory) is sent again; a person whose frames are lost more often fails with the error.
+REPLICA_LOST_RETRIES = 1
+
+
+class FrameTimeout(RuntimeError):
+    """A person's model load or one of its frames did not come back within ``--frame-timeout-s`` (a hung replica, a
+    model load stuck on a dead file system): the person fails alone, its frames are cancelled."""
+
+
+class ReplicaLost(RuntimeError):
+    """A person's frames (or its model load) were lost with a dying renderer replica again after they were sent
+    once more (:data:`REPLICA_LOST_RETRIES`): most likely this person's own frames kill the replicas."""
+
+
+def replica_lost_errors() -> tuple[type[BaseException], ...]:
+    """What a call raises when the replica serving it died or cannot be reached (the call may be sent again: a
+    render has no side effects): Ray's ``ActorDiedError`` / ``ActorUnavailableError`` (``RayActorError``) and
+    Serve's ``ReplicaUnavailableError``."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return RayActorError, ReplicaUnavailableError
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0].strip() if lines else ''}"
+
+
 class MetricsUnavailable(RuntimeError):
     """The metric networks did not load (a --landmark-model or --face-id-model that is no TorchScript, an
     --eval-device that is not there, a metric's package that does not import): a bad setting, found before any
@@ -152,6 +182,9 @@ class EvalRun:
         self._stores: dict[str, object] = {}
         self._data_lock = threading.Lock()
         self.render_slots = threading.Semaphore(config.parallel_persons)
+        # frames lost with a dying replica are sent again by one person at a time: a person whose frames kill every
+        # replica they reach then cannot take another person's second attempt down with it
+        self.retry_lock = threading.Lock()
 
     def wait_for_metrics(self) -> None:
         """Wait until the metric networks (loading in the background since ``__init__``) are loaded; one that
@@ -202,12 +235,15 @@ class EvalRun:
 
         cfg = self.config
         renderer = person_handle(handle, person)
-        try:
-            info = renderer.info.remote().result()  # loads the model: a bad checkpoint fails this person here
+        try:  # loads the model: a bad checkpoint fails this person here
+            info = self._sent_again_if_lost(
+                person, "its model load", lambda: self._result(person, renderer.info.remote(), "its model load"))
         except ModelLoadError as e:  # Ray's wrapper adds the replica's traceback: the reason alone is clearer
             raise ModelLoadError(e.person, e.model_dir, e.cause) from None
         results: dict[str, TaskResult] = {}
-        jobs: list[tuple[TaskFrames, list]] = []
+        jobs: list[tuple[TaskFrames, int]] = []  # (frames, how many of `requests` are theirs)
+        requests: list[RenderRequest] = []
+        responses: list = []  # requests[i]'s response (the one sent last)
         try:
             for task in cfg.tasks:
                 try:
@@ -220,17 +256,94 @@ class EvalRun:
                     log.error("%s/%s: %s", person, task, e)
                     continue
                 # every frame in flight at once: the replicas batch them
-                jobs.append((frames, []))
+                count = len(requests)
                 for clip in frames.clips:
-                    jobs[-1][1].extend(renderer.remote(RenderRequest(**c, seed=cfg.seed, key=k))
-                                       for k, c in zip(clip.keys, clip.conditioning))
-            rendered = [(frames, [r.result().image for r in responses]) for frames, responses in jobs]
-        except BaseException:  # this person failed (a later task's frames too): its queued frames must not hold up
-            for _, responses in jobs:  # the other persons
-                for r in responses:
-                    r.cancel()
+                    for k, c in zip(clip.keys, clip.conditioning):
+                        requests.append(RenderRequest(**c, seed=cfg.seed, key=k))
+                        responses.append(renderer.remote(requests[-1]))
+                jobs.append((frames, len(requests) - count))
+            images = self._images(person, renderer, requests, responses)
+        except BaseException:  # this person failed (a later task's frames too, a frame that did not come back): its
+            for r in responses:  # queued frames must not hold up the other persons
+                r.cancel()
             raise
+        rendered, start = [], 0
+        for frames, count in jobs:
+            rendered.append((frames, images[start:start + count]))
+            start += count
         return results, rendered
+
+    def _result(self, person: str, response, what: str):
+        """`response`'s result, waiting at most ``--frame-timeout-s``; :class:`FrameTimeout` naming the person."""
+        from ray.exceptions import RayTaskError
+
+        limit = self.config.frame_timeout_s
+        try:
+            return response.result(timeout_s=limit)
+        except TimeoutError as e:
+            if isinstance(e, RayTaskError):  # a TimeoutError the replica raised: an error of the render, not ours
+                raise
+            sent = "its frames were cancelled" if what.startswith("frame") else "none of its frames was sent"
+            raise FrameTimeout(f"{person}: {what} did not come back within --frame-timeout-s {limit:g} s (a hung "
+                               f"replica, or a model load stuck on its file system); {sent}, the other persons "
+                               "render on") from None
+
+    def _images(self, person: str, renderer, requests: list[RenderRequest], responses: list) -> list[np.ndarray]:
+        """The rendered frame of each request, in order (each waited for at most ``--frame-timeout-s`` from when
+        the one before it came back). When a frame is lost with a replica that died, the person's frames not back
+        yet are cancelled (those still queued would go to the next replica, with a person whose frames kill it)
+        and sent again together under ``retry_lock``, at most :data:`REPLICA_LOST_RETRIES` times; `responses` then
+        holds the responses sent again."""
+        images: list[np.ndarray | None] = [None] * len(requests)
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            todo = [i for i, image in enumerate(images) if image is None]
+            if attempt == 0:
+                error = self._collect(person, requests, responses, todo, images)
+            else:
+                log.warning("%s: %d frames not back when a renderer replica died (%s); sending them again", person,
+                            len(todo), _first_line(error))
+                with self.retry_lock:
+                    for i in todo:
+                        responses[i] = renderer.remote(requests[i])
+                    error = self._collect(person, requests, responses, todo, images)
+            if error is None:
+                return images  # type: ignore[return-value]
+        todo = [i for i, image in enumerate(images) if image is None]
+        raise ReplicaLost(f"{person}: its frames were lost with a renderer replica that died, also when sent again "
+                          f"({REPLICA_LOST_RETRIES} more time(s), {len(todo)} frames; the replica's log says why: a "
+                          f"crash or out of memory while rendering them): {_first_line(error)}") from error
+
+    def _collect(self, person: str, requests: list[RenderRequest], responses: list, todo: list[int],
+                 images: list) -> BaseException | None:
+        """Fill ``images[i]`` for each i of `todo`, in order, until a frame is lost with a replica that died: then
+        the frames of `todo` not back yet are cancelled and the error returned; None when every frame came back."""
+        lost_errors = replica_lost_errors()
+        for k, i in enumerate(todo):
+            try:
+                images[i] = self._result(person, responses[i], f"frame {requests[i].key}").image
+            except lost_errors as e:
+                for j in todo[k + 1:]:
+                    responses[j].cancel()
+                return e
+        return None
+
+    def _sent_again_if_lost(self, person: str, what: str, call):
+        """`call()`, called again (at most :data:`REPLICA_LOST_RETRIES` times, under ``retry_lock``) while the
+        replica serving it dies."""
+        lost_errors = replica_lost_errors()
+        error: BaseException | None = None
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            try:
+                if attempt == 0:
+                    return call()
+                with self.retry_lock:
+                    return call()
+            except lost_errors as e:
+                error = e
+                log.warning("%s: %s was lost with a renderer replica that died (%s)", person, what, _first_line(e))
+        raise ReplicaLost(f"{person}: {what} was lost with a renderer replica that died, also when sent again "
+                          f"({REPLICA_LOST_RETRIES} more time(s); the replica's log says why: a crash or out of memory "
+                          f"while loading it): {_first_line(error)}") from error
 
     def evaluate(self, frames: TaskFrames, images: list[np.ndarray]) -> TaskResult:
         from avatars.evaluation.video import write_comparison_video
