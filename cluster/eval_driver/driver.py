@@ -42,10 +42,10 @@ from cluster.eval_driver.person import MetricsUnavailable as MetricsUnavailable 
 from cluster.eval_driver.person import merge_evaluations as merge_evaluations  # public path
 from cluster.eval_driver.person import video_fps as video_fps  # public path
 from cluster.eval_driver.tasks import TASKS, waits_on_driver
-from cluster.eval_driver.uptodate import adopt, base_problem, evaluation_key, find_reusable, media_files
+from cluster.eval_driver.uptodate import EVAL_FORMAT, adopt, base_problem, evaluation_key, find_reusable, media_files
 from cluster.ray_connect import EmbeddedRay, connect_ray, leave_ray
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
-from cluster.report.schema import check_person_name, parse_run_date
+from cluster.report.schema import EVAL_FORMAT_KEY, check_person_name, parse_run_date
 from cluster.serve.renderer import RendererConfig
 from cluster.serve.renderer import device_problem as device_problem  # public path: --eval-device's check
 from common.io import DataError
@@ -334,10 +334,13 @@ def _load_night(path: Path) -> RunResults | None:
     if not path.is_file():
         return None
     try:
-        return RunResults.load(path)
+        night = RunResults.load(path, salvage=True)
     except DataError as e:
         log.warning("%s is unreadable and will be replaced: %s", path, e)
         return None
+    for damage in night.damaged:  # kept as a failed task (rendered again next time) or left out, not the whole night
+        log.warning("%s: malformed entry: %s", path, damage)
+    return night
 
 
 def _base_problem(config: EvalDriverConfig, person: str, cache: dict[Path, str]) -> str | None:
@@ -402,7 +405,7 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
                 log.error("%s: %s", p, why)
         stamp = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
         for p in todo:
-            evaluations[p] = {"run_id": run_id, "evaluated_at": stamp}
+            evaluations[p] = {"run_id": run_id, "evaluated_at": stamp, EVAL_FORMAT_KEY: str(EVAL_FORMAT)}
             # a failed person or task, or a task skipped for its driver's data, is rendered again next time: no key
             if p in keys and p not in failed and not any(waits_on_driver(r) for r in results[p].values()):
                 evaluations[p]["key"] = keys[p]

@@ -19,7 +19,7 @@ from pathlib import Path
 from cluster.report.aggregate import RunSummary, summarize
 from cluster.report.metric_labels import metric_label
 from cluster.report.plots import trend_plot
-from cluster.report.schema import RunResults, TaskResult, list_runs, parse_run_date, run_dir
+from cluster.report.schema import EVAL_FORMAT_KEY, RunResults, TaskResult, list_runs, parse_run_date, run_dir
 from cluster.report.template import PAGE
 from common.io import DataError, atomic_file, atomic_write_bytes, atomic_write_json
 
@@ -164,6 +164,7 @@ def build_report(config: ReportConfig) -> Path:
     history, ignored = load_history(root, run_date, config.max_history)
     current = history[-1]
     damaged = [d for run in history for d in run.damaged]
+    other_formats = other_format_nights(history)
     summaries = [summarize(r) for r in history]
     summary = summaries[-1]
     out = Path(config.out_dir) if config.out_dir else root / SITE_DIR / run_date
@@ -196,9 +197,11 @@ def build_report(config: ReportConfig) -> Path:
                      "persons_total": s.persons_total, "persons": s.person_average} for s in summaries],
         "ignored_runs": ignored,
         "damaged_entries": damaged,
+        "eval_format": sorted(eval_formats(current)),
+        "other_eval_format_nights": other_formats,
     }
     atomic_write_json(out / "report.json", report, mode=PUBLISHED)
-    html = _render(summary, summaries, persons, plots, ignored, damaged, report["meta"], generated_at)
+    html = _render(summary, summaries, persons, plots, ignored, damaged, other_formats, report["meta"], generated_at)
     atomic_write_bytes(out / "index.html", html.encode("utf-8"), mode=PUBLISHED)
     _prune_videos(out, {t["video"] for p in persons for t in p["tasks"] if t["video"]})
     return out / "index.html"
@@ -239,6 +242,20 @@ def _media(r: TaskResult, person: str, task: str, src_dir: Path, out: Path | Non
     return entry
 
 
+def eval_formats(run: RunResults) -> set[str]:
+    """The versions of the evaluation (:data:`EVAL_FORMAT_KEY`) that computed the numbers of ``run``'s persons."""
+    return {run.evaluations.get(p, {}).get(EVAL_FORMAT_KEY, "not recorded") for p in run.persons}
+
+
+def other_format_nights(history: list[RunResults]) -> list[str]:
+    """The nights of ``history`` whose numbers another version of the evaluation computed (other metrics, other
+    videos) than the reported night's (the last), as "date: versions": a trend across them compares numbers that
+    were computed differently."""
+    current = eval_formats(history[-1])
+    return [f"{run.run_date}: {', '.join(sorted(eval_formats(run)))}"
+            for run in history if eval_formats(run) != current]
+
+
 def partial_nights(metric: str, summaries: list[RunSummary]) -> list[str]:
     """The nights whose average of ``metric`` covers fewer persons than the night has, as "date: n of N persons"
     (shown under the trend plot: a jump there may be a person left out, not a better model)."""
@@ -248,13 +265,14 @@ def partial_nights(metric: str, summaries: list[RunSummary]) -> list[str]:
 
 def _render(summary: RunSummary, summaries: list[RunSummary], persons: list[dict],
             plots: list[tuple[str, str, list[str]]],
-            ignored: list[str], damaged: list[str], meta: dict[str, str], generated_at: str) -> str:
+            ignored: list[str], damaged: list[str], other_formats: list[str], meta: dict[str, str],
+            generated_at: str) -> str:
     import jinja2
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(PAGE).render(
         run_date=summary.run_date, generated_at=generated_at, n_runs=len(summaries), meta=meta, ignored=ignored,
-        damaged=damaged,
+        damaged=damaged, other_formats=other_formats,
         summary=summary, metrics=summary.metrics, labels={m: metric_label(m) for m in summary.metrics},
         fmt=_fmt, plots=plots, persons=persons,
     )

@@ -65,6 +65,10 @@ def _finite(x: Any) -> float | None:
 
 #: The largest count results.json may hold: every integer up to it is exact in a float and in the page's
 #: JavaScript (``Number.MAX_SAFE_INTEGER``); a larger "count" is a damaged file, not a night's frames.
+#: The field of a person's ``evaluations`` entry that names the version of what the evaluation computed (the
+#: metrics, the videos: ``cluster.eval_driver.uptodate.EVAL_FORMAT``): nights of another version are not comparable
+#: in a trend, and the report says so (absent from nights written before it was recorded).
+EVAL_FORMAT_KEY = "eval_format"
 MAX_COUNT = 2**53 - 1
 
 

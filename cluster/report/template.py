@@ -29,6 +29,7 @@ ul.skipped, ul.warnings { font-size: 12px; color: #8a5a00; }
 <p class="meta">Generated {{ generated_at }} from {{ n_runs }} nightly run(s){% for k, v in meta.items() %} &middot; {{ k }}: {{ v }}{% endfor %}</p>
 {% if ignored %}<ul class="warnings">{% for w in ignored %}<li>ignored run: {{ w }}</li>{% endfor %}</ul>{% endif %}
 {% if damaged %}<ul class="warnings damaged">{% for w in damaged %}<li>malformed entry: {{ w }}</li>{% endfor %}</ul>{% endif %}
+{% if other_formats %}<ul class="warnings other-formats">{% for w in other_formats %}<li>computed by another version of the evaluation than this night's (not comparable in the trends): {{ w }}</li>{% endfor %}</ul>{% endif %}
 
 {% macro metric_table(table_id, rows, average, first_col, coverage=none) -%}
 <table class="metrics" id="{{ table_id }}">

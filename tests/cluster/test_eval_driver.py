@@ -25,6 +25,7 @@ from cluster.eval_driver.tasks import (
     parse_key,
     self_reenactment,
 )
+from cluster.eval_driver.uptodate import EVAL_FORMAT
 from cluster.report import RunResults
 from cluster.serve.renderer import RendererConfig, RenderResult
 from common.io import DataError
@@ -307,6 +308,7 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
     night = RunResults.load(subset.results_path)
     assert sorted(night.persons) == ["000", "001", "zz8", "zz9"] and night.persons["001"] == results.persons["001"]
     assert night.evaluations["000"]["run_id"] != night.evaluations["001"]["run_id"]
+    assert night.evaluations["000"]["eval_format"] == str(EVAL_FORMAT)  # what computed them (the report compares)
     assert night.evaluations["000"]["key"] == RunResults.load(again.results_path).evaluations["000"]["key"]
     # The next night reuses the numbers and links the videos into its own folder.
     nxt = run_evaluation(dataclasses.replace(later, run_date="2025-03-02"))

@@ -94,3 +94,26 @@ def test_a_metric_name_with_mathtext_markup_is_drawn_as_given(tmp_path: Path, na
     run.save(tmp_path)
     html = build_report(ReportConfig(tmp_path, copy_videos=False)).read_text()
     assert html.count('class="plot"') == 2 * 2  # figure + img for psnr and for the odd name
+
+
+def test_nights_computed_by_another_version_of_the_evaluation_are_named(tmp_path: Path) -> None:
+    """EVAL_FORMAT changes what an evaluation computes (2: frames with an empty mask leave the masked metrics): the
+    trend of an upgraded run put older nights' numbers beside the new ones as if comparable. Each evaluation now
+    records its version, and the page and report.json name the nights of another one (or none recorded)."""
+    import json
+
+    from cluster.eval_driver.uptodate import EVAL_FORMAT
+    from cluster.report.schema import EVAL_FORMAT_KEY
+
+    versions = {"2025-01-29": None, "2025-01-30": str(EVAL_FORMAT - 1), "2025-01-31": str(EVAL_FORMAT)}
+    for date, version in versions.items():
+        night = _night(date, 10.0)
+        night.evaluations = {p: {EVAL_FORMAT_KEY: version} if version else {} for p in night.persons}
+        night.save(tmp_path)
+    index = build_report(ReportConfig(tmp_path, "2025-01-31", copy_videos=False))
+    report = json.loads((index.parent / "report.json").read_text())
+    assert report["eval_format"] == [str(EVAL_FORMAT)]
+    assert report["other_eval_format_nights"] == ["2025-01-29: not recorded", f"2025-01-30: {EVAL_FORMAT - 1}"]
+    html = index.read_text()
+    assert "computed by another version of the evaluation than this night's" in html
+    assert f"2025-01-30: {EVAL_FORMAT - 1}" in html
