@@ -288,3 +288,17 @@ def test_a_publish_killed_before_its_page_leaves_the_old_page_playing_its_own_vi
     (new_video,) = (out / "videos/p017").iterdir()
     assert new_video.read_bytes() == b"the re-evaluated model's video"
     assert f'src="videos/p017/{new_video.name}"' in (out / "index.html").read_text()
+
+
+def test_an_evaluation_saving_a_night_with_one_malformed_entry_keeps_the_other_persons(tmp_path: Path) -> None:
+    """The evaluation merges its persons over the night's results.json: one malformed entry made the whole file
+    'unreadable, replaced', dropping the persons an earlier run had evaluated that night. Now that task is kept as
+    failed (rendered again next time) and the others as they were."""
+    from cluster.eval_driver.driver import _load_night
+
+    path = _nights(tmp_path)[-1]
+    _set(path, '"n/a"', "persons", "p017", "novel_view", "metrics", "psnr")
+    night = _load_night(path)
+    assert night is not None and sorted(night.persons) == ["p017", "p042"]
+    assert night.persons["p017"]["novel_view"].failed and not night.persons["p017"]["self_reenactment"].failed
+    assert not any(t.failed for t in night.persons["p042"].values())
