@@ -47,6 +47,12 @@ DEFAULT_LOG_DIR = Path("runs/slurm")
 SLURM_MAX_SIGNAL_DELAY_S = 65535
 
 
+
+#: The most tasks of one job array: SLURM's default MaxArraySize (1001) allows the indices 0..1000, and sbatch
+#: refused a larger array whole (every person's first attempt failed and each was then submitted alone). A site with
+#: a smaller MaxArraySize has its arrays refused the same way: their persons are submitted one by one.
+MAX_ARRAY_TASKS = 1000
+
 @dataclass
 class SlurmConfig:
     """Configuration of :class:`SlurmBackend` (cluster-side settings; per-job resources
@@ -265,10 +271,12 @@ class SlurmBackend:
         groups: dict[Resources, list[PersonJob]] = {}
         for job in jobs:
             groups.setdefault(job.resources, []).append(job)
+        arrays = [(resources, whole[first:first + MAX_ARRAY_TASKS]) for resources, whole in groups.items()
+                  for first in range(0, len(whole), MAX_ARRAY_TASKS)]
         started: list[tuple[PersonJob, Any]] = []
         unsubmitted: list[tuple[PersonJob, str]] = []
         try:
-            for resources, group in groups.items():
+            for resources, group in arrays:
                 try:
                     started += self._submit_array(resources, group, sdir)
                 except Exception as e:  # these persons' attempt 1 failed; the other groups go on
@@ -290,9 +298,8 @@ class SlurmBackend:
     def _restarts_from_status(sdir, person: str) -> int:
         if sdir is None:
             return 0
-        for s in _status.read_status(sdir):
-            if s.person == person:
-                return s.restarts
+        for s in _status.read_status(sdir, [person]):  # its own file: every failure read them all (n^2 at scale)
+            return s.restarts
         return 0
 
 

@@ -286,36 +286,36 @@ def _bad_field(rec: dict) -> str | None:
     return None
 
 
-def read_status(status_dir: Path | str) -> list[PersonStatus]:
-    """All persons' status files in ``status_dir``, sorted by person (empty if missing). A file that
-    cannot be read, has no valid state, a field of the wrong type or a ``person`` field other than its name
-    (a copied file: it would hide that person and count the other twice) is listed as ``invalid``, with why;
-    the person is always the file's name."""
+def read_status(status_dir: Path | str, persons: list[str] | None = None) -> list[PersonStatus]:
+    """The status files in ``status_dir`` (with ``persons``: only theirs, which a run of some persons reads every
+    second, not the whole folder), sorted by person (empty if missing). A file that cannot be read, has no valid
+    state, a field of the wrong type or a ``person`` field other than its name (a copied file: it would hide that
+    person and count the other twice) is listed as ``invalid``, with why; the person is always the file's name."""
     sdir = Path(status_dir)
     if not sdir.is_dir():
         return []
+    if persons is not None:
+        paths = [path for path in (status_path(sdir, p) for p in sorted(set(persons))) if path.is_file()]
+    else:  # a name with a leading dot is the temporary file of an atomic write in flight
+        paths = [p for p in sorted(sdir.glob("*.json")) if not p.name.startswith(".")]
+    return [_read_one(path) for path in paths]
+
+
+def _read_one(path: Path) -> PersonStatus:
+    person = path.stem
+    try:
+        rec = _read_json(path)
+    except (OSError, ValueError) as e:
+        return PersonStatus(person=person, state="invalid", message=f"{path}: {e}")
+    if rec is None or rec.get("state") not in STATES:
+        return PersonStatus(person=person, state="invalid", message=f"{path}: no valid 'state'")
+    problem = _bad_field(rec)
+    if problem is None and rec.get("person", person) != person:
+        problem = f"field 'person' is {rec['person']!r}, but the file is {person!r}'s"
+    if problem is not None:
+        return PersonStatus(person=person, state="invalid", message=f"{path}: {problem}")
     known = {f.name for f in fields(PersonStatus)}
-    out = []
-    for path in sorted(sdir.glob("*.json")):
-        if path.name.startswith("."):
-            continue  # temp file of an in-flight atomic write
-        person = path.stem
-        try:
-            rec = _read_json(path)
-        except (OSError, ValueError) as e:
-            out.append(PersonStatus(person=person, state="invalid", message=f"{path}: {e}"))
-            continue
-        if rec is None or rec.get("state") not in STATES:
-            out.append(PersonStatus(person=person, state="invalid", message=f"{path}: no valid 'state'"))
-            continue
-        problem = _bad_field(rec)
-        if problem is None and rec.get("person", person) != person:
-            problem = f"field 'person' is {rec['person']!r}, but the file is {person!r}'s"
-        if problem is not None:
-            out.append(PersonStatus(person=person, state="invalid", message=f"{path}: {problem}"))
-            continue
-        out.append(PersonStatus(**{**{k: v for k, v in rec.items() if k in known}, "person": person}))
-    return out
+    return PersonStatus(**{**{k: v for k, v in rec.items() if k in known}, "person": person})
 
 
 @cache

@@ -107,7 +107,7 @@ class TrainingProgress:
         self.error: Exception | None = None
 
     def _show(self, final: bool = False) -> None:
-        line = progress_line(read_status(self.status_dir), self.persons, self.since)
+        line = progress_line(read_status(self.status_dir, self.persons), self.persons, self.since)
         if self.tty:
             self.stream.write("\r\033[K" + line + ("\n" if final else ""))
         elif final or line != self._last:

@@ -250,3 +250,28 @@ def test_a_huge_or_unprintable_error_fails_its_person_alone_in_a_few_kilobytes(t
     assert status["loud"].state == status["odd"].state == "failed"
     assert max(p.stat().st_size for p in tmp_path.glob("*.json")) < 10_000
     assert len(AttemptFailed("y" * 5_000_000 + "\ntraceback").error) < 2_000
+
+
+def test_a_slurm_array_larger_than_slurms_limit_is_split(tmp_path, monkeypatch):
+    """SLURM's default MaxArraySize (1001) refused an array of more persons whole: every person's first attempt
+    failed and each was resubmitted alone. The arrays are split at MAX_ARRAY_TASKS (here 2, for 5 persons)."""
+    from cluster import slurm_backend
+    from cluster.slurm_backend import SlurmBackend, SlurmConfig
+
+    class Counting(_FakeExecutor):
+        arrays: list[int] = []
+
+        @contextlib.contextmanager
+        def batch(self):
+            before = len(self.jobs)
+            yield
+            self.arrays.append(len(self.jobs) - before)
+
+    monkeypatch.setattr(slurm_backend, "MAX_ARRAY_TASKS", 2)
+    submitted, cancelled = [], []
+    backend = SlurmBackend(SlurmConfig(array=True, status_dir=tmp_path, poll_interval_s=0.01))
+    executor = Counting(set(), submitted, cancelled)
+    backend._executor = lambda resources, name: executor
+    results = backend.run_all([PersonJob(f"p{i}", "m:f") for i in range(5)])
+    assert [(r.ok, r.attempts) for r in results] == [(True, 1)] * 5
+    assert Counting.arrays == [2, 2, 1]
