@@ -466,10 +466,9 @@ def test_a_valid_held_out_camera_becomes_the_novel_view_split(tiny_captures, tmp
     assert len(test_cam) == len(train_seqs) * tiny_cfg.frames
     train = store.samples("train")
     assert serial not in {s.serial for s in train} and FRONTAL_SERIAL in {s.serial for s in train}
-    samples = store.samples()
     tasks = plan_person(store.path, tmp_path / "shards", TINY_SHARDS)
-    assert {samples[i].serial for t in tasks if t.split == "test_cam" for i in t.sample_ids} == {serial}
-    assert serial not in {samples[i].serial for t in tasks if t.split == "train" for i in t.sample_ids}
+    assert {s.serial for t in tasks if t.split == "test_cam" for s in t.samples} == {serial}
+    assert serial not in {s.serial for t in tasks if t.split == "train" for s in t.samples}
 
 
 @pytest.mark.parametrize("threads", [1, 3])

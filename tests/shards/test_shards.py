@@ -328,3 +328,18 @@ def test_a_renamed_store_is_refused_and_the_other_persons_shards_are_untouched(t
     assert not res.written
     assert _digests(tmp_path / "shards" / "000") == before
     assert not list((tmp_path / "shards").glob("001/*.tar"))
+
+
+def test_a_shard_is_written_from_its_planned_samples_without_listing_the_store_again(tiny_stores, tmp_path,
+                                                                                      monkeypatch):
+    """Each shard's worker listed all of its store's samples again (0.4 s of its 0.5 s start on a store of 20
+    sequences x 300 frames x 16 cameras: 12 CPU minutes per person of 1500 shards); the plan carries them."""
+    from shards.writer import plan_person
+
+    tasks = plan_person(tiny_stores / "000.zarr", tmp_path, TINY_SHARDS)
+    listed = []
+    original = PersonStore.samples
+    monkeypatch.setattr(PersonStore, "samples", lambda self, *a: listed.append(a) or original(self, *a))
+    entry = write_shard(tasks[0], TINY_SHARDS)
+    assert listed == [] and entry["samples"] == len(tasks[0].samples)
+    assert entry["first_key"] == f"000/{tasks[0].samples[0].key}"
