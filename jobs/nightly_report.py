@@ -1,8 +1,8 @@
 """Nightly report CLI: `python -m jobs.nightly_report --reports-root /data/nightly [--run-date YYYY-MM-DD]`.
 
 Reads `<reports_root>/runs/<YYYY-MM-DD>/results.json` (written by the renderer, jobs/render_eval.py, whose
-`--run-date` names the night the same way) and writes `<reports_root>/site/<run-date>/index.html`, `report.json`
-and `videos/` (see cluster.report).
+`--run-date` names the night the same way) and writes `<reports_root>/site/<run-date>/index.html`, `report.json`,
+`thumbnails/` and `videos/` (see cluster.report).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> ReportConfig:
                    help="night to report (YYYY-MM-DD, as render_eval's --run-date); default: the newest run")
     p.add_argument("--out", type=Path, default=None, help="output folder; default <reports-root>/site/<run-date>")
     p.add_argument("--max-history", type=int, default=60, help="runs shown in the trend plots")
-    p.add_argument("--no-videos", action="store_true", help="do not copy the mp4s next to the page")
+    p.add_argument("--no-videos", action="store_true",
+                   help="do not copy the mp4s next to the page (the thumbnails still are)")
     a = p.parse_args(argv)
     if a.max_history < 1:  # the report's run is always in the trends; 0 or less would slice the history oddly
         p.error(f"--max-history must be at least 1, got {a.max_history}")

@@ -122,9 +122,13 @@ def video_fps(frames: int, fps: float, min_seconds: float, min_fps: float) -> fl
     return max(min_fps, min(fps, frames / min_seconds))
 
 
-def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int = 6, scale: int = 2) -> bytes:
+def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int = 6, scale: int = 2,
+                     max_width: int = 1536) -> bytes:
     """PNG of up to `columns` frames spread over the task: reference row over render row, each
-    frame enlarged `scale` times (nearest), so eyes and mouth are visible in the report."""
+    frame enlarged up to `scale` times (nearest), so eyes and mouth are visible in the report, as far as the strip
+    stays within `max_width` pixels; a strip wider than that at its frames' own size is scaled down to it (area
+    average). 64 px frames: 768x256 (2x); 512 px: 1536x512 (half size; 2x was 6144x2048, ~4 MB a thumbnail, and
+    the page shows it 160 px high)."""
     import io
 
     from PIL import Image
@@ -134,9 +138,14 @@ def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int 
     to_u8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8) if x.dtype != np.uint8 else x  # noqa: E731
     rows = [np.concatenate([to_u8(reference[i]) for i in picks], 1),
             np.concatenate([to_u8(np.asarray(renders[i])) for i in picks], 1)]
-    grid = np.concatenate(rows, 0).repeat(scale, 0).repeat(scale, 1)
+    grid = np.concatenate(rows, 0)
+    height, width = grid.shape[:2]
+    enlarge = max(1, min(scale, max_width // width))
+    image = Image.fromarray(grid.repeat(enlarge, 0).repeat(enlarge, 1))
+    if width > max_width:
+        image = image.resize((max_width, max(1, round(height * max_width / width))), Image.Resampling.BOX)
     buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return buf.getvalue()
 
 

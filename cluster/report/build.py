@@ -1,14 +1,13 @@
-"""Build the nightly report folder: index.html + report.json + videos/.
+"""Build the nightly report folder: index.html + report.json + videos/ + thumbnails/.
 
-Self-contained means the folder works when copied anywhere: CSS, plots and thumbnails are
-inlined (base64), and the mp4s are copied next to the HTML (named by their content) and linked relatively. Videos are
-not inlined as data URIs because a night's videos for many persons are hundreds of MB;
-base64 would add a third and make the page itself unloadable.
+Self-contained means the folder works when copied anywhere: CSS and plots are inlined (base64), and the mp4s and the
+thumbnails are copied next to the HTML (named by their content) and linked relatively (the thumbnails load lazily).
+Neither is inlined as data URIs: a night's videos for many persons are hundreds of MB, and its thumbnails were
+243 MB of base64 for 10 persons x 5 tasks (300 persons: gigabytes), a page no browser opens.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 import logging
@@ -28,7 +27,8 @@ REPORT_VERSION = 1
 SITE_DIR = "site"
 _DIGITS = {"psnr": 2, "psnr_frame": 2, "psnr_face": 2, "ssim": 4, "lpips": 4, "lpips_face": 4, "jod": 2, "cvvdp": 2,
            "colour_error": 1, "akd": 2, "csim": 3}
-_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+#: The suffixes a published thumbnail keeps; any other is published as ``.png`` (a browser sniffs an image's type).
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ReportConfig:
     reports_root: folder holding `runs/<YYYY-MM-DD>/results.json` (see cluster.report.schema).
     run_date: the run to report; None = the newest run.
     out_dir: output folder; None = `<reports_root>/site/<run_date>`.
-    max_history: how many runs (up to and including run_date) the trend plots show.
+    max_history: how many runs (up to and including run_date) the trend plots show (at least 1); only they are read.
     copy_videos: copy the run's mp4s next to index.html (False = leave the page without videos).
     """
 
@@ -60,44 +60,63 @@ PUBLISHED = 0o644
 
 
 VIDEOS_DIR = "videos"
+THUMBNAILS_DIR = "thumbnails"
+#: The folders of the published media, each pruned to what the page links (:func:`_prune_media`).
+MEDIA_DIRS = (VIDEOS_DIR, THUMBNAILS_DIR)
+
+
+def _published_name(kind: str, person: str, task: str, digest: str, suffix: str) -> Path:
+    return Path(kind) / person / f"{task}-{digest[:16]}{suffix}"
 
 
 def _publish_video(src: Path, out: Path, person: str, task: str) -> str:
     """Copy ``src`` to ``<out>/videos/<person>/<task>-<sha256 prefix><suffix>`` (unless that file is there: the
     same content) and return that path relative to ``out``. Named by content, a page published again (a
     re-evaluated night) never plays its new videos under an old page's names: a publish killed before its
-    ``index.html`` left the old page playing another model's videos. :func:`_prune_videos` removes the old ones
+    ``index.html`` left the old page playing another model's videos. :func:`_prune_media` removes the old ones
     once the new page is written."""
     digest = hashlib.sha256()
     with open(src, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    rel = Path(VIDEOS_DIR) / person / f"{task}-{digest.hexdigest()[:16]}{src.suffix}"
+    rel = _published_name(VIDEOS_DIR, person, task, digest.hexdigest(), src.suffix)
     if not (out / rel).is_file():
         with atomic_file(out / rel, mode=PUBLISHED) as tmp:
             shutil.copyfile(src, tmp)
     return rel.as_posix()
 
 
-def _prune_videos(out: Path, keep: set[str]) -> None:
-    """Remove what the page just written does not link under ``<out>/videos`` (earlier pages' videos, the
-    temporary files of a copy that was killed), with the folders left empty."""
-    videos = out / VIDEOS_DIR
-    if not videos.is_dir():
-        return
-    for path in sorted(videos.rglob("*"), reverse=True):  # files before their folders
-        try:
-            if path.is_dir():
-                if not any(path.iterdir()):
-                    path.rmdir()
-            elif path.relative_to(out).as_posix() not in keep:
-                path.unlink()
-        except OSError as e:  # the page is written; a file that stays is a warning
-            log.warning("%s: could not remove an earlier page's video: %s", path, e)
+def _publish_thumbnail(data: bytes, suffix: str, out: Path, person: str, task: str) -> str:
+    """Write the image ``data`` to ``<out>/thumbnails/<person>/<task>-<sha256 prefix><suffix>`` (unless that file is
+    there: the same content) and return that path relative to ``out``: named by content, as the videos are
+    (:func:`_publish_video`), so a page published again never shows an old page's thumbnails under its numbers."""
+    suffix = suffix.lower() if suffix.lower() in _IMAGE_SUFFIXES else ".png"
+    rel = _published_name(THUMBNAILS_DIR, person, task, hashlib.sha256(data).hexdigest(), suffix)
+    if not (out / rel).is_file():
+        atomic_write_bytes(out / rel, data, mode=PUBLISHED)
+    return rel.as_posix()
 
 
-def _first_frame_png(video: Path) -> str | None:
-    """Thumbnail from the first video frame when the renderer wrote none (base64 PNG)."""
+def _prune_media(out: Path, keep: set[str]) -> None:
+    """Remove what the page just written does not link under ``<out>/videos`` and ``<out>/thumbnails`` (earlier
+    pages' files, the temporary files of a copy that was killed), with the folders left empty."""
+    for kind in MEDIA_DIRS:
+        folder = out / kind
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+            try:
+                if path.is_dir():
+                    if not any(path.iterdir()):
+                        path.rmdir()
+                elif path.relative_to(out).as_posix() not in keep:
+                    path.unlink()
+            except OSError as e:  # the page is written; a file that stays is a warning
+                log.warning("%s: could not remove an earlier page's file: %s", path, e)
+
+
+def _first_frame_png(video: Path) -> bytes | None:
+    """Thumbnail from the first video frame when the renderer wrote none (PNG bytes)."""
     try:
         import imageio.v2 as imageio
 
@@ -106,7 +125,7 @@ def _first_frame_png(video: Path) -> str | None:
             frame = reader.get_data(0)
         finally:
             reader.close()
-        return base64.b64encode(imageio.imwrite("<bytes>", frame, format="png")).decode("ascii")
+        return imageio.imwrite("<bytes>", frame, format="png")
     except Exception as e:  # a broken video must not kill the whole nightly page
         log.warning("%s: cannot read a thumbnail frame: %s", video, e)
         return None
@@ -125,19 +144,25 @@ def _provenance(evaluation: dict[str, str]) -> str:
 
 
 def load_history(reports_root: Path, until: str, max_history: int) -> tuple[list[RunResults], list[str]]:
-    """Valid runs up to `until` (oldest first) and the reasons past runs were ignored.
+    """The newest ``max_history`` valid runs up to `until` (oldest first) and the reasons runs among them were
+    ignored.
 
-    A night whose file does not read as a whole (not JSON, another schema version, a wrong date) is left out
-    (the night `until` is an error); one malformed person or task entry does not take its night's other persons
-    down, in any night alike: the task counts as failed, the person as without numbers, and the run's
-    ``damaged`` names the file, the person and the field (so a night shows the same numbers in the trends of
-    later reports as on its own page)."""
+    The nights are read newest first until ``max_history`` have read: older ones are not opened (every night ever
+    written was read, a year of 300-person nights an hour and ~80 GB). Only the night `until` keeps its per-frame
+    values (``report.json`` has them); the others' are checked, not kept (:meth:`RunResults.load` ``per_frame``).
+    A night whose file does not read as a whole (not JSON, another schema version, a wrong date) is left out,
+    and the night before it is read in its place (the night `until` is an error); one malformed person or task
+    entry does not take its night's other persons down, in any night alike: the task counts as failed, the person
+    as without numbers, and the run's ``damaged`` names the file, the person and the field (so a night shows the
+    same numbers in the trends of later reports as on its own page)."""
+    if max_history < 1:  # the night `until` is always in its own trend
+        raise ValueError(f"max_history must be at least 1, got {max_history}")
     runs, ignored = [], []
-    for path in list_runs(reports_root):
-        if path.parent.name > until:
-            continue
+    for path in reversed([p for p in list_runs(reports_root) if p.parent.name <= until]):
+        if len(runs) == max_history:
+            break
         try:
-            run = RunResults.load(path, salvage=True)
+            run = RunResults.load(path, salvage=True, per_frame=path.parent.name == until)
         except DataError as e:
             if path.parent.name == until:
                 raise
@@ -147,11 +172,11 @@ def load_history(reports_root: Path, until: str, max_history: int) -> tuple[list
         for d in run.damaged:
             log.warning("malformed entry: %s", d)
         runs.append(run)
-    return runs[-max_history:], ignored
+    return runs[::-1], ignored[::-1]
 
 
 def build_report(config: ReportConfig) -> Path:
-    """Write index.html, report.json and videos/ for one nightly run; returns the index.html path."""
+    """Write index.html, report.json, videos/ and thumbnails/ for one nightly run; returns the index.html path."""
     root = Path(config.reports_root)
     all_runs = list_runs(root)
     if not all_runs:
@@ -176,7 +201,7 @@ def build_report(config: ReportConfig) -> Path:
         entries, skipped = [], sorted({f"{t}: {reason}" for t, r in tasks.items() for reason in r.skipped.values()})
         skipped_all[person] = {t: r.skipped for t, r in tasks.items()}
         for task, r in sorted(tasks.items()):
-            entries.append(_media(r, person, task, src_dir, out if config.copy_videos else None, skipped))
+            entries.append(_media(r, person, task, src_dir, out, config.copy_videos, skipped))
         persons.append({"name": person, "tasks": entries, "skipped": skipped,
                         "evaluated": _provenance(current.evaluations.get(person, {}))})
 
@@ -203,15 +228,18 @@ def build_report(config: ReportConfig) -> Path:
     atomic_write_json(out / "report.json", report, mode=PUBLISHED)
     html = _render(summary, summaries, persons, plots, ignored, damaged, other_formats, report["meta"], generated_at)
     atomic_write_bytes(out / "index.html", html.encode("utf-8"), mode=PUBLISHED)
-    _prune_videos(out, {t["video"] for p in persons for t in p["tasks"] if t["video"]})
+    _prune_media(out, {t[kind] for p in persons for t in p["tasks"] for kind in ("video", "thumbnail") if t[kind]})
     return out / "index.html"
 
 
-def _media(r: TaskResult, person: str, task: str, src_dir: Path, out: Path | None, notes: list[str]) -> dict:
-    """The page's entry of one task: its thumbnail (inlined) and its video (copied to ``out``/videos/, None: not
-    copied). A file that is missing, or cannot be read or copied (an I/O error, no permission), is left out of
-    the page with a note in ``notes`` (shown under the person) and a warning; the rest of the report is built."""
-    entry = {"name": task, "frames": r.frames, "video": None, "thumbnail": None, "thumbnail_mime": "image/png"}
+def _media(r: TaskResult, person: str, task: str, src_dir: Path, out: Path, copy_video: bool,
+           notes: list[str]) -> dict:
+    """The page's entry of one task: its thumbnail (copied to ``out``/thumbnails/, or the video's first frame when
+    the renderer wrote none) and its video (copied to ``out``/videos/ with ``copy_video``), as paths relative to
+    ``out`` (None: none). A file that is missing, or cannot be read or copied (an I/O error, no permission), is left
+    out of the page with a note in ``notes`` (shown under the person) and a warning; the rest of the report is
+    built."""
+    entry = {"name": task, "frames": r.frames, "video": None, "thumbnail": None}
 
     def unusable(what: str, path: Path, e: OSError) -> None:
         notes.append(f"{task}: {what} {path} left out: {e.strerror or e}")
@@ -228,13 +256,12 @@ def _media(r: TaskResult, person: str, task: str, src_dir: Path, out: Path | Non
     thumb = src_dir / r.thumbnail if r.thumbnail else None
     try:
         if thumb is not None and thumb.is_file():
-            entry["thumbnail"] = base64.b64encode(thumb.read_bytes()).decode("ascii")
-            entry["thumbnail_mime"] = _MIME.get(thumb.suffix.lower(), "image/png")
-        elif video_src is not None:
-            entry["thumbnail"] = _first_frame_png(video_src)
-    except OSError as e:
-        unusable("thumbnail", thumb, e)
-    if video_src is not None and out is not None:
+            entry["thumbnail"] = _publish_thumbnail(thumb.read_bytes(), thumb.suffix, out, person, task)
+        elif video_src is not None and (frame := _first_frame_png(video_src)) is not None:
+            entry["thumbnail"] = _publish_thumbnail(frame, ".png", out, person, task)
+    except OSError as e:  # reading the thumbnail or writing it next to the page
+        unusable("thumbnail", thumb if thumb is not None else video_src, e)
+    if video_src is not None and copy_video:
         try:
             entry["video"] = _publish_video(video_src, out, person, task)
         except OSError as e:

@@ -95,6 +95,16 @@ def _number(x: Any, what: str, source: Path | str) -> float | None:
         raise DataError(source, f"{what} must be a number or null, got {_show(x)} (too large for a float)") from e
 
 
+def _numbers(values: list, what: str, source: Path | str) -> list[float | None]:
+    """The per-frame values ``values`` (a list read from results.json) as :func:`_number` reads each, the item that is
+    not a number named by its index in ``what``'s list. Finite floats, nearly all of them, take a short path: a
+    night of 300 persons holds millions (reading each through :func:`_number` with its name took seconds a night)."""
+    out: list[float | None] = []
+    for i, x in enumerate(values):
+        out.append(x if type(x) is float and math.isfinite(x) else _number(x, f"{what} item {i}", source))
+    return out
+
+
 def _count(x: Any, what: str, source: Path | str) -> int:
     """A count read from results.json: an integer from 0 to MAX_COUNT (not a bool, a float or Infinity)."""
     if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_COUNT:
@@ -189,22 +199,25 @@ class TaskResult:
         }
 
     @classmethod
-    def from_json(cls, obj: Any, source: Path | str, where: str = "task") -> "TaskResult":
+    def from_json(cls, obj: Any, source: Path | str, where: str = "task", per_frame: bool = True) -> "TaskResult":
         """One task's entry of results.json; any malformed value is a DataError naming ``source`` and the field
-        (``where``: the person and task, then the field and metric)."""
+        (``where``: the person and task, then the field and metric). ``per_frame`` False: the per-frame values are
+        checked as well (a malformed one is the same error) but not kept (``per_frame`` is empty): a past night in
+        the report's trends needs only the means, and the per-frame values are nearly all of a night's size."""
         if not isinstance(obj, dict) or not isinstance(obj.get("metrics"), dict):
             raise DataError(source, f"{where}: each task needs a 'metrics' object")
-        per_frame = _object(obj.get("per_frame"), f"{where}: 'per_frame'", source)
-        if not all(isinstance(v, list) for v in per_frame.values()):
+        frames = _object(obj.get("per_frame"), f"{where}: 'per_frame'", source)
+        if not all(isinstance(v, list) for v in frames.values()):
             raise DataError(source, f"{where}: 'per_frame' must be an object metric -> list of numbers")
         skipped = _object(obj.get("skipped"), f"{where}: 'skipped'", source)
         for k, v in skipped.items():
             if not isinstance(v, str):
                 raise DataError(source, f"{where}: 'skipped' {k!r} must be a text (the reason), got {_show(v)}")
+        metrics = {k: _number(v, f"{where}: metric {k!r}", source) for k, v in obj["metrics"].items()}
+        values = {k: _numbers(v, f"{where}: 'per_frame' {k!r}", source) for k, v in frames.items()}
         return cls(
-            metrics={k: _number(v, f"{where}: metric {k!r}", source) for k, v in obj["metrics"].items()},
-            per_frame={k: [_number(x, f"{where}: 'per_frame' {k!r} item {i}", source) for i, x in enumerate(v)]
-                       for k, v in per_frame.items()},
+            metrics=metrics,
+            per_frame=values if per_frame else {},
             skipped=dict(skipped),
             frames=_count(obj.get("frames", 0), f"{where}: 'frames'", source),
             video=_check_relpath(obj.get("video"), source, f"{where}: 'video'"),
@@ -258,12 +271,13 @@ class RunResults:
                           {p: evaluations[p] for p in sorted(evaluations) if p in persons}, self.schema_version)
 
     @classmethod
-    def from_json(cls, obj: Any, source: Path | str, salvage: bool = False) -> "RunResults":
+    def from_json(cls, obj: Any, source: Path | str, salvage: bool = False, per_frame: bool = True) -> "RunResults":
         """The results in ``obj`` (read from ``source``); a malformed value is a DataError naming ``source`` and
         the field. ``salvage``: a malformed entry of one person does not refuse the others: a task entry that
         does not read becomes a failed task (:meth:`TaskResult.unreadable`), a person whose name or entry is
         malformed is left out, each recorded in ``damaged``; what is not a person's (the version, the date,
-        'meta', 'evaluations') is still a DataError."""
+        'meta', 'evaluations') is still a DataError. ``per_frame`` False: the per-frame values are checked but not
+        kept (see :meth:`TaskResult.from_json`)."""
         if not isinstance(obj, dict):
             raise DataError(source, "results must be a JSON object")
         version = obj.get("schema_version")
@@ -278,7 +292,7 @@ class RunResults:
         damaged: list[str] = []
         for person, tasks in persons.items():
             try:
-                parsed[person] = _person_tasks(person, tasks, source, damaged if salvage else None)
+                parsed[person] = _person_tasks(person, tasks, source, damaged if salvage else None, per_frame)
             except DataError as e:
                 if not salvage:
                     raise
@@ -295,8 +309,9 @@ class RunResults:
                    damaged=damaged)
 
     @classmethod
-    def load(cls, path: Path, salvage: bool = False) -> "RunResults":
-        """The results file ``path``; anything malformed is a DataError naming it (``salvage``: see from_json)."""
+    def load(cls, path: Path, salvage: bool = False, per_frame: bool = True) -> "RunResults":
+        """The results file ``path``; anything malformed is a DataError naming it (``salvage``, ``per_frame``: see
+        from_json)."""
         path = Path(path)
         try:
             obj = json.loads(path.read_text())
@@ -308,7 +323,7 @@ class RunResults:
             raise DataError(path, f"not valid JSON: {type(e).__name__}: {str(e)[:200]}") from e
         except OSError as e:  # unreadable (permissions, a folder of that name): one night's file, not the report
             raise DataError(path, f"unreadable: {e}") from e
-        results = cls.from_json(obj, path, salvage)
+        results = cls.from_json(obj, path, salvage, per_frame)
         if path.parent.name != results.run_date:
             raise DataError(path, f"run_date {results.run_date} does not match its folder name {path.parent.name}")
         return results
@@ -324,9 +339,11 @@ class RunResults:
         return path
 
 
-def _person_tasks(person: Any, tasks: Any, source: Path | str, damaged: list[str] | None) -> dict[str, TaskResult]:
+def _person_tasks(person: Any, tasks: Any, source: Path | str, damaged: list[str] | None,
+                  per_frame: bool = True) -> dict[str, TaskResult]:
     """One person's entry of results.json; with ``damaged`` (salvage), a task that does not read is a failed
-    task and its error is appended there, else the first malformed value is raised."""
+    task and its error is appended there, else the first malformed value is raised (``per_frame``: see
+    :meth:`TaskResult.from_json`)."""
     _check_name(person, "person", source)
     if not isinstance(tasks, dict) or not tasks:
         raise DataError(source, f"person {person!r} has no tasks")
@@ -334,7 +351,7 @@ def _person_tasks(person: Any, tasks: Any, source: Path | str, damaged: list[str
     for task, entry in tasks.items():
         _check_name(task, "task", source)
         try:
-            out[task] = TaskResult.from_json(entry, source, f"person {person!r}, task {task!r}")
+            out[task] = TaskResult.from_json(entry, source, f"person {person!r}, task {task!r}", per_frame)
         except DataError as e:
             if damaged is None:
                 raise

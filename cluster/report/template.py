@@ -62,7 +62,7 @@ ul.skipped, ul.warnings { font-size: 12px; color: #8a5a00; }
 <div class="media">
 {% for t in person.tasks %}<figure>
 <figcaption>{{ t.name }}{% if t.frames %} ({{ t.frames }} frames){% endif %}</figcaption>
-{% if t.thumbnail %}<img class="thumb" alt="{{ person.name }} {{ t.name }} thumbnail" src="data:{{ t.thumbnail_mime }};base64,{{ t.thumbnail }}">{% endif %}
+{% if t.thumbnail %}<img class="thumb" loading="lazy" alt="{{ person.name }} {{ t.name }} thumbnail" src="{{ t.thumbnail }}">{% endif %}
 {% if t.video %}<video controls preload="metadata" src="{{ t.video }}"></video>{% endif %}
 </figure>
 {% endfor %}</div>

@@ -153,7 +153,10 @@ def test_build_report_folder(tmp_path: Path) -> None:
     for f in (index, out / "report.json", video):
         assert f.stat().st_mode & 0o444 == 0o444, f  # readable by a web server user
     html = index.read_text()
-    assert f'src="videos/p017/{video.name}"' in html and "data:image/png;base64," in html
+    assert f'src="videos/p017/{video.name}"' in html and "data:image/png;base64," in html  # the plots inlined
+    for p in PERSONS:  # without a thumbnail file: the video's first frame, next to the page (not inlined)
+        (thumb,) = (out / "thumbnails" / p).glob("self_reenactment-*.png")
+        assert f'loading="lazy" alt="{p} self_reenactment thumbnail" src="thumbnails/{p}/{thumb.name}"' in html
     assert html.count('class="plot"') >= 2 * 4  # figure + img per metric
     # an older date reports that run with only its own history
     older = build_report(ReportConfig(tmp_path, run_date=DATES[0], out_dir=tmp_path / "old"))

@@ -30,6 +30,7 @@ class _Dom(HTMLParser):
         super().__init__()
         self.tables: dict[str, list[tuple[str, str]]] = {}
         self.plots: list[str] = []
+        self.thumbs: list[dict[str, str]] = []
         self.videos: list[str] = []
         self._table: str | None = None
         self._row: str | None = None
@@ -46,6 +47,8 @@ class _Dom(HTMLParser):
             self._cell = []
         elif tag == "img" and "plot" in a.get("class", ""):
             self.plots.append(a.get("src", ""))
+        elif tag == "img" and "thumb" in a.get("class", ""):
+            self.thumbs.append(a)
         elif tag == "video":
             self.videos.append(a.get("src", ""))
 
@@ -96,6 +99,13 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         assert img.shape[0] > 100 and img.shape[1] > 200 and img[..., :3].std() > 5
     assert [v.rsplit("-", 1)[0] for v in sorted(dom.videos)] == [f"videos/{p}/self_reenactment" for p in PERSONS]
     assert all((out / v).is_file() for v in dom.videos)
+    # thumbnails are files next to the page (the videos' first frames here), loaded lazily, not inlined
+    thumbs = sorted(t["src"] for t in dom.thumbs)
+    assert [t.rsplit("-", 1)[0] for t in thumbs] == [f"thumbnails/{p}/self_reenactment" for p in PERSONS]
+    assert all(t.get("loading") == "lazy" for t in dom.thumbs)
+    for src in thumbs:
+        img = imageio.imread(out / src)
+        assert img.shape[:2] == (32, 64) and img[..., :3].std() > 5  # reference | render, as in the video
 
     shot = tmp_path / "shot.png"
     shot_run = _chromium([f"--screenshot={shot}", "--window-size=1280,1600", index.as_uri()], tmp_path / "profile-shot")

@@ -88,6 +88,9 @@ def test_cli_no_videos_writes_the_page_without_videos(tmp_path: Path) -> None:
     index = Path(r.stdout.strip().splitlines()[-1])
     assert index == tmp_path / "site/2025-03-01/index.html"
     assert not (index.parent / "videos").exists() and "<video" not in index.read_text()
+    (thumb,) = (index.parent / "thumbnails/p1").glob("self_reenactment-*.png")  # the thumbnail still is there
+    assert thumb.read_bytes() == b"stand-in thumbs/p1/self_reenactment.png"
+    assert f'src="thumbnails/p1/{thumb.name}"' in index.read_text()
     with_videos = tmp_path / "with-videos"
     r = _cli("--reports-root", str(tmp_path), "--out", str(with_videos))
     assert r.returncode == 0, r.stderr
