@@ -6,10 +6,11 @@ compute the metrics, write comparison videos, results.json and the HTML report.
 One renderer application serves every person of the run (`cluster.serve.deployment`: each
 replica loads a person's model on its first request, so a replica's start is paid once, not per
 person). Per person (a thread each; `person.EvalRun`): build the task frames (see `tasks`), send
-every frame as one request addressed to the person (all in flight at once, so the replicas batch
-them), then evaluate and write `<reports_root>/runs/<date>/videos/<person>/<task>-<key>.mp4`; the
-application is deleted at the end. The metric networks load while Ray starts and the renderer
-deploys; one that does not load (`MetricsUnavailable`) stops the run before the first person renders.
+every frame as one request addressed to the person (`person.BATCHES_IN_FLIGHT` batches of them in flight at a
+time, so the replicas batch them; the next sent as one comes back), then evaluate and write
+`<reports_root>/runs/<date>/videos/<person>/<task>-<key>.mp4`; the application is deleted at the end. The
+metric networks load while Ray starts and the renderer deploys; one that does not load (`MetricsUnavailable`)
+stops the run before the first person renders.
 `parallel_persons` persons render at a time and one thread more runs, so that while a person's
 frames are scored the next person's already render.
 A person without a trained model, or whose data, model or rendering fails, is recorded as failed
@@ -17,8 +18,9 @@ in results.json with the reason; the others go on: a person whose model load or 
 within `frame_timeout_s` fails with `FrameTimeout` (its frames cancelled), and the frames lost with a replica
 that died are sent again once (`person.REPLICA_LOST_RETRIES`; the person fails with `ReplicaLost` when they are
 lost again). A person any of whose tasks failed (its data) is
-failed too (the summary, the exit code), its other tasks keep their numbers. At the end
-results.json is written atomically and the report is built.
+failed too (the summary, the exit code), its other tasks keep their numbers. results.json (and its key index, see
+`uptodate`) is written atomically while persons render, with those finished so far (about once a minute: a run
+killed by its time limit keeps them, and the next run reuses them), and at the end; then the report is built.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import socket
 import subprocess
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +45,16 @@ from cluster.eval_driver.person import MetricsUnavailable as MetricsUnavailable 
 from cluster.eval_driver.person import merge_evaluations as merge_evaluations  # public path
 from cluster.eval_driver.person import video_fps as video_fps  # public path
 from cluster.eval_driver.tasks import TASKS, waits_on_driver
-from cluster.eval_driver.uptodate import EVAL_FORMAT, adopt, base_problem, evaluation_key, find_reusable, media_files
+from cluster.eval_driver.uptodate import (
+    EVAL_FORMAT,
+    NIGHT_LOCK,
+    adopt,
+    base_problem,
+    evaluation_key,
+    find_reusables,
+    media_files,
+    write_key_index,
+)
 from cluster.ray_connect import EmbeddedRay, connect_ray, leave_ray
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
 from cluster.report.schema import EVAL_FORMAT_KEY, check_person_name, parse_run_date
@@ -55,6 +67,15 @@ from common.paths import LPIPS_WEIGHTS
 log = logging.getLogger(__name__)
 #: Ray refuses a smaller object store (ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES, 75 MiB) when it starts.
 RAY_MIN_OBJECT_STORE_MB = 75
+#: While persons render, the night's results.json is saved with those finished so far (`_Night.save_if_due`) when a
+#: person finishes, at most once every SAVE_EVERY_S seconds and SAVE_COST_FACTOR times as long as the last save took
+#: (a save reads and writes the whole night: seconds for 300 persons' per-frame numbers), so that a run killed before
+#: its end loses at most about that much work and saving costs at most about a tenth of the run.
+SAVE_EVERY_S = 60.0
+SAVE_COST_FACTOR = 10.0
+#: Set by run_evaluation around `_render_all`: called with each person once its outcome is in the results (the
+#: night is saved as it goes); a context variable, not a parameter, so that stand-ins of `_render_all` keep theirs.
+_PERSON_DONE: ContextVar[Callable[[str], None] | None] = ContextVar("_PERSON_DONE", default=None)
 
 
 @dataclass
@@ -104,7 +125,7 @@ class EvalDriverConfig:
     runs: a person's scoring (metrics, videos) does not hold up the next person's rendering."""
     frame_timeout_s: float = 3600.0
     """The longest the driver waits for a person's model to load on a replica, and for each of its frames (from
-    when the frame before it came back; all of a person's frames are in flight at once): a person whose model load
+    when the frame before it came back; a window of a person's frames is in flight at once): a person whose model load
     or frame does not come back within it (a hung replica, a model load stuck on a dead file system) fails alone,
     naming it and the limit, its frames cancelled, and the other persons render on. The default covers a model's
     load and compile warm-up on GPU (minutes) and a batch queued behind another person's on a CPU replica."""
@@ -357,7 +378,8 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     A person whose evaluation is up to date (same model, base, data and settings as numbers
     already stored, see `uptodate`) is not rendered again unless `config.force`; its stored
     numbers are reused. The night's results.json keeps the persons an earlier run of the same
-    night evaluated and this one did not."""
+    night evaluated and this one did not. While persons render, it is saved with those finished so far
+    (`_Night.save_if_due`): a run killed before its end keeps them, and the next run reuses them."""
     t0 = time.time()
     run_date = config.run_date or dt.date.today().isoformat()
     run_id = dt.datetime.now().strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
@@ -385,31 +407,13 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
         except (OSError, ValueError, KeyError) as e:  # rendering will fail with the reason
             log.warning("%s: evaluation key unavailable (%s); rendering", p, e)
     reused: list[str] = []
-    if not config.force:
+    if not config.force:  # every stored night is looked up once for all persons, not once per person
+        hits = find_reusables(config.reports_root, run_date, {p: keys[p] for p in todo if p in keys})
         for p in list(todo):
-            hit = find_reusable(config.reports_root, run_date, p, keys[p]) if p in keys else None
-            if hit is not None:
-                results[p], evaluations[p] = adopt(*hit, p, folder)
+            if p in hits:
+                results[p], evaluations[p] = adopt(*hits[p], p, folder)
                 reused.append(p)
                 todo.remove(p)
-    person_seconds: dict[str, float] = {}
-    frames_rendered = 0
-    if todo:
-        # a person's videos are named by its evaluation key (the run's id without one)
-        tags = {p: keys[p][:16] if p in keys else run_id for p in todo}
-        frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds,
-                                      app=f"avatars-{run_id}", media_tags=tags)
-        for p in todo:
-            if p not in failed and (why := task_failure(results[p])):
-                failed[p] = why
-                log.error("%s: %s", p, why)
-        stamp = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-        for p in todo:
-            evaluations[p] = {"run_id": run_id, "evaluated_at": stamp, EVAL_FORMAT_KEY: str(EVAL_FORMAT)}
-            # a failed person or task, or a task skipped for its driver's data, is rendered again next time: no key
-            if p in keys and p not in failed and not any(waits_on_driver(r) for r in results[p].values()):
-                evaluations[p]["key"] = keys[p]
-
     r = config.renderer
     meta = {
         "runs": str(config.runs), "git_commit": _git_commit(), "host": socket.gethostname(), "run_id": run_id,
@@ -417,19 +421,102 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
         "renderer": f"max_batch_size {r.max_batch_size}, {r.num_replicas} replica(s) x {r.num_cpus:g} CPU "
                     f"{r.num_gpus:g} GPU",
     }
-    night = RunResults(run_date, {p: results[p] for p in persons}, meta, evaluations)
-    path = _save_night(config, folder, night, sorted(bad_names), rendered=todo, started=t0)
+    night = _Night(config, folder, RunResults(run_date, results, meta, evaluations), persons, todo, failed, keys,
+                   sorted(bad_names), started=t0)
+    person_seconds: dict[str, float] = {}
+    frames_rendered = 0
+    if todo:
+        # a person's videos are named by its evaluation key (the run's id without one)
+        tags = {p: keys[p][:16] if p in keys else run_id for p in todo}
+
+        def done(person: str) -> None:
+            night.finished(person)
+            night.save_if_due()
+
+        token = _PERSON_DONE.set(done)
+        try:
+            frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds,
+                                          app=f"avatars-{run_id}", media_tags=tags)
+        finally:
+            _PERSON_DONE.reset(token)
+        for p in todo:  # a stand-in for _render_all (the tests') fills `results` without saying so
+            if p not in night.recorded:
+                night.finished(p)
+    path = night.save(final=True)
     index = build_report(ReportConfig(config.reports_root, run_date)) if config.build_report else None
     return EvalSummary(run_date, path, index, listed, {**failed, **bad_names}, frames_rendered, time.time() - t0,
                        person_seconds, reused)
 
 
+class _Night:
+    """What one evaluation run saves of its night: the persons decided before anything renders (failed, reused) and
+    each rendered person once it finished (:meth:`finished`). Saved while persons render (:meth:`save_if_due`,
+    after a person finishes: a run killed by its time limit or a lost node keeps the persons it finished, with
+    their keys, and the next run reuses them instead of starting over) and at the end (:meth:`save`)."""
+
+    def __init__(self, config: EvalDriverConfig, folder: Path, results: RunResults, persons: list[str],
+                 todo: list[str], failed: dict[str, str], keys: dict[str, str], bad_names: list[str], started: float):
+        self.config, self.folder, self.results, self.persons = config, folder, results, persons
+        self.todo, self.failed, self.keys, self.bad_names, self.started = todo, failed, keys, bad_names, started
+        #: the persons of `todo` whose outcome is recorded (in the order they finished)
+        self.recorded: list[str] = []
+        self._last_save, self._save_cost = time.monotonic(), 0.0
+
+    def finished(self, person: str) -> None:
+        """``person``'s outcome is in the results (and in `failed` when it failed): a failed task fails it too, and
+        its provenance is recorded; its key only when it and its tasks did not fail and none waits on its driver's
+        data (such a person is rendered again next time)."""
+        results = self.results.persons[person]
+        if person not in self.failed and (why := task_failure(results)):
+            self.failed[person] = why
+            log.error("%s: %s", person, why)
+        stamp = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+        entry = {"run_id": self.results.meta["run_id"], "evaluated_at": stamp, EVAL_FORMAT_KEY: str(EVAL_FORMAT)}
+        if person in self.keys and person not in self.failed and not any(waits_on_driver(r) for r in results.values()):
+            entry["key"] = self.keys[person]
+        self.results.evaluations[person] = entry
+        self.recorded.append(person)
+
+    def so_far(self) -> RunResults:
+        """The persons decided so far (those still rendering are left out: the night's file keeps what an earlier
+        run of it stored of them)."""
+        r = self.results
+        done = [p for p in self.persons if p in r.persons and (p not in self.todo or p in self.recorded)]
+        return RunResults(r.run_date, {p: r.persons[p] for p in done}, dict(r.meta),
+                          {p: r.evaluations[p] for p in done if p in r.evaluations})
+
+    def save(self, final: bool = False) -> Path:
+        """Merge the persons decided so far over the night's results.json and save it; ``final``: every person is
+        decided, and the videos and thumbnails of the rendered persons that the night no longer refers to go."""
+        t = time.monotonic()
+        path = _save_night(self.config, self.folder, self.so_far(), self.bad_names,
+                           rendered=self.todo if final else [], started=self.started)
+        self._last_save, self._save_cost = time.monotonic(), time.monotonic() - t
+        return path
+
+    def save_if_due(self) -> None:
+        """:meth:`save` when :data:`SAVE_EVERY_S` and :data:`SAVE_COST_FACTOR` times the last save's duration have
+        passed since the last one; a save that fails (a full disk) is warned about, the persons render on and the
+        night is saved at the end."""
+        if time.monotonic() - self._last_save < max(SAVE_EVERY_S, SAVE_COST_FACTOR * self._save_cost):
+            return
+        try:
+            path = self.save()
+            log.info("%s: saved with %d of %d rendered persons finished", path, len(self.recorded), len(self.todo))
+        except Exception as e:  # a failed intermediate save must not stop the night; the final save tries again
+            log.warning("could not save the night's results so far (%s: %s); saving at the end",
+                        type(e).__name__, e)
+            self._last_save = time.monotonic()
+
+
 def _save_night(config: EvalDriverConfig, folder: Path, night: RunResults, bad_names: list[str],
                 rendered: list[str], started: float) -> Path:
-    """Merges this run's persons over the night's results.json and saves it, under a lock on the night's folder:
-    two evaluations of one night (a rerun of some persons beside the nightly one) each read the file, merged
-    and wrote it, and the later write dropped the persons of the earlier one."""
-    with exclusive(folder / ".results.lock", "saving the night's results", wait=True):
+    """Merges this run's persons over the night's results.json and saves it, with its key index
+    (`uptodate.write_key_index`), under a lock on the night's folder: two evaluations of one night (a rerun of
+    some persons beside the nightly one) each read the file, merged and wrote it, and the later write dropped the
+    persons of the earlier one. `rendered`: the persons whose videos and thumbnails that the night no longer
+    refers to, written before `started`, are removed."""
+    with exclusive(folder / NIGHT_LOCK, "saving the night's results", wait=True):
         night = night.merged_over(_load_night(folder / "results.json"))
         all_failed = sorted(p for p, tasks in night.persons.items() if any(t.failed for t in tasks.values()))
         all_drivers = cross_drivers(list(night.persons), config.stores)
@@ -438,6 +525,10 @@ def _save_night(config: EvalDriverConfig, folder: Path, night: RunResults, bad_n
             "cross_reenactment": ", ".join(f"{p} by {d}" for p, d in all_drivers.items() if d) or "n/a",
         })
         path = night.save(config.reports_root)
+        try:
+            write_key_index(path, night)
+        except OSError as e:  # the lookup then reads the night in full: slower, not wrong
+            log.warning("%s: key index not written (%s); later runs read the night in full", path, e)
         _remove_unreferenced_media(folder, night, rendered, before=started)
     return path
 
@@ -512,6 +603,8 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
             else:
                 results[person] = out
                 log.info("%s done in %.1f s", person, person_seconds[person])
+            if (done := _PERSON_DONE.get()) is not None:
+                done(person)
     finally:  # the embedded Ray started here stops; on a cluster only this run's application goes, also one
         leave_ray(config.ray_address, started, app)  # that failed to deploy or was interrupted while deploying
     return run.frames_rendered

@@ -40,6 +40,11 @@ MODEL_DIR = "model"
 #: How many times a frame (or a person's model load) lost with a renderer replica that died (a crash in a native
 #: library, out of memory) is sent again; a person whose frames are lost more often fails with the error.
 REPLICA_LOST_RETRIES = 1
+#: A person's frames in flight at once, in batches of ``--renderer.max-batch-size``: enough for the replicas to fill
+#: their batches and render the next batch while the last one's frames come back, not all of a person's frames at
+#: once (a 512 px frame's request is ~10 MB of buffers: thousands of frames were tens of GB of requests at once
+#: against the object store's 512 MiB). A frame is sent as the one this many frames before it comes back.
+BATCHES_IN_FLIGHT = 4
 
 
 class FrameTimeout(RuntimeError):
@@ -194,6 +199,8 @@ class EvalRun:
         # frames lost with a dying replica are sent again by one person at a time: a person whose frames kill every
         # replica they reach then cannot take another person's second attempt down with it
         self.retry_lock = threading.Lock()
+        #: a person's frames sent and not back yet, at most
+        self.frames_in_flight = BATCHES_IN_FLIGHT * config.renderer.max_batch_size
 
     def wait_for_metrics(self) -> None:
         """Wait until the metric networks (loading in the background since ``__init__``) are loaded; one that
@@ -252,7 +259,7 @@ class EvalRun:
         results: dict[str, TaskResult] = {}
         jobs: list[tuple[TaskFrames, int]] = []  # (frames, how many of `requests` are theirs)
         requests: list[RenderRequest] = []
-        responses: list = []  # requests[i]'s response (the one sent last)
+        responses: list = []  # requests[i]'s response (the one sent last), None while it is not sent
         try:
             for task in cfg.tasks:
                 try:
@@ -264,17 +271,20 @@ class EvalRun:
                     results[task] = TaskResult(metrics={}, skipped={"task": f"failed: {e}"})
                     log.error("%s/%s: %s", person, task, e)
                     continue
-                # every frame in flight at once: the replicas batch them
+                # the first frames render while the next tasks' frames are built; the others are sent as frames
+                # come back (_collect), at most `frames_in_flight` at a time: the replicas batch them
                 count = len(requests)
                 for clip in frames.clips:
                     for k, c in zip(clip.keys, clip.conditioning):
                         requests.append(RenderRequest(**c, seed=cfg.seed, key=k))
-                        responses.append(renderer.remote(requests[-1]))
+                        sent = len(requests) <= self.frames_in_flight
+                        responses.append(renderer.remote(requests[-1]) if sent else None)
                 jobs.append((frames, len(requests) - count))
             images = self._images(person, renderer, requests, responses)
         except BaseException:  # this person failed (a later task's frames too, a frame that did not come back): its
             for r in responses:  # queued frames must not hold up the other persons
-                r.cancel()
+                if r is not None:
+                    r.cancel()
             raise
         rendered, start = [], 0
         for frames, count in jobs:
@@ -299,22 +309,23 @@ class EvalRun:
 
     def _images(self, person: str, renderer, requests: list[RenderRequest], responses: list) -> list[np.ndarray]:
         """The rendered frame of each request, in order (each waited for at most ``--frame-timeout-s`` from when
-        the one before it came back). When a frame is lost with a replica that died, the person's frames not back
-        yet are cancelled (those still queued would go to the next replica, with a person whose frames kill it)
-        and sent again together under ``retry_lock``, at most :data:`REPLICA_LOST_RETRIES` times; `responses` then
-        holds the responses sent again."""
+        the one before it came back), at most ``frames_in_flight`` sent and not back at a time (`responses`: those
+        sent so far, None for the others). When a frame is lost with a replica that died, the person's frames
+        not back yet are cancelled (those still queued would go to the next replica, with a person whose frames kill
+        it) and sent again under ``retry_lock`` (in the same window), at most :data:`REPLICA_LOST_RETRIES` times;
+        `responses` then holds the responses sent again."""
         images: list[np.ndarray | None] = [None] * len(requests)
         for attempt in range(REPLICA_LOST_RETRIES + 1):
             todo = [i for i, image in enumerate(images) if image is None]
             if attempt == 0:
-                error = self._collect(person, requests, responses, todo, images)
+                error = self._collect(person, renderer, requests, responses, todo, images)
             else:
                 log.warning("%s: %d frames not back when a renderer replica died (%s); sending them again", person,
                             len(todo), _first_line(error))
                 with self.retry_lock:
                     for i in todo:
-                        responses[i] = renderer.remote(requests[i])
-                    error = self._collect(person, requests, responses, todo, images)
+                        responses[i] = None  # sent again by _collect
+                    error = self._collect(person, renderer, requests, responses, todo, images)
             if error is None:
                 return images  # type: ignore[return-value]
         todo = [i for i, image in enumerate(images) if image is None]
@@ -322,16 +333,23 @@ class EvalRun:
                           f"({REPLICA_LOST_RETRIES} more time(s), {len(todo)} frames; the replica's log says why: a "
                           f"crash or out of memory while rendering them): {_first_line(error)}") from error
 
-    def _collect(self, person: str, requests: list[RenderRequest], responses: list, todo: list[int],
+    def _collect(self, person: str, renderer, requests: list[RenderRequest], responses: list, todo: list[int],
                  images: list) -> BaseException | None:
-        """Fill ``images[i]`` for each i of `todo`, in order, until a frame is lost with a replica that died: then
-        the frames of `todo` not back yet are cancelled and the error returned; None when every frame came back."""
+        """Fill ``images[i]`` for each i of `todo`, in order, sending the frames of `todo` not sent yet (``responses``
+        None) so that the ``frames_in_flight`` frames from the one waited for on are sent, until a frame is lost with a
+        replica that died: then the frames of `todo` sent and not back yet are cancelled and the error returned; None
+        when every frame came back."""
         lost_errors = replica_lost_errors()
+        sent = 0  # todo[:sent] are sent
         for k, i in enumerate(todo):
+            for j in todo[sent:k + self.frames_in_flight]:
+                if responses[j] is None:
+                    responses[j] = renderer.remote(requests[j])
+            sent = max(sent, min(len(todo), k + self.frames_in_flight))
             try:
                 images[i] = self._result(person, responses[i], f"frame {requests[i].key}").image
             except lost_errors as e:
-                for j in todo[k + 1:]:
+                for j in todo[k + 1:sent]:
                     responses[j].cancel()
                 return e
         return None

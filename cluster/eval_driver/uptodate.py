@@ -5,7 +5,10 @@ evaluation data (and the cross-reenactment driver's), and the evaluation setting
 fingerprints make one key (:func:`evaluation_key`); results.json records the key of every
 person it holds (``evaluations[person]["key"]``). A later run that computes the same key finds
 the newest night (up to its own) holding it and reuses those numbers, videos and thumbnails
-instead of rendering again (:func:`find_reusable`, :func:`adopt`); ``--force`` renders anyway.
+instead of rendering again (:func:`find_reusables`, :func:`adopt`); ``--force`` renders anyway.
+Each night's key index (:data:`KEY_INDEX`, written with its results.json) lists those keys, so
+that the lookup for all persons reads a night's per-frame numbers only when it holds one of them
+(a night saved without the index, by an earlier version, is read once per run and indexed then).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import TYPE_CHECKING
 
 from cluster.eval_driver.tasks import waits_on_driver
 from cluster.report import RunResults, TaskResult
-from cluster.report.schema import list_runs
+from cluster.report.schema import RESULTS_FILE, list_runs
 from common.fingerprint import file_digest, json_digest, tree_fingerprint
-from common.io import DataError, atomic_file
+from common.io import DataError, atomic_file, atomic_write_json
+from common.locks import AlreadyRunning, exclusive
 from shards.writer import MANIFEST
 
 if TYPE_CHECKING:
@@ -33,6 +37,13 @@ log = logging.getLogger(__name__)
 #: Bump when what an evaluation computes changes (metrics, videos): every stored key goes stale.
 #: 2: frames with an empty mask leave the masked metrics (6fd0532); videos named by the key.
 EVAL_FORMAT = 2
+#: Beside each night's results.json: the keys of its reusable persons and the size and time of the results.json
+#: they were read from (:func:`write_key_index`), so that finding reusable numbers does not read every night's
+#: per-frame numbers (a night of 300 persons: 133 MB, seconds to read) for every person.
+KEY_INDEX = "results.keys.json"
+KEY_INDEX_VERSION = 1
+#: The lock on a night's folder under which results.json (and its key index) are written.
+NIGHT_LOCK = ".results.lock"
 #: Renderer fields that change where or how fast frames render, not what they show.
 _SERVICE_FIELDS = {"batch_wait_timeout_s", "max_ongoing_requests", "num_replicas", "num_cpus", "num_gpus",
                    "metrics_port", "metrics_host"}
@@ -130,27 +141,125 @@ def media_files(tasks: dict[str, TaskResult]) -> list[str]:
     return [f for r in tasks.values() for f in (r.video, r.thumbnail) if f]
 
 
-def find_reusable(reports_root: Path, run_date: str, person: str, key: str) -> tuple[RunResults, Path] | None:
-    """The newest night up to ``run_date`` whose results hold ``person`` evaluated with ``key``, none of
-    its tasks failed or was skipped for its driver's unusable data (a corrupt shard repaired since is not up
-    to date: the key does not cover it) and whose videos and thumbnails of it are all there; (its results, its
-    folder) or None."""
+def _reusable_key(night: RunResults, person: str) -> str | None:
+    """``person``'s key in ``night`` when a later run with that key may reuse its stored evaluation: it has one,
+    and none of its tasks failed or was skipped for its driver's unusable data (a corrupt shard repaired since is
+    not up to date: the key does not cover it; a run before failures were not keyed stored keys beside them)."""
+    key = night.evaluations.get(person, {}).get("key")
+    if key is None or person not in night.persons:
+        return None
+    if any(t.failed or waits_on_driver(t) for t in night.persons[person].values()):
+        return None
+    return key
+
+
+def reusable_keys(night: RunResults) -> dict[str, str]:
+    """person -> key of each person of ``night`` whose evaluation may be reused (see :func:`_reusable_key`)."""
+    return {p: k for p in night.evaluations if (k := _reusable_key(night, p)) is not None}
+
+
+def _reusable(run: RunResults, folder: Path, person: str, key: str) -> bool:
+    """``person`` of the night ``run`` (in ``folder``) was evaluated with ``key``, may be reused and its videos and
+    thumbnails are all there."""
+    return _reusable_key(run, person) == key and all((folder / f).is_file() for f in media_files(run.persons[person]))
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    """What tells whether results.json is the file a key index was written from: its size and modification time
+    (a rewrite, by a run of a version without the index or one killed before it wrote the index, changes them; a
+    copy that keeps the times, such as ``cp -a`` of the reports, keeps the index valid with the file)."""
+    st = Path(path).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def write_key_index(results_path: Path, night: RunResults, stamp: dict[str, int] | None = None) -> None:
+    """Write the key index of the night ``night`` that ``results_path`` holds (:data:`KEY_INDEX`, beside it, after
+    it): its reusable persons' keys (:func:`reusable_keys`) and the stamp of the results.json they were read from
+    (default: its stamp now), so that finding reusable numbers (:func:`find_reusables`) reads this small file
+    instead of the night's per-frame numbers. Written after results.json: a run killed between the two leaves an
+    index whose stamp does not match, which is ignored."""
+    stamp = _stamp(results_path) if stamp is None else stamp
+    atomic_write_json(Path(results_path).with_name(KEY_INDEX),
+                      {"version": KEY_INDEX_VERSION, "results": stamp, "keys": reusable_keys(night)})
+
+
+def read_key_index(results_path: Path) -> dict[str, str] | None:
+    """person -> key of the reusable persons of the night ``results_path`` (see :func:`write_key_index`), or None
+    when the night has no usable index: none (a night saved by a version without it), one that does not match
+    results.json (rewritten since) or one that does not read (with a warning); the night is then read in full."""
+    path = Path(results_path).with_name(KEY_INDEX)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        log.warning("%s: unreadable key index (%s); reading %s in full", path, e, results_path)
+        return None
+    stamp, keys = (obj.get("results"), obj.get("keys")) if isinstance(obj, dict) else (None, None)
+    if (not isinstance(obj, dict) or type(obj.get("version")) is not int or obj["version"] != KEY_INDEX_VERSION
+            or not isinstance(stamp, dict) or set(stamp) != {"size", "mtime_ns"}
+            or not all(type(v) is int for v in stamp.values()) or not isinstance(keys, dict)
+            or not all(isinstance(p, str) and isinstance(k, str) for p, k in keys.items())):
+        log.warning("%s: malformed key index (expected {'version': %d, 'results': {'size', 'mtime_ns'}, 'keys': "
+                    "{person: key}}); reading %s in full", path, KEY_INDEX_VERSION, results_path)
+        return None
+    try:
+        if stamp != _stamp(results_path):
+            log.info("%s: %s was written since its key index; reading it in full", path.parent, RESULTS_FILE)
+            return None
+    except OSError:  # results.json is gone: the night's load says so
+        return None
+    return keys
+
+
+def _index_night(results_path: Path, night: RunResults, stamp: dict[str, int]) -> None:
+    """Write the key index of a night read in full (saved by a version without the index), so that later runs do
+    not read it again: under the night's lock (not waiting for a run saving it) and only when results.json is
+    still the file read (``stamp``). Not written (a read-only folder, the lock held) is said in the log only."""
+    try:
+        with exclusive(Path(results_path).with_name(NIGHT_LOCK), "saving the night's results"):
+            if _stamp(results_path) == stamp:
+                write_key_index(results_path, night, stamp)
+    except (AlreadyRunning, OSError) as e:
+        log.info("%s: no key index written (%s); the night is read in full when looked up", results_path, e)
+
+
+def find_reusables(reports_root: Path, run_date: str, wanted: dict[str, str]) -> dict[str, tuple[RunResults, Path]]:
+    """For each person of ``wanted`` (person -> its evaluation key now): the newest night up to ``run_date`` whose
+    results hold it evaluated with that key, reusable (:func:`reusable_keys`) and with its videos and thumbnails
+    all there, as (that night's results of the persons found in it, the night's folder); persons with none are
+    left out. Each night is looked up once for all persons, newest first, until every person is found: through
+    its key index (:data:`KEY_INDEX`) when it has one that matches, and read in full only when it holds a wanted
+    key (or has no index: it then gets one). A night that does not read is skipped with a warning."""
+    found: dict[str, tuple[RunResults, Path]] = {}
     for path in reversed(list_runs(reports_root)):
+        left = {p: k for p, k in wanted.items() if p not in found}
+        if not left:
+            break
         if path.parent.name > run_date:
             continue
+        keys = read_key_index(path)
+        if keys is not None and not any(keys.get(p) == k for p, k in left.items()):
+            continue
         try:
+            stamp = _stamp(path) if keys is None else None
             run = RunResults.load(path)
-        except DataError as e:
+        except (DataError, OSError) as e:
             log.warning("not reusing results from %s: %s", path, e)
             continue
-        if run.evaluations.get(person, {}).get("key") != key or person not in run.persons:
-            continue
-        # stored by a run before failures (or skips for a driver's unusable data) were not keyed
-        if any(t.failed or waits_on_driver(t) for t in run.persons[person].values()):
-            continue
-        if all((path.parent / f).is_file() for f in media_files(run.persons[person])):
-            return run, path.parent
-    return None
+        if stamp is not None:
+            _index_night(path, run, stamp)
+        hits = [p for p, k in left.items() if _reusable(run, path.parent, p, k)]
+        if hits:  # only theirs are kept: a night of 300 persons' per-frame numbers is hundreds of MB in memory
+            part = RunResults(run.run_date, {p: run.persons[p] for p in hits}, dict(run.meta),
+                              {p: run.evaluations[p] for p in hits})
+            found.update({p: (part, path.parent) for p in hits})
+    return found
+
+
+def find_reusable(reports_root: Path, run_date: str, person: str, key: str) -> tuple[RunResults, Path] | None:
+    """:func:`find_reusables` of one person: (the night's results, its folder) or None."""
+    return find_reusables(reports_root, run_date, {person: key}).get(person)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
