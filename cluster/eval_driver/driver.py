@@ -35,7 +35,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,9 +72,6 @@ RAY_MIN_OBJECT_STORE_MB = 75
 #: its end loses at most about that much work and saving costs at most about a tenth of the run.
 SAVE_EVERY_S = 60.0
 SAVE_COST_FACTOR = 10.0
-#: Set by run_evaluation around `_render_all`: called with each person once its outcome is in the results (the
-#: night is saved as it goes); a context variable, not a parameter, so that stand-ins of `_render_all` keep theirs.
-_PERSON_DONE: ContextVar[Callable[[str], None] | None] = ContextVar("_PERSON_DONE", default=None)
 
 
 @dataclass
@@ -433,12 +429,8 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
             night.finished(person)
             night.save_if_due()
 
-        token = _PERSON_DONE.set(done)
-        try:
-            frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds,
-                                          app=f"avatars-{run_id}", media_tags=tags)
-        finally:
-            _PERSON_DONE.reset(token)
+        frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds,
+                                      app=f"avatars-{run_id}", media_tags=tags, on_done=done)
         for p in todo:  # a stand-in for _render_all (the tests') fills `results` without saying so
             if p not in night.recorded:
                 night.finished(p)
@@ -579,10 +571,11 @@ def evaluate_persons(run: EvalRun, handle, persons: list[str], drivers: dict[str
 def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers: dict[str, str | None],
                 results: dict[str, dict[str, TaskResult]], failed: dict[str, str],
                 person_seconds: dict[str, float], app: str = "avatars",
-                media_tags: dict[str, str] | None = None) -> int:
+                media_tags: dict[str, str] | None = None, on_done: Callable[[str], None] | None = None) -> int:
     """Render and score `todo` on one renderer application `app` serving all of them (Ray started
     here unless connected); fills `results`, `failed` and `person_seconds`; returns the frames
-    rendered. `media_tags`: what each person's video names carry (EvalRun)."""
+    rendered. `media_tags`: what each person's video names carry (EvalRun); `on_done`: called with each person
+    once its outcome is in `results` / `failed` (the night is saved as it goes)."""
     run = EvalRun(config, folder, media_tags)
     embedded = EmbeddedRay(num_cpus=config.ray_num_cpus, object_store_memory_mb=config.ray_object_store_mb,
                            bind_host=config.ray_bind_host, include_dashboard=False)
@@ -603,8 +596,8 @@ def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers
             else:
                 results[person] = out
                 log.info("%s done in %.1f s", person, person_seconds[person])
-            if (done := _PERSON_DONE.get()) is not None:
-                done(person)
+            if on_done is not None:
+                on_done(person)
     finally:  # the embedded Ray started here stops; on a cluster only this run's application goes, also one
         leave_ray(config.ray_address, started, app)  # that failed to deploy or was interrupted while deploying
     return run.frames_rendered

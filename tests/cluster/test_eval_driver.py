@@ -296,7 +296,8 @@ def test_end_to_end_two_persons_and_a_failed_one(tiny_data, tmp_path, monkeypatc
 
     rendered = []
 
-    def render_again(config, folder, todo, drivers, results_, failed, person_seconds, app, media_tags):
+    def render_again(config, folder, todo, drivers, results_, failed, person_seconds, app, media_tags,
+                     on_done=None):
         rendered.extend(todo)
         results_.update({p: results.persons[p] for p in todo})
         return sum(r.frames for p in todo for r in results.persons[p].values())
@@ -579,7 +580,8 @@ def test_build_report_false_writes_results_but_no_report(tiny_data, tmp_path, mo
     DiffusionAvatarsModel(tiny_config(expression_dim=TINY.expression_dim)).save_pretrained(
         tmp_path / "runs" / "000" / "model")
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None,
+                   on_done=None):
         for p in todo:
             results[p] = {t: TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
         return len(todo) * len(config.tasks)
@@ -599,7 +601,7 @@ def test_a_failed_task_is_not_up_to_date(tiny_data, tmp_path, monkeypatch):
     """A task that failed (e.g. on a corrupt shard, repaired since: same manifest, same key) is rendered again by
     the next run: its person's key is not stored, and a stored entry with a failed task is not reused."""
     from cluster.eval_driver import driver
-    from cluster.eval_driver.uptodate import find_reusable
+    from cluster.eval_driver.uptodate import find_reusables
     from cluster.report import TaskResult
 
     _, stores, shards = tiny_data
@@ -607,7 +609,8 @@ def test_a_failed_task_is_not_up_to_date(tiny_data, tmp_path, monkeypatch):
         tmp_path / "runs" / "000" / "model")
     rendered, broken = [], {"self_reenactment"}
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None,
+                   on_done=None):
         rendered.extend(todo)
         for p in todo:
             results[p] = {t: TaskResult({}, skipped={"task": "failed: corrupt shard"}) if t in broken
@@ -624,10 +627,10 @@ def test_a_failed_task_is_not_up_to_date(tiny_data, tmp_path, monkeypatch):
     assert again.reused == [] and rendered == ["000", "000"]
     night = RunResults.load(again.results_path)
     key = night.evaluations["000"]["key"]  # every task rendered: up to date from now on
-    assert find_reusable(config.reports_root, "2025-03-01", "000", key) is not None
+    assert find_reusables(config.reports_root, "2025-03-01", {"000": key}).get("000") is not None
     night.persons["000"]["novel_view"] = TaskResult({}, skipped={"task": "failed: corrupt shard"})
     night.save(config.reports_root)  # as a run before this fix stored it: a key next to a failed task
-    assert find_reusable(config.reports_root, "2025-03-01", "000", key) is None
+    assert find_reusables(config.reports_root, "2025-03-01", {"000": key}).get("000") is None
 
 
 def test_a_cross_reenactment_skipped_for_its_drivers_unusable_data_is_not_up_to_date(tiny_data, tmp_path,
@@ -638,7 +641,7 @@ def test_a_cross_reenactment_skipped_for_its_drivers_unusable_data_is_not_up_to_
     stored entry with such a skip (a run before this check) is not reused."""
     from cluster.eval_driver import driver
     from cluster.eval_driver.tasks import driver_unusable
-    from cluster.eval_driver.uptodate import find_reusable
+    from cluster.eval_driver.uptodate import find_reusables
     from cluster.report import TaskResult
 
     _, stores, shards = tiny_data
@@ -647,7 +650,8 @@ def test_a_cross_reenactment_skipped_for_its_drivers_unusable_data_is_not_up_to_
     skip = driver_unusable("000", "001", DataError("shards/001/s.tar", "sha256 does not match the manifest"))
     unusable, rendered = [True], []
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None,
+                   on_done=None):
         rendered.extend(todo)
         for p in todo:
             results[p] = {t: TaskResult({}, skipped={"task": str(skip)}) if t == "cross_reenactment" and unusable
@@ -665,10 +669,10 @@ def test_a_cross_reenactment_skipped_for_its_drivers_unusable_data_is_not_up_to_
     assert again.reused == [] and rendered == ["000", "000"]
     night = RunResults.load(again.results_path)
     key = night.evaluations["000"]["key"]
-    assert find_reusable(config.reports_root, "2025-03-01", "000", key) is not None
+    assert find_reusables(config.reports_root, "2025-03-01", {"000": key}).get("000") is not None
     night.persons["000"]["cross_reenactment"] = TaskResult({}, skipped={"task": str(skip)})
     night.save(config.reports_root)  # a key next to the skip, as a run before this check stored it
-    assert find_reusable(config.reports_root, "2025-03-01", "000", key) is None
+    assert find_reusables(config.reports_root, "2025-03-01", {"000": key}).get("000") is None
 
 
 def test_a_person_whose_tasks_failed_is_failed_and_the_exit_code_says_so(tiny_data, tmp_path, monkeypatch):
@@ -684,7 +688,8 @@ def test_a_person_whose_tasks_failed_is_failed_and_the_exit_code_says_so(tiny_da
             tmp_path / "runs" / p / "model")
     broken = {"000": {"self_reenactment", "novel_view", "cross_reenactment"}, "001": {"novel_view"}}
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None,
+                   on_done=None):
         for p in todo:
             results[p] = {t: TaskResult({}, skipped={"task": f"failed: {p}.zarr is missing"}) if t in broken[p]
                           else TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
@@ -716,7 +721,8 @@ def test_a_folder_whose_name_results_cannot_hold_fails_alone_before_anything_ren
     shutil.copytree(runs / "000", runs / "000 copy")
     rendered = []
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None,
+                   on_done=None):
         rendered.extend(todo)
         for p in todo:
             results[p] = {t: TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}
@@ -857,7 +863,8 @@ def test_a_run_stopped_before_it_saves_leaves_the_nights_videos_alone(tmp_path, 
     zero = lambda c: np.zeros((c, 4, 4), np.float32)  # noqa: E731
     conditioning = {"mask": zero(1), "depth": zero(1), "normals": zero(3), "canonical": zero(5)}
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags, stop=False):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags, on_done=None,
+                   stop=False):
         run = EvalRun(config, folder, media_tags)  # the real writer of the videos and thumbnails
         shade = 0.2 if key["value"][0] == "a" else 0.8
         frames = TaskFrames("000", "cross_reenactment", [Clip("s", ["k0", "k1"], [conditioning] * 2,

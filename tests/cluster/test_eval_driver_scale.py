@@ -61,7 +61,8 @@ def stand_ins(monkeypatch):
 
     keys, rendered = {}, []
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None,
+                   on_done=None):
         rendered.extend(todo)
         results.update({p: {"self_reenactment": _task()} for p in todo})
         return len(todo)
@@ -110,7 +111,7 @@ def test_the_newest_night_holding_a_reusable_entry_wins_and_the_index_follows_re
     the run's date with the key, not one whose entry failed or whose media are gone; a results.json rewritten
     after its index (a version without the index, a run killed between the two writes) or an index that does not
     read is read in full, not trusted; a malformed night is skipped with a warning."""
-    from cluster.eval_driver.uptodate import KEY_INDEX, find_reusable, find_reusables, read_key_index, write_key_index
+    from cluster.eval_driver.uptodate import KEY_INDEX, find_reusables, read_key_index, write_key_index
 
     root = tmp_path
     paths = {d: _old_night(root, d, {"000": "k", "001": "k", "002": "k"}, failed=failed)
@@ -133,16 +134,16 @@ def test_the_newest_night_holding_a_reusable_entry_wins_and_the_index_follows_re
     night.evaluations["000"]["key"] = "k2"
     night.save(root)
     assert read_key_index(paths["2026-01-03"]) is None  # its size and time do not match: not trusted
-    assert find_reusable(root, "2026-01-04", "000", "k2")[0].run_date == "2026-01-03"
+    assert find_reusables(root, "2026-01-04", {"000": "k2"}).get("000")[0].run_date == "2026-01-03"
     assert read_key_index(paths["2026-01-03"]) == {"000": "k2", "002": "k"}  # read in full: indexed again
 
     media.parent.mkdir(parents=True)
     media.write_bytes(b"png")
-    assert find_reusable(root, "2026-01-04", "002", "k")[0].run_date == "2026-01-03"
+    assert find_reusables(root, "2026-01-04", {"002": "k"}).get("002")[0].run_date == "2026-01-03"
     (paths["2026-01-03"].with_name(KEY_INDEX)).write_text('{"version": 1, "keys": []}')
     paths["2026-01-02"].write_text('{"schema_version": 1, "run_date": "2026-01-02", "persons": []}')
     with caplog.at_level(logging.WARNING):
-        assert find_reusable(root, "2026-01-04", "001", "k")[0].run_date == "2026-01-01"
+        assert find_reusables(root, "2026-01-04", {"001": "k"}).get("001")[0].run_date == "2026-01-01"
     assert f"{paths['2026-01-03'].with_name(KEY_INDEX)}: malformed key index" in caplog.text
     assert f"not reusing results from {paths['2026-01-02']}" in caplog.text
 

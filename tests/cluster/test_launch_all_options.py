@@ -69,7 +69,8 @@ def launch(tiny_dataset, tmp_path, monkeypatch, capfd):
         trained.append(config.person)
         return result
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None,
+                   on_done=None):
         rendered.append(list(todo))
         for p in todo:
             results[p] = {t: TaskResult({"psnr": 20.0}, frames=1) for t in config.tasks}

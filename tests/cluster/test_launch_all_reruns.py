@@ -99,7 +99,8 @@ def test_full_subset_full_keeps_one_base_and_every_result(tmp_path, monkeypatch,
     # replicas would cost ~30 s): it notes the base each avatar was trained on when it is rendered.
     rendered = {}
 
-    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None):
+    def render_all(config, folder, todo, drivers, results, failed, person_seconds, app, media_tags=None,
+                   on_done=None):
         rendered.update({p: _trained_on(work, p) for p in todo})
         results.update({p: first.persons[p] for p in todo})
         return sum(r.frames for p in todo for r in first.persons[p].values())
