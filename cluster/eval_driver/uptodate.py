@@ -257,11 +257,6 @@ def find_reusables(reports_root: Path, run_date: str, wanted: dict[str, str]) ->
     return found
 
 
-def find_reusable(reports_root: Path, run_date: str, person: str, key: str) -> tuple[RunResults, Path] | None:
-    """:func:`find_reusables` of one person: (the night's results, its folder) or None."""
-    return find_reusables(reports_root, run_date, {person: key}).get(person)
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     with atomic_file(dst) as tmp:
         try:

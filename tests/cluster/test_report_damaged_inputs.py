@@ -196,12 +196,12 @@ def test_the_evaluation_skips_a_malformed_night_when_it_looks_for_numbers_to_reu
     evaluation stopped before it rendered); now it warns and looks at the night before. The night's own save
     (driver._load_night) no longer stops either."""
     from cluster.eval_driver.driver import _load_night
-    from cluster.eval_driver.uptodate import find_reusable
+    from cluster.eval_driver.uptodate import find_reusables
 
     paths = _nights(tmp_path)
     _set(paths[-1], "Infinity", *TASK, "frames")
     with caplog.at_level(logging.WARNING):
-        hit = find_reusable(tmp_path, NIGHTS[-1], "p017", "key-p017")
+        hit = find_reusables(tmp_path, NIGHTS[-1], {"p017": "key-p017"}).get("p017")
     assert hit is not None and hit[0].run_date == NIGHTS[1]
     assert str(paths[-1]) in caplog.text
     night = _load_night(paths[-1])  # replaced with a warning, or kept with the task failed: no OverflowError
