@@ -48,6 +48,7 @@ from pathlib import Path
 import psutil
 
 from common.io import atomic_write_json
+from common.processes import pid_namespace
 
 log = logging.getLogger(__name__)
 _WARNED: set[Path] = set()
@@ -325,10 +326,10 @@ def pid_space() -> str | None:
     the host's name sees other pids). None where neither can be read (not Linux): pids are then not checked."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        namespace = os.readlink("/proc/self/ns/pid")
     except OSError:
         return None
-    return f"{boot} {namespace}" if boot else None
+    namespace = pid_namespace()
+    return f"{boot} {namespace}" if boot and namespace else None
 
 
 def _writer_gone(s: PersonStatus) -> bool | None:

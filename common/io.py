@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.processes import pid_alive, pid_namespace
+
 #: The longest path a Unix socket may have on Linux (``sun_path`` is 108 bytes with the terminating NUL).
 SUN_PATH_MAX = 107
 
@@ -153,25 +155,12 @@ def read_safetensors(path: Path) -> dict:
 def _writer_tag() -> str:
     """Who makes a temporary folder, in its name: this host, this pid namespace and this pid. A later writer of the
     same target removes what a killed one left (:func:`remove_leftovers`)."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
-    except OSError:  # not Linux
-        namespace = ""
+    namespace = (pid_namespace() or "").removeprefix("pid:[").removesuffix("]")  # "" where not Linux
     return f"{socket.gethostname()}@{namespace}@{os.getpid()}@"
 
 
 def _temporary_prefix(path: Path, kind: str) -> str:
     return f".{path.name}.{kind}-{_writer_tag()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def remove_leftovers(path: Path) -> list[Path]:
@@ -187,7 +176,7 @@ def remove_leftovers(path: Path) -> list[Path]:
         prefix = f".{path.name}.{kind}-{ours}"
         for leftover in path.parent.glob(f"{glob.escape(prefix)}*"):
             pid = leftover.name[len(prefix):].split("@", 1)[0]
-            if not pid.isdigit() or _alive(int(pid)) or not leftover.is_dir() or leftover.is_symlink():
+            if not pid.isdigit() or pid_alive(int(pid)) or not leftover.is_dir() or leftover.is_symlink():
                 continue
             shutil.rmtree(leftover, ignore_errors=True)
             removed.append(leftover)

@@ -39,6 +39,7 @@ from multiprocessing.context import BaseContext
 from typing import Callable, Hashable, TypeVar
 
 from common.io import SUN_PATH_MAX, fits_unix_socket
+from common.processes import pid_alive
 
 Item = TypeVar("Item", bound=Hashable)
 #: Called in the parent as each item finishes: (item, result or None, error or None).
@@ -83,13 +84,7 @@ def _wait_then_exit(pid: int, fd: int | None) -> None:
         poll.register(fd, select.POLLIN)
         poll.poll()  # returns once the process has ended
     else:
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:  # alive, another user's: the parent's pid reused (then this never ends)
-                pass
+        while pid_alive(pid):  # another user's process counts: the parent's pid reused (then this never ends)
             time.sleep(1)
     os._exit(_ORPHANED)
 
