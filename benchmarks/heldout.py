@@ -155,10 +155,11 @@ def load_model(run_dir: Path, base_model: Path | None = None) -> DiffusionAvatar
 
 def heldout_tasks(stores: Path, shards: Path, person: str, resolution: int,
                   tasks: tuple[str, ...] = ("self_reenactment", "novel_view")) -> list[TaskFrames]:
-    """The evaluation driver's frames of the held-out tasks (sequences and camera) of a person."""
+    """The evaluation driver's frames of the held-out tasks (sequences and camera) of a person, read."""
     store = open_store(stores, person)
     build = {"self_reenactment": self_reenactment, "novel_view": novel_view}
-    return [build[t](store, shards, resolution) for t in tasks]
+    return [dataclasses.replace(frames, clips=frames.load_clips())
+            for frames in (build[t](store, shards, resolution) for t in tasks)]
 
 
 def task_batch(frames: TaskFrames) -> dict[str, torch.Tensor]:

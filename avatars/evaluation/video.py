@@ -3,14 +3,16 @@
 Written with ffmpeg through imageio-ffmpeg (libx264, yuv420p so every browser plays it).
 yuv420p needs even width and height, so frames are padded (edge-replicated) by at most one
 pixel instead of being resized. The file is written to a temporary sibling, its frames counted,
-and renamed, so the report never links a half-written video.
+and renamed, so the report never links a half-written video. :func:`comparison_video` takes the
+frames a block at a time (the evaluation's clips as they are scored): no video is held whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -86,6 +88,49 @@ def side_by_side(panels: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(vids, axis=2)
 
 
+class VideoFrames:
+    """What :func:`comparison_video` yields: append (T, H, W, 3) blocks of frames of one size."""
+
+    def __init__(self, writer, path: Path):
+        self._writer, self._path = writer, path
+        self.frames = 0
+        self._size: tuple[int, int] | None = None
+
+    def append(self, video: np.ndarray) -> None:
+        video = _to_u8(video)
+        if video.ndim != 4 or video.shape[-1] != 3:
+            raise ValueError(f"{self._path}: frames must be (T, H, W, 3), got {video.shape}")
+        if self._size is None:
+            self._size = video.shape[1:3]
+        elif video.shape[1:3] != self._size:
+            raise ValueError(f"{self._path}: frames of {video.shape[1]}x{video.shape[2]} px after frames of "
+                             f"{self._size[0]}x{self._size[1]} px (one video has one size)")
+        for frame in video:
+            self._writer.append_data(_pad_even(frame))
+        self.frames += len(video)
+
+
+@contextlib.contextmanager
+def comparison_video(path: Path | str, fps: float = 73.0 / 3.0, quality: int = 8) -> Iterator[VideoFrames]:
+    """An H.264 mp4 at `path` whose frames the block appends (:class:`VideoFrames`), renamed into place with its
+    frames counted when the block ends, removed when it raises. quality: imageio-ffmpeg's 0..10 (10 = best)."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    # world-readable: the report copies and serves these to others
+    with atomic_file(path, mode=0o644) as tmp:
+        writer = imageio.get_writer(
+            str(tmp), format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+            quality=quality, macro_block_size=1, ffmpeg_log_level="error",
+        )
+        frames = VideoFrames(writer, path)
+        try:
+            yield frames
+        finally:
+            writer.close()
+        _check_complete(tmp, path, frames.frames)
+
+
 def write_comparison_video(
     path: Path | str, panels: Sequence[np.ndarray], fps: float = 73.0 / 3.0, quality: int = 8
 ) -> Path:
@@ -93,23 +138,9 @@ def write_comparison_video(
 
     quality: imageio-ffmpeg's 0..10 scale (10 = best). Returns the final path.
     """
-    import imageio.v2 as imageio
-
-    path = Path(path)
-    video = side_by_side(panels)
-    # world-readable: the report copies and serves these to others
-    with atomic_file(path, mode=0o644) as tmp:
-        writer = imageio.get_writer(
-            str(tmp), format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
-            quality=quality, macro_block_size=1, ffmpeg_log_level="error",
-        )
-        try:
-            for frame in video:
-                writer.append_data(_pad_even(frame))
-        finally:
-            writer.close()
-        _check_complete(tmp, path, len(video))
-    return path
+    with comparison_video(path, fps, quality) as video:
+        video.append(side_by_side(panels))
+    return Path(path)
 
 
 def _check_complete(written: Path, path: Path, frames: int) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -107,17 +108,14 @@ def _finite(values: list[float | None]) -> list[float]:
     return [v for v in values if v is not None and np.isfinite(v)]
 
 
-def comparison_panels(clips: list[Clip], renders: list[np.ndarray]) -> list[np.ndarray]:
-    """[reference, render, normals, depth, canonical] videos (T, H, W, 3) over all clips."""
+def comparison_panels(clip: Clip, renders: list[np.ndarray]) -> list[np.ndarray]:
+    """[reference, render, normals, depth, canonical] videos (T, H, W, 3) of one clip."""
     from avatars.evaluation.video import buffers_to_rgb
 
-    reference = np.concatenate([c.reference for c in clips])
-    buffers = []
-    for c in clips:
-        for cond in c.conditioning:
-            buffers.append(buffers_to_rgb(normals=cond["normals"].transpose(1, 2, 0), depth=cond["depth"][0],
-                                          canonical=cond["canonical"].transpose(1, 2, 0), mask=cond["mask"][0]))
-    return [reference, np.stack(renders)] + [np.stack([b[i] for b in buffers]) for i in range(len(buffers[0]))]
+    buffers = [buffers_to_rgb(normals=cond["normals"].transpose(1, 2, 0), depth=cond["depth"][0],
+                              canonical=cond["canonical"].transpose(1, 2, 0), mask=cond["mask"][0])
+               for cond in clip.conditioning]
+    return [clip.reference, np.stack(renders)] + [np.stack([b[i] for b in buffers]) for i in range(len(buffers[0]))]
 
 
 def video_fps(frames: int, fps: float, min_seconds: float, min_fps: float) -> float:
@@ -127,22 +125,25 @@ def video_fps(frames: int, fps: float, min_seconds: float, min_fps: float) -> fl
     return max(min_fps, min(fps, frames / min_seconds))
 
 
-def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int = 6, scale: int = 2,
+def strip_picks(frames: int, columns: int = 6) -> list[int]:
+    """Which of a task's `frames` the thumbnail shows: up to `columns` spread over the task."""
+    return sorted(set(np.linspace(0, frames - 1, num=min(columns, frames)).round().astype(int).tolist()))
+
+
+def comparison_strip(references: list[np.ndarray], renders: list[np.ndarray], scale: int = 2,
                      max_width: int = 1536) -> bytes:
-    """PNG of up to `columns` frames spread over the task: reference row over render row, each
-    frame enlarged up to `scale` times (nearest), so eyes and mouth are visible in the report, as far as the strip
-    stays within `max_width` pixels; a strip wider than that at its frames' own size is scaled down to it (area
-    average). 64 px frames: 768x256 (2x); 512 px: 1536x512 (half size; 2x was 6144x2048, ~4 MB a thumbnail, and
-    the page shows it 160 px high)."""
+    """PNG of the picked frames (:func:`strip_picks`): reference row over render row, each frame enlarged up to
+    `scale` times (nearest), so eyes and mouth are visible in the report, as far as the strip stays within
+    `max_width` pixels; a strip wider than that at its frames' own size is scaled down to it (area average). 64 px
+    frames: 768x256 (2x); 512 px: 1536x512 (half size; 2x was 6144x2048, ~4 MB a thumbnail, and the page shows it
+    160 px high)."""
     import io
 
     from PIL import Image
 
-    reference = np.concatenate([c.reference for c in clips])
-    picks = np.linspace(0, len(renders) - 1, num=min(columns, len(renders))).round().astype(int)
     to_u8 = lambda x: (np.clip(x, 0, 1) * 255).round().astype(np.uint8) if x.dtype != np.uint8 else x  # noqa: E731
-    rows = [np.concatenate([to_u8(reference[i]) for i in picks], 1),
-            np.concatenate([to_u8(np.asarray(renders[i])) for i in picks], 1)]
+    rows = [np.concatenate([to_u8(np.asarray(r)) for r in references], 1),
+            np.concatenate([to_u8(np.asarray(r)) for r in renders], 1)]
     grid = np.concatenate(rows, 0)
     height, width = grid.shape[:2]
     enlarge = max(1, min(scale, max_width // width))
@@ -154,6 +155,150 @@ def comparison_strip(clips: list[Clip], renders: list[np.ndarray], columns: int 
     return buf.getvalue()
 
 
+class ClipUnreadable(Exception):
+    """A clip of a task whose frames did not read when its turn to render came (a damaged shard, the driving
+    person's data): that task fails (or is skipped, for the driver's data), the person's other tasks go on."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class RenderSlot:
+    """One of ``--parallel-persons`` render slots, held by a person while its frames render (acquired when made);
+    released once, when its last frame is back or when it fails."""
+
+    def __init__(self, slots: threading.Semaphore):
+        slots.acquire()
+        self._slots, self._held = slots, True
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = False
+                self._slots.release()
+
+
+class FrameStream:
+    """A person's frames through the renderer, task by task and clip by clip in order. A clip's frames are read
+    (:meth:`LazyClip.load`) when its first frame is due to be sent, at most ``frames_in_flight`` frames are sent and
+    not back (a frame is sent as the one this many frames before it comes back), and a clip is handed on
+    (:meth:`clips`) once all its images are back: a person holds the clips its frames in flight belong to, not its
+    whole evaluation set. When a frame is lost with a replica that died, the frames not back yet are cancelled (those
+    still queued would go to the next replica, with a person whose frames kill it) and sent again, and the person's
+    frames from then on go under ``retry_lock`` (one person's at a time); lost more than
+    :data:`REPLICA_LOST_RETRIES` times: :class:`ReplicaLost`."""
+
+    def __init__(self, run: EvalRun, person: str, renderer, tasks: list[TaskFrames],
+                 on_all_back: Callable[[], None] = lambda: None):
+        self.run, self.person, self.renderer = run, person, renderer
+        self._tasks = tasks
+        self._requests = self._produce()
+        #: (task index, the clip, or why it did not load) of the clips whose frames are sent or about to be
+        self._loaded: deque[tuple[int, Clip | Exception]] = deque()
+        self._window: deque[list] = deque()  # [request, response] of the frames sent and not back, in order
+        self._exhausted = False
+        self.remaining = sum(t.frames for t in tasks)  # frames not back yet (nor left out with their task)
+        self._losses = 0
+        self._retry_lock_held = False
+        self._on_all_back = on_all_back
+
+    def _produce(self) -> Iterator[RenderRequest]:
+        seed = self.run.config.seed
+        for ti, frames in enumerate(self._tasks):
+            for ci, clip in enumerate(frames.clips):
+                try:
+                    loaded = clip.load()
+                except (TaskSkipped, *DATA_ERRORS) as e:
+                    self._loaded.append((ti, e))
+                    self.remaining -= sum(c.frames for c in frames.clips[ci:])
+                    break
+                self._loaded.append((ti, loaded))
+                for key, c in zip(loaded.keys, loaded.conditioning):
+                    yield RenderRequest(**c, seed=seed, key=key)
+
+    def _send_next(self) -> None:
+        try:
+            request = next(self._requests)
+        except StopIteration:
+            self._exhausted = True
+            return
+        self._window.append([request, self.renderer.remote(request)])
+
+    def _fill(self) -> None:
+        while not self._exhausted and len(self._window) < self.run.frames_in_flight:
+            self._send_next()
+
+    def _next_image(self) -> np.ndarray:
+        lost_errors = replica_lost_errors()
+        while True:
+            self._fill()
+            request, response = self._window[0]
+            try:
+                image = self.run._result(self.person, response, f"frame {request.key}").image
+            except lost_errors as e:
+                self._lost(e)
+                continue
+            self._window.popleft()
+            self.remaining -= 1
+            self._fill()
+            if self._exhausted and not self._window:
+                self._on_all_back()
+            return image
+
+    def _lost(self, error: BaseException) -> None:
+        for _, response in list(self._window)[1:]:
+            response.cancel()
+        self._losses += 1
+        if self._losses > REPLICA_LOST_RETRIES:
+            raise ReplicaLost(f"{self.person}: its frames were lost with a renderer replica that died, also when sent "
+                              f"again ({REPLICA_LOST_RETRIES} more time(s), {self.remaining} frames; the replica's log "
+                              f"says why: a crash or out of memory while rendering them): {_first_line(error)}"
+                              ) from error
+        log.warning("%s: %d frames not back when a renderer replica died (%s); sending them again", self.person,
+                    self.remaining, _first_line(error))
+        if not self._retry_lock_held:
+            self.run.retry_lock.acquire()
+            self._retry_lock_held = True
+        for item in self._window:
+            item[1] = self.renderer.remote(item[0])
+
+    def clips(self, task: int) -> Iterator[tuple[Clip, list[np.ndarray]]]:
+        """Each clip of task number `task` (in order: the tasks are taken in turn) with its rendered images;
+        :class:`ClipUnreadable` where a clip of it did not load."""
+        while True:
+            while not self._loaded and not self._exhausted:
+                self._send_next()  # the window is empty here: the frames in flight are those of loaded clips
+            if not self._loaded or self._loaded[0][0] != task:
+                return
+            _, clip = self._loaded.popleft()
+            if isinstance(clip, Exception):
+                raise ClipUnreadable(clip)
+            images = [self._next_image() for _ in range(clip.frames)]
+            with self.run.eval_lock:
+                self.run.frames_rendered += len(images)
+            yield clip, images
+
+    def skip(self, task: int) -> None:
+        """Let the frames of task number `task` that its scoring left come back (and drop them)."""
+        try:
+            for _ in self.clips(task):
+                pass
+        except ClipUnreadable:
+            pass
+
+    def close(self) -> None:
+        """Cancel the frames not back (a person that failed: its queued frames must not hold up the others)."""
+        for _, response in self._window:
+            response.cancel()
+        self._window.clear()
+        self._requests.close()
+        if self._retry_lock_held:
+            self._retry_lock_held = False
+            self.run.retry_lock.release()
+
+
 class EvalRun:
     """What the person threads of one evaluation run share: the metric networks (loaded once, in the
     background, used under ``eval_lock``), the opened zarr stores, the frame count and the render
@@ -161,8 +306,9 @@ class EvalRun:
     write the videos.
 
     ``config.parallel_persons`` persons render at once (one per replica); the driver runs one person
-    thread more, and a thread holds its render slot only while its frames render: while it scores
-    them (metrics, videos), the next person's frames already render on the replica it left."""
+    thread more, and a thread holds its render slot only while its frames render: it scores each clip
+    as its frames come back (its next frames render meanwhile), and while it scores its last clip, the
+    next person's frames already render on the replica it left."""
 
     def __init__(self, config: EvalDriverConfig, run_folder: Path, media_tags: dict[str, str] | None = None):
         from avatars.evaluation.face_models import FaceModelConfig
@@ -233,64 +379,48 @@ class EvalRun:
             raise driver_unusable(person, driver, e) from None
         return cross_reenactment(store, driver_store, shards, resolution)
 
-    def person(self, handle, person: str, driver: str | None) -> dict[str, TaskResult]:
-        """Render `person`'s task frames through the renderer application `handle` (holding a render
-        slot), then score them (without it)."""
-        with self.render_slots:
-            results, rendered = self._render(handle, person, driver)
-        for frames, images in rendered:
-            with self.eval_lock:
-                self.frames_rendered += len(images)
-            results[frames.task] = self.evaluate(frames, images)
-        return {t: results[t] for t in self.config.tasks if t in results}
+    def render_slot(self) -> RenderSlot:
+        """Wait for one of the ``--parallel-persons`` render slots."""
+        return RenderSlot(self.render_slots)
 
-    def _render(self, handle, person: str, driver: str | None) -> tuple[dict[str, TaskResult],
-                                                                        list[tuple[TaskFrames, list[np.ndarray]]]]:
-        """The tasks skipped or failed before rendering, and the rendered frames of the others."""
+    def person(self, handle, person: str, driver: str | None) -> dict[str, TaskResult]:
+        """Render `person`'s task frames through the renderer application `handle` and score them clip by clip as
+        they come back, holding a render slot until its last frame is back (the last clip is scored without it)."""
         from cluster.serve.deployment import ModelLoadError, person_handle
 
-        cfg = self.config
-        renderer = person_handle(handle, person)
-        try:  # loads the model: a bad checkpoint fails this person here
-            info = self._sent_again_if_lost(
-                person, "its model load", lambda: self._result(person, renderer.info.remote(), "its model load"))
-        except ModelLoadError as e:  # Ray's wrapper adds the replica's traceback: the reason alone is clearer
-            raise ModelLoadError(e.person, e.model_dir, e.cause) from None
-        results: dict[str, TaskResult] = {}
-        jobs: list[tuple[TaskFrames, int]] = []  # (frames, how many of `requests` are theirs)
-        requests: list[RenderRequest] = []
-        responses: list = []  # requests[i]'s response (the one sent last), None while it is not sent
+        slot = self.render_slot()
         try:
-            for task in cfg.tasks:
-                try:
-                    frames = self.task_frames(person, task, driver, info["resolution"])
+            renderer = person_handle(handle, person)
+            try:  # loads the model: a bad checkpoint fails this person here
+                info = self._sent_again_if_lost(
+                    person, "its model load", lambda: self._result(person, renderer.info.remote(), "its model load"))
+            except ModelLoadError as e:  # Ray's wrapper adds the replica's traceback: the reason alone is clearer
+                raise ModelLoadError(e.person, e.model_dir, e.cause) from None
+            results: dict[str, TaskResult] = {}
+            tasks: list[TaskFrames] = []
+            for task in self.config.tasks:
+                try:  # the keys only: each clip's frames are read when it renders
+                    tasks.append(self.task_frames(person, task, driver, info["resolution"]))
                 except TaskSkipped as e:
                     results[task] = TaskResult(metrics={}, skipped={"task": str(e)})
-                    continue
                 except DATA_ERRORS as e:
-                    results[task] = TaskResult(metrics={}, skipped={"task": f"failed: {e}"})
-                    log.error("%s/%s: %s", person, task, e)
-                    continue
-                # the first frames render while the next tasks' frames are built; the others are sent as frames
-                # come back (_collect), at most `frames_in_flight` at a time: the replicas batch them
-                count = len(requests)
-                for clip in frames.clips:
-                    for k, c in zip(clip.keys, clip.conditioning):
-                        requests.append(RenderRequest(**c, seed=cfg.seed, key=k))
-                        sent = len(requests) <= self.frames_in_flight
-                        responses.append(renderer.remote(requests[-1]) if sent else None)
-                jobs.append((frames, len(requests) - count))
-            images = self._images(person, renderer, requests, responses)
-        except BaseException:  # this person failed (a later task's frames too, a frame that did not come back): its
-            for r in responses:  # queued frames must not hold up the other persons
-                if r is not None:
-                    r.cancel()
-            raise
-        rendered, start = [], 0
-        for frames, count in jobs:
-            rendered.append((frames, images[start:start + count]))
-            start += count
-        return results, rendered
+                    results[task] = _failed(person, task, e)
+            stream = FrameStream(self, person, renderer, tasks, on_all_back=slot.release)
+            try:
+                for ti, frames in enumerate(tasks):
+                    try:
+                        results[frames.task] = self.evaluate(frames, stream.clips(ti))
+                    except ClipUnreadable as e:
+                        if isinstance(e.error, TaskSkipped):
+                            results[frames.task] = TaskResult(metrics={}, skipped={"task": str(e.error)})
+                        else:
+                            results[frames.task] = _failed(person, frames.task, e.error)
+                    stream.skip(ti)
+            finally:
+                stream.close()
+        finally:
+            slot.release()
+        return {t: results[t] for t in self.config.tasks if t in results}
 
     def _result(self, person: str, response, what: str):
         """`response`'s result, waiting at most ``--frame-timeout-s``; :class:`FrameTimeout` naming the person."""
@@ -306,53 +436,6 @@ class EvalRun:
             raise FrameTimeout(f"{person}: {what} did not come back within --frame-timeout-s {limit:g} s (a hung "
                                f"replica, or a model load stuck on its file system); {sent}, the other persons "
                                "render on") from None
-
-    def _images(self, person: str, renderer, requests: list[RenderRequest], responses: list) -> list[np.ndarray]:
-        """The rendered frame of each request, in order (each waited for at most ``--frame-timeout-s`` from when
-        the one before it came back), at most ``frames_in_flight`` sent and not back at a time (`responses`: those
-        sent so far, None for the others). When a frame is lost with a replica that died, the person's frames
-        not back yet are cancelled (those still queued would go to the next replica, with a person whose frames kill
-        it) and sent again under ``retry_lock`` (in the same window), at most :data:`REPLICA_LOST_RETRIES` times;
-        `responses` then holds the responses sent again."""
-        images: list[np.ndarray | None] = [None] * len(requests)
-        for attempt in range(REPLICA_LOST_RETRIES + 1):
-            todo = [i for i, image in enumerate(images) if image is None]
-            if attempt == 0:
-                error = self._collect(person, renderer, requests, responses, todo, images)
-            else:
-                log.warning("%s: %d frames not back when a renderer replica died (%s); sending them again", person,
-                            len(todo), _first_line(error))
-                with self.retry_lock:
-                    for i in todo:
-                        responses[i] = None  # sent again by _collect
-                    error = self._collect(person, renderer, requests, responses, todo, images)
-            if error is None:
-                return images  # type: ignore[return-value]
-        todo = [i for i, image in enumerate(images) if image is None]
-        raise ReplicaLost(f"{person}: its frames were lost with a renderer replica that died, also when sent again "
-                          f"({REPLICA_LOST_RETRIES} more time(s), {len(todo)} frames; the replica's log says why: a "
-                          f"crash or out of memory while rendering them): {_first_line(error)}") from error
-
-    def _collect(self, person: str, renderer, requests: list[RenderRequest], responses: list, todo: list[int],
-                 images: list) -> BaseException | None:
-        """Fill ``images[i]`` for each i of `todo`, in order, sending the frames of `todo` not sent yet (``responses``
-        None) so that the ``frames_in_flight`` frames from the one waited for on are sent, until a frame is lost with a
-        replica that died: then the frames of `todo` sent and not back yet are cancelled and the error returned; None
-        when every frame came back."""
-        lost_errors = replica_lost_errors()
-        sent = 0  # todo[:sent] are sent
-        for k, i in enumerate(todo):
-            for j in todo[sent:k + self.frames_in_flight]:
-                if responses[j] is None:
-                    responses[j] = renderer.remote(requests[j])
-            sent = max(sent, min(len(todo), k + self.frames_in_flight))
-            try:
-                images[i] = self._result(person, responses[i], f"frame {requests[i].key}").image
-            except lost_errors as e:
-                for j in todo[k + 1:sent]:
-                    responses[j].cancel()
-                return e
-        return None
 
     def _sent_again_if_lost(self, person: str, what: str, call):
         """`call()`, called again (at most :data:`REPLICA_LOST_RETRIES` times, under ``retry_lock``) while the
@@ -372,28 +455,40 @@ class EvalRun:
                           f"({REPLICA_LOST_RETRIES} more time(s); the replica's log says why: a crash or out of memory "
                           f"while loading it): {_first_line(error)}") from error
 
-    def evaluate(self, frames: TaskFrames, images: list[np.ndarray]) -> TaskResult:
-        from avatars.evaluation.video import write_comparison_video
+    def evaluate(self, frames: TaskFrames, rendered: Iterator[tuple[Clip, list[np.ndarray]]]) -> TaskResult:
+        """Score one task clip by clip as `rendered` yields each with its images: the comparison video written as
+        the clips come, the thumbnail's frames kept, the metrics computed per clip (one video each)."""
+        from avatars.evaluation.video import comparison_video, side_by_side
 
         cfg = self.config
         tag = self.media_tags.get(frames.person)
         name = f"{frames.task}-{tag}" if tag else frames.task
         rel = Path("videos") / frames.person / f"{name}.mp4"
-        fps = video_fps(frames.frames, cfg.fps, cfg.video_min_seconds, cfg.video_min_fps)
-        write_comparison_video(self.folder / rel, comparison_panels(frames.clips, images), fps=fps)
         thumb = Path("thumbnails") / frames.person / f"{name}.png"
-        atomic_write_bytes(self.folder / thumb, comparison_strip(frames.clips, images))
+        picks, strip, evals, start = strip_picks(frames.frames), ([], []), [], 0
+        with comparison_video(self.folder / rel, fps=video_fps(frames.frames, cfg.fps, cfg.video_min_seconds,
+                                                                 cfg.video_min_fps)) as video:
+            for clip, images in rendered:
+                video.append(side_by_side(comparison_panels(clip, images)))
+                for i in picks:
+                    if start <= i < start + clip.frames:
+                        strip[0].append(clip.reference[i - start])
+                        strip[1].append(images[i - start])
+                if frames.has_ground_truth:
+                    face = np.stack([c["mask"][0] for c in clip.conditioning])
+                    evaluator = self._evaluator.result()
+                    with self.eval_lock:
+                        evals.append(evaluator.evaluate_video(clip.reference, np.stack(images), clip.alpha, face))
+                start += clip.frames
+        atomic_write_bytes(self.folder / thumb, comparison_strip(*strip))
         if not frames.has_ground_truth:
             reason = (f"no ground truth: {frames.person}'s avatar driven by {frames.driver}'s expression codes "
                       "(the left video panel is the driving frame); video only")
             return TaskResult(metrics={}, skipped={"metrics": reason}, frames=frames.frames, video=rel.as_posix(),
                               thumbnail=thumb.as_posix())
-        evals, start = [], 0
-        evaluator = self._evaluator.result()
-        with self.eval_lock:
-            for clip in frames.clips:
-                pred = np.stack(images[start:start + clip.frames])
-                face = np.stack([c["mask"][0] for c in clip.conditioning])
-                evals.append(evaluator.evaluate_video(clip.reference, pred, clip.alpha, face))
-                start += clip.frames
         return TaskResult.from_evaluation(merge_evaluations(evals), video=rel.as_posix(), thumbnail=thumb.as_posix())
+
+
+def _failed(person: str, task: str, error: Exception) -> TaskResult:
+    log.error("%s/%s: %s", person, task, error)
+    return TaskResult(metrics={}, skipped={"task": f"failed: {error}"})

@@ -14,6 +14,10 @@
 
 Every task is a list of clips (one per sequence, frames in time order); one clip is one
 video for the metrics (JOD is a per-video score), and the clips are concatenated in the mp4.
+A task holds its clips' keys only: a clip's frames are read when it is rendered
+(:meth:`LazyClip.load`), so the evaluation holds a few clips of a person at a time, not its
+whole evaluation set (at 512 px ~15 MB a frame: a real person's thousands of held-out and
+novel-view frames were tens of GB in the driver's memory).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,6 +66,32 @@ class Clip:
     def frames(self) -> int:
         return len(self.keys)
 
+    def load(self) -> Clip:
+        """This clip (its frames are read already)."""
+        return self
+
+
+@dataclass
+class LazyClip:
+    """A clip whose frames are read when :meth:`load` is called (a task's clips are loaded one at a time as they
+    are rendered); ``keys`` are known before."""
+
+    sequence: str
+    keys: list[str]
+    loader: Callable[[], Clip]
+
+    @property
+    def frames(self) -> int:
+        return len(self.keys)
+
+    def load(self) -> Clip:
+        """Read the clip's frames (DataError when its data does not read)."""
+        clip = self.loader()
+        if clip.keys != self.keys:
+            raise RuntimeError(f"clip {self.sequence} loaded {len(clip.keys)} frames other than its "
+                               f"{len(self.keys)} planned ones")
+        return clip
+
 
 @dataclass
 class TaskFrames:
@@ -68,7 +99,7 @@ class TaskFrames:
 
     person: str
     task: str
-    clips: list[Clip]
+    clips: list[Clip | LazyClip]
     has_ground_truth: bool
     driver: str | None = None
     """Whose expression codes drive the avatar (cross-reenactment)."""
@@ -77,6 +108,11 @@ class TaskFrames:
     @property
     def frames(self) -> int:
         return sum(c.frames for c in self.clips)
+
+    def load_clips(self) -> list[Clip]:
+        """Every clip's frames read at once (for small sets: benchmarks and tests; the evaluation loads one clip at a
+        time)."""
+        return [c.load() for c in self.clips]
 
 
 def parse_key(key: str) -> tuple[str, str, int, str]:
@@ -95,29 +131,36 @@ def open_store(stores: Path, person: str) -> PersonStore:
 
 
 def shard_clips(shards: Path, person: str, split: str, resolution: int, serial: str | None,
-                sequence_order: list[str]) -> list[Clip]:
-    """Clips (one per sequence) of a person's shard split, optionally only one camera."""
+                sequence_order: list[str]) -> list[LazyClip]:
+    """Clips (one per sequence) of a person's shard split, optionally only one camera; their frames are read when
+    each is loaded."""
     paths = shard_paths(shards, person, split)
     if not paths:
         raise DataError(Path(shards) / person / MANIFEST, f"no '{split}' shards for person {person}")
     ds = ShardDataset(paths, LoaderConfig(resolution=resolution, augment=False, num_workers=0))
-    picked: dict[str, list[tuple[int, int]]] = {}
+    picked: dict[str, list[tuple[int, int, str]]] = {}
     for i, (_, key, _) in enumerate(ds.index):
         _, seq, t, cam = parse_key(key)
         if serial is None or cam == serial:
-            picked.setdefault(seq, []).append((t, i))
+            picked.setdefault(seq, []).append((t, i, key))
     order = {s: k for k, s in enumerate(sequence_order)}
     clips = []
     for seq in sorted(picked, key=lambda s: (order.get(s, len(order)), s)):
-        items = [ds[i] for _, i in sorted(picked[seq])]
-        clips.append(Clip(
-            sequence=seq,
-            keys=[s["__key__"] for s in items],
-            conditioning=[{k: s[k].numpy().astype(np.float32, copy=False) for k in CONDITIONING} for s in items],
-            reference=np.stack([((s["image"] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy() for s in items]),
-            alpha=np.stack([s["alpha"][0].numpy() for s in items]),
-        ))
+        frames = sorted(picked[seq])
+        clips.append(LazyClip(seq, [key for _, _, key in frames],
+                              lambda seq=seq, index=[i for _, i, _ in frames]: _read_clip(ds, seq, index)))
     return clips
+
+
+def _read_clip(ds: ShardDataset, sequence: str, index: list[int]) -> Clip:
+    items = [ds[i] for i in index]
+    return Clip(
+        sequence=sequence,
+        keys=[s["__key__"] for s in items],
+        conditioning=[{k: s[k].numpy().astype(np.float32, copy=False) for k in CONDITIONING} for s in items],
+        reference=np.stack([((s["image"] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy() for s in items]),
+        alpha=np.stack([s["alpha"][0].numpy() for s in items]),
+    )
 
 
 def self_reenactment(store: PersonStore, shards: Path, resolution: int) -> TaskFrames:
@@ -206,7 +249,7 @@ def waits_on_driver(result: TaskResult) -> bool:
 
 
 def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Path, resolution: int,
-                      driver_clips: list[Clip] | None = None) -> TaskFrames:
+                      driver_clips: list[Clip | LazyClip] | None = None) -> TaskFrames:
     """`store.person`'s avatar driven by `driver_store.person`'s held-out expression codes."""
     from shards.synthetic.generate import PersonModel, stable_seed
 
@@ -229,13 +272,19 @@ def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Pat
     camera = next((c for c in store.cameras if c.serial == held), None)
     if camera is None:
         raise DataError(store.path, f"held-out camera {held} is not among the store's cameras")
-    clips = []
-    for clip in driver_clips:
+
+    def driven(driver_clip: Clip | LazyClip) -> Clip:
+        try:
+            clip = driver_clip.load()
+        except DATA_ERRORS as e:  # the driver's frames do not read: its own tasks fail on them and name them
+            raise TaskSkipped(str(driver_unusable(a, b, e))) from None
         cond = []
         for key, c in zip(clip.keys, clip.conditioning):
             _, seq, t, _ = parse_key(key)
             cond.append(driven_conditioning(store, person_model, synth, c["expression"], camera, resolution,
                                             stable_seed(synth.seed, a, "driven-by", b, seq, t, "fit")))
-        clips.append(Clip(f"{b}:{clip.sequence}", [f"{a}<-{k}" for k in clip.keys], cond, clip.reference, None))
+        return Clip(f"{b}:{clip.sequence}", [f"{a}<-{k}" for k in clip.keys], cond, clip.reference, None)
+
+    clips = [LazyClip(f"{b}:{c.sequence}", [f"{a}<-{k}" for k in c.keys], lambda c=c: driven(c)) for c in driver_clips]
     return TaskFrames(a, "cross_reenactment", clips, False, driver=b,
                       notes=[f"{a}'s avatar driven by {b}'s held-out sequences, camera {held}"])

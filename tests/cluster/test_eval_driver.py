@@ -18,6 +18,9 @@ from avatars.models import DiffusionAvatarsModel
 from cluster.eval_driver import EvalDriverConfig, merge_evaluations, run_evaluation
 from cluster.eval_driver.driver import cross_drivers, video_fps
 from cluster.eval_driver.tasks import (
+    Clip,
+    LazyClip,
+    TaskFrames,
     TaskSkipped,
     cross_reenactment,
     novel_view,
@@ -47,7 +50,7 @@ def test_self_reenactment_and_novel_view_frames(tiny_data):
     sr = self_reenactment(store, shards, R)
     assert sr.has_ground_truth and {c.sequence for c in sr.clips} == held_seqs
     assert sr.frames == len(held_seqs) * TINY.frames  # one camera only: the held-out one
-    for clip in sr.clips:
+    for clip in sr.load_clips():
         keys = [parse_key(k) for k in clip.keys]
         assert {k[3] for k in keys} == {held_cam} and [k[2] for k in keys] == sorted(k[2] for k in keys)
         assert clip.reference.shape == (clip.frames, R, R, 3) and clip.alpha.shape == (clip.frames, R, R)
@@ -66,7 +69,7 @@ def test_cross_reenactment_meshes_follow_the_driving_codes(tiny_data):
     # driven by its own codes, A's generated fitted mesh must reproduce A's own shard buffers
     own = self_reenactment(a, shards, R)
     same = cross_reenactment(a, a, shards, R, driver_clips=own.clips)
-    for c_gen, c_ref in zip(same.clips, own.clips):
+    for c_gen, c_ref in zip(same.load_clips(), own.load_clips()):
         for g, r in zip(c_gen.conditioning, c_ref.conditioning):
             m_g, m_r = g["mask"] > 0.5, r["mask"] > 0.5
             iou = (m_g & m_r).sum() / (m_g | m_r).sum()
@@ -79,12 +82,11 @@ def test_cross_reenactment_meshes_follow_the_driving_codes(tiny_data):
     assert not cross.has_ground_truth and cross.driver == "001"
     drive = self_reenactment(b, shards, R)
     assert cross.frames == drive.frames
-    np.testing.assert_array_equal(cross.clips[0].conditioning[0]["expression"],
-                                  drive.clips[0].conditioning[0]["expression"])
-    np.testing.assert_array_equal(cross.clips[0].reference, drive.clips[0].reference)  # left panel: B's frame
+    cross_clip, drive_clip = cross.clips[0].load(), drive.clips[0].load()
+    np.testing.assert_array_equal(cross_clip.conditioning[0]["expression"], drive_clip.conditioning[0]["expression"])
+    np.testing.assert_array_equal(cross_clip.reference, drive_clip.reference)  # left panel: B's frame
     # A's geometry, not B's: the masks differ from B's own frames
-    diff = [np.abs(c["mask"] - d["mask"]).sum()
-            for c, d in zip(cross.clips[0].conditioning, drive.clips[0].conditioning)]
+    diff = [np.abs(c["mask"] - d["mask"]).sum() for c, d in zip(cross_clip.conditioning, drive_clip.conditioning)]
     assert max(diff) > 0
 
 
@@ -414,7 +416,6 @@ class _FakeRenderer:
 def test_a_person_being_scored_does_not_hold_up_the_next_persons_rendering(tmp_path):
     import threading
     import time
-    from types import SimpleNamespace
 
     from cluster.eval_driver.driver import evaluate_persons
     from cluster.eval_driver.person import EvalRun
@@ -428,29 +429,36 @@ def test_a_person_being_scored_does_not_hold_up_the_next_persons_rendering(tmp_p
     conditioning = {k: np.zeros(s, np.float32) for k, s in
                     (("mask", (1, 4, 4)), ("depth", (1, 4, 4)), ("normals", (3, 4, 4)), ("canonical", (5, 4, 4)),
                      ("expression", (2,)))}
-    run.task_frames = lambda person, task, driver, resolution: SimpleNamespace(
-        person=person, task=task, clips=[SimpleNamespace(keys=["k0", "k1"], conditioning=[conditioning, conditioning])])
+    run.task_frames = lambda person, task, driver, resolution: TaskFrames(
+        person, task, [Clip("s", ["k0", "k1"], [conditioning, conditioning], None, None)], True)
     rendering, peak, lock = [0], [0], threading.Lock()
-    render = run._render
+    slot = run.render_slot
 
-    def counted_render(*args):
+    def counted_slot():
+        held = slot()
         with lock:
             rendering[0] += 1
             peak[0] = max(peak[0], rendering[0])
-        try:
-            time.sleep(0.05)
-            return render(*args)
-        finally:
+        time.sleep(0.05)
+        release = held.release
+
+        def counted_release():
             with lock:
-                rendering[0] -= 1
+                if held._held:
+                    rendering[0] -= 1
+            release()
+
+        held.release = counted_release
+        return held
 
     scored_while_b_rendered = {}
 
-    def evaluate(frames, images):  # a's scoring waits (up to 10 s) for b's rendering to start
+    def evaluate(frames, rendered):  # a's last clip is scored when its frames are back: it waits (up to 10 s) for
+        images = [im for _, clip_images in rendered for im in clip_images]  # b's rendering to start
         scored_while_b_rendered[frames.person] = frames.person != "a" or started["b"].wait(10)
         return TaskResult(metrics={"psnr": 1.0}, skipped={}, frames=len(images))
 
-    run._render, run.evaluate = counted_render, evaluate
+    run.render_slot, run.evaluate = counted_slot, evaluate
     seconds = {}
     out = list(evaluate_persons(run, _FakeRenderer(None, started), persons, dict.fromkeys(persons), seconds))
     out.sort(key=lambda o: persons.index(o[0]))  # as each person finishes
@@ -466,8 +474,6 @@ def test_frames_already_sent_are_cancelled_when_a_later_task_of_the_person_raise
     """The first two tasks' frames are in flight when preparing the third raises an error no task expects (a bug,
     not bad data): the person fails with it, and every frame it sent is cancelled, so that the replicas' queues do
     not hold up the other persons with frames nobody will read."""
-    from types import SimpleNamespace
-
     from cluster.eval_driver.person import EvalRun
 
     config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
@@ -477,11 +483,13 @@ def test_frames_already_sent_are_cancelled_when_a_later_task_of_the_person_raise
                     (("mask", (1, 4, 4)), ("depth", (1, 4, 4)), ("normals", (3, 4, 4)), ("canonical", (5, 4, 4)),
                      ("expression", (2,)))}
 
+    def rasterizer_bug():
+        raise RuntimeError("rasterizer bug")
+
     def task_frames(person, task, driver, resolution):
-        if task == "cross_reenactment":
-            raise RuntimeError("rasterizer bug")
-        return SimpleNamespace(person=person, task=task,
-                               clips=[SimpleNamespace(keys=["k0", "k1"], conditioning=[conditioning] * 2)])
+        if task == "cross_reenactment":  # its frames are read when its turn comes: the first tasks' are in flight
+            return TaskFrames(person, task, [LazyClip("s", ["k0", "k1"], rasterizer_bug)], False)
+        return TaskFrames(person, task, [Clip("s", ["k0", "k1"], [conditioning] * 2, None, None)], True)
 
     sent = []
 
@@ -512,7 +520,6 @@ def test_frames_already_sent_are_cancelled_when_a_later_task_of_the_person_raise
 def test_parallel_persons_render_that_many_at_once_on_as_many_replicas(tmp_path, monkeypatch):
     """parallel_persons=3, num_replicas=3: 3 replicas (4 models each) are deployed, 3 persons render at once, not 4."""
     import threading
-    from types import SimpleNamespace
 
     import ray
     from ray import serve
@@ -533,9 +540,10 @@ def test_parallel_persons_render_that_many_at_once_on_as_many_replicas(tmp_path,
     conditioning = {k: np.zeros(s, np.float32) for k, s in
                     (("mask", (1, 4, 4)), ("depth", (1, 4, 4)), ("normals", (3, 4, 4)), ("canonical", (5, 4, 4)),
                      ("expression", (2,)))}
-    monkeypatch.setattr(EvalRun, "task_frames", lambda self, person, task, driver, resolution: SimpleNamespace(
-        person=person, task=task, clips=[SimpleNamespace(keys=["k0"], conditioning=[conditioning])]))
-    monkeypatch.setattr(EvalRun, "evaluate", lambda self, frames, images: TaskResult({"psnr": 1.0}, frames=len(images)))
+    monkeypatch.setattr(EvalRun, "task_frames", lambda self, person, task, driver, resolution: TaskFrames(
+        person, task, [Clip("s", ["k0"], [conditioning], None, None)], True))
+    monkeypatch.setattr(EvalRun, "evaluate", lambda self, frames, rendered: TaskResult(
+        {"psnr": 1.0}, frames=sum(len(images) for _, images in rendered)))
     rendering, peak, lock, fourth, rounds = [0], [0], threading.Lock(), threading.Event(), []
 
     def all_three_rendering():  # the first time: a 4th person, if it could, has a second to start rendering too
@@ -543,22 +551,28 @@ def test_parallel_persons_render_that_many_at_once_on_as_many_replicas(tmp_path,
             rounds.append(fourth.wait(1.0))
 
     together = threading.Barrier(3, action=all_three_rendering, timeout=10)  # 2 rounds of 3 persons at once
-    render = EvalRun._render
+    slot = EvalRun.render_slot
 
-    def counted_render(self, *args):
+    def counted_slot(self):
+        held = slot(self)
         with lock:
             rendering[0] += 1
             peak[0] = max(peak[0], rendering[0])
             if rendering[0] > 3:
                 fourth.set()
-        try:
-            together.wait()
-            return render(self, *args)
-        finally:
-            with lock:
-                rendering[0] -= 1
+        together.wait()
+        release = held.release
 
-    monkeypatch.setattr(EvalRun, "_render", counted_render)
+        def counted_release():
+            with lock:
+                if held._held:
+                    rendering[0] -= 1
+            release()
+
+        held.release = counted_release
+        return held
+
+    monkeypatch.setattr(EvalRun, "render_slot", counted_slot)
     config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
                               tasks=("self_reenactment",), metrics=("psnr",), parallel_persons=3,
                               renderer=RendererConfig(num_replicas=3))
@@ -849,7 +863,6 @@ def test_a_run_stopped_before_it_saves_leaves_the_nights_videos_alone(tmp_path, 
     evaluation key now; a completed run removes the person's files it no longer references."""
     from cluster.eval_driver import driver
     from cluster.eval_driver.person import EvalRun
-    from cluster.eval_driver.tasks import Clip, TaskFrames
 
     (tmp_path / "runs" / "000" / "model").mkdir(parents=True)
     (tmp_path / "runs" / "000" / "model" / "config.json").write_text("{}")
@@ -870,7 +883,8 @@ def test_a_run_stopped_before_it_saves_leaves_the_nights_videos_alone(tmp_path, 
         frames = TaskFrames("000", "cross_reenactment", [Clip("s", ["k0", "k1"], [conditioning] * 2,
                                                                np.full((2, 4, 4, 3), shade, np.float32), None)],
                             has_ground_truth=False)
-        results["000"] = {"cross_reenactment": run.evaluate(frames, [np.full((4, 4, 3), shade, np.float32)] * 2)}
+        images = [np.full((4, 4, 3), shade, np.float32)] * 2
+        results["000"] = {"cross_reenactment": run.evaluate(frames, iter([(frames.clips[0], images)]))}
         if stop:
             raise KeyboardInterrupt  # stopped after the person's videos, before results.json
         return 2

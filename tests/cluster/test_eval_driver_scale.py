@@ -287,9 +287,8 @@ def test_a_persons_frames_are_sent_a_few_batches_at_a_time(tmp_path, lose):
     requests against a 512 MiB object store. Now at most 4 batches of --renderer.max-batch-size are in flight, the
     next sent as one comes back; frames lost with a replica that died are sent again the same way, and the frames
     come back in order."""
-    from types import SimpleNamespace
-
     from cluster.eval_driver.person import EvalRun
+    from cluster.eval_driver.tasks import Clip, TaskFrames
     from cluster.serve.renderer import RendererConfig
 
     config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
@@ -300,11 +299,12 @@ def test_a_persons_frames_are_sent_a_few_batches_at_a_time(tmp_path, lose):
     conditioning = {"mask": zero(1), "depth": zero(1), "normals": zero(3), "canonical": zero(5),
                     "expression": np.zeros(2, np.float32)}
     keys = {"self_reenactment": [f"a{i:02d}" for i in range(15)], "novel_view": [f"b{i:02d}" for i in range(15)]}
-    run.task_frames = lambda person, task, drv, resolution: SimpleNamespace(person=person, task=task, clips=[
-        SimpleNamespace(keys=keys[task][:7], conditioning=[conditioning] * 7),
-        SimpleNamespace(keys=keys[task][7:], conditioning=[conditioning] * 8)])
+    run.task_frames = lambda person, task, drv, resolution: TaskFrames(person, task, [
+        Clip("s", keys[task][:7], [conditioning] * 7, None, None),
+        Clip("t", keys[task][7:], [conditioning] * 8, None, None)], True)
     scored = {}
-    run.evaluate = lambda frames, images: scored.setdefault(frames.task, images) and TaskResult({}, frames=0)
+    run.evaluate = lambda frames, rendered: scored.setdefault(
+        frames.task, [im for _, images in rendered for im in images]) and TaskResult({}, frames=0)
     renderer = _Renderer(lose)
 
     run.person(renderer, "000", None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from ray.exceptions import ActorDiedError
 
 from cluster.eval_driver import EvalDriverConfig, run_evaluation
 from cluster.eval_driver.person import EvalRun
+from cluster.eval_driver.tasks import Clip, TaskFrames
 from cluster.report import RunResults, TaskResult
 from cluster.serve.renderer import RenderResult
 
@@ -71,10 +71,10 @@ def _night(tmp_path, monkeypatch, persons, handle, **options):
         monkeypatch.setattr(driver, "connect_ray", lambda *a, **kw: True)
         monkeypatch.setattr(driver, "leave_ray", lambda *a: None)
         monkeypatch.setattr(deployment, "deploy_renderer", lambda *a, **kw: handle)
-    monkeypatch.setattr(EvalRun, "task_frames", lambda self, person, task, drv, resolution: SimpleNamespace(
-        person=person, task=task, clips=[SimpleNamespace(keys=["k0", "k1"], conditioning=[CONDITIONING] * 2)]))
-    monkeypatch.setattr(EvalRun, "evaluate", lambda self, frames, images: TaskResult({"psnr": 1.0},
-                                                                                     frames=len(images)))
+    monkeypatch.setattr(EvalRun, "task_frames", lambda self, person, task, drv, resolution: TaskFrames(
+        person, task, [Clip("s", ["k0", "k1"], [CONDITIONING] * 2, None, None)], True))
+    monkeypatch.setattr(EvalRun, "evaluate", lambda self, frames, rendered: TaskResult(
+        {"psnr": 1.0}, frames=sum(len(images) for _, images in rendered)))
     config = EvalDriverConfig(runs=tmp_path / "runs", shards=tmp_path, stores=tmp_path,
                               reports_root=tmp_path / "reports", persons=tuple(persons), tasks=("self_reenactment",),
                               metrics=("psnr",), run_date="2025-03-01", build_report=False, **options)
@@ -250,9 +250,9 @@ def test_a_model_load_lost_with_its_replica_is_sent_again_once(tmp_path):
     config = EvalDriverConfig(runs=tmp_path, shards=tmp_path, stores=tmp_path, reports_root=tmp_path,
                               tasks=("self_reenactment",), metrics=("psnr",))
     run = EvalRun(config, tmp_path)
-    run.task_frames = lambda person, task, drv, resolution: SimpleNamespace(
-        person=person, task=task, clips=[SimpleNamespace(keys=["k0"], conditioning=[CONDITIONING])])
-    run.evaluate = lambda frames, images: TaskResult({"psnr": 1.0}, frames=len(images))
+    run.task_frames = lambda person, task, drv, resolution: TaskFrames(
+        person, task, [Clip("s", ["k0"], [CONDITIONING], None, None)], True)
+    run.evaluate = lambda frames, rendered: TaskResult({"psnr": 1.0}, frames=sum(len(i) for _, i in rendered))
     loads: dict[str, int] = {}
 
     class Died(_Response):

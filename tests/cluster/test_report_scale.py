@@ -9,7 +9,6 @@ import io
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -143,12 +142,14 @@ def test_the_evaluations_thumbnail_is_at_most_1536_px_wide(size: int, expected: 
     """comparison_strip enlarged 6 frames 2x whatever their size: 6144x2048 px at 512 px (megabytes a thumbnail,
     shown 160 px high). Now small frames are enlarged as before as far as the strip stays within 1536 px, and a
     wider strip is scaled down to it."""
-    from cluster.eval_driver.person import comparison_strip
+    from cluster.eval_driver.person import comparison_strip, strip_picks
 
     rng = np.random.default_rng(0)
     reference = rng.random((8, size, size, 3), dtype=np.float32)
     renders = [np.clip(r + 0.1, 0, 1) for r in reference]
-    strip = Image.open(io.BytesIO(comparison_strip([SimpleNamespace(reference=reference)], renders)))
+    picks = strip_picks(len(renders))
+    assert picks == [0, 1, 3, 4, 6, 7]
+    strip = Image.open(io.BytesIO(comparison_strip([reference[i] for i in picks], [renders[i] for i in picks])))
     assert strip.size == expected
     if size == 64:  # nearest 2x: the top-left pixel is the first reference frame's
         assert np.array_equal(np.asarray(strip)[:2, :2], np.repeat(np.repeat(
