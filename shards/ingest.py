@@ -1,8 +1,10 @@
 """Validate a person's capture and write it into one zarr store (see `shards.store`).
 
-The ingest reads every mesh and checks every image before it writes anything, so a
-broken capture fails with a `DataError` naming the file and the problem and leaves
-no store behind. The store is built under a temporary name and renamed into place.
+The ingest streams: each mesh is read, checked and written into the store under a temporary
+name before the next is read (memory holds one mesh and a chunk per array, whatever the number
+of frames), and the images are decoded and checked meanwhile. The store is renamed into place
+only once every mesh and image passed, so a broken capture fails with a `DataError` naming the
+file and the problem and leaves no store behind (and an older one as it was).
 A fingerprint of the inputs (paths, sizes, mtimes) and of the split settings makes
 re-runs idempotent: an up-to-date store is left untouched.
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import ThreadPoolExecutor
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +45,8 @@ class IngestConfig:
     held_out_camera: str = "222200037"
     """Serial of the camera held out for novel-view evaluation (NeRSemble's frontal camera)."""
     io_threads: int = 4
-    """Threads that decode images while validating (PNG decoding releases the GIL)."""
+    """Threads that decode images while validating (PNG decoding releases the GIL) and that stat the capture's
+    files for its fingerprint."""
 
     def __post_init__(self) -> None:
         if self.held_out_sequences < 1:  # 0 left the test_seq split empty: pretrain_base and the evaluation failed
@@ -60,25 +65,58 @@ class IngestResult:
     skipped: bool  # True when an up-to-date store already existed
 
 
+#: Files one thread of the fingerprint stats in one go (a frame folder's images, a sequence's meshes in parts).
+_STAT_BATCH = 64
+
+
 def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
     """Digest of everything the store depends on: the store format, the checks it passed, the split settings (not
     ``io_threads``, which changes how fast, not what), the (resolved) capture root the store's image
     paths point into, and the name, size and mtime of every file and the name of every folder of the
     person's capture (an empty or mis-named folder added later makes the store stale, so the re-run
-    validates it)."""
+    validates it).
+
+    The folders are walked in order on this thread and their files statted on ``io_threads`` threads (a real
+    person has ~200k files: on a network file system one stat after the other takes minutes), a bounded number
+    of batches ahead; the digest is fed in walk order, so it is the one a serial walk computes."""
     split = {"held_out_sequences": config.held_out_sequences, "held_out_camera": config.held_out_camera}
     h = hashlib.sha256()
     h.update(json.dumps({"format": FORMAT_VERSION, "checks": VALIDATION_VERSION, "config": split,
                          "root": str(capture.root)}, sort_keys=True).encode())
-    for sub in ("calibration", "tracking", "sequences"):
-        base = capture.dir / sub
-        for dirpath, dirnames, filenames in walk_tree(base):  # linked folders too: their files are the capture's
-            dirnames.sort()
-            h.update(f"{Path(dirpath).relative_to(capture.dir)}/\n".encode())
-            for name in sorted(filenames):
-                p = Path(dirpath) / name
-                st = p.stat()
-                h.update(f"{p.relative_to(capture.dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+
+    def batches():
+        """(the line of a folder or "", files to stat after it) in walk order."""
+        for sub in ("calibration", "tracking", "sequences"):
+            for dirpath, dirnames, filenames in walk_tree(capture.dir / sub):  # linked folders too: their files
+                dirnames.sort()  # are the capture's; sorted in place: the walk goes down in this order
+                names = sorted(filenames)
+                line = f"{Path(dirpath).relative_to(capture.dir)}/\n"
+                for i in range(0, max(len(names), 1), _STAT_BATCH):
+                    yield (line if i == 0 else ""), [Path(dirpath) / name for name in names[i:i + _STAT_BATCH]]
+
+    def stat_lines(line: str, paths: list[Path]) -> bytes:
+        for p in paths:
+            st = os.stat(p)
+            line += f"{p.relative_to(capture.dir)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+        return line.encode()
+
+    with ThreadPoolExecutor(config.io_threads) as pool:
+        ahead: deque[Future] = deque()  # batches submitted, in walk order
+        walk = batches()
+        while True:
+            try:
+                batch = next(walk, None)
+            except OSError:  # an unreadable folder: the error of a file before it comes first, as in a serial walk
+                while ahead:
+                    ahead.popleft().result()
+                raise
+            if batch is None:
+                break
+            ahead.append(pool.submit(stat_lines, *batch))
+            if len(ahead) > 4 * config.io_threads:
+                h.update(ahead.popleft().result())
+        while ahead:
+            h.update(ahead.popleft().result())
     return h.hexdigest()
 
 
@@ -138,8 +176,8 @@ def _first_image_size(capture: PersonCapture, seq: str, t: int, serial: str) -> 
         raise DataError(p, f"unreadable image: {e}") from None
 
 
-def validate_person(capture: PersonCapture, config: IngestConfig):
-    """Check the whole capture; returns (calibration, meta, sequences, frames, meshes)."""
+def _check_layout(capture: PersonCapture, config: IngestConfig) -> tuple[TrackingMeta, list[str], Calibration]:
+    """The checks before any frame: the tracking meta, the sequences and the calibration (with the held-out ones)."""
     meta = TrackingMeta.load(capture.tracking_meta_path)
     sequences = capture.sequences()
     if not sequences:
@@ -167,78 +205,195 @@ def validate_person(capture: PersonCapture, config: IngestConfig):
     if serials == [config.held_out_camera]:  # every sample would be test_cam, none train
         raise DataError(capture.calibration_path, f"the only camera is the held-out camera {config.held_out_camera} "
                                                   "(--ingest.held-out-camera): no camera is left to train on")
-    frames: list[tuple[int, int]] = []  # (sequence index, timestep)
-    meshes: list[MeshFrame] = []
-    image_jobs = []
-    for si, seq in enumerate(sequences):
-        steps = capture.timesteps(seq)
-        if not steps:
-            raise DataError(capture.timesteps_dir(seq), "sequence has no frames")
-        mesh_steps = capture.mesh_timesteps(seq)
-        if mesh_steps != steps:
-            no_mesh = sorted(set(steps) - set(mesh_steps))
-            no_img = sorted(set(mesh_steps) - set(steps))
-            raise DataError(capture.mesh_dir(seq),
-                            f"mismatched frame counts: {len(mesh_steps)} meshes for {len(steps)} image frames "
-                            f"(frames without mesh: {no_mesh[:5]}, meshes without frames: {no_img[:5]})")
-        for t in steps:
-            present = capture.image_serials(seq, t)
-            missing = sorted(set(serials) - set(present))
-            extra = sorted(set(present) - set(serials))
-            img_dir = capture.image_path(seq, t, "x").parent
-            if missing:
-                raise DataError(img_dir, f"missing cameras: {', '.join(missing)}")
-            if extra:
-                raise DataError(img_dir, f"extra cameras not in the calibration: {', '.join(extra)}")
-            mesh_path = capture.mesh_path(seq, t)
-            mesh = MeshFrame.load(mesh_path)
-            mesh.validate(mesh_path, meta)
-            meshes.append(mesh)
-            frames.append((si, t))
-            for s in serials:
-                cam = calib.cameras[s]
-                size = (cam.width, cam.height)
-                image_jobs.append((capture.image_path(seq, t, s), capture.alpha_path(seq, t, s), size))
-    with ThreadPoolExecutor(config.io_threads) as pool:
-        # list() re-raises the first DataError in submission order.
-        list(pool.map(lambda job: _check_image(*job), image_jobs))
-    return calib, meta, sequences, frames, meshes, len(image_jobs)
+    return meta, sequences, calib
 
 
-def _write_store(
-    path: Path, attrs: dict, calib: Calibration, frames, meshes: list[MeshFrame], held_out: set[int]
-) -> None:
-    g = zarr.open_group(str(path), mode="w")
-    zstd = [zarr.codecs.ZstdCodec(level=3, checksum=True)]  # a changed byte fails the read, not decodes to other data
+#: Rows of one chunk of the store's arrays; an array with fewer rows is one chunk of all of them.
+CHUNK_ROWS = 65536
+#: Chunks an array of the store grows by while it is written (each growth rewrites its metadata).
+_GROW_CHUNKS = 64
+_ZSTD = dict(level=3, checksum=True)  # a changed byte fails the read, not decodes to other data
 
-    def put(name: str, data: np.ndarray, rows: int = 65536) -> None:
-        chunks = (min(max(len(data), 1), rows),) + data.shape[1:]
-        # every chunk written, also one that holds only the fill value, so a missing file is an incomplete store
-        g.create_array(name, data=data, chunks=chunks, compressors=zstd, config={"write_empty_chunks": True})
 
-    cams = list(calib.cameras.values())
-    put("cameras/world_2_cam", np.stack([c.world_to_cam for c in cams]))
-    put("cameras/intrinsics", np.stack([c.K for c in cams]))
-    put("frames/sequence", np.array([f[0] for f in frames], dtype=np.int32))
-    put("frames/timestep", np.array([f[1] for f in frames], dtype=np.int32))
-    put("frames/held_out", np.array([f[0] in held_out for f in frames], dtype=bool))
-    put("frames/expression", np.stack([m.expression for m in meshes]).astype(np.float32))
-    nv = np.array([0] + [len(m.vertices) for m in meshes], dtype=np.int64)
-    nf = np.array([0] + [len(m.faces) for m in meshes], dtype=np.int64)
-    put("meshes/vertex_offset", np.cumsum(nv))
-    put("meshes/face_offset", np.cumsum(nf))
-    put("meshes/vertices", np.concatenate([m.vertices for m in meshes]).astype(np.float32))
-    canon = np.zeros((int(nv.sum()), STORED_CANONICAL_DIMS), dtype=np.float32)
-    stacked = np.concatenate([m.canonical for m in meshes]).astype(np.float32)
-    canon[:, : stacked.shape[1]] = stacked
-    put("meshes/canonical", canon)
-    put("meshes/faces", np.concatenate([m.faces for m in meshes]).astype(np.int32))
-    g.attrs.update(attrs)  # written last: a store with attrs is complete
+class _Column:
+    """One array of the store, written as its rows arrive: they are copied into a buffer of one chunk that is written
+    when full (rows that fill whole chunks on their own are written straight away), so memory holds at most one chunk
+    besides the rows appended, whatever the array's length. An array that never fills a chunk is written at `close`
+    as one chunk of all its rows (the chunking it had when the ingest wrote every array at once). Every chunk is
+    written, also one that holds only the fill value, so a missing chunk file is an incomplete store."""
+
+    def __init__(self, group: zarr.Group, name: str, dtype, row_shape: tuple[int, ...] = ()):
+        self.group, self.name, self.dtype, self.row_shape = group, name, np.dtype(dtype), tuple(row_shape)
+        self.buffer = np.empty((0,) + self.row_shape, self.dtype)
+        self.buffered = 0  # rows in the buffer
+        self.written = 0  # rows in the array: whole chunks until `close`
+        self.array = None
+
+    def _create(self, data: np.ndarray | None, rows: int):
+        kwargs = dict(data=data) if data is not None else dict(shape=(0,) + self.row_shape, dtype=self.dtype)
+        return self.group.create_array(self.name, chunks=(rows,) + self.row_shape,
+                                       compressors=[zarr.codecs.ZstdCodec(**_ZSTD)],
+                                       config={"write_empty_chunks": True}, **kwargs)
+
+    def append(self, rows) -> None:
+        rows = np.asarray(rows).astype(self.dtype, copy=False)
+        if rows.shape[1:] != self.row_shape:
+            raise ValueError(f"{self.name}: rows of shape {rows.shape[1:]} appended to rows of {self.row_shape}")
+        while len(rows):
+            if self.buffered == 0 and len(rows) >= CHUNK_ROWS:  # whole chunks: no copy
+                whole = len(rows) // CHUNK_ROWS * CHUNK_ROWS
+                self._write(rows[:whole])
+                rows = rows[whole:]
+                continue
+            take = min(len(rows), CHUNK_ROWS - self.buffered)
+            end = self.buffered + take
+            if end > len(self.buffer):  # grown as needed: a short array holds no chunk of empty rows
+                grown = np.empty((min(CHUNK_ROWS, max(2 * len(self.buffer), end)),) + self.row_shape, self.dtype)
+                grown[: self.buffered] = self.buffer[: self.buffered]
+                self.buffer = grown
+            self.buffer[self.buffered:end] = rows[:take]
+            self.buffered, rows = end, rows[take:]
+            if self.buffered == CHUNK_ROWS:
+                self._write(self.buffer)
+                self.buffered = 0
+
+    def _write(self, block: np.ndarray) -> None:
+        if self.array is None:
+            self.array = self._create(None, CHUNK_ROWS)
+        end = self.written + len(block)
+        if end > self.array.shape[0]:
+            step = _GROW_CHUNKS * CHUNK_ROWS
+            self.array.resize((-(-end // step) * step,) + self.row_shape)
+        self.array[self.written:end] = block
+        self.written = end
+
+    def close(self) -> None:
+        rest = self.buffer[: self.buffered]
+        if self.array is None:  # all rows fit one chunk
+            self.array = self._create(rest, min(max(len(rest), 1), CHUNK_ROWS))
+        else:
+            if len(rest):
+                self._write(rest)
+            self.array.resize((self.written,) + self.row_shape)
+        self.buffer, self.buffered = np.empty((0,) + self.row_shape, self.dtype), 0
+
+
+@dataclass
+class _Bounds:
+    """Running min and max of the training frames' canonical coordinates (those of `np.concatenate`-ing them all)."""
+
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+
+    def add(self, values: np.ndarray) -> None:
+        low, high = values.min(0), values.max(0)
+        self.low = low if self.low is None else np.minimum(self.low, low)
+        self.high = high if self.high is None else np.maximum(self.high, high)
+
+    def tolist(self) -> list[list[float]]:
+        return [self.low.tolist(), self.high.tolist()]
+
+
+def _write_frames(capture: PersonCapture, config: IngestConfig, meta: TrackingMeta, sequences: list[str],
+                  calib: Calibration, held_out: set[int], g: zarr.Group) -> tuple[int, int, _Bounds, _Bounds]:
+    """Check every frame of the capture and write its mesh into the store `g` as it is read, one mesh in memory at a
+    time; its images are decoded and checked on ``io_threads`` threads meanwhile, a bounded number of them ahead.
+    The first problem in frame order raises a DataError naming the file: a problem of a frame's folders or mesh
+    anywhere comes before one of an image (as when the images were checked after all meshes). Returns the number
+    of frames, the number of images and the bounds of the training frames' spatial and ambient coordinates."""
+    serials = calib.serials
+    cols = {name: _Column(g, name, dtype, shape) for name, dtype, shape in (
+        ("frames/sequence", np.int32, ()), ("frames/timestep", np.int32, ()), ("frames/held_out", bool, ()),
+        ("frames/expression", np.float32, (meta.expression_dim,)), ("meshes/vertex_offset", np.int64, ()),
+        ("meshes/face_offset", np.int64, ()), ("meshes/vertices", np.float32, (3,)),
+        ("meshes/canonical", np.float32, (STORED_CANONICAL_DIMS,)), ("meshes/faces", np.int32, (3,)))}
+    cols["meshes/vertex_offset"].append([0])
+    cols["meshes/face_offset"].append([0])
+    spatial, ambient = _Bounds(), _Bounds()
+    n_frames = n_vertices = n_faces = n_images = 0
+    image_error: DataError | None = None  # the first in frame order; raised once every mesh passed
+    ahead: deque[Future] = deque()  # image checks submitted, in frame order
+
+    def take_image_check() -> None:
+        nonlocal image_error
+        try:
+            ahead.popleft().result()
+        except DataError as e:
+            image_error = image_error or e
+
+    pool = ThreadPoolExecutor(config.io_threads)
+    try:
+        for si, seq in enumerate(sequences):
+            steps = capture.timesteps(seq)
+            if not steps:
+                raise DataError(capture.timesteps_dir(seq), "sequence has no frames")
+            mesh_steps = capture.mesh_timesteps(seq)
+            if mesh_steps != steps:
+                no_mesh = sorted(set(steps) - set(mesh_steps))
+                no_img = sorted(set(mesh_steps) - set(steps))
+                raise DataError(capture.mesh_dir(seq),
+                                f"mismatched frame counts: {len(mesh_steps)} meshes for {len(steps)} image frames "
+                                f"(frames without mesh: {no_mesh[:5]}, meshes without frames: {no_img[:5]})")
+            for t in steps:
+                present = capture.image_serials(seq, t)
+                missing = sorted(set(serials) - set(present))
+                extra = sorted(set(present) - set(serials))
+                img_dir = capture.image_path(seq, t, "x").parent
+                if missing:
+                    raise DataError(img_dir, f"missing cameras: {', '.join(missing)}")
+                if extra:
+                    raise DataError(img_dir, f"extra cameras not in the calibration: {', '.join(extra)}")
+                mesh_path = capture.mesh_path(seq, t)
+                mesh = MeshFrame.load(mesh_path)
+                mesh.validate(mesh_path, meta)
+                for s in serials:
+                    n_images += 1
+                    if image_error is None:  # after the first broken image the others need no decoding
+                        cam = calib.cameras[s]
+                        ahead.append(pool.submit(_check_image, capture.image_path(seq, t, s),
+                                                 capture.alpha_path(seq, t, s), (cam.width, cam.height)))
+                    while len(ahead) > 4 * config.io_threads:
+                        take_image_check()
+                n_frames += 1
+                n_vertices += len(mesh.vertices)
+                n_faces += len(mesh.faces)
+                cols["frames/sequence"].append([si])
+                cols["frames/timestep"].append([t])
+                cols["frames/held_out"].append([si in held_out])
+                cols["frames/expression"].append(mesh.expression[None])
+                cols["meshes/vertex_offset"].append([n_vertices])
+                cols["meshes/face_offset"].append([n_faces])
+                cols["meshes/vertices"].append(mesh.vertices)
+                canonical = np.zeros((len(mesh.canonical), STORED_CANONICAL_DIMS), dtype=np.float32)
+                canonical[:, : mesh.canonical.shape[1]] = mesh.canonical  # FLAME-style meshes: zero ambient dims
+                cols["meshes/canonical"].append(canonical)
+                cols["meshes/faces"].append(mesh.faces)
+                if si not in held_out:
+                    # The conditioning's ranges come from the training frames only: the held-out sequences are
+                    # test data, and a driver's frames outside the ranges are clipped, whatever was held out.
+                    spatial.add(mesh.canonical[:, :3])
+                    # FLAME-style meshes have no ambient dims: the store holds zeros for them, and these are their
+                    # bounds (float64, as the zeros the ranges were once taken over)
+                    ambient.add(mesh.canonical[:, 3:5] if mesh.canonical.shape[1] > 3 else np.zeros((1, 2)))
+                del mesh, canonical
+        while ahead:
+            take_image_check()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if image_error is not None:
+        raise image_error
+    for col in cols.values():
+        col.close()
+    return n_frames, n_images, spatial, ambient
 
 
 def ingest_person(capture_root: Path, person: str, out_dir: Path, config: IngestConfig | None = None,
                   force: bool = False) -> IngestResult:
-    """Validate `person` under `capture_root` and write `<out_dir>/<person>.zarr`."""
+    """Validate `person` under `capture_root` and write `<out_dir>/<person>.zarr`.
+
+    The store is written under a temporary name as the capture is read (one mesh in memory at a time) and renamed
+    into place only once every mesh and image passed: a capture that fails leaves no store (and an older one as it
+    was)."""
     config = config or IngestConfig()
     capture = PersonCapture(Path(capture_root).resolve(), person)
     if not capture.dir.is_dir():
@@ -254,36 +409,36 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
                 return IngestResult(person, final, existing.num_frames, samples, True)
         except DataError:
             pass  # stale or broken store: rebuild it
-    calib, meta, sequences, frames, meshes, n_images = validate_person(capture, config)
+    meta, sequences, calib = _check_layout(capture, config)
     held_out = set(range(len(sequences) - config.held_out_sequences, len(sequences)))
-    # The conditioning's ranges come from the training frames only: the held-out sequences are test data, and
-    # a driver's frames outside the ranges are clipped, whatever was held out.
-    train_meshes = [m for (seq, _), m in zip(frames, meshes) if seq not in held_out]
-    spatial = np.concatenate([m.canonical[:, :3] for m in train_meshes])
-    # FLAME-style meshes have no ambient dims: the store holds zeros for them, and these are their bounds
-    ambient = np.concatenate([m.canonical[:, 3:5] if m.canonical.shape[1] > 3 else np.zeros((len(m.canonical), 2))
-                              for m in train_meshes])
-    first = next(iter(calib.cameras.values()))
-    attrs = {
-        "person": person,
-        "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
-        "source_root": str(capture.root),
-        "expression_dim": meta.expression_dim,
-        "canonical_dim": meta.canonical_dim,
-        "mesh_kind": meta.mesh_kind,
-        "image_size": [first.width, first.height],
-        "serials": calib.serials,
-        "sequences": sequences,
-        "held_out_sequences": [sequences[i] for i in sorted(held_out)],
-        "held_out_camera": config.held_out_camera,
-        "canonical_bounds": [spatial.min(0).tolist(), spatial.max(0).tolist()],
-        "ambient_bounds": [ambient.min(0).tolist(), ambient.max(0).tolist()],
-    }
-    sizes = {(c.width, c.height) for c in calib.cameras.values()}
-    if len(sizes) != 1:
-        raise DataError(capture.calibration_path, f"cameras have different image sizes {sorted(sizes)}; "
-                                                  "resize the capture to one size first")
     with atomic_directory(final) as tmp:
-        _write_store(tmp, attrs, calib, frames, meshes, held_out)
-    return IngestResult(person, final, len(frames), n_images, False)
+        g = zarr.open_group(str(tmp), mode="w")
+        n_frames, n_images, spatial, ambient = _write_frames(capture, config, meta, sequences, calib, held_out, g)
+        sizes = {(c.width, c.height) for c in calib.cameras.values()}
+        if len(sizes) != 1:
+            raise DataError(capture.calibration_path, f"cameras have different image sizes {sorted(sizes)}; "
+                                                      "resize the capture to one size first")
+        cams = list(calib.cameras.values())
+        for name, data in (("cameras/world_2_cam", np.stack([c.world_to_cam for c in cams])),
+                           ("cameras/intrinsics", np.stack([c.K for c in cams]))):
+            column = _Column(g, name, data.dtype, data.shape[1:])
+            column.append(data)
+            column.close()
+        first = cams[0]
+        g.attrs.update({  # written last: a store with attrs is complete
+            "person": person,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "source_root": str(capture.root),
+            "expression_dim": meta.expression_dim,
+            "canonical_dim": meta.canonical_dim,
+            "mesh_kind": meta.mesh_kind,
+            "image_size": [first.width, first.height],
+            "serials": calib.serials,
+            "sequences": sequences,
+            "held_out_sequences": [sequences[i] for i in sorted(held_out)],
+            "held_out_camera": config.held_out_camera,
+            "canonical_bounds": spatial.tolist(),
+            "ambient_bounds": ambient.tolist(),
+        })
+    return IngestResult(person, final, n_frames, n_images, False)
