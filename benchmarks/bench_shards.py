@@ -16,6 +16,12 @@ Each with a warm page cache (one untimed pass first) and a cold one (the files
 dropped from the page cache before every pass, as when the data set is larger
 than memory). Goals from issue 3: loader >= 1.5x loose files, >= 2x fewer bytes
 than float32.
+
+Integrity: the time of the preprocess's up-to-date check of the existing shard set
+(`write_shards` with nothing to write) before, hashing every shard in full
+(``verify_all``, what every launch did; cold and warm page cache), and after, by size
+and mtime against `verified.json`; and the per-sample checksum every read now verifies,
+against the decode it precedes (ms/sample).
 """
 
 from __future__ import annotations
@@ -41,16 +47,19 @@ from bench_common import report  # noqa: E402
 
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, ShardLoader, collate, make_loader  # noqa: E402
 from avatars.data.shard_dataset import crop_box, hash_seed, nearest_crop_index, resize_smooth, take_pixels  # noqa: E402
+from shards.codec import MEMBERS, decode_raw, verify_sample  # noqa: E402
 from shards.ingest import IngestConfig, ingest_person  # noqa: E402
 from shards.synthetic import SyntheticConfig, generate  # noqa: E402
 from shards.writer import ShardConfig, shard_paths, write_shards  # noqa: E402
+
+SHARDS = ShardConfig(samples_per_shard=16)
 
 
 def build(size: int, root: Path) -> tuple[Path, list[Path]]:
     cfg = replace(SyntheticConfig(), persons=1, sequences=3, frames=2, image_size=size)
     generate(cfg, root / "captures")
     store = ingest_person(root / "captures", "000", root / "zarr", IngestConfig(held_out_sequences=1)).path
-    write_shards([store], root / "shards", ShardConfig(samples_per_shard=16), workers=2, progress=False)
+    write_shards([store], root / "shards", SHARDS, workers=2, progress=False)
     paths = [p for split in ("train", "test_seq", "test_cam") for p in shard_paths(root / "shards", "000", split)]
     return store, paths
 
@@ -157,6 +166,40 @@ def throughput(loader, passes: int, cold_files: list[Path] | None) -> float:
     return n / elapsed
 
 
+def integrity(size: int, store: Path, root: Path, paths: list[Path], ds: ShardDataset, workers: int,
+              passes: int) -> dict:
+    """Seconds of the preprocess's up-to-date check (best of `passes`): every shard hashed (before) vs size and
+    mtime (after); and ms/sample of the sample checksum vs the whole decode of a read."""
+    def check(verify_all: bool, cold: bool) -> float:
+        best = float("inf")
+        for _ in range(passes):
+            if cold:
+                evict(paths)
+            t = time.perf_counter()
+            res = write_shards([store], root / "shards", SHARDS, workers=workers, progress=False,
+                               verify_all=verify_all)
+            best = min(best, time.perf_counter() - t)
+            assert not res.written and len(res.skipped) == len(paths), res
+        return best
+
+    check(False, False)  # warm: the store's metadata and the shards
+    full_cold, full_warm, stat = check(True, True), check(True, False), check(False, False)
+    members = [{ext: ds._read(si, *exts[ext]) for ext in MEMBERS} for si, _, exts in ds.index]
+    t = time.perf_counter()
+    for m in members:
+        verify_sample(m)
+    verify_ms = (time.perf_counter() - t) / len(members) * 1e3
+    t = time.perf_counter()
+    for (_, key, _), m in zip(ds.index, members):
+        decode_raw(key, m)
+    decode_ms = (time.perf_counter() - t) / len(members) * 1e3
+    total = sum(p.stat().st_size for p in paths)
+    return {"size": size, "shards": len(paths), "MB": total / 1e6,
+            "full hash cold s": full_cold, "full hash warm s": full_warm, "size+mtime s": stat,
+            "speedup warm": full_warm / stat, "hash MB/s cold": total / 1e6 / full_cold,
+            "sample checksum ms": verify_ms, "decode_raw ms (incl. checksum)": decode_ms}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
@@ -169,12 +212,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(1)  # one thread per loader worker; the iterating thread only waits
-    sizes, speeds = [], []
+    sizes, speeds, checks = [], [], []
     for size in a.sizes:
         root = a.workdir / str(size)
-        _, paths = build(size, root)
+        store, paths = build(size, root)
         cfg = LoaderConfig(resolution=size, batch_size=8, num_workers=a.workers, seed=0)
         ds = ShardDataset(paths, cfg)
+        checks.append(integrity(size, store, root, paths, ds, a.workers, a.passes))
         shutil.rmtree(root / "loose", ignore_errors=True)
         loose_bytes, png_bytes = write_loose(ds, root)
         n = len(ds)
@@ -202,8 +246,11 @@ def main() -> None:
                            "ours vs loose same threads": got["ours"] / got["loose, same threads"]})
     print("bytes per sample")
     report("shards_bytes", sizes)
+    print(f"\nup-to-date check of the existing shards (write_shards, {a.workers} threads, best of {a.passes}): "
+          "every shard hashed (before) vs size + mtime (after); per-sample checksum vs the decode of a read")
+    report("shards_integrity", checks)
     print(f"\nloader throughput ({a.workers} workers, batch 8, random crop + resize to the stored size)")
-    report("shards", speeds, {"workers": a.workers, "passes": a.passes, "bytes": sizes})
+    report("shards", speeds, {"workers": a.workers, "passes": a.passes, "bytes": sizes, "integrity": checks})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ never computed, so that a worker starts in a fraction of a second instead of imp
 (a ``TMPDIR`` whose path is too long for a Unix socket, which Python before 3.14 does not work around, or a full
 one), the workers are spawned instead, with a warning.
 
+An item may have a time limit (``timeout_s``): a worker that hangs (a read from a dead network file system, a lock
+that is never released) held its stage, and the main job, forever. On the shared pool the limit is a stall limit:
+when no item has finished for that long, the pool's processes are killed and its unfinished items run again one
+process each, where each item has the limit from its own start and a process over it is killed
+(:class:`ItemTimedOut`); the other items finish. (A process stuck inside the kernel, e.g. on a hard-mounted NFS
+server that is gone, ends only when the kernel lets it; the stage does not wait for it.)
+
 A worker ends itself (``os._exit``) as soon as the process that made its pool does, however that ended
 (``SIGKILL``, the OOM killer): nothing else would end it. Every fork-server child holds the server's "alive" pipe
 and the write end of its own task queue, so neither it nor the server ever sees the parent go; left, they ran on
@@ -32,7 +39,7 @@ import select
 import threading
 import time
 import warnings
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context, util
 from multiprocessing.context import BaseContext
@@ -52,6 +59,11 @@ _LISTENER_NAME = len("/listener-XXXXXXXX")
 
 class WorkerDied(RuntimeError):
     """The process running this item ended abruptly (a segfault, the OOM killer, ``os._exit``)."""
+
+
+class ItemTimedOut(RuntimeError):
+    """This item ran longer than its time limit in a process of its own (hung, or far slower than it should be): its
+    process was killed."""
 
 
 #: A worker's exit status when the process that made its pool has ended.
@@ -136,53 +148,93 @@ def _take(fut: Future, item: Hashable, name: str, on_done: OnDone) -> None:
         on_done(item, result, None)
 
 
-def _run_shared(fn: Callable, items: list, workers: int, name: Callable, on_done: OnDone) -> list:
-    """All items on one pool of `workers` processes; returns the items left unfinished when a worker died."""
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """Kill `pool`'s processes (a hung item's: they do not end on their own) and let it go without waiting for them
+    (a process stuck in the kernel may take long to end)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # the executor's own record of them
+        try:
+            process.kill()
+        except (OSError, ValueError):  # already ended, or closed
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_shared(fn: Callable, items: list, workers: int, name: Callable, on_done: OnDone,
+                timeout_s: float | None = None) -> list:
+    """All items on one pool of `workers` processes; returns the items left unfinished when a worker died or when no
+    item finished for `timeout_s` (its processes are then killed)."""
     finished = set()
 
     def record(item, result, error) -> None:
         finished.add(item)
         on_done(item, result, error)
 
-    with _pool(workers, fn) as pool:
+    pool = _pool(workers, fn)
+    stalled = False
+    try:
         futures: dict[Future, Hashable] = {}
         for item in items:
             try:
                 futures[pool.submit(fn, item)] = item
             except BrokenProcessPool:
                 break
-        for fut in as_completed(futures):
-            if fut.cancelled() or isinstance(fut.exception(), BrokenProcessPool):
-                continue
-            _take(fut, futures[fut], name(futures[fut]), record)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=timeout_s, return_when=FIRST_COMPLETED)
+            if not done:  # nothing finished for timeout_s: a worker hangs (which one, the pool does not say)
+                stalled = True
+                break
+            for fut in done:
+                if fut.cancelled() or isinstance(fut.exception(), BrokenProcessPool):
+                    continue
+                _take(fut, futures[fut], name(futures[fut]), record)
+    finally:
+        if stalled:
+            _kill(pool)
+        else:
+            pool.shutdown()
     return [item for item in items if item not in finished]
 
 
-def _run_isolated(fn: Callable, items: list, workers: int, name: Callable, on_done: OnDone) -> None:
-    """Each item in a fresh process of its own, `workers` at a time: a worker that dies takes only its item down."""
+def _run_isolated(fn: Callable, items: list, workers: int, name: Callable, on_done: OnDone,
+                  timeout_s: float | None = None) -> None:
+    """Each item in a fresh process of its own, `workers` at a time: a worker that dies takes only its item down, and
+    one still running `timeout_s` after it started is killed (:class:`ItemTimedOut`)."""
     queue, running = list(items), {}
     try:
         while queue or running:
             while queue and len(running) < workers:
                 item, pool = queue.pop(0), _pool(1, fn)
-                running[pool.submit(fn, item)] = (item, pool)
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+                running[pool.submit(fn, item)] = (item, pool, time.monotonic())
+            waits = [started + timeout_s - time.monotonic() for _, _, started in running.values()] if timeout_s else []
+            done, _ = wait(running, timeout=max(0.0, min(waits)) if waits else None, return_when=FIRST_COMPLETED)
             for fut in done:
-                item, pool = running.pop(fut)
+                item, pool, _ = running.pop(fut)
                 pool.shutdown()
                 _take(fut, item, name(item), on_done)
+            now = time.monotonic()
+            for fut, (item, pool, started) in list(running.items()):
+                if timeout_s and now - started >= timeout_s and not fut.done():
+                    del running[fut]
+                    _kill(pool)
+                    on_done(item, None, ItemTimedOut(f"{name(item)}: still running after the time limit of "
+                                                     f"{timeout_s:g} s (hung, e.g. on a read from a file system that "
+                                                     "does not answer); its process was killed"))
     finally:
-        for _, pool in running.values():
+        for _, pool, _ in running.values():
             pool.shutdown(cancel_futures=True)
 
 
 def map_tolerant(fn: Callable, items: list, workers: int, on_done: OnDone, name: Callable[[Hashable], str] = str,
-                 on_rerun: Callable[[list], None] | None = None) -> None:
-    """``fn(item)`` for every item, `workers` processes at a time (in this process with one worker); `on_done`
-    gets each result or error as it comes, so one failing item never stops the others. Items the shared pool
-    left unfinished when a worker died run again one process each (`on_rerun` is told which first); `name`
-    names an item in a :class:`WorkerDied` message. `fn` and the items must pickle."""
-    if workers <= 1:
+                 on_rerun: Callable[[list], None] | None = None, timeout_s: float | None = None) -> None:
+    """``fn(item)`` for every item, `workers` processes at a time (in this process with one worker and no time
+    limit); `on_done` gets each result or error as it comes, so one failing item never stops the others. Items the
+    shared pool left unfinished when a worker died, or when none finished for `timeout_s`, run again one process each
+    (`on_rerun` is told which first), there with `timeout_s` as each one's time limit (:class:`ItemTimedOut`);
+    `name` names an item in the messages. `fn` and the items must pickle."""
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"an item's time limit must be positive seconds, got {timeout_s}")
+    if workers <= 1 and timeout_s is None:
         for item in items:
             try:
                 result = fn(item)
@@ -191,8 +243,11 @@ def map_tolerant(fn: Callable, items: list, workers: int, on_done: OnDone, name:
             else:
                 on_done(item, result, None)
         return
-    unfinished = _run_shared(fn, items, workers, name, on_done)
+    if workers <= 1:  # a time limit needs a process to kill
+        _run_isolated(fn, items, 1, name, on_done, timeout_s)
+        return
+    unfinished = _run_shared(fn, items, workers, name, on_done, timeout_s)
     if unfinished:
         if on_rerun is not None:
             on_rerun(unfinished)
-        _run_isolated(fn, unfinished, workers, name, on_done)
+        _run_isolated(fn, unfinished, workers, name, on_done, timeout_s)

@@ -10,7 +10,12 @@ from tqdm import tqdm
 from common.process_pool import WorkerDied, map_tolerant
 
 T = TypeVar("T")
-__all__ = ["WorkerDied", "check_workers", "default_workers", "map_persons", "map_persons_tolerant"]
+__all__ = ["ITEM_TIMEOUT_S", "WorkerDied", "check_item_timeout", "check_workers", "default_workers", "map_persons",
+           "map_persons_tolerant"]
+
+#: The data stages' default time limit of one item (one person's ingest, one shard): far above what a real person's
+#: item takes (an ingest of ~200k images: minutes), and a hung read ends there instead of holding the night.
+ITEM_TIMEOUT_S = 4 * 3600.0
 
 
 def check_workers(workers: int) -> None:
@@ -20,14 +25,22 @@ def check_workers(workers: int) -> None:
         raise ValueError(f"--workers must be at least 1, got {workers}")
 
 
+def check_item_timeout(seconds: float, flag: str = "--item-timeout-s") -> None:
+    """Refuses a data-stage item time limit that is no positive number of seconds (when the options are parsed)."""
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{flag} must be a positive number of seconds, got {seconds}")
+
+
 def map_persons_tolerant(fn: Callable[[str], T], persons: list[str], workers: int,
-                         desc: str) -> tuple[dict[str, T], dict[str, Exception]]:
+                         desc: str, timeout_s: float | None = None) -> tuple[dict[str, T], dict[str, Exception]]:
     """Apply `fn` to each person, `workers` at a time; a failing person does not stop the others.
 
     With several workers, a worker process that dies (segfault, OOM kill) breaks the shared pool:
     the persons it left unfinished run again, each in a fresh process of its own, so that only the
-    one whose process dies again fails (:class:`WorkerDied`). Returns (results, errors), both keyed
-    by person.
+    one whose process dies again fails (:class:`WorkerDied`). A person still running after
+    `timeout_s` fails with :class:`~common.process_pool.ItemTimedOut`, its process killed (see
+    :func:`~common.process_pool.map_tolerant`; with a limit the persons always run in worker
+    processes). Returns (results, errors), both keyed by person.
     """
     results: dict[str, T] = {}
     errors: dict[str, Exception] = {}
@@ -42,9 +55,10 @@ def map_persons_tolerant(fn: Callable[[str], T], persons: list[str], workers: in
             bar.update()
 
         def rerun(unfinished: list[str]) -> None:
-            bar.write(f"{desc}: a worker process died; running {', '.join(unfinished)} again, one process each")
+            bar.write(f"{desc}: a worker process died or none finished within the time limit; running "
+                      f"{', '.join(unfinished)} again, one process each")
 
-        map_tolerant(fn, persons, workers, done, on_rerun=rerun)
+        map_tolerant(fn, persons, workers, done, on_rerun=rerun, timeout_s=timeout_s)
     return {p: results[p] for p in persons if p in results}, {p: errors[p] for p in persons if p in errors}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import tyro
 
 from common.io import DataError
-from jobs._parallel import check_workers, default_workers, map_persons_tolerant
+from jobs._parallel import ITEM_TIMEOUT_S, check_item_timeout, check_workers, default_workers, map_persons_tolerant
 from jobs._presets import UsageError, listed_persons
 from shards.contract import find_persons
 from shards.ingest import IngestConfig, IngestResult, ingest_person
@@ -30,9 +30,14 @@ class IngestArgs:
     """Persons ingested in parallel."""
     force: bool = False
     """Rebuild stores even when their fingerprint says they are up to date."""
+    item_timeout_s: float = ITEM_TIMEOUT_S
+    """A person's ingest still running after this many seconds is stopped (its process killed) and the person fails;
+    the others finish (a read hung on a file system that does not answer held the stage forever). The persons run in
+    worker processes, also with --workers 1."""
 
     def __post_init__(self) -> None:
         check_workers(self.workers)
+        check_item_timeout(self.item_timeout_s)
 
 
 def resolve_persons(spec: str, root: Path) -> list[str]:
@@ -48,7 +53,8 @@ def _one(person: str, args: IngestArgs) -> IngestResult:
 def main(args: IngestArgs) -> tuple[dict[str, IngestResult], dict[str, Exception]]:
     """Ingest every person; a broken person is reported and skipped, the others are written."""
     persons = resolve_persons(args.persons, args.captures)
-    results, errors = map_persons_tolerant(functools.partial(_one, args=args), persons, args.workers, "ingest")
+    results, errors = map_persons_tolerant(functools.partial(_one, args=args), persons, args.workers, "ingest",
+                                           timeout_s=args.item_timeout_s)
     for r in results.values():
         state = "up to date" if r.skipped else "written"
         print(f"{r.person}: {r.frames} frames, {r.images} images -> {r.path} ({state})")

@@ -52,7 +52,7 @@ from common.locks import AlreadyRunning, exclusive
 from jobs import ingest as ingest_job
 from jobs import make_synthetic
 from jobs import preprocess as preprocess_job
-from jobs._parallel import default_workers
+from jobs._parallel import ITEM_TIMEOUT_S, default_workers
 from jobs._presets import preset_cli
 from shards.contract import find_persons
 from shards.ingest import IngestConfig
@@ -80,6 +80,10 @@ class LaunchAllArgs:
     """Rasterization and packing of the training shards."""
     workers: int = field(default_factory=default_workers)
     """Parallel processes for data preparation."""
+    data_item_timeout_s: float = ITEM_TIMEOUT_S
+    """Data stages: a person's ingest or one of its shards still running after this many seconds is stopped (its
+    process killed) and the person fails; the others go on (a read hung on a file system that does not answer held
+    the whole main job)."""
     train: TrainOptions = field(default_factory=TrainOptions)
     """Training options shared by every person (model, steps, base model, ...); the preset's."""
     backend: Literal["ray", "slurm", "local"] = "ray"
@@ -149,14 +153,15 @@ def _data(args: LaunchAllArgs, persons: str | None = None,
     with stage("ingest"):
         ingested, errors = ingest_job.main(ingest_job.IngestArgs(captures=captures, out=args.workdir / "zarr",
                                                                  persons=persons, ingest=args.ingest,
-                                                                 workers=args.workers))
+                                                                 workers=args.workers,
+                                                                 item_timeout_s=args.data_item_timeout_s))
     failed = {p: f"ingest: {e}" for p, e in errors.items()}
     if not ingested:
         return [], failed
     with stage("shards"):
         shards = preprocess_job.main(preprocess_job.PreprocessArgs(
             stores=args.workdir / "zarr", out=args.workdir / "shards", persons=",".join(ingested),
-            shards=args.shards, workers=args.workers))
+            shards=args.shards, workers=args.workers, item_timeout_s=args.data_item_timeout_s))
     failed.update({p: f"preprocess: {e}" for p, e in shards.failed.items()})
     return [p for p in ingested if p not in failed], failed
 
@@ -452,6 +457,8 @@ def check_options(args: LaunchAllArgs) -> str | None:
         (args.job_memory_gb is None or _finite(args.job_memory_gb, 0, strict=True),
          f"--job-memory-gb must be a positive number of GiB, got {args.job_memory_gb}"),
         (args.workers >= 1, f"--workers must be at least 1, got {args.workers}"),
+        (_finite(args.data_item_timeout_s, 0, strict=True),
+         f"--data-item-timeout-s must be a positive number of seconds, got {args.data_item_timeout_s}"),
         (args.train.base_model is None or Path(args.train.base_model).is_dir(),
          f"--train.base-model {args.train.base_model} is not a directory (a local diffusers folder with unet/ and "
          "vae/)"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import tyro
 
 from common.io import DataError
-from jobs._parallel import check_workers, default_workers
+from jobs._parallel import ITEM_TIMEOUT_S, check_item_timeout, check_workers, default_workers
 from jobs._presets import UsageError, listed_persons
 from shards.writer import ShardConfig, ShardRunResult, write_shards
 
@@ -26,9 +26,18 @@ class PreprocessArgs:
     """Rendering and packing settings."""
     workers: int = field(default_factory=default_workers)
     """Shards written in parallel (one process each)."""
+    verify_all: bool = False
+    """Hash every existing shard in full to decide whether it is up to date (reads every byte: hours at scale).
+    Without it a shard is hashed only when its mtime changed since it was verified (another size, or a reader's
+    `<shard>.corrupt` marker, rebuilds it unread); every sample checks its own checksum whenever it is read."""
+    item_timeout_s: float = ITEM_TIMEOUT_S
+    """A shard still being written after this many seconds is stopped (its process killed) and its person fails;
+    the other shards are written (a read hung on a file system that does not answer held the stage forever). The
+    shards are written in worker processes, also with --workers 1."""
 
     def __post_init__(self) -> None:
         check_workers(self.workers)
+        check_item_timeout(self.item_timeout_s)
 
 
 def store_paths(stores: Path, persons: str) -> list[Path]:
@@ -42,11 +51,13 @@ def store_paths(stores: Path, persons: str) -> list[Path]:
 
 
 def main(args: PreprocessArgs) -> ShardRunResult:
-    res = write_shards(store_paths(args.stores, args.persons), args.out, args.shards, workers=args.workers)
+    res = write_shards(store_paths(args.stores, args.persons), args.out, args.shards, workers=args.workers,
+                       verify_all=args.verify_all, item_timeout_s=args.item_timeout_s)
     for name, reason in res.rebuilt.items():
         print(f"{name}: rebuilt, the file on disk did not match the manifest: {reason}", file=sys.stderr)
+    checked = "sha256 checked" if args.verify_all else "size and mtime checked, sha256 where the mtime changed"
     print(f"shards: {len(res.written)} written ({len(res.rebuilt)} of them replacing damaged files), "
-          f"{len(res.skipped)} up to date (size and sha256 checked), under {args.out}")
+          f"{len(res.skipped)} up to date ({checked}), under {args.out}")
     for person, error in res.failed.items():
         print(f"{person}: FAILED: {error}", file=sys.stderr)
     return res

@@ -10,8 +10,11 @@ so keys and shard contents are reproducible; tar headers carry no timestamps or
 owners, so the same inputs give byte-identical shards. Each shard is written to a
 temporary file and renamed; the manifest is rewritten (atomically) after every
 finished shard, so an interrupted run resumes by skipping shards that the manifest
-lists with the same spec and whose file has the listed size and sha256 (a shard
-whose bytes changed on disk is rebuilt, see `shards.integrity`).
+lists with the same spec and whose file has the listed size and sha256. A shard is
+not read to know that: `verified.json` beside the manifest records the size and
+mtime_ns each shard had when its sha256 last matched (when written, or hashed since),
+and only a shard whose mtime differs (or that has no record) is hashed; a shard a
+reader marked corrupt (`<shard>.corrupt`) is rebuilt, see `shards.integrity`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ from common.process_pool import map_tolerant
 from .codec import CODEC_VERSION, MEMBERS, encode_sample, normalise_canonical
 from .contract import Camera
 from .ingest import alpha_value_problem
-from .integrity import MANIFEST, load_manifest, shard_problem
+from .integrity import (
+    CORRUPT_SUFFIX,
+    MANIFEST,
+    check_shard,
+    corrupt_mark,
+    corrupt_marker,
+    load_manifest,
+    load_verified,
+    write_verified,
+)
 from .raster import BACKENDS, RasterBuffers, rasterize_views
 from .store import SPLITS, PersonStore, Sample
 
@@ -273,24 +285,32 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
                     _tar_member(tar, f"{key}.{ext}", members[ext])
                 keys.append(key)
         data_hash = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        size = tmp.stat().st_size
-    return {"split": task.split, "samples": len(keys), "bytes": size, "sha256": data_hash, "spec": task.spec,
-            "first_key": keys[0], "last_key": keys[-1]}
+        st = tmp.stat()  # the rename keeps size and mtime: what `verified.json` records for the hash
+    return {"split": task.split, "samples": len(keys), "bytes": st.st_size, "sha256": data_hash, "spec": task.spec,
+            "first_key": keys[0], "last_key": keys[-1], _MTIME: st.st_mtime_ns}
 
 
 _NEW, _CHANGED = "not written yet", "inputs or settings changed"
+#: Key of `write_shard`'s entry that goes to `verified.json`, not to the manifest.
+_MTIME = "mtime_ns"
 
 
-def _stale_reason(task: ShardTask, manifest: dict) -> str | None:
-    """Why `task`'s shard must be (re)written: None when the manifest lists it with the same
-    spec and the file's size and sha256 match (the whole file is hashed: bit rot and
-    same-size corruption are caught, not just truncation)."""
+def _stale_reason(task: ShardTask, manifest: dict, verified: dict[str, dict],
+                  verify_all: bool = False) -> tuple[str | None, dict | None]:
+    """(why `task`'s shard must be (re)written, or None when it is up to date; its new `verified.json` record
+    when it was hashed now). Up to date: the manifest lists it with the same spec, no reader marked it corrupt,
+    its size matches and either its size and mtime match its `verified.json` record (not read) or its sha256
+    matches (hashed: a shard copied or touched since, or any with `verify_all`)."""
     entry = manifest.get("shards", {}).get(task.name)
     if not entry:
-        return _NEW
+        return _NEW, None
     if entry.get("spec") != task.spec:
-        return _CHANGED
-    return shard_problem(Path(task.out_dir) / task.name, entry)
+        return _CHANGED, None
+    path = Path(task.out_dir) / task.name
+    mark = corrupt_mark(path)
+    if mark is not None:
+        return f"a reader found it corrupt ({corrupt_marker(path).name}): {mark}", None
+    return check_shard(path, entry, verified.get(task.name), full=verify_all)
 
 
 @dataclass
@@ -302,11 +322,15 @@ class ShardRunResult:
 
 
 def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, workers: int = 1,
-                 progress: bool = True) -> ShardRunResult:
+                 progress: bool = True, verify_all: bool = False,
+                 item_timeout_s: float | None = None) -> ShardRunResult:
     """Write the shards of every person (parallel over shards of all persons); resumable.
 
     A person whose store or images are broken is recorded in `result.failed` (its
     manifest stays incomplete, so training refuses it) and the others are finished.
+    Existing shards are kept when up to date (`_stale_reason`: by size and mtime, hashed when
+    the mtime changed; `verify_all` hashes every one). A shard still being written after
+    `item_timeout_s` fails its person (`common.process_pool.ItemTimedOut`; its process killed).
     """
     out_dir = Path(out_dir)
     result = ShardRunResult()
@@ -319,17 +343,24 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
             result.failed[person] = str(e)
             _mark_failed(out_dir / person / MANIFEST, str(e))
     manifests = {p: load_manifest(out_dir / p / MANIFEST) for p in tasks_by_person}
-    # Hash every listed shard (threads: hashlib releases the GIL) to decide what is up to date.
+    verified = {p: load_verified(out_dir / p) for p in tasks_by_person}
+    # Check every listed shard (threads: the few that are hashed release the GIL) to decide what is up to date.
     checks = [(person, t) for person, tasks in tasks_by_person.items() for t in tasks]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        stale = list(pool.map(lambda pt: _stale_reason(pt[1], manifests[pt[0]]), checks))
-    stale_by_task = {(p, t.name): r for (p, t), r in zip(checks, stale)}
+        stale = list(pool.map(lambda pt: _stale_reason(pt[1], manifests[pt[0]], verified[pt[0]], verify_all),
+                              checks))
+    stale_by_task = {(p, t.name): r for (p, t), (r, _) in zip(checks, stale)}
+    hashed = {(p, t.name): record for (p, t), (_, record) in zip(checks, stale) if record is not None}
     todo = []
     for person, tasks in tasks_by_person.items():
         wanted = {t.name for t in tasks}
         shards = {k: v for k, v in manifests[person].get("shards", {}).items()
                   if k in wanted and stale_by_task[(person, k)] is None}
         manifests[person] = {"person": person, "config": asdict(config), "shards": shards}
+        records = {k: r for k in shards if (r := hashed.get((person, k), verified[person].get(k))) is not None}
+        if records != verified[person]:
+            write_verified(out_dir / person, records)
+        verified[person] = records
         for t in tasks:
             reason = stale_by_task[(person, t.name)]
             if reason is None:
@@ -344,11 +375,19 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
             for old in pdir.glob("*.tar"):
                 if old.name not in wanted:
                     old.unlink()
+            for marker in pdir.glob("*.tar" + CORRUPT_SUFFIX):
+                if marker.name.removesuffix(CORRUPT_SUFFIX) not in wanted:
+                    marker.unlink(missing_ok=True)
         _write_manifest(out_dir, person, manifests[person], tasks)
 
     def done(person: str, task: ShardTask, entry: dict) -> None:
+        entry = dict(entry)
+        mtime_ns = entry.pop(_MTIME)
         manifests[person]["shards"][task.name] = entry
         _write_manifest(out_dir, person, manifests[person], tasks_by_person[person])
+        verified[person][task.name] = {"bytes": entry["bytes"], "mtime_ns": mtime_ns, "sha256": entry["sha256"]}
+        write_verified(out_dir / person, verified[person])
+        corrupt_marker(Path(task.out_dir) / task.name).unlink(missing_ok=True)  # the shard it condemned is gone
         result.written.append(f"{person}/{task.name}")
 
     def failed(person: str, error: Exception) -> None:
@@ -368,10 +407,11 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
         bar.update()
 
     def rerun(unfinished: list[ShardTask]) -> None:
-        bar.write(f"shards: a worker process died; writing {len(unfinished)} shards again, one process each")
+        bar.write(f"shards: a worker process died or none finished within the time limit; writing "
+                  f"{len(unfinished)} shards again, one process each")
 
     map_tolerant(partial(write_shard, config=config), [t for _, t in todo], workers, finished,
-                 name=lambda t: f"{person_of[t]}/{t.name}", on_rerun=rerun)
+                 name=lambda t: f"{person_of[t]}/{t.name}", on_rerun=rerun, timeout_s=item_timeout_s)
     bar.close()
     return result
 

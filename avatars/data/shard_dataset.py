@@ -9,10 +9,12 @@ then a sample is two or three `pread`s and a decode. That gives
   the training loop can resume at an exact sample position;
 * augmentation drawn from a generator seeded by (seed, epoch, index), so a
   sample's crop does not depend on which worker loads it, or on restarts;
-* corrupt / truncated shards detected when opened, with an error naming the shard:
-  each shard is checked against the size and sha256 its folder's `manifest.json`
-  lists (`shards.integrity`), and every zstd member against its frame checksum when
-  decoded.
+* corrupt data never trained on, with an error naming the shard (and the sample):
+  opening a shard checks it against its folder's `manifest.json` (its size; its
+  sha256 only when its mtime differs from the one `verified.json` recorded, see
+  `shards.integrity`) and refuses a shard a reader marked corrupt; every sample is
+  checked against its own sha256 member before it is decoded, and a mismatch marks the
+  shard (`<shard>.corrupt`) so that the next preprocess rebuilds it.
 
 Augmentation (the paper's): a random square crop covering a fraction in
 [min_crop, 1] of the face window's side (the square of side min(H, W) centred on the
@@ -38,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from shards.codec import MEMBERS, DecodedSample, RawSample, decode_raw, decode_sample, dequantize
-from shards.integrity import ShardError, verify_against_manifests
+from shards.codec import MEMBERS, DecodedSample, RawSample, SampleChecksumError, decode_raw, decode_sample, dequantize
+from shards.integrity import REBUILD_HINT, ShardError, corrupt_mark, mark_corrupt, verify_against_manifests
 
 from .device_feed import DeviceFeeder, one_ahead
 
@@ -73,40 +75,68 @@ def check_min_crop(min_crop: float) -> None:
         raise ValueError(f"min_crop must be in (0, 1], got {min_crop}")
 
 
+#: The most bytes a tar written by `shards.writer` has after its last member: the two zero blocks that end the
+#: archive and the zeros that fill its last 10 KiB record (a generous bound: other tar writers block differently).
+_MAX_TRAILER = 2**20
+
+
+def _corrupt(path: Path, problem: str) -> ShardError:
+    """The error for a shard found corrupt while reading it, which is marked for a rebuild (`mark_corrupt`): bit rot
+    changes neither its size nor its mtime, so the preprocess's up-to-date check alone would keep it."""
+    return ShardError(path, f"{problem}; {mark_corrupt(path, problem)}")
+
+
 def _index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {member ext: (offset, size)})] of a shard, checking it is complete."""
+    """[(key, {member ext: (offset, size)})] of a shard, checking it is complete: every sample has every member and
+    nothing but zeros follows the last member. A damaged tar header fails its checksum, but `tarfile` takes one
+    after the first member for the end of the archive, so the samples after it would silently be left out."""
     try:
         file_size = path.stat().st_size
         with tarfile.open(path, mode="r:") as tar:
             members = tar.getmembers()
+            end = tar.offset  # where the member list ended: the trailer, or a header that is not one
+        trailer = b"\1" if file_size - end > _MAX_TRAILER else _read_from(path, end)
     except FileNotFoundError:
         raise ShardError(path, "shard file is missing") from None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(path, f"corrupt or truncated shard: {e}") from None
+    except (tarfile.TarError, EOFError) as e:
+        raise _corrupt(path, f"corrupt or truncated shard: {e}") from None
+    except OSError as e:
+        raise ShardError(path, f"cannot read the shard: {e}") from None
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     for m in members:
         if not m.isfile():
             continue
         if m.offset_data + m.size > file_size:
-            raise ShardError(path, f"truncated shard: member {m.name} ends past the end of the file")
+            raise _corrupt(path, f"truncated shard: member {m.name} ends past the end of the file")
         base = os.path.basename(m.name)
         stem, _, ext = base.partition(".")
         key = os.path.join(os.path.dirname(m.name), stem)
         samples.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    if trailer.strip(b"\0"):
+        raise _corrupt(path, f"corrupt shard: the tar header at byte {end} is damaged (the {file_size - end} bytes "
+                             "after it cannot be read)")
     if not samples:
-        raise ShardError(path, "shard holds no samples (empty or truncated)")
+        raise _corrupt(path, "shard holds no samples (empty or truncated)")
     for key, exts in samples.items():
         missing = [e for e in MEMBERS if e not in exts]
         if missing:
-            raise ShardError(path, f"corrupt or truncated shard: sample {key} lacks {', '.join(missing)}")
+            raise _corrupt(path, f"corrupt or truncated shard: sample {key} lacks {', '.join(missing)}")
     return list(samples.items())
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
 
 
 class ShardDataset(Dataset):
     """Random-access samples of a list of shards (each item one training sample dict).
 
-    Opening checks every shard whose folder has a `manifest.json` against the sha256
-    listed there (`verify=False` skips the hash, e.g. for a quick look at a huge set).
+    Opening refuses a shard a reader marked corrupt and checks every shard whose folder has a
+    `manifest.json` against it (`shards.integrity.verify_against_manifests`: size, and the sha256
+    of a shard whose mtime changed since it was verified; `verify=False` skips that, e.g. for a
+    quick look at a huge set). Every sample is checked against its checksum when decoded.
     """
 
     def __init__(self, shards: list[Path], config: LoaderConfig, verify: bool = True):
@@ -116,6 +146,10 @@ class ShardDataset(Dataset):
             raise ValueError("no shards given")
         self.config = config
         self.shards = [Path(s) for s in shards]
+        for path in self.shards:
+            mark = corrupt_mark(path)
+            if mark is not None:
+                raise ShardError(path, f"a reader found it corrupt ({mark}); {REBUILD_HINT}")
         if verify:
             verify_against_manifests(self.shards, threads=max(2, config.num_workers))
         self.index: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
@@ -145,7 +179,9 @@ class ShardDataset(Dataset):
         shard, key, exts = self.index[i]
         members = {ext: self._read(shard, *exts[ext]) for ext in MEMBERS}
         try:
-            return decoder(key, members)
+            return decoder(key, members)  # checks the sample's checksum first (`shards.codec.verify_sample`)
+        except SampleChecksumError as e:  # bit rot leaves size and mtime as they were: the shard must be marked
+            raise _corrupt(self.shards[shard], f"corrupt sample {key}: {e}") from None
         except Exception as e:
             raise ShardError(self.shards[shard], f"corrupt sample {key}: {e}") from None
 

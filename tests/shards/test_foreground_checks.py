@@ -203,13 +203,15 @@ def test_the_codec_refuses_to_encode_a_sample_with_no_mesh_or_no_foreground():
 @pytest.mark.parametrize("member,message", [("geom.npy.zst", "rasterized mask is empty"),
                                             ("alpha.npy.zst", "alpha map is all zero")])
 def test_a_stored_sample_with_no_mesh_or_no_foreground_is_refused_on_decode(member, message):
-    """Shards an older writer wrote with such samples fail when read, not train."""
-    from shards.codec import _ZSTD, _npy_zst
+    """Shards an older writer wrote with such samples fail when read, not train (the sample's checksum is made
+    anew over the changed member: it is what such a writer wrote, not corrupt bytes)."""
+    from shards.codec import _ZSTD, CHECKSUM, _npy_zst, sample_checksum
 
     mask = np.zeros((4, 5), bool)
     mask[1:3, 1:4] = True
     members = _sample(mask, mask.astype(np.uint8) * 255)
     stored = np.load(io.BytesIO(_ZSTD.decode(members[member])))
     members[member] = _npy_zst(np.zeros_like(stored))
+    members[CHECKSUM] = sample_checksum(members)
     with pytest.raises(ValueError, match=message):
         decode_raw("k", members)

@@ -260,13 +260,17 @@ def _members() -> dict[str, bytes]:
     (lambda m: {**m, "json": m["json"].replace(b'"depth_range": [', b'"depth_range": [9')}, "increasing"),
 ])
 def test_the_plain_members_are_checked_on_decode(change, message):
-    """expr.npy and json carry no zstd checksum: a change that makes them impossible is refused on decode (a shard
-    read without its manifest; with one, the sha256 refuses any change)."""
-    from shards.codec import decode_raw
+    """expr.npy and json carry no zstd checksum: beyond the sample's sha256 (which refuses any changed byte,
+    tests/shards/test_shard_sample_checks.py), what makes them impossible is refused on decode, even from a
+    writer that checksummed it (the checksum is made anew over the change here)."""
+    from shards.codec import CHECKSUM, SampleChecksumError, decode_raw, sample_checksum
 
     decode_raw("k", _members())
+    changed = change(_members())
+    with pytest.raises(SampleChecksumError):
+        decode_raw("k", changed)
     with pytest.raises(ValueError, match=message):
-        decode_raw("k", change(_members()))
+        decode_raw("k", {**changed, CHECKSUM: sample_checksum(changed)})
 
 
 _REAL_WRITE_SHARD = write_shard
