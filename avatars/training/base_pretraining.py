@@ -55,6 +55,9 @@ from shards.writer import MANIFEST, shard_paths
 
 INFO_FILE = "pretrain_info.json"
 INFO_FORMAT = 1
+#: Bumped whenever the pretraining's code makes another base of the same settings and data (its losses, schedule,
+#: stages): part of the base's key and fingerprint, so a base pretrained before is made again, not reused.
+RECIPE_VERSION = 1
 
 
 #: The stage lengths a base needs (both stages train): refused below 1 by pretrain_base and the command line.
@@ -169,10 +172,12 @@ class BasePretrainConfig:
 
     def fingerprint(self) -> dict:
         """The settings that determine the result (what idempotence compares), with the layout of the networks
-        it trains: a base of another layout (a code change of the tiny preset) is not reused under the same key."""
+        it trains (a base of another layout, a code change of the tiny preset, is not reused under the same key)
+        and the pretraining's :data:`RECIPE_VERSION`."""
         d = dataclasses.asdict(self)
         for k in ("output", "num_workers", "log_every", "force"):
             d.pop(k)
+        d["recipe"] = RECIPE_VERSION
         d["shard_root"] = str(Path(self.shard_root).resolve())
         layout = self.model_config()
         d["layout"] = to_jsonable({k: getattr(layout, k) for k in ("unet", "vae", "scheduler", "resolution")})

@@ -315,6 +315,21 @@ MARKER = "synthetic.json"
 ABLATION_OPTIONS = ("stochastic_hair", "detail_wavelength", "folded_ears", "novel_expressions")
 
 
+#: Bumped whenever the generator writes other data for the same settings (a generator change the golden test
+#: `tests/shards/test_synthetic.py` flags): a person generated before is then generated again, not kept because
+#: its settings match. Recorded in ``synthetic.json`` from 2 on, so the data written before it existed stays valid.
+GENERATOR_VERSION = 1
+
+
+def marker_spec(config: SyntheticConfig, person: str) -> dict:
+    """What a complete person's ``synthetic.json`` holds: its settings and person id (and the generator's version
+    from 2 on)."""
+    spec = {"config": marker_config(config), "person": person}
+    if GENERATOR_VERSION != 1:
+        spec["generator"] = GENERATOR_VERSION
+    return spec
+
+
 def marker_config(config: SyntheticConfig) -> dict:
     """``asdict(config)`` without the ablation options that are at their defaults."""
     default = SyntheticConfig()
@@ -324,7 +339,7 @@ def marker_config(config: SyntheticConfig) -> dict:
 def generate(config: SyntheticConfig, root: Path, persons: list[str] | None = None) -> list[str]:
     """Generate every person (or the given subset) under `root`; returns the person ids.
 
-    A person whose folder holds a `synthetic.json` with the same config is skipped, so
+    A person whose folder holds a `synthetic.json` with the same config (and generator version) is skipped, so
     re-running is cheap and an interrupted run resumes with the unfinished persons; any other
     person folder is replaced as a whole once its new capture is complete.
     """
@@ -332,7 +347,7 @@ def generate(config: SyntheticConfig, root: Path, persons: list[str] | None = No
     done = []
     for person in persons or config.person_ids:
         marker = root / person / MARKER
-        spec = {"config": marker_config(config), "person": person}
+        spec = marker_spec(config, person)
         if read_marker(marker) == spec:
             done.append(person)
             continue
