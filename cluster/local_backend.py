@@ -40,7 +40,9 @@ class LocalBackend:
         sdir = self.config.status_dir
         if sdir is not None:
             for job in jobs:
-                _status.write_state(sdir, job.person, "queued", attempt=1, restarts=0, message="")
+                # the persons run in this process: killed, it takes every queued one with it
+                _status.write_state(sdir, job.person, "queued", attempt=1, restarts=0, message="",
+                                    dies_with_writer=True)
         runner = _InProcessAttempts(jobs, sdir)
         # run_attempt has written each failed attempt's error into the status file already
         results = run_attempts([(job, runner.submit(job, 1)) for job in jobs], runner, sdir, mark_failed=False)

@@ -143,8 +143,10 @@ class RayBackend:
         if job.resources.memory_gb is not None:
             opts["memory"] = int(job.resources.memory_gb * 2**30)
         if sdir is not None:
+            # this driver owns the task (Ray's ownership): its death fails the task and Ray ends the job's workers,
+            # embedded Ray or a joined cluster alike; a killed driver's queued persons never start
             _status.write_state(sdir, job.person, "queued", attempt=attempt, restarts=0,
-                                message=f"submitted to Ray as task {name}")
+                                message=f"submitted to Ray as task {name}", dies_with_writer=True)
         return ray.remote(_attempt_task).options(**opts).remote(job, attempt, sdir)
 
     def _run(self, jobs: list[PersonJob], sdir: str | None) -> list[JobResult]:

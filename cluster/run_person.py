@@ -94,7 +94,8 @@ def _record_termination(args: argparse.Namespace, restarts: int) -> None:
         print(f"person {args.person}: stopped by SIGTERM; SLURM requeued the job, it runs again", file=sys.stderr)
         if args.status_dir is not None:
             _status.write_state(args.status_dir, args.person, "queued", attempt=args.attempt, restarts=restarts + 1,
-                                message=f"requeued by SLURM (restart {restarts + 1})")
+                                message=f"requeued by SLURM (restart {restarts + 1})",
+                                dies_with_writer=False)  # this process ends; SLURM runs the job again
         return
     message = "stopped by SIGTERM: the job was cancelled, reached its time limit or was preempted"
     if requeued is None:

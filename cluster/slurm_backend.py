@@ -146,7 +146,8 @@ class PersonRunner(Checkpointable):
         if self.status_dir is not None:
             _status.write_state(self.status_dir, self.job.person, "queued", attempt=self.attempt,
                                 restarts=self.restarts,
-                                message=f"requeued after timeout/preemption (restart {self.restarts})")
+                                message=f"requeued after timeout/preemption (restart {self.restarts})",
+                                dies_with_writer=False)  # written by the job itself, which SLURM runs again
         return DelayedSubmission(self, *args, **kwargs)
 
 
@@ -241,8 +242,9 @@ class SlurmBackend:
         sub._results_timeout_s = self.config.result_wait_s  # submitit's wait for the result file
         self.job_ids.setdefault(job.person, []).append(sub.job_id)
         if sdir is not None:
+            # an sbatch'd job stays in SLURM's queue when this driver dies: never judged lost by the driver's death
             _status.write_state(sdir, job.person, "queued", attempt=attempt, restarts=0,
-                                message=f"SLURM job {sub.job_id}")
+                                message=f"SLURM job {sub.job_id}", dies_with_writer=False)
 
     def _submit_one(self, job: PersonJob, attempt: int, sdir):
         ex = self._executor(job.resources, f"{self.config.job_prefix}{job.person}")

@@ -22,6 +22,13 @@ Protocol (``<status_dir>/<person>.json``)::
 * A ``running`` file is only as alive as its process: :func:`check_running` shows one whose process is
   gone as ``lost`` (checked by pid where the reader shares the writer's ``pid_space``) and, where the
   process cannot be checked from the reader, one not updated for ``stale_after_s`` as ``stale``.
+* ``queuer_host``/``queuer_pid``/``queuer_pid_space``/``queuer_started_at``/``dies_with_queuer``: the process
+  that wrote ``queued`` (the driver; a requeued SLURM job itself) with its start time (a reused pid is another
+  process), and whether the person's job dies with it: true for the local backend (the driver runs it) and Ray
+  (the driver owns its tasks; Ray ends a job's tasks with its driver), false for SLURM (sbatch'd jobs outlive
+  the driver). :func:`check_running` shows a queued file whose queuer is provably gone and took the job with it
+  as ``lost``. Every write sets these anew (a ``queued`` written without them, and every other state, has none):
+  files of older versions lack them and stay ``queued``, as before.
 * Times are UNIX seconds. Every write is a temp file + rename: readers never see half a file.
 * Writes are best effort: a status file that cannot be written (full or read-only disk)
   logs one warning per file and never fails the training or the driver that reports it.
@@ -50,6 +57,9 @@ import psutil
 from common.io import atomic_write_json
 from common.processes import pid_namespace
 
+#: The fields that say who wrote a ``queued`` (see the protocol above); every write replaces them.
+QUEUER_FIELDS = ("queuer_host", "queuer_pid", "queuer_pid_space", "queuer_started_at", "dies_with_queuer")
+
 log = logging.getLogger(__name__)
 _WARNED: set[Path] = set()
 
@@ -70,7 +80,8 @@ def _best_effort_write(path: Path, rec: dict) -> bool:
 
 STATES = ("queued", "running", "succeeded", "failed")
 #: What :func:`check_running` shows a ``running`` file as when its process is gone (``lost``) or, where
-#: it cannot be checked, has not reported for longer than a live training ever stays silent (``stale``).
+#: it cannot be checked, has not reported for longer than a live training ever stays silent (``stale``); a
+#: ``queued`` file whose job died with the process that queued it is ``lost`` too.
 JUDGED_STATES = ("lost", "stale")
 
 #: Seconds without an update after which a ``running`` file whose process cannot be checked from the reader
@@ -110,14 +121,21 @@ def write_state(
     message: str | None = None,
     step: int | None = None,
     total_steps: int | None = None,
+    dies_with_writer: bool | None = None,
 ) -> dict:
     """Update ``state`` (and optionally attempt/restarts/message, step/total_steps) of a person's file.
 
     Progress fields already in the file are kept unless given. Used by the orchestrator and by
     :class:`StatusReporter`. Returns the written record.
+
+    ``dies_with_writer`` (``queued`` only): record this process as the one that queued the person and whether
+    the person's job dies with it (True: local and Ray backends, whose driver runs or owns the job; False: a
+    SLURM job, which outlives it). Without it no queuer is recorded and the file is never judged ``lost``.
     """
     if state not in STATES:
         raise ValueError(f"unknown state {state!r}; expected one of {STATES}")
+    if dies_with_writer is not None and state != "queued":
+        raise ValueError(f"dies_with_writer only applies to a 'queued' state, not {state!r}")
     path = status_path(status_dir, person)
     try:
         rec = _read_json(path) or {}
@@ -143,8 +161,22 @@ def write_state(
     if message is not None:
         rec["message"] = message
     rec.setdefault("message", "")
+    for name in QUEUER_FIELDS:  # they describe the writer of this very `queued`: never inherited from a former one
+        rec.pop(name, None)
+    if dies_with_writer is not None:
+        rec.update(_this_process(), dies_with_queuer=bool(dies_with_writer))
     _best_effort_write(path, rec)
     return rec
+
+
+def _this_process() -> dict:
+    """This process as a queued file records its queuer: host, pid, where the pid means it, start time."""
+    try:
+        started = psutil.Process().create_time()
+    except psutil.Error:  # not readable here: a reused pid is then told apart by the file's write time
+        started = None
+    return {"queuer_host": socket.gethostname(), "queuer_pid": os.getpid(), "queuer_pid_space": pid_space(),
+            "queuer_started_at": started}
 
 
 class StatusReporter:
@@ -203,6 +235,8 @@ class StatusReporter:
         t = time.time()
         rec.update(person=self.person, state="running", attempt=self.attempt, restarts=self.restarts,
                    step=int(step), updated_at=t)
+        for name in QUEUER_FIELDS:  # those of the `queued` this run ends
+            rec.pop(name, None)
         if total_steps is not None:
             rec["total_steps"] = int(total_steps)
         if message is not None:
@@ -236,6 +270,11 @@ class PersonStatus:
     host: str | None = None
     pid: int | None = None
     pid_space: str | None = None
+    queuer_host: str | None = None
+    queuer_pid: int | None = None
+    queuer_pid_space: str | None = None
+    queuer_started_at: float | None = None
+    dies_with_queuer: bool | None = None
 
     @property
     def steps_per_s(self) -> float | None:
@@ -261,13 +300,15 @@ class PersonStatus:
         return max(0.0, (self.total_steps - self.step) / rate)
 
 
-_INT, _NUMBER, _STR = (int,), (int, float), (str,)
+_INT, _NUMBER, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
 #: What each field of a status file must hold: (types, may be null).
 _FIELD_TYPES = {"person": (_STR, False), "state": (_STR, False), "attempt": (_INT, False), "restarts": (_INT, False),
                 "step": (_INT, True), "total_steps": (_INT, True), "started_at": (_NUMBER, True),
                 "updated_at": (_NUMBER, True), "rate_step0": (_INT, True), "rate_t0": (_NUMBER, True),
                 "message": (_STR, False), "host": (_STR, True), "pid": (_INT, True),
-                "pid_space": (_STR, True)}
+                "pid_space": (_STR, True), "queuer_host": (_STR, True), "queuer_pid": (_INT, True),
+                "queuer_pid_space": (_STR, True), "queuer_started_at": (_NUMBER, True),
+                "dies_with_queuer": (_BOOL, True)}
 
 
 def _bad_field(rec: dict) -> str | None:
@@ -278,7 +319,7 @@ def _bad_field(rec: dict) -> str | None:
         if name not in rec or (rec[name] is None and nullable):
             continue
         value = rec[name]
-        ok = isinstance(value, types) and not isinstance(value, bool)
+        ok = isinstance(value, types) and (types is _BOOL or not isinstance(value, bool))
         if ok and isinstance(value, float) and not math.isfinite(value):
             ok = False
         if not ok:
@@ -335,10 +376,25 @@ def pid_space() -> str | None:
 def _writer_gone(s: PersonStatus) -> bool | None:
     """Whether the process that wrote ``s``'s ``running`` is gone (True) or still runs (False); None when it
     cannot be told from this process (another machine or container, a file without pid or ``pid_space``)."""
-    if s.pid is None or s.pid <= 0 or s.pid_space is None or s.pid_space != pid_space():
+    last_write = s.updated_at if s.updated_at is not None else s.started_at
+    return _process_gone(s.pid, s.pid_space, last_write=last_write)
+
+
+def _queuer_gone(s: PersonStatus) -> bool | None:
+    """As :func:`_writer_gone`, for the process that wrote ``s``'s ``queued``: told from a later one on its pid by
+    its recorded start time (by the file's write time where none was recorded)."""
+    return _process_gone(s.queuer_pid, s.queuer_pid_space, started_at=s.queuer_started_at, last_write=s.updated_at)
+
+
+def _process_gone(pid: int | None, space: str | None, *, started_at: float | None = None,
+                  last_write: float | None = None) -> bool | None:
+    """Whether process ``pid`` (of ``pid_space`` ``space``) is gone: True, also when its pid now names a process
+    that is not it (one started at another time than ``started_at``, or after ``last_write``); False when it
+    runs; None when this cannot be told from this process (another machine or container, no pid or space)."""
+    if pid is None or pid <= 0 or space is None or space != pid_space():
         return None  # no process wrote a pid of 0 or less (a hand-edited file): not checked, not an error
     try:
-        proc = psutil.Process(s.pid)
+        proc = psutil.Process(pid)
         created = proc.create_time()
         if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped by its parent
             return True
@@ -346,8 +402,9 @@ def _writer_gone(s: PersonStatus) -> bool | None:
         return True
     except psutil.Error:  # not allowed to look: say nothing
         return None
+    if started_at is not None:  # the start time it recorded: any other is a later process on the freed pid
+        return abs(created - started_at) > PID_CLOCK_SLACK_S
     # The pid freed by the writer and taken by a later process: that one started after the writer's last write.
-    last_write = s.updated_at if s.updated_at is not None else s.started_at
     return last_write is not None and created > last_write + PID_CLOCK_SLACK_S
 
 
@@ -356,12 +413,22 @@ def check_running(statuses: list[PersonStatus], now: float | None = None,
     """``statuses`` with each ``running`` one whose process is provably gone shown as ``lost`` and, where its
     process cannot be checked from here, each not updated for more than ``stale_after_s`` seconds shown as
     ``stale``, the message saying why (the file is not changed). A process killed (SIGKILL, the OOM killer,
-    a node that died) writes no verdict: its file said ``running`` until a later run touched that person."""
+    a node that died) writes no verdict: its file said ``running`` until a later run touched that person.
+
+    A ``queued`` one whose job dies with the process that queued it (``dies_with_queuer``: the local and Ray
+    backends' driver) is shown ``lost`` when that process is provably gone: the person never starts. A queued
+    file is never ``stale`` (waiting for resources takes as long as it takes), nor judged when its job outlives
+    its queuer (SLURM) or the file does not say (older versions)."""
     if not (stale_after_s > 0):  # also NaN
         raise ValueError(f"stale_after_s must be a positive number of seconds, got {stale_after_s}")
     now = time.time() if now is None else now
     out = []
     for s in statuses:
+        if s.state == "queued" and s.dies_with_queuer and _queuer_gone(s):
+            who = f"process {s.queuer_pid} on {s.queuer_host or 'an unknown host'}"
+            out.append(replace(s, state="lost", message=(
+                f"the launch that queued it is gone ({who}; killed?): it never starts, launch it again")))
+            continue
         if s.state != "running":
             out.append(s)
             continue

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cluster.status import PersonStatus, format_duration, read_status
+from cluster.status import PersonStatus, check_running, format_duration, read_status
 
 
 @contextlib.contextmanager
@@ -47,19 +47,21 @@ def output_to(path: Path | str) -> Iterator[None]:
 
 
 def progress_line(statuses: list[PersonStatus], persons: list[str], since: float, now: float | None = None) -> str:
-    """One line for every person of this run: done / running / queued / failed, steps and ETA.
+    """One line for every person of this run: done / running / queued / lost / stale / failed, steps and ETA.
 
     A status file not written since this stage started (``since``) belongs to an earlier run
-    and counts as queued."""
+    and counts as queued. A running or queued person whose process is gone is counted ``lost`` (one that
+    cannot be checked and is silent for an hour ``stale``), as jobs/status.py shows it (``check_running``)."""
     now = time.time() if now is None else now
-    by_person = {s.person: s for s in statuses if (s.updated_at or 0) >= since}
-    counts = {"done": 0, "running": 0, "queued": 0, "failed": 0}
+    by_person = {s.person: s for s in check_running([s for s in statuses if (s.updated_at or 0) >= since], now=now)}
+    counts = {"done": 0, "running": 0, "queued": 0, "lost": 0, "stale": 0, "failed": 0}
     done_steps: dict[str, int] = {}
     totals: list[int] = []
     rate = 0.0
     for p in persons:
         s = by_person.get(p)
-        key = {"succeeded": "done", "running": "running", "failed": "failed"}.get(s.state if s else "", "queued")
+        key = {"succeeded": "done", "running": "running", "lost": "lost", "stale": "stale",
+               "failed": "failed"}.get(s.state if s else "", "queued")
         counts[key] += 1
         if s is not None and s.total_steps and key != "failed":
             totals.append(s.total_steps)

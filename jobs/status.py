@@ -4,7 +4,10 @@
 
 A person whose status file says ``running`` but whose process is gone (killed: it wrote no verdict) is shown
 as ``lost``; where its process cannot be checked from here (it ran on another machine or in another container),
-one whose file has not been updated for --stale-after seconds is shown as ``stale``.
+one whose file has not been updated for --stale-after seconds is shown as ``stale``. A person still ``queued`` by a
+launch that is gone (its driver killed: SIGKILL, the OOM killer, a lost node) is shown as ``lost`` where its job
+died with the driver (local and Ray backends: it never starts) and the driver can be checked from here; a SLURM job
+outlives its driver and stays ``queued``.
 """
 
 from __future__ import annotations
