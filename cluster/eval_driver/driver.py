@@ -503,8 +503,9 @@ class _Night:
 
 def _save_night(config: EvalDriverConfig, folder: Path, night: RunResults, bad_names: list[str],
                 rendered: list[str], started: float) -> Path:
-    """Merges this run's persons over the night's results.json and saves it, with its key index
-    (`uptodate.write_key_index`), under a lock on the night's folder: two evaluations of one night (a rerun of
+    """Merges this run's persons over the night's results.json and saves it, with its summary (written by
+    `RunResults.save`: what the report reads of a past night) and its key index (`uptodate.write_key_index`),
+    under a lock on the night's folder: two evaluations of one night (a rerun of
     some persons beside the nightly one) each read the file, merged and wrote it, and the later write dropped the
     persons of the earlier one. `rendered`: the persons whose videos and thumbnails that the night no longer
     refers to, written before `started`, are removed."""

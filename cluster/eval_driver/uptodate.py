@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from cluster.eval_driver.tasks import waits_on_driver
 from cluster.report import RunResults, TaskResult
-from cluster.report.schema import RESULTS_FILE, list_runs
+from cluster.report.schema import NIGHT_LOCK, RESULTS_FILE, list_runs
+from cluster.report.summary import results_stamp
 from common.fingerprint import file_digest, json_digest, tree_fingerprint
 from common.io import DataError, atomic_file, atomic_write_json
 from common.locks import AlreadyRunning, exclusive
@@ -42,8 +43,6 @@ EVAL_FORMAT = 2
 #: per-frame numbers (a night of 300 persons: 133 MB, seconds to read) for every person.
 KEY_INDEX = "results.keys.json"
 KEY_INDEX_VERSION = 1
-#: The lock on a night's folder under which results.json (and its key index) are written.
-NIGHT_LOCK = ".results.lock"
 #: Renderer fields that change where or how fast frames render, not what they show.
 _SERVICE_FIELDS = {"batch_wait_timeout_s", "max_ongoing_requests", "num_replicas", "num_cpus", "num_gpus",
                    "metrics_port", "metrics_host"}
@@ -164,21 +163,13 @@ def _reusable(run: RunResults, folder: Path, person: str, key: str) -> bool:
     return _reusable_key(run, person) == key and all((folder / f).is_file() for f in media_files(run.persons[person]))
 
 
-def _stamp(path: Path) -> dict[str, int]:
-    """What tells whether results.json is the file a key index was written from: its size and modification time
-    (a rewrite, by a run of a version without the index or one killed before it wrote the index, changes them; a
-    copy that keeps the times, such as ``cp -a`` of the reports, keeps the index valid with the file)."""
-    st = Path(path).stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def write_key_index(results_path: Path, night: RunResults, stamp: dict[str, int] | None = None) -> None:
     """Write the key index of the night ``night`` that ``results_path`` holds (:data:`KEY_INDEX`, beside it, after
     it): its reusable persons' keys (:func:`reusable_keys`) and the stamp of the results.json they were read from
     (default: its stamp now), so that finding reusable numbers (:func:`find_reusables`) reads this small file
     instead of the night's per-frame numbers. Written after results.json: a run killed between the two leaves an
     index whose stamp does not match, which is ignored."""
-    stamp = _stamp(results_path) if stamp is None else stamp
+    stamp = results_stamp(results_path) if stamp is None else stamp
     atomic_write_json(Path(results_path).with_name(KEY_INDEX),
                       {"version": KEY_INDEX_VERSION, "results": stamp, "keys": reusable_keys(night)})
 
@@ -204,7 +195,7 @@ def read_key_index(results_path: Path) -> dict[str, str] | None:
                     "{person: key}}); reading %s in full", path, KEY_INDEX_VERSION, results_path)
         return None
     try:
-        if stamp != _stamp(results_path):
+        if stamp != results_stamp(results_path):
             log.info("%s: %s was written since its key index; reading it in full", path.parent, RESULTS_FILE)
             return None
     except OSError:  # results.json is gone: the night's load says so
@@ -218,7 +209,7 @@ def _index_night(results_path: Path, night: RunResults, stamp: dict[str, int]) -
     still the file read (``stamp``). Not written (a read-only folder, the lock held) is said in the log only."""
     try:
         with exclusive(Path(results_path).with_name(NIGHT_LOCK), "saving the night's results"):
-            if _stamp(results_path) == stamp:
+            if results_stamp(results_path) == stamp:
                 write_key_index(results_path, night, stamp)
     except (AlreadyRunning, OSError) as e:
         log.info("%s: no key index written (%s); the night is read in full when looked up", results_path, e)
@@ -242,7 +233,7 @@ def find_reusables(reports_root: Path, run_date: str, wanted: dict[str, str]) ->
         if keys is not None and not any(keys.get(p) == k for p, k in left.items()):
             continue
         try:
-            stamp = _stamp(path) if keys is None else None
+            stamp = results_stamp(path) if keys is None else None
             run = RunResults.load(path)
         except (DataError, OSError) as e:
             log.warning("not reusing results from %s: %s", path, e)

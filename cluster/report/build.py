@@ -18,9 +18,19 @@ from pathlib import Path
 from cluster.report.aggregate import RunSummary, summarize
 from cluster.report.metric_labels import metric_label
 from cluster.report.plots import trend_plot
-from cluster.report.schema import EVAL_FORMAT_KEY, RunResults, TaskResult, list_runs, parse_run_date, run_dir
+from cluster.report.schema import (
+    EVAL_FORMAT_KEY,
+    NIGHT_LOCK,
+    RunResults,
+    TaskResult,
+    list_runs,
+    parse_run_date,
+    run_dir,
+)
+from cluster.report.summary import results_stamp, summary_night, write_summary
 from cluster.report.template import PAGE
 from common.io import DataError, atomic_file, atomic_write_bytes, atomic_write_json
+from common.locks import AlreadyRunning, exclusive
 
 log = logging.getLogger(__name__)
 REPORT_VERSION = 1
@@ -148,8 +158,11 @@ def load_history(reports_root: Path, until: str, max_history: int) -> tuple[list
     ignored.
 
     The nights are read newest first until ``max_history`` have read: older ones are not opened (every night ever
-    written was read, a year of 300-person nights an hour and ~80 GB). Only the night `until` keeps its per-frame
-    values (``report.json`` has them); the others' are checked, not kept (:meth:`RunResults.load` ``per_frame``).
+    written was read, a year of 300-person nights an hour and ~80 GB). Only the night `until` is read in full, with
+    its per-frame values (``report.json`` has them); the others are read from their summaries
+    (:meth:`RunResults.load_summary`: a night of 300 persons is 133 MB of JSON, its summary well under 1 MB), and
+    in full (their per-frame values checked, not kept: :meth:`RunResults.load` ``per_frame``) when theirs is not
+    usable (:func:`_past_night`): the same numbers, the same damaged entries.
     A night whose file does not read as a whole (not JSON, another schema version, a wrong date) is left out,
     and the night before it is read in its place (the night `until` is an error); one malformed person or task
     entry does not take its night's other persons down, in any night alike: the task counts as failed, the person
@@ -162,7 +175,7 @@ def load_history(reports_root: Path, until: str, max_history: int) -> tuple[list
         if len(runs) == max_history:
             break
         try:
-            run = RunResults.load(path, salvage=True, per_frame=path.parent.name == until)
+            run = RunResults.load(path, salvage=True) if path.parent.name == until else _past_night(path)
         except DataError as e:
             if path.parent.name == until:
                 raise
@@ -173,6 +186,37 @@ def load_history(reports_root: Path, until: str, max_history: int) -> tuple[list
             log.warning("malformed entry: %s", d)
         runs.append(run)
     return runs[::-1], ignored[::-1]
+
+
+def _past_night(path: Path) -> RunResults:
+    """A past night of the trends (the results file ``path``) without its per-frame values: from its summary when it
+    has one that matches, else read in full (a DataError when it does not read) and, when it read without a
+    malformed entry, its summary written for the next reports (:func:`_write_summary`)."""
+    run = RunResults.load_summary(path)
+    if run is not None:
+        return run
+    try:
+        stamp = results_stamp(path)
+    except OSError:  # the full read names it
+        stamp = None
+    run = RunResults.load(path, salvage=True, per_frame=False)
+    if stamp is not None and not run.damaged:  # a damaged night's summary would not name its damage: read in full
+        _write_summary(path, run, stamp)
+    return run
+
+
+def _write_summary(path: Path, run: RunResults, stamp: dict[str, int]) -> None:
+    """Write the summary of the night ``run`` read in full from ``path`` (whose stamp was ``stamp`` before it was
+    read), so that later reports read it instead: under the night's lock (not waiting for an evaluation saving it)
+    and only when ``path`` is still the file read. The runs folder is the evaluation's: a report that cannot write
+    there (another user's, read-only) or finds the lock held says so in the log only, and reads the night in full
+    the next time too."""
+    try:
+        with exclusive(path.with_name(NIGHT_LOCK), "saving the night's results"):
+            if results_stamp(path) == stamp:
+                write_summary(path, summary_night(run.to_json()), stamp)
+    except (AlreadyRunning, OSError) as e:
+        log.info("%s: no summary written (%s); the night is read in full by the next report too", path, e)
 
 
 def build_report(config: ReportConfig) -> Path:

@@ -3,6 +3,8 @@
 Layout of one nightly run (paths inside results.json are relative to the run folder)::
 
     <reports_root>/runs/<YYYY-MM-DD>/results.json
+    <reports_root>/runs/<YYYY-MM-DD>/results.summary.json  (written with it: the night without its per-frame
+                                                            values, see cluster.report.summary)
     <reports_root>/runs/<YYYY-MM-DD>/videos/<person>/<task>-<key>.mp4  (optional; <key>: the evaluation key's start)
     <reports_root>/runs/<YYYY-MM-DD>/thumbnails/<person>/<task>-<key>.png  (optional)
 
@@ -43,17 +45,24 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from common.io import DataError, atomic_write_json
+from cluster.report.summary import read_summary, results_stamp, summary_night, write_summary
+from common.io import DataError, atomic_file
 from common.names import PERSON_ID_RE, PERSON_ID_RULE
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 RUNS_DIR = "runs"
+#: The lock on a night's folder under which its results.json (and the files beside it that index or summarise it)
+#: are written (``cluster.eval_driver.uptodate.NIGHT_LOCK`` is the same file).
+NIGHT_LOCK = ".results.lock"
 
 
 def _finite(x: Any) -> float | None:
@@ -328,14 +337,45 @@ class RunResults:
             raise DataError(path, f"run_date {results.run_date} does not match its folder name {path.parent.name}")
         return results
 
+    @classmethod
+    def load_summary(cls, path: Path) -> "RunResults | None":
+        """The night of the results file ``path`` without its per-frame values, read from its summary
+        (:mod:`cluster.report.summary`): what :meth:`load` with ``salvage`` and ``per_frame`` False reads of it, or
+        None when the summary is not usable: none, damaged, not matching ``path`` (written since), or a night that
+        does not read as a whole or has a malformed entry (all read in full, by :meth:`load`, which names them)."""
+        path = Path(path)
+        night = read_summary(path)
+        if night is None:
+            return None
+        try:
+            results = cls.from_json(night, path, per_frame=False)  # no salvage: a damaged night is read in full
+            if path.parent.name != results.run_date:
+                raise DataError(path, f"run_date {results.run_date} does not match its folder name")
+            with open(path, "rb"):  # the night's file can be read (not a folder, permissions), as by load
+                pass
+        except (DataError, OSError) as e:
+            log.info("%s: not read from its summary (%s); reading it in full", path, e)
+            return None
+        return results
+
     def save(self, reports_root: Path) -> Path:
-        """Atomically write `<reports_root>/runs/<run_date>/results.json` and return its path."""
+        """Atomically write `<reports_root>/runs/<run_date>/results.json` and return its path, then its summary
+        beside it (:mod:`cluster.report.summary`, stamped with the file written: a save killed between the two, or
+        another writer's results.json, leaves a summary that does not match, which is not used); a summary not
+        written (a full disk) is a warning: the report then reads the night in full."""
         for person, tasks in self.persons.items():
             _check_name(person, "person", "<RunResults>")
             for task in tasks:
                 _check_name(task, "task", "<RunResults>")
         path = run_dir(reports_root, self.run_date) / RESULTS_FILE
-        atomic_write_json(path, self.to_json())
+        obj = self.to_json()
+        with atomic_file(path) as tmp:
+            tmp.write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+            stamp = results_stamp(tmp)  # the renamed file keeps its size and time
+        try:  # in the file's order: averages over tasks add them in the order they are read
+            write_summary(path, json.loads(json.dumps(summary_night(obj), sort_keys=True)), stamp)
+        except OSError as e:
+            log.warning("%s: summary not written (%s); the report reads the night in full", path, e)
         return path
 
 
