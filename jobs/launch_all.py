@@ -113,6 +113,10 @@ class LaunchAllArgs:
     """Render the evaluation set of every trained person and write the nightly report."""
     eval_inference_steps: int = 20
     """Sampling steps of the evaluation renders (DDPM; the paper's 20)."""
+    eval_max_frames_per_clip: int | None = None
+    """The evaluation scores at most this many frames of each sequence, its first ones (render_eval
+    --max-frames-per-clip: a cheaper nightly check; the nights are recorded as another evaluation format); None:
+    every frame, the paper's protocol."""
     eval_parallel_persons: int = 2
     """Persons the evaluation renders at the same time, and replicas of its one Serve renderer
     application (each replica loads the persons it is sent): one person thread more runs, so while a
@@ -395,7 +399,8 @@ def _evaluate(args: LaunchAllArgs, persons: list[str]):
                                   # compiled code (CUDA) shared by every replica and night
                                   pipeline=RenderOptions(precision=args.train.precision,
                                                          compile_cache=(args.workdir / "compile-cache").resolve())),
-                              lpips_weights=Path(args.train.lpips_weights), force=args.force)
+                              lpips_weights=Path(args.train.lpips_weights), force=args.force,
+                              max_frames_per_clip=args.eval_max_frames_per_clip)
     return run_evaluation(config)
 
 
@@ -450,6 +455,9 @@ def check_options(args: LaunchAllArgs) -> str | None:
         (args.eval_parallel_persons >= 1,
          f"--eval-parallel-persons must be at least 1, got {args.eval_parallel_persons}"),
         (args.eval_inference_steps >= 1, f"--eval-inference-steps must be at least 1, got {args.eval_inference_steps}"),
+        (args.eval_max_frames_per_clip is None or args.eval_max_frames_per_clip >= 1,
+         f"--eval-max-frames-per-clip must be at least 1 (leave it out for every frame), got "
+         f"{args.eval_max_frames_per_clip}"),
         (args.max_retries >= 0, f"--max-retries must be 0 or more, got {args.max_retries}"),
         (_finite(args.job_cpus, 0, strict=True), f"--job-cpus must be a positive number, got {args.job_cpus}"),
         (args.job_gpus is None or _finite(args.job_gpus, 0, strict=False),

@@ -45,10 +45,10 @@ from cluster.eval_driver.person import merge_evaluations as merge_evaluations  #
 from cluster.eval_driver.person import video_fps as video_fps  # public path
 from cluster.eval_driver.tasks import TASKS, waits_on_driver
 from cluster.eval_driver.uptodate import (
-    EVAL_FORMAT,
     NIGHT_LOCK,
     adopt,
     base_problem,
+    eval_format_label,
     evaluation_key,
     find_reusables,
     media_files,
@@ -143,6 +143,12 @@ class EvalDriverConfig:
     force: bool = False
     """Render and score every person even when its stored evaluation is up to date (same model,
     base, data and settings; see cluster.eval_driver.uptodate)."""
+    max_frames_per_clip: int | None = None
+    """Score at most this many frames of each sequence, its first ones (a clip stays continuous, so JOD and the
+    videos still see motion): a nightly check of many persons at a fraction of the cost (a real person's novel-view
+    set is ~20 sequences x ~240 frames). None: every frame, the paper's protocol. Such a night's numbers are recorded
+    as another evaluation format (``eval_format``: "<version>, at most N frames per sequence"), so the report names
+    the nights of the trend that were computed otherwise."""
 
     def __post_init__(self) -> None:
         # refused here, when the command line is parsed (exit code 2), not after Ray started and persons rendered
@@ -172,6 +178,9 @@ class EvalDriverConfig:
             raise ValueError(f"--frame-timeout-s must be a number of seconds > 0, got {self.frame_timeout_s}")
         if self.parallel_persons < 1:
             raise ValueError(f"--parallel-persons must be >= 1, got {self.parallel_persons}")
+        if self.max_frames_per_clip is not None and self.max_frames_per_clip < 1:
+            raise ValueError(f"--max-frames-per-clip must be at least 1 (leave it out for every frame), got "
+                             f"{self.max_frames_per_clip}")
         if not (math.isfinite(self.fps) and self.fps > 0 and math.isfinite(self.video_min_fps)
                 and self.video_min_fps > 0):
             raise ValueError(f"fps ({self.fps}) and video_min_fps ({self.video_min_fps}) must be > 0")
@@ -463,7 +472,8 @@ class _Night:
             self.failed[person] = why
             log.error("%s: %s", person, why)
         stamp = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-        entry = {"run_id": self.results.meta["run_id"], "evaluated_at": stamp, EVAL_FORMAT_KEY: str(EVAL_FORMAT)}
+        entry = {"run_id": self.results.meta["run_id"], "evaluated_at": stamp,
+                 EVAL_FORMAT_KEY: eval_format_label(self.config)}
         if person in self.keys and person not in self.failed and not any(waits_on_driver(r) for r in results.values()):
             entry["key"] = self.keys[person]
         self.results.evaluations[person] = entry

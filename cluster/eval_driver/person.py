@@ -365,11 +365,11 @@ class EvalRun:
             return self._stores[person]
 
     def task_frames(self, person: str, task: str, driver: str | None, resolution: int) -> TaskFrames:
-        store, shards = self.store(person), self.config.shards
+        store, shards, most = self.store(person), self.config.shards, self.config.max_frames_per_clip
         if task == "self_reenactment":
-            return self_reenactment(store, shards, resolution)
+            return self_reenactment(store, shards, resolution, most)
         if task == "novel_view":
-            return novel_view(store, shards, resolution)
+            return novel_view(store, shards, resolution, most)
         if driver is None:
             raise TaskSkipped(f"cross-reenactment of {person} needs a second person to drive it; "
                               f"only {person} is evaluated")
@@ -377,7 +377,7 @@ class EvalRun:
             driver_store = self.store(driver)
         except DATA_ERRORS as e:
             raise driver_unusable(person, driver, e) from None
-        return cross_reenactment(store, driver_store, shards, resolution)
+        return cross_reenactment(store, driver_store, shards, resolution, max_frames=most)
 
     def render_slot(self) -> RenderSlot:
         """Wait for one of the ``--parallel-persons`` render slots."""

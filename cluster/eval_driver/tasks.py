@@ -131,9 +131,9 @@ def open_store(stores: Path, person: str) -> PersonStore:
 
 
 def shard_clips(shards: Path, person: str, split: str, resolution: int, serial: str | None,
-                sequence_order: list[str]) -> list[LazyClip]:
-    """Clips (one per sequence) of a person's shard split, optionally only one camera; their frames are read when
-    each is loaded."""
+                sequence_order: list[str], max_frames: int | None = None) -> list[LazyClip]:
+    """Clips (one per sequence) of a person's shard split, optionally only one camera, each of at most `max_frames`
+    frames (its first ones; None: all); their frames are read when each is loaded."""
     paths = shard_paths(shards, person, split)
     if not paths:
         raise DataError(Path(shards) / person / MANIFEST, f"no '{split}' shards for person {person}")
@@ -146,7 +146,7 @@ def shard_clips(shards: Path, person: str, split: str, resolution: int, serial: 
     order = {s: k for k, s in enumerate(sequence_order)}
     clips = []
     for seq in sorted(picked, key=lambda s: (order.get(s, len(order)), s)):
-        frames = sorted(picked[seq])
+        frames = sorted(picked[seq])[:max_frames]
         clips.append(LazyClip(seq, [key for _, _, key in frames],
                               lambda seq=seq, index=[i for _, i, _ in frames]: _read_clip(ds, seq, index)))
     return clips
@@ -163,9 +163,9 @@ def _read_clip(ds: ShardDataset, sequence: str, index: list[int]) -> Clip:
     )
 
 
-def self_reenactment(store: PersonStore, shards: Path, resolution: int) -> TaskFrames:
+def self_reenactment(store: PersonStore, shards: Path, resolution: int, max_frames: int | None = None) -> TaskFrames:
     camera = store.attrs["held_out_camera"]
-    clips = shard_clips(shards, store.person, "test_seq", resolution, camera, store.sequences)
+    clips = shard_clips(shards, store.person, "test_seq", resolution, camera, store.sequences, max_frames)
     if not clips:
         raise DataError(Path(shards) / store.person / MANIFEST,
                         f"no held-out sequence frames from the held-out camera {camera} in the test_seq shards")
@@ -173,8 +173,8 @@ def self_reenactment(store: PersonStore, shards: Path, resolution: int) -> TaskF
                       notes=[f"held-out sequences {', '.join(c.sequence for c in clips)} from camera {camera}"])
 
 
-def novel_view(store: PersonStore, shards: Path, resolution: int) -> TaskFrames:
-    clips = shard_clips(shards, store.person, "test_cam", resolution, None, store.sequences)
+def novel_view(store: PersonStore, shards: Path, resolution: int, max_frames: int | None = None) -> TaskFrames:
+    clips = shard_clips(shards, store.person, "test_cam", resolution, None, store.sequences, max_frames)
     if not clips:
         raise DataError(Path(shards) / store.person / MANIFEST, "the test_cam shards hold no frames")
     return TaskFrames(store.person, "novel_view", clips, True,
@@ -249,7 +249,7 @@ def waits_on_driver(result: TaskResult) -> bool:
 
 
 def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Path, resolution: int,
-                      driver_clips: list[Clip | LazyClip] | None = None) -> TaskFrames:
+                      driver_clips: list[Clip | LazyClip] | None = None, max_frames: int | None = None) -> TaskFrames:
     """`store.person`'s avatar driven by `driver_store.person`'s held-out expression codes."""
     from shards.synthetic.generate import PersonModel, stable_seed
 
@@ -264,7 +264,7 @@ def cross_reenactment(store: PersonStore, driver_store: PersonStore, shards: Pat
                           f"({driver_store.expression_dim} vs {store.expression_dim})")
     if driver_clips is None:
         try:
-            driver_clips = self_reenactment(driver_store, shards, resolution).clips
+            driver_clips = self_reenactment(driver_store, shards, resolution, max_frames).clips
         except DATA_ERRORS as e:
             raise driver_unusable(a, b, e) from None
     person_model = PersonModel.build(synth, a)

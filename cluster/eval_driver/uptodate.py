@@ -52,13 +52,23 @@ def _optional_file(path: Path | None) -> str | None:
     return file_digest(path) if path is not None and Path(path).is_file() else None
 
 
+def eval_format_label(config: EvalDriverConfig) -> str:
+    """What a person's evaluation records as its format (``eval_format``): :data:`EVAL_FORMAT`, and the frames it
+    scored when they were a subset (``--max-frames-per-clip``): the report names the nights of another format in
+    the trend, whose numbers were computed otherwise."""
+    if config.max_frames_per_clip is None:
+        return str(EVAL_FORMAT)
+    return f"{EVAL_FORMAT}, at most {config.max_frames_per_clip} frames per sequence"
+
+
 def settings_digest(config: EvalDriverConfig) -> dict:
-    """The evaluation settings that change its numbers or videos."""
+    """The evaluation settings that change its numbers or videos (``max_frames_per_clip`` only when set: the keys
+    of the evaluations of every frame, stored before it existed, stay valid)."""
     renderer = {k: v for k, v in dataclasses.asdict(config.renderer).items() if k not in _SERVICE_FIELDS}
     if isinstance(renderer.get("pipeline"), dict):
         renderer["pipeline"].pop("compile_cache", None)  # where compiled code is kept, not what it renders
     lpips = {"lpips", "lpips_face"} & set(config.metrics)  # both use the LPIPS weights
-    return {
+    settings = {
         "tasks": list(config.tasks), "metrics": list(config.metrics), "seed": config.seed, "renderer": renderer,
         "fps": config.fps, "video_min_seconds": config.video_min_seconds, "video_min_fps": config.video_min_fps,
         "eval_device": config.eval_device,
@@ -66,6 +76,9 @@ def settings_digest(config: EvalDriverConfig) -> dict:
         "landmark_model": _optional_file(config.landmark_model),
         "face_id_model": _optional_file(config.face_id_model),
     }
+    if config.max_frames_per_clip is not None:
+        settings["max_frames_per_clip"] = config.max_frames_per_clip
+    return settings
 
 
 def data_digest(shards: Path, stores: Path, person: str) -> str:
