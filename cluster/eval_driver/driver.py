@@ -438,8 +438,13 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
             night.finished(person)
             night.save_if_due()
 
-        frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds,
-                                      app=f"avatars-{run_id}", media_tags=tags, on_done=done)
+        try:
+            frames_rendered = _render_all(config, folder, todo, drivers, results, failed, person_seconds,
+                                          app=f"avatars-{run_id}", media_tags=tags, on_done=done)
+        except BaseException:  # stopped (SIGTERM at a SLURM time limit, Ctrl-C, a crash): the persons finished since
+            if night.recorded:  # the last save are kept, the next run renders only the rest (none finished: bad
+                night.save()  # input found before any rendered, such as metric networks that did not load)
+            raise
         for p in todo:  # a stand-in for _render_all (the tests') fills `results` without saying so
             if p not in night.recorded:
                 night.finished(p)
@@ -574,9 +579,14 @@ def evaluate_persons(run: EvalRun, handle, persons: list[str], drivers: dict[str
         finally:
             person_seconds[person] = time.time() - t
 
-    with ThreadPoolExecutor(run.config.parallel_persons + 1, thread_name_prefix="eval") as pool:
+    pool = ThreadPoolExecutor(run.config.parallel_persons + 1, thread_name_prefix="eval")
+    try:
         for done in as_completed([pool.submit(one, p) for p in persons]):
             yield done.result()
+    except BaseException:  # stopped (SIGTERM at a time limit, Ctrl-C): the persons not started stay so, and the
+        pool.shutdown(wait=False, cancel_futures=True)  # caller saves the finished ones without waiting for the rest
+        raise
+    pool.shutdown()
 
 
 def _render_all(config: EvalDriverConfig, folder: Path, todo: list[str], drivers: dict[str, str | None],
