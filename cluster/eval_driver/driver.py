@@ -6,7 +6,7 @@ compute the metrics, write comparison videos, results.json and the HTML report.
 One renderer application serves every person of the run (`cluster.serve.deployment`: each
 replica loads a person's model on its first request, so a replica's start is paid once, not per
 person). Per person (a thread each; `person.EvalRun`): build the task frames (see `tasks`), send
-every frame as one request addressed to the person (`person.BATCHES_IN_FLIGHT` batches of them in flight at a
+every frame as one request addressed to the person (`stream.BATCHES_IN_FLIGHT` batches of them in flight at a
 time, so the replicas batch them; the next sent as one comes back), then evaluate and write
 `<reports_root>/runs/<date>/videos/<person>/<task>-<key>.mp4`; the application is deleted at the end. The
 metric networks load while Ray starts and the renderer deploys; one that does not load (`MetricsUnavailable`)
@@ -16,7 +16,7 @@ frames are scored the next person's already render.
 A person without a trained model, or whose data, model or rendering fails, is recorded as failed
 in results.json with the reason; the others go on: a person whose model load or a frame does not come back
 within `frame_timeout_s` fails with `FrameTimeout` (its frames cancelled), and the frames lost with a replica
-that died are sent again once (`person.REPLICA_LOST_RETRIES`; the person fails with `ReplicaLost` when they are
+that died are sent again once (`stream.REPLICA_LOST_RETRIES`; the person fails with `ReplicaLost` when they are
 lost again). A person any of whose tasks failed (its data) is
 failed too (the summary, the exit code), its other tasks keep their numbers. results.json (and its key index, see
 `uptodate`) is written atomically while persons render, with those finished so far (about once a minute: a run
