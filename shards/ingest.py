@@ -143,7 +143,8 @@ def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -
     `alpha_value_problem`: read from the pixels decoded here, no second decode)."""
     for p, what in ((path, "image"), (alpha_path, "alpha map")):
         if not p.is_file():
-            raise DataError(p, f"{what} is missing")
+            raise DataError(p, f"{what} is missing" if not p.exists() else
+                               f"{what} is not a regular file (a folder, a pipe or a device)")
         try:
             with Image.open(p) as im:
                 im.load()

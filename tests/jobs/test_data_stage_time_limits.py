@@ -91,3 +91,4 @@ def test_an_item_time_limit_that_is_no_positive_number_is_refused(limit, tmp_pat
         PreprocessArgs(item_timeout_s=limit)
     problem = check_options(LaunchAllArgs(workdir=tmp_path, data_item_timeout_s=limit))
     assert problem is not None and problem.startswith("--data-item-timeout-s must be a positive number of seconds")
+

@@ -546,3 +546,13 @@ def test_a_person_list_that_names_no_person_is_refused(tiny_captures, tmp_path, 
     assert exit_.value.code == 2 and err.endswith("error: --persons ' , ' names no person (give 'all' or "
                                                   "comma-separated ids, e.g. 017,018)\n"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_that_is_no_regular_file_is_named_so(capture_copy, tmp_path):
+    """A pipe or a folder where an image should be was reported as "image is missing"."""
+    cap = PersonCapture(capture_copy, "000")
+    seq, t, serial = _first(cap)
+    cap.image_path(seq, t, serial).unlink()
+    cap.image_path(seq, t, serial).mkdir()
+    with pytest.raises(DataError, match="image is not a regular file"):
+        ingest_person(capture_copy, "000", tmp_path / "zarr", CFG)
