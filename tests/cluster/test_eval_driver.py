@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from renderer_stand_ins import Response
 
 from avatars.configs import tiny_config
 from avatars.models import DiffusionAvatarsModel
@@ -379,17 +380,6 @@ def test_an_avatar_is_not_rendered_on_a_base_it_was_not_trained_on(tiny_data, tm
     assert all("base it was not trained on" in t.skipped["task"] for t in results.persons["000"].values())
 
 
-class _FakeResponse:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self, timeout_s=None):
-        return self.value
-
-    def cancel(self):
-        pass
-
-
 class _FakeRenderer:
     """What `EvalRun` calls on a person's renderer handle, without Ray: `info` fails for person
     "bad" (a corrupt checkpoint) and records when each person's rendering starts."""
@@ -407,9 +397,9 @@ class _FakeRenderer:
                 from cluster.serve.deployment import ModelLoadError
 
                 raise ModelLoadError("bad", "/runs/bad/model", "corrupt")
-            return _FakeResponse({"resolution": 4})
+            return Response({"resolution": 4})
         self.started[self.person].set()
-        return _FakeResponse(RenderResult(np.zeros((4, 4, 3), np.float32), request.key, 1, 0.0))
+        return Response(RenderResult(np.zeros((4, 4, 3), np.float32), request.key, 1, 0.0))
 
 
 @pytest.mark.timeout(60)
@@ -493,7 +483,7 @@ def test_frames_already_sent_are_cancelled_when_a_later_task_of_the_person_raise
 
     sent = []
 
-    class Response(_FakeResponse):
+    class Cancellable(Response):
         def __init__(self):
             super().__init__(None)
             self.cancelled = False
@@ -507,7 +497,7 @@ def test_frames_already_sent_are_cancelled_when_a_later_task_of_the_person_raise
             return Renderer(multiplexed_model_id, self.started)
 
         def remote(self, request=None):
-            return _FakeResponse({"resolution": 4}) if request is None else Response()
+            return Response({"resolution": 4}) if request is None else Cancellable()
 
     run.task_frames = task_frames
     assert config.tasks[-1] == "cross_reenactment"

@@ -9,41 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from renderer_stand_ins import GreyRenderer
 
 from avatars.data import shard_dataset
 from avatars.evaluation.metrics import Evaluator
 from cluster.eval_driver import EvalDriverConfig
 from cluster.eval_driver.person import EvalRun
 from cluster.eval_driver.tasks import DRIVER_UNUSABLE, Clip, LazyClip, TaskFrames, driver_unusable
-from cluster.serve.renderer import RendererConfig, RenderResult
+from cluster.serve.renderer import RendererConfig
 from common.io import DataError
 from shards.testing import TINY, build_tiny
-
-
-class _Response:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self, timeout_s=None):
-        return self.value
-
-    def cancel(self):
-        pass
-
-
-class _Renderer:
-    """A person's renderer handle without Ray: renders every frame mid-grey, at the request's size."""
-
-    def __init__(self, resolution: int):
-        self.resolution, self.info = resolution, self
-
-    def options(self, multiplexed_model_id):
-        return self
-
-    def remote(self, request=None):
-        if request is None:  # the info call
-            return _Response({"resolution": self.resolution})
-        return _Response(RenderResult(np.full((*request.size, 3), 0.45, np.float32), request.key, 1, 0.0))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +57,7 @@ def test_a_persons_frames_are_read_a_clip_at_a_time_as_they_render(longer_data, 
     frames = run.task_frames("000", "novel_view", None, 32)
     assert reads[0] == 0 and [c.frames for c in frames.clips] == [6, 6, 6]  # the keys only
 
-    results = run.person(_Renderer(32), "000", None)
+    results = run.person(GreyRenderer(32), "000", None)
     assert {t: r.frames for t, r in results.items()} == {"self_reenactment": 6, "novel_view": 18}
     assert all(r.metrics["psnr"] is not None for r in results.values())
     assert reads[0] == scored[0] == 24 and run.frames_rendered == 24
@@ -127,7 +102,7 @@ def test_a_clip_that_does_not_read_when_its_turn_comes_fails_its_task_only(tmp_p
              "novel_view": [lazy(_clip("d", 3)), lazy(_clip("e", 2))]}
     run.task_frames = lambda person, task, driver, resolution: TaskFrames(person, task, tasks[task], True)
 
-    results = run.person(_Renderer(8), "000", None)
+    results = run.person(GreyRenderer(8), "000", None)
     first, second = results["self_reenactment"], results["novel_view"]
     if broken == "data":
         assert first.failed and first.skipped["task"] == f"failed: {shard}: corrupt sample 000/b/frame_00000/cam_1"

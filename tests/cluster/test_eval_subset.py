@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from renderer_stand_ins import GreyRenderer
 
 from cluster.eval_driver import EvalDriverConfig, run_evaluation
 from cluster.eval_driver.tasks import cross_reenactment, novel_view, open_store, parse_key, self_reenactment
 from cluster.eval_driver.uptodate import EVAL_FORMAT, eval_format_label, settings_digest
 from cluster.report import RunResults
 from cluster.report.build import other_format_nights
-from cluster.serve.renderer import RenderResult
 from common.fingerprint import json_digest
 from jobs.launch_all import LaunchAllArgs, check_options
 from shards.testing import TINY
@@ -55,33 +55,6 @@ def test_a_subset_of_no_frames_is_refused(tmp_path, value):
     assert problem is not None and problem.startswith("--eval-max-frames-per-clip must be at least 1")
 
 
-class _Response:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self, timeout_s=None):
-        return self.value
-
-    def cancel(self):
-        pass
-
-
-class _Renderer:
-    """The renderer application's handle without Ray: every frame mid-grey, at the request's size."""
-
-    def __init__(self):
-        self.info, self.sent = self, 0
-
-    def options(self, multiplexed_model_id):
-        return self
-
-    def remote(self, request=None):
-        if request is None:
-            return _Response({"resolution": R})
-        self.sent += 1
-        return _Response(RenderResult(np.full((*request.size, 3), 0.45, np.float32), request.key, 1, 0.0))
-
-
 def test_a_subset_night_renders_the_first_frames_and_is_named_in_the_trend(tiny_dataset, tmp_path, monkeypatch):
     """Through the driver (a stand-in renderer, the real task frames and metrics): each clip scores its first frame
     only, the night records the subset as its format, and a report over it and a full night names it."""
@@ -91,7 +64,7 @@ def test_a_subset_night_renders_the_first_frames_and_is_named_in_the_trend(tiny_
     _, stores, shards = tiny_dataset
     (tmp_path / "runs" / "000" / "model").mkdir(parents=True)
     (tmp_path / "runs" / "000" / "model" / "config.json").write_text("{}")
-    renderer = _Renderer()
+    renderer = GreyRenderer(R)
     monkeypatch.setattr(driver, "_base_problem", lambda *a: None)
     # the model, base and data parts of the key are stood in for; its settings part is the real one: the full
     # night's evaluation is not reused for the subset night
