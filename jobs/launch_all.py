@@ -357,7 +357,10 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None, ray
                                   lpips_weights=Path(args.train.lpips_weights).resolve(),
                                   # with --compile only the first job of a torch version and GPU kind compiles
                                   compile_cache=Path(args.train.compile_cache
-                                                     or args.workdir / "compile-cache" / "train").resolve())
+                                                     or args.workdir / "compile-cache" / "train").resolve(),
+                                  # with --train.metrics-port each training's exporter is found by Prometheus'
+                                  # file_sd (cluster/monitoring/prometheus.yml) in <workdir>/monitoring/targets
+                                  metrics_targets_dir=_metrics_targets_dir(args))
     kwargs = {"options": options, "shards": (args.workdir / "shards").resolve(),
               "out": (args.workdir / "runs").resolve()}
     logs = None if args.verbose else (args.workdir / "logs").resolve()
@@ -375,6 +378,13 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None, ray
 
     with TrainingProgress(status_dir(args), persons):
         return run_all(jobs, _backend_config(args, status_dir(args)))
+
+
+def _metrics_targets_dir(args: LaunchAllArgs) -> Path | None:
+    """--train.metrics-targets-dir as given, else <workdir>/monitoring/targets when --train.metrics-port is set."""
+    if args.train.metrics_targets_dir is not None:
+        return Path(args.train.metrics_targets_dir).resolve()
+    return (args.workdir / "monitoring" / "targets").resolve() if args.train.metrics_port is not None else None
 
 
 def _stage(number: int, text: str) -> None:

@@ -128,6 +128,12 @@ class TrainOptions:
     """Address the Prometheus exporter listens on: loopback by default; the node's address (or 0.0.0.0) when a
     Prometheus on another machine scrapes it. A host name or IP address, without a port (that is
     --metrics-port)."""
+    metrics_targets_dir: Path | None = None
+    """Folder where the bound exporter is written as a Prometheus file_sd target (``training-<person>.json``,
+    labels person and component; removed when the run ends or fails) for the ``file_sd_configs`` jobs of
+    cluster/monitoring/prometheus.yml: a folder the Prometheus reads (shared on a cluster). A wildcard
+    --metrics-host is written as the node's name. Needs --metrics-port; None: nothing is written (launch_all: its
+    <workdir>/monitoring/targets when --train.metrics-port is set). A folder that cannot be written is a warning."""
     lpips_weights: Path = LPIPS_WEIGHTS
     """LPIPS AlexNet weights for validation (written by setup.sh into the checkout's weights/; the default is that
     file's absolute path, so it is found from any working directory); validation reports PSNR only if absent.
@@ -141,6 +147,9 @@ class TrainOptions:
         check_decay(self.ema_decay)
         check_counts(self)
         check_metrics_address(self.metrics_port, self.metrics_host)
+        if self.metrics_targets_dir is not None and self.metrics_port is None:
+            raise ValueError(f"{_flag('metrics_targets_dir')} needs {_flag('metrics_port')}: without an exporter "
+                             "there is no target to write")
         # the model's own rules (ablation combinations, ranges), here and not in each trainer's set-up: there they
         # failed every person after the data and base stages, and after --resume never had cleared the run
         self.model.validate()
@@ -207,8 +216,9 @@ def check_metrics_address(port: int | None, host: str) -> None:
 #: random base is rebuilt from --seed), so a checkpoint continues only with its own values of them.
 RESUMABLE_FIELDS = frozenset({
     "steps", "checkpoint_every", "keep_last", "resume", "validate_every", "val_samples", "val_inference_steps",
-    "log_every", "num_workers", "metrics_port", "metrics_host", "lpips_weights", "precision", "memory_format",
-    "compile", "compile_cache", "latent_cache_mib", "ema_decay", "base_model", "person", "shards", "out"})
+    "log_every", "num_workers", "metrics_port", "metrics_host", "metrics_targets_dir", "lpips_weights", "precision",
+    "memory_format", "compile", "compile_cache", "latent_cache_mib", "ema_decay", "base_model", "person", "shards",
+    "out"})
 
 
 #: The key of the training data's digest (shards.writer.split_digest of the person's 'train' shards) in the options a

@@ -45,7 +45,7 @@ KEY_INDEX = "results.keys.json"
 KEY_INDEX_VERSION = 1
 #: Renderer fields that change where or how fast frames render, not what they show.
 _SERVICE_FIELDS = {"batch_wait_timeout_s", "max_ongoing_requests", "num_replicas", "num_cpus", "num_gpus",
-                   "metrics_port", "metrics_host"}
+                   "metrics_port", "metrics_host", "metrics_targets_dir"}
 
 
 def _optional_file(path: Path | None) -> str | None:

@@ -7,12 +7,14 @@ gets (``avatars.training.default_callbacks``).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from prometheus_client import CollectorRegistry
 
 from avatars.training import TrainConfig, TrainerCallback, default_callbacks
 from cluster.monitoring.metrics import Exporter, TrainingMetrics, start_exporter_in_range
+from cluster.monitoring.targets import register, unregister
 from cluster.status import StatusReporter
 
 
@@ -33,11 +35,16 @@ class PrometheusCallback(TrainerCallback):
 
     The bound port is logged as a ``{"step", "metrics_port"}`` record (``{"step", "metrics_error"}`` without one).
     A registry per run: a Ray worker process may train several persons one after another.
+    With ``targets_dir`` the bound exporter is written there as Prometheus target ``training-<person>.json``
+    (``training-<person>-rank<r>.json`` for each process of a data-parallel run; :mod:`cluster.monitoring.targets`,
+    labels person, component and rank) and removed as the exporter stops.
     """
 
-    def __init__(self, first_port: int, host: str = "127.0.0.1"):
+    def __init__(self, first_port: int, host: str = "127.0.0.1", targets_dir: Path | None = None):
         self.first_port = first_port
         self.host = host
+        self.targets_dir = targets_dir
+        self.target_name: str | None = None
         self.registry = CollectorRegistry()
         self.metrics = TrainingMetrics(self.registry)
         self.exporter: Exporter | None = None
@@ -54,6 +61,15 @@ class PrometheusCallback(TrainerCallback):
             trainer.log({"step": trainer.state.step, "metrics_error": str(e)})
             return
         trainer.log({"step": trainer.state.step, "metrics_port": self.exporter.port})
+        if self.targets_dir is not None:
+            person = trainer.config.person
+            labels = {"person": person, "component": "training"}
+            name = f"training-{person}"
+            if trainer.world_size > 1:  # an exporter per process: one target file each
+                name, labels["rank"] = f"{name}-rank{trainer.rank}", str(trainer.rank)
+            registered = register(self.targets_dir, name, self.host, self.exporter.port, labels)  # warns when it cannot
+            if registered is not None:
+                self.target_name = name
 
     def on_log(self, trainer, record: dict) -> None:
         if "loss" in record:
@@ -69,6 +85,9 @@ class PrometheusCallback(TrainerCallback):
     def _stop(self) -> None:
         """The port is freed with the run: a Ray worker that trains the next person (or the next
         attempt) reuses it."""
+        if self.target_name is not None:  # first: Prometheus stops scraping before the port closes
+            unregister(self.targets_dir, self.target_name)
+            self.target_name = None
         if self.exporter is not None:
             self.exporter.stop()
             self.exporter = None
@@ -92,5 +111,5 @@ def training_callbacks(config: TrainConfig, status: StatusReporter | None = None
     if status is not None:
         callbacks.append(StatusCallback(status))
     if config.metrics_port is not None:
-        callbacks.append(PrometheusCallback(config.metrics_port, config.metrics_host))
+        callbacks.append(PrometheusCallback(config.metrics_port, config.metrics_host, config.metrics_targets_dir))
     return callbacks

@@ -81,6 +81,16 @@ class AvatarRenderer:
                 self.metrics_error = str(e)
                 print(f"renderer replica: WARNING: rendering without its Prometheus exporter: {e}", file=sys.stderr,
                       flush=True)
+        # its target file for Prometheus' file_sd (best effort: a folder that cannot be written is a warning), removed
+        # in __del__, which Serve calls when it shuts the replica down (a killed replica's file stays: "down")
+        self.target_name = None
+        if self.exporter is not None and config.metrics_targets_dir is not None:
+            from cluster.monitoring.targets import register
+
+            name = f"renderer-{serve.get_replica_context().replica_id.unique_id}"
+            if register(config.metrics_targets_dir, name, config.metrics_host, self.exporter.port,
+                        {"component": "renderer"}) is not None:
+                self.target_name = name
         self._waiting: dict[str, set[int]] = {}  # person -> ids of the requests waiting for their batch
         self._failed: dict[str, ModelLoadError] = {}
         self.render_batch.set_max_batch_size(config.max_batch_size)
@@ -155,6 +165,13 @@ class AvatarRenderer:
         return generate_latest(self.registry).decode()
 
     def __del__(self):
+        """Serve's shutdown hook of a replica (graceful shutdown, scale-down, delete_renderer): its target file goes
+        first, then its exporter."""
+        if getattr(self, "target_name", None) is not None:
+            from cluster.monitoring.targets import unregister
+
+            unregister(self.config.metrics_targets_dir, self.target_name)
+            self.target_name = None
         exporter = getattr(self, "exporter", None)
         if exporter is not None:
             exporter.stop()

@@ -75,6 +75,10 @@ class RendererConfig:
     metrics_host: str = "127.0.0.1"
     """Address a replica's exporter listens on (an IP address or a host name): loopback by default; the node's
     address (or 0.0.0.0) when a Prometheus on another machine scrapes it."""
+    metrics_targets_dir: Path | None = None
+    """Folder where each replica writes its bound exporter as a Prometheus file_sd target
+    (``renderer-<replica id>.json``, label component; removed when Serve shuts the replica down) for the
+    ``file_sd_configs`` jobs of cluster/monitoring/prometheus.yml. Needs metrics_port; None: nothing is written."""
     pipeline: RenderOptions = dataclasses.field(default_factory=RenderOptions)
     """How each replica runs the model (precision, torch.compile or CUDA graphs, batch buckets, VAE decode chunk);
     a replica warms every bucket up before it takes requests."""
@@ -104,6 +108,9 @@ class RendererConfig:
                              f"{self.metrics_port}")
         if (why := host_problem(self.metrics_host)) is not None:
             raise ValueError(f"metrics_host (--renderer.metrics-host) {self.metrics_host!r}: {why}")
+        if self.metrics_targets_dir is not None and self.metrics_port is None:
+            raise ValueError("metrics_targets_dir (--renderer.metrics-targets-dir) needs metrics_port "
+                             "(--renderer.metrics-port): without an exporter there is no target to write")
         if self.device != "auto" and (why := device_problem(self.device)) is not None:
             raise ValueError(f"device (--renderer.device) {self.device!r}: {why}; 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
