@@ -45,7 +45,6 @@ from cluster.eval_driver.person import merge_evaluations as merge_evaluations  #
 from cluster.eval_driver.person import video_fps as video_fps  # public path
 from cluster.eval_driver.tasks import TASKS, waits_on_driver
 from cluster.eval_driver.uptodate import (
-    NIGHT_LOCK,
     adopt,
     base_problem,
     eval_format_label,
@@ -56,7 +55,7 @@ from cluster.eval_driver.uptodate import (
 )
 from cluster.ray_connect import EmbeddedRay, connect_ray, leave_ray
 from cluster.report import ReportConfig, RunResults, TaskResult, build_report, run_dir
-from cluster.report.schema import EVAL_FORMAT_KEY, check_person_name, parse_run_date
+from cluster.report.schema import EVAL_FORMAT_KEY, NIGHT_LOCK, check_person_name, parse_run_date
 from cluster.serve.renderer import RendererConfig
 from cluster.serve.renderer import device_problem as device_problem  # public path: --eval-device's check
 from common.io import DataError

@@ -23,11 +23,10 @@ from typing import TYPE_CHECKING
 
 from cluster.eval_driver.tasks import waits_on_driver
 from cluster.report import RunResults, TaskResult
-from cluster.report.schema import NIGHT_LOCK, RESULTS_FILE, list_runs
-from cluster.report.summary import results_stamp
+from cluster.report.schema import list_runs
+from cluster.report.summary import read_stamped, results_stamp, write_if_unchanged
 from common.fingerprint import file_digest, json_digest, tree_fingerprint
 from common.io import DataError, atomic_file, atomic_write_json
-from common.locks import AlreadyRunning, exclusive
 from shards.writer import MANIFEST
 
 if TYPE_CHECKING:
@@ -191,41 +190,15 @@ def read_key_index(results_path: Path) -> dict[str, str] | None:
     """person -> key of the reusable persons of the night ``results_path`` (see :func:`write_key_index`), or None
     when the night has no usable index: none (a night saved by a version without it), one that does not match
     results.json (rewritten since) or one that does not read (with a warning); the night is then read in full."""
-    path = Path(results_path).with_name(KEY_INDEX)
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
+    obj = read_stamped(results_path, KEY_INDEX, KEY_INDEX_VERSION, "key index")
+    if obj is None:
         return None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        log.warning("%s: unreadable key index (%s); reading %s in full", path, e, results_path)
-        return None
-    stamp, keys = (obj.get("results"), obj.get("keys")) if isinstance(obj, dict) else (None, None)
-    if (not isinstance(obj, dict) or type(obj.get("version")) is not int or obj["version"] != KEY_INDEX_VERSION
-            or not isinstance(stamp, dict) or set(stamp) != {"size", "mtime_ns"}
-            or not all(type(v) is int for v in stamp.values()) or not isinstance(keys, dict)
-            or not all(isinstance(p, str) and isinstance(k, str) for p, k in keys.items())):
-        log.warning("%s: malformed key index (expected {'version': %d, 'results': {'size', 'mtime_ns'}, 'keys': "
-                    "{person: key}}); reading %s in full", path, KEY_INDEX_VERSION, results_path)
-        return None
-    try:
-        if stamp != results_stamp(results_path):
-            log.info("%s: %s was written since its key index; reading it in full", path.parent, RESULTS_FILE)
-            return None
-    except OSError:  # results.json is gone: the night's load says so
+    keys = obj.get("keys")
+    if not isinstance(keys, dict) or not all(isinstance(p, str) and isinstance(k, str) for p, k in keys.items()):
+        log.warning("%s: malformed key index (expected 'keys': {person: key}); reading %s in full",
+                    Path(results_path).with_name(KEY_INDEX), results_path)
         return None
     return keys
-
-
-def _index_night(results_path: Path, night: RunResults, stamp: dict[str, int]) -> None:
-    """Write the key index of a night read in full (saved by a version without the index), so that later runs do
-    not read it again: under the night's lock (not waiting for a run saving it) and only when results.json is
-    still the file read (``stamp``). Not written (a read-only folder, the lock held) is said in the log only."""
-    try:
-        with exclusive(Path(results_path).with_name(NIGHT_LOCK), "saving the night's results"):
-            if results_stamp(results_path) == stamp:
-                write_key_index(results_path, night, stamp)
-    except (AlreadyRunning, OSError) as e:
-        log.info("%s: no key index written (%s); the night is read in full when looked up", results_path, e)
 
 
 def find_reusables(reports_root: Path, run_date: str, wanted: dict[str, str]) -> dict[str, tuple[RunResults, Path]]:
@@ -251,8 +224,8 @@ def find_reusables(reports_root: Path, run_date: str, wanted: dict[str, str]) ->
         except (DataError, OSError) as e:
             log.warning("not reusing results from %s: %s", path, e)
             continue
-        if stamp is not None:
-            _index_night(path, run, stamp)
+        if stamp is not None:  # read in full: indexed, so that later runs need not read it again
+            write_if_unchanged(path, stamp, lambda: write_key_index(path, run, stamp), "key index")
         hits = [p for p, k in left.items() if _reusable(run, path.parent, p, k)]
         if hits:  # only theirs are kept: a night of 300 persons' per-frame numbers is hundreds of MB in memory
             part = RunResults(run.run_date, {p: run.persons[p] for p in hits}, dict(run.meta),

@@ -18,19 +18,10 @@ from pathlib import Path
 from cluster.report.aggregate import RunSummary, summarize
 from cluster.report.metric_labels import metric_label
 from cluster.report.plots import trend_plot
-from cluster.report.schema import (
-    EVAL_FORMAT_KEY,
-    NIGHT_LOCK,
-    RunResults,
-    TaskResult,
-    list_runs,
-    parse_run_date,
-    run_dir,
-)
-from cluster.report.summary import results_stamp, summary_night, write_summary
+from cluster.report.schema import EVAL_FORMAT_KEY, RunResults, TaskResult, list_runs, parse_run_date, run_dir
+from cluster.report.summary import results_stamp, summary_night, write_if_unchanged, write_summary
 from cluster.report.template import PAGE
 from common.io import DataError, atomic_file, atomic_write_bytes, atomic_write_json
-from common.locks import AlreadyRunning, exclusive
 
 log = logging.getLogger(__name__)
 REPORT_VERSION = 1
@@ -191,7 +182,7 @@ def load_history(reports_root: Path, until: str, max_history: int) -> tuple[list
 def _past_night(path: Path) -> RunResults:
     """A past night of the trends (the results file ``path``) without its per-frame values: from its summary when it
     has one that matches, else read in full (a DataError when it does not read) and, when it read without a
-    malformed entry, its summary written for the next reports (:func:`_write_summary`)."""
+    malformed entry, its summary written for the next reports (:func:`write_if_unchanged`)."""
     run = RunResults.load_summary(path)
     if run is not None:
         return run
@@ -201,22 +192,8 @@ def _past_night(path: Path) -> RunResults:
         stamp = None
     run = RunResults.load(path, salvage=True, per_frame=False)
     if stamp is not None and not run.damaged:  # a damaged night's summary would not name its damage: read in full
-        _write_summary(path, run, stamp)
+        write_if_unchanged(path, stamp, lambda: write_summary(path, summary_night(run.to_json()), stamp), "summary")
     return run
-
-
-def _write_summary(path: Path, run: RunResults, stamp: dict[str, int]) -> None:
-    """Write the summary of the night ``run`` read in full from ``path`` (whose stamp was ``stamp`` before it was
-    read), so that later reports read it instead: under the night's lock (not waiting for an evaluation saving it)
-    and only when ``path`` is still the file read. The runs folder is the evaluation's: a report that cannot write
-    there (another user's, read-only) or finds the lock held says so in the log only, and reads the night in full
-    the next time too."""
-    try:
-        with exclusive(path.with_name(NIGHT_LOCK), "saving the night's results"):
-            if results_stamp(path) == stamp:
-                write_summary(path, summary_night(run.to_json()), stamp)
-    except (AlreadyRunning, OSError) as e:
-        log.info("%s: no summary written (%s); the night is read in full by the next report too", path, e)
 
 
 def build_report(config: ReportConfig) -> Path:

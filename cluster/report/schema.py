@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cluster.report.summary import NIGHT_LOCK as NIGHT_LOCK  # public path
 from cluster.report.summary import read_summary, results_stamp, summary_night, write_summary
 from common.io import DataError, atomic_file
 from common.names import PERSON_ID_RE, PERSON_ID_RULE
@@ -60,9 +61,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 RUNS_DIR = "runs"
-#: The lock on a night's folder under which its results.json (and the files beside it that index or summarise it)
-#: are written (``cluster.eval_driver.uptodate.NIGHT_LOCK`` is the same file).
-NIGHT_LOCK = ".results.lock"
 
 
 def _finite(x: Any) -> float | None:

@@ -84,7 +84,7 @@ def _full_read_report(root: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     """The report as before summaries: every night read in full, nothing written beside them."""
     with monkeypatch.context() as m:
         m.setattr(RunResults, "load_summary", classmethod(lambda cls, path: None))
-        m.setattr(build_module, "_write_summary", lambda *a: None)
+        m.setattr(build_module, "write_if_unchanged", lambda *a: None)
         return _report(root)
 
 
@@ -257,7 +257,7 @@ def test_a_report_that_cannot_write_the_summary_still_reports(tmp_path, full_rea
         raise PermissionError(13, "Permission denied", str(path.with_name(SUMMARY)))
     with monkeypatch.context() as m:
         m.setattr(build_module, "write_summary", read_only)
-        caplog.set_level("INFO", logger="cluster.report.build")
+        caplog.set_level("INFO", logger="cluster.report.summary")  # write_if_unchanged logs it
         assert _report_of(tmp_path, NIGHTS[1])["history"] == expected["history"]
     assert "no summary written" in caplog.text and "Permission denied" in caplog.text
     assert not path.with_name(SUMMARY).exists()
@@ -273,7 +273,7 @@ def test_a_report_that_cannot_write_the_summary_still_reports(tmp_path, full_rea
 def _full_read_report_of(root: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     with monkeypatch.context() as m:
         m.setattr(RunResults, "load_summary", classmethod(lambda cls, path: None))
-        m.setattr(build_module, "_write_summary", lambda *a: None)
+        m.setattr(build_module, "write_if_unchanged", lambda *a: None)
         return _report_of(root, NIGHTS[1])
 
 
