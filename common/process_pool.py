@@ -34,6 +34,7 @@ workers gone, the server sees its pipe close and ends, and the resource tracker 
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import threading
@@ -232,7 +233,7 @@ def map_tolerant(fn: Callable, items: list, workers: int, on_done: OnDone, name:
     shared pool left unfinished when a worker died, or when none finished for `timeout_s`, run again one process each
     (`on_rerun` is told which first), there with `timeout_s` as each one's time limit (:class:`ItemTimedOut`);
     `name` names an item in the messages. `fn` and the items must pickle."""
-    if timeout_s is not None and not timeout_s > 0:
+    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s > 0):  # inf: threading's waits overflow
         raise ValueError(f"an item's time limit must be positive seconds, got {timeout_s}")
     if workers <= 1 and timeout_s is None:
         for item in items:

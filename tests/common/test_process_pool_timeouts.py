@@ -87,7 +87,7 @@ def test_items_slower_than_the_limit_together_are_not_a_stall():
     assert errors == {} and reruns == [] and len(results) == 40
 
 
-@pytest.mark.parametrize("limit", [0, -1, float("nan")])
+@pytest.mark.parametrize("limit", [0, -1, float("nan"), float("inf")])
 def test_a_time_limit_that_is_no_positive_number_is_refused(limit):
     with pytest.raises(ValueError, match="an item's time limit must be positive seconds"):
         map_tolerant(_work, ["a"], 1, lambda *a: None, timeout_s=limit)
