@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .ingest import IngestConfig, ingest_person
@@ -24,3 +25,15 @@ def build_tiny(root: Path, config: SyntheticConfig = TINY) -> tuple[Path, Path, 
     paths = [ingest_person(captures, p, stores, TINY_INGEST).path for p in config.person_ids]
     write_shards(paths, shards, TINY_SHARDS, workers=1, progress=False)
     return captures, stores, shards
+
+
+def rot_bit(path: Path, offset: int) -> None:
+    """Flip one bit of the file at `path` at byte `offset` and keep its mtime, as bit rot on a disk does (the tests of
+    the shards' per-sample checksums and of their size-and-mtime up-to-date check)."""
+    st = Path(path).stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))

@@ -114,12 +114,17 @@ def test_real_prometheus_scrapes_exporter(exporter, tmp_path: Path) -> None:
         body = json.loads(_get(api + urllib.parse.quote('da_train_step{person=~".*"}')))
         assert float(body["data"]["result"][0]["value"][1]) == 1234.0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_prometheus(proc)
+
+
+def stop_prometheus(proc: subprocess.Popen) -> None:
+    """Stop a Prometheus started by a test (by its pid: SIGTERM, then SIGKILL after 10 s)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def test_exporters_listen_on_loopback_unless_told_otherwise() -> None:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
-from test_monitoring import PROMETHEUS, SCRAPE_CONFIG, _free_port, _get
+from test_monitoring import PROMETHEUS, SCRAPE_CONFIG, _free_port, _get, stop_prometheus
 
 from cluster.monitoring import TrainingMetrics, start_exporter
 
@@ -235,10 +235,5 @@ def test_real_prometheus_discovers_an_exporter_from_its_target_file(tmp_path: Pa
         assert labels["component"] == "training" and labels["job"] == "diffusion-avatars-training-discovered"
         assert labels["instance"] == f"127.0.0.1:{exporter.port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_prometheus(proc)
         exporter.stop()

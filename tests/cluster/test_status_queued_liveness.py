@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_status_liveness import _rows, _status_cli
 
 from cluster import status as cs
 from cluster.person_job import PersonJob
@@ -61,18 +62,6 @@ def _env(tmp_path: Path) -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
 
 
-def _status_cli(status: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs" / "status.py"), "--status-dir", str(status)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def _rows(table: str) -> dict[str, list[str]]:
-    lines = table.strip().splitlines()
-    assert lines[0].split()[:2] == ["PERSON", "STATE"], table
-    return {cells[0]: cells[1:] for cells in (line.split() for line in lines[1:-1])}
-
-
 def _dead_pid() -> tuple[int, float]:
     """A pid of this pid namespace whose process has ended (reaped), with its start time."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -92,7 +81,7 @@ def test_queued_persons_of_a_killed_local_launch_are_lost_and_of_a_live_one_queu
         while not ready.exists():
             assert driver.poll() is None and time.monotonic() < deadline, "the driver did not start person 000"
             time.sleep(0.1)
-        out = _status_cli(status)
+        out = _status_cli(status.parent, "--status-dir", str(status))
         assert out.returncode == 0, out.stderr
         assert {p: r[0] for p, r in _rows(out.stdout).items()} == {"000": "running", "001": "queued",
                                                                     "002": "queued"}
@@ -104,7 +93,7 @@ def test_queued_persons_of_a_killed_local_launch_are_lost_and_of_a_live_one_queu
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
     assert json.loads((status / "001.json").read_text())["state"] == "queued"  # what it left
-    out = _status_cli(status)
+    out = _status_cli(status.parent, "--status-dir", str(status))
     assert out.returncode == 0, out.stderr
     assert {p: r[0] for p, r in _rows(out.stdout).items()} == {"000": "lost", "001": "lost", "002": "lost"}
     assert out.stdout.strip().splitlines()[-1] == "lost=3"
@@ -126,7 +115,7 @@ def test_a_slurm_queued_person_outlives_its_killed_driver(tmp_path):
 
     PersonRunner(PersonJob("001", "holding_target:run"), 1, str(status)).checkpoint()  # the job's own requeue
     assert json.loads((status / "001.json").read_text())["dies_with_queuer"] is False
-    out = _status_cli(status)
+    out = _status_cli(status.parent, "--status-dir", str(status))
     assert out.returncode == 0, out.stderr
     assert {p: r[0] for p, r in _rows(out.stdout).items()} == {"000": "queued", "001": "queued"}
 

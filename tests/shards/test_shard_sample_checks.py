@@ -16,7 +16,7 @@ import pytest
 from shards import integrity, writer
 from shards.codec import MEMBERS, decode_raw, decode_sample, encode_sample
 from shards.integrity import MANIFEST
-from shards.testing import TINY_SHARDS
+from shards.testing import TINY_SHARDS, rot_bit
 from shards.writer import write_shards
 
 
@@ -74,17 +74,6 @@ def _counting_hashes(monkeypatch) -> list[str]:
     return hashed
 
 
-def _rot(path: Path, offset: int) -> None:
-    """Flip one bit at `offset` and keep the file's mtime, as bit rot on the disk does."""
-    st = path.stat()
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 def _member_offset(path: Path, ext: str) -> int:
     with tarfile.open(path) as tar:
         m = next(m for m in tar.getmembers() if m.name.endswith("." + ext))
@@ -105,7 +94,7 @@ def test_a_shard_with_another_mtime_is_hashed_kept_when_intact_and_rebuilt_when_
     original = damaged.read_bytes()
     manifest = (person / MANIFEST).read_bytes()
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))  # touched: same bytes
-    _rot(damaged, _member_offset(damaged, "json"))  # the same size...
+    rot_bit(damaged, _member_offset(damaged, "json"))  # the same size...
     os.utime(damaged, ns=(damaged.stat().st_atime_ns, damaged.stat().st_mtime_ns + 2 * 10**9))  # ...another mtime
     hashed = _counting_hashes(monkeypatch)
     res = write_shards([tiny_stores / "000.zarr"], tmp_path, TINY_SHARDS, progress=False)
@@ -141,7 +130,7 @@ def test_a_shard_marked_corrupt_by_a_reader_is_rebuilt_and_the_marker_removed(ti
     person = _copy(tiny_shards, tmp_path)
     victim = person / "test_cam-000000.tar"
     original = victim.read_bytes()
-    _rot(victim, _member_offset(victim, "expr.npy"))
+    rot_bit(victim, _member_offset(victim, "expr.npy"))
     (person / "train-000099.tar.corrupt").write_text("left over from a larger plan")
     integrity.mark_corrupt(victim, "sample 000/x: sample checksum mismatch")
     _no_hashing(monkeypatch)
@@ -160,7 +149,7 @@ def test_shards_of_the_previous_codec_are_rebuilt(tiny_stores, tmp_path, monkeyp
     assert first.written and sorted(again.written) == sorted(first.written) and not again.skipped
 
 
-def test_verify_all_hashes_every_shard_and_finds_bit_rot(tiny_stores, tiny_shards, tmp_path, capsys):
+def test_verify_all_hashes_every_shard_and_finds_bitrot_bit(tiny_stores, tiny_shards, tmp_path, capsys):
     """Bit rot keeps size and mtime: the nightly check keeps the shard (its samples fail when read and mark it),
     `jobs/preprocess.py --verify-all` hashes it and rebuilds it."""
     from jobs.preprocess import PreprocessArgs, main
@@ -168,7 +157,7 @@ def test_verify_all_hashes_every_shard_and_finds_bit_rot(tiny_stores, tiny_shard
     person = _copy(tiny_shards, tmp_path / "shards")
     victim = person / "train-000001.tar"
     original = victim.read_bytes()
-    _rot(victim, _member_offset(victim, "json"))
+    rot_bit(victim, _member_offset(victim, "json"))
     args = PreprocessArgs(stores=tiny_stores, out=tmp_path / "shards", persons="000", shards=TINY_SHARDS, workers=1)
     assert not main(args).written
     res = main(PreprocessArgs(**{**vars(args), "verify_all": True}))

@@ -7,27 +7,15 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-from pathlib import Path
 
 import pytest
 
 from avatars.data import LoaderConfig, ShardDataset, ShardError
 from shards import integrity
-from shards.testing import TINY_SHARDS
+from shards.testing import TINY_SHARDS, rot_bit
 from shards.writer import shard_paths, write_shards
 
 CFG = LoaderConfig(resolution=32, batch_size=4, num_workers=0)
-
-
-def _rot(path: Path, offset: int) -> None:
-    """Flip one bit at `offset` and keep the file's mtime, as bit rot on the disk does."""
-    st = path.stat()
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _no_hashing(monkeypatch) -> None:
@@ -45,7 +33,7 @@ def test_a_flipped_byte_is_found_when_its_sample_is_read_without_a_manifest(load
     ds = ShardDataset(paths, CFG)
     shard, key, exts = ds.index[5]
     off, size = exts[member]
-    _rot(paths[shard], off + (size - 4 if member == "expr.npy" else size // 2))  # expr: a float's lowest byte
+    rot_bit(paths[shard], off + (size - 4 if member == "expr.npy" else size // 2))  # expr: a float's lowest byte
     ds[4], ds[6]  # the other samples are intact
     with pytest.raises(ShardError, match=rf"{paths[shard]}.*corrupt sample {key}.*checksum mismatch.*next "
                                          r"jobs/preprocess.py run rebuilds it"):
@@ -78,7 +66,7 @@ def test_bit_rot_found_in_training_is_rebuilt_by_the_next_preprocess(tiny_datase
     i = next(i for i, (s, _, _) in enumerate(ds.index) if s == 1)
     _, key, exts = ds.index[i]
     off, size = exts["json"]
-    _rot(victim, off + size // 2)  # size and mtime unchanged: opening trusts it, the read does not
+    rot_bit(victim, off + size // 2)  # size and mtime unchanged: opening trusts it, the read does not
     _no_hashing(monkeypatch)
     ds = ShardDataset(paths, CFG)
     with pytest.raises(ShardError, match=rf"{victim}: corrupt sample {key}: .*the next jobs/preprocess.py run "
@@ -101,7 +89,7 @@ def test_a_damaged_tar_header_fails_the_open_and_marks_the_shard(loader_shards, 
     with tarfile.open(victim) as tar:
         members = tar.getmembers()
     second = next(i for i, m in enumerate(members) if m.name.split(".")[0] != members[0].name.split(".")[0])
-    _rot(victim, members[second if boundary else 1].offset + 10)  # inside the member's name
+    rot_bit(victim, members[second if boundary else 1].offset + 10)  # inside the member's name
     with pytest.raises(ShardError, match=f"{victim}: corrupt .*next jobs/preprocess.py run rebuilds it"):
         ShardDataset([victim], CFG)
     assert integrity.corrupt_mark(victim)
@@ -112,7 +100,7 @@ def test_a_read_only_folder_still_names_the_corrupt_sample(loader_shards, tmp_pa
     shutil.copy(shard_paths(loader_shards, "000", "train")[0], victim)
     ds = ShardDataset([victim], CFG)
     _, key, exts = ds.index[0]
-    _rot(victim, exts["expr.npy"][0] + exts["expr.npy"][1] - 4)
+    rot_bit(victim, exts["expr.npy"][0] + exts["expr.npy"][1] - 4)
 
     def read_only(path, data, mode=None):
         raise PermissionError(13, "Permission denied", str(path))
