@@ -85,3 +85,25 @@ def test_a_video_ffmpeg_cut_off_is_refused_and_not_renamed_into_place(tmp_path: 
         write_comparison_video(target, _panels(t=12), fps=10)
     assert info.value.filename == str(target)
     assert list(target.parent.iterdir()) == []  # nothing under the final name, no temporary left
+
+
+def test_a_streamed_video_is_written_block_by_block_and_refuses_another_frame_size(tmp_path: Path) -> None:
+    """comparison_video takes a task's clips as they are scored: the blocks make one video; a block of another size
+    (or not (T, H, W, 3)) is refused naming the file, and nothing is left at its path."""
+    from avatars.evaluation.video import comparison_video
+
+    target = tmp_path / "p1" / "novel_view.mp4"
+    with comparison_video(target, fps=10) as video:
+        video.append(side_by_side(_panels(t=5)))
+        video.append(side_by_side(_panels(t=7)))
+    assert read_video(target).shape[0] == 12 and video.frames == 12
+
+    other = tmp_path / "p1" / "self_reenactment.mp4"
+    for bad, match in ((np.zeros((3, 8, 8, 3), np.uint8), "frames of 8x8 px after frames of"),
+                       (np.zeros((3, 8, 8), np.uint8), r"frames must be \(T, H, W, 3\)")):
+        with pytest.raises(ValueError, match=match) as e:
+            with comparison_video(other, fps=10) as video:
+                video.append(side_by_side(_panels(t=4)))
+                video.append(bad)
+        assert str(other) in str(e.value)
+        assert sorted(p.name for p in other.parent.iterdir()) == ["novel_view.mp4"]  # no temporary file either
