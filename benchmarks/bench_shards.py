@@ -1,6 +1,6 @@
 """Shard loader vs loose files: samples/s and bytes/sample at 256^2 and 512^2.
 
-    python benchmarks/bench_shards.py [--sizes 256 512] [--workers 2] [--passes 3]
+    python benchmarks/bench_shards.py [--sizes 256 512] [--workers 2] [--passes 3] [--open-only]
 
 For each size it builds a one-person synthetic set (96 samples), writes it as
 (a) our WebDataset shards, (b) loose files per sample: rgb.png + alpha.png + all
@@ -22,6 +22,12 @@ Integrity: the time of the preprocess's up-to-date check of the existing shard s
 (``verify_all``, what every launch did; cold and warm page cache), and after, by size
 and mtime against `verified.json`; and the per-sample checksum every read now verifies,
 against the decode it precedes (ms/sample).
+
+Open: the time of `ShardDataset(paths)` over the shard set (best of `--passes`, warm and cold page cache) and
+the read system calls and bytes it makes (the process's `/proc/self/io` counters around it: `syscr`, `rchar`),
+with each shard's member index (`<shard>.index.json`) and without: the tar headers walked and the index written,
+and walked where the folder cannot be written (what every open did before the indexes). `--open-only` measures
+only this (`results/shards_open.json`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import report  # noqa: E402
 
+import shards.integrity  # noqa: E402
 from avatars.data import LoaderConfig, ResumableSampler, ShardDataset, ShardLoader, collate, make_loader  # noqa: E402
 from avatars.data.shard_dataset import crop_box, hash_seed, nearest_crop_index, resize_smooth, take_pixels  # noqa: E402
 from shards.codec import MEMBERS, decode_raw, verify_sample  # noqa: E402
@@ -200,23 +208,85 @@ def integrity(size: int, store: Path, root: Path, paths: list[Path], ds: ShardDa
             "sample checksum ms": verify_ms, "decode_raw ms (incl. checksum)": decode_ms}
 
 
+def _io_counters() -> dict[str, int]:
+    """This process's read counters (all its threads): read system calls and bytes read."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {"syscr": int(fields["syscr"]), "rchar": int(fields["rchar"])}
+
+
+def open_cost(size: int, paths: list[Path], cfg: LoaderConfig, passes: int) -> list[dict]:
+    """Seconds, read system calls and bytes of opening `ShardDataset(paths, cfg)`: with the shards' member indexes,
+    without them (the tar headers walked, the indexes written again), and without them on a folder that cannot be
+    written (walked at every open: what every open did before the indexes). Best of `passes`, warm and cold."""
+    indexes = [shards.integrity.index_path(p) for p in paths]
+    saved = {i: i.read_bytes() for i in indexes}
+    real_write = shards.integrity.write_index
+
+    def read_only(path, st, samples):
+        raise PermissionError(13, "Permission denied (benchmark: a read-only folder)", str(path))
+
+    def prepare(mode: str) -> None:
+        for i, data in saved.items():
+            if mode == "index file":
+                if not i.exists():
+                    i.write_bytes(data)
+            else:
+                i.unlink(missing_ok=True)
+        shards.integrity.write_index = read_only if mode == "tar walk, read-only folder" else real_write
+
+    baseline = _io_counters()
+    idle = {k: v - baseline[k] for k, v in _io_counters().items()}  # what reading the counters itself costs
+    rows = []
+    try:
+        for mode in ("index file", "tar walk, index written", "tar walk, read-only folder"):
+            for cache in ("warm", "cold"):
+                best, counts = float("inf"), None
+                for k in range(passes + (cache == "warm")):  # warm: one untimed pass first
+                    prepare(mode)
+                    saved_now = [i for i in indexes if i.exists()]
+                    if cache == "cold":
+                        evict(paths + saved_now)
+                    before, t = _io_counters(), time.perf_counter()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        ds = ShardDataset(paths, cfg)
+                    elapsed, after = time.perf_counter() - t, _io_counters()
+                    if cache == "warm" and k == 0:
+                        continue
+                    best = min(best, elapsed)
+                    counts = {c: after[c] - before[c] - idle[c] for c in after}
+                n = len(ds)
+                rows.append({"size": size, "shards": len(paths), "samples": n, "open": mode, "page cache": cache,
+                             "open ms": best * 1e3, "read syscalls": counts["syscr"],
+                             "KB read": counts["rchar"] / 1e3, "read syscalls/sample": counts["syscr"] / n})
+    finally:
+        shards.integrity.write_index = real_write
+        prepare("index file")
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("data/bench-shards"))
+    ap.add_argument("--open-only", action="store_true",
+                    help="measure only the open of the shard set, with and without member indexes (shards_open.json)")
     return ap.parse_args(argv)
 
 
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(1)  # one thread per loader worker; the iterating thread only waits
-    sizes, speeds, checks = [], [], []
+    sizes, speeds, checks, opens = [], [], [], []
     for size in a.sizes:
         root = a.workdir / str(size)
         store, paths = build(size, root)
         cfg = LoaderConfig(resolution=size, batch_size=8, num_workers=a.workers, seed=0)
+        opens += open_cost(size, paths, cfg, a.passes)
+        if a.open_only:
+            continue
         ds = ShardDataset(paths, cfg)
         checks.append(integrity(size, store, root, paths, ds, a.workers, a.passes))
         shutil.rmtree(root / "loose", ignore_errors=True)
@@ -244,13 +314,20 @@ def main() -> None:
             speeds.append({"size": size, "page cache": cache, **{f"{k} samples/s": v for k, v in got.items()},
                            "ours vs loose DataLoader": got["ours"] / got["loose, DataLoader"],
                            "ours vs loose same threads": got["ours"] / got["loose, same threads"]})
-    print("bytes per sample")
+    print(f"ShardDataset open ({a.workers} threads, best of {a.passes}): with the member indexes, without (the tar "
+          "headers walked; the indexes written, or not on a read-only folder: every open before them); read system "
+          "calls and bytes from /proc/self/io")
+    report("shards_open", opens)
+    if a.open_only:
+        return
+    print("\nbytes per sample")
     report("shards_bytes", sizes)
     print(f"\nup-to-date check of the existing shards (write_shards, {a.workers} threads, best of {a.passes}): "
           "every shard hashed (before) vs size + mtime (after); per-sample checksum vs the decode of a read")
     report("shards_integrity", checks)
     print(f"\nloader throughput ({a.workers} workers, batch 8, random crop + resize to the stored size)")
-    report("shards", speeds, {"workers": a.workers, "passes": a.passes, "bytes": sizes, "integrity": checks})
+    report("shards", speeds, {"workers": a.workers, "passes": a.passes, "bytes": sizes, "integrity": checks,
+                              "open": opens})
 
 
 if __name__ == "__main__":

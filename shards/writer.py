@@ -15,6 +15,10 @@ not read to know that: `verified.json` beside the manifest records the size and
 mtime_ns each shard had when its sha256 last matched (when written, or hashed since),
 and only a shard whose mtime differs (or that has no record) is hashed; a shard a
 reader marked corrupt (`<shard>.corrupt`) is rebuilt, see `shards.integrity`.
+`<shard>.index.json` beside each shard (written with it) lists where its samples' members
+lie, so the loader's open does not walk the tar headers; an up-to-date shard without one
+(written by an older version) is not rebuilt but indexed by the next run, as is one whose
+mtime changed (`_reindexed`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import io
 import itertools
 import json
 import tarfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -43,12 +48,19 @@ from .contract import Camera
 from .ingest import alpha_value_problem
 from .integrity import (
     CORRUPT_SUFFIX,
+    INDEX_SUFFIX,
     MANIFEST,
+    SampleIndex,
+    ShardError,
     check_shard,
     corrupt_mark,
     corrupt_marker,
+    index_path,
     load_manifest,
     load_verified,
+    shard_stat,
+    walk_shard,
+    write_index,
     write_verified,
 )
 from .raster import BACKENDS, RasterBuffers, rasterize_views
@@ -225,8 +237,9 @@ def check_foreground(store: PersonStore, sample: Sample, mask: np.ndarray, alpha
                                 f"{frame_files}, and that {store.image_paths(sample)[1]} is this camera's alpha map")
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """One member, timestamp- and owner-free, so the same inputs give the same bytes.
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> tuple[int, int]:
+    """One member, timestamp- and owner-free, so the same inputs give the same bytes; returns where its bytes are in
+    the tar (offset, size), what `<shard>.index.json` records.
 
     Not webdataset's ``TarWriter`` (1.0.2): it passes its ``format`` argument nowhere (members get
     POSIX "ustar\\0" headers instead of these GNU ones) and writes a sample's members in sorted name
@@ -239,7 +252,8 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mtime = 0
     info.mode = 0o644
     info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+    tar.addfile(info, io.BytesIO(data))  # after it, tar.offset is past the member's bytes padded to a block
+    return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE, len(data)
 
 
 def write_shard(task: ShardTask, config: ShardConfig) -> dict:
@@ -248,6 +262,7 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
     bounds = store.attrs["canonical_bounds"]
     bg = np.asarray(config.background, np.float32)
     keys = []
+    index: SampleIndex = []
 
     def camera(s: Sample) -> Camera:
         cam = store.cameras[s.camera]
@@ -264,7 +279,8 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
             for s, cam, buf in zip(group, cams, mesh.rasterize_views(cams, config.raster_backend)):
                 yield s, cam, buf, mesh.expression
 
-    with atomic_file(Path(task.out_dir) / task.name) as tmp:
+    path = Path(task.out_dir) / task.name
+    with atomic_file(path) as tmp:
         with tarfile.open(tmp, mode="w", format=tarfile.GNU_FORMAT) as tar:
             for s, cam, buf, expr in rendered():
                 captured = store.cameras[s.camera]
@@ -281,11 +297,14 @@ def write_shard(task: ShardTask, config: ShardConfig) -> dict:
                         "background": list(config.background)}
                 members = encode_sample(matted, alpha, buf.mask.numpy(), buf.depth.numpy(), buf.attributes.numpy(),
                                         buf.normals.numpy(), np.asarray(expr), meta)
+                spans = {}
                 for ext in MEMBERS:
-                    _tar_member(tar, f"{key}.{ext}", members[ext])
+                    spans[ext] = _tar_member(tar, f"{key}.{ext}", members[ext])
+                index.append((key, spans))
                 keys.append(key)
         data_hash = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        st = tmp.stat()  # the rename keeps size and mtime: what `verified.json` records for the hash
+        st = tmp.stat()  # the rename keeps size and mtime: what `verified.json` and the member index record
+    write_index(path, st, index)  # after the shard: an index is never trusted for a file it was not written for
     return {"split": task.split, "samples": len(keys), "bytes": st.st_size, "sha256": data_hash, "spec": task.spec,
             "first_key": keys[0], "last_key": keys[-1], _MTIME: st.st_mtime_ns}
 
@@ -300,7 +319,8 @@ def _stale_reason(task: ShardTask, manifest: dict, verified: dict[str, dict],
     """(why `task`'s shard must be (re)written, or None when it is up to date; its new `verified.json` record
     when it was hashed now). Up to date: the manifest lists it with the same spec, no reader marked it corrupt,
     its size matches and either its size and mtime match its `verified.json` record (not read) or its sha256
-    matches (hashed: a shard copied or touched since, or any with `verify_all`)."""
+    matches (hashed: a shard copied or touched since, or any with `verify_all`). An up-to-date shard without a
+    member index, or hashed now, is indexed (`_reindexed`), and rebuilt only when that walk finds it damaged."""
     entry = manifest.get("shards", {}).get(task.name)
     if not entry:
         return _NEW, None
@@ -310,7 +330,29 @@ def _stale_reason(task: ShardTask, manifest: dict, verified: dict[str, dict],
     mark = corrupt_mark(path)
     if mark is not None:
         return f"a reader found it corrupt ({corrupt_marker(path).name}): {mark}", None
-    return check_shard(path, entry, verified.get(task.name), full=verify_all)
+    problem, record = check_shard(path, entry, verified.get(task.name), full=verify_all)
+    if problem is None and (record is not None or not index_path(path).exists()):
+        problem = _reindexed(path)
+    return problem, record if problem is None else None
+
+
+def _reindexed(path: Path) -> str | None:
+    """Writes the member index of an up-to-date shard that has none (written by an older version) or whose mtime
+    changed (it was hashed now: copied or touched, so its index is stale) from its tar headers, so that the loader's
+    opens need not walk them (and a training folder that is read-only gets them). Returns why the shard must be
+    rebuilt when the walk finds it damaged (a tar header), else None (a folder that cannot be written only warns:
+    the loader walks the headers then)."""
+    try:
+        st = shard_stat(path)
+        samples = walk_shard(path, st)
+    except ShardError as e:
+        return e.problem
+    try:
+        write_index(path, st, samples)
+    except OSError as e:
+        warnings.warn(f"{path}: its member index could not be written ({e}); the loader reads its tar headers "
+                      "instead", RuntimeWarning, stacklevel=2)
+    return None
 
 
 @dataclass
@@ -375,9 +417,10 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
             for old in pdir.glob("*.tar"):
                 if old.name not in wanted:
                     old.unlink()
-            for marker in pdir.glob("*.tar" + CORRUPT_SUFFIX):
-                if marker.name.removesuffix(CORRUPT_SUFFIX) not in wanted:
-                    marker.unlink(missing_ok=True)
+            for suffix in (CORRUPT_SUFFIX, INDEX_SUFFIX):
+                for marker in pdir.glob("*.tar" + suffix):
+                    if marker.name.removesuffix(suffix) not in wanted:
+                        marker.unlink(missing_ok=True)
         _write_manifest(out_dir, person, manifests[person], tasks)
 
     def done(person: str, task: ShardTask, entry: dict) -> None:

@@ -1,9 +1,11 @@
 """Training batches from WebDataset tar shards, with random access and exact resume.
 
 The shards are plain WebDataset tars (the `webdataset` library reads them too), but
-training reads them through an index instead of streaming: opening a shard scans
-its tar headers once (no data is read) and records where each member's bytes are,
-then a sample is two or three `pread`s and a decode. That gives
+training reads them through an index instead of streaming: opening a shard reads
+where each member's bytes are from `<shard>.index.json` beside it (written with the
+shard; trusted while the shard keeps the size and mtime it was indexed at), or else
+scans its tar headers once (no data is read) and writes that file again, then a sample
+is a few `pread`s and a decode. That gives
 
 * a map-style dataset, so a seeded per-epoch permutation shuffles globally and
   the training loop can resume at an exact sample position;
@@ -27,8 +29,8 @@ canonical coordinate is blended with the background's zeros.
 from __future__ import annotations
 
 import os
-import tarfile
 import threading
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from shards.codec import MEMBERS, DecodedSample, RawSample, SampleChecksumError, decode_raw, decode_sample, dequantize
-from shards.integrity import REBUILD_HINT, ShardError, corrupt_mark, mark_corrupt, verify_against_manifests
+from shards.integrity import REBUILD_HINT, ShardError, corrupt, corrupt_mark, shard_index, verify_against_manifests
 
 from .device_feed import DeviceFeeder, one_ahead
 
@@ -75,68 +77,15 @@ def check_min_crop(min_crop: float) -> None:
         raise ValueError(f"min_crop must be in (0, 1], got {min_crop}")
 
 
-#: The most bytes a tar written by `shards.writer` has after its last member: the two zero blocks that end the
-#: archive and the zeros that fill its last 10 KiB record (a generous bound: other tar writers block differently).
-_MAX_TRAILER = 2**20
-
-
-def _corrupt(path: Path, problem: str) -> ShardError:
-    """The error for a shard found corrupt while reading it, which is marked for a rebuild (`mark_corrupt`): bit rot
-    changes neither its size nor its mtime, so the preprocess's up-to-date check alone would keep it."""
-    return ShardError(path, f"{problem}; {mark_corrupt(path, problem)}")
-
-
-def _index_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {member ext: (offset, size)})] of a shard, checking it is complete: every sample has every member and
-    nothing but zeros follows the last member. A damaged tar header fails its checksum, but `tarfile` takes one
-    after the first member for the end of the archive, so the samples after it would silently be left out."""
-    try:
-        file_size = path.stat().st_size
-        with tarfile.open(path, mode="r:") as tar:
-            members = tar.getmembers()
-            end = tar.offset  # where the member list ended: the trailer, or a header that is not one
-        trailer = b"\1" if file_size - end > _MAX_TRAILER else _read_from(path, end)
-    except FileNotFoundError:
-        raise ShardError(path, "shard file is missing") from None
-    except (tarfile.TarError, EOFError) as e:
-        raise _corrupt(path, f"corrupt or truncated shard: {e}") from None
-    except OSError as e:
-        raise ShardError(path, f"cannot read the shard: {e}") from None
-    samples: dict[str, dict[str, tuple[int, int]]] = {}
-    for m in members:
-        if not m.isfile():
-            continue
-        if m.offset_data + m.size > file_size:
-            raise _corrupt(path, f"truncated shard: member {m.name} ends past the end of the file")
-        base = os.path.basename(m.name)
-        stem, _, ext = base.partition(".")
-        key = os.path.join(os.path.dirname(m.name), stem)
-        samples.setdefault(key, {})[ext] = (m.offset_data, m.size)
-    if trailer.strip(b"\0"):
-        raise _corrupt(path, f"corrupt shard: the tar header at byte {end} is damaged (the {file_size - end} bytes "
-                             "after it cannot be read)")
-    if not samples:
-        raise _corrupt(path, "shard holds no samples (empty or truncated)")
-    for key, exts in samples.items():
-        missing = [e for e in MEMBERS if e not in exts]
-        if missing:
-            raise _corrupt(path, f"corrupt or truncated shard: sample {key} lacks {', '.join(missing)}")
-    return list(samples.items())
-
-
-def _read_from(path: Path, offset: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read()
-
-
 class ShardDataset(Dataset):
     """Random-access samples of a list of shards (each item one training sample dict).
 
     Opening refuses a shard a reader marked corrupt and checks every shard whose folder has a
     `manifest.json` against it (`shards.integrity.verify_against_manifests`: size, and the sha256
     of a shard whose mtime changed since it was verified; `verify=False` skips that, e.g. for a
-    quick look at a huge set). Every sample is checked against its checksum when decoded.
+    quick look at a huge set), then indexes each shard (`shards.integrity.shard_index`: its
+    `<shard>.index.json`, or its tar headers with their checks). Every sample is checked against
+    its checksum when decoded.
     """
 
     def __init__(self, shards: list[Path], config: LoaderConfig, verify: bool = True):
@@ -150,11 +99,24 @@ class ShardDataset(Dataset):
             mark = corrupt_mark(path)
             if mark is not None:
                 raise ShardError(path, f"a reader found it corrupt ({mark}); {REBUILD_HINT}")
+        threads = max(2, config.num_workers)
         if verify:
-            verify_against_manifests(self.shards, threads=max(2, config.num_workers))
+            verify_against_manifests(self.shards, threads=threads)
+        pool = ThreadPoolExecutor(min(threads, len(self.shards)), thread_name_prefix="shard-index")
+        try:  # threads: on a network file system each shard's open is a few round trips
+            indexed = list(pool.map(shard_index, self.shards))  # the first shard (in order) that fails raises
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         self.index: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
-        for si, path in enumerate(self.shards):
-            self.index.extend((si, key, exts) for key, exts in _index_shard(path))
+        unwritten: dict[Path, list[str]] = {}
+        for si, (path, (samples, error)) in enumerate(zip(self.shards, indexed)):
+            self.index.extend((si, key, exts) for key, exts in samples)
+            if error is not None:
+                unwritten.setdefault(path.parent, []).append(error)
+        for folder, errors in unwritten.items():
+            warnings.warn(f"{folder}: the member index of {len(errors)} shard(s) could not be written ({errors[0]}): "
+                          "every open reads their tar headers (slow on a network file system); a jobs/preprocess.py "
+                          "run that can write the folder writes them", RuntimeWarning, stacklevel=2)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -181,7 +143,7 @@ class ShardDataset(Dataset):
         try:
             return decoder(key, members)  # checks the sample's checksum first (`shards.codec.verify_sample`)
         except SampleChecksumError as e:  # bit rot leaves size and mtime as they were: the shard must be marked
-            raise _corrupt(self.shards[shard], f"corrupt sample {key}: {e}") from None
+            raise corrupt(self.shards[shard], f"corrupt sample {key}: {e}") from None
         except Exception as e:
             raise ShardError(self.shards[shard], f"corrupt sample {key}: {e}") from None
 
