@@ -164,19 +164,19 @@ def write_state(
     for name in QUEUER_FIELDS:  # they describe the writer of this very `queued`: never inherited from a former one
         rec.pop(name, None)
     if dies_with_writer is not None:
-        rec.update(_this_process(), dies_with_queuer=bool(dies_with_writer))
+        rec.update({f"queuer_{k}": v for k, v in this_process().items()}, dies_with_queuer=bool(dies_with_writer))
     _best_effort_write(path, rec)
     return rec
 
 
-def _this_process() -> dict:
-    """This process as a queued file records its queuer: host, pid, where the pid means it, start time."""
+def this_process() -> dict:
+    """This process as a file records its writer (a queued file its queuer, a Prometheus target file its exporter):
+    host, pid, where the pid means it (`pid_space`), start time; judged later by :func:`process_gone`."""
     try:
         started = psutil.Process().create_time()
     except psutil.Error:  # not readable here: a reused pid is then told apart by the file's write time
         started = None
-    return {"queuer_host": socket.gethostname(), "queuer_pid": os.getpid(), "queuer_pid_space": pid_space(),
-            "queuer_started_at": started}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_space": pid_space(), "started_at": started}
 
 
 class StatusReporter:
@@ -377,16 +377,16 @@ def _writer_gone(s: PersonStatus) -> bool | None:
     """Whether the process that wrote ``s``'s ``running`` is gone (True) or still runs (False); None when it
     cannot be told from this process (another machine or container, a file without pid or ``pid_space``)."""
     last_write = s.updated_at if s.updated_at is not None else s.started_at
-    return _process_gone(s.pid, s.pid_space, last_write=last_write)
+    return process_gone(s.pid, s.pid_space, last_write=last_write)
 
 
 def _queuer_gone(s: PersonStatus) -> bool | None:
     """As :func:`_writer_gone`, for the process that wrote ``s``'s ``queued``: told from a later one on its pid by
     its recorded start time (by the file's write time where none was recorded)."""
-    return _process_gone(s.queuer_pid, s.queuer_pid_space, started_at=s.queuer_started_at, last_write=s.updated_at)
+    return process_gone(s.queuer_pid, s.queuer_pid_space, started_at=s.queuer_started_at, last_write=s.updated_at)
 
 
-def _process_gone(pid: int | None, space: str | None, *, started_at: float | None = None,
+def process_gone(pid: int | None, space: str | None, *, started_at: float | None = None,
                   last_write: float | None = None) -> bool | None:
     """Whether process ``pid`` (of ``pid_space`` ``space``) is gone: True, also when its pid now names a process
     that is not it (one started at another time than ``started_at``, or after ``last_write``); False when it

@@ -44,11 +44,12 @@ from typing import TYPE_CHECKING, Literal
 
 from avatars.training import PRESETS as TRAIN_PRESETS
 from avatars.training import TrainOptions
-from avatars.training.config import TrainingDiverged
+from avatars.training.config import EXPORTER_PORTS, MAX_METRICS_PORT, TrainingDiverged
 from cluster.slurm_backend import SlurmConfig
 from common.cpu_clock import ProcessTreeClock, format_stage_table
 from common.io import DataError, atomic_write_json
 from common.locks import AlreadyRunning, exclusive
+from common.names import host_problem
 from jobs import ingest as ingest_job
 from jobs import make_synthetic
 from jobs import preprocess as preprocess_job
@@ -122,6 +123,14 @@ class LaunchAllArgs:
     application (each replica loads the persons it is sent): one person thread more runs, so while a
     person's metrics are computed the next person's frames already render on the replica it left
     and both cores of a small machine stay busy (on a GPU node: replicas sharing the GPU)."""
+    eval_metrics_port: int | None = None
+    """First port of each evaluation renderer replica's Prometheus exporter (render_eval's --renderer.metrics-port:
+    1 to 65472, a replica takes the first free one of the 64 from it up; 0: a free port the system picks); its
+    file_sd target goes where the trainings' go (--train.metrics-targets-dir, else <workdir>/monitoring/targets).
+    None: no exporter."""
+    eval_metrics_host: str = "127.0.0.1"
+    """Address the renderer replicas' exporters listen on (with --eval-metrics-port): loopback by default; the
+    node's address (or 0.0.0.0) when a Prometheus on another machine scrapes them."""
     force: bool = False
     """Evaluate every person again, even those whose stored evaluation is up to date (same
     model, base, data and evaluation settings): their numbers and videos are otherwise reused."""
@@ -360,7 +369,7 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None, ray
                                                      or args.workdir / "compile-cache" / "train").resolve(),
                                   # with --train.metrics-port each training's exporter is found by Prometheus'
                                   # file_sd (cluster/monitoring/prometheus.yml) in <workdir>/monitoring/targets
-                                  metrics_targets_dir=_metrics_targets_dir(args))
+                                  metrics_targets_dir=_metrics_targets_dir(args, args.train.metrics_port))
     kwargs = {"options": options, "shards": (args.workdir / "shards").resolve(),
               "out": (args.workdir / "runs").resolve()}
     logs = None if args.verbose else (args.workdir / "logs").resolve()
@@ -380,11 +389,26 @@ def _train(args: LaunchAllArgs, persons: list[str], base_model: Path | None, ray
         return run_all(jobs, _backend_config(args, status_dir(args)))
 
 
-def _metrics_targets_dir(args: LaunchAllArgs) -> Path | None:
-    """--train.metrics-targets-dir as given, else <workdir>/monitoring/targets when --train.metrics-port is set."""
+def _metrics_targets_dir(args: LaunchAllArgs, metrics_port: int | None) -> Path | None:
+    """Where an exporter started on ``metrics_port`` (the trainings': --train.metrics-port; the renderer's:
+    --eval-metrics-port) writes its file_sd target: --train.metrics-targets-dir as given, else
+    <workdir>/monitoring/targets; None without an exporter."""
+    if metrics_port is None:
+        return None
     if args.train.metrics_targets_dir is not None:
         return Path(args.train.metrics_targets_dir).resolve()
-    return (args.workdir / "monitoring" / "targets").resolve() if args.train.metrics_port is not None else None
+    return (args.workdir / "monitoring" / "targets").resolve()
+
+
+def _sweep_metrics_targets(args: LaunchAllArgs) -> None:
+    """Removes the target files of exporters whose process is gone (killed trainings and replicas: see
+    cluster.monitoring.targets.sweep) from the folder this run's exporters write to, at the start and at the end
+    of the run: nothing registers after the night's last exporter stops."""
+    folder = _metrics_targets_dir(args, args.train.metrics_port) or _metrics_targets_dir(args, args.eval_metrics_port)
+    if folder is not None:
+        from cluster.monitoring.targets import sweep
+
+        sweep(folder)
 
 
 def _stage(number: int, text: str) -> None:
@@ -404,6 +428,8 @@ def _evaluate(args: LaunchAllArgs, persons: list[str]):
                               renderer=RendererConfig(
                                   num_inference_steps=args.eval_inference_steps,
                                   num_replicas=args.eval_parallel_persons,
+                                  metrics_port=args.eval_metrics_port, metrics_host=args.eval_metrics_host,
+                                  metrics_targets_dir=_metrics_targets_dir(args, args.eval_metrics_port),
                                   # the training's precision (its validation renders in it): "auto" is bf16 on
                                   # CUDA for both, and --train.precision fp32 is scored on fp32 renders too;
                                   # compiled code (CUDA) shared by every replica and night
@@ -468,6 +494,13 @@ def check_options(args: LaunchAllArgs) -> str | None:
         (args.eval_max_frames_per_clip is None or args.eval_max_frames_per_clip >= 1,
          f"--eval-max-frames-per-clip must be at least 1 (leave it out for every frame), got "
          f"{args.eval_max_frames_per_clip}"),
+        (args.eval_metrics_port is None or 0 <= args.eval_metrics_port <= MAX_METRICS_PORT,
+         f"--eval-metrics-port must be 1 to {MAX_METRICS_PORT} (each renderer replica's exporter tries "
+         f"{EXPORTER_PORTS} ports from it up) or 0 (a free port the system picks), got {args.eval_metrics_port}"),
+        (host_problem(args.eval_metrics_host) is None,
+         f"--eval-metrics-host {args.eval_metrics_host!r}: {host_problem(args.eval_metrics_host)}"),
+        (args.eval_metrics_port is not None or args.eval_metrics_host == "127.0.0.1",
+         "--eval-metrics-host needs --eval-metrics-port: without it the renderer starts no exporter"),
         (args.max_retries >= 0, f"--max-retries must be 0 or more, got {args.max_retries}"),
         (_finite(args.job_cpus, 0, strict=True), f"--job-cpus must be a positive number, got {args.job_cpus}"),
         (args.job_gpus is None or _finite(args.job_gpus, 0, strict=False),
@@ -611,6 +644,7 @@ def _run(args: LaunchAllArgs, ray_session: RaySession, t0: float) -> int:
         serve_log = logging.getLogger("ray.serve")
         serve_log.setLevel(logging.WARNING)
         serve_log.addFilter(_serve_notice_filter)
+    _sweep_metrics_targets(args)  # what the exporters of killed runs left (the night's first exporter sweeps too)
     clock = ProcessTreeClock()
     requested = requested_persons(args)
     results: list[JobResult] = []
@@ -705,6 +739,7 @@ def _run(args: LaunchAllArgs, ray_session: RaySession, t0: float) -> int:
             print(f"evaluation: {len(summary.persons)} persons{reused}, {summary.frames_rendered} frames in "
                   f"{summary.seconds:.0f} s -> {summary.results_path}")
     ray_session.close()  # the training's Ray when nothing was evaluated
+    _sweep_metrics_targets(args)  # what this night's killed trainings and replicas left: no exporter registers now
     if evaluation_failed is not None or code != exit_code(results):  # summary.json says what the process exits with
         rewritten = write_summary_json(results, written or summary_path, code, evaluation_failed=evaluation_failed)
         if rewritten is not None and rewritten != written:

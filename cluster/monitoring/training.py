@@ -37,7 +37,7 @@ class PrometheusCallback(TrainerCallback):
     A registry per run: a Ray worker process may train several persons one after another.
     With ``targets_dir`` the bound exporter is written there as Prometheus target ``training-<person>.json``
     (``training-<person>-rank<r>.json`` for each process of a data-parallel run; :mod:`cluster.monitoring.targets`,
-    labels person, component and rank) and removed as the exporter stops.
+    labels person, component and rank) and removed as the exporter stops (a killed run's at the next sweep).
     """
 
     def __init__(self, first_port: int, host: str = "127.0.0.1", targets_dir: Path | None = None):

@@ -82,7 +82,8 @@ class AvatarRenderer:
                 print(f"renderer replica: WARNING: rendering without its Prometheus exporter: {e}", file=sys.stderr,
                       flush=True)
         # its target file for Prometheus' file_sd (best effort: a folder that cannot be written is a warning), removed
-        # in __del__, which Serve calls when it shuts the replica down (a killed replica's file stays: "down")
+        # in __del__, which Serve calls when it shuts the replica down (a killed replica's goes at the next sweep of
+        # the folder: cluster/monitoring/targets.py)
         self.target_name = None
         if self.exporter is not None and config.metrics_targets_dir is not None:
             from cluster.monitoring.targets import register

@@ -77,8 +77,10 @@ class RendererConfig:
     address (or 0.0.0.0) when a Prometheus on another machine scrapes it."""
     metrics_targets_dir: Path | None = None
     """Folder where each replica writes its bound exporter as a Prometheus file_sd target
-    (``renderer-<replica id>.json``, label component; removed when Serve shuts the replica down) for the
-    ``file_sd_configs`` jobs of cluster/monitoring/prometheus.yml. Needs metrics_port; None: nothing is written."""
+    (``renderer-<replica id>.json``, label component; removed when Serve shuts the replica down, a killed
+    replica's by the next sweep of the folder: cluster/monitoring/targets.py) for the ``file_sd_configs`` jobs of
+    cluster/monitoring/prometheus.yml. Needs metrics_port; None: nothing is written (launch_all: the trainings'
+    folder, with --eval-metrics-port)."""
     pipeline: RenderOptions = dataclasses.field(default_factory=RenderOptions)
     """How each replica runs the model (precision, torch.compile or CUDA graphs, batch buckets, VAE decode chunk);
     a replica warms every bucket up before it takes requests."""

@@ -25,6 +25,17 @@ def _targets():
     return targets
 
 
+def _read_target(path: Path) -> list[dict]:
+    """A target file without its writer record (the ``__writer_*`` labels test_monitoring_target_sweep.py tests),
+    which it must have."""
+    groups = json.loads(path.read_text())
+    for group in groups:
+        writer = {k for k in group["labels"] if k.startswith("__writer_")}
+        assert writer == {"__writer_host", "__writer_pid", "__writer_pid_space", "__writer_started_at"}, path
+        group["labels"] = {k: v for k, v in group["labels"].items() if k not in writer}
+    return groups
+
+
 def test_register_writes_a_file_sd_target_and_unregister_removes_it(tmp_path: Path, monkeypatch) -> None:
     """The file is Prometheus's file_sd format, written whole (a failed write leaves the earlier file and no
     temporary one); a wildcard bind address is written as this node's name; removing a missing file is fine."""
@@ -32,8 +43,8 @@ def test_register_writes_a_file_sd_target_and_unregister_removes_it(tmp_path: Pa
     folder = tmp_path / "monitoring" / "targets"  # made when missing
     path = targets.register(folder, "training-017", "127.0.0.2", 9403, {"person": "017", "component": "training"})
     assert path == folder / "training-017.json"
-    assert json.loads(path.read_text()) == [{"targets": ["127.0.0.2:9403"],
-                                             "labels": {"person": "017", "component": "training"}}]
+    assert _read_target(path) == [{"targets": ["127.0.0.2:9403"],
+                                   "labels": {"person": "017", "component": "training"}}]
     monkeypatch.setattr(targets.socket, "getfqdn", lambda: "node7.cluster")
     for wildcard in ("0.0.0.0", "::", ""):
         targets.register(folder, "renderer-a1", wildcard, 9500, {"component": "renderer"})
@@ -84,7 +95,7 @@ def test_the_training_callback_writes_its_target_and_removes_it_when_the_run_end
     prometheus.on_train_start(_trainer("017", records))
     try:
         port = prometheus.exporter.port
-        assert json.loads((folder / "training-017.json").read_text()) == [
+        assert _read_target(folder / "training-017.json") == [
             {"targets": [f"127.0.0.1:{port}"], "labels": {"person": "017", "component": "training"}}]
     finally:
         getattr(prometheus, end)(None, {} if end == "on_train_end" else RuntimeError("a step failed"))
@@ -158,8 +169,8 @@ def test_a_replica_writes_its_target_and_removes_it_when_serve_shuts_it_down(tmp
     replica = AvatarRenderer.func_or_class({"p0": "/nowhere"}, config, 2)
     path = tmp_path / "targets" / "renderer-x7k2.json"
     try:
-        assert json.loads(path.read_text()) == [{"targets": [f"127.0.0.1:{replica.exporter.port}"],
-                                                 "labels": {"component": "renderer"}}]
+        assert _read_target(path) == [{"targets": [f"127.0.0.1:{replica.exporter.port}"],
+                                       "labels": {"component": "renderer"}}]
     finally:
         replica.__del__()
     assert not path.exists()
