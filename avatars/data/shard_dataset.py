@@ -28,6 +28,7 @@ canonical coordinate is blended with the background's zeros.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import warnings
@@ -126,13 +127,24 @@ class ShardDataset(Dataset):
         self.epoch = epoch
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        fd = self._fds.get(shard)
-        if fd is None:  # opened lazily, once per process (loader threads share it; pread has no file position)
-            with self._fd_lock:
-                fd = self._fds.get(shard)
-                if fd is None:
-                    fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
-        data = os.pread(fd, size, offset)
+        """`size` bytes at `offset` of shard `shard`. A read the system refuses is a `ShardError` naming the shard
+        and where (`pread`'s own error names no file); an I/O error (EIO: a bad sector, a disk or controller fault)
+        marks the shard for a rebuild too, since it fails the same way every night until the file is written anew
+        (a rebuild writes new blocks; a transient one costs one shard's rebuild)."""
+        path = self.shards[shard]
+        try:
+            fd = self._fds.get(shard)
+            if fd is None:  # opened lazily, once per process (loader threads share it; pread has no file position)
+                with self._fd_lock:
+                    fd = self._fds.get(shard)
+                    if fd is None:
+                        fd = self._fds[shard] = os.open(path, os.O_RDONLY)
+            data = os.pread(fd, size, offset)
+        except OSError as e:
+            problem = f"cannot read {size} bytes at offset {offset}: {e.strerror or e}"
+            if e.errno == errno.EIO:
+                raise corrupt(path, problem) from None
+            raise ShardError(path, problem) from None
         if len(data) != size:
             raise ShardError(self.shards[shard], f"truncated shard: short read at offset {offset}")
         return data

@@ -4,6 +4,7 @@ corrupt sample marks its shard for the next preprocess, and a marked shard is re
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tarfile
@@ -118,3 +119,28 @@ def test_a_shard_of_the_previous_codec_is_refused_when_opened(loader_shards, tmp
                 dst.addfile(m, src.extractfile(m))
     with pytest.raises(ShardError, match=f"{victim}.*lacks sha256"):
         ShardDataset([victim], CFG)
+
+
+@pytest.mark.parametrize("code, marked", [(errno.EIO, True), (errno.EACCES, False)])
+def test_a_read_the_system_refuses_names_the_shard_and_an_io_error_marks_it(loader_shards, tmp_path, monkeypatch,
+                                                                            code, marked):
+    paths = []
+    for p in shard_paths(loader_shards, "000", "train"):
+        paths.append(tmp_path / p.name)
+        shutil.copy(p, paths[-1])
+    ds = ShardDataset(paths, CFG)
+    shard, key, exts = ds.index[3]
+    bad = exts["rgb.npy.zst"][0]
+    real = os.pread
+
+    def pread(fd, size, offset):  # the sector under sample 3's image fails (a bad disk block)
+        if offset == bad and os.path.samefile(f"/proc/self/fd/{fd}", paths[shard]):
+            raise OSError(code, os.strerror(code))
+        return real(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    ds[2]
+    with pytest.raises(ShardError, match=rf"{paths[shard]}: cannot read \d+ bytes at offset {bad}: "
+                                         rf"{os.strerror(code)}"):
+        ds[3]
+    assert (integrity.corrupt_mark(paths[shard]) is not None) == marked
