@@ -2,6 +2,9 @@
 # The GPU run kit: what a session with a lent GPU machine runs (README "GPU", "The next GPU session").
 #
 #   bash benchmarks/gpu_kit.sh download          # here, with registry access: fill .whl/ (ignored by git)
+#   bash benchmarks/gpu_kit.sh compat            # here: the gpu test files' CPU tests on the GPU machine's torch
+#                                                # (2.11.0) in a venv of their own, so an API this project's torch
+#                                                # has and that one lacks fails here, not in device minutes
 # there (Python 3.12 + torch 2.11, no registry; the device tool with carry [".whl"]), one call each, in order:
 #   bash benchmarks/gpu_kit.sh first             # ~6 min: every gpu test that compiles nothing (the CUDA-graph
 #                                                # render first), then bench_gpu --only render peer, render
@@ -61,6 +64,14 @@ GPU_TESTS=(
   tests/shards/test_raster.py
 )
 
+# `compat`: the GPU machine's torch and torchvision (KINDS.md's pip list) and what the gpu test files import
+# beyond the kit's wheels, installed here into a venv of their own (never the project's: it pins torch 2.14.1).
+GPU_TORCH=${GPU_TORCH:-2.11.0}
+GPU_TORCHVISION=${GPU_TORCHVISION:-0.26.0}
+COMPAT_VENV=${COMPAT_VENV:-/tmp/gpu-compat-venv}
+COMPAT_EXTRAS=(numba pytest pytest-timeout pillow psutil transformers accelerate safetensors imageio imageio-ffmpeg
+  scikit-image lpips torchmetrics prometheus-client matplotlib jinja2 submitit webdataset pyyaml hypothesis)
+
 download() {
   local py=${PYTHON:-.venv/bin/python}
   mkdir -p "$WHEELS"
@@ -75,6 +86,21 @@ install() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
   export PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
   python3 -c "import torch, diffusers, deepspeed, tyro, zarr; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+}
+
+compat() {
+  local py=${PYTHON:-python3} out
+  if ! "$COMPAT_VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$GPU_TORCH')" \
+      2>/dev/null; then
+    rm -rf "$COMPAT_VENV"
+    "$py" -m venv "$COMPAT_VENV"
+    "$COMPAT_VENV/bin/pip" install -q "torch==$GPU_TORCH" "torchvision==$GPU_TORCHVISION" \
+      "${PACKAGES[@]}" "$DEEPSPEED" "${COMPAT_EXTRAS[@]}"
+  fi
+  out=$(out_dir)
+  # every test of the gpu test files that runs without CUDA (the gpu ones skip), the project on PYTHONPATH
+  PYTHONPATH=$PWD timeout -k 10 "${COMPAT_TIMEOUT:-2400}" "$COMPAT_VENV/bin/python" -m pytest -o addopts="" -q -rfE \
+    -p no:cacheprovider "${GPU_TESTS[@]}" tests/benchmarks/test_bench_gpu.py 2>&1 | tee "$out/compat_torch$GPU_TORCH.log"
 }
 
 out_dir() {
@@ -117,8 +143,9 @@ tests_for() {
 
 case "${1:-}" in
   download) shift; download "$@"; exit ;;
+  compat) compat; exit ;;
   bench|test|first|compiled-train|compiled-render|compile-tests|profile-compiled) ;;
-  *) echo "usage: $0 download | first | compiled-render | compile-tests | compiled-train | profile-compiled" \
+  *) echo "usage: $0 download | compat | first | compiled-render | compile-tests | compiled-train | profile-compiled" \
           "| bench [bench_gpu.py args] | test [files]" >&2
      exit 2 ;;
 esac
