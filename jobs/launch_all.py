@@ -1,6 +1,7 @@
 """The main job: data -> shards -> one training job per person in parallel -> evaluation -> report.
 
     python jobs/launch_all.py --persons all                      # embedded local Ray, synthetic data, tiny preset
+    python jobs/launch_all.py --persons all --dry-run            # what that run would do and why; writes nothing
     python jobs/launch_all.py paper --persons 017,018 --captures /data/nersemble \\
         --train.base-model /models/sd21 --backend slurm --slurm.partition gpu --job-gpus 1
 
@@ -139,6 +140,11 @@ class LaunchAllArgs:
     verbose: bool = False
     """Let the training workers print here (library notices, per-worker progress bars) instead of
     into <workdir>/logs/<person>.log, and show no overall progress line."""
+    dry_run: bool = False
+    """Print what this run would do and why, per stage and person (what is up to date and reused, what is generated,
+    ingested, sharded, pretrained, trained, resumed or rendered again), with a count per stage, and exit 0 without
+    doing or writing anything (no Ray, no SLURM, no lock; 2 on bad options, as a run). Allowed while a run holds
+    the work directory: the plan then says so."""
 
 
 #: Held in the work directory for the whole run (``common.locks``): a second main job on it (last night's still
@@ -187,13 +193,21 @@ def _base_model(args: LaunchAllArgs, base_persons: list[str], **settings) -> Pat
     `settings` replace BasePretrainConfig defaults (the ablation benchmark's longer UNet prior)."""
     if not _needs_tiny_base(args):
         return args.train.base_model
-    from avatars.training.base_pretraining import BasePretrainConfig, base_key, pretrain_base
+    from avatars.training.base_pretraining import pretrain_base
+
+    config = tiny_base_config(args, base_persons, **settings)
+    pretrain_base(config)
+    return config.output
+
+
+def tiny_base_config(args: LaunchAllArgs, base_persons: list[str], **settings):
+    """The BasePretrainConfig of the tiny base of `base_persons`, its output folder named by its key (reads the
+    persons' shard manifests: raises FileNotFoundError when a person has none)."""
+    from avatars.training.base_pretraining import BasePretrainConfig, base_key
 
     config = BasePretrainConfig(shard_root=args.workdir / "shards", persons=",".join(base_persons),
                                 num_workers=min(2, args.workers), **settings)
-    out = args.workdir / "base" / f"tiny-{base_key(config)[:16]}"
-    pretrain_base(dataclasses.replace(config, output=out))
-    return out
+    return dataclasses.replace(config, output=args.workdir / "base" / f"tiny-{base_key(config)[:16]}")
 
 
 def _check_bases(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -> dict[str, str]:
@@ -203,27 +217,41 @@ def _check_bases(args: LaunchAllArgs, persons: list[str], base_model: Path | Non
     once per person) and it retrains from scratch; its old base is kept. A base given with
     --train.base-model is the user's: the person is refused with the reason (returned) instead,
     so that no long training is thrown away by a mistyped path."""
-    from avatars.training.base_record import BaseMismatch, base_fingerprint, mismatch
+    from avatars.training.base_record import base_fingerprint
 
-    if args.train.resume == "never":
-        return {}
-    fingerprint = base_fingerprint(base_model)
     refused = {}
-    for p in persons:
+    for p, problem in base_mismatches(args, persons, base_fingerprint(base_model)).items():
         run = args.workdir / "runs" / p
-        try:
-            problem = mismatch(run, fingerprint)
-        except BaseMismatch as e:  # an unreadable base.json: the base it was trained on is unknown
-            problem = str(e)
-        if problem is None:
-            continue
         if not _needs_tiny_base(args):
-            refused[p] = (f"{problem}; pass that base with --train.base-model, or --train.resume never to "
-                          "retrain every person on this one")
+            refused[p] = refused_base(problem)
             continue
         print(f"{p}: retraining from scratch on this run's base ({base_model}): {problem}")
         shutil.rmtree(run)
     return refused
+
+
+def refused_base(problem: str) -> str:
+    """Why a person trained on another base than --train.base-model is refused (``problem``: the mismatch)."""
+    return (f"{problem}; pass that base with --train.base-model, or --train.resume never to retrain every person on "
+            "this one")
+
+
+def base_mismatches(args: LaunchAllArgs, persons: list[str], fingerprint: str | None) -> dict[str, str]:
+    """Persons whose avatar holds training state of another base than the one of ``fingerprint``, each with why
+    (``avatars.training.base_record.mismatch``); none with --train.resume never, which starts every person over."""
+    from avatars.training.base_record import BaseMismatch, mismatch
+
+    if args.train.resume == "never":
+        return {}
+    found = {}
+    for p in persons:
+        try:
+            problem = mismatch(args.workdir / "runs" / p, fingerprint)
+        except BaseMismatch as e:  # an unreadable base.json: the base it was trained on is unknown
+            problem = str(e)
+        if problem is not None:
+            found[p] = problem
+    return found
 
 
 def _check_resumable(args: LaunchAllArgs, persons: list[str]) -> dict[str, str]:
@@ -271,10 +299,16 @@ def _trained(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -
     before the data changed (another held-out split: frames it trained on are now evaluated) is not, nor one whose
     result.json holds a NaN or infinite number (written by a run that diverged, before the trainer refused to): its
     training runs and says what is wrong with its checkpoints."""
+    from avatars.training.base_record import base_fingerprint
+
+    return trained_on(args, persons, base_fingerprint(base_model))
+
+
+def trained_on(args: LaunchAllArgs, persons: list[str], fingerprint: str | None) -> dict[str, dict]:
+    """`_trained` for the base of ``fingerprint``."""
     import json
     import math
 
-    from avatars.training.base_record import base_fingerprint
     from avatars.training.config import TRAIN_DATA
 
     def finite(text: str) -> float:  # json.loads takes a bare NaN / Infinity, and 1e999 as inf
@@ -286,7 +320,6 @@ def _trained(args: LaunchAllArgs, persons: list[str], base_model: Path | None) -
     if args.train.resume == "never":
         return {}
     steps = args.train.steps
-    fingerprint = base_fingerprint(base_model)
     done = {}
     for p in persons:
         run = args.workdir / "runs" / p
@@ -416,28 +449,34 @@ def _stage(number: int, text: str) -> None:
 
 
 def _evaluate(args: LaunchAllArgs, persons: list[str]):
+    from cluster.eval_driver.driver import run_evaluation
+
+    return run_evaluation(eval_config(args, persons))
+
+
+def eval_config(args: LaunchAllArgs, persons: list[str]):
+    """The evaluation driver's config of `persons` for this run."""
     from avatars.configs import RenderOptions
-    from cluster.eval_driver.driver import EvalDriverConfig, run_evaluation
+    from cluster.eval_driver.driver import EvalDriverConfig
     from cluster.serve.renderer import RendererConfig
 
-    config = EvalDriverConfig(runs=args.workdir / "runs", shards=args.workdir / "shards",
-                              stores=args.workdir / "zarr", reports_root=args.workdir / "reports",
-                              persons=tuple(persons), ray_address=args.ray_address,
-                              parallel_persons=args.eval_parallel_persons,
-                              ray_bind_host=args.ray_bind_host,
-                              renderer=RendererConfig(
-                                  num_inference_steps=args.eval_inference_steps,
-                                  num_replicas=args.eval_parallel_persons,
-                                  metrics_port=args.eval_metrics_port, metrics_host=args.eval_metrics_host,
-                                  metrics_targets_dir=_metrics_targets_dir(args, args.eval_metrics_port),
-                                  # the training's precision (its validation renders in it): "auto" is bf16 on
-                                  # CUDA for both, and --train.precision fp32 is scored on fp32 renders too;
-                                  # compiled code (CUDA) shared by every replica and night
-                                  pipeline=RenderOptions(precision=args.train.precision,
-                                                         compile_cache=(args.workdir / "compile-cache").resolve())),
-                              lpips_weights=Path(args.train.lpips_weights), force=args.force,
-                              max_frames_per_clip=args.eval_max_frames_per_clip)
-    return run_evaluation(config)
+    return EvalDriverConfig(runs=args.workdir / "runs", shards=args.workdir / "shards",
+                            stores=args.workdir / "zarr", reports_root=args.workdir / "reports",
+                            persons=tuple(persons), ray_address=args.ray_address,
+                            parallel_persons=args.eval_parallel_persons,
+                            ray_bind_host=args.ray_bind_host,
+                            renderer=RendererConfig(
+                                num_inference_steps=args.eval_inference_steps,
+                                num_replicas=args.eval_parallel_persons,
+                                metrics_port=args.eval_metrics_port, metrics_host=args.eval_metrics_host,
+                                metrics_targets_dir=_metrics_targets_dir(args, args.eval_metrics_port),
+                                # the training's precision (its validation renders in it): "auto" is bf16 on
+                                # CUDA for both, and --train.precision fp32 is scored on fp32 renders too;
+                                # compiled code (CUDA) shared by every replica and night
+                                pipeline=RenderOptions(precision=args.train.precision,
+                                                       compile_cache=(args.workdir / "compile-cache").resolve())),
+                            lpips_weights=Path(args.train.lpips_weights), force=args.force,
+                            max_frames_per_clip=args.eval_max_frames_per_clip)
 
 
 def resource_warnings(args: LaunchAllArgs) -> list[str]:
@@ -600,21 +639,29 @@ def main(args: LaunchAllArgs) -> int:
     the summary is printed and written (to a fallback path when the work directory cannot
     take it), and a re-run after freeing space continues where this one stopped.
     """
+    if args.dry_run:  # read-only: no Ray session, no lock, no work directory check that writes
+        from jobs._plan import dry_run
+
+        return dry_run(args)
     with _ray_session(args) as ray_session:  # one Ray for the training and the evaluation
         return _main(args, ray_session)
 
 
-def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
+def preflight(args: LaunchAllArgs, dry_run: bool = False) -> bool:
+    """The checks before any work, up front instead of after hours of data and training: the options and
+    --persons, the work directory (not in a dry run: `check_workdir` writes a probe file; an unusable one raises
+    OSError) and the backends (a backend that is not there is named with how to get it). Prints the error or the
+    warnings; False when the run must not start (exit code 2)."""
     from cluster.orchestrate import check_workdir
     from cluster.preflight import BackendUnavailable, check_backend
 
-    t0 = time.time()
-    problem = check_options(args) or check_persons(args)  # up front, not after hours of data and training
+    problem = check_options(args) or check_persons(args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
-        return 2
-    check_workdir(args.workdir, args.min_free_gb)
-    try:  # before any work: a backend that is not there is named with how to get it
+        return False
+    if not dry_run:
+        check_workdir(args.workdir, args.min_free_gb)
+    try:
         for warning in check_backend(args.backend, args.ray_address, args.slurm.partition, args.evaluate,
                                      args.ray_bind_host):
             print(f"warning: {warning}", file=sys.stderr)
@@ -622,6 +669,13 @@ def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     except BackendUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
+    t0 = time.time()
+    if not preflight(args):
         return 2
     try:
         with exclusive(args.workdir / LOCK_FILE, "the main job (jobs/launch_all.py)"):

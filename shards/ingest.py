@@ -388,6 +388,62 @@ def _write_frames(capture: PersonCapture, config: IngestConfig, meta: TrackingMe
     return n_frames, n_images, spatial, ambient
 
 
+#: Why `ingest_person` writes a store (:func:`ingest_decision`), besides an unreadable store.
+NO_STORE = "no store yet"
+FORCED = "--force"
+CAPTURE_CHANGED = ("the capture changed since it was ingested: a file or folder under it has another name, size or "
+                   "mtime, or the capture root moved")
+
+
+@dataclass
+class IngestDecision:
+    """What :func:`ingest_person` does with a person, decided without writing anything
+    (:func:`ingest_decision`; ``launch_all --dry-run`` prints it)."""
+
+    capture: PersonCapture
+    store: Path
+    fingerprint: str
+    reason: str | None
+    """Why the store is (re)written; None: it is up to date (``current``)."""
+    current: IngestResult | None = None
+
+
+def ingest_decision(capture_root: Path, person: str, out_dir: Path, config: IngestConfig | None = None,
+                    force: bool = False) -> IngestDecision:
+    """Whether ``<out_dir>/<person>.zarr`` is up to date with the capture and ``config`` (its fingerprint, see
+    :func:`_fingerprint`: the capture's files are statted, nothing is written). Raises DataError when the person's
+    folder does not exist."""
+    config = config or IngestConfig()
+    capture = PersonCapture(Path(capture_root).resolve(), person)
+    if not capture.dir.is_dir():
+        raise DataError(capture.dir, "person folder does not exist")
+    final = Path(out_dir) / f"{person}.zarr"
+    fingerprint = _fingerprint(capture, config)
+    if not final.exists():
+        return IngestDecision(capture, final, fingerprint, NO_STORE)
+    if force:
+        return IngestDecision(capture, final, fingerprint, FORCED)
+    try:
+        existing = PersonStore(final)
+        if existing.attrs.get("fingerprint") != fingerprint:
+            return IngestDecision(capture, final, fingerprint, _changed(existing, config))
+        frames = existing.num_frames
+        current = IngestResult(person, final, frames, frames * len(existing.serials), True)
+    except DataError as e:  # a broken store: rebuilt
+        return IngestDecision(capture, final, fingerprint, f"the store is unreadable: {e}")
+    return IngestDecision(capture, final, fingerprint, None, current)
+
+
+def _changed(store: PersonStore, config: IngestConfig) -> str:
+    """Why a store's fingerprint differs: the split settings it records, else its capture."""
+    held_out = store.attrs.get("held_out_sequences")
+    if store.attrs.get("held_out_camera") != config.held_out_camera:
+        return f"--ingest.held-out-camera changed ({store.attrs.get('held_out_camera')} -> {config.held_out_camera})"
+    if isinstance(held_out, list) and len(held_out) != config.held_out_sequences:
+        return f"--ingest.held-out-sequences changed ({len(held_out)} -> {config.held_out_sequences})"
+    return CAPTURE_CHANGED
+
+
 def ingest_person(capture_root: Path, person: str, out_dir: Path, config: IngestConfig | None = None,
                   force: bool = False) -> IngestResult:
     """Validate `person` under `capture_root` and write `<out_dir>/<person>.zarr`.
@@ -396,20 +452,10 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
     into place only once every mesh and image passed: a capture that fails leaves no store (and an older one as it
     was)."""
     config = config or IngestConfig()
-    capture = PersonCapture(Path(capture_root).resolve(), person)
-    if not capture.dir.is_dir():
-        raise DataError(capture.dir, "person folder does not exist")
-    out_dir = Path(out_dir)
-    final = out_dir / f"{person}.zarr"
-    fingerprint = _fingerprint(capture, config)
-    if final.exists() and not force:
-        try:
-            existing = PersonStore(final)
-            if existing.attrs.get("fingerprint") == fingerprint:
-                samples = existing.num_frames * len(existing.serials)
-                return IngestResult(person, final, existing.num_frames, samples, True)
-        except DataError:
-            pass  # stale or broken store: rebuild it
+    decision = ingest_decision(capture_root, person, out_dir, config, force)
+    if decision.reason is None:
+        return decision.current
+    capture, final, fingerprint = decision.capture, decision.store, decision.fingerprint
     meta, sequences, calib = _check_layout(capture, config)
     held_out = set(range(len(sequences) - config.held_out_sequences, len(sequences)))
     with atomic_directory(final) as tmp:

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -314,45 +314,140 @@ _NEW, _CHANGED = "not written yet", "inputs or settings changed"
 _MTIME = "mtime_ns"
 
 
-def _stale_reason(task: ShardTask, manifest: dict, verified: dict[str, dict],
-                  verify_all: bool = False) -> tuple[str | None, dict | None]:
-    """(why `task`'s shard must be (re)written, or None when it is up to date; its new `verified.json` record
-    when it was hashed now). Up to date: the manifest lists it with the same spec, no reader marked it corrupt,
-    its size matches and either its size and mtime match its `verified.json` record (not read) or its sha256
-    matches (hashed: a shard copied or touched since, or any with `verify_all`). An up-to-date shard without a
-    member index, or hashed now, is indexed (`_reindexed`), and rebuilt only when that walk finds it damaged."""
+class Staleness(NamedTuple):
+    """`_stale_reason`'s verdict on one shard."""
+
+    reason: str | None
+    """Why the shard must be (re)written; None: it is up to date."""
+    record: dict | None
+    """Its new `verified.json` record when it was hashed now (and matched)."""
+    indexed: bool
+    """An up-to-date shard whose member index is (re)written (it had none, or it was hashed now)."""
+
+
+def _stale_reason(task: ShardTask, manifest: dict, verified: dict[str, dict], verify_all: bool = False,
+                  write_index: bool = True) -> Staleness:
+    """Whether `task`'s shard must be (re)written, and why. Up to date: the manifest lists it with the same spec, no
+    reader marked it corrupt, its size matches and either its size and mtime match its `verified.json` record (not
+    read) or its sha256 matches (hashed: a shard copied or touched since, or any with `verify_all`). An up-to-date
+    shard without a member index, or hashed now, is indexed (`_reindexed`; with ``write_index`` False its tar
+    headers are walked and nothing is written), and rebuilt only when that walk finds it damaged."""
     entry = manifest.get("shards", {}).get(task.name)
     if not entry:
-        return _NEW, None
+        return Staleness(_NEW, None, False)
     if entry.get("spec") != task.spec:
-        return _CHANGED, None
+        return Staleness(_CHANGED, None, False)
     path = Path(task.out_dir) / task.name
     mark = corrupt_mark(path)
     if mark is not None:
-        return f"a reader found it corrupt ({corrupt_marker(path).name}): {mark}", None
+        return Staleness(f"a reader found it corrupt ({corrupt_marker(path).name}): {mark}", None, False)
     problem, record = check_shard(path, entry, verified.get(task.name), full=verify_all)
-    if problem is None and (record is not None or not index_path(path).exists()):
-        problem = _reindexed(path)
-    return problem, record if problem is None else None
+    indexed = problem is None and (record is not None or not index_path(path).exists())
+    if indexed:
+        problem = _reindexed(path, write_index)
+    return Staleness(problem, record, indexed) if problem is None else Staleness(problem, None, False)
 
 
-def _reindexed(path: Path) -> str | None:
-    """Writes the member index of an up-to-date shard that has none (written by an older version) or whose mtime
-    changed (it was hashed now: copied or touched, so its index is stale) from its tar headers, so that the loader's
-    opens need not walk them (and a training folder that is read-only gets them). Returns why the shard must be
-    rebuilt when the walk finds it damaged (a tar header), else None (a folder that cannot be written only warns:
-    the loader walks the headers then)."""
+#: `_stale_reason`'s reasons that rebuild a shard from other inputs than the ones its manifest entry records.
+NEW_INPUTS = (_NEW, _CHANGED)
+
+
+def _reindexed(path: Path, write: bool = True) -> str | None:
+    """Writes (with ``write``) the member index of an up-to-date shard that has none (written by an older version)
+    or whose mtime changed (it was hashed now: copied or touched, so its index is stale) from its tar headers, so
+    that the loader's opens need not walk them (and a training folder that is read-only gets them). Returns why the
+    shard must be rebuilt when the walk finds it damaged (a tar header), else None (a folder that cannot be written
+    only warns: the loader walks the headers then)."""
     try:
         st = shard_stat(path)
         samples = walk_shard(path, st)
     except ShardError as e:
         return e.problem
+    if not write:
+        return None
     try:
         write_index(path, st, samples)
     except OSError as e:
         warnings.warn(f"{path}: its member index could not be written ({e}); the loader reads its tar headers "
                       "instead", RuntimeWarning, stacklevel=2)
     return None
+
+
+@dataclass
+class ShardPlan:
+    """What `write_shards` does with each person's shards, decided before it writes any (`plan_shards`)."""
+
+    config: ShardConfig
+    out_dir: Path
+    tasks: dict[str, list[ShardTask]] = field(default_factory=dict)
+    """person -> its shards, in order."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """person -> why its shards cannot be planned (a broken or misnamed store)."""
+    manifests: dict[str, dict] = field(default_factory=dict)
+    """person -> its manifest as found."""
+    verified: dict[str, dict[str, dict]] = field(default_factory=dict)
+    """person -> its `verified.json` records as found."""
+    stale: dict[tuple[str, str], Staleness] = field(default_factory=dict)
+    """(person, shard name) -> its verdict."""
+
+    def kept(self, person: str) -> dict[str, dict]:
+        """The manifest entries of ``person``'s shards that are up to date."""
+        wanted = {t.name for t in self.tasks[person]}
+        return {k: v for k, v in self.manifests[person].get("shards", {}).items()
+                if k in wanted and self.stale[(person, k)].reason is None}
+
+    def records(self, person: str) -> dict[str, dict]:
+        """``person``'s `verified.json` records once its up-to-date shards are known: those hashed now replace theirs,
+        those of stale shards go."""
+        return {k: r for k in self.kept(person)
+                if (r := self.stale[(person, k)].record or self.verified[person].get(k)) is not None}
+
+    def leftovers(self, person: str) -> list[Path]:
+        """Shards of an earlier, larger plan (a glob would read them) and the markers and indexes of shards that are
+        no longer planned: removed by the write."""
+        pdir = self.out_dir / person
+        if not pdir.is_dir():
+            return []
+        wanted = {t.name for t in self.tasks[person]}
+        old = [path for path in pdir.glob("*.tar") if path.name not in wanted]
+        for suffix in (CORRUPT_SUFFIX, INDEX_SUFFIX):
+            old += [m for m in pdir.glob("*.tar" + suffix) if m.name.removesuffix(suffix) not in wanted]
+        return old
+
+    def same_manifest(self, person: str) -> bool:
+        """Whether ``person``'s manifest after the write is the one on disk now: no shard is new or of another spec
+        (one rebuilt from its recorded spec comes out with the bytes its entry lists: same inputs, same bytes) and
+        nothing else in it changes. What every fingerprint of the person's data (its training data digest, the tiny
+        base's key, its evaluation key) is computed from."""
+        if any(self.stale[(person, t.name)].reason in NEW_INPUTS for t in self.tasks[person]):
+            return False
+        found = self.manifests[person]
+        after = _finish_manifest({"person": person, "config": asdict(self.config),
+                                  "shards": dict(found.get("shards", {}))}, self.tasks[person])
+        return json.loads(json.dumps(after)) == found
+
+
+def plan_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, workers: int = 1,
+                verify_all: bool = False, write_index: bool = True) -> ShardPlan:
+    """Which of every person's shards are up to date (`_stale_reason`; threads: the few that are hashed release the
+    GIL). With ``write_index`` False nothing is written (`launch_all --dry-run`); otherwise the member index of an
+    up-to-date shard that needs one is written on the way."""
+    out_dir = Path(out_dir)
+    plan = ShardPlan(config, out_dir)
+    for sp in store_paths:
+        person = Path(sp).name[: -len(".zarr")] if Path(sp).name.endswith(".zarr") else Path(sp).stem
+        try:
+            plan.tasks[person] = plan_person(Path(sp), out_dir, config)
+        except DataError as e:
+            plan.failed[person] = str(e)
+    plan.manifests = {p: load_manifest(out_dir / p / MANIFEST) for p in plan.tasks}
+    plan.verified = {p: load_verified(out_dir / p) for p in plan.tasks}
+    checks = [(person, t) for person, tasks in plan.tasks.items() for t in tasks]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        found = list(pool.map(lambda pt: _stale_reason(pt[1], plan.manifests[pt[0]], plan.verified[pt[0]],
+                                                       verify_all, write_index), checks))
+    plan.stale = {(p, t.name): verdict for (p, t), verdict in zip(checks, found)}
+    return plan
 
 
 @dataclass
@@ -376,51 +471,28 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
     """
     out_dir = Path(out_dir)
     result = ShardRunResult()
-    tasks_by_person: dict[str, list[ShardTask]] = {}
-    for sp in store_paths:
-        person = Path(sp).name[: -len(".zarr")] if Path(sp).name.endswith(".zarr") else Path(sp).stem
-        try:
-            tasks_by_person[person] = plan_person(Path(sp), out_dir, config)
-        except DataError as e:
-            result.failed[person] = str(e)
-            _mark_failed(out_dir / person / MANIFEST, str(e))
-    manifests = {p: load_manifest(out_dir / p / MANIFEST) for p in tasks_by_person}
-    verified = {p: load_verified(out_dir / p) for p in tasks_by_person}
-    # Check every listed shard (threads: the few that are hashed release the GIL) to decide what is up to date.
-    checks = [(person, t) for person, tasks in tasks_by_person.items() for t in tasks]
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        stale = list(pool.map(lambda pt: _stale_reason(pt[1], manifests[pt[0]], verified[pt[0]], verify_all),
-                              checks))
-    stale_by_task = {(p, t.name): r for (p, t), (r, _) in zip(checks, stale)}
-    hashed = {(p, t.name): record for (p, t), (_, record) in zip(checks, stale) if record is not None}
+    plan = plan_shards(store_paths, out_dir, config, workers, verify_all)
+    for person, error in plan.failed.items():
+        result.failed[person] = error
+        _mark_failed(out_dir / person / MANIFEST, error)
+    tasks_by_person, manifests, verified = plan.tasks, dict(plan.manifests), dict(plan.verified)
     todo = []
     for person, tasks in tasks_by_person.items():
-        wanted = {t.name for t in tasks}
-        shards = {k: v for k, v in manifests[person].get("shards", {}).items()
-                  if k in wanted and stale_by_task[(person, k)] is None}
-        manifests[person] = {"person": person, "config": asdict(config), "shards": shards}
-        records = {k: r for k in shards if (r := hashed.get((person, k), verified[person].get(k))) is not None}
+        manifests[person] = {"person": person, "config": asdict(config), "shards": plan.kept(person)}
+        records = plan.records(person)
         if records != verified[person]:
             write_verified(out_dir / person, records)
         verified[person] = records
         for t in tasks:
-            reason = stale_by_task[(person, t.name)]
+            reason = plan.stale[(person, t.name)].reason
             if reason is None:
                 result.skipped.append(f"{person}/{t.name}")
                 continue
-            if reason not in (_NEW, _CHANGED):  # the file on disk is damaged
+            if reason not in NEW_INPUTS:  # the file on disk is damaged
                 result.rebuilt[f"{person}/{t.name}"] = reason
             todo.append((person, t))
-        # Shards left over from an earlier, larger plan would be read by a glob: remove them.
-        pdir = out_dir / person
-        if pdir.is_dir():
-            for old in pdir.glob("*.tar"):
-                if old.name not in wanted:
-                    old.unlink()
-            for suffix in (CORRUPT_SUFFIX, INDEX_SUFFIX):
-                for marker in pdir.glob("*.tar" + suffix):
-                    if marker.name.removesuffix(suffix) not in wanted:
-                        marker.unlink(missing_ok=True)
+        for old in plan.leftovers(person):
+            old.unlink(missing_ok=True)
         _write_manifest(out_dir, person, manifests[person], tasks)
 
     def done(person: str, task: ShardTask, entry: dict) -> None:
@@ -459,13 +531,18 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
     return result
 
 
-def _write_manifest(out_dir: Path, person: str, manifest: dict, tasks: list[ShardTask]) -> None:
+def _finish_manifest(manifest: dict, tasks: list[ShardTask]) -> dict:
+    """``manifest`` (changed in place) with its shards in plan order, whether it is complete and its counts."""
     shards = manifest["shards"]
     order = [t.name for t in tasks if t.name in shards]
     manifest["shards"] = {k: shards[k] for k in order}
     manifest["complete"] = len(order) == len(tasks)
     manifest["counts"] = {s: sum(v["samples"] for v in manifest["shards"].values() if v["split"] == s) for s in SPLITS}
-    atomic_write_json(out_dir / person / MANIFEST, manifest)
+    return manifest
+
+
+def _write_manifest(out_dir: Path, person: str, manifest: dict, tasks: list[ShardTask]) -> None:
+    atomic_write_json(out_dir / person / MANIFEST, _finish_manifest(manifest, tasks))
 
 
 def _mark_failed(path: Path, reason: str) -> None:

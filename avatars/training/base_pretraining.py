@@ -497,6 +497,15 @@ def full_fingerprint(config: BasePretrainConfig) -> dict:
     return fingerprint
 
 
+def finished_base(output: Path, fingerprint: dict) -> dict | None:
+    """The pretrain_info.json of ``output`` when it holds a finished base of ``fingerprint``
+    (:func:`full_fingerprint`), which :func:`pretrain_base` then keeps; None otherwise."""
+    info = read_info(output)
+    if info is not None and info.get("format") == INFO_FORMAT and info.get("config") == fingerprint:
+        return info
+    return None
+
+
 def base_key(config: BasePretrainConfig) -> str:
     """sha256 of :func:`full_fingerprint`: the main job names its base folder by it, so a base that
     avatars were trained on is never replaced by one made of other settings or data."""
@@ -520,11 +529,9 @@ def pretrain_base(config: BasePretrainConfig) -> dict:
     output = Path(config.output)
     fingerprint = full_fingerprint(config)
     persons = fingerprint["persons_resolved"]
-    if not config.force:
-        info = read_info(output)
-        if info is not None and info.get("format") == INFO_FORMAT and info.get("config") == fingerprint:
-            _log(f"{output} already holds this base model; skipping (--force retrains)")
-            return {**info, "skipped": True}
+    if not config.force and (info := finished_base(output, fingerprint)) is not None:
+        _log(f"{output} already holds this base model; skipping (--force retrains)")
+        return {**info, "skipped": True}
     for name in STEP_COUNTS:
         if getattr(config, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(config, name)}")

@@ -99,6 +99,22 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("step_*") if (p / MARKER).is_file())
 
 
+def newest_step(ckpt_dir: Path) -> int:
+    """The step of the newest complete checkpoint, the one a resume continues from; 0 without one."""
+    done = complete_checkpoints(Path(ckpt_dir))
+    return int(done[-1].name.removeprefix("step_")) if done else 0
+
+
+def past_steps(ckpt_dir: Path, steps: int) -> str | None:
+    """Why the checkpoints in ``ckpt_dir`` (``<run>/checkpoints``) cannot be resumed by a run of ``steps`` steps:
+    the newest is past them (its loop would not run: result.json said 600 steps for --steps 300); None otherwise."""
+    reached = newest_step(ckpt_dir)
+    if reached <= steps:
+        return None
+    return (f"{Path(ckpt_dir) / tag(reached)}: the checkpoints of {Path(ckpt_dir).parent} are at step {reached}, past "
+            f"--steps {steps}; pass --steps {reached} or more to continue it, or start over with --resume never")
+
+
 #: Free space below which a failed checkpoint write is taken for a full disk.
 FULL_DISK_BYTES = 64 * 2**20
 

@@ -219,12 +219,8 @@ class Trainer:
     def _check_resumable(self) -> None:
         """The newest checkpoint continues only with the options that made its state (config.RESUMABLE_FIELDS)."""
         saved = ckpt.saved_options(self.checkpoint_dir)
-        done = ckpt.complete_checkpoints(self.checkpoint_dir)
-        reached = int(done[-1].name.removeprefix("step_")) if done else 0
-        if reached > self.config.steps:  # the loop would not run: result.json said 600 steps for --steps 300
-            raise ResumeMismatch(f"{done[-1]}: the checkpoints of {self.run_dir} are at step {reached}, past "
-                                 f"--steps {self.config.steps}; pass --steps {reached} or more to continue it, or "
-                                 "start over with --resume never")
+        if problem := ckpt.past_steps(self.checkpoint_dir, self.config.steps):
+            raise ResumeMismatch(problem)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))  # what init_distributed joins, read before it does
         now = state_options(self.config, self.train_data, world_size)
         if saved is not None and (conflicts := resume_conflicts(saved[1], now)):

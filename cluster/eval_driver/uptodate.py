@@ -201,13 +201,15 @@ def read_key_index(results_path: Path) -> dict[str, str] | None:
     return keys
 
 
-def find_reusables(reports_root: Path, run_date: str, wanted: dict[str, str]) -> dict[str, tuple[RunResults, Path]]:
+def find_reusables(reports_root: Path, run_date: str, wanted: dict[str, str],
+                   index: bool = True) -> dict[str, tuple[RunResults, Path]]:
     """For each person of ``wanted`` (person -> its evaluation key now): the newest night up to ``run_date`` whose
     results hold it evaluated with that key, reusable (:func:`reusable_keys`) and with its videos and thumbnails
     all there, as (that night's results of the persons found in it, the night's folder); persons with none are
     left out. Each night is looked up once for all persons, newest first, until every person is found: through
     its key index (:data:`KEY_INDEX`) when it has one that matches, and read in full only when it holds a wanted
-    key (or has no index: it then gets one). A night that does not read is skipped with a warning."""
+    key (or has no index: it then gets one, unless ``index`` is False: nothing is written, as for
+    ``launch_all --dry-run``). A night that does not read is skipped with a warning."""
     found: dict[str, tuple[RunResults, Path]] = {}
     for path in reversed(list_runs(reports_root)):
         left = {p: k for p, k in wanted.items() if p not in found}
@@ -224,7 +226,7 @@ def find_reusables(reports_root: Path, run_date: str, wanted: dict[str, str]) ->
         except (DataError, OSError) as e:
             log.warning("not reusing results from %s: %s", path, e)
             continue
-        if stamp is not None:  # read in full: indexed, so that later runs need not read it again
+        if stamp is not None and index:  # read in full: indexed, so that later runs need not read it again
             write_if_unchanged(path, stamp, lambda: write_key_index(path, run, stamp), "key index")
         hits = [p for p, k in left.items() if _reusable(run, path.parent, p, k)]
         if hits:  # only theirs are kept: a night of 300 persons' per-frame numbers is hundreds of MB in memory

@@ -1,0 +1,411 @@
+"""``launch_all --dry-run``: what the run would do, per stage and person, and why, without doing or writing anything.
+
+Each stage is decided by the stage's own functions, called in their read-only form: the synthetic persons'
+completion markers (``shards.synthetic``), the ingest's capture fingerprint (``shards.ingest.ingest_decision``: the
+capture's files are statted), the shards' checks (``shards.writer.plan_shards`` with ``write_index=False``: a shard
+whose mtime changed is hashed and one due a member index has its tar headers walked, and nothing is written), the
+tiny base's key (``avatars.training.base_pretraining.finished_base``), the training's checks (launch_all's
+``base_mismatches``, ``_check_resumable`` and ``trained_on``, and the newest complete checkpoint the trainer
+resumes from) and the evaluation's key (``cluster.eval_driver.uptodate``; ``find_reusables`` with ``index=False``).
+No Ray, no SLURM, no lock, no probe file: a work directory that does not exist stays so.
+
+A stage after one that rewrites data is planned on what the rewrite is known to give. A shard rebuilt from the spec
+its manifest entry records comes out with the bytes that entry lists (same inputs, same bytes), so its person's data
+does not change; a store ingested again, or a shard that is new or of another spec, changes the person's manifest,
+and with it the tiny base's key (every avatar then retrains on the new base) and the person's evaluation key. What
+only the new bytes can decide (an avatar on a given --train.base-model whose shards are rewritten) is said to be
+decided after the data stage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.io import DataError, read_marker
+from common.processes import pid_alive
+from jobs.ingest import resolve_persons
+from jobs.launch_all import (
+    LOCK_FILE,
+    LaunchAllArgs,
+    _check_resumable,
+    _needs_tiny_base,
+    base_mismatches,
+    eval_config,
+    preflight,
+    refused_base,
+    requested_persons,
+    tiny_base_config,
+    trained_on,
+)
+from shards.contract import list_persons
+from shards.ingest import NO_STORE, IngestDecision, ingest_decision
+from shards.writer import NEW_INPUTS, plan_shards
+
+#: Stands for the fingerprint of a base this run pretrains: no avatar was trained on it (12 characters, which
+#: ``base_record.mismatch`` prints whole).
+NEW_BASE = "not made yet"
+#: The stages in the order they run, with the names their counts are printed under.
+STAGES = {"synthetic": "synthetic data", "ingest": "ingest", "shards": "shards", "base": "base model",
+          "train": "training", "evaluate": "evaluation"}
+#: How many shard names (and reasons) a person's shard line names before "and N more".
+SHOWN = 3
+
+
+@dataclass
+class Step:
+    stage: str
+    person: str | None
+    verdict: str
+    """What is done, as counted per stage ("up to date", "ingest", "rebuild", ...)."""
+    why: str = ""
+
+
+@dataclass
+class Plan:
+    steps: list[Step] = field(default_factory=list)
+    #: persons whose shard manifest changes this run (what their data digests and the tiny base's key read)
+    changed: set[str] = field(default_factory=set)
+    #: persons whose data stage is known to fail, with why
+    failed: dict[str, str] = field(default_factory=dict)
+    #: persons that get their first store this run
+    new_stores: set[str] = field(default_factory=set)
+
+    def add(self, stage: str, person: str | None, verdict: str, why: str = "") -> None:
+        self.steps.append(Step(stage, person, verdict, why))
+
+    def lines(self) -> list[str]:
+        """The steps under launch_all's four stage headers, stage by stage and person by person."""
+        headers = {"synthetic": "[1/4] data", "ingest": "[1/4] data", "shards": "[1/4] data",
+                   "base": "[2/4] base model", "train": "[3/4] training", "evaluate": "[4/4] evaluation"}
+        out, order = [], list(STAGES)
+        for step in sorted(self.steps, key=lambda s: (order.index(s.stage), s.person or "")):
+            if headers[step.stage] not in out:
+                out.append(headers[step.stage])
+            who = f"{step.stage} {step.person}" if step.person else step.stage
+            out.append(f"  {who}: {step.verdict}" + (f" ({step.why})" if step.why else ""))
+        return out
+
+    def counts(self) -> list[str]:
+        """One line per stage: how many steps of each verdict."""
+        out = []
+        for stage, name in STAGES.items():
+            counted = Counter(s.verdict.split(":")[0] for s in self.steps if s.stage == stage)
+            if counted:
+                out.append(f"{name}: " + ", ".join(f"{n} {verdict}" for verdict, n in counted.items()))
+        return out
+
+
+def dry_run(args: LaunchAllArgs) -> int:
+    """Prints the plan of ``args``' run; the exit code: 0, or 2 where the run would refuse to start."""
+    if not preflight(args, dry_run=True):
+        return 2
+    problem = _workdir_problem(args.workdir, args.min_free_gb)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    print(f"dry run of launch_all on {args.workdir}: nothing is done or written")
+    running = run_in_progress(args.workdir / LOCK_FILE)
+    if running:
+        print(f"a run is in progress: {running}; the plan may change")
+    if not args.workdir.exists():
+        print(f"{args.workdir} does not exist: the run creates it")
+    plan = Plan()
+    requested = requested_persons(args)
+    subset_of_all = _needs_tiny_base(args) and args.persons != "all"  # the tiny base is made of every person
+    prepared = _plan_data(args, plan, "all" if subset_of_all else args.persons)
+    persons = [p for p in prepared if p in requested] if subset_of_all else prepared
+    if persons:
+        fingerprint = _plan_base(args, plan, prepared)
+        trained, fresh = _plan_training(args, plan, persons, fingerprint)
+        if not args.evaluate:
+            plan.add("evaluate", None, "off", "--no-evaluate")
+        elif trained:
+            _plan_evaluation(args, plan, trained, fresh)
+    print("\n".join(plan.lines()))
+    print("counts:")
+    print("\n".join(f"  {line}" for line in plan.counts()))
+    return 0
+
+
+def _workdir_problem(workdir: Path, min_free_gb: float) -> str | None:
+    """What `cluster.orchestrate.check_workdir` would refuse, found without writing: the work directory (or the
+    folder it would be created in) is not writable, or has less free space than --min-free-gb."""
+    folder = Path(workdir).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"work directory {workdir} is not writable ({folder})"
+    free = shutil.disk_usage(folder).free
+    if free < min_free_gb * 2**30:
+        return (f"work directory {workdir} has {free / 2**30:.2f} GiB free, less than the {min_free_gb:g} GiB "
+                "asked for (--min-free-gb)")
+    return None
+
+
+def run_in_progress(lock: Path) -> str | None:
+    """Who holds the main job's lock on a work directory, found without taking it (a lock taken even for a moment
+    could refuse a run that starts then): the flock holders in /proc/locks; where that cannot be read, the pid the
+    lock file records when it runs on this host. None when no run holds it."""
+    import json
+    import socket
+
+    try:
+        st = os.stat(lock)
+        info = json.loads(Path(lock).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # held by a run that could not write it (a full disk), or written meanwhile
+        info = None
+    if not isinstance(info, dict):
+        info = {}
+    recorded = (f"pid {info.get('pid')} on {info.get('host')}: {info.get('command')}" if info
+                else "a process its lock file does not name")
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            holders = [line.split() for line in f if " FLOCK " in line]
+    except OSError:
+        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and pid_alive(info["pid"]):
+            return recorded
+        return None
+    pid = str(info.get("pid"))
+    for fields in holders:  # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+        if len(fields) > 5 and (fields[5] == device or (fields[5].endswith(f":{st.st_ino}") and fields[4] == pid)):
+            return recorded
+    return None
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+def _plan_data(args: LaunchAllArgs, plan: Plan, persons: str) -> list[str]:
+    """The data stage of `persons` ('all' or a list); returns the persons it is expected to prepare."""
+    regenerated: set[str] = set()
+    captures = args.captures
+    if captures is None:
+        captures = args.workdir / "captures"
+        regenerated = _plan_synthetic(args, plan, captures)
+    if persons == "all" and args.captures is None:  # the capture root as the synthetic stage leaves it
+        persons_list = sorted(set(args.synthetic.person_ids) | set(list_persons(captures) if captures.is_dir() else []))
+    else:
+        persons_list = resolve_persons(persons, captures)
+    stores, shards = args.workdir / "zarr", args.workdir / "shards"
+
+    def decide(person: str) -> IngestDecision | Exception | None:
+        """None for a person generated now: its capture is new."""
+        if person in regenerated:
+            return None
+        try:
+            return ingest_decision(captures, person, stores, args.ingest)
+        except (DataError, OSError) as e:
+            return e
+
+    up_to_date = []
+    with ThreadPoolExecutor(args.workers) as pool:  # the ingest decides in --workers processes, each statting its
+        decisions = list(pool.map(decide, persons_list))  # capture's files on --ingest.io-threads threads
+    for p, decision in zip(persons_list, decisions):
+        store = stores / f"{p}.zarr"
+        if isinstance(decision, Exception):
+            plan.failed[p] = f"ingest: {decision}"
+            plan.add("ingest", p, "fails", str(decision))
+            continue
+        if decision is None:
+            reason = NO_STORE if not store.exists() else "its capture is generated again"
+        else:
+            reason = decision.reason
+            if reason is None:
+                current = decision.current
+                plan.add("ingest", p, "up to date", f"{current.frames} frames, {current.images} images")
+                up_to_date.append(p)
+                continue
+        if not store.exists():
+            plan.new_stores.add(p)
+        plan.add("ingest", p, "ingest", reason)
+        plan.changed.add(p)
+        listed = (shards / p / "manifest.json").is_file()
+        plan.add("shards", p, "rebuild" if listed else "write",
+                 "every shard, after the ingest: the store's fingerprint is part of each shard's spec")
+    _plan_shards(args, plan, up_to_date)
+    return [p for p in persons_list if p not in plan.failed]
+
+
+def _plan_synthetic(args: LaunchAllArgs, plan: Plan, root: Path) -> set[str]:
+    """The synthetic persons that are generated (again): those without the completion marker of these settings."""
+    from shards.synthetic.generate import MARKER, marker_spec
+
+    generated = set()
+    for p in args.synthetic.person_ids:
+        if read_marker(root / p / MARKER) == marker_spec(args.synthetic, p):
+            plan.add("synthetic", p, "up to date")
+            continue
+        generated.add(p)
+        plan.add("synthetic", p, "generate", "no capture yet" if not (root / p).exists() else
+                 "its settings changed, or its generation did not finish")
+    return generated
+
+
+def _plan_shards(args: LaunchAllArgs, plan: Plan, persons: list[str]) -> None:
+    """The shards of persons whose store is up to date (`plan_shards`, writing nothing)."""
+    if not persons:
+        return
+    shards = plan_shards([args.workdir / "zarr" / f"{p}.zarr" for p in persons], args.workdir / "shards",
+                         args.shards, workers=args.workers, write_index=False)
+    for p in persons:
+        if p in shards.failed:
+            plan.failed[p] = f"preprocess: {shards.failed[p]}"
+            plan.add("shards", p, "fails", shards.failed[p])
+            continue
+        tasks = shards.tasks[p]
+        verdicts = [(t.name, shards.stale[(p, t.name)]) for t in tasks]
+        stale = [(name, v.reason) for name, v in verdicts if v.reason is not None]
+        extra = [f"{n} to index" for n in [sum(v.indexed for _, v in verdicts)] if n]
+        extra += [f"{n} left from an earlier plan removed" for n in [len(shards.leftovers(p))] if n]
+        if not shards.same_manifest(p):
+            plan.changed.add(p)
+        if not stale:
+            plan.add("shards", p, "up to date", ", ".join([f"{len(tasks)} shards"] + extra))
+            continue
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in stale:
+            by_reason.setdefault(reason, []).append(name)
+        told = [f"{_names(names)}: {reason}" for reason, names in list(by_reason.items())[:SHOWN]]
+        if len(by_reason) > SHOWN:
+            told.append(f"{len(by_reason) - SHOWN} other reasons")
+        new = all(reason in NEW_INPUTS for _, reason in stale)
+        same = "" if p in plan.changed else ("; rebuilt from the specs the manifest records: the same bytes, nothing "
+                                             "after the data stage changes")
+        plan.add("shards", p, f"{'write' if new else 'rebuild'}: {len(stale)} of {len(tasks)}",
+                 "; ".join(told + extra) + same)
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:SHOWN])
+    return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+
+
+# ---- base and training -------------------------------------------------------------------------------------------
+def _plan_base(args: LaunchAllArgs, plan: Plan, base_persons: list[str]) -> str | None:
+    """The base stage; returns the fingerprint of the base the avatars train on (NEW_BASE: one pretrained now)."""
+    from avatars.training.base_pretraining import finished_base, full_fingerprint
+    from avatars.training.base_record import base_fingerprint
+
+    if not _needs_tiny_base(args):
+        plan.add("base", None, "given", f"{args.train.base_model}, --train.base-model")
+        return base_fingerprint(args.train.base_model)
+    changed = sorted(set(base_persons) & plan.changed)
+    if changed:
+        plan.add("base", None, "pretrain", f"a new tiny base on {len(base_persons)} persons: the shard manifests of "
+                                           f"{_names(changed)} change this run, and its key covers every person's")
+        return NEW_BASE
+    try:
+        config = tiny_base_config(args, base_persons)
+        info = finished_base(config.output, full_fingerprint(config))
+    except FileNotFoundError as e:  # no shard manifest yet: the data stage writes them
+        plan.add("base", None, "pretrain", f"a tiny base on {len(base_persons)} persons: {e}")
+        return NEW_BASE
+    except (OSError, ValueError) as e:  # an unreadable pretrain_info.json: the base stage stops the run on it
+        plan.add("base", None, "fails", str(e))
+        return NEW_BASE
+    if info is None:
+        plan.add("base", None, "pretrain", f"{config.output} on {len(base_persons)} persons: no finished base of "
+                                           "these settings and data")
+        return NEW_BASE
+    plan.add("base", None, "reuse", f"{config.output}, pretrained on {len(base_persons)} persons")
+    return base_fingerprint(config.output)
+
+
+def _plan_training(args: LaunchAllArgs, plan: Plan, persons: list[str],
+                   fingerprint: str | None) -> tuple[list[str], set[str]]:
+    """The training stage, as launch_all's `_run` decides it; returns (the persons expected to have an avatar
+    afterwards, those of them trained this run)."""
+    from avatars.training.checkpoint import newest_step, past_steps
+
+    steps = args.train.steps
+    mismatched = base_mismatches(args, persons, fingerprint)
+    later = [p for p in persons if p in plan.changed and p not in mismatched and fingerprint != NEW_BASE]
+    rest = [p for p in persons if p not in mismatched and p not in later]
+    refused = _check_resumable(args, rest)
+    trained = trained_on(args, [p for p in rest if p not in refused], fingerprint)
+    ok, fresh = [], set()
+    for p in persons:
+        checkpoints = args.workdir / "runs" / p / "checkpoints"
+        if p in mismatched and not _needs_tiny_base(args):
+            plan.add("train", p, "refused", refused_base(mismatched[p]))
+        elif p in refused:
+            plan.add("train", p, "refused", refused[p])
+        elif p in trained:
+            plan.add("train", p, "up to date", f"trained to {trained[p]['steps']} steps on this base")
+        elif p in later:
+            plan.add("train", p, "decided after the data stage",
+                     "its shards are rewritten: up to date or resumed only if its training data is unchanged")
+        elif p in mismatched:
+            plan.add("train", p, "retrain", f"from scratch, {steps} steps: {mismatched[p]}")
+        elif args.train.resume == "never":
+            plan.add("train", p, "retrain", f"from scratch, {steps} steps: --train.resume never")
+        elif problem := past_steps(checkpoints, steps):  # the trainer refuses to resume it
+            plan.add("train", p, "fails", problem)
+            continue
+        elif reached := newest_step(checkpoints):
+            plan.add("train", p, "resume", f"from step {reached} of {steps}")
+        else:
+            plan.add("train", p, "train", f"from scratch, {steps} steps")
+        if p in refused or (p in mismatched and not _needs_tiny_base(args)):
+            continue
+        ok.append(p)
+        if p not in trained and p not in later:
+            fresh.add(p)
+    return ok, fresh
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+def _plan_evaluation(args: LaunchAllArgs, plan: Plan, persons: list[str], fresh: set[str]) -> None:
+    """The evaluation stage: a person whose avatar, data or driver's data changes renders; the others by their
+    evaluation key, as the driver decides (`cluster.eval_driver.uptodate`), looked up without indexing any night."""
+    from cluster.eval_driver.driver import cross_drivers, model_problem
+    from cluster.eval_driver.uptodate import base_problem, evaluation_key, find_reusables
+
+    config = eval_config(args, persons)
+    drivers, cross = cross_drivers(persons, config.stores), "cross_reenactment" in config.tasks
+    keys, bases, undecided = {}, {}, {}
+    for p in persons:
+        driver = drivers[p]
+        if args.force:
+            plan.add("evaluate", p, "render", "--force")
+        elif p in fresh:
+            plan.add("evaluate", p, "render", "its avatar is trained this run")
+        elif p in plan.changed:
+            plan.add("evaluate", p, "render", "its data changes this run")
+        elif cross and driver in plan.changed:
+            plan.add("evaluate", p, "render", f"the data of {driver}, whose codes drive it, changes this run")
+        elif cross and plan.new_stores:
+            plan.add("evaluate", p, "decided after the data stage",
+                     f"{_names(sorted(plan.new_stores))} get their first store: the person whose codes drive it may "
+                     "change")
+        elif problem := model_problem(config.runs, p):
+            plan.add("evaluate", p, "fails", problem)
+        else:
+            try:
+                problem = base_problem(config, p, bases)
+                if problem is None:
+                    keys[p] = evaluation_key(config, p, driver, bases)
+            except (OSError, ValueError, KeyError) as e:
+                undecided[p] = f"its evaluation key is unavailable: {e}"
+            if problem is not None:
+                plan.add("evaluate", p, "fails", problem)
+            elif p in undecided:
+                plan.add("evaluate", p, "render", undecided[p])
+            else:
+                plan.add("evaluate", p, "")  # decided below, once for all
+    hits = find_reusables(config.reports_root, dt.date.today().isoformat(), keys, index=False)
+    for step in plan.steps:
+        if step.stage == "evaluate" and not step.verdict:
+            if step.person in hits:
+                step.verdict, step.why = "up to date, reused", f"evaluated {hits[step.person][0].run_date}"
+            else:
+                step.verdict, step.why = "render", ("no stored evaluation has its key: its model, base, data or "
+                                                    "evaluation settings changed, or it was never evaluated")
