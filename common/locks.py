@@ -20,6 +20,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.processes import pid_alive
+
 #: flock errors that mean "this file system has no locks", not "someone holds it".
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
@@ -35,6 +37,36 @@ def _holder(path: Path) -> str:
         return f"pid {info['pid']} on {info['host']}, started {started}: {info['command']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "a process whose details the lock file does not hold"
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the :func:`exclusive` lock on ``path`` (as a second holder's message words it), found without
+    taking it (a lock taken even for a moment could refuse a run that starts then): the flock holders of this
+    machine's /proc/locks; where that cannot be read, the pid the lock file records when it runs on this host.
+    None when no process holds it (or none this machine can see: a holder on another host of a network file
+    system is not listed here)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # held by a run that could not write it (a full disk), or written meanwhile
+        info = None
+    if not isinstance(info, dict):
+        info = {}
+    try:
+        with open("/proc/locks") as f:
+            holders = [line.split() for line in f if " FLOCK " in line]
+    except OSError:
+        mine = info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
+        return _holder(path) if mine and pid_alive(info["pid"]) else None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pid = str(info.get("pid"))
+    for fields in holders:  # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+        if len(fields) > 5 and (fields[5] == device or (fields[5].endswith(f":{st.st_ino}") and fields[4] == pid)):
+            return _holder(path)
+    return None
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.io import DataError, read_marker
-from common.processes import pid_alive
+from common.locks import lock_holder
 from jobs.ingest import resolve_persons
 from jobs.launch_all import (
     LOCK_FILE,
@@ -111,7 +111,7 @@ def dry_run(args: LaunchAllArgs) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     print(f"dry run of launch_all on {args.workdir}: nothing is done or written")
-    running = run_in_progress(args.workdir / LOCK_FILE)
+    running = lock_holder(args.workdir / LOCK_FILE)
     if running:
         print(f"a run is in progress: {running}; the plan may change")
     if not args.workdir.exists():
@@ -146,39 +146,6 @@ def _workdir_problem(workdir: Path, min_free_gb: float) -> str | None:
     if free < min_free_gb * 2**30:
         return (f"work directory {workdir} has {free / 2**30:.2f} GiB free, less than the {min_free_gb:g} GiB "
                 "asked for (--min-free-gb)")
-    return None
-
-
-def run_in_progress(lock: Path) -> str | None:
-    """Who holds the main job's lock on a work directory, found without taking it (a lock taken even for a moment
-    could refuse a run that starts then): the flock holders in /proc/locks; where that cannot be read, the pid the
-    lock file records when it runs on this host. None when no run holds it."""
-    import json
-    import socket
-
-    try:
-        st = os.stat(lock)
-        info = json.loads(Path(lock).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):  # held by a run that could not write it (a full disk), or written meanwhile
-        info = None
-    if not isinstance(info, dict):
-        info = {}
-    recorded = (f"pid {info.get('pid')} on {info.get('host')}: {info.get('command')}" if info
-                else "a process its lock file does not name")
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        with open("/proc/locks") as f:
-            holders = [line.split() for line in f if " FLOCK " in line]
-    except OSError:
-        if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and pid_alive(info["pid"]):
-            return recorded
-        return None
-    pid = str(info.get("pid"))
-    for fields in holders:  # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"
-        if len(fields) > 5 and (fields[5] == device or (fields[5].endswith(f":{st.st_ino}") and fields[4] == pid)):
-            return recorded
     return None
 
 

@@ -78,3 +78,33 @@ def test_a_file_system_without_locks_is_warned_about_and_the_work_goes_on(tmp_pa
             ran.append(True)
     assert ran == [True]
     assert locks._holder(tmp_path / "missing") == "a process whose details the lock file does not hold"
+
+
+@pytest.mark.parametrize("proc_locks", [True, False], ids=["proc-locks", "no-proc-locks"])
+def test_the_holder_is_named_without_taking_the_lock(tmp_path, monkeypatch, proc_locks):
+    lock, ready = tmp_path / "work" / ".lock", tmp_path / "ready"
+    assert locks.lock_holder(lock) is None  # no lock file: nobody
+    if not proc_locks:  # a machine without /proc/locks: the pid the lock file records, on this host
+        real_open = open
+
+        def no_proc_locks(path, *a, **k):
+            if str(path) == "/proc/locks":
+                raise FileNotFoundError(path)
+            return real_open(path, *a, **k)
+        monkeypatch.setattr("builtins.open", no_proc_locks)
+    holder = _holder_process(lock, ready)
+    try:
+        for _ in range(600):
+            if ready.exists() or holder.poll() is not None:
+                break
+            threading.Event().wait(0.05)
+        assert ready.exists()
+        found = locks.lock_holder(lock)
+        assert found is not None and found.startswith(f"pid {holder.pid} on ")
+        assert "jobs/launch_all.py --persons all" in found
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert locks.lock_holder(lock) is None  # the lock file stays, its holder is gone
+    with exclusive(lock, "the main job"):  # and looking never took it
+        pass
