@@ -331,14 +331,16 @@ def _plan_training(args: LaunchAllArgs, plan: Plan, persons: list[str],
 
 # ---- evaluation --------------------------------------------------------------------------------------------------
 def _plan_evaluation(args: LaunchAllArgs, plan: Plan, persons: list[str], fresh: set[str]) -> None:
-    """The evaluation stage: a person whose avatar, data or driver's data changes renders; the others by their
-    evaluation key, as the driver decides (`cluster.eval_driver.uptodate`), looked up without indexing any night."""
-    from cluster.eval_driver.driver import cross_drivers, model_problem
-    from cluster.eval_driver.uptodate import base_problem, evaluation_key, find_reusables
+    """The evaluation stage: a person whose avatar, data or driver's data changes renders; the others as the driver
+    decides (`cluster.eval_driver.driver.decide`: its checks and evaluation keys), looked up without indexing any
+    night."""
+    import dataclasses
+
+    from cluster.eval_driver.driver import cross_drivers, decide
 
     config = eval_config(args, persons)
     drivers, cross = cross_drivers(persons, config.stores), "cross_reenactment" in config.tasks
-    keys, bases, undecided = {}, {}, {}
+    left = []
     for p in persons:
         driver = drivers[p]
         if args.force:
@@ -353,26 +355,18 @@ def _plan_evaluation(args: LaunchAllArgs, plan: Plan, persons: list[str], fresh:
             plan.add("evaluate", p, "decided after the data stage",
                      f"{_names(sorted(plan.new_stores))} get their first store: the person whose codes drive it may "
                      "change")
-        elif problem := model_problem(config.runs, p):
-            plan.add("evaluate", p, "fails", problem)
         else:
-            try:
-                problem = base_problem(config, p, bases)
-                if problem is None:
-                    keys[p] = evaluation_key(config, p, driver, bases)
-            except (OSError, ValueError, KeyError) as e:
-                undecided[p] = f"its evaluation key is unavailable: {e}"
-            if problem is not None:
-                plan.add("evaluate", p, "fails", problem)
-            elif p in undecided:
-                plan.add("evaluate", p, "render", undecided[p])
-            else:
-                plan.add("evaluate", p, "")  # decided below, once for all
-    hits = find_reusables(config.reports_root, dt.date.today().isoformat(), keys, index=False)
-    for step in plan.steps:
-        if step.stage == "evaluate" and not step.verdict:
-            if step.person in hits:
-                step.verdict, step.why = "up to date, reused", f"evaluated {hits[step.person][0].run_date}"
-            else:
-                step.verdict, step.why = "render", ("no stored evaluation has its key: its model, base, data or "
-                                                    "evaluation settings changed, or it was never evaluated")
+            left.append(p)
+    if not left:
+        return
+    decision = decide(dataclasses.replace(config, persons=tuple(left)), dt.date.today().isoformat(), index=False)
+    for p in left:
+        if p in decision.bad_names or p in decision.failed:
+            plan.add("evaluate", p, "fails", decision.bad_names.get(p) or decision.failed[p])
+        elif p in decision.unkeyed:
+            plan.add("evaluate", p, "render", f"its evaluation key is unavailable: {decision.unkeyed[p]}")
+        elif p in decision.reusable:
+            plan.add("evaluate", p, "up to date, reused", f"evaluated {decision.reusable[p][0].run_date}")
+        else:
+            plan.add("evaluate", p, "render", "no stored evaluation has its key: its model, base, data or evaluation "
+                                              "settings changed, or it was never evaluated")

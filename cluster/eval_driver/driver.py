@@ -376,6 +376,62 @@ def _base_problem(config: EvalDriverConfig, person: str, cache: dict[Path, str])
         return None
 
 
+@dataclass
+class EvalDecision:
+    """What :func:`run_evaluation` does with each person before it renders any (:func:`decide`; ``launch_all
+    --dry-run`` prints it)."""
+
+    listed: list[str]
+    """The persons asked for (``config.persons``, else every folder of ``config.runs``)."""
+    persons: list[str]
+    """The persons evaluated: those listed whose names can be file names."""
+    bad_names: dict[str, str]
+    """Listed persons whose names cannot be file names, with why (not evaluated)."""
+    failed: dict[str, str]
+    """Persons refused before rendering (no usable model, or an avatar of another base), with why."""
+    drivers: dict[str, str | None]
+    """Whose codes drive each person in cross-reenactment (:func:`cross_drivers`)."""
+    keys: dict[str, str]
+    """Each person's evaluation key now (not of the failed ones)."""
+    unkeyed: dict[str, str]
+    """Persons whose key is unavailable (a part is missing), with why: rendered, and they fail there with it."""
+    reusable: dict[str, tuple[RunResults, Path]]
+    """Persons whose stored evaluation has their key now (with its night's results and folder): reused, not
+    rendered; none with ``force``."""
+
+    @property
+    def todo(self) -> list[str]:
+        """The persons rendered."""
+        return [p for p in self.persons if p not in self.failed and p not in self.reusable]
+
+
+def decide(config: EvalDriverConfig, run_date: str, index: bool = True) -> EvalDecision:
+    """Which persons of ``config`` the evaluation of ``run_date`` refuses, reuses or renders, and why, deciding
+    without rendering (files are read and hashed; with ``index`` False nothing is written: a night read in full
+    gets no key index)."""
+    listed = list_persons(config)
+    bad_names = name_problems(config.runs, listed)
+    persons = [p for p in listed if p not in bad_names]
+    failed = {p: r for p in persons if (r := model_problem(config.runs, p))}
+    bases: dict[Path, str] = {}  # base folder -> fingerprint, hashed once
+    for p in persons:
+        if p not in failed and (r := _base_problem(config, p, bases)):
+            failed[p] = r
+    drivers = cross_drivers(persons, config.stores)
+    keys: dict[str, str] = {}
+    unkeyed: dict[str, str] = {}
+    for p in persons:
+        if p in failed:
+            continue
+        try:
+            keys[p] = evaluation_key(config, p, drivers[p], bases)
+        except (OSError, ValueError, KeyError) as e:
+            unkeyed[p] = str(e)
+    # every stored night is looked up once for all persons, not once per person
+    reusable = {} if config.force else find_reusables(config.reports_root, run_date, keys, index=index)
+    return EvalDecision(listed, persons, bad_names, failed, drivers, keys, unkeyed, reusable)
+
+
 def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     """Render + evaluate every person, write results.json (and the report); see module docstring.
 
@@ -388,36 +444,20 @@ def run_evaluation(config: EvalDriverConfig) -> EvalSummary:
     run_date = config.run_date or dt.date.today().isoformat()
     run_id = dt.datetime.now().strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
     folder = run_dir(config.reports_root, run_date)
-    listed = list_persons(config)
-    bad_names = name_problems(config.runs, listed)
-    for p, r in bad_names.items():
+    decision = decide(config, run_date)
+    for p, r in decision.bad_names.items():
         log.error("not evaluated: %s", r)
-    persons = [p for p in listed if p not in bad_names]
-    failed = {p: r for p in persons if (r := model_problem(config.runs, p))}
-    bases: dict[Path, str] = {}  # base folder -> fingerprint, hashed once
-    for p in persons:
-        if p not in failed and (r := _base_problem(config, p, bases)):
-            failed[p] = r
-    for p, r in failed.items():
+    for p, r in decision.failed.items():
         log.error("%s: %s", p, r)
+    for p, r in decision.unkeyed.items():  # rendering will fail with the reason
+        log.warning("%s: evaluation key unavailable (%s); rendering", p, r)
+    persons, failed, keys = decision.persons, decision.failed, decision.keys
     results: dict[str, dict[str, TaskResult]] = {p: _failed_tasks(config.tasks, r) for p, r in failed.items()}
-    drivers = cross_drivers(persons, config.stores)
-    todo = [p for p in persons if p not in failed]
     evaluations: dict[str, dict[str, str]] = {}
-    keys: dict[str, str] = {}
-    for p in todo:
-        try:
-            keys[p] = evaluation_key(config, p, drivers[p], bases)
-        except (OSError, ValueError, KeyError) as e:  # rendering will fail with the reason
-            log.warning("%s: evaluation key unavailable (%s); rendering", p, e)
-    reused: list[str] = []
-    if not config.force:  # every stored night is looked up once for all persons, not once per person
-        hits = find_reusables(config.reports_root, run_date, {p: keys[p] for p in todo if p in keys})
-        for p in list(todo):
-            if p in hits:
-                results[p], evaluations[p] = adopt(*hits[p], p, folder)
-                reused.append(p)
-                todo.remove(p)
+    reused = [p for p in persons if p in decision.reusable]
+    for p in reused:
+        results[p], evaluations[p] = adopt(*decision.reusable[p], p, folder)
+    todo, drivers, listed, bad_names = decision.todo, decision.drivers, decision.listed, decision.bad_names
     r = config.renderer
     meta = {
         "runs": str(config.runs), "git_commit": _git_commit(), "host": socket.gethostname(), "run_id": run_id,
