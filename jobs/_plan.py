@@ -11,10 +11,18 @@ No Ray, no SLURM, no lock, no probe file: a work directory that does not exist s
 
 A stage after one that rewrites data is planned on what the rewrite is known to give. A shard rebuilt from the spec
 its manifest entry records comes out with the bytes that entry lists (same inputs, same bytes), so its person's data
-does not change; a store ingested again, or a shard that is new or of another spec, changes the person's manifest,
-and with it the tiny base's key (every avatar then retrains on the new base) and the person's evaluation key. What
-only the new bytes can decide (an avatar on a given --train.base-model whose shards are rewritten) is said to be
-decided after the data stage.
+does not change; a shard that is new or of another spec changes the person's manifest, and with it the tiny base's
+key (every avatar then retrains on the new base) and the person's evaluation key. A store ingested again keys its
+shards by its content identity (``shards.ingest.CONTENT``: the sha256 of every file the ingest reads, not their
+mtimes or root): a store that records one and is ingested again because its capture was touched, copied without
+mtimes or moved may come out with the same identity, and then with the same shard specs, which only the ingest's
+hashing can tell. Such a person's shards are planned on its present store as they would be after an ingest that
+finds the same bytes, and said to be decided after the data stage, as is what depends on them (the tiny base, the
+avatars, the evaluations); unless its manifest changes anyway (a shard setting changed): then it changes. A person
+whose shards are listed but whose store is missing or does not read is decided after the data stage too (what its
+shards' specs were made of is unknown). A store written before stores recorded a content identity, or ingested with
+other split settings, changes every shard's spec. What only the new bytes can decide (an avatar on a given
+--train.base-model whose shards are rewritten) is said to be decided after the data stage too.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from jobs.launch_all import (
     trained_on,
 )
 from shards.contract import list_persons
-from shards.ingest import NO_STORE, IngestDecision, ingest_decision
+from shards.ingest import CONTENT, NO_STORE, IngestDecision, ingest_decision
 from shards.writer import NEW_INPUTS, plan_shards
 
 #: Stands for the fingerprint of a base this run pretrains: no avatar was trained on it (12 characters, which
@@ -56,6 +64,8 @@ STAGES = {"synthetic": "synthetic data", "ingest": "ingest", "shards": "shards",
           "train": "training", "evaluate": "evaluation"}
 #: How many shard names (and reasons) a person's shard line names before "and N more".
 SHOWN = 3
+#: The verdict of a step that only the data stage's outcome decides.
+LATER = "decided after the data stage"
 
 
 @dataclass
@@ -72,6 +82,11 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     #: persons whose shard manifest changes this run (what their data digests and the tiny base's key read)
     changed: set[str] = field(default_factory=set)
+    #: persons ingested again whose manifest changes only if their capture's bytes changed (their store's content
+    #: identity then changes): decided by the ingest
+    undecided: set[str] = field(default_factory=set)
+    #: the tiny base is reused only if the data of ``undecided`` persons does not change, else pretrained again
+    base_undecided: bool = False
     #: persons whose data stage is known to fail, with why
     failed: dict[str, str] = field(default_factory=dict)
     #: persons that get their first store this run
@@ -172,7 +187,7 @@ def _plan_data(args: LaunchAllArgs, plan: Plan, persons: str) -> list[str]:
         except (DataError, OSError) as e:
             return e
 
-    up_to_date = []
+    up_to_date, same_bytes = [], []
     with ThreadPoolExecutor(args.workers) as pool:  # the ingest decides in --workers processes, each statting its
         decisions = list(pool.map(decide, persons_list))  # capture's files on --ingest.io-threads threads
     for p, decision in zip(persons_list, decisions):
@@ -193,12 +208,49 @@ def _plan_data(args: LaunchAllArgs, plan: Plan, persons: str) -> list[str]:
         if not store.exists():
             plan.new_stores.add(p)
         plan.add("ingest", p, "ingest", reason)
-        plan.changed.add(p)
-        listed = (shards / p / "manifest.json").is_file()
-        plan.add("shards", p, "rebuild" if listed else "write",
-                 "every shard, after the ingest: the store's fingerprint is part of each shard's spec")
-    _plan_shards(args, plan, up_to_date)
+        if not (shards / p / "manifest.json").is_file():
+            plan.changed.add(p)
+            plan.add("shards", p, "write", "every shard, after the ingest")
+            continue
+        present = _present_store(store, args.ingest)
+        if present == SAME_SPLIT:
+            same_bytes.append(p)  # the same bytes give the same content identity, and the same shard specs
+        elif present in (NO_STORE, UNREADABLE):  # what the specs its manifest lists were made of is unknown
+            plan.undecided.add(p)
+            plan.add("shards", p, LATER, f"{present}: its shards are kept if the specs its manifest records are "
+                                         "those of the content identity of the store the ingest writes, else rebuilt")
+        else:
+            plan.changed.add(p)
+            plan.add("shards", p, "rebuild", f"every shard, after the ingest: {present}")
+    _plan_shards(args, plan, up_to_date, same_bytes)
     return [p for p in persons_list if p not in plan.failed]
+
+
+#: `_present_store`'s verdicts besides NO_STORE and a reason that every shard's spec changes.
+SAME_SPLIT, UNREADABLE = "its store records a content identity of these split settings", "its store does not read"
+
+
+def _present_store(store: Path, config) -> str:
+    """Whether the store a person's ingest replaces records a content identity (`shards.ingest.CONTENT`) of the
+    split settings of ``config`` (an IngestConfig): SAME_SPLIT; else NO_STORE, UNREADABLE or why every shard's spec
+    changes (the split settings are part of the identity; a store written by an earlier version records none, and
+    its shards' specs were made of its stat fingerprint)."""
+    from shards.store import PersonStore
+
+    if not store.exists():
+        return NO_STORE
+    try:
+        attrs = PersonStore(store).attrs
+    except DataError:
+        return UNREADABLE
+    if not isinstance(attrs.get(CONTENT), str):
+        return ("its store records no content identity (written by an earlier version), and its shards' specs are "
+                "made of the stat fingerprint it records")
+    held_out = attrs.get("held_out_sequences")
+    if attrs.get("held_out_camera") != config.held_out_camera or not isinstance(held_out, list) \
+            or len(held_out) != config.held_out_sequences:
+        return "the split settings are part of the store's content identity, of which each shard's spec is made"
+    return SAME_SPLIT
 
 
 def _plan_synthetic(args: LaunchAllArgs, plan: Plan, root: Path) -> set[str]:
@@ -216,12 +268,33 @@ def _plan_synthetic(args: LaunchAllArgs, plan: Plan, root: Path) -> set[str]:
     return generated
 
 
-def _plan_shards(args: LaunchAllArgs, plan: Plan, persons: list[str]) -> None:
-    """The shards of persons whose store is up to date (`plan_shards`, writing nothing)."""
-    if not persons:
+def _plan_shards(args: LaunchAllArgs, plan: Plan, persons: list[str], same_bytes: list[str] = ()) -> None:
+    """The shards of persons whose store is up to date (`plan_shards`, writing nothing), and of those in
+    ``same_bytes``, ingested again, as they are if the ingest finds the bytes their store's content identity
+    records (the shard specs are then those of the present store): decided after the data stage, unless their
+    manifest changes either way."""
+    if not persons and not same_bytes:
         return
-    shards = plan_shards([args.workdir / "zarr" / f"{p}.zarr" for p in persons], args.workdir / "shards",
-                         args.shards, workers=args.workers, write_index=False)
+    shards = plan_shards([args.workdir / "zarr" / f"{p}.zarr" for p in [*persons, *same_bytes]],
+                         args.workdir / "shards", args.shards, workers=args.workers, write_index=False)
+    for p in same_bytes:
+        if p in shards.failed:  # the present store: the one the ingest writes is planned after it
+            plan.changed.add(p)
+            plan.add("shards", p, "rebuild", f"every shard, after the ingest: its present store fails "
+                                             f"({shards.failed[p]})")
+        elif not shards.same_manifest(p):
+            plan.changed.add(p)
+            plan.add("shards", p, "rebuild", "after the ingest: its manifest changes whatever the ingest finds (a "
+                                             "shard is new or of other settings); every shard if its capture's "
+                                             "bytes changed")
+        else:
+            plan.undecided.add(p)
+            total = len(shards.tasks[p])
+            kept = sum(shards.stale[(p, t.name)].reason is None for t in shards.tasks[p])
+            rebuilt = f", {total - kept} rebuilt from the specs its manifest records" if kept < total else ""
+            plan.add("shards", p, LATER, "if the ingest finds the bytes its store's content identity records (a touch, "
+                                         f"a copy without mtimes, a move): {kept} of {total} shards kept{rebuilt}; "
+                                         "else every shard rebuilt")
     for p in persons:
         if p in shards.failed:
             plan.failed[p] = f"preprocess: {shards.failed[p]}"
@@ -269,6 +342,7 @@ def _plan_base(args: LaunchAllArgs, plan: Plan, base_persons: list[str]) -> str 
         plan.add("base", None, "pretrain", f"a new tiny base on {len(base_persons)} persons: the shard manifests of "
                                            f"{_names(changed)} change this run, and its key covers every person's")
         return NEW_BASE
+    undecided = sorted(set(base_persons) & plan.undecided)
     try:
         config = tiny_base_config(args, base_persons)
         info = finished_base(config.output, full_fingerprint(config))
@@ -282,7 +356,13 @@ def _plan_base(args: LaunchAllArgs, plan: Plan, base_persons: list[str]) -> str 
         plan.add("base", None, "pretrain", f"{config.output} on {len(base_persons)} persons: no finished base of "
                                            "these settings and data")
         return NEW_BASE
-    plan.add("base", None, "reuse", f"{config.output}, pretrained on {len(base_persons)} persons")
+    if undecided:
+        plan.base_undecided = True
+        plan.add("base", None, LATER, f"{config.output}, pretrained on {len(base_persons)} persons, is reused if the "
+                                      f"captures of {_names(undecided)} hold the bytes their stores record (their "
+                                      "manifests are then unchanged), else a new tiny base is pretrained")
+    else:
+        plan.add("base", None, "reuse", f"{config.output}, pretrained on {len(base_persons)} persons")
     return base_fingerprint(config.output)
 
 
@@ -294,7 +374,8 @@ def _plan_training(args: LaunchAllArgs, plan: Plan, persons: list[str],
 
     steps = args.train.steps
     mismatched = base_mismatches(args, persons, fingerprint)
-    later = [p for p in persons if p in plan.changed and p not in mismatched and fingerprint != NEW_BASE]
+    later = [p for p in persons if p in plan.changed | plan.undecided and p not in mismatched
+             and fingerprint != NEW_BASE]
     rest = [p for p in persons if p not in mismatched and p not in later]
     refused = _check_resumable(args, rest)
     trained = trained_on(args, [p for p in rest if p not in refused], fingerprint)
@@ -302,29 +383,37 @@ def _plan_training(args: LaunchAllArgs, plan: Plan, persons: list[str],
     for p in persons:
         checkpoints = args.workdir / "runs" / p / "checkpoints"
         if p in mismatched and not _needs_tiny_base(args):
-            plan.add("train", p, "refused", refused_base(mismatched[p]))
+            verdict, why = "refused", refused_base(mismatched[p])
         elif p in refused:
-            plan.add("train", p, "refused", refused[p])
+            verdict, why = "refused", refused[p]
         elif p in trained:
-            plan.add("train", p, "up to date", f"trained to {trained[p]['steps']} steps on this base")
+            verdict, why = "up to date", f"trained to {trained[p]['steps']} steps on this base"
         elif p in later:
-            plan.add("train", p, "decided after the data stage",
-                     "its shards are rewritten: up to date or resumed only if its training data is unchanged")
+            verdict, why = LATER, (("its shards are rewritten" if p in plan.changed else
+                                    "its shards are rewritten if its capture's bytes changed") +
+                                   ": up to date or resumed only if its training data is unchanged")
         elif p in mismatched:
-            plan.add("train", p, "retrain", f"from scratch, {steps} steps: {mismatched[p]}")
+            verdict, why = "retrain", f"from scratch, {steps} steps: {mismatched[p]}"
         elif args.train.resume == "never":
-            plan.add("train", p, "retrain", f"from scratch, {steps} steps: --train.resume never")
+            verdict, why = "retrain", f"from scratch, {steps} steps: --train.resume never"
         elif problem := past_steps(checkpoints, steps):  # the trainer refuses to resume it
-            plan.add("train", p, "fails", problem)
-            continue
+            verdict, why = "fails", problem
         elif reached := newest_step(checkpoints):
-            plan.add("train", p, "resume", f"from step {reached} of {steps}")
+            verdict, why = "resume", f"from step {reached} of {steps}"
         else:
-            plan.add("train", p, "train", f"from scratch, {steps} steps")
-        if p in refused or (p in mismatched and not _needs_tiny_base(args)):
+            verdict, why = "train", f"from scratch, {steps} steps"
+        if plan.base_undecided and verdict not in ("train", "retrain"):
+            # a new tiny base clears the person's run and retrains it from scratch
+            if verdict != LATER:
+                why = f"{verdict} ({why}) if the tiny base is reused, else retrained from scratch on a new one"
+            plan.add("train", p, LATER, why)
+            ok.append(p)
+            continue
+        plan.add("train", p, verdict, why)
+        if verdict in ("refused", "fails"):
             continue
         ok.append(p)
-        if p not in trained and p not in later:
+        if verdict in ("train", "retrain", "resume"):
             fresh.add(p)
     return ok, fresh
 
@@ -351,8 +440,15 @@ def _plan_evaluation(args: LaunchAllArgs, plan: Plan, persons: list[str], fresh:
             plan.add("evaluate", p, "render", "its data changes this run")
         elif cross and driver in plan.changed:
             plan.add("evaluate", p, "render", f"the data of {driver}, whose codes drive it, changes this run")
+        elif p in plan.undecided:
+            plan.add("evaluate", p, LATER, "its data changes only if its capture's bytes changed since its last ingest")
+        elif plan.base_undecided:
+            plan.add("evaluate", p, LATER, "its avatar is retrained if the tiny base is pretrained again")
+        elif cross and driver in plan.undecided:
+            plan.add("evaluate", p, LATER, f"the data of {driver}, whose codes drive it, changes only if its "
+                                           "capture's bytes changed since its last ingest")
         elif cross and plan.new_stores:
-            plan.add("evaluate", p, "decided after the data stage",
+            plan.add("evaluate", p, LATER,
                      f"{_names(sorted(plan.new_stores))} get their first store: the person whose codes drive it may "
                      "change")
         else:

@@ -282,10 +282,12 @@ class MeshFrame:
                         canonical=self.canonical.astype(np.float32), expression=self.expression.astype(np.float32))
 
     @staticmethod
-    def load(path: Path) -> "MeshFrame":
+    def load(path: Path, data: bytes | None = None) -> "MeshFrame":
+        """The mesh of the file at ``path``, or of ``data``, its bytes already read (the ingest hashes them); a
+        DataError naming ``path`` when it is missing or does not read."""
         path = Path(path)
         try:
-            with np.load(path) as z:
+            with np.load(path if data is None else io.BytesIO(data)) as z:
                 arrays = {k: z[k] for k in ("vertices", "faces", "canonical", "expression")}
         except FileNotFoundError:
             raise DataError(path, "mesh file is missing") from None

@@ -7,11 +7,18 @@ only once every mesh and image passed, so a broken capture fails with a `DataErr
 file and the problem and leaves no store behind (and an older one as it was).
 A fingerprint of the inputs (paths, sizes, mtimes) and of the split settings makes
 re-runs idempotent: an up-to-date store is left untouched.
+
+Each file the ingest reads is hashed as it is read (an image or mesh is read once: hashed, then decoded from
+memory), and the store records its content identity (:data:`CONTENT`, :class:`ContentHash`): what its data is,
+whatever the capture root and the files' mtimes. The stat fingerprint decides whether the ingest runs; the content
+identity is what the stages after it key on (the shard spec, the evaluation's data digest), so a capture that is
+touched, copied without its mtimes or moved costs a re-ingest and nothing more.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections import deque
@@ -21,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from common.fingerprint import walk_tree
 from common.io import DataError, atomic_directory
@@ -63,6 +70,42 @@ class IngestResult:
     frames: int
     images: int
     skipped: bool  # True when an up-to-date store already existed
+
+
+#: The store attribute holding its content identity (:class:`ContentHash`). Stores written before it existed have
+#: none: the stages after the ingest then key on the stat fingerprint as they did (`shards.writer._spec_digest`,
+#: `cluster.eval_driver.uptodate.data_digest`), so an upgrade rebuilds, retrains and renders nothing again.
+CONTENT = "content_sha256"
+
+
+class ContentHash:
+    """A store's content identity, fed as the ingest reads the person's files: every file the ingest reads as the
+    line ``<path relative to the person's capture folder>\\0<sha256 of its bytes>\\n``, in two streams in the order
+    the ingest reads them whatever its threads: the tracking meta, the calibration and each frame's mesh (frames in
+    order), and each frame's images (cameras in order, an image before its alpha map). Not the capture root, the
+    files' mtimes or files the ingest does not read: a capture touched, copied without mtimes or moved has the
+    identity it had. Two running digests, so memory holds no list of the ~200k files of a real person."""
+
+    def __init__(self) -> None:
+        self.inputs, self.images = hashlib.sha256(), hashlib.sha256()
+
+    def add(self, capture: PersonCapture, path: Path, digest: str, image: bool = False) -> None:
+        (self.images if image else self.inputs).update(f"{path.relative_to(capture.dir).as_posix()}\0{digest}\n"
+                                                       .encode())
+
+    def hexdigest(self, config: IngestConfig) -> str:
+        """sha256 over the store format, the checks it passed, the split settings and the two streams' digests."""
+        split = {"held_out_sequences": config.held_out_sequences, "held_out_camera": config.held_out_camera}
+        h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "checks": VALIDATION_VERSION, "config": split},
+                                      sort_keys=True).encode())
+        h.update(f"{self.inputs.hexdigest()}\n{self.images.hexdigest()}\n".encode())
+        return h.hexdigest()
+
+
+def _read_hashed(path: Path) -> tuple[bytes, str]:
+    """A file's bytes and their sha256 (hashlib releases the GIL: the image threads hash in parallel)."""
+    data = path.read_bytes()
+    return data, hashlib.sha256(data).hexdigest()
 
 
 #: Files one thread of the fingerprint stats in one go (a frame folder's images, a sequence's meshes in parts).
@@ -138,21 +181,28 @@ def alpha_value_problem(largest: int) -> str | None:
     return None
 
 
-def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -> None:
+def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -> tuple[str, str]:
     """Decode an image and its alpha map fully; raise DataError on any problem (also an alpha map's values, see
-    `alpha_value_problem`: read from the pixels decoded here, no second decode)."""
+    `alpha_value_problem`: read from the pixels decoded here, no second decode). Each file is read once and
+    decoded from memory; returns the sha256 of the image's and of the alpha map's bytes."""
+    digests = []
     for p, what in ((path, "image"), (alpha_path, "alpha map")):
         if not p.is_file():
             raise DataError(p, f"{what} is missing" if not p.exists() else
                                f"{what} is not a regular file (a folder, a pipe or a device)")
         try:
-            with Image.open(p) as im:
+            data, digest = _read_hashed(p)
+            with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 size, mode = im.size, im.mode
                 # a 1-bit map's extrema are 0/255, an 8-bit one's its values
                 largest = im.getextrema()[1] if what == "alpha map" and mode in IMAGE_MODES[what] else None
+        except UnidentifiedImageError:  # PIL names the file it opened: here a buffer
+            raise DataError(p, f"unreadable {what}: cannot identify image file {str(p)!r}") from None
         except Exception as e:
             raise DataError(p, f"unreadable {what}: {e}") from None
+        del data
+        digests.append(digest)
         if mode not in IMAGE_MODES[what]:
             kind = "grayscale " if what == "image" and mode in ("L", "LA", "1", "I", "I;16", "F") else ""
             raise DataError(p, f"{kind}{what} has PIL mode {mode}; the contract needs mode "
@@ -163,6 +213,18 @@ def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -
         problem = alpha_value_problem(largest) if largest is not None else None
         if problem:
             raise DataError(p, problem)
+    return digests[0], digests[1]
+
+
+def _load_mesh(path: Path) -> tuple[MeshFrame, str]:
+    """`MeshFrame.load` of the file read once: the mesh and the sha256 of the file's bytes."""
+    try:
+        data, digest = _read_hashed(path)
+    except FileNotFoundError:
+        raise DataError(path, "mesh file is missing") from None
+    except OSError as e:
+        raise DataError(path, f"unreadable mesh file: {e}") from None
+    return MeshFrame.load(path, data), digest
 
 
 def _first_image_size(capture: PersonCapture, seq: str, t: int, serial: str) -> tuple[int, int]:
@@ -177,8 +239,23 @@ def _first_image_size(capture: PersonCapture, seq: str, t: int, serial: str) -> 
         raise DataError(p, f"unreadable image: {e}") from None
 
 
-def _check_layout(capture: PersonCapture, config: IngestConfig) -> tuple[TrackingMeta, list[str], Calibration]:
-    """The checks before any frame: the tracking meta, the sequences and the calibration (with the held-out ones)."""
+def _json_hashed(capture: PersonCapture, path: Path, content: ContentHash | None) -> bytes | None:
+    """The bytes of one of the capture's JSON files (None when it does not read: its loader says why), hashed into
+    ``content``. Its loader in `shards.contract` reads it again (a few KB)."""
+    try:
+        data, digest = _read_hashed(path)
+    except OSError:
+        return None
+    if content is not None:
+        content.add(capture, path, digest)
+    return data
+
+
+def _check_layout(capture: PersonCapture, config: IngestConfig,
+                  content: ContentHash | None = None) -> tuple[TrackingMeta, list[str], Calibration]:
+    """The checks before any frame: the tracking meta, the sequences and the calibration (with the held-out ones);
+    the two JSON files are hashed into ``content``."""
+    _json_hashed(capture, capture.tracking_meta_path, content)
     meta = TrackingMeta.load(capture.tracking_meta_path)
     sequences = capture.sequences()
     if not sequences:
@@ -187,8 +264,8 @@ def _check_layout(capture: PersonCapture, config: IngestConfig) -> tuple[Trackin
         raise DataError(capture.dir / "sequences", f"{len(sequences)} sequences cannot hold out "
                                                    f"{config.held_out_sequences} and still leave training data")
     try:
-        raw = json.loads(capture.calibration_path.read_text())
-    except (OSError, ValueError):
+        raw = json.loads(_json_hashed(capture, capture.calibration_path, content))
+    except (TypeError, ValueError):
         raw = {}  # Calibration.load below reports the problem with the file named
     size_hint = None
     if isinstance(raw, dict) and "image_size" not in raw and isinstance(raw.get("world_2_cam"), dict) \
@@ -296,12 +373,15 @@ class _Bounds:
 
 
 def _write_frames(capture: PersonCapture, config: IngestConfig, meta: TrackingMeta, sequences: list[str],
-                  calib: Calibration, held_out: set[int], g: zarr.Group) -> tuple[int, int, _Bounds, _Bounds]:
+                  calib: Calibration, held_out: set[int], g: zarr.Group,
+                  content: ContentHash | None = None) -> tuple[int, int, _Bounds, _Bounds]:
     """Check every frame of the capture and write its mesh into the store `g` as it is read, one mesh in memory at a
     time; its images are decoded and checked on ``io_threads`` threads meanwhile, a bounded number of them ahead.
     The first problem in frame order raises a DataError naming the file: a problem of a frame's folders or mesh
     anywhere comes before one of an image (as when the images were checked after all meshes). Returns the number
-    of frames, the number of images and the bounds of the training frames' spatial and ambient coordinates."""
+    of frames, the number of images and the bounds of the training frames' spatial and ambient coordinates; every
+    mesh, image and alpha map is hashed into ``content`` as it is read."""
+    content = ContentHash() if content is None else content
     serials = calib.serials
     cols = {name: _Column(g, name, dtype, shape) for name, dtype, shape in (
         ("frames/sequence", np.int32, ()), ("frames/timestep", np.int32, ()), ("frames/held_out", bool, ()),
@@ -313,14 +393,18 @@ def _write_frames(capture: PersonCapture, config: IngestConfig, meta: TrackingMe
     spatial, ambient = _Bounds(), _Bounds()
     n_frames = n_vertices = n_faces = n_images = 0
     image_error: DataError | None = None  # the first in frame order; raised once every mesh passed
-    ahead: deque[Future] = deque()  # image checks submitted, in frame order
+    ahead: deque[tuple[Future, tuple[Path, Path]]] = deque()  # image checks submitted, in frame order
 
     def take_image_check() -> None:
         nonlocal image_error
+        future, paths = ahead.popleft()
         try:
-            ahead.popleft().result()
+            digests = future.result()
         except DataError as e:
             image_error = image_error or e
+            return
+        for path, digest in zip(paths, digests):  # in submission order: the order does not depend on the threads
+            content.add(capture, path, digest, image=True)
 
     pool = ThreadPoolExecutor(config.io_threads)
     try:
@@ -345,14 +429,15 @@ def _write_frames(capture: PersonCapture, config: IngestConfig, meta: TrackingMe
                 if extra:
                     raise DataError(img_dir, f"extra cameras not in the calibration: {', '.join(extra)}")
                 mesh_path = capture.mesh_path(seq, t)
-                mesh = MeshFrame.load(mesh_path)
+                mesh, digest = _load_mesh(mesh_path)
                 mesh.validate(mesh_path, meta)
+                content.add(capture, mesh_path, digest)
                 for s in serials:
                     n_images += 1
                     if image_error is None:  # after the first broken image the others need no decoding
                         cam = calib.cameras[s]
-                        ahead.append(pool.submit(_check_image, capture.image_path(seq, t, s),
-                                                 capture.alpha_path(seq, t, s), (cam.width, cam.height)))
+                        paths = (capture.image_path(seq, t, s), capture.alpha_path(seq, t, s))
+                        ahead.append((pool.submit(_check_image, *paths, (cam.width, cam.height)), paths))
                     while len(ahead) > 4 * config.io_threads:
                         take_image_check()
                 n_frames += 1
@@ -456,11 +541,13 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
     if decision.reason is None:
         return decision.current
     capture, final, fingerprint = decision.capture, decision.store, decision.fingerprint
-    meta, sequences, calib = _check_layout(capture, config)
+    content = ContentHash()  # of every file read, as it is read
+    meta, sequences, calib = _check_layout(capture, config, content)
     held_out = set(range(len(sequences) - config.held_out_sequences, len(sequences)))
     with atomic_directory(final) as tmp:
         g = zarr.open_group(str(tmp), mode="w")
-        n_frames, n_images, spatial, ambient = _write_frames(capture, config, meta, sequences, calib, held_out, g)
+        n_frames, n_images, spatial, ambient = _write_frames(capture, config, meta, sequences, calib, held_out, g,
+                                                             content)
         sizes = {(c.width, c.height) for c in calib.cameras.values()}
         if len(sizes) != 1:
             raise DataError(capture.calibration_path, f"cameras have different image sizes {sorted(sizes)}; "
@@ -487,5 +574,6 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
             "held_out_camera": config.held_out_camera,
             "canonical_bounds": spatial.tolist(),
             "ambient_bounds": ambient.tolist(),
+            CONTENT: content.hexdigest(config),
         })
     return IngestResult(person, final, n_frames, n_images, False)

@@ -45,7 +45,7 @@ from common.process_pool import map_tolerant
 
 from .codec import CODEC_VERSION, MEMBERS, encode_sample, normalise_canonical
 from .contract import Camera
-from .ingest import alpha_value_problem
+from .ingest import CONTENT, alpha_value_problem
 from .integrity import (
     CORRUPT_SUFFIX,
     INDEX_SUFFIX,
@@ -125,8 +125,14 @@ class ShardTask:
 
 
 def _spec_digest(store: PersonStore, config: ShardConfig, keys: list[str]) -> str:
-    h = hashlib.sha256(json.dumps({"fingerprint": store.attrs["fingerprint"], "config": asdict(config),
-                                   "codec": CODEC_VERSION, "checks": SAMPLE_CHECKS}, sort_keys=True).encode())
+    """Digest of everything a shard's bytes depend on: the store's data, the shard settings, the codec and checks
+    and the shard's sample keys. The store's data is its content identity (`shards.ingest.CONTENT`), so a store
+    ingested again from a capture touched, copied without mtimes or moved keeps every shard's spec; a store written
+    before stores recorded one is keyed by its stat fingerprint, the spec it had (an upgrade rebuilds nothing)."""
+    content = store.attrs.get(CONTENT)
+    data = {"content": content} if content is not None else {"fingerprint": store.attrs["fingerprint"]}
+    h = hashlib.sha256(json.dumps({**data, "config": asdict(config), "codec": CODEC_VERSION,
+                                   "checks": SAMPLE_CHECKS}, sort_keys=True).encode())
     h.update("\n".join(keys).encode())
     return h.hexdigest()
 

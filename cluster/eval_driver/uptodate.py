@@ -27,6 +27,7 @@ from cluster.report.schema import list_runs
 from cluster.report.summary import read_stamped, results_stamp, write_if_unchanged
 from common.fingerprint import file_digest, json_digest, tree_fingerprint
 from common.io import DataError, atomic_file, atomic_write_json
+from shards.ingest import CONTENT
 from shards.writer import MANIFEST
 
 if TYPE_CHECKING:
@@ -81,13 +82,22 @@ def settings_digest(config: EvalDriverConfig) -> dict:
 
 
 def data_digest(shards: Path, stores: Path, person: str) -> str:
-    """The person's shards (their manifest lists every shard's sha256) and zarr store (its root
-    metadata holds the ingest fingerprint of the capture)."""
+    """The person's shards (their manifest lists every shard's sha256) and zarr store: its content identity
+    (`shards.ingest.CONTENT`, in its root metadata), so a store ingested again from a capture touched, copied
+    without mtimes or moved keeps the person's evaluation key. A store written before stores recorded one is
+    keyed by its root metadata's bytes (which hold the ingest's stat fingerprint), the key it had."""
     manifest = Path(shards) / person / MANIFEST
     store_meta = Path(stores) / f"{person}.zarr" / "zarr.json"
     for path in (manifest, store_meta):
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
+    meta = store_meta.read_bytes()
+    try:
+        content = json.loads(meta).get("attributes", {}).get(CONTENT)
+    except (ValueError, AttributeError):  # not a JSON object: keyed by its bytes, and its reader says what is wrong
+        content = None
+    if isinstance(content, str):
+        return json_digest({"manifest": file_digest(manifest), "store_content": content})
     return json_digest({"manifest": file_digest(manifest), "store": file_digest(store_meta)})
 
 

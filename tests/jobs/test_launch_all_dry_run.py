@@ -199,3 +199,82 @@ def test_a_changed_evaluation_setting_renders_again_and_nothing_else(work, capsy
     assert {k: v for k, v in snapshot(copy / "runs" / "000").items() if not stat.S_ISDIR(v[2])} == \
         {k: v for k, v in runs.items() if not stat.S_ISDIR(v[2])}
     assert _line(dry_run(args, capsys), "evaluate 000").startswith("evaluate 000: up to date, reused")
+
+
+def _shard_files(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.tar")}
+
+
+def test_captures_copied_without_mtimes_cost_a_reingest_and_nothing_else(work, tmp_path, capsys):
+    """Captures copied to another root without their mtimes (cp -r): the store is ingested again, and whether its
+    shards, training and evaluation change is the ingest's content identity's to say (only its hashing can tell);
+    the run finds the same bytes: no shard rewritten, the manifest byte-identical, nothing trained or rendered."""
+    copy, args, rendered = work
+    moved = tmp_path / "moved"
+    shutil.copytree(args.captures, moved, copy_function=shutil.copyfile)
+    args = launch_all.dataclasses.replace(args, captures=moved)
+    out = dry_run(args, capsys)
+    assert _line(out, "ingest 000").startswith("ingest 000: ingest (the capture changed since it was ingested")
+    for who in ("shards 000", "train 000", "evaluate 000"):
+        assert _line(out, who).startswith(f"{who}: decided after the data stage ("), out
+    assert "5 of 5 shards kept" in _line(out, "shards 000")
+
+    tars, manifest = _shard_files(copy / "shards" / "000"), (copy / "shards" / "000" / "manifest.json").read_bytes()
+    assert launch_all.main(args) == 0
+    done = capsys.readouterr().out
+    assert _shard_files(copy / "shards" / "000") == tars
+    assert (copy / "shards" / "000" / "manifest.json").read_bytes() == manifest
+    assert "not run again (000;" in done and rendered == []
+    again = dry_run(args, capsys)
+    assert [_line(again, w).split(": ")[1].split(" (")[0] for w in ("ingest 000", "shards 000", "train 000")] == \
+        ["up to date"] * 3
+    assert _line(again, "evaluate 000").startswith("evaluate 000: up to date, reused")
+
+
+def test_a_store_of_the_previous_version_ingested_again_rebuilds_every_shard(work, tmp_path, capsys):
+    """A store written before stores recorded a content identity: its shards' specs were made of its stat
+    fingerprint, so a re-ingest (here: the captures moved) changes every one."""
+    import zarr
+
+    copy, args, _ = work
+    group = zarr.open_group(str(copy / "zarr" / "000.zarr"), mode="r+")
+    attrs = {k: v for k, v in group.attrs.items() if k != "content_sha256"}
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    moved = tmp_path / "moved"
+    shutil.copytree(args.captures, moved)
+    out = dry_run(launch_all.dataclasses.replace(args, captures=moved), capsys)
+    assert _line(out, "shards 000").startswith("shards 000: rebuild (every shard, after the ingest: its store records "
+                                               "no content identity")
+    assert _line(out, "train 000").startswith("train 000: decided after the data stage (its shards are rewritten:")
+    assert _line(out, "evaluate 000") == "evaluate 000: render (its data changes this run)"
+
+
+def test_a_tiny_base_whose_persons_may_keep_their_data_leaves_the_avatars_to_the_data_stage(work, monkeypatch):
+    """With the tiny base, a person ingested again whose data may stay the same (``Plan.undecided``) leaves the
+    base's reuse to the data stage, and with it every avatar: an avatar up to date on the present base is retrained
+    from scratch if a new one is pretrained, and evaluated again then (the base stood in by the run's given one)."""
+    from types import SimpleNamespace
+
+    from avatars.training import base_pretraining
+    from avatars.training.base_record import base_fingerprint
+    from jobs import _plan
+
+    copy, args, _ = work
+    monkeypatch.setattr(_plan, "_needs_tiny_base", lambda _: True)
+    monkeypatch.setattr(_plan, "tiny_base_config", lambda *_: SimpleNamespace(output=args.train.base_model))
+    monkeypatch.setattr(base_pretraining, "full_fingerprint", lambda _: "key")
+    monkeypatch.setattr(base_pretraining, "finished_base", lambda *_: {"steps": 1})
+    plan = _plan.Plan(undecided={"001"})
+    fingerprint = _plan._plan_base(args, plan, ["000", "001"])
+    assert fingerprint == base_fingerprint(args.train.base_model) and plan.base_undecided
+    ok, fresh = _plan._plan_training(args, plan, ["000"], fingerprint)
+    assert ok == ["000"] and fresh == set()
+    _plan._plan_evaluation(args, plan, ok, fresh)
+    lines = plan.lines()
+    assert f"  base: decided after the data stage ({args.train.base_model}, pretrained on 2 persons, is reused if " \
+           "the captures of 001 hold the bytes their stores record" in "\n".join(lines)
+    assert f"  train 000: decided after the data stage (up to date (trained to {args.train.steps} steps on this " \
+           "base) if the tiny base is reused, else retrained from scratch on a new one)" in lines
+    assert "  evaluate 000: decided after the data stage (its avatar is retrained if the tiny base is pretrained " \
+           "again)" in lines

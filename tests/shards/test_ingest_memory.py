@@ -119,8 +119,9 @@ def _old_write_store(path: Path, attrs: dict, calib, frames, meshes: list[MeshFr
     g.attrs.update(attrs)
 
 
-def _old_store(cap: PersonCapture, config: IngestConfig, out: Path, fingerprint: str) -> Path:
-    """The store the ingest before streaming wrote for `cap` (it had passed the checks)."""
+def _old_store(cap: PersonCapture, config: IngestConfig, out: Path, fingerprint: str, content: str) -> Path:
+    """The store the ingest before streaming wrote for `cap` (it had passed the checks), with the content identity
+    stores record since (`tests/shards/test_capture_identity.py` checks its value)."""
     meta, sequences, calib = ingest._check_layout(cap, config)
     frames = [(si, t) for si, seq in enumerate(sequences) for t in cap.timesteps(seq)]
     meshes = [MeshFrame.load(cap.mesh_path(sequences[si], t)) for si, t in frames]
@@ -138,6 +139,7 @@ def _old_store(cap: PersonCapture, config: IngestConfig, out: Path, fingerprint:
         "held_out_camera": config.held_out_camera,
         "canonical_bounds": [spatial.min(0).tolist(), spatial.max(0).tolist()],
         "ambient_bounds": [ambient.min(0).tolist(), ambient.max(0).tolist()],
+        ingest.CONTENT: content,
     }
     path = out / f"{cap.person}.zarr"
     _old_write_store(path, attrs, calib, frames, meshes, held_out)
@@ -185,7 +187,8 @@ def test_the_streamed_store_equals_the_one_written_at_once(flame, chunk_rows, ti
     monkeypatch.setattr(ingest, "CHUNK_ROWS", chunk_rows)
     monkeypatch.setattr(ingest, "_GROW_CHUNKS", 2)
     new = ingest_person(cap.root, "000", tmp_path / "new", CFG).path
-    old = _old_store(cap, CFG, tmp_path / "old", PersonStore(new).attrs["fingerprint"])
+    attrs = PersonStore(new).attrs
+    old = _old_store(cap, CFG, tmp_path / "old", attrs["fingerprint"], attrs[ingest.CONTENT])
     _assert_same_store(new, old, same_chunks=chunk_rows == 65536)
     if chunk_rows < 65536:
         assert zarr.open_group(str(new), mode="r")["meshes/faces"].nchunks > 2 * ingest._GROW_CHUNKS
