@@ -27,15 +27,19 @@ def _holder_process(lock, ready):
     return subprocess.Popen([sys.executable, "-c", code])
 
 
+def _wait_until_held(holder: subprocess.Popen, ready) -> None:
+    for _ in range(600):
+        if ready.exists() or holder.poll() is not None:
+            break
+        threading.Event().wait(0.05)
+    assert ready.exists()
+
+
 def test_a_second_holder_is_refused_naming_the_first_and_a_killed_one_leaves_no_lock(tmp_path):
     lock, ready = tmp_path / "work" / ".lock", tmp_path / "ready"
     holder = _holder_process(lock, ready)
     try:
-        for _ in range(600):
-            if ready.exists() or holder.poll() is not None:
-                break
-            threading.Event().wait(0.05)
-        assert ready.exists()
+        _wait_until_held(holder, ready)
         with pytest.raises(AlreadyRunning) as err:
             with exclusive(lock, "the main job"):
                 pass
@@ -94,11 +98,7 @@ def test_the_holder_is_named_without_taking_the_lock(tmp_path, monkeypatch, proc
         monkeypatch.setattr("builtins.open", no_proc_locks)
     holder = _holder_process(lock, ready)
     try:
-        for _ in range(600):
-            if ready.exists() or holder.poll() is not None:
-                break
-            threading.Event().wait(0.05)
-        assert ready.exists()
+        _wait_until_held(holder, ready)
         found = locks.lock_holder(lock)
         assert found is not None and found.startswith(f"pid {holder.pid} on ")
         assert "jobs/launch_all.py --persons all" in found

@@ -19,6 +19,15 @@ from shards.writer import shard_paths, write_shards
 CFG = LoaderConfig(resolution=32, batch_size=4, num_workers=0)
 
 
+def _copies(loader_shards, tmp_path) -> list:
+    """Person 000's training shards copied alone into `tmp_path` (no manifest beside them)."""
+    paths = []
+    for p in shard_paths(loader_shards, "000", "train"):
+        paths.append(tmp_path / p.name)
+        shutil.copy(p, paths[-1])
+    return paths
+
+
 def _no_hashing(monkeypatch) -> None:
     def refuse(path):
         raise AssertionError(f"{path} was hashed")
@@ -27,10 +36,7 @@ def _no_hashing(monkeypatch) -> None:
 
 @pytest.mark.parametrize("member", ["expr.npy", "json", "geom.npy.zst"])
 def test_a_flipped_byte_is_found_when_its_sample_is_read_without_a_manifest(loader_shards, tmp_path, member):
-    paths = []
-    for p in shard_paths(loader_shards, "000", "train"):
-        paths.append(tmp_path / p.name)
-        shutil.copy(p, paths[-1])
+    paths = _copies(loader_shards, tmp_path)
     ds = ShardDataset(paths, CFG)
     shard, key, exts = ds.index[5]
     off, size = exts[member]
@@ -124,10 +130,7 @@ def test_a_shard_of_the_previous_codec_is_refused_when_opened(loader_shards, tmp
 @pytest.mark.parametrize("code, marked", [(errno.EIO, True), (errno.EACCES, False)])
 def test_a_read_the_system_refuses_names_the_shard_and_an_io_error_marks_it(loader_shards, tmp_path, monkeypatch,
                                                                             code, marked):
-    paths = []
-    for p in shard_paths(loader_shards, "000", "train"):
-        paths.append(tmp_path / p.name)
-        shutil.copy(p, paths[-1])
+    paths = _copies(loader_shards, tmp_path)
     ds = ShardDataset(paths, CFG)
     shard, key, exts = ds.index[3]
     bad = exts["rgb.npy.zst"][0]
