@@ -224,14 +224,90 @@ def test_scontrol_requeue_is_counted_as_a_restart(tmp_path, slurm_cluster, workl
     assert s.state == "succeeded" and s.restarts == 1
 
 
+#: The real-timeout run (test_slurm_requeue_after_real_timeout): its backend in a child process, which pickles what
+#: run_all returned into argv[1]/results.pickle.
+REAL_TIMEOUT_RUN = """
+import pickle, sys
+from pathlib import Path
+from cluster.person_job import PersonJob, Resources
+from cluster.slurm_backend import SlurmBackend, SlurmConfig
+from workloads import write_input
+root = Path(sys.argv[1])
+write_input(root / "data", "slow")
+# 1-minute limit, USR2 50 s before it (SLURM sends it on a ~30 s grid: 10-40 s into the
+# run); the workload needs 45 s, so the first run is always cut short and requeued.
+jobs = [PersonJob("slow", "workloads:count_steps", dict(data_dir=str(root / "data"), work_dir=str(root / "work"),
+                                                        steps=45, step_seconds=1.0), Resources(cpus=1), max_retries=0)]
+cfg = SlurmConfig(status_dir=root / "status", log_dir=root / "logs", time_min=1, signal_delay_s=50,
+                  max_requeues=3, array=False, poll_interval_s=1.0)
+(root / "results.pickle").write_bytes(pickle.dumps(SlurmBackend(cfg).run_all(jobs)))
+"""
+
+
+class _RealTimeoutRun:
+    """The real-timeout test's run, which waits out SLURM's real time limit (~60-70 s of a mostly idle node): started
+    ahead of its test, beside the tests that wait on one job of their own (the killed job's 40 s, the scontrol
+    requeue), so that its minute passes while they run. Its backend runs in a child process: test_killed_job...
+    counts the sacct calls of submitit's watcher, one per process, which a second backend in this process would
+    share (and its polls would refresh the victim's state for the backend under test)."""
+
+    def __init__(self, root: Path):
+        self.root, self.proc = root, None
+
+    def start(self) -> None:
+        if self.proc is None:
+            import sys
+
+            # the job inherits this environment (sbatch): SLURM_CONF, and `workloads` on the path (workload_env)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                                os.environ.get("PYTHONPATH")]))}
+            self.log = open(self.root / "backend.log", "w")
+            self.proc = subprocess.Popen([sys.executable, "-c", REAL_TIMEOUT_RUN, str(self.root)], env=env,
+                                         stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def results(self, timeout: float = 250):
+        import pickle
+
+        self.start()
+        self.proc.wait(timeout)
+        assert self.proc.returncode == 0, (self.root / "backend.log").read_text()[-3000:]
+        return pickle.loads((self.root / "results.pickle").read_bytes())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:  # its test did not wait for it (failed or interrupted before)
+                self.proc.kill()
+                self.proc.wait()
+                subprocess.run(["scancel", "--name", "train-slow"], capture_output=True, timeout=60)
+            self.log.close()
+
+
+REAL_TIMEOUT_TEST = "test_slurm_requeue_after_real_timeout"
+#: The tests whose start starts the real-timeout run (when its test is to run): each waits on a single job of its own
+#: (the node has 2 CPUs: the run takes the other).
+REAL_TIMEOUT_STARTS_WITH = {"test_killed_job_is_noticed_within_the_poll_interval",
+                            "test_scontrol_requeue_is_counted_as_a_restart", REAL_TIMEOUT_TEST}
+
+
+@pytest.fixture(scope="module")
+def real_timeout_run(slurm_cluster, tmp_path_factory):
+    run = _RealTimeoutRun(tmp_path_factory.mktemp("real-timeout"))
+    yield run
+    run.stop()
+
+
+@pytest.fixture(autouse=True)
+def _real_timeout_run_starts_early(request):
+    if (request.node.name in REAL_TIMEOUT_STARTS_WITH
+            and any(item.name == REAL_TIMEOUT_TEST for item in request.session.items)):
+        request.getfixturevalue("real_timeout_run").start()
+
+
 @pytest.mark.slow
-def test_slurm_requeue_after_real_timeout(tmp_path, slurm_cluster, workload_env):
-    # 1-minute limit, USR2 50 s before it (SLURM sends it on a ~30 s grid: 10-40 s into the
-    # run); the workload needs 45 s, so the first run is always cut short and requeued.
-    jobs = _jobs(tmp_path, ["slow"], steps=45, step_seconds=1.0, max_retries=0)
-    cfg = SlurmConfig(status_dir=tmp_path / "status", log_dir=tmp_path / "logs", time_min=1, signal_delay_s=50,
-                      max_requeues=3, array=False, poll_interval_s=1.0)
-    (r,) = SlurmBackend(cfg).run_all(jobs)
+def test_slurm_requeue_after_real_timeout(real_timeout_run):
+    """A real time-limit timeout (REAL_TIMEOUT_RUN, started by an earlier test when it runs with them)."""
+    (r,) = real_timeout_run.results()
+    tmp_path = real_timeout_run.root
     assert r.ok and r.restarts >= 1, r
     runs = read_runs(tmp_path / "work", "slow")
     assert len(runs) == r.restarts + 1

@@ -12,6 +12,17 @@ def train_shards(tiny_dataset) -> Path:
     return tiny_dataset[2]
 
 
+@pytest.fixture(scope="session")
+def engine_resumes(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """(folder, {name: result}) of _engine_scripts.SCRIPTS, run in one child process; each script's checkpoint is
+    in <folder>/<name>/ckpt, which only the test of that script reads. Its tests share the xdist group
+    _engine_scripts.ENGINE_RESUMES, so that one worker makes it, once."""
+    from _engine_scripts import run_resumes
+
+    root = tmp_path_factory.mktemp("engine-resumes")
+    return root, run_resumes(root)
+
+
 #: What an in-process training's single-process group leaves in os.environ (avatars.training.rendezvous).
 _GROUP_ENVIRONMENT = ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK", "MASTER_ADDR", "GLOO_SOCKET_IFNAME",
                       "NCCL_SOCKET_IFNAME")

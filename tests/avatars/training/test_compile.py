@@ -41,8 +41,20 @@ def test_compile_blocks_finds_the_repeated_blocks():
     assert "unet.down_blocks.0.resnets.0.conv1.weight" in dict(model.named_parameters())  # names unchanged
 
 
+@pytest.fixture(scope="module")
+def cpu_runs(train_shards, tmp_path_factory):
+    """(folder, cache report): the CPU comparison's two runs (aot_eager) and then the compile-cache runs of
+    CACHE_SCRIPT, in one child process. Each is a training of its own (seeded weights, data and noise; the cache
+    runs stand in for the compiler); one interpreter's start (~9 CPU s of torch and diffusers imports) serves the
+    two tests that read them, which share an xdist group so that one worker runs it."""
+    out = tmp_path_factory.mktemp("compile")
+    proc = _run_script(SCRIPT + CACHE_SCRIPT, train_shards, out, "aot_eager")
+    return out, json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
 @pytest.mark.slow
-def test_compiled_training_matches_eager(train_shards, tmp_path):
+@pytest.mark.xdist_group("training-compile")
+def test_compiled_training_matches_eager(cpu_runs):
     """Three steps of the real trainer, eager and compiled: the same losses and weights up to float32
     reordering. Compiled with aot_eager: dynamo's capture of every block (guards, recompiles per shape)
     and AOTAutograd's forward/backward split, which is what this project's code decides. Inductor's C++
@@ -50,7 +62,7 @@ def test_compiled_training_matches_eager(train_shards, tmp_path):
     runs inductor) and cost 140 s on a fresh machine (94 kernels, ~1.4 s of g++ each, most of it the
     ATen vector headers every kernel includes; 172 vs 32 s for this test with a cold and a warm cache,
     measured 2026-11-28)."""
-    _compare(train_shards, tmp_path, rtol=1e-4, weights_rtol=1e-3, backend="aot_eager")
+    _check_compare(cpu_runs[0], rtol=1e-4, weights_rtol=1e-3)
 
 
 @pytest.mark.gpu
@@ -63,11 +75,20 @@ def test_compiled_training_matches_eager_on_cuda(tmp_path):
     _compare(build_tiny(tmp_path / "data")[2], tmp_path / "runs", rtol=1e-2, weights_rtol=5e-2, backend="inductor")
 
 
-def _compare(train_shards, tmp_path, rtol: float, weights_rtol: float, backend: str) -> None:
-    env = environment_without_group()
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(train_shards), str(tmp_path), backend], env=env,
-                          capture_output=True, text=True, timeout=1200)
+def _run_script(script: str, train_shards, out, backend: str) -> subprocess.CompletedProcess:
+    """`script` in a child process (train_person joins a process group) with the arguments shards, out, backend."""
+    proc = subprocess.run([sys.executable, "-c", script, str(train_shards), str(out), backend],
+                          env=environment_without_group(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _compare(train_shards, tmp_path, rtol: float, weights_rtol: float, backend: str) -> None:
+    _run_script(SCRIPT, train_shards, tmp_path, backend)
+    _check_compare(tmp_path, rtol, weights_rtol)
+
+
+def _check_compare(tmp_path, rtol: float, weights_rtol: float) -> None:
     records = {name: [json.loads(line) for line in (tmp_path / name / "000" / "metrics.jsonl").read_text().splitlines()]
                for name in ("eager", "compiled")}
     losses = {name: [r["loss"] for r in recs if "loss" in r] for name, recs in records.items()}
@@ -91,6 +112,7 @@ def _compare(train_shards, tmp_path, rtol: float, weights_rtol: float, backend: 
         assert off.float().mean().item() <= 1e-3 and diff <= 2 * 1e-3 * 3, (key, int(off.sum()), off.numel(), diff)
 
 
+#: Run after SCRIPT in its process (cpu_runs): it replaces the compiler SCRIPT set up with a recorder.
 CACHE_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -116,14 +138,12 @@ CACHE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_the_compile_cache_is_loaded_before_compiling_and_saved_after_the_first_step(train_shards, tmp_path):
+@pytest.mark.xdist_group("training-compile")
+def test_the_compile_cache_is_loaded_before_compiling_and_saved_after_the_first_step(cpu_runs):
     """TrainConfig.compile_cache: the blob is loaded before the blocks are compiled (so the first step
     finds the code) and saved once, after the first step, which compiled it (the round trip itself:
     tests/avatars/test_compile_cache.py). In a child process: train_person joins a process group."""
-    proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, str(train_shards), str(tmp_path)],
-                          env=environment_without_group(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.split("RESULT", 1)[1])
+    tmp_path, report = cpu_runs
     cache = str(tmp_path / "cache")
     assert report["cached"] == [["load", cache], ["compile"], ["step"], ["save", cache], ["step"]]
     assert report["plain"] == [["compile"], ["step"], ["step"]]

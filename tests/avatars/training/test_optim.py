@@ -1,13 +1,9 @@
 """The official optimizer settings: AdamW weight decay 1e-2, clipping over the ControlNet only; the
 learning-rate schedules."""
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from _engine_scripts import ENGINE_RESUMES
 from fake_engine import fake_engine
 
 from avatars.configs import tiny_config
@@ -15,7 +11,6 @@ from avatars.models import DiffusionAvatarsModel
 from avatars.training import TrainConfig, train_preset
 from avatars.training.engine import deepspeed_config
 from avatars.training.optim import COSINE_FLOOR, clip_gradients, clipped_parameters, lr_schedule, make_optimizer
-from avatars.training.rendezvous import environment_without_group
 
 
 @pytest.fixture(scope="module")
@@ -89,40 +84,11 @@ def test_cosine_schedule_falls_from_each_peak_to_the_floor(model):
         train_preset("tiny", lr_decay="linear")
 
 
-SCHEDULE_RESUME = textwrap.dedent("""
-    import json, sys, torch
-    from avatars.models import DiffusionAvatarsModel
-    from avatars.testing import synthetic_batch
-    from avatars.training import checkpoint, train_preset
-    from avatars.training.engine import build_engine
-    from avatars.training.trainer import init_distributed
-    _, world = init_distributed()
-    cfg = train_preset("tiny", batch_size=2, steps=10, lr_decay="cosine")
-    noise = torch.Generator().manual_seed(0)
-    batch = synthetic_batch(2, 64, 16)
-    lrs = lambda trainer: [g["lr"] for g in trainer.engine.optimizer.param_groups]
-    first = build_engine(cfg, DiffusionAvatarsModel(cfg.model_config(16)), world)
-    for _ in range(3):
-        first.micro_step(batch, noise)
-    checkpoint.save(first.engine, sys.argv[1], checkpoint.TrainerState(step=3), noise, keep_last=1)
-    second = build_engine(cfg, DiffusionAvatarsModel(cfg.model_config(16)), world)
-    fresh = lrs(second)
-    checkpoint.load_latest(second.engine, sys.argv[1], noise)
-    saved, loaded = lrs(first), lrs(second)
-    first.micro_step(batch, noise)  # the fourth step, uninterrupted and resumed
-    second.micro_step(batch, noise)
-    print("RESULT" + json.dumps({"saved": saved, "fresh": fresh, "loaded": loaded,
-                                 "next": lrs(first), "next_resumed": lrs(second)}))
-""")
-
-
-def test_the_cosine_schedule_resumes_where_the_checkpoint_left_it(tmp_path):
+@pytest.mark.xdist_group(ENGINE_RESUMES)
+def test_the_cosine_schedule_resumes_where_the_checkpoint_left_it(engine_resumes):
     """DeepSpeed steps the schedule and keeps its state in the checkpoint: a resumed run goes on at
-    the rate of the step it resumes from, not at the peak."""
-    proc = subprocess.run([sys.executable, "-c", SCHEDULE_RESUME, str(tmp_path / "ckpt")],
-                          env=environment_without_group(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    the rate of the step it resumes from, not at the peak (_engine_scripts.SCHEDULE_RESUME, in a child process)."""
+    out = engine_resumes[1]["schedule"]
     assert out["fresh"] == pytest.approx([3e-3, 1e-1])  # the tiny preset's peaks
     assert all(s < f for s, f in zip(out["saved"], out["fresh"]))  # three steps down the cosine
     assert out["loaded"] == pytest.approx(out["saved"], rel=1e-12)

@@ -18,45 +18,52 @@ from train_cli import single_thread_env, train_person_args
 from avatars.training import TrainConfig
 from avatars.training.rendezvous import environment_without_group
 
+#: One training per (ZeRO stage, accumulation) of argv[3] (JSON: [[stage, accumulation, metrics port], ...]), one
+#: after the other in this process (each with its own callbacks, exporter and run folder <out>/<stage>-<accumulation>).
 SCRIPT = textwrap.dedent("""
     import json, sys, urllib.request
     from pathlib import Path
     from avatars.training import TrainConfig, TrainerCallback, train_person
     from cluster.monitoring.training import training_callbacks
-    cfg = TrainConfig(person="000", shards=Path(sys.argv[1]), out=Path(sys.argv[2]), steps=4, batch_size=4,
-                      checkpoint_every=2, validate_every=2, log_every=1, num_workers=0, val_samples=2,
-                      val_inference_steps=2, zero_stage=int(sys.argv[3]), grad_accum=int(sys.argv[4]), clip_scope="all",
-                      metrics_port=int(sys.argv[5]), lpips_weights=Path(sys.argv[6]), min_crop=0.8)
 
-    class Recorder(TrainerCallback):
-        # every hook call, in order
-        events = []
-        def on_train_start(self, trainer):
-            self.events.append(["start", trainer.state.step, trainer.loader_config.min_crop])
-        def on_step_end(self, trainer, step): self.events.append(["step", step])
-        def on_log(self, trainer, record):
-            kinds = {"metrics_port": "port", "first_step_s": "first step", "loss": "window", "val_psnr": "validation"}
-            self.events.append(["log", [kind for key, kind in kinds.items() if key in record]])
-        def on_validation(self, trainer, step, metrics): self.events.append(["validation", step])
-        def on_checkpoint(self, trainer, step, path): self.events.append(["checkpoint", step, path.name])
-        def on_train_end(self, trainer, result): self.events.append(["end", result["steps"]])
+    def run(zero_stage, grad_accum, port):
+        cfg = TrainConfig(person="000", shards=Path(sys.argv[1]), out=Path(sys.argv[2]) / f"{zero_stage}-{grad_accum}",
+                          steps=4, batch_size=4, checkpoint_every=2, validate_every=2, log_every=1, num_workers=0,
+                          val_samples=2, val_inference_steps=2, zero_stage=zero_stage, grad_accum=grad_accum,
+                          clip_scope="all", metrics_port=port, lpips_weights=Path(sys.argv[4]), min_crop=0.8)
 
-    class Scraper(TrainerCallback):
-        # reads the exporter at the end of the run, before Prometheus' own on_train_end stops it
-        body = None
-        def on_train_end(self, trainer, result):
-            url = f"http://127.0.0.1:{cfg.metrics_port}/metrics"
-            Scraper.body = urllib.request.urlopen(url, timeout=10).read().decode()
+        class Recorder(TrainerCallback):
+            # every hook call, in order
+            events = []
+            def on_train_start(self, trainer):
+                self.events.append(["start", trainer.state.step, trainer.loader_config.min_crop])
+            def on_step_end(self, trainer, step): self.events.append(["step", step])
+            def on_log(self, trainer, record):
+                kinds = {"metrics_port": "port", "first_step_s": "first step", "loss": "window",
+                         "val_psnr": "validation"}
+                self.events.append(["log", [kind for key, kind in kinds.items() if key in record]])
+            def on_validation(self, trainer, step, metrics): self.events.append(["validation", step])
+            def on_checkpoint(self, trainer, step, path): self.events.append(["checkpoint", step, path.name])
+            def on_train_end(self, trainer, result): self.events.append(["end", result["steps"]])
 
-    # the cluster's callbacks (metrics.jsonl, progress bar, status file, Prometheus) + the recorder
-    result = train_person(cfg, [Scraper(), *training_callbacks(cfg), Recorder()])
-    try:  # the exporter stops with the run (its port is free for the next person)
-        urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics_port}/metrics", timeout=10)
-        stopped = False
-    except OSError:
-        stopped = True
-    print("RESULT" + json.dumps({"result": result, "metrics": Scraper.body, "events": Recorder.events,
-                                 "stopped": stopped}))
+        class Scraper(TrainerCallback):
+            # reads the exporter at the end of the run, before Prometheus' own on_train_end stops it
+            body = None
+            def on_train_end(self, trainer, result):
+                url = f"http://127.0.0.1:{cfg.metrics_port}/metrics"
+                Scraper.body = urllib.request.urlopen(url, timeout=10).read().decode()
+
+        # the cluster's callbacks (metrics.jsonl, progress bar, status file, Prometheus) + the recorder
+        result = train_person(cfg, [Scraper(), *training_callbacks(cfg), Recorder()])
+        try:  # the exporter stops with the run (its port is free for the next person)
+            urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics_port}/metrics", timeout=10)
+            stopped = False
+        except OSError:
+            stopped = True
+        return {"result": result, "metrics": Scraper.body, "events": Recorder.events, "stopped": stopped}
+
+    print("RESULT" + json.dumps({f"{stage}-{accum}": run(stage, accum, port)
+                                 for stage, accum, port in json.loads(sys.argv[3])}))
 """)
 
 
@@ -66,15 +73,29 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("zero_stage,grad_accum", [(2, 1), (1, 2)])
-def test_zero_accumulation_and_metrics(train_shards, tmp_path, zero_stage, grad_accum):
-    lpips = Path(__file__).resolve().parents[3] / "weights" / "lpips_alex.safetensors"
-    env = environment_without_group()
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(train_shards), str(tmp_path), str(zero_stage),
-                           str(grad_accum), str(_port()), str(lpips)], env=env, capture_output=True, text=True,
-                          timeout=600)
+LPIPS = Path(__file__).resolve().parents[3] / "weights" / "lpips_alex.safetensors"
+ZERO_ACCUMULATION = [(2, 1), (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def zero_accumulation_runs(train_shards, tmp_path_factory) -> tuple[Path, dict]:
+    """(folder, {"<stage>-<accumulation>": what SCRIPT reports}) of the ZeRO / accumulation runs, made one after the
+    other in one child process: one interpreter's start (~9 CPU s of imports) for both parameters, which share an
+    xdist group so that one worker makes them."""
+    out = tmp_path_factory.mktemp("zero")
+    runs = json.dumps([[stage, accum, _port()] for stage, accum in ZERO_ACCUMULATION])
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(train_shards), str(out), runs, str(LPIPS)],
+                          env=environment_without_group(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    return out, json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+@pytest.mark.xdist_group("training-zero-accumulation")
+@pytest.mark.parametrize("zero_stage,grad_accum", ZERO_ACCUMULATION)
+def test_zero_accumulation_and_metrics(zero_accumulation_runs, zero_stage, grad_accum):
+    lpips = LPIPS
+    folder, runs = zero_accumulation_runs
+    tmp_path, out = folder / f"{zero_stage}-{grad_accum}", runs[f"{zero_stage}-{grad_accum}"]
     result, metrics = out["result"], out["metrics"]
     window, validation = ["log", ["window"]], ["log", ["validation"]]
     assert out["events"] == [

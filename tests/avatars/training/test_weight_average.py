@@ -4,11 +4,11 @@ saved avatar is the average."""
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from _engine_scripts import ENGINE_RESUMES
 from torch import nn
 
 from avatars.models.diffusion_avatars import load_trainable_weights
@@ -70,44 +70,11 @@ def test_bad_decays_and_foreign_states_are_refused():
         average.load_state_dict({"a": torch.zeros(3, 4), "b": torch.zeros(6)})
 
 
-AVERAGE_RESUME = textwrap.dedent("""
-    import json, sys, torch
-    from avatars.models import DiffusionAvatarsModel
-    from avatars.testing import synthetic_batch
-    from avatars.training import checkpoint, train_preset
-    from avatars.training.engine import build_engine
-    from avatars.training.trainer import init_distributed
-    from avatars.training.weight_average import WeightAverage
-    _, world = init_distributed()
-    cfg = train_preset("tiny", batch_size=2, steps=10, ema_decay=0.9)
-    noise = torch.Generator().manual_seed(0)
-    batch = synthetic_batch(2, 64, 16)
-    def build():
-        model = DiffusionAvatarsModel(cfg.model_config(16))
-        trainer = build_engine(cfg, model, world)
-        return trainer, WeightAverage(model.trainable_state_dict(), 0.9)
-    (first, avg1), (second, avg2) = build(), build()
-    for step in range(1, 4):
-        first.micro_step(batch, noise)
-        avg1.update(step)
-    checkpoint.save(first.engine, sys.argv[1], checkpoint.TrainerState(step=3), noise, keep_last=1,
-                    average=avg1.state_dict())
-    state = checkpoint.load_latest(second.engine, sys.argv[1], noise)
-    avg2.load_state_dict(checkpoint.load_average(sys.argv[1], state.step))
-    for trainer, avg in ((first, avg1), (second, avg2)):
-        trainer.micro_step(batch, torch.Generator().manual_seed(5))
-        avg.update(4)
-    same = all(torch.equal(avg1.average[n], avg2.average[n]) for n in avg1.average)
-    moved = any(not torch.equal(avg1.average[n], p) for n, p in avg1.params.items())
-    print("RESULT" + json.dumps({"same": same, "moved": moved}))
-""")
-
-
-def test_the_average_resumes_from_the_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", AVERAGE_RESUME, str(tmp_path / "ckpt")],
-                          env=environment_without_group(), capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+@pytest.mark.xdist_group(ENGINE_RESUMES)
+def test_the_average_resumes_from_the_checkpoint(engine_resumes):
+    """_engine_scripts.AVERAGE_RESUME (in a child process): the average resumed from the checkpoint steps as the
+    uninterrupted one; then the checkpoint's average file, read here."""
+    tmp_path, out = engine_resumes[0] / "average", engine_resumes[1]["average"]
     assert out == {"same": True, "moved": True}
     from avatars.training import checkpoint
 
