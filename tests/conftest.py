@@ -22,13 +22,19 @@ _UNGROUPED = pytest.StashKey[str]()
 def pytest_configure(config: pytest.Config) -> None:
     """In each of the suite's xdist workers torch computes on one thread: two workers of two threads each on the
     2-core machine spun in OpenMP's waits (a base-pretraining test: 4.6 CPU s in one process, 25 beside a second
-    worker). Not OMP_NUM_THREADS for the processes the tests start: it saved only 4% of the wall of the
-    subprocess-heavy tests (one run each), and `nproc` in slurm/local/start-slurm.sh honoured it (a 1-CPU node
-    whose jobs stayed pending, since fixed). Tests that start processes give them their own thread settings."""
+    worker). So do the processes the tests start (OMP_NUM_THREADS=1, which they inherit; a test may still give its
+    own): beside the other worker a two-thread child spun the same way. Measured 2026-11-29, back to back on the
+    loaded 2-core machine: test_precision, test_validation and test_init_distributed (each a child that trains or
+    renders) 55 and 64 s with 41 and 44 CPU s of children, against 69 and 103 s with 61 and 79 without; the
+    bench_gpu smoke run 18-19 s against 16-85 s. (It was once left out as saving 4%, one run each; the other
+    reason then, `nproc` in slurm/local/start-slurm.sh honouring it, is fixed and tested.) The whole suite with it,
+    idle, as CI runs it: 1169 s at a81d5f8 (2026-11-30). Ray's workers keep it (Ray sets a worker's to its CPUs only
+    when it is unset); the Serve renderer sets its replicas' threads itself."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
         torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.hookimpl(wrapper=True)
