@@ -16,15 +16,19 @@ Protocol (``<status_dir>/<person>.json``)::
   attempts so a resumed run shows where it stands. ``rate_step0``/``rate_t0``: the first
   progress report of the current run, from which the step rate and ETA are computed (so a
   resumed run's rate does not count steps done by earlier runs).
-* ``host``/``pid``/``pid_space``: the process that wrote ``running`` (:meth:`StatusReporter.set_state`);
-  ``pid_space`` says where that pid means that process: the kernel's boot id and the pid namespace
-  (Linux; null elsewhere, and absent from files of older versions, which read all the same).
+* ``host``/``pid``/``pid_space``/``pid_started_boot``: the process that wrote ``running``
+  (:meth:`StatusReporter.set_state`); ``pid_space`` says where that pid means that process: the kernel's boot id
+  and the pid namespace (Linux; null elsewhere, and absent from files of older versions, which read all the same);
+  ``pid_started_boot`` its start in seconds since boot (a later process on its pid started at another; absent
+  from older files, which are judged by their last write).
 * A ``running`` file is only as alive as its process: :func:`check_running` shows one whose process is
   gone as ``lost`` (checked by pid where the reader shares the writer's ``pid_space``) and, where the
   process cannot be checked from the reader, one not updated for ``stale_after_s`` as ``stale``.
-* ``queuer_host``/``queuer_pid``/``queuer_pid_space``/``queuer_started_at``/``dies_with_queuer``: the process
-  that wrote ``queued`` (the driver; a requeued SLURM job itself) with its start time (a reused pid is another
-  process), and whether the person's job dies with it: true for the local backend (the driver runs it) and Ray
+* ``queuer_host``/``queuer_pid``/``queuer_pid_space``/``queuer_started_at``/``queuer_started_boot``/
+  ``dies_with_queuer``: the process that wrote ``queued`` (the driver; a requeued SLURM job itself) with its start
+  time (a reused pid is another process): in UNIX seconds, and in seconds since boot (``started_boot``, which a
+  change of the system clock does not move; files written before it was recorded are judged by the other), and
+  whether the person's job dies with it: true for the local backend (the driver runs it) and Ray
   (the driver owns its tasks; Ray ends a job's tasks with its driver), false for SLURM (sbatch'd jobs outlive
   the driver). :func:`check_running` shows a queued file whose queuer is provably gone and took the job with it
   as ``lost``. Every write sets these anew (a ``queued`` written without them, and every other state, has none):
@@ -55,10 +59,11 @@ from pathlib import Path
 import psutil
 
 from common.io import atomic_write_json
-from common.processes import pid_namespace
+from common.processes import pid_namespace, started_since_boot
 
 #: The fields that say who wrote a ``queued`` (see the protocol above); every write replaces them.
-QUEUER_FIELDS = ("queuer_host", "queuer_pid", "queuer_pid_space", "queuer_started_at", "dies_with_queuer")
+QUEUER_FIELDS = ("queuer_host", "queuer_pid", "queuer_pid_space", "queuer_started_at", "queuer_started_boot",
+                 "dies_with_queuer")
 
 log = logging.getLogger(__name__)
 _WARNED: set[Path] = set()
@@ -169,14 +174,24 @@ def write_state(
     return rec
 
 
+_THIS: dict[int, dict] = {}  # pid -> this_process() (a forked child is another process)
+
+
 def this_process() -> dict:
     """This process as a file records its writer (a queued file its queuer, a Prometheus target file its exporter):
-    host, pid, where the pid means it (`pid_space`), start time; judged later by :func:`process_gone`."""
-    try:
-        started = psutil.Process().create_time()
-    except psutil.Error:  # not readable here: a reused pid is then told apart by the file's write time
-        started = None
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_space": pid_space(), "started_at": started}
+    host, pid, where the pid means it (`pid_space`), start time (``started_at``, UNIX seconds; ``started_boot``,
+    seconds since boot: :func:`common.processes.started_since_boot`); judged later by :func:`process_gone`. The
+    same every call in a process: psutil computes ``started_at`` from the clock as it is at the call, so after the
+    clock was set, a process compared anew with its own record would not be itself."""
+    pid = os.getpid()
+    if pid not in _THIS:
+        try:
+            started = psutil.Process().create_time()
+        except psutil.Error:  # not readable here: a reused pid is then told apart by the file's write time
+            started = None
+        _THIS[pid] = {"host": socket.gethostname(), "pid": pid, "pid_space": pid_space(), "started_at": started,
+                      "started_boot": started_since_boot()}
+    return dict(_THIS[pid])
 
 
 class StatusReporter:
@@ -217,6 +232,7 @@ class StatusReporter:
             rec["host"] = socket.gethostname()
             rec["pid"] = os.getpid()
             rec["pid_space"] = pid_space()
+            rec["pid_started_boot"] = this_process()["started_boot"]
             rec["rate_step0"] = None
             rec["rate_t0"] = None
             _best_effort_write(self.path, rec)
@@ -270,10 +286,12 @@ class PersonStatus:
     host: str | None = None
     pid: int | None = None
     pid_space: str | None = None
+    pid_started_boot: float | None = None
     queuer_host: str | None = None
     queuer_pid: int | None = None
     queuer_pid_space: str | None = None
     queuer_started_at: float | None = None
+    queuer_started_boot: float | None = None
     dies_with_queuer: bool | None = None
 
     @property
@@ -306,8 +324,9 @@ _FIELD_TYPES = {"person": (_STR, False), "state": (_STR, False), "attempt": (_IN
                 "step": (_INT, True), "total_steps": (_INT, True), "started_at": (_NUMBER, True),
                 "updated_at": (_NUMBER, True), "rate_step0": (_INT, True), "rate_t0": (_NUMBER, True),
                 "message": (_STR, False), "host": (_STR, True), "pid": (_INT, True),
-                "pid_space": (_STR, True), "queuer_host": (_STR, True), "queuer_pid": (_INT, True),
-                "queuer_pid_space": (_STR, True), "queuer_started_at": (_NUMBER, True),
+                "pid_space": (_STR, True), "pid_started_boot": (_NUMBER, True), "queuer_host": (_STR, True),
+                "queuer_pid": (_INT, True), "queuer_pid_space": (_STR, True), "queuer_started_at": (_NUMBER, True),
+                "queuer_started_boot": (_NUMBER, True),
                 "dies_with_queuer": (_BOOL, True)}
 
 
@@ -377,20 +396,25 @@ def _writer_gone(s: PersonStatus) -> bool | None:
     """Whether the process that wrote ``s``'s ``running`` is gone (True) or still runs (False); None when it
     cannot be told from this process (another machine or container, a file without pid or ``pid_space``)."""
     last_write = s.updated_at if s.updated_at is not None else s.started_at
-    return process_gone(s.pid, s.pid_space, last_write=last_write)
+    return process_gone(s.pid, s.pid_space, started_boot=s.pid_started_boot, last_write=last_write)
 
 
 def _queuer_gone(s: PersonStatus) -> bool | None:
     """As :func:`_writer_gone`, for the process that wrote ``s``'s ``queued``: told from a later one on its pid by
     its recorded start time (by the file's write time where none was recorded)."""
-    return process_gone(s.queuer_pid, s.queuer_pid_space, started_at=s.queuer_started_at, last_write=s.updated_at)
+    return process_gone(s.queuer_pid, s.queuer_pid_space, started_at=s.queuer_started_at,
+                        started_boot=s.queuer_started_boot, last_write=s.updated_at)
 
 
 def process_gone(pid: int | None, space: str | None, *, started_at: float | None = None,
-                  last_write: float | None = None) -> bool | None:
+                 last_write: float | None = None, started_boot: float | None = None) -> bool | None:
     """Whether process ``pid`` (of ``pid_space`` ``space``) is gone: True, also when its pid now names a process
-    that is not it (one started at another time than ``started_at``, or after ``last_write``); False when it
-    runs; None when this cannot be told from this process (another machine or container, no pid or space)."""
+    that is not it (one started at another time than ``started_boot``, seconds since boot, or where that was not
+    recorded ``started_at``, or after ``last_write``); False when it runs; None when this cannot be told from this
+    process (another machine or container, no pid or space). ``started_boot`` is exact whatever the clock did
+    since (the same ``pid_space`` is the same boot); ``started_at`` and ``last_write`` are UNIX seconds, and the
+    start of ``pid`` in UNIX seconds is computed from the clock as it is now: a clock set by more than
+    :data:`PID_CLOCK_SLACK_S` since they were written (an NTP step) makes a live process look like another."""
     if pid is None or pid <= 0 or space is None or space != pid_space():
         return None  # no process wrote a pid of 0 or less (a hand-edited file): not checked, not an error
     try:
@@ -402,6 +426,12 @@ def process_gone(pid: int | None, space: str | None, *, started_at: float | None
         return True
     except psutil.Error:  # not allowed to look: say nothing
         return None
+    if started_boot is not None:  # the start it recorded, in clock ticks since boot: any other is a later process
+        now_boot = started_since_boot(pid)
+        if now_boot is not None:
+            return abs(now_boot - started_boot) >= 0.5 / os.sysconf("SC_CLK_TCK")
+        if not psutil.pid_exists(pid):  # gone since
+            return True
     if started_at is not None:  # the start time it recorded: any other is a later process on the freed pid
         return abs(created - started_at) > PID_CLOCK_SLACK_S
     # The pid freed by the writer and taken by a later process: that one started after the writer's last write.

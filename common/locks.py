@@ -70,10 +70,11 @@ def lock_holder(path: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, what: str, wait: bool = False) -> Iterator[None]:
+def exclusive(path: Path, what: str, wait: bool = False, note_holder: bool = True) -> Iterator[None]:
     """Holds an exclusive lock on ``path`` (created, with its folder) for the block. ``wait``: block until the
     holder is done (short critical sections); otherwise raise :class:`AlreadyRunning` naming ``what``, the folder
-    and the holder."""
+    and the holder. ``note_holder`` False: the lock file is left empty, for a lock in a folder others read (a
+    published web site: the holder's command line is no one else's business)."""
     import fcntl
 
     path = Path(path)
@@ -96,7 +97,8 @@ def exclusive(path: Path, what: str, wait: bool = False) -> Iterator[None]:
                 "command": " ".join(sys.argv)}
         try:  # a courtesy for the message a second holder gets: a full disk does not stop the work
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            if note_holder:
+                os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         except OSError:
             pass
         yield

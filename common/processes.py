@@ -25,3 +25,19 @@ def pid_namespace() -> str | None:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return None
+
+
+def started_since_boot(pid: int | None = None) -> float | None:
+    """Seconds from this boot of the kernel to the start of process ``pid`` (default: this process), from the
+    start time ``/proc/<pid>/stat`` records in clock ticks: unlike a start time in UNIX seconds (psutil's
+    ``create_time``: that plus the boot time as the system clock puts it *now*), it does not move when the clock is
+    set (an NTP step, a resumed virtual machine), so it tells a process from a later one on the same pid exactly.
+    None where it cannot be read (not Linux, no such process)."""
+    try:
+        with open(f"/proc/{os.getpid() if pid is None else pid}/stat", "rb") as f:
+            stat = f.read()
+        # the fields after the command name, which is in parentheses and may hold spaces and parentheses itself
+        ticks = int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, starttime
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None

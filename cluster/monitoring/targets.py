@@ -9,14 +9,15 @@ training or replica (monitoring must not fail work).
 
 A process that is killed (SIGKILL, the OOM killer, a lost node) never removes its file, and Prometheus would scrape
 that target as down for good. So each file records its writer, as the status files record their queuer
-(:mod:`cluster.status`): host, pid, ``pid_space`` (boot id and pid namespace) and process start time, in labels
+(:mod:`cluster.status`): host, pid, ``pid_space`` (boot id and pid namespace) and process start time (UNIX
+seconds, and seconds since boot, which a change of the system clock does not move), in labels
 named ``__writer_*`` (Prometheus accepts them in file_sd and drops every ``__`` label after relabelling: they are no
 label of the scraped series). While a process has a target registered, a thread of it touches the file every
 :data:`HEARTBEAT_S` seconds (and writes it again if it was removed). :func:`sweep`, run by every :func:`register`
 and by ``launch_all`` at the start and end of a night, removes the files of writers that are gone:
 
 * a writer in this ``pid_space`` (this host, boot and pid namespace): when its pid is gone or now names a later
-  process (another start time), checked at once;
+  process (another start time since boot; files without it: another start time in UNIX seconds), checked at once;
 * a writer that cannot be checked from here (another host, container or boot): when its file has not been touched
   for :data:`ABANDONED_AFTER_S`; a live writer touches it every :data:`HEARTBEAT_S`;
 * files without a writer record (written by earlier versions, or by another tool into a shared folder) are left:
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -50,7 +52,9 @@ HEARTBEAT_S = 60.0
 ABANDONED_AFTER_S = 3600.0
 #: Label prefix of the writer record: Prometheus drops labels starting with ``__`` after relabelling.
 WRITER_PREFIX = "__writer_"
-WRITER_FIELDS = ("host", "pid", "pid_space", "started_at")
+WRITER_FIELDS = ("host", "pid", "pid_space", "started_at", "started_boot")
+#: Writer fields that files of earlier versions lack (read as unknown).
+WRITER_OPTIONAL = ("started_boot",)
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -133,7 +137,8 @@ def _read_writer(path: Path) -> dict[str, str] | None:
         return None
     try:
         labels = json.loads(text)[0]["labels"]
-        writer = {f"{WRITER_PREFIX}{key}": labels[f"{WRITER_PREFIX}{key}"] for key in WRITER_FIELDS}
+        writer = {f"{WRITER_PREFIX}{key}": labels[f"{WRITER_PREFIX}{key}"] for key in WRITER_FIELDS
+                  if key not in WRITER_OPTIONAL or f"{WRITER_PREFIX}{key}" in labels}
     except (ValueError, LookupError, TypeError):
         return None
     return writer if all(isinstance(v, str) for v in writer.values()) else None
@@ -142,15 +147,19 @@ def _read_writer(path: Path) -> dict[str, str] | None:
 def _writer_gone(writer: dict[str, str], touched: float, now: float) -> str | None:
     """Why the process of ``writer`` is gone, or None when it is not, or not known to be."""
     def field(key: str) -> str:
-        return writer[f"{WRITER_PREFIX}{key}"]
+        return writer.get(f"{WRITER_PREFIX}{key}", "")
+
+    def seconds(key: str) -> float | None:
+        try:
+            value = float(field(key)) if field(key) else None
+        except ValueError:
+            return None
+        return value if value is not None and math.isfinite(value) else None
 
     pid = int(field("pid")) if field("pid").isdigit() else None
-    try:
-        started_at = float(field("started_at")) if field("started_at") else None
-    except ValueError:
-        started_at = None
     who = f"process {field('pid') or '?'} on {field('host') or 'an unknown host'}"
-    gone = process_gone(pid, field("pid_space") or None, started_at=started_at, last_write=touched)
+    gone = process_gone(pid, field("pid_space") or None, started_at=seconds("started_at"),
+                        started_boot=seconds("started_boot"), last_write=touched)
     if gone:
         return f"{who} is gone (killed?)"
     if gone is None and now - touched > ABANDONED_AFTER_S:

@@ -22,6 +22,7 @@ from cluster.report.schema import EVAL_FORMAT_KEY, RunResults, TaskResult, list_
 from cluster.report.summary import results_stamp, summary_night, write_if_unchanged, write_summary
 from cluster.report.template import PAGE
 from common.io import DataError, atomic_file, atomic_write_bytes, atomic_write_json
+from common.locks import exclusive
 
 log = logging.getLogger(__name__)
 REPORT_VERSION = 1
@@ -196,8 +197,17 @@ def _past_night(path: Path) -> RunResults:
     return run
 
 
+#: In the output folder: builds of one folder take turns (:func:`build_report`).
+REPORT_LOCK = ".report.lock"
+
+
 def build_report(config: ReportConfig) -> Path:
-    """Write index.html, report.json, videos/ and thumbnails/ for one nightly run; returns the index.html path."""
+    """Write index.html, report.json, videos/ and thumbnails/ for one nightly run; returns the index.html path.
+
+    Builds into one folder take turns (a lock in it), each reading the night when its turn comes: two at once (the
+    evaluation's own build beside the nightly report, two evaluations of one night finishing together) each pruned
+    the media its page does not link, and the build that read the older results.json could publish last, showing
+    the older numbers with the newer build's thumbnails and videos deleted."""
     root = Path(config.reports_root)
     all_runs = list_runs(root)
     if not all_runs:
@@ -207,14 +217,19 @@ def build_report(config: ReportConfig) -> Path:
     current_path = run_dir(root, run_date) / "results.json"
     if not current_path.is_file():
         raise DataError(current_path, "results file of the requested run does not exist")
+    out = Path(config.out_dir) if config.out_dir else root / SITE_DIR / run_date
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / REPORT_LOCK, f"building the report of {run_date}", wait=True, note_holder=False):
+        return _build(config, root, run_date, out)
+
+
+def _build(config: ReportConfig, root: Path, run_date: str, out: Path) -> Path:
     history, ignored = load_history(root, run_date, config.max_history)
     current = history[-1]
     damaged = [d for run in history for d in run.damaged]
     other_formats = other_format_nights(history)
     summaries = [summarize(r) for r in history]
     summary = summaries[-1]
-    out = Path(config.out_dir) if config.out_dir else root / SITE_DIR / run_date
-    out.mkdir(parents=True, exist_ok=True)
 
     persons, skipped_all = [], {}
     src_dir = run_dir(root, run_date)

@@ -88,7 +88,8 @@ def test_a_reused_pid_is_gone_and_a_live_writer_is_kept_however_old_its_file(tmp
     from cluster.status import pid_space
 
     me = targets.writer_labels()
-    reused = _write(tmp_path / "training-017.json", {**me, "__writer_started_at": "1000.0"})
+    reused = _write(tmp_path / "training-017.json", {**me, "__writer_started_at": "1000.0",
+                                                     "__writer_started_boot": "0.5"})
     mine = _write(tmp_path / "training-018.json", me, age_s=5 * 86400)
     assert pid_space() is not None and me["__writer_pid_space"] == pid_space()
     assert targets.sweep(tmp_path) == [reused]

@@ -31,7 +31,8 @@ def _read_target(path: Path) -> list[dict]:
     groups = json.loads(path.read_text())
     for group in groups:
         writer = {k for k in group["labels"] if k.startswith("__writer_")}
-        assert writer == {"__writer_host", "__writer_pid", "__writer_pid_space", "__writer_started_at"}, path
+        assert writer == {"__writer_host", "__writer_pid", "__writer_pid_space", "__writer_started_at",
+                          "__writer_started_boot"}, path
         group["labels"] = {k: v for k, v in group["labels"].items() if k not in writer}
     return groups
 
