@@ -4,7 +4,8 @@ directory: a nightly run still going when the next night's starts, or a user's r
 ``fcntl.flock`` locks belong to the open file: the kernel drops them when the process ends, however it ends
 (SIGKILL, a node that reboots), so a lock is never left behind by a dead run. The lock file keeps the holder's
 pid, host, start time and command line for the message a second run gets. A file system without locks (some
-network file systems) is warned about, not refused: the work goes on unguarded, as it did before.
+network file systems) is warned about, not refused: the work goes on unguarded, as it did before. A lock file
+another user created (a shared folder) is locked through a read-only descriptor, which ``flock`` allows.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def exclusive(path: Path, what: str, wait: bool = False, note_holder: bool = Tru
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:  # created by another user (mode 0644 under the usual umask): flock needs no writing
+        fd, writable = os.open(path, os.O_RDONLY), False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -87,6 +91,10 @@ def exclusive(path: Path, what: str, wait: bool = False, note_holder: bool = Tru
             raise AlreadyRunning(f"{what} is already running on {path.parent} ({_holder(path)}); wait for it to "
                                  f"end, or stop it (its lock, {path}, goes with its process)") from None
         except OSError as e:
+            if e.errno == errno.EBADF and not writable:  # NFS emulates flock with write locks: they need writing
+                raise PermissionError(e.errno, f"{path}: the lock file of {what} belongs to another user and this "
+                                               "file system locks only files opened for writing; make it (and its "
+                                               "folder) group-writable", str(path)) from e
             if e.errno not in _NO_LOCKS:
                 raise
             warnings.warn(f"{path}: the file system does not lock files ({e.strerror}); nothing stops a second "
@@ -96,6 +104,8 @@ def exclusive(path: Path, what: str, wait: bool = False, note_holder: bool = Tru
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
                 "command": " ".join(sys.argv)}
         try:  # a courtesy for the message a second holder gets: a full disk does not stop the work
+            if not writable:  # another user's file: it keeps the last holder's note, which may name a gone one
+                raise PermissionError
             os.ftruncate(fd, 0)
             if note_holder:
                 os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)

@@ -108,3 +108,30 @@ def test_the_holder_is_named_without_taking_the_lock(tmp_path, monkeypatch, proc
     assert locks.lock_holder(lock) is None  # the lock file stays, its holder is gone
     with exclusive(lock, "the main job"):  # and looking never took it
         pass
+
+
+def test_a_lock_file_of_another_user_is_locked_read_only_and_still_excludes(tmp_path, monkeypatch):
+    """A lock file another user created (0644 under the usual umask) cannot be opened for writing; before, every
+    evaluation save and report build in such a shared folder failed with PermissionError. The suite runs as root,
+    whom file modes do not stop, so the refusal to write is what the other user's file would give."""
+    lock, ready = tmp_path / "work" / ".lock", tmp_path / "ready"
+    holder = _holder_process(lock, ready)  # the other user, holding it
+    try:
+        _wait_until_held(holder, ready)
+        real_open = locks.os.open
+
+        def other_users_file(path, flags, *mode):
+            if flags & (locks.os.O_RDWR | locks.os.O_WRONLY):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, flags, *mode)
+
+        monkeypatch.setattr(locks.os, "open", other_users_file)
+        with pytest.raises(AlreadyRunning, match=f"pid {holder.pid} on "):  # the read-only lock still excludes
+            with exclusive(lock, "the main job"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    before = lock.read_text()
+    with exclusive(lock, "the main job"):  # taken once the other's holder is gone; its note is left as it was
+        assert lock.read_text() == before
