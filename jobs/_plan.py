@@ -53,7 +53,7 @@ from jobs.launch_all import (
     trained_on,
 )
 from shards.contract import list_persons
-from shards.ingest import CONTENT, NO_STORE, IngestDecision, ingest_decision
+from shards.ingest import CONTENT, NO_STORE, IngestDecision, ingest_decision, split_change
 from shards.writer import NEW_INPUTS, plan_shards
 
 #: Stands for the fingerprint of a base this run pretrains: no avatar was trained on it (12 characters, which
@@ -136,6 +136,12 @@ def dry_run(args: LaunchAllArgs) -> int:
     subset_of_all = _needs_tiny_base(args) and args.persons != "all"  # the tiny base is made of every person
     prepared = _plan_data(args, plan, "all" if subset_of_all else args.persons)
     persons = [p for p in prepared if p in requested] if subset_of_all else prepared
+    if subset_of_all:  # as the run fails them: a requested folder without a capture is no person of "all"
+        for p in requested:
+            if p not in prepared and p not in plan.failed:
+                plan.failed[p] = f"ingest: no capture of {p} in the data set (--persons)"
+                plan.add("ingest", p, "fails", f"no capture of {p} in the data set (--persons): its folder has no "
+                                               "calibration/camera_params.json")
     if persons:
         fingerprint = _plan_base(args, plan, prepared)
         trained, fresh = _plan_training(args, plan, persons, fingerprint)
@@ -246,10 +252,10 @@ def _present_store(store: Path, config) -> str:
     if not isinstance(attrs.get(CONTENT), str):
         return ("its store records no content identity (written by an earlier version), and its shards' specs are "
                 "made of the stat fingerprint it records")
-    held_out = attrs.get("held_out_sequences")
-    if attrs.get("held_out_camera") != config.held_out_camera or not isinstance(held_out, list) \
-            or len(held_out) != config.held_out_sequences:
-        return "the split settings are part of the store's content identity, of which each shard's spec is made"
+    change = split_change(attrs, config)
+    if change is not None:
+        return f"{change}: the split settings are part of the store's content identity, of which each shard's " \
+               "spec is made"
     return SAME_SPLIT
 
 

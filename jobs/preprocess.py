@@ -9,6 +9,7 @@ from pathlib import Path
 import tyro
 
 from common.io import DataError
+from common.locks import AlreadyRunning
 from jobs._parallel import ITEM_TIMEOUT_S, check_item_timeout, check_workers, default_workers
 from jobs._presets import UsageError, listed_persons
 from shards.writer import ShardConfig, ShardRunResult, write_shards
@@ -66,7 +67,7 @@ def main(args: PreprocessArgs) -> ShardRunResult:
 if __name__ == "__main__":
     try:
         result = main(tyro.cli(PreprocessArgs))
-    except (DataError, UsageError) as e:
+    except (DataError, UsageError, AlreadyRunning) as e:  # AlreadyRunning: another preprocess on --out
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(2 if result.failed else 0)

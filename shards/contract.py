@@ -368,7 +368,14 @@ class PersonCapture:
         seq_dir = self.dir / "sequences"
         if not seq_dir.is_dir():
             raise DataError(seq_dir, "sequences folder is missing")
-        return sorted(p.name for p in seq_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = sorted(p.name for p in seq_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for name in names:  # it goes into the store, sample keys and digests, all UTF-8
+            try:
+                name.encode()
+            except UnicodeEncodeError:
+                raise DataError(seq_dir, f"sequence folder {ascii(name)}: its name is not valid UTF-8 (a name in "
+                                         "another system's encoding): rename it and its tracking folder") from None
+        return names
 
     def timesteps_dir(self, seq: str) -> Path:
         return self.dir / "sequences" / seq / "timesteps"

@@ -22,6 +22,7 @@ import io
 import json
 import os
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,9 @@ def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
         for p in paths:
             st = os.stat(p)
             line += f"{p.relative_to(capture.dir)}\0{st.st_size}\0{st.st_mtime_ns}\n"
-        return line.encode()
+        # a name that is not UTF-8 (another system's encoding) as its bytes: the ingest then names it (valid names
+        # encode as before, so stores written before stay up to date)
+        return line.encode(errors="surrogateescape")
 
     with ThreadPoolExecutor(config.io_threads) as pool:
         ahead: deque[Future] = deque()  # batches submitted, in walk order
@@ -519,14 +522,26 @@ def ingest_decision(capture_root: Path, person: str, out_dir: Path, config: Inge
     return IngestDecision(capture, final, fingerprint, None, current)
 
 
-def _changed(store: PersonStore, config: IngestConfig) -> str:
-    """Why a store's fingerprint differs: the split settings it records, else its capture."""
-    held_out = store.attrs.get("held_out_sequences")
-    if store.attrs.get("held_out_camera") != config.held_out_camera:
-        return f"--ingest.held-out-camera changed ({store.attrs.get('held_out_camera')} -> {config.held_out_camera})"
-    if isinstance(held_out, list) and len(held_out) != config.held_out_sequences:
+def split_change(attrs: Mapping, config: IngestConfig) -> str | None:
+    """How the split settings a store records (its attributes ``attrs``) differ from ``config``'s, or None when they
+    are the same: what the ingest says when it writes the store again, and what tells ``launch_all --dry-run`` that
+    every shard's spec changes (the split settings are part of the content identity the specs are made of). A
+    ``held_out_sequences`` that is not a list of sequences (a store not written by this ingest) is a change: what
+    it held out is unknown."""
+    camera, held_out = attrs.get("held_out_camera"), attrs.get("held_out_sequences")
+    if camera != config.held_out_camera:
+        return f"--ingest.held-out-camera changed ({camera} -> {config.held_out_camera})"
+    if not isinstance(held_out, list):
+        return (f"--ingest.held-out-sequences changed (the store records {str(held_out)[:60]!r}, not a list of "
+                f"sequences -> {config.held_out_sequences})")
+    if len(held_out) != config.held_out_sequences:
         return f"--ingest.held-out-sequences changed ({len(held_out)} -> {config.held_out_sequences})"
-    return CAPTURE_CHANGED
+    return None
+
+
+def _changed(store: PersonStore, config: IngestConfig) -> str:
+    """Why a store's fingerprint differs: the split settings it records (`split_change`), else its capture."""
+    return split_change(store.attrs, config) or CAPTURE_CHANGED
 
 
 def ingest_person(capture_root: Path, person: str, out_dir: Path, config: IngestConfig | None = None,

@@ -261,14 +261,15 @@ def _index_problem(body: dict, file_size: int) -> tuple[SampleIndex | None, str 
     return samples, None
 
 
-def shard_index(path: Path) -> tuple[SampleIndex, str | None]:
+def shard_index(path: Path, st: os.stat_result | None = None) -> tuple[SampleIndex, str | None]:
     """(the member index of the shard at `path`, why its `<shard>.index.json` could not be written or None).
 
     The index from `<shard>.index.json` when it can be trusted (`load_index`: nothing of the shard is read), else
     from the shard's tar headers (`walk_shard`, with its checks: a damaged, truncated or incomplete shard is a
     `ShardError` and marked for a rebuild), and then written beside it for the next open, where the folder can be
-    written (best effort: a read-only folder is still read, by its headers)."""
-    st = shard_stat(path)
+    written (best effort: a read-only folder is still read, by its headers). `st`: the shard's stat when the caller
+    has it (`shard_stat`; one stat per shard and open)."""
+    st = shard_stat(path) if st is None else st
     samples, problem = load_index(path, st)
     if samples is not None:
         return samples, None
@@ -283,22 +284,24 @@ def shard_index(path: Path) -> tuple[SampleIndex, str | None]:
     return samples, None
 
 
-def check_shard(path: Path, entry: dict | None, known: dict | None = None,
-                full: bool = False) -> tuple[str | None, dict | None]:
+def check_shard(path: Path, entry: dict | None, known: dict | None = None, full: bool = False,
+                st: os.stat_result | None = None) -> tuple[str | None, dict | None]:
     """(problem, record) for the shard at `path` against its manifest `entry`.
 
     problem: why the shard does not match (None when it does). The file's size must match; its bytes are
     trusted without being read when `known` (its `verified.json` record) has the manifest's sha256 and the
     file's current size and mtime_ns, else (or with `full`) hashed. record: the `verified.json` record to keep
-    when the shard was hashed now and matched (None otherwise: the stat check sufficed, or it did not match)."""
+    when the shard was hashed now and matched (None otherwise: the stat check sufficed, or it did not match).
+    `st`: the shard's stat when the caller has it (else it is statted here)."""
     if not entry:
         return "not listed in its manifest", None
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return "shard file is missing", None
-    except OSError as e:
-        return f"cannot stat the shard: {e}", None
+    if st is None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return "shard file is missing", None
+        except OSError as e:
+            return f"cannot stat the shard: {e}", None
     if st.st_size != entry.get("bytes"):
         return f"size {st.st_size} differs from the manifest's {entry.get('bytes')} (truncated or rewritten)", None
     if not full and known == stat_record(st, entry.get("sha256")):
@@ -313,15 +316,16 @@ def check_shard(path: Path, entry: dict | None, known: dict | None = None,
     return None, stat_record(st, digest)  # the stat from before the hash: a change while hashing is seen next time
 
 
-def verify_against_manifests(paths: list[Path], threads: int = 4) -> None:
+def verify_against_manifests(paths: list[Path], threads: int = 4, stats: list[os.stat_result] | None = None) -> None:
     """Raise ShardError naming the first shard (in `paths` order) that does not match the
     `manifest.json` of its folder (see `check_shard`: shards whose size and mtime match their
     `verified.json` record are not read). Folders without a manifest are not checked here (a
     shard copied out of its folder still has its per-sample checksums). Records are not
-    updated here: the preprocess owns them."""
+    updated here: the preprocess owns them. `stats`: each shard's stat, in `paths` order, when the
+    caller has them (the loader's open stats each shard once), else each is statted here."""
     folders: dict[Path, tuple[dict, dict]] = {}
     todo = []
-    for p in map(Path, paths):
+    for i, p in enumerate(map(Path, paths)):
         d = p.parent
         if d not in folders:
             manifest = load_manifest(d / MANIFEST) if (d / MANIFEST).exists() else {}
@@ -330,11 +334,12 @@ def verify_against_manifests(paths: list[Path], threads: int = 4) -> None:
             folders[d] = (manifest, load_verified(d) if manifest else {})
         manifest, verified = folders[d]
         if manifest:
-            todo.append((p, manifest.get("shards", {}).get(p.name), verified.get(p.name)))
+            todo.append((p, manifest.get("shards", {}).get(p.name), verified.get(p.name), False,
+                         None if stats is None else stats[i]))
     if not todo:
         return
     with ThreadPoolExecutor(max(1, min(threads, len(todo))), thread_name_prefix="shard-verify") as pool:
-        problems = list(pool.map(lambda pek: check_shard(*pek)[0], todo))
-    for (p, _, _), problem in zip(todo, problems):
+        problems = list(pool.map(lambda args: check_shard(*args)[0], todo))
+    for (p, *_), problem in zip(todo, problems):
         if problem is not None:
             raise ShardError(p, f"{problem}; re-run jobs/preprocess.py to rebuild it")

@@ -41,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.io import DataError, atomic_file, atomic_write_json
+from common.locks import exclusive
 from common.process_pool import map_tolerant
 
 from .codec import CODEC_VERSION, MEMBERS, encode_sample, normalise_canonical
@@ -464,6 +465,14 @@ class ShardRunResult:
     failed: dict[str, str] = field(default_factory=dict)  # person -> error (its other shards may exist)
 
 
+#: Held in the shard root while `write_shards` runs (`common.locks.exclusive`): a second preprocess on it (a
+#: `jobs/preprocess.py` of a user beside the main job's data stage) is refused (`common.locks.AlreadyRunning`).
+#: Each run plans from the manifests and shards it finds and then writes whole manifests and `verified.json`
+#: files from what it planned, so two at once each overwrote the other's shards, manifest entries and records:
+#: both ended "written", with a complete manifest listing shards that are not on disk as listed.
+LOCK_FILE = ".preprocess.lock"
+
+
 def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, workers: int = 1,
                  progress: bool = True, verify_all: bool = False,
                  item_timeout_s: float | None = None) -> ShardRunResult:
@@ -474,21 +483,39 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
     Existing shards are kept when up to date (`_stale_reason`: by size and mtime, hashed when
     the mtime changed; `verify_all` hashes every one). A shard still being written after
     `item_timeout_s` fails its person (`common.process_pool.ItemTimedOut`; its process killed).
+    Another preprocess running on `out_dir` is `common.locks.AlreadyRunning` (`LOCK_FILE`), before anything is
+    read or written.
     """
     out_dir = Path(out_dir)
+    with exclusive(out_dir / LOCK_FILE, "a shard preprocess (jobs/preprocess.py, or the main job's data stage)"):
+        return _write_shards(store_paths, out_dir, config, workers, progress, verify_all, item_timeout_s)
+
+
+def _write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, workers: int, progress: bool,
+                  verify_all: bool, item_timeout_s: float | None) -> ShardRunResult:
     result = ShardRunResult()
     plan = plan_shards(store_paths, out_dir, config, workers, verify_all)
     for person, error in plan.failed.items():
         result.failed[person] = error
-        _mark_failed(out_dir / person / MANIFEST, error)
+        try:
+            _mark_failed(out_dir / person / MANIFEST, error)
+        except OSError as e:  # its folder cannot be written: said, and the others go on
+            result.failed[person] = f"{error}; its manifest could not be marked incomplete ({e})"
     tasks_by_person, manifests, verified = plan.tasks, dict(plan.manifests), dict(plan.verified)
     todo = []
     for person, tasks in tasks_by_person.items():
         manifests[person] = {"person": person, "config": asdict(config), "shards": plan.kept(person)}
-        records = plan.records(person)
-        if records != verified[person]:
-            write_verified(out_dir / person, records)
-        verified[person] = records
+        try:  # a person's folder that cannot be written (its permissions, a read-only copy) fails that person alone
+            records = plan.records(person)
+            if records != verified[person]:
+                write_verified(out_dir / person, records)
+            verified[person] = records
+            for old in plan.leftovers(person):
+                old.unlink(missing_ok=True)
+            _write_manifest(out_dir, person, manifests[person], tasks)
+        except OSError as e:
+            result.failed[person] = f"{type(e).__name__}: {e}"
+            continue
         for t in tasks:
             reason = plan.stale[(person, t.name)].reason
             if reason is None:
@@ -497,9 +524,6 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
             if reason not in NEW_INPUTS:  # the file on disk is damaged
                 result.rebuilt[f"{person}/{t.name}"] = reason
             todo.append((person, t))
-        for old in plan.leftovers(person):
-            old.unlink(missing_ok=True)
-        _write_manifest(out_dir, person, manifests[person], tasks)
 
     def done(person: str, task: ShardTask, entry: dict) -> None:
         entry = dict(entry)
@@ -521,10 +545,14 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
     person_of = {t: person for person, t in todo}
 
     def finished(task: ShardTask, entry: dict | None, error: Exception | None) -> None:
-        if error is None:
-            done(person_of[task], task, entry)
-        else:  # one person's broken input, or a worker that died on it, must not stop the others
-            failed(person_of[task], error)
+        person = person_of[task]
+        try:
+            if error is None:
+                done(person, task, entry)
+            else:  # one person's broken input, or a worker that died on it, must not stop the others
+                failed(person, error)
+        except OSError as e:  # nor its folder that cannot be written (its manifest, `verified.json`)
+            result.failed.setdefault(person, f"{type(e).__name__}: {e}")
         bar.update()
 
     def rerun(unfinished: list[ShardTask]) -> None:

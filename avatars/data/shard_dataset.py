@@ -44,7 +44,15 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from shards.codec import MEMBERS, DecodedSample, RawSample, SampleChecksumError, decode_raw, decode_sample, dequantize
-from shards.integrity import REBUILD_HINT, ShardError, corrupt, corrupt_mark, shard_index, verify_against_manifests
+from shards.integrity import (
+    REBUILD_HINT,
+    ShardError,
+    corrupt,
+    corrupt_mark,
+    shard_index,
+    shard_stat,
+    verify_against_manifests,
+)
 
 from .device_feed import DeviceFeeder, one_ahead
 
@@ -101,13 +109,17 @@ class ShardDataset(Dataset):
             if mark is not None:
                 raise ShardError(path, f"a reader found it corrupt ({mark}); {REBUILD_HINT}")
         threads = max(2, config.num_workers)
-        if verify:
-            verify_against_manifests(self.shards, threads=threads)
         pool = ThreadPoolExecutor(min(threads, len(self.shards)), thread_name_prefix="shard-index")
         try:  # threads: on a network file system each shard's open is a few round trips
-            indexed = list(pool.map(shard_index, self.shards))  # the first shard (in order) that fails raises
+            stats = list(pool.map(_stat, self.shards))  # once per shard: the check and the index share it
+            if verify:
+                verify_against_manifests(self.shards, threads=threads, stats=stats)
+            indexed = list(pool.map(shard_index, self.shards, stats))  # the first shard (in order) that fails raises
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        #: (size, mtime_ns, inode) of each shard as checked and indexed, what its first read (in each process)
+        #: compares the file it opens with (`_open`).
+        self._indexed_as = [(st.st_size, st.st_mtime_ns, st.st_ino) for st in stats]
         self.index: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
         unwritten: dict[Path, list[str]] = {}
         for si, (path, (samples, error)) in enumerate(zip(self.shards, indexed)):
@@ -138,16 +150,59 @@ class ShardDataset(Dataset):
                 with self._fd_lock:
                     fd = self._fds.get(shard)
                     if fd is None:
-                        fd = self._fds[shard] = os.open(path, os.O_RDONLY)
+                        fd = self._fds[shard] = self._open(shard)
             data = os.pread(fd, size, offset)
         except OSError as e:
             problem = f"cannot read {size} bytes at offset {offset}: {e.strerror or e}"
             if e.errno == errno.EIO:
-                raise corrupt(path, problem) from None
+                raise self._corrupt(shard, problem) from None
             raise ShardError(path, problem) from None
         if len(data) != size:
             raise ShardError(self.shards[shard], f"truncated shard: short read at offset {offset}")
         return data
+
+    def _open(self, shard: int) -> int:
+        """A descriptor of shard `shard`, which must still be the file that was checked and indexed when the dataset
+        was opened: a shard a preprocess rewrote since (a new file renamed over it: another inode and mtime, or
+        another size) has other members at other offsets, and reading it by the old index failed its samples'
+        checksums and marked the new, good shard corrupt (rebuilt again by the next preprocess, refused by every
+        loader until then). The same file changed in place (bit rot, a touch) keeps its layout: its reads are checked
+        by the samples' checksums, and a mismatch marks it. (An inode alone is not compared: a process on another
+        machine may see other inode numbers on some file systems.)"""
+        path = self.shards[shard]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        size, mtime_ns, inode = self._indexed_as[shard]
+        if st.st_size != size or (st.st_ino != inode and st.st_mtime_ns != mtime_ns):
+            os.close(fd)
+            raise ShardError(path, f"the shard was replaced since the loader opened it (size {size} -> {st.st_size}, "
+                                   f"mtime_ns {mtime_ns} -> {st.st_mtime_ns}: rewritten by a jobs/preprocess.py run, "
+                                   "or copied over), so the member index read then is not this file's; open the "
+                                   "shards again (restart the run)")
+        return fd
+
+    def _corrupt(self, shard: int, problem: str) -> ShardError:
+        """The error for a corrupt read of shard `shard`, marking the shard for a rebuild (`shards.integrity.corrupt`)
+        when its path still names the file that was read: one a preprocess renamed over it meanwhile (or removed) is
+        another file, which the mark would condemn (a good shard rebuilt, and refused by every loader until then)."""
+        path, fd = self.shards[shard], self._fds.get(shard)
+        if fd is not None:
+            try:
+                read, now = os.fstat(fd), os.stat(path)
+                replaced = (read.st_dev, read.st_ino) != (now.st_dev, now.st_ino)
+            except FileNotFoundError:
+                replaced = True
+            except OSError:  # cannot tell: marked (a rebuild too many at worst)
+                replaced = False
+            if replaced:
+                return ShardError(path, f"{problem}, in the file that was read; the shard has been replaced or removed "
+                                        "since (by a jobs/preprocess.py run?), so it is not marked; open the shards "
+                                        "again (restart the run)")
+        return corrupt(path, problem)
 
     def _decode(self, i: int, decoder):
         shard, key, exts = self.index[i]
@@ -155,7 +210,7 @@ class ShardDataset(Dataset):
         try:
             return decoder(key, members)  # checks the sample's checksum first (`shards.codec.verify_sample`)
         except SampleChecksumError as e:  # bit rot leaves size and mtime as they were: the shard must be marked
-            raise corrupt(self.shards[shard], f"corrupt sample {key}: {e}") from None
+            raise self._corrupt(shard, f"corrupt sample {key}: {e}") from None
         except Exception as e:
             raise ShardError(self.shards[shard], f"corrupt sample {key}: {e}") from None
 
@@ -190,6 +245,13 @@ class ShardDataset(Dataset):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._fd_lock = threading.Lock()
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return shard_stat(path)
+    except ShardError as e:
+        raise ShardError(path, f"{e.problem}; re-run jobs/preprocess.py to rebuild it") from None
 
 
 def hash_seed(*parts: int) -> int:
