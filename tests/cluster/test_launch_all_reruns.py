@@ -33,7 +33,8 @@ def _fast_base(monkeypatch, vae_steps: int) -> None:
 def _run(work: Path, persons: str, capsys) -> tuple[int, str]:
     args = tyro.cli(launch_all.LaunchAllArgs, args=[
         "--workdir", str(work), "--persons", persons, "--synthetic.persons", "2", *TINY_DATA, *TINY_TRAIN,
-        "--backend", "local", "--max-retries", "0", "--min-free-gb", "0"])
+        "--backend", "local", "--max-retries", "0", "--min-free-gb", "0",
+        "--eval-parallel-persons", "1"])  # one Serve replica renders both persons: a second one's start is ~15 CPU s
     code = launch_all.main(args)
     out = capsys.readouterr().out
     with (work.parent / "launch_all-output.txt").open("a") as f:  # kept for a look after the test

@@ -106,7 +106,7 @@ def test_default_run_listens_only_on_loopback(tmp_path):
     base = random_tiny_base(tmp_path / "base")
     args = ["--workdir", str(tmp_path / "work"), "--synthetic.persons", "2", *TINY_DATA, *TINY_TRAIN,
             "--train.base-model", str(base), "--train.metrics-port", "19640", "--max-retries", "0",
-            "--min-free-gb", "0"]
+            "--min-free-gb", "0", "--eval-parallel-persons", "1"]  # one replica: its sockets are every replica's
     log = open(tmp_path / "launch_all.log", "w")
     proc = subprocess.Popen([sys.executable, str(LAUNCH_ALL), *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     root = psutil.Process(proc.pid)

@@ -46,7 +46,7 @@ def test_main_job_submitted_with_ray_jobs(tmp_path, ray_head):
     deadline = time.time() + 800
     while client.get_job_status("da-main-job") not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.time() < deadline, client.get_job_logs("da-main-job")[-3000:]
-        time.sleep(2)
+        time.sleep(0.5)
     logs = client.get_job_logs("da-main-job")
     assert client.get_job_status("da-main-job") == JobStatus.SUCCEEDED, logs[-4000:]
     assert "all 2 persons succeeded" in logs
