@@ -40,10 +40,47 @@ def _holder(path: Path) -> str:
         return "a process whose details the lock file does not hold"
 
 
+def _flock_holders(path: Path, st: os.stat_result, note_pid: object) -> list[tuple[str, int]] | None:
+    """(``WRITE`` or ``READ``, pid) of each flock held on the file ``path`` (at stat ``st``), from this machine's
+    /proc/locks (a process waiting for the lock is not a holder); None when /proc/locks cannot be read. An
+    exclusive lock is a WRITE line, each holder of a shared one a READ line. A file system whose lines name another
+    device than ``os.stat`` gives (overlay file systems) is matched by its inode and the pid the lock file records."""
+    try:
+        with open("/proc/locks") as f:
+            lines = [line.split() for line in f if " FLOCK " in line and " -> " not in line]
+    except OSError:
+        return None
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    found = []
+    for fields in lines:  # "1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+        if len(fields) > 5 and (fields[5] == device or (fields[5].endswith(f":{st.st_ino}")
+                                                        and fields[4] == str(note_pid))):
+            with contextlib.suppress(ValueError):
+                found.append((fields[3], int(fields[4])))
+    return found
+
+
+def _process(pid: int) -> str:
+    """``pid`` of this machine as a holder's message names it: its command line, where /proc shows it."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        command = ""
+    return f"pid {pid} on {socket.gethostname()}" + (f": {command}" if command else "")
+
+
+def _shared_holders(holders: list[tuple[str, int]] | None) -> str | None:
+    """The holders of a shared lock, named (None when the lock is not held shared)."""
+    readers = sorted({pid for kind, pid in holders or () if kind == "READ"})
+    return "; ".join(map(_process, readers)) if readers else None
+
+
 def lock_holder(path: Path) -> str | None:
     """Who holds the :func:`exclusive` lock on ``path`` (as a second holder's message words it), found without
     taking it (a lock taken even for a moment could refuse a run that starts then): the flock holders of this
-    machine's /proc/locks; where that cannot be read, the pid the lock file records when it runs on this host.
+    machine's /proc/locks (an exclusive holder as its lock file records it, the holders of a shared lock by their
+    pids and command lines); where that cannot be read, the pid the lock file records when it runs on this host.
     None when no process holds it (or none this machine can see: a holder on another host of a network file
     system is not listed here)."""
     path = Path(path)
@@ -56,40 +93,54 @@ def lock_holder(path: Path) -> str | None:
         info = None
     if not isinstance(info, dict):
         info = {}
-    try:
-        with open("/proc/locks") as f:
-            holders = [line.split() for line in f if " FLOCK " in line]
-    except OSError:
+    holders = _flock_holders(path, st, info.get("pid"))
+    if holders is None:
         mine = info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int)
         return _holder(path) if mine and pid_alive(info["pid"]) else None
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    pid = str(info.get("pid"))
-    for fields in holders:  # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"
-        if len(fields) > 5 and (fields[5] == device or (fields[5].endswith(f":{st.st_ino}") and fields[4] == pid)):
-            return _holder(path)
-    return None
+    if not holders:
+        return None
+    return _shared_holders(holders) or _holder(path)
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, what: str, wait: bool = False, note_holder: bool = True) -> Iterator[None]:
+def exclusive(path: Path, what: str, wait: bool = False, note_holder: bool = True,
+              shared: bool = False) -> Iterator[None]:
     """Holds an exclusive lock on ``path`` (created, with its folder) for the block. ``wait``: block until the
     holder is done (short critical sections); otherwise raise :class:`AlreadyRunning` naming ``what``, the folder
-    and the holder. ``note_holder`` False: the lock file is left empty, for a lock in a folder others read (a
-    published web site: the holder's command line is no one else's business)."""
+    and the holder(s). ``note_holder`` False: the lock file is left empty, for a lock in a folder others read (a
+    published web site: the holder's command line is no one else's business).
+
+    ``shared``: a shared lock (``flock`` LOCK_SH), for the readers of a folder whose writer holds it exclusively:
+    any number of readers hold it together; a writer refuses them, and they refuse a writer, each naming the
+    other (``what`` names the writer's work in both). A reader writes no note (readers share the file): it empties
+    it, so that the note never names a writer that is gone, and the writer refused names the readers from
+    /proc/locks (pid and command line). A reader whose lock file cannot be made (a folder it may only read) is
+    warned about and goes on unguarded, as on a file system without locks."""
     import fcntl
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    unmade = None
     try:
-        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
-    except PermissionError:  # created by another user (mode 0644 under the usual umask): flock needs no writing
-        fd, writable = os.open(path, os.O_RDONLY), False
+        if not shared:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+        except PermissionError:  # created by another user (mode 0644 under the usual umask): flock needs no writing
+            fd, writable = os.open(path, os.O_RDONLY), False
+    except OSError as e:
+        if not shared:
+            raise
+        unmade = e.strerror
+    if unmade is not None:
+        warnings.warn(f"{path}: the lock cannot be made ({unmade}); nothing stops {what} on {path.parent} "
+                      "while this reads it", RuntimeWarning, stacklevel=3)
+        yield
+        return
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise AlreadyRunning(f"{what} is already running on {path.parent} ({_holder(path)}); wait for it to "
-                                 f"end, or stop it (its lock, {path}, goes with its process)") from None
+            raise AlreadyRunning(_refusal(path, what)) from None
         except OSError as e:
             if e.errno == errno.EBADF and not writable:  # NFS emulates flock with write locks: they need writing
                 raise PermissionError(e.errno, f"{path}: the lock file of {what} belongs to another user and this "
@@ -106,11 +157,29 @@ def exclusive(path: Path, what: str, wait: bool = False, note_holder: bool = Tru
         try:  # a courtesy for the message a second holder gets: a full disk does not stop the work
             if not writable:  # another user's file: it keeps the last holder's note, which may name a gone one
                 raise PermissionError
-            os.ftruncate(fd, 0)
-            if note_holder:
-                os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            if shared:  # an empty file is left as it is (its mtime too: a reader changes nothing it reads)
+                if os.fstat(fd).st_size:
+                    os.ftruncate(fd, 0)
+            else:
+                os.ftruncate(fd, 0)
+                if note_holder:
+                    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         except OSError:
             pass
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _refusal(path: Path, what: str) -> str:
+    """The message of :class:`AlreadyRunning` for a lock on ``path`` that another process holds: its exclusive
+    holder, as its note says, or the holders of a shared lock, named from /proc/locks."""
+    try:
+        readers = _shared_holders(_flock_holders(path, os.stat(path), None))
+    except OSError:
+        readers = None
+    if readers is not None:
+        return (f"{what} cannot start on {path.parent} while other processes read it ({readers}); wait for them "
+                f"to end, or stop them (their locks on {path} go with their processes)")
+    return (f"{what} is already running on {path.parent} ({_holder(path)}); wait for it to end, or stop it (its "
+            f"lock, {path}, goes with its process)")

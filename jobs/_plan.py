@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 import sys
 from collections import Counter
@@ -53,7 +54,7 @@ from jobs.launch_all import (
     trained_on,
 )
 from shards.contract import list_persons
-from shards.ingest import CONTENT, NO_STORE, IngestDecision, ingest_decision, split_change
+from shards.ingest import CONTENT, HASHED, NO_STORE, STORES_LOCK_FILE, IngestDecision, ingest_decision, split_change
 from shards.writer import NEW_INPUTS, plan_shards
 
 #: Stands for the fingerprint of a base this run pretrains: no avatar was trained on it (12 characters, which
@@ -117,6 +118,27 @@ class Plan:
         return out
 
 
+def runs_in_progress(workdir: Path) -> list[str]:
+    """What holds a lock on ``workdir`` (`common.locks.lock_holder`, taking none): a main job, an ingest into its
+    stores or a preprocess reading them (`jobs/ingest.py`, `jobs/preprocess.py` of a user), a preprocess of its
+    shards. A holder named by an earlier lock (the main job, in its data stage) is named once."""
+    from shards.writer import LOCK_FILE as SHARDS_LOCK_FILE
+
+    found: list[str] = []
+    named: set[str] = set()  # "pid N on host" of the holders named
+    for kind, lock in (("a run is in progress", workdir / LOCK_FILE),
+                       (f"an ingest into {workdir / 'zarr'}, or a preprocess reading its stores, is in progress",
+                        workdir / "zarr" / STORES_LOCK_FILE),
+                       (f"a shard preprocess on {workdir / 'shards'} is in progress", workdir / "shards" /
+                        SHARDS_LOCK_FILE)):
+        holder = lock_holder(lock)
+        pids = set(re.findall(r"pid \d+ on [^,:;\s]+", holder or ""))
+        if holder and not (pids and pids <= named):
+            found.append(f"{kind}: {holder}")
+            named |= pids
+    return found
+
+
 def dry_run(args: LaunchAllArgs) -> int:
     """Prints the plan of ``args``' run; the exit code: 0, or 2 where the run would refuse to start."""
     if not preflight(args, dry_run=True):
@@ -126,9 +148,8 @@ def dry_run(args: LaunchAllArgs) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     print(f"dry run of launch_all on {args.workdir}: nothing is done or written")
-    running = lock_holder(args.workdir / LOCK_FILE)
-    if running:
-        print(f"a run is in progress: {running}; the plan may change")
+    for running in runs_in_progress(args.workdir):
+        print(f"{running}; the plan may change")
     if not args.workdir.exists():
         print(f"{args.workdir} does not exist: the run creates it")
     plan = Plan()
@@ -206,6 +227,8 @@ def _plan_data(args: LaunchAllArgs, plan: Plan, persons: str) -> list[str]:
             reason = NO_STORE if not store.exists() else "its capture is generated again"
         else:
             reason = decision.reason
+            if decision.hashed:  # the real run hashes the files (the dry run does not): kept or ingested again
+                reason = f"{reason}; {HASHED}"
             if reason is None:
                 current = decision.current
                 plan.add("ingest", p, "up to date", f"{current.frames} frames, {current.images} images")

@@ -10,10 +10,11 @@ from pathlib import Path
 import tyro
 
 from common.io import DataError
+from common.locks import AlreadyRunning, exclusive
 from jobs._parallel import ITEM_TIMEOUT_S, check_item_timeout, check_workers, default_workers, map_persons_tolerant
 from jobs._presets import UsageError, listed_persons
 from shards.contract import find_persons
-from shards.ingest import IngestConfig, IngestResult, ingest_person
+from shards.ingest import INGEST_WHAT, STORES_LOCK_FILE, IngestConfig, IngestResult, ingest_person
 
 
 @dataclass
@@ -51,12 +52,15 @@ def _one(person: str, args: IngestArgs) -> IngestResult:
 
 
 def main(args: IngestArgs) -> tuple[dict[str, IngestResult], dict[str, Exception]]:
-    """Ingest every person; a broken person is reported and skipped, the others are written."""
+    """Ingest every person; a broken person is reported and skipped, the others are written. Holds
+    `<out>/.ingest.lock` (`shards.ingest.STORES_LOCK_FILE`) for the whole run: another ingest into --out, or a shard
+    preprocess reading its stores, is `common.locks.AlreadyRunning`, before anything is written."""
     persons = resolve_persons(args.persons, args.captures)
-    results, errors = map_persons_tolerant(functools.partial(_one, args=args), persons, args.workers, "ingest",
-                                           timeout_s=args.item_timeout_s)
+    with exclusive(Path(args.out) / STORES_LOCK_FILE, INGEST_WHAT):
+        results, errors = map_persons_tolerant(functools.partial(_one, args=args), persons, args.workers, "ingest",
+                                               timeout_s=args.item_timeout_s)
     for r in results.values():
-        state = "up to date" if r.skipped else "written"
+        state = "up to date" if r.skipped else "content unchanged, store kept" if r.kept else "written"
         print(f"{r.person}: {r.frames} frames, {r.images} images -> {r.path} ({state})")
     for person, e in errors.items():
         print(f"{person}: FAILED: {e}", file=sys.stderr)
@@ -66,7 +70,7 @@ def main(args: IngestArgs) -> tuple[dict[str, IngestResult], dict[str, Exception
 if __name__ == "__main__":
     try:
         _, failed = main(tyro.cli(IngestArgs))
-    except (DataError, UsageError) as e:
+    except (DataError, UsageError, AlreadyRunning) as e:  # AlreadyRunning: an ingest or preprocess on --out
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(2 if failed else 0)

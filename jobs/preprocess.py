@@ -67,7 +67,7 @@ def main(args: PreprocessArgs) -> ShardRunResult:
 if __name__ == "__main__":
     try:
         result = main(tyro.cli(PreprocessArgs))
-    except (DataError, UsageError, AlreadyRunning) as e:  # AlreadyRunning: another preprocess on --out
+    except (DataError, UsageError, AlreadyRunning) as e:  # another preprocess on --out, an ingest into --stores
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(2 if result.failed else 0)

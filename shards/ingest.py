@@ -11,16 +11,25 @@ re-runs idempotent: an up-to-date store is left untouched.
 Each file the ingest reads is hashed as it is read (an image or mesh is read once: hashed, then decoded from
 memory), and the store records its content identity (:data:`CONTENT`, :class:`ContentHash`): what its data is,
 whatever the capture root and the files' mtimes. The stat fingerprint decides whether the ingest runs; the content
-identity is what the stages after it key on (the shard spec, the evaluation's data digest), so a capture that is
-touched, copied without its mtimes or moved costs a re-ingest and nothing more.
+identity is what the stages after it key on (the shard spec, the evaluation's data digest).
+
+The store also records every file the ingest read with its size, mtime and sha256 (:data:`TABLE`, a checksummed
+file inside the store), so a capture that is touched, copied without its mtimes or moved is not ingested again:
+its files are hashed (those whose size and mtime are unchanged not even read, no image decoded), and when they
+give the store's content identity the store is kept, with its fingerprint and capture root updated
+(:func:`_keep_store`).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import os
+import re
+import stat as stat_mode
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +41,7 @@ import zarr
 from PIL import Image, UnidentifiedImageError
 
 from common.fingerprint import walk_tree
-from common.io import DataError, atomic_directory
+from common.io import DataError, atomic_directory, atomic_file
 
 from .contract import Calibration, MeshFrame, PersonCapture, TrackingMeta
 from .store import FORMAT_VERSION, STORED_CANONICAL_DIMS, PersonStore
@@ -71,6 +80,10 @@ class IngestResult:
     frames: int
     images: int
     skipped: bool  # True when an up-to-date store already existed
+    kept: bool = False
+    """True when the capture's stat fingerprint changed but its files' content did not (a touch, a copy without
+    mtimes, a move): "content unchanged, store kept", its fingerprint and capture root updated (``skipped`` False:
+    the store's metadata was written)."""
 
 
 #: The store attribute holding its content identity (:class:`ContentHash`). Stores written before it existed have
@@ -87,12 +100,30 @@ class ContentHash:
     files' mtimes or files the ingest does not read: a capture touched, copied without mtimes or moved has the
     identity it had. Two running digests, so memory holds no list of the ~200k files of a real person."""
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = False) -> None:
         self.inputs, self.images = hashlib.sha256(), hashlib.sha256()
+        self.table: _TableWriter | None = None
+        #: ``record``: the lines fed before a table is attached (`attach`), kept for it (the two JSON files)
+        self.pending: list | None = [] if record else None
 
-    def add(self, capture: PersonCapture, path: Path, digest: str, image: bool = False) -> None:
-        (self.images if image else self.inputs).update(f"{path.relative_to(capture.dir).as_posix()}\0{digest}\n"
-                                                       .encode())
+    def add(self, capture: PersonCapture, path: Path, digest: str, image: bool = False,
+            stat: tuple[int, int] | None = None) -> None:
+        """``stat``: the file's (size, mtime_ns) when it was read, recorded in ``table`` when there is one."""
+        self.add_relative(path.relative_to(capture.dir).as_posix(), digest, image, stat)
+
+    def add_relative(self, rel: str, digest: str, image: bool = False, stat: tuple[int, int] | None = None) -> None:
+        (self.images if image else self.inputs).update(f"{rel}\0{digest}\n".encode())
+        if self.table is not None:
+            self.table.add(rel, digest, image, stat)
+        elif self.pending is not None:
+            self.pending.append((rel, digest, image, stat))
+
+    def attach(self, table: _TableWriter) -> None:
+        """Record every line from now on, and those fed before, in ``table``."""
+        self.table = table
+        for line in self.pending or ():
+            table.add(*line)
+        self.pending = None
 
     def hexdigest(self, config: IngestConfig) -> str:
         """sha256 over the store format, the checks it passed, the split settings and the two streams' digests."""
@@ -103,10 +134,103 @@ class ContentHash:
         return h.hexdigest()
 
 
-def _read_hashed(path: Path) -> tuple[bytes, str]:
-    """A file's bytes and their sha256 (hashlib releases the GIL: the image threads hash in parallel)."""
-    data = path.read_bytes()
-    return data, hashlib.sha256(data).hexdigest()
+def _read_hashed(path: Path) -> tuple[bytes, str, tuple[int, int]]:
+    """A file's bytes, their sha256 (hashlib releases the GIL: the image threads hash in parallel) and the file's
+    (size, mtime_ns) as it was opened, before its bytes were read (a write during the read changes its mtime after
+    the one recorded, so the next run reads it again)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        data = f.read()
+    return data, hashlib.sha256(data).hexdigest(), (st.st_size, st.st_mtime_ns)
+
+
+#: The store attribute describing its table of the files the ingest read (:class:`_TableWriter`): ``{"file": its
+#: name inside the store folder, "sha256": of its bytes, "entries": its number of lines, "layout": the digest of
+#: the names of the capture's folders and files when it was ingested (:func:`_walk`)}``. Stores written before it
+#: existed have none: a change of their capture's stat fingerprint re-ingests them, as it did.
+TABLE = "inputs_table"
+#: Version of the table's format (part of its attribute).
+TABLE_VERSION = 1
+_TABLE_NAME = re.compile(r"inputs-[0-9a-f]{16}\.jsonl\.gz")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class _TableWriter:
+    """The table of the files the ingest read, written as they are read (memory holds none of the ~200k lines of a
+    real person): gzip-compressed JSON lines ``[stream, path relative to the person's folder, size, mtime_ns,
+    sha256]`` (stream 0: the tracking meta, the calibration and the meshes; 1: the images and alpha maps), each
+    stream's lines in the order :class:`ContentHash` was fed, so the identity is recomputed from the table alone.
+    Written to a temporary name in ``folder``; :meth:`finish` names it by its sha256 and returns its attribute."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.tmp = self.folder / f".inputs-{os.getpid()}-{id(self):x}.tmp"
+        self.raw = open(self.tmp, "wb")
+        self.file = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw, mtime=0)  # its bytes: of its lines only
+        self.entries = 0
+
+    def add(self, rel: str, digest: str, image: bool, stat: tuple[int, int] | None) -> None:
+        if stat is None:
+            raise ValueError(f"{rel}: no (size, mtime) to record in the table")
+        self.file.write(json.dumps([int(image), rel, stat[0], stat[1], digest], ensure_ascii=False,
+                                   separators=(",", ":")).encode(errors="surrogateescape") + b"\n")
+        self.entries += 1
+
+    def discard(self) -> None:
+        self.file.close()
+        self.raw.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def finish(self, layout: str) -> dict:
+        self.file.close()
+        self.raw.close()
+        h = hashlib.sha256()
+        with open(self.tmp, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            os.fsync(f.fileno())
+        digest = h.hexdigest()
+        name = f"inputs-{digest[:16]}.jsonl.gz"
+        os.replace(self.tmp, self.folder / name)
+        return {"version": TABLE_VERSION, "file": name, "sha256": digest, "entries": self.entries, "layout": layout}
+
+
+def _table_problem(attr) -> str | None:
+    """What is wrong with a store's table attribute (None: it is well-formed)."""
+    if not isinstance(attr, dict):
+        return "the store records no table of the files it read (written before stores recorded one)"
+    if attr.get("version") != TABLE_VERSION:
+        return f"its table is of version {attr.get('version')!r}, not {TABLE_VERSION}"
+    if not isinstance(attr.get("file"), str) or not _TABLE_NAME.fullmatch(attr["file"]) \
+            or not isinstance(attr.get("sha256"), str) or not _SHA256.fullmatch(attr["sha256"]) \
+            or not isinstance(attr.get("entries"), int) or not isinstance(attr.get("layout"), str):
+        return "its table attribute is malformed"
+    return None
+
+
+def _read_table(store: Path, attr: dict):
+    """The table's entries ``(image, rel, size, mtime_ns, sha256)`` in order, after its bytes were checked against
+    the sha256 its attribute records (a damaged or missing table raises ValueError or OSError: it is not trusted)."""
+    data = (store / attr["file"]).read_bytes()
+    if hashlib.sha256(data).hexdigest() != attr["sha256"]:
+        raise ValueError(f"{store / attr['file']}: its sha256 is not the one the store records (damaged)")
+    try:
+        lines = gzip.decompress(data).split(b"\n")
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{store / attr['file']}: does not decompress: {e}") from None
+    del data
+    if lines[-1] != b"" or len(lines) - 1 != attr["entries"]:
+        raise ValueError(f"{store / attr['file']}: {len(lines) - 1} lines, the store records {attr['entries']}")
+    for line in lines[:-1]:
+        entry = json.loads(line.decode(errors="surrogateescape"))
+        if not (isinstance(entry, list) and len(entry) == 5 and entry[0] in (0, 1) and isinstance(entry[1], str)
+                and all(type(v) is int for v in entry[2:4]) and isinstance(entry[4], str)
+                and _SHA256.fullmatch(entry[4])):
+            raise ValueError(f"{store / attr['file']}: malformed entry {line[:200]!r}")
+        rel = Path(entry[1])
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ValueError(f"{store / attr['file']}: path {entry[1]!r} is not inside the person's folder")
+        yield bool(entry[0]), entry[1], entry[2], entry[3], entry[4]
 
 
 #: Files one thread of the fingerprint stats in one go (a frame folder's images, a sequence's meshes in parts).
@@ -114,17 +238,28 @@ _STAT_BATCH = 64
 
 
 def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
-    """Digest of everything the store depends on: the store format, the checks it passed, the split settings (not
-    ``io_threads``, which changes how fast, not what), the (resolved) capture root the store's image
-    paths point into, and the name, size and mtime of every file and the name of every folder of the
+    """The stat fingerprint of :func:`_walk`."""
+    return _walk(capture, config)[0]
+
+
+def _walk(capture: PersonCapture, config: IngestConfig) -> tuple[str, str]:
+    """The stat fingerprint and the layout digest of the person's capture.
+
+    The stat fingerprint is the digest of everything the store depends on: the store format, the checks it
+    passed, the split settings (not ``io_threads``, which changes how fast, not what), the (resolved) capture root
+    the store's image paths point into, and the name, size and mtime of every file and the name of every folder of the
     person's capture (an empty or mis-named folder added later makes the store stale, so the re-run
     validates it).
 
     The folders are walked in order on this thread and their files statted on ``io_threads`` threads (a real
     person has ~200k files: on a network file system one stat after the other takes minutes), a bounded number
-    of batches ahead; the digest is fed in walk order, so it is the one a serial walk computes."""
+    of batches ahead; the digest is fed in walk order, so it is the one a serial walk computes.
+
+    The layout digest is that of the names alone (every folder's and file's path relative to the person's folder,
+    in walk order, no root, sizes or mtimes): equal, the ingest lists the same sequences, frames and cameras, reads
+    the same files and finds the same extra ones (:func:`_keep_store`)."""
     split = {"held_out_sequences": config.held_out_sequences, "held_out_camera": config.held_out_camera}
-    h = hashlib.sha256()
+    h, layout = hashlib.sha256(), hashlib.sha256()
     h.update(json.dumps({"format": FORMAT_VERSION, "checks": VALIDATION_VERSION, "config": split,
                          "root": str(capture.root)}, sort_keys=True).encode())
 
@@ -138,13 +273,19 @@ def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
                 for i in range(0, max(len(names), 1), _STAT_BATCH):
                     yield (line if i == 0 else ""), [Path(dirpath) / name for name in names[i:i + _STAT_BATCH]]
 
-    def stat_lines(line: str, paths: list[Path]) -> bytes:
+    def stat_lines(line: str, paths: list[Path]) -> tuple[bytes, bytes]:
+        names = line
         for p in paths:
             st = os.stat(p)
             line += f"{p.relative_to(capture.dir)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            names += f"{p.relative_to(capture.dir)}\n"
         # a name that is not UTF-8 (another system's encoding) as its bytes: the ingest then names it (valid names
         # encode as before, so stores written before stay up to date)
-        return line.encode(errors="surrogateescape")
+        return line.encode(errors="surrogateescape"), names.encode(errors="surrogateescape")
+
+    def feed(lines: tuple[bytes, bytes]) -> None:
+        h.update(lines[0])
+        layout.update(lines[1])
 
     with ThreadPoolExecutor(config.io_threads) as pool:
         ahead: deque[Future] = deque()  # batches submitted, in walk order
@@ -160,10 +301,10 @@ def _fingerprint(capture: PersonCapture, config: IngestConfig) -> str:
                 break
             ahead.append(pool.submit(stat_lines, *batch))
             if len(ahead) > 4 * config.io_threads:
-                h.update(ahead.popleft().result())
+                feed(ahead.popleft().result())
         while ahead:
-            h.update(ahead.popleft().result())
-    return h.hexdigest()
+            feed(ahead.popleft().result())
+    return h.hexdigest(), layout.hexdigest()
 
 
 #: PIL modes the contract accepts: RGB images, 8-bit (or 1-bit) alpha maps.
@@ -184,17 +325,18 @@ def alpha_value_problem(largest: int) -> str | None:
     return None
 
 
-def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -> tuple[str, str]:
+def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -> tuple[tuple, tuple]:
     """Decode an image and its alpha map fully; raise DataError on any problem (also an alpha map's values, see
     `alpha_value_problem`: read from the pixels decoded here, no second decode). Each file is read once and
-    decoded from memory; returns the sha256 of the image's and of the alpha map's bytes."""
+    decoded from memory; returns the sha256 of the image's and of the alpha map's bytes, each with the file's
+    (size, mtime_ns) (see `_read_hashed`)."""
     digests = []
     for p, what in ((path, "image"), (alpha_path, "alpha map")):
         if not p.is_file():
             raise DataError(p, f"{what} is missing" if not p.exists() else
                                f"{what} is not a regular file (a folder, a pipe or a device)")
         try:
-            data, digest = _read_hashed(p)
+            data, digest, st = _read_hashed(p)
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 size, mode = im.size, im.mode
@@ -205,7 +347,7 @@ def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -
         except Exception as e:
             raise DataError(p, f"unreadable {what}: {e}") from None
         del data
-        digests.append(digest)
+        digests.append((digest, st))
         if mode not in IMAGE_MODES[what]:
             kind = "grayscale " if what == "image" and mode in ("L", "LA", "1", "I", "I;16", "F") else ""
             raise DataError(p, f"{kind}{what} has PIL mode {mode}; the contract needs mode "
@@ -219,15 +361,15 @@ def _check_image(path: Path, alpha_path: Path, expected_size: tuple[int, int]) -
     return digests[0], digests[1]
 
 
-def _load_mesh(path: Path) -> tuple[MeshFrame, str]:
-    """`MeshFrame.load` of the file read once: the mesh and the sha256 of the file's bytes."""
+def _load_mesh(path: Path) -> tuple[MeshFrame, str, tuple[int, int]]:
+    """`MeshFrame.load` of the file read once: the mesh, the sha256 of the file's bytes and its (size, mtime_ns)."""
     try:
-        data, digest = _read_hashed(path)
+        data, digest, st = _read_hashed(path)
     except FileNotFoundError:
         raise DataError(path, "mesh file is missing") from None
     except OSError as e:
         raise DataError(path, f"unreadable mesh file: {e}") from None
-    return MeshFrame.load(path, data), digest
+    return MeshFrame.load(path, data), digest, st
 
 
 def _first_image_size(capture: PersonCapture, seq: str, t: int, serial: str) -> tuple[int, int]:
@@ -246,11 +388,11 @@ def _json_hashed(capture: PersonCapture, path: Path, content: ContentHash | None
     """The bytes of one of the capture's JSON files (None when it does not read: its loader says why), hashed into
     ``content``. Its loader in `shards.contract` reads it again (a few KB)."""
     try:
-        data, digest = _read_hashed(path)
+        data, digest, st = _read_hashed(path)
     except OSError:
         return None
     if content is not None:
-        content.add(capture, path, digest)
+        content.add(capture, path, digest, stat=st)
     return data
 
 
@@ -406,8 +548,8 @@ def _write_frames(capture: PersonCapture, config: IngestConfig, meta: TrackingMe
         except DataError as e:
             image_error = image_error or e
             return
-        for path, digest in zip(paths, digests):  # in submission order: the order does not depend on the threads
-            content.add(capture, path, digest, image=True)
+        for path, (digest, st) in zip(paths, digests):  # in submission order: not dependent on the threads
+            content.add(capture, path, digest, image=True, stat=st)
 
     pool = ThreadPoolExecutor(config.io_threads)
     try:
@@ -432,9 +574,9 @@ def _write_frames(capture: PersonCapture, config: IngestConfig, meta: TrackingMe
                 if extra:
                     raise DataError(img_dir, f"extra cameras not in the calibration: {', '.join(extra)}")
                 mesh_path = capture.mesh_path(seq, t)
-                mesh, digest = _load_mesh(mesh_path)
+                mesh, digest, st = _load_mesh(mesh_path)
                 mesh.validate(mesh_path, meta)
-                content.add(capture, mesh_path, digest)
+                content.add(capture, mesh_path, digest, stat=st)
                 for s in serials:
                     n_images += 1
                     if image_error is None:  # after the first broken image the others need no decoding
@@ -476,11 +618,24 @@ def _write_frames(capture: PersonCapture, config: IngestConfig, meta: TrackingMe
     return n_frames, n_images, spatial, ambient
 
 
+#: Held in a folder of zarr stores: exclusively by an ingest into it (`jobs/ingest.py`, the main job's data stage)
+#: for its whole run, shared by each `shards.writer.write_shards` that reads stores of it. `PersonStore` reads its
+#: chunks by path while the ingest replaces a store folder (`common.io.replace_directory`), so a shard made then
+#: could mix the two stores' data, or fail; two ingests at once wrote the same stores and one failed moving the
+#: other's aside.
+STORES_LOCK_FILE = ".ingest.lock"
+#: What holds `STORES_LOCK_FILE` exclusively, as a refused run's message names it.
+INGEST_WHAT = "an ingest (jobs/ingest.py, or the main job's data stage)"
+
 #: Why `ingest_person` writes a store (:func:`ingest_decision`), besides an unreadable store.
 NO_STORE = "no store yet"
 FORCED = "--force"
 CAPTURE_CHANGED = ("the capture changed since it was ingested: a file or folder under it has another name, size or "
                    "mtime, or the capture root moved")
+#: What :func:`ingest_person` does with a store whose capture changed only in its files' sizes and mtimes or its
+#: root (:attr:`IngestDecision.hashed`).
+HASHED = ("its files are hashed (those of unchanged size and mtime not even read, no image decoded): the store is "
+          "kept if their content is unchanged, else re-ingested")
 
 
 @dataclass
@@ -494,6 +649,12 @@ class IngestDecision:
     reason: str | None
     """Why the store is (re)written; None: it is up to date (``current``)."""
     current: IngestResult | None = None
+    layout: str = ""
+    """The digest of the names of the capture's folders and files (:func:`_walk`)."""
+    hashed: bool = False
+    """The capture changed (``reason`` CAPTURE_CHANGED) but its folders and files have the names they had when the
+    store, which records a content identity and a table of the files it read, was ingested: :func:`ingest_person`
+    hashes the files and keeps the store if their content is unchanged (:data:`HASHED`), else ingests it again."""
 
 
 def ingest_decision(capture_root: Path, person: str, out_dir: Path, config: IngestConfig | None = None,
@@ -506,20 +667,25 @@ def ingest_decision(capture_root: Path, person: str, out_dir: Path, config: Inge
     if not capture.dir.is_dir():
         raise DataError(capture.dir, "person folder does not exist")
     final = Path(out_dir) / f"{person}.zarr"
-    fingerprint = _fingerprint(capture, config)
+    fingerprint, layout = _walk(capture, config)
     if not final.exists():
-        return IngestDecision(capture, final, fingerprint, NO_STORE)
+        return IngestDecision(capture, final, fingerprint, NO_STORE, layout=layout)
     if force:
-        return IngestDecision(capture, final, fingerprint, FORCED)
+        return IngestDecision(capture, final, fingerprint, FORCED, layout=layout)
     try:
         existing = PersonStore(final)
-        if existing.attrs.get("fingerprint") != fingerprint:
-            return IngestDecision(capture, final, fingerprint, _changed(existing, config))
+        attrs = existing.attrs
+        if attrs.get("fingerprint") != fingerprint:
+            reason = _changed(existing, config)
+            table = attrs.get(TABLE)
+            hashed = reason == CAPTURE_CHANGED and isinstance(attrs.get(CONTENT), str) \
+                and _table_problem(table) is None and table["layout"] == layout and (final / table["file"]).is_file()
+            return IngestDecision(capture, final, fingerprint, reason, layout=layout, hashed=hashed)
         frames = existing.num_frames
         current = IngestResult(person, final, frames, frames * len(existing.serials), True)
     except DataError as e:  # a broken store: rebuilt
-        return IngestDecision(capture, final, fingerprint, f"the store is unreadable: {e}")
-    return IngestDecision(capture, final, fingerprint, None, current)
+        return IngestDecision(capture, final, fingerprint, f"the store is unreadable: {e}", layout=layout)
+    return IngestDecision(capture, final, fingerprint, None, current, layout=layout)
 
 
 def split_change(attrs: Mapping, config: IngestConfig) -> str | None:
@@ -544,6 +710,89 @@ def _changed(store: PersonStore, config: IngestConfig) -> str:
     return split_change(store.attrs, config) or CAPTURE_CHANGED
 
 
+def _rehash(capture: PersonCapture, entries, config: IngestConfig):
+    """The table's ``entries`` as they are now, in order: ``(image, rel, sha256, (size, mtime_ns))``, the recorded
+    sha256 of a file whose size and mtime are those recorded, the others read and hashed (not decoded). Statted and
+    hashed on ``io_threads`` threads, a bounded number of batches ahead. A file that is missing or not a regular
+    file raises (OSError, ValueError)."""
+    def check(batch: list) -> list:
+        out = []
+        for image, rel, size, mtime, digest in batch:
+            path = capture.dir / rel
+            st = os.stat(path)
+            if not stat_mode.S_ISREG(st.st_mode):
+                raise ValueError(f"{path}: not a regular file")
+            now = (st.st_size, st.st_mtime_ns)
+            if now != (size, mtime):
+                _, digest, now = _read_hashed(path)
+            out.append((image, rel, digest, now))
+        return out
+
+    with ThreadPoolExecutor(config.io_threads) as pool:
+        ahead: deque[Future] = deque()
+        batch = []
+        for entry in entries:
+            batch.append(entry)
+            if len(batch) == _STAT_BATCH:
+                ahead.append(pool.submit(check, batch))
+                batch = []
+            while len(ahead) > 4 * config.io_threads:
+                yield from ahead.popleft().result()
+        if batch:
+            ahead.append(pool.submit(check, batch))
+        while ahead:
+            yield from ahead.popleft().result()
+
+
+def _keep_store(decision: IngestDecision, config: IngestConfig) -> IngestResult | None:
+    """Keep the store of a capture that changed only in its files' sizes and mtimes or its root (``decision.hashed``:
+    the names of its folders and files are those recorded): the files its table lists are statted in the order the
+    ingest read them, the sha256 recorded is taken for each whose (size, mtime_ns) is the one recorded, the others are
+    read and hashed (none decoded), and when the content identity they give is the store's the store is kept: a new
+    table (the files' new sizes and mtimes) is written, then the store's ``zarr.json`` with the new fingerprint,
+    capture root (``source_root``: the store's images are read from there) and table, each under a temporary name
+    renamed into place (a crash in between leaves the store with its old fingerprint and old table: stale, and valid).
+    Returns None, and the ingest runs as it did, when the identity differs (a changed byte), a listed file is missing
+    or unreadable, or the table is missing or damaged (its sha256 is recorded in the store: it is not trusted).
+
+    A file whose size and mtime are those recorded is not read: a change that keeps both (a byte changed and the
+    mtime set back) is not seen, the trust the stat fingerprint gives too (with no other change the store is up to
+    date as it is); ``--force`` reads and decodes everything again. The layout equal, the checks before any frame
+    pass as they did (the JSON files' bytes and the folders' names are the same) and the image checks too (the same
+    bytes decode the same way; a new validation version changes both the fingerprint and the identity)."""
+    capture, final = decision.capture, decision.store
+    try:
+        store = PersonStore(final)
+        attrs = store.attrs
+        if _table_problem(attrs.get(TABLE)) is not None or not isinstance(attrs.get(CONTENT), str):
+            return None
+        content = ContentHash()
+        content.attach(_TableWriter(final))
+        try:
+            for image, rel, digest, st in _rehash(capture, _read_table(final, attrs[TABLE]), config):
+                content.add_relative(rel, digest, image, st)
+        except BaseException:
+            content.table.discard()
+            raise
+        if content.hexdigest(config) != attrs[CONTENT]:
+            content.table.discard()
+            return None
+        table = content.table.finish(decision.layout)
+        meta = final / "zarr.json"
+        doc = json.loads(meta.read_bytes())
+        doc["attributes"].update({"fingerprint": decision.fingerprint, "source_root": str(capture.root),
+                                  TABLE: table})
+        with atomic_file(meta) as tmp:
+            tmp.write_bytes(json.dumps(doc, indent=zarr.config.get("json_indent"), allow_nan=True).encode())
+        frames, cameras = store.num_frames, len(store.serials)
+    except (OSError, ValueError, DataError):  # the ingest then reads everything and names what is wrong
+        return None
+    for old in final.iterdir():  # the tables of before (one left by a crash too)
+        if old.name != table["file"] and (_TABLE_NAME.fullmatch(old.name) or old.name.startswith(".inputs-")):
+            old.unlink(missing_ok=True)
+    return IngestResult(capture.person, final, frames, frames * cameras, False, kept=True)
+
+
 def ingest_person(capture_root: Path, person: str, out_dir: Path, config: IngestConfig | None = None,
                   force: bool = False) -> IngestResult:
     """Validate `person` under `capture_root` and write `<out_dir>/<person>.zarr`.
@@ -555,12 +804,17 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
     decision = ingest_decision(capture_root, person, out_dir, config, force)
     if decision.reason is None:
         return decision.current
+    if decision.hashed:
+        kept = _keep_store(decision, config)
+        if kept is not None:
+            return kept
     capture, final, fingerprint = decision.capture, decision.store, decision.fingerprint
-    content = ContentHash()  # of every file read, as it is read
+    content = ContentHash(record=True)  # of every file read, as it is read, and the table of them
     meta, sequences, calib = _check_layout(capture, config, content)
     held_out = set(range(len(sequences) - config.held_out_sequences, len(sequences)))
     with atomic_directory(final) as tmp:
         g = zarr.open_group(str(tmp), mode="w")
+        content.attach(_TableWriter(tmp))  # in the store's folder
         n_frames, n_images, spatial, ambient = _write_frames(capture, config, meta, sequences, calib, held_out, g,
                                                              content)
         sizes = {(c.width, c.height) for c in calib.cameras.values()}
@@ -590,5 +844,6 @@ def ingest_person(capture_root: Path, person: str, out_dir: Path, config: Ingest
             "canonical_bounds": spatial.tolist(),
             "ambient_bounds": ambient.tolist(),
             CONTENT: content.hexdigest(config),
+            TABLE: content.table.finish(decision.layout),
         })
     return IngestResult(person, final, n_frames, n_images, False)

@@ -73,19 +73,37 @@ class ShardError(DataError):
 
 
 def load_manifest(path: Path) -> dict:
-    """The manifest at `path`, or {} when it is missing or unreadable."""
+    """The manifest at `path`, or {} when it is missing or unreadable. One of another shape (`shards` not an object
+    of objects: a hand edit, another program's file) is ShardError naming the file and the field (before, its
+    readers failed with AttributeError or TypeError)."""
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    return raw if isinstance(raw, dict) else {}
+    if not isinstance(raw, dict):
+        return {}
+    shards = raw.get("shards", {})
+    fix = "; remove it and re-run jobs/preprocess.py to rebuild the shards of its folder"
+    if not isinstance(shards, dict):
+        raise ShardError(path, f'field "shards" is {_json_kind(shards)}, not an object of shard entries{fix}')
+    for name, entry in shards.items():
+        if not isinstance(entry, dict):
+            raise ShardError(path, f'field "shards"."{name}" is {_json_kind(entry)}, not an object{fix}')
+    return raw
+
+
+def _json_kind(value: object) -> str:
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 def load_verified(folder: Path) -> dict[str, dict]:
-    """Shard name -> {bytes, mtime_ns, sha256} from `folder`'s `verified.json` ({} when missing or unreadable:
-    every shard is then hashed, never trusted)."""
-    shards = load_manifest(Path(folder) / VERIFIED).get("shards")
-    return shards if isinstance(shards, dict) else {}
+    """Shard name -> {bytes, mtime_ns, sha256} from `folder`'s `verified.json` ({} when missing, unreadable or of
+    another shape: every shard is then hashed, never trusted)."""
+    try:
+        return load_manifest(Path(folder) / VERIFIED).get("shards", {})
+    except ShardError:
+        return {}
 
 
 def write_verified(folder: Path, records: dict[str, dict]) -> None:

@@ -6,7 +6,10 @@ from the training frames only since 4)::
     attrs: person, format_version, fingerprint, source_root, expression_dim,
            canonical_dim, mesh_kind, image_size [W, H], serials, sequences,
            held_out_sequences, held_out_camera, canonical_bounds [[min x,y,z], [max x,y,z]],
-           ambient_bounds [[min a0, a1], [max a0, a1]] (both over the training frames)
+           ambient_bounds [[min a0, a1], [max a0, a1]] (both over the training frames),
+           content_sha256 (the content identity), inputs_table (describes the file below)
+    inputs-<16 hex>.jsonl.gz  gzip JSON lines [stream, path, size, mtime_ns, sha256]: every file the ingest
+                              read (`shards.ingest.TABLE`), checked against the sha256 inputs_table records
     cameras/world_2_cam   (C, 4, 4) float64   OpenCV world -> camera
     cameras/intrinsics    (C, 3, 3) float64
     frames/sequence       (T,) int32          index into attrs.sequences

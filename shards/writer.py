@@ -23,6 +23,7 @@ mtime changed (`_reindexed`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -46,7 +47,7 @@ from common.process_pool import map_tolerant
 
 from .codec import CODEC_VERSION, MEMBERS, encode_sample, normalise_canonical
 from .contract import Camera
-from .ingest import CONTENT, alpha_value_problem
+from .ingest import CONTENT, INGEST_WHAT, STORES_LOCK_FILE, alpha_value_problem
 from .integrity import (
     CORRUPT_SUFFIX,
     INDEX_SUFFIX,
@@ -447,7 +448,12 @@ def plan_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wor
             plan.tasks[person] = plan_person(Path(sp), out_dir, config)
         except DataError as e:
             plan.failed[person] = str(e)
-    plan.manifests = {p: load_manifest(out_dir / p / MANIFEST) for p in plan.tasks}
+    for person in list(plan.tasks):
+        try:
+            plan.manifests[person] = load_manifest(out_dir / person / MANIFEST)
+        except ShardError as e:  # a manifest of another shape: not overwritten unread, its person fails alone
+            plan.failed[person] = str(e)
+            del plan.tasks[person]
     plan.verified = {p: load_verified(out_dir / p) for p in plan.tasks}
     checks = [(person, t) for person, tasks in plan.tasks.items() for t in tasks]
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -484,10 +490,18 @@ def write_shards(store_paths: list[Path], out_dir: Path, config: ShardConfig, wo
     the mtime changed; `verify_all` hashes every one). A shard still being written after
     `item_timeout_s` fails its person (`common.process_pool.ItemTimedOut`; its process killed).
     Another preprocess running on `out_dir` is `common.locks.AlreadyRunning` (`LOCK_FILE`), before anything is
-    read or written.
+    read or written; so is an ingest running into a folder of `store_paths` (`STORES_LOCK_FILE`, held shared for
+    the whole run: other preprocesses may read the same stores into other shard roots). The locks are taken in
+    one order, the shard root's and then each store folder's (sorted), none of them waited for: a run refused
+    never holds up another.
     """
     out_dir = Path(out_dir)
-    with exclusive(out_dir / LOCK_FILE, "a shard preprocess (jobs/preprocess.py, or the main job's data stage)"):
+    folders = sorted({Path(sp).parent.resolve() for sp in store_paths if Path(sp).parent.is_dir()})
+    with contextlib.ExitStack() as held:
+        held.enter_context(exclusive(out_dir / LOCK_FILE,
+                                     "a shard preprocess (jobs/preprocess.py, or the main job's data stage)"))
+        for folder in folders:  # a folder that is not there has no store to read: its persons fail as missing
+            held.enter_context(exclusive(folder / STORES_LOCK_FILE, INGEST_WHAT, shared=True))
         return _write_shards(store_paths, out_dir, config, workers, progress, verify_all, item_timeout_s)
 
 
@@ -582,7 +596,10 @@ def _write_manifest(out_dir: Path, person: str, manifest: dict, tasks: list[Shar
 def _mark_failed(path: Path, reason: str) -> None:
     """Marks the manifest at `path` (if any) incomplete: shards made from inputs that are now broken are no longer
     known to be theirs, so training must refuse them, not take the last run's as up to date."""
-    manifest = load_manifest(path)
+    try:
+        manifest = load_manifest(path)
+    except ShardError:  # of another shape: every reader refuses it already
+        return
     if manifest:
         atomic_write_json(path, {**manifest, "complete": False, "failed": reason})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import subprocess
 import sys
@@ -135,3 +136,78 @@ def test_a_lock_file_of_another_user_is_locked_read_only_and_still_excludes(tmp_
     before = lock.read_text()
     with exclusive(lock, "the main job"):  # taken once the other's holder is gone; its note is left as it was
         assert lock.read_text() == before
+
+
+def _reader_process(lock, ready):
+    code = textwrap.dedent(f"""
+        import time
+        from common.locks import exclusive
+        with exclusive({str(lock)!r}, "an ingest", shared=True):
+            open({str(ready)!r}, "w").close()
+            time.sleep(600)
+    """)
+    return subprocess.Popen([sys.executable, "-c", code, "--reader-of-the-test"])
+
+
+def test_shared_holders_run_together_and_refuse_an_exclusive_one_naming_them(tmp_path):
+    """Readers of a folder (shard preprocesses of one stores folder) hold its lock together; its writer (an ingest)
+    is refused naming each of them by pid and command line, and `lock_holder` names them as well."""
+    lock, ready = tmp_path / "zarr" / ".lock", tmp_path / "ready"
+    lock.parent.mkdir()
+    reader = _reader_process(lock, ready)
+    try:
+        _wait_until_held(reader, ready)
+        with exclusive(lock, "an ingest", shared=True):  # a second reader: allowed
+            with pytest.raises(AlreadyRunning) as err:
+                with exclusive(lock, "an ingest"):
+                    pass
+            held = locks.lock_holder(lock)
+        message = str(err.value)
+        assert message.startswith(f"an ingest cannot start on {lock.parent} while other processes read it (")
+        for named in (message, held):
+            assert f"pid {reader.pid} on " in named and "--reader-of-the-test" in named
+            assert f"pid {os.getpid()} on " in named
+    finally:
+        reader.send_signal(signal.SIGKILL)
+        reader.wait()
+    assert locks.lock_holder(lock) is None
+    with exclusive(lock, "an ingest"):  # the readers' locks went with them
+        pass
+
+
+def test_an_exclusive_holder_refuses_a_shared_one_naming_itself(tmp_path):
+    lock, ready = tmp_path / "work" / ".lock", tmp_path / "ready"
+    holder = _holder_process(lock, ready)
+    try:
+        _wait_until_held(holder, ready)
+        with pytest.raises(AlreadyRunning, match=f"the main job is already running on .*pid {holder.pid} on .*"
+                                                 "jobs/launch_all.py --persons all"):
+            with exclusive(lock, "the main job", shared=True):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with exclusive(lock, "the main job", shared=True):  # a reader empties the gone writer's note
+        assert lock.read_text() == ""
+        assert locks.lock_holder(lock).startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_reader_that_cannot_make_the_lock_file_is_warned_and_goes_on(tmp_path, monkeypatch):
+    """A stores folder the reader may only read (another user's data set): no lock file can be made there; the
+    preprocess is not refused for it, as on a file system without locks."""
+    real_open = locks.os.open
+
+    def read_only_folder(path, flags, *mode):
+        if flags & locks.os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(locks.os, "open", read_only_folder)
+    ran = []
+    with pytest.warns(RuntimeWarning, match="the lock cannot be made"):
+        with exclusive(tmp_path / ".lock", "an ingest", shared=True):
+            ran.append(True)
+    assert ran == [True] and not (tmp_path / ".lock").exists()
+    with pytest.raises(FileNotFoundError):  # a writer needs its lock
+        with exclusive(tmp_path / ".lock", "an ingest"):
+            pass

@@ -427,18 +427,24 @@ def test_empty_capture_root_is_an_error(tmp_path):
 
 
 def test_ingest_job_force_rebuilds_an_up_to_date_store(tiny_captures, tiny_cfg, tmp_path, capsys):
-    """jobs/ingest.py --force rewrites an up-to-date store, which a run without it leaves untouched."""
+    """jobs/ingest.py --force rewrites an up-to-date store, which a run without it leaves untouched; a capture only
+    touched keeps its store and says so."""
+    import shutil
+
     import tyro
 
     from jobs import ingest as ingest_job
 
+    captures, out = tmp_path / "captures", tmp_path / "zarr"
+    shutil.copytree(tiny_captures / "000", captures / "000")  # with its mtimes: touched below
+
     def run(*flags: str) -> tuple[int, int, str]:
-        args = tyro.cli(ingest_job.IngestArgs, args=["--captures", str(tiny_captures), "--out", str(tmp_path),
+        args = tyro.cli(ingest_job.IngestArgs, args=["--captures", str(captures), "--out", str(out),
                                                      "--persons", "000", "--ingest.held-out-sequences", "1",
                                                      "--workers", "1", *flags])
         results, errors = ingest_job.main(args)
         assert not errors and list(results) == ["000"]
-        meta = (tmp_path / "000.zarr" / "zarr.json").stat()
+        meta = (out / "000.zarr" / "zarr.json").stat()
         return meta.st_ino, meta.st_mtime_ns, capsys.readouterr().out
 
     first = run()
@@ -447,8 +453,12 @@ def test_ingest_job_force_rebuilds_an_up_to_date_store(tiny_captures, tiny_cfg, 
     assert again[:2] == first[:2] and "(up to date)" in again[2]
     forced = run("--force")
     assert forced[0] != first[0] and "(written)" in forced[2]  # a new store replaced the old one
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["000.zarr"]
-    assert PersonStore(tmp_path / "000.zarr").num_frames == tiny_cfg.sequences * tiny_cfg.frames
+    for f in (captures / "000").rglob("*"):
+        os.utime(f)
+    touched = run()
+    assert "(content unchanged, store kept)" in touched[2]
+    assert sorted(p.name for p in out.iterdir()) == [".ingest.lock", "000.zarr"]  # the lock: an ingest at a time
+    assert PersonStore(out / "000.zarr").num_frames == tiny_cfg.sequences * tiny_cfg.frames
 
 
 def test_a_valid_held_out_camera_becomes_the_novel_view_split(tiny_captures, tmp_path, tiny_cfg):

@@ -119,9 +119,11 @@ def _old_write_store(path: Path, attrs: dict, calib, frames, meshes: list[MeshFr
     g.attrs.update(attrs)
 
 
-def _old_store(cap: PersonCapture, config: IngestConfig, out: Path, fingerprint: str, content: str) -> Path:
+def _old_store(cap: PersonCapture, config: IngestConfig, out: Path, fingerprint: str, content: str,
+               table: dict) -> Path:
     """The store the ingest before streaming wrote for `cap` (it had passed the checks), with the content identity
-    stores record since (`tests/shards/test_capture_identity.py` checks its value)."""
+    and the table attribute stores record since (`tests/shards/test_capture_identity.py` checks the identity's
+    value, `tests/shards/test_ingest_keep_store.py` the table)."""
     meta, sequences, calib = ingest._check_layout(cap, config)
     frames = [(si, t) for si, seq in enumerate(sequences) for t in cap.timesteps(seq)]
     meshes = [MeshFrame.load(cap.mesh_path(sequences[si], t)) for si, t in frames]
@@ -140,6 +142,7 @@ def _old_store(cap: PersonCapture, config: IngestConfig, out: Path, fingerprint:
         "canonical_bounds": [spatial.min(0).tolist(), spatial.max(0).tolist()],
         "ambient_bounds": [ambient.min(0).tolist(), ambient.max(0).tolist()],
         ingest.CONTENT: content,
+        ingest.TABLE: table,
     }
     path = out / f"{cap.person}.zarr"
     _old_write_store(path, attrs, calib, frames, meshes, held_out)
@@ -188,7 +191,7 @@ def test_the_streamed_store_equals_the_one_written_at_once(flame, chunk_rows, ti
     monkeypatch.setattr(ingest, "_GROW_CHUNKS", 2)
     new = ingest_person(cap.root, "000", tmp_path / "new", CFG).path
     attrs = PersonStore(new).attrs
-    old = _old_store(cap, CFG, tmp_path / "old", attrs["fingerprint"], attrs[ingest.CONTENT])
+    old = _old_store(cap, CFG, tmp_path / "old", attrs["fingerprint"], attrs[ingest.CONTENT], attrs[ingest.TABLE])
     _assert_same_store(new, old, same_chunks=chunk_rows == 65536)
     if chunk_rows < 65536:
         assert zarr.open_group(str(new), mode="r")["meshes/faces"].nchunks > 2 * ingest._GROW_CHUNKS
