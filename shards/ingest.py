@@ -41,7 +41,7 @@ import zarr
 from PIL import Image, UnidentifiedImageError
 
 from common.fingerprint import walk_tree
-from common.io import DataError, atomic_directory, atomic_file
+from common.io import DataError, atomic_directory, atomic_write_bytes
 
 from .contract import Calibration, MeshFrame, PersonCapture, TrackingMeta
 from .store import FORMAT_VERSION, STORED_CANONICAL_DIMS, PersonStore
@@ -160,14 +160,24 @@ class _TableWriter:
     real person): gzip-compressed JSON lines ``[stream, path relative to the person's folder, size, mtime_ns,
     sha256]`` (stream 0: the tracking meta, the calibration and the meshes; 1: the images and alpha maps), each
     stream's lines in the order :class:`ContentHash` was fed, so the identity is recomputed from the table alone.
-    Written to a temporary name in ``folder``; :meth:`finish` names it by its sha256 and returns its attribute."""
+    Written to a temporary name in ``folder`` and hashed as it is written; :meth:`finish` names it by its sha256
+    and returns its attribute."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.tmp = self.folder / f".inputs-{os.getpid()}-{id(self):x}.tmp"
         self.raw = open(self.tmp, "wb")
-        self.file = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw, mtime=0)  # its bytes: of its lines only
+        self.sha256 = hashlib.sha256()
+        self.file = gzip.GzipFile(filename="", mode="wb", fileobj=self, mtime=0)  # its bytes: of its lines only
         self.entries = 0
+
+    def write(self, data: bytes) -> int:
+        """The gzip stream's bytes (this object is its file): hashed and written."""
+        self.sha256.update(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
 
     def add(self, rel: str, digest: str, image: bool, stat: tuple[int, int] | None) -> None:
         if stat is None:
@@ -183,13 +193,10 @@ class _TableWriter:
 
     def finish(self, layout: str) -> dict:
         self.file.close()
+        self.raw.flush()
+        os.fsync(self.raw.fileno())
         self.raw.close()
-        h = hashlib.sha256()
-        with open(self.tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-            os.fsync(f.fileno())
-        digest = h.hexdigest()
+        digest = self.sha256.hexdigest()
         name = f"inputs-{digest[:16]}.jsonl.gz"
         os.replace(self.tmp, self.folder / name)
         return {"version": TABLE_VERSION, "file": name, "sha256": digest, "entries": self.entries, "layout": layout}
@@ -782,8 +789,7 @@ def _keep_store(decision: IngestDecision, config: IngestConfig) -> IngestResult 
         doc = json.loads(meta.read_bytes())
         doc["attributes"].update({"fingerprint": decision.fingerprint, "source_root": str(capture.root),
                                   TABLE: table})
-        with atomic_file(meta) as tmp:
-            tmp.write_bytes(json.dumps(doc, indent=zarr.config.get("json_indent"), allow_nan=True).encode())
+        atomic_write_bytes(meta, json.dumps(doc, indent=zarr.config.get("json_indent"), allow_nan=True).encode())
         frames, cameras = store.num_frames, len(store.serials)
     except (OSError, ValueError, DataError):  # the ingest then reads everything and names what is wrong
         return None

@@ -240,10 +240,10 @@ def test_a_crash_between_the_table_and_the_metadata_leaves_a_stale_valid_store(w
     root, store, _ = work
     arrays, attrs = _arrays(store), PersonStore(store).attrs
 
-    def crash(path):
+    def crash(path, data):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(ingest, "atomic_file", crash)
+    monkeypatch.setattr(ingest, "atomic_write_bytes", crash)  # the zarr.json rename, after the new table
     _touch_all(root)
     with pytest.raises(KeyboardInterrupt):
         ingest_person(root, "000", tmp_path / "zarr", TINY_INGEST)
