@@ -47,6 +47,7 @@ from jobs.launch_all import (
     _needs_tiny_base,
     base_mismatches,
     eval_config,
+    no_capture,
     preflight,
     refused_base,
     requested_persons,
@@ -55,6 +56,7 @@ from jobs.launch_all import (
 )
 from shards.contract import list_persons
 from shards.ingest import CONTENT, HASHED, NO_STORE, STORES_LOCK_FILE, IngestDecision, ingest_decision, split_change
+from shards.writer import LOCK_FILE as SHARDS_LOCK_FILE
 from shards.writer import NEW_INPUTS, plan_shards
 
 #: Stands for the fingerprint of a base this run pretrains: no avatar was trained on it (12 characters, which
@@ -122,8 +124,6 @@ def runs_in_progress(workdir: Path) -> list[str]:
     """What holds a lock on ``workdir`` (`common.locks.lock_holder`, taking none): a main job, an ingest into its
     stores or a preprocess reading them (`jobs/ingest.py`, `jobs/preprocess.py` of a user), a preprocess of its
     shards. A holder named by an earlier lock (the main job, in its data stage) is named once."""
-    from shards.writer import LOCK_FILE as SHARDS_LOCK_FILE
-
     found: list[str] = []
     named: set[str] = set()  # "pid N on host" of the holders named
     for kind, lock in (("a run is in progress", workdir / LOCK_FILE),
@@ -160,9 +160,8 @@ def dry_run(args: LaunchAllArgs) -> int:
     if subset_of_all:  # as the run fails them: a requested folder without a capture is no person of "all"
         for p in requested:
             if p not in prepared and p not in plan.failed:
-                plan.failed[p] = f"ingest: no capture of {p} in the data set (--persons)"
-                plan.add("ingest", p, "fails", f"no capture of {p} in the data set (--persons): its folder has no "
-                                               "calibration/camera_params.json")
+                plan.failed[p] = f"ingest: {no_capture(p)}"
+                plan.add("ingest", p, "fails", f"{no_capture(p)}: its folder has no calibration/camera_params.json")
     if persons:
         fingerprint = _plan_base(args, plan, prepared)
         trained, fresh = _plan_training(args, plan, persons, fingerprint)

@@ -673,6 +673,11 @@ def preflight(args: LaunchAllArgs, dry_run: bool = False) -> bool:
     return True
 
 
+def no_capture(person: str) -> str:
+    """Why a requested person of a subset run on the tiny base fails: its folder is no capture of the data set."""
+    return f"no capture of {person} in the data set (--persons)"
+
+
 def _main(args: LaunchAllArgs, ray_session: RaySession) -> int:
     t0 = time.time()
     if not preflight(args):
@@ -714,7 +719,7 @@ def _run(args: LaunchAllArgs, ray_session: RaySession, t0: float) -> int:
                 print(f"note: {p} is not in the tiny base (its data could not be prepared: {data_failed.pop(p)})")
             for p in requested:  # a folder without a capture (no calibration) is no person of "all"
                 if p not in prepared and p not in data_failed:
-                    data_failed[p] = f"ingest: no capture of {p} in the data set (--persons)"
+                    data_failed[p] = f"ingest: {no_capture(p)}"
         else:
             prepared, data_failed = _data(args, clock=clock)
             persons = prepared
